@@ -1,0 +1,3 @@
+from wavesweep.cli import main
+
+raise SystemExit(main())
