@@ -1,0 +1,220 @@
+"""``wavesweep train|trial|study|report|register|download|models|ui``.
+
+Only this module prints. Misuse (``ValueError``, ``TypeError``, missing files) becomes a
+one-line ``wavesweep: error: ...`` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from wavesweep.config import FIELD_HELP, TrialConfig
+
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
+
+
+def _add_trial_options(p: argparse.ArgumentParser) -> None:
+    """One flag per TrialConfig field (``eval_limit`` -> ``--eval-limit``), parsed as text and
+    validated by TrialConfig itself, so MLproject ``-P`` values and flags obey the same rules."""
+    for f in fields(TrialConfig):
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=type(f.default).__name__.upper(),
+            help=f"{FIELD_HELP[f.name]} (default: {f.default!r})",
+        )  # fmt: skip
+
+
+def _trial_config(args: argparse.Namespace) -> TrialConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(TrialConfig) if getattr(args, f.name) is not None}
+    return TrialConfig.from_mapping(given)
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from wavesweep import tracking
+
+    try:
+        cfg = _trial_config(args)
+    except USAGE_ERRORS as exc:
+        # `mlflow run` already created a run: mark it FAILED with the reason before exiting.
+        tracking.record_failure(f"invalid parameters: {exc}")
+        raise
+    from wavesweep.runner import run_tracked_trial
+
+    result, run_id = run_tracked_trial(cfg, experiment=args.experiment, progress=not args.quiet)
+    o = result.outcomes
+    print(f"trial run {run_id} ({tracking.tracking_uri()})")
+    print(f"{'method':<10} {'top1':>7} {'top5':>7} {'loss':>7} {'f1':>7} {'w-sparsity':>10} {'c-sparsity':>10} {'stored B':>10} {'ratio':>6} {'ms/batch':>8}")
+    rows = [("base", result.base_eval, None, result.base_timing)] + [(m, o[m].eval, o[m].stats, o[m].timing) for m in o]
+    for name, ev, st, tm in rows:
+        ws = f"{st.weight_sparsity_target:10.3f}" if st else f"{'':>10}"
+        cs = f"{st.coeff_sparsity:10.3f}" if st else f"{'':>10}"
+        sb = f"{st.stored_bytes:10d}" if st else f"{'':>10}"
+        cr = f"{st.compression_ratio:6.2f}" if st else f"{'':>6}"
+        ms = f"{tm.median_ms:8.2f}" if tm else f"{'':>8}"
+        print(f"{name:<10} {ev.top1:7.4f} {ev.top5:7.4f} {ev.loss:7.4f} {ev.f1_macro:7.4f} {ws} {cs} {sb} {cr} {ms}")
+    for k, c in result.paired.items():
+        print(f"{k}: gap {c.gap:+.4f} [95% CI {c.ci_low:+.4f}, {c.ci_high:+.4f}], McNemar p={c.mcnemar_p:.3g}")
+    levels = sorted({(l.level_requested, l.level_effective) for l in o["dwt"].stats.layers})
+    print("dwt levels (requested, effective): " + ", ".join(f"{a}->{b}" for a, b in levels))
+    print("note: dwt weights are dense after reconstruction; its compression is in the coefficients (c-sparsity).")
+    for w in result.warnings[:5]:
+        print(f"warning: {w}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from wavesweep import train
+
+    base = train.get_base_model(args.model, args.dataset, seed=args.seed, data_root=args.data_root, device=args.device,
+                                progress=not args.quiet)  # fmt: skip
+    print(json.dumps({"model": base.model_name, "dataset": base.dataset_name, "source": base.source,
+                      "path": str(base.path), "checksum": base.checksum, **base.train_info}, default=str, indent=2))  # fmt: skip
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from wavesweep import tracking
+
+    mv = tracking.register_model(args.run_id, name=args.name, alias=args.alias or None, method=args.method)
+    alias = f" alias {args.alias}" if args.alias else ""
+    print(f"registered {mv.name} version {mv.version}{alias} from run {args.run_id}")
+    print(f"load it with: mlflow.pytorch.load_model('models:/{mv.name}@{args.alias}')" if args.alias else "")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from wavesweep import tracking
+
+    path = tracking.download(args.uri, Path(args.dst))
+    print(path)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from wavesweep import tracking
+
+    rows = tracking.list_registered()
+    if not rows:
+        print("no registered wavesweep models")
+    for r in rows:
+        t = r["tags"]
+        print(f"{r['name']} v{r['version']} aliases={','.join(r['aliases']) or '-'} method={t.get('method')} "
+              f"wavelet={t.get('wavelet')} level={t.get('level')} percentile={t.get('percentile')} layout={t.get('layout')} "
+              f"top1={t.get('top1')} ratio={t.get('compression_ratio')} run={r['run_id']}")  # fmt: skip
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from wavesweep import tracking
+
+    tracking.init_tracking()
+    cmd = ["mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", args.host, "--port", str(args.port)]
+    print("starting: " + " ".join(cmd))
+    os.execvp(cmd[0], cmd)
+    return 0  # not reached
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from wavesweep import study
+
+    return study.main_study(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from wavesweep import study
+
+    return study.main_report(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wavesweep", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("trial", help="run one tracked trial (dwt vs matched magnitude vs random)")
+    _add_trial_options(t)
+    t.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or 'wavesweep')")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_trial)
+
+    tr = sub.add_parser("train", help="train (or load) and cache a base model")
+    tr.add_argument("--model", default="resnet18")
+    tr.add_argument("--dataset", default="digits")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--data-root", default=None)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("-q", "--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("register", help="register a trial's pruned model in the MLflow Model Registry")
+    r.add_argument("run_id", help="trial run id (or one of its method runs)")
+    r.add_argument("--name", required=True, help="registered model name")
+    r.add_argument("--alias", default="champion", help="alias to point at the new version ('' for none)")
+    r.add_argument("--method", default="dwt", choices=("dwt", "magnitude", "random"),
+                   help="which model of the trial (baselines need save_baselines=true)")  # fmt: skip
+    r.set_defaults(func=cmd_register)
+
+    d = sub.add_parser("download", help="download a registered model (e.g. models:/NAME@champion) as files")
+    d.add_argument("uri")
+    d.add_argument("--dst", required=True)
+    d.set_defaults(func=cmd_download)
+
+    m = sub.add_parser("models", help="list registered wavesweep models, versions and aliases")
+    m.set_defaults(func=cmd_models)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on this project's store")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
+
+    s = sub.add_parser("study", help="run (or resume) an Optuna study from a sweeps/*.yaml spec")
+    s.add_argument("spec", help="study spec, e.g. sweeps/digits-resnet18.yaml")
+    s.add_argument("--n-trials", type=int, default=None, help="total trials wanted (overrides the spec)")
+    s.add_argument("--timeout", type=float, default=None, help="seconds (overrides the spec)")
+    s.add_argument("--storage", default=None, help="Optuna storage URL (overrides the spec)")
+    s.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    s.add_argument("--register-best", default=None, metavar="NAME", help="register the best trial's model as NAME@champion")
+    s.add_argument("--report-dir", default=None, help="where to write plots and tables (default: reports/STUDY)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_study)
+
+    rp = sub.add_parser("report", help="plots and summary tables of a study")
+    rp.add_argument("study", help="study spec path or study name")
+    rp.add_argument("--storage", default=None)
+    rp.add_argument("--report-dir", default=None)
+    rp.add_argument("--register-best", default=None, metavar="NAME")
+    rp.set_defaults(func=cmd_report)
+    return p
+
+
+def _is_mlflow_error(exc: Exception) -> bool:
+    """MLflow's own misuse errors (unknown run id, missing artifact) are user errors too."""
+    mod = sys.modules.get("mlflow.exceptions")
+    return mod is not None and isinstance(exc, mod.MlflowException)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        if not (isinstance(exc, USAGE_ERRORS) or _is_mlflow_error(exc)):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"wavesweep: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wavesweep: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""Trial configuration: one frozen dataclass, validated when built, logged whole.
+
+Field names are the hyperparameter names everywhere: MLproject parameters, CLI flags
+(``--eval-limit`` for ``eval_limit``), Optuna ``suggest_*`` names and MLflow params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from wavesweep.registry import check_choice
+
+TARGET_KINDS = ("conv", "linear")
+DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean; valid: true, false")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One prune-and-evaluate trial: a base model, one wavelet configuration, evaluation settings."""
+
+    model: str = "resnet18"
+    dataset: str = "digits"
+    wavelet: str = "bior1.3"
+    level: int = 3  # requested; clamped per layer to pywt.dwt_max_level (effective level recorded)
+    percentile: float = 50.0  # coefficients with |c| below this percentile of |c| are zeroed
+    layout: str = "filter"  # how a weight tensor is seen by the DWT: kernel, filter, matrix, flat
+    mode: str = "periodization"  # PyWavelets signal-extension mode
+    scope: str = "layer"  # "layer": one threshold per layer; "global": one across all target layers
+    keep_approx: bool = False  # leave the approximation band untouched
+    targets: str = "conv"  # comma-separated target kinds: conv, linear
+    eval_limit: int = 0  # 0 = the whole evaluation split; else a stratified subset of this size
+    seed: int = 0  # data split, subset, base-model training, random pruning
+    device: str = "auto"
+    batch_size: int = 256
+    timing_batches: int = 10  # batches timed per model after warm-up
+    weights: str = ""  # base model: "" = pretrained/trained-and-cached; a state-dict file; models:/ or runs:/ URI
+    data_root: str = ""  # dataset root ("" = WAVESWEEP_DATA or ~/.cache/wavesweep/data)
+    save_baselines: bool = False  # also log compressed checkpoints of the magnitude and random models
+
+    def __post_init__(self) -> None:
+        # Imported here: these registries live in modules that import torch.
+        from wavesweep import data, models, wavelets
+
+        check_choice("model", self.model, models.MODELS.names())
+        check_choice("dataset", self.dataset, data.DATASETS.names())
+        check_choice("scope", self.scope, ("layer", "global"))
+        wavelets.validate_dwt_args(
+            wavelet=self.wavelet, level=self.level, layout=self.layout, mode=self.mode, percentile=self.percentile
+        )
+        kinds = self.target_kinds
+        if not kinds:
+            raise ValueError(f"targets={self.targets!r} names no target kind; valid: {', '.join(TARGET_KINDS)}")
+        for kind in kinds:
+            check_choice("target kind", kind, TARGET_KINDS)
+        for name in ("eval_limit", "timing_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ValueError(f"unknown device {dev!r}; valid: {DEVICES_HELP}")
+
+    @property
+    def target_kinds(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.targets.split(",") if k.strip())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> "TrialConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> "TrialConfig":
+        """Build from strings or typed values (MLproject ``-P``, YAML, Optuna), checking names and types.
+
+        Raises ``ValueError`` naming the bad key or value; nothing is coerced silently.
+        """
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            if key not in known:
+                check_choice("trial parameter", key, list(known))
+            default = known[key].default
+            kwargs[key] = coerce(key, raw, type(default))
+        return cls(**kwargs)
+
+
+def coerce(name: str, raw: Any, typ: type) -> Any:
+    """Turn ``raw`` into ``typ`` (bool, int, float, str) or raise a one-line ValueError naming ``name``."""
+    if typ is bool:
+        return _parse_bool(name, raw)
+    if typ is int:
+        if isinstance(raw, bool):
+            raise ValueError(f"{name}={raw!r} is not an integer")
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        text = str(raw).strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:  # "3.0" (MLflow float-typed parameters) is the integer 3; "3.5" is not an integer
+            f = float(text)
+        except ValueError:
+            f = None
+        if f is not None and f.is_integer():
+            return int(f)
+        raise ValueError(f"{name}={raw!r} is not an integer")
+    if typ is float:
+        try:
+            return float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a number") from None
+    return str(raw)
+
+
+def field_help() -> dict[str, str]:
+    """One-line help per field, for the CLI (taken from the comments above via a table, kept in sync by a test)."""
+    return dict(FIELD_HELP)
+
+
+FIELD_HELP = {
+    "model": "base model architecture (registry: resnet18, cnn, mlp)",
+    "dataset": "dataset (registry: digits, imagenet, imagefolder, mnist, cifar10)",
+    "wavelet": "any discrete PyWavelets wavelet, e.g. bior1.3, rbio2.2, db4, haar",
+    "level": "requested DWT level 1-5; clamped per layer to what PyWavelets allows (effective level recorded)",
+    "percentile": "threshold percentile in [0, 100]: coefficients with |c| below it are zeroed",
+    "layout": "how a weight tensor is seen by the DWT: kernel (per 2-D kernel), filter (per output filter, 1-D), matrix (out x in*kh*kw, 2-D), flat (1-D)",
+    "mode": "PyWavelets signal-extension mode (periodization is non-expansive)",
+    "scope": "layer: one threshold per layer; global: one threshold across all target layers",
+    "keep_approx": "leave the approximation band untouched (true/false)",
+    "targets": "comma-separated target layer kinds: conv, linear",
+    "eval_limit": "evaluate on a stratified subset of this many examples (0 = whole evaluation split)",
+    "seed": "seed for data split, subset, base-model training and random pruning",
+    "device": "auto, cpu, cuda or cuda:N",
+    "batch_size": "evaluation batch size",
+    "timing_batches": "batches timed per model after warm-up (0 = skip timing)",
+    "weights": "base model weights: empty = pretrained/trained-and-cached; a state-dict file; models:/ or runs:/ URI",
+    "data_root": "dataset root directory (empty = $WAVESWEEP_DATA or ~/.cache/wavesweep/data)",
+    "save_baselines": "also log compressed checkpoints of the magnitude and random models (true/false)",
+}

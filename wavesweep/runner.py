@@ -1,0 +1,79 @@
+"""The tracked trial: ``trial.run_trial`` recorded by ``tracking``; one code path for
+``mlflow run``, ``wavesweep trial`` and every Optuna study trial.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+import tempfile
+from pathlib import Path
+
+from wavesweep import accounting, tracking, train
+from wavesweep.config import TrialConfig
+from wavesweep.trial import Reporter, TrialResult, run_trial
+
+log = logging.getLogger(__name__)
+
+URI_SCHEMES = ("models:/", "runs:/")
+
+
+def resolve_base(cfg: TrialConfig, *, progress: bool = False) -> train.BaseModel:
+    """Load (or train once and cache) the base model; an MLflow model URI is materialised first."""
+    weights = cfg.weights or None
+    if weights and weights.startswith(URI_SCHEMES):
+        weights = str(tracking.weights_from_uri(weights, train.cache_dir()))
+    return train.get_base_model(
+        cfg.model, cfg.dataset, seed=cfg.seed, data_root=cfg.data_root or None, weights=weights,
+        device=cfg.device, progress=progress,
+    )  # fmt: skip
+
+
+def run_tracked_trial(
+    cfg: TrialConfig,
+    *,
+    parent_run_id: str | None = None,
+    experiment: str | None = None,
+    reporter: Reporter | None = None,
+    tags: dict[str, str] | None = None,
+    progress: bool = False,
+    on_run: Callable[[str], None] | None = None,
+    early_stop: tuple[type[BaseException], ...] = (),
+) -> tuple[TrialResult, str]:
+    """Run one trial and record it in MLflow; returns the result and the trial's run id.
+
+    Any exception (including a reporter's early stop) closes the runs with status FAILED, or
+    KILLED for ``KeyboardInterrupt``, records the error on them, and is re-raised. The caller
+    passes its early-stop exception types in ``early_stop``: those close the runs KILLED with tag
+    ``early_stopped=true`` (MLflow has no "pruned" status), and are re-raised for the caller. ``on_run(run_id)`` is
+    called as soon as the run exists, so a study can cross-reference it before work starts.
+    """
+    client, exp_id = tracking.init_tracking(experiment=experiment)
+    run = tracking.TrialRun(client, exp_id, cfg, parent_run_id=parent_run_id, extra_tags=tags)
+    if on_run is not None:
+        on_run(run.run_id)
+    try:
+        base = resolve_base(cfg, progress=progress)
+        result = run_trial(cfg, base=base, reporter=reporter, progress=progress)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {}
+            methods = ("dwt", "magnitude", "random") if cfg.save_baselines else ("dwt",)
+            for m in methods:
+                path = Path(tmp) / f"{m}.wsz"
+                accounting.save_compressed(
+                    result.outcomes[m].prune, path,
+                    metadata={"trial": cfg.to_dict(), "base_checksum": base.checksum, "build_kwargs": base.build_kwargs},
+                )  # fmt: skip
+                files[m] = path
+            tracking.log_trial(run, result, checkpoint_files=files)
+    except early_stop as exc:
+        run.finish("KILLED", error=f"early-stopped: {exc}", tags={"early_stopped": "true"})
+        raise
+    except KeyboardInterrupt:
+        run.finish("KILLED", error="interrupted (KeyboardInterrupt)")
+        raise
+    except BaseException as exc:
+        run.finish("FAILED", error=f"{type(exc).__name__}: {exc}")
+        raise
+    run.finish("FINISHED")
+    return result, run.run_id

@@ -1,0 +1,69 @@
+"""Paired comparison of two models evaluated on the same examples.
+
+Both statistics use only the per-example correctness vectors (bool, shape (N,)) of
+the two models, so a reviewer can recompute them from the logged predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import binomtest
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Accuracy gap ``a - b`` with a percentile-bootstrap 95 % interval and exact McNemar test."""
+
+    gap: float  # acc(a) - acc(b), in [-1, 1]
+    ci_low: float
+    ci_high: float
+    only_a: int  # examples a gets right and b wrong (McNemar's b)
+    only_b: int  # examples b gets right and a wrong (McNemar's c)
+    mcnemar_p: float  # exact two-sided binomial test on the discordant pairs; 1.0 if none
+    n: int
+    n_boot: int
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_{k}": float(v) for k, v in asdict(self).items() if k != "n_boot"}
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Exact McNemar p-value: two-sided binomial test of ``only_a`` in ``only_a + only_b`` at 1/2."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    return float(binomtest(only_a, n, 0.5, alternative="two-sided").pvalue)
+
+
+def paired_comparison(
+    correct_a: np.ndarray, correct_b: np.ndarray, *, n_boot: int = 2000, seed: int = 0
+) -> PairedComparison:
+    """Compare two models from their per-example correctness on the same examples."""
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"correctness vectors must be 1-D, non-empty and equal in shape; got {a.shape} and {b.shape}")
+    diff = a.astype(np.int8) - b.astype(np.int8)  # (N,) in {-1, 0, 1}
+    rng = np.random.default_rng(seed)
+    # Resample example indices (N per replicate), in blocks to bound memory on large eval sets.
+    gaps = np.empty(n_boot, dtype=np.float64)
+    block = max(1, 2_000_000 // a.size)
+    for start in range(0, n_boot, block):
+        stop = min(n_boot, start + block)
+        idx = rng.integers(0, a.size, size=(stop - start, a.size))
+        gaps[start:stop] = diff[idx].mean(axis=1)
+    low, high = np.percentile(gaps, [2.5, 97.5])
+    only_a = int(np.sum(a & ~b))
+    only_b = int(np.sum(b & ~a))
+    return PairedComparison(
+        gap=float(diff.mean()),
+        ci_low=float(low),
+        ci_high=float(high),
+        only_a=only_a,
+        only_b=only_b,
+        mcnemar_p=mcnemar_exact(only_a, only_b),
+        n=int(a.size),
+        n_boot=n_boot,
+    )

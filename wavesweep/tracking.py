@@ -1,0 +1,445 @@
+"""Everything MLflow: the store, trial runs, params/metrics/tables/artifacts, registry, downloads.
+
+No other wavesweep module imports mlflow. Layout of what one trial records:
+
+* parent run (``method`` tag ``trial``): the full config, base-model identity, the headline
+  (dwt metrics under plain names, ``magnitude_*``/``random_*``/``base_*`` beside them), the paired
+  comparisons, the compressed dwt checkpoint, the per-layer table, predictions, warnings;
+* one child run per method (``method`` tag ``dwt``/``magnitude``/``random``) with the same metric
+  names for every method, so the UI compares methods column by column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import wavesweep
+from wavesweep.config import TrialConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "wavesweep"
+CHECKPOINT_DIR = "checkpoints"  # run-relative artifact folder of compressed checkpoints
+METRIC_KEYS = ("top1", "top5", "loss", "f1_macro", "recall_macro", "precision_macro", "f1_weighted")
+STAT_KEYS = (
+    "weight_sparsity_target", "weight_sparsity_model", "coeff_sparsity", "stored_bytes", "dense_bytes",
+    "compression_ratio", "mean_rel_l2_error", "target_params", "target_zero_weights", "model_params",
+    "coeffs", "zeroed_coeffs",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- store
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :]).expanduser().resolve()
+
+
+def init_tracking(uri: str | None = None, experiment: str | None = None) -> tuple[MlflowClient, str]:
+    """Point MLflow at ``uri`` (default ``sqlite:///mlflow.db``), create its schema and the experiment.
+
+    Creating a fresh SQLite store runs schema migrations; several processes doing that at once
+    race, so creation happens under an exclusive file lock beside the database. Returns the client
+    and the experiment id.
+    """
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    db = _sqlite_path(uri)
+    lock = _file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
+    with lock:
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # forces schema creation / migration, under the lock
+        exp_id = _ensure_experiment(client, experiment)
+    return client, exp_id
+
+
+def _ensure_experiment(client: MlflowClient, name: str | None) -> str:
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id and name is None:  # started by `mlflow run`: the run it created fixes the experiment
+        return client.get_run(run_id).info.experiment_id
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another process created it between our look-up and create
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def code_version() -> str:
+    """wavesweep version plus the git commit of the source tree when it is a checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(wavesweep.__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{wavesweep.__version__}+{sha}" if sha else wavesweep.__version__
+
+
+# --------------------------------------------------------------------------- logging helpers
+
+
+def _fmt(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+
+
+def log_batch(
+    client: MlflowClient,
+    run_id: str,
+    *,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, float] | list[tuple[str, float, int]] | None = None,
+    tags: dict[str, Any] | None = None,
+) -> None:
+    """Log params, metrics and tags in as few ``log_batch`` calls as MLflow's limits allow.
+
+    ``metrics`` is ``{key: value}`` (step 0) or a list of ``(key, value, step)``. Params that the
+    run already has (``mlflow run`` logs its ``-P`` values itself) are skipped, not re-logged.
+    """
+    existing = client.get_run(run_id).data.params if params else {}
+    ps = [Param(k, _fmt(v)) for k, v in (params or {}).items() if k not in existing]
+    ts = [RunTag(k, _fmt(v)) for k, v in (tags or {}).items()]
+    now = int(time.time() * 1000)
+    items = metrics.items() if isinstance(metrics, dict) else [(k, v, s) for k, v, s in (metrics or [])]
+    ms = []
+    for item in items:
+        key, value, step = (item[0], item[1], 0) if len(item) == 2 else item
+        if value is None:
+            continue
+        ms.append(Metric(key, float(value), now, int(step)))
+    # MLflow: <= 100 params/tags and <= 1000 entities per batch.
+    while ps or ts or ms:
+        p_chunk, ps = ps[:100], ps[100:]
+        t_chunk, ts = ts[:100], ts[100:]
+        room = 1000 - len(p_chunk) - len(t_chunk)
+        m_chunk, ms = ms[:room], ms[room:]
+        client.log_batch(run_id, metrics=m_chunk, params=p_chunk, tags=t_chunk)
+
+
+def _log_json_table(run_id: str, frame: pd.DataFrame, name: str) -> None:
+    mlflow.log_table(data=frame, artifact_file=f"{name}.json", run_id=run_id)
+
+
+def _log_files(client: MlflowClient, run_id: str, files: dict[str, str | bytes], artifact_path: str | None = None) -> None:
+    """Write ``{filename: content}`` to a temp dir and log them as artifacts in one upload."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname, content in files.items():
+            p = Path(tmp) / fname
+            p.write_bytes(content if isinstance(content, bytes) else content.encode())
+        client.log_artifacts(run_id, tmp, artifact_path)
+
+
+def run_name(cfg: TrialConfig, method: str) -> str:
+    pct = f"{cfg.percentile:g}"
+    desc = f"{cfg.wavelet} L{cfg.level} p{pct} {cfg.layout}"
+    return {"trial": f"trial {desc}", "dwt": f"dwt {desc}"}.get(method, f"{method} (matched to {desc})")
+
+
+# --------------------------------------------------------------------------- trial runs
+
+
+class TrialRun:
+    """A trial's parent run: created (or adopted from ``mlflow run``) and closed with a status."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, cfg: TrialConfig, *, parent_run_id: str | None = None,
+                 extra_tags: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.client = client
+        self.cfg = cfg
+        adopted = os.environ.get("MLFLOW_RUN_ID") if parent_run_id is None else None
+        tags = {"method": "trial", "wavesweep.kind": "trial", **(extra_tags or {})}
+        if adopted:
+            self.run_id = adopted
+            self.owned = False
+            self.client.set_tag(self.run_id, "mlflow.runName", run_name(cfg, "trial"))
+            log_batch(client, self.run_id, tags=tags)
+        else:
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            run = client.create_run(experiment_id, run_name=run_name(cfg, "trial"), tags=tags)
+            self.run_id = run.info.run_id
+            self.owned = True
+        self.experiment_id = client.get_run(self.run_id).info.experiment_id
+        self.child_ids: dict[str, str] = {}
+        log_batch(client, self.run_id, params={**cfg.to_dict(), "code_version": code_version()})
+
+    def child(self, method: str) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=run_name(self.cfg, method),
+            tags={"mlflow.parentRunId": self.run_id, "method": method, "wavesweep.kind": "method"},
+        )
+        self.child_ids[method] = run.info.run_id
+        return run.info.run_id
+
+    def finish(self, status: str = "FINISHED", error: str | None = None, tags: dict[str, str] | None = None) -> None:
+        """Close the parent and every child with ``status``; record ``error`` and ``tags`` on all of them."""
+        for rid in [*self.child_ids.values(), self.run_id]:
+            extra = {**(tags or {}), **({"error": error[:5000]} if error else {})}
+            if extra:
+                log_batch(self.client, rid, tags=extra)
+            if rid != self.run_id or self.owned or status != "FINISHED":
+                self.client.set_terminated(rid, status)
+
+
+def record_failure(error: str, *, run_id: str | None = None) -> None:
+    """Mark ``run_id`` (default: the ``mlflow run`` run in MLFLOW_RUN_ID) FAILED with the reason.
+
+    Used when a trial cannot even start (bad parameters): there is no TrialRun yet.
+    """
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    client, _ = init_tracking()
+    client.set_tag(run_id, "error", error[:5000])
+    client.set_terminated(run_id, "FAILED")
+
+
+def trial_metrics(result) -> dict[str, dict[str, float]]:
+    """Flat metric dicts per method (and ``parent``) from a ``trial.TrialResult``."""
+    base = {f"base_{k}": v for k, v in result.base_eval.metrics().items()}
+    if result.base_timing is not None:
+        base |= {f"base_{k}": v for k, v in result.base_timing.metrics().items()}
+    per_method: dict[str, dict[str, float]] = {}
+    for m, out in result.outcomes.items():
+        d = dict(out.eval.metrics())
+        totals = out.stats.totals()
+        d |= {k: totals[k] for k in STAT_KEYS if k in totals}
+        d["pruned_fraction"] = out.stats.zeroed_coeffs / out.stats.coeffs if out.stats.coeffs else 0.0
+        if out.timing is not None:
+            d |= out.timing.metrics()
+        d |= result.drops(m)
+        d |= base
+        d["n_eval"] = float(result.eval_info["n_eval"])
+        per_method[m] = d
+    parent = dict(per_method["dwt"])  # headline: dwt under plain names, baselines prefixed
+    for m in ("magnitude", "random"):
+        parent |= {f"{m}_{k}": v for k, v in per_method[m].items() if not k.startswith("base_") and k != "n_eval"}
+    for name, cmp in result.paired.items():
+        parent |= cmp.metrics(name)
+    parent["gain_top1_vs_magnitude"] = per_method["dwt"]["top1"] - per_method["magnitude"]["top1"]
+    parent["gain_top1_vs_random"] = per_method["dwt"]["top1"] - per_method["random"]["top1"]
+    parent |= {f"seconds_{k}": v for k, v in result.phase_seconds.items()}
+    per_method["parent"] = parent
+    return per_method
+
+
+def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
+    """Per-layer metrics: a series over layer index (charts by layer) and one named metric per layer."""
+    out: list[tuple[str, float, int]] = []
+    for i, row in enumerate(frame.itertuples(index=False)):
+        series = {
+            "layer_weight_sparsity": row.weight_sparsity,
+            "layer_coeff_sparsity": row.coeff_sparsity,
+            "layer_rel_l2_error": row.rel_l2_error,
+        }
+        if row.level_effective is not None and not pd.isna(row.level_effective):
+            series["layer_effective_level"] = row.level_effective
+        for k, v in series.items():
+            out.append((k, float(v), i))
+        out.append((f"layers/{row.name}/weight_sparsity", float(row.weight_sparsity), 0))
+        out.append((f"layers/{row.name}/coeff_sparsity", float(row.coeff_sparsity), 0))
+    return out
+
+
+def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> None:
+    """Record a finished ``trial.TrialResult`` on ``run``: children, metrics, tables, artifacts."""
+    client, cfg = run.client, result.config
+    metrics = trial_metrics(result)
+    base = result.base
+    base_params = {
+        "base_model": base.model_name, "base_dataset": base.dataset_name, "base_seed": base.seed,
+        "base_source": base.source, "base_checksum": base.checksum, "base_path": str(base.path),
+        **{f"base_{k}": v for k, v in base.build_kwargs.items()},
+        "n_eval": result.eval_info["n_eval"],
+    }  # fmt: skip
+    for method, out in result.outcomes.items():
+        rid = run.child(method)
+        frame = out.stats.to_frame()
+        params = {**cfg.to_dict(), **base_params, "method": method}
+        if method != "dwt":
+            params |= {"matched_to": "dwt", "match_scope": cfg.scope, "prune_seed": out.prune.config.get("seed", cfg.seed)}
+        log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frame)])
+        _log_json_table(rid, frame, "layers")
+        _log_files(client, rid, {"layers.csv": frame.to_csv(index=False)})
+    dwt_frame = result.outcomes["dwt"].stats.to_frame()
+    log_batch(client, run.run_id, params=base_params, metrics=[*((k, v, 0) for k, v in metrics["parent"].items()), *_layer_series(dwt_frame)],
+              tags={"warnings": len(result.warnings)})  # fmt: skip
+    _log_json_table(run.run_id, dwt_frame, "layers")
+    preds = pd.DataFrame({"target": result.base_eval.targets, "base": result.base_eval.preds,
+                          **{m: o.eval.preds for m, o in result.outcomes.items()}})  # fmt: skip
+    files: dict[str, str | bytes] = {
+        "config.yaml": yaml.safe_dump({"trial": cfg.to_dict(), "base": base_params, "code_version": code_version()}, sort_keys=False),
+        "warnings.txt": "\n".join(result.warnings) + ("\n" if result.warnings else ""),
+        "predictions.csv": preds.to_csv(index=False),
+        "layers_dwt.csv": dwt_frame.to_csv(index=False),
+        "paired.json": json.dumps({k: v.__dict__ for k, v in result.paired.items()}, indent=2),
+    }
+    _log_files(client, run.run_id, files)
+    for method, path in checkpoint_files.items():
+        client.log_artifact(run.run_id, str(path), CHECKPOINT_DIR)
+
+
+# --------------------------------------------------------------------------- reading runs back
+
+
+def get_trial_run(client: MlflowClient, run_id: str):
+    """The trial (parent) run for ``run_id``, accepting a method child's id too."""
+    run = client.get_run(run_id)
+    if run.data.tags.get("wavesweep.kind") == "method":
+        run = client.get_run(run.data.tags["mlflow.parentRunId"])
+    if run.data.tags.get("wavesweep.kind") != "trial":
+        raise ValueError(f"run {run_id} is not a wavesweep trial run (tag wavesweep.kind={run.data.tags.get('wavesweep.kind')!r})")
+    return run
+
+
+def trial_config_of(run) -> TrialConfig:
+    from dataclasses import fields
+
+    names = {f.name for f in fields(TrialConfig)}
+    return TrialConfig.from_mapping({k: v for k, v in run.data.params.items() if k in names})
+
+
+def download_checkpoint(client: MlflowClient, run_id: str, method: str, dst: Path) -> Path:
+    path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{method}.wsz", str(dst))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def register_model(run_id: str, *, name: str, alias: str | None = "champion", method: str = "dwt") -> Any:
+    """Register a trial's pruned model as an MLflow model version (pytorch flavour, pt2 with signature).
+
+    The model is rebuilt from the run's compressed checkpoint (the exact weights that were
+    evaluated), logged with an input example of real evaluation inputs, registered under ``name``,
+    tagged with its configuration and results, and given ``alias``. The compressed checkpoint is
+    shipped inside the model's files (``extra_files``) so it can be downloaded with it.
+    """
+    import torch
+
+    from wavesweep import accounting, models, trial
+
+    client, _ = init_tracking()
+    run = get_trial_run(client, run_id)
+    cfg = trial_config_of(run)
+    params, metrics = run.data.params, run.data.metrics
+    kwargs = {k: int(params[f"base_{k}"]) for k in ("num_classes", "in_channels", "image_size")}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = download_checkpoint(client, run.info.run_id, method, Path(tmp))
+        model = models.build_model(cfg.model, **kwargs)
+        model, _meta = accounting.load_compressed(ckpt, model)
+        model.eval()
+        _, eval_set = trial.load_eval_set(cfg)
+        example = torch.stack([eval_set[i][0] for i in range(min(2, len(eval_set)))]).numpy()
+        prefix = "" if method == "dwt" else f"{method}_"
+        version_tags = {
+            "method": method, "wavelet": cfg.wavelet, "level": cfg.level, "percentile": cfg.percentile,
+            "layout": cfg.layout, "mode": cfg.mode, "model": cfg.model, "dataset": cfg.dataset,
+            "top1": metrics.get(f"{prefix}top1"), "compression_ratio": metrics.get(f"{prefix}compression_ratio"),
+            "stored_bytes": metrics.get(f"{prefix}stored_bytes"), "source_run_id": run.info.run_id,
+            "checkpoint": f"{method}.wsz",
+        }  # fmt: skip
+        with mlflow.start_run(run_id=run.info.run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name=f"registered-{method}",
+                input_example=example,
+                serialization_format="pt2",
+                extra_files=[str(ckpt)],
+                registered_model_name=name,
+                pip_requirements=_pip_requirements(),
+            )
+    version = info.registered_model_version
+    client.set_registered_model_tag(name, "wavesweep", "true")
+    for k, v in version_tags.items():
+        if v is not None:
+            client.set_model_version_tag(name, str(version), k, _fmt(v))
+    if alias:
+        client.set_registered_model_alias(name, alias, str(version))
+    return client.get_model_version(name, str(version))
+
+
+def _pip_requirements() -> list[str]:
+    import torch
+    import torchvision
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy"]
+
+
+def list_registered() -> list[dict[str, Any]]:
+    """Registered wavesweep models with their versions' aliases and tags."""
+    client, _ = init_tracking()
+    out = []
+    for rm in client.search_registered_models(filter_string="tags.wavesweep = 'true'"):
+        for mv in client.search_model_versions(f"name = '{rm.name}'"):
+            out.append({"name": rm.name, "version": mv.version, "aliases": list(mv.aliases), "tags": dict(mv.tags),
+                        "run_id": mv.run_id})  # fmt: skip
+    return out
+
+
+def download(uri: str, dst: Path) -> Path:
+    """Download a model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/...``) as files into ``dst``."""
+    init_tracking()
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
+def weights_from_uri(uri: str, cache: Path) -> Path:
+    """Materialise a registered/logged model's state dict as a local file (for base models given by URI)."""
+    import hashlib
+
+    import torch
+
+    init_tracking()
+    key = hashlib.sha256(f"{tracking_uri()}|{uri}".encode()).hexdigest()[:24]
+    path = cache / "uri-weights" / f"{key}.pt"
+    if not path.exists():
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    return path
+

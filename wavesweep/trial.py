@@ -1,0 +1,210 @@
+"""One trial: prune a base model three ways at the same budget and evaluate all three.
+
+Pure PyTorch/NumPy: this module knows nothing of MLflow or Optuna. ``tracking`` records
+a ``TrialResult``; ``study`` calls ``run_trial`` with a ``reporter`` for early stopping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wavesweep import accounting, data, evaluate, pruning, train
+from wavesweep.config import TrialConfig
+from wavesweep.stats import PairedComparison, paired_comparison
+
+log = logging.getLogger(__name__)
+
+# Number of evaluation chunks the dwt model is scored in, so a reporter (an Optuna
+# pruner) can stop a hopeless trial before the whole evaluation set has been seen.
+N_CHUNKS = 4
+
+Reporter = Callable[[int, float], None]  # (step, partial dwt top-1) -> may raise to stop the trial
+
+
+@dataclass
+class MethodOutcome:
+    """One pruned model: what was pruned, what it costs to store, how well it does."""
+
+    method: str
+    prune: pruning.PruneResult
+    stats: accounting.ModelStats
+    eval: evaluate.EvalResult
+    timing: evaluate.Timing | None
+
+
+@dataclass
+class TrialResult:
+    config: TrialConfig
+    base: train.BaseModel
+    base_eval: evaluate.EvalResult
+    base_timing: evaluate.Timing | None
+    outcomes: dict[str, MethodOutcome]  # keys: dwt, magnitude, random
+    paired: dict[str, PairedComparison]  # keys: dwt_vs_magnitude, dwt_vs_random
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    eval_info: dict[str, object] = field(default_factory=dict)
+
+    def drops(self, method: str) -> dict[str, float]:
+        """Base minus pruned, per metric (positive = the pruned model is worse, except loss)."""
+        base = self.base_eval.metrics()
+        pruned = self.outcomes[method].eval.metrics()
+        return {f"drop_{k}": base[k] - pruned[k] for k in ("top1", "top5", "f1_macro")} | {
+            "increase_loss": pruned["loss"] - base["loss"]
+        }
+
+
+class _Phases:
+    """Wall-clock seconds per named phase (for the benchmark's breakdown)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def load_eval_set(cfg: TrialConfig) -> tuple[data.DatasetBundle, torch.utils.data.Dataset]:
+    bundle = data.load_dataset(cfg.dataset, root=cfg.data_root or None, seed=cfg.seed)
+    subset = data.eval_subset(bundle.test, cfg.eval_limit or None, seed=cfg.seed)
+    return bundle, subset
+
+
+def _base_eval_cached(
+    base: train.BaseModel, cfg: TrialConfig, eval_set: torch.utils.data.Dataset, device: torch.device
+) -> evaluate.EvalResult:
+    """Evaluate the unpruned base once per (weights checksum, dataset, subset) and cache the logits.
+
+    The cache is a .npz of logits and targets; metrics are recomputed from it, so a cached
+    result is exactly what a fresh evaluation would give for the same model and examples.
+    """
+    key = hashlib.sha256(
+        f"{base.checksum}|{cfg.dataset}|{cfg.data_root}|{cfg.eval_limit}|{cfg.seed}|{len(eval_set)}".encode()
+    ).hexdigest()[:24]
+    path = train.cache_dir() / "base-evals" / f"{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                return evaluate.metrics_from_logits(torch.from_numpy(z["logits"]), torch.from_numpy(z["targets"]))
+        except (OSError, ValueError, KeyError) as exc:  # a damaged cache entry is recomputed, not trusted
+            log.warning("ignoring unreadable base-evaluation cache %s: %s", path, exc)
+    logits, targets = evaluate.predict(base.model, eval_set, batch_size=cfg.batch_size, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, logits=logits.numpy(), targets=targets.numpy())
+    os.replace(tmp, path)
+    return evaluate.metrics_from_logits(logits, targets)
+
+
+def run_trial(
+    cfg: TrialConfig,
+    *,
+    base: train.BaseModel | None = None,
+    reporter: Reporter | None = None,
+    progress: bool = False,
+) -> TrialResult:
+    """Run one trial; returns every number the trackers record.
+
+    ``reporter(step, partial_top1)`` is called after each of ``N_CHUNKS`` evaluation chunks of
+    the dwt model; it may raise (e.g. ``optuna.TrialPruned``) to stop the trial early.
+    """
+    phases = _Phases()
+    device = evaluate.resolve_device(cfg.device)
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as wlist:
+        warnings.simplefilter("always")
+        with phases("load_base"):
+            if base is None:
+                base = train.get_base_model(
+                    cfg.model,
+                    cfg.dataset,
+                    seed=cfg.seed,
+                    data_root=cfg.data_root or None,
+                    weights=cfg.weights or None,
+                    device=cfg.device,
+                    progress=progress,
+                )
+        with phases("load_data"):
+            bundle, eval_set = load_eval_set(cfg)
+        with phases("eval_base"):
+            base_eval = _base_eval_cached(base, cfg, eval_set, device)
+
+        with phases("prune"):
+            dwt = pruning.prune_dwt(
+                base.model,
+                wavelet=cfg.wavelet,
+                level=cfg.level,
+                percentile=cfg.percentile,
+                layout=cfg.layout,
+                mode=cfg.mode,
+                scope=cfg.scope,
+                keep_approx=cfg.keep_approx,
+                targets=cfg.target_kinds,
+            )
+        with phases("eval"):
+            dwt_eval = None
+            for step, partial in enumerate(
+                evaluate.evaluate_chunks(dwt.model, eval_set, n_chunks=N_CHUNKS, batch_size=cfg.batch_size, device=device)
+            ):
+                dwt_eval = partial
+                if reporter is not None and step < N_CHUNKS - 1:
+                    reporter(step, partial.top1)
+            assert dwt_eval is not None
+            if reporter is not None:
+                reporter(N_CHUNKS - 1, dwt_eval.top1)
+
+        with phases("prune"):
+            matched = pruning.prune_matched(base.model, dwt, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds)
+        prunes = {"dwt": dwt, **matched}
+        evals = {"dwt": dwt_eval}
+        with phases("eval"):
+            for method in ("magnitude", "random"):
+                evals[method] = evaluate.evaluate(prunes[method].model, eval_set, batch_size=cfg.batch_size, device=device)
+        with phases("accounting"):
+            stats = {m: accounting.model_stats(base.model, r) for m, r in prunes.items()}
+        timings: dict[str, evaluate.Timing | None] = {m: None for m in prunes}
+        base_timing = None
+        if cfg.timing_batches:
+            with phases("timing"):
+                kw = dict(batch_size=cfg.batch_size, n_batches=cfg.timing_batches, device=device)
+                base_timing = evaluate.time_inference(base.model, eval_set, **kw)
+                for m, r in prunes.items():
+                    timings[m] = evaluate.time_inference(r.model, eval_set, **kw)
+        with phases("paired_stats"):
+            paired = {
+                f"dwt_vs_{m}": paired_comparison(evals["dwt"].correct, evals[m].correct, seed=cfg.seed)
+                for m in ("magnitude", "random")
+            }
+        caught = [f"{w.category.__name__}: {w.message}" for w in wlist]
+    for text in caught:
+        log.warning("%s", text)
+    outcomes = {m: MethodOutcome(m, prunes[m], stats[m], evals[m], timings[m]) for m in prunes}
+    eval_info = {"n_eval": len(eval_set), "n_test_split": len(bundle.test), **{f"data_{k}": v for k, v in bundle.info.items()}}
+    all_warnings = list(dict.fromkeys([*dwt.warnings, *caught]))
+    return TrialResult(
+        config=cfg,
+        base=base,
+        base_eval=base_eval,
+        base_timing=base_timing,
+        outcomes=outcomes,
+        paired=paired,
+        phase_seconds=phases.seconds,
+        warnings=all_warnings,
+        eval_info=eval_info,
+    )
