@@ -1,0 +1,480 @@
+"""Honest accounting of a pruned model, and the compressed checkpoint that is its encoding.
+
+Stored-bytes encoding, one for all methods (the checkpoint file is exactly this, plus a header):
+
+* every pruned target-layer weight: a 1-bit-per-position bitmap over the positions the mask
+  runs over -- the weights (magnitude, random) or the DWT coefficients (dwt; non-periodization
+  modes and odd lengths give more coefficients than weights, and they are all counted) --
+  ``ceil(n / 8)`` bytes, followed by the kept values at their dtype size (float32 weights and
+  coefficients: 4 B each). Kept = the mask's kept positions (a kept value that happens to be 0
+  is still stored).
+* every other state-dict entry (all other parameters and all buffers: biases of target
+  layers, BatchNorm weights and running stats, ``num_batches_tracked``, ...): dense, at its
+  dtype size.
+
+``dense_bytes`` = every state-dict entry at its dtype size; ``compression_ratio`` =
+``dense_bytes / stored_bytes``. A dwt reconstruction is almost never sparse in the weight
+domain (``weight_sparsity`` ~ 0): its compression lives in the coefficients.
+
+File format (version 1), all integers little-endian::
+
+    offset 0   8 bytes   MAGIC = b"WAVSWEEP"
+    offset 8   uint32    format version (1)
+    offset 12  uint64    L = length of the JSON metadata
+    offset 20  L bytes   UTF-8 JSON metadata (see ``save_compressed``)
+    offset 20+L          payload: the encoding above, entry by entry in metadata["entries"] order
+
+so ``file size == stored_bytes + header_bytes`` with ``header_bytes = 20 + L``
+(:func:`read_header` returns it). The JSON holds the method, config (wavelet, mode, level,
+layout, ...), user metadata, and per entry: key, kind (``dense``/``mask``/``dwt``), shape,
+dtype, and for pruned entries ``n`` (positions), ``kept``, value dtype and, for dwt, the
+coefficient structure (layout, wavelet, mode, effective level, coefficient array shapes).
+It also holds the payload size and its CRC-32, so truncation and corruption are detected.
+Loading uses only ``json`` and ``numpy.frombuffer`` (no pickle, no ``torch.load``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+import sys
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from wavesweep import wavelets as wv
+from wavesweep.pruning import PruneResult
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"WAVSWEEP"
+VERSION = 1
+_FIXED = struct.Struct("<8sIQ")  # magic, version, JSON length
+HEADER_FIXED_BYTES = _FIXED.size  # 20
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "HEADER_FIXED_BYTES",
+    "LayerStats",
+    "ModelStats",
+    "model_stats",
+    "stored_bytes_of",
+    "save_compressed",
+    "read_header",
+    "read_compressed",
+    "load_compressed",
+]
+
+# dtypes a checkpoint may hold (name -> (torch dtype, numpy dtype or None when numpy lacks it))
+_DTYPES: dict[str, tuple[torch.dtype, np.dtype | None]] = {
+    "float32": (torch.float32, np.dtype("<f4")),
+    "float64": (torch.float64, np.dtype("<f8")),
+    "float16": (torch.float16, np.dtype("<f2")),
+    "bfloat16": (torch.bfloat16, None),
+    "int64": (torch.int64, np.dtype("<i8")),
+    "int32": (torch.int32, np.dtype("<i4")),
+    "int16": (torch.int16, np.dtype("<i2")),
+    "int8": (torch.int8, np.dtype("i1")),
+    "uint8": (torch.uint8, np.dtype("u1")),
+    "bool": (torch.bool, np.dtype("?")),
+}
+_NAME_OF = {t: n for n, (t, _) in _DTYPES.items()}
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    if dt not in _NAME_OF:
+        raise ValueError(f"unsupported dtype {dt} for the compressed checkpoint; supported: {', '.join(_DTYPES)}")
+    return _NAME_OF[dt]
+
+
+def _itemsize(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@dataclass
+class LayerStats:
+    """One target layer. Bytes under the shared encoding (module docstring)."""
+
+    name: str
+    shape: tuple[int, ...]
+    params: int
+    zero_weights: int
+    weight_sparsity: float
+    coeffs: int
+    zeroed_coeffs: int
+    coeff_sparsity: float
+    rel_l2_error: float
+    level_requested: int | None
+    level_effective: int | None
+    dense_bytes: int
+    stored_bytes: int
+
+
+@dataclass
+class ModelStats:
+    """Per-layer stats and totals of one pruned model.
+
+    target_*: over target-layer weights; model_*: over all parameters (``named_parameters``);
+    coeffs / zeroed_coeffs: positions of the stored masks (weights for magnitude/random,
+    coefficients for dwt); bytes: over the whole state dict (parameters and buffers);
+    mean_rel_l2_error: unweighted mean over target layers.
+    """
+
+    method: str
+    layers: list[LayerStats]
+    target_params: int
+    target_zero_weights: int
+    weight_sparsity_target: float
+    model_params: int
+    model_zero_weights: int
+    weight_sparsity_model: float
+    coeffs: int
+    zeroed_coeffs: int
+    coeff_sparsity: float
+    dense_bytes: int
+    stored_bytes: int
+    compression_ratio: float
+    mean_rel_l2_error: float
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer; columns = :class:`LayerStats` fields; shape as e.g. ``"64x64x3x3"``."""
+        rows = []
+        for ls in self.layers:
+            d = asdict(ls)
+            d["shape"] = "x".join(map(str, ls.shape))
+            rows.append(d)
+        return pd.DataFrame(rows, columns=[f.name for f in fields(LayerStats)])
+
+    def totals(self) -> dict[str, float]:
+        """Flat scalar dict: every field except ``method`` and ``layers``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("method", "layers")}
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def _layer_stored_bytes(n_positions: int, kept: int, itemsize: int) -> int:
+    return math.ceil(n_positions / 8) + kept * itemsize
+
+
+def _value_itemsize(result: PruneResult, lp, weight: torch.Tensor) -> int:
+    if lp.coeffs is not None:
+        return lp.coeffs.dtype.itemsize
+    return weight.element_size()
+
+
+def stored_bytes_of(result: PruneResult) -> int:
+    """Bytes of the shared encoding of ``result.model`` (the checkpoint payload size)."""
+    sd = result.model.state_dict()
+    pruned = {lp.key: lp for lp in result.layers}
+    total = 0
+    for key, t in sd.items():
+        if key in pruned:
+            lp = pruned[key]
+            total += _layer_stored_bytes(lp.n_coeffs, int(np.count_nonzero(lp.keep)), _value_itemsize(result, lp, t))
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def model_stats(base_model: nn.Module, result: PruneResult) -> ModelStats:
+    """Per-layer and total stats of ``result`` against the unpruned ``base_model``."""
+    base = dict(base_model.named_modules())
+    pruned_mods = dict(result.model.named_modules())
+    layers = []
+    for lp in result.layers:
+        if lp.name not in base:
+            raise ValueError(f"layer {lp.name!r} of the pruned model is not in the base model {type(base_model).__name__}")
+        w0 = base[lp.name].weight.detach().to("cpu", torch.float64)
+        w1 = pruned_mods[lp.name].weight.detach().to("cpu", torch.float64)
+        if w0.shape != w1.shape:
+            raise ValueError(f"layer {lp.name!r}: base shape {tuple(w0.shape)} != pruned shape {tuple(w1.shape)}")
+        n0 = float(torch.linalg.vector_norm(w0))
+        err = _div(float(torch.linalg.vector_norm(w1 - w0)), n0)
+        zeros = int((w1 == 0).sum())
+        wt = pruned_mods[lp.name].weight
+        layers.append(
+            LayerStats(
+                name=lp.name,
+                shape=tuple(lp.shape),
+                params=lp.params,
+                zero_weights=zeros,
+                weight_sparsity=_div(zeros, lp.params),
+                coeffs=lp.n_coeffs,
+                zeroed_coeffs=lp.n_zeroed,
+                coeff_sparsity=lp.fraction,
+                rel_l2_error=err,
+                level_requested=lp.level_requested,
+                level_effective=lp.level_effective,
+                dense_bytes=lp.params * wt.element_size(),
+                stored_bytes=_layer_stored_bytes(
+                    lp.n_coeffs, int(np.count_nonzero(lp.keep)), _value_itemsize(result, lp, wt)
+                ),
+            )
+        )
+    sd = result.model.state_dict()
+    dense = sum(t.numel() * t.element_size() for t in sd.values())
+    stored = stored_bytes_of(result)
+    params = list(result.model.parameters())
+    model_params = sum(p.numel() for p in params)
+    model_zeros = sum(int((p.detach() == 0).sum()) for p in params)
+    tp = sum(ls.params for ls in layers)
+    tz = sum(ls.zero_weights for ls in layers)
+    nc = sum(ls.coeffs for ls in layers)
+    zc = sum(ls.zeroed_coeffs for ls in layers)
+    return ModelStats(
+        method=result.method,
+        layers=layers,
+        target_params=tp,
+        target_zero_weights=tz,
+        weight_sparsity_target=_div(tz, tp),
+        model_params=model_params,
+        model_zero_weights=model_zeros,
+        weight_sparsity_model=_div(model_zeros, model_params),
+        coeffs=nc,
+        zeroed_coeffs=zc,
+        coeff_sparsity=_div(zc, nc),
+        dense_bytes=dense,
+        stored_bytes=stored,
+        compression_ratio=_div(dense, stored),
+        mean_rel_l2_error=float(np.mean([ls.rel_l2_error for ls in layers])) if layers else 0.0,
+    )
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _numpy_value_bytes(values: np.ndarray) -> bytes:
+    return np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def save_compressed(result: PruneResult, path: str | os.PathLike, *, metadata: dict | None = None) -> int:
+    """Write the compressed checkpoint of ``result`` to ``path``; return the file size in bytes.
+
+    Written to a temporary file in the same folder, then renamed. ``metadata`` (JSON-
+    serialisable) is stored under ``"user"``. ``file size == stored_bytes + header_bytes``.
+    """
+    if sys.byteorder != "little":  # the raw tensor bytes below are native order
+        raise RuntimeError("save_compressed supports little-endian hosts only")
+    path = Path(path)
+    sd = result.model.state_dict()
+    pruned = {lp.key: lp for lp in result.layers}
+    missing = [k for k in pruned if k not in sd]
+    if missing:
+        raise ValueError(f"pruned layer weight {missing[0]!r} is not in the model's state dict")
+    entries, chunks = [], []
+    for key, t in sd.items():
+        e = {"key": key, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+        lp = pruned.get(key)
+        if lp is None:
+            e["kind"] = "dense"
+            chunks.append(_tensor_bytes(t))
+        else:
+            keep = np.asarray(lp.keep, dtype=bool).reshape(-1)
+            if keep.size != lp.n_coeffs:
+                raise ValueError(f"{key}: mask has {keep.size} positions, expected {lp.n_coeffs}")
+            bitmap = np.packbits(keep).tobytes()  # bit order: big (first position = MSB of byte 0)
+            if lp.coeffs is not None:  # dwt: kept coefficients
+                e["kind"] = "dwt"
+                values = lp.coeffs[keep]
+                e["value_dtype"] = _dtype_name(torch.from_numpy(values[:0]).dtype)
+                e["structure"] = lp.structure.to_json()
+                vbytes = _numpy_value_bytes(values)
+            else:  # magnitude / random: kept weights, bit-exact at the weight's dtype
+                e["kind"] = "mask"
+                e["value_dtype"] = e["dtype"]
+                flat = t.detach().cpu().reshape(-1)
+                vbytes = _tensor_bytes(flat[torch.from_numpy(keep)])
+            e["n"] = int(keep.size)
+            e["kept"] = int(np.count_nonzero(keep))
+            e["level_requested"] = lp.level_requested
+            e["level_effective"] = lp.level_effective
+            chunks.append(bitmap)
+            chunks.append(vbytes)
+        entries.append(e)
+    payload_size = sum(len(c) for c in chunks)
+    crc = 0
+    for c in chunks:
+        crc = zlib.crc32(c, crc)
+    cfg = dict(result.config)
+    meta = {
+        "format": "wavesweep-compressed",
+        "version": VERSION,
+        "method": result.method,
+        "config": cfg,
+        "wavelet": cfg.get("wavelet"),
+        "mode": cfg.get("mode"),
+        "layout": cfg.get("layout"),
+        "levels": {lp.name: lp.level_effective for lp in result.layers},
+        "user": metadata or {},
+        "entries": entries,
+        "payload_bytes": payload_size,
+        "payload_crc32": crc,
+    }
+    try:
+        blob = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata for {path} is not JSON-serialisable: {e}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_FIXED.pack(MAGIC, VERSION, len(blob)))
+            f.write(blob)
+            for c in chunks:
+                f.write(c)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    size = path.stat().st_size
+    log.info("wrote %s: %d bytes (%d payload + %d header)", path, size, payload_size, size - payload_size)
+    return size
+
+
+def _read(path: Path) -> tuple[dict, memoryview]:
+    """Parse and validate the header; return (metadata incl. header_bytes, payload view)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read compressed checkpoint {path}: {e}") from None
+    if len(data) < HEADER_FIXED_BYTES:
+        raise ValueError(f"{path}: truncated: {len(data)} bytes, shorter than the {HEADER_FIXED_BYTES}-byte header")
+    magic, version, n = _FIXED.unpack_from(data)
+    if magic != MAGIC:
+        raise ValueError(f"{path}: not a wavesweep compressed checkpoint (magic {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        raise ValueError(f"{path}: unsupported format version {version}; supported: {VERSION}")
+    if HEADER_FIXED_BYTES + n > len(data):
+        raise ValueError(f"{path}: truncated: metadata length {n} exceeds the file size {len(data)}")
+    try:
+        meta = json.loads(bytes(data[HEADER_FIXED_BYTES : HEADER_FIXED_BYTES + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt metadata: {e}") from None
+    if not isinstance(meta, dict) or "entries" not in meta or "payload_bytes" not in meta:
+        raise ValueError(f"{path}: corrupt metadata: missing 'entries' or 'payload_bytes'")
+    header_bytes = HEADER_FIXED_BYTES + n
+    payload = memoryview(data)[header_bytes:]
+    if len(payload) != meta["payload_bytes"]:
+        what = "truncated" if len(payload) < meta["payload_bytes"] else "trailing bytes"
+        raise ValueError(f"{path}: {what}: payload is {len(payload)} bytes, header says {meta['payload_bytes']}")
+    meta["header_bytes"] = header_bytes
+    return meta, payload
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a checkpoint, plus ``header_bytes`` (file size - payload size)."""
+    meta, _ = _read(Path(path))
+    return meta
+
+
+def _entry_dtype(path: Path, e: dict, field_name: str) -> tuple[torch.dtype, np.dtype | None]:
+    name = e.get(field_name)
+    if name not in _DTYPES:
+        raise ValueError(f"{path}: entry {e.get('key')!r}: unknown dtype {name!r}; valid: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _take(path: Path, payload: memoryview, pos: int, nbytes: int, key: str) -> tuple[memoryview, int]:
+    if nbytes < 0 or pos + nbytes > len(payload):
+        raise ValueError(f"{path}: corrupt: entry {key!r} runs past the end of the payload")
+    return payload[pos : pos + nbytes], pos + nbytes
+
+
+def _to_tensor(buf: memoryview, tdt: torch.dtype, npdt: np.dtype | None, count: int) -> torch.Tensor:
+    if npdt is not None:
+        return torch.from_numpy(np.frombuffer(buf, dtype=npdt, count=count).copy())
+    # dtypes numpy lacks (bfloat16): reinterpret the raw bytes
+    raw = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).copy())
+    return raw.view(tdt)[:count]
+
+
+def read_compressed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Decode a checkpoint into an ordinary state dict (CPU tensors) and its metadata."""
+    path = Path(path)
+    meta, payload = _read(path)
+    if zlib.crc32(payload) != meta.get("payload_crc32"):
+        raise ValueError(f"{path}: corrupt: payload CRC-32 mismatch")
+    sd: dict[str, torch.Tensor] = {}
+    pos = 0
+    try:
+        for e in meta["entries"]:
+            key = e["key"]
+            shape = tuple(int(s) for s in e["shape"])
+            tdt, npdt = _entry_dtype(path, e, "dtype")
+            numel = math.prod(shape)
+            kind = e["kind"]
+            if kind == "dense":
+                buf, pos = _take(path, payload, pos, numel * _itemsize(tdt), key)
+                sd[key] = _to_tensor(buf, tdt, npdt, numel).reshape(shape)
+                continue
+            if kind not in ("mask", "dwt"):
+                raise ValueError(f"{path}: entry {key!r}: unknown kind {kind!r}; valid: dense, mask, dwt")
+            n, kept = int(e["n"]), int(e["kept"])
+            buf, pos = _take(path, payload, pos, math.ceil(n / 8), key)
+            keep = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=n).astype(bool)
+            if int(np.count_nonzero(keep)) != kept:
+                raise ValueError(f"{path}: corrupt: entry {key!r} bitmap has {int(keep.sum())} kept, header says {kept}")
+            vdt, vnp = _entry_dtype(path, e, "value_dtype")
+            buf, pos = _take(path, payload, pos, kept * _itemsize(vdt), key)
+            values = _to_tensor(buf, vdt, vnp, kept)
+            if kind == "mask":
+                if n != numel:
+                    raise ValueError(f"{path}: corrupt: entry {key!r} has {n} mask positions for {numel} weights")
+                flat = torch.zeros(n, dtype=tdt)
+                flat[torch.from_numpy(keep)] = values.to(tdt)
+                sd[key] = flat.reshape(shape)
+            else:
+                st = wv.CoeffStructure.from_json(e["structure"])
+                if st.n_coeffs != n or st.shape != shape:
+                    raise ValueError(f"{path}: corrupt: entry {key!r} coefficient structure does not match n/shape")
+                coeffs = np.zeros(n, dtype=values.numpy().dtype)
+                coeffs[keep] = values.numpy()
+                sd[key] = torch.from_numpy(wv.reconstruct(coeffs, st)).to(tdt).reshape(shape)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: corrupt metadata entry: {err!r}") from None
+    if pos != len(payload):
+        raise ValueError(f"{path}: corrupt: {len(payload) - pos} unread payload bytes")
+    user_meta = dict(meta)
+    return sd, user_meta
+
+
+def load_compressed(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module, dict]:
+    """Load a checkpoint into ``model`` (same architecture) in place; return ``(model, metadata)``.
+
+    Keys and shapes must match ``model.state_dict()`` exactly, else ``ValueError`` naming the
+    first offending key. Weights equal the pruned model's bitwise for magnitude/random and to
+    float tolerance for dwt (the same inverse DWT runs on the same stored coefficients).
+    """
+    sd, meta = read_compressed(path)
+    target = model.state_dict()
+    for key in list(sd) + [k for k in target if k not in sd]:
+        if key not in target:
+            raise ValueError(f"{path}: key {key!r} is not in {type(model).__name__}'s state dict")
+        if key not in sd:
+            raise ValueError(f"{path}: {type(model).__name__} has key {key!r} that the checkpoint lacks")
+        if tuple(sd[key].shape) != tuple(target[key].shape):
+            raise ValueError(
+                f"{path}: key {key!r}: checkpoint shape {tuple(sd[key].shape)} != model shape {tuple(target[key].shape)}"
+            )
+    model.load_state_dict(sd, strict=True)
+    return model, meta

@@ -1,0 +1,317 @@
+"""Wavelet codec for one weight tensor: view it in a layout, decompose, threshold, reconstruct.
+
+Inverse pairs, as in ``pywt/_multilevel.py``: :func:`decompose` / :func:`reconstruct`
+turn a weight array into one flat coefficient vector plus its :class:`CoeffStructure`
+and back. :func:`dwt_prune_array` is the dwt pruning step for one tensor.
+
+Layouts (how a weight tensor of shape ``(out, in, kh, kw)`` or ``(out, in)`` is seen):
+
+========== ================================================ ==========================
+layout     array given to PyWavelets                         transform
+========== ================================================ ==========================
+``kernel`` the 4-D tensor itself                             ``wavedec2`` over axes (-2, -1), one call
+``filter`` ``(out, in*kh*kw)``: one row per output filter    ``wavedec`` over axis -1, one call
+``matrix`` ``(out, in*kh*kw)``                               ``wavedec2`` over axes (0, 1)
+``flat``   ``(out*in*kh*kw,)``                               ``wavedec``
+========== ================================================ ==========================
+
+``kernel`` needs a 4-D (conv) weight; the other layouts accept any tensor with ``ndim >= 2``
+(``flat`` accepts any tensor). ``nn.Linear`` weights ``(out, in)`` are their own matrix.
+
+Coefficient order (the flat vector, also the order of the on-disk bitmap): the arrays of
+``pywt.wavedec``/``wavedec2`` in the order PyWavelets returns them,
+``[cA_n, cD_n, ..., cD_1]`` (1-D) or ``[cA_n, (cH_n, cV_n, cD_n), ..., (cH_1, cV_1, cD_1)]``
+(2-D), each raveled in C order. The first ``CoeffStructure.n_approx`` entries are the
+approximation band. With an effective level of 0 the "transform" is the identity: the
+flat vector is the layout array itself and it all counts as the approximation band.
+
+Levels: the requested level is clamped to ``pywt.dwt_max_level`` of the transformed axes
+(the minimum over both axes for 2-D transforms). The clamp is computed here
+(:func:`effective_level`); the pruning step warns (:class:`LevelClampedWarning`) and records it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pywt
+
+from wavesweep.registry import check_choice
+
+log = logging.getLogger(__name__)
+
+WAVELETS: tuple[str, ...] = tuple(pywt.wavelist(kind="discrete"))
+MODES: tuple[str, ...] = tuple(pywt.Modes.modes)
+LAYOUTS: tuple[str, ...] = ("kernel", "filter", "matrix", "flat")
+DEFAULT_MODE = "periodization"
+MAX_LEVEL = 5
+
+__all__ = [
+    "WAVELETS",
+    "MODES",
+    "LAYOUTS",
+    "DEFAULT_MODE",
+    "MAX_LEVEL",
+    "LevelClampedWarning",
+    "CoeffStructure",
+    "validate_dwt_args",
+    "layout_array",
+    "effective_level",
+    "decompose",
+    "reconstruct",
+    "percentile_threshold",
+    "keep_mask",
+    "dwt_prune_array",
+]
+
+
+class LevelClampedWarning(UserWarning):
+    """The effective decomposition level of a layer is lower than the requested level."""
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def validate_percentile(percentile: object) -> float:
+    """Return ``percentile`` as a float, or raise ``ValueError`` unless it is a number in [0, 100]."""
+    if not _is_real(percentile) or not (0.0 <= float(percentile) <= 100.0):  # NaN fails too
+        raise ValueError(f"percentile must be a number in [0, 100], got {percentile!r}")
+    return float(percentile)
+
+
+def validate_level(level: object) -> int:
+    """Return ``level``, or raise ``ValueError`` unless it is an int in 1..MAX_LEVEL."""
+    if not isinstance(level, (int, np.integer)) or isinstance(level, bool) or not 1 <= level <= MAX_LEVEL:
+        raise ValueError(f"level must be an int in 1..{MAX_LEVEL}, got {level!r}")
+    return int(level)
+
+
+def validate_dwt_args(*, wavelet: str, level: int, layout: str, mode: str, percentile: float) -> None:
+    """Raise a one-line ``ValueError`` naming the bad value and the valid choices, if any argument is bad."""
+    check_choice("wavelet", wavelet, WAVELETS)
+    check_choice("mode", mode, MODES)
+    check_choice("layout", layout, LAYOUTS)
+    validate_level(level)
+    validate_percentile(percentile)
+
+
+@dataclass(frozen=True)
+class CoeffStructure:
+    """Everything needed to turn a flat coefficient vector back into a weight array.
+
+    ``shape``: original weight shape. ``array_shape``: the layout array given to the DWT.
+    ``shapes``: the shape of every coefficient array, in flat-vector order.
+    ``level``: effective level (0 = identity).
+    """
+
+    layout: str
+    wavelet: str
+    mode: str
+    level: int
+    shape: tuple[int, ...]
+    array_shape: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def n_coeffs(self) -> int:
+        """Total number of coefficients (> number of weights for expansive modes / odd lengths)."""
+        return sum(self.sizes)
+
+    @property
+    def n_approx(self) -> int:
+        """Number of coefficients in the approximation band (the first entries of the flat vector)."""
+        return self.sizes[0]
+
+    def to_json(self) -> dict:
+        return {
+            "layout": self.layout,
+            "wavelet": self.wavelet,
+            "mode": self.mode,
+            "level": self.level,
+            "shape": list(self.shape),
+            "array_shape": list(self.array_shape),
+            "coeff_shapes": [list(s) for s in self.shapes],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CoeffStructure":
+        """Inverse of :meth:`to_json`; validates names and shapes (``ValueError`` on anything odd)."""
+        try:
+            check_choice("layout", d["layout"], LAYOUTS)
+            check_choice("wavelet", d["wavelet"], WAVELETS)
+            check_choice("mode", d["mode"], MODES)
+            level = d["level"]
+            if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= MAX_LEVEL:
+                raise ValueError(f"bad level {level!r}")
+
+            def shp(x: object) -> tuple[int, ...]:
+                if not isinstance(x, list) or not all(isinstance(i, int) and i >= 0 for i in x):
+                    raise ValueError(f"bad shape {x!r}")
+                return tuple(x)
+
+            return cls(
+                layout=d["layout"],
+                wavelet=d["wavelet"],
+                mode=d["mode"],
+                level=level,
+                shape=shp(d["shape"]),
+                array_shape=shp(d["array_shape"]),
+                shapes=tuple(shp(s) for s in d["coeff_shapes"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"bad coefficient structure {d!r}: {e!r}") from None
+
+
+def layout_array(w: np.ndarray, layout: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """View ``w`` as the layout's array; return ``(array, transformed axes)``.
+
+    kernel: (out, in, kh, kw), axes (-2, -1); filter: (out, in*kh*kw), axis (-1,);
+    matrix: (out, in*kh*kw), axes (-2, -1); flat: (numel,), axis (-1,).
+    """
+    check_choice("layout", layout, LAYOUTS)
+    if layout == "kernel":
+        if w.ndim != 4:
+            raise ValueError(
+                f"layout 'kernel' needs a 4-D conv weight (out, in, kh, kw), got shape {tuple(w.shape)}; "
+                f"use one of: filter, matrix, flat"
+            )
+        return w, (-2, -1)
+    if layout == "flat":
+        return w.reshape(-1), (-1,)
+    if w.ndim < 2:
+        raise ValueError(f"layout {layout!r} needs a weight with ndim >= 2, got shape {tuple(w.shape)}; use 'flat'")
+    arr = w.reshape(w.shape[0], -1)  # (out, in*kh*kw)
+    return arr, ((-1,) if layout == "filter" else (-2, -1))
+
+
+def _max_level(array_shape: tuple[int, ...], axes: tuple[int, ...], wavelet: str) -> int:
+    dec_len = pywt.Wavelet(wavelet).dec_len
+    return min(pywt.dwt_max_level(array_shape[a], dec_len) for a in axes)
+
+
+def effective_level(shape: tuple[int, ...], wavelet: str, level: int, layout: str) -> int:
+    """Requested ``level`` clamped to ``pywt.dwt_max_level`` of the layout's transformed axes.
+
+    The minimum over both axes for 2-D layouts. May be 0 (identity transform), e.g. a 3x3
+    kernel with ``bior4.4`` in the ``kernel`` layout. Does not warn; the pruning step does.
+    """
+    check_choice("wavelet", wavelet, WAVELETS)
+    arr, axes = layout_array(np.empty(tuple(shape), dtype=np.uint8), layout)
+    return max(0, min(int(level), _max_level(arr.shape, axes, wavelet)))
+
+
+def _float_array(w: np.ndarray) -> np.ndarray:
+    # PyWavelets computes in float32 for float32 and float64 for float64; everything else goes via float32.
+    return w if w.dtype in (np.float32, np.float64) else w.astype(np.float32)
+
+
+def decompose(
+    w: np.ndarray, *, wavelet: str, level: int, layout: str, mode: str = DEFAULT_MODE
+) -> tuple[np.ndarray, CoeffStructure]:
+    """Multilevel DWT of ``w`` in ``layout``: return ``(flat coefficients, structure)``.
+
+    ``level`` is clamped with :func:`effective_level` (``structure.level`` is what was used).
+    The flat vector has ``structure.n_coeffs`` entries (see the module docstring for order)
+    and the dtype PyWavelets computes in (float32 for float32 input). One PyWavelets call
+    per tensor: the batch axes (filters, kernels) are vectorised by PyWavelets itself.
+    """
+    check_choice("wavelet", wavelet, WAVELETS)
+    check_choice("mode", mode, MODES)
+    w = _float_array(np.asarray(w))
+    arr, axes = layout_array(w, layout)
+    lev = max(0, min(int(level), _max_level(arr.shape, axes, wavelet)))
+    if lev == 0:
+        arrays = [arr]
+    elif len(axes) == 1:
+        arrays = pywt.wavedec(arr, wavelet, mode=mode, level=lev, axis=-1)
+    else:
+        c = pywt.wavedec2(arr, wavelet, mode=mode, level=lev, axes=(-2, -1))
+        arrays = [c[0]] + [band for detail in c[1:] for band in detail]
+    flat = np.concatenate([a.ravel() for a in arrays])
+    structure = CoeffStructure(
+        layout=layout,
+        wavelet=wavelet,
+        mode=mode,
+        level=lev,
+        shape=tuple(int(s) for s in w.shape),
+        array_shape=tuple(int(s) for s in arr.shape),
+        shapes=tuple(tuple(int(s) for s in a.shape) for a in arrays),
+    )
+    return flat, structure
+
+
+def reconstruct(flat: np.ndarray, structure: CoeffStructure) -> np.ndarray:
+    """Inverse of :func:`decompose`: inverse DWT of ``flat``, cropped to ``structure.shape``."""
+    flat = np.asarray(flat)
+    if flat.ndim != 1 or flat.size != structure.n_coeffs:
+        raise ValueError(f"expected {structure.n_coeffs} coefficients, got array of shape {flat.shape}")
+    bounds = np.cumsum([0] + structure.sizes)
+    arrays = [flat[bounds[i] : bounds[i + 1]].reshape(s) for i, s in enumerate(structure.shapes)]
+    if structure.level == 0:
+        arr = arrays[0]
+    elif structure.layout in ("filter", "flat"):
+        arr = pywt.waverec(arrays, structure.wavelet, mode=structure.mode, axis=-1)
+    else:
+        c2 = [arrays[0]] + [tuple(arrays[i : i + 3]) for i in range(1, len(arrays), 3)]
+        arr = pywt.waverec2(c2, structure.wavelet, mode=structure.mode, axes=(-2, -1))
+    # waverec may return one extra sample per transformed axis (odd lengths): crop.
+    arr = arr[tuple(slice(0, n) for n in structure.array_shape)]
+    return np.ascontiguousarray(arr).reshape(structure.shape)
+
+
+def percentile_threshold(abs_coeffs: np.ndarray, percentile: float) -> float:
+    """``numpy.percentile`` (method 'linear') of the given magnitudes; 0.0 for an empty array."""
+    if abs_coeffs.size == 0:
+        return 0.0
+    return np.percentile(abs_coeffs, validate_percentile(percentile))
+
+
+def keep_mask(flat: np.ndarray, threshold: float, *, n_approx: int = 0) -> np.ndarray:
+    """Boolean mask over ``flat``: True where a coefficient is kept (|c| >= threshold).
+
+    The first ``n_approx`` entries (the approximation band, when it is kept untouched)
+    are always kept.
+    """
+    keep = np.abs(flat) >= threshold
+    keep[:n_approx] = True
+    return keep
+
+
+def dwt_prune_array(
+    w: np.ndarray,
+    *,
+    wavelet: str,
+    level: int,
+    percentile: float | None = None,
+    layout: str = "filter",
+    mode: str = DEFAULT_MODE,
+    keep_approx: bool = False,
+    threshold: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, CoeffStructure]:
+    """Decompose ``w``, zero coefficients with |c| strictly below the threshold, reconstruct.
+
+    The threshold is ``threshold`` if given (global scope: computed by the caller over all
+    layers), else the ``percentile`` of this tensor's |coefficients|. With ``keep_approx``
+    the approximation band is excluded from the percentile computation and never zeroed.
+
+    Returns ``(w_rec, coeffs, keep, structure)``: the reconstructed weight (shape and dtype
+    of the computation: float32 for float32 input), the thresholded flat coefficients
+    (zeros where dropped), the keep mask over them, and the coefficient structure.
+    """
+    coeffs, st = decompose(w, wavelet=wavelet, level=level, layout=layout, mode=mode)
+    n_approx = st.n_approx if keep_approx else 0
+    if threshold is None:
+        if percentile is None:
+            raise ValueError("give a percentile or a threshold")
+        threshold = percentile_threshold(np.abs(coeffs[n_approx:]), percentile)
+    keep = keep_mask(coeffs, threshold, n_approx=n_approx)
+    coeffs = np.where(keep, coeffs, coeffs.dtype.type(0))
+    return reconstruct(coeffs, st), coeffs, keep, st
