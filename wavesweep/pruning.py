@@ -272,10 +272,11 @@ def prune_dwt(
 # --------------------------------------------------------------------------- magnitude / random
 
 
-def _smallest(values: np.ndarray, k: int) -> np.ndarray:
-    """Bool mask of the ``k`` smallest entries of 1-D ``values``; ties go to lower indices.
+def _smallest(values: np.ndarray, k: int, generator: torch.Generator | None = None) -> np.ndarray:
+    """Bool mask of the ``k`` smallest entries of 1-D ``values``, exactly ``k`` of them.
 
-    O(n) selection (``np.partition``), then exact tie handling so the count is exactly ``k``.
+    O(n) selection (``np.partition``). Entries tied at the k-th value: the lowest-indexed
+    ones are selected, or, with ``generator``, a uniformly random subset of them.
     """
     n = values.size
     sel = np.zeros(n, dtype=bool)
@@ -285,10 +286,14 @@ def _smallest(values: np.ndarray, k: int) -> np.ndarray:
         sel[:] = True
         return sel
     kth = np.partition(values, k - 1)[k - 1]
-    np.less(values, kth, out=sel)
-    need = k - int(np.count_nonzero(sel))
-    if need > 0:
-        sel[np.flatnonzero(values == kth)[:need]] = True
+    np.less_equal(values, kth, out=sel)
+    extra = int(np.count_nonzero(sel)) - k  # > 0 only when several entries tie at kth
+    if extra > 0:
+        tied = np.flatnonzero(values == kth)
+        if generator is None:
+            sel[tied[len(tied) - extra :]] = False  # keep the lowest-indexed tied entries selected
+        else:
+            sel[tied[torch.randperm(len(tied), generator=generator)[:extra].numpy()]] = False
     return sel
 
 
@@ -327,6 +332,7 @@ def _prune_by_scores(
     targets: tuple[str, ...],
     inplace: bool,
     scores,
+    generator: torch.Generator | None = None,
 ) -> tuple[nn.Module, list[LayerPrune]]:
     """Zero the lowest-scoring weights. ``scores(list of (name, module)) -> list of flat arrays``."""
     work = _work_model(model, inplace)
@@ -337,10 +343,10 @@ def _prune_by_scores(
     if global_amount is not None:
         sizes = [x.size for x in s]
         k = round(global_amount * sum(sizes))
-        prune_all = _smallest(np.concatenate(s), k)
+        prune_all = _smallest(np.concatenate(s), k, generator)
         prunes = np.split(prune_all, np.cumsum(sizes)[:-1])
     else:
-        prunes = [_smallest(x, round(per_layer[n] * x.size)) for x, n in zip(s, names)]
+        prunes = [_smallest(x, round(per_layer[n] * x.size), generator) for x, n in zip(s, names)]
     out = []
     for (name, m), prune in zip(layers, prunes):
         if prune.any():
@@ -398,9 +404,11 @@ def prune_random(
 
     Randomness comes only from ``generator`` (a CPU ``torch.Generator``) or, if none is given,
     ``torch.Generator().manual_seed(seed)``: the same seed gives the same masks. Each layer
-    (or, for ``scope="global"``, all target weights at once) draws float64 keys
+    (or, for ``scope="global"``, all target weights at once) draws i.i.d. keys
     ``torch.rand(n, generator=...)`` in ``target_layers`` order and the ``k`` smallest keys are
-    zeroed: a uniformly random ``k``-subset.
+    zeroed, keys tied at the k-th value resolved by a random permutation from the same
+    generator: a uniformly random ``k``-subset (the keys are exchangeable and so is the
+    tie-break).
     """
     targets = _normalise_targets(targets)
     if generator is None:
@@ -416,11 +424,11 @@ def prune_random(
     def scores(layers):
         if scope == "global" and not isinstance(amount, Mapping):
             total = sum(m.weight.numel() for _, m in layers)
-            keys = torch.rand(total, generator=generator, dtype=torch.float64).numpy()
+            keys = torch.rand(total, generator=generator).numpy()
             return np.split(keys, np.cumsum([m.weight.numel() for _, m in layers])[:-1])
-        return [torch.rand(m.weight.numel(), generator=generator, dtype=torch.float64).numpy() for _, m in layers]
+        return [torch.rand(m.weight.numel(), generator=generator).numpy() for _, m in layers]
 
-    work, out = _prune_by_scores(model, "random", amount, scope, targets, inplace, scores)
+    work, out = _prune_by_scores(model, "random", amount, scope, targets, inplace, scores, generator)
     config = dict(amount=_config_amount(amount), scope=scope, seed=seed_logged, targets=list(targets))
     return PruneResult("random", work, out, config, [])
 
