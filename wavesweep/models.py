@@ -1,0 +1,213 @@
+"""Named model builders (resnet18, cnn, mlp) and checked weight loading.
+
+Nothing here downloads: pretrained ResNet-18 weights come from a local file or the
+local torch hub cache, and a missing file is a FileNotFoundError saying where to put it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from wavesweep.registry import Registry
+
+log = logging.getLogger(__name__)
+
+#: name -> ``builder(num_classes, in_channels, image_size) -> nn.Module``
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+#: torchvision's file name for ResNet18_Weights.IMAGENET1K_V1 (what torch.hub caches)
+RESNET18_IMAGENET_FILE = "resnet18-f37072fd.pth"
+RESNET18_IMAGENET_URL = "https://download.pytorch.org/models/" + RESNET18_IMAGENET_FILE
+
+#: inputs smaller than this get the small-input ResNet stem
+SMALL_INPUT = 64
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size: int = 224) -> nn.Module:
+    """A freshly initialised model ``name`` (see ``MODELS.names()``) for inputs
+    (B, in_channels, image_size, image_size), giving logits (B, num_classes)."""
+    builder = MODELS.get(name)
+    for what, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{what} must be a positive int, got {v!r}")
+    return builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+
+
+@MODELS.register("resnet18")
+def _resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """torchvision ResNet-18. For small images (side < 64: digits 8, MNIST 28, CIFAR 32)
+    the 7x7 stride-2 stem and its max-pool would shrink the input to nothing, so the first
+    conv becomes 3x3 stride 1 (in_channels -> 64) and the max-pool an Identity; every
+    residual-block conv stays the real ResNet-18 one."""
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None, num_classes=num_classes)
+    if image_size < SMALL_INPUT:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 convs (32, 64, 128 channels) with batch norm, one 2x2 max-pool, global
+    average pool and a linear head. Works for any input side >= 2."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # (B, 64, H/2, W/2)
+            nn.Conv2d(64, 128, 3, padding=1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),  # (B, 128, 1, 1)
+        )
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))  # (B, num_classes)
+
+
+@MODELS.register("cnn")
+def _cnn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return SmallCNN(num_classes, in_channels)
+
+
+class MLP(nn.Module):
+    """Flatten (B, C, H, W) -> (B, C*H*W), then Linear-ReLU 256, Linear-ReLU 128, Linear."""
+
+    def __init__(self, num_classes: int, in_features: int, hidden: tuple[int, ...] = (256, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@MODELS.register("mlp")
+def _mlp(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return MLP(num_classes, in_channels * image_size * image_size)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def output_size(model: nn.Module) -> int | None:
+    """The number of logits ``model`` produces: ``out_features`` of its last nn.Linear
+    (None if it has none)."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return None if last is None else last.out_features
+
+
+def check_num_classes(model: nn.Module, num_classes: int, *, dataset: str) -> None:
+    """ValueError if ``model``'s output size differs from ``dataset``'s class count."""
+    out = output_size(model)
+    if out is not None and out != num_classes:
+        raise ValueError(
+            f"dataset {dataset!r} has {num_classes} classes but the model outputs {out} logits; "
+            f"use a base model trained for {dataset!r} (or a matching dataset)"
+        )
+
+
+def unwrap_state_dict(obj: Any, *, source: str) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint: a plain state dict, or a dict holding one
+    under ``state_dict``/``model`` (wavesweep's cache files store ``{"state_dict", "meta"}``);
+    a ``module.`` prefix (DataParallel) is removed."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{source}: not a state dict (a mapping of parameter names to tensors)")
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> nn.Module:
+    """Load ``state_dict`` into ``model`` strictly; on any mismatch raise a ValueError naming
+    ``source``, the model's class, the first missing key, unexpected key or shape mismatch,
+    and the counts — the message for "a checkpoint for another architecture"."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        (k, tuple(state_dict[k].shape), tuple(own[k].shape))
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first {missing[0]!r})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first {unexpected[0]!r})")
+        if shapes:
+            k, got, want = shapes[0]
+            parts.append(f"{len(shapes)} shape mismatches (first {k!r}: checkpoint {got}, model {want})")
+        raise ValueError(
+            f"{source}: checkpoint does not fit {type(model).__name__}: " + "; ".join(parts)
+            + " — a checkpoint for another architecture, class count or input size?"
+        )
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a weights file with ``torch.load(weights_only=True)`` on CPU and return its
+    state dict; FileNotFoundError naming the path when it is absent."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return unwrap_state_dict(obj, source=str(path))
+
+
+def resnet18_imagenet_path(path: str | os.PathLike | None = None) -> Path:
+    """Where the IMAGENET1K_V1 weights are read from: ``path`` if given, else the torch hub
+    cache ``torch.hub.get_dir()/checkpoints/resnet18-f37072fd.pth``."""
+    if path is not None:
+        return Path(path).expanduser()
+    return Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_IMAGENET_FILE
+
+
+def load_pretrained_resnet18(path: str | os.PathLike | None = None) -> nn.Module:
+    """torchvision ResNet-18 with IMAGENET1K_V1 weights from ``path`` or the local torch hub
+    cache, never downloaded. Returned in eval mode on CPU."""
+    file = resnet18_imagenet_path(path)
+    if not file.is_file():
+        cache = resnet18_imagenet_path(None)
+        raise FileNotFoundError(
+            f"ResNet-18 IMAGENET1K_V1 weights not found at {str(file)!r}; wavesweep never "
+            f"downloads at run time. Put {RESNET18_IMAGENET_FILE} (from {RESNET18_IMAGENET_URL}) "
+            f"at {str(cache)!r} (the torch hub cache; set TORCH_HOME to move it) or pass its path"
+        )
+    model = build_model("resnet18", num_classes=1000, in_channels=3, image_size=224)
+    load_state_checked(model, load_weights_file(file), source=str(file))
+    log.info("loaded ResNet-18 ImageNet weights from %s", file)
+    return model.eval()
