@@ -1,0 +1,418 @@
+"""Pruning methods: torch.nn.utils.prune masks as oracle, exact counts, determinism, errors."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import pywt
+import torch
+import torch.nn.utils.prune as tprune
+import torchvision
+from torch import nn
+
+from wavesweep import pruning as P
+from wavesweep import wavelets as wv
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+def small_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 5, bias=False),
+        nn.Flatten(),
+        nn.Linear(6 * 4, 10),
+    )
+
+
+def mid_net(seed=0):
+    """Odd-sized convs and a linear layer: fast stand-in for counting tests."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 17, 3),
+        nn.Conv2d(17, 33, 5),
+        nn.Conv2d(33, 7, 1),
+        nn.Flatten(),
+        nn.Linear(7, 11),
+    )
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _masks_equal_up_to_ties(ours_w, ref_mask, orig_w):
+    """Masks agree wherever |w| is not tied with the largest pruned magnitude."""
+    ours = ours_w != 0
+    ref = ref_mask.bool()
+    diff = ours != ref
+    if diff.any():
+        thr = orig_w.abs()[~ref].max()
+        assert torch.all(orig_w.abs()[diff] == thr)
+    assert int((~ours).sum()) == int((~ref).sum())
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def test_target_layers(resnet):
+    convs = [n for n, m in resnet.named_modules() if isinstance(m, nn.Conv2d)]
+    assert [n for n, _ in P.target_layers(resnet)] == convs
+    both = [n for n, _ in P.target_layers(resnet, ("conv", "linear"))]
+    assert both == convs + ["fc"]
+    assert [n for n, _ in P.target_layers(resnet, "linear")] == ["fc"]
+
+
+def test_target_layer_errors():
+    with pytest.raises(ValueError, match=r"Sequential.*no target layers.*\['conv'\]"):
+        P.target_layers(nn.Sequential(nn.ReLU(), nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match=r"unknown target 'bn'; valid: conv, linear"):
+        P.target_layers(small_net(), ("bn",))
+    with pytest.raises(ValueError, match="no target layers"):
+        P.prune_dwt(nn.Sequential(nn.ReLU()), wavelet="haar", level=1, percentile=50)
+
+
+# --------------------------------------------------------------------------- magnitude
+
+
+@pytest.mark.parametrize("amount", [0.37])
+def test_magnitude_equals_torch_l1_unstructured(resnet, amount):
+    res = P.prune_magnitude(resnet, amount)
+    ref = copy.deepcopy(resnet)
+    pruned = dict(res.model.named_modules())
+    base = dict(resnet.named_modules())
+    for name, m in P.target_layers(ref):
+        tprune.l1_unstructured(m, "weight", amount)
+        _masks_equal_up_to_ties(pruned[name].weight, m.weight_mask, base[name].weight)
+        both = (pruned[name].weight != 0) & m.weight_mask.bool()
+        assert torch.equal(pruned[name].weight[both], m.weight[both])  # kept values untouched
+
+
+@pytest.mark.parametrize("amount", [0.6])
+def test_magnitude_global_equals_torch_global_unstructured(resnet, amount):
+    res = P.prune_magnitude(resnet, amount, scope="global")
+    ref = copy.deepcopy(resnet)
+    layers = P.target_layers(ref)
+    tprune.global_unstructured([(m, "weight") for _, m in layers], tprune.L1Unstructured, amount=amount)
+    pruned = dict(res.model.named_modules())
+    ours = torch.cat([(pruned[n].weight != 0).reshape(-1) for n, _ in layers])
+    refm = torch.cat([m.weight_mask.bool().reshape(-1) for _, m in layers])
+    orig = torch.cat([dict(resnet.named_modules())[n].weight.reshape(-1) for n, _ in layers])
+    _masks_equal_up_to_ties(ours, refm, orig)
+    total = orig.numel()
+    assert res.n_zeroed == round(amount * total)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+@pytest.mark.parametrize("amount", [0.0, 0.013, 0.5, 0.999, 1.0])
+def test_exact_counts_per_layer(method, amount):
+    res = P.prune(mid_net(), method, amount=amount, targets=("conv", "linear"))
+    for lp, (name, m) in zip(res.layers, P.target_layers(res.model, ("conv", "linear")), strict=True):
+        assert lp.name == name
+        n = m.weight.numel()
+        assert lp.params == lp.n_coeffs == n
+        assert lp.n_zeroed == round(amount * n)
+        assert int((m.weight == 0).sum()) == lp.n_zeroed  # random init: no weight was 0 before
+        assert lp.keep.sum() == n - lp.n_zeroed
+        assert torch.equal(torch.from_numpy(~lp.keep).reshape(m.weight.shape), m.weight == 0)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_exact_counts_global(method):
+    amount = 0.377
+    net = mid_net()
+    res = P.prune(net, method, amount=amount, scope="global")
+    total = sum(m.weight.numel() for _, m in P.target_layers(net))
+    assert res.n_zeroed == round(amount * total)
+    assert sum(int((m.weight == 0).sum()) for _, m in P.target_layers(res.model)) == res.n_zeroed
+    fractions = [lp.fraction for lp in res.layers]
+    assert max(fractions) > min(fractions) if method == "magnitude" else True
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_amount_zero_changes_nothing(method):
+    net = small_net()
+    before = _state(net)
+    res = P.prune(net, method, amount=0.0, targets=("conv", "linear"))
+    _assert_same_state(before, _state(res.model))
+    assert res.n_zeroed == 0
+    res = P.prune(net, method, amount=0.0, scope="global")
+    _assert_same_state(before, _state(res.model))
+
+
+def test_dwt_percentile_zero_changes_nothing_but_rounding():
+    net = small_net()
+    res = P.prune_dwt(net, wavelet="db2", level=1, percentile=0.0, layout="flat", targets=("conv", "linear"))
+    assert res.n_zeroed == 0
+    for (n, a), (_, b) in zip(P.target_layers(net, ("conv", "linear")), P.target_layers(res.model, ("conv", "linear"))):
+        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-5)
+
+
+def test_ties_broken_by_lowest_index():
+    net = nn.Sequential(nn.Linear(4, 5))
+    with torch.no_grad():
+        net[0].weight.fill_(0.5)
+        net[0].weight[0, 0] = 0.1
+    res = P.prune_magnitude(net, 0.3, targets="linear")  # round(6.0) = 6: 0.1 and the first 5 ties
+    w = res.model[0].weight.reshape(-1)
+    assert torch.equal((w == 0).nonzero().reshape(-1), torch.tensor([0, 1, 2, 3, 4, 5]))
+
+
+def test_rounding_is_python_round_like_torch():
+    net = nn.Sequential(nn.Linear(5, 1))  # 5 weights
+    for amount in (0.1, 0.3, 0.5, 0.7, 0.9):  # 0.5 -> round(2.5) = 2 (half to even), as torch
+        res = P.prune_magnitude(net, amount, targets="linear")
+        ref = copy.deepcopy(net)
+        tprune.l1_unstructured(ref[0], "weight", amount)
+        assert res.n_zeroed == round(amount * 5) == int((ref[0].weight_mask == 0).sum())
+
+
+def test_per_layer_dict_amount(resnet):
+    names = [n for n, _ in P.target_layers(resnet)]
+    amount = {n: (i % 5) / 5 for i, n in enumerate(names)}
+    res = P.prune_magnitude(resnet, amount)
+    for lp in res.layers:
+        assert lp.n_zeroed == round(amount[lp.name] * lp.params)
+    with pytest.raises(ValueError, match="no fraction for target layer 'conv1'"):
+        P.prune_magnitude(resnet, {n: 0.5 for n in names[1:]})
+    with pytest.raises(ValueError, match="unknown layer 'nope'"):
+        P.prune_random(resnet, amount | {"nope": 0.1})
+    with pytest.raises(ValueError, match="global"):
+        P.prune_magnitude(resnet, amount, scope="global")
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.5", True, None])
+def test_bad_amount(bad):
+    with pytest.raises(ValueError, match=r"amount must be a fraction in \[0, 1\], got"):
+        P.prune_magnitude(small_net(), bad)
+    with pytest.raises(ValueError, match=r"amount must be a fraction"):
+        P.prune_random(small_net(), bad)
+
+
+def test_bad_scope_and_method():
+    with pytest.raises(ValueError, match=r"unknown scope 'model'; valid: layer, global"):
+        P.prune_magnitude(small_net(), 0.5, scope="model")
+    with pytest.raises(ValueError, match=r"unknown scope 'model'"):
+        P.prune_dwt(small_net(), wavelet="haar", level=1, percentile=5, scope="model")
+    with pytest.raises(ValueError, match=r"unknown method 'l2'; valid: dwt, magnitude, random"):
+        P.prune(small_net(), "l2", amount=0.5)
+
+
+# --------------------------------------------------------------------------- random
+
+
+def test_random_same_seed_same_mask_and_generator():
+    resnet = mid_net()
+    a = P.prune_random(resnet, 0.4, seed=7)
+    b = P.prune_random(resnet, 0.4, seed=7)
+    c = P.prune_random(resnet, 0.4, seed=8)
+    g = P.prune_random(resnet, 0.4, generator=torch.Generator().manual_seed(7))
+    for la, lb, lc, lg in zip(a.layers, b.layers, c.layers, g.layers):
+        assert np.array_equal(la.keep, lb.keep) and np.array_equal(la.keep, lg.keep)
+        assert not np.array_equal(la.keep, lc.keep)
+    assert a.config["seed"] == 7
+    with pytest.raises(ValueError, match="seed must be an int"):
+        P.prune_random(resnet, 0.4, seed="7")
+
+
+def test_random_mask_is_uniform():
+    """Every position is zeroed with probability ~amount over many seeds (chi-square-ish bound)."""
+    net = nn.Sequential(nn.Linear(10, 4))  # 40 weights
+    hits = np.zeros(40)
+    trials = 400
+    for s in range(trials):
+        hits += ~P.prune_random(net, 0.25, seed=s, targets="linear").layers[0].keep
+    p = hits / trials
+    assert np.all(np.abs(p - 0.25) < 5 * np.sqrt(0.25 * 0.75 / trials))
+
+
+def test_random_is_not_magnitude():
+    resnet = mid_net()
+    r = P.prune_random(resnet, 0.5)
+    m = P.prune_magnitude(resnet, 0.5)
+    agree = np.mean(np.concatenate([a.keep == b.keep for a, b in zip(r.layers, m.layers)]))
+    assert 0.45 < agree < 0.55  # independent masks at 50%: half agree
+
+
+# --------------------------------------------------------------------------- dwt
+
+
+def test_dwt_does_not_modify_input_unless_inplace():
+    net = small_net()
+    before = _state(net)
+    for fn in (
+        lambda **k: P.prune_dwt(net, wavelet="db2", level=2, percentile=70, layout="flat", **k),
+        lambda **k: P.prune_magnitude(net, 0.7, **k),
+        lambda **k: P.prune_random(net, 0.7, **k),
+    ):
+        res = fn()
+        assert res.model is not net
+        _assert_same_state(before, _state(net))
+    res = P.prune_magnitude(net, 0.7, inplace=True)
+    assert res.model is net and int((net[0].weight == 0).sum()) == round(0.7 * net[0].weight.numel())
+
+
+@pytest.mark.parametrize("layout", wv.LAYOUTS)
+def test_dwt_layer_counts_match_numpy_oracle(layout):
+    resnet = mid_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.LevelClampedWarning)
+        res = P.prune_dwt(resnet, wavelet="db2", level=3, percentile=65, layout=layout)
+    base = dict(resnet.named_modules())
+    for lp in res.layers:
+        w = base[lp.name].weight.detach().numpy()
+        flat, st = wv.decompose(w, wavelet="db2", level=3, layout=layout)
+        thr = np.percentile(np.abs(flat), 65)
+        assert lp.n_zeroed == int((np.abs(flat) < thr).sum())
+        assert lp.n_coeffs == flat.size == st.n_coeffs
+        assert abs(lp.fraction - 0.65) < 0.01 or lp.n_coeffs < 300
+        assert lp.level_requested == 3 and lp.level_effective == st.level
+    cfg = res.config
+    assert cfg == dict(
+        wavelet="db2", level=3, percentile=65.0, layout=layout, mode="periodization",
+        scope="layer", keep_approx=False, targets=["conv"],
+    )
+
+
+@pytest.mark.filterwarnings("ignore::wavesweep.wavelets.LevelClampedWarning")
+def test_dwt_global_threshold():
+    resnet = mid_net()
+    res = P.prune_dwt(resnet, wavelet="sym4", level=2, percentile=55, layout="filter", scope="global")
+    base = dict(resnet.named_modules())
+    flats = [
+        wv.decompose(base[lp.name].weight.detach().numpy(), wavelet="sym4", level=2, layout="filter")[0]
+        for lp in res.layers
+    ]
+    allc = np.abs(np.concatenate(flats))
+    thr = np.percentile(allc, 55)
+    assert res.n_zeroed == int((allc < thr).sum())
+    assert [lp.n_zeroed for lp in res.layers] == [int((np.abs(f) < thr).sum()) for f in flats]
+
+
+def test_dwt_keep_approx_leaves_approximation_band():
+    net = small_net()
+    res = P.prune_dwt(net, wavelet="haar", level=1, percentile=90, layout="flat", keep_approx=True)
+    for lp, (_, m) in zip(res.layers, P.target_layers(net), strict=True):
+        full, st = wv.decompose(m.weight.detach().numpy(), wavelet="haar", level=1, layout="flat")
+        n_approx = st.n_approx
+        detail = np.abs(full[n_approx:])
+        thr = np.percentile(detail, 90)  # threshold over the detail bands only
+        assert lp.keep[:n_approx].all()
+        np.testing.assert_array_equal(lp.coeffs[:n_approx], full[:n_approx])
+        np.testing.assert_array_equal(lp.keep[n_approx:], detail >= thr)
+        assert lp.n_zeroed == int((detail < thr).sum()) and lp.n_coeffs == full.size
+
+
+def test_effective_level_kernel_bior44_is_zero_and_warned(resnet):
+    with pytest.warns(wv.LevelClampedWarning, match=r"level 5 clamped to 0"):
+        res = P.prune_dwt(resnet, wavelet="bior4.4", level=5, percentile=50, layout="kernel")
+    assert all(lp.level_effective == 0 for lp in res.layers)
+    assert len(res.warnings) == len(res.layers)
+    # level 0 = plain magnitude pruning of the weights at the percentile threshold
+    lp = res.layers[1]
+    w = dict(resnet.named_modules())[lp.name].weight.detach()
+    thr = np.percentile(w.abs().numpy(), 50)
+    assert torch.equal(dict(res.model.named_modules())[lp.name].weight, torch.where(w.abs() >= float(thr), w, 0.0))
+
+
+def test_effective_level_filter_reaches_5_on_3x3(resnet):
+    with pytest.warns(wv.LevelClampedWarning) as rec:
+        res = P.prune_dwt(resnet, wavelet="bior4.4", level=5, percentile=50, layout="filter")
+    for lp in res.layers:
+        if lp.shape[2:] == (3, 3):
+            assert lp.level_effective == 5
+    clamped = {lp.name for lp in res.layers if lp.level_effective < 5}
+    assert clamped and all(lp.shape[2:] != (3, 3) for lp in res.layers if lp.name in clamped)
+    assert len(res.warnings) == len(clamped) and len(rec) == 1
+
+
+def test_dwt_linear_layouts():
+    net = small_net()
+    for layout in ("filter", "matrix", "flat"):
+        res = P.prune_dwt(net, wavelet="haar", level=1, percentile=50, layout=layout, targets="linear")
+        assert [lp.name for lp in res.layers] == ["5"]
+    with pytest.raises(ValueError, match=r"kernel.*4-D"):
+        P.prune_dwt(net, wavelet="haar", level=1, percentile=50, layout="kernel", targets="linear")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(wavelet="morl"), "unknown wavelet 'morl'"),
+        (dict(mode="wrap"), "unknown mode 'wrap'"),
+        (dict(layout="row"), "unknown layout 'row'"),
+        (dict(level=0), "level must be an int in 1..5, got 0"),
+        (dict(percentile=101), r"percentile must be a number in \[0, 100\], got 101"),
+    ],
+)
+def test_dwt_errors(kwargs, match):
+    args = dict(wavelet="haar", level=1, percentile=50) | kwargs
+    with pytest.raises(ValueError, match=match):
+        P.prune_dwt(small_net(), **args)
+
+
+def test_dwt_float64_and_half_models_keep_dtype():
+    for dtype in (torch.float64, torch.float16):
+        net = small_net().to(dtype)
+        res = P.prune_dwt(net, wavelet="db1", level=1, percentile=40, layout="filter")
+        assert all(p.dtype == dtype for p in res.model.parameters())
+
+
+# --------------------------------------------------------------------------- matching
+
+
+@pytest.mark.filterwarnings("ignore::wavesweep.wavelets.LevelClampedWarning")
+def test_matched_per_layer():
+    resnet = mid_net()
+    dwt = P.prune_dwt(resnet, wavelet="db3", level=2, percentile=72.5, layout="filter")
+    amount = P.matched_amount(dwt)
+    assert amount == {lp.name: lp.n_zeroed / lp.n_coeffs for lp in dwt.layers}
+    out = P.prune_matched(resnet, dwt, seed=3)
+    assert set(out) == {"magnitude", "random"}
+    for method, res in out.items():
+        assert res.method == method
+        for lp, dl in zip(res.layers, dwt.layers):
+            assert lp.name == dl.name and lp.n_zeroed == round(dl.fraction * lp.params)
+    assert out["random"].config["seed"] == 3
+
+
+@pytest.mark.filterwarnings("ignore::wavesweep.wavelets.LevelClampedWarning")
+def test_matched_global():
+    resnet = mid_net()
+    dwt = P.prune_dwt(resnet, wavelet="db3", level=2, percentile=40, layout="flat", mode="symmetric")
+    frac = P.matched_amount(dwt, "global")
+    assert frac == dwt.n_zeroed / dwt.n_coeffs and dwt.n_coeffs > sum(lp.params for lp in dwt.layers)
+    out = P.prune_matched(resnet, dwt, scope="global")
+    total = sum(lp.params for lp in dwt.layers)
+    assert out["magnitude"].n_zeroed == out["random"].n_zeroed == round(frac * total)
+    with pytest.raises(ValueError, match="needs a dwt result"):
+        P.matched_amount(out["magnitude"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model():
+    net = small_net().cuda()
+    for res in (
+        P.prune_dwt(net, wavelet="db2", level=1, percentile=50, layout="filter"),
+        P.prune_magnitude(net, 0.5),
+        P.prune_random(net, 0.5),
+    ):
+        assert all(p.is_cuda for p in res.model.parameters())
+    cpu = P.prune_magnitude(small_net(), 0.5)
+    assert torch.equal(P.prune_magnitude(net, 0.5).model[0].weight.cpu(), cpu.model[0].weight)
