@@ -443,3 +443,108 @@ def weights_from_uri(uri: str, cache: Path) -> Path:
         os.replace(tmp, path)
     return path
 
+
+
+# ---- studies (issue 5)
+# A study is one parent run (tag ``wavesweep.kind=study``) above its trial runs. The Optuna
+# side lives in ``wavesweep.study``; these helpers are the only MLflow calls it makes.
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (storage URLs are recorded as tags)."""
+    import re
+
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def start_study_run(
+    client: MlflowClient,
+    experiment_id: str,
+    *,
+    study_name: str,
+    storage: str,
+    spec_file: Path | None,
+    spec_text: str,
+    params: dict[str, Any],
+    existing_run_id: str | None = None,
+) -> str:
+    """Create, or reopen on resume, the study's parent run; returns its run id.
+
+    ``existing_run_id`` (kept by the Optuna study) is reopened when this tracking store has it
+    as the run of the same study. Otherwise a run started by ``mlflow run -e study``
+    (``MLFLOW_RUN_ID``) becomes the study run, or a new run is created. A ``mlflow run`` run
+    that resumes a study recorded elsewhere is tagged with the study run it contributed to.
+    """
+    run_id = None
+    if existing_run_id:
+        try:
+            run = client.get_run(existing_run_id)
+        except MlflowException:
+            run = None
+        if run is not None and run.data.tags.get("optuna.study") == study_name and run.info.lifecycle_stage == "active":
+            run_id = run.info.run_id
+            client.update_run(run_id, status="RUNNING")
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if run_id is None and launched:
+        run_id = launched
+        client.set_tag(run_id, "mlflow.runName", f"study {study_name}")
+    elif run_id is None:
+        run_id = client.create_run(experiment_id, run_name=f"study {study_name}").info.run_id
+    tags = {
+        "wavesweep.kind": "study", "method": "study", "optuna.study": study_name,
+        "optuna.storage": redact_url(storage), "study.spec": spec_text[:7900],
+        "study.spec_file": str(spec_file) if spec_file else "", "code_version": code_version(),
+    }  # fmt: skip
+    log_batch(client, run_id, params=params, tags=tags)
+    if spec_file is not None:
+        _log_files(client, run_id, {spec_file.name: spec_text}, "spec")
+    if launched and launched != run_id:
+        log_batch(client, launched, tags={"wavesweep.kind": "study-launch", "optuna.study": study_name, "study_run_id": run_id})
+    return run_id
+
+
+def set_run_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
+    log_batch(client, run_id, tags=tags)
+
+
+def set_run_status(client: MlflowClient, run_id: str, status: str, *, error: str | None = None, tags: dict[str, Any] | None = None) -> None:
+    """Terminate ``run_id`` and its method children with ``status`` (FINISHED, FAILED, KILLED)."""
+    extra = {**(tags or {}), **({"error": error[:5000]} if error else {})}
+    children = client.search_runs(
+        [client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    for rid in [*(r.info.run_id for r in children if r.data.tags.get("wavesweep.kind") == "method"), run_id]:
+        if extra:
+            log_batch(client, rid, tags=extra)
+        client.set_terminated(rid, status)
+
+
+def run_status(client: MlflowClient, run_id: str) -> str | None:
+    """The run's status (RUNNING, FINISHED, FAILED, KILLED), or None when the store does not have it."""
+    try:
+        return client.get_run(run_id).info.status
+    except MlflowException:
+        return None
+
+
+def finish_study_run(
+    client: MlflowClient, run_id: str, status: str, *, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None
+) -> None:
+    """Record the study's summary on its run and close it with ``status``."""
+    log_batch(client, run_id, metrics=metrics or {}, tags=tags or {})
+    client.set_terminated(run_id, status)
+
+
+def log_study_report(client: MlflowClient, run_id: str, report_dir: Path) -> None:
+    """Upload a report folder (plots, summary CSV and Markdown) under ``report/`` on the study run."""
+    client.log_artifacts(run_id, str(report_dir), "report")
+
+
+def study_trial_runs(client: MlflowClient, study_name: str, experiment_ids: list[str] | None = None) -> list[Any]:
+    """Every trial run recorded for ``study_name`` (any status), oldest first."""
+    exps = experiment_ids or [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        exps, filter_string=f"tags.`optuna.study` = '{study_name}' and tags.`wavesweep.kind` = 'trial'",
+        max_results=50000, order_by=["attributes.start_time ASC"],
+    )  # fmt: skip
+    return list(runs)
