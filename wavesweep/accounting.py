@@ -191,6 +191,18 @@ def stored_bytes_of(result: PruneResult) -> int:
     return total
 
 
+def _count_zeros(t: torch.Tensor) -> int:
+    t = t.detach().cpu()
+    if t.dtype in (torch.float32, torch.float64):
+        return t.numel() - int(np.count_nonzero(t.numpy()))  # numpy: ~10x faster than torch here
+    return t.numel() - int(torch.count_nonzero(t))
+
+
+def _np64(w: torch.Tensor) -> np.ndarray:
+    """Flat float64 numpy copy of a weight (norms in float64: exact enough to recompute)."""
+    return w.detach().to("cpu", torch.float64).numpy().reshape(-1)
+
+
 def model_stats(base_model: nn.Module, result: PruneResult) -> ModelStats:
     """Per-layer and total stats of ``result`` against the unpruned ``base_model``."""
     base = dict(base_model.named_modules())
@@ -199,14 +211,14 @@ def model_stats(base_model: nn.Module, result: PruneResult) -> ModelStats:
     for lp in result.layers:
         if lp.name not in base:
             raise ValueError(f"layer {lp.name!r} of the pruned model is not in the base model {type(base_model).__name__}")
-        w0 = base[lp.name].weight.detach().to("cpu", torch.float64)
-        w1 = pruned_mods[lp.name].weight.detach().to("cpu", torch.float64)
-        if w0.shape != w1.shape:
-            raise ValueError(f"layer {lp.name!r}: base shape {tuple(w0.shape)} != pruned shape {tuple(w1.shape)}")
-        n0 = float(torch.linalg.vector_norm(w0))
-        err = _div(float(torch.linalg.vector_norm(w1 - w0)), n0)
-        zeros = int((w1 == 0).sum())
         wt = pruned_mods[lp.name].weight
+        w0 = _np64(base[lp.name].weight)
+        w1 = _np64(wt)
+        if w0.shape != w1.shape:
+            raise ValueError(f"layer {lp.name!r}: base shape {w0.shape} != pruned shape {w1.shape}")
+        diff = w1 - w0
+        err = _div(math.sqrt(float(np.dot(diff, diff))), math.sqrt(float(np.dot(w0, w0))))
+        zeros = int(w1.size - np.count_nonzero(w1))
         layers.append(
             LayerStats(
                 name=lp.name,
@@ -231,7 +243,7 @@ def model_stats(base_model: nn.Module, result: PruneResult) -> ModelStats:
     stored = stored_bytes_of(result)
     params = list(result.model.parameters())
     model_params = sum(p.numel() for p in params)
-    model_zeros = sum(int((p.detach() == 0).sum()) for p in params)
+    model_zeros = sum(_count_zeros(p) for p in params)
     tp = sum(ls.params for ls in layers)
     tz = sum(ls.zero_weights for ls in layers)
     nc = sum(ls.coeffs for ls in layers)

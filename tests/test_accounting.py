@@ -1,0 +1,253 @@
+"""Accounting and compressed checkpoints: stats recomputed by hand, file size, round trips, corruption."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from wavesweep import accounting as A
+from wavesweep import pruning as P
+from wavesweep import wavelets as wv
+
+
+def net(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 12, 3, bias=False),
+        nn.BatchNorm2d(12),
+        nn.Flatten(),
+        nn.Linear(12 * 4 * 4, 10),
+    ).to(dtype)
+
+
+def skeleton(dtype=torch.float32):
+    return net(seed=123, dtype=dtype)
+
+
+RESULTS = {
+    "dwt": lambda m: P.prune_dwt(m, wavelet="db2", level=2, percentile=70, layout="filter", targets=("conv", "linear")),
+    "dwt_matrix_sym": lambda m: P.prune_dwt(m, wavelet="sym3", level=2, percentile=40, layout="matrix", mode="symmetric"),
+    "dwt_kernel": lambda m: P.prune_dwt(m, wavelet="haar", level=1, percentile=50, layout="kernel", keep_approx=True),
+    "magnitude": lambda m: P.prune_magnitude(m, 0.6, targets=("conv", "linear")),
+    "random": lambda m: P.prune_random(m, 0.45, seed=5, scope="global"),
+}
+
+
+def _result(kind, model=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.LevelClampedWarning)
+        return RESULTS[kind](model if model is not None else net())
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@pytest.mark.parametrize("kind", RESULTS)
+def test_model_stats_recomputed_by_hand(kind):
+    base = net()
+    res = _result(kind, base)
+    st = A.model_stats(base, res)
+    sd = res.model.state_dict()
+    pruned_keys = {f"{lp.name}.weight": lp for lp in res.layers}
+    # independent recomputation of the encoding size
+    expect_stored = 0
+    for key, t in sd.items():
+        if key in pruned_keys:
+            lp = pruned_keys[key]
+            itemsize = 4  # float32 weights and coefficients
+            expect_stored += math.ceil(lp.n_coeffs / 8) + int(lp.keep.sum()) * itemsize
+        else:
+            expect_stored += t.numel() * t.element_size()
+    expect_dense = sum(t.numel() * t.element_size() for t in sd.values())
+    assert st.stored_bytes == expect_stored
+    assert st.dense_bytes == expect_dense
+    assert st.compression_ratio == pytest.approx(expect_dense / expect_stored)
+    # per layer
+    base_mods, new_mods = dict(base.named_modules()), dict(res.model.named_modules())
+    for ls, lp in zip(st.layers, res.layers, strict=True):
+        w0, w1 = base_mods[ls.name].weight.detach().double(), new_mods[ls.name].weight.detach().double()
+        assert ls.params == w0.numel() and ls.shape == tuple(w0.shape)
+        assert ls.zero_weights == int((w1 == 0).sum())
+        assert ls.rel_l2_error == pytest.approx(float((w1 - w0).norm() / w0.norm()), rel=1e-9)
+        assert ls.coeffs == lp.n_coeffs and ls.zeroed_coeffs == lp.n_zeroed
+        assert ls.dense_bytes == 4 * ls.params
+    assert st.target_params == sum(ls.params for ls in st.layers)
+    assert st.model_params == sum(p.numel() for p in res.model.parameters())
+    assert st.model_zero_weights == sum(int((p == 0).sum()) for p in res.model.parameters())
+    assert st.weight_sparsity_model == st.model_zero_weights / st.model_params
+    assert st.coeff_sparsity == st.zeroed_coeffs / st.coeffs
+    assert st.mean_rel_l2_error == pytest.approx(np.mean([ls.rel_l2_error for ls in st.layers]))
+    if kind in ("magnitude", "random"):
+        assert st.coeffs == st.target_params and st.zeroed_coeffs == st.target_zero_weights
+
+
+def test_dwt_is_not_sparse_in_weights_and_counts_extra_coeffs():
+    base = net()
+    res = _result("dwt_matrix_sym", base)
+    st = A.model_stats(base, res)
+    assert st.coeffs > st.target_params  # symmetric mode is expansive, and it is counted
+    assert st.coeff_sparsity > 0.35 and st.weight_sparsity_target < 0.05
+
+
+def test_amount_zero_stats():
+    base = net()
+    st = A.model_stats(base, P.prune_magnitude(base, 0.0))
+    assert st.zeroed_coeffs == 0 and st.mean_rel_l2_error == 0.0
+    # a bitmap costs 1 bit per weight over dense: compression ratio just below 1
+    assert st.compression_ratio < 1.0 and st.stored_bytes - st.dense_bytes == sum(
+        math.ceil(ls.params / 8) for ls in st.layers
+    )
+
+
+def test_frame_and_totals():
+    base = net()
+    st = A.model_stats(base, _result("magnitude", base))
+    df = st.to_frame()
+    assert isinstance(df, pd.DataFrame) and len(df) == len(st.layers)
+    assert list(df.columns) == [f.name for f in A.fields(A.LayerStats)]
+    assert df.loc[0, "shape"] == "16x3x3x3"
+    tot = st.totals()
+    assert set(tot) == {f.name for f in A.fields(A.ModelStats)} - {"method", "layers"}
+    assert all(isinstance(v, (int, float)) for v in tot.values())
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+@pytest.mark.parametrize("kind", RESULTS)
+def test_checkpoint_round_trip_and_size(kind, tmp_path):
+    base = net()
+    res = _result(kind, base)
+    path = tmp_path / "model.wsz"
+    size = A.save_compressed(res, path, metadata={"run": "abc", "n": 3})
+    head = A.read_header(path)
+    st = A.model_stats(base, res)
+    assert size == path.stat().st_size == st.stored_bytes + head["header_bytes"]
+    assert head["header_bytes"] == A.HEADER_FIXED_BYTES + struct.unpack_from("<Q", path.read_bytes(), 12)[0]
+    model, meta = A.load_compressed(path, skeleton())
+    assert meta["method"] == res.method and meta["user"] == {"run": "abc", "n": 3}
+    assert meta["config"] == json.loads(json.dumps(res.config))
+    ref = res.model.state_dict()
+    got = model.state_dict()
+    assert ref.keys() == got.keys()
+    pruned = {f"{lp.name}.weight" for lp in res.layers}
+    for k in ref:
+        if res.method == "dwt" and k in pruned:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-6)
+        else:  # bitwise, including +0.0 for pruned weights
+            assert torch.equal(got[k].view(-1).view(torch.uint8) if got[k].dtype.is_floating_point else got[k],
+                               ref[k].view(-1).view(torch.uint8) if ref[k].dtype.is_floating_point else ref[k]), k
+    sd, meta2 = A.read_compressed(path)
+    assert sd.keys() == ref.keys() and meta2["method"] == res.method
+
+
+def test_checkpoint_dwt_metadata(tmp_path):
+    res = _result("dwt")
+    path = tmp_path / "d.wsz"
+    A.save_compressed(res, path)
+    head = A.read_header(path)
+    assert (head["wavelet"], head["mode"], head["layout"]) == ("db2", "periodization", "filter")
+    assert head["levels"] == {lp.name: lp.level_effective for lp in res.layers}
+    dwt_entries = [e for e in head["entries"] if e["kind"] == "dwt"]
+    assert [e["key"] for e in dwt_entries] == [f"{lp.name}.weight" for lp in res.layers]
+    for e, lp in zip(dwt_entries, res.layers):
+        assert e["structure"] == lp.structure.to_json() and e["n"] == lp.n_coeffs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_checkpoint_other_dtypes_bitwise(dtype, tmp_path):
+    res = P.prune_magnitude(net(dtype=dtype), 0.5)
+    path = tmp_path / "x.wsz"
+    size = A.save_compressed(res, path)
+    st = A.model_stats(net(dtype=dtype), res)
+    assert size == st.stored_bytes + A.read_header(path)["header_bytes"]
+    model, _ = A.load_compressed(path, skeleton(dtype))
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_model_mismatch_names_key(tmp_path):
+    res = _result("magnitude")
+    path = tmp_path / "m.wsz"
+    A.save_compressed(res, path)
+    other = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 12, 5, bias=False))
+    with pytest.raises(ValueError, match=r"'3\.weight'.*\(12, 16, 3, 3\).*\(12, 16, 5, 5\)"):
+        A.load_compressed(path, other)
+    bigger = nn.Sequential(*skeleton(), nn.Linear(10, 2))
+    with pytest.raises(ValueError, match=r"'7\.weight'"):
+        A.load_compressed(path, bigger)
+
+
+def _corrupt(path, fn):
+    data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(fn(data)))
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda d: d[:10], "truncated"),
+        (lambda d: d[:-7], "truncated"),
+        (lambda d: d + b"x", "trailing bytes"),
+        (lambda d: b"NOTWAVES" + d[8:], "not a wavesweep compressed checkpoint"),
+        (lambda d: d[:8] + struct.pack("<I", 99) + d[12:], "unsupported format version 99"),
+        (lambda d: d[:20] + b"\xff" + d[21:], "corrupt metadata"),
+        (lambda d: d[:20] + b"[" + d[21:], "corrupt metadata"),
+        (lambda d: d[:-3] + bytes([d[-3] ^ 0xFF]) + d[-2:], "CRC-32"),
+        (lambda d: d[:12] + struct.pack("<Q", 10**9) + d[20:], "truncated"),
+    ],
+)
+def test_corrupt_checkpoint_rejected(damage, match, tmp_path):
+    path = tmp_path / "c.wsz"
+    A.save_compressed(_result("dwt"), path)
+    _corrupt(path, damage)
+    with pytest.raises(ValueError, match=match) as ei:
+        A.load_compressed(path, skeleton())
+    assert str(path) in str(ei.value)
+
+
+def test_missing_file_is_value_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot read"):
+        A.read_compressed(tmp_path / "nope.wsz")
+
+
+def test_write_is_atomic_and_metadata_checked(tmp_path):
+    res = _result("random")
+    path = tmp_path / "sub" / "r.wsz"
+    with pytest.raises(ValueError, match="not JSON-serialisable"):
+        A.save_compressed(res, path, metadata={"x": object()})
+    assert not path.exists()
+    A.save_compressed(res, path)
+    with pytest.raises(ValueError, match="not JSON-serialisable"):
+        A.save_compressed(res, path, metadata={"x": float("nan")})
+    assert [p.name for p in path.parent.iterdir()] == ["r.wsz"]  # no temp file left behind
+    assert path.read_bytes()[:8] == A.MAGIC
+
+
+def test_resnet18_dwt_checkpoint(tmp_path):
+    """Full-size round trip: ResNet-18, filter layout, bior4.4 level 5."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(weights=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.LevelClampedWarning)
+        res = P.prune_dwt(base, wavelet="bior4.4", level=5, percentile=80, layout="filter")
+    st = A.model_stats(base, res)
+    path = tmp_path / "r18.wsz"
+    size = A.save_compressed(res, path)
+    assert size == st.stored_bytes + A.read_header(path)["header_bytes"]
+    assert st.compression_ratio > 3.0  # 80% of conv coefficients dropped
+    model, _ = A.load_compressed(path, torchvision.models.resnet18(weights=None))
+    for k, v in res.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-6, atol=1e-6)
