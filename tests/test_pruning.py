@@ -7,7 +7,6 @@ import warnings
 
 import numpy as np
 import pytest
-import pywt
 import torch
 import torch.nn.utils.prune as tprune
 import torchvision
@@ -91,7 +90,7 @@ def test_target_layer_errors():
 # --------------------------------------------------------------------------- magnitude
 
 
-@pytest.mark.parametrize("amount", [0.37])
+@pytest.mark.parametrize("amount", [0.3])
 def test_magnitude_equals_torch_l1_unstructured(resnet, amount):
     res = P.prune_magnitude(resnet, amount)
     ref = copy.deepcopy(resnet)
@@ -104,7 +103,7 @@ def test_magnitude_equals_torch_l1_unstructured(resnet, amount):
         assert torch.equal(pruned[name].weight[both], m.weight[both])  # kept values untouched
 
 
-@pytest.mark.parametrize("amount", [0.6])
+@pytest.mark.parametrize("amount", [0.15])  # small k keeps the torch.topk oracle fast
 def test_magnitude_global_equals_torch_global_unstructured(resnet, amount):
     res = P.prune_magnitude(resnet, amount, scope="global")
     ref = copy.deepcopy(resnet)
@@ -183,13 +182,14 @@ def test_rounding_is_python_round_like_torch():
         assert res.n_zeroed == round(amount * 5) == int((ref[0].weight_mask == 0).sum())
 
 
-def test_per_layer_dict_amount(resnet):
+def test_per_layer_dict_amount():
+    resnet = mid_net()
     names = [n for n, _ in P.target_layers(resnet)]
     amount = {n: (i % 5) / 5 for i, n in enumerate(names)}
     res = P.prune_magnitude(resnet, amount)
     for lp in res.layers:
         assert lp.n_zeroed == round(amount[lp.name] * lp.params)
-    with pytest.raises(ValueError, match="no fraction for target layer 'conv1'"):
+    with pytest.raises(ValueError, match="no fraction for target layer '0'"):
         P.prune_magnitude(resnet, {n: 0.5 for n in names[1:]})
     with pytest.raises(ValueError, match="unknown layer 'nope'"):
         P.prune_random(resnet, amount | {"nope": 0.1})

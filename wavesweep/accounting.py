@@ -204,7 +204,11 @@ def _np64(w: torch.Tensor) -> np.ndarray:
 
 
 def model_stats(base_model: nn.Module, result: PruneResult) -> ModelStats:
-    """Per-layer and total stats of ``result`` against the unpruned ``base_model``."""
+    """Per-layer and total stats of ``result`` against the unpruned ``base_model``.
+
+    ``base_model`` must hold the weights before pruning (with ``inplace=True`` pruning, keep
+    a copy): ``rel_l2_error`` is ``||W' - W|| / ||W||`` per target layer (0 when ``||W|| = 0``).
+    """
     base = dict(base_model.named_modules())
     pruned_mods = dict(result.model.named_modules())
     layers = []

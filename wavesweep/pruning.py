@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -200,10 +199,19 @@ def prune_dwt(
     the approximation band is excluded from the threshold computation and never zeroed (it
     still counts in ``n_coeffs`` because it is stored). Levels are clamped per layer
     (:class:`~wavesweep.wavelets.LevelClampedWarning`, recorded in ``result.warnings``).
+    At effective level 0 the coefficients are the weights themselves (plain magnitude pruning
+    at the percentile), and they all form the approximation band: with ``keep_approx`` such a
+    layer is left unpruned.
+
+    ``n_zeroed / n_coeffs`` of each layer is the coefficient-domain fraction; the
+    reconstructed weights are generally *not* sparse.
     """
     wv.validate_dwt_args(wavelet=wavelet, level=level, layout=layout, mode=mode, percentile=percentile)
     check_choice("scope", scope, SCOPES)
     targets = _normalise_targets(targets)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    target_layers(model, targets)  # raises before the copy if there are none
     work = _work_model(model, inplace)
     layers = target_layers(work, targets)
     percentile = float(percentile)
@@ -326,7 +334,6 @@ def _amounts(
 
 def _prune_by_scores(
     model: nn.Module,
-    method: str,
     amount: float | Mapping[str, float],
     scope: str,
     targets: tuple[str, ...],
@@ -335,10 +342,12 @@ def _prune_by_scores(
     generator: torch.Generator | None = None,
 ) -> tuple[nn.Module, list[LayerPrune]]:
     """Zero the lowest-scoring weights. ``scores(list of (name, module)) -> list of flat arrays``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    names = [n for n, _ in target_layers(model, targets)]  # validate before copying the model
+    global_amount, per_layer = _amounts(amount, scope, names)
     work = _work_model(model, inplace)
     layers = target_layers(work, targets)
-    names = [n for n, _ in layers]
-    global_amount, per_layer = _amounts(amount, scope, names)
     s = scores(layers)
     if global_amount is not None:
         sizes = [x.size for x in s]
@@ -385,7 +394,7 @@ def prune_magnitude(
     def scores(layers):
         return [np.abs(_weight_numpy(m.weight).reshape(-1)) for _, m in layers]
 
-    work, out = _prune_by_scores(model, "magnitude", amount, scope, targets, inplace, scores)
+    work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores)
     config = dict(amount=_config_amount(amount), scope=scope, seed=None, targets=list(targets))
     return PruneResult("magnitude", work, out, config, [])
 
@@ -428,7 +437,7 @@ def prune_random(
             return np.split(keys, np.cumsum([m.weight.numel() for _, m in layers])[:-1])
         return [torch.rand(m.weight.numel(), generator=generator).numpy() for _, m in layers]
 
-    work, out = _prune_by_scores(model, "random", amount, scope, targets, inplace, scores, generator)
+    work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores, generator)
     config = dict(amount=_config_amount(amount), scope=scope, seed=seed_logged, targets=list(targets))
     return PruneResult("random", work, out, config, [])
 
