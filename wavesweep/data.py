@@ -279,7 +279,8 @@ def _imagenet(
     if not path.is_dir():
         raise FileNotFoundError(f"imagenet: directory {str(path)!r} does not exist; {_IMAGENET_LAYOUT}")
     classes = _class_dirs(path)
-    if not classes and (path / "val").is_dir():  # root given as the ImageNet top directory
+    if (path / "val").is_dir() and not any(_SYNSET.match(c) for c in classes):
+        # root given as the ImageNet top directory (train/, val/, ...)
         path = path / "val"
         classes = _class_dirs(path)
     bad = [c for c in classes if not _SYNSET.match(c)]
