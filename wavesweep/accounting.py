@@ -59,11 +59,13 @@ log = logging.getLogger(__name__)
 MAGIC = b"WAVSWEEP"
 VERSION = 1
 _FIXED = struct.Struct("<8sIQ")  # magic, version, JSON length
+HEADER = _FIXED  # fixed part of the header; the JSON metadata follows (module docstring)
 HEADER_FIXED_BYTES = _FIXED.size  # 20
 
 __all__ = [
     "MAGIC",
     "VERSION",
+    "HEADER",
     "HEADER_FIXED_BYTES",
     "LayerStats",
     "ModelStats",
