@@ -113,9 +113,10 @@ def plot_accuracy_vs_pruned_fraction(frame: pd.DataFrame, path: Path) -> Path:
             data = data.merge(done[["number", "layout"]], on="number")
         sns.scatterplot(data=data, x="pruned_fraction", y="top1", hue="method", hue_order=list(METHODS), style=style, ax=ax, s=45)
         for m, color in zip(METHODS, sns.color_palette(n_colors=3)):
-            d = data[data["method"] == m].sort_values("pruned_fraction")
-            if len(d) > 1:  # the trend of each method across trials
-                ax.plot(d["pruned_fraction"], d["top1"].rolling(3, min_periods=1, center=True).mean(), color=color, alpha=0.4, lw=1)
+            d = data[data["method"] == m]
+            trend = d.groupby(d["pruned_fraction"].round(3))["top1"].mean()  # mean over trials at one fraction
+            if len(trend) > 1:
+                ax.plot(trend.index, trend.values, color=color, alpha=0.4, lw=1)
         if "base_top1" in done and done["base_top1"].notna().any():
             ax.axhline(float(done["base_top1"].dropna().iloc[0]), color="grey", ls="--", lw=1, label="unpruned")
         ax.set_xlabel("fraction pruned (dwt: coefficients zeroed; baselines: weights zeroed, matched)")

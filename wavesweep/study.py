@@ -100,10 +100,11 @@ _PRUNABLE_OBJECTIVE = "top1"  # the chunk reports are partial dwt top-1: only th
 class SpecError(ValueError):
     """A spec problem at ``key`` (a path of keys); the loader adds the file and line."""
 
-    def __init__(self, key: tuple[str, ...], message: str) -> None:
+    def __init__(self, key: tuple[str, ...], message: str, *, line: int | None = None) -> None:
         super().__init__(f"{'.'.join(key)}: {message}")
         self.key = key
         self.message = message
+        self.line = line  # when the key path alone does not locate it (a duplicate key)
 
 
 def objective_metrics() -> list[str]:
@@ -313,7 +314,7 @@ def _unknown(what: str, value: object, valid: Any) -> str:
     close = difflib.get_close_matches(str(value), valid, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     shown = ", ".join(valid) if len(valid) <= 25 else f"{len(valid)} names (see wavesweep.study.objective_metrics())"
-    return f"unknown {what} {value!r}{hint} valid: {shown}" if not close else f"unknown {what} {value!r}{hint}"
+    return f"unknown {what} {value!r}{hint}" if close else f"unknown {what} {value!r}; valid: {shown}"
 
 
 def _check_trial_value(key: tuple[str, ...], values: dict[str, Any]) -> None:
@@ -350,7 +351,7 @@ def _lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...], in
         for knode, vnode in node.value:
             key = str(knode.value)
             if key in seen:
-                raise SpecError((*path, key), f"duplicate key (line {knode.start_mark.line + 1})")
+                raise SpecError((*path, key), "duplicate key", line=knode.start_mark.line + 1)
             seen.add(key)
             out[(*path, key)] = knode.start_mark.line + 1
             _lines(vnode, (*path, key), out)
@@ -377,18 +378,18 @@ def load_spec(path: str | os.PathLike) -> StudySpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        at = f":{mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"{path}:{where.strip() and where.split()[-1]}: invalid YAML{where}: {problem}") from None
+        raise ValueError(f"{path}{at}: invalid YAML (line {mark.line + 1 if mark else '?'}): {problem}") from None
     lines: dict[tuple[str, ...], int] = {}
     try:
         if root is not None:
             _lines(root, (), lines)
         return spec_from_mapping(data, name=path.stem, path=path, text=text)
     except SpecError as exc:
-        line = _line_of(lines, exc.key)
+        line = exc.line or _line_of(lines, exc.key)
         at = f":{line}" if line else ""
-        raise ValueError(f"{path}{at}: {'.'.join(exc.key) or 'spec'} (line {line}): {exc.message}") from None
+        raise ValueError(f"{path}{at}: {'.'.join(exc.key) or 'spec'}: {exc.message}") from None
 
 
 def spec_from_mapping(data: Any, *, name: str = "study", path: Path | None = None, text: str = "") -> StudySpec:
@@ -521,7 +522,7 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            failed_trial_callback=_on_stale_trial,
+            heartbeat_stale_trial_callback=_on_stale_trial,
         )  # fmt: skip
 
 

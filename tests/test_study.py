@@ -1,0 +1,267 @@
+"""Studies end to end on a tiny CNN: Optuna storage and MLflow (the oracle) must tell the same story.
+
+Every test runs in its own working directory (``workdir``: own Optuna and MLflow SQLite files,
+default storage ``sqlite:///optuna.db`` in it) with a 1-epoch CNN base model trained once per
+session, so trials take a few seconds.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from wavesweep import cli, study, train
+from wavesweep.tracking import study_trial_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE_IN_MLFLOW = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": ("FAILED", "KILLED")}
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(shared_cache: Path) -> str:
+    """A CNN trained for one epoch on digits (about 90 % top-1): a real model, cheap to make."""
+    base = train.get_base_model(
+        "cnn", "digits", seed=0, cache_dir=shared_cache, progress=False,
+        train_config=train.TrainConfig(epochs=1, batch_size=64, lr=1e-2),
+    )  # fmt: skip
+    return str(base.path)
+
+
+def write_spec(path: Path, weights: str, **overrides) -> Path:
+    spec = {
+        "study": "tiny",
+        "base": {"model": "cnn", "dataset": "digits", "eval_limit": 40, "seed": 0, "weights": weights},
+        "fixed": {"timing_batches": 0, "layout": "filter", "level": 2},
+        "space": {"percentile": [20, 40, 60, 80], "wavelet": ["haar", "db2"]},
+        "objectives": {"top1": "maximize"},
+        "sampler": {"name": "random", "seed": 3},
+        "n_trials": 3,
+    }
+    spec.update(overrides)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def trials_by_number(name: str = "tiny") -> dict[int, optuna.trial.FrozenTrial]:
+    s = optuna.load_study(study_name=name, storage=study.DEFAULT_STORAGE)
+    return {t.number: t for t in s.get_trials()}
+
+
+def mlflow_trial_runs(name: str = "tiny") -> dict[int, object]:
+    runs = study_trial_runs(MlflowClient(), name)
+    numbers = [int(r.data.tags["optuna.trial_number"]) for r in runs]
+    assert len(numbers) == len(set(numbers)), f"two MLflow runs for one Optuna trial: {numbers}"
+    return dict(zip(numbers, runs))
+
+
+def assert_agree(name: str = "tiny") -> tuple[dict, dict]:
+    """Every Optuna trial that started a trial run has exactly one MLflow run, with the matching state and value."""
+    trials, runs = trials_by_number(name), mlflow_trial_runs(name)
+    with_runs = {n for n, t in trials.items() if "mlflow_run_id" in t.user_attrs}
+    assert set(runs) == with_runs
+    parent_ids = set()
+    for n, run in runs.items():
+        t = trials[n]
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags["optuna.study"] == name
+        assert run.data.tags["optuna.state"] == t.state.name
+        expected = STATE_IN_MLFLOW[t.state.name]
+        assert run.info.status in (expected if isinstance(expected, tuple) else (expected,)), (n, t.state, run.info.status)
+        if t.state == TrialState.COMPLETE:
+            assert run.data.metrics["top1"] == pytest.approx(t.value, abs=1e-12)
+            assert t.user_attrs["metrics"]["top1"] == pytest.approx(t.value, abs=1e-12)
+            assert {"magnitude_top1", "random_top1", "gain_top1_vs_magnitude", "dwt_vs_magnitude_mcnemar_p"} <= set(t.user_attrs["metrics"])
+        if t.state == TrialState.PRUNED:
+            assert run.data.tags.get("early_stopped") == "true"
+        parent_ids.add(run.data.tags["mlflow.parentRunId"])
+    assert len(parent_ids) <= 1, "all trials nest under one study run"
+    return trials, runs
+
+
+def run_cli(*argv: str) -> int:
+    return cli.main(list(argv))
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_specs_are_valid(path):
+    spec = study.load_spec(path)
+    assert spec.space and spec.objectives and spec.total_trials
+    assert {p.name for p in spec.space} <= set(study.TrialConfig.__dataclass_fields__)
+    if spec.name == "seed-replica":
+        assert spec.sampler == "grid" and spec.total_trials == 8
+        assert spec.grid_space() == {"percentile": [10, 23.6, 38.2, 50, 61.8, 78.6, 90, 100]}
+        assert (spec.fixed["wavelet"], spec.fixed["level"], spec.fixed["layout"]) == ("bior4.4", 5, "kernel")
+    if spec.name.startswith("pareto"):
+        assert len(spec.objectives) == 2 and spec.pruner == "none"
+
+
+BAD_SPECS = [
+    # (yaml text, substrings the one-line error must contain)
+    ("study: x\nsampeler: tpe\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n", ["sampeler", ":2", "sampler"]),
+    ("study: x\nspace:\n  percentile: [10]\n  wavelett: [haar]\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space.wavelett", ":4"]),
+    ("study: x\nspace:\n  level:\n    low: 1\n    high: 9\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space.level.high", ":5", "1..5"]),
+    ("study: x\nspace:\n  percentile: [10, 150]\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space.percentile", ":3", "150"]),
+    ("study: x\nfixed:\n  wavelet: nope\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n", ["fixed.wavelet", ":3", "nope"]),
+    ("study: x\nspace: {percentile: [10]}\nobjectives:\n  top1: maximize\n  compression_ratio: maximize\npruner: median\nn_trials: 1\n",
+     ["pruner", ":6", "multi-objective"]),
+    ("study: x\nspace: {percentile: [10]}\nobjectives:\n  top_1: maximize\nn_trials: 1\n", ["objectives.top_1", ":4", "top1"]),
+    ("study: x\nspace:\n  percentile: {low: 10, high: 90, stp: 5}\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space.percentile.stp", ":3"]),
+    ("study: x\nspace: {percentile: [10, 20]}\nobjectives: {top1: maximize}\nsampler: grid\nn_trials: 5\n", ["n_trials", ":5", "grid"]),
+    ("study: x\nspace: {percentile: [10]}\nspace: {level: [1]}\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space", ":3", "duplicate"]),
+    ("study: x\nspace: {percentile: [10\nobjectives: {top1: maximize}\n", ["invalid YAML", "line"]),
+    ("study: x\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nsampler: {name: tpe, n_startup: 3}\nn_trials: 1\n",
+     ["sampler.n_startup", ":4", "n_startup_trials"]),
+    ("study: x\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: -2\n", ["n_trials", ":4"]),
+    ("study: x\nbase: {model: cnn, wavelet: haar}\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n",
+     ["base.wavelet", ":2", "fixed"]),
+]
+
+
+@pytest.mark.parametrize("text,needles", BAD_SPECS, ids=[f"bad{i}" for i in range(len(BAD_SPECS))])
+def test_bad_spec_is_a_one_line_error_naming_key_and_line(workdir, capsys, text, needles):
+    path = workdir / "bad.yaml"
+    path.write_text(text)
+    assert run_cli("study", str(path), "-q") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("wavesweep: error: ")
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (workdir / "optuna.db").exists(), "nothing is created for an invalid spec"
+
+
+def test_missing_spec_file(workdir, capsys):
+    assert run_cli("study", "nope.yaml") == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- studies
+
+
+def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, capsys):
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights)
+    assert run_cli("study", str(spec), "-q") == 0
+    trials, runs = assert_agree()
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials.values())
+    # params: Optuna names = TrialConfig names = MLflow params, with the same values
+    for n, t in trials.items():
+        p = runs[n].data.params
+        assert float(p["percentile"]) == t.params["percentile"] and p["wavelet"] == t.params["wavelet"]
+        assert p["level"] == "2" and p["model"] == "cnn"
+    # one study run, tagged, with the spec and the report as artifacts
+    client = MlflowClient()
+    parent = client.get_run(next(iter(runs.values())).data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["optuna.study"] == "tiny" and parent.data.tags["wavesweep.kind"] == "study"
+    assert parent.data.tags["optuna.storage"] == study.DEFAULT_STORAGE
+    assert "percentile" in parent.data.tags["study.spec"]
+    assert parent.data.metrics["n_complete"] == 3
+    s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
+    assert s.user_attrs["mlflow_run_id"] == parent.info.run_id
+    assert parent.data.metrics["best_value"] == pytest.approx(s.best_value)
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/summary.csv" in arts and "report/accuracy_vs_pruned_fraction.png" in arts
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "spec")] == ["spec/tiny.yaml"]
+    # local report: decodable, non-empty images and a table with rows
+    out = workdir / "reports" / "tiny"
+    for png in ("accuracy_vs_pruned_fraction", "accuracy_vs_compression", "optimization_history", "param_importances", "layer_sparsity_best"):
+        img = mpimg.imread(out / f"{png}.png")
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0, png
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) >= 1 and summary.loc[0, "trial"] == s.best_trial.number
+    assert summary.loc[0, "objective top1"] == pytest.approx(s.best_value)
+    assert len(pd.read_csv(out / "trials.csv")) == 3
+    assert "| selection |" in (out / "summary.md").read_text()
+    printed = capsys.readouterr().out
+    assert "3 complete" in printed and "best trial" in printed
+
+    # on demand, by spec or by name, into another folder
+    assert run_cli("report", "tiny", "--report-dir", "again") == 0
+    assert (workdir / "again" / "summary.md").stat().st_size > 0
+    assert run_cli("report", "nosuch") == 2
+
+
+def test_interrupt_then_resume_runs_only_the_missing_trials(workdir, tiny_weights, monkeypatch):
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights)
+    from wavesweep import runner
+
+    real, calls = runner.run_trial, []
+
+    def ctrl_c_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the second trial
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_trial", ctrl_c_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        study.main_study(_args(spec))
+    monkeypatch.setattr(runner, "run_trial", real)
+    trials, runs = assert_agree()
+    assert [trials[n].state for n in sorted(trials)] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert runs[1].info.status == "KILLED"
+    client = MlflowClient()
+    parent_id = runs[0].data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent_id).info.status == "KILLED"
+
+    # relaunch: exactly 3 counted trials in total, the failed one replaced, nothing duplicated
+    assert run_cli("study", str(spec), "-q") == 0
+    trials, runs = assert_agree()
+    assert sorted(trials) == [0, 1, 2, 3]
+    assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 3
+    assert client.get_run(parent_id).info.status == "FINISHED"  # the same study run, reopened and closed
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent_id}
+
+    # asking for more resumes again; asking for what is there runs nothing
+    assert run_cli("study", str(spec), "-q", "--n-trials", "4") == 0
+    assert run_cli("study", str(spec), "-q", "--n-trials", "4") == 0
+    trials, runs = assert_agree()
+    assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 4 and len(trials) == 5
+
+
+def _args(spec: Path, **kw):
+    import argparse
+
+    base = dict(spec=str(spec), n_trials=None, timeout=None, storage=None, workers=1, register_best=None, report_dir=None, quiet=True)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_two_workers_share_one_storage_exactly(workdir, tiny_weights):
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, sampler={"name": "tpe", "seed": 0, "n_startup_trials": 2})
+    assert run_cli("study", str(spec), "-q", "--workers", "2") == 0
+    trials, runs = assert_agree()
+    assert sorted(trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials.values())
+    assert len({r.info.run_id for r in runs.values()}) == 4
+
+
+def test_median_pruner_stops_hopeless_trials(workdir, tiny_weights):
+    # Grid order is fixed for the first pass: two sensible thresholds, then three that destroy the model.
+    spec = write_spec(
+        workdir / "tiny.yaml", tiny_weights, n_trials=None,
+        space={"percentile": [10, 20, 99.6, 99.8, 99.9]}, sampler={"name": "grid"},
+        pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+    )  # fmt: skip
+    assert run_cli("study", str(spec), "-q") == 0
+    trials, runs = assert_agree()
+    states = [trials[n].state for n in sorted(trials)]
+    assert states[:2] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert states.count(TrialState.PRUNED) >= 2, states
+    for n, t in trials.items():
+        if t.state == TrialState.PRUNED:
+            assert runs[n].info.status == "KILLED" and runs[n].data.tags["early_stopped"] == "true"
+            assert t.user_attrs["metrics"]["examples_evaluated"] < trials[0].user_attrs["metrics"]["examples_evaluated"]
+            assert t.intermediate_values  # partial accuracy was reported
+    best = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).best_trial
+    assert best.params["percentile"] in (10, 20)
