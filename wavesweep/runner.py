@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 import tempfile
+import time
 from pathlib import Path
 
 from wavesweep import accounting, tracking, train
@@ -56,6 +57,7 @@ def run_tracked_trial(
         base = resolve_base(cfg, progress=progress)
         result = run_trial(cfg, base=base, reporter=reporter, progress=progress)
         with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
             files = {}
             methods = ("dwt", "magnitude", "random") if cfg.save_baselines else ("dwt",)
             for m in methods:
@@ -65,7 +67,10 @@ def run_tracked_trial(
                     metadata={"trial": cfg.to_dict(), "base_checksum": base.checksum, "build_kwargs": base.build_kwargs},
                 )  # fmt: skip
                 files[m] = path
+            t1 = time.perf_counter()
+            result.phase_seconds["checkpoint_write"] = t1 - t0
             tracking.log_trial(run, result, checkpoint_files=files)
+            result.phase_seconds["mlflow_logging"] = time.perf_counter() - t1
     except early_stop as exc:
         run.finish("KILLED", error=f"early-stopped: {exc}", tags={"early_stopped": "true"})
         raise

@@ -22,6 +22,7 @@ import torch
 from wavesweep import accounting, data, evaluate, pruning, train
 from wavesweep.config import TrialConfig
 from wavesweep.stats import PairedComparison, paired_comparison
+from wavesweep.wavelets import LevelClampedWarning
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ def run_trial(
                 f"dwt_vs_{m}": paired_comparison(evals["dwt"].correct, evals[m].correct, seed=cfg.seed)
                 for m in ("magnitude", "random")
             }
-        caught = [f"{w.category.__name__}: {w.message}" for w in wlist]
+        # Clamped levels are already on the dwt result, one message per layer; keep the rest.
+        caught = [f"{w.category.__name__}: {w.message}" for w in wlist if not issubclass(w.category, LevelClampedWarning)]
     for text in caught:
         log.warning("%s", text)
     outcomes = {m: MethodOutcome(m, prunes[m], stats[m], evals[m], timings[m]) for m in prunes}

@@ -1,0 +1,36 @@
+"""Shared fixtures: every test runs against throwaway stores, caches and working directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One base-model cache for the whole session, so a small base model is trained once."""
+    return tmp_path_factory.mktemp("wavesweep-cache")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache: Path) -> Path:
+    """A fresh working directory with its own MLflow store; the base-model cache is shared."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(shared_cache))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return tmp_path
+
+
+def subprocess_env(workdir: Path, shared_cache: Path) -> dict[str, str]:
+    """Environment for a child process that should see the same stores as ``workdir``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(
+        WAVESWEEP_CACHE=str(shared_cache),
+        MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env

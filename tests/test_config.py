@@ -1,0 +1,70 @@
+"""TrialConfig validation, and the 1:1 mirror between config fields, CLI flags and MLproject parameters."""
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wavesweep.cli import build_parser
+from wavesweep.config import FIELD_HELP, TrialConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_logged_whole():
+    cfg = TrialConfig()
+    d = cfg.to_dict()
+    assert set(d) == {f.name for f in fields(TrialConfig)}
+    assert TrialConfig.from_mapping({k: str(v) for k, v in d.items()}) == cfg  # strings round-trip (MLflow -P)
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("wavelet", "bior9.9", "unknown wavelet 'bior9.9'; valid: "),
+        ("mode", "wrap", "unknown mode 'wrap'"),
+        ("layout", "rows", "unknown layout 'rows'"),
+        ("percentile", "101", "percentile"),
+        ("percentile", "-1", "percentile"),
+        ("percentile", "abc", "percentile='abc' is not a number"),
+        ("level", "0", "level"),
+        ("level", "2.5", "level='2.5' is not an integer"),
+        ("model", "vgg", "unknown model 'vgg'"),
+        ("dataset", "svhn", "unknown dataset 'svhn'"),
+        ("scope", "net", "unknown scope 'net'"),
+        ("targets", "conv,rnn", "unknown target kind 'rnn'"),
+        ("device", "tpu", "unknown device 'tpu'"),
+        ("keep_approx", "maybe", "keep_approx='maybe' is not a boolean"),
+        ("eval_limit", "-5", "eval_limit=-5 must be >= 0"),
+        ("wavelett", "haar", "unknown trial parameter 'wavelett'"),
+    ],
+)
+def test_bad_values_raise_one_line_error_naming_value(key, value, needle):
+    with pytest.raises(ValueError) as info:
+        TrialConfig.from_mapping({key: value})
+    msg = str(info.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_level_above_max_is_not_a_config_error():
+    assert TrialConfig(level=5, layout="kernel", wavelet="bior4.4").level == 5  # clamped later, per layer
+
+
+def test_float_typed_integers_accepted():
+    assert TrialConfig.from_mapping({"level": "3.0", "seed": 2.0}).level == 3
+
+
+def test_every_field_has_help_cli_flag_and_mlproject_parameter():
+    names = [f.name for f in fields(TrialConfig)]
+    assert set(FIELD_HELP) == set(names)
+    trial_parser = build_parser()._subparsers._group_actions[0].choices["trial"]
+    dests = {a.dest for a in trial_parser._actions}
+    assert set(names) <= dests
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    main = project["entry_points"]["main"]
+    assert list(main["parameters"]) == names
+    for f in fields(TrialConfig):
+        default = main["parameters"][f.name]["default"]
+        assert TrialConfig.from_mapping({f.name: default}) == TrialConfig(), f.name  # same defaults
+        assert f"--{f.name.replace('_', '-')} {{{f.name}}}" in main["command"]

@@ -1,0 +1,50 @@
+"""Paired comparison statistics against independent computations."""
+
+from math import comb
+
+import numpy as np
+import pytest
+
+from wavesweep.stats import mcnemar_exact, paired_comparison
+
+
+def _mcnemar_oracle(b: int, c: int) -> float:
+    """Exact two-sided McNemar p by summing binomial(n, 1/2) tails directly."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+@pytest.mark.parametrize("b,c", [(0, 0), (0, 5), (3, 3), (10, 2), (1, 30), (57, 40)])
+def test_mcnemar_matches_binomial_sum(b, c):
+    assert mcnemar_exact(b, c) == pytest.approx(_mcnemar_oracle(b, c), rel=1e-9, abs=1e-15)
+
+
+def test_paired_comparison_counts_gap_and_interval():
+    rng = np.random.default_rng(1)
+    a = rng.random(500) < 0.8
+    b = rng.random(500) < 0.7
+    res = paired_comparison(a, b, n_boot=1000, seed=3)
+    assert res.gap == pytest.approx(a.mean() - b.mean())
+    assert res.only_a == int(np.sum(a & ~b)) and res.only_b == int(np.sum(~a & b))
+    assert res.mcnemar_p == pytest.approx(_mcnemar_oracle(res.only_a, res.only_b))
+    assert res.ci_low <= res.gap <= res.ci_high
+    # the interval should be roughly gap +- 1.96 * SE of a paired difference
+    d = a.astype(float) - b.astype(float)
+    se = d.std(ddof=1) / np.sqrt(d.size)
+    assert res.ci_high - res.ci_low == pytest.approx(2 * 1.96 * se, rel=0.2)
+    assert paired_comparison(a, b, n_boot=1000, seed=3) == res  # seeded: reproducible
+
+
+def test_identical_models_have_zero_gap_and_p_one():
+    a = np.array([True, False, True, True])
+    res = paired_comparison(a, a.copy())
+    assert (res.gap, res.ci_low, res.ci_high, res.mcnemar_p) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_mismatched_vectors_rejected():
+    with pytest.raises(ValueError, match="equal in shape"):
+        paired_comparison(np.ones(3, bool), np.ones(4, bool))

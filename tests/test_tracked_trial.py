@@ -1,0 +1,179 @@
+"""End to end: `mlflow run`, the MLflow record, recomputation from the logged checkpoint,
+registry round trip in a fresh process, failures, determinism, concurrent first use."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import subprocess_env
+from wavesweep import accounting, evaluate, models, trial
+from wavesweep.config import TrialConfig
+from wavesweep.runner import run_tracked_trial
+from wavesweep.stats import paired_comparison
+from wavesweep.tracking import trial_config_of
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"model": "cnn", "eval_limit": "150", "timing_batches": "1", "wavelet": "bior1.3", "level": "3", "percentile": "60"}
+pytestmark = pytest.mark.slow
+
+
+def _mlflow_run(workdir: Path, cache: Path, params: dict[str, str], experiment: str = "e2e"):
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", experiment]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    return subprocess.run(cmd, cwd=workdir, env=subprocess_env(workdir, cache), capture_output=True, text=True, timeout=600)
+
+
+def _runs(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=100)
+
+
+def test_mlflow_run_records_a_complete_recomputable_trial(workdir, shared_cache, tmp_path):
+    proc = _mlflow_run(workdir, shared_cache, TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    runs = _runs(client, "e2e")
+    parents = [r for r in runs if r.data.tags.get("method") == "trial"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags.get("mlflow.project.entryPoint") == "main"  # the run `mlflow run` created is the parent
+    children = {r.data.tags["method"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"dwt", "magnitude", "random"}
+    assert all(c.info.status == "FINISHED" for c in children.values())
+
+    # params: full config + base identity + code version
+    cfg = trial_config_of(parent)
+    assert (cfg.model, cfg.wavelet, cfg.level, cfg.percentile, cfg.eval_limit) == ("cnn", "bior1.3", 3, 60.0, 150)
+    for key in ("base_checksum", "base_source", "code_version", "base_num_classes"):
+        assert parent.data.params[key]
+    for m, c in children.items():
+        for key in ("top1", "top5", "loss", "f1_macro", "recall_macro", "precision_macro", "f1_weighted",
+                    "weight_sparsity_target", "coeff_sparsity", "stored_bytes", "compression_ratio",
+                    "mean_rel_l2_error", "infer_median_ms", "infer_p95_ms", "infer_examples_per_s", "drop_top1", "base_top1"):
+            assert key in c.data.metrics, (m, key)
+    pm = parent.data.metrics
+    assert pm["top1"] == children["dwt"].data.metrics["top1"]
+    assert pm["magnitude_top1"] == children["magnitude"].data.metrics["top1"]
+    # matched budget: the baselines removed the fraction of weights dwt removed of coefficients
+    assert children["magnitude"].data.metrics["weight_sparsity_target"] == pytest.approx(pm["coeff_sparsity"], abs=2e-3)
+    assert children["random"].data.metrics["weight_sparsity_target"] == pytest.approx(pm["coeff_sparsity"], abs=2e-3)
+    # per-layer: table artifact + series metric over layers
+    hist = client.get_metric_history(children["dwt"].info.run_id, "layer_coeff_sparsity")
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"layers.json", "config.yaml", "predictions.csv", "warnings.txt", "checkpoints"} <= arts
+    table = pd.read_json(client.download_artifacts(children["dwt"].info.run_id, "layers.json", str(tmp_path)), orient="split")
+    assert len(hist) == len(table) > 0
+    assert sorted(h.value for h in hist) == pytest.approx(sorted(table["coeff_sparsity"]))
+
+    # recompute from the downloaded checkpoint: same accuracy, same stored bytes
+    ckpt = Path(client.download_artifacts(parent.info.run_id, "checkpoints/dwt.wsz", str(tmp_path)))
+    kw = {k: int(parent.data.params[f"base_{k}"]) for k in ("num_classes", "in_channels", "image_size")}
+    model, meta = accounting.load_compressed(ckpt, models.build_model("cnn", **kw))
+    _, eval_set = trial.load_eval_set(cfg)
+    ev = evaluate.evaluate(model, eval_set, device="cpu")
+    assert ev.n == 150
+    assert ev.top1 == pytest.approx(pm["top1"], abs=1e-9)
+    assert ckpt.stat().st_size - accounting.read_header(ckpt)["header_bytes"] == pm["stored_bytes"]
+    # paired statistics recomputed from the logged predictions
+    preds = pd.read_csv(client.download_artifacts(parent.info.run_id, "predictions.csv", str(tmp_path)))
+    cmp = paired_comparison(preds["dwt"] == preds["target"], preds["magnitude"] == preds["target"], seed=cfg.seed)
+    assert cmp.gap == pytest.approx(pm["dwt_vs_magnitude_gap"])
+    assert cmp.mcnemar_p == pytest.approx(pm["dwt_vs_magnitude_mcnemar_p"])
+    assert (preds["dwt"] == ev.preds).all()
+
+
+def test_bad_parameter_fails_with_one_line_and_failed_run(workdir, shared_cache):
+    proc = _mlflow_run(workdir, shared_cache, {**TINY, "wavelet": "bior9.9"}, experiment="bad")
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("wavesweep: error:")]
+    assert lines == [lines[0]] and "unknown wavelet 'bior9.9'; valid: " in lines[0]
+    runs = _runs(MlflowClient(), "bad")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert "unknown wavelet 'bior9.9'" in runs[0].data.tags["error"]
+
+
+def test_cli_usage_error_is_one_line_exit_2(workdir, shared_cache):
+    env = subprocess_env(workdir, shared_cache)
+    proc = subprocess.run([sys.executable, "-m", "wavesweep", "trial", "--percentile", "150"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("wavesweep: error: percentile")
+    assert "Traceback" not in proc.stderr
+
+
+def test_register_download_and_load_in_fresh_process(workdir, shared_cache):
+    cfg = TrialConfig.from_mapping(TINY)
+    result, run_id = run_tracked_trial(cfg)
+    env = subprocess_env(workdir, shared_cache)
+    reg = subprocess.run([sys.executable, "-m", "wavesweep", "register", run_id, "--name", "digits-cnn"], cwd=workdir,
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert reg.returncode == 0, reg.stderr[-3000:]
+    dl = subprocess.run([sys.executable, "-m", "wavesweep", "download", "models:/digits-cnn@champion", "--dst", "dl"],
+                        cwd=workdir, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert dl.returncode == 0, dl.stderr[-3000:]
+    files = {p.name for p in (workdir / "dl").rglob("*")}
+    assert {"MLmodel", "dwt.wsz"} <= files
+    script = textwrap.dedent(
+        f"""
+        import sys, json, mlflow
+        model = mlflow.pytorch.load_model("models:/digits-cnn@champion")
+        assert "wavesweep" not in sys.modules  # inference needs no wavesweep import
+        from wavesweep import evaluate, trial
+        from wavesweep.config import TrialConfig
+        _, eval_set = trial.load_eval_set(TrialConfig.from_mapping({TINY!r}))
+        print(json.dumps(evaluate.evaluate(model, eval_set, device="cpu").top1))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(result.outcomes["dwt"].eval.top1, abs=1e-9)
+    mv = MlflowClient().get_model_version_by_alias("digits-cnn", "champion")
+    assert mv.tags["wavelet"] == "bior1.3" and mv.tags["layout"] == "filter" and mv.run_id == run_id
+    assert float(mv.tags["top1"]) == pytest.approx(result.outcomes["dwt"].eval.top1)
+
+
+def test_same_config_and_seed_give_same_metrics(workdir):
+    cfg = TrialConfig.from_mapping({**TINY, "timing_batches": "0"})
+    a, _ = run_tracked_trial(cfg)
+    b, _ = run_tracked_trial(cfg)
+    for m in ("dwt", "magnitude", "random"):
+        assert a.outcomes[m].eval.metrics() == b.outcomes[m].eval.metrics()
+        assert a.outcomes[m].stats.totals() == b.outcomes[m].stats.totals()
+        assert np.array_equal(a.outcomes[m].eval.preds, b.outcomes[m].eval.preds)
+
+
+def test_failure_marks_runs_failed_and_keeps_error(workdir, monkeypatch):
+    from wavesweep import runner
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(runner, "run_trial", boom)
+    with pytest.raises(RuntimeError):
+        run_tracked_trial(TrialConfig.from_mapping(TINY))
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("wavesweep").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["error"] == "RuntimeError: disk on fire"
+    assert not MlflowClient().list_artifacts(runs[0].info.run_id)  # no half-written checkpoint
+
+
+def test_two_trials_at_once_on_a_fresh_directory(workdir, shared_cache):
+    env = subprocess_env(workdir, shared_cache)
+    args = [sys.executable, "-m", "wavesweep", "trial", "-q"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    procs = [subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("wavesweep").experiment_id])
+    assert sum(r.data.tags.get("method") == "trial" for r in runs) == 2
+    assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 8
