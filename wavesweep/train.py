@@ -90,7 +90,7 @@ class TrainConfig:
 
 #: (model, dataset) -> config meeting the issue's targets on a 2-core CPU (see bench/bench_eval.py)
 _DEFAULTS: dict[tuple[str, str], TrainConfig] = {
-    ("resnet18", "digits"): TrainConfig(epochs=6, batch_size=64, lr=2e-3, weight_decay=5e-4),
+    ("resnet18", "digits"): TrainConfig(epochs=3, batch_size=32, lr=2e-3, weight_decay=5e-4),
     ("cnn", "digits"): TrainConfig(epochs=10, batch_size=64, lr=1e-2, weight_decay=5e-4),
     ("mlp", "digits"): TrainConfig(epochs=30, batch_size=64, lr=3e-3, weight_decay=1e-4),
 }
