@@ -186,6 +186,12 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
     printed = capsys.readouterr().out
     assert "3 complete" in printed and "best trial" in printed
 
+    # relaunch asking for more: only the missing trial runs, numbers stay unique
+    assert run_cli("study", str(spec), "-q", "--n-trials", "4") == 0
+    trials, runs = assert_agree()
+    assert sorted(trials) == [0, 1, 2, 3] and all(t.state == TrialState.COMPLETE for t in trials.values())
+    assert len(pd.read_csv(out / "trials.csv")) == 4
+
     # on demand, by spec or by name, into another folder
     assert run_cli("report", "tiny", "--report-dir", "again") == 0
     assert (workdir / "again" / "summary.md").stat().st_size > 0
@@ -193,7 +199,9 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
 
 
 def test_interrupt_then_resume_runs_only_the_missing_trials(workdir, tiny_weights, monkeypatch):
-    spec = write_spec(workdir / "tiny.yaml", tiny_weights)
+    # A grid study: after Ctrl-C the interrupted grid point must be run again, and only it.
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=None, sampler={"name": "grid"},
+                      space={"percentile": [20, 50, 80], "wavelet": ["haar"]})  # fmt: skip
     from wavesweep import runner
 
     real, calls = runner.run_trial, []
@@ -210,24 +218,23 @@ def test_interrupt_then_resume_runs_only_the_missing_trials(workdir, tiny_weight
     monkeypatch.setattr(runner, "run_trial", real)
     trials, runs = assert_agree()
     assert [trials[n].state for n in sorted(trials)] == [TrialState.COMPLETE, TrialState.FAIL]
-    assert runs[1].info.status == "KILLED"
+    assert runs[1].info.status == "KILLED" and "KeyboardInterrupt" in runs[1].data.tags["error"]
     client = MlflowClient()
     parent_id = runs[0].data.tags["mlflow.parentRunId"]
     assert client.get_run(parent_id).info.status == "KILLED"
 
-    # relaunch: exactly 3 counted trials in total, the failed one replaced, nothing duplicated
+    # relaunch: the grid's 3 points, each exactly once among the counted trials; the failed one replaced
     assert run_cli("study", str(spec), "-q") == 0
     trials, runs = assert_agree()
     assert sorted(trials) == [0, 1, 2, 3]
-    assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 3
+    done = [t.params["percentile"] for t in trials.values() if t.state == TrialState.COMPLETE]
+    assert sorted(done) == [20, 50, 80]
     assert client.get_run(parent_id).info.status == "FINISHED"  # the same study run, reopened and closed
     assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent_id}
 
-    # asking for more resumes again; asking for what is there runs nothing
-    assert run_cli("study", str(spec), "-q", "--n-trials", "4") == 0
-    assert run_cli("study", str(spec), "-q", "--n-trials", "4") == 0
-    trials, runs = assert_agree()
-    assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 4 and len(trials) == 5
+    # running it again finds nothing missing
+    assert run_cli("study", str(spec), "-q") == 0
+    assert len(trials_by_number()) == 4
 
 
 def _args(spec: Path, **kw):
@@ -246,18 +253,30 @@ def test_two_workers_share_one_storage_exactly(workdir, tiny_weights):
     assert len({r.info.run_id for r in runs.values()}) == 4
 
 
+def _grid_seed_visiting_first(space: dict[str, list], first: set) -> int:
+    """A GridSampler seed whose first two trials take ``first`` percentiles (GridSampler shuffles by seed)."""
+    for seed in range(500):
+        s = optuna.create_study(sampler=optuna.samplers.GridSampler(space, seed=seed))
+        s.optimize(lambda t: t.suggest_categorical("percentile", space["percentile"]), n_trials=2)
+        if {t.params["percentile"] for t in s.trials} == first:
+            return seed
+    raise AssertionError("no such seed")
+
+
 def test_median_pruner_stops_hopeless_trials(workdir, tiny_weights):
-    # Grid order is fixed for the first pass: two sensible thresholds, then three that destroy the model.
+    # Two sensible thresholds first (the pruner's startup trials), then three that destroy the model.
+    space = {"percentile": [10, 20, 99.6, 99.8, 99.9]}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seed = _grid_seed_visiting_first(space, {10, 20})
     spec = write_spec(
-        workdir / "tiny.yaml", tiny_weights, n_trials=None,
-        space={"percentile": [10, 20, 99.6, 99.8, 99.9]}, sampler={"name": "grid"},
+        workdir / "tiny.yaml", tiny_weights, n_trials=None, space=space, sampler={"name": "grid", "seed": seed},
         pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
     )  # fmt: skip
     assert run_cli("study", str(spec), "-q") == 0
     trials, runs = assert_agree()
     states = [trials[n].state for n in sorted(trials)]
     assert states[:2] == [TrialState.COMPLETE, TrialState.COMPLETE]
-    assert states.count(TrialState.PRUNED) >= 2, states
+    assert states.count(TrialState.PRUNED) == 3, states
     for n, t in trials.items():
         if t.state == TrialState.PRUNED:
             assert runs[n].info.status == "KILLED" and runs[n].data.tags["early_stopped"] == "true"

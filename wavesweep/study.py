@@ -543,7 +543,9 @@ def _sampler(spec: StudySpec, seed: int, workers: int) -> optuna.samplers.BaseSa
     cls = SAMPLERS[spec.sampler]
     opts = dict(spec.sampler_options)
     if cls is optuna.samplers.GridSampler:
-        return cls(spec.grid_space(), seed=seed)
+        # The grid is shuffled by the seed and trials refer to it by index (grid_id): every process
+        # and every launch must use the same seed.
+        return cls(spec.grid_space(), seed=spec.seed)
     if cls is optuna.samplers.TPESampler and workers > 1:
         opts.setdefault("constant_liar", True)  # parallel workers: do not all sample the same region
     with warnings.catch_warnings():
@@ -875,30 +877,50 @@ class _Progress:
 
 
 def _run_workers(launch: _Launch, progress: _Progress) -> int:
-    """Start ``launch.workers`` processes and wait; Ctrl-C is forwarded once. Returns failed workers."""
+    """This process is worker 0; ``launch.workers - 1`` more are spawned. Returns how many gave up.
+
+    Ctrl-C reaches every process of the terminal's group; it is also forwarded once to the
+    spawned workers (they ignore a second one), so each closes its running trial (Optuna FAIL,
+    MLflow KILLED) before exiting.
+    """
+    import torch
+
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads and DB handles
-    procs = [ctx.Process(target=_worker_main, args=(launch, i), name=f"wavesweep-worker{i}") for i in range(launch.workers)]
+    procs = [ctx.Process(target=_worker_main, args=(launch, i), name=f"wavesweep-worker{i}") for i in range(1, launch.workers)]
     for p in procs:
         p.start()
-    study = optuna.load_study(study_name=launch.spec.name, storage=open_storage(launch.storage_url))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.workers))
+    gave_up = 0
     try:
-        while any(p.is_alive() for p in procs):
-            for p in procs:
-                p.join(timeout=POLL_S / len(procs))
-            progress(study)
+        with _first_sigint_only():
+            try:
+                _worker_loop(launch, 0, on_trial=progress)
+            except RuntimeError as exc:
+                log.error("worker 0: %s", exc)
+                gave_up += 1
+            study = optuna.load_study(study_name=launch.spec.name, storage=open_storage(launch.storage_url))
+            while any(p.is_alive() for p in procs):  # the others finish their last trials
+                for p in procs:
+                    p.join(timeout=POLL_S / len(procs))
+                progress(study)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for p in procs:
-            if p.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGINT)  # workers ignore a second one: safe if the terminal sent it too
-        for p in procs:
-            p.join(timeout=120)
-            if p.is_alive():
-                p.terminate()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the workers close their trials undisturbed
+        try:
+            for p in procs:
+                if p.is_alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGINT)
+            for p in procs:
+                p.join(timeout=120)
+                if p.is_alive():
+                    p.terminate()
+        finally:
+            signal.signal(signal.SIGINT, old)
         raise
-    progress(study)
-    return sum(p.exitcode not in (0, None) for p in procs)
+    finally:
+        torch.set_num_threads(threads)
+    return gave_up + sum(p.exitcode not in (0, None) for p in procs)
 
 
 def _requeue_failed_grid_points(study: optuna.Study, spec: StudySpec) -> int:
@@ -907,13 +929,17 @@ def _requeue_failed_grid_points(study: optuna.Study, spec: StudySpec) -> int:
         return 0
     trials = study.get_trials(deepcopy=False)
     key = lambda params: tuple(sorted(params.items()))  # noqa: E731
-    covered = {key(t.params) for t in trials if t.state != TrialState.FAIL}
-    covered |= {key(t.system_attrs.get("fixed_params", {})) for t in trials if t.state == TrialState.WAITING}
+    covered = {key(t.params) for t in trials if t.state != TrialState.FAIL}  # includes WAITING re-queued ones
     names = {p.name for p in spec.space}
     n = 0
     for t in trials:
         if t.state == TrialState.FAIL and set(t.params) == names and key(t.params) not in covered and not t.user_attrs.get("surplus"):
-            study.enqueue_trial(dict(t.params))
+            # As optuna.storages.RetryFailedTrialCallback does: a WAITING copy keeping the grid_id, so
+            # GridSampler treats it as that grid point (enqueue_trial would lose the grid_id).
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+                system_attrs={**t.system_attrs, "failed_trial": t.number},
+            ))  # fmt: skip
             covered.add(key(t.params))
             n += 1
     return n
