@@ -76,8 +76,10 @@ def assert_agree(name: str = "tiny") -> tuple[dict, dict]:
         expected = STATE_IN_MLFLOW[t.state.name]
         assert run.info.status in (expected if isinstance(expected, tuple) else (expected,)), (n, t.state, run.info.status)
         if t.state == TrialState.COMPLETE:
-            assert run.data.metrics["top1"] == pytest.approx(t.value, abs=1e-12)
-            assert t.user_attrs["metrics"]["top1"] == pytest.approx(t.value, abs=1e-12)
+            objectives = optuna.load_study(study_name=name, storage=study.DEFAULT_STORAGE).user_attrs["objectives"]
+            for (metric, _direction), value in zip(objectives, t.values, strict=True):
+                assert run.data.metrics[metric] == pytest.approx(value, abs=1e-12)
+            assert t.user_attrs["metrics"]["top1"] == pytest.approx(run.data.metrics["top1"], abs=1e-12)
             assert {"magnitude_top1", "random_top1", "gain_top1_vs_magnitude", "dwt_vs_magnitude_mcnemar_p"} <= set(t.user_attrs["metrics"])
         if t.state == TrialState.PRUNED:
             assert run.data.tags.get("early_stopped") == "true"
@@ -245,12 +247,27 @@ def _args(spec: Path, **kw):
 
 
 def test_two_workers_share_one_storage_exactly(workdir, tiny_weights):
-    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, sampler={"name": "tpe", "seed": 0, "n_startup_trials": 2})
+    # Also a two-objective study (accuracy and compression, NSGA-II): values land in both systems.
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, sampler={"name": "nsga2", "seed": 0, "population_size": 2},
+                      objectives={"top1": "maximize", "compression_ratio": "maximize"})  # fmt: skip
     assert run_cli("study", str(spec), "-q", "--workers", "2") == 0
     trials, runs = assert_agree()
     assert sorted(trials) == [0, 1, 2, 3]
-    assert all(t.state == TrialState.COMPLETE for t in trials.values())
+    assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in trials.values())
     assert len({r.info.run_id for r in runs.values()}) == 4
+    summary = pd.read_csv(workdir / "reports" / "tiny" / "summary.csv")
+    assert {"best top1 (maximize)", "best compression_ratio (maximize)", "pareto front"} <= set(summary["selection"])
+
+
+def test_failing_trials_are_recorded_as_failed_and_stop_the_launch(workdir, capsys):
+    spec = write_spec(workdir / "tiny.yaml", str(workdir / "missing.pt"), max_failures=2)
+    assert run_cli("study", str(spec), "-q") == 1
+    trials, runs = assert_agree()
+    assert [t.state for t in trials.values()] == [TrialState.FAIL] * 2
+    assert all(r.info.status == "FAILED" and "missing.pt" in r.data.tags["error"] for r in runs.values())
+    parent = MlflowClient().get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
+    assert "2 consecutive trials failed" in capsys.readouterr().err  # the reason, on one line
 
 
 def _grid_seed_visiting_first(space: dict[str, list], first: set) -> int:

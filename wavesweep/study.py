@@ -43,6 +43,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -953,6 +954,14 @@ def _reconcile_mlflow(study: optuna.Study, client: Any) -> None:
             tracking.set_run_status(client, rid, "FAILED", error="trial failed in Optuna; its worker is gone", tags={"optuna.state": "FAIL"})
 
 
+@dataclass
+class StudyOutcome:
+    study: optuna.Study
+    run_id: str  # the study's MLflow run
+    status: str  # FINISHED (n_trials reached or timeout) or FAILED (a launch gave up)
+    reason: str = ""
+
+
 def run_study(
     spec: StudySpec,
     *,
@@ -961,7 +970,7 @@ def run_study(
     storage: str | None = None,
     workers: int = 1,
     progress: bool = False,
-) -> tuple[optuna.Study, str, str]:
+) -> StudyOutcome:
     """Run (or resume) ``spec``; returns the study, the study's MLflow run id and the final status.
 
     Status: "FINISHED" (n_trials reached or timeout), "FAILED" (a worker gave up after
@@ -997,25 +1006,25 @@ def run_study(
         lock_path=(lock_dir / f".{spec.name}.slots.lock").resolve(), workers=workers,
     )  # fmt: skip
     bar = _Progress(spec, n_total, progress)
-    status = "FINISHED"
+    status, reason = "FINISHED", ""
     try:
         bar(study)
         if workers == 1:
             with _first_sigint_only():
                 _worker_loop(launch, 0, on_trial=bar)
-        elif _run_workers(launch, bar):
-            status = "FAILED"
+        elif (k := _run_workers(launch, bar)):
+            status, reason = "FAILED", f"{k} of {workers} workers gave up after {spec.max_failures} consecutive failed trials (see the log)"
     except KeyboardInterrupt:
         bar.close()
         tracking.finish_study_run(client, parent, "KILLED", tags={"error": "interrupted (KeyboardInterrupt)"}, metrics=_study_metrics(study))
         raise
     except RuntimeError as exc:
-        log.error("%s", exc)
-        status = "FAILED"
+        status, reason = "FAILED", str(exc)
     finally:
         bar.close()
-    tracking.finish_study_run(client, parent, status, metrics=_study_metrics(study), tags=_best_tags(study, spec))
-    return study, parent, status
+    tags = {**_best_tags(study, spec), **({"error": reason[:5000]} if reason else {})}
+    tracking.finish_study_run(client, parent, status, metrics=_study_metrics(study), tags=tags)
+    return StudyOutcome(study, parent, status, reason)
 
 
 def _study_metrics(study: optuna.Study) -> dict[str, float]:
@@ -1133,19 +1142,20 @@ def main_study(args: Any) -> int:
     n_trials = getattr(args, "n_trials", None)
     if n_trials is not None and n_trials < 0:
         raise ValueError(f"--n-trials={n_trials} must be >= 0 (0: the spec's n_trials)")
-    study, parent, status = run_study(
+    outcome = run_study(
         spec, n_trials=n_trials or None, timeout=getattr(args, "timeout", None), storage=getattr(args, "storage", None),
         workers=getattr(args, "workers", 1) or 1, progress=not getattr(args, "quiet", False),
     )  # fmt: skip
     url = getattr(args, "storage", None) or spec.storage or DEFAULT_STORAGE
+    study, parent = outcome.study, outcome.run_id
     client, _ = tracking.init_tracking(experiment=None if os.environ.get("MLFLOW_RUN_ID") else spec.experiment)
     for line in _summary_lines(study, parent, url):
         print(line)
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         for line in _finish_report(study, getattr(args, "report_dir", None), getattr(args, "register_best", None), client, parent):
             print(line)
-    if status != "FINISHED":
-        print(f"study {spec.name}: stopped ({status}); see the log above; run the same command again to resume")
+    if outcome.status != "FINISHED":
+        print(f"study {spec.name} stopped: {outcome.reason}; fix the cause and run the same command to resume", file=sys.stderr)
         return 1
     return 0
 
