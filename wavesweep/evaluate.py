@@ -149,21 +149,21 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> EvalResu
     loss = F.cross_entropy(logits, targets).item()
     y_true, y_pred = targets.numpy(), preds.numpy()
     labels = np.unique(y_true)
-    p, r, f, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average="macro", zero_division=0
+    # one per-class call; macro = unweighted mean, weighted = support-weighted mean over
+    # ``labels`` (what sklearn's average="macro"/"weighted" compute), at half the cost
+    p, r, f, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average=None, zero_division=0
     )
-    _, _, fw, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average="weighted", zero_division=0
-    )
+    weights = support / support.sum()
     return EvalResult(
         n=n,
         top1=correct.float().mean().item(),
         top5=top5,
         loss=loss,
-        f1_macro=float(f),
-        recall_macro=float(r),
-        precision_macro=float(p),
-        f1_weighted=float(fw),
+        f1_macro=float(f.mean()),
+        recall_macro=float(r.mean()),
+        precision_macro=float(p.mean()),
+        f1_weighted=float((f * weights).sum()),
         correct=correct.numpy().astype(bool),
         preds=y_pred.astype(np.int64),
         targets=y_true.astype(np.int64),
