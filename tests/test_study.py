@@ -7,7 +7,6 @@ session, so trials take a few seconds.
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -301,3 +300,21 @@ def test_median_pruner_stops_hopeless_trials(workdir, tiny_weights):
             assert t.intermediate_values  # partial accuracy was reported
     best = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).best_trial
     assert best.params["percentile"] in (10, 20)
+
+
+def test_wilcoxon_reports_per_chunk_accuracy(monkeypatch):
+    """The Wilcoxon pruner pairs per-chunk scores, so cumulative partial top-1 is turned back into chunks."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(study, "_eval_size", lambda cfg: 10)
+    assert study._chunk_sizes(10) == [3, 3, 2, 2]
+    reported = []
+    fake_trial = SimpleNamespace(report=lambda v, s: reported.append((s, v)), should_prune=lambda: False)
+    for pruner, expected in (("wilcoxon", [2 / 3, 1.0, 0.5, 1.0]), ("median", [2 / 3, 5 / 6, 6 / 8, 8 / 10])):
+        reported.clear()
+        owner = SimpleNamespace(spec=SimpleNamespace(pruner=pruner))
+        report = study._Objective._reporter(owner, fake_trial, None, [])
+        for step, (correct, seen) in enumerate([(2, 3), (5, 6), (6, 8), (8, 10)]):  # cumulative, as trial.run_trial reports
+            report(step, correct / seen)
+        assert [s for s, _ in reported] == [0, 1, 2, 3]
+        assert [v for _, v in reported] == pytest.approx(expected)

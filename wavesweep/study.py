@@ -34,7 +34,6 @@ trials of a killed worker are failed after the grace period and re-run.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
 import fcntl
 import inspect
@@ -47,7 +46,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -1077,7 +1076,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return frame.sort_values("number").reset_index(drop=True) if len(frame) else frame
 
 
-def _importances(study: optuna.Study, spec_space: list[str]) -> dict[str, dict[str, float]]:
+def _importances(study: optuna.Study) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     objectives = study.user_attrs.get("objectives") or []
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -1100,7 +1099,7 @@ def build_report(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
     frame = trials_frame(study)
     objectives = [tuple(o) for o in (study.user_attrs.get("objectives") or [])]
     return report.write_report(frame, out_dir, study_name=study.study_name, objectives=objectives,
-                               importances=_importances(study, []))  # fmt: skip
+                               importances=_importances(study))  # fmt: skip
 
 
 def _finish_report(study: optuna.Study, report_dir: str | None, register: str | None, client: Any, parent: str | None) -> list[str]:
