@@ -150,6 +150,7 @@ def test_missing_spec_file(workdir, capsys):
 # --------------------------------------------------------------------------- studies
 
 
+@pytest.mark.slow
 def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, capsys):
     spec = write_spec(workdir / "tiny.yaml", tiny_weights)
     assert run_cli("study", str(spec), "-q") == 0
@@ -199,6 +200,7 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
     assert run_cli("report", "nosuch") == 2
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume_runs_only_the_missing_trials(workdir, tiny_weights, monkeypatch):
     # A grid study: after Ctrl-C the interrupted grid point must be run again, and only it.
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=None, sampler={"name": "grid"},
@@ -245,6 +247,7 @@ def _args(spec: Path, **kw):
     return argparse.Namespace(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_storage_exactly(workdir, tiny_weights):
     # Also a two-objective study (accuracy and compression, NSGA-II): values land in both systems.
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, sampler={"name": "nsga2", "seed": 0, "population_size": 2},
@@ -258,6 +261,7 @@ def test_two_workers_share_one_storage_exactly(workdir, tiny_weights):
     assert {"best top1 (maximize)", "best compression_ratio (maximize)", "pareto front"} <= set(summary["selection"])
 
 
+@pytest.mark.slow
 def test_failing_trials_are_recorded_as_failed_and_stop_the_launch(workdir, capsys):
     spec = write_spec(workdir / "tiny.yaml", str(workdir / "missing.pt"), max_failures=2)
     assert run_cli("study", str(spec), "-q") == 1
@@ -279,6 +283,7 @@ def _grid_seed_visiting_first(space: dict[str, list], first: set) -> int:
     raise AssertionError("no such seed")
 
 
+@pytest.mark.slow
 def test_median_pruner_stops_hopeless_trials(workdir, tiny_weights):
     # Two sensible thresholds first (the pruner's startup trials), then three that destroy the model.
     space = {"percentile": [10, 20, 99.6, 99.8, 99.9]}
