@@ -55,6 +55,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _set_mode(model: nn.Module, training: bool) -> None:
+    """``model.train(training)``, tolerating modules that forbid it.
+
+    A model loaded from a ``pt2`` (``torch.export``) MLflow model raises NotImplementedError on
+    ``eval()``/``train()``; it was exported in eval mode and stays so.
+    """
+    try:
+        model.train(training)
+    except NotImplementedError:
+        pass
+
+
 def predict(
     model: nn.Module,
     dataset: Dataset,
@@ -68,7 +80,8 @@ def predict(
     in place) and put in eval mode; its train/eval flag is restored afterwards."""
     dev = resolve_device(device)
     was_training = model.training
-    model.to(dev).eval()
+    model.to(dev)
+    _set_mode(model, False)
     logits, targets = [], []
     non_blocking = dev.type == "cuda"
     try:
@@ -79,7 +92,7 @@ def predict(
                 logits.append(out.float())  # stays on device: no sync per batch
                 targets.append(torch.as_tensor(y))
     finally:
-        model.train(was_training)
+        _set_mode(model, was_training)
     if not logits:
         raise ValueError("cannot evaluate on an empty dataset")
     lg = torch.cat(logits).cpu()
@@ -277,7 +290,8 @@ def time_inference(
         if len(pool) >= n_batches or (len(pool) + 1) * x.numel() * x.element_size() > _TIMING_POOL_BYTES:
             break
     was_training = model.training
-    model.to(dev).eval()
+    model.to(dev)
+    _set_mode(model, False)
     times: list[float] = []
     try:
         with torch.inference_mode():
@@ -291,7 +305,7 @@ def time_inference(
                 _sync(dev)
                 times.append((time.perf_counter() - t0) * 1000.0)
     finally:
-        model.train(was_training)
+        _set_mode(model, was_training)
     med = float(np.median(times))
     return Timing(
         device=str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "wavesweep"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CHECKPOINT_DIR = "checkpoints"  # run-relative artifact folder of compressed checkpoints
 METRIC_KEYS = ("top1", "top5", "loss", "f1_macro", "recall_macro", "precision_macro", "f1_weighted")
 STAT_KEYS = (
@@ -97,7 +98,9 @@ def _ensure_experiment(client: MlflowClient, name: str | None) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        # The kind tag makes MLflow 3's UI open the experiment in its model-training view
+        # (runs table, charts, compare) rather than the GenAI/traces view.
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
     except MlflowException:  # another process created it between our look-up and create
         exp = client.get_experiment_by_name(name)
         if exp is None:
