@@ -416,8 +416,11 @@ def list_registered() -> list[dict[str, Any]]:
     client, _ = init_tracking()
     out = []
     for rm in client.search_registered_models(filter_string="tags.wavesweep = 'true'"):
+        # search results carry no aliases: read them (alias -> version) from the model itself
+        aliases = client.get_registered_model(rm.name).aliases or {}
         for mv in client.search_model_versions(f"name = '{rm.name}'"):
-            out.append({"name": rm.name, "version": mv.version, "aliases": list(mv.aliases), "tags": dict(mv.tags),
+            mine = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
+            out.append({"name": rm.name, "version": mv.version, "aliases": mine, "tags": dict(mv.tags),
                         "run_id": mv.run_id})  # fmt: skip
     return out
 
