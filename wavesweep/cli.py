@@ -115,6 +115,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     tracking.init_tracking()
     cmd = ["mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", args.host, "--port", str(args.port)]
     print("starting: " + " ".join(cmd))
+    # MLflow's job executor serves GenAI features and starts several worker processes; browsing
+    # and comparing runs does not need it.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execvp(cmd[0], cmd)
     return 0  # not reached
 
