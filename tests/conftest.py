@@ -19,9 +19,15 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache: Path)
     """A fresh working directory with its own MLflow store; the base-model cache is shared."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WAVESWEEP_CACHE", str(shared_cache))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    # mlflow.set_tracking_uri (called by wavesweep.tracking.init_tracking) is process-global and
+    # outranks the environment: pin it to this test's store so no earlier test's store leaks in.
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
     return tmp_path
 
 
