@@ -45,7 +45,7 @@ class TrialConfig:
     seed: int = 0  # data split, subset, base-model training, random pruning
     device: str = "auto"
     batch_size: int = 256
-    timing_batches: int = 10  # batches timed per model after warm-up
+    timing_batches: int = 3  # batches timed per model after one warm-up batch (raise for careful timing)
     weights: str = ""  # base model: "" = pretrained/trained-and-cached; a state-dict file; models:/ or runs:/ URI
     data_root: str = ""  # dataset root ("" = WAVESWEEP_DATA or ~/.cache/wavesweep/data)
     save_baselines: bool = False  # also log compressed checkpoints of the magnitude and random models
@@ -149,7 +149,7 @@ FIELD_HELP = {
     "seed": "seed for data split, subset, base-model training and random pruning",
     "device": "auto, cpu, cuda or cuda:N",
     "batch_size": "evaluation batch size",
-    "timing_batches": "batches timed per model after warm-up (0 = skip timing)",
+    "timing_batches": "batches timed per model after one warm-up batch (0 = skip timing)",
     "weights": "base model weights: empty = pretrained/trained-and-cached; a state-dict file; models:/ or runs:/ URI",
     "data_root": "dataset root directory (empty = $WAVESWEEP_DATA or ~/.cache/wavesweep/data)",
     "save_baselines": "also log compressed checkpoints of the magnitude and random models (true/false)",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from math import comb
+
 import numpy as np
-from scipy.stats import binomtest
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,11 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     n = only_a + only_b
     if n == 0:
         return 1.0
-    return float(binomtest(only_a, n, 0.5, alternative="two-sided").pvalue)
+    # Exact integer tail of Binomial(n, 1/2) (symmetric, so two-sided = twice the smaller tail).
+    # Python integers keep this exact for any n; importing scipy for it would cost ~1 s per process.
+    k = min(only_a, only_b)
+    tail = sum(comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2**n)
 
 
 def paired_comparison(

@@ -183,7 +183,8 @@ def run_trial(
         base_timing = None
         if cfg.timing_batches:
             with phases("timing"):
-                kw = dict(batch_size=cfg.batch_size, n_batches=cfg.timing_batches, device=device)
+                # One warm-up batch reaches steady state on CPU and CUDA; every model gets the same.
+                kw = dict(batch_size=cfg.batch_size, n_warmup=1, n_batches=cfg.timing_batches, device=device)
                 base_timing = evaluate.time_inference(base.model, eval_set, **kw)
                 for m, r in prunes.items():
                     timings[m] = evaluate.time_inference(r.model, eval_set, **kw)
