@@ -200,11 +200,6 @@ def _count_zeros(t: torch.Tensor) -> int:
     return t.numel() - int(torch.count_nonzero(t))
 
 
-def _np64(w: torch.Tensor) -> np.ndarray:
-    """Flat float64 numpy copy of a weight (norms in float64: exact enough to recompute)."""
-    return w.detach().to("cpu", torch.float64).numpy().reshape(-1)
-
-
 def model_stats(base_model: nn.Module, result: PruneResult) -> ModelStats:
     """Per-layer and total stats of ``result`` against the unpruned ``base_model``.
 
@@ -218,13 +213,16 @@ def model_stats(base_model: nn.Module, result: PruneResult) -> ModelStats:
         if lp.name not in base:
             raise ValueError(f"layer {lp.name!r} of the pruned model is not in the base model {type(base_model).__name__}")
         wt = pruned_mods[lp.name].weight
-        w0 = _np64(base[lp.name].weight)
-        w1 = _np64(wt)
+        w0 = base[lp.name].weight.detach()
+        w1 = wt.detach().to(w0.device)
         if w0.shape != w1.shape:
-            raise ValueError(f"layer {lp.name!r}: base shape {w0.shape} != pruned shape {w1.shape}")
-        diff = w1 - w0
-        err = _div(math.sqrt(float(np.dot(diff, diff))), math.sqrt(float(np.dot(w0, w0))))
-        zeros = int(w1.size - np.count_nonzero(w1))
+            raise ValueError(f"layer {lp.name!r}: base shape {tuple(w0.shape)} != pruned shape {tuple(w1.shape)}")
+        # Difference and norms in float64 (torch, no numpy round trip): exact enough to recompute.
+        err = _div(
+            float(torch.linalg.vector_norm(w1.double() - w0.double())),
+            float(torch.linalg.vector_norm(w0, dtype=torch.float64)),
+        )
+        zeros = _count_zeros(w1)
         layers.append(
             LayerStats(
                 name=lp.name,
