@@ -36,7 +36,6 @@ from wavesweep.models import (
     check_num_classes,
     load_pretrained_resnet18,
     load_state_checked,
-    load_weights_file,
     resnet18_imagenet_path,
 )
 from wavesweep.registry import check_choice
