@@ -135,13 +135,15 @@ def log_batch(
     params: dict[str, Any] | None = None,
     metrics: dict[str, float] | list[tuple[str, float, int]] | None = None,
     tags: dict[str, Any] | None = None,
+    new_run: bool = False,
 ) -> None:
     """Log params, metrics and tags in as few ``log_batch`` calls as MLflow's limits allow.
 
     ``metrics`` is ``{key: value}`` (step 0) or a list of ``(key, value, step)``. Params that the
-    run already has (``mlflow run`` logs its ``-P`` values itself) are skipped, not re-logged.
+    run already has (``mlflow run`` logs its ``-P`` values itself) are skipped, not re-logged;
+    ``new_run=True`` (a run this process just created, with no params yet) skips that look-up.
     """
-    existing = client.get_run(run_id).data.params if params else {}
+    existing = client.get_run(run_id).data.params if params and not new_run else {}
     ps = [Param(k, _fmt(v)) for k, v in (params or {}).items() if k not in existing]
     ts = [RunTag(k, _fmt(v)) for k, v in (tags or {}).items()]
     now = int(time.time() * 1000)
@@ -205,7 +207,7 @@ class TrialRun:
             self.owned = True
         self.experiment_id = client.get_run(self.run_id).info.experiment_id
         self.child_ids: dict[str, str] = {}
-        log_batch(client, self.run_id, params={**cfg.to_dict(), "code_version": code_version()})
+        log_batch(client, self.run_id, params={**cfg.to_dict(), "code_version": code_version()}, new_run=self.owned)
 
     def child(self, method: str) -> str:
         run = self.client.create_run(
@@ -303,9 +305,9 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
         params = {**cfg.to_dict(), **base_params, "method": method}
         if method != "dwt":
             params |= {"matched_to": "dwt", "match_scope": cfg.scope, "prune_seed": out.prune.config.get("seed", cfg.seed)}
-        log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frame)])
+        log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frame)],
+                  new_run=True)  # fmt: skip
         _log_json_table(rid, frame, "layers")
-        _log_files(client, rid, {"layers.csv": frame.to_csv(index=False)})
     dwt_frame = result.outcomes["dwt"].stats.to_frame()
     log_batch(client, run.run_id, params=base_params, metrics=[*((k, v, 0) for k, v in metrics["parent"].items()), *_layer_series(dwt_frame)],
               tags={"warnings": len(result.warnings)})  # fmt: skip
@@ -316,7 +318,7 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
         "config.yaml": yaml.safe_dump({"trial": cfg.to_dict(), "base": base_params, "code_version": code_version()}, sort_keys=False),
         "warnings.txt": "\n".join(result.warnings) + ("\n" if result.warnings else ""),
         "predictions.csv": preds.to_csv(index=False),
-        "layers_dwt.csv": dwt_frame.to_csv(index=False),
+        **{f"layers_{m}.csv": o.stats.to_frame().to_csv(index=False) for m, o in result.outcomes.items()},
         "paired.json": json.dumps({k: v.__dict__ for k, v in result.paired.items()}, indent=2),
     }
     _log_files(client, run.run_id, files)
