@@ -147,13 +147,8 @@ def log_batch(
     ps = [Param(k, _fmt(v)) for k, v in (params or {}).items() if k not in existing]
     ts = [RunTag(k, _fmt(v)) for k, v in (tags or {}).items()]
     now = int(time.time() * 1000)
-    items = metrics.items() if isinstance(metrics, dict) else [(k, v, s) for k, v, s in (metrics or [])]
-    ms = []
-    for item in items:
-        key, value, step = (item[0], item[1], 0) if len(item) == 2 else item
-        if value is None:
-            continue
-        ms.append(Metric(key, float(value), now, int(step)))
+    triples = [(k, v, 0) for k, v in metrics.items()] if isinstance(metrics, dict) else list(metrics or [])
+    ms = [Metric(k, float(v), now, int(step)) for k, v, step in triples if v is not None]
     # MLflow: <= 100 params/tags and <= 1000 entities per batch.
     while ps or ts or ms:
         p_chunk, ps = ps[:100], ps[100:]
