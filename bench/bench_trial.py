@@ -1,13 +1,17 @@
 """Where one trial's time goes, on the embedded default (ResNet-18 on digits).
 
-Prints: process start + imports; in-process phases (base-model load, data, base evaluation,
-pruning, evaluation, timing, accounting, paired stats, checkpoint writing, MLflow logging);
-the share of in-process time that is NOT model forward passes (target <= 25 %); and the wall
-time of a whole `mlflow run . --env-manager local` of the default trial once the base model is
-cached (target <= 20 s). Runs in a temporary directory; the base-model cache is the user's
-(WAVESWEEP_CACHE), so the first run also trains and caches the base model.
+Prints: process start + imports; in-process phases (MLflow setup, base-model load, data, base
+evaluation, pruning, evaluation, timing, accounting, paired stats, checkpoint writing, MLflow
+logging); the time spent inside model forward passes, measured directly (global module hooks
+around every top-level ``model(x)`` call, so batching, metrics and data movement in the
+evaluation phases count as overhead, not as forward passes); the share of in-process time that
+is NOT forward passes (target <= 25 %); and the wall time of a whole
+`mlflow run . --env-manager local` of the default trial once the base model is cached (target
+<= 20 s), beside the same process's floor measured in the same run: a bare `mlflow run` of an
+entry point that only imports wavesweep.runner. Runs in a temporary directory; the base-model
+cache is the user's (WAVESWEEP_CACHE), so the first run also trains and caches the base model.
 
-    python bench/bench_trial.py [--model resnet18] [--repeats 2]
+    python bench/bench_trial.py [--model resnet18] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,53 +25,108 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FORWARD_PHASES = ("eval_base", "eval", "timing")  # phases that are model forward passes
+sys.path.insert(0, str(ROOT))  # the checkout under test, installed or not
+EVAL_PHASES = ("eval_base", "eval", "timing")  # phases whose work is mostly forward passes
+
+
+class ForwardClock:
+    """Seconds spent inside top-level ``nn.Module.__call__``s (a forward nested in another is not
+    counted twice), via torch's global forward pre-/post-hooks. CUDA work is synchronised at
+    the end of each top-level call so its time lands inside the call."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.seconds = 0.0
+        self.calls = 0
+        self._depth = 0
+        self._t0 = 0.0
+        self._handles = []
+
+    def _pre(self, module, args):
+        if self._depth == 0:
+            self._t0 = time.perf_counter()
+        self._depth += 1
+
+    def _post(self, module, args, output):
+        self._depth -= 1
+        if self._depth == 0:
+            if self.torch.cuda.is_available():
+                self.torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - self._t0
+            self.calls += 1
+
+    def __enter__(self):
+        from torch.nn.modules import module as M
+
+        self._handles = [M.register_module_forward_pre_hook(self._pre), M.register_module_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+
+def _wall(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="resnet18")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import wavesweep.runner"], env=env, check=True)
-        t_imports = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
-        t_bare = time.perf_counter() - t0
-        print(f"process start + imports: {t_imports:6.2f} s (bare interpreter {t_bare:.2f} s)")
+        t_bare = _wall([sys.executable, "-c", "pass"], env)
+        t_imports = _wall([sys.executable, "-c", "import wavesweep.runner"], env)
+        t_cli = _wall([sys.executable, "-c", "import mlflow.cli"], env)
+        print(f"process start + imports of wavesweep.runner: {t_imports:6.2f} s (bare interpreter {t_bare:.2f} s)")
+        print(f"process start + imports of the mlflow CLI:    {t_cli:6.2f} s")
 
         from wavesweep.config import TrialConfig
         from wavesweep.runner import run_tracked_trial
 
         cfg = TrialConfig(model=args.model)
         run_tracked_trial(cfg)  # warm: trains/caches the base model and the base evaluation
+        shares, totals = [], []
         for rep in range(args.repeats):
-            t0 = time.perf_counter()
-            result, _ = run_tracked_trial(cfg)
-            total = time.perf_counter() - t0
+            with ForwardClock() as clock:
+                t0 = time.perf_counter()
+                result, _ = run_tracked_trial(cfg)
+                total = time.perf_counter() - t0
             ph = result.phase_seconds
-            forward = sum(ph.get(k, 0.0) for k in FORWARD_PHASES)
+            forward = clock.seconds
             print(f"\nin-process trial #{rep + 1}: {total:6.2f} s")
             for k, v in sorted(ph.items(), key=lambda kv: -kv[1]):
-                print(f"  {k:<18} {v:7.3f} s  {'(forward passes)' if k in FORWARD_PHASES else ''}")
-            other = total - forward
-            share = other / total
-            print(f"  {'(unaccounted)':<18} {total - sum(ph.values()):7.3f} s  (run creation, param logging, status)")
-            print(f"  not forward passes: {other:.2f} s = {100 * share:.1f} % of in-process time "
+                print(f"  {k:<18} {v:7.3f} s")
+            print(f"  {'(unaccounted)':<18} {total - sum(ph.values()):7.3f} s  (closing runs, the rest of the runner)")
+            in_eval = sum(ph.get(k, 0.0) for k in EVAL_PHASES)
+            print(f"  forward passes     {forward:7.3f} s  ({clock.calls} model calls; the evaluation phases took {in_eval:.3f} s)")
+            share = (total - forward) / total
+            shares.append(share)
+            totals.append(total)
+            print(f"  not forward passes: {total - forward:.2f} s = {100 * share:.1f} % of in-process time "
                   f"(target <= 25 %: {'PASS' if share <= 0.25 else 'FAIL'})")  # fmt: skip
 
         cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-P", f"model={args.model}"]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode:
-            print(proc.stderr[-2000:])
-        print(f"\nmlflow run (default trial, cached base): {wall:6.2f} s (target <= 20 s: {'PASS' if wall <= 20 else 'FAIL'})")
+        walls = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            walls.append(time.perf_counter() - t0)
+            if proc.returncode:
+                print(proc.stderr[-2000:])
+        floor = t_cli + t_imports + min(totals)
+        print(f"\nnot forward passes, median of {len(shares)}: {100 * sorted(shares)[len(shares) // 2]:.1f} % (target <= 25 %)")
+        print(f"mlflow run (default trial, cached base): {', '.join(f'{w:.2f}' for w in walls)} s "
+              f"(target <= 20 s: {'PASS' if max(walls) <= 20 else 'FAIL'}); reference floor measured above: "
+              f"mlflow CLI start {t_cli:.2f} + trial process start {t_imports:.2f} + in-process trial {min(totals):.2f} = {floor:.2f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

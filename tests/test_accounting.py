@@ -165,6 +165,22 @@ def test_checkpoint_dwt_metadata(tmp_path):
         assert e["structure"] == lp.structure.to_json() and e["n"] == lp.n_coeffs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shared_base_cache_changes_nothing(dtype):
+    """One trial's three methods share base norms: same stats as separate calls, no weight touched."""
+    base = net(dtype=dtype)
+    results = [_result(k, base) for k in ("dwt", "magnitude", "random")]
+    before = [{k: v.clone() for k, v in r.model.state_dict().items()} for r in results]
+    cache: dict = {}
+    shared = [A.model_stats(base, r, base_cache=cache) for r in results]
+    alone = [A.model_stats(base, r) for r in results]
+    assert shared == alone
+    assert set(cache) == {lp.name for r in results for lp in r.layers}
+    for r, sd in zip(results, before):
+        assert all(torch.equal(r.model.state_dict()[k], v) for k, v in sd.items())
+        assert A.model_stats(base, r).stored_bytes == A.stored_bytes_of(r)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_checkpoint_other_dtypes_bitwise(dtype, tmp_path):
     res = P.prune_magnitude(net(dtype=dtype), 0.5)

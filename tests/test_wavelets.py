@@ -131,6 +131,38 @@ def test_threshold_matches_numpy_percentile(percentile, keep_approx):
     np.testing.assert_allclose(rec, wv.reconstruct(np.where(expect_keep, full, 0).astype(np.float32), st))
 
 
+def _percentile_cases():
+    rng = np.random.default_rng(11)
+    for i in range(400):
+        n = int(rng.integers(1, 4000))
+        a = [
+            np.abs(rng.standard_normal(n)).astype(np.float32),
+            rng.integers(0, 5, n).astype(np.float32),  # many ties
+            np.abs(rng.standard_normal(n)),  # float64
+            (rng.integers(0, 50, n) / 7).astype(np.float32),
+        ][i % 4]
+        for p in (0, 0.1, 10, 33.3, 50, 50.0, 99.9, 100, float(rng.uniform(0, 100))):
+            yield a, p
+
+
+def test_percentile_threshold_is_numpy_percentile_bit_for_bit():
+    """The one-partition fast path equals np.percentile exactly (value and type), ties included."""
+    n = 0
+    for a, p in _percentile_cases():
+        got, expect = wv.percentile_threshold(a.copy(), p), np.percentile(a, p)
+        assert got == expect and type(got) is type(expect), (a.size, a.dtype, p, got, expect)
+        n += 1
+    assert n == 3600
+    big = np.abs(np.random.default_rng(0).standard_normal(2_000_001)).astype(np.float32)
+    for p in (50.0, 12.5, 87.3):
+        assert wv.percentile_threshold(big, p) == np.percentile(big, p)
+    nan = np.array([1.0, np.nan, 2.0, 3.0], dtype=np.float32)  # NaN: numpy's own answer (nan)
+    assert np.isnan(wv.percentile_threshold(nan, 50)) and np.isnan(np.percentile(nan, 50))
+    assert wv.percentile_threshold(np.zeros(0, np.float32), 50) == 0.0
+    with pytest.raises(ValueError, match="percentile must be a number in \\[0, 100\\], got 101"):
+        wv.percentile_threshold(big, 101)
+
+
 def test_level_zero_is_identity():
     w = _weights((4, 4, 3, 3))
     flat, st = wv.decompose(w, wavelet="bior4.4", level=5, layout="kernel")

@@ -200,14 +200,19 @@ def _count_zeros(t: torch.Tensor) -> int:
     return t.numel() - int(torch.count_nonzero(t))
 
 
-def model_stats(base_model: nn.Module, result: PruneResult) -> ModelStats:
+def model_stats(
+    base_model: nn.Module, result: PruneResult, *, base_cache: dict[str, tuple[torch.Tensor, float]] | None = None
+) -> ModelStats:
     """Per-layer and total stats of ``result`` against the unpruned ``base_model``.
 
     ``base_model`` must hold the weights before pruning (with ``inplace=True`` pruning, keep
-    a copy): ``rel_l2_error`` is ``||W' - W|| / ||W||`` per target layer (0 when ``||W|| = 0``).
+    a copy): ``rel_l2_error`` is ``||W' - W|| / ||W||`` per target layer (0 when ``||W|| = 0``),
+    in float64. ``base_cache``: a dict shared by calls with the same ``base_model`` (one trial's
+    three methods) that keeps each base layer's float64 weight and norm, computed once.
     """
     base = dict(base_model.named_modules())
     pruned_mods = dict(result.model.named_modules())
+    cache = {} if base_cache is None else base_cache
     layers = []
     for lp in result.layers:
         if lp.name not in base:
@@ -217,11 +222,12 @@ def model_stats(base_model: nn.Module, result: PruneResult) -> ModelStats:
         w1 = wt.detach().to(w0.device)
         if w0.shape != w1.shape:
             raise ValueError(f"layer {lp.name!r}: base shape {tuple(w0.shape)} != pruned shape {tuple(w1.shape)}")
+        if lp.name not in cache:
+            w0d = w0.double()
+            cache[lp.name] = (w0d, float(torch.linalg.vector_norm(w0d)))
+        w0d, norm0 = cache[lp.name]
         # Difference and norms in float64 (torch, no numpy round trip): exact enough to recompute.
-        err = _div(
-            float(torch.linalg.vector_norm(w1.double() - w0.double())),
-            float(torch.linalg.vector_norm(w0, dtype=torch.float64)),
-        )
+        err = _div(float(torch.linalg.vector_norm(w1.to(torch.float64, copy=True).sub_(w0d))), norm0)
         zeros = _count_zeros(w1)
         layers.append(
             LayerStats(
@@ -244,10 +250,17 @@ def model_stats(base_model: nn.Module, result: PruneResult) -> ModelStats:
         )
     sd = result.model.state_dict()
     dense = sum(t.numel() * t.element_size() for t in sd.values())
-    stored = stored_bytes_of(result)
+    # The shared encoding: target layers as counted above, every other tensor dense.
+    pruned_keys = {lp.key for lp in result.layers}
+    stored = sum(ls.stored_bytes for ls in layers) + sum(
+        t.numel() * t.element_size() for k, t in sd.items() if k not in pruned_keys
+    )
+    target_weights = {id(pruned_mods[lp.name].weight) for lp in result.layers}
     params = list(result.model.parameters())
     model_params = sum(p.numel() for p in params)
-    model_zeros = sum(_count_zeros(p) for p in params)
+    model_zeros = sum(ls.zero_weights for ls in layers) + sum(
+        _count_zeros(p) for p in params if id(p) not in target_weights
+    )
     tp = sum(ls.params for ls in layers)
     tz = sum(ls.zero_weights for ls in layers)
     nc = sum(ls.coeffs for ls in layers)
@@ -274,13 +287,14 @@ def model_stats(base_model: nn.Module, result: PruneResult) -> ModelStats:
 # --------------------------------------------------------------------------- checkpoint
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's raw bytes (native order), without a copy when it is a contiguous CPU tensor."""
     t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def _numpy_value_bytes(values: np.ndarray) -> bytes:
-    return np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+def _numpy_value_bytes(values: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).view(np.uint8))
 
 
 def save_compressed(result: PruneResult, path: str | os.PathLike, *, metadata: dict | None = None) -> int:
@@ -308,7 +322,7 @@ def save_compressed(result: PruneResult, path: str | os.PathLike, *, metadata: d
             keep = np.asarray(lp.keep, dtype=bool).reshape(-1)
             if keep.size != lp.n_coeffs:
                 raise ValueError(f"{key}: mask has {keep.size} positions, expected {lp.n_coeffs}")
-            bitmap = np.packbits(keep).tobytes()  # bit order: big (first position = MSB of byte 0)
+            bitmap = memoryview(np.packbits(keep))  # bit order: big (first position = MSB of byte 0)
             if lp.coeffs is not None:  # dwt: kept coefficients
                 e["kind"] = "dwt"
                 values = lp.coeffs[keep]
@@ -327,7 +341,7 @@ def save_compressed(result: PruneResult, path: str | os.PathLike, *, metadata: d
             chunks.append(bitmap)
             chunks.append(vbytes)
         entries.append(e)
-    payload_size = sum(len(c) for c in chunks)
+    payload_size = sum(c.nbytes for c in chunks)
     crc = 0
     for c in chunks:
         crc = zlib.crc32(c, crc)

@@ -235,10 +235,13 @@ def prune_dwt(
     msgs: list[str] = []
     for (name, m, coeffs, st), thr in zip(decomposed, thresholds):
         n_approx = st.n_approx if keep_approx else 0
+        mag = np.abs(coeffs)
         if thr is None:
-            thr = wv.percentile_threshold(np.abs(coeffs[n_approx:]), percentile)
-        keep = wv.keep_mask(coeffs, thr, n_approx=n_approx)
-        coeffs = np.where(keep, coeffs, coeffs.dtype.type(0))
+            thr = wv.percentile_threshold(mag[n_approx:], percentile)
+        keep = wv.keep_mask(coeffs, thr, n_approx=n_approx, magnitudes=mag)
+        del mag
+        # coeffs is this function's own array: zero the dropped ones in place (+0.0, as np.where)
+        torch.from_numpy(coeffs).masked_fill_(torch.from_numpy(~keep), 0)
         _write_weight(m, wv.reconstruct(coeffs, st))
         n_zeroed = int(keep.size - np.count_nonzero(keep))
         if st.level < level:
@@ -392,7 +395,7 @@ def prune_magnitude(
     targets = _normalise_targets(targets)
 
     def scores(layers):
-        return [np.abs(_weight_numpy(m.weight).reshape(-1)) for _, m in layers]
+        return [_weight_numpy(m.weight.detach().abs()).reshape(-1) for _, m in layers]
 
     work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores)
     config = dict(amount=_config_amount(amount), scope=scope, seed=None, targets=list(targets))

@@ -49,13 +49,19 @@ def run_tracked_trial(
     ``early_stopped=true`` (MLflow has no "pruned" status), and are re-raised for the caller. ``on_run(run_id)`` is
     called as soon as the run exists, so a study can cross-reference it before work starts.
     """
+    t_start = time.perf_counter()
     client, exp_id = tracking.init_tracking(experiment=experiment)
     run = tracking.TrialRun(client, exp_id, cfg, parent_run_id=parent_run_id, extra_tags=tags)
+    t_setup = time.perf_counter() - t_start
     if on_run is not None:
         on_run(run.run_id)
     try:
+        t0 = time.perf_counter()
         base = resolve_base(cfg, progress=progress)
+        t_base = time.perf_counter() - t0
         result = run_trial(cfg, base=base, reporter=reporter, progress=progress)
+        result.phase_seconds["load_base"] = t_base
+        result.phase_seconds["mlflow_setup"] = t_setup
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             files = {}

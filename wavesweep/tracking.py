@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -108,8 +110,9 @@ def _ensure_experiment(client: MlflowClient, name: str | None) -> str:
         return exp.experiment_id
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """wavesweep version plus the git commit of the source tree when it is a checkout."""
+    """wavesweep version plus the git commit of the source tree when it is a checkout (once per process)."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
@@ -141,7 +144,8 @@ def log_batch(
 
     ``metrics`` is ``{key: value}`` (step 0) or a list of ``(key, value, step)``. Params that the
     run already has (``mlflow run`` logs its ``-P`` values itself) are skipped, not re-logged;
-    ``new_run=True`` (a run this process just created, with no params yet) skips that look-up.
+    ``new_run=True`` (the caller knows the run has none of these params: a run it created and
+    logged other keys on) skips that look-up.
     """
     existing = client.get_run(run_id).data.params if params and not new_run else {}
     ps = [Param(k, _fmt(v)) for k, v in (params or {}).items() if k not in existing]
@@ -158,16 +162,40 @@ def log_batch(
         client.log_batch(run_id, metrics=m_chunk, params=p_chunk, tags=t_chunk)
 
 
-def _log_json_table(run_id: str, frame: pd.DataFrame, name: str) -> None:
-    mlflow.log_table(data=frame, artifact_file=f"{name}.json", run_id=run_id)
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what mlflow.log_table sets; the UI lists tables by it
 
 
-def _log_files(client: MlflowClient, run_id: str, files: dict[str, str | bytes], artifact_path: str | None = None) -> None:
-    """Write ``{filename: content}`` to a temp dir and log them as artifacts in one upload."""
+def table_json(frame: pd.DataFrame) -> str:
+    """``frame`` as ``mlflow.log_table`` writes a ``.json`` table (``mlflow.load_table`` reads it)."""
+    return frame.to_json(orient="split", index=False, date_format="iso")
+
+
+def table_tag(*artifact_files: str) -> dict[str, str]:
+    """The ``mlflow.loggedArtifacts`` tag ``mlflow.log_table`` sets on a run for these new tables."""
+    return {LOGGED_ARTIFACTS_TAG: json.dumps([{"path": f, "type": "table"} for f in artifact_files])}
+
+
+def _log_files(
+    client: MlflowClient,
+    run_id: str,
+    files: dict[str, str | bytes],
+    artifact_path: str | None = None,
+    copies: dict[str, Path] | None = None,
+) -> None:
+    """Write ``{relative path: content}`` (and copy ``{relative path: file}``) into a temp dir and
+    log it all as the run's artifacts in one upload."""
     with tempfile.TemporaryDirectory() as tmp:
         for fname, content in files.items():
             p = Path(tmp) / fname
+            p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(content if isinstance(content, bytes) else content.encode())
+        for fname, src in (copies or {}).items():
+            p = Path(tmp) / fname
+            p.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, p)  # same file system: no copy of the checkpoint bytes
+            except OSError:
+                shutil.copyfile(src, p)
         client.log_artifacts(run_id, tmp, artifact_path)
 
 
@@ -200,7 +228,7 @@ class TrialRun:
             run = client.create_run(experiment_id, run_name=run_name(cfg, "trial"), tags=tags)
             self.run_id = run.info.run_id
             self.owned = True
-        self.experiment_id = client.get_run(self.run_id).info.experiment_id
+        self.experiment_id = experiment_id if self.owned else client.get_run(self.run_id).info.experiment_id
         self.child_ids: dict[str, str] = {}
         log_batch(client, self.run_id, params={**cfg.to_dict(), "code_version": code_version()}, new_run=self.owned)
 
@@ -294,31 +322,32 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
         **{f"base_{k}": v for k, v in base.build_kwargs.items()},
         "n_eval": result.eval_info["n_eval"],
     }  # fmt: skip
+    # Per-layer tables are written as mlflow.log_table writes them (same JSON, same
+    # mlflow.loggedArtifacts tag) but uploaded with the run's other artifacts: log_table itself
+    # lists, fetches and re-tags the run on every call (~25 ms each on SQLite).
+    frames = {m: o.stats.to_frame() for m, o in result.outcomes.items()}
     for method, out in result.outcomes.items():
         rid = run.child(method)
-        frame = out.stats.to_frame()
         params = {**cfg.to_dict(), **base_params, "method": method}
         if method != "dwt":
             params |= {"matched_to": "dwt", "match_scope": cfg.scope, "prune_seed": out.prune.config.get("seed", cfg.seed)}
-        log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frame)],
-                  new_run=True)  # fmt: skip
-        _log_json_table(rid, frame, "layers")
-    dwt_frame = result.outcomes["dwt"].stats.to_frame()
-    log_batch(client, run.run_id, params=base_params, metrics=[*((k, v, 0) for k, v in metrics["parent"].items()), *_layer_series(dwt_frame)],
-              tags={"warnings": len(result.warnings)})  # fmt: skip
-    _log_json_table(run.run_id, dwt_frame, "layers")
+        log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frames[method])],
+                  tags=table_tag("layers.json"), new_run=True)  # fmt: skip
+        _log_files(client, rid, {"layers.json": table_json(frames[method])})
+    log_batch(client, run.run_id, params=base_params, metrics=[*((k, v, 0) for k, v in metrics["parent"].items()), *_layer_series(frames["dwt"])],
+              tags={"warnings": len(result.warnings), **table_tag("layers.json")}, new_run=run.owned)  # fmt: skip
     preds = pd.DataFrame({"target": result.base_eval.targets, "base": result.base_eval.preds,
                           **{m: o.eval.preds for m, o in result.outcomes.items()}})  # fmt: skip
     files: dict[str, str | bytes] = {
+        "layers.json": table_json(frames["dwt"]),
         "config.yaml": yaml.safe_dump({"trial": cfg.to_dict(), "base": base_params, "code_version": code_version()}, sort_keys=False),
         "warnings.txt": "\n".join(result.warnings) + ("\n" if result.warnings else ""),
         "predictions.csv": preds.to_csv(index=False),
-        **{f"layers_{m}.csv": o.stats.to_frame().to_csv(index=False) for m, o in result.outcomes.items()},
+        **{f"layers_{m}.csv": f.to_csv(index=False) for m, f in frames.items()},
         "paired.json": json.dumps({k: v.__dict__ for k, v in result.paired.items()}, indent=2),
     }
-    _log_files(client, run.run_id, files)
-    for method, path in checkpoint_files.items():
-        client.log_artifact(run.run_id, str(path), CHECKPOINT_DIR)
+    copies = {f"{CHECKPOINT_DIR}/{path.name}": Path(path) for path in checkpoint_files.values()}
+    _log_files(client, run.run_id, files, copies=copies)
 
 
 # --------------------------------------------------------------------------- reading runs back

@@ -32,10 +32,10 @@ from wavesweep.data import DatasetBundle, dataset_shape, load_dataset, make_load
 from wavesweep.evaluate import evaluate, resolve_device
 from wavesweep.models import (
     MODELS,
+    build_loaded,
     build_model,
     check_num_classes,
     load_pretrained_resnet18,
-    load_state_checked,
     resnet18_imagenet_path,
 )
 from wavesweep.registry import check_choice
@@ -310,11 +310,10 @@ def get_base_model(
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
-        model = build_model(model_name, **shape)
         obj = torch.load(path, map_location="cpu", weights_only=True)
         from wavesweep.models import unwrap_state_dict
 
-        load_state_checked(model, unwrap_state_dict(obj, source=str(path)), source=str(path))
+        model = build_loaded(model_name, unwrap_state_dict(obj, source=str(path)), source=str(path), **shape)
         meta = _read_meta(obj)
         return BaseModel(model.eval(), model_name, dataset_name, seed, "checkpoint", path,
                          file_sha256(path), shape, meta.get("train_info", {}))
@@ -349,8 +348,7 @@ def get_base_model(
     obj = torch.load(path, map_location="cpu", weights_only=True)
     meta = _read_meta(obj)
     shape = meta["build_kwargs"]
-    model = build_model(model_name, **shape)
-    load_state_checked(model, obj["state_dict"], source=str(path))
+    model = build_loaded(model_name, obj["state_dict"], source=str(path), **shape)
     return BaseModel(model.eval(), model_name, dataset_name, seed, "trained", path, file_sha256(path),
                      shape, meta.get("train_info", {}))
 

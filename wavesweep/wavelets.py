@@ -273,19 +273,40 @@ def reconstruct(flat: np.ndarray, structure: CoeffStructure) -> np.ndarray:
 
 
 def percentile_threshold(abs_coeffs: np.ndarray, percentile: float) -> float:
-    """``numpy.percentile`` (method 'linear') of the given magnitudes; 0.0 for an empty array."""
-    if abs_coeffs.size == 0:
+    """``numpy.percentile(abs_coeffs, percentile)`` (method 'linear'), bit for bit; 0.0 if empty.
+
+    ``np.percentile`` partitions around four positions (min, max and the two neighbours of
+    the virtual index), about 6x slower than one ``np.partition`` on a 2M-entry layer. Here:
+    one partition at the lower neighbour, the upper one as the minimum of the part above,
+    and numpy's own interpolation formula (``_lerp``, weak promotion of the weight) in the
+    array's dtype. Arrays with NaN, non-float arrays and indexes at the ends take
+    ``np.percentile`` itself. ``tests/test_wavelets.py`` checks equality with ``np.percentile``.
+    """
+    p = validate_percentile(percentile)
+    a = np.asarray(abs_coeffs).reshape(-1)
+    n = a.size
+    if n == 0:
         return 0.0
-    return np.percentile(abs_coeffs, validate_percentile(percentile))
+    q = np.true_divide(p, 100)  # as numpy.percentile, then its 'linear' virtual index
+    virtual = float((n - 1) * q)
+    if a.dtype.kind != "f" or n < 2 or not (0 <= virtual < n - 1) or np.isnan(a).any():
+        return np.percentile(a, p)
+    k = int(np.floor(virtual))
+    gamma = virtual - k
+    part = np.partition(a, k)
+    lo = part[k]
+    hi = part[k + 1 :].min()
+    diff = hi - lo
+    return hi - diff * (1 - gamma) if gamma >= 0.5 else lo + diff * gamma
 
 
-def keep_mask(flat: np.ndarray, threshold: float, *, n_approx: int = 0) -> np.ndarray:
+def keep_mask(flat: np.ndarray, threshold: float, *, n_approx: int = 0, magnitudes: np.ndarray | None = None) -> np.ndarray:
     """Boolean mask over ``flat``: True where a coefficient is kept (|c| >= threshold).
 
     The first ``n_approx`` entries (the approximation band, when it is kept untouched)
-    are always kept.
+    are always kept. ``magnitudes``: ``np.abs(flat)`` when the caller already has it.
     """
-    keep = np.abs(flat) >= threshold
+    keep = (np.abs(flat) if magnitudes is None else magnitudes) >= threshold
     keep[:n_approx] = True
     return keep
 
