@@ -1,3 +1,3 @@
-from wavesweep.cli import main
+from wavesweep.cli import run
 
-raise SystemExit(main())
+run()

@@ -1,0 +1,59 @@
+"""The console entry point's fast exit: same exit code, output flushed, atexit handlers and
+non-daemon threads finished, as a normal interpreter exit would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:  # a hang fails after 120 s
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{cwd / 'mlflow.db'}"
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_fast_exit_keeps_code_output_atexit_and_threads(tmp_path):
+    proc = _python(
+        f"""
+        import atexit, threading, time
+        from wavesweep import cli
+        atexit.register(lambda: open({str(tmp_path / "atexit.txt")!r}, "w").write("ran"))
+        def late():
+            time.sleep(0.5)
+            open({str(tmp_path / "thread.txt")!r}, "w").write("done")
+        threading.Thread(target=late).start()
+        import concurrent.futures  # an idle pool left open (as MLflow's downloads leave one): must not hang
+        pool = concurrent.futures.ThreadPoolExecutor(2)  # kept alive, as a module-level pool
+        pool.submit(lambda: None).result()
+        print("x" * 200_000, end="")  # buffered: must be flushed before os._exit
+        cli.run(["trial", "--wavelet", "nope"])
+        print("not reached")
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stdout == "x" * 200_000
+    assert proc.stderr.strip().startswith("wavesweep: error: unknown wavelet 'nope'; valid: bior1.1, ")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert (tmp_path / "thread.txt").read_text() == "done"
+
+
+def test_module_entry_point_exit_codes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(ROOT))
+    ok = subprocess.run([sys.executable, "-m", "wavesweep", "trial", "--help"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ok.returncode == 0 and "--wavelet" in ok.stdout and ok.stdout.rstrip().endswith("no progress bars")
+    bad = subprocess.run([sys.executable, "-m", "wavesweep", "trial", "--level", "9"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "wavesweep: error: level must be an int in 1..5, got 9"
