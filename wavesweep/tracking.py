@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -311,8 +311,14 @@ def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
     return out
 
 
-def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> None:
-    """Record a finished ``trial.TrialResult`` on ``run``: children, metrics, tables, artifacts."""
+def log_trial(
+    run: TrialRun, result, *, checkpoint_files: dict[str, Path] | Callable[[], dict[str, Path]]
+) -> None:
+    """Record a finished ``trial.TrialResult`` on ``run``: children, metrics, tables, artifacts.
+
+    ``checkpoint_files``: ``{method: path}``, or a function returning it, called only when the
+    artifacts are uploaded (last), so the checkpoints can still be being written until then.
+    """
     client, cfg = run.client, result.config
     metrics = trial_metrics(result)
     base = result.base
@@ -346,7 +352,8 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
         **{f"layers_{m}.csv": f.to_csv(index=False) for m, f in frames.items()},
         "paired.json": json.dumps({k: v.__dict__ for k, v in result.paired.items()}, indent=2),
     }
-    copies = {f"{CHECKPOINT_DIR}/{path.name}": Path(path) for path in checkpoint_files.values()}
+    ckpts = checkpoint_files() if callable(checkpoint_files) else checkpoint_files
+    copies = {f"{CHECKPOINT_DIR}/{path.name}": Path(path) for path in ckpts.values()}
     _log_files(client, run.run_id, files, copies=copies)
 
 
