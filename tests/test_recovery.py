@@ -1,0 +1,234 @@
+"""Recovery: BatchNorm re-estimation against an independent hook computation, fine-tuning
+that keeps every pruning exact, and the checkpoint of a fine-tuned dwt model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from wavesweep import accounting, pruning, recovery
+from wavesweep import wavelets as wv
+
+
+def bn_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Dropout(0.5),  # must stay off during re-estimation
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 4),
+        nn.BatchNorm1d(4),
+    ).eval()
+
+
+def plain_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+
+
+@pytest.fixture(scope="module")
+def train_set() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 1, 8, 8, generator=g) * 2 + 0.5
+    y = torch.randint(0, 4, (300,), generator=g)
+    return TensorDataset(x, y)
+
+
+def test_training_batches_are_a_pure_function_of_their_arguments(train_set):
+    a = list(recovery.training_batches(train_set, batch_size=64, n=12, seed=3))
+    b = list(recovery.training_batches(train_set, batch_size=64, n=12, seed=3))
+    c = list(recovery.training_batches(train_set, batch_size=64, n=12, seed=4))
+    assert len(a) == 12
+    assert all(x.shape == (64, 1, 8, 8) for x, _ in a)  # only full batches (300 = 4 * 64 + 44)
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert not torch.equal(a[0][0], c[0][0])
+    # an epoch is a permutation: the first 4 batches hold 256 distinct examples
+    seen = torch.cat([x.reshape(64, -1) for x, _ in a[:4]])
+    assert torch.unique(seen, dim=0).shape[0] == 256
+
+
+def test_training_batches_generic_dataset_matches_tensor_path(train_set):
+    class Plain(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(train_set)
+
+        def __getitem__(self, i):
+            return train_set[i]
+
+    a = list(recovery.training_batches(train_set, batch_size=50, n=7, seed=1))
+    b = list(recovery.training_batches(Plain(), batch_size=50, n=7, seed=1))
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def test_reestimate_bn_equals_hook_computation(train_set):
+    model = bn_net()
+    batches = list(recovery.training_batches(train_set, batch_size=32, n=9, seed=0))
+    # Oracle: run the batches with the BatchNorm layers in train mode (batch statistics) and
+    # record every BatchNorm input with forward pre-hooks; average the per-batch per-channel
+    # means and unbiased variances over the batches.
+    oracle = bn_net()
+    bns = recovery.batchnorm_layers(oracle)
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(bns))}
+    hooks = [bn.register_forward_pre_hook(lambda mod, inp, i=i: seen[i].append(inp[0].detach().clone()))
+             for i, bn in enumerate(bns)]  # fmt: skip
+    oracle.eval()
+    for bn in bns:
+        bn.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            oracle(x)
+    for h in hooks:
+        h.remove()
+
+    layers, used = recovery.reestimate_bn(model, iter(batches))
+    assert (layers, used) == (3, 9)
+    assert not model.training and all(not m.training for m in model.modules())
+    for i, bn in enumerate(recovery.batchnorm_layers(model)):
+        dims = [0] + list(range(2, seen[i][0].ndim))
+        means = torch.stack([t.double().mean(dim=dims) for t in seen[i]])
+        vars_ = torch.stack([t.double().var(dim=dims, unbiased=True) for t in seen[i]])
+        torch.testing.assert_close(bn.running_mean.double(), means.mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), vars_.mean(0), rtol=1e-5, atol=1e-6)
+        assert bn.momentum == 0.1  # restored
+        assert int(bn.num_batches_tracked) == 9
+    # weights untouched
+    ref = bn_net()
+    for (k, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), k
+
+
+def test_recover_bn_leaves_pruning_and_weights_alone(train_set):
+    res = pruning.prune_magnitude(bn_net(), 0.6)
+    before = {k: v.clone() for k, v in res.model.named_parameters()}
+    rep = recovery.recover(res, train_set, recovery.RecoverySettings("bn", batches=5, batch_size=32))
+    assert rep.bn_layers == 3 and rep.bn_batches == 5 and rep.finetune_steps == 0
+    for k, v in res.model.named_parameters():
+        assert torch.equal(v, before[k]), k
+
+
+def test_model_without_batchnorm_skips_and_says_so(train_set):
+    res = pruning.prune_magnitude(plain_net(), 0.5)
+    rep = recovery.recover(res, train_set, recovery.RecoverySettings("bn", batches=3))
+    assert rep.bn_layers == 0 and rep.bn_batches == 0
+    assert "no BatchNorm" in rep.note
+
+
+def test_recovery_without_training_split_is_one_line_error():
+    res = pruning.prune_magnitude(plain_net(), 0.5)
+    with pytest.raises(ValueError, match="training split") as err:
+        recovery.recover(res, None, recovery.RecoverySettings("finetune"))
+    assert "\n" not in str(err.value)
+    assert recovery.recover(res, None, recovery.RecoverySettings("none")).recovery == "none"
+
+
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [
+        (dict(recovery="bogus"), "bogus"),
+        (dict(batches=0), "recovery_batches=0"),
+        (dict(steps=0), "finetune_steps=0"),
+        (dict(batch_size=0), "recovery_batch_size=0"),
+        (dict(lr=0.0), "finetune_lr=0.0"),
+        (dict(optimizer="adam"), "adam"),
+        (dict(schedule="onecycle"), "onecycle"),
+    ],
+)
+def test_bad_settings_name_the_value(kwargs, bad):
+    with pytest.raises(ValueError, match=bad):
+        recovery.RecoverySettings(**kwargs)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_finetune_keeps_zeros_bitwise_positive_zero(train_set, method):
+    base = bn_net()
+    fn = pruning.prune_magnitude if method == "magnitude" else pruning.prune_random
+    res = fn(base, 0.7, targets=("conv", "linear"))
+    before = {lp.key: res.model.get_parameter(lp.key).detach().clone() for lp in res.layers}
+    settings = recovery.RecoverySettings("finetune", batches=4, steps=15, batch_size=32, lr=1e-2)
+    rep = recovery.recover(res, train_set, settings)
+    assert rep.finetune_steps == 15 and np.isfinite(rep.final_train_loss)
+    assert not res.model.training
+    for lp in res.layers:
+        w = res.model.get_parameter(lp.key).detach().reshape(-1)
+        pruned = torch.from_numpy(~lp.keep)
+        assert int(pruned.sum()) == lp.n_zeroed
+        z = w[pruned]
+        assert torch.all(z == 0) and not torch.any(torch.signbit(z)), lp.key  # bitwise +0.0
+        kept_before = before[lp.key].reshape(-1)[~pruned]
+        assert not torch.equal(w[~pruned], kept_before), f"{lp.key}: kept weights did not train"
+    # the accounting sees the same sparsity as before fine-tuning
+    stats = accounting.model_stats(base, res)
+    assert stats.zeroed_coeffs == res.n_zeroed
+
+
+def _dwt_result(model, layout="filter", wavelet="bior4.4", level=3, percentile=70.0):
+    return pruning.prune_dwt(model, wavelet=wavelet, level=level, percentile=percentile, layout=layout,
+                             targets=("conv", "linear"))  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["filter", "kernel", "matrix", "flat"])
+def test_finetune_dwt_trains_only_kept_coefficients(train_set, tmp_path, layout):
+    pytest.importorskip("wavesweep.wavelets_torch")
+    base = bn_net()
+    res = _dwt_result(base, layout=layout, wavelet="haar" if layout == "kernel" else "bior2.2")
+    keep_before = [lp.keep.copy() for lp in res.layers]
+    coeffs_before = [lp.coeffs.copy() for lp in res.layers]
+    stats_before = accounting.model_stats(base, res)
+    settings = recovery.RecoverySettings("finetune", batches=4, steps=12, batch_size=32, lr=1e-2)
+    rep = recovery.recover(res, train_set, settings)
+    assert rep.finetune_steps == 12
+    changed = 0
+    for lp, keep0, c0 in zip(res.layers, keep_before, coeffs_before):
+        assert np.array_equal(lp.keep, keep0)
+        assert lp.coeffs.dtype == c0.dtype and lp.coeffs.shape == c0.shape
+        assert np.all(lp.coeffs[~lp.keep] == 0)
+        changed += int(not np.array_equal(lp.coeffs[lp.keep], c0[lp.keep]))
+        # the weight is the inverse DWT of the fine-tuned coefficients (PyWavelets as the oracle)
+        w = res.model.get_parameter(lp.key).detach().numpy()
+        np.testing.assert_allclose(w, wv.reconstruct(lp.coeffs, lp.structure), rtol=1e-4, atol=1e-5)
+    assert changed == len(res.layers)
+    assert isinstance(res.model[0].weight, nn.Parameter)  # parametrisation removed
+    stats = accounting.model_stats(base, res)
+    assert stats.stored_bytes == stats_before.stored_bytes
+    assert stats.zeroed_coeffs == stats_before.zeroed_coeffs
+    # the checkpoint stores the fine-tuned coefficients and rebuilds the fine-tuned model
+    path = tmp_path / "dwt.wsz"
+    size = accounting.save_compressed(res, path)
+    assert size == stats.stored_bytes + accounting.read_header(path)["header_bytes"]
+    rebuilt, _ = accounting.load_compressed(path, bn_net(seed=1))
+    x = train_set.tensors[0][:16]
+    for (k, a), (_, b) in zip(res.model.state_dict().items(), rebuilt.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    torch.testing.assert_close(res.model(x), rebuilt(x), rtol=1e-4, atol=1e-4)
+
+
+def test_same_recovery_for_every_method(train_set, monkeypatch):
+    """All three methods consume identical training batches (the same examples, the same order)."""
+    pytest.importorskip("wavesweep.wavelets_torch")
+    seen: dict[str, list[torch.Tensor]] = {}
+    real = recovery.training_batches
+
+    def spy(*a, **k):
+        for x, y in real(*a, **k):
+            seen.setdefault(current, []).append(x)
+            yield x, y
+
+    monkeypatch.setattr(recovery, "training_batches", spy)
+    base = bn_net()
+    dwt = _dwt_result(base)
+    results = {"dwt": dwt, **pruning.prune_matched(base, dwt, targets=("conv", "linear"))}
+    settings = recovery.RecoverySettings("finetune", batches=3, steps=4, batch_size=32)
+    for current, res in results.items():
+        recovery.recover(res, train_set, settings)
+    assert len(seen["dwt"]) == 7
+    for m in ("magnitude", "random"):
+        assert len(seen[m]) == 7 and all(torch.equal(a, b) for a, b in zip(seen["dwt"], seen[m]))

@@ -1,0 +1,339 @@
+"""Recovery after pruning, the same for every method: BatchNorm re-estimation and
+mask-preserving fine-tuning (in the wavelet domain for dwt).
+
+Pruning leaves BatchNorm running statistics describing the *unpruned* network; comparing
+methods one-shot mostly compares how stale those statistics are. Every method of a trial
+gets exactly the same recovery here: the same training examples, in the same batches and
+order (:func:`training_batches` is a pure function of the dataset, batch size and seed),
+the same step budget, optimizer and schedule.
+
+* ``none``: nothing (the seed study's one-shot protocol).
+* ``bn``: :func:`reestimate_bn` -- every BatchNorm layer's running mean and variance become
+  the cumulative average (not an exponential one) of the per-batch statistics of its inputs
+  over ``batches`` training batches, in train mode for the BatchNorm layers only (dropout and
+  everything else stay in eval mode), without gradients. Weights are untouched.
+* ``finetune``: ``bn``, then :func:`finetune`: ``steps`` optimizer steps of cross-entropy on
+  training batches with each method's pruning held exactly. magnitude/random: the gradient of
+  every zeroed weight is masked and the weight is written back to +0.0 after each step, so it
+  stays bitwise +0.0. dwt: each target weight is parametrised as ``W = IDWT(c * m)``
+  (:mod:`wavesweep.wavelets_torch`, in the layer's own layout, wavelet, mode and effective
+  level) and only the kept coefficients ``c[m]`` train; the coefficient mask, coefficient
+  sparsity and stored bytes do not change and the result's ``coeffs`` become the fine-tuned
+  ones (so the compressed checkpoint stores them). Parameters that are not pruned (biases,
+  BatchNorm affine, the classifier) train the same way for all three methods.
+
+Pure PyTorch: nothing here knows MLflow or Optuna.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from wavesweep.pruning import PruneResult
+from wavesweep.registry import check_choice
+
+log = logging.getLogger(__name__)
+
+RECOVERIES: tuple[str, ...] = ("none", "bn", "finetune")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+
+__all__ = [
+    "RECOVERIES",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "RecoverySettings",
+    "RecoveryReport",
+    "batchnorm_layers",
+    "training_batches",
+    "reestimate_bn",
+    "finetune",
+    "recover",
+]
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    """How a pruned model is recovered; identical for every method of a trial.
+
+    ``batches``: BatchNorm re-estimation batches. ``steps``: fine-tuning optimizer steps.
+    ``batch_size``: examples per training batch (both stages). ``lr``: (peak) learning rate.
+    ``seed``: the order of the training examples.
+    """
+
+    recovery: str = "bn"
+    batches: int = 50
+    steps: int = 100
+    batch_size: int = 64
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("recovery", self.recovery, RECOVERIES)
+        check_choice("finetune optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("finetune schedule", self.schedule, SCHEDULES)
+        for name, value in (("recovery_batches", self.batches), ("finetune_steps", self.steps),
+                            ("recovery_batch_size", self.batch_size)):  # fmt: skip
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ValueError(f"finetune_lr={self.lr!r} must be a number > 0")
+
+
+@dataclass
+class RecoveryReport:
+    """What recovery did to one model: which stages ran, on how many batches, how long it took."""
+
+    recovery: str
+    bn_layers: int = 0
+    bn_batches: int = 0
+    finetune_steps: int = 0
+    final_train_loss: float = float("nan")
+    seconds: float = 0.0
+    note: str = ""
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "recovery_seconds": self.seconds,
+            "recovery_bn_layers": float(self.bn_layers),
+            "recovery_bn_batches": float(self.bn_batches),
+            "recovery_finetune_steps": float(self.finetune_steps),
+            **({"recovery_train_loss": self.final_train_loss} if self.finetune_steps else {}),
+        }
+
+
+# --------------------------------------------------------------------------- data
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer (1-D, 2-D, 3-D, sync) that keeps running statistics, in module order."""
+    return [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
+def training_batches(
+    dataset: Dataset, *, batch_size: int, n: int, seed: int = 0, num_workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` batches ``(x, y)`` of a seeded stream over ``dataset``: a pure function
+    of its arguments, so every method of a trial sees the same examples in the same order.
+
+    Each epoch is a new permutation from one ``torch.Generator`` seeded with ``seed``; only
+    full batches of ``batch_size`` are used (a BatchNorm layer in train mode cannot take a
+    batch whose spatial output is one value per channel), unless the dataset is smaller than
+    one batch, in which case each batch is the whole permuted dataset.
+    """
+    size = len(dataset)
+    if size == 0:
+        raise ValueError("cannot recover on an empty training split")
+    bs = min(batch_size, size)
+    gen = torch.Generator().manual_seed(seed)
+
+    def index_batches() -> Iterator[torch.Tensor]:
+        while True:
+            perm = torch.randperm(size, generator=gen)
+            for i in range(0, size - bs + 1, bs):
+                yield perm[i : i + bs]
+
+    indices = index_batches()
+    if isinstance(dataset, TensorDataset):  # one indexing op per batch
+        for _ in range(n):
+            idx = next(indices)
+            x, y = dataset[idx]
+            yield x, torch.as_tensor(y)
+        return
+    order = [next(indices).tolist() for _ in range(n)]
+    loader = DataLoader(dataset, batch_sampler=order, num_workers=num_workers)
+    for x, y in loader:
+        yield x, torch.as_tensor(y)
+
+
+# --------------------------------------------------------------------------- BatchNorm
+
+
+def reestimate_bn(model: nn.Module, batches, *, device: torch.device | str = "cpu") -> tuple[int, int]:
+    """Re-estimate every BatchNorm layer's running mean and variance from ``batches``.
+
+    The statistics are reset and recomputed as the cumulative (arithmetic) average of the
+    per-batch mean and unbiased variance of each layer's input over the batches (PyTorch's
+    ``momentum=None``), with only the BatchNorm layers in train mode and no gradients. The
+    model's mode and each layer's momentum are restored. Returns ``(layers, batches used)``;
+    ``(0, 0)`` for a model without BatchNorm (nothing is consumed from ``batches``).
+    """
+    bns = batchnorm_layers(model)
+    if not bns:
+        return 0, 0
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    model.to(device)
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: running = mean over batches seen
+        m.train()
+    used = 0
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x.to(device, non_blocking=True))
+                used += 1
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    if used == 0:
+        raise ValueError("BatchNorm re-estimation got no batches")
+    return len(bns), used
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+class WaveletWeight(nn.Module):
+    """Parametrisation ``W = IDWT(c * m)`` of one target weight: the original tensor is the
+    flat coefficient vector ``c`` (``structure.n_coeffs`` entries, the coefficient order of
+    :mod:`wavesweep.wavelets`) and ``m`` the fixed keep mask; dropped coefficients get no
+    gradient and stay 0."""
+
+    def __init__(self, keep: torch.Tensor, structure) -> None:
+        super().__init__()
+        self.structure = structure
+        self.register_buffer("mask", keep.to(torch.bool), persistent=False)
+
+    def forward(self, coeffs: torch.Tensor) -> torch.Tensor:
+        from wavesweep import wavelets_torch
+
+        kept = torch.where(self.mask, coeffs, torch.zeros((), dtype=coeffs.dtype, device=coeffs.device))
+        return wavelets_torch.reconstruct(kept, self.structure)
+
+
+def _modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(model.named_modules())
+
+
+def _optimizer(params, settings: RecoverySettings) -> torch.optim.Optimizer:
+    # No weight decay: it would act on coefficients for dwt and on weights for the others.
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    return torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=0.0)
+
+
+def finetune(
+    result: PruneResult,
+    batches,
+    settings: RecoverySettings,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[int, float]:
+    """Fine-tune ``result.model`` in place on ``batches`` with its pruning held exactly.
+
+    See the module docstring. For dwt the layers' ``coeffs`` are replaced by the fine-tuned
+    kept coefficients (zeros where dropped, dtype unchanged) and the weights by their inverse
+    DWT. Returns ``(steps taken, last training loss)``; the model ends in eval mode.
+    """
+    model = result.model
+    model.to(device)
+    modules = _modules_by_name(model)
+    dev = torch.device(device)
+    masked: list[tuple[nn.Parameter, torch.Tensor]] = []  # magnitude/random: (weight, bool keep)
+    dwt_layers = []
+    for lp in result.layers:
+        m = modules[lp.name]
+        if lp.coeffs is not None:  # dwt: train the kept coefficients
+            keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).to(dev)
+            coeffs = torch.from_numpy(np.ascontiguousarray(lp.coeffs)).to(dev)
+            parametrize.register_parametrization(m, "weight", WaveletWeight(keep, lp.structure), unsafe=True)
+            orig = m.parametrizations.weight.original
+            with torch.no_grad():
+                orig.data = coeffs.clone()
+            dwt_layers.append((lp, m, keep))
+        else:
+            keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).reshape(m.weight.shape).to(dev)
+            masked.append((m.weight, keep))
+    hooks = [w.register_hook(lambda g, k=k: g * k) for w, k in masked]
+    opt = _optimizer([p for p in model.parameters() if p.requires_grad], settings)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.steps) if settings.schedule == "cosine" else None
+    model.train()
+    losses = []
+    steps = 0
+    try:
+        for x, y in tqdm(batches, total=settings.steps, desc=f"finetune {result.method}", leave=False,
+                         disable=not progress):  # fmt: skip
+            loss = F.cross_entropy(model(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            with torch.no_grad():
+                for w, k in masked:
+                    w.masked_fill_(~k, 0)  # exactly +0.0 where pruned
+                for _, m, k in dwt_layers:
+                    m.parametrizations.weight.original.masked_fill_(~k, 0)
+            losses.append(loss.detach())
+            steps += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for lp, m, k in dwt_layers:
+            with torch.no_grad():
+                c = m.parametrizations.weight.original.detach()
+                lp.coeffs = c.cpu().numpy().astype(lp.coeffs.dtype, copy=True)
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        model.eval()
+    return steps, float(losses[-1]) if losses else float("nan")
+
+
+# --------------------------------------------------------------------------- one entry point
+
+
+def recover(
+    result: PruneResult,
+    train_set: Dataset | None,
+    settings: RecoverySettings,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> RecoveryReport:
+    """Apply ``settings.recovery`` to ``result.model`` in place; return what was done.
+
+    ``train_set`` is the *training* split (never the evaluation examples). Raises a one-line
+    ``ValueError`` when a recovery that needs training data has none.
+    """
+    report = RecoveryReport(settings.recovery)
+    if settings.recovery == "none":
+        return report
+    if train_set is None:
+        raise ValueError(
+            f"recovery={settings.recovery!r} needs the dataset's training split, which is not available "
+            f"(e.g. an ImageNet validation folder alone); use recovery=none or a dataset with a train split"
+        )
+    t0 = time.perf_counter()
+    bns = batchnorm_layers(result.model)
+    if bns:
+        batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.batches, seed=settings.seed)
+        report.bn_layers, report.bn_batches = reestimate_bn(result.model, batches, device=device)
+    else:
+        report.note = f"{type(result.model).__name__} has no BatchNorm layers: BatchNorm re-estimation skipped"
+    if settings.recovery == "finetune":
+        # a second stream (seed + 1) so fine-tuning does not start on the re-estimation batches
+        batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.steps, seed=settings.seed + 1)
+        report.finetune_steps, report.final_train_loss = finetune(
+            result, batches, settings, device=device, progress=progress
+        )
+    report.seconds = time.perf_counter() - t0
+    return report
