@@ -51,15 +51,21 @@ def cmd_trial(args: argparse.Namespace) -> int:
     result, run_id = run_tracked_trial(cfg, experiment=args.experiment, progress=not args.quiet)
     o = result.outcomes
     print(f"trial run {run_id} ({tracking.tracking_uri()})")
-    print(f"{'method':<10} {'top1':>7} {'top5':>7} {'loss':>7} {'f1':>7} {'w-sparsity':>10} {'c-sparsity':>10} {'stored B':>10} {'ratio':>6} {'ms/batch':>8}")
-    rows = [("base", result.base_eval, None, result.base_timing)] + [(m, o[m].eval, o[m].stats, o[m].timing) for m in o]
-    for name, ev, st, tm in rows:
+    rec = result.config.recovery
+    pre = rec != "none"
+    print(f"recovery: {rec}" + (" (top1 before -> after recovery in 'pre top1'; every other column is after)" if pre else ""))
+    print(f"{'method':<10} {'top1':>7}" + (f" {'pre top1':>8}" if pre else "") + f" {'top5':>7} {'loss':>7} {'f1':>7} {'w-sparsity':>10} {'c-sparsity':>10} {'stored B':>10} {'ratio':>6} {'ms/batch':>8}")
+    rows = [("base", result.base_eval, None, result.base_timing, None)] + [
+        (m, o[m].eval, o[m].stats, o[m].timing, o[m].prerec_eval) for m in o
+    ]
+    for name, ev, st, tm, pe in rows:
+        pt = (f" {pe.top1:8.4f}" if pe is not None else f" {'':>8}") if pre else ""
         ws = f"{st.weight_sparsity_target:10.3f}" if st else f"{'':>10}"
         cs = f"{st.coeff_sparsity:10.3f}" if st else f"{'':>10}"
         sb = f"{st.stored_bytes:10d}" if st else f"{'':>10}"
         cr = f"{st.compression_ratio:6.2f}" if st else f"{'':>6}"
         ms = f"{tm.median_ms:8.2f}" if tm else f"{'':>8}"
-        print(f"{name:<10} {ev.top1:7.4f} {ev.top5:7.4f} {ev.loss:7.4f} {ev.f1_macro:7.4f} {ws} {cs} {sb} {cr} {ms}")
+        print(f"{name:<10} {ev.top1:7.4f}{pt} {ev.top5:7.4f} {ev.loss:7.4f} {ev.f1_macro:7.4f} {ws} {cs} {sb} {cr} {ms}")
     for k, c in result.paired.items():
         print(f"{k}: gap {c.gap:+.4f} [95% CI {c.ci_low:+.4f}, {c.ci_high:+.4f}], McNemar p={c.mcnemar_p:.3g}")
     levels = sorted({(l.level_requested, l.level_effective) for l in o["dwt"].stats.layers})

@@ -49,6 +49,14 @@ class TrialConfig:
     weights: str = ""  # base model: "" = pretrained/trained-and-cached; a state-dict file; models:/ or runs:/ URI
     data_root: str = ""  # dataset root ("" = WAVESWEEP_DATA or ~/.cache/wavesweep/data)
     save_baselines: bool = False  # also log compressed checkpoints of the magnitude and random models
+    # Recovery after pruning, identical for dwt, magnitude and random (wavesweep.recovery):
+    recovery: str = "bn"  # none (one-shot), bn (re-estimate BatchNorm statistics), finetune (bn + masked fine-tuning)
+    recovery_batches: int = 50  # training batches for BatchNorm re-estimation
+    recovery_batch_size: int = 64  # examples per training batch (re-estimation and fine-tuning)
+    finetune_steps: int = 100  # optimizer steps (recovery=finetune)
+    finetune_lr: float = 1e-4  # (peak) learning rate of the fine-tuning optimizer
+    finetune_optimizer: str = "adamw"  # adamw or sgd (momentum 0.9); no weight decay
+    finetune_schedule: str = "cosine"  # cosine (to 0 over finetune_steps) or constant
 
     def __post_init__(self) -> None:
         # Imported here: these registries live in modules that import torch.
@@ -70,9 +78,25 @@ class TrialConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        self.recovery_settings()  # validates recovery, recovery_batches, finetune_*
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ValueError(f"unknown device {dev!r}; valid: {DEVICES_HELP}")
+
+    def recovery_settings(self):
+        """The recovery fields as a :class:`wavesweep.recovery.RecoverySettings` (validated)."""
+        from wavesweep.recovery import RecoverySettings
+
+        return RecoverySettings(
+            recovery=self.recovery,
+            batches=self.recovery_batches,
+            steps=self.finetune_steps,
+            batch_size=self.recovery_batch_size,
+            lr=self.finetune_lr,
+            optimizer=self.finetune_optimizer,
+            schedule=self.finetune_schedule,
+            seed=self.seed,
+        )
 
     @property
     def target_kinds(self) -> tuple[str, ...]:
@@ -153,4 +177,13 @@ FIELD_HELP = {
     "weights": "base model weights: empty = pretrained/trained-and-cached; a state-dict file; models:/ or runs:/ URI",
     "data_root": "dataset root directory (empty = $WAVESWEEP_DATA or ~/.cache/wavesweep/data)",
     "save_baselines": "also log compressed checkpoints of the magnitude and random models (true/false)",
+    "recovery": "after pruning, the same for all methods: none (one-shot), bn (re-estimate BatchNorm "
+    "statistics on training batches), finetune (bn, then fine-tuning with every pruning held exactly; "
+    "dwt trains its kept wavelet coefficients)",
+    "recovery_batches": "training batches for BatchNorm re-estimation (>= 1)",
+    "recovery_batch_size": "examples per training batch during recovery (>= 1)",
+    "finetune_steps": "optimizer steps of fine-tuning, recovery=finetune (>= 1)",
+    "finetune_lr": "(peak) learning rate of fine-tuning",
+    "finetune_optimizer": "fine-tuning optimizer: adamw or sgd (momentum 0.9), no weight decay",
+    "finetune_schedule": "fine-tuning learning-rate schedule: cosine or constant",
 }

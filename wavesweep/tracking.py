@@ -278,6 +278,10 @@ def trial_metrics(result) -> dict[str, dict[str, float]]:
         if out.timing is not None:
             d |= out.timing.metrics()
         d |= result.drops(m)
+        if out.prerec_eval is not None:  # the same model before recovery
+            d |= {f"prerec_{k}": v for k, v in out.prerec_eval.metrics().items()}
+        if out.recovery is not None:
+            d |= out.recovery.metrics()
         d |= base
         d["n_eval"] = float(result.eval_info["n_eval"])
         per_method[m] = d

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from wavesweep import accounting, data, evaluate, pruning, train
+from wavesweep import accounting, data, evaluate, pruning, recovery, train
 from wavesweep.config import TrialConfig
 from wavesweep.stats import PairedComparison, paired_comparison
 from wavesweep.wavelets import LevelClampedWarning
@@ -34,13 +34,19 @@ Reporter = Callable[[int, float], None]  # (step, partial dwt top-1) -> may rais
 
 @dataclass
 class MethodOutcome:
-    """One pruned model: what was pruned, what it costs to store, how well it does."""
+    """One pruned model: what was pruned, what it costs to store, how well it does.
+
+    ``eval`` is the final model's (after recovery); ``prerec_eval`` the same model's before
+    recovery (None when ``recovery=none``: then they are the same model).
+    """
 
     method: str
     prune: pruning.PruneResult
     stats: accounting.ModelStats
     eval: evaluate.EvalResult
     timing: evaluate.Timing | None
+    recovery: recovery.RecoveryReport | None = None
+    prerec_eval: evaluate.EvalResult | None = None
 
 
 @dataclass
@@ -145,6 +151,25 @@ def run_trial(
         with phases("eval_base"):
             base_eval = _base_eval_cached(base, cfg, eval_set, device)
 
+        settings = cfg.recovery_settings()
+        if settings.recovery != "none" and bundle.train is None:
+            raise ValueError(
+                f"recovery={cfg.recovery!r} needs the training split of dataset {cfg.dataset!r}, which is not "
+                f"available here (e.g. an ImageNet validation folder alone); use recovery=none"
+            )
+        prerec: dict[str, evaluate.EvalResult] = {}
+        reports: dict[str, recovery.RecoveryReport] = {}
+
+        def recover(method: str, result: pruning.PruneResult) -> None:
+            """Evaluate before recovery, then recover in place (the same for every method)."""
+            if settings.recovery == "none":
+                reports[method] = recovery.RecoveryReport("none")
+                return
+            with phases("eval"):
+                prerec[method] = evaluate.evaluate(result.model, eval_set, batch_size=cfg.batch_size, device=device)
+            with phases("recovery"):
+                reports[method] = recovery.recover(result, bundle.train, settings, device=device, progress=progress)
+
         with phases("prune"):
             dwt = pruning.prune_dwt(
                 base.model,
@@ -157,6 +182,7 @@ def run_trial(
                 keep_approx=cfg.keep_approx,
                 targets=cfg.target_kinds,
             )
+        recover("dwt", dwt)
         with phases("eval"):
             dwt_eval = None
             for step, partial in enumerate(
@@ -173,8 +199,9 @@ def run_trial(
             matched = pruning.prune_matched(base.model, dwt, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds)
         prunes = {"dwt": dwt, **matched}
         evals = {"dwt": dwt_eval}
-        with phases("eval"):
-            for method in ("magnitude", "random"):
+        for method in ("magnitude", "random"):
+            recover(method, prunes[method])
+            with phases("eval"):
                 evals[method] = evaluate.evaluate(prunes[method].model, eval_set, batch_size=cfg.batch_size, device=device)
         with phases("accounting"):
             base_cache: dict = {}  # base-layer float64 weights and norms, shared by the three methods
@@ -198,9 +225,12 @@ def run_trial(
         caught = [f"{w.category.__name__}: {w.message}" for w in wlist if not issubclass(w.category, LevelClampedWarning)]
     for text in caught:
         log.warning("%s", text)
-    outcomes = {m: MethodOutcome(m, prunes[m], stats[m], evals[m], timings[m]) for m in prunes}
+    outcomes = {
+        m: MethodOutcome(m, prunes[m], stats[m], evals[m], timings[m], reports[m], prerec.get(m)) for m in prunes
+    }
     eval_info = {"n_eval": len(eval_set), "n_test_split": len(bundle.test), **{f"data_{k}": v for k, v in bundle.info.items()}}
-    all_warnings = list(dict.fromkeys([*dwt.warnings, *caught]))
+    notes = [r.note for r in reports.values() if r.note]
+    all_warnings = list(dict.fromkeys([*dwt.warnings, *caught, *notes]))
     return TrialResult(
         config=cfg,
         base=base,
