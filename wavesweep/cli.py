@@ -143,6 +143,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return study.main_report(args)
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from wavesweep import results
+
+    grid = results.Grid(
+        model=args.model, dataset=args.dataset, level=args.level, fractions=results.parse_list(args.fractions, int),
+        recoveries=results.parse_list(args.recoveries), configs=results.parse_configs(args.configs),
+        eval_limit=args.eval_limit, seed=args.seed, device=args.device, data_root=args.data_root,
+        recovery_batches=args.recovery_batches, finetune_steps=args.finetune_steps,
+    )  # fmt: skip
+    grid.trials()  # validate every trial before any work
+
+    def on_trial(i: int, n: int, cfg: TrialConfig) -> None:
+        print(f"[{i + 1}/{n}] {cfg.wavelet} {cfg.layout} p{cfg.percentile:g} recovery={cfg.recovery}", flush=True)
+
+    frame, facts = results.run_grid(grid, on_trial=on_trial)
+    argv = sys.argv[sys.argv.index("results") + 1 :] if "results" in sys.argv else []
+    path = results.write_page(results.render(frame, facts, grid, results.default_command(argv)), Path(args.out))
+    print(f"wrote {path} ({len(frame)} trials, {facts['seconds'] / 60:.1f} min)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wavesweep", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -194,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report-dir", default=None, help="where to write plots and tables (default: reports/STUDY)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_study)
+
+    rs = sub.add_parser("results", help="regenerate a results page: top-1 per method at fixed pruned fractions under each recovery")
+    rs.add_argument("--model", default="resnet18", help="base model (trained and cached by wavesweep)")
+    rs.add_argument("--dataset", default="fashion-mnist", help="dataset with a training split (recovery needs one)")
+    rs.add_argument("--configs", default="bior4.4:filter,bior4.4:kernel,db4:filter", help="WAVELET:LAYOUT,...")
+    rs.add_argument("--fractions", default="50,70,80,90,95", help="pruned fractions in percent (the dwt percentile)")
+    rs.add_argument("--recoveries", default="none,bn,finetune", help="recovery settings to compare")
+    rs.add_argument("--level", type=int, default=5)
+    rs.add_argument("--eval-limit", type=int, default=0, help="stratified evaluation subset (0 = the whole test split)")
+    rs.add_argument("--recovery-batches", type=int, default=50)
+    rs.add_argument("--finetune-steps", type=int, default=100)
+    rs.add_argument("--seed", type=int, default=0)
+    rs.add_argument("--device", default="auto")
+    rs.add_argument("--data-root", default="")
+    rs.add_argument("--out", default="docs/results-fashion-mnist.md", help="the Markdown page to write")
+    rs.set_defaults(func=cmd_results)
 
     rp = sub.add_parser("report", help="plots and summary tables of a study")
     rp.add_argument("study", help="study spec path or study name")
