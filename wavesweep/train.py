@@ -64,8 +64,10 @@ class TrainConfig:
     ``seed`` of :func:`get_base_model` replaces it (and also picks the data split).
 
     ``amp`` (auto, bf16, off) and ``channels_last`` (auto, on, off) are accelerator settings;
-    ``auto`` means bf16 autocast and channels-last on CUDA, neither on CPU, where they do not
-    help. :meth:`resolved` turns them into what runs on a device; the trained model is always
+    ``auto`` means bf16 autocast and channels-last on CUDA, neither on CPU: CPU training stays
+    float32 and bit-identical to training before these settings existed (same weights, same
+    cache keys); most CPUs have no native bf16 (set ``amp="bf16"`` explicitly on one that has).
+    :meth:`resolved` turns them into what runs on a device; the trained model is always
     returned in float32, contiguous format."""
 
     epochs: int = 10
@@ -262,6 +264,7 @@ def train_model(
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     else:
         sched = None
+
     def autocast() -> contextlib.AbstractContextManager:
         if config.amp == "bf16":
             return torch.autocast(dev.type, dtype=torch.bfloat16)
