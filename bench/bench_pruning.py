@@ -14,6 +14,19 @@ prunes that copy in place, and so does ``inplace=True`` here (like for like). Th
 ``inplace=False`` (which adds a deep copy of the model) is printed too.
 
     python bench/bench_pruning.py [--repeats 5] [--amount 0.6] [--threads 2]
+
+``--big`` adds a second section (``--only-big``: that section alone): dwt pruning against
+``torch.nn.utils.prune.l1_unstructured`` on the same target layers of two bigger models from
+wavesweep's registry (random init, 1000 classes, 224 px): ResNet-50 in its convs and
+ViT-B/16 in its Linear layers, on CPU and on CUDA when available (the model moved there).
+Per device it times ``l1_unstructured`` on every target layer, ``wavesweep.pruning.prune_dwt``
+(the numpy/PyWavelets path: each weight goes to the host and back) and, when the torch DWT
+module ``wavesweep.wavelets_torch`` is importable, its ``dwt_prune_tensor`` per layer on the
+device with the result written back into the weight. Same protocol (fresh copy outside the
+clock, one warm-up, median of ``--big-repeats``), the device synchronised before the clock
+stops. dwt settings: bior4.4, level 5, ``--big-layout`` (filter), periodization.
+
+    python bench/bench_pruning.py --only-big [--big-repeats 3] [--big-layout filter]
 """
 
 from __future__ import annotations
@@ -37,6 +50,10 @@ except ModuleNotFoundError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wavesweep import pruning as P  # noqa: E402
 from wavesweep import wavelets as wv  # noqa: E402
+from wavesweep.models import build_model  # noqa: E402
+
+#: (registry name, pruning targets) of the bigger models of the --big section
+BIG_MODELS = (("resnet50", "conv"), ("vit_b_16", "linear"))
 
 
 def timed(fn, base, repeats):
@@ -51,13 +68,84 @@ def timed(fn, base, repeats):
     return statistics.median(times)
 
 
+def timed_on(fn, base, repeats, dev: torch.device) -> float:
+    """Median seconds of ``fn(model_copy)`` with the copy on ``dev`` made outside the clock,
+    and the device synchronised before the clock starts and stops."""
+    def once() -> float:
+        m = copy.deepcopy(base).to(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        fn(m)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+    once()  # warm-up
+    return statistics.median(once() for _ in range(repeats))
+
+
+def big_models(args) -> None:
+    """dwt vs l1_unstructured on ResNet-50 (conv) and ViT-B/16 (linear), CPU and CUDA."""
+    try:
+        from wavesweep import wavelets_torch as wt
+    except ImportError:  # the torch DWT module is not on this branch yet
+        wt = None
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    a, r, layout = args.amount, args.big_repeats, args.big_layout
+    dwt_kw = dict(wavelet="bior4.4", level=5, layout=layout, mode="periodization")
+    print(f"\n--- bigger models: dwt ({dwt_kw['wavelet']}, level 5, {layout}) vs torch l1_unstructured, "
+          f"amount {a}, median of {r}; torch DWT module: {'wavesweep.wavelets_torch' if wt else 'not importable'}")
+    if torch.cuda.is_available():
+        print(f"CUDA device: {torch.cuda.get_device_name()}")
+    print(f"{'model (targets)':34s} {'device':6s} {'method':38s} {'seconds':>9s} {'vs l1':>7s}")
+    for name, targets in BIG_MODELS:
+        torch.manual_seed(0)
+        base = build_model(name, num_classes=1000, in_channels=3, image_size=224).eval()
+        layers = P.target_layers(base, targets)
+        label = f"{name} ({len(layers)} {targets}, {sum(m.weight.numel() for _, m in layers) / 1e6:.1f}M)"
+
+        def ref_l1(m):
+            for _, mod in P.target_layers(m, targets):
+                tprune.l1_unstructured(mod, "weight", amount=a)
+
+        def ours_numpy(m):
+            P.prune_dwt(m, percentile=100 * a, targets=targets, inplace=True, **dwt_kw)
+
+        def ours_torch(m):
+            with torch.no_grad():
+                for _, mod in P.target_layers(m, targets):
+                    out = wt.dwt_prune_tensor(mod.weight, percentile=100 * a, **dwt_kw)
+                    mod.weight.copy_(out[0] if isinstance(out, tuple) else out)  # w_rec
+
+        methods = [("torch l1_unstructured (per layer)", ref_l1), ("prune_dwt (numpy/PyWavelets)", ours_numpy)]
+        if wt is not None:
+            methods.append(("wavelets_torch.dwt_prune_tensor (per layer)", ours_torch))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", wv.LevelClampedWarning)
+            for dev in devices:
+                t_l1 = None
+                for method, fn in methods:
+                    t = timed_on(fn, base, r, dev)
+                    t_l1 = t_l1 or t
+                    print(f"{label:34s} {dev.type:6s} {method:38s} {t:9.3f} {t_l1 / t:6.2f}x")
+        del base
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--amount", type=float, default=0.6, help="fraction pruned (percentile = 100*amount for dwt)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--big", action="store_true", help="add the resnet50 / vit_b_16 section")
+    ap.add_argument("--only-big", action="store_true", help="only the resnet50 / vit_b_16 section")
+    ap.add_argument("--big-repeats", type=int, default=3)
+    ap.add_argument("--big-layout", default="filter", choices=wv.LAYOUTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.only_big:
+        big_models(args)
+        return
     torch.manual_seed(0)
     base = torchvision.models.resnet18(weights=None).eval()
     convs = P.target_layers(base)
@@ -125,6 +213,8 @@ def main(argv=None) -> None:
     for name, ratio, target in checks:
         ok = "ok" if ratio >= target else "MISSED"
         print(f"  {name:48s} {ratio:6.2f}x  (target >= {target:g}x)  {ok}")
+    if args.big:
+        big_models(args)
 
 
 if __name__ == "__main__":

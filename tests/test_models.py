@@ -17,13 +17,27 @@ from wavesweep.models import (
     load_state_checked,
     output_size,
 )
+from wavesweep.pruning import target_layers
+
+#: registry entries (25M-86M parameters, seconds to build on 2 cores) run by the registry-wide
+#: tests only with the slow ones; their own tests below keep them covered in the default run
+HEAVY = {"resnet50", "vit_b_16"}
 
 
-@pytest.mark.parametrize("name", MODELS.names())
+def _registry(heavy_mark=None):
+    """MODELS.names(), the heavy entries carrying ``heavy_mark`` (e.g. pytest.mark.slow)."""
+    return [pytest.param(n, marks=heavy_mark) if heavy_mark and n in HEAVY else n for n in MODELS.names()]
+
+
+@pytest.mark.parametrize("name", _registry(pytest.mark.slow))
 @pytest.mark.parametrize("shape", [(10, 1, 8), (7, 3, 32), (5, 3, 64)])
 def test_every_model_gives_logits(name, shape):
     nc, ch, size = shape
     torch.manual_seed(0)
+    if name == "vit_b_16" and size % 16:
+        with pytest.raises(ValueError, match=rf"vit_b_16 needs image_size divisible by 16, got {size}"):
+            build_model(name, num_classes=nc, in_channels=ch, image_size=size)
+        return
     m = build_model(name, num_classes=nc, in_channels=ch, image_size=size).eval()
     with torch.no_grad():
         out = m(torch.randn(2, ch, size, size))
@@ -72,12 +86,13 @@ def _reference_load(name, sd, **shape):
     return ref
 
 
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", _registry(pytest.mark.slow))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_build_loaded_equals_build_then_load(name, dtype):
     """The meta-device fast path gives what a normal build + load_state_dict gives: tensors,
     dtypes, devices, requires_grad, training flags and outputs; a float64 checkpoint falls back."""
-    shape = dict(num_classes=10, in_channels=1, image_size=8)
+    side = 16 if name == "vit_b_16" else 8  # the smallest side each model takes
+    shape = dict(num_classes=10, in_channels=1, image_size=side)
     torch.manual_seed(3)
     src = build_model(name, **shape)
     with torch.no_grad():
@@ -91,7 +106,7 @@ def test_build_loaded_equals_build_then_load(name, dtype):
         assert torch.equal(a, b) and a.dtype == b.dtype and a.device == b.device, k
     assert [p.requires_grad for p in ours.parameters()] == [p.requires_grad for p in ref.parameters()]
     assert not any(t.is_meta for t in (*ours.parameters(), *ours.buffers()))
-    x = torch.randn(3, 1, 8, 8)
+    x = torch.randn(3, 1, side, side)
     with torch.no_grad():
         assert torch.equal(ours.eval()(x), ref.eval()(x))
 
@@ -140,3 +155,38 @@ def test_pretrained_resnet18_rejects_other_architecture(tmp_path):
         load_pretrained_resnet18(path)
     with pytest.raises(FileNotFoundError, match="not found at"):
         load_pretrained_resnet18(tmp_path / "absent.pth")
+
+
+def test_resnet50_small_stem_keeps_every_bottleneck_conv():
+    small = build_model("resnet50", num_classes=10, in_channels=1, image_size=28)
+    assert isinstance(small.maxpool, nn.Identity)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.in_channels == 1
+    with torch.device("meta"):
+        ref = torchvision.models.resnet50(weights=None, num_classes=10)
+    ours = {k: v.shape for k, v in small.state_dict().items() if k.startswith("layer")}
+    assert ours == {k: v.shape for k, v in ref.state_dict().items() if k.startswith("layer")}
+    assert len(target_layers(small)) == sum(isinstance(m, nn.Conv2d) for m in ref.modules()) == 53
+    big = build_model("resnet50", num_classes=10, in_channels=1, image_size=64)
+    assert big.conv1.kernel_size == (7, 7) and big.conv1.in_channels == 1
+    with torch.no_grad():
+        assert small.eval()(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_vit_b_16_shapes_channels_and_linear_targets():
+    """ViT-B/16 is pruned in its Linear layers: 2 MLP + 1 attention output projection per
+    block (12 blocks) + the head; its only conv is the patch embedding."""
+    with pytest.raises(ValueError, match=r"vit_b_16 needs image_size divisible by 16, got 28"):
+        build_model("vit_b_16", num_classes=10, in_channels=1, image_size=28)
+    torch.manual_seed(0)
+    vit = build_model("vit_b_16", num_classes=7, in_channels=1, image_size=32).eval()
+    assert vit.conv_proj.in_channels == 1 and vit.conv_proj.kernel_size == (16, 16)
+    assert vit.encoder.pos_embedding.shape == (1, (32 // 16) ** 2 + 1, 768)  # 4 patches + class token
+    with torch.device("meta"):
+        ref = torchvision.models.vit_b_16(weights=None, num_classes=7, image_size=32)
+    assert vit.state_dict().keys() == ref.state_dict().keys()
+    linears = target_layers(vit, "linear")
+    assert len(linears) == 12 * 3 + 1 and linears[-1][0] == "heads.head"
+    assert [n for n, _ in target_layers(vit, "conv")] == ["conv_proj"]
+    assert len(target_layers(vit, ("conv", "linear"))) == 38
+    with torch.no_grad():
+        assert vit(torch.randn(2, 1, 32, 32)).shape == (2, 7)

@@ -3,7 +3,9 @@ checkpoints, pretrained ImageNet weights, and the errors."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -179,3 +181,151 @@ def test_resnet18_imagenet_is_pretrained_from_the_local_cache(tmp_path, monkeypa
     assert bm.source == "pretrained" and bm.path == ckpt and bm.checksum == T.file_sha256(ckpt)
     assert bm.build_kwargs == {"num_classes": 1000, "in_channels": 3, "image_size": 224}
     assert bm.skeleton().fc.out_features == 1000
+
+
+# --------------------------------------------------------------------------- accelerator settings
+
+#: TrainConfig digests computed by the code before amp/channels_last existed (cache file names)
+_DIGESTS_BEFORE_AMP = {
+    TrainConfig(): "a67e81b87d92",
+    TrainConfig(epochs=3, batch_size=32, lr=2e-3, weight_decay=5e-4): "4c75fa773eaf",
+    TrainConfig(epochs=10, batch_size=64, lr=1e-2, weight_decay=5e-4): "de7d1b14fae2",
+    TrainConfig(epochs=30, batch_size=64, lr=3e-3, weight_decay=1e-4): "1769c71029c4",
+}
+
+
+def _digest_before_amp(cfg: TrainConfig) -> str:
+    """The old digest: sha256 of the sorted JSON of the fields that existed then."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("amp", "channels_last")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def test_amp_and_channels_last_validation():
+    with pytest.raises(ValueError, match=r"^unknown amp 'fp16'; valid: auto, bf16, off$"):
+        TrainConfig(amp="fp16")
+    with pytest.raises(ValueError, match=r"^unknown channels_last True; valid: auto, on, off$"):
+        TrainConfig(channels_last=True)
+
+
+def test_digest_of_float32_configs_is_unchanged():
+    """Cached base models keep their file names: on CPU every default config resolves to
+    amp off / channels-last off and hashes as before; bf16 or channels-last get new keys."""
+    for cfg, old in _DIGESTS_BEFORE_AMP.items():
+        assert cfg.digest("cpu") == old == _digest_before_amp(cfg)
+        assert dataclasses.replace(cfg, amp="off", channels_last="off").digest("cuda") == old
+    for cfg in T._DEFAULTS.values():
+        assert cfg.digest("cpu") == _digest_before_amp(cfg)
+    base = TrainConfig().digest("cpu")
+    assert TrainConfig(amp="bf16").digest("cpu") != base
+    assert TrainConfig(channels_last="on").digest("cpu") != base
+    assert len({TrainConfig(amp="bf16").digest("cpu"), TrainConfig(channels_last="on").digest("cpu"),
+                TrainConfig(amp="bf16", channels_last="on").digest("cpu")}) == 3
+    if not torch.cuda.is_available():
+        assert TrainConfig().digest() == base  # "auto" device is the CPU here
+        assert T.cache_path("mlp", "digits", 0, TrainConfig(), "/c") == Path(f"/c/models/mlp-digits-seed0-{base}.pt")
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_resolves_per_device(monkeypatch, native_bf16):
+    """auto: bf16 + channels-last on a CUDA device with native bf16, channels-last only where
+    bf16 is emulated, neither on CPU; the digest follows the resolved values."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation)
+    cuda, cpu = TrainConfig().resolved("cuda"), TrainConfig().resolved("cpu")
+    assert (cuda.amp, cuda.channels_last) == ("bf16" if native_bf16 else "off", "on")
+    assert (cpu.amp, cpu.channels_last) == ("off", "off")
+    assert TrainConfig().resolved() == cuda == TrainConfig().resolved(torch.device("cuda", 0))
+    assert TrainConfig().digest("cuda") == cuda.digest("cpu") != TrainConfig().digest("cpu")
+    assert TrainConfig(amp="bf16", channels_last="off").resolved("cpu").amp == "bf16"  # explicit stays
+    assert TrainConfig(amp="off").resolved("cuda").amp == "off"
+
+
+def _train_before_amp(model, bundle, config):
+    """The training loop as it was before amp/channels-last (one loss.item() per step): the
+    oracle for "float32 training on CPU is unchanged"."""
+    import torch.nn.functional as F
+
+    from wavesweep.data import make_loader
+
+    dev = torch.device("cpu")
+    T._seed_everything(config.seed)
+    loader = make_loader(bundle.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    steps = len(loader) * config.epochs
+    model.to(dev).train()
+    if config.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay, nesterov=True)
+    if config.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
+    elif config.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    else:
+        sched = None
+    running = float("nan")
+    for epoch in range(config.epochs):
+        for x, y in loader:
+            x, y = x.to(dev), torch.as_tensor(y).to(dev)
+            loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            running = loss.item() if running != running else 0.9 * running + 0.1 * loss.item()
+    model.eval()
+    return running
+
+
+@pytest.mark.parametrize(
+    "name,cfg",
+    [("mlp", FAST), ("cnn", TrainConfig(epochs=1, batch_size=64, lr=1e-2, optimizer="sgd", schedule="cosine"))],
+)
+def test_cpu_training_is_bit_identical_to_the_loop_before_amp(name, cfg):
+    """Defaults on CPU (amp and channels-last resolve to off): the same weights, bit for bit,
+    as the loop before (which read loss.item() every step); the running loss agrees to float32."""
+    bundle = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    ours = build_model(name, num_classes=10, in_channels=1, image_size=8)
+    ref = copy.deepcopy(ours)
+    info = train_model(ours, bundle, cfg, device="cpu", progress=False)
+    running = _train_before_amp(ref, bundle, cfg)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+    assert info["train_loss"] == pytest.approx(running, rel=1e-5)
+    assert info["config"]["amp"] == info["config"]["channels_last"] == "off"
+
+
+def test_bf16_autocast_and_channels_last_train_on_cpu():
+    """amp=bf16 and channels_last=on run on CPU too (the code path a GPU takes): the forward
+    runs in bf16, the loss falls, and the model comes back float32, contiguous, eval, on CPU."""
+    bundle = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = build_model("cnn", num_classes=10, in_channels=1, image_size=8)
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=1e-2, amp="bf16", channels_last="on")
+    seen = []  # (fc output dtype, whether conv 2's weight is channels-last) per training forward
+    conv2 = model.features[3]  # (64, 32, 3, 3)
+    hook = model.fc.register_forward_hook(
+        lambda m, i, o: seen.append((o.dtype, conv2.weight.is_contiguous(memory_format=torch.channels_last)
+                                     and not conv2.weight.is_contiguous())) if m.training else None
+    )
+    info = train_model(model, bundle, cfg, device="cpu", progress=False)
+    hook.remove()
+    assert seen and set(seen) == {(torch.bfloat16, True)}  # autocast ran; weights were channels-last
+    assert info["config"]["amp"] == "bf16" and info["config"]["channels_last"] == "on"
+    assert info["train_loss"] < 1.0 < 2.3  # from ~ln(10) at the start
+    assert info["test_top1"] > 0.6, info
+    assert not model.training
+    for k, t in model.state_dict().items():
+        assert t.device.type == "cpu" and t.dtype in (torch.float32, torch.int64), k
+        assert t.is_contiguous(), k  # not channels-last: checkpoints keep the usual layout
+
+
+def test_get_base_model_keys_the_cache_by_resolved_settings(tmp_path):
+    """An explicit device resolves auto before the key is taken: training on CPU with the
+    default config lands in the file name the float32 digest gives."""
+    cfg = dataclasses.replace(FAST, epochs=1)
+    bm = get_base_model("mlp", "digits", seed=0, train_config=cfg, device="cpu", progress=False)
+    assert bm.path.name == f"mlp-digits-seed0-{_digest_before_amp(cfg)}.pt"
+    assert bm.train_info["config"]["amp"] == "off"

@@ -1,4 +1,11 @@
-"""Named model builders (resnet18, cnn, mlp) and checked weight loading.
+"""Named model builders (resnet18, resnet50, vit_b_16, cnn, mlp) and checked weight loading.
+
+Pruning targets: the ResNets and the CNN are pruned in their ``nn.Conv2d`` layers (the
+default ``targets=conv``). ViT-B/16 is a transformer: its only conv is the patch embedding,
+so prune it with ``targets=linear`` (or ``conv,linear``): the two MLP Linears and the
+attention output projection of each of its 12 blocks plus the head (37 layers, 64M of its
+86M weights). The fused q/k/v projection (``in_proj_weight`` of ``nn.MultiheadAttention``)
+is a bare parameter, not an ``nn.Linear``, and is never a target.
 
 Nothing here downloads: pretrained ResNet-18 weights come from a local file or the
 local torch hub cache, and a missing file is a FileNotFoundError saying where to put it.
@@ -40,21 +47,26 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size
     return builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
 
 
-@MODELS.register("resnet18")
-def _resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """torchvision ResNet-18. For small images (side < 64: digits 8, MNIST 28, CIFAR 32)
-    the 7x7 stride-2 stem and its max-pool would shrink the input to nothing, so the first
-    conv becomes 3x3 stride 1 (in_channels -> 64) and the max-pool an Identity; every
-    residual-block conv stays the real ResNet-18 one."""
-    from torchvision.models import resnet18
+def _torchvision_resnet(arch: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """torchvision ResNet ``arch`` (random init). For small images (side < 64: digits 8,
+    MNIST 28, CIFAR 32) the 7x7 stride-2 stem and its max-pool would shrink the input to
+    nothing, so the first conv becomes 3x3 stride 1 (in_channels -> 64) and the max-pool an
+    Identity; every residual-block conv stays the real one."""
+    import torchvision.models
 
-    model = resnet18(weights=None, num_classes=num_classes)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if image_size < SMALL_INPUT:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     elif in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return model
+
+
+@MODELS.register("resnet18")
+def _resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """torchvision ResNet-18 (20 convs, 11.2M conv weights), small-input stem below 64 px."""
+    return _torchvision_resnet("resnet18", num_classes, in_channels, image_size)
 
 
 class SmallCNN(nn.Module):
@@ -107,6 +119,38 @@ class MLP(nn.Module):
 @MODELS.register("mlp")
 def _mlp(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return MLP(num_classes, in_channels * image_size * image_size)
+
+
+@MODELS.register("resnet50")
+def _resnet50(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """torchvision ResNet-50 (53 convs, 23.5M conv weights; bottleneck blocks with 1x1 convs),
+    small-input stem below 64 px as for resnet18."""
+    return _torchvision_resnet("resnet50", num_classes, in_channels, image_size)
+
+
+#: ViT-B/16 patch side: the image side must be a multiple of it
+VIT_PATCH = 16
+
+
+@MODELS.register("vit_b_16")
+def _vit_b_16(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """torchvision ViT-B/16 (12 blocks, width 768, 86M weights) for image_size x image_size
+    inputs: (image_size/16)^2 patch tokens plus the class token, so a small side is cheap
+    (32 px: 5 tokens). ``in_channels != 3`` replaces the patch embedding conv, initialised as
+    torchvision initialises it. Prune it with ``targets=linear`` (see the module docstring)."""
+    if image_size % VIT_PATCH:
+        raise ValueError(f"vit_b_16 needs image_size divisible by {VIT_PATCH}, got {image_size!r}")
+    import math
+
+    from torchvision.models import vit_b_16
+
+    model = vit_b_16(weights=None, num_classes=num_classes, image_size=image_size)
+    if in_channels != 3:
+        hidden = model.hidden_dim
+        model.conv_proj = nn.Conv2d(in_channels, hidden, kernel_size=VIT_PATCH, stride=VIT_PATCH)
+        nn.init.trunc_normal_(model.conv_proj.weight, std=math.sqrt(1 / (in_channels * VIT_PATCH * VIT_PATCH)))
+        nn.init.zeros_(model.conv_proj.bias)
+    return model
 
 
 # --------------------------------------------------------------------------- loading

@@ -49,13 +49,26 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
+#: autocast dtype while training: auto = bf16 on a CUDA device with native bf16, else off
+AMPS = ("auto", "bf16", "off")
+#: memory format of 4-D weights and inputs while training: auto = on for CUDA, off on CPU
+CHANNELS_LAST = ("auto", "on", "off")
+#: the running loss is read from the device (a host sync on CUDA) once per this many steps
+LOSS_READ_EVERY = 50
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How a base model is trained. ``lr`` is the peak learning rate (onecycle) or the
     initial one (cosine, constant). ``seed`` seeds weights init and data order; the
-    ``seed`` of :func:`get_base_model` replaces it (and also picks the data split)."""
+    ``seed`` of :func:`get_base_model` replaces it (and also picks the data split).
+
+    ``amp`` (auto, bf16, off) and ``channels_last`` (auto, on, off) are accelerator settings;
+    ``auto`` means bf16 autocast and channels-last on CUDA, neither on CPU: CPU training stays
+    float32 and bit-identical to training before these settings existed (same weights, same
+    cache keys); most CPUs have no native bf16 (set ``amp="bf16"`` explicitly on one that has).
+    :meth:`resolved` turns them into what runs on a device; the trained model is always
+    returned in float32, contiguous format."""
 
     epochs: int = 10
     batch_size: int = 64
@@ -66,10 +79,14 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     label_smoothing: float = 0.0
     seed: int = 0
+    amp: str = "auto"
+    channels_last: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("amp", self.amp, AMPS)
+        check_choice("channels_last", self.channels_last, CHANNELS_LAST)
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -81,10 +98,56 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
-    def digest(self) -> str:
-        """12 hex chars of sha256 over the config as sorted JSON: the cache key part."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+    def resolved(self, device: str | torch.device = "auto") -> TrainConfig:
+        """This config with ``amp`` in (bf16, off) and ``channels_last`` in (on, off) as they
+        run on ``device`` (``"auto"``: CUDA when available). ``auto`` resolves to bf16 only on a
+        CUDA device with native bf16 (Ampere and later; emulated bf16 is slower than float32),
+        and channels-last on any CUDA device; on CPU both resolve to off. Explicit values are
+        kept on every device (bf16 autocast also runs on CPU)."""
+        on_cuda = _device_type(device) == "cuda"
+        amp = self.amp
+        if amp == "auto":
+            amp = "bf16" if on_cuda and _native_cuda_bf16() else "off"
+        channels_last = self.channels_last
+        if channels_last == "auto":
+            channels_last = "on" if on_cuda else "off"
+        return dataclasses.replace(self, amp=amp, channels_last=channels_last)
+
+    def digest(self, device: str | torch.device = "auto") -> str:
+        """12 hex chars of sha256 over the config as sorted JSON: the cache key part.
+
+        ``amp`` and ``channels_last`` enter *resolved* for ``device`` (see :meth:`resolved`),
+        so a model trained with bf16 autocast never shares a key with a float32 one, and only
+        when they are not off: a float32, contiguous config (every default config on CPU)
+        hashes exactly as configs did before these fields existed, so cached base models and
+        their recorded checksums stay valid."""
+        d = asdict(self.resolved(device))
+        for key in ("amp", "channels_last"):
+            if d[key] == "off":
+                del d[key]
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _device_type(device: str | torch.device) -> str:
+    """"cuda" or "cpu" for a device spec, without requiring the device to exist (a cache key
+    may be computed where the model is only loaded); :func:`resolve_device` validates."""
+    if isinstance(device, torch.device):
+        return device.type
+    d = str(device).strip().lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if d.startswith("cuda") else "cpu"
+
+
+def _native_cuda_bf16() -> bool:
+    """Whether the current CUDA device computes bf16 natively (compute capability >= 8.0)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation and no emulation
+        return bool(torch.cuda.is_bf16_supported())
 
 
 #: (model, dataset) -> config meeting the issue's targets on a 2-core CPU (see bench/bench_eval.py)
@@ -170,17 +233,26 @@ def train_model(
 
     Deterministic for a given config on a given device: weights are initialised by the
     caller after ``torch.manual_seed(config.seed)``, the data order comes from a generator
-    seeded with ``config.seed``. Returns train_info (test_top1, test_loss, seconds, epochs,
-    final train loss, device, config). The model ends in eval mode on CPU.
+    seeded with ``config.seed``. ``config.amp``/``config.channels_last`` are resolved for the
+    device (:meth:`TrainConfig.resolved`): bf16 autocast wraps the forward pass and the loss
+    (no gradient scaler: bf16 has float32's range), channels-last converts the 4-D weights
+    and each 4-D input batch. Returns train_info (test_top1, test_loss, seconds, epochs,
+    final train loss: an exponential moving average, device, the resolved config). The
+    model ends in eval mode on CPU, float32, in contiguous memory format (checkpoints and
+    state dicts have the usual layout whatever ran).
     """
     if bundle.train is None:
         raise ValueError(f"dataset {bundle.name!r} has no train split; use pretrained weights or a checkpoint")
     check_num_classes(model, bundle.num_classes, dataset=bundle.name)
     dev = resolve_device(device)
+    config = config.resolved(dev)
+    channels_last = config.channels_last == "on"
     _seed_everything(config.seed)
     loader = make_loader(bundle.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     steps = len(loader) * config.epochs
     model.to(dev).train()
+    if channels_last:  # before the optimizer is built: it holds the parameters as they are now
+        model.to(memory_format=torch.channels_last)
     if config.optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     else:
@@ -192,26 +264,52 @@ def train_model(
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     else:
         sched = None
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if config.amp == "bf16":
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # not autocast(enabled=False): exactly the float32 path
+
+    non_blocking = dev.type == "cuda"
     t0 = time.perf_counter()
+    # Exponential moving average of the loss, kept on the device: ``loss.item()`` every step
+    # would make the host wait for the GPU each step. Read every LOSS_READ_EVERY steps and at
+    # the end of each epoch (the bar's loss updates that often).
+    ema: torch.Tensor | None = None
     running = float("nan")
+    step = 0
     bar = tqdm(total=steps, desc=f"train {type(model).__name__} on {bundle.name}", disable=not progress)
     for epoch in range(config.epochs):
         for x, y in loader:
-            x, y = x.to(dev), torch.as_tensor(y).to(dev)
-            loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+            x, y = x.to(dev, non_blocking=non_blocking), torch.as_tensor(y).to(dev, non_blocking=non_blocking)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
-            running = loss.item() if running != running else 0.9 * running + 0.1 * loss.item()
+            lv = loss.detach().float()
+            ema = lv.clone() if ema is None else ema.mul_(0.9).add_(lv, alpha=0.1)
+            step += 1
             bar.update(1)
+            if step % LOSS_READ_EVERY == 0:
+                running = ema.item()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{running:.3f}", refresh=False)
+        if ema is not None:
+            running = ema.item()
             bar.set_postfix(epoch=epoch + 1, loss=f"{running:.3f}", refresh=False)
     bar.close()
+    if dev.type == "cuda":  # the clock stops when the GPU has finished, not when it was asked
+        torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     model.eval()
     result = evaluate(model, bundle.test, device=dev)
     model.cpu()
+    if channels_last:  # the usual layout for state dicts and checkpoints
+        model.to(memory_format=torch.contiguous_format)
     info = {
         "test_top1": result.top1,
         "test_loss": result.loss,
@@ -327,6 +425,7 @@ def get_base_model(
 
     config = train_config or default_train_config(model_name, dataset_name)
     config = dataclasses.replace(config, seed=seed)
+    config = config.resolved(device)  # the cache key records the amp/channels-last that run
     path = cache_path(model_name, dataset_name, seed, config, cache_dir)
     lock = path.with_suffix(".lock")
     with _file_lock(lock):

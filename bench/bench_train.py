@@ -1,0 +1,138 @@
+"""Benchmark: base-model training throughput with and without the accelerator settings.
+
+ResNet-18 (small-input stem, as wavesweep builds it for 28x28 inputs) on Fashion-MNIST-shaped
+data (1x28x28, 10 classes), trained by ``wavesweep.train.train_model`` itself, with
+``amp``/``channels_last`` ``off`` (float32, contiguous) and ``auto`` (bf16 autocast +
+channels-last on CUDA). On CPU ``auto`` resolves to off: the same code path, so its row
+repeats the off measurement (marked ``=off``); ``--forced`` adds a row with bf16 +
+channels-last forced on, to show what they do where ``auto`` leaves them off. Printed side
+by side per device: CPU always, CUDA when available.
+
+Each setting: one warm-up run (1 step on CPU, 5 on CUDA: allocator, cuDNN algorithm
+choice), then ``--repeats`` runs of ``--steps`` (CPU) or ``--cuda-steps`` optimizer steps of
+``--batch-size`` images; the best run counts. images/s = steps x batch / ``train_info["seconds"]`` (the training loop only, the
+GPU synchronised at its end; evaluation excluded); s/epoch = 60,000 / images/s, the epoch of
+the real training split.
+
+Data: the real Fashion-MNIST training images when ``--data`` (default
+/usr/share/datasets/fashion-mnist) holds ``train-images-idx3-ubyte.gz`` and
+``train-labels-idx1-ubyte.gz``, else random uint8 images of that shape (the throughput does
+not depend on the pixel values).
+
+    python bench/bench_train.py [--steps 3] [--cuda-steps 200] [--batch-size 64] [--repeats 1]
+                                [--threads 2] [--forced] [--no-cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+# the checkout this file is in, before any installed wavesweep (another checkout's editable install)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wavesweep.data import DatasetBundle  # noqa: E402
+from wavesweep.models import build_model  # noqa: E402
+from wavesweep.train import TrainConfig, train_model  # noqa: E402
+
+EPOCH_IMAGES = 60_000  # Fashion-MNIST training split
+MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics (of /255 values)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An idx file (gzip'd) as a numpy array: images (N, 28, 28) or labels (N,), uint8."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_images(root: Path, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``n`` training images as normalised float32 (n, 1, 28, 28), labels int64 (n,), and
+    where they came from (cycled if ``n`` exceeds the split)."""
+    images, labels = root / "train-images-idx3-ubyte.gz", root / "train-labels-idx1-ubyte.gz"
+    if images.is_file() and labels.is_file():
+        x8, y8 = _read_idx(images), _read_idx(labels)
+        idx = np.arange(n) % len(x8)
+        source = f"Fashion-MNIST files in {root}"
+        x8, y8 = x8[idx], y8[idx]
+    else:
+        g = np.random.default_rng(seed)
+        x8, y8 = g.integers(0, 256, (n, 28, 28), dtype=np.uint8), g.integers(0, 10, n, dtype=np.uint8)
+        source = f"random uint8 (no Fashion-MNIST files in {root})"
+    x = (torch.from_numpy(x8.copy()).float().div_(255).sub_(MEAN).div_(STD)).unsqueeze(1)  # (n, 1, 28, 28)
+    return x, torch.from_numpy(y8.astype(np.int64)), source
+
+
+def bundle_of(x: torch.Tensor, y: torch.Tensor, n_test: int = 256) -> DatasetBundle:
+    return DatasetBundle(name="fashion-mnist-shaped", train=TensorDataset(x, y),
+                         test=TensorDataset(x[:n_test], y[:n_test]), num_classes=10, in_channels=1, image_size=28)
+
+
+def images_per_s(x, y, cfg: TrainConfig, device: str, repeats: int, warmup_steps: int) -> float:
+    """Best-of-``repeats`` training images/s of train_model (one epoch over ``x``)."""
+    b = cfg.batch_size
+    torch.manual_seed(0)
+    train_model(build_model("resnet18", num_classes=10, in_channels=1, image_size=28),
+                bundle_of(x[: warmup_steps * b], y[: warmup_steps * b], b), cfg, device=device, progress=False)
+    best = 0.0
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        model = build_model("resnet18", num_classes=10, in_channels=1, image_size=28)
+        info = train_model(model, bundle_of(x, y, b), cfg, device=device, progress=False)
+        best = max(best, len(x) / info["seconds"])
+    return best
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per timed run on CPU")
+    ap.add_argument("--cuda-steps", type=int, default=200, help="optimizer steps per timed run on CUDA")
+    ap.add_argument("--batch-size", type=int, default=64, help="TrainConfig's default")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--forced", action="store_true", help="add a row with bf16 + channels-last forced on")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    ap.add_argument("--no-cuda", action="store_true", help="CPU only even where CUDA is available")
+    args = ap.parse_args(argv)
+    logging.disable(logging.INFO)  # train_model logs one line per run
+    torch.set_num_threads(args.threads)
+    devices = [("cpu", args.steps)]
+    if torch.cuda.is_available() and not args.no_cuda:
+        devices.append(("cuda", args.cuda_steps))
+    n_max = max(s for _, s in devices) * args.batch_size
+    x_all, y_all, source = load_images(args.data, n_max)
+    print(f"ResNet-18 (small-input stem) on 1x28x28, 10 classes; data: {source}; batch {args.batch_size}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; best of {args.repeats}")
+    if torch.cuda.is_available() and not args.no_cuda:
+        print(f"CUDA device: {torch.cuda.get_device_name()}")
+    print(f"\n{'device':6s} {'setting':8s} {'amp':5s} {'ch-last':7s} {'steps':>5s} {'images/s':>10s} "
+          f"{'s/epoch':>9s} {'vs off':>7s}")
+    settings = [("off", "off", "off"), ("auto", "auto", "auto")]
+    if args.forced:
+        settings.append(("forced", "bf16", "on"))
+    for device, steps in devices:
+        n = steps * args.batch_size
+        x, y = x_all[:n], y_all[:n]
+        measured: dict[tuple[str, str], float] = {}  # resolved (amp, channels_last) -> images/s
+        for label, amp, cl in settings:
+            cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=3e-3, amp=amp, channels_last=cl)
+            r = cfg.resolved(device)
+            key = (r.amp, r.channels_last)
+            same = key in measured
+            if not same:
+                measured[key] = images_per_s(x, y, cfg, device, args.repeats, 1 if device == "cpu" else 5)
+            ips, base = measured[key], measured[("off", "off")]
+            print(f"{device:6s} {label:8s} {r.amp:5s} {r.channels_last:7s} {steps:5d} {ips:10.1f} "
+                  f"{EPOCH_IMAGES / ips:9.1f} {ips / base:6.2f}x" + ("  =off (same code path)" if same else ""))
+
+
+if __name__ == "__main__":
+    main()
