@@ -170,7 +170,9 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
     lines += ["| recovery | dwt better | equal | dwt worse | mean gap dwt − magnitude | best method most often |", "|---|---:|---:|---:|---:|---|"]
     for rec, part in frame.groupby("recovery", sort=False):
         counts = part["v"].value_counts()
-        winners = part[["dwt_top1", "magnitude_top1", "random_top1"]].idxmax(axis=1).str.replace("_top1", "")
+        tops = part[["dwt_top1", "magnitude_top1", "random_top1"]]
+        unique_best = tops.eq(tops.max(axis=1), axis=0).sum(axis=1) == 1
+        winners = tops.idxmax(axis=1).str.replace("_top1", "").where(unique_best, "tie")
         lines.append(
             f"| {rec} | {counts.get('better', 0)} | {counts.get('equal', 0)} | {counts.get('worse', 0)} | "
             f"{part['dwt_vs_magnitude_gap'].mean():+.4f} | {winners.value_counts().idxmax()} |"
