@@ -1,0 +1,588 @@
+"""Differentiable multilevel DWT in torch, equal to PyWavelets (and to :mod:`wavesweep.wavelets`).
+
+The torch twin of the PyWavelets codec: same layouts, same :class:`~wavesweep.wavelets.CoeffStructure`,
+same flat coefficient order, same crop rule, but computed with ``conv1d``/``conv2d`` (stride 2)
+and ``conv_transpose1d``/``conv_transpose2d`` on the tensor's device, with autograd. Used where
+PyWavelets cannot go: fine-tuning ``W = IDWT(c * m)`` (gradients w.r.t. the kept coefficients)
+and dwt pruning on the GPU without numpy round trips.
+
+Inverse pairs: :func:`decompose` / :func:`reconstruct`; :func:`structure_of` gives the structure
+without transforming anything; :func:`dwt_prune_tensor` is the twin of
+:func:`wavesweep.wavelets.dwt_prune_array`; :func:`percentile_threshold` the twin of
+:func:`wavesweep.wavelets.percentile_threshold` (bit for bit on CPU).
+
+How PyWavelets' C filter bank maps onto torch ops (``pywt/_extensions/c/convolution.c.src``):
+
+* analysis, every mode but periodization: ``y[o] = sum_j f[j] * x_ext[2*o + 1 - j]``,
+  ``o < floor((N + F - 1) / 2)``, ``x_ext`` the mode's extension of ``x`` beyond ``[0, N)``.
+  Here: extend by ``F - 2`` samples on the left and ``2*L - N`` on the right, then a
+  cross-correlation with the reversed filters at stride 2 (both bands in one conv, 2 channels).
+* analysis, periodization: an odd-length signal gets its last sample repeated (length ``N'``),
+  then ``y[o] = sum_j f[j] * x[(F/2 + 2*o - j) mod N']``, ``o < N'/2``.
+* synthesis, every mode but periodization: ``x[n] = sum_k c[k] * g[n + F - 2 - 2*k]``,
+  ``n < 2*L - F + 2``: a transposed conv at stride 2, cropped to ``[F - 2, 2*L)``.
+* synthesis, periodization: ``x[n] = sum_k c[k] * g[(n - 2*k + F/2 - 1) mod 2*L]`` (all periodic
+  images of the filter summed): the coefficients are extended periodically, then the same
+  transposed conv, then a crop of ``2*L`` samples.
+* 2-D (``wavedec2``): the separable product. The extensions along the two axes commute, so each
+  level is one ``conv2d`` with 4 output channels (lo/hi along rows x lo/hi along columns) on the
+  array extended along both axes. ``cH`` is detail along axis -2 (PyWavelets' key ``'da'``),
+  ``cV`` detail along axis -1 (``'ad'``), ``cD`` both.
+
+Extensions (``common.h``): each extended sample is a fixed linear combination of the samples of
+``x`` (one sample for zero/constant/symmetric/reflect/periodic/antisymmetric, up to a few for
+smooth and antireflect), computed once per ``(N, F, mode)`` from the C code's rules, including
+the repeated reflections when the filter is longer than the signal, and applied as an
+``index_select`` (weighted for the multi-sample modes). The right side mirrors the left.
+
+Precision: computes in the tensor's dtype for float32/float64 (as PyWavelets does), in float32 for
+float16/bfloat16 (result cast back). Results equal PyWavelets to float rounding, not bit for bit
+(the summation order differs). ``dmey`` is computed like every other wavelet, but it is not a
+perfect-reconstruction filter bank (see :mod:`wavesweep.wavelets`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pywt
+import torch
+import torch.nn.functional as F
+
+from wavesweep import wavelets as wv
+from wavesweep.registry import check_choice
+
+__all__ = [
+    "SUPPORTED_MODES",
+    "supports",
+    "structure_of",
+    "decompose",
+    "reconstruct",
+    "percentile_threshold",
+    "dwt_prune_tensor",
+]
+
+# Every PyWavelets mode; each is tested against PyWavelets in tests/test_wavelets_torch.py.
+SUPPORTED_MODES: tuple[str, ...] = (
+    "periodization",
+    "zero",
+    "constant",
+    "symmetric",
+    "reflect",
+    "periodic",
+    "smooth",
+    "antisymmetric",
+    "antireflect",
+)
+
+
+def supports(mode: str) -> bool:
+    """True if :func:`decompose`/:func:`reconstruct` reproduce PyWavelets for ``mode``."""
+    return mode in SUPPORTED_MODES
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def _layout_shape(shape: tuple[int, ...], layout: str) -> tuple[tuple[int, ...], int]:
+    """Shape of the layout array and the number of transformed (trailing) axes (1 or 2).
+
+    Same rules and errors as :func:`wavesweep.wavelets.layout_array`, without an array.
+    """
+    check_choice("layout", layout, wv.LAYOUTS)
+    if layout == "kernel":
+        if len(shape) != 4:
+            raise ValueError(
+                f"layout 'kernel' needs a 4-D conv weight (out, in, kh, kw), got shape {shape}; "
+                f"use one of: filter, matrix, flat"
+            )
+        return shape, 2
+    if layout == "flat":
+        return (math.prod(shape),), 1
+    if len(shape) < 2:
+        raise ValueError(f"layout {layout!r} needs a weight with ndim >= 2, got shape {shape}; use 'flat'")
+    arr = (shape[0], math.prod(shape[1:]))  # (out, in*kh*kw)
+    return arr, (1 if layout == "filter" else 2)
+
+
+def _coeff_len(n: int, f: int, mode: str) -> int:
+    """``pywt.dwt_coeff_len``: ceil(N/2) for periodization, floor((N + F - 1)/2) otherwise."""
+    return (n + 1) // 2 if mode == "periodization" else (n + f - 1) // 2
+
+
+@functools.lru_cache(maxsize=4096)
+def _structure(shape: tuple[int, ...], wavelet: str, level: int, layout: str, mode: str) -> wv.CoeffStructure:
+    check_choice("wavelet", wavelet, wv.WAVELETS)
+    check_choice("mode", mode, SUPPORTED_MODES)
+    arr, nd = _layout_shape(shape, layout)
+    batch, lens = arr[: len(arr) - nd], arr[len(arr) - nd :]
+    flen = pywt.Wavelet(wavelet).dec_len
+    lev = max(0, min(int(level), min(pywt.dwt_max_level(n, flen) for n in lens)))
+    if lev == 0:
+        shapes: list[tuple[int, ...]] = [arr]
+    else:
+        details = []
+        for _ in range(lev):
+            lens = tuple(_coeff_len(n, flen, mode) for n in lens)
+            details.append([batch + lens] * (3 if nd == 2 else 1))
+        # [cA_n, details_n, ..., details_1]
+        shapes = [batch + lens] + [s for d in reversed(details) for s in d]
+    return wv.CoeffStructure(
+        layout=layout, wavelet=wavelet, mode=mode, level=lev, shape=shape, array_shape=arr, shapes=tuple(shapes)
+    )
+
+
+def structure_of(shape: tuple[int, ...], *, wavelet: str, level: int, layout: str, mode: str) -> wv.CoeffStructure:
+    """The :class:`~wavesweep.wavelets.CoeffStructure` that :func:`wavesweep.wavelets.decompose`
+    returns for a weight of ``shape``: same effective level (``level`` clamped to
+    ``pywt.dwt_max_level`` of the transformed axes), same coefficient shapes. No transform runs.
+
+    Raises ``ValueError`` for an unknown wavelet, layout or unsupported mode, or a shape the
+    layout cannot take.
+    """
+    if not isinstance(level, (int, np.integer)) or isinstance(level, bool) or level < 0:
+        raise ValueError(f"level must be an int >= 0, got {level!r}")
+    return _structure(tuple(int(s) for s in shape), wavelet, int(level), layout, mode)
+
+
+# --------------------------------------------------------------------------- filters and extensions
+
+
+@functools.lru_cache(maxsize=256)
+def _filters(wavelet: str, nd: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(analysis weight, synthesis weight)`` for ``conv{nd}d`` / ``conv_transpose{nd}d``.
+
+    1-D: ``(2, 1, F)``, channels (lo, hi). 2-D: ``(4, 1, F, F)``, channel ``2*r + c`` with
+    ``r``/``c`` = 0 (lo) or 1 (hi) along rows (axis -2) / columns (axis -1). Analysis weights are
+    the reversed decomposition filters (conv is a cross-correlation); synthesis weights are the
+    reconstruction filters as they are (a transposed conv is a true convolution).
+    """
+    w = pywt.Wavelet(wavelet)
+    dec = np.array([w.dec_lo[::-1], w.dec_hi[::-1]], dtype=np.float64)  # (2, F)
+    rec = np.array([w.rec_lo, w.rec_hi], dtype=np.float64)  # (2, F)
+    if nd == 2:
+        dec = np.einsum("ip,jq->ijpq", dec, dec).reshape(4, dec.shape[1], dec.shape[1])
+        rec = np.einsum("ip,jq->ijpq", rec, rec).reshape(4, rec.shape[1], rec.shape[1])
+    as_t = lambda a: torch.tensor(a[:, None], dtype=dtype, device=device)  # noqa: E731
+    return as_t(dec), as_t(rec)
+
+
+def _left_terms(s: int, n: int, mode: str) -> list[tuple[int, float]]:
+    """``x_ext[-s]`` (``s >= 1``) as ``[(index into x, weight), ...]``, following ``convolution.c.src``."""
+    if mode == "zero":
+        return []
+    if mode == "constant" or (mode in ("smooth", "reflect", "antireflect") and n < 2):
+        return [(0, 1.0)]
+    if mode == "smooth":  # x[0] + s * (x[0] - x[1])
+        return [(0, 1.0 + s), (1, -float(s))]
+    if mode == "periodic":
+        return [((-s) % n, 1.0)]
+    if mode == "symmetric":  # half-sample symmetric, period 2N
+        u = (s - 1) % (2 * n)
+        return [(u, 1.0)] if u < n else [(2 * n - 1 - u, 1.0)]
+    if mode == "antisymmetric":  # half-sample antisymmetric: -x[k] for N samples, then +x[N-1-k]
+        u = (s - 1) % (2 * n)
+        return [(u, -1.0)] if u < n else [(2 * n - 1 - u, 1.0)]
+    if mode == "reflect":  # whole-sample symmetric, period 2(N-1)
+        u = (s - 1) % (2 * n - 2)
+        return [(u + 1, 1.0)] if u < n - 1 else [(2 * n - 3 - u, 1.0)]
+    if mode == "antireflect":
+        # whole-sample antisymmetric: the C loop keeps a running edge value `le` and alternates
+        # tmp = le - (x[k] - x[0]) and tmp = le + (x[N-1-k] - x[N-1]) for k = 1..N-1.
+        le = {0: 1.0}
+        t = 0
+        while True:
+            for k in range(1, n):
+                tmp = dict(le)
+                tmp[k] = tmp.get(k, 0.0) - 1.0
+                tmp[0] = tmp.get(0, 0.0) + 1.0
+                t += 1
+                if t == s:
+                    return [(i, c) for i, c in tmp.items() if c != 0.0]
+                last = tmp
+            le = last
+            for k in range(1, n):
+                tmp = dict(le)
+                tmp[n - 1 - k] = tmp.get(n - 1 - k, 0.0) + 1.0
+                tmp[n - 1] = tmp.get(n - 1, 0.0) - 1.0
+                t += 1
+                if t == s:
+                    return [(i, c) for i, c in tmp.items() if c != 0.0]
+                last = tmp
+            le = last
+    raise ValueError(f"unsupported mode {mode!r}")
+
+
+def _side_plan(positions: list[int], n: int, mode: str):
+    """Extension plan for the given out-of-range positions: ``(index (P, K), weight (P, K) or None)``."""
+    terms = []
+    for t in positions:
+        if t < 0:
+            terms.append(_left_terms(-t, n, mode))
+        else:  # right side: the mirror image of the left
+            terms.append([(n - 1 - i, c) for i, c in _left_terms(t - n + 1, n, mode)])
+    k = max((len(tt) for tt in terms), default=1) or 1
+    idx = np.zeros((len(positions), k), dtype=np.int64)
+    wts = np.zeros((len(positions), k), dtype=np.float64)
+    for p, tt in enumerate(terms):
+        for j, (i, c) in enumerate(tt):
+            idx[p, j], wts[p, j] = i, c
+    if k == 1 and np.all(wts == 1.0):
+        return idx[:, 0], None
+    return idx, wts
+
+
+@functools.lru_cache(maxsize=4096)
+def _ext_plan(n: int, f: int, mode: str):
+    """How to extend a length-``n`` axis before the analysis conv: ``(left plan, right plan, L)``.
+
+    The extended axis is ``[left samples, x, right samples]`` and the stride-2 correlation with
+    the ``F``-tap reversed filter over it gives the ``L`` coefficients. Periodization: indices
+    into the odd-length-padded periodic signal (the pad sample is x[N-1]).
+    """
+    if mode == "periodization":
+        n2 = n + n % 2
+        lpad = f // 2 - 1  # y[o] = sum_m frev[m] * xp[(2o + m - lpad) mod N']
+        total = n2 + f - 2
+        left = [min((u - lpad) % n2, n - 1) for u in range(lpad)]
+        right = [min((u - lpad) % n2, n - 1) for u in range(lpad + n, total)]
+        return (np.array(left, dtype=np.int64), None), (np.array(right, dtype=np.int64), None), n2 // 2
+    L = (n + f - 1) // 2
+    left = list(range(2 - f, 0))  # x_ext positions -(F-2) .. -1
+    right = list(range(n, 2 * L))  # x_ext positions N .. 2L-1
+    return _side_plan(left, n, mode), _side_plan(right, n, mode), L
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_tensors(n: int, f: int, mode: str, dtype: torch.dtype, device: torch.device):
+    (li, lw), (ri, rw), L = _ext_plan(n, f, mode)
+
+    def t(idx, wts):
+        i = torch.as_tensor(idx, device=device)
+        return i, (None if wts is None else torch.as_tensor(wts, dtype=dtype, device=device))
+
+    return t(li, lw), t(ri, rw), L
+
+
+def _gather(x: torch.Tensor, dim: int, idx: torch.Tensor, wts: torch.Tensor | None) -> torch.Tensor:
+    """Extended samples along ``dim``: ``x[idx]`` or ``sum_k x[idx[:, k]] * wts[:, k]``."""
+    if wts is None:
+        return x.index_select(dim, idx)
+    dim = dim % x.ndim
+    p, k = idx.shape
+    g = x.index_select(dim, idx.reshape(-1))  # (..., P*K, ...) along dim
+    g = g.reshape(x.shape[:dim] + (p, k) + x.shape[dim + 1 :])
+    w = wts.reshape([p, k] + [1] * (x.ndim - 1 - dim))
+    return (g * w).sum(dim=dim + 1)
+
+
+def _extend(x: torch.Tensor, dim: int, f: int, mode: str) -> tuple[torch.Tensor, int]:
+    """Extend ``x`` along ``dim`` for the analysis conv; return ``(extended, number of coefficients)``."""
+    n = x.shape[dim]
+    (li, lw), (ri, rw), L = _plan_tensors(n, f, mode, x.dtype, x.device)
+    if mode == "zero":
+        pads = [0, 0] * (x.ndim - 1 - (dim % x.ndim)) + [li.shape[0], ri.shape[0]]
+        return F.pad(x, pads), L
+    parts = [x]
+    if li.shape[0]:
+        parts.insert(0, _gather(x, dim, li, lw))
+    if ri.shape[0]:
+        parts.append(_gather(x, dim, ri, rw))
+    return (torch.cat(parts, dim=dim) if len(parts) > 1 else x), L
+
+
+def _periodic_coeffs(c: torch.Tensor, dim: int, f: int) -> tuple[torch.Tensor, int]:
+    """Periodic extension of coefficients along ``dim`` for the periodization synthesis.
+
+    Returns ``(extended, start)``: the transposed conv of the extended coefficients, from
+    ``start`` for ``2*L`` samples, is the periodic synthesis.
+    """
+    L = c.shape[dim]
+    m, s = 2 * L, f // 2 - 1
+    k_lo = -((f - 1 - s) // 2)  # ceil((s - F + 1) / 2)
+    k_hi = (m - 1 + s) // 2
+    idx = torch.arange(k_lo, k_hi + 1, device=c.device) % L
+    return c.index_select(dim, idx), s - 2 * k_lo
+
+
+# Two equal implementations of one level. "conv": one conv{1,2}d / conv_transpose{1,2}d with all
+# bands as channels -- few kernel launches, what cuDNN does well. "taps": the filters as F
+# multiply-adds of contiguous slices of the even/odd phases -- on CPU 30-40x faster than
+# mkldnn's one-input-channel strided conv (3 ms against 90-120 ms for a (512, 4608) level),
+# but 2F launches per band, too many for a GPU fine-tuning step. Chosen by device; tests run both.
+_FORCE_BACKEND: str | None = None  # "conv" | "taps" | None (by device); for tests and benches
+
+
+def _backend(device: torch.device) -> str:
+    return _FORCE_BACKEND or ("taps" if device.type == "cpu" else "conv")
+
+
+@functools.lru_cache(maxsize=256)
+def _taps(wavelet: str) -> tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]]:
+    """``(dec, rec)``: the reversed decomposition filters (lo, hi) and the reconstruction filters (lo, hi)."""
+    w = pywt.Wavelet(wavelet)
+    return (tuple(w.dec_lo[::-1]), tuple(w.dec_hi[::-1])), (tuple(w.rec_lo), tuple(w.rec_hi))
+
+
+def _weighted_slices(terms: list[tuple[torch.Tensor, float, int]], dim: int, length: int) -> torch.Tensor:
+    """``sum(tap * src.narrow(dim, offset, length) for src, tap, offset in terms)``."""
+    src, tap, off = terms[0]
+    acc = src.narrow(dim, off, length) * tap
+    for src, tap, off in terms[1:]:
+        acc = acc.add_(src.narrow(dim, off, length), alpha=tap)  # in place on our own buffer: one pass
+    return acc
+
+
+def _phases(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Even and odd samples of ``x`` along ``dim`` (even length), each contiguous along ``dim``."""
+    dim = dim % x.ndim
+    xr = x.unflatten(dim, (x.shape[dim] // 2, 2))  # (..., P/2, 2, ...)
+    if dim == x.ndim - 1:  # the last axis: de-interleave once, so every slice below is contiguous
+        xr = xr.movedim(-1, -2).contiguous()  # (..., 2, P/2)
+        return xr[..., 0, :], xr[..., 1, :]
+    return xr.select(dim + 1, 0), xr.select(dim + 1, 1)  # rows of contiguous inner axes
+
+
+def _taps_analysis(x: torch.Tensor, dim: int, taps: tuple[float, ...], length: int) -> torch.Tensor:
+    """``y[o] = sum_m taps[m] * x[2*o + m]`` along ``dim`` (``x`` already extended), ``o < length``."""
+    even, odd = _phases(x, dim)
+    terms = [((even, odd)[m % 2], t, m // 2) for m, t in enumerate(taps)]
+    return _weighted_slices(terms, dim, length)
+
+
+def _taps_synthesis(cs: list[torch.Tensor], filts: list[tuple[float, ...]], dim: int) -> torch.Tensor:
+    """Full transposed conv along ``dim``: ``y[m] = sum_c sum_i cs[c][i] * filts[c][m - 2*i]``.
+
+    Even outputs use the even taps, odd outputs the odd taps, each a correlation of the
+    zero-padded coefficients with the reversed taps. Length ``2*(L - 1) + F``.
+    """
+    f = len(filts[0])
+    h = f // 2
+    pad = [0, 0] * (cs[0].ndim - 1 - (dim % cs[0].ndim)) + [h - 1, h - 1]
+    cz = [F.pad(c, pad) if h > 1 else c for c in cs]
+    n_out = cs[0].shape[dim] + h - 1
+    phases = []
+    for ph in (0, 1):  # y[2q + ph] = sum_j g[2j + ph] * c[q - j] = sum_t g[2(h-1-t) + ph] * cz[q + t]
+        terms = [(c, g[2 * (h - 1 - t) + ph], t) for c, g in zip(cz, filts) for t in range(h)]
+        phases.append(_weighted_slices(terms, dim, n_out))
+    dim = dim % cs[0].ndim
+    return torch.stack(phases, dim=dim + 1).flatten(dim, dim + 1)  # interleave
+
+
+def _dwt(x: torch.Tensor, nd: int, wavelet: str, mode: str) -> torch.Tensor:
+    """One analysis level over the last ``nd`` axes of ``x`` (B, *N) -> (B, 2**nd, *L).
+
+    Channels: 1-D (lo, hi); 2-D ``2*r + c`` with ``r``/``c`` = lo (0) or hi (1) along rows (axis
+    -2) / columns (axis -1): (aa, ad, da, dd) in PyWavelets' keys.
+    """
+    dec, _ = _filters(wavelet, nd, x.dtype, x.device)
+    f = dec.shape[-1]
+    lens = []
+    for d in range(-nd, 0):
+        x, n = _extend(x, d, f, mode)
+        lens.append(n)
+    if _backend(x.device) == "conv":
+        x = x.unsqueeze(1)  # (B, 1, *N_ext)
+        return F.conv1d(x, dec, stride=2) if nd == 1 else F.conv2d(x, dec, stride=2)
+    (lo, hi), _ = _taps(wavelet)
+    if nd == 1:
+        return torch.stack([_taps_analysis(x, -1, lo, lens[0]), _taps_analysis(x, -1, hi, lens[0])], dim=1)
+    cols = [_taps_analysis(x, -1, t, lens[1]) for t in (lo, hi)]  # (B, H_ext, Lw) each
+    bands = [_taps_analysis(c, -2, t, lens[0]) for c in cols for t in (lo, hi)]  # aa, da, ad, dd
+    return torch.stack([bands[0], bands[2], bands[1], bands[3]], dim=1)
+
+
+def _idwt(c: torch.Tensor, nd: int, wavelet: str, mode: str) -> torch.Tensor:
+    """One synthesis level: (B, 2**nd, *L) -> (B, *N), N = 2L (periodization) or 2L - F + 2."""
+    _, rec = _filters(wavelet, nd, c.dtype, c.device)
+    f = rec.shape[-1]
+    lens = c.shape[2:]
+    starts = []
+    if mode == "periodization":
+        for d in range(-nd, 0):
+            c, st = _periodic_coeffs(c, d, f)
+            starts.append(st)
+        outs = [2 * n for n in lens]
+    else:
+        starts = [f - 2] * nd
+        outs = [2 * n - f + 2 for n in lens]
+    if _backend(c.device) == "conv":
+        y = F.conv_transpose1d(c, rec, stride=2) if nd == 1 else F.conv_transpose2d(c, rec, stride=2)
+        y = y[:, 0]
+    else:
+        _, (lo, hi) = _taps(wavelet)
+        if nd == 1:
+            y = _taps_synthesis([c[:, 0], c[:, 1]], [lo, hi], -1)
+        else:  # rows first: (aa, da) -> lo along columns, (ad, dd) -> hi along columns
+            lo_c = _taps_synthesis([c[:, 0], c[:, 2]], [lo, hi], -2)
+            hi_c = _taps_synthesis([c[:, 1], c[:, 3]], [lo, hi], -2)
+            y = _taps_synthesis([lo_c, hi_c], [lo, hi], -1)
+    return y[(slice(None),) + tuple(slice(s, s + o) for s, o in zip(starts, outs))]
+
+
+# --------------------------------------------------------------------------- decompose / reconstruct
+
+_BAND_CHANNELS_2D = [2, 1, 3]  # cH ('da': detail along rows), cV ('ad'), cD ('dd') in conv channel order
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"expected a real floating-point tensor, got dtype {dtype}")
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _nd(structure: wv.CoeffStructure) -> int:
+    return 1 if structure.layout in ("filter", "flat") else 2
+
+
+def decompose(w: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+    """Multilevel DWT of ``w`` (shape ``structure.shape``): the flat coefficient vector.
+
+    Same length (``structure.n_coeffs``) and order as :func:`wavesweep.wavelets.decompose`:
+    ``[cA_n, cD_n, ..., cD_1]`` (1-D) or ``[cA_n, cH_n, cV_n, cD_n, ..., cD_1]`` (2-D), each band
+    raveled in C order. dtype and device of ``w``; differentiable. One conv per level for all
+    rows/kernels together.
+    """
+    if tuple(w.shape) != tuple(structure.shape):
+        raise ValueError(f"weight shape {tuple(w.shape)} does not match structure shape {structure.shape}")
+    check_choice("mode", structure.mode, SUPPORTED_MODES)
+    out_dtype = w.dtype
+    x = w.to(_compute_dtype(w.dtype))
+    if structure.level == 0:
+        return x.reshape(-1).to(out_dtype)
+    nd = _nd(structure)
+    arr = structure.array_shape
+    x = x.reshape((-1,) + arr[len(arr) - nd :])  # (B, N) or (B, H, W); B = rows / kernels / 1
+    details = []
+    for _ in range(structure.level):
+        y = _dwt(x, nd, structure.wavelet, structure.mode)  # (B, 2**nd, *L)
+        x = y[:, 0]
+        if nd == 1:
+            details.append(y[:, 1].reshape(-1))
+        else:  # band-major: all of cH, then all of cV, then all of cD
+            details.append(y[:, _BAND_CHANNELS_2D].transpose(0, 1).reshape(-1))
+    flat = torch.cat([x.reshape(-1)] + details[::-1])
+    return flat.to(out_dtype)
+
+
+def reconstruct(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+    """Inverse of :func:`decompose`: inverse DWT of ``flat``, cropped to ``structure.shape``.
+
+    Same crop rules as :func:`wavesweep.wavelets.reconstruct` (an approximation one sample longer
+    than the next detail band is cropped, as ``pywt.waverec`` does; the result is cropped to the
+    layout array). dtype and device of ``flat``; differentiable w.r.t. ``flat``.
+    """
+    if flat.ndim != 1 or flat.numel() != structure.n_coeffs:
+        raise ValueError(f"expected {structure.n_coeffs} coefficients, got tensor of shape {tuple(flat.shape)}")
+    check_choice("mode", structure.mode, SUPPORTED_MODES)
+    out_dtype = flat.dtype
+    flat = flat.to(_compute_dtype(flat.dtype))
+    if structure.level == 0:
+        return flat.reshape(structure.shape).to(out_dtype)
+    nd = _nd(structure)
+    bands = list(torch.split(flat, structure.sizes))
+    per_level = 1 if nd == 1 else 3
+    a = bands[0].reshape((-1,) + structure.shapes[0][len(structure.shapes[0]) - nd :])  # (B, *L)
+    for i in range(1, len(bands), per_level):
+        shp = structure.shapes[i][len(structure.shapes[i]) - nd :]
+        d = torch.stack([b.reshape((-1,) + shp) for b in bands[i : i + per_level]], dim=1)  # (B, 1|3, *L)
+        a = a[(slice(None),) + tuple(slice(0, n) for n in shp)]  # waverec's crop of a one-longer approx
+        if nd == 1:
+            c = torch.cat([a.unsqueeze(1), d], dim=1)  # (B, 2, L): lo, hi
+        else:  # conv channels: aa, ad (cV), da (cH), dd (cD)
+            c = torch.stack([a, d[:, 1], d[:, 0], d[:, 2]], dim=1)
+        a = _idwt(c, nd, structure.wavelet, structure.mode)
+    arr = structure.array_shape
+    a = a[(slice(None),) + tuple(slice(0, n) for n in arr[len(arr) - nd :])]
+    return a.reshape(structure.shape).to(out_dtype)
+
+
+# --------------------------------------------------------------------------- thresholds and pruning
+
+
+def percentile_threshold(abs_coeffs: torch.Tensor, percentile: float) -> torch.Tensor:
+    """``numpy.percentile(abs_coeffs, percentile)`` (method 'linear') as a 0-dim tensor on the same device.
+
+    The two order statistics around numpy's virtual index come from ``torch.kthvalue`` (no size
+    limit, unlike ``torch.quantile``), then numpy's interpolation formula (``_lerp``) in the
+    tensor's dtype, with the weight rounded to that dtype as numpy does for a Python float. On
+    CPU this equals :func:`wavesweep.wavelets.percentile_threshold` bit for bit for float32 and
+    float64 (``tests/test_wavelets_torch.py``). Empty input: 0.0. Any NaN: NaN. Non-float
+    input is computed in float64 (as ``np.percentile`` does).
+    """
+    p = wv.validate_percentile(percentile)
+    a = abs_coeffs.detach().reshape(-1)
+    if not a.dtype.is_floating_point:
+        a = a.to(torch.float64)
+    n = a.numel()
+    if n == 0:
+        return torch.zeros((), dtype=a.dtype, device=a.device)
+    virtual = float((n - 1) * np.true_divide(p, 100))  # numpy's 'linear' virtual index
+    if n < 2 or virtual >= n - 1:
+        out = a.max()
+    else:
+        k = math.floor(virtual)
+        gamma = virtual - k
+        lo = torch.kthvalue(a, k + 1).values
+        hi = torch.kthvalue(a, k + 2).values  # the minimum of everything above position k
+        diff = hi - lo
+        if gamma >= 0.5:
+            out = hi - diff * torch.tensor(1 - gamma, dtype=a.dtype, device=a.device)
+        else:
+            out = lo + diff * torch.tensor(gamma, dtype=a.dtype, device=a.device)
+    return torch.where(torch.isnan(a).any(), torch.full_like(out, math.nan), out)
+
+
+def _threshold_tensor(threshold, like: torch.Tensor) -> torch.Tensor:
+    """The threshold as the comparison operand numpy would use against ``like``'s dtype.
+
+    A Python float is weak (compared in the coefficients' dtype, NEP 50); a numpy scalar or a
+    tensor keeps its own precision (compared in the promoted dtype).
+    """
+    if isinstance(threshold, torch.Tensor):
+        return threshold.detach().to(device=like.device, dtype=torch.promote_types(threshold.dtype, like.dtype))
+    if isinstance(threshold, np.generic):
+        dt = torch.from_numpy(np.asarray(threshold)).dtype
+        return torch.tensor(float(threshold), dtype=torch.promote_types(dt, like.dtype), device=like.device)
+    return torch.tensor(float(threshold), dtype=like.dtype, device=like.device)
+
+
+def dwt_prune_tensor(
+    w: torch.Tensor,
+    *,
+    wavelet: str,
+    level: int,
+    layout: str,
+    mode: str = wv.DEFAULT_MODE,
+    percentile: float | None = None,
+    keep_approx: bool = False,
+    threshold: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, wv.CoeffStructure]:
+    """Torch twin of :func:`wavesweep.wavelets.dwt_prune_array`, on ``w``'s device, no numpy.
+
+    Decompose, zero the coefficients with |c| strictly below the threshold (``threshold`` if
+    given, else the ``percentile`` of this tensor's |coefficients|, the approximation band left
+    out with ``keep_approx``), reconstruct. Runs without autograd (a pruning step; train through
+    :func:`decompose`/:func:`reconstruct`).
+
+    Returns ``(w_rec, coeffs, keep, structure)``: the reconstructed weight (shape and dtype of
+    ``w``), the thresholded flat coefficients (+0.0 where dropped), the bool keep mask over them,
+    and the coefficient structure.
+    """
+    st = structure_of(tuple(w.shape), wavelet=wavelet, level=level, layout=layout, mode=mode)
+    with torch.no_grad():
+        coeffs = decompose(w.detach(), st)
+        n_approx = st.n_approx if keep_approx else 0
+        mag = coeffs.abs()
+        if threshold is None:
+            if percentile is None:
+                raise ValueError("give a percentile or a threshold")
+            thr = percentile_threshold(mag[n_approx:], percentile)
+        else:
+            thr = _threshold_tensor(threshold, mag)
+        keep = mag >= thr
+        keep[:n_approx] = True
+        coeffs = coeffs.masked_fill(~keep, 0)
+        return reconstruct(coeffs, st), coeffs, keep, st
