@@ -335,72 +335,118 @@ def _weighted_slices(terms: list[tuple[torch.Tensor, float, int]], dim: int, len
     return acc
 
 
-def _phases(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Even and odd samples of ``x`` along ``dim`` (even length), each contiguous along ``dim``."""
+def _every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
+    return x[(slice(None),) * dim + (slice(start, None, 2),)]
+
+
+def _extended_phases(x: torch.Tensor, dim: int, f: int, mode: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Even and odd samples of the extended signal along ``dim`` (see :func:`_extend`), and ``L``.
+
+    Built as ``cat(extension samples, every other sample of x, extension samples)``: one pass
+    over ``x`` per phase, no extended copy in between, each phase contiguous along ``dim``.
+    """
     dim = dim % x.ndim
-    xr = x.unflatten(dim, (x.shape[dim] // 2, 2))  # (..., P/2, 2, ...)
-    if dim == x.ndim - 1:  # the last axis: de-interleave once, so every slice below is contiguous
-        xr = xr.movedim(-1, -2).contiguous()  # (..., 2, P/2)
-        return xr[..., 0, :], xr[..., 1, :]
-    return xr.select(dim + 1, 0), xr.select(dim + 1, 1)  # rows of contiguous inner axes
-
-
-def _taps_analysis(x: torch.Tensor, dim: int, taps: tuple[float, ...], length: int) -> torch.Tensor:
-    """``y[o] = sum_m taps[m] * x[2*o + m]`` along ``dim`` (``x`` already extended), ``o < length``."""
-    even, odd = _phases(x, dim)
-    terms = [((even, odd)[m % 2], t, m // 2) for m, t in enumerate(taps)]
-    return _weighted_slices(terms, dim, length)
-
-
-def _taps_synthesis(cs: list[torch.Tensor], filts: list[tuple[float, ...]], dim: int) -> torch.Tensor:
-    """Full transposed conv along ``dim``: ``y[m] = sum_c sum_i cs[c][i] * filts[c][m - 2*i]``.
-
-    Even outputs use the even taps, odd outputs the odd taps, each a correlation of the
-    zero-padded coefficients with the reversed taps. Length ``2*(L - 1) + F``.
-    """
-    f = len(filts[0])
-    h = f // 2
-    pad = [0, 0] * (cs[0].ndim - 1 - (dim % cs[0].ndim)) + [h - 1, h - 1]
-    cz = [F.pad(c, pad) if h > 1 else c for c in cs]
-    n_out = cs[0].shape[dim] + h - 1
+    n = x.shape[dim]
+    (li, lw), (ri, rw), L = _plan_tensors(n, f, mode, x.dtype, x.device)
+    pl, pr = li.shape[0], ri.shape[0]
+    if mode == "zero":
+        shape = list(x.shape)
+        shape[dim] = pl
+        left = x.new_zeros(shape)
+        shape[dim] = pr
+        right = x.new_zeros(shape)
+    else:
+        left, right = _gather(x, dim, li, lw), _gather(x, dim, ri, rw)
     phases = []
-    for ph in (0, 1):  # y[2q + ph] = sum_j g[2j + ph] * c[q - j] = sum_t g[2(h-1-t) + ph] * cz[q + t]
-        terms = [(c, g[2 * (h - 1 - t) + ph], t) for c, g in zip(cz, filts) for t in range(h)]
-        phases.append(_weighted_slices(terms, dim, n_out))
-    dim = dim % cs[0].ndim
-    return torch.stack(phases, dim=dim + 1).flatten(dim, dim + 1)  # interleave
+    for ph in (0, 1):  # extended position p = ph, ph + 2, ...: left part, then x, then right part
+        parts = [
+            _every_other(left, dim, ph),
+            _every_other(x, dim, (pl + ph) % 2),
+            _every_other(right, dim, (pl + n + ph) % 2),
+        ]
+        phases.append(torch.cat([q for q in parts if q.shape[dim]], dim=dim))
+    return phases[0], phases[1], L
 
 
-def _dwt(x: torch.Tensor, nd: int, wavelet: str, mode: str) -> torch.Tensor:
-    """One analysis level over the last ``nd`` axes of ``x`` (B, *N) -> (B, 2**nd, *L).
+def _taps_analysis(x: torch.Tensor, dim: int, wavelet: str, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One analysis level along ``dim``: ``(lo, hi)``, ``y[o] = sum_m frev[m] * x_ext[2*o + m]``."""
+    (lo, hi), _ = _taps(wavelet)
+    even, odd, L = _extended_phases(x, dim, len(lo), mode)
+    return tuple(
+        _weighted_slices([((even, odd)[m % 2], t, m // 2) for m, t in enumerate(taps)], dim, L) for taps in (lo, hi)
+    )
 
-    Channels: 1-D (lo, hi); 2-D ``2*r + c`` with ``r``/``c`` = lo (0) or hi (1) along rows (axis
-    -2) / columns (axis -1): (aa, ad, da, dd) in PyWavelets' keys.
+
+def _taps_synthesis(a: torch.Tensor, d: torch.Tensor, dim: int, wavelet: str, mode: str) -> torch.Tensor:
+    """One synthesis level along ``dim`` from approximation ``a`` and detail ``d`` (same length L).
+
+    Output phase ``ph`` (samples ``2q + ph``) is a valid correlation of the coefficients with
+    taps ``g[2(h-1-t) + pi]`` (``h = F/2``): non-periodization ``x[2q+ph] = sum_t g[2(h-1-t)+ph] *
+    c[q+t]``, ``q < L - h + 1``; periodization ``x[2q+ph] = sum_t g[2(h-1-t)+pi] * c_ext[q+o+t]``
+    with ``pi = (ph + h - 1) % 2``, ``o = (ph + h - 1)//2 - (h - 1)//2`` and ``c_ext`` the
+    coefficients extended periodically by ``ceil((h-1)/2)`` on the left, ``q < L``.
+    The two phases are then interleaved.
     """
+    _, (glo, ghi) = _taps(wavelet)
+    f = len(glo)
+    h = f // 2
+    dim = dim % a.ndim
+    L = a.shape[dim]
+    if mode == "periodization":
+        s = h - 1
+        off = -(s - s // 2)  # c_ext[i] = c[(i + off) mod L], i < L + h
+        idx_l = torch.arange(off, 0, device=a.device) % L
+        idx_r = torch.arange(L, L + h + off, device=a.device) % L
+        a, d = (torch.cat([c.index_select(dim, idx_l), c, c.index_select(dim, idx_r)], dim=dim) for c in (a, d))
+        n_q = L
+        # (tap index into g, offset into the coefficients) per term, for each output phase
+        phase_terms = [[(2 * (h - 1 - t) + (ph + s) % 2, (ph + s) // 2 - s // 2 + t) for t in range(h)] for ph in (0, 1)]
+    else:
+        n_q = L - h + 1
+        phase_terms = [[(2 * (h - 1 - t) + ph, t) for t in range(h)] for ph in (0, 1)]
+    outs = []
+    for terms in phase_terms:
+        outs.append(_weighted_slices([(c, g[k], o) for c, g in ((a, glo), (d, ghi)) for k, o in terms], dim, n_q))
+    return torch.stack(outs, dim=dim + 1).flatten(dim, dim + 1)  # interleave the phases
+
+
+def _dwt(x: torch.Tensor, nd: int, wavelet: str, mode: str) -> list[torch.Tensor]:
+    """One analysis level over the last ``nd`` axes of ``x`` (B, *N) -> ``2**nd`` bands (B, *L).
+
+    Band order: 1-D (lo, hi); 2-D ``2*r + c`` with ``r``/``c`` = lo (0) or hi (1) along rows
+    (axis -2) / columns (axis -1): (aa, ad, da, dd) in PyWavelets' keys.
+    """
+    if _backend(x.device) == "taps":
+        if nd == 1:
+            return list(_taps_analysis(x, -1, wavelet, mode))
+        cols = _taps_analysis(x, -1, wavelet, mode)  # lo, hi along columns: (B, H, Lw) each
+        (aa, da), (ad, dd) = (_taps_analysis(c, -2, wavelet, mode) for c in cols)
+        return [aa, ad, da, dd]
     dec, _ = _filters(wavelet, nd, x.dtype, x.device)
     f = dec.shape[-1]
-    lens = []
     for d in range(-nd, 0):
-        x, n = _extend(x, d, f, mode)
-        lens.append(n)
-    if _backend(x.device) == "conv":
-        x = x.unsqueeze(1)  # (B, 1, *N_ext)
-        return F.conv1d(x, dec, stride=2) if nd == 1 else F.conv2d(x, dec, stride=2)
-    (lo, hi), _ = _taps(wavelet)
-    if nd == 1:
-        return torch.stack([_taps_analysis(x, -1, lo, lens[0]), _taps_analysis(x, -1, hi, lens[0])], dim=1)
-    cols = [_taps_analysis(x, -1, t, lens[1]) for t in (lo, hi)]  # (B, H_ext, Lw) each
-    bands = [_taps_analysis(c, -2, t, lens[0]) for c in cols for t in (lo, hi)]  # aa, da, ad, dd
-    return torch.stack([bands[0], bands[2], bands[1], bands[3]], dim=1)
+        x, _ = _extend(x, d, f, mode)
+    x = x.unsqueeze(1)  # (B, 1, *N_ext)
+    y = F.conv1d(x, dec, stride=2) if nd == 1 else F.conv2d(x, dec, stride=2)  # (B, 2**nd, *L)
+    return list(y.unbind(1))
 
 
-def _idwt(c: torch.Tensor, nd: int, wavelet: str, mode: str) -> torch.Tensor:
-    """One synthesis level: (B, 2**nd, *L) -> (B, *N), N = 2L (periodization) or 2L - F + 2."""
+def _idwt(bands: list[torch.Tensor], nd: int, wavelet: str, mode: str) -> torch.Tensor:
+    """One synthesis level: ``2**nd`` bands (B, *L), order as :func:`_dwt` -> (B, *N),
+    N = 2L (periodization) or 2L - F + 2."""
+    if _backend(bands[0].device) == "taps":
+        if nd == 1:
+            return _taps_synthesis(bands[0], bands[1], -1, wavelet, mode)
+        aa, ad, da, dd = bands  # rows first: (aa, da) -> lo along columns, (ad, dd) -> hi along columns
+        lo_c = _taps_synthesis(aa, da, -2, wavelet, mode)
+        hi_c = _taps_synthesis(ad, dd, -2, wavelet, mode)
+        return _taps_synthesis(lo_c, hi_c, -1, wavelet, mode)
+    c = torch.stack(bands, dim=1)  # (B, 2**nd, *L)
     _, rec = _filters(wavelet, nd, c.dtype, c.device)
     f = rec.shape[-1]
     lens = c.shape[2:]
-    starts = []
     if mode == "periodization":
+        starts = []
         for d in range(-nd, 0):
             c, st = _periodic_coeffs(c, d, f)
             starts.append(st)
@@ -408,24 +454,11 @@ def _idwt(c: torch.Tensor, nd: int, wavelet: str, mode: str) -> torch.Tensor:
     else:
         starts = [f - 2] * nd
         outs = [2 * n - f + 2 for n in lens]
-    if _backend(c.device) == "conv":
-        y = F.conv_transpose1d(c, rec, stride=2) if nd == 1 else F.conv_transpose2d(c, rec, stride=2)
-        y = y[:, 0]
-    else:
-        _, (lo, hi) = _taps(wavelet)
-        if nd == 1:
-            y = _taps_synthesis([c[:, 0], c[:, 1]], [lo, hi], -1)
-        else:  # rows first: (aa, da) -> lo along columns, (ad, dd) -> hi along columns
-            lo_c = _taps_synthesis([c[:, 0], c[:, 2]], [lo, hi], -2)
-            hi_c = _taps_synthesis([c[:, 1], c[:, 3]], [lo, hi], -2)
-            y = _taps_synthesis([lo_c, hi_c], [lo, hi], -1)
-    return y[(slice(None),) + tuple(slice(s, s + o) for s, o in zip(starts, outs))]
+    y = F.conv_transpose1d(c, rec, stride=2) if nd == 1 else F.conv_transpose2d(c, rec, stride=2)
+    return y[(slice(None), 0) + tuple(slice(s, s + o) for s, o in zip(starts, outs))]
 
 
 # --------------------------------------------------------------------------- decompose / reconstruct
-
-_BAND_CHANNELS_2D = [2, 1, 3]  # cH ('da': detail along rows), cV ('ad'), cD ('dd') in conv channel order
-
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     if not dtype.is_floating_point or dtype.is_complex:
@@ -457,13 +490,11 @@ def decompose(w: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
     x = x.reshape((-1,) + arr[len(arr) - nd :])  # (B, N) or (B, H, W); B = rows / kernels / 1
     details = []
     for _ in range(structure.level):
-        y = _dwt(x, nd, structure.wavelet, structure.mode)  # (B, 2**nd, *L)
-        x = y[:, 0]
-        if nd == 1:
-            details.append(y[:, 1].reshape(-1))
-        else:  # band-major: all of cH, then all of cV, then all of cD
-            details.append(y[:, _BAND_CHANNELS_2D].transpose(0, 1).reshape(-1))
-    flat = torch.cat([x.reshape(-1)] + details[::-1])
+        bands = _dwt(x, nd, structure.wavelet, structure.mode)  # 2**nd tensors (B, *L)
+        x = bands[0]
+        # flat order per level: cD (1-D) or cH, cV, cD = (da, ad, dd) (2-D), each over all of B
+        details.append([bands[1]] if nd == 1 else [bands[2], bands[1], bands[3]])
+    flat = torch.cat([x.reshape(-1)] + [b.reshape(-1) for lv in reversed(details) for b in lv])
     return flat.to(out_dtype)
 
 
@@ -487,13 +518,10 @@ def reconstruct(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tenso
     a = bands[0].reshape((-1,) + structure.shapes[0][len(structure.shapes[0]) - nd :])  # (B, *L)
     for i in range(1, len(bands), per_level):
         shp = structure.shapes[i][len(structure.shapes[i]) - nd :]
-        d = torch.stack([b.reshape((-1,) + shp) for b in bands[i : i + per_level]], dim=1)  # (B, 1|3, *L)
+        d = [b.reshape((-1,) + shp) for b in bands[i : i + per_level]]  # (B, *L) each
         a = a[(slice(None),) + tuple(slice(0, n) for n in shp)]  # waverec's crop of a one-longer approx
-        if nd == 1:
-            c = torch.cat([a.unsqueeze(1), d], dim=1)  # (B, 2, L): lo, hi
-        else:  # conv channels: aa, ad (cV), da (cH), dd (cD)
-            c = torch.stack([a, d[:, 1], d[:, 0], d[:, 2]], dim=1)
-        a = _idwt(c, nd, structure.wavelet, structure.mode)
+        # _idwt band order: 1-D (a, cD); 2-D (aa, ad, da, dd) = (a, cV, cH, cD)
+        a = _idwt([a] + d if nd == 1 else [a, d[1], d[0], d[2]], nd, structure.wavelet, structure.mode)
     arr = structure.array_shape
     a = a[(slice(None),) + tuple(slice(0, n) for n in arr[len(arr) - nd :])]
     return a.reshape(structure.shape).to(out_dtype)
