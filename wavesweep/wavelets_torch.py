@@ -326,13 +326,55 @@ def _taps(wavelet: str) -> tuple[tuple[tuple[float, ...], ...], tuple[tuple[floa
     return (tuple(w.dec_lo[::-1]), tuple(w.dec_hi[::-1])), (tuple(w.rec_lo), tuple(w.rec_hi))
 
 
-def _weighted_slices(terms: list[tuple[torch.Tensor, float, int]], dim: int, length: int) -> torch.Tensor:
-    """``sum(tap * src.narrow(dim, offset, length) for src, tap, offset in terms)``."""
-    src, tap, off = terms[0]
-    acc = src.narrow(dim, off, length) * tap
-    for src, tap, off in terms[1:]:
-        acc = acc.add_(src.narrow(dim, off, length), alpha=tap)  # in place on our own buffer: one pass
-    return acc
+class _WeightedSlices(torch.autograd.Function):
+    """``sum over groups g of (sum over (i, tap, off) in g of tap * srcs[i].narrow(dim, off, length))``.
+
+    Forward: products and sums as separate roundings (no fused multiply-add), each group summed
+    in its listed order, then the groups in order: the arithmetic of PyWavelets' C loops, so
+    exact cancellations (e.g. haar details of a mirrored boundary) give exact zeros here too.
+    Backward: each source's gradient is one zero buffer with the scaled output gradient added
+    at every offset (autograd's own slicing would allocate a full buffer per term).
+    """
+
+    @staticmethod
+    def forward(ctx, dim: int, length: int, groups, *srcs: torch.Tensor) -> torch.Tensor:
+        ctx.dim, ctx.length, ctx.groups = dim, length, groups
+        ctx.shapes = [s.shape for s in srcs]
+        total = tmp = None
+        for group in groups:
+            acc = None
+            for i, tap, off in group:
+                sl = srcs[i].narrow(dim, off, length)
+                if acc is None:
+                    acc = sl * tap
+                    continue
+                if tmp is None:
+                    tmp = torch.empty_like(acc)
+                torch.mul(sl, tap, out=tmp)
+                acc.add_(tmp)
+            if total is None:
+                total = acc
+            else:
+                total.add_(acc)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        grads = [
+            grad.new_zeros(shape) if ctx.needs_input_grad[3 + i] else None for i, shape in enumerate(ctx.shapes)
+        ]
+        for group in ctx.groups:
+            for i, tap, off in group:
+                if grads[i] is not None:
+                    grads[i].narrow(ctx.dim, off, ctx.length).add_(grad, alpha=tap)
+        return (None, None, None, *grads)
+
+
+def _weighted_slices(srcs: list[torch.Tensor], groups, dim: int, length: int) -> torch.Tensor:
+    """See :class:`_WeightedSlices`; ``groups``: lists of ``(source index, tap, offset)``."""
+    groups = tuple(tuple(g) for g in groups)
+    return _WeightedSlices.apply(dim % srcs[0].ndim, length, groups, *srcs)
 
 
 def _every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
@@ -372,8 +414,10 @@ def _taps_analysis(x: torch.Tensor, dim: int, wavelet: str, mode: str) -> tuple[
     """One analysis level along ``dim``: ``(lo, hi)``, ``y[o] = sum_m frev[m] * x_ext[2*o + m]``."""
     (lo, hi), _ = _taps(wavelet)
     even, odd, L = _extended_phases(x, dim, len(lo), mode)
+    # PyWavelets sums filter[j] * x[i - j] for j = 0, 1, ...: here m = F - 1 - j, so m descending
     return tuple(
-        _weighted_slices([((even, odd)[m % 2], t, m // 2) for m, t in enumerate(taps)], dim, L) for taps in (lo, hi)
+        _weighted_slices([even, odd], [[(m % 2, taps[m], m // 2) for m in reversed(range(len(taps)))]], dim, L)
+        for taps in (lo, hi)
     )
 
 
@@ -406,7 +450,12 @@ def _taps_synthesis(a: torch.Tensor, d: torch.Tensor, dim: int, wavelet: str, mo
         phase_terms = [[(2 * (h - 1 - t) + ph, t) for t in range(h)] for ph in (0, 1)]
     outs = []
     for terms in phase_terms:
-        outs.append(_weighted_slices([(c, g[k], o) for c, g in ((a, glo), (d, ghi)) for k, o in terms], dim, n_q))
+        terms = terms[::-1]  # filter index ascending, as PyWavelets sums
+        a_terms = [(0, glo[k], o) for k, o in terms]
+        d_terms = [(1, ghi[k], o) for k, o in terms]
+        # periodization: one running sum over a's terms then d's; otherwise sum_a + sum_d
+        groups = [a_terms + d_terms] if mode == "periodization" else [a_terms, d_terms]
+        outs.append(_weighted_slices([a, d], groups, dim, n_q))
     return torch.stack(outs, dim=dim + 1).flatten(dim, dim + 1)  # interleave the phases
 
 
@@ -419,8 +468,9 @@ def _dwt(x: torch.Tensor, nd: int, wavelet: str, mode: str) -> list[torch.Tensor
     if _backend(x.device) == "taps":
         if nd == 1:
             return list(_taps_analysis(x, -1, wavelet, mode))
-        cols = _taps_analysis(x, -1, wavelet, mode)  # lo, hi along columns: (B, H, Lw) each
-        (aa, da), (ad, dd) = (_taps_analysis(c, -2, wavelet, mode) for c in cols)
+        # PyWavelets' order (dwtn): rows (axis -2) first, then columns
+        rows = _taps_analysis(x, -2, wavelet, mode)  # lo, hi along rows: (B, Lh, W) each
+        (aa, ad), (da, dd) = (_taps_analysis(r, -1, wavelet, mode) for r in rows)
         return [aa, ad, da, dd]
     dec, _ = _filters(wavelet, nd, x.dtype, x.device)
     f = dec.shape[-1]
@@ -437,10 +487,10 @@ def _idwt(bands: list[torch.Tensor], nd: int, wavelet: str, mode: str) -> torch.
     if _backend(bands[0].device) == "taps":
         if nd == 1:
             return _taps_synthesis(bands[0], bands[1], -1, wavelet, mode)
-        aa, ad, da, dd = bands  # rows first: (aa, da) -> lo along columns, (ad, dd) -> hi along columns
-        lo_c = _taps_synthesis(aa, da, -2, wavelet, mode)
-        hi_c = _taps_synthesis(ad, dd, -2, wavelet, mode)
-        return _taps_synthesis(lo_c, hi_c, -1, wavelet, mode)
+        aa, ad, da, dd = bands  # PyWavelets' order (idwtn): columns first, then rows
+        lo_r = _taps_synthesis(aa, ad, -1, wavelet, mode)
+        hi_r = _taps_synthesis(da, dd, -1, wavelet, mode)
+        return _taps_synthesis(lo_r, hi_r, -2, wavelet, mode)
     c = torch.stack(bands, dim=1)  # (B, 2**nd, *L)
     _, rec = _filters(wavelet, nd, c.dtype, c.device)
     f = rec.shape[-1]
