@@ -304,6 +304,20 @@ def test_cuda_equals_cpu(mode, device_backend, monkeypatch):
 
 
 @cuda
+@pytest.mark.parametrize("mode", ["periodization", "symmetric"])
+def test_cuda_float32_equals_pywavelets(mode):
+    # float32 on the GPU: full-precision convolutions (no TF32), so ~1e-6 relative, as on CPU
+    rng = np.random.default_rng(9)
+    for wavelet, layout, shape, level in _cases(("db4", "bior4.4"), ((64, 64, 3, 3), (3, 5, 7, 9), (10, 64))):
+        w = rng.standard_normal(shape).astype(np.float32)
+        want, st = wv.decompose(w, wavelet=wavelet, level=level, layout=layout, mode=mode)
+        got = wt.decompose(torch.from_numpy(w).cuda(), st)
+        assert got.dtype == torch.float32 and _max_err(got.cpu(), want) < 1e-5, (wavelet, layout, shape, level)
+        got_w = wt.reconstruct(torch.from_numpy(want).cuda(), st)
+        assert _max_err(got_w.cpu(), wv.reconstruct(want, st)) < 1e-5
+
+
+@cuda
 @pytest.mark.parametrize("layout", wv.LAYOUTS)
 def test_cuda_gradcheck(layout):
     shape = GRAD_SHAPES[layout]

@@ -43,6 +43,7 @@ perfect-reconstruction filter bank (see :mod:`wavesweep.wavelets`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -459,6 +460,20 @@ def _taps_synthesis(a: torch.Tensor, d: torch.Tensor, dim: int, wavelet: str, mo
     return torch.stack(outs, dim=dim + 1).flatten(dim, dim + 1)  # interleave the phases
 
 
+@contextlib.contextmanager
+def _no_tf32(device: torch.device):
+    """cuDNN convolutions in full float32 (its default, TF32, keeps 10 mantissa bits: ~1e-3 error)."""
+    if device.type != "cuda":
+        yield
+        return
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+
+
 def _dwt(x: torch.Tensor, nd: int, wavelet: str, mode: str) -> list[torch.Tensor]:
     """One analysis level over the last ``nd`` axes of ``x`` (B, *N) -> ``2**nd`` bands (B, *L).
 
@@ -477,7 +492,8 @@ def _dwt(x: torch.Tensor, nd: int, wavelet: str, mode: str) -> list[torch.Tensor
     for d in range(-nd, 0):
         x, _ = _extend(x, d, f, mode)
     x = x.unsqueeze(1)  # (B, 1, *N_ext)
-    y = F.conv1d(x, dec, stride=2) if nd == 1 else F.conv2d(x, dec, stride=2)  # (B, 2**nd, *L)
+    with _no_tf32(x.device):
+        y = F.conv1d(x, dec, stride=2) if nd == 1 else F.conv2d(x, dec, stride=2)  # (B, 2**nd, *L)
     return list(y.unbind(1))
 
 
@@ -504,7 +520,8 @@ def _idwt(bands: list[torch.Tensor], nd: int, wavelet: str, mode: str) -> torch.
     else:
         starts = [f - 2] * nd
         outs = [2 * n - f + 2 for n in lens]
-    y = F.conv_transpose1d(c, rec, stride=2) if nd == 1 else F.conv_transpose2d(c, rec, stride=2)
+    with _no_tf32(c.device):
+        y = F.conv_transpose1d(c, rec, stride=2) if nd == 1 else F.conv_transpose2d(c, rec, stride=2)
     return y[(slice(None), 0) + tuple(slice(s, s + o) for s, o in zip(starts, outs))]
 
 
