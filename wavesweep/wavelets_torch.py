@@ -1,8 +1,8 @@
 """Differentiable multilevel DWT in torch, equal to PyWavelets (and to :mod:`wavesweep.wavelets`).
 
 The torch twin of the PyWavelets codec: same layouts, same :class:`~wavesweep.wavelets.CoeffStructure`,
-same flat coefficient order, same crop rule, but computed with ``conv1d``/``conv2d`` (stride 2)
-and ``conv_transpose1d``/``conv_transpose2d`` on the tensor's device, with autograd. Used where
+same flat coefficient order, same crop rule, but computed with torch ops on the tensor's
+device, with autograd. Used where
 PyWavelets cannot go: fine-tuning ``W = IDWT(c * m)`` (gradients w.r.t. the kept coefficients)
 and dwt pruning on the GPU without numpy round trips.
 
@@ -29,6 +29,17 @@ How PyWavelets' C filter bank maps onto torch ops (``pywt/_extensions/c/convolut
   array extended along both axes. ``cH`` is detail along axis -2 (PyWavelets' key ``'da'``),
   ``cV`` detail along axis -1 (``'ad'``), ``cD`` both.
 
+Two implementations of a level, chosen by device (both tested against PyWavelets on CPU):
+
+* ``conv`` (CUDA): the above as written, one ``conv{1,2}d`` / ``conv_transpose{1,2}d`` per level
+  (all bands as channels, a 2-D level as one ``conv2d``: the extensions along the two axes
+  commute), with TF32 switched off so float32 stays float32-accurate.
+* ``taps`` (CPU): the filters as multiply-adds of contiguous slices of the even/odd phases of the
+  extended signal, in PyWavelets' summation and axis order, products and sums rounded separately
+  as its C loops do (no FMA), so exact cancellations (haar details of a mirrored boundary) are
+  exact zeros here too and keep masks equal at such ties. mkldnn's one-channel strided conv is
+  30-40x slower on CPU; this path has one custom backward per slice-sum.
+
 Extensions (``common.h``): each extended sample is a fixed linear combination of the samples of
 ``x`` (one sample for zero/constant/symmetric/reflect/periodic/antisymmetric, up to a few for
 smooth and antireflect), computed once per ``(N, F, mode)`` from the C code's rules, including
@@ -36,8 +47,11 @@ the repeated reflections when the filter is longer than the signal, and applied 
 ``index_select`` (weighted for the multi-sample modes). The right side mirrors the left.
 
 Precision: computes in the tensor's dtype for float32/float64 (as PyWavelets does), in float32 for
-float16/bfloat16 (result cast back). Results equal PyWavelets to float rounding, not bit for bit
-(the summation order differs). ``dmey`` is computed like every other wavelet, but it is not a
+float16/bfloat16 (result cast back). Results equal PyWavelets to float rounding (1e-10 in
+float64, 1e-5 relative in float32 in the tests); the CPU path is often bit-identical (zero and
+constant modes in float64 always were), but near the boundaries of the other modes PyWavelets
+sums some terms in another order, and the multi-sample extensions are formed differently.
+``dmey`` is computed like every other wavelet, but it is not a
 perfect-reconstruction filter bank (see :mod:`wavesweep.wavelets`).
 """
 
@@ -308,11 +322,10 @@ def _periodic_coeffs(c: torch.Tensor, dim: int, f: int) -> tuple[torch.Tensor, i
     return c.index_select(dim, idx), s - 2 * k_lo
 
 
-# Two equal implementations of one level. "conv": one conv{1,2}d / conv_transpose{1,2}d with all
-# bands as channels -- few kernel launches, what cuDNN does well. "taps": the filters as F
-# multiply-adds of contiguous slices of the even/odd phases -- on CPU 30-40x faster than
-# mkldnn's one-input-channel strided conv (3 ms against 90-120 ms for a (512, 4608) level),
-# but 2F launches per band, too many for a GPU fine-tuning step. Chosen by device; tests run both.
+# Two equal implementations of one level (module docstring). "conv": few kernel launches, what
+# cuDNN does well. "taps": on CPU 30-40x faster than mkldnn's one-input-channel strided conv
+# (3 ms against 90-120 ms for a (512, 4608) level), but ~2F launches per band, too many for a GPU
+# fine-tuning step. Chosen by device; the tests run both on CPU.
 _FORCE_BACKEND: str | None = None  # "conv" | "taps" | None (by device); for tests and benches
 
 
@@ -542,8 +555,8 @@ def decompose(w: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
 
     Same length (``structure.n_coeffs``) and order as :func:`wavesweep.wavelets.decompose`:
     ``[cA_n, cD_n, ..., cD_1]`` (1-D) or ``[cA_n, cH_n, cV_n, cD_n, ..., cD_1]`` (2-D), each band
-    raveled in C order. dtype and device of ``w``; differentiable. One conv per level for all
-    rows/kernels together.
+    raveled in C order. dtype and device of ``w``; differentiable. Each level is computed for
+    all rows/kernels at once (no Python loop over them).
     """
     if tuple(w.shape) != tuple(structure.shape):
         raise ValueError(f"weight shape {tuple(w.shape)} does not match structure shape {structure.shape}")
@@ -600,8 +613,9 @@ def reconstruct(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tenso
 def percentile_threshold(abs_coeffs: torch.Tensor, percentile: float) -> torch.Tensor:
     """``numpy.percentile(abs_coeffs, percentile)`` (method 'linear') as a 0-dim tensor on the same device.
 
-    The two order statistics around numpy's virtual index come from ``torch.kthvalue`` (no size
-    limit, unlike ``torch.quantile``), then numpy's interpolation formula (``_lerp``) in the
+    The two order statistics around numpy's virtual index come from one ``torch.kthvalue`` (no
+    size limit, unlike ``torch.quantile``) and two elementwise passes, then numpy's
+    interpolation formula (``_lerp``) in the
     tensor's dtype, with the weight rounded to that dtype as numpy does for a Python float. On
     CPU this equals :func:`wavesweep.wavelets.percentile_threshold` bit for bit for float32 and
     float64 (``tests/test_wavelets_torch.py``). Empty input: 0.0. Any NaN: NaN. Non-float
@@ -621,7 +635,10 @@ def percentile_threshold(abs_coeffs: torch.Tensor, percentile: float) -> torch.T
         k = math.floor(virtual)
         gamma = virtual - k
         lo = torch.kthvalue(a, k + 1).values
-        hi = torch.kthvalue(a, k + 2).values  # the minimum of everything above position k
+        # the (k+2)-th smallest: lo again if it is tied that often, else the least value above it
+        # (two elementwise passes, cheaper than a second selection; no host sync)
+        above = torch.where(a > lo, a, torch.full_like(lo, math.inf)).min()
+        hi = torch.where((a <= lo).sum() >= k + 2, lo, above)
         diff = hi - lo
         if gamma >= 0.5:
             out = hi - diff * torch.tensor(1 - gamma, dtype=a.dtype, device=a.device)
