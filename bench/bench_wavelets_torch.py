@@ -11,7 +11,9 @@ Per layer set (every ``nn.Conv2d`` weight of torchvision's ResNet-18, random val
   :func:`wavesweep.wavelets.dwt_prune_array` (percentile 90).
 
 Usage: ``python bench/bench_wavelets_torch.py [--wavelet bior4.4] [--level 5] [--layout filter]
-[--mode periodization] [--repeats 5]``. Runs on CPU, and on CUDA when available.
+[--mode periodization] [--repeats 5]``. Runs on CPU, and on CUDA when available. On a CPU shared
+with other jobs, torch's intra-op threads stall (5-6x slower with 2 threads at load 6 on 2 cores):
+compare with ``OMP_NUM_THREADS=1`` there.
 """
 
 from __future__ import annotations
