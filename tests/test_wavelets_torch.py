@@ -1,0 +1,350 @@
+"""Torch DWT against its oracles: PyWavelets via wavesweep.wavelets, numpy's percentile, autograd's gradcheck.
+
+Both implementations of a level are tested on CPU: "taps" (the CPU default) and "conv" (the CUDA
+default, cuDNN there, mkldnn here). CUDA tests run where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from wavesweep import wavelets as wv
+from wavesweep import wavelets_torch as wt
+
+WAVELETS = ("haar", "db2", "db4", "sym5", "coif2", "bior1.3", "bior4.4", "rbio2.2", "dmey")
+
+# Weight shapes: 3x3 and 1x1 convs, an odd-sized conv, a first conv (3 input channels), Linear
+# layers, a weight shorter than most filters along both axes, a tiny flat tensor.
+SHAPES = (
+    (4, 3, 3, 3),
+    (64, 64, 1, 1),
+    (3, 5, 7, 9),
+    (2, 3, 16, 11),
+    (10, 64),
+    (7, 13),
+    (2, 5),
+    (1, 3),
+)
+BACKENDS = ("taps", "conv")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only add overhead (and stall on a shared machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setattr(wt, "_FORCE_BACKEND", request.param)
+    return request.param
+
+
+def _layouts(shape):
+    return [lay for lay in wv.LAYOUTS if lay != "kernel" or len(shape) == 4]
+
+
+def _cases(wavelets=WAVELETS, shapes=SHAPES, levels=range(1, 6)):
+    """(wavelet, layout, shape, level), one level per distinct effective level."""
+    for wavelet, shape in itertools.product(wavelets, shapes):
+        for layout in _layouts(shape):
+            seen = set()
+            for level in levels:
+                eff = wv.effective_level(shape, wavelet, level, layout)
+                if eff not in seen:
+                    seen.add(eff)
+                    yield wavelet, layout, shape, level
+
+
+def _max_err(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    return float(np.abs(a - b).max(initial=0.0)) / max(1.0, float(np.abs(b).max(initial=0.0)))
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_supported_modes_are_pywavelets_modes():
+    assert wt.SUPPORTED_MODES[0] == "periodization"
+    assert set(wt.SUPPORTED_MODES) == set(wv.MODES)  # every PyWavelets mode is reproduced
+    assert all(wt.supports(m) for m in wt.SUPPORTED_MODES)
+    assert not wt.supports("nope")
+
+
+@pytest.mark.parametrize("mode", wt.SUPPORTED_MODES)
+def test_structure_of_equals_decompose(mode):
+    n = 0
+    for wavelet, layout, shape, level in _cases():
+        _, st = wv.decompose(np.zeros(shape), wavelet=wavelet, level=level, layout=layout, mode=mode)
+        assert wt.structure_of(shape, wavelet=wavelet, level=level, layout=layout, mode=mode) == st, (
+            wavelet, layout, shape, level)
+        n += 1
+    assert n > 200
+
+
+def test_structure_levels_are_clamped_and_real():
+    st = wt.structure_of((512, 512, 3, 3), wavelet="bior4.4", level=5, layout="filter", mode="periodization")
+    assert st.level == 5 and st.shapes[0] == (512, 144) and st.n_coeffs == 512 * 4608
+    st = wt.structure_of((64, 64, 3, 3), wavelet="bior4.4", level=3, layout="kernel", mode="periodization")
+    assert st.level == 0 and st.shapes == ((64, 64, 3, 3),)
+    st = wt.structure_of((4, 3, 3, 3), wavelet="haar", level=5, layout="kernel", mode="symmetric")
+    assert st.level == 1 and st.shapes == ((4, 3, 2, 2),) * 4
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="mode"):
+        wt.structure_of((4, 8), wavelet="haar", level=1, layout="filter", mode="nope")
+    with pytest.raises(ValueError, match="wavelet"):
+        wt.structure_of((4, 8), wavelet="nope", level=1, layout="filter", mode="zero")
+    with pytest.raises(ValueError, match="kernel"):
+        wt.structure_of((4, 8), wavelet="haar", level=1, layout="kernel", mode="zero")
+    with pytest.raises(ValueError, match="level"):
+        wt.structure_of((4, 8), wavelet="haar", level=-1, layout="filter", mode="zero")
+    st = wt.structure_of((4, 8), wavelet="haar", level=1, layout="filter", mode="zero")
+    with pytest.raises(ValueError, match="shape"):
+        wt.decompose(torch.zeros(4, 9), st)
+    with pytest.raises(ValueError, match="coefficients"):
+        wt.reconstruct(torch.zeros(st.n_coeffs + 1), st)
+    with pytest.raises(TypeError, match="floating"):
+        wt.decompose(torch.zeros(4, 8, dtype=torch.int64), st)
+
+
+# --------------------------------------------------------------------------- equality with PyWavelets
+
+
+@pytest.mark.parametrize("mode", wt.SUPPORTED_MODES)
+def test_float64_equals_pywavelets_every_wavelet(mode, backend):
+    rng = np.random.default_rng(0)
+    wavelets = WAVELETS if backend == "taps" else ("haar", "db4", "bior4.4", "coif2", "dmey")
+    n = 0
+    for wavelet, layout, shape, level in _cases(wavelets):
+        w = rng.standard_normal(shape)
+        want, st = wv.decompose(w, wavelet=wavelet, level=level, layout=layout, mode=mode)
+        got = wt.decompose(torch.from_numpy(w), st)
+        case = (wavelet, layout, shape, level, st.level)
+        assert got.dtype == torch.float64 and _max_err(got, want) < 1e-10, case
+        # reconstruct from arbitrary coefficients (not just a decomposition): every band matters
+        c = rng.standard_normal(st.n_coeffs)
+        got_w = wt.reconstruct(torch.from_numpy(c), st)
+        assert tuple(got_w.shape) == shape and _max_err(got_w, wv.reconstruct(c, st)) < 1e-10, case
+        n += 1
+    assert n > 100
+
+
+@pytest.mark.parametrize("mode", ["periodization", "symmetric", "zero", "smooth"])
+def test_float32_equals_pywavelets(mode, backend):
+    rng = np.random.default_rng(1)
+    for wavelet, layout, shape, level in _cases(("haar", "db4", "bior4.4"), ((4, 3, 3, 3), (3, 5, 7, 9), (10, 64))):
+        w = rng.standard_normal(shape).astype(np.float32)
+        want, st = wv.decompose(w, wavelet=wavelet, level=level, layout=layout, mode=mode)
+        got = wt.decompose(torch.from_numpy(w), st)
+        assert got.dtype == torch.float32 and _max_err(got, want) < 1e-5, (wavelet, layout, shape, level)
+        got_w = wt.reconstruct(torch.from_numpy(want), st)
+        assert got_w.dtype == torch.float32 and _max_err(got_w, wv.reconstruct(want, st)) < 1e-5
+
+
+@pytest.mark.parametrize("mode", wt.SUPPORTED_MODES)
+def test_round_trip(mode):
+    rng = np.random.default_rng(2)
+    # dmey is not a perfect-reconstruction filter bank (see wavesweep.wavelets): left out here
+    for wavelet, layout, shape, level in _cases(WAVELETS[:-1], ((3, 5, 7, 9), (10, 64), (2, 5))):
+        w = torch.from_numpy(rng.standard_normal(shape))
+        st = wt.structure_of(shape, wavelet=wavelet, level=level, layout=layout, mode=mode)
+        back = wt.reconstruct(wt.decompose(w, st), st)
+        assert back.shape == w.shape and _max_err(back, w) < 1e-10, (wavelet, layout, shape, level)
+
+
+def test_level_zero_is_identity_and_dtypes_are_kept():
+    w = torch.randn(8, 4, 3, 3)
+    st = wt.structure_of(tuple(w.shape), wavelet="bior4.4", level=2, layout="kernel", mode="periodization")
+    assert st.level == 0
+    assert torch.equal(wt.decompose(w, st), w.reshape(-1))
+    assert torch.equal(wt.reconstruct(w.reshape(-1), st), w)
+    half = torch.randn(16, 40).half()
+    st = wt.structure_of((16, 40), wavelet="db2", level=2, layout="filter", mode="periodization")
+    c = wt.decompose(half, st)
+    assert c.dtype == torch.float16 and wt.reconstruct(c, st).dtype == torch.float16
+    want, _ = wv.decompose(half.float().numpy(), wavelet="db2", level=2, layout="filter", mode="periodization")
+    assert _max_err(c.float(), want) < 1e-3
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+GRAD_SHAPES = {"kernel": (1, 2, 10, 11), "filter": (2, 2, 2, 3), "matrix": (10, 11), "flat": (13,)}
+
+
+@pytest.mark.parametrize("mode", wt.SUPPORTED_MODES)
+@pytest.mark.parametrize("layout", wv.LAYOUTS)
+def test_gradcheck(layout, mode, backend):
+    shape = GRAD_SHAPES[layout]
+    for wavelet in ("db2", "bior1.3"):
+        st = wt.structure_of(shape, wavelet=wavelet, level=2, layout=layout, mode=mode)
+        assert st.level >= 1
+        w = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x: wt.decompose(x, st), (w,), fast_mode=True)
+        c = torch.randn(st.n_coeffs, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x: wt.reconstruct(x, st), (c,), fast_mode=True)
+
+
+def test_masked_reconstruction_gradient_is_the_masked_analysis():
+    # db2 + periodization on even lengths is an orthogonal transform: the synthesis' adjoint is the
+    # analysis, so d/dc ||IDWT(c * m) - T||^2 = m * DWT(2 (IDWT(c * m) - T)), an independent check.
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 32, dtype=torch.float64, generator=gen)
+    st = wt.structure_of(tuple(w.shape), wavelet="db2", level=3, layout="filter", mode="periodization")
+    assert st.level == 3 and st.n_coeffs == w.numel()
+    c = wt.decompose(w, st).requires_grad_(True)
+    m = torch.rand(st.n_coeffs, generator=gen, dtype=torch.float64) > 0.7
+    target = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+    rec = wt.reconstruct(c * m, st)
+    (rec - target).square().sum().backward()
+    want = m * wt.decompose(2 * (rec.detach() - target), st)
+    assert torch.all(c.grad[~m] == 0) and c.grad[m].abs().min() > 0
+    assert torch.allclose(c.grad, want, rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- percentile and pruning
+
+
+def _percentile_arrays(rng):
+    for dt in (np.float32, np.float64):
+        for size in [*range(1, 41), 100, 257, 999, 1000, 4999, 5000, *rng.integers(2, 5000, 4)]:
+            yield np.abs(rng.standard_normal(size)).astype(dt)
+            yield (rng.integers(0, 5, size) / 7).astype(dt)  # many ties
+            yield np.full(size, 0.3, dtype=dt)
+
+
+def test_percentile_threshold_bit_identical_on_cpu():
+    rng = np.random.default_rng(4)
+    ps = [0, 0.1, 10, 33.3, 50, 99.9, 100, *rng.uniform(0, 100, 6)]
+    n = 0
+    for a in _percentile_arrays(rng):
+        t = torch.from_numpy(a)
+        for p in ps:
+            want = np.asarray(wv.percentile_threshold(a, p))
+            got = wt.percentile_threshold(t, p)
+            assert got.shape == () and got.dtype == t.dtype
+            assert got.numpy().tobytes() == want.astype(a.dtype).tobytes() and want.dtype == a.dtype, (a.size, a.dtype, p)
+            n += 1
+    assert n > 3000
+
+
+def test_percentile_threshold_edges():
+    assert wt.percentile_threshold(torch.empty(0), 50).item() == 0.0
+    assert torch.isnan(wt.percentile_threshold(torch.tensor([1.0, float("nan"), 2.0]), 50))
+    assert wt.percentile_threshold(torch.tensor([3, 1, 2]), 50).item() == 2.0
+    for bad in (-1, 101, float("nan"), "50"):
+        with pytest.raises(ValueError, match="percentile"):
+            wt.percentile_threshold(torch.ones(3), bad)
+
+
+PRUNE_CASES = [
+    ("filter", "bior4.4", 5, "periodization", (16, 8, 3, 3)),
+    ("kernel", "haar", 2, "symmetric", (4, 3, 5, 5)),
+    ("matrix", "db2", 3, "zero", (10, 64)),
+    ("flat", "sym5", 4, "antireflect", (3, 5, 7, 9)),
+    ("kernel", "bior4.4", 3, "periodization", (8, 4, 3, 3)),  # level 0
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("layout,wavelet,level,mode,shape", PRUNE_CASES)
+def test_dwt_prune_tensor_equals_dwt_prune_array(layout, wavelet, level, mode, shape, dtype, backend):
+    w = np.random.default_rng(5).standard_normal(shape).astype(dtype)
+    kw = dict(wavelet=wavelet, level=level, layout=layout, mode=mode)
+    tol = 1e-10 if dtype == np.float64 else 1e-5
+    for extra in (
+        dict(percentile=70.0),
+        dict(percentile=33.3, keep_approx=True),
+        dict(threshold=0.5),  # a Python float: compared in the coefficients' dtype (numpy NEP 50)
+        dict(threshold=np.float32(0.25), keep_approx=True),
+    ):
+        want_w, want_c, want_keep, want_st = wv.dwt_prune_array(w, **kw, **extra)
+        got_w, got_c, got_keep, got_st = wt.dwt_prune_tensor(torch.from_numpy(w), **kw, **extra)
+        assert got_st == want_st
+        assert got_keep.dtype == torch.bool and np.array_equal(got_keep.numpy(), want_keep), extra
+        if extra.get("percentile") == 70.0:
+            assert not got_keep.all()  # (with keep_approx every coefficient may be kept: exact zeros, level 0)
+        assert got_c.dtype == torch.from_numpy(w).dtype and _max_err(got_c, want_c) < tol
+        assert torch.all(got_c[~got_keep] == 0) and not torch.signbit(got_c[~got_keep]).any()
+        assert got_w.shape == w.shape and _max_err(got_w, want_w) < tol
+    with pytest.raises(ValueError, match="percentile or a threshold"):
+        wt.dwt_prune_tensor(torch.from_numpy(w), **kw)
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@cuda
+@pytest.mark.parametrize("mode", wt.SUPPORTED_MODES)
+@pytest.mark.parametrize("device_backend", [None, "taps"])
+def test_cuda_equals_cpu(mode, device_backend, monkeypatch):
+    rng = np.random.default_rng(6)
+    for wavelet, layout, shape, level in _cases(("haar", "db4", "bior4.4"), ((3, 5, 7, 9), (10, 64), (2, 5))):
+        w = torch.from_numpy(rng.standard_normal(shape))
+        st = wt.structure_of(shape, wavelet=wavelet, level=level, layout=layout, mode=mode)
+        monkeypatch.setattr(wt, "_FORCE_BACKEND", None)
+        want_c = wt.decompose(w, st)
+        want_w = wt.reconstruct(want_c, st)
+        monkeypatch.setattr(wt, "_FORCE_BACKEND", device_backend)
+        got_c = wt.decompose(w.cuda(), st)
+        got_w = wt.reconstruct(got_c, st)
+        assert got_c.device.type == "cuda" and got_w.device.type == "cuda"
+        assert _max_err(got_c.cpu(), want_c) < 1e-10 and _max_err(got_w.cpu(), want_w) < 1e-10
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["periodization", "symmetric"])
+def test_cuda_float32_equals_pywavelets(mode):
+    # float32 on the GPU: full-precision convolutions (no TF32), so ~1e-6 relative, as on CPU
+    rng = np.random.default_rng(9)
+    for wavelet, layout, shape, level in _cases(("db4", "bior4.4"), ((64, 64, 3, 3), (3, 5, 7, 9), (10, 64))):
+        w = rng.standard_normal(shape).astype(np.float32)
+        want, st = wv.decompose(w, wavelet=wavelet, level=level, layout=layout, mode=mode)
+        got = wt.decompose(torch.from_numpy(w).cuda(), st)
+        assert got.dtype == torch.float32 and _max_err(got.cpu(), want) < 1e-5, (wavelet, layout, shape, level)
+        got_w = wt.reconstruct(torch.from_numpy(want).cuda(), st)
+        assert _max_err(got_w.cpu(), wv.reconstruct(want, st)) < 1e-5
+
+
+@cuda
+@pytest.mark.parametrize("layout", wv.LAYOUTS)
+def test_cuda_gradcheck(layout):
+    shape = GRAD_SHAPES[layout]
+    st = wt.structure_of(shape, wavelet="db2", level=2, layout=layout, mode="periodization")
+    w = torch.randn(shape, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: wt.decompose(x, st), (w,), fast_mode=True)
+    c = torch.randn(st.n_coeffs, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: wt.reconstruct(x, st), (c,), fast_mode=True)
+
+
+@cuda
+@pytest.mark.parametrize("layout,wavelet,level,mode,shape", PRUNE_CASES)
+def test_cuda_dwt_prune_tensor(layout, wavelet, level, mode, shape):
+    w = np.random.default_rng(7).standard_normal(shape)
+    kw = dict(wavelet=wavelet, level=level, layout=layout, mode=mode, percentile=60.0)
+    want_w, want_c, want_keep, _ = wv.dwt_prune_array(w, **kw)
+    got_w, got_c, got_keep, _ = wt.dwt_prune_tensor(torch.from_numpy(w).cuda(), **kw)
+    assert got_keep.device.type == "cuda" and np.array_equal(got_keep.cpu().numpy(), want_keep)
+    assert _max_err(got_c.cpu(), want_c) < 1e-10 and _max_err(got_w.cpu(), want_w) < 1e-10
+
+
+@cuda
+def test_cuda_percentile_threshold():
+    rng = np.random.default_rng(8)
+    for a in _percentile_arrays(rng):
+        for p in (0, 10, 33.3, 50, 99.9, 100):
+            want = float(wv.percentile_threshold(a, p))
+            got = wt.percentile_threshold(torch.from_numpy(a).cuda(), p)
+            assert got.device.type == "cuda"
+            assert abs(got.item() - want) <= 1e-6 * max(1.0, abs(want))
