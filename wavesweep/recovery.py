@@ -256,11 +256,12 @@ def finetune(
         if lp.coeffs is not None:  # dwt: train the kept coefficients
             keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).to(dev)
             coeffs = torch.from_numpy(np.ascontiguousarray(lp.coeffs)).to(dev)
+            order = list(m._parameters)  # removing the parametrisation re-adds weight last: keep the order
             parametrize.register_parametrization(m, "weight", WaveletWeight(keep, lp.structure), unsafe=True)
             orig = m.parametrizations.weight.original
             with torch.no_grad():
                 orig.data = coeffs.clone()
-            dwt_layers.append((lp, m, keep))
+            dwt_layers.append((lp, m, keep, order))
         else:
             keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).reshape(m.weight.shape).to(dev)
             masked.append((m.weight, keep))
@@ -282,18 +283,20 @@ def finetune(
             with torch.no_grad():
                 for w, k in masked:
                     w.masked_fill_(~k, 0)  # exactly +0.0 where pruned
-                for _, m, k in dwt_layers:
+                for _, m, k, _ in dwt_layers:
                     m.parametrizations.weight.original.masked_fill_(~k, 0)
             losses.append(loss.detach())
             steps += 1
     finally:
         for h in hooks:
             h.remove()
-        for lp, m, k in dwt_layers:
+        for lp, m, _, order in dwt_layers:
             with torch.no_grad():
                 c = m.parametrizations.weight.original.detach()
                 lp.coeffs = c.cpu().numpy().astype(lp.coeffs.dtype, copy=True)
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            for name in order:  # state-dict order as before fine-tuning
+                m._parameters[name] = m._parameters.pop(name)
         model.eval()
     return steps, float(losses[-1]) if losses else float("nan")
 
