@@ -41,7 +41,6 @@ import math
 import os
 import struct
 import sys
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -52,6 +51,7 @@ import torch
 from torch import nn
 
 from wavesweep import wavelets as wv
+from wavesweep.fileio import atomic_write
 from wavesweep.pruning import PruneResult
 
 log = logging.getLogger(__name__)
@@ -364,18 +364,11 @@ def save_compressed(result: PruneResult, path: str | os.PathLike, *, metadata: d
         blob = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata for {path} is not JSON-serialisable: {e}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_FIXED.pack(MAGIC, VERSION, len(blob)))
-            f.write(blob)
-            for c in chunks:
-                f.write(c)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(_FIXED.pack(MAGIC, VERSION, len(blob)))
+        f.write(blob)
+        for c in chunks:
+            f.write(c)
     size = path.stat().st_size
     log.info("wrote %s: %d bytes (%d payload + %d header)", path, size, payload_size, size - payload_size)
     return size

@@ -18,7 +18,6 @@ Every report says so.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+
+from wavesweep.fileio import atomic_write  # noqa: E402
 
 METHODS = ("dwt", "magnitude", "random")
 DENSE_NOTE = (
@@ -86,11 +87,9 @@ def _long_by_method(frame: pd.DataFrame, x: str) -> pd.DataFrame:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -257,9 +256,8 @@ def to_markdown(table: pd.DataFrame, *, floatfmt: str = ".4g") -> str:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
     return path
 
 

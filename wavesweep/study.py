@@ -59,6 +59,7 @@ from optuna.trial import TrialState
 
 from wavesweep import runner, tracking
 from wavesweep.config import TrialConfig
+from wavesweep.fileio import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +518,7 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
     if db is not None and must_exist and not db.is_file():
         raise FileNotFoundError(f"Optuna storage {str(db)!r} does not exist")
     engine_kwargs = {"connect_args": {"timeout": 60}} if db is not None else {}
-    lock = tracking._file_lock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext()
+    lock = file_lock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext()
     with lock, warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(

@@ -12,7 +12,6 @@ No other wavesweep module imports mlflow. Layout of what one trial records:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import logging
@@ -34,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 import wavesweep
 from wavesweep.config import TrialConfig
+from wavesweep.fileio import atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +56,6 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
@@ -83,7 +72,7 @@ def init_tracking(uri: str | None = None, experiment: str | None = None) -> tupl
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     db = _sqlite_path(uri)
-    lock = _file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
+    lock = file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
     with lock:
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)  # forces schema creation / migration, under the lock
@@ -476,10 +465,8 @@ def weights_from_uri(uri: str, cache: Path) -> Path:
     path = cache / "uri-weights" / f"{key}.pt"
     if not path.exists():
         model = mlflow.pytorch.load_model(uri, map_location="cpu")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as fh:
+            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, fh)
     return path
 
 

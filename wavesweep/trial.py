@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import torch
 
 from wavesweep import accounting, data, evaluate, pruning, train
 from wavesweep.config import TrialConfig
+from wavesweep.fileio import atomic_write
 from wavesweep.stats import PairedComparison, paired_comparison
 from wavesweep.wavelets import LevelClampedWarning
 
@@ -104,11 +104,8 @@ def _base_eval_cached(
         except (OSError, ValueError, KeyError) as exc:  # a damaged cache entry is recomputed, not trusted
             log.warning("ignoring unreadable base-evaluation cache %s: %s", path, exc)
     logits, targets = evaluate.predict(base.model, eval_set, batch_size=cfg.batch_size, device=device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_write(path) as fh:
         np.savez(fh, logits=logits.numpy(), targets=targets.numpy())
-    os.replace(tmp, path)
     return evaluate.metrics_from_logits(logits, targets)
 
 
