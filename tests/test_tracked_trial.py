@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import subprocess_env
 from wavesweep import accounting, evaluate, models, trial
 from wavesweep.config import TrialConfig
-from wavesweep.runner import run_tracked_trial
+from wavesweep.tracked_trial import run_tracked_trial
 from wavesweep.stats import paired_comparison
 from wavesweep.tracking import LOGGED_ARTIFACTS_TAG, _log_files, table_json, table_tag, trial_config_of
 
@@ -177,12 +177,12 @@ def test_same_config_and_seed_give_same_metrics(workdir):
 
 
 def test_failure_marks_runs_failed_and_keeps_error(workdir, monkeypatch):
-    from wavesweep import runner
+    from wavesweep import tracked_trial
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(runner, "run_trial", boom)
+    monkeypatch.setattr(tracked_trial, "run_trial", boom)
     with pytest.raises(RuntimeError):
         run_tracked_trial(TrialConfig.from_mapping(TINY))
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("wavesweep").experiment_id])

@@ -59,18 +59,15 @@ log = logging.getLogger(__name__)
 MAGIC = b"WAVSWEEP"
 VERSION = 1
 _FIXED = struct.Struct("<8sIQ")  # magic, version, JSON length
-HEADER = _FIXED  # fixed part of the header; the JSON metadata follows (module docstring)
 HEADER_FIXED_BYTES = _FIXED.size  # 20
 
 __all__ = [
     "MAGIC",
     "VERSION",
-    "HEADER",
     "HEADER_FIXED_BYTES",
     "LayerStats",
     "ModelStats",
     "model_stats",
-    "stored_bytes_of",
     "save_compressed",
     "read_header",
     "read_compressed",
@@ -177,20 +174,6 @@ def _value_itemsize(result: PruneResult, lp, weight: torch.Tensor) -> int:
     if lp.coeffs is not None:
         return lp.coeffs.dtype.itemsize
     return weight.element_size()
-
-
-def stored_bytes_of(result: PruneResult) -> int:
-    """Bytes of the shared encoding of ``result.model`` (the checkpoint payload size)."""
-    sd = result.model.state_dict()
-    pruned = {lp.key: lp for lp in result.layers}
-    total = 0
-    for key, t in sd.items():
-        if key in pruned:
-            lp = pruned[key]
-            total += _layer_stored_bytes(lp.n_coeffs, int(np.count_nonzero(lp.keep)), _value_itemsize(result, lp, t))
-        else:
-            total += t.numel() * t.element_size()
-    return total
 
 
 def _count_zeros(t: torch.Tensor) -> int:

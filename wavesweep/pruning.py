@@ -55,7 +55,6 @@ __all__ = [
     "prune_random",
     "matched_amount",
     "prune_matched",
-    "prune",
 ]
 
 
@@ -237,33 +236,23 @@ def prune_dwt(
     layers = target_layers(work, targets)
     percentile = float(percentile)
 
-    decomposed = []
-    for name, m in layers:
-        w = _weight_numpy(m.weight)
-        coeffs, st = wv.decompose(w, wavelet=wavelet, level=level, layout=layout, mode=mode)
-        decomposed.append((name, m, coeffs, st))
-
-    thresholds: list[float | None]
-    if scope == "global":
-        pool = np.concatenate([np.abs(c[(st.n_approx if keep_approx else 0) :]) for _, _, c, st in decomposed])
-        thr = wv.percentile_threshold(pool, percentile)
-        thresholds = [thr] * len(decomposed)
+    threshold = None  # scope "layer": each layer's own percentile, inside dwt_prune_array
+    if scope == "global":  # one threshold over every target layer's |coefficients|
+        pool = []
+        for _, m in layers:
+            coeffs, st = wv.decompose(_weight_numpy(m.weight), wavelet=wavelet, level=level, layout=layout, mode=mode)
+            pool.append(np.abs(coeffs[(st.n_approx if keep_approx else 0) :]))
+        threshold = wv.percentile_threshold(np.concatenate(pool), percentile)
         del pool
-    else:
-        thresholds = [None] * len(decomposed)
 
     out_layers: list[LayerPrune] = []
     msgs: list[str] = []
-    for (name, m, coeffs, st), thr in zip(decomposed, thresholds):
-        n_approx = st.n_approx if keep_approx else 0
-        mag = np.abs(coeffs)
-        if thr is None:
-            thr = wv.percentile_threshold(mag[n_approx:], percentile)
-        keep = wv.keep_mask(coeffs, thr, n_approx=n_approx, magnitudes=mag)
-        del mag
-        # coeffs is this function's own array: zero the dropped ones in place (+0.0, as np.where)
-        torch.from_numpy(coeffs).masked_fill_(torch.from_numpy(~keep), 0)
-        _write_weight(m, wv.reconstruct(coeffs, st))
+    for name, m in layers:
+        rec, coeffs, keep, st = wv.dwt_prune_array(
+            _weight_numpy(m.weight), wavelet=wavelet, level=level, percentile=percentile, layout=layout, mode=mode,
+            keep_approx=keep_approx, threshold=threshold,
+        )  # fmt: skip
+        _write_weight(m, rec)
         n_zeroed = int(keep.size - np.count_nonzero(keep))
         if st.level < level:
             msgs.append(
@@ -511,10 +500,3 @@ def prune_matched(
         "magnitude": prune_magnitude(model, amount, scope=scope, targets=targets, inplace=False),
         "random": prune_random(model, amount, seed=seed, scope=scope, targets=targets, inplace=inplace),
     }
-
-
-def prune(model: nn.Module, method: str, **kwargs) -> PruneResult:
-    """Dispatch by method name (``"dwt"``, ``"magnitude"``, ``"random"``)."""
-    check_choice("method", method, METHODS)
-    fn = {"dwt": prune_dwt, "magnitude": prune_magnitude, "random": prune_random}[method]
-    return fn(model, **kwargs)

@@ -23,16 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")  # files only, never a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from wavesweep import schema
+from wavesweep.fileio import atomic_write
 
-from wavesweep.fileio import atomic_write  # noqa: E402
-
-METHODS = ("dwt", "magnitude", "random")
+METHODS = ("dwt", *schema.BASELINES)
 DENSE_NOTE = (
     "dwt weights are dense after reconstruction: its compression is in the coefficient domain "
     "(coefficient sparsity), while magnitude and random pruning are sparse in the weight domain; "
@@ -40,9 +39,9 @@ DENSE_NOTE = (
 )
 SUMMARY_PARAMS = ("wavelet", "level", "percentile", "layout", "mode", "scope", "keep_approx")
 SUMMARY_METRICS = (
-    "top1", "magnitude_top1", "random_top1", "base_top1", "pruned_fraction", "compression_ratio", "coeff_sparsity",
-    "gain_top1_vs_magnitude", "dwt_vs_magnitude_ci_low", "dwt_vs_magnitude_ci_high", "dwt_vs_magnitude_mcnemar_p",
-    "gain_top1_vs_random", "dwt_vs_random_ci_low", "dwt_vs_random_ci_high", "dwt_vs_random_mcnemar_p",
+    "top1", *(f"{m}_top1" for m in schema.BASELINES), "base_top1", "pruned_fraction", "compression_ratio", "coeff_sparsity",
+    *(f"{k}{m}{end}" for m in schema.BASELINES
+      for k, end in (("gain_top1_vs_", ""), ("dwt_vs_", "_ci_low"), ("dwt_vs_", "_ci_high"), ("dwt_vs_", "_mcnemar_p"))),
 )  # fmt: skip
 
 
@@ -270,6 +269,7 @@ def write_report(
     importances: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Path]:
     """Write every plot, ``summary.csv``, ``summary.md`` and ``trials.csv`` into ``out_dir``."""
+    matplotlib.use("Agg")  # files only, never a display
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     objectives = [tuple(o) for o in objectives]

@@ -30,6 +30,7 @@ import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 import wavesweep
 from wavesweep.config import TrialConfig
@@ -41,12 +42,6 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "wavesweep"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CHECKPOINT_DIR = "checkpoints"  # run-relative artifact folder of compressed checkpoints
-METRIC_KEYS = ("top1", "top5", "loss", "f1_macro", "recall_macro", "precision_macro", "f1_weighted")
-STAT_KEYS = (
-    "weight_sparsity_target", "weight_sparsity_model", "coeff_sparsity", "stored_bytes", "dense_bytes",
-    "compression_ratio", "mean_rel_l2_error", "target_params", "target_zero_weights", "model_params",
-    "coeffs", "zeroed_coeffs",
-)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- store
@@ -62,26 +57,37 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]).expanduser().resolve()
 
 
-def init_tracking(uri: str | None = None, experiment: str | None = None) -> tuple[MlflowClient, str]:
-    """Point MLflow at ``uri`` (default ``sqlite:///mlflow.db``), create its schema and the experiment.
-
-    Creating a fresh SQLite store runs schema migrations; several processes doing that at once
-    race, so creation happens under an exclusive file lock beside the database. Returns the client
-    and the experiment id.
-    """
-    uri = uri or tracking_uri()
+def set_tracking_uri() -> str:
+    """Point MLflow's own functions at ``tracking_uri()``; the CLI calls it once per process."""
+    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def client() -> MlflowClient:
+    """A client of ``tracking_uri()`` (for a store that exists: ``init_tracking`` creates it)."""
+    return MlflowClient(tracking_uri())
+
+
+def init_tracking(experiment: str | None = None, *, run_id: str | None = None) -> tuple[MlflowClient, str]:
+    """Create the store's schema (``tracking_uri()``) and the experiment; returns a client and the experiment id.
+
+    The experiment is ``experiment``, else the one of ``run_id`` (a run ``mlflow run`` created),
+    else ``$MLFLOW_EXPERIMENT_NAME`` or ``wavesweep``. Creating a fresh SQLite store runs schema
+    migrations; several processes doing that at once race, so creation happens under an
+    exclusive file lock beside the database.
+    """
+    uri = tracking_uri()
     db = _sqlite_path(uri)
     lock = file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
     with lock:
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)  # forces schema creation / migration, under the lock
-        exp_id = _ensure_experiment(client, experiment)
+        exp_id = _ensure_experiment(client, experiment, run_id)
     return client, exp_id
 
 
-def _ensure_experiment(client: MlflowClient, name: str | None) -> str:
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+def _ensure_experiment(client: MlflowClient, name: str | None, run_id: str | None) -> str:
     if run_id and name is None:  # started by `mlflow run`: the run it created fixes the experiment
         return client.get_run(run_id).info.experiment_id
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
@@ -198,22 +204,21 @@ def run_name(cfg: TrialConfig, method: str) -> str:
 
 
 class TrialRun:
-    """A trial's parent run: created (or adopted from ``mlflow run``) and closed with a status."""
+    """A trial's parent run: created below ``parent_run_id`` (a study), or adopted (``adopt_run_id``,
+    the run ``mlflow run`` created), or created on its own; closed with a status."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, cfg: TrialConfig, *, parent_run_id: str | None = None,
-                 extra_tags: dict[str, str] | None = None) -> None:  # fmt: skip
+                 adopt_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> None:  # fmt: skip
         self.client = client
         self.cfg = cfg
-        adopted = os.environ.get("MLFLOW_RUN_ID") if parent_run_id is None else None
         tags = {"method": "trial", "wavesweep.kind": "trial", **(extra_tags or {})}
-        if adopted:
-            self.run_id = adopted
+        if adopt_run_id and not parent_run_id:
+            self.run_id = adopt_run_id
             self.owned = False
-            self.client.set_tag(self.run_id, "mlflow.runName", run_name(cfg, "trial"))
-            log_batch(client, self.run_id, tags=tags)
+            log_batch(client, self.run_id, tags={MLFLOW_RUN_NAME: run_name(cfg, "trial"), **tags})
         else:
             if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
+                tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
             run = client.create_run(experiment_id, run_name=run_name(cfg, "trial"), tags=tags)
             self.run_id = run.info.run_id
             self.owned = True
@@ -225,61 +230,47 @@ class TrialRun:
         run = self.client.create_run(
             self.experiment_id,
             run_name=run_name(self.cfg, method),
-            tags={"mlflow.parentRunId": self.run_id, "method": method, "wavesweep.kind": "method"},
+            tags={MLFLOW_PARENT_RUN_ID: self.run_id, "method": method, "wavesweep.kind": "method"},
         )
         self.child_ids[method] = run.info.run_id
         return run.info.run_id
 
     def finish(self, status: str = "FINISHED", error: str | None = None, tags: dict[str, str] | None = None) -> None:
-        """Close the parent and every child with ``status``; record ``error`` and ``tags`` on all of them."""
-        for rid in [*self.child_ids.values(), self.run_id]:
-            extra = {**(tags or {}), **({"error": error[:5000]} if error else {})}
-            if extra:
-                log_batch(self.client, rid, tags=extra)
-            if rid != self.run_id or self.owned or status != "FINISHED":
-                self.client.set_terminated(rid, status)
+        """Close the parent and every child with ``status``; record ``error`` and ``tags`` on all of them.
+
+        A successful adopted run is left open: ``mlflow run`` closes the run it created."""
+        close_run(self.client, self.run_id, status, error=error, tags=tags, children=list(self.child_ids.values()),
+                  terminate=self.owned or status != "FINISHED")  # fmt: skip
 
 
-def record_failure(error: str, *, run_id: str | None = None) -> None:
-    """Mark ``run_id`` (default: the ``mlflow run`` run in MLFLOW_RUN_ID) FAILED with the reason.
+def close_run(
+    client: MlflowClient,
+    run_id: str,
+    status: str,
+    *,
+    error: str | None = None,
+    tags: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    children: list[str] | bool = True,
+    terminate: bool = True,
+) -> None:
+    """Close ``run_id`` with ``status`` (FINISHED, FAILED, KILLED), with tag ``error`` and ``tags``.
 
-    Used when a trial cannot even start (bad parameters): there is no TrialRun yet.
+    ``children``: the method runs below it, closed first with the same status and tags (``True``:
+    look them up; ``False``: none). ``metrics`` go on ``run_id`` only. ``terminate=False`` records
+    everything but leaves ``run_id`` itself open.
     """
-    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
-    client, _ = init_tracking()
-    client.set_tag(run_id, "error", error[:5000])
-    client.set_terminated(run_id, "FAILED")
-
-
-def trial_metrics(result) -> dict[str, dict[str, float]]:
-    """Flat metric dicts per method (and ``parent``) from a ``trial.TrialResult``."""
-    base = {f"base_{k}": v for k, v in result.base_eval.metrics().items()}
-    if result.base_timing is not None:
-        base |= {f"base_{k}": v for k, v in result.base_timing.metrics().items()}
-    per_method: dict[str, dict[str, float]] = {}
-    for m, out in result.outcomes.items():
-        d = dict(out.eval.metrics())
-        totals = out.stats.totals()
-        d |= {k: totals[k] for k in STAT_KEYS if k in totals}
-        d["pruned_fraction"] = out.stats.zeroed_coeffs / out.stats.coeffs if out.stats.coeffs else 0.0
-        if out.timing is not None:
-            d |= out.timing.metrics()
-        d |= result.drops(m)
-        d |= base
-        d["n_eval"] = float(result.eval_info["n_eval"])
-        per_method[m] = d
-    parent = dict(per_method["dwt"])  # headline: dwt under plain names, baselines prefixed
-    for m in ("magnitude", "random"):
-        parent |= {f"{m}_{k}": v for k, v in per_method[m].items() if not k.startswith("base_") and k != "n_eval"}
-    for name, cmp in result.paired.items():
-        parent |= cmp.metrics(name)
-    parent["gain_top1_vs_magnitude"] = per_method["dwt"]["top1"] - per_method["magnitude"]["top1"]
-    parent["gain_top1_vs_random"] = per_method["dwt"]["top1"] - per_method["random"]["top1"]
-    parent |= {f"seconds_{k}": v for k, v in result.phase_seconds.items()}
-    per_method["parent"] = parent
-    return per_method
+    extra = {**(tags or {}), **({"error": error[:5000]} if error else {})}
+    if children is True:
+        found = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                   filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'")  # fmt: skip
+        children = [r.info.run_id for r in found if r.data.tags.get("wavesweep.kind") == "method"]
+    for rid in children or []:
+        log_batch(client, rid, tags=extra)
+        client.set_terminated(rid, status)
+    log_batch(client, run_id, tags=extra, metrics=metrics or {})
+    if terminate:
+        client.set_terminated(run_id, status)
 
 
 def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
@@ -309,7 +300,7 @@ def log_trial(
     artifacts are uploaded (last), so the checkpoints can still be being written until then.
     """
     client, cfg = run.client, result.config
-    metrics = trial_metrics(result)
+    metrics = result.metrics()
     base = result.base
     base_params = {
         "base_model": base.model_name, "base_dataset": base.dataset_name, "base_seed": base.seed,
@@ -353,7 +344,7 @@ def get_trial_run(client: MlflowClient, run_id: str):
     """The trial (parent) run for ``run_id``, accepting a method child's id too."""
     run = client.get_run(run_id)
     if run.data.tags.get("wavesweep.kind") == "method":
-        run = client.get_run(run.data.tags["mlflow.parentRunId"])
+        run = client.get_run(run.data.tags[MLFLOW_PARENT_RUN_ID])
     if run.data.tags.get("wavesweep.kind") != "trial":
         raise ValueError(f"run {run_id} is not a wavesweep trial run (tag wavesweep.kind={run.data.tags.get('wavesweep.kind')!r})")
     return run
@@ -374,56 +365,32 @@ def download_checkpoint(client: MlflowClient, run_id: str, method: str, dst: Pat
 # --------------------------------------------------------------------------- registry
 
 
-def register_model(run_id: str, *, name: str, alias: str | None = "champion", method: str = "dwt") -> Any:
-    """Register a trial's pruned model as an MLflow model version (pytorch flavour, pt2 with signature).
-
-    The model is rebuilt from the run's compressed checkpoint (the exact weights that were
-    evaluated), logged with an input example of real evaluation inputs, registered under ``name``,
-    tagged with its configuration and results, and given ``alias``. The compressed checkpoint is
-    shipped inside the model's files (``extra_files``) so it can be downloaded with it.
-    """
-    import torch
-
-    from wavesweep import accounting, models, trial
-
-    client, _ = init_tracking()
-    run = get_trial_run(client, run_id)
-    cfg = trial_config_of(run)
-    params, metrics = run.data.params, run.data.metrics
-    kwargs = {k: int(params[f"base_{k}"]) for k in ("num_classes", "in_channels", "image_size")}
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = download_checkpoint(client, run.info.run_id, method, Path(tmp))
-        model = models.build_model(cfg.model, **kwargs)
-        model, _meta = accounting.load_compressed(ckpt, model)
-        model.eval()
-        _, eval_set = trial.load_eval_set(cfg)
-        example = torch.stack([eval_set[i][0] for i in range(min(2, len(eval_set)))]).numpy()
-        prefix = "" if method == "dwt" else f"{method}_"
-        version_tags = {
-            "method": method, "wavelet": cfg.wavelet, "level": cfg.level, "percentile": cfg.percentile,
-            "layout": cfg.layout, "mode": cfg.mode, "model": cfg.model, "dataset": cfg.dataset,
-            "top1": metrics.get(f"{prefix}top1"), "compression_ratio": metrics.get(f"{prefix}compression_ratio"),
-            "stored_bytes": metrics.get(f"{prefix}stored_bytes"), "source_run_id": run.info.run_id,
-            "checkpoint": f"{method}.wsz",
-        }  # fmt: skip
-        with mlflow.start_run(run_id=run.info.run_id):
-            info = mlflow.pytorch.log_model(
-                model,
-                name=f"registered-{method}",
-                input_example=example,
-                serialization_format="pt2",
-                extra_files=[str(ckpt)],
-                registered_model_name=name,
-                pip_requirements=_pip_requirements(),
-            )
-    version = info.registered_model_version
-    client.set_registered_model_tag(name, "wavesweep", "true")
-    for k, v in version_tags.items():
+def register_model(
+    model: Any, *, input_example: Any, checkpoint: Path, run_id: str, name: str, alias: str | None, method: str,
+    tags: dict[str, Any],
+) -> Any:
+    """Log ``model`` on ``run_id`` (pytorch flavour, pt2, signature from ``input_example``, the
+    compressed ``checkpoint`` shipped beside it), register it under ``name`` with version ``tags``
+    and ``alias``; returns the model version."""
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model,
+            name=f"registered-{method}",
+            input_example=input_example,
+            serialization_format="pt2",
+            extra_files=[str(checkpoint)],
+            registered_model_name=name,
+            pip_requirements=_pip_requirements(),
+        )
+    c = client()
+    version = str(info.registered_model_version)
+    c.set_registered_model_tag(name, "wavesweep", "true")
+    for k, v in tags.items():
         if v is not None:
-            client.set_model_version_tag(name, str(version), k, _fmt(v))
+            c.set_model_version_tag(name, version, k, _fmt(v))
     if alias:
-        client.set_registered_model_alias(name, alias, str(version))
-    return client.get_model_version(name, str(version))
+        c.set_registered_model_alias(name, alias, version)
+    return c.get_model_version(name, version)
 
 
 def _pip_requirements() -> list[str]:
@@ -435,12 +402,12 @@ def _pip_requirements() -> list[str]:
 
 def list_registered() -> list[dict[str, Any]]:
     """Registered wavesweep models with their versions' aliases and tags."""
-    client, _ = init_tracking()
+    c = client()
     out = []
-    for rm in client.search_registered_models(filter_string="tags.wavesweep = 'true'"):
+    for rm in c.search_registered_models(filter_string="tags.wavesweep = 'true'"):
         # search results carry no aliases: read them (alias -> version) from the model itself
-        aliases = client.get_registered_model(rm.name).aliases or {}
-        for mv in client.search_model_versions(f"name = '{rm.name}'"):
+        aliases = c.get_registered_model(rm.name).aliases or {}
+        for mv in c.search_model_versions(f"name = '{rm.name}'"):
             mine = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
             out.append({"name": rm.name, "version": mv.version, "aliases": mine, "tags": dict(mv.tags),
                         "run_id": mv.run_id})  # fmt: skip
@@ -470,8 +437,7 @@ def weights_from_uri(uri: str, cache: Path) -> Path:
     return path
 
 
-
-# ---- studies (issue 5)
+# --------------------------------------------------------------------------- studies
 # A study is one parent run (tag ``wavesweep.kind=study``) above its trial runs. The Optuna
 # side lives in ``wavesweep.study``; these helpers are the only MLflow calls it makes.
 
@@ -493,12 +459,13 @@ def start_study_run(
     spec_text: str,
     params: dict[str, Any],
     existing_run_id: str | None = None,
+    launched_run_id: str | None = None,
 ) -> str:
     """Create, or reopen on resume, the study's parent run; returns its run id.
 
     ``existing_run_id`` (kept by the Optuna study) is reopened when this tracking store has it
     as the run of the same study. Otherwise a run started by ``mlflow run -e study``
-    (``MLFLOW_RUN_ID``) becomes the study run, or a new run is created. A ``mlflow run`` run
+    (``launched_run_id``) becomes the study run, or a new run is created. A ``mlflow run`` run
     that resumes a study recorded elsewhere is tagged with the study run it contributed to.
     """
     run_id = None
@@ -510,10 +477,10 @@ def start_study_run(
         if run is not None and run.data.tags.get("optuna.study") == study_name and run.info.lifecycle_stage == "active":
             run_id = run.info.run_id
             client.update_run(run_id, status="RUNNING")
-    launched = os.environ.get("MLFLOW_RUN_ID")
+    launched = launched_run_id
     if run_id is None and launched:
         run_id = launched
-        client.set_tag(run_id, "mlflow.runName", f"study {study_name}")
+        client.set_tag(run_id, MLFLOW_RUN_NAME, f"study {study_name}")
     elif run_id is None:
         run_id = client.create_run(experiment_id, run_name=f"study {study_name}").info.run_id
     tags = {
@@ -533,32 +500,12 @@ def set_run_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> Non
     log_batch(client, run_id, tags=tags)
 
 
-def set_run_status(client: MlflowClient, run_id: str, status: str, *, error: str | None = None, tags: dict[str, Any] | None = None) -> None:
-    """Terminate ``run_id`` and its method children with ``status`` (FINISHED, FAILED, KILLED)."""
-    extra = {**(tags or {}), **({"error": error[:5000]} if error else {})}
-    children = client.search_runs(
-        [client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
-    )
-    for rid in [*(r.info.run_id for r in children if r.data.tags.get("wavesweep.kind") == "method"), run_id]:
-        if extra:
-            log_batch(client, rid, tags=extra)
-        client.set_terminated(rid, status)
-
-
 def run_status(client: MlflowClient, run_id: str) -> str | None:
     """The run's status (RUNNING, FINISHED, FAILED, KILLED), or None when the store does not have it."""
     try:
         return client.get_run(run_id).info.status
     except MlflowException:
         return None
-
-
-def finish_study_run(
-    client: MlflowClient, run_id: str, status: str, *, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None
-) -> None:
-    """Record the study's summary on its run and close it with ``status``."""
-    log_batch(client, run_id, metrics=metrics or {}, tags=tags or {})
-    client.set_terminated(run_id, status)
 
 
 def log_study_report(client: MlflowClient, run_id: str, report_dir: Path) -> None:

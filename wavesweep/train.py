@@ -8,7 +8,6 @@ see a half-written file. MLflow model URIs are resolved by ``wavesweep.tracking`
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -131,9 +130,6 @@ class BaseModel:
         """A freshly initialised model of the same architecture (eval mode, CPU)."""
         return build_model(self.model_name, **self.build_kwargs).eval()
 
-    def copy(self) -> nn.Module:
-        """A deep copy of ``model`` (to prune without touching the base)."""
-        return copy.deepcopy(self.model)
 
 
 def file_sha256(path: Path) -> str:
