@@ -421,23 +421,3 @@ def test_cuda_model():
         assert all(p.is_cuda for p in res.model.parameters())
     cpu = P.prune_magnitude(small_net(), 0.5)
     assert torch.equal(P.prune_magnitude(net, 0.5).model[0].weight.cpu(), cpu.model[0].weight)
-
-
-def test_deepcopy_model_equals_copy_deepcopy(resnet):
-    """The fast model copy gives what copy.deepcopy gives: same tree, values, dtypes, flags,
-    tied parameters still tied, tensors with Python attributes copied with them, no shared storage."""
-    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
-    net[2].weight = net[0].weight  # tied
-    net[0].bias.requires_grad_(False)
-    net.register_buffer("tagged", torch.arange(3.0))
-    net.tagged.note = "kept"  # a Python attribute: left to copy.deepcopy
-    for model in (resnet, net):
-        ours, ref = P.deepcopy_model(model), copy.deepcopy(model)
-        assert [n for n, _ in ours.named_modules()] == [n for n, _ in ref.named_modules()]
-        for (k, a), (_, b), (_, o) in zip(ours.state_dict(keep_vars=True).items(), ref.state_dict(keep_vars=True).items(),
-                                          model.state_dict(keep_vars=True).items()):  # fmt: skip
-            assert torch.equal(a, b) and type(a) is type(b) and a.dtype == b.dtype, k
-            assert a.requires_grad == b.requires_grad and a.data_ptr() != o.data_ptr(), k
-    ours = P.deepcopy_model(net)
-    assert ours[2].weight is ours[0].weight and ours[0].weight is not net[0].weight
-    assert ours.tagged.note == "kept" and ours.tagged is not net.tagged

@@ -20,7 +20,7 @@ from wavesweep import accounting, evaluate, models, trial
 from wavesweep.config import TrialConfig
 from wavesweep.tracked_trial import run_tracked_trial
 from wavesweep.stats import paired_comparison
-from wavesweep.tracking import LOGGED_ARTIFACTS_TAG, _log_files, table_json, table_tag, trial_config_of
+from wavesweep.tracking import trial_config_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model": "cnn", "eval_limit": "150", "timing_batches": "1", "wavelet": "bior1.3", "level": "3", "percentile": "60"}
@@ -96,24 +96,6 @@ def test_mlflow_run_records_a_complete_recomputable_trial(workdir, shared_cache,
     assert cmp.gap == pytest.approx(pm["dwt_vs_magnitude_gap"])
     assert cmp.mcnemar_p == pytest.approx(pm["dwt_vs_magnitude_mcnemar_p"])
     assert (preds["dwt"] == ev.preds).all()
-
-
-def test_table_artifact_is_what_mlflow_log_table_writes(workdir, tmp_path):
-    """Oracle: our table file and tag are byte-for-byte what mlflow.log_table gives a new run."""
-    from wavesweep import tracking
-
-    client, exp = tracking.init_tracking(experiment="tables")
-    frame = pd.DataFrame({"name": ["a.conv", "b"], "shape": ["4x3x3x3", "8x4"], "params": [108, 32],
-                          "coeff_sparsity": [0.5, 0.25], "level_effective": [None, 2]})  # fmt: skip
-    theirs, ours = (client.create_run(exp).info.run_id for _ in range(2))
-    mlflow.log_table(data=frame, artifact_file="layers.json", run_id=theirs)
-    client.log_batch(ours, tags=[mlflow.entities.RunTag(k, v) for k, v in table_tag("layers.json").items()])
-    _log_files(client, ours, {"layers.json": table_json(frame)})
-    a, b = (Path(client.download_artifacts(r, "layers.json", str(tmp_path / r))).read_bytes() for r in (theirs, ours))
-    assert a == b
-    tags = [client.get_run(r).data.tags[LOGGED_ARTIFACTS_TAG] for r in (theirs, ours)]
-    assert json.loads(tags[0]) == json.loads(tags[1]) == [{"path": "layers.json", "type": "table"}]
-    pd.testing.assert_frame_equal(client.load_table(exp, "layers.json", run_ids=[ours]), client.load_table(exp, "layers.json", run_ids=[theirs]))
 
 
 def test_bad_parameter_fails_with_one_line_and_failed_run(workdir, shared_cache):

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,19 +156,6 @@ def log_batch(
         client.log_batch(run_id, metrics=m_chunk, params=p_chunk, tags=t_chunk)
 
 
-LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what mlflow.log_table sets; the UI lists tables by it
-
-
-def table_json(frame: pd.DataFrame) -> str:
-    """``frame`` as ``mlflow.log_table`` writes a ``.json`` table (``mlflow.load_table`` reads it)."""
-    return frame.to_json(orient="split", index=False, date_format="iso")
-
-
-def table_tag(*artifact_files: str) -> dict[str, str]:
-    """The ``mlflow.loggedArtifacts`` tag ``mlflow.log_table`` sets on a run for these new tables."""
-    return {LOGGED_ARTIFACTS_TAG: json.dumps([{"path": f, "type": "table"} for f in artifact_files])}
-
-
 def _log_files(
     client: MlflowClient,
     run_id: str,
@@ -291,14 +277,9 @@ def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
     return out
 
 
-def log_trial(
-    run: TrialRun, result, *, checkpoint_files: dict[str, Path] | Callable[[], dict[str, Path]]
-) -> None:
-    """Record a finished ``trial.TrialResult`` on ``run``: children, metrics, tables, artifacts.
-
-    ``checkpoint_files``: ``{method: path}``, or a function returning it, called only when the
-    artifacts are uploaded (last), so the checkpoints can still be being written until then.
-    """
+def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> None:
+    """Record a finished ``trial.TrialResult`` on ``run``: children, metrics, tables, artifacts,
+    and the compressed checkpoints ``{method: path}`` under ``checkpoints/``."""
     client, cfg = run.client, result.config
     metrics = result.metrics()
     base = result.base
@@ -308,9 +289,6 @@ def log_trial(
         **{f"base_{k}": v for k, v in base.build_kwargs.items()},
         "n_eval": result.eval_info["n_eval"],
     }  # fmt: skip
-    # Per-layer tables are written as mlflow.log_table writes them (same JSON, same
-    # mlflow.loggedArtifacts tag) but uploaded with the run's other artifacts: log_table itself
-    # lists, fetches and re-tags the run on every call (~25 ms each on SQLite).
     frames = {m: o.stats.to_frame() for m, o in result.outcomes.items()}
     for method, out in result.outcomes.items():
         rid = run.child(method)
@@ -318,22 +296,21 @@ def log_trial(
         if method != "dwt":
             params |= {"matched_to": "dwt", "match_scope": cfg.scope, "prune_seed": out.prune.config.get("seed", cfg.seed)}
         log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frames[method])],
-                  tags=table_tag("layers.json"), new_run=True)  # fmt: skip
-        _log_files(client, rid, {"layers.json": table_json(frames[method])})
+                  new_run=True)  # fmt: skip
+        client.log_table(rid, data=frames[method], artifact_file="layers.json")
     log_batch(client, run.run_id, params=base_params, metrics=[*((k, v, 0) for k, v in metrics["parent"].items()), *_layer_series(frames["dwt"])],
-              tags={"warnings": len(result.warnings), **table_tag("layers.json")}, new_run=run.owned)  # fmt: skip
+              tags={"warnings": len(result.warnings)}, new_run=run.owned)  # fmt: skip
+    client.log_table(run.run_id, data=frames["dwt"], artifact_file="layers.json")
     preds = pd.DataFrame({"target": result.base_eval.targets, "base": result.base_eval.preds,
                           **{m: o.eval.preds for m, o in result.outcomes.items()}})  # fmt: skip
     files: dict[str, str | bytes] = {
-        "layers.json": table_json(frames["dwt"]),
         "config.yaml": yaml.safe_dump({"trial": cfg.to_dict(), "base": base_params, "code_version": code_version()}, sort_keys=False),
         "warnings.txt": "\n".join(result.warnings) + ("\n" if result.warnings else ""),
         "predictions.csv": preds.to_csv(index=False),
         **{f"layers_{m}.csv": f.to_csv(index=False) for m, f in frames.items()},
         "paired.json": json.dumps({k: v.__dict__ for k, v in result.paired.items()}, indent=2),
     }
-    ckpts = checkpoint_files() if callable(checkpoint_files) else checkpoint_files
-    copies = {f"{CHECKPOINT_DIR}/{path.name}": Path(path) for path in ckpts.values()}
+    copies = {f"{CHECKPOINT_DIR}/{path.name}": Path(path) for path in checkpoint_files.values()}
     _log_files(client, run.run_id, files, copies=copies)
 
 
@@ -494,10 +471,6 @@ def start_study_run(
     if launched and launched != run_id:
         log_batch(client, launched, tags={"wavesweep.kind": "study-launch", "optuna.study": study_name, "study_run_id": run_id})
     return run_id
-
-
-def set_run_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
-    log_batch(client, run_id, tags=tags)
 
 
 def run_status(client: MlflowClient, run_id: str) -> str | None:
