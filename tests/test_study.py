@@ -29,7 +29,7 @@ STATE_IN_MLFLOW = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": ("FAILED"
 def tiny_weights(shared_cache: Path) -> str:
     """A CNN trained for one epoch on digits (about 90 % top-1): a real model, cheap to make."""
     base = train.get_base_model(
-        "cnn", "digits", seed=0, cache_dir=shared_cache, progress=False,
+        "cnn", "digits", seed=0, cache_root=shared_cache, progress=False,
         train_config=train.TrainConfig(epochs=1, batch_size=64, lr=1e-2),
     )  # fmt: skip
     return str(base.path)

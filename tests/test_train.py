@@ -108,7 +108,7 @@ def counting(*args, **kwargs):
 T.train_model = counting  # get_base_model looks train_model up in the module at call time
 torch.set_num_threads(1)
 cfg = T.TrainConfig(epochs=3, batch_size=64, lr=3e-3)
-bm = T.get_base_model("mlp", "digits", seed=0, train_config=cfg, cache_dir=sys.argv[1], device="cpu", progress=False)
+bm = T.get_base_model("mlp", "digits", seed=0, train_config=cfg, cache_root=sys.argv[1], device="cpu", progress=False)
 print(json.dumps([len(calls), bm.checksum, bm.model.state_dict()["net.1.weight"].flatten()[:5].tolist()]))
 """
 

@@ -460,8 +460,7 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise ValueError(f"{path}: corrupt metadata entry: {err!r}") from None
     if pos != len(payload):
         raise ValueError(f"{path}: corrupt: {len(payload) - pos} unread payload bytes")
-    user_meta = dict(meta)
-    return sd, user_meta
+    return sd, dict(meta)
 
 
 def load_compressed(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module, dict]:

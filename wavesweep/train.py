@@ -241,7 +241,7 @@ def get_base_model(
     seed: int = 0,
     data_root: str | os.PathLike | None = None,
     weights: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    cache_root: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     train_config: TrainConfig | None = None,
     progress: bool = True,
@@ -286,7 +286,7 @@ def get_base_model(
 
     config = train_config or default_train_config(model_name, dataset_name)
     config = dataclasses.replace(config, seed=seed)
-    path = cache_path(model_name, dataset_name, seed, config, cache_dir)
+    path = cache_path(model_name, dataset_name, seed, config, cache_root)
     lock = path.with_suffix(".lock")
     with file_lock(lock):
         if not path.is_file():
