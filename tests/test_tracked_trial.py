@@ -183,3 +183,13 @@ def test_two_trials_at_once_on_a_fresh_directory(workdir, shared_cache):
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("wavesweep").experiment_id])
     assert sum(r.data.tags.get("method") == "trial" for r in runs) == 2
     assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 8
+
+
+def test_recorded_metric_names_are_the_schema(workdir):
+    """Every name TrialResult.metrics() computes is in wavesweep.schema, and every schema name is computed."""
+    from wavesweep import schema
+
+    metrics = trial.run_trial(TrialConfig.from_mapping(TINY)).metrics()
+    for method in ("dwt", "magnitude", "random"):
+        assert sorted(metrics[method]) == sorted(schema.method_names()), method
+    assert {k for k in metrics["parent"] if not k.startswith("seconds_")} == set(schema.headline_names())
