@@ -49,8 +49,9 @@ def test_default_config_for_every_model_on_digits(name):
         default_train_config(name, "svhn")
 
 
-# Bars: the full default configs for cnn and mlp (the issue's targets); resnet18 with one
+# Bars: the full default configs for cnn and mlp (their training targets); resnet18 with one
 # epoch and a lower honest bar (bench/bench_eval.py checks its full target and time).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,epochs,bar",
     [("cnn", None, 0.95), ("mlp", None, 0.93), ("resnet18", 1, 0.80)],
@@ -113,6 +114,7 @@ print(json.dumps([len(calls), bm.checksum, bm.model.state_dict()["net.1.weight"]
 """
 
 
+@pytest.mark.slow
 def test_concurrent_processes_train_once(tmp_path):
     cache = str(tmp_path / "shared")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
