@@ -103,7 +103,8 @@ class Timers:
 def bench_overhead(tmp: Path, trials: int) -> None:
     import optuna
 
-    from wavesweep import accounting, runner, study, tracking
+    from wavesweep import accounting, study, tracked_trial, tracking
+    from wavesweep.study import workers
 
     wd = tmp / "overhead"
     wd.mkdir()
@@ -116,14 +117,14 @@ def bench_overhead(tmp: Path, trials: int) -> None:
         timers.wrap(optuna.trial.Trial, attr, "optuna")
     timers.wrap(optuna.study._optimize, "_tell_with_warning", "optuna")
     timers.wrap(optuna.storages, "fail_stale_trials", "optuna")
-    for attr in ("init_tracking", "log_trial", "log_batch", "set_run_status"):
+    for attr in ("init_tracking", "log_trial", "log_batch", "close_run"):
         timers.wrap(tracking, attr, "mlflow")
     timers.wrap(tracking.TrialRun, "__init__", "mlflow")
     timers.wrap(tracking.TrialRun, "finish", "mlflow")
     timers.wrap(accounting, "save_compressed", "checkpoint")
-    timers.wrap(runner, "run_trial", "compute")
-    timers.wrap(runner, "resolve_base", "base_load")
-    timers.wrap(study, "_worker_loop", "trial_total")  # the whole trial loop of the (single) worker
+    timers.wrap(tracked_trial, "run_trial", "compute")
+    timers.wrap(tracked_trial, "resolve_base", "base_load")
+    timers.wrap(workers, "_worker_loop", "trial_total")  # the whole trial loop of the (single) worker
 
     spec = study.load_spec(SPEC)
     t0 = time.perf_counter()

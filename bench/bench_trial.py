@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # the checkout under test, installed or not
 EVAL_PHASES = ("eval_base", "eval", "timing")  # phases whose work is mostly forward passes
 OVERLAPPED = ("checkpoint_write",)  # runs in a thread while MLflow logging goes on
 TRIAL_IMPORTS = (
-    "import wavesweep.cli, wavesweep.runner, torchvision, sklearn.metrics, sklearn.datasets, "
+    "import wavesweep.cli, wavesweep.tracked_trial, torchvision, sklearn.metrics, sklearn.datasets, "
     "sklearn.model_selection, mlflow.store.tracking.sqlalchemy_store"
 )
 
@@ -90,11 +90,11 @@ def main() -> None:
         os.chdir(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         t_bare = _wall([sys.executable, "-c", "pass"], env)
-        t_runner = _wall([sys.executable, "-c", "import wavesweep.runner"], env)
-        print(f"process start + imports of wavesweep.runner: {t_runner:6.2f} s (bare interpreter {t_bare:.2f} s)")
+        t_runner = _wall([sys.executable, "-c", "import wavesweep.tracked_trial"], env)
+        print(f"process start + imports of wavesweep.tracked_trial: {t_runner:6.2f} s (bare interpreter {t_bare:.2f} s)")
 
         from wavesweep.config import TrialConfig
-        from wavesweep.runner import run_tracked_trial
+        from wavesweep.tracked_trial import run_tracked_trial
 
         cfg = TrialConfig(model=args.model)
         run_tracked_trial(cfg)  # warm: trains/caches the base model and the base evaluation
@@ -110,7 +110,7 @@ def main() -> None:
             for k, v in sorted(ph.items(), key=lambda kv: -kv[1]):
                 print(f"  {k:<18} {v:7.3f} s{'  (in a thread, beside mlflow_logging)' if k in OVERLAPPED else ''}")
             sequential = sum(v for k, v in ph.items() if k not in OVERLAPPED)
-            print(f"  {'(unaccounted)':<18} {total - sequential:7.3f} s  (closing runs, the rest of the runner)")
+            print(f"  {'(unaccounted)':<18} {total - sequential:7.3f} s  (closing runs, the rest of the tracked trial)")
             in_eval = sum(ph.get(k, 0.0) for k in EVAL_PHASES)
             print(f"  forward passes     {forward:7.3f} s  ({clock.calls} model calls; the evaluation phases took {in_eval:.3f} s)")
             share = (total - forward) / total

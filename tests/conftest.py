@@ -23,7 +23,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache: Path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    # mlflow.set_tracking_uri (called by wavesweep.tracking.init_tracking) is process-global and
+    # mlflow.set_tracking_uri (called once per process by the CLI) is process-global and
     # outranks the environment: pin it to this test's store so no earlier test's store leaks in.
     import mlflow
 

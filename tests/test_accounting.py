@@ -178,7 +178,6 @@ def test_shared_base_cache_changes_nothing(dtype):
     assert set(cache) == {lp.name for r in results for lp in r.layers}
     for r, sd in zip(results, before):
         assert all(torch.equal(r.model.state_dict()[k], v) for k, v in sd.items())
-        assert A.model_stats(base, r).stored_bytes == A.stored_bytes_of(r)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

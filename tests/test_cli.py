@@ -1,5 +1,5 @@
-"""The console entry point's fast exit: same exit code, output flushed, atexit handlers and
-non-daemon threads finished, as a normal interpreter exit would."""
+"""The console entry point: exit codes, one-line errors, and a normal interpreter exit (output
+flushed, atexit handlers and non-daemon threads finished)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:  # a hang fail
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
-def test_fast_exit_keeps_code_output_atexit_and_threads(tmp_path):
+def test_exit_keeps_code_output_atexit_and_threads(tmp_path):
     proc = _python(
         f"""
         import atexit, threading, time
@@ -33,7 +33,7 @@ def test_fast_exit_keeps_code_output_atexit_and_threads(tmp_path):
         import concurrent.futures  # an idle pool left open (as MLflow's downloads leave one): must not hang
         pool = concurrent.futures.ThreadPoolExecutor(2)  # kept alive, as a module-level pool
         pool.submit(lambda: None).result()
-        print("x" * 200_000, end="")  # buffered: must be flushed before os._exit
+        print("x" * 200_000, end="")  # buffered: must be flushed at exit
         cli.run(["trial", "--wavelet", "nope"])
         print("not reached")
         """,

@@ -100,8 +100,13 @@ def test_evaluate_is_deterministic_and_in_dataset_order(cnn, digits):
 
 def test_evaluate_chunks_cumulative_and_last_equals_evaluate(cnn, digits):
     full = evaluate(cnn, digits.test, device="cpu")
-    parts = list(evaluate_chunks(cnn, digits.test, n_chunks=4, device="cpu"))
+    chunks = list(evaluate_chunks(cnn, digits.test, n_chunks=4, device="cpu"))
+    parts = [c.result for c in chunks]
     assert [p.n for p in parts] == [90, 180, 270, 360]
+    assert [c.step for c in chunks] == [0, 1, 2, 3] and [c.n for c in chunks] == [90, 90, 90, 90]
+    # each chunk's own correct count is the growth of the cumulative count
+    cumulative = [int(p.correct.sum()) for p in parts]
+    assert [c.correct for c in chunks] == [b - a for a, b in zip([0, *cumulative], cumulative)]
     last = parts[-1]
     assert np.array_equal(last.correct, full.correct) and last.top1 == full.top1
     assert last.metrics() == pytest.approx(full.metrics(), abs=1e-5)

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from wavesweep import cli, study, train
+from wavesweep.config import TrialConfig
 from wavesweep.tracking import study_trial_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ STATE_IN_MLFLOW = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": ("FAILED"
 def tiny_weights(shared_cache: Path) -> str:
     """A CNN trained for one epoch on digits (about 90 % top-1): a real model, cheap to make."""
     base = train.get_base_model(
-        "cnn", "digits", seed=0, cache_dir=shared_cache, progress=False,
+        "cnn", "digits", seed=0, cache_root=shared_cache, progress=False,
         train_config=train.TrainConfig(epochs=1, batch_size=64, lr=1e-2),
     )  # fmt: skip
     return str(base.path)
@@ -98,7 +99,7 @@ def run_cli(*argv: str) -> int:
 def test_shipped_specs_are_valid(path):
     spec = study.load_spec(path)
     assert spec.space and spec.objectives and spec.total_trials
-    assert {p.name for p in spec.space} <= set(study.TrialConfig.__dataclass_fields__)
+    assert {p.name for p in spec.space} <= set(TrialConfig.__dataclass_fields__)
     if spec.name == "seed-replica":
         assert spec.sampler == "grid" and spec.total_trials == 8
         assert spec.grid_space() == {"percentile": [10, 23.6, 38.2, 50, 61.8, 78.6, 90, 100]}
@@ -205,9 +206,9 @@ def test_interrupt_then_resume_runs_only_the_missing_trials(workdir, tiny_weight
     # A grid study: after Ctrl-C the interrupted grid point must be run again, and only it.
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=None, sampler={"name": "grid"},
                       space={"percentile": [20, 50, 80], "wavelet": ["haar"]})  # fmt: skip
-    from wavesweep import runner
+    from wavesweep import tracked_trial
 
-    real, calls = runner.run_trial, []
+    real, calls = tracked_trial.run_trial, []
 
     def ctrl_c_on_second(*args, **kwargs):
         calls.append(1)
@@ -215,10 +216,9 @@ def test_interrupt_then_resume_runs_only_the_missing_trials(workdir, tiny_weight
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the second trial
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "run_trial", ctrl_c_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        study.main_study(_args(spec))
-    monkeypatch.setattr(runner, "run_trial", real)
+    monkeypatch.setattr(tracked_trial, "run_trial", ctrl_c_on_second)
+    assert run_cli("study", str(spec), "-q") == 130
+    monkeypatch.setattr(tracked_trial, "run_trial", real)
     trials, runs = assert_agree()
     assert [trials[n].state for n in sorted(trials)] == [TrialState.COMPLETE, TrialState.FAIL]
     assert runs[1].info.status == "KILLED" and "KeyboardInterrupt" in runs[1].data.tags["error"]
@@ -238,13 +238,6 @@ def test_interrupt_then_resume_runs_only_the_missing_trials(workdir, tiny_weight
     # running it again finds nothing missing
     assert run_cli("study", str(spec), "-q") == 0
     assert len(trials_by_number()) == 4
-
-
-def _args(spec: Path, **kw):
-    import argparse
-
-    base = dict(spec=str(spec), n_trials=None, timeout=None, storage=None, workers=1, register_best=None, report_dir=None, quiet=True)
-    return argparse.Namespace(**{**base, **kw})
 
 
 @pytest.mark.slow
@@ -307,19 +300,26 @@ def test_median_pruner_stops_hopeless_trials(workdir, tiny_weights):
     assert best.params["percentile"] in (10, 20)
 
 
-def test_wilcoxon_reports_per_chunk_accuracy(monkeypatch):
-    """The Wilcoxon pruner pairs per-chunk scores, so cumulative partial top-1 is turned back into chunks."""
+def test_reporter_sends_cumulative_or_per_chunk_accuracy():
+    """Median and the other pruners get the cumulative partial top-1; Wilcoxon, which pairs
+    per-step scores, gets each chunk's own accuracy, straight from the chunk record."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(study, "_eval_size", lambda cfg: 10)
-    assert study._chunk_sizes(10) == [3, 3, 2, 2]
-    reported = []
-    fake_trial = SimpleNamespace(report=lambda v, s: reported.append((s, v)), should_prune=lambda: False)
+    from wavesweep.evaluate import Chunk
+    from wavesweep.study.objective import reporter
+
+    counts = [(2, 3), (3, 3), (1, 2), (2, 2)]  # (correct, size) of each chunk
+    reported, verdicts = [], iter([False, False, False, True])
+    fake_trial = SimpleNamespace(report=lambda v, s: reported.append((s, v)), should_prune=lambda: next(verdicts))
     for pruner, expected in (("wilcoxon", [2 / 3, 1.0, 0.5, 1.0]), ("median", [2 / 3, 5 / 6, 6 / 8, 8 / 10])):
         reported.clear()
-        owner = SimpleNamespace(spec=SimpleNamespace(pruner=pruner))
-        report = study._Objective._reporter(owner, fake_trial, None, [])
-        for step, (correct, seen) in enumerate([(2, 3), (5, 6), (6, 8), (8, 10)]):  # cumulative, as trial.run_trial reports
-            report(step, correct / seen)
-        assert [s for s, _ in reported] == [0, 1, 2, 3]
+        verdicts = iter([False, False, False, True])
+        seen: list[Chunk] = []
+        report = reporter(fake_trial, pruner, seen)
+        total_correct = total = 0
+        with pytest.raises(optuna.TrialPruned, match="chunk 3"):
+            for step, (correct, n) in enumerate(counts):
+                total_correct, total = total_correct + correct, total + n
+                report(Chunk(step, SimpleNamespace(top1=total_correct / total, n=total), n, correct))
+        assert [s for s, _ in reported] == [0, 1, 2, 3] and len(seen) == 4
         assert [v for _, v in reported] == pytest.approx(expected)

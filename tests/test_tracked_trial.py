@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import subprocess_env
 from wavesweep import accounting, evaluate, models, trial
 from wavesweep.config import TrialConfig
-from wavesweep.runner import run_tracked_trial
+from wavesweep.tracked_trial import run_tracked_trial
 from wavesweep.stats import paired_comparison
-from wavesweep.tracking import LOGGED_ARTIFACTS_TAG, _log_files, table_json, table_tag, trial_config_of
+from wavesweep.tracking import trial_config_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model": "cnn", "eval_limit": "150", "timing_batches": "1", "wavelet": "bior1.3", "level": "3", "percentile": "60"}
@@ -98,24 +98,6 @@ def test_mlflow_run_records_a_complete_recomputable_trial(workdir, shared_cache,
     assert (preds["dwt"] == ev.preds).all()
 
 
-def test_table_artifact_is_what_mlflow_log_table_writes(workdir, tmp_path):
-    """Oracle: our table file and tag are byte-for-byte what mlflow.log_table gives a new run."""
-    from wavesweep import tracking
-
-    client, exp = tracking.init_tracking(experiment="tables")
-    frame = pd.DataFrame({"name": ["a.conv", "b"], "shape": ["4x3x3x3", "8x4"], "params": [108, 32],
-                          "coeff_sparsity": [0.5, 0.25], "level_effective": [None, 2]})  # fmt: skip
-    theirs, ours = (client.create_run(exp).info.run_id for _ in range(2))
-    mlflow.log_table(data=frame, artifact_file="layers.json", run_id=theirs)
-    client.log_batch(ours, tags=[mlflow.entities.RunTag(k, v) for k, v in table_tag("layers.json").items()])
-    _log_files(client, ours, {"layers.json": table_json(frame)})
-    a, b = (Path(client.download_artifacts(r, "layers.json", str(tmp_path / r))).read_bytes() for r in (theirs, ours))
-    assert a == b
-    tags = [client.get_run(r).data.tags[LOGGED_ARTIFACTS_TAG] for r in (theirs, ours)]
-    assert json.loads(tags[0]) == json.loads(tags[1]) == [{"path": "layers.json", "type": "table"}]
-    pd.testing.assert_frame_equal(client.load_table(exp, "layers.json", run_ids=[ours]), client.load_table(exp, "layers.json", run_ids=[theirs]))
-
-
 def test_bad_parameter_fails_with_one_line_and_failed_run(workdir, shared_cache):
     proc = _mlflow_run(workdir, shared_cache, {**TINY, "wavelet": "bior9.9"}, experiment="bad")
     assert proc.returncode != 0
@@ -177,12 +159,12 @@ def test_same_config_and_seed_give_same_metrics(workdir):
 
 
 def test_failure_marks_runs_failed_and_keeps_error(workdir, monkeypatch):
-    from wavesweep import runner
+    from wavesweep import tracked_trial
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(runner, "run_trial", boom)
+    monkeypatch.setattr(tracked_trial, "run_trial", boom)
     with pytest.raises(RuntimeError):
         run_tracked_trial(TrialConfig.from_mapping(TINY))
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("wavesweep").experiment_id])
@@ -201,3 +183,16 @@ def test_two_trials_at_once_on_a_fresh_directory(workdir, shared_cache):
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("wavesweep").experiment_id])
     assert sum(r.data.tags.get("method") == "trial" for r in runs) == 2
     assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 8
+
+
+def test_recorded_metric_names_are_the_schema(workdir):
+    """Every name TrialResult.metrics() computes is in wavesweep.schema, and every schema name is computed."""
+    from wavesweep import schema
+
+    for rec in ("none", "bn", "finetune"):
+        cfg = TrialConfig.from_mapping({**TINY, "recovery": rec, "recovery_batches": 2, "finetune_steps": 2})
+        metrics = trial.run_trial(cfg).metrics()
+        for method in ("dwt", "magnitude", "random"):
+            assert sorted(metrics[method]) == sorted(schema.method_names(rec)), (rec, method)
+        assert {k for k in metrics["parent"] if not k.startswith("seconds_")} == set(schema.headline_names(rec)), rec
+    assert set(schema.method_names("finetune")) == set(schema.method_names())

@@ -41,7 +41,6 @@ import math
 import os
 import struct
 import sys
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -52,6 +51,7 @@ import torch
 from torch import nn
 
 from wavesweep import wavelets as wv
+from wavesweep.fileio import atomic_write
 from wavesweep.pruning import PruneResult
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,15 @@ log = logging.getLogger(__name__)
 MAGIC = b"WAVSWEEP"
 VERSION = 1
 _FIXED = struct.Struct("<8sIQ")  # magic, version, JSON length
-HEADER = _FIXED  # fixed part of the header; the JSON metadata follows (module docstring)
 HEADER_FIXED_BYTES = _FIXED.size  # 20
 
 __all__ = [
     "MAGIC",
     "VERSION",
-    "HEADER",
     "HEADER_FIXED_BYTES",
     "LayerStats",
     "ModelStats",
     "model_stats",
-    "stored_bytes_of",
     "save_compressed",
     "read_header",
     "read_compressed",
@@ -177,20 +174,6 @@ def _value_itemsize(result: PruneResult, lp, weight: torch.Tensor) -> int:
     if lp.coeffs is not None:
         return lp.coeffs.dtype.itemsize
     return weight.element_size()
-
-
-def stored_bytes_of(result: PruneResult) -> int:
-    """Bytes of the shared encoding of ``result.model`` (the checkpoint payload size)."""
-    sd = result.model.state_dict()
-    pruned = {lp.key: lp for lp in result.layers}
-    total = 0
-    for key, t in sd.items():
-        if key in pruned:
-            lp = pruned[key]
-            total += _layer_stored_bytes(lp.n_coeffs, int(np.count_nonzero(lp.keep)), _value_itemsize(result, lp, t))
-        else:
-            total += t.numel() * t.element_size()
-    return total
 
 
 def _count_zeros(t: torch.Tensor) -> int:
@@ -364,18 +347,11 @@ def save_compressed(result: PruneResult, path: str | os.PathLike, *, metadata: d
         blob = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata for {path} is not JSON-serialisable: {e}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_FIXED.pack(MAGIC, VERSION, len(blob)))
-            f.write(blob)
-            for c in chunks:
-                f.write(c)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(_FIXED.pack(MAGIC, VERSION, len(blob)))
+        f.write(blob)
+        for c in chunks:
+            f.write(c)
     size = path.stat().st_size
     log.info("wrote %s: %d bytes (%d payload + %d header)", path, size, payload_size, size - payload_size)
     return size
@@ -484,8 +460,7 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise ValueError(f"{path}: corrupt metadata entry: {err!r}") from None
     if pos != len(payload):
         raise ValueError(f"{path}: corrupt: {len(payload) - pos} unread payload bytes")
-    user_meta = dict(meta)
-    return sd, user_meta
+    return sd, dict(meta)
 
 
 def load_compressed(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module, dict]:

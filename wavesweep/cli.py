@@ -7,15 +7,13 @@ one-line ``wavesweep: error: ...`` on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import logging
 import os
 import sys
-import threading
 from dataclasses import fields
 from pathlib import Path
-from typing import NoReturn
+from typing import Any
 
 from wavesweep.config import FIELD_HELP, TrialConfig
 
@@ -43,12 +41,13 @@ def cmd_trial(args: argparse.Namespace) -> int:
     try:
         cfg = _trial_config(args)
     except USAGE_ERRORS as exc:
-        # `mlflow run` already created a run: mark it FAILED with the reason before exiting.
-        tracking.record_failure(f"invalid parameters: {exc}")
+        if args.launched_run_id:  # `mlflow run` already created a run: mark it FAILED with the reason
+            client, _ = tracking.init_tracking(run_id=args.launched_run_id)
+            tracking.close_run(client, args.launched_run_id, "FAILED", error=f"invalid parameters: {exc}", children=False)
         raise
-    from wavesweep.runner import run_tracked_trial
+    from wavesweep.tracked_trial import run_tracked_trial
 
-    result, run_id = run_tracked_trial(cfg, experiment=args.experiment, progress=not args.quiet)
+    result, run_id = run_tracked_trial(cfg, experiment=args.experiment, adopt_run_id=args.launched_run_id, progress=not args.quiet)
     o = result.outcomes
     print(f"trial run {run_id} ({tracking.tracking_uri()})")
     rec = result.config.recovery
@@ -87,9 +86,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from wavesweep import tracking
+    from wavesweep.tracked_trial import register_trial_model
 
-    mv = tracking.register_model(args.run_id, name=args.name, alias=args.alias or None, method=args.method)
+    mv = register_trial_model(args.run_id, name=args.name, alias=args.alias or None, method=args.method)
     alias = f" alias {args.alias}" if args.alias else ""
     print(f"registered {mv.name} version {mv.version}{alias} from run {args.run_id}")
     print(f"load it with: mlflow.pytorch.load_model('models:/{mv.name}@{args.alias}')" if args.alias else "")
@@ -121,7 +120,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from wavesweep import tracking
 
-    tracking.init_tracking()
+    tracking.init_tracking()  # creates the store (and its schema) when there is none yet
     cmd = ["mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", args.host, "--port", str(args.port)]
     print("starting: " + " ".join(cmd))
     # MLflow's job executor serves GenAI features and starts several worker processes; browsing
@@ -132,15 +131,86 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    """``wavesweep study SPEC``: run or resume; report; optionally register the best model."""
     from wavesweep import study
 
-    return study.main_study(args)
+    spec = study.load_spec(args.spec)
+    if args.n_trials is not None and args.n_trials < 0:
+        raise ValueError(f"--n-trials={args.n_trials} must be >= 0 (0: the spec's n_trials)")
+    outcome = study.run_study(
+        spec, n_trials=args.n_trials or None, timeout=args.timeout, storage=args.storage, workers=args.workers or 1,
+        progress=not args.quiet, launched_run_id=args.launched_run_id,
+    )  # fmt: skip
+    url = args.storage or spec.storage or study.DEFAULT_STORAGE
+    _print_summary(outcome.study, outcome.run_id, url)
+    if study.best_trial(outcome.study) is not None:  # a complete trial exists
+        _report(outcome.study, args.report_dir, args.register_best, outcome.run_id)
+    if outcome.status != "FINISHED":
+        print(f"study {spec.name} stopped: {outcome.reason}; fix the cause and run the same command to resume", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from wavesweep import study
+    """``wavesweep report STUDY``: STUDY is a spec file or a study name in ``--storage``."""
+    import optuna
 
-    return study.main_report(args)
+    from wavesweep import study, tracking
+
+    target = Path(args.study)
+    if target.suffix in (".yaml", ".yml") or target.is_file():
+        spec = study.load_spec(target)
+        name, url = spec.name, args.storage or spec.storage or study.DEFAULT_STORAGE
+    else:
+        name, url = args.study, args.storage or study.DEFAULT_STORAGE
+    storage = study.open_storage(url, must_exist=True)
+    try:
+        found = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise ValueError(f"no study {name!r} in {tracking.redact_url(url)}; studies there: {', '.join(names) or 'none'}") from None
+    parent = found.user_attrs.get("mlflow_run_id")
+    _print_summary(found, parent or "-", url)
+    if study.best_trial(found) is None:
+        raise ValueError(f"study {name!r} has no complete trial yet: nothing to report")
+    _report(found, args.report_dir, args.register_best, parent)
+    return 0
+
+
+def _print_summary(found: Any, parent: str, url: str) -> None:
+    from wavesweep import study, tracking
+
+    m = study.study_metrics(found)
+    print(f"study {found.study_name}: {int(m['n_complete'])} complete, {int(m['n_pruned'])} pruned, {int(m['n_fail'])} failed "
+          f"(storage {tracking.redact_url(url)}, MLflow run {parent} at {tracking.tracking_uri()})")  # fmt: skip
+    best = study.best_trial(found)
+    if best is not None:
+        objectives = found.user_attrs.get("objectives") or []
+        vals = ", ".join(f"{o[0]}={v:.4f}" for o, v in zip(objectives, best.values))
+        print(f"best trial {best.number}: {vals} params {best.params} (MLflow run {best.user_attrs.get('mlflow_run_id')})")
+
+
+def _report(found: Any, report_dir: str | None, register: str | None, parent: str | None) -> None:
+    """Write (and log on the study run) the study's report; optionally register its best model."""
+    from wavesweep import study, tracking
+    from wavesweep.tracked_trial import register_trial_model
+
+    out = Path(report_dir) if report_dir else Path("reports") / found.study_name
+    files = study.build_report(found, out)
+    print(f"report: {out} ({', '.join(sorted(p.name for p in files.values()))})")
+    client = tracking.client()
+    if parent and tracking.run_status(client, parent) is not None:
+        tracking.log_study_report(client, parent, out)
+        print(f"report logged on study run {parent} under report/")
+    if register:
+        best = study.best_trial(found)
+        if best is None or not best.user_attrs.get("mlflow_run_id"):
+            raise ValueError(f"study {found.study_name!r} has no complete trial to register")
+        mv = register_trial_model(best.user_attrs["mlflow_run_id"], name=register, alias="champion")
+        print(f"registered best trial {best.number} as {mv.name} version {mv.version} alias champion "
+              f"(load: mlflow.pytorch.load_model('models:/{mv.name}@champion'))")  # fmt: skip
+        if parent:
+            tracking.log_batch(client, parent, tags={"registered_model": f"{mv.name}/{mv.version}"})
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -251,10 +321,16 @@ def _is_mlflow_error(exc: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The run `mlflow run` created for this process, read once here and passed down.
+    args.launched_run_id = os.environ.get("MLFLOW_RUN_ID") or None
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if args.func not in (cmd_train,):
+            from wavesweep import tracking
+
+            tracking.set_tracking_uri()  # once per process, for MLflow's own functions
         return int(args.func(args) or 0)
     except Exception as exc:
         if not (isinstance(exc, USAGE_ERRORS) or _is_mlflow_error(exc)):
@@ -267,32 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run(argv: list[str] | None = None) -> NoReturn:
-    """The console entry point (``wavesweep``, ``python -m wavesweep``, MLproject): ``main``, then a fast exit.
-
-    A process that has imported torch, torchvision, mlflow and scikit-learn spends about 2 s of
-    a short command (a quarter of a default ``mlflow run``'s own work) in interpreter
-    finalisation, tearing down half a million objects, after everything it made is on disk.
-    Once ``main`` has returned, this does what a normal exit does that matters, in the same
-    order (``threading._shutdown``: thread-pool exit hooks, then joining non-daemon threads; the
-    ``atexit`` handlers: logging's flush, MLflow's, multiprocessing's, temporary-file
-    finalizers; flushing stdout and stderr) and then ``os._exit(rc)``. Anything
-    raised out of ``main`` (argparse's ``SystemExit``, an unexpected traceback) exits normally.
-    """
-    rc = main(argv)
-    # CPython's own exit steps, in its order; where they are missing, the normal exit.
-    join_threads = getattr(threading, "_shutdown", None)  # threading's exit hooks (thread pools), then joins
-    exit_funcs = getattr(atexit, "_run_exitfuncs", None)
-    if join_threads is None or exit_funcs is None:
-        raise SystemExit(rc)
-    join_threads()
-    exit_funcs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be written
-            pass
-    os._exit(rc)
+def run(argv: list[str] | None = None) -> None:
+    """The console entry point (``wavesweep``, ``python -m wavesweep``, MLproject)."""
+    raise SystemExit(main(argv))
 
 
 if __name__ == "__main__":

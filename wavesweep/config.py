@@ -6,7 +6,6 @@ Field names are the hyperparameter names everywhere: MLproject parameters, CLI f
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -105,9 +104,6 @@ class TrialConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def replace(self, **changes: Any) -> "TrialConfig":
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> "TrialConfig":
         """Build from strings or typed values (MLproject ``-P``, YAML, Optuna), checking names and types.
@@ -151,11 +147,6 @@ def coerce(name: str, raw: Any, typ: type) -> Any:
         except ValueError:
             raise ValueError(f"{name}={raw!r} is not a number") from None
     return str(raw)
-
-
-def field_help() -> dict[str, str]:
-    """One-line help per field, for the CLI (taken from the comments above via a table, kept in sync by a test)."""
-    return dict(FIELD_HELP)
 
 
 FIELD_HELP = {

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -196,6 +197,15 @@ def evaluate(
     return metrics_from_logits(logits, targets)
 
 
+class Chunk(NamedTuple):
+    """One step of :func:`evaluate_chunks`."""
+
+    step: int  # 0-based chunk index
+    result: EvalResult  # cumulative: every example seen so far, in dataset order
+    n: int  # examples in this chunk
+    correct: int  # of them, top-1 correct
+
+
 def evaluate_chunks(
     model: nn.Module,
     dataset: Dataset,
@@ -205,8 +215,9 @@ def evaluate_chunks(
     device: str | torch.device = "auto",
     seed: int = 0,
     progress: bool = False,
-) -> Iterator[EvalResult]:
-    """Evaluate in ``n_chunks`` pieces, yielding the cumulative result after each.
+) -> Iterator[Chunk]:
+    """Evaluate in ``n_chunks`` pieces, yielding after each the cumulative result with the
+    chunk's own size and top-1 correct count (a :class:`Chunk`).
 
     The examples are visited in :func:`wavesweep.data.stratified_order` (seeded by
     ``seed``), cut into ``n_chunks`` nearly equal consecutive pieces, so every partial
@@ -223,7 +234,7 @@ def evaluate_chunks(
     seen_idx: list[np.ndarray] = []
     seen_logits: list[torch.Tensor] = []
     seen_targets: list[torch.Tensor] = []
-    for piece in tqdm(pieces, desc="chunks", leave=False, disable=not progress):
+    for step, piece in enumerate(tqdm(pieces, desc="chunks", leave=False, disable=not progress)):
         piece = np.sort(piece)  # dataset order inside a chunk: sequential reads
         lg, tg = predict(model, take(dataset, piece), batch_size=batch_size, device=device)
         seen_idx.append(piece)
@@ -231,7 +242,8 @@ def evaluate_chunks(
         seen_targets.append(tg)
         idx = np.concatenate(seen_idx)
         back = torch.from_numpy(np.argsort(idx, kind="stable"))  # back to dataset order
-        yield metrics_from_logits(torch.cat(seen_logits)[back], torch.cat(seen_targets)[back])
+        result = metrics_from_logits(torch.cat(seen_logits)[back], torch.cat(seen_targets)[back])
+        yield Chunk(step, result, len(piece), int((lg.argmax(1) == tg).sum()))
 
 
 # --------------------------------------------------------------------------- timing

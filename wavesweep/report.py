@@ -18,20 +18,20 @@ Every report says so.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")  # files only, never a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from wavesweep import schema
+from wavesweep.fileio import atomic_write
 
-METHODS = ("dwt", "magnitude", "random")
+METHODS = ("dwt", *schema.BASELINES)
 DENSE_NOTE = (
     "dwt weights are dense after reconstruction: its compression is in the coefficient domain "
     "(coefficient sparsity), while magnitude and random pruning are sparse in the weight domain; "
@@ -39,9 +39,9 @@ DENSE_NOTE = (
 )
 SUMMARY_PARAMS = ("wavelet", "level", "percentile", "layout", "mode", "scope", "keep_approx")
 SUMMARY_METRICS = (
-    "top1", "magnitude_top1", "random_top1", "base_top1", "pruned_fraction", "compression_ratio", "coeff_sparsity",
-    "gain_top1_vs_magnitude", "dwt_vs_magnitude_ci_low", "dwt_vs_magnitude_ci_high", "dwt_vs_magnitude_mcnemar_p",
-    "gain_top1_vs_random", "dwt_vs_random_ci_low", "dwt_vs_random_ci_high", "dwt_vs_random_mcnemar_p",
+    "top1", *(f"{m}_top1" for m in schema.BASELINES), "base_top1", "pruned_fraction", "compression_ratio", "coeff_sparsity",
+    *(f"{k}{m}{end}" for m in schema.BASELINES
+      for k, end in (("gain_top1_vs_", ""), ("dwt_vs_", "_ci_low"), ("dwt_vs_", "_ci_high"), ("dwt_vs_", "_mcnemar_p"))),
 )  # fmt: skip
 
 
@@ -86,11 +86,9 @@ def _long_by_method(frame: pd.DataFrame, x: str) -> pd.DataFrame:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -257,9 +255,8 @@ def to_markdown(table: pd.DataFrame, *, floatfmt: str = ".4g") -> str:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
     return path
 
 
@@ -272,6 +269,7 @@ def write_report(
     importances: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Path]:
     """Write every plot, ``summary.csv``, ``summary.md`` and ``trials.csv`` into ``out_dir``."""
+    matplotlib.use("Agg")  # files only, never a display
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     objectives = [tuple(o) for o in objectives]

@@ -21,6 +21,7 @@ import torch
 
 from wavesweep import evaluate, train
 from wavesweep.config import TrialConfig
+from wavesweep.fileio import atomic_write
 from wavesweep.trial import run_trial
 
 FRACTIONS: tuple[int, ...] = (50, 70, 80, 90, 95)
@@ -200,10 +201,8 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
 
 
 def write_page(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
     return path
 
 

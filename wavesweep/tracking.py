@@ -12,7 +12,6 @@ No other wavesweep module imports mlflow. Layout of what one trial records:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import logging
@@ -21,7 +20,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +29,11 @@ import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 import wavesweep
 from wavesweep.config import TrialConfig
+from wavesweep.fileio import atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,6 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "wavesweep"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CHECKPOINT_DIR = "checkpoints"  # run-relative artifact folder of compressed checkpoints
-METRIC_KEYS = ("top1", "top5", "loss", "f1_macro", "recall_macro", "precision_macro", "f1_weighted")
-STAT_KEYS = (
-    "weight_sparsity_target", "weight_sparsity_model", "coeff_sparsity", "stored_bytes", "dense_bytes",
-    "compression_ratio", "mean_rel_l2_error", "target_params", "target_zero_weights", "model_params",
-    "coeffs", "zeroed_coeffs",
-)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- store
@@ -56,43 +50,43 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///") :]).expanduser().resolve()
 
 
-def init_tracking(uri: str | None = None, experiment: str | None = None) -> tuple[MlflowClient, str]:
-    """Point MLflow at ``uri`` (default ``sqlite:///mlflow.db``), create its schema and the experiment.
-
-    Creating a fresh SQLite store runs schema migrations; several processes doing that at once
-    race, so creation happens under an exclusive file lock beside the database. Returns the client
-    and the experiment id.
-    """
-    uri = uri or tracking_uri()
+def set_tracking_uri() -> str:
+    """Point MLflow's own functions at ``tracking_uri()``; the CLI calls it once per process."""
+    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def client() -> MlflowClient:
+    """A client of ``tracking_uri()`` (for a store that exists: ``init_tracking`` creates it)."""
+    return MlflowClient(tracking_uri())
+
+
+def init_tracking(experiment: str | None = None, *, run_id: str | None = None) -> tuple[MlflowClient, str]:
+    """Create the store's schema (``tracking_uri()``) and the experiment; returns a client and the experiment id.
+
+    The experiment is ``experiment``, else the one of ``run_id`` (a run ``mlflow run`` created),
+    else ``$MLFLOW_EXPERIMENT_NAME`` or ``wavesweep``. Creating a fresh SQLite store runs schema
+    migrations; several processes doing that at once race, so creation happens under an
+    exclusive file lock beside the database.
+    """
+    uri = tracking_uri()
     db = _sqlite_path(uri)
-    lock = _file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
+    lock = file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
     with lock:
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)  # forces schema creation / migration, under the lock
-        exp_id = _ensure_experiment(client, experiment)
+        exp_id = _ensure_experiment(client, experiment, run_id)
     return client, exp_id
 
 
-def _ensure_experiment(client: MlflowClient, name: str | None) -> str:
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+def _ensure_experiment(client: MlflowClient, name: str | None, run_id: str | None) -> str:
     if run_id and name is None:  # started by `mlflow run`: the run it created fixes the experiment
         return client.get_run(run_id).info.experiment_id
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
@@ -162,19 +156,6 @@ def log_batch(
         client.log_batch(run_id, metrics=m_chunk, params=p_chunk, tags=t_chunk)
 
 
-LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what mlflow.log_table sets; the UI lists tables by it
-
-
-def table_json(frame: pd.DataFrame) -> str:
-    """``frame`` as ``mlflow.log_table`` writes a ``.json`` table (``mlflow.load_table`` reads it)."""
-    return frame.to_json(orient="split", index=False, date_format="iso")
-
-
-def table_tag(*artifact_files: str) -> dict[str, str]:
-    """The ``mlflow.loggedArtifacts`` tag ``mlflow.log_table`` sets on a run for these new tables."""
-    return {LOGGED_ARTIFACTS_TAG: json.dumps([{"path": f, "type": "table"} for f in artifact_files])}
-
-
 def _log_files(
     client: MlflowClient,
     run_id: str,
@@ -209,22 +190,21 @@ def run_name(cfg: TrialConfig, method: str) -> str:
 
 
 class TrialRun:
-    """A trial's parent run: created (or adopted from ``mlflow run``) and closed with a status."""
+    """A trial's parent run: created below ``parent_run_id`` (a study), or adopted (``adopt_run_id``,
+    the run ``mlflow run`` created), or created on its own; closed with a status."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, cfg: TrialConfig, *, parent_run_id: str | None = None,
-                 extra_tags: dict[str, str] | None = None) -> None:  # fmt: skip
+                 adopt_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> None:  # fmt: skip
         self.client = client
         self.cfg = cfg
-        adopted = os.environ.get("MLFLOW_RUN_ID") if parent_run_id is None else None
         tags = {"method": "trial", "wavesweep.kind": "trial", **(extra_tags or {})}
-        if adopted:
-            self.run_id = adopted
+        if adopt_run_id and not parent_run_id:
+            self.run_id = adopt_run_id
             self.owned = False
-            self.client.set_tag(self.run_id, "mlflow.runName", run_name(cfg, "trial"))
-            log_batch(client, self.run_id, tags=tags)
+            log_batch(client, self.run_id, tags={MLFLOW_RUN_NAME: run_name(cfg, "trial"), **tags})
         else:
             if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
+                tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
             run = client.create_run(experiment_id, run_name=run_name(cfg, "trial"), tags=tags)
             self.run_id = run.info.run_id
             self.owned = True
@@ -236,65 +216,47 @@ class TrialRun:
         run = self.client.create_run(
             self.experiment_id,
             run_name=run_name(self.cfg, method),
-            tags={"mlflow.parentRunId": self.run_id, "method": method, "wavesweep.kind": "method"},
+            tags={MLFLOW_PARENT_RUN_ID: self.run_id, "method": method, "wavesweep.kind": "method"},
         )
         self.child_ids[method] = run.info.run_id
         return run.info.run_id
 
     def finish(self, status: str = "FINISHED", error: str | None = None, tags: dict[str, str] | None = None) -> None:
-        """Close the parent and every child with ``status``; record ``error`` and ``tags`` on all of them."""
-        for rid in [*self.child_ids.values(), self.run_id]:
-            extra = {**(tags or {}), **({"error": error[:5000]} if error else {})}
-            if extra:
-                log_batch(self.client, rid, tags=extra)
-            if rid != self.run_id or self.owned or status != "FINISHED":
-                self.client.set_terminated(rid, status)
+        """Close the parent and every child with ``status``; record ``error`` and ``tags`` on all of them.
+
+        A successful adopted run is left open: ``mlflow run`` closes the run it created."""
+        close_run(self.client, self.run_id, status, error=error, tags=tags, children=list(self.child_ids.values()),
+                  terminate=self.owned or status != "FINISHED")  # fmt: skip
 
 
-def record_failure(error: str, *, run_id: str | None = None) -> None:
-    """Mark ``run_id`` (default: the ``mlflow run`` run in MLFLOW_RUN_ID) FAILED with the reason.
+def close_run(
+    client: MlflowClient,
+    run_id: str,
+    status: str,
+    *,
+    error: str | None = None,
+    tags: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    children: list[str] | bool = True,
+    terminate: bool = True,
+) -> None:
+    """Close ``run_id`` with ``status`` (FINISHED, FAILED, KILLED), with tag ``error`` and ``tags``.
 
-    Used when a trial cannot even start (bad parameters): there is no TrialRun yet.
+    ``children``: the method runs below it, closed first with the same status and tags (``True``:
+    look them up; ``False``: none). ``metrics`` go on ``run_id`` only. ``terminate=False`` records
+    everything but leaves ``run_id`` itself open.
     """
-    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
-    client, _ = init_tracking()
-    client.set_tag(run_id, "error", error[:5000])
-    client.set_terminated(run_id, "FAILED")
-
-
-def trial_metrics(result) -> dict[str, dict[str, float]]:
-    """Flat metric dicts per method (and ``parent``) from a ``trial.TrialResult``."""
-    base = {f"base_{k}": v for k, v in result.base_eval.metrics().items()}
-    if result.base_timing is not None:
-        base |= {f"base_{k}": v for k, v in result.base_timing.metrics().items()}
-    per_method: dict[str, dict[str, float]] = {}
-    for m, out in result.outcomes.items():
-        d = dict(out.eval.metrics())
-        totals = out.stats.totals()
-        d |= {k: totals[k] for k in STAT_KEYS if k in totals}
-        d["pruned_fraction"] = out.stats.zeroed_coeffs / out.stats.coeffs if out.stats.coeffs else 0.0
-        if out.timing is not None:
-            d |= out.timing.metrics()
-        d |= result.drops(m)
-        if out.prerec_eval is not None:  # the same model before recovery
-            d |= {f"prerec_{k}": v for k, v in out.prerec_eval.metrics().items()}
-        if out.recovery is not None:
-            d |= out.recovery.metrics()
-        d |= base
-        d["n_eval"] = float(result.eval_info["n_eval"])
-        per_method[m] = d
-    parent = dict(per_method["dwt"])  # headline: dwt under plain names, baselines prefixed
-    for m in ("magnitude", "random"):
-        parent |= {f"{m}_{k}": v for k, v in per_method[m].items() if not k.startswith("base_") and k != "n_eval"}
-    for name, cmp in result.paired.items():
-        parent |= cmp.metrics(name)
-    parent["gain_top1_vs_magnitude"] = per_method["dwt"]["top1"] - per_method["magnitude"]["top1"]
-    parent["gain_top1_vs_random"] = per_method["dwt"]["top1"] - per_method["random"]["top1"]
-    parent |= {f"seconds_{k}": v for k, v in result.phase_seconds.items()}
-    per_method["parent"] = parent
-    return per_method
+    extra = {**(tags or {}), **({"error": error[:5000]} if error else {})}
+    if children is True:
+        found = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                   filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'")  # fmt: skip
+        children = [r.info.run_id for r in found if r.data.tags.get("wavesweep.kind") == "method"]
+    for rid in children or []:
+        log_batch(client, rid, tags=extra)
+        client.set_terminated(rid, status)
+    log_batch(client, run_id, tags=extra, metrics=metrics or {})
+    if terminate:
+        client.set_terminated(run_id, status)
 
 
 def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
@@ -315,16 +277,11 @@ def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
     return out
 
 
-def log_trial(
-    run: TrialRun, result, *, checkpoint_files: dict[str, Path] | Callable[[], dict[str, Path]]
-) -> None:
-    """Record a finished ``trial.TrialResult`` on ``run``: children, metrics, tables, artifacts.
-
-    ``checkpoint_files``: ``{method: path}``, or a function returning it, called only when the
-    artifacts are uploaded (last), so the checkpoints can still be being written until then.
-    """
+def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> None:
+    """Record a finished ``trial.TrialResult`` on ``run``: children, metrics, tables, artifacts,
+    and the compressed checkpoints ``{method: path}`` under ``checkpoints/``."""
     client, cfg = run.client, result.config
-    metrics = trial_metrics(result)
+    metrics = result.metrics()
     base = result.base
     base_params = {
         "base_model": base.model_name, "base_dataset": base.dataset_name, "base_seed": base.seed,
@@ -332,9 +289,6 @@ def log_trial(
         **{f"base_{k}": v for k, v in base.build_kwargs.items()},
         "n_eval": result.eval_info["n_eval"],
     }  # fmt: skip
-    # Per-layer tables are written as mlflow.log_table writes them (same JSON, same
-    # mlflow.loggedArtifacts tag) but uploaded with the run's other artifacts: log_table itself
-    # lists, fetches and re-tags the run on every call (~25 ms each on SQLite).
     frames = {m: o.stats.to_frame() for m, o in result.outcomes.items()}
     for method, out in result.outcomes.items():
         rid = run.child(method)
@@ -342,22 +296,21 @@ def log_trial(
         if method != "dwt":
             params |= {"matched_to": "dwt", "match_scope": cfg.scope, "prune_seed": out.prune.config.get("seed", cfg.seed)}
         log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frames[method])],
-                  tags=table_tag("layers.json"), new_run=True)  # fmt: skip
-        _log_files(client, rid, {"layers.json": table_json(frames[method])})
+                  new_run=True)  # fmt: skip
+        client.log_table(rid, data=frames[method], artifact_file="layers.json")
     log_batch(client, run.run_id, params=base_params, metrics=[*((k, v, 0) for k, v in metrics["parent"].items()), *_layer_series(frames["dwt"])],
-              tags={"warnings": len(result.warnings), **table_tag("layers.json")}, new_run=run.owned)  # fmt: skip
+              tags={"warnings": len(result.warnings)}, new_run=run.owned)  # fmt: skip
+    client.log_table(run.run_id, data=frames["dwt"], artifact_file="layers.json")
     preds = pd.DataFrame({"target": result.base_eval.targets, "base": result.base_eval.preds,
                           **{m: o.eval.preds for m, o in result.outcomes.items()}})  # fmt: skip
     files: dict[str, str | bytes] = {
-        "layers.json": table_json(frames["dwt"]),
         "config.yaml": yaml.safe_dump({"trial": cfg.to_dict(), "base": base_params, "code_version": code_version()}, sort_keys=False),
         "warnings.txt": "\n".join(result.warnings) + ("\n" if result.warnings else ""),
         "predictions.csv": preds.to_csv(index=False),
         **{f"layers_{m}.csv": f.to_csv(index=False) for m, f in frames.items()},
         "paired.json": json.dumps({k: v.__dict__ for k, v in result.paired.items()}, indent=2),
     }
-    ckpts = checkpoint_files() if callable(checkpoint_files) else checkpoint_files
-    copies = {f"{CHECKPOINT_DIR}/{path.name}": Path(path) for path in ckpts.values()}
+    copies = {f"{CHECKPOINT_DIR}/{path.name}": Path(path) for path in checkpoint_files.values()}
     _log_files(client, run.run_id, files, copies=copies)
 
 
@@ -368,7 +321,7 @@ def get_trial_run(client: MlflowClient, run_id: str):
     """The trial (parent) run for ``run_id``, accepting a method child's id too."""
     run = client.get_run(run_id)
     if run.data.tags.get("wavesweep.kind") == "method":
-        run = client.get_run(run.data.tags["mlflow.parentRunId"])
+        run = client.get_run(run.data.tags[MLFLOW_PARENT_RUN_ID])
     if run.data.tags.get("wavesweep.kind") != "trial":
         raise ValueError(f"run {run_id} is not a wavesweep trial run (tag wavesweep.kind={run.data.tags.get('wavesweep.kind')!r})")
     return run
@@ -389,56 +342,32 @@ def download_checkpoint(client: MlflowClient, run_id: str, method: str, dst: Pat
 # --------------------------------------------------------------------------- registry
 
 
-def register_model(run_id: str, *, name: str, alias: str | None = "champion", method: str = "dwt") -> Any:
-    """Register a trial's pruned model as an MLflow model version (pytorch flavour, pt2 with signature).
-
-    The model is rebuilt from the run's compressed checkpoint (the exact weights that were
-    evaluated), logged with an input example of real evaluation inputs, registered under ``name``,
-    tagged with its configuration and results, and given ``alias``. The compressed checkpoint is
-    shipped inside the model's files (``extra_files``) so it can be downloaded with it.
-    """
-    import torch
-
-    from wavesweep import accounting, models, trial
-
-    client, _ = init_tracking()
-    run = get_trial_run(client, run_id)
-    cfg = trial_config_of(run)
-    params, metrics = run.data.params, run.data.metrics
-    kwargs = {k: int(params[f"base_{k}"]) for k in ("num_classes", "in_channels", "image_size")}
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = download_checkpoint(client, run.info.run_id, method, Path(tmp))
-        model = models.build_model(cfg.model, **kwargs)
-        model, _meta = accounting.load_compressed(ckpt, model)
-        model.eval()
-        _, eval_set = trial.load_eval_set(cfg)
-        example = torch.stack([eval_set[i][0] for i in range(min(2, len(eval_set)))]).numpy()
-        prefix = "" if method == "dwt" else f"{method}_"
-        version_tags = {
-            "method": method, "wavelet": cfg.wavelet, "level": cfg.level, "percentile": cfg.percentile,
-            "layout": cfg.layout, "mode": cfg.mode, "model": cfg.model, "dataset": cfg.dataset,
-            "top1": metrics.get(f"{prefix}top1"), "compression_ratio": metrics.get(f"{prefix}compression_ratio"),
-            "stored_bytes": metrics.get(f"{prefix}stored_bytes"), "source_run_id": run.info.run_id,
-            "checkpoint": f"{method}.wsz",
-        }  # fmt: skip
-        with mlflow.start_run(run_id=run.info.run_id):
-            info = mlflow.pytorch.log_model(
-                model,
-                name=f"registered-{method}",
-                input_example=example,
-                serialization_format="pt2",
-                extra_files=[str(ckpt)],
-                registered_model_name=name,
-                pip_requirements=_pip_requirements(),
-            )
-    version = info.registered_model_version
-    client.set_registered_model_tag(name, "wavesweep", "true")
-    for k, v in version_tags.items():
+def register_model(
+    model: Any, *, input_example: Any, checkpoint: Path, run_id: str, name: str, alias: str | None, method: str,
+    tags: dict[str, Any],
+) -> Any:
+    """Log ``model`` on ``run_id`` (pytorch flavour, pt2, signature from ``input_example``, the
+    compressed ``checkpoint`` shipped beside it), register it under ``name`` with version ``tags``
+    and ``alias``; returns the model version."""
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model,
+            name=f"registered-{method}",
+            input_example=input_example,
+            serialization_format="pt2",
+            extra_files=[str(checkpoint)],
+            registered_model_name=name,
+            pip_requirements=_pip_requirements(),
+        )
+    c = client()
+    version = str(info.registered_model_version)
+    c.set_registered_model_tag(name, "wavesweep", "true")
+    for k, v in tags.items():
         if v is not None:
-            client.set_model_version_tag(name, str(version), k, _fmt(v))
+            c.set_model_version_tag(name, version, k, _fmt(v))
     if alias:
-        client.set_registered_model_alias(name, alias, str(version))
-    return client.get_model_version(name, str(version))
+        c.set_registered_model_alias(name, alias, version)
+    return c.get_model_version(name, version)
 
 
 def _pip_requirements() -> list[str]:
@@ -450,12 +379,12 @@ def _pip_requirements() -> list[str]:
 
 def list_registered() -> list[dict[str, Any]]:
     """Registered wavesweep models with their versions' aliases and tags."""
-    client, _ = init_tracking()
+    c = client()
     out = []
-    for rm in client.search_registered_models(filter_string="tags.wavesweep = 'true'"):
+    for rm in c.search_registered_models(filter_string="tags.wavesweep = 'true'"):
         # search results carry no aliases: read them (alias -> version) from the model itself
-        aliases = client.get_registered_model(rm.name).aliases or {}
-        for mv in client.search_model_versions(f"name = '{rm.name}'"):
+        aliases = c.get_registered_model(rm.name).aliases or {}
+        for mv in c.search_model_versions(f"name = '{rm.name}'"):
             mine = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
             out.append({"name": rm.name, "version": mv.version, "aliases": mine, "tags": dict(mv.tags),
                         "run_id": mv.run_id})  # fmt: skip
@@ -480,15 +409,12 @@ def weights_from_uri(uri: str, cache: Path) -> Path:
     path = cache / "uri-weights" / f"{key}.pt"
     if not path.exists():
         model = mlflow.pytorch.load_model(uri, map_location="cpu")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as fh:
+            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, fh)
     return path
 
 
-
-# ---- studies (issue 5)
+# --------------------------------------------------------------------------- studies
 # A study is one parent run (tag ``wavesweep.kind=study``) above its trial runs. The Optuna
 # side lives in ``wavesweep.study``; these helpers are the only MLflow calls it makes.
 
@@ -510,12 +436,13 @@ def start_study_run(
     spec_text: str,
     params: dict[str, Any],
     existing_run_id: str | None = None,
+    launched_run_id: str | None = None,
 ) -> str:
     """Create, or reopen on resume, the study's parent run; returns its run id.
 
     ``existing_run_id`` (kept by the Optuna study) is reopened when this tracking store has it
     as the run of the same study. Otherwise a run started by ``mlflow run -e study``
-    (``MLFLOW_RUN_ID``) becomes the study run, or a new run is created. A ``mlflow run`` run
+    (``launched_run_id``) becomes the study run, or a new run is created. A ``mlflow run`` run
     that resumes a study recorded elsewhere is tagged with the study run it contributed to.
     """
     run_id = None
@@ -527,10 +454,10 @@ def start_study_run(
         if run is not None and run.data.tags.get("optuna.study") == study_name and run.info.lifecycle_stage == "active":
             run_id = run.info.run_id
             client.update_run(run_id, status="RUNNING")
-    launched = os.environ.get("MLFLOW_RUN_ID")
+    launched = launched_run_id
     if run_id is None and launched:
         run_id = launched
-        client.set_tag(run_id, "mlflow.runName", f"study {study_name}")
+        client.set_tag(run_id, MLFLOW_RUN_NAME, f"study {study_name}")
     elif run_id is None:
         run_id = client.create_run(experiment_id, run_name=f"study {study_name}").info.run_id
     tags = {
@@ -546,36 +473,12 @@ def start_study_run(
     return run_id
 
 
-def set_run_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
-    log_batch(client, run_id, tags=tags)
-
-
-def set_run_status(client: MlflowClient, run_id: str, status: str, *, error: str | None = None, tags: dict[str, Any] | None = None) -> None:
-    """Terminate ``run_id`` and its method children with ``status`` (FINISHED, FAILED, KILLED)."""
-    extra = {**(tags or {}), **({"error": error[:5000]} if error else {})}
-    children = client.search_runs(
-        [client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
-    )
-    for rid in [*(r.info.run_id for r in children if r.data.tags.get("wavesweep.kind") == "method"), run_id]:
-        if extra:
-            log_batch(client, rid, tags=extra)
-        client.set_terminated(rid, status)
-
-
 def run_status(client: MlflowClient, run_id: str) -> str | None:
     """The run's status (RUNNING, FINISHED, FAILED, KILLED), or None when the store does not have it."""
     try:
         return client.get_run(run_id).info.status
     except MlflowException:
         return None
-
-
-def finish_study_run(
-    client: MlflowClient, run_id: str, status: str, *, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None
-) -> None:
-    """Record the study's summary on its run and close it with ``status``."""
-    log_batch(client, run_id, metrics=metrics or {}, tags=tags or {})
-    client.set_terminated(run_id, status)
 
 
 def log_study_report(client: MlflowClient, run_id: str, report_dir: Path) -> None:

@@ -8,16 +8,12 @@ see a half-written file. MLflow model URIs are resolved by ``wavesweep.tracking`
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +34,9 @@ from wavesweep.models import (
     load_pretrained_resnet18,
     resnet18_imagenet_path,
 )
+from wavesweep.fileio import atomic_write, file_lock
 from wavesweep.registry import check_choice
 
-try:  # POSIX; elsewhere the atomic rename still prevents half-written files
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +193,6 @@ class BaseModel:
         """A freshly initialised model of the same architecture (eval mode, CPU)."""
         return build_model(self.model_name, **self.build_kwargs).eval()
 
-    def copy(self) -> nn.Module:
-        """A deep copy of ``model`` (to prune without touching the base)."""
-        return copy.deepcopy(self.model)
 
 
 def file_sha256(path: Path) -> str:
@@ -328,37 +318,6 @@ def train_model(
 # --------------------------------------------------------------------------- cache
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock on ``path`` (created if absent) for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in ``path``'s directory, fsync, then
-    ``os.replace``: readers see either no file or the complete one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def cache_path(model_name: str, dataset_name: str, seed: int, config: TrainConfig,
                root: str | os.PathLike | None = None) -> Path:
     """``<cache>/models/<model>-<dataset>-seed<seed>-<config digest>.pt``."""
@@ -380,7 +339,7 @@ def get_base_model(
     seed: int = 0,
     data_root: str | os.PathLike | None = None,
     weights: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    cache_root: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     train_config: TrainConfig | None = None,
     progress: bool = True,
@@ -426,9 +385,9 @@ def get_base_model(
     config = train_config or default_train_config(model_name, dataset_name)
     config = dataclasses.replace(config, seed=seed)
     config = config.resolved(device)  # the cache key records the amp/channels-last that run
-    path = cache_path(model_name, dataset_name, seed, config, cache_dir)
+    path = cache_path(model_name, dataset_name, seed, config, cache_root)
     lock = path.with_suffix(".lock")
-    with _file_lock(lock):
+    with file_lock(lock):
         if not path.is_file():
             bundle = load_dataset(dataset_name, root=data_root, seed=seed, image_size=image_size)
             shape = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels,
@@ -440,7 +399,8 @@ def get_base_model(
                     "build_kwargs": shape, "train_info": info, "dataset_info": _jsonable(bundle.info)}
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             # meta as a JSON string: loadable with weights_only=True
-            atomic_torch_save({"state_dict": state, "meta": json.dumps(meta)}, path)
+            with atomic_write(path) as fh:
+                torch.save({"state_dict": state, "meta": json.dumps(meta)}, fh)
             log.info("cached base model %s", path)
         else:
             log.info("using cached base model %s", path)

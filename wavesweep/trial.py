@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -18,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from wavesweep import accounting, data, evaluate, pruning, recovery, train
+from wavesweep import accounting, data, evaluate, pruning, recovery, schema, train
 from wavesweep.config import TrialConfig
+from wavesweep.fileio import atomic_write
 from wavesweep.stats import PairedComparison, paired_comparison
 from wavesweep.wavelets import LevelClampedWarning
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # pruner) can stop a hopeless trial before the whole evaluation set has been seen.
 N_CHUNKS = 4
 
-Reporter = Callable[[int, float], None]  # (step, partial dwt top-1) -> may raise to stop the trial
+Reporter = Callable[[evaluate.Chunk], None]  # a dwt evaluation chunk -> may raise to stop the trial
 
 
 @dataclass
@@ -61,13 +61,38 @@ class TrialResult:
     warnings: list[str] = field(default_factory=list)
     eval_info: dict[str, object] = field(default_factory=dict)
 
-    def drops(self, method: str) -> dict[str, float]:
-        """Base minus pruned, per metric (positive = the pruned model is worse, except loss)."""
-        base = self.base_eval.metrics()
-        pruned = self.outcomes[method].eval.metrics()
-        return {f"drop_{k}": base[k] - pruned[k] for k in ("top1", "top5", "f1_macro")} | {
-            "increase_loss": pruned["loss"] - base["loss"]
-        }
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Every recorded metric: ``{method: {name: value}}`` and ``"parent"`` (the headline).
+
+        Names are ``wavesweep.schema``'s: ``method_names()`` per method, ``headline_names()``
+        (plus ``seconds_<phase>``) for the parent; timing metrics only when timing ran.
+        """
+        base = {f"base_{k}": v for k, v in self.base_eval.metrics().items()}
+        if self.base_timing is not None:
+            base |= {f"base_{k}": v for k, v in self.base_timing.metrics().items()}
+        out: dict[str, dict[str, float]] = {}
+        for m, o in self.outcomes.items():
+            d = dict(o.eval.metrics())
+            if o.prerec_eval is not None:  # the same model before recovery
+                d |= {f"prerec_{k}": v for k, v in o.prerec_eval.metrics().items()}
+            if o.recovery is not None:
+                d |= o.recovery.metrics()
+            totals = o.stats.totals()
+            d |= {k: totals[k] for k in schema.STATS}
+            d["pruned_fraction"] = o.stats.zeroed_coeffs / o.stats.coeffs if o.stats.coeffs else 0.0
+            if o.timing is not None:
+                d |= o.timing.metrics()
+            # base minus pruned (positive = the pruned model is worse), loss the other way round
+            d |= {f"drop_{k}": base[f"base_{k}"] - d[k] for k in ("top1", "top5", "f1_macro")}
+            d["increase_loss"] = d["loss"] - base["base_loss"]
+            out[m] = d | base | {"n_eval": float(self.eval_info["n_eval"])}
+        parent = dict(out["dwt"])  # headline: dwt under plain names, baselines prefixed
+        for m in schema.BASELINES:
+            parent |= {f"{m}_{k}": v for k, v in out[m].items() if k in schema.PER_METHOD}
+            parent |= self.paired[f"dwt_vs_{m}"].metrics(f"dwt_vs_{m}")
+            parent[f"gain_top1_vs_{m}"] = out["dwt"]["top1"] - out[m]["top1"]
+        parent |= {f"seconds_{k}": v for k, v in self.phase_seconds.items()}
+        return out | {"parent": parent}
 
 
 class _Phases:
@@ -110,11 +135,8 @@ def _base_eval_cached(
         except (OSError, ValueError, KeyError) as exc:  # a damaged cache entry is recomputed, not trusted
             log.warning("ignoring unreadable base-evaluation cache %s: %s", path, exc)
     logits, targets = evaluate.predict(base.model, eval_set, batch_size=cfg.batch_size, device=device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_write(path) as fh:
         np.savez(fh, logits=logits.numpy(), targets=targets.numpy())
-    os.replace(tmp, path)
     return evaluate.metrics_from_logits(logits, targets)
 
 
@@ -127,8 +149,9 @@ def run_trial(
 ) -> TrialResult:
     """Run one trial; returns every number the trackers record.
 
-    ``reporter(step, partial_top1)`` is called after each of ``N_CHUNKS`` evaluation chunks of
-    the dwt model; it may raise (e.g. ``optuna.TrialPruned``) to stop the trial early.
+    ``reporter(chunk)`` is called with each of the ``N_CHUNKS`` evaluation chunks of the dwt
+    model (an ``evaluate.Chunk``: step, cumulative result, the chunk's size and correct count); it
+    may raise (e.g. ``optuna.TrialPruned``) to stop the trial early.
     """
     phases = _Phases()
     device = evaluate.resolve_device(cfg.device)
@@ -184,16 +207,10 @@ def run_trial(
             )
         recover("dwt", dwt)
         with phases("eval"):
-            dwt_eval = None
-            for step, partial in enumerate(
-                evaluate.evaluate_chunks(dwt.model, eval_set, n_chunks=N_CHUNKS, batch_size=cfg.batch_size, device=device)
-            ):
-                dwt_eval = partial
-                if reporter is not None and step < N_CHUNKS - 1:
-                    reporter(step, partial.top1)
-            assert dwt_eval is not None
-            if reporter is not None:
-                reporter(N_CHUNKS - 1, dwt_eval.top1)
+            for chunk in evaluate.evaluate_chunks(dwt.model, eval_set, n_chunks=N_CHUNKS, batch_size=cfg.batch_size, device=device):
+                if reporter is not None:
+                    reporter(chunk)
+            dwt_eval = chunk.result
 
         with phases("prune"):
             matched = pruning.prune_matched(base.model, dwt, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds)

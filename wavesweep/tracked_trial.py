@@ -8,12 +8,14 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from wavesweep import accounting, tracking, train
+import torch
+
+from wavesweep import accounting, models, tracking, train
 from wavesweep.config import TrialConfig
-from wavesweep.trial import Reporter, TrialResult, run_trial
+from wavesweep.trial import Reporter, TrialResult, load_eval_set, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +33,22 @@ def resolve_base(cfg: TrialConfig, *, progress: bool = False) -> train.BaseModel
     )  # fmt: skip
 
 
-def _write_checkpoints(result: TrialResult, base: train.BaseModel, folder: Path, methods: tuple[str, ...]) -> tuple[dict[str, Path], float]:
-    """Write the compressed checkpoints of ``methods`` into ``folder``; their paths and the seconds it took."""
-    t0 = time.perf_counter()
+def _write_checkpoints(result: TrialResult, folder: Path, methods: tuple[str, ...]) -> dict[str, Path]:
+    """Write the compressed checkpoints of ``methods`` into ``folder``; returns their paths."""
     files = {}
+    base = result.base
     meta = {"trial": result.config.to_dict(), "base_checksum": base.checksum, "build_kwargs": base.build_kwargs}
     for m in methods:
         files[m] = folder / f"{m}.wsz"
         accounting.save_compressed(result.outcomes[m].prune, files[m], metadata=meta)
-    return files, time.perf_counter() - t0
+    return files
 
 
 def run_tracked_trial(
     cfg: TrialConfig,
     *,
     parent_run_id: str | None = None,
+    adopt_run_id: str | None = None,
     experiment: str | None = None,
     reporter: Reporter | None = None,
     tags: dict[str, str] | None = None,
@@ -55,6 +58,9 @@ def run_tracked_trial(
 ) -> tuple[TrialResult, str]:
     """Run one trial and record it in MLflow; returns the result and the trial's run id.
 
+    The trial's run is created below ``parent_run_id`` (a study run), or is ``adopt_run_id`` (the
+    run ``mlflow run`` created; its experiment is used), or is created in ``experiment``.
+
     Any exception (including a reporter's early stop) closes the runs with status FAILED, or
     KILLED for ``KeyboardInterrupt``, records the error on them, and is re-raised. The caller
     passes its early-stop exception types in ``early_stop``: those close the runs KILLED with tag
@@ -62,8 +68,8 @@ def run_tracked_trial(
     called as soon as the run exists, so a study can cross-reference it before work starts.
     """
     t_start = time.perf_counter()
-    client, exp_id = tracking.init_tracking(experiment=experiment)
-    run = tracking.TrialRun(client, exp_id, cfg, parent_run_id=parent_run_id, extra_tags=tags)
+    client, exp_id = tracking.init_tracking(experiment=experiment, run_id=None if parent_run_id else adopt_run_id)
+    run = tracking.TrialRun(client, exp_id, cfg, parent_run_id=parent_run_id, adopt_run_id=adopt_run_id, extra_tags=tags)
     t_setup = time.perf_counter() - t_start
     if on_run is not None:
         on_run(run.run_id)
@@ -75,14 +81,13 @@ def run_tracked_trial(
         result.phase_seconds["load_base"] = t_base
         result.phase_seconds["mlflow_setup"] = t_setup
         methods = ("dwt", "magnitude", "random") if cfg.save_baselines else ("dwt",)
-        # Checkpoint writing (packing, CRC, file I/O: mostly outside the GIL) runs beside the
-        # MLflow logging (SQL, in Python); log_trial waits for the files just before its upload.
-        with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(1, thread_name_prefix="wavesweep-checkpoint") as pool:
-            written = pool.submit(_write_checkpoints, result, base, Path(tmp), methods)
+        with tempfile.TemporaryDirectory() as tmp:
             t1 = time.perf_counter()
-            tracking.log_trial(run, result, checkpoint_files=lambda: written.result()[0])
-            result.phase_seconds["mlflow_logging"] = time.perf_counter() - t1
-            result.phase_seconds["checkpoint_write"] = written.result()[1]
+            files = _write_checkpoints(result, Path(tmp), methods)
+            t2 = time.perf_counter()
+            tracking.log_trial(run, result, checkpoint_files=files)
+            result.phase_seconds["checkpoint_write"] = t2 - t1
+            result.phase_seconds["mlflow_logging"] = time.perf_counter() - t2
     except early_stop as exc:
         run.finish("KILLED", error=f"early-stopped: {exc}", tags={"early_stopped": "true"})
         raise
@@ -94,3 +99,33 @@ def run_tracked_trial(
         raise
     run.finish("FINISHED")
     return result, run.run_id
+
+
+def register_trial_model(run_id: str, *, name: str, alias: str | None = "champion", method: str = "dwt") -> Any:
+    """Register a trial's pruned model as an MLflow model version (pytorch flavour, pt2 with signature).
+
+    The model is rebuilt from the run's compressed checkpoint (the exact weights that were
+    evaluated), with two real evaluation inputs as its input example; the version is tagged with
+    the trial's configuration and results and given ``alias``.
+    """
+    client, _ = tracking.init_tracking()
+    run = tracking.get_trial_run(client, run_id)
+    cfg = tracking.trial_config_of(run)
+    params, metrics = run.data.params, run.data.metrics
+    kwargs = {k: int(params[f"base_{k}"]) for k in ("num_classes", "in_channels", "image_size")}
+    prefix = "" if method == "dwt" else f"{method}_"
+    tags = {
+        "method": method, "wavelet": cfg.wavelet, "level": cfg.level, "percentile": cfg.percentile,
+        "layout": cfg.layout, "mode": cfg.mode, "model": cfg.model, "dataset": cfg.dataset,
+        "top1": metrics.get(f"{prefix}top1"), "compression_ratio": metrics.get(f"{prefix}compression_ratio"),
+        "stored_bytes": metrics.get(f"{prefix}stored_bytes"), "source_run_id": run.info.run_id,
+        "checkpoint": f"{method}.wsz",
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = tracking.download_checkpoint(client, run.info.run_id, method, Path(tmp))
+        model, _meta = accounting.load_compressed(ckpt, models.build_model(cfg.model, **kwargs))
+        model.eval()
+        _, eval_set = load_eval_set(cfg)
+        example = torch.stack([eval_set[i][0] for i in range(min(2, len(eval_set)))]).numpy()
+        return tracking.register_model(model, input_example=example, checkpoint=ckpt, run_id=run.info.run_id, name=name,
+                                       alias=alias, method=method, tags=tags)  # fmt: skip

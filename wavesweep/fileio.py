@@ -1,0 +1,62 @@
+"""The one way wavesweep writes a file and takes a lock.
+
+``atomic_write``: readers see either no file or the complete one (temporary file in the same
+folder, fsync, ``os.replace``; the temporary file is removed on any error).
+``file_lock``: an exclusive ``fcntl`` lock on a lock file, for the duration of a block (or until
+the ``release`` function it yields is called).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing (``mode`` "wb" or "w"); on a clean exit
+    of the block it is flushed, fsynced and renamed to ``path``."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"mode {mode!r} is not one of wb, w")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[Callable[[], None]]:
+    """Hold an exclusive lock on ``path`` (created, with its folder, if absent) during the block.
+
+    Works across processes on one machine (``fcntl.flock``). The block receives ``release``, a
+    function that lets the lock go early (calling it again does nothing); otherwise the lock is
+    released when the block ends or the process dies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        held = [True]
+
+        def release() -> None:
+            if held[0]:
+                held[0] = False
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+        try:
+            yield release
+        finally:
+            release()

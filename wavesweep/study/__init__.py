@@ -1,0 +1,21 @@
+"""Optuna studies from ``sweeps/*.yaml`` specs: search, resume, parallel workers, early stopping.
+
+The only package that imports optuna. Every study trial is one ``tracked_trial.run_tracked_trial``
+(the code path of ``mlflow run`` and ``wavesweep trial``), nested under the study's MLflow run.
+
+* ``spec``: the YAML schema, its line numbers, validation (``load_spec`` -> ``StudySpec``);
+* ``storage``: Optuna storage, samplers and pruners by name, create/load the study;
+* ``objective``: the thin objective (suggest, run, report chunks, return the values);
+* ``workers``: ``run_study``: worker processes, the slot lock, Ctrl-C, progress, resume;
+* ``frame``: the study as a table for reports (``trials_frame``, ``best_trial``, ``build_report``).
+"""
+
+from wavesweep.study.frame import best_trial, build_report, study_metrics, trials_frame
+from wavesweep.study.spec import SpecError, StudySpec, load_spec, spec_from_mapping
+from wavesweep.study.storage import DEFAULT_STORAGE, open_storage
+from wavesweep.study.workers import StudyOutcome, run_study
+
+__all__ = [
+    "DEFAULT_STORAGE", "SpecError", "StudyOutcome", "StudySpec", "best_trial", "build_report", "load_spec",
+    "open_storage", "run_study", "spec_from_mapping", "study_metrics", "trials_frame",
+]  # fmt: skip

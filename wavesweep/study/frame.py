@@ -1,0 +1,83 @@
+"""A study as a table for reports: one row per trial from Optuna storage alone; the best trial."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+log = logging.getLogger(__name__)
+
+
+def study_metrics(study: optuna.Study) -> dict[str, float]:
+    trials = study.get_trials(deepcopy=False)
+    out = {f"n_{s.name.lower()}": float(sum(t.state == s for t in trials)) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    if len(study.directions) == 1 and out["n_complete"]:
+        out["best_value"] = float(study.best_value)
+    return out
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best COMPLETE trial on the first objective (multi-objective: among the Pareto front)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    pool = study.best_trials if len(study.directions) > 1 else complete
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+    return max(pool, key=lambda t: (sign * t.values[0], -t.number))
+
+
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial, built from Optuna storage alone (params, state, values, recorded metrics)."""
+    objectives = study.user_attrs.get("objectives") or [[f"value_{i}", d.name.lower()] for i, d in enumerate(study.directions)]
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {
+            "number": t.number, "state": t.state.name,
+            "duration_s": t.duration.total_seconds() if t.duration else np.nan,
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""), "surplus": bool(t.user_attrs.get("surplus", False)),
+        }  # fmt: skip
+        row |= t.user_attrs.get("config") or {}
+        row |= t.params
+        metrics = dict(t.user_attrs.get("metrics") or {})
+        row["layers"] = metrics.pop("layers", None)
+        row |= metrics
+        for i, (metric, _d) in enumerate(objectives):
+            row[f"value_{i}"] = t.values[i] if t.values is not None and t.state == TrialState.COMPLETE else np.nan
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.sort_values("number").reset_index(drop=True) if len(frame) else frame
+
+
+def _importances(study: optuna.Study) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    objectives = study.user_attrs.get("objectives") or []
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return out
+    for i, (metric, _d) in enumerate(objectives):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[metric] = optuna.importance.get_param_importances(study, target=lambda t, i=i: t.values[i])
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            log.info("no parameter importances for %s: %s", metric, exc)
+    return out
+
+
+def build_report(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
+    """Write the study's plots and summary tables to ``out_dir``; returns {name: path}."""
+    from wavesweep import report
+
+    frame = trials_frame(study)
+    objectives = [tuple(o) for o in (study.user_attrs.get("objectives") or [])]
+    return report.write_report(frame, out_dir, study_name=study.study_name, objectives=objectives,
+                               importances=_importances(study))  # fmt: skip

@@ -1,0 +1,429 @@
+"""A study spec: the YAML schema, its line numbers, and validation into a frozen ``StudySpec``.
+
+Spec (YAML; every key optional except ``space``/``objectives`` as noted)::
+
+    study: digits-resnet18          # study name (default: the file's stem)
+    description: free text
+    storage: sqlite:///optuna.db    # Optuna storage URL or a *.journal file (default: optuna.db here)
+    experiment: wavesweep           # MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or wavesweep)
+    base: {model: resnet18, dataset: digits, eval_limit: 500, seed: 0}   # base model and data
+    fixed: {mode: periodization, timing_batches: 2}                      # other fixed trial values
+    space:                          # TrialConfig field -> list (categorical) or range
+      wavelet: [haar, bior1.3]
+      level: {low: 1, high: 5}
+      percentile: {low: 10, high: 90, step: 5}      # also: log: true
+    objectives: {top1: maximize}    # any of wavesweep.schema.headline_names(), in order
+    sampler: tpe                    # or {name: tpe|random|grid|gp|nsga2, seed: 0, <sampler options>}
+    pruner: none                    # or {name: median|wilcoxon, <pruner options>}
+    n_trials: 20                    # total wanted in the study (COMPLETE + PRUNED); grid: default = grid size
+    timeout: null                   # seconds per launch
+    max_failures: 3                 # consecutive failed trials that stop a launch
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import yaml
+
+from wavesweep import schema
+from wavesweep.config import TrialConfig
+from wavesweep.study.storage import PRUNERS, SAMPLERS
+
+TOP_KEYS = (
+    "study", "description", "storage", "experiment", "base", "fixed", "space", "objectives",
+    "sampler", "pruner", "n_trials", "timeout", "max_failures",
+)  # fmt: skip
+BASE_KEYS = ("model", "dataset", "eval_limit", "seed", "weights", "data_root", "device", "batch_size")
+RANGE_KEYS = ("low", "high", "step", "log")
+DIRECTIONS = ("maximize", "minimize")
+# Options that need Python objects, never YAML values.
+_NOT_OPTIONS = {"search_space", "seed", "constraints_func", "gamma", "weights", "independent_sampler",
+                "mutation", "crossover", "elite_population_selection_strategy", "child_generation_strategy",
+                "after_trial_strategy"}  # fmt: skip
+_PRUNABLE_OBJECTIVE = "top1"  # the chunk reports are partial dwt top-1: only that objective can be pruned on
+
+class SpecError(ValueError):
+    """A spec problem at ``key`` (a path of keys); the loader adds the file and line."""
+
+    def __init__(self, key: tuple[str, ...], message: str, *, line: int | None = None) -> None:
+        super().__init__(f"{'.'.join(key)}: {message}")
+        self.key = key
+        self.message = message
+        self.line = line  # when the key path alone does not locate it (a duplicate key)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search-space dimension over the TrialConfig field ``name``."""
+
+    name: str
+    kind: str  # "categorical", "int" or "float"
+    choices: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def grid(self) -> list[Any]:
+        """The values a grid sampler visits (ranges need a step)."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.step is None or self.log:
+            raise SpecError(("space", self.name), "the grid sampler needs a list or a range with a step (and no log)")
+        n = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+        vals = [self.low + i * self.step for i in range(n)]
+        return [int(v) for v in vals] if self.kind == "int" else [round(float(v), 12) for v in vals]
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str  # maximize | minimize
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A validated study spec (see the module docstring for the YAML form).
+
+    ``fixed`` holds every non-searched TrialConfig value the spec sets (``base`` and ``fixed``
+    merged); fields set nowhere take TrialConfig's defaults.
+    """
+
+    name: str
+    space: tuple[Param, ...]
+    objectives: tuple[Objective, ...]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    sampler: str = "tpe"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    pruner: str = "none"
+    pruner_options: dict[str, Any] = field(default_factory=dict)
+    n_trials: int | None = None
+    timeout: float | None = None
+    storage: str | None = None
+    experiment: str | None = None
+    max_failures: int = 3
+    description: str = ""
+    seed: int = 0  # sampler seed
+    path: Path | None = None
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise SpecError(("study",), f"study name must be a non-empty string, got {self.name!r}")
+        cfg_fields = {f.name for f in fields(TrialConfig)}
+        for key in self.fixed:
+            if key not in cfg_fields:
+                raise SpecError(("fixed", key), _unknown("trial parameter", key, cfg_fields))
+        names = [p.name for p in self.space]
+        for p in self.space:
+            if p.name not in cfg_fields:
+                raise SpecError(("space", p.name), _unknown("trial parameter", p.name, cfg_fields))
+            if p.name in self.fixed:
+                raise SpecError(("space", p.name), "is also fixed (base/fixed): give it in one place")
+            if names.count(p.name) > 1:
+                raise SpecError(("space", p.name), "appears twice")
+        self._check_values()
+        if not self.objectives:
+            raise SpecError(("objectives",), "name at least one objective, e.g. {top1: maximize}")
+        known = set(schema.headline_names())
+        for o in self.objectives:
+            if o.metric not in known:
+                raise SpecError(("objectives", o.metric), _unknown("objective metric", o.metric, known))
+            if o.direction not in DIRECTIONS:
+                raise SpecError(("objectives", o.metric), f"direction {o.direction!r} is not one of {', '.join(DIRECTIONS)}")
+            if schema.is_timing(o.metric) and not self.fixed.get("timing_batches", 1):
+                raise SpecError(("objectives", o.metric), "timing metrics need timing_batches > 0")
+        if len({o.metric for o in self.objectives}) != len(self.objectives):
+            raise SpecError(("objectives",), "an objective appears twice")
+        if self.sampler not in SAMPLERS:
+            raise SpecError(("sampler",), _unknown("sampler", self.sampler, SAMPLERS))
+        if self.pruner not in PRUNERS:
+            raise SpecError(("pruner",), _unknown("pruner", self.pruner, PRUNERS))
+        if self.pruner != "none":
+            if len(self.objectives) > 1:
+                raise SpecError(("pruner",), "multi-objective studies cannot prune; use pruner: none")
+            o = self.objectives[0]
+            if (o.metric, o.direction) != (_PRUNABLE_OBJECTIVE, "maximize"):
+                raise SpecError(("pruner",), f"early stopping reports partial dwt top1, so it needs the objective top1: maximize (got {o.metric}: {o.direction})")
+        _check_options(("sampler",), SAMPLERS[self.sampler], self.sampler_options)
+        if PRUNERS[self.pruner] is not None:
+            _check_options(("pruner",), PRUNERS[self.pruner], self.pruner_options)
+        elif self.pruner_options:
+            raise SpecError(("pruner", next(iter(self.pruner_options))), "pruner none takes no options")
+        if self.sampler == "grid":
+            size = self.grid_size()
+            if self.n_trials is not None and self.n_trials > size:
+                raise SpecError(("n_trials",), f"n_trials={self.n_trials} exceeds the grid's {size} points")
+        if self.n_trials is not None and (not isinstance(self.n_trials, int) or isinstance(self.n_trials, bool) or self.n_trials < 1):
+            raise SpecError(("n_trials",), f"n_trials must be a positive integer, got {self.n_trials!r}")
+        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise SpecError(("timeout",), f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.n_trials is None and self.timeout is None and self.sampler != "grid":
+            raise SpecError(("n_trials",), "give n_trials or timeout (or both)")
+        if not isinstance(self.max_failures, int) or self.max_failures < 1:
+            raise SpecError(("max_failures",), f"max_failures must be a positive integer, got {self.max_failures!r}")
+        if self.storage is not None and not isinstance(self.storage, str):
+            raise SpecError(("storage",), f"storage must be a URL or a .journal path, got {self.storage!r}")
+
+    def _check_values(self) -> None:
+        """Every fixed value and every choice / range end must make a valid TrialConfig on its own."""
+        for key, value in self.fixed.items():
+            _check_trial_value(("fixed", key), {key: value})
+        try:
+            TrialConfig.from_mapping(dict(self.fixed))
+        except (ValueError, TypeError) as exc:
+            raise SpecError(("fixed",), str(exc)) from None
+        typ = {f.name: type(f.default) for f in fields(TrialConfig)}
+        for p in self.space:
+            if p.kind == "categorical":
+                if not p.choices:
+                    raise SpecError(("space", p.name), "an empty list of choices")
+                for v in p.choices:
+                    if not isinstance(v, (str, int, float, bool)):
+                        raise SpecError(("space", p.name), f"choice {v!r} is not a scalar")
+                    _check_trial_value(("space", p.name), {**self.fixed, p.name: v})
+                continue
+            if typ[p.name] not in (int, float):
+                raise SpecError(("space", p.name), f"a range needs a numeric parameter; {p.name} is {typ[p.name].__name__}: give a list")
+            if p.kind != {int: "int", float: "float"}[typ[p.name]]:
+                raise SpecError(("space", p.name), f"{p.name} is {typ[p.name].__name__}")
+            for end in ("low", "high"):
+                v = getattr(p, end)
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or (p.kind == "int" and not float(v).is_integer()):
+                    raise SpecError(("space", p.name, end), f"{end}={v!r} is not {'an integer' if p.kind == 'int' else 'a number'}")
+                _check_trial_value(("space", p.name, end), {**self.fixed, p.name: v})
+            if p.low > p.high:
+                raise SpecError(("space", p.name, "low"), f"low={p.low} is above high={p.high}")
+            if p.step is not None and (not isinstance(p.step, (int, float)) or p.step <= 0 or (p.kind == "int" and not float(p.step).is_integer())):
+                raise SpecError(("space", p.name, "step"), f"step={p.step!r} must be a positive {'integer' if p.kind == 'int' else 'number'}")
+            if p.log and p.low <= 0:
+                raise SpecError(("space", p.name, "log"), f"a log range needs low > 0, got low={p.low}")
+            if p.log and p.step is not None and p.kind == "float":
+                raise SpecError(("space", p.name, "step"), "a float range cannot have both step and log")
+
+    def grid_size(self) -> int:
+        return int(np.prod([len(p.grid()) for p in self.space])) if self.space else 1
+
+    def grid_space(self) -> dict[str, list[Any]]:
+        return {p.name: p.grid() for p in self.space}
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def total_trials(self) -> int | None:
+        """The study's total (``n_trials``; for a grid without one, the grid size)."""
+        if self.n_trials is None and self.sampler == "grid":
+            return self.grid_size()
+        return self.n_trials
+
+    def summary_params(self) -> dict[str, Any]:
+        """Flat description for the study's MLflow run params."""
+        out: dict[str, Any] = {
+            "study": self.name, "sampler": self.sampler, "pruner": self.pruner,
+            "objectives": ",".join(f"{o.metric}:{o.direction}" for o in self.objectives),
+            "space": ",".join(p.name for p in self.space), "sampler_seed": self.seed,
+        }  # fmt: skip
+        out |= {f"fixed.{k}": v for k, v in self.fixed.items()}
+        for p in self.space:
+            out[f"space.{p.name}"] = list(p.choices) if p.kind == "categorical" else f"{p.kind}[{p.low},{p.high}]" + (
+                f" step {p.step}" if p.step else "") + (" log" if p.log else "")  # fmt: skip
+        return out
+
+
+def _unknown(what: str, value: object, valid: Any) -> str:
+    valid = sorted(map(str, valid))
+    close = difflib.get_close_matches(str(value), valid, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    shown = ", ".join(valid) if len(valid) <= 25 else f"{len(valid)} names (see wavesweep.schema.headline_names())"
+    return f"unknown {what} {value!r}{hint}" if close else f"unknown {what} {value!r}; valid: {shown}"
+
+
+def _check_trial_value(key: tuple[str, ...], values: dict[str, Any]) -> None:
+    try:
+        TrialConfig.from_mapping(values)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(key, str(exc)) from None
+
+
+def _check_options(key: tuple[str, ...], cls: type, options: dict[str, Any]) -> None:
+    sig = inspect.signature(cls.__init__).parameters
+    valid = [n for n in sig if n not in ("self", "args", "kwargs") and n not in _NOT_OPTIONS]
+    for name in options:
+        if name not in valid:
+            raise SpecError((*key, name), _unknown(f"{cls.__name__} option", name, valid))
+    if cls is optuna.samplers.GridSampler:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls(**options)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(key, f"{cls.__name__}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- YAML with line numbers
+
+
+def _lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    """Record the 1-based line of every mapping key (and list item) under ``path``; reject duplicate keys."""
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for knode, vnode in node.value:
+            key = str(knode.value)
+            if key in seen:
+                raise SpecError((*path, key), "duplicate key", line=knode.start_mark.line + 1)
+            seen.add(key)
+            out[(*path, key)] = knode.start_mark.line + 1
+            _lines(vnode, (*path, key), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.setdefault((*path, str(i)), item.start_mark.line + 1)
+
+
+def _line_of(lines: dict[tuple[str, ...], int], key: tuple[str, ...]) -> int | None:
+    for n in range(len(key), -1, -1):
+        if key[:n] in lines:
+            return lines[key[:n]]
+    return None
+
+
+def load_spec(path: str | os.PathLike) -> StudySpec:
+    """Read and validate a spec file; errors are one-line ``ValueError``s naming the key and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study spec {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}{at}: invalid YAML (line {mark.line + 1 if mark else '?'}): {problem}") from None
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        if root is not None:
+            _lines(root, (), lines)
+        return spec_from_mapping(data, name=path.stem, path=path, text=text)
+    except SpecError as exc:
+        line = exc.line or _line_of(lines, exc.key)
+        at = f":{line}" if line else ""
+        raise ValueError(f"{path}{at}: {'.'.join(exc.key) or 'spec'}: {exc.message}") from None
+
+
+def spec_from_mapping(data: Any, *, name: str = "study", path: Path | None = None, text: str = "") -> StudySpec:
+    """Build a StudySpec from the parsed YAML mapping; raises ``SpecError`` naming the key."""
+    if not isinstance(data, dict):
+        raise SpecError((), f"a spec is a mapping of keys ({', '.join(TOP_KEYS)}), got {type(data).__name__}")
+    for key in data:
+        if key not in TOP_KEYS:
+            raise SpecError((str(key),), _unknown("spec key", key, TOP_KEYS))
+    base = _mapping(data, "base")
+    for key in base:
+        if key not in BASE_KEYS:
+            where = "fixed" if key in {f.name for f in fields(TrialConfig)} else None
+            raise SpecError(("base", str(key)), f"not a base key (valid: {', '.join(BASE_KEYS)})" + (f"; put {key} under fixed" if where else ""))
+    fixed = _mapping(data, "fixed")
+    for key in fixed:
+        if key in base:
+            raise SpecError(("fixed", str(key)), "is already given under base")
+    space_raw = _mapping(data, "space")
+    space = tuple(_param(str(k), v) for k, v in space_raw.items())
+    objectives = _objectives(data.get("objectives"))
+    sampler, sampler_opts = _named(data, "sampler", "tpe")
+    seed = sampler_opts.pop("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise SpecError(("sampler", "seed"), f"seed must be an integer, got {seed!r}")
+    pruner, pruner_opts = _named(data, "pruner", "none")
+    for key in ("study", "description", "storage", "experiment"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise SpecError((key,), f"must be a string, got {data[key]!r}")
+    return StudySpec(
+        name=data.get("study") or name,
+        space=space,
+        objectives=objectives,
+        fixed={**{str(k): v for k, v in base.items()}, **{str(k): v for k, v in fixed.items()}},
+        sampler=sampler,
+        sampler_options=sampler_opts,
+        pruner=pruner,
+        pruner_options=pruner_opts,
+        n_trials=data.get("n_trials"),
+        timeout=data.get("timeout"),
+        storage=data.get("storage"),
+        experiment=data.get("experiment"),
+        max_failures=data.get("max_failures", 3),
+        description=data.get("description") or "",
+        seed=seed,
+        path=path,
+        text=text,
+    )
+
+
+def _mapping(data: dict, key: str) -> dict:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise SpecError((key,), f"must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _param(name: str, raw: Any) -> Param:
+    if isinstance(raw, list):
+        return Param(name, "categorical", choices=tuple(raw))
+    if not isinstance(raw, dict):
+        raise SpecError(("space", name), f"give a list of choices or a range {{low, high[, step][, log]}}, got {raw!r}")
+    for key in raw:
+        if key not in RANGE_KEYS:
+            raise SpecError(("space", name, str(key)), _unknown("range key", key, RANGE_KEYS))
+    for key in ("low", "high"):
+        if key not in raw:
+            raise SpecError(("space", name), f"a range needs {key}")
+    typ = {f.name: type(f.default) for f in fields(TrialConfig)}.get(name)
+    kind = "int" if typ is int else "float"
+    log_ = raw.get("log", False)
+    if not isinstance(log_, bool):
+        raise SpecError(("space", name, "log"), f"log must be true or false, got {log_!r}")
+    return Param(name, kind, low=raw["low"], high=raw["high"], step=raw.get("step"), log=log_)
+
+
+def _objectives(raw: Any) -> tuple[Objective, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise SpecError(("objectives",), f"a mapping metric -> maximize|minimize, e.g. {{top1: maximize}}; got {raw!r}")
+    return tuple(Objective(str(k), str(v)) for k, v in raw.items())
+
+
+def _named(data: dict, key: str, default: str) -> tuple[str, dict[str, Any]]:
+    raw = data.get(key, default)
+    if raw is None:
+        raw = default
+    if isinstance(raw, str):
+        return raw.lower().replace("-", "").replace("_", ""), {}
+    if isinstance(raw, dict):
+        opts = {str(k): v for k, v in raw.items()}
+        name = opts.pop("name", None)
+        if not isinstance(name, str):
+            raise SpecError((key,), f"a {key} mapping needs name: (e.g. {{name: {default}}})")
+        return name.lower().replace("-", "").replace("_", ""), opts
+    raise SpecError((key,), f"a name or a mapping with name:, got {raw!r}")
