@@ -421,3 +421,43 @@ def test_cuda_model():
         assert all(p.is_cuda for p in res.model.parameters())
     cpu = P.prune_magnitude(small_net(), 0.5)
     assert torch.equal(P.prune_magnitude(net, 0.5).model[0].weight.cpu(), cpu.model[0].weight)
+
+
+# --------------------------------------------------------------------------- torch backend (GPU path)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("layout, wavelet", [("filter", "bior4.4"), ("kernel", "haar"), ("matrix", "db2"), ("flat", "rbio2.2")])
+def test_prune_dwt_torch_backend_equals_pywavelets(scope, layout, wavelet):
+    """The torch transform (what runs on a GPU) gives PyWavelets' masks, coefficients and weights."""
+    model = mid_net() if layout == "kernel" else small_net()
+    kw = dict(wavelet=wavelet, level=5, percentile=65.0, layout=layout, scope=scope, keep_approx=scope == "global")
+    targets = ("conv",) if layout == "kernel" else ("conv", "linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.LevelClampedWarning)
+        ref = P.prune_dwt(model, targets=targets, backend="numpy", **kw)
+        got = P.prune_dwt(model, targets=targets, backend="torch", **kw)
+    assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref.layers]
+    for a, b in zip(got.layers, ref.layers):
+        assert a.structure == b.structure and a.level_effective == b.level_effective
+        assert isinstance(a.keep, np.ndarray) and np.array_equal(a.keep, b.keep), a.name
+        np.testing.assert_allclose(a.coeffs, b.coeffs, rtol=1e-5, atol=1e-6)
+    for (k, x), (_, y) in zip(got.model.state_dict().items(), ref.model.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_prune_dwt_backend_is_checked():
+    with pytest.raises(ValueError, match="unknown dwt backend 'jax'; valid: auto, numpy, torch"):
+        P.prune_dwt(small_net(), wavelet="haar", level=1, percentile=50, backend="jax")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prune_dwt_on_cuda_runs_in_torch_and_matches_cpu():
+    model = small_net()
+    ref = P.prune_dwt(model, wavelet="bior4.4", level=3, percentile=70, targets=("conv", "linear"))
+    got = P.prune_dwt(copy.deepcopy(model).cuda(), wavelet="bior4.4", level=3, percentile=70, targets=("conv", "linear"))
+    assert next(got.model.parameters()).is_cuda
+    for a, b in zip(got.layers, ref.layers):
+        assert np.array_equal(a.keep, b.keep), a.name
+    for (k, x), (_, y) in zip(got.model.state_dict().items(), ref.model.state_dict().items()):
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-4, atol=1e-5, msg=k)

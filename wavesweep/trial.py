@@ -156,90 +156,95 @@ def run_trial(
     phases = _Phases()
     device = evaluate.resolve_device(cfg.device)
     caught: list[str] = []
-    with warnings.catch_warnings(record=True) as wlist:
-        warnings.simplefilter("always")
-        with phases("load_base"):
-            if base is None:
-                base = train.get_base_model(
-                    cfg.model,
-                    cfg.dataset,
-                    seed=cfg.seed,
-                    data_root=cfg.data_root or None,
-                    weights=cfg.weights or None,
-                    device=cfg.device,
-                    progress=progress,
-                )
-        with phases("load_data"):
-            bundle, eval_set = load_eval_set(cfg)
-        with phases("eval_base"):
-            base_eval = _base_eval_cached(base, cfg, eval_set, device)
 
-        settings = cfg.recovery_settings()
-        if settings.recovery != "none" and bundle.train is None:
-            raise ValueError(
-                f"recovery={cfg.recovery!r} needs the training split of dataset {cfg.dataset!r}, which is not "
-                f"available here (e.g. an ImageNet validation folder alone); use recovery=none"
+    @contextmanager
+    def recording_warnings():
+        """Record the pruning step's warnings on the result (clamped levels are on the dwt result already)."""
+        with warnings.catch_warnings(record=True) as wlist:
+            warnings.simplefilter("always")
+            yield
+        caught.extend(f"{w.category.__name__}: {w.message}" for w in wlist if not issubclass(w.category, LevelClampedWarning))
+
+    with phases("load_base"):
+        if base is None:
+            base = train.get_base_model(
+                cfg.model,
+                cfg.dataset,
+                seed=cfg.seed,
+                data_root=cfg.data_root or None,
+                weights=cfg.weights or None,
+                device=cfg.device,
+                progress=progress,
             )
-        prerec: dict[str, evaluate.EvalResult] = {}
-        reports: dict[str, recovery.RecoveryReport] = {}
+    with phases("load_data"):
+        bundle, eval_set = load_eval_set(cfg)
+    with phases("eval_base"):
+        base_eval = _base_eval_cached(base, cfg, eval_set, device)
 
-        def recover(method: str, result: pruning.PruneResult) -> None:
-            """Evaluate before recovery, then recover in place (the same for every method)."""
-            if settings.recovery == "none":
-                reports[method] = recovery.RecoveryReport("none")
-                return
-            with phases("eval"):
-                prerec[method] = evaluate.evaluate(result.model, eval_set, batch_size=cfg.batch_size, device=device)
-            with phases("recovery"):
-                reports[method] = recovery.recover(result, bundle.train, settings, device=device, progress=progress)
+    settings = cfg.recovery_settings()
+    if settings.recovery != "none" and bundle.train is None:
+        raise ValueError(
+            f"recovery={cfg.recovery!r} needs the training split of dataset {cfg.dataset!r}, which is not "
+            f"available here (e.g. an ImageNet validation folder alone); use recovery=none"
+        )
+    prerec: dict[str, evaluate.EvalResult] = {}
+    reports: dict[str, recovery.RecoveryReport] = {}
 
-        with phases("prune"):
-            dwt = pruning.prune_dwt(
-                base.model,
-                wavelet=cfg.wavelet,
-                level=cfg.level,
-                percentile=cfg.percentile,
-                layout=cfg.layout,
-                mode=cfg.mode,
-                scope=cfg.scope,
-                keep_approx=cfg.keep_approx,
-                targets=cfg.target_kinds,
-            )
-        recover("dwt", dwt)
+    def recover(method: str, result: pruning.PruneResult) -> None:
+        """Evaluate before recovery, then recover in place (the same for every method)."""
+        if settings.recovery == "none":
+            reports[method] = recovery.RecoveryReport("none")
+            return
         with phases("eval"):
-            for chunk in evaluate.evaluate_chunks(dwt.model, eval_set, n_chunks=N_CHUNKS, batch_size=cfg.batch_size, device=device):
-                if reporter is not None:
-                    reporter(chunk)
-            dwt_eval = chunk.result
+            prerec[method] = evaluate.evaluate(result.model, eval_set, batch_size=cfg.batch_size, device=device)
+        with phases("recovery"):
+            reports[method] = recovery.recover(result, bundle.train, settings, device=device, progress=progress)
 
-        with phases("prune"):
-            matched = pruning.prune_matched(base.model, dwt, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds)
-        prunes = {"dwt": dwt, **matched}
-        evals = {"dwt": dwt_eval}
-        for method in ("magnitude", "random"):
-            recover(method, prunes[method])
-            with phases("eval"):
-                evals[method] = evaluate.evaluate(prunes[method].model, eval_set, batch_size=cfg.batch_size, device=device)
-        with phases("accounting"):
-            base_cache: dict = {}  # base-layer float64 weights and norms, shared by the three methods
-            stats = {m: accounting.model_stats(base.model, r, base_cache=base_cache) for m, r in prunes.items()}
-            del base_cache
-        timings: dict[str, evaluate.Timing | None] = {m: None for m in prunes}
-        base_timing = None
-        if cfg.timing_batches:
-            with phases("timing"):
-                # One warm-up batch reaches steady state on CPU and CUDA; every model gets the same.
-                kw = dict(batch_size=cfg.batch_size, n_warmup=1, n_batches=cfg.timing_batches, device=device)
-                base_timing = evaluate.time_inference(base.model, eval_set, **kw)
-                for m, r in prunes.items():
-                    timings[m] = evaluate.time_inference(r.model, eval_set, **kw)
-        with phases("paired_stats"):
-            paired = {
-                f"dwt_vs_{m}": paired_comparison(evals["dwt"].correct, evals[m].correct, seed=cfg.seed)
-                for m in ("magnitude", "random")
-            }
-        # Clamped levels are already on the dwt result, one message per layer; keep the rest.
-        caught = [f"{w.category.__name__}: {w.message}" for w in wlist if not issubclass(w.category, LevelClampedWarning)]
+    with phases("prune"), recording_warnings():
+        dwt = pruning.prune_dwt(
+            base.model,
+            wavelet=cfg.wavelet,
+            level=cfg.level,
+            percentile=cfg.percentile,
+            layout=cfg.layout,
+            mode=cfg.mode,
+            scope=cfg.scope,
+            keep_approx=cfg.keep_approx,
+            targets=cfg.target_kinds,
+        )
+    recover("dwt", dwt)
+    with phases("eval"):
+        for chunk in evaluate.evaluate_chunks(dwt.model, eval_set, n_chunks=N_CHUNKS, batch_size=cfg.batch_size, device=device):
+            if reporter is not None:
+                reporter(chunk)
+        dwt_eval = chunk.result
+
+    with phases("prune"), recording_warnings():
+        matched = pruning.prune_matched(base.model, dwt, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds)
+    prunes = {"dwt": dwt, **matched}
+    evals = {"dwt": dwt_eval}
+    for method in ("magnitude", "random"):
+        recover(method, prunes[method])
+        with phases("eval"):
+            evals[method] = evaluate.evaluate(prunes[method].model, eval_set, batch_size=cfg.batch_size, device=device)
+    with phases("accounting"):
+        base_cache: dict = {}  # base-layer float64 weights and norms, shared by the three methods
+        stats = {m: accounting.model_stats(base.model, r, base_cache=base_cache) for m, r in prunes.items()}
+        del base_cache
+    timings: dict[str, evaluate.Timing | None] = {m: None for m in prunes}
+    base_timing = None
+    if cfg.timing_batches:
+        with phases("timing"):
+            # One warm-up batch reaches steady state on CPU and CUDA; every model gets the same.
+            kw = dict(batch_size=cfg.batch_size, n_warmup=1, n_batches=cfg.timing_batches, device=device)
+            base_timing = evaluate.time_inference(base.model, eval_set, **kw)
+            for m, r in prunes.items():
+                timings[m] = evaluate.time_inference(r.model, eval_set, **kw)
+    with phases("paired_stats"):
+        paired = {
+            f"dwt_vs_{m}": paired_comparison(evals["dwt"].correct, evals[m].correct, seed=cfg.seed)
+            for m in ("magnitude", "random")
+        }
     for text in caught:
         log.warning("%s", text)
     outcomes = {
