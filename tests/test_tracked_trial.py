@@ -196,3 +196,53 @@ def test_recorded_metric_names_are_the_schema(workdir):
             assert sorted(metrics[method]) == sorted(schema.method_names(rec)), (rec, method)
         assert {k for k in metrics["parent"] if not k.startswith("seconds_")} == set(schema.headline_names(rec)), rec
     assert set(schema.method_names("finetune")) == set(schema.method_names())
+
+
+def test_recovery_none_reproduces_the_one_shot_protocol(workdir):
+    """recovery=none is today's protocol: every number equals a direct one-shot computation
+    (prune three ways, evaluate, no recovery) on the same base model and examples."""
+    from wavesweep import pruning
+
+    cfg = TrialConfig.from_mapping({**TINY, "recovery": "none", "timing_batches": "0"})
+    r = trial.run_trial(cfg)
+    assert all(o.prerec_eval is None and o.recovery.recovery == "none" for o in r.outcomes.values())
+    _, eval_set = trial.load_eval_set(cfg)
+    dwt = pruning.prune_dwt(r.base.model, wavelet=cfg.wavelet, level=cfg.level, percentile=cfg.percentile,
+                            layout=cfg.layout, mode=cfg.mode, targets=cfg.target_kinds)  # fmt: skip
+    direct = {"dwt": dwt, **pruning.prune_matched(r.base.model, dwt, seed=cfg.seed, targets=cfg.target_kinds)}
+    for m, res in direct.items():
+        ev = evaluate.evaluate(res.model, eval_set, batch_size=cfg.batch_size, device="cpu")
+        assert ev.metrics() == r.outcomes[m].eval.metrics(), m  # exactly, not approximately
+        assert np.array_equal(ev.preds, r.outcomes[m].eval.preds)
+        assert accounting.model_stats(r.base.model, res).totals() == r.outcomes[m].stats.totals()
+    metrics = r.metrics()
+    assert not any(k.startswith("prerec_") for k in metrics["dwt"])
+
+
+def test_finetune_trial_checkpoint_is_the_finetuned_model(workdir, tmp_path):
+    """recovery=finetune: the logged checkpoint's size is the logged stored bytes plus its header,
+    the model rebuilt from it equals the fine-tuned model, and the budget did not move."""
+    cfg = TrialConfig.from_mapping({**TINY, "recovery": "finetune", "recovery_batches": "3", "finetune_steps": "8",
+                                    "finetune_lr": "0.003", "timing_batches": "0", "save_baselines": "true"})  # fmt: skip
+    result, run_id = run_tracked_trial(cfg, experiment="e2e")
+    client = MlflowClient()
+    parent = client.get_run(run_id)
+    pm = parent.data.metrics
+    for m in ("dwt", "magnitude", "random"):
+        out = result.outcomes[m]
+        assert out.recovery.finetune_steps == 8 and out.recovery.bn_batches == 3
+        assert out.prerec_eval is not None
+        key = "" if m == "dwt" else f"{m}_"
+        assert pm[f"{key}prerec_top1"] == out.prerec_eval.top1 and pm[f"{key}top1"] == out.eval.top1
+        ckpt = Path(client.download_artifacts(run_id, f"checkpoints/{m}.wsz", str(tmp_path / m)))
+        assert ckpt.stat().st_size - accounting.read_header(ckpt)["header_bytes"] == pm[f"{key}stored_bytes"]
+        rebuilt, _ = accounting.load_compressed(ckpt, models.build_model("cnn", **result.base.build_kwargs))
+        ref = out.prune.model.state_dict()
+        for k, v in rebuilt.state_dict().items():
+            if m == "dwt":  # PyWavelets' inverse of the stored coefficients vs the torch one used in training
+                torch_close = np.allclose(v.numpy(), ref[k].numpy(), rtol=1e-4, atol=1e-5)
+                assert torch_close, k
+            else:  # magnitude/random store the kept weights bit for bit
+                assert np.array_equal(v.numpy(), ref[k].numpy()), k
+    # the budget is what pruning set: fine-tuning moved no zero
+    assert pm["magnitude_weight_sparsity_target"] == pytest.approx(pm["coeff_sparsity"], abs=2e-3)
