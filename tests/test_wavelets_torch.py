@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from wavesweep import filterbank
 from wavesweep import wavelets as wv
 from wavesweep import wavelets_torch as wt
 
@@ -44,7 +45,7 @@ def _one_thread():
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    monkeypatch.setattr(wt, "_FORCE_BACKEND", request.param)
+    monkeypatch.setattr(filterbank, "_FORCE_BACKEND", request.param)
     return request.param
 
 
@@ -293,10 +294,10 @@ def test_cuda_equals_cpu(mode, device_backend, monkeypatch):
     for wavelet, layout, shape, level in _cases(("haar", "db4", "bior4.4"), ((3, 5, 7, 9), (10, 64), (2, 5))):
         w = torch.from_numpy(rng.standard_normal(shape))
         st = wt.structure_of(shape, wavelet=wavelet, level=level, layout=layout, mode=mode)
-        monkeypatch.setattr(wt, "_FORCE_BACKEND", None)
+        monkeypatch.setattr(filterbank, "_FORCE_BACKEND", None)
         want_c = wt.decompose(w, st)
         want_w = wt.reconstruct(want_c, st)
-        monkeypatch.setattr(wt, "_FORCE_BACKEND", device_backend)
+        monkeypatch.setattr(filterbank, "_FORCE_BACKEND", device_backend)
         got_c = wt.decompose(w.cuda(), st)
         got_w = wt.reconstruct(got_c, st)
         assert got_c.device.type == "cuda" and got_w.device.type == "cuda"
