@@ -215,6 +215,9 @@ def test_file_dataset_predict_many_and_chunks_share_one_loader(tmp_path):
         assert isinstance(sub, Subset)
         lg, tg = predict(models["cnn0"], sub, batch_size=5, device="cpu", num_workers=1)
         assert tg.tolist() == [2, 0, 1] and torch.equal(lg, many["cnn0"][0][[11, 2, 7]])
+        # a pass abandoned half-way (time_inference takes the first batches) leaves the loader usable
+        time_inference(models["cnn0"], ds, batch_size=5, n_warmup=0, n_batches=1, device="cpu")
+        assert torch.equal(predict(models["cnn0"], ds, batch_size=5, device="cpu")[0], many["cnn0"][0])
         # every pass above with num_workers=1 went through one persistent loader
         assert {k[1] for k in ds._wavesweep_eval_loaders} <= {1, 2}
         assert len([k for k in ds._wavesweep_eval_loaders if k == (5, 1, False)]) == 1

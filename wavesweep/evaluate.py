@@ -139,8 +139,9 @@ def _check_classes(logits: torch.Tensor, targets: torch.Tensor) -> None:
         )
 
 
-def _model_bytes(model: nn.Module) -> int:
-    return sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+def _bytes_to_move(model: nn.Module, dev: torch.device) -> int:
+    """Bytes of ``model``'s parameters and buffers not yet on ``dev``'s kind of device."""
+    return sum(t.nbytes for t in (*model.parameters(), *model.buffers()) if t.device.type != dev.type)
 
 
 def predict_many(
@@ -163,7 +164,7 @@ def predict_many(
     if not models:
         raise ValueError("predict_many needs at least one model")
     dev = resolve_device(device)
-    if len(models) > 1 and not _fits_on(dev, sum(_model_bytes(m) for m in models.values())):
+    if len(models) > 1 and not _fits_on(dev, sum(_bytes_to_move(m, dev) for m in models.values())):
         out = {}
         for name, m in models.items():
             home = next(iter(m.parameters()), torch.empty(0)).device
