@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout under test
 
 from wavesweep import data as D  # noqa: E402
-from wavesweep.data import TensorImages, eval_subset, load_dataset  # noqa: E402
+from wavesweep.data import TensorImages, dataset_targets, eval_subset, load_dataset  # noqa: E402
 from wavesweep.evaluate import evaluate, predict, predict_many, resolve_device  # noqa: E402
 from wavesweep.models import build_model  # noqa: E402
 from wavesweep.train import default_train_config, train_model  # noqa: E402
@@ -99,9 +99,16 @@ def compare(label: str, model: nn.Module, ds, batch_size: int, dev: torch.device
         runs["ev"].append(timed(lambda: evaluate(model, ds, batch_size=batch_size, device=dev)))
         runs["bare3"].append(bare_loop(trio, batches, dev))
         runs["many3"].append(timed(lambda: predict_many(many, ds, batch_size=batch_size, device=dev)))
+    # The harness's own cost, measured directly: a pass with a model that does almost nothing
+    # (per-channel mean -> logits), i.e. slicing, normalising, gathering logits. Steadier than
+    # the ratio of two noisy timings on a shared machine.
+    trivial = MeanLogits(int(dataset_targets(ds).max()) + 1, in_channels=x_all.shape[1])
+    overhead = min(timed(lambda: predict(trivial, ds, batch_size=batch_size, device=dev))[0] for _ in range(repeats))
     n = len(ds)
     for j, clock in ((0, "wall"), (1, "cpu ")):
         best = {k: min(r[j] for r in v) for k, v in runs.items()}
+        if j == 0:
+            best_bare = best["bare"]
         b, p, e = n / best["bare"], n / best["pred"], n / best["ev"]
         b3, m3 = n / best["bare3"], n / best["many3"]
         head = f"  {label:<34} n={n:<5} bs={batch_size:<4}" if j == 0 else " " * 51
@@ -110,6 +117,8 @@ def compare(label: str, model: nn.Module, ds, batch_size: int, dev: torch.device
         print(f"{head} {clock} bare {b:8.1f} ex/s | predict {p:8.1f} {p / b * 100:5.1f} % {verdict(p / b)} | "
               f"evaluate {e:8.1f} {e / b * 100:5.1f} % {verdict(e / b)} (metrics {(best['ev'] - best['pred']) * 1000:6.1f} ms)"
               f" | 3 models: bare {b3:8.1f}, predict_many {m3:8.1f} {m3 / b3 * 100:5.1f} % {verdict(m3 / b3)}")
+    print(" " * 51 + f" harness alone (trivial model): {overhead * 1000:.1f} ms per pass = "
+          f"{overhead / best_bare * 100:.2f} % of the bare pass")
 
 
 def tiled(ds: TensorImages, k: int) -> TensorImages:
@@ -135,9 +144,9 @@ def make_jpegs(root: Path, n: int, classes: int = 4, size: int = 224) -> None:
 class MeanLogits(nn.Module):
     """A trivial model (global mean per channel -> logits) so (3) measures the data path."""
 
-    def __init__(self, classes: int) -> None:
+    def __init__(self, classes: int, in_channels: int = 3) -> None:
         super().__init__()
-        self.fc = nn.Linear(3, classes)
+        self.fc = nn.Linear(in_channels, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.mean(dim=(2, 3)))
