@@ -1,23 +1,38 @@
-"""Datasets: registry, digits split, stratified subsets, loaders, missing-file messages."""
+"""Datasets: registry and shapes, IDX/CIFAR readers, in-memory uint8 datasets, digits
+split, stratified subsets, loaders, missing-file messages."""
 
 from __future__ import annotations
 
+import gzip
+import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
+from wavesweep import data as D
 from wavesweep.data import (
     DATASETS,
+    TensorImages,
+    dataset_shape,
     dataset_targets,
+    eval_batches,
     eval_subset,
     load_dataset,
     make_loader,
+    read_idx,
     stratified_order,
+    take,
+    write_idx,
 )
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+IDX_STEMS = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+TV_CLASS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 
 
 def make_image_folder(root: Path, classes: list[str], per_class: int = 2, size: tuple[int, int] = (40, 36)) -> Path:
@@ -32,6 +47,56 @@ def make_image_folder(root: Path, classes: list[str], per_class: int = 2, size: 
     return root
 
 
+def make_idx_set(directory: Path, n_train: int = 30, n_test: int = 20, gz: bool = True, seed: int = 0) -> dict:
+    """Write a tiny MNIST-family set (28x28 uint8 images, labels 0..9) as the four IDX files
+    into ``directory``, gzipped or not. Returns the arrays by stem."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        arrays[f"{prefix}-images-idx3-ubyte"] = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        arrays[f"{prefix}-labels-idx1-ubyte"] = (np.arange(n) % 10).astype(np.uint8)[rng.permutation(n)]
+    for stem, arr in arrays.items():
+        write_idx(directory / (f"{stem}.gz" if gz else stem), arr)
+    return arrays
+
+
+def make_cifar_batches(root: Path, per_batch: int = 12, seed: int = 0) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """Write a tiny CIFAR-10 python version (root/cifar-10-batches-py/data_batch_1..5, test_batch)
+    as the real files are: pickled dicts with uint8 ``data`` (N, 3072) and a ``labels`` list."""
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
+        with open(d / name, "wb") as f:
+            pickle.dump({"batch_label": name, "labels": labels, "data": data, "filenames": []}, f, protocol=2)
+        out[name] = (data, labels)
+    return out
+
+
+def fake_root(name: str, tmp: Path) -> tuple[Path | None, dict]:
+    """(root, load options) holding a tiny generated copy of dataset ``name`` in its real format."""
+    if name == "digits":
+        return None, {}
+    if name in TV_CLASS:
+        make_idx_set(tmp / TV_CLASS[name] / "raw", gz=False)  # torchvision's layout
+        return tmp, {}
+    if name == "cifar10":
+        make_cifar_batches(tmp)
+        return tmp, {}
+    if name == "imagenet":
+        make_image_folder(tmp / "val", ["n00000001", "n00000002", "n00000003"], per_class=1)
+        return tmp, {"expected_classes": 3}
+    if name == "imagefolder":
+        make_image_folder(tmp / "train", ["a", "b", "c"], per_class=1)
+        make_image_folder(tmp / "val", ["a", "b", "c"], per_class=1)
+        return tmp, {}
+    raise AssertionError(f"no fake files for dataset {name!r}: add them to fake_root")
+
+
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown dataset 'nope'; valid: .*digits.*imagenet.*cifar10"):
         load_dataset("nope")
@@ -40,17 +105,43 @@ def test_unknown_dataset_lists_valid_names():
 def test_digits_split_is_stratified_deterministic_and_normalised():
     a, b, c = load_dataset("digits", seed=0), load_dataset("digits", seed=0), load_dataset("digits", seed=1)
     assert (a.num_classes, a.in_channels, a.image_size) == (10, 1, 8)
-    xa, ya = a.test.tensors
-    assert xa.shape[1:] == (1, 8, 8) and xa.dtype == torch.float32 and ya.dtype == torch.int64
+    assert isinstance(a.test, TensorImages) and a.test.images.dtype == torch.uint8
+    xa, ya = a.test[:]
+    assert xa.shape == (360, 1, 8, 8) and xa.dtype == torch.float32 and ya.dtype == torch.int64
     assert len(a.train) + len(a.test) == 1797 and len(a.test) == a.info["n_test"] == 360
-    assert torch.equal(xa, b.test.tensors[0]) and torch.equal(ya, b.test.tensors[1])
-    assert not torch.equal(ya, c.test.tensors[1])  # another seed, another split
+    assert torch.equal(xa, b.test[:][0]) and torch.equal(ya, b.test.targets)
+    assert not torch.equal(ya, c.test.targets)  # another seed, another split
     # stratified: each class's test share within one example of 20 %
     counts_test = np.bincount(ya.numpy(), minlength=10)
-    counts_all = counts_test + np.bincount(a.train.tensors[1].numpy(), minlength=10)
+    counts_all = counts_test + np.bincount(a.train.targets.numpy(), minlength=10)
     assert np.all(np.abs(counts_test - 0.2 * counts_all) <= 1)
-    xt = a.train.tensors[0]
+    xt = a.train[:][0]
     assert abs(xt.mean().item()) < 1e-4 and abs(xt.std().item() - 1) < 1e-3
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_digits_values_equal_the_old_float_standardisation_bit_for_bit(seed):
+    """The uint8 storage gives exactly the float32 values the old path stored, so every
+    recorded number (trained bases, metrics) is unchanged."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    # the old _digits, verbatim
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32) / 16.0
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=seed)
+    idx_train, idx_test = np.sort(idx_train), np.sort(idx_test)
+    mean, std = float(x[idx_train].mean()), float(x[idx_train].std())
+    xt = torch.from_numpy((x - mean) / std).reshape(-1, 1, 8, 8)
+    old_train, old_test = xt[torch.from_numpy(idx_train)], xt[torch.from_numpy(idx_test)]
+
+    b = load_dataset("digits", seed=seed)
+    assert (b.info["norm_mean"], b.info["norm_std"]) == (mean, std)
+    for old, new in ((old_train, b.train), (old_test, b.test)):
+        assert torch.equal(new[:][0], old)  # one batch
+        assert torch.equal(torch.stack([new[i][0] for i in range(len(new))]), old)  # item by item
+        assert torch.equal(torch.cat([xb for xb, _ in make_loader(new, batch_size=100)]), old)
+    assert torch.equal(b.test.targets, torch.from_numpy(y[idx_test].astype(np.int64)))
 
 
 @pytest.mark.parametrize("limit", [None, 0, 10**6])
@@ -63,10 +154,12 @@ def test_eval_subset_stratified_and_stable():
     ds = load_dataset("digits").test
     targets = dataset_targets(ds)
     s1, s2, s3 = eval_subset(ds, 100, seed=0), eval_subset(ds, 100, seed=0), eval_subset(ds, 100, seed=1)
-    assert isinstance(s1, TensorDataset) and len(s1) == 100
-    assert torch.equal(s1.tensors[0], s2.tensors[0])
-    assert not torch.equal(s1.tensors[0], s3.tensors[0])
-    counts = np.bincount(s1.tensors[1].numpy(), minlength=10)
+    assert isinstance(s1, TensorImages) and len(s1) == 100
+    assert torch.equal(s1.images, s2.images)
+    assert not torch.equal(s1.images, s3.images)
+    idx = np.sort(stratified_order(targets, 0)[:100])
+    assert torch.equal(s1[:][0], ds[:][0][torch.from_numpy(idx)])  # the same items, same values
+    counts = np.bincount(s1.targets.numpy(), minlength=10)
     expected = 100 * np.bincount(targets, minlength=10) / len(targets)
     assert np.all(np.abs(counts - expected) <= 1), (counts, expected)
     with pytest.raises(ValueError, match="eval limit"):
@@ -98,10 +191,31 @@ def test_make_loader_tensor_fast_path_and_shuffle_seed():
         make_loader(ds, batch_size=0)
 
 
-@pytest.mark.parametrize("name", ["mnist", "cifar10"])
-def test_torchvision_sets_missing_files_message(name, tmp_path):
-    with pytest.raises(FileNotFoundError, match=rf"{name}: files not found under .*never downloads"):
+@pytest.mark.parametrize("name", ["mnist", "kmnist", "fashion-mnist", "cifar10"])
+def test_local_sets_missing_files_message(name, tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
         load_dataset(name, root=tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{name}: files not found under {str(tmp_path)!r}")
+    assert "never downloads" in msg
+    if name == "cifar10":
+        assert "cifar-10-batches-py/ with data_batch_1" in msg
+    else:
+        assert f"{str(tmp_path / TV_CLASS[name] / 'raw')!r}" in msg  # torchvision's layout is searched
+        assert "train-images-idx3-ubyte[.gz]" in msg and f"torchvision's {TV_CLASS[name]}/raw files" in msg
+    assert ("apt install dataset-fashion-mnist" in msg) == (name == "fashion-mnist")
+
+
+def test_missing_default_location_lists_every_place_and_a_partial_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAVESWEEP_DATA", str(tmp_path))
+    (tmp_path / "kmnist").mkdir()
+    write_idx(tmp_path / "kmnist" / "train-images-idx3-ubyte.gz", np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset("kmnist")
+    msg = str(err.value)
+    for d in (tmp_path / "kmnist", tmp_path / "kmnist" / "KMNIST" / "raw", tmp_path / "KMNIST" / "raw"):
+        assert repr(str(d)) in msg
+    assert f"({str(tmp_path / 'kmnist')!r} has train-images-idx3-ubyte but lacks train-labels-idx1-ubyte" in msg
 
 
 def test_imagenet_missing_dir_message(tmp_path):
@@ -142,4 +256,274 @@ def test_imagefolder_train_val_and_size(tmp_path):
 
 
 def test_registry_names():
-    assert set(DATASETS.names()) >= {"digits", "imagenet", "imagefolder", "mnist", "cifar10"}
+    assert set(DATASETS.names()) >= {"digits", "imagenet", "imagefolder", "mnist", "fashion-mnist", "kmnist", "cifar10"}
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_registry_shape_equals_what_loading_gives(name, tmp_path):
+    """Every registered dataset: its registry shape (dataset_shape) is what loading gives,
+    on generated files in the dataset's real format."""
+    root, options = fake_root(name, tmp_path)
+    b = load_dataset(name, root=root, **options)
+    shape = dataset_shape(name, root=root)
+    if name == "imagenet":  # the registry says 1000 classes; the generated tree has 3
+        assert shape == {"num_classes": 1000, "in_channels": 3, "image_size": 224}
+        shape["num_classes"] = options["expected_classes"]
+    assert shape == {"num_classes": b.num_classes, "in_channels": b.in_channels, "image_size": b.image_size}
+    for split in (b.train, b.test):
+        if split is None:
+            continue
+        x, y = split[0]
+        assert x.dtype == torch.float32 and tuple(x.shape) == (b.in_channels, b.image_size, b.image_size)
+        t = dataset_targets(split)
+        assert len(t) == len(split) and 0 <= t.min() and t.max() < b.num_classes
+    assert b.info["n_test"] == len(b.test)
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist", "cifar10"])
+def test_fixed_size_sets_refuse_another_image_size(name):
+    with pytest.raises(ValueError, match=rf"{name} images are (\d+)x\1; image_size=64 is not supported"):
+        dataset_shape(name, image_size=64)
+    assert dataset_shape("imagenet", image_size=160)["image_size"] == 160
+
+
+# --------------------------------------------------------------------------- IDX reader
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
+def test_idx_round_trip(tmp_path, suffix, dtype):
+    rng = np.random.default_rng(1)
+    for shape in [(7,), (5, 28, 28), (2, 3, 4, 5)]:
+        arr = (rng.normal(size=shape) * 100).astype(dtype)
+        path = write_idx(tmp_path / f"a{len(shape)}{suffix}", arr)
+        back = read_idx(path)
+        assert back.dtype == arr.dtype and back.shape == arr.shape and np.array_equal(back, arr)
+        assert back.flags.writeable and back.dtype.isnative
+
+
+def test_idx_bytes_are_the_format_and_agree_with_torchvision(tmp_path):
+    """Independent oracles: the header built by hand, and torchvision's own IDX reader."""
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = write_idx(tmp_path / "img-idx3-ubyte", images).read_bytes()
+    assert raw == b"\x00\x00\x08\x03" + struct.pack(">3I", 2, 3, 4) + images.tobytes()
+    gz = write_idx(tmp_path / "img-idx3-ubyte.gz", images).read_bytes()
+    assert gzip.decompress(gz) == raw
+    ints = np.array([[1, -2], [70000, 3]], dtype=np.int32)
+    p = write_idx(tmp_path / "ints-idx2", ints)
+    assert p.read_bytes()[:12] == b"\x00\x00\x0c\x02" + struct.pack(">2I", 2, 2)
+    for path, arr in ((tmp_path / "img-idx3-ubyte", images), (p, ints)):
+        assert np.array_equal(read_sn3_pascalvincent_tensor(str(path)).numpy(), arr)
+        assert np.array_equal(read_idx(path), arr)
+
+
+def test_idx_reader_rejects_corrupt_files_in_one_line(tmp_path):
+    good = write_idx(tmp_path / "good", np.zeros((4, 5, 5), np.uint8)).read_bytes()
+    cases = {
+        "magic": (b"\x12\x34" + good[2:], r"not an IDX file: magic 1234"),
+        "type": (good[:2] + b"\x07" + good[3:], r"not an IDX file: magic 00000703"),
+        "short": (good[:-3], r"IDX header says uint8 \(4, 5, 5\) \(100 bytes\) but the file holds 97 bytes"),
+        "long": (good + b"\x00", r"but the file holds 101 bytes"),
+        "header": (good[:9], r"IDX header truncated \(9 bytes, 3 dims need 16\)"),
+        "empty": (b"", r"magic \(empty\)"),
+    }
+    for name, (content, pattern) in cases.items():
+        for gz in (False, True):
+            path = tmp_path / f"{name}{'.gz' if gz else ''}"
+            path.write_bytes(gzip.compress(content) if gz else content)
+            with pytest.raises(ValueError, match=pattern) as err:
+                read_idx(path)
+            assert str(err.value).startswith(repr(str(path))) and "\n" not in str(err.value)
+    broken = tmp_path / "broken.gz"
+    broken.write_bytes(gzip.compress(good)[:-10])  # truncated gzip stream
+    with pytest.raises(ValueError, match=r"broken.gz'?: corrupt gzip stream"):
+        read_idx(broken)
+    with pytest.raises(FileNotFoundError, match="absent' does not exist"):
+        read_idx(tmp_path / "absent")
+
+
+# --------------------------------------------------------------------------- MNIST family, CIFAR-10
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "kmnist"])
+def test_idx_sets_equal_torchvision_class_and_old_transform(name, tmp_path):
+    """Files in torchvision's <root>/<Class>/raw layout: our uint8 dataset gives exactly what
+    torchvision's own dataset class with the old ToTensor + Normalize transform gave."""
+    import torchvision.datasets as tvd
+    from torchvision import transforms as T
+
+    cls = TV_CLASS[name]
+    arrays = make_idx_set(tmp_path / cls / "raw", gz=False)
+    b = load_dataset(name, root=tmp_path)
+    mean, std = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530), "kmnist": (0.1918, 0.3483)}[name]
+    assert (b.info["norm_mean"], b.info["norm_std"]) == (mean, std)
+    assert b.info["root"] == str(tmp_path / cls / "raw") and b.info["split"] == "official train/test"
+    tf = T.Compose([T.ToTensor(), T.Normalize((mean,), (std,))])
+    for train, ours in ((True, b.train), (False, b.test)):
+        ref = getattr(tvd, cls)(str(tmp_path), train=train, download=False, transform=tf)
+        assert len(ours) == len(ref) == (30 if train else 20)
+        old = torch.stack([ref[i][0] for i in range(len(ref))])
+        assert torch.equal(ours[:][0], old) and torch.equal(ours[:][1], ref.targets)
+        assert all(torch.equal(ours[i][0], old[i]) and ours[i][1] == int(ref.targets[i]) for i in range(len(ref)))
+        prefix = "train" if train else "t10k"
+        assert np.array_equal(ours.images[:, 0].numpy(), arrays[f"{prefix}-images-idx3-ubyte"])
+
+
+def test_idx_set_gzipped_in_root_and_root_overrides(tmp_path, monkeypatch):
+    make_idx_set(tmp_path / "flat", gz=True, seed=1)
+    make_idx_set(tmp_path / "env" / "kmnist", gz=False, seed=2)
+    monkeypatch.setenv("WAVESWEEP_DATA", str(tmp_path / "env"))
+    from_env = load_dataset("kmnist")
+    assert from_env.info["root"] == str(tmp_path / "env" / "kmnist")
+    flat = load_dataset("kmnist", root=tmp_path / "flat")  # root wins over WAVESWEEP_DATA
+    assert flat.info["root"] == str(tmp_path / "flat")
+    assert not torch.equal(flat.test.images, from_env.test.images)
+
+
+def test_idx_set_with_wrong_contents_names_the_file(tmp_path):
+    make_idx_set(tmp_path, gz=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.full(20, 12, np.uint8))
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte': label 12 outside 0..9"):
+        load_dataset("mnist", root=tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(19, np.uint8))
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte': expected 20 uint8 labels"):
+        load_dataset("mnist", root=tmp_path)
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((30, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte': expected uint8 images \(N, 28, 28\)"):
+        load_dataset("mnist", root=tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"garbage!")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        load_dataset("mnist", root=tmp_path)
+
+
+def test_cifar10_equals_old_pil_transform_path(tmp_path):
+    """The old path: torchvision's CIFAR10 item = PIL image of the HWC array, ToTensor, Normalize."""
+    from torchvision import transforms as T
+
+    written = make_cifar_batches(tmp_path)
+    b = load_dataset("cifar10", root=tmp_path / "cifar-10-batches-py")  # the batches folder itself also works
+    assert len(b.train) == 60 and len(b.test) == 12 and b.in_channels == 3
+    tf = T.Compose([T.ToTensor(), T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))])
+    data, labels = written["test_batch"]
+    old = torch.stack([tf(Image.fromarray(row.reshape(3, 32, 32).transpose(1, 2, 0))) for row in data])
+    assert torch.equal(b.test[:][0], old) and b.test.targets.tolist() == labels
+    train_labels = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    assert b.train.targets.tolist() == train_labels
+
+
+def test_cifar10_refuses_a_pickle_with_code(tmp_path):
+    import os
+
+    make_cifar_batches(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": []}, f)
+    with pytest.raises(ValueError, match=r"test_batch': not a CIFAR-10 python batch \(UnpicklingError: unexpected object posix.system"):
+        load_dataset("cifar10", root=tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_real_files_found_without_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAVESWEEP_DATA", str(tmp_path))  # no local copy: the system package is used
+    b = load_dataset("fashion-mnist")
+    assert b.info["root"] == str(FASHION_DIR)
+    assert (len(b.train), len(b.test), b.num_classes, b.in_channels, b.image_size) == (60000, 10000, 10, 1, 28)
+    assert b.train.images.shape == (60000, 1, 28, 28) and b.test.images.shape == (10000, 1, 28, 28)
+    assert np.bincount(dataset_targets(b.train)).tolist() == [6000] * 10
+    assert np.bincount(dataset_targets(b.test)).tolist() == [1000] * 10
+    x = b.train[:][0]  # the published constants standardise the train split
+    assert abs(x.mean().item()) < 2e-3 and abs(x.std().item() - 1) < 2e-3
+
+
+# --------------------------------------------------------------------------- TensorImages
+
+
+def _rgb_images(n: int = 37, seed: int = 0) -> TensorImages:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 5, 6), generator=g, dtype=torch.uint8)
+    return TensorImages(images, torch.arange(n) % 4, divisor=255.0, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+
+
+def test_tensor_images_batch_equals_items_and_the_formula():
+    ds = _rgb_images()
+    x, y = ds[:]
+    items = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert torch.equal(x, items) and y.tolist() == [ds[i][1] for i in range(len(ds))]
+    ref = torch.empty_like(x)  # channel by channel, as torchvision's Normalize does it
+    for c, (m, s) in enumerate(zip(ds.mean, ds.std)):
+        ref[:, c] = (ds.images[:, c].float() / 255 - torch.tensor(m)) / torch.tensor(s)
+    assert torch.equal(x, ref)
+    idx = torch.tensor([5, 0, 36, 5])
+    assert torch.equal(ds[idx][0], x[idx]) and torch.equal(ds[np.array([5, 0, 36, 5])][0], x[idx])
+    assert torch.equal(ds[3:9][0], x[3:9])
+    sub = take(ds, np.array([4, 1, 2]))
+    assert isinstance(sub, TensorImages) and torch.equal(sub[:][0], x[[4, 1, 2]])
+    assert dataset_targets(sub).tolist() == [0, 1, 2] and dataset_targets(sub).dtype == np.int64
+    assert ds.to("cpu") is ds
+
+
+def test_tensor_images_rejects_bad_inputs():
+    u8 = torch.zeros(2, 1, 3, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="images must be uint8"):
+        TensorImages(u8.float(), torch.zeros(2, dtype=torch.int64), divisor=1, mean=(0,), std=(1,))
+    with pytest.raises(ValueError, match=r"targets must be int64 \(2,\)"):
+        TensorImages(u8, torch.zeros(3, dtype=torch.int64), divisor=1, mean=(0,), std=(1,))
+    with pytest.raises(ValueError, match="need 1 means, 1 positive stds"):
+        TensorImages(u8, torch.zeros(2, dtype=torch.int64), divisor=1, mean=(0, 0), std=(1, 1))
+
+
+def test_make_loader_tensor_images_shuffles_by_seed():
+    ds = _rgb_images()
+    x_all = ds[:][0]
+    a = list(make_loader(ds, batch_size=8, shuffle=True, seed=2))
+    b = list(make_loader(ds, batch_size=8, shuffle=True, seed=2))
+    order = torch.cat([y for _, y in a])
+    assert [len(y) for _, y in a] == [8, 8, 8, 8, 5]
+    assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b))
+    xs = torch.cat([x for x, _ in a])
+    # every shuffled item is the normalised item it claims to be
+    perm = torch.cat([torch.nonzero((x_all == xi).flatten(1).all(1)).flatten()[:1] for xi in xs])
+    assert sorted(perm.tolist()) == list(range(37)) and torch.equal(ds.targets[perm], order)
+    assert perm.tolist() != list(range(37))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tensor_images_device_copy_is_cached_and_exact():
+    ds = _rgb_images()
+    d1, d2 = ds.to("cuda"), ds.to("cuda")
+    assert d1 is d2 and d1.images.is_cuda and d1.to("cuda") is d1
+    assert torch.equal(d1[:][0].cpu(), ds[:][0])  # division on the GPU is the same division
+    sub = take(ds, np.array([3, 1]))
+    assert sub._copies["cuda:0"].images.is_cuda  # the subset indexed the device copy
+    assert torch.equal(sub.to("cuda")[:][0].cpu(), ds[:][0][[3, 1]])
+
+
+# --------------------------------------------------------------------------- file loaders
+
+
+def test_eval_batches_one_persistent_loader_for_the_dataset_and_its_subsets(tmp_path):
+    make_image_folder(tmp_path / "val", ["n00000001", "n00000002"], per_class=3, size=(40, 40))
+    ds = load_dataset("imagenet", root=tmp_path / "val", expected_classes=2, image_size=32).test
+    try:
+        full = list(eval_batches(ds, batch_size=4, num_workers=1))
+        assert [len(y) for _, y in full] == [4, 2]
+        assert torch.cat([y for _, y in full]).tolist() == [0, 0, 0, 1, 1, 1]
+        (loader, _), = ds._wavesweep_eval_loaders.values()
+        workers = loader._iterator._workers
+        sub = Subset(Subset(ds, [5, 4, 1, 0]), [0, 2, 3])  # nested: items 5, 1, 0
+        part = list(eval_batches(sub, batch_size=4, num_workers=1))
+        assert len(ds._wavesweep_eval_loaders) == 1 and loader._iterator._workers is workers  # same workers
+        x = torch.cat([b[0] for b in part])
+        assert torch.cat([b[1] for b in part]).tolist() == [1, 0, 0]
+        assert torch.equal(x, torch.stack([ds[i][0] for i in (5, 1, 0)]))
+        pickle.dumps(ds)  # the cached loader does not travel with the dataset
+    finally:
+        D.close_loaders(ds)
+    assert not hasattr(ds, "_wavesweep_eval_loaders")

@@ -9,14 +9,17 @@ import torch
 import torchvision
 from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_score, recall_score, top_k_accuracy_score
 
+from torch.utils.data import Subset, TensorDataset
+
 from tests.test_data import make_image_folder
-from wavesweep.data import dataset_targets, eval_subset, load_dataset
+from wavesweep.data import TensorImages, close_loaders, dataset_targets, eval_subset, load_dataset, take
 from wavesweep.evaluate import (
     EvalResult,
     evaluate,
     evaluate_chunks,
     metrics_from_logits,
     predict,
+    predict_many,
     resolve_device,
     time_inference,
 )
@@ -92,7 +95,7 @@ def test_evaluate_is_deterministic_and_in_dataset_order(cnn, digits):
     b = evaluate(cnn, digits.test, batch_size=100, device="cpu")
     assert a.metrics() == pytest.approx(b.metrics(), abs=1e-6)
     assert np.array_equal(a.correct, b.correct) and np.array_equal(a.preds, b.preds)
-    assert np.array_equal(a.targets, digits.test.tensors[1].numpy())
+    assert np.array_equal(a.targets, digits.test.targets.numpy())
     assert not cnn.training  # the flag is restored
     logits, targets = predict(cnn, digits.test, device="cpu")
     assert logits.dtype == torch.float32 and logits.shape == (360, 10) and targets.dtype == torch.int64
@@ -148,3 +151,98 @@ def test_imagenet_path_generated_folder_random_weights(tmp_path):
     assert 0 <= r.top1 <= r.top5 <= 1 and np.isfinite(r.loss)
     again = evaluate(model, bundle.test, batch_size=8, device="cpu")
     assert np.array_equal(r.preds, again.preds) and r.loss == pytest.approx(again.loss, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- in-memory fast path, predict_many
+
+
+def _models(in_channels: int = 1, image_size: int = 8, n: int = 3) -> dict[str, torch.nn.Module]:
+    out = {}
+    for i, name in enumerate(["cnn", "mlp", "cnn"][:n]):
+        torch.manual_seed(i)
+        out[f"{name}{i}"] = build_model(name, num_classes=10, in_channels=in_channels, image_size=image_size)
+    return out
+
+
+def test_predict_on_tensor_images_equals_predict_on_a_plain_tensor_dataset(cnn, digits):
+    x, y = digits.test[:]
+    plain = TensorDataset(x.clone(), y.clone())
+    for bs in (64, 500):
+        a, ta = predict(cnn, digits.test, batch_size=bs, device="cpu")
+        b, tb = predict(cnn, plain, batch_size=bs, device="cpu")
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+    with torch.inference_mode():  # and both equal the model on the whole batch
+        assert torch.allclose(a, cnn(x), atol=1e-5)
+
+
+def test_predict_many_equals_separate_predicts_exactly(digits):
+    models = _models()
+    for m in models.values():
+        m.train()  # the flags are restored
+    many = predict_many(models, digits.test, batch_size=100, device="cpu")
+    assert list(many) == list(models)
+    for name, m in models.items():
+        one = predict(m, digits.test, batch_size=100, device="cpu")
+        assert torch.equal(many[name][0], one[0]) and torch.equal(many[name][1], one[1])
+        assert m.training
+    assert not torch.equal(many["cnn0"][0], many["cnn2"][0])
+    sub = eval_subset(digits.test, 50, seed=1)  # a subset made by take: same path
+    many = predict_many(models, sub, batch_size=16, device="cpu")
+    assert torch.equal(many["mlp1"][0], predict(models["mlp1"], sub, batch_size=16, device="cpu")[0])
+    with pytest.raises(ValueError, match="at least one model"):
+        predict_many({}, digits.test)
+
+
+def test_predict_many_class_mismatch_names_it(digits):
+    models = {"ok": _models(n=1)["cnn0"], "small": build_model("mlp", num_classes=5, in_channels=1, image_size=8)}
+    with pytest.raises(ValueError, match="classes do not match the model's output size"):
+        predict_many(models, digits.test, device="cpu")
+
+
+def test_file_dataset_predict_many_and_chunks_share_one_loader(tmp_path):
+    make_image_folder(tmp_path / "val", ["n00000001", "n00000002", "n00000003"], per_class=4, size=(48, 40))
+    ds = load_dataset("imagenet", root=tmp_path / "val", expected_classes=3, image_size=32).test
+    models = _models(in_channels=3, image_size=32, n=2)
+    try:
+        many = predict_many(models, ds, batch_size=5, device="cpu", num_workers=1)
+        ref = torch.stack([ds[i][0] for i in range(len(ds))])  # decoded item by item, no workers
+        for name, m in models.items():
+            with torch.inference_mode():
+                expected = m.eval()(ref)
+            assert torch.allclose(many[name][0], expected, atol=1e-5)
+            assert torch.equal(many[name][0], predict(m, ds, batch_size=5, device="cpu", num_workers=1)[0])
+        assert many["cnn0"][1].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+        parts = list(evaluate_chunks(models["cnn0"], ds, n_chunks=3, batch_size=5, device="cpu"))
+        assert [p.n for p in parts] == [4, 8, 12]
+        full = metrics_from_logits(*many["cnn0"])
+        assert np.array_equal(parts[-1].preds, full.preds)
+        sub = take(ds, np.array([11, 2, 7]))
+        assert isinstance(sub, Subset)
+        lg, tg = predict(models["cnn0"], sub, batch_size=5, device="cpu", num_workers=1)
+        assert tg.tolist() == [2, 0, 1] and torch.equal(lg, many["cnn0"][0][[11, 2, 7]])
+        # a pass abandoned half-way (time_inference takes the first batches) leaves the loader usable
+        time_inference(models["cnn0"], ds, batch_size=5, n_warmup=0, n_batches=1, device="cpu")
+        assert torch.equal(predict(models["cnn0"], ds, batch_size=5, device="cpu")[0], many["cnn0"][0])
+        # every pass above with num_workers=1 went through one persistent loader
+        assert {k[1] for k in ds._wavesweep_eval_loaders} <= {1, 2}
+        assert len([k for k in ds._wavesweep_eval_loaders if k == (5, 1, False)]) == 1
+    finally:
+        close_loaders(ds)
+
+
+def test_time_inference_on_tensor_images_times_the_same_inputs(cnn, digits):
+    t = time_inference(cnn, digits.test, batch_size=100, n_warmup=0, n_batches=4, device="cpu")
+    assert t.batch_size == 100 and t.n_batches == 4 and t.median_ms > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fast_path_matches_cpu(digits):
+    models = _models(n=2)
+    cpu = predict_many(models, digits.test, batch_size=64, device="cpu")
+    gpu = predict_many(models, digits.test, batch_size=64, device="cuda")
+    assert str(next(iter(digits.test._copies))) == "cuda:0"  # moved once, cached on the dataset
+    for k in models:
+        torch.testing.assert_close(gpu[k][0], cpu[k][0], rtol=1e-4, atol=1e-4)
+        assert torch.equal(gpu[k][1], cpu[k][1]) and gpu[k][0].device.type == "cpu"
+    again = predict(models["cnn0"], digits.test, batch_size=64, device="cuda")
+    assert torch.equal(again[0], gpu["cnn0"][0])

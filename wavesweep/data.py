@@ -1,7 +1,16 @@
-"""Named datasets: the embedded default (``digits``), ImageNet-1k val, any ImageFolder,
-MNIST and CIFAR-10 from local files. Nothing here downloads anything.
+"""Named datasets: the embedded default (``digits``), the MNIST family (``mnist``,
+``fashion-mnist``, ``kmnist``) from local IDX files, CIFAR-10 from its python batches,
+ImageNet-1k val and any ImageFolder. Nothing here downloads anything.
 
 Every loader returns a :class:`DatasetBundle`; ``bundle.test`` is the evaluation split.
+The small sets (digits, MNIST family, CIFAR-10) are held in memory as
+:class:`TensorImages`: uint8 images plus their normalisation, applied per batch on
+whatever device the batch is on. The file sets (ImageNet, ImageFolder) decode images in
+DataLoader worker processes (:func:`eval_batches`).
+
+The registry carries each dataset's shape (:class:`DatasetSpec`), so a model can be built
+for a dataset without reading it (:func:`dataset_shape`).
+
 Evaluation subsets (:func:`eval_subset`) and chunked evaluation
 (``wavesweep.evaluate.evaluate_chunks``) share one ordering, :func:`stratified_order`,
 so any prefix of it is (close to) class-proportional.
@@ -9,13 +18,20 @@ so any prefix of it is (close to) class-proportional.
 
 from __future__ import annotations
 
+import functools
+import gzip
+import io
 import logging
+import math
 import os
+import pickle
 import re
-from collections.abc import Iterator
+import struct
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,12 +41,57 @@ from wavesweep.registry import Registry
 
 log = logging.getLogger(__name__)
 
-#: name -> ``builder(root: Path | None, seed: int, image_size: int | None, **options) -> DatasetBundle``
-DATASETS: Registry[Callable[..., "DatasetBundle"]] = Registry("dataset")
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _SYNSET = re.compile(r"^n\d{8}$")
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: its builder and its shape.
+
+    ``builder(root: Path | None, seed: int, image_size: int | None, **options) -> DatasetBundle``.
+    ``num_classes`` None: counted from the files (imagefolder). ``image_size`` is the fixed
+    side length, or the default one where ``resizable`` (the file sets, resized on load).
+    """
+
+    name: str
+    builder: Callable[..., "DatasetBundle"]
+    num_classes: int | None
+    in_channels: int
+    image_size: int
+    resizable: bool = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "DatasetBundle":
+        return self.builder(*args, **kwargs)
+
+    def size(self, image_size: int | None) -> int:
+        """The side length a load with ``image_size`` gives; ValueError where it is fixed and differs."""
+        if image_size is None:
+            return self.image_size
+        if not self.resizable and image_size != self.image_size:
+            s = self.image_size
+            raise ValueError(f"{self.name} images are {s}x{s}; image_size={image_size!r} is not supported")
+        return int(image_size)
+
+
+#: name -> :class:`DatasetSpec` (callable like its builder)
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def register_dataset(
+    name: str, *, num_classes: int | None, in_channels: int, image_size: int, resizable: bool = False
+) -> Callable[[Callable[..., "DatasetBundle"]], Callable[..., "DatasetBundle"]]:
+    """Decorator: register ``builder`` under ``name`` with its shape."""
+
+    def deco(builder: Callable[..., DatasetBundle]) -> Callable[..., DatasetBundle]:
+        DATASETS.register(name)(DatasetSpec(name, builder, num_classes, in_channels, image_size, resizable))
+        return builder
+
+    return deco
 
 
 @dataclass
@@ -51,6 +112,15 @@ class DatasetBundle:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _bundle(name: str, train: Dataset | None, test: Dataset, info: dict[str, Any], *,
+            num_classes: int | None = None, image_size: int | None = None) -> DatasetBundle:
+    """A bundle whose shape comes from the registry (overridden where the files decide)."""
+    spec = DATASETS.get(name)
+    nc = num_classes if num_classes is not None else spec.num_classes
+    assert nc is not None, name
+    return DatasetBundle(name, train, test, nc, spec.in_channels, spec.size(image_size), info)
+
+
 def data_root() -> Path:
     """Default data root: env ``WAVESWEEP_DATA`` or ``~/.cache/wavesweep/data``."""
     env = os.environ.get("WAVESWEEP_DATA")
@@ -67,13 +137,204 @@ def load_dataset(
 ) -> DatasetBundle:
     """Load dataset ``name`` (see ``DATASETS.names()``).
 
-    ``root``: where its files live (default: ``data_root()/<name>``; digits needs none).
+    ``root``: where its files live (default: ``data_root()/<name>``, then the dataset's
+    system location, e.g. Debian's for fashion-mnist; digits needs none).
     ``seed``: the train/test split seed where the split is ours (digits).
-    ``image_size``: side length of the square images where configurable (imagefolder).
+    ``image_size``: side length of the square images where configurable (imagefolder, imagenet).
     ``options``: passed to the builder (e.g. ``expected_classes`` for imagenet).
     """
-    builder = DATASETS.get(name)
-    return builder(None if root is None else Path(root).expanduser(), seed, image_size, **options)
+    spec = DATASETS.get(name)
+    return spec.builder(None if root is None else Path(root).expanduser(), seed, image_size, **options)
+
+
+def dataset_shape(name: str, *, root: str | os.PathLike | None = None,
+                  image_size: int | None = None) -> dict[str, int]:
+    """``{num_classes, in_channels, image_size}`` of dataset ``name`` from the registry, without
+    reading its images (imagefolder, whose class count is its folders', is loaded), for
+    building a model to load weights into."""
+    spec = DATASETS.get(name)
+    size = spec.size(image_size)
+    if spec.num_classes is None:
+        b = load_dataset(name, root=root, image_size=image_size)
+        return {"num_classes": b.num_classes, "in_channels": b.in_channels, "image_size": b.image_size}
+    return {"num_classes": spec.num_classes, "in_channels": spec.in_channels, "image_size": size}
+
+
+# --------------------------------------------------------------------------- IDX files
+
+# IDX ("ubyte") format: magic = 0x00 0x00 <type code> <ndim>, then ndim big-endian uint32
+# dims, then the data, big-endian, C order. Type codes as in torchvision's reader.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_CODES = {np.dtype(v).newbyteorder("=").str: k for k, v in _IDX_DTYPES.items()}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """The array in IDX file ``path`` (gzipped or not, told apart by content), native byte
+    order, writable. Inverse of :func:`write_idx`. ValueError naming the file if it is not a
+    well-formed IDX file (bad magic, truncated header, data size differing from the dims)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"IDX file {str(path)!r} does not exist") from None
+    if raw[:2] == b"\x1f\x8b":  # gzip magic
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{str(path)!r}: corrupt gzip stream ({err})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise ValueError(
+            f"{str(path)!r}: not an IDX file: magic {raw[:4].hex() or '(empty)'}, expected 0000 then a type "
+            "byte (08 uint8, 09 int8, 0b int16, 0c int32, 0d float32, 0e float64) and ndim >= 1"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{str(path)!r}: IDX header truncated ({len(raw)} bytes, {ndim} dims need {header})")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = math.prod(dims) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"{str(path)!r}: IDX header says {dtype.newbyteorder('=').name} {tuple(dims)} ({expected} bytes) "
+            f"but the file holds {len(raw) - header} bytes of data"
+        )
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="))  # a copy: native order, writable
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write ``array`` (uint8, int8, int16, int32, float32 or float64; ndim >= 1) as an IDX
+    file, gzipped when ``path`` ends in ``.gz`` (mtime 0: same bytes every time), through a
+    temporary name. Inverse of :func:`read_idx`; returns ``path``."""
+    path = Path(path)
+    array = np.asarray(array)
+    code = _IDX_CODES.get(array.dtype.newbyteorder("=").str)
+    if code is None or array.ndim < 1:
+        raise ValueError(f"cannot write {array.dtype} array of ndim {array.ndim} as IDX; valid: "
+                         "uint8, int8, int16, int32, float32, float64 with ndim >= 1")
+    body = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    body += np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
+    if path.suffix == ".gz":
+        body = gzip.compress(body, mtime=0)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(body)
+    os.replace(tmp, path)
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _idx_tensor(path: str, mtime_ns: int, size: int) -> torch.Tensor:
+    """Decoded IDX file, kept for repeated loads in one process (a study's trials); keyed by
+    mtime and size so a replaced file is read again. Callers must not modify it in place."""
+    return torch.from_numpy(read_idx(path))
+
+
+def _read_idx_cached(path: Path) -> torch.Tensor:
+    st = path.stat()
+    return _idx_tensor(str(path), st.st_mtime_ns, st.st_size)
+
+
+# --------------------------------------------------------------------------- in-memory images
+
+
+class TensorImages(Dataset):
+    """Images held as uint8 (N, C, H, W) with int64 labels (N,), normalised when read:
+    ``x = (images / divisor - mean[c]) / std[c]`` in float32, one op per step on the whole
+    batch (the exact sequence of torchvision's ``ToTensor`` + ``Normalize``, so the values
+    are bit for bit what those transforms give).
+
+    ``to(device)`` gives the same dataset with its tensors on ``device``, copied once and
+    cached on this object; ``batch(index)`` normalises a whole batch on the tensors' device.
+    ``dataset[i]`` (int) is ``(float32 (C, H, W), int label)`` like any image dataset;
+    ``dataset[index]`` for a slice or an index array/tensor is a whole batch
+    ``(float32 (B, C, H, W), int64 (B,))``.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, *, divisor: float,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if targets.dtype != torch.int64 or targets.shape != images.shape[:1]:
+            raise ValueError(f"targets must be int64 ({images.shape[0]},), got {targets.dtype} {tuple(targets.shape)}")
+        if targets.device != images.device:
+            raise ValueError(f"images on {images.device} but targets on {targets.device}")
+        c = images.shape[1]
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) != c or len(std) != c or min(std) <= 0 or divisor <= 0:
+            raise ValueError(f"need {c} means, {c} positive stds and a positive divisor; "
+                             f"got mean {mean}, std {std}, divisor {divisor!r}")
+        self.images, self.targets = images, targets
+        self.divisor, self.mean, self.std = float(divisor), mean, std
+        self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._copies: dict[str, TensorImages] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.nbytes + self.targets.nbytes
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __repr__(self) -> str:
+        n, c, h, w = self.images.shape
+        return f"TensorImages(n={n}, shape=({c}, {h}, {w}), device={self.device}, divisor={self.divisor:g})"
+
+    def _like(self, images: torch.Tensor, targets: torch.Tensor) -> TensorImages:
+        return TensorImages(images, targets, divisor=self.divisor, mean=self.mean, std=self.std)
+
+    def to(self, device: str | torch.device) -> TensorImages:
+        """This dataset on ``device``: ``self`` if already there, else a copy made once and cached."""
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev == self.device:
+            return self
+        key = str(dev)
+        if key not in self._copies:
+            self._copies[key] = self._like(self.images.to(dev), self.targets.to(dev))
+        return self._copies[key]
+
+    def _norm_consts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(divisor, mean, std) as float32 (C, 1, 1) on ``device``: broadcast over (C, H, W) and
+        (B, C, H, W). Tensors, not Python scalars: CUDA divides by a CPU scalar as a multiply
+        by its reciprocal, which is not bit-identical to a division."""
+        if device not in self._consts:
+            c = len(self.mean)
+            t = torch.tensor([[self.divisor] * c, self.mean, self.std], dtype=torch.float32)
+            self._consts[device] = tuple(t.reshape(3, c, 1, 1).to(device).unbind(0))  # type: ignore[assignment]
+        return self._consts[device]
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., C, H, W) on any device -> ``(images / divisor - mean) / std`` float32 there,
+        step by step as torchvision's ToTensor + Normalize."""
+        div, mean, std = self._norm_consts(images.device)
+        return images.to(torch.float32).div_(div).sub_(mean).div_(std)
+
+    def batch(self, index: slice | torch.Tensor | np.ndarray | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x float32 (B, C, H, W), y int64 (B,))`` for ``index``, normalised on this device."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.int64, device=self.device)
+        return self.normalise(self.images[index]), self.targets[index]
+
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, Any]:
+        if isinstance(index, (int, np.integer)):
+            return self.normalise(self.images[index]), int(self.targets[index])
+        return self.batch(index)
+
+    def subset(self, indices: np.ndarray | torch.Tensor) -> TensorImages:
+        """The items at ``indices`` (in that order), with every cached device copy indexed on
+        its device too (no new host->device copy)."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        out = self._like(self.images[idx.to(self.device)], self.targets[idx.to(self.device)])
+        for key, copy in self._copies.items():
+            di = idx.to(copy.device)
+            out._copies[key] = copy._like(copy.images[di], copy.targets[di])
+        return out
 
 
 # --------------------------------------------------------------------------- targets and order
@@ -81,7 +342,10 @@ def load_dataset(
 
 def dataset_targets(dataset: Dataset) -> np.ndarray:
     """Integer labels of every item of ``dataset`` as int64 (N,), without loading images
-    where the dataset knows them (TensorDataset, ImageFolder, MNIST, CIFAR, Subset of those)."""
+    where the dataset knows them (TensorImages, TensorDataset, ImageFolder, MNIST, CIFAR,
+    Subset of those)."""
+    if isinstance(dataset, TensorImages):
+        return dataset.targets.cpu().numpy()
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[1].numpy().astype(np.int64)
     if isinstance(dataset, Subset):
@@ -115,7 +379,7 @@ def stratified_order(targets: np.ndarray, seed: int = 0) -> np.ndarray:
 def eval_subset(dataset: Dataset, limit: int | None, seed: int = 0) -> Dataset:
     """A deterministic, stratified subset of ``limit`` examples (the first ``limit`` of
     :func:`stratified_order`), kept in dataset order. ``limit`` None or 0, or ``limit`` >=
-    ``len(dataset)``: the whole dataset. A TensorDataset gives a TensorDataset."""
+    ``len(dataset)``: the whole dataset. TensorImages/TensorDataset give the same kind."""
     if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 0):
         raise ValueError(f"eval limit must be a non-negative int or None, got {limit!r}")
     if not limit or limit >= len(dataset):
@@ -125,9 +389,11 @@ def eval_subset(dataset: Dataset, limit: int | None, seed: int = 0) -> Dataset:
 
 
 def take(dataset: Dataset, indices: np.ndarray) -> Dataset:
-    """``dataset`` restricted to ``indices`` (in that order); a TensorDataset is sliced
-    into a new TensorDataset so the fast loader path still applies."""
+    """``dataset`` restricted to ``indices`` (in that order); TensorImages and TensorDataset
+    are sliced into the same kind so their fast paths still apply."""
     indices = np.asarray(indices, dtype=np.int64)
+    if isinstance(dataset, TensorImages):
+        return dataset.subset(indices)
     if isinstance(dataset, TensorDataset):
         t = torch.from_numpy(indices)
         return TensorDataset(*(x[t] for x in dataset.tensors))
@@ -138,7 +404,7 @@ def take(dataset: Dataset, indices: np.ndarray) -> Dataset:
 
 
 class _TensorBatches(Sampler):
-    """Yields one index object per batch for a TensorDataset: a ``slice`` in sequential
+    """Yields one index object per batch for an in-memory dataset: a ``slice`` in sequential
     order (zero-copy views) or an index tensor when shuffled."""
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int) -> None:
@@ -166,16 +432,16 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
 ) -> DataLoader:
-    """A DataLoader yielding ``(x float32 (B, C, H, W), y int64 (B,))``.
+    """A DataLoader yielding ``(x float32 (B, C, H, W), y int64 (B,))``, for training.
 
     Shuffled order comes from a generator seeded with ``seed`` (the same seed gives the
     same order on every run; a new epoch of the same loader gives a new order).
-    TensorDataset fast path: batches are sliced from the tensors in one indexing op
+    TensorImages/TensorDataset fast path: batches are sliced (and normalised) in one op
     instead of collating B items, so the loader costs next to nothing.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    if isinstance(dataset, TensorDataset):
+    if isinstance(dataset, (TensorDataset, TensorImages)):
         sampler = _TensorBatches(len(dataset), batch_size, shuffle, seed)
         # batch_size=None: each sampler element is one whole batch, passed to dataset[...]
         return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
@@ -190,40 +456,128 @@ def make_loader(
     )
 
 
-# --------------------------------------------------------------------------- datasets
+def default_num_workers() -> int:
+    """Decoding worker processes for file datasets: the CPUs this process may use, at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
 
 
-@DATASETS.register("digits")
+class _IndexBatches(Sampler):
+    """Batches of indices into a dataset; the indices are set before each pass, so one
+    persistent-worker loader serves every subset of the dataset (see :func:`eval_batches`)."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.indices: list[int] | None = None  # None: all, in order
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = range(self.n) if self.indices is None else self.indices
+        for i in range(0, len(idx), self.batch_size):
+            yield list(idx[i : i + self.batch_size])
+
+    def __len__(self) -> int:
+        n = self.n if self.indices is None else len(self.indices)
+        return (n + self.batch_size - 1) // self.batch_size
+
+
+_LOADERS_ATTR = "_wavesweep_eval_loaders"
+
+
+class _LoaderCache(dict):
+    """The loaders cached on a dataset (:func:`eval_batches`). Pickles as empty, so a worker
+    process started by spawn/forkserver receives the dataset without them."""
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return (_LoaderCache, ())
+
+
+def _unwrap(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
+    """``(base dataset, indices into it)`` of a (nested) Subset; indices None for a plain dataset."""
+    indices: list[int] | None = None
+    while isinstance(dataset, Subset):
+        inner = list(dataset.indices)
+        indices = inner if indices is None else [inner[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def eval_batches(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int | None = None,
+    pin_memory: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x float32 (B, C, H, W), y int64 (B,))`` over a file dataset (or a Subset of one)
+    in its order, decoded by ``num_workers`` worker processes (default
+    :func:`default_num_workers`), pinned when ``pin_memory`` (for non-blocking copies to CUDA).
+
+    The DataLoader is made once per (base dataset, batch size, workers, pinning) with
+    ``persistent_workers`` and cached on the base dataset: every model of a trial, and
+    every chunk (Subset) of its evaluation set, reuses the same worker processes.
+    :func:`close_loaders` shuts them down. Not reentrant: finish one pass before the next.
+    """
+    base, indices = _unwrap(dataset)
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    key = (batch_size, workers, bool(pin_memory))
+    loaders = base.__dict__.setdefault(_LOADERS_ATTR, _LoaderCache())
+    if key not in loaders:
+        sampler = _IndexBatches(len(base), batch_size)
+        loader = DataLoader(base, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                            persistent_workers=workers > 0)
+        loaders[key] = (loader, sampler)
+    loader, sampler = loaders[key]
+    sampler.indices = indices
+    yield from loader
+
+
+def close_loaders(dataset: Dataset) -> None:
+    """Shut down the worker processes of the loaders :func:`eval_batches` cached on ``dataset``."""
+    base, _ = _unwrap(dataset)
+    for loader, _ in base.__dict__.pop(_LOADERS_ATTR, {}).values():
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        loader._iterator = None
+
+
+# --------------------------------------------------------------------------- digits
+
+
+@register_dataset("digits", num_classes=10, in_channels=1, image_size=8)
 def _digits(root: Path | None, seed: int, image_size: int | None, test_fraction: float = 0.2) -> DatasetBundle:
     """scikit-learn's bundled handwritten digits: 1,797 real 8x8 images, 10 classes.
 
-    Stratified split from ``seed``; pixels scaled to [0, 1] by /16 then standardised with
-    the *train* split's scalar mean and std (no test statistics leak into training).
+    Stratified split from ``seed``; pixels (0..16) scaled to [0, 1] by /16 then
+    standardised with the *train* split's scalar mean and std (no test statistics leak
+    into training). Held as uint8 0..16, divisor 16.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    if image_size not in (None, 8):
-        raise ValueError(f"digits images are 8x8; image_size={image_size!r} is not supported")
-    x, y = load_digits(return_X_y=True)
-    x = x.astype(np.float32) / 16.0  # (1797, 64) in [0, 1]
+    DATASETS.get("digits").size(image_size)
+    x, y = load_digits(return_X_y=True)  # x float64 (1797, 64), integer values 0..16
+    xf = x.astype(np.float32) / 16.0  # (1797, 64) in [0, 1]
     idx_train, idx_test = train_test_split(
         np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed
     )
     idx_train, idx_test = np.sort(idx_train), np.sort(idx_test)
-    mean = float(x[idx_train].mean())
-    std = float(x[idx_train].std())
-    xt = torch.from_numpy((x - mean) / std).reshape(-1, 1, 8, 8)  # (N, 1, 8, 8)
+    # The statistics exactly as before the uint8 storage (float32 numpy mean/std), so every
+    # normalised value, and every recorded number, is unchanged.
+    mean = float(xf[idx_train].mean())
+    std = float(xf[idx_train].std())
+    xt = torch.from_numpy(x.astype(np.uint8)).reshape(-1, 1, 8, 8)  # (N, 1, 8, 8) uint8 0..16
     yt = torch.from_numpy(y.astype(np.int64))
+    norm = dict(divisor=16.0, mean=(mean,), std=(std,))
     ti, vi = torch.from_numpy(idx_train), torch.from_numpy(idx_test)
-    return DatasetBundle(
-        name="digits",
-        train=TensorDataset(xt[ti].contiguous(), yt[ti].contiguous()),
-        test=TensorDataset(xt[vi].contiguous(), yt[vi].contiguous()),
-        num_classes=10,
-        in_channels=1,
-        image_size=8,
-        info={
+    return _bundle(
+        "digits",
+        TensorImages(xt[ti].contiguous(), yt[ti].contiguous(), **norm),
+        TensorImages(xt[vi].contiguous(), yt[vi].contiguous(), **norm),
+        {
             "root": "sklearn.datasets.load_digits (bundled)",
             "n_train": len(idx_train),
             "n_test": len(idx_test),
@@ -233,6 +587,9 @@ def _digits(root: Path | None, seed: int, image_size: int | None, test_fraction:
             "norm_std": std,
         },
     )
+
+
+# --------------------------------------------------------------------------- file datasets
 
 
 def _imagenet_eval_transform(image_size: int = 224):
@@ -261,7 +618,7 @@ _IMAGENET_LAYOUT = (
 )
 
 
-@DATASETS.register("imagenet")
+@register_dataset("imagenet", num_classes=1000, in_channels=3, image_size=224, resizable=True)
 def _imagenet(
     root: Path | None, seed: int, image_size: int | None, expected_classes: int = 1000
 ) -> DatasetBundle:
@@ -274,7 +631,7 @@ def _imagenet(
     """
     from torchvision.datasets import ImageFolder
 
-    size = image_size or 224
+    size = DATASETS.get("imagenet").size(image_size)
     path = root if root is not None else data_root() / "imagenet" / "val"
     if not path.is_dir():
         raise FileNotFoundError(f"imagenet: directory {str(path)!r} does not exist; {_IMAGENET_LAYOUT}")
@@ -291,15 +648,11 @@ def _imagenet(
         test = ImageFolder(str(path), transform=_imagenet_eval_transform(size))
     except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder without images
         raise ValueError(f"imagenet: cannot read {str(path)!r}: {err}; {_IMAGENET_LAYOUT}") from err
-    return DatasetBundle(
-        name="imagenet",
-        train=None,
-        test=test,
-        num_classes=len(classes),
-        in_channels=3,
-        image_size=size,
-        info={"root": str(path), "n_train": 0, "n_test": len(test), "split_seed": None,
-              "transform": f"resize {int(round(size * 256 / 224))}, center crop {size}, imagenet norm"},
+    return _bundle(
+        "imagenet", None, test,
+        {"root": str(path), "n_train": 0, "n_test": len(test), "split_seed": None,
+         "transform": f"resize {int(round(size * 256 / 224))}, center crop {size}, imagenet norm"},
+        num_classes=len(classes), image_size=size,
     )
 
 
@@ -310,7 +663,7 @@ _IMAGEFOLDER_LAYOUT = (
 )
 
 
-@DATASETS.register("imagefolder")
+@register_dataset("imagefolder", num_classes=None, in_channels=3, image_size=224, resizable=True)
 def _imagefolder(root: Path | None, seed: int, image_size: int | None) -> DatasetBundle:
     """Any user ImageFolder with train/ and val/ splits, square images of ``image_size``
     (default 224): eval transform = resize to size*256/224, center crop, ImageNet
@@ -318,7 +671,7 @@ def _imagefolder(root: Path | None, seed: int, image_size: int | None) -> Datase
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    size = image_size or 224
+    size = DATASETS.get("imagefolder").size(image_size)
     path = root if root is not None else data_root() / "imagefolder"
     for split in ("train", "val"):
         if not (path / split).is_dir():
@@ -336,72 +689,190 @@ def _imagefolder(root: Path | None, seed: int, image_size: int | None) -> Datase
         test = ImageFolder(str(path / "val"), transform=eval_tf)
     except (FileNotFoundError, RuntimeError) as err:
         raise ValueError(f"imagefolder: cannot read {str(path)!r}: {err}; {_IMAGEFOLDER_LAYOUT}") from err
-    return DatasetBundle(
-        name="imagefolder",
-        train=train,
-        test=test,
-        num_classes=len(tr_classes),
-        in_channels=3,
-        image_size=size,
-        info={"root": str(path), "n_train": len(train), "n_test": len(test), "split_seed": None,
-              "classes": len(tr_classes)},
+    return _bundle(
+        "imagefolder", train, test,
+        {"root": str(path), "n_train": len(train), "n_test": len(test), "split_seed": None,
+         "classes": len(tr_classes)},
+        num_classes=len(tr_classes), image_size=size,
     )
 
 
-def _torchvision_files(name: str, cls_name: str, root: Path | None, files_hint: str,
-                       mean: tuple, std: tuple, num_classes: int, in_channels: int, size: int,
-                       image_size: int | None) -> DatasetBundle:
-    import torchvision.datasets as tvd
-    from torchvision import transforms as T
-
-    if image_size not in (None, size):
-        raise ValueError(f"{name} images are {size}x{size}; image_size={image_size!r} is not supported")
-    path = root if root is not None else data_root() / name
-    tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    cls = getattr(tvd, cls_name)
-    try:
-        train = cls(str(path), train=True, download=False, transform=tf)
-        test = cls(str(path), train=False, download=False, transform=tf)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted..."
-        raise FileNotFoundError(
-            f"{name}: files not found under {str(path)!r} ({err}); wavesweep never downloads at "
-            f"run time: put torchvision's {cls_name} files there ({files_hint}) or pass root"
-        ) from err
-    return DatasetBundle(
-        name=name, train=train, test=test, num_classes=num_classes, in_channels=in_channels,
-        image_size=size,
-        info={"root": str(path), "n_train": len(train), "n_test": len(test), "split_seed": None,
-              "split": "official train/test"},
-    )
+# --------------------------------------------------------------------------- MNIST family
 
 
-@DATASETS.register("mnist")
+@dataclass(frozen=True)
+class _IdxSet:
+    """One MNIST-family dataset: torchvision's class name (its ``<root>/<Class>/raw/``
+    folder), normalisation, and where a system package puts it."""
+
+    cls_name: str
+    mean: float
+    std: float
+    system_dir: Path | None = None
+    apt_package: str | None = None
+
+
+_IDX_SETS = {
+    "mnist": _IdxSet("MNIST", 0.1307, 0.3081),
+    "fashion-mnist": _IdxSet("FashionMNIST", 0.2860, 0.3530, Path("/usr/share/datasets/fashion-mnist"),
+                             "dataset-fashion-mnist"),
+    "kmnist": _IdxSet("KMNIST", 0.1918, 0.3483),
+}
+#: split -> (images file, labels file), without ``.gz``; the same names for all three sets
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _candidate_dirs(name: str, sub: Sequence[str], root: Path | None, system_dir: Path | None) -> list[Path]:
+    """Where to look, in order: ``root`` and ``root/<sub>`` if given; else the same under
+    ``data_root()/<name>``, ``data_root()/<sub>`` (a root shared with torchvision), then the
+    system directory."""
+    if root is not None:
+        return [root, *(root / s for s in sub)]
+    base = data_root()
+    dirs = [base / name, *(base / name / s for s in sub), *(base / s for s in sub)]
+    if system_dir is not None:
+        dirs.append(system_dir)
+    return list(dict.fromkeys(dirs))
+
+
+def _find_files(dirs: Sequence[Path], stems: Sequence[str], gz: bool) -> tuple[Path, dict[str, Path]] | None:
+    """The first of ``dirs`` holding every stem (``stem`` preferred, ``stem.gz`` if ``gz``)."""
+    for d in dirs:
+        found = {}
+        for s in stems:
+            for p in (d / s, *([d / f"{s}.gz"] if gz else [])):
+                if p.is_file():
+                    found[s] = p
+                    break
+        if len(found) == len(stems):
+            return d, found
+    return None
+
+
+def _missing(name: str, dirs: Sequence[Path], stems: Sequence[str], gz: bool, how: str) -> FileNotFoundError:
+    """One-line error: where it looked, what is partly there, and what to do."""
+    partial = ""
+    for d in dirs:
+        have = [s for s in stems if (d / s).is_file() or (gz and (d / f"{s}.gz").is_file())]
+        if have:
+            lacking = [s for s in stems if s not in have]
+            partial = f" ({str(d)!r} has {', '.join(have)} but lacks {', '.join(lacking)})"
+            break
+    looked = ", ".join(repr(str(d)) for d in dirs)
+    return FileNotFoundError(f"{name}: files not found under {looked}{partial}; wavesweep never downloads: {how}")
+
+
+def _load_idx_set(name: str, root: Path | None, image_size: int | None) -> DatasetBundle:
+    spec, s = DATASETS.get(name), _IDX_SETS[name]
+    spec.size(image_size)
+    stems = [f for pair in _IDX_FILES.values() for f in pair]
+    dirs = _candidate_dirs(name, [f"{s.cls_name}/raw"], root, None if root is not None else s.system_dir)
+    hit = _find_files(dirs, stems, gz=True)
+    if hit is None:
+        files = ", ".join(f"{f}[.gz]" for f in stems)
+        how = f"put {files} (torchvision's {s.cls_name}/raw files) in one of them, or pass root"
+        if s.apt_package:
+            how = f"install Debian's package (apt install {s.apt_package}), which is found without root, or {how}"
+        raise _missing(name, dirs, stems, True, how)
+    where, paths = hit
+    splits = {}
+    for split, (img_stem, lab_stem) in _IDX_FILES.items():
+        images, labels = _read_idx_cached(paths[img_stem]), _read_idx_cached(paths[lab_stem])
+        size = spec.image_size
+        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (size, size):
+            raise ValueError(f"{str(paths[img_stem])!r}: expected uint8 images (N, {size}, {size}), "
+                             f"got {images.dtype} {tuple(images.shape)}")
+        if labels.dtype != torch.uint8 or labels.shape != images.shape[:1]:
+            raise ValueError(f"{str(paths[lab_stem])!r}: expected {images.shape[0]} uint8 labels to match "
+                             f"{paths[img_stem].name}, got {labels.dtype} {tuple(labels.shape)}")
+        if labels.numel() and int(labels.max()) >= spec.num_classes:
+            raise ValueError(f"{str(paths[lab_stem])!r}: label {int(labels.max())} outside 0..{spec.num_classes - 1}")
+        splits[split] = TensorImages(images.unsqueeze(1), labels.to(torch.int64),  # (N, 1, 28, 28)
+                                     divisor=255.0, mean=(s.mean,), std=(s.std,))
+    return _bundle(name, splits["train"], splits["test"], {
+        "root": str(where), "n_train": len(splits["train"]), "n_test": len(splits["test"]),
+        "split_seed": None, "split": "official train/test", "norm_mean": s.mean, "norm_std": s.std,
+    })
+
+
+@register_dataset("mnist", num_classes=10, in_channels=1, image_size=28)
 def _mnist(root: Path | None, seed: int, image_size: int | None) -> DatasetBundle:
-    """torchvision MNIST from local files (``download=False``), official split."""
-    return _torchvision_files("mnist", "MNIST", root, "root/MNIST/raw/train-images-idx3-ubyte, ...",
-                              (0.1307,), (0.3081,), 10, 1, 28, image_size)
+    """MNIST from local IDX files (official split; mean 0.1307, std 0.3081)."""
+    return _load_idx_set("mnist", root, image_size)
 
 
-@DATASETS.register("cifar10")
+@register_dataset("fashion-mnist", num_classes=10, in_channels=1, image_size=28)
+def _fashion_mnist(root: Path | None, seed: int, image_size: int | None) -> DatasetBundle:
+    """Fashion-MNIST from local IDX files (official split; mean 0.2860, std 0.3530); found in
+    /usr/share/datasets/fashion-mnist (Debian's ``dataset-fashion-mnist``) without root."""
+    return _load_idx_set("fashion-mnist", root, image_size)
+
+
+@register_dataset("kmnist", num_classes=10, in_channels=1, image_size=28)
+def _kmnist(root: Path | None, seed: int, image_size: int | None) -> DatasetBundle:
+    """Kuzushiji-MNIST from local IDX files (official split; mean 0.1918, std 0.3483)."""
+    return _load_idx_set("kmnist", root, image_size)
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """The CIFAR batches are pickles of dicts, lists and numpy arrays; refuse anything else,
+    so a tampered file cannot run code. (``_codecs.encode``: how a protocol-2 pickle written
+    by Python 3 stores bytes.)"""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 (N, 3, 32, 32), labels int64 (N,))`` of one CIFAR-10 python batch."""
+    try:
+        d = _NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        data = np.asarray(d["data"], dtype=np.uint8)
+        labels = np.asarray(d["labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise ValueError(f"{str(path)!r}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != data.shape[:1]:
+        raise ValueError(f"{str(path)!r}: expected data (N, 3072) and N labels, got {data.shape} and {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{str(path)!r}: labels outside 0..9")
+    return data.reshape(-1, 3, 32, 32), labels  # rows are R then G then B planes, 32x32 each
+
+
+@register_dataset("cifar10", num_classes=10, in_channels=3, image_size=32)
 def _cifar10(root: Path | None, seed: int, image_size: int | None) -> DatasetBundle:
-    """torchvision CIFAR-10 from local files (``download=False``), official split."""
-    return _torchvision_files("cifar10", "CIFAR10", root, "root/cifar-10-batches-py/data_batch_1, ...",
-                              (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10, 3, 32, image_size)
-
-
-def dataset_shape(name: str, *, root: str | os.PathLike | None = None,
-                  image_size: int | None = None) -> dict[str, int]:
-    """``{num_classes, in_channels, image_size}`` of dataset ``name`` without reading its
-    images (imagefolder counts its class folders), for building a model to load weights into."""
-    fixed = {
-        "digits": (10, 1, 8),
-        "mnist": (10, 1, 28),
-        "cifar10": (10, 3, 32),
-        "imagenet": (1000, 3, image_size or 224),
-    }
-    DATASETS.get(name)  # unknown names: the registry's error
-    if name in fixed:
-        c, ch, s = fixed[name]
-        return {"num_classes": c, "in_channels": ch, "image_size": s}
-    b = load_dataset(name, root=root, image_size=image_size)
-    return {"num_classes": b.num_classes, "in_channels": b.in_channels, "image_size": b.image_size}
+    """CIFAR-10 from torchvision's local python batches (``cifar-10-batches-py/``), official split."""
+    DATASETS.get("cifar10").size(image_size)
+    stems = [f for files in _CIFAR_FILES.values() for f in files]
+    dirs = _candidate_dirs("cifar10", [_CIFAR_DIR], root, None)
+    hit = _find_files(dirs, stems, gz=False)
+    if hit is None:
+        how = (f"put the CIFAR-10 python version ({_CIFAR_DIR}/ with {', '.join(stems)}, e.g. extracted from "
+               "cifar-10-python.tar.gz) in one of them, or pass root")
+        raise _missing("cifar10", dirs, stems, False, how)
+    where, paths = hit
+    splits = {}
+    for split, files in _CIFAR_FILES.items():
+        parts = [_read_cifar_batch(paths[f]) for f in files]
+        images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+        splits[split] = TensorImages(images, labels, divisor=255.0, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    return _bundle("cifar10", splits["train"], splits["test"], {
+        "root": str(where), "n_train": len(splits["train"]), "n_test": len(splits["test"]),
+        "split_seed": None, "split": "official train/test", "norm_mean": CIFAR10_MEAN, "norm_std": CIFAR10_STD,
+    })

@@ -2,7 +2,8 @@
 precision (scikit-learn), the per-example correctness vector, and inference timing.
 
 Knows nothing of MLflow or Optuna: :func:`evaluate_chunks` yields partial results that a
-study may report to a pruner.
+study may report to a pruner. :func:`predict_many` feeds several models from one pass over
+the data; in-memory datasets stay on the device between calls (:func:`input_batches`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from wavesweep.data import dataset_targets, make_loader, stratified_order, take
+from wavesweep.data import TensorImages, dataset_targets, eval_batches, stratified_order, take
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,138 @@ def _set_mode(model: nn.Module, training: bool) -> None:
         pass
 
 
+# --------------------------------------------------------------------------- batches
+
+# Share of the free CUDA memory an in-memory dataset may take when it is copied to the GPU
+# whole; a larger one is streamed batch by batch from pinned memory instead.
+_DEVICE_DATA_FRACTION = 0.25
+
+
+def _fits_on(dev: torch.device, nbytes: int) -> bool:
+    if dev.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(dev)
+    return nbytes <= _DEVICE_DATA_FRACTION * free
+
+
+def _stream(x: torch.Tensor, dev: torch.device, batch_size: int) -> Iterator[torch.Tensor]:
+    """Batches of CPU tensor ``x`` on ``dev``: pinned and copied without blocking on CUDA."""
+    for i in range(0, x.shape[0], batch_size):
+        b = x[i : i + batch_size]
+        yield b.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else b
+
+
+def input_batches(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x float32 (B, C, H, W) on device, y int64 (B,) on CPU)`` over ``dataset`` in its order.
+
+    - :class:`~wavesweep.data.TensorImages`: its uint8 tensors are moved to ``device`` once
+      (the copy is cached on the dataset, so the next model, the next call and any subset
+      made by ``take`` reuse it), batches are sliced and normalised there: no per-batch
+      host->device copy, no per-batch synchronisation.
+    - TensorDataset: the float tensor is moved once per call (or streamed from pinned
+      memory when it would not fit), then sliced.
+    - anything else (ImageFolder, ImageNet): decoded by worker processes through one
+      persistent loader cached on the dataset (:func:`wavesweep.data.eval_batches`),
+      pinned and copied without blocking on CUDA.
+    Either kind of dataset that is too large for a quarter of the free GPU memory is streamed.
+    """
+    if isinstance(dataset, TensorImages):
+        y_cpu = dataset.targets.cpu()  # once: a per-batch .cpu() of device labels would sync
+        if dataset.device == device or _fits_on(device, dataset.nbytes):
+            ds = dataset.to(device)
+            xs = (ds.batch(slice(i, i + batch_size))[0] for i in range(0, len(ds), batch_size))
+        else:
+            xs = (dataset.normalise(xb) for xb in _stream(dataset.images, device, batch_size))
+        yield from zip(xs, y_cpu.split(batch_size))
+        return
+    if isinstance(dataset, TensorDataset):
+        x, y = dataset.tensors[0], torch.as_tensor(dataset.tensors[1])
+        if x.device == device or _fits_on(device, x.nbytes):
+            xs: Iterator[torch.Tensor] = iter(x.to(device).split(batch_size))
+        else:
+            xs = _stream(x, device, batch_size)
+        yield from zip(xs, y.split(batch_size))
+        return
+    cuda = device.type == "cuda"
+    for x, y in eval_batches(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda):
+        yield x.to(device, non_blocking=cuda), torch.as_tensor(y)
+
+
+def _check_classes(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if targets.numel() and int(targets.max()) >= logits.shape[1]:
+        raise ValueError(
+            f"dataset has label {int(targets.max())} but the model outputs {logits.shape[1]} logits; "
+            "the dataset's classes do not match the model's output size"
+        )
+
+
+def _bytes_to_move(model: nn.Module, dev: torch.device) -> int:
+    """Bytes of ``model``'s parameters and buffers not yet on ``dev``'s kind of device."""
+    return sum(t.nbytes for t in (*model.parameters(), *model.buffers()) if t.device.type != dev.type)
+
+
+def predict_many(
+    models: dict[str, nn.Module],
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    num_workers: int | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (logits float32 CPU (N, C), targets int64 CPU (N,))}`` for every model, from
+    ONE pass over ``dataset``: each batch is loaded (decoded, normalised) once and fed to
+    every model, so a trial's base/magnitude/random models share the data cost. The
+    logits equal separate :func:`predict` calls exactly (same batches, same ops). Where the
+    models together would not fit in a quarter of the free GPU memory, the pass is made
+    once per model instead (each model goes back to its device afterwards). Models are
+    moved to ``device`` and put in eval mode; their train/eval flags are restored. The
+    targets tensor is shared by all entries."""
+    if not models:
+        raise ValueError("predict_many needs at least one model")
+    dev = resolve_device(device)
+    if len(models) > 1 and not _fits_on(dev, sum(_bytes_to_move(m, dev) for m in models.values())):
+        out = {}
+        for name, m in models.items():
+            home = next(iter(m.parameters()), torch.empty(0)).device
+            out[name] = predict_many({name: m}, dataset, batch_size=batch_size, device=dev,
+                                     progress=progress, num_workers=num_workers)[name]
+            m.to(home)
+        return out
+    was_training = {k: m.training for k, m in models.items()}
+    for m in models.values():
+        m.to(dev)
+        _set_mode(m, False)
+    logits: dict[str, list[torch.Tensor]] = {k: [] for k in models}
+    targets: list[torch.Tensor] = []
+    try:
+        with torch.inference_mode():
+            batches = input_batches(dataset, batch_size=batch_size, device=dev, num_workers=num_workers)
+            n_batches = (len(dataset) + batch_size - 1) // batch_size
+            for x, y in tqdm(batches, total=n_batches, desc="evaluate", leave=False, disable=not progress):
+                for k, m in models.items():
+                    logits[k].append(m(x).float())  # stays on device: no sync per batch
+                targets.append(y)
+    finally:
+        for k, m in models.items():
+            _set_mode(m, was_training[k])
+    if not targets:
+        raise ValueError("cannot evaluate on an empty dataset")
+    tg = torch.cat(targets).to(torch.int64).cpu()
+    out = {}
+    for k in models:
+        lg = torch.cat(logits[k]).cpu()  # the one device->host copy
+        _check_classes(lg, tg)
+        out[k] = (lg, tg)
+    return out
+
+
 def predict(
     model: nn.Module,
     dataset: Dataset,
@@ -75,35 +208,14 @@ def predict(
     batch_size: int = 256,
     device: str | torch.device = "auto",
     progress: bool = False,
+    num_workers: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits float32 CPU (N, C) and targets int64 CPU (N,) over ``dataset`` in its order,
     under ``torch.inference_mode``. The model is moved to ``device`` (``nn.Module.to`` is
-    in place) and put in eval mode; its train/eval flag is restored afterwards."""
-    dev = resolve_device(device)
-    was_training = model.training
-    model.to(dev)
-    _set_mode(model, False)
-    logits, targets = [], []
-    non_blocking = dev.type == "cuda"
-    try:
-        with torch.inference_mode():
-            loader = make_loader(dataset, batch_size=batch_size)
-            for x, y in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
-                out = model(x.to(dev, non_blocking=non_blocking))
-                logits.append(out.float())  # stays on device: no sync per batch
-                targets.append(torch.as_tensor(y))
-    finally:
-        _set_mode(model, was_training)
-    if not logits:
-        raise ValueError("cannot evaluate on an empty dataset")
-    lg = torch.cat(logits).cpu()
-    tg = torch.cat(targets).to(torch.int64).cpu()
-    if tg.numel() and int(tg.max()) >= lg.shape[1]:
-        raise ValueError(
-            f"dataset has label {int(tg.max())} but the model outputs {lg.shape[1]} logits; "
-            "the dataset's classes do not match the model's output size"
-        )
-    return lg, tg
+    in place) and put in eval mode; its train/eval flag is restored afterwards. Data comes
+    from :func:`input_batches` (in-memory data stays on the device between calls)."""
+    return predict_many({"model": model}, dataset, batch_size=batch_size, device=device,
+                        progress=progress, num_workers=num_workers)["model"]
 
 
 @dataclass
@@ -191,9 +303,11 @@ def evaluate(
     batch_size: int = 256,
     device: str | torch.device = "auto",
     progress: bool = False,
+    num_workers: int | None = None,
 ) -> EvalResult:
     """:func:`predict` then :func:`metrics_from_logits` over the whole ``dataset``."""
-    logits, targets = predict(model, dataset, batch_size=batch_size, device=device, progress=progress)
+    logits, targets = predict(model, dataset, batch_size=batch_size, device=device, progress=progress,
+                              num_workers=num_workers)
     return metrics_from_logits(logits, targets)
 
 
@@ -288,17 +402,18 @@ def time_inference(
     timed ones, each under ``torch.inference_mode`` with the wall clock read after a CUDA
     synchronize when on CUDA. Inputs are the dataset's first full batches, moved to the
     device beforehand (at most 256 MiB of them, reused cyclically), so data loading is not
-    timed and every model sees the same inputs. If the dataset is smaller than
+    timed and every model sees the same inputs (in-memory data: sliced from the dataset's
+    cached device copy). If the dataset is smaller than
     ``batch_size``, the batch is the whole dataset and that size is recorded."""
     if n_batches < 1 or n_warmup < 0:
         raise ValueError(f"need n_batches >= 1 and n_warmup >= 0, got {n_batches}, {n_warmup}")
     dev = resolve_device(device)
     bs = min(batch_size, len(dataset))
     pool: list[torch.Tensor] = []
-    for x, _ in make_loader(dataset, batch_size=bs):
+    for x, _ in input_batches(dataset, batch_size=bs, device=dev):
         if x.shape[0] != bs:
             break
-        pool.append(x.to(dev))
+        pool.append(x)
         if len(pool) >= n_batches or (len(pool) + 1) * x.numel() * x.element_size() > _TIMING_POOL_BYTES:
             break
     was_training = model.training
