@@ -69,6 +69,29 @@ def test_training_batches_generic_dataset_matches_tensor_path(train_set):
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
 
 
+def test_training_batches_in_memory_images_match_item_by_item():
+    from wavesweep.data import TensorImages
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (200, 1, 6, 6), generator=g, dtype=torch.uint8)
+    ds = TensorImages(images, torch.randint(0, 3, (200,), generator=g), divisor=255.0, mean=(0.3,), std=(0.2,))
+    got = list(recovery.training_batches(ds, batch_size=32, n=9, seed=5))
+    idx = [b for b in _index_stream(200, 32, 5, 9)]
+    assert len(got) == 9
+    for (x, y), i in zip(got, idx):
+        items = [ds[int(k)] for k in i]
+        assert torch.equal(x, torch.stack([a for a, _ in items])) and y.tolist() == [b for _, b in items]
+
+
+def _index_stream(size, bs, seed, n):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    while len(out) < n:
+        perm = torch.randperm(size, generator=gen)
+        out += [perm[i : i + bs] for i in range(0, size - bs + 1, bs)]
+    return out[:n]
+
+
 def test_reestimate_bn_equals_hook_computation(train_set):
     model = bn_net()
     batches = list(recovery.training_batches(train_set, batch_size=32, n=9, seed=0))

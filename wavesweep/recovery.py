@@ -40,6 +40,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from wavesweep.data import TensorImages
 from wavesweep.pruning import PruneResult
 from wavesweep.registry import check_choice
 
@@ -126,7 +127,8 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 def training_batches(
-    dataset: Dataset, *, batch_size: int, n: int, seed: int = 0, num_workers: int = 0
+    dataset: Dataset, *, batch_size: int, n: int, seed: int = 0, num_workers: int = 0,
+    device: torch.device | str = "cpu",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``n`` batches ``(x, y)`` of a seeded stream over ``dataset``: a pure function
     of its arguments, so every method of a trial sees the same examples in the same order.
@@ -134,7 +136,9 @@ def training_batches(
     Each epoch is a new permutation from one ``torch.Generator`` seeded with ``seed``; only
     full batches of ``batch_size`` are used (a BatchNorm layer in train mode cannot take a
     batch whose spatial output is one value per channel), unless the dataset is smaller than
-    one batch, in which case each batch is the whole permuted dataset.
+    one batch, in which case each batch is the whole permuted dataset. An in-memory
+    :class:`~wavesweep.data.TensorImages` is moved to ``device`` once and its batches are sliced
+    and normalised there; other datasets yield CPU batches.
     """
     size = len(dataset)
     if size == 0:
@@ -149,6 +153,11 @@ def training_batches(
                 yield perm[i : i + bs]
 
     indices = index_batches()
+    if isinstance(dataset, TensorImages):  # on the device: one gather + normalisation per batch
+        on_device = dataset.to(device)
+        for _ in range(n):
+            yield on_device.batch(next(indices))
+        return
     if isinstance(dataset, TensorDataset):  # one indexing op per batch
         for _ in range(n):
             idx = next(indices)
@@ -328,13 +337,15 @@ def recover(
     t0 = time.perf_counter()
     bns = batchnorm_layers(result.model)
     if bns:
-        batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.batches, seed=settings.seed)
+        batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.batches, seed=settings.seed,
+                                   device=device)  # fmt: skip
         report.bn_layers, report.bn_batches = reestimate_bn(result.model, batches, device=device)
     else:
         report.note = f"{type(result.model).__name__} has no BatchNorm layers: BatchNorm re-estimation skipped"
     if settings.recovery == "finetune":
         # a second stream (seed + 1) so fine-tuning does not start on the re-estimation batches
-        batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.steps, seed=settings.seed + 1)
+        batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.steps, seed=settings.seed + 1,
+                                   device=device)  # fmt: skip
         report.finetune_steps, report.final_train_loss = finetune(
             result, batches, settings, device=device, progress=progress
         )

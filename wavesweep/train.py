@@ -149,6 +149,9 @@ _DEFAULTS: dict[tuple[str, str], TrainConfig] = {
     ("resnet18", "digits"): TrainConfig(epochs=3, batch_size=32, lr=2e-3, weight_decay=5e-4),
     ("cnn", "digits"): TrainConfig(epochs=10, batch_size=64, lr=1e-2, weight_decay=5e-4),
     ("mlp", "digits"): TrainConfig(epochs=30, batch_size=64, lr=3e-3, weight_decay=1e-4),
+    # Fashion-MNIST: the small CNN in minutes on a 2-core CPU (about 0.9 top-1); ResNet-18 keeps the
+    # generic 10-epoch recipe (a GPU job).
+    ("cnn", "fashion-mnist"): TrainConfig(epochs=2, batch_size=128, lr=3e-3, weight_decay=5e-4),
 }
 
 
