@@ -193,6 +193,16 @@ def test_predict_many_equals_separate_predicts_exactly(digits):
         predict_many({}, digits.test)
 
 
+def test_evaluate_many_equals_separate_evaluations(digits):
+    from wavesweep.evaluate import evaluate, evaluate_many
+
+    models = _models()
+    many = evaluate_many(models, digits.test, batch_size=64, device="cpu")
+    for name, m in models.items():
+        one = evaluate(m, digits.test, batch_size=64, device="cpu")
+        assert many[name].metrics() == one.metrics() and np.array_equal(many[name].correct, one.correct), name
+
+
 def test_predict_many_class_mismatch_names_it(digits):
     models = {"ok": _models(n=1)["cnn0"], "small": build_model("mlp", num_classes=5, in_channels=1, image_size=8)}
     with pytest.raises(ValueError, match="classes do not match the model's output size"):

@@ -311,6 +311,20 @@ def evaluate(
     return metrics_from_logits(logits, targets)
 
 
+def evaluate_many(
+    models: dict[str, nn.Module],
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+) -> dict[str, EvalResult]:
+    """:func:`evaluate` of every model from one pass over ``dataset`` (:func:`predict_many`):
+    exactly what separate :func:`evaluate` calls give."""
+    out = predict_many(models, dataset, batch_size=batch_size, device=device, progress=progress)
+    return {name: metrics_from_logits(logits, targets) for name, (logits, targets) in out.items()}
+
+
 class Chunk(NamedTuple):
     """One step of :func:`evaluate_chunks`."""
 

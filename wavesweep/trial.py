@@ -190,15 +190,20 @@ def run_trial(
     prerec: dict[str, evaluate.EvalResult] = {}
     reports: dict[str, recovery.RecoveryReport] = {}
 
-    def recover(method: str, result: pruning.PruneResult) -> None:
+    def evaluate_all(models: dict[str, torch.nn.Module]) -> dict[str, evaluate.EvalResult]:
+        """One pass over the evaluation examples feeds every model (exactly as separate passes)."""
+        return evaluate.evaluate_many(models, eval_set, batch_size=cfg.batch_size, device=device)
+
+    def recover(results: dict[str, pruning.PruneResult]) -> None:
         """Evaluate before recovery, then recover in place (the same for every method)."""
         if settings.recovery == "none":
-            reports[method] = recovery.RecoveryReport("none")
+            reports.update({m: recovery.RecoveryReport("none") for m in results})
             return
         with phases("eval"):
-            prerec[method] = evaluate.evaluate(result.model, eval_set, batch_size=cfg.batch_size, device=device)
-        with phases("recovery"):
-            reports[method] = recovery.recover(result, bundle.train, settings, device=device, progress=progress)
+            prerec.update(evaluate_all({m: r.model for m, r in results.items()}))
+        for m, r in results.items():
+            with phases("recovery"):
+                reports[m] = recovery.recover(r, bundle.train, settings, device=device, progress=progress)
 
     with phases("prune"), recording_warnings():
         dwt = pruning.prune_dwt(
@@ -212,7 +217,7 @@ def run_trial(
             keep_approx=cfg.keep_approx,
             targets=cfg.target_kinds,
         )
-    recover("dwt", dwt)
+    recover({"dwt": dwt})
     with phases("eval"):
         for chunk in evaluate.evaluate_chunks(dwt.model, eval_set, n_chunks=N_CHUNKS, batch_size=cfg.batch_size, device=device):
             if reporter is not None:
@@ -222,11 +227,9 @@ def run_trial(
     with phases("prune"), recording_warnings():
         matched = pruning.prune_matched(base.model, dwt, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds)
     prunes = {"dwt": dwt, **matched}
-    evals = {"dwt": dwt_eval}
-    for method in ("magnitude", "random"):
-        recover(method, prunes[method])
-        with phases("eval"):
-            evals[method] = evaluate.evaluate(prunes[method].model, eval_set, batch_size=cfg.batch_size, device=device)
+    recover(matched)
+    with phases("eval"):
+        evals = {"dwt": dwt_eval, **evaluate_all({m: r.model for m, r in matched.items()})}
     with phases("accounting"):
         base_cache: dict = {}  # base-layer float64 weights and norms, shared by the three methods
         stats = {m: accounting.model_stats(base.model, r, base_cache=base_cache) for m, r in prunes.items()}
