@@ -223,9 +223,9 @@ def test_file_dataset_predict_many_and_chunks_share_one_loader(tmp_path):
             assert torch.equal(many[name][0], predict(m, ds, batch_size=5, device="cpu", num_workers=1)[0])
         assert many["cnn0"][1].tolist() == [0] * 4 + [1] * 4 + [2] * 4
         parts = list(evaluate_chunks(models["cnn0"], ds, n_chunks=3, batch_size=5, device="cpu"))
-        assert [p.n for p in parts] == [4, 8, 12]
+        assert [p.result.n for p in parts] == [4, 8, 12] and [p.n for p in parts] == [4, 4, 4]
         full = metrics_from_logits(*many["cnn0"])
-        assert np.array_equal(parts[-1].preds, full.preds)
+        assert np.array_equal(parts[-1].result.preds, full.preds)
         sub = take(ds, np.array([11, 2, 7]))
         assert isinstance(sub, Subset)
         lg, tg = predict(models["cnn0"], sub, batch_size=5, device="cpu", num_workers=1)
