@@ -91,7 +91,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     mv = register_trial_model(args.run_id, name=args.name, alias=args.alias or None, method=args.method)
     alias = f" alias {args.alias}" if args.alias else ""
     print(f"registered {mv.name} version {mv.version}{alias} from run {args.run_id}")
-    print(f"load it with: mlflow.pytorch.load_model('models:/{mv.name}@{args.alias}')" if args.alias else "")
+    if args.alias:
+        print(f"load it with: mlflow.pyfunc.load_model('models:/{mv.name}@{args.alias}').get_raw_model()  # an nn.Module")
     return 0
 
 
@@ -208,7 +209,7 @@ def _report(found: Any, report_dir: str | None, register: str | None, parent: st
             raise ValueError(f"study {found.study_name!r} has no complete trial to register")
         mv = register_trial_model(best.user_attrs["mlflow_run_id"], name=register, alias="champion")
         print(f"registered best trial {best.number} as {mv.name} version {mv.version} alias champion "
-              f"(load: mlflow.pytorch.load_model('models:/{mv.name}@champion'))")  # fmt: skip
+              f"(load: mlflow.pyfunc.load_model('models:/{mv.name}@champion').get_raw_model())")  # fmt: skip
         if parent:
             tracking.log_batch(client, parent, tags={"registered_model": f"{mv.name}/{mv.version}"})
 

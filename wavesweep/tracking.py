@@ -342,39 +342,65 @@ def download_checkpoint(client: MlflowClient, run_id: str, method: str, dst: Pat
 # --------------------------------------------------------------------------- registry
 
 
+REGISTERED_DIR = "registered-{method}"  # run-relative artifact folder of a registered model
+
+
 def register_model(
-    model: Any, *, input_example: Any, checkpoint: Path, run_id: str, name: str, alias: str | None, method: str,
-    tags: dict[str, Any],
+    model: Any, *, architecture: dict[str, Any], input_example: Any, checkpoint: Path, run_id: str, name: str,
+    alias: str | None, method: str, tags: dict[str, Any],
 ) -> Any:
-    """Log ``model`` on ``run_id`` (pytorch flavour, pt2, signature from ``input_example``, the
-    compressed ``checkpoint`` shipped beside it), register it under ``name`` with version ``tags``
-    and ``alias``; returns the model version."""
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
-            name=f"registered-{method}",
-            input_example=input_example,
-            serialization_format="pt2",
-            extra_files=[str(checkpoint)],
-            registered_model_name=name,
+    """Save ``model`` as an ordinary PyTorch module, add it to ``run_id``'s artifacts, register it
+    under ``name`` with version ``tags`` and ``alias``; returns the model version.
+
+    The format (``pruned_model``): the state dict (tensors only, safe to load) with the
+    ``architecture`` (``{"model", "num_classes", "in_channels", "image_size"}``) rebuilt by the
+    shipped ``architectures.py``, plus the compressed ``checkpoint``, as an MLflow pyfunc with a
+    signature from ``input_example`` (any batch size). It loads without wavesweep, is as large as
+    the dense state dict plus the checkpoint, and trains like any module.
+
+    The source run is not reopened: the model is written with ``save_model`` and uploaded with
+    ``log_artifacts``, so its status, end time, tags, params and metrics stay as they were.
+    """
+    import torch
+    from mlflow.models import infer_signature
+
+    from wavesweep import architectures, pruned_model
+
+    artifact_path = REGISTERED_DIR.format(method=method)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, data / pruned_model.STATE_DICT)
+        (data / pruned_model.ARCHITECTURE).write_text(json.dumps(architecture, indent=2))
+        shutil.copyfile(checkpoint, data / Path(checkpoint).name)
+        model.eval()
+        with torch.no_grad():
+            output = model(torch.as_tensor(input_example)).numpy()
+        folder = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            str(folder), loader_module="pruned_model", data_path=str(data),
+            code_paths=[pruned_model.__file__, architectures.__file__],
+            signature=infer_signature(input_example, output), input_example=input_example,
             pip_requirements=_pip_requirements(),
-        )
-    c = client()
-    version = str(info.registered_model_version)
+        )  # fmt: skip
+        c = client()
+        c.log_artifacts(run_id, str(folder), artifact_path)
+    with contextlib.suppress(MlflowException):  # exists already
+        c.create_registered_model(name)
+    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    mv = c.create_model_version(name, source, run_id=run_id, tags={k: _fmt(v) for k, v in tags.items() if v is not None})
     c.set_registered_model_tag(name, "wavesweep", "true")
-    for k, v in tags.items():
-        if v is not None:
-            c.set_model_version_tag(name, version, k, _fmt(v))
     if alias:
-        c.set_registered_model_alias(name, alias, version)
-    return c.get_model_version(name, version)
+        c.set_registered_model_alias(name, alias, mv.version)
+    return c.get_model_version(name, mv.version)
 
 
 def _pip_requirements() -> list[str]:
     import torch
     import torchvision
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy"]
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy",
+            f"mlflow=={mlflow.__version__}"]
 
 
 def list_registered() -> list[dict[str, Any]]:
@@ -408,9 +434,17 @@ def weights_from_uri(uri: str, cache: Path) -> Path:
     key = hashlib.sha256(f"{tracking_uri()}|{uri}".encode()).hexdigest()[:24]
     path = cache / "uri-weights" / f"{key}.pt"
     if not path.exists():
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        from wavesweep import pruned_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            pyfunc = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
+            if pyfunc.get("loader_module") == "pruned_model":  # registered by wavesweep: its state dict, tensors only
+                state = torch.load(local / pyfunc["data"] / pruned_model.STATE_DICT, map_location="cpu", weights_only=True)
+            else:
+                state = mlflow.pytorch.load_model(uri, map_location="cpu").state_dict()
         with atomic_write(path) as fh:
-            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, fh)
+            torch.save({k: v.detach().clone() for k, v in state.items()}, fh)
     return path
 
 
