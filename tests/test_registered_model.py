@@ -153,3 +153,25 @@ def test_registered_model_serves_as_base_weights(trial_run, tmp_path):
     dl = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/as-base@champion", dst_path=str(tmp_path / "dl")))
     saved = torch.load(next(dl.rglob("state_dict.pt")), weights_only=True)
     assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in state)
+
+
+def test_load_table_as_documented_and_no_metric_per_layer(trial_run):
+    """``mlflow.load_table`` (MLflow's documented call, in the run's experiment) reads the per-layer
+    table; per-layer numbers are series over the layer index, not one metric per layer name."""
+    import pandas as pd
+
+    _cfg, run_id = trial_run
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    table = mlflow.load_table("layers.json", run_ids=[run_id], extra_columns=["run_id"])
+    csv = pd.read_csv(client.download_artifacts(run_id, "layers_dwt.csv"))
+    assert list(table["name"]) == list(csv["name"]) and set(table["run_id"]) == {run_id}
+    assert np.allclose(table["coeff_sparsity"], csv["coeff_sparsity"])
+    every = mlflow.load_table("layers.json", extra_columns=["run_id"])  # the trial run and its 3 method runs
+    assert every["run_id"].nunique() == 4 and len(every) == 4 * len(csv)
+    kids = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    for r in [run, *kids]:
+        assert not [k for k in r.data.metrics if k.startswith("layers/")]
+        history = client.get_metric_history(r.info.run_id, "layer_coeff_sparsity")
+        assert sorted(m.step for m in history) == list(range(len(csv)))

@@ -72,6 +72,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
     print("note: dwt weights are dense after reconstruction; its compression is in the coefficients (c-sparsity).")
     for w in result.warnings[:5]:
         print(f"warning: {w}")
+    if note := tracking.default_experiment_note(args.launched_run_id):
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -144,6 +146,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     )  # fmt: skip
     url = args.storage or spec.storage or study.DEFAULT_STORAGE
     _print_summary(outcome.study, outcome.run_id, url)
+    from wavesweep import tracking
+
+    if note := tracking.default_experiment_note(args.launched_run_id):
+        print(note, file=sys.stderr)
     if study.best_trial(outcome.study) is not None:  # a complete trial exists
         _report(outcome.study, args.report_dir, args.register_best, outcome.run_id)
     if outcome.status != "FINISHED":
@@ -244,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("trial", help="run one tracked trial (dwt vs matched magnitude vs random)")
     _add_trial_options(t)
-    t.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or 'wavesweep')")
+    t.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, $MLFLOW_EXPERIMENT_ID or 'wavesweep')")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_trial)
 

@@ -72,7 +72,8 @@ def init_tracking(experiment: str | None = None, *, run_id: str | None = None) -
     """Create the store's schema (``tracking_uri()``) and the experiment; returns a client and the experiment id.
 
     The experiment is ``experiment``, else the one of ``run_id`` (a run ``mlflow run`` created),
-    else ``$MLFLOW_EXPERIMENT_NAME`` or ``wavesweep``. Creating a fresh SQLite store runs schema
+    else, as MLflow itself resolves it, ``$MLFLOW_EXPERIMENT_NAME``, then ``$MLFLOW_EXPERIMENT_ID``,
+    else ``wavesweep``. Creating a fresh SQLite store runs schema
     migrations; several processes doing that at once race, so creation happens under an
     exclusive file lock beside the database.
     """
@@ -89,6 +90,8 @@ def init_tracking(experiment: str | None = None, *, run_id: str | None = None) -
 def _ensure_experiment(client: MlflowClient, name: str | None, run_id: str | None) -> str:
     if run_id and name is None:  # started by `mlflow run`: the run it created fixes the experiment
         return client.get_run(run_id).info.experiment_id
+    if name is None and not os.environ.get("MLFLOW_EXPERIMENT_NAME") and (exp_id := os.environ.get("MLFLOW_EXPERIMENT_ID")):
+        return client.get_experiment(exp_id).experiment_id  # an unknown id is MLflow's error, naming it
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -260,7 +263,8 @@ def close_run(
 
 
 def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
-    """Per-layer metrics: a series over layer index (charts by layer) and one named metric per layer."""
+    """Per-layer metrics: one series per quantity over the layer index (step), so the UI charts
+    them by layer; layer names are in the ``layers.json`` table (no one-point metric per layer)."""
     out: list[tuple[str, float, int]] = []
     for i, row in enumerate(frame.itertuples(index=False)):
         series = {
@@ -272,8 +276,6 @@ def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
             series["layer_effective_level"] = row.level_effective
         for k, v in series.items():
             out.append((k, float(v), i))
-        out.append((f"layers/{row.name}/weight_sparsity", float(row.weight_sparsity), 0))
-        out.append((f"layers/{row.name}/coeff_sparsity", float(row.coeff_sparsity), 0))
     return out
 
 
@@ -325,6 +327,26 @@ def get_trial_run(client: MlflowClient, run_id: str):
     if run.data.tags.get("wavesweep.kind") != "trial":
         raise ValueError(f"run {run_id} is not a wavesweep trial run (tag wavesweep.kind={run.data.tags.get('wavesweep.kind')!r})")
     return run
+
+
+def trial_layers(client: MlflowClient, run_id: str) -> dict[str, list[Any]] | None:
+    """Per-layer lists of a trial run (from its ``layers_dwt.csv`` and ``layers_magnitude.csv``):
+    name, dwt coefficient and weight sparsity, magnitude weight sparsity, requested and effective
+    level; None when the run has no such files."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            dwt = pd.read_csv(client.download_artifacts(run_id, "layers_dwt.csv", tmp))
+            mag = pd.read_csv(client.download_artifacts(run_id, "layers_magnitude.csv", tmp))
+        except (MlflowException, OSError) as exc:
+            log.info("no per-layer files on run %s: %s", run_id, exc)
+            return None
+    level = lambda col: [None if pd.isna(v) else int(v) for v in dwt[col]]  # noqa: E731
+    return {
+        "name": [str(x) for x in dwt["name"]], "dwt_coeff_sparsity": dwt["coeff_sparsity"].astype(float).tolist(),
+        "dwt_weight_sparsity": dwt["weight_sparsity"].astype(float).tolist(),
+        "magnitude_weight_sparsity": mag["weight_sparsity"].astype(float).tolist(),
+        "level_requested": level("level_requested"), "level_effective": level("level_effective"),
+    }  # fmt: skip
 
 
 def trial_config_of(run) -> TrialConfig:
@@ -505,6 +527,18 @@ def start_study_run(
     if launched and launched != run_id:
         log_batch(client, launched, tags={"wavesweep.kind": "study-launch", "optuna.study": study_name, "study_run_id": run_id})
     return run_id
+
+
+def default_experiment_note(run_id: str | None) -> str | None:
+    """A hint when ``mlflow run`` put ``run_id`` in MLflow's Default experiment (no
+    ``--experiment-name``), where it sits apart from every other wavesweep run; else None."""
+    if not run_id:
+        return None
+    with contextlib.suppress(MlflowException):
+        if client().get_run(run_id).info.experiment_id == "0":
+            return (f"note: run {run_id} is in MLflow's Default experiment; other wavesweep runs are in "
+                    f"'{DEFAULT_EXPERIMENT}': launch with `mlflow run . --experiment-name {DEFAULT_EXPERIMENT} ...`")  # fmt: skip
+    return None
 
 
 def run_status(client: MlflowClient, run_id: str) -> str | None:
