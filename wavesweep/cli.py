@@ -124,7 +124,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from wavesweep import tracking
 
     tracking.init_tracking()  # creates the store (and its schema) when there is none yet
-    cmd = ["mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", args.host, "--port", str(args.port)]
+    # One worker: MLflow's default of 4 processes, each importing MLflow, takes tens of seconds to
+    # answer on a small machine; one serves a person browsing runs.
+    cmd = ["mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", args.host, "--port", str(args.port),
+           "--workers", "1"]  # fmt: skip
     print("starting: " + " ".join(cmd))
     # MLflow's job executor serves GenAI features and starts several worker processes; browsing
     # and comparing runs does not need it.
