@@ -201,6 +201,7 @@ def test_accuracy_vs_pruned_fraction_per_recovery_with_intervals(tmp_path, monke
     fig = figs[-1]
     axes = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in axes] == ["recovery: none", "recovery: bn"]
+    assert {"dwt", "magnitude", "random", "unpruned", "chance (1/10)"} <= {t.get_text() for t in fig.legends[0].get_texts()}
     for ax in axes:
         labels = ax.get_legend_handles_labels()[1]
         assert {"dwt", "magnitude", "random", "unpruned", "chance (1/10)"} <= set(labels)

@@ -41,4 +41,5 @@ def test_ui_answers_quickly(workdir, shared_cache):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-    assert elapsed < 15, f"wavesweep ui took {elapsed:.1f} s to answer"
+    print(f"wavesweep ui answered in {elapsed:.1f} s")
+    assert elapsed < 30, f"wavesweep ui took {elapsed:.1f} s to answer"

@@ -228,6 +228,16 @@ def _reference_lines(ax: plt.Axes, frame: pd.DataFrame) -> None:
         ax.axhline(chance, color="firebrick", ls=":", lw=1.2, label=f"chance (1/{round(1 / chance)})")
 
 
+def _figure_legend(fig: plt.Figure, axes: Sequence[plt.Axes]) -> None:
+    """One legend for all panels, outside them (a legend inside would hide points)."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
 def plot_accuracy_vs_pruned_fraction(frame: pd.DataFrame, path: Path) -> Path:
     """Top-1 of dwt, magnitude and random against the fraction pruned, one panel per recovery
     setting; each configuration a point with its interval (no lines between configurations);
@@ -240,12 +250,12 @@ def plot_accuracy_vs_pruned_fraction(frame: pd.DataFrame, path: Path) -> Path:
         if d.empty:
             _empty(ax, "no complete trials")
             continue
-        span = float(d["pruned_fraction"].max() - d["pruned_fraction"].min()) or 1.0
-        _errorbars(ax, d, "pruned_fraction", "top1", dodge=0.008 * span, prerec=rec not in (None, "none"))
+        span = max(float(d["pruned_fraction"].max() - d["pruned_fraction"].min()), 0.1)
+        _errorbars(ax, d, "pruned_fraction", "top1", dodge=0.012 * span, prerec=rec not in (None, "none"))
         _reference_lines(ax, frame)
         ax.set_xlabel("fraction pruned (dwt: coefficients zeroed;\nbaselines: weights zeroed, matched)")
         ax.set_title(f"recovery: {rec}" if rec is not None else "accuracy vs pruned fraction")
-        ax.legend(fontsize=7, loc="lower left")
+    _figure_legend(fig, axes[0])
     axes[0, 0].set_ylabel("top-1 accuracy")
     fig.suptitle("accuracy vs pruned fraction, per recovery setting", y=1.0)
     fig.text(0.01, -0.02, INTERVAL_NOTE + "; methods drawn side by side at each fraction", fontsize=7)
@@ -263,14 +273,14 @@ def plot_accuracy_vs_stored_mb(frame: pd.DataFrame, path: Path) -> Path:
         if d.empty:
             _empty(ax, "no complete trials")
             continue
-        span = float(d["stored_bytes"].max() - d["stored_bytes"].min()) / 1e6 or 0.01
-        _errorbars(ax, d, "stored_bytes", "top1", scale=1e-6, dodge=0.008 * span)
+        span = max(float(d["stored_bytes"].max() - d["stored_bytes"].min()) / 1e6, 0.1 * float(d["stored_bytes"].max()) / 1e6)
+        _errorbars(ax, d, "stored_bytes", "top1", scale=1e-6, dodge=0.012 * span)
         _reference_lines(ax, frame)
         if "dense_bytes" in frame and frame["dense_bytes"].notna().any():
             ax.axvline(float(frame["dense_bytes"].dropna().iloc[0]) / 1e6, color="grey", ls="-.", lw=1, label="dense model")
         ax.set_xlabel("stored megabytes (kept values + 1-bit position bitmap + unpruned tensors)")
         ax.set_title(f"recovery: {rec}" if rec is not None else "accuracy vs stored size")
-        ax.legend(fontsize=7, loc="lower right")
+    _figure_legend(fig, axes[0])
     axes[0, 0].set_ylabel("top-1 accuracy")
     fig.suptitle("accuracy vs stored megabytes", y=1.0)
     fig.text(0.01, -0.02, INTERVAL_NOTE, fontsize=7)
@@ -361,7 +371,11 @@ def plot_accuracy_vs_compression(frame: pd.DataFrame, path: Path) -> Path:
     if data.empty:
         _empty(ax, "no complete trials")
     else:
-        sns.scatterplot(data=data, x="compression_ratio", y="top1", hue="method", hue_order=list(METHODS), ax=ax, s=45)
+        colors = _colors()
+        for m in reversed(METHODS):  # dwt drawn last, on top; distinct markers and alpha show what lies beneath
+            d = data[data["method"] == m]
+            ax.scatter(d["compression_ratio"], d["top1"], marker=MARKERS[m], color=colors[m], s=42, alpha=0.75, label=m)
+        _reference_lines(ax, frame)
         dwt = data[data["method"] == "dwt"]
         front = dwt[pareto_mask(dwt[["compression_ratio", "top1"]].to_numpy(), ["maximize", "maximize"])]
         front = front.sort_values("compression_ratio")
