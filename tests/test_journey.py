@@ -72,7 +72,7 @@ def test_trial_study_register_download_evaluate(tmp_path, shared_cache, monkeypa
     script = textwrap.dedent(
         f"""
         import json, sys, mlflow
-        model = mlflow.pytorch.load_model("models:/journey-best@champion")
+        model = mlflow.pyfunc.load_model("models:/journey-best@champion").get_raw_model()
         assert "wavesweep" not in sys.modules
         from wavesweep import evaluate, trial
         from wavesweep.config import TrialConfig

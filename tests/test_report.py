@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -66,7 +68,11 @@ def make_frame(n: int = 12, seed: int = 0) -> pd.DataFrame:
             "dwt_vs_magnitude_ci_low": -0.01, "dwt_vs_magnitude_ci_high": 0.07, "dwt_vs_magnitude_mcnemar_p": 0.04,
             "partial_top1": 0.2 if i % 5 == 4 else np.nan, "mlflow_run_id": f"run{i}",
             "layers": {"name": ["conv1", "conv2"], "dwt_coeff_sparsity": [frac, frac], "dwt_weight_sparsity": [0.0, 0.01],
-                       "magnitude_weight_sparsity": [frac, frac]},
+                       "magnitude_weight_sparsity": [frac, frac], "level_requested": [3, 3], "level_effective": [0, 3]},
+            "recovery": ["none", "bn"][i % 2], "n_eval": 360, "num_classes": 10, "dataset": "digits",
+            "prerec_top1": dwt - 0.1 * (i % 2), "magnitude_prerec_top1": mag - 0.1 * (i % 2), "random_prerec_top1": 0.1,
+            "stored_bytes": 4e6 * (1 - frac * 0.9), "magnitude_stored_bytes": 4e6 * (1 - frac * 0.9),
+            "random_stored_bytes": 4e6 * (1 - frac * 0.9), "dense_bytes": 4e6,
             "value_0": dwt if i % 5 != 4 else np.nan, "value_1": 1 / (1 - frac * 0.9) if i % 5 != 4 else np.nan,
         })  # fmt: skip
     return pd.DataFrame(rows)
@@ -133,3 +139,138 @@ def test_markdown_escapes_and_formats():
 
 def test_layer_plot_without_record(tmp_path):
     assert_png(report.plot_layer_sparsity(None, tmp_path / "l.png"))
+
+
+# --------------------------------------------------------------------------- figures that do not mislead
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pareto_staircase_never_claims_more_than_measured(seed):
+    """Every vertex of the drawn front is weakly dominated by a measured point (below and to the
+    left of it), and every point of the brute-force front is a vertex."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(1, 20, 30), rng.uniform(0, 1, 30)
+    x[:3] = np.round(x[:3])  # some ties
+    sx, sy = report.front_staircase(x, y)
+    pts = np.column_stack([x, y])
+    for vx, vy in zip(sx, sy):
+        assert np.any((x >= vx - 1e-12) & (y >= vy - 1e-12)), (vx, vy)
+    front = pts[brute_pareto(pts, ["maximize", "maximize"])]
+    vertices = set(zip(sx.round(12), sy.round(12)))
+    assert {(round(a, 12), round(b, 12)) for a, b in front} <= vertices
+    assert np.all(np.diff(sx) >= 0) and np.all(np.diff(sy) <= 0)  # a staircase: right and down only
+
+
+def test_pareto_staircase_drops_right_after_a_point():
+    """The issue's case: 0.645 measured at 2.4x and only chance beyond: the line falls at 2.4x."""
+    sx, sy = report.front_staircase(np.array([1.0, 2.4, 18.0, 2.0]), np.array([0.9, 0.645, 0.1, 0.5]))
+    assert list(zip(sx, sy)) == [(1.0, 0.9), (1.0, 0.645), (2.4, 0.645), (2.4, 0.1), (18.0, 0.1)]
+
+
+def _capture(monkeypatch):
+    figs = []
+    real = report._save
+
+    def keep(fig, path):
+        figs.append(fig)
+        return real(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return figs
+
+
+def test_accuracy_vs_pruned_fraction_per_recovery_with_intervals(tmp_path, monkeypatch):
+    frame = make_frame(12)
+    frame = pd.concat([frame, frame.iloc[[0]].assign(number=99, top1=frame["top1"].iloc[0] - 0.04)], ignore_index=True)  # a replicate
+    pts = report.method_points(frame, "pruned_fraction")
+    done = frame[frame["state"] == "COMPLETE"]
+    assert len(pts) == 3 * (len(done) - 1)  # trial 0 and its replicate are one configuration
+    rep = pts[(pts["method"] == "dwt") & (pts["n_runs"] == 2)].iloc[0]
+    assert rep["top1"] == pytest.approx(frame["top1"].iloc[0] - 0.02)
+    assert (rep["low"], rep["high"]) == pytest.approx((frame["top1"].iloc[0] - 0.04, frame["top1"].iloc[0]))
+    one = pts[(pts["method"] == "magnitude") & (pts["n_runs"] == 1)].iloc[0]
+    from scipy.stats import binomtest
+
+    ci = binomtest(round(one["top1"] * 360), 360).proportion_ci(method="wilson")
+    assert (one["low"], one["high"]) == pytest.approx((ci.low, ci.high))
+    assert report.chance_level(frame) == pytest.approx(0.1)
+    assert report.chance_level(frame.drop(columns="num_classes")) == pytest.approx(0.1)  # digits, from the registry
+
+    figs = _capture(monkeypatch)
+    assert_png(report.plot_accuracy_vs_pruned_fraction(frame, tmp_path / "a.png"))
+    fig = figs[-1]
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["recovery: none", "recovery: bn"]
+    assert {"dwt", "magnitude", "random", "unpruned", "chance (1/10)"} <= {t.get_text() for t in fig.legends[0].get_texts()}
+    for ax in axes:
+        labels = ax.get_legend_handles_labels()[1]
+        assert {"dwt", "magnitude", "random", "unpruned", "chance (1/10)"} <= set(labels)
+        for line in ax.get_lines():  # no line joins two configurations: only flat reference lines
+            xs, ys = line.get_data()
+            if line.get_linestyle() not in ("None", "") and len(xs) > 1:
+                assert np.ptp(np.asarray(ys, float)) == 0 or np.ptp(np.asarray(xs, float)) == 0, line.get_label()
+    assert "dwt before recovery" in axes[1].get_legend_handles_labels()[1]
+    assert "dwt before recovery" not in axes[0].get_legend_handles_labels()[1]
+
+
+def bh_oracle(p):
+    """Benjamini-Hochberg by its definition: min over j >= i of p_(j) * n / j, capped at 1."""
+    p = np.asarray(p, float)
+    n = len(p)
+    order = np.argsort(p)
+    adj = np.empty(n)
+    for rank, i in enumerate(order, start=1):
+        adj[i] = min(1.0, min(p[order[j - 1]] * n / j for j in range(rank, n + 1)))
+    return adj
+
+
+def test_adjusted_p_values_and_verdicts(tmp_path):
+    from scipy.stats import false_discovery_control
+
+    frame = make_frame(12)
+    rng = np.random.default_rng(5)
+    frame["dwt_vs_magnitude_mcnemar_p"] = rng.uniform(0, 0.2, len(frame))
+    done = frame["state"] == "COMPLETE"
+    out = report.with_significance(frame)
+    got = out.loc[done, "dwt_vs_magnitude_p_adj"].to_numpy()
+    np.testing.assert_allclose(got, bh_oracle(frame.loc[done, "dwt_vs_magnitude_mcnemar_p"]), rtol=1e-12)
+    np.testing.assert_allclose(got, false_discovery_control(frame.loc[done, "dwt_vs_magnitude_mcnemar_p"]), rtol=1e-12)
+    assert out.loc[~done, "dwt_vs_magnitude_p_adj"].isna().all()
+    # make_frame's interval [-0.01, 0.07] contains 0: never significant, whatever p says
+    assert set(out.loc[done, "dwt_vs_magnitude_verdict"]) == {"not significant (CI contains 0)"}
+    frame.loc[0, ["dwt_vs_magnitude_ci_low", "dwt_vs_magnitude_mcnemar_p"]] = [0.01, 1e-6]
+    assert report.with_significance(frame).loc[0, "dwt_vs_magnitude_verdict"] == "significant"
+
+    files = report.write_report(make_frame(12), tmp_path, study_name="s", objectives=[("top1", "maximize")],
+                                importances={"top1": {"percentile": 0.6, "wavelet": 0.4}})  # fmt: skip
+    md = files["summary_md"].read_text()
+    summary = pd.read_csv(files["summary_csv"])
+    best = summary[summary["selection"] == "best top1 (maximize)"].iloc[0]
+    assert best["dwt_vs_magnitude_verdict"] == "not significant (CI contains 0)"
+    line = next(l for l in md.splitlines() if l.startswith(f"- trial {best['trial']} (best top1"))
+    assert "not significant (CI contains 0)" in line and "adjusted p" in line
+
+
+def test_importances_from_few_trials_say_so(tmp_path, monkeypatch):
+    figs = _capture(monkeypatch)
+    imp = {"top1": {"percentile": 0.6, "wavelet": 0.4}}
+    files = report.write_report(make_frame(12), tmp_path / "few", study_name="s", objectives=[("top1", "maximize")], importances=imp)
+    md = files["summary_md"].read_text()
+    n = int((make_frame(12)["state"] == "COMPLETE").sum())
+    assert f"**Caution:** importances computed from only {n} complete trials (< 20)" in md
+    fig = next(f for f in figs if f._suptitle is not None and "CAUTION" in f._suptitle.get_text())
+    assert f"only {n} complete trials" in fig._suptitle.get_text()
+    files = report.write_report(make_frame(40), tmp_path / "many", study_name="s", objectives=[("top1", "maximize")], importances=imp)
+    assert "Caution" not in files["summary_md"].read_text()
+    assert "Computed from 32 complete trials." in files["summary_md"].read_text()
+
+
+def test_report_pngs_for_the_reader(tmp_path):
+    """Every figure is written (and, for a person reviewing a change, worth opening)."""
+    out = tmp_path / "r"
+    files = report.write_report(make_frame(24), out, study_name="demo", objectives=OBJ2,
+                                importances={"top1": {"percentile": 0.7, "wavelet": 0.3}})  # fmt: skip
+    for key in ("accuracy_vs_stored_mb", "gap_vs_pruned_fraction", "gap_by_wavelet_family", "gap_by_layout", "levels"):
+        assert_png(files[key])
+    if os.environ.get("WAVESWEEP_REPORT_OUT"):
+        shutil.copytree(out, os.environ["WAVESWEEP_REPORT_OUT"], dirs_exist_ok=True)

@@ -79,8 +79,12 @@ def assert_agree(name: str = "tiny") -> tuple[dict, dict]:
             objectives = optuna.load_study(study_name=name, storage=study.DEFAULT_STORAGE).user_attrs["objectives"]
             for (metric, _direction), value in zip(objectives, t.values, strict=True):
                 assert run.data.metrics[metric] == pytest.approx(value, abs=1e-12)
-            assert t.user_attrs["metrics"]["top1"] == pytest.approx(run.data.metrics["top1"], abs=1e-12)
-            assert {"magnitude_top1", "random_top1", "gain_top1_vs_magnitude", "dwt_vs_magnitude_mcnemar_p"} <= set(t.user_attrs["metrics"])
+            # headline numbers as scalar user attributes (readable in optuna-dashboard), equal to MLflow's
+            for key in ("top1", "magnitude_top1", "random_top1", "gain_top1_vs_magnitude", "dwt_vs_magnitude_mcnemar_p",
+                        "compression_ratio", "pruned_fraction", "n_eval"):
+                assert t.user_attrs[key] == pytest.approx(run.data.metrics[key], abs=1e-12), key
+            assert not any(isinstance(v, (dict, list)) for v in t.user_attrs.values()), "no nested user attributes"
+            assert 0 <= t.user_attrs["level_effective_max"] <= int(run.data.params["level"]) and t.user_attrs["num_classes"] == 10
         if t.state == TrialState.PRUNED:
             assert run.data.tags.get("early_stopped") == "true"
         parent_ids.add(run.data.tags["mlflow.parentRunId"])
@@ -172,20 +176,25 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
     assert parent.data.metrics["n_complete"] == 3
     s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
     assert s.user_attrs["mlflow_run_id"] == parent.info.run_id
+    assert s.metric_names == ["top1"]  # objective names for optuna-dashboard and `optuna studies`
     assert parent.data.metrics["best_value"] == pytest.approx(s.best_value)
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/summary.csv" in arts and "report/accuracy_vs_pruned_fraction.png" in arts
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "spec")] == ["spec/tiny.yaml"]
     # local report: decodable, non-empty images and a table with rows
     out = workdir / "reports" / "tiny"
-    for png in ("accuracy_vs_pruned_fraction", "accuracy_vs_compression", "optimization_history", "param_importances", "layer_sparsity_best"):
+    for png in ("accuracy_vs_pruned_fraction", "accuracy_vs_compression", "optimization_history", "param_importances", "layer_sparsity_best",
+                "accuracy_vs_stored_mb", "gap_vs_pruned_fraction", "gap_by_wavelet_family", "gap_by_layout", "levels_best"):
         img = mpimg.imread(out / f"{png}.png")
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0, png
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) >= 1 and summary.loc[0, "trial"] == s.best_trial.number
     assert summary.loc[0, "objective top1"] == pytest.approx(s.best_value)
     assert len(pd.read_csv(out / "trials.csv")) == 3
-    assert "| selection |" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert "| selection |" in md and "only 3 complete trials (< 20)" in md and "[interactive](study.html)" in md
+    html = (out / "study.html").read_text()
+    assert "plotly" in html.lower() and "optimisation history: top1" in html and "parameter importances: top1" in html
     printed = capsys.readouterr().out
     assert "3 complete" in printed and "best trial" in printed
 
@@ -294,7 +303,7 @@ def test_median_pruner_stops_hopeless_trials(workdir, tiny_weights):
     for n, t in trials.items():
         if t.state == TrialState.PRUNED:
             assert runs[n].info.status == "KILLED" and runs[n].data.tags["early_stopped"] == "true"
-            assert t.user_attrs["metrics"]["examples_evaluated"] < trials[0].user_attrs["metrics"]["examples_evaluated"]
+            assert t.user_attrs["examples_evaluated"] < trials[0].user_attrs["examples_evaluated"]
             assert t.intermediate_values  # partial accuracy was reported
     best = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).best_trial
     assert best.params["percentile"] in (10, 20)

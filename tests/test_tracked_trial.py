@@ -132,7 +132,7 @@ def test_register_download_and_load_in_fresh_process(workdir, shared_cache):
     script = textwrap.dedent(
         f"""
         import sys, json, mlflow
-        model = mlflow.pytorch.load_model("models:/digits-cnn@champion")
+        model = mlflow.pyfunc.load_model("models:/digits-cnn@champion").get_raw_model()
         assert "wavesweep" not in sys.modules  # inference needs no wavesweep import
         from wavesweep import evaluate, trial
         from wavesweep.config import TrialConfig

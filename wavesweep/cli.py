@@ -72,6 +72,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
     print("note: dwt weights are dense after reconstruction; its compression is in the coefficients (c-sparsity).")
     for w in result.warnings[:5]:
         print(f"warning: {w}")
+    if note := tracking.default_experiment_note(args.launched_run_id):
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -91,7 +93,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     mv = register_trial_model(args.run_id, name=args.name, alias=args.alias or None, method=args.method)
     alias = f" alias {args.alias}" if args.alias else ""
     print(f"registered {mv.name} version {mv.version}{alias} from run {args.run_id}")
-    print(f"load it with: mlflow.pytorch.load_model('models:/{mv.name}@{args.alias}')" if args.alias else "")
+    if args.alias:
+        print(f"load it with: mlflow.pyfunc.load_model('models:/{mv.name}@{args.alias}').get_raw_model()  # an nn.Module")
     return 0
 
 
@@ -121,7 +124,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from wavesweep import tracking
 
     tracking.init_tracking()  # creates the store (and its schema) when there is none yet
-    cmd = ["mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", args.host, "--port", str(args.port)]
+    # One worker: MLflow's default of 4 processes, each importing MLflow, takes tens of seconds to
+    # answer on a small machine; one serves a person browsing runs.
+    cmd = ["mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", args.host, "--port", str(args.port),
+           "--workers", "1"]  # fmt: skip
     print("starting: " + " ".join(cmd))
     # MLflow's job executor serves GenAI features and starts several worker processes; browsing
     # and comparing runs does not need it.
@@ -143,6 +149,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     )  # fmt: skip
     url = args.storage or spec.storage or study.DEFAULT_STORAGE
     _print_summary(outcome.study, outcome.run_id, url)
+    from wavesweep import tracking
+
+    if note := tracking.default_experiment_note(args.launched_run_id):
+        print(note, file=sys.stderr)
     if study.best_trial(outcome.study) is not None:  # a complete trial exists
         _report(outcome.study, args.report_dir, args.register_best, outcome.run_id)
     if outcome.status != "FINISHED":
@@ -208,7 +218,7 @@ def _report(found: Any, report_dir: str | None, register: str | None, parent: st
             raise ValueError(f"study {found.study_name!r} has no complete trial to register")
         mv = register_trial_model(best.user_attrs["mlflow_run_id"], name=register, alias="champion")
         print(f"registered best trial {best.number} as {mv.name} version {mv.version} alias champion "
-              f"(load: mlflow.pytorch.load_model('models:/{mv.name}@champion'))")  # fmt: skip
+              f"(load: mlflow.pyfunc.load_model('models:/{mv.name}@champion').get_raw_model())")  # fmt: skip
         if parent:
             tracking.log_batch(client, parent, tags={"registered_model": f"{mv.name}/{mv.version}"})
 
@@ -243,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("trial", help="run one tracked trial (dwt vs matched magnitude vs random)")
     _add_trial_options(t)
-    t.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or 'wavesweep')")
+    t.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, $MLFLOW_EXPERIMENT_ID or 'wavesweep')")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_trial)
 

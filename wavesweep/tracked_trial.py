@@ -102,7 +102,8 @@ def run_tracked_trial(
 
 
 def register_trial_model(run_id: str, *, name: str, alias: str | None = "champion", method: str = "dwt") -> Any:
-    """Register a trial's pruned model as an MLflow model version (pytorch flavour, pt2 with signature).
+    """Register a trial's pruned model as an MLflow model version: an ordinary PyTorch module
+    (state dict + architecture, see ``pruned_model``) that loads without wavesweep.
 
     The model is rebuilt from the run's compressed checkpoint (the exact weights that were
     evaluated), with two real evaluation inputs as its input example; the version is tagged with
@@ -127,5 +128,6 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
         model.eval()
         _, eval_set = load_eval_set(cfg)
         example = torch.stack([eval_set[i][0] for i in range(min(2, len(eval_set)))]).numpy()
-        return tracking.register_model(model, input_example=example, checkpoint=ckpt, run_id=run.info.run_id, name=name,
-                                       alias=alias, method=method, tags=tags)  # fmt: skip
+        architecture = {"model": cfg.model, **kwargs}
+        return tracking.register_model(model, architecture=architecture, input_example=example, checkpoint=ckpt,
+                                       run_id=run.info.run_id, name=name, alias=alias, method=method, tags=tags)  # fmt: skip

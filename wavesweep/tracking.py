@@ -72,7 +72,8 @@ def init_tracking(experiment: str | None = None, *, run_id: str | None = None) -
     """Create the store's schema (``tracking_uri()``) and the experiment; returns a client and the experiment id.
 
     The experiment is ``experiment``, else the one of ``run_id`` (a run ``mlflow run`` created),
-    else ``$MLFLOW_EXPERIMENT_NAME`` or ``wavesweep``. Creating a fresh SQLite store runs schema
+    else, as MLflow itself resolves it, ``$MLFLOW_EXPERIMENT_NAME``, then ``$MLFLOW_EXPERIMENT_ID``,
+    else ``wavesweep``. Creating a fresh SQLite store runs schema
     migrations; several processes doing that at once race, so creation happens under an
     exclusive file lock beside the database.
     """
@@ -89,6 +90,8 @@ def init_tracking(experiment: str | None = None, *, run_id: str | None = None) -
 def _ensure_experiment(client: MlflowClient, name: str | None, run_id: str | None) -> str:
     if run_id and name is None:  # started by `mlflow run`: the run it created fixes the experiment
         return client.get_run(run_id).info.experiment_id
+    if name is None and not os.environ.get("MLFLOW_EXPERIMENT_NAME") and (exp_id := os.environ.get("MLFLOW_EXPERIMENT_ID")):
+        return client.get_experiment(exp_id).experiment_id  # an unknown id is MLflow's error, naming it
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -260,7 +263,8 @@ def close_run(
 
 
 def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
-    """Per-layer metrics: a series over layer index (charts by layer) and one named metric per layer."""
+    """Per-layer metrics: one series per quantity over the layer index (step), so the UI charts
+    them by layer; layer names are in the ``layers.json`` table (no one-point metric per layer)."""
     out: list[tuple[str, float, int]] = []
     for i, row in enumerate(frame.itertuples(index=False)):
         series = {
@@ -272,8 +276,6 @@ def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
             series["layer_effective_level"] = row.level_effective
         for k, v in series.items():
             out.append((k, float(v), i))
-        out.append((f"layers/{row.name}/weight_sparsity", float(row.weight_sparsity), 0))
-        out.append((f"layers/{row.name}/coeff_sparsity", float(row.coeff_sparsity), 0))
     return out
 
 
@@ -327,6 +329,26 @@ def get_trial_run(client: MlflowClient, run_id: str):
     return run
 
 
+def trial_layers(client: MlflowClient, run_id: str) -> dict[str, list[Any]] | None:
+    """Per-layer lists of a trial run (from its ``layers_dwt.csv`` and ``layers_magnitude.csv``):
+    name, dwt coefficient and weight sparsity, magnitude weight sparsity, requested and effective
+    level; None when the run has no such files."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            dwt = pd.read_csv(client.download_artifacts(run_id, "layers_dwt.csv", tmp))
+            mag = pd.read_csv(client.download_artifacts(run_id, "layers_magnitude.csv", tmp))
+        except (MlflowException, OSError) as exc:
+            log.info("no per-layer files on run %s: %s", run_id, exc)
+            return None
+    level = lambda col: [None if pd.isna(v) else int(v) for v in dwt[col]]  # noqa: E731
+    return {
+        "name": [str(x) for x in dwt["name"]], "dwt_coeff_sparsity": dwt["coeff_sparsity"].astype(float).tolist(),
+        "dwt_weight_sparsity": dwt["weight_sparsity"].astype(float).tolist(),
+        "magnitude_weight_sparsity": mag["weight_sparsity"].astype(float).tolist(),
+        "level_requested": level("level_requested"), "level_effective": level("level_effective"),
+    }  # fmt: skip
+
+
 def trial_config_of(run) -> TrialConfig:
     from dataclasses import fields
 
@@ -342,39 +364,65 @@ def download_checkpoint(client: MlflowClient, run_id: str, method: str, dst: Pat
 # --------------------------------------------------------------------------- registry
 
 
+REGISTERED_DIR = "registered-{method}"  # run-relative artifact folder of a registered model
+
+
 def register_model(
-    model: Any, *, input_example: Any, checkpoint: Path, run_id: str, name: str, alias: str | None, method: str,
-    tags: dict[str, Any],
+    model: Any, *, architecture: dict[str, Any], input_example: Any, checkpoint: Path, run_id: str, name: str,
+    alias: str | None, method: str, tags: dict[str, Any],
 ) -> Any:
-    """Log ``model`` on ``run_id`` (pytorch flavour, pt2, signature from ``input_example``, the
-    compressed ``checkpoint`` shipped beside it), register it under ``name`` with version ``tags``
-    and ``alias``; returns the model version."""
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
-            name=f"registered-{method}",
-            input_example=input_example,
-            serialization_format="pt2",
-            extra_files=[str(checkpoint)],
-            registered_model_name=name,
+    """Save ``model`` as an ordinary PyTorch module, add it to ``run_id``'s artifacts, register it
+    under ``name`` with version ``tags`` and ``alias``; returns the model version.
+
+    The format (``pruned_model``): the state dict (tensors only, safe to load) with the
+    ``architecture`` (``{"model", "num_classes", "in_channels", "image_size"}``) rebuilt by the
+    shipped ``architectures.py``, plus the compressed ``checkpoint``, as an MLflow pyfunc with a
+    signature from ``input_example`` (any batch size). It loads without wavesweep, is as large as
+    the dense state dict plus the checkpoint, and trains like any module.
+
+    The source run is not reopened: the model is written with ``save_model`` and uploaded with
+    ``log_artifacts``, so its status, end time, tags, params and metrics stay as they were.
+    """
+    import torch
+    from mlflow.models import infer_signature
+
+    from wavesweep import architectures, pruned_model
+
+    artifact_path = REGISTERED_DIR.format(method=method)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, data / pruned_model.STATE_DICT)
+        (data / pruned_model.ARCHITECTURE).write_text(json.dumps(architecture, indent=2))
+        shutil.copyfile(checkpoint, data / Path(checkpoint).name)
+        model.eval()
+        with torch.no_grad():
+            output = model(torch.as_tensor(input_example)).numpy()
+        folder = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            str(folder), loader_module="pruned_model", data_path=str(data),
+            code_paths=[pruned_model.__file__, architectures.__file__],
+            signature=infer_signature(input_example, output), input_example=input_example,
             pip_requirements=_pip_requirements(),
-        )
-    c = client()
-    version = str(info.registered_model_version)
+        )  # fmt: skip
+        c = client()
+        c.log_artifacts(run_id, str(folder), artifact_path)
+    with contextlib.suppress(MlflowException):  # exists already
+        c.create_registered_model(name)
+    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    mv = c.create_model_version(name, source, run_id=run_id, tags={k: _fmt(v) for k, v in tags.items() if v is not None})
     c.set_registered_model_tag(name, "wavesweep", "true")
-    for k, v in tags.items():
-        if v is not None:
-            c.set_model_version_tag(name, version, k, _fmt(v))
     if alias:
-        c.set_registered_model_alias(name, alias, version)
-    return c.get_model_version(name, version)
+        c.set_registered_model_alias(name, alias, mv.version)
+    return c.get_model_version(name, mv.version)
 
 
 def _pip_requirements() -> list[str]:
     import torch
     import torchvision
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy"]
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy",
+            f"mlflow=={mlflow.__version__}"]
 
 
 def list_registered() -> list[dict[str, Any]]:
@@ -408,9 +456,17 @@ def weights_from_uri(uri: str, cache: Path) -> Path:
     key = hashlib.sha256(f"{tracking_uri()}|{uri}".encode()).hexdigest()[:24]
     path = cache / "uri-weights" / f"{key}.pt"
     if not path.exists():
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        from wavesweep import pruned_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            pyfunc = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
+            if pyfunc.get("loader_module") == "pruned_model":  # registered by wavesweep: its state dict, tensors only
+                state = torch.load(local / pyfunc["data"] / pruned_model.STATE_DICT, map_location="cpu", weights_only=True)
+            else:
+                state = mlflow.pytorch.load_model(uri, map_location="cpu").state_dict()
         with atomic_write(path) as fh:
-            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, fh)
+            torch.save({k: v.detach().clone() for k, v in state.items()}, fh)
     return path
 
 
@@ -471,6 +527,18 @@ def start_study_run(
     if launched and launched != run_id:
         log_batch(client, launched, tags={"wavesweep.kind": "study-launch", "optuna.study": study_name, "study_run_id": run_id})
     return run_id
+
+
+def default_experiment_note(run_id: str | None) -> str | None:
+    """A hint when ``mlflow run`` put ``run_id`` in MLflow's Default experiment (no
+    ``--experiment-name``), where it sits apart from every other wavesweep run; else None."""
+    if not run_id:
+        return None
+    with contextlib.suppress(MlflowException):
+        if client().get_run(run_id).info.experiment_id == "0":
+            return (f"note: run {run_id} is in MLflow's Default experiment; other wavesweep runs are in "
+                    f"'{DEFAULT_EXPERIMENT}': launch with `mlflow run . --experiment-name {DEFAULT_EXPERIMENT} ...`")  # fmt: skip
+    return None
 
 
 def run_status(client: MlflowClient, run_id: str) -> str | None:

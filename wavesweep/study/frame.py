@@ -45,7 +45,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "duration_s": t.duration.total_seconds() if t.duration else np.nan,
             "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""), "surplus": bool(t.user_attrs.get("surplus", False)),
         }  # fmt: skip
-        row |= t.user_attrs.get("config") or {}
+        row |= t.user_attrs.get("config") or {}  # studies recorded before scalar user attributes
+        row |= {k: v for k, v in t.user_attrs.items() if not isinstance(v, (dict, list)) and k not in row}
         row |= t.params
         metrics = dict(t.user_attrs.get("metrics") or {})
         row["layers"] = metrics.pop("layers", None)
@@ -73,11 +74,68 @@ def _importances(study: optuna.Study) -> dict[str, dict[str, float]]:
     return out
 
 
-def build_report(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
-    """Write the study's plots and summary tables to ``out_dir``; returns {name: path}."""
+def _target(i: int):
+    return lambda t: t.values[i]
+
+
+def write_interactive(study: optuna.Study, path: Path) -> Path | None:
+    """One HTML page of Optuna's own ``optuna.visualization`` figures (plotly): history and
+    parameter importances per objective, and the Pareto front of a multi-objective study.
+    None (and a log line) when plotly is not installed."""
+    try:
+        import plotly  # noqa: F401
+    except ImportError:
+        log.warning("plotly is not installed: no interactive report (pip install plotly)")
+        return None
+    from optuna import visualization as vis
+
     from wavesweep import report
+    from wavesweep.fileio import atomic_write
+
+    names = study.metric_names or [o[0] for o in study.user_attrs.get("objectives") or []] or ["value"]
+    multi = len(study.directions) > 1
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    figs: list[tuple[str, Any]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, name in enumerate(names):
+            kw = {"target": _target(i), "target_name": name} if multi else {}
+            figs.append((f"optimisation history: {name}", vis.plot_optimization_history(study, **kw)))
+            if len(complete) >= 2:
+                try:
+                    fig = vis.plot_param_importances(study, **({"target": _target(i), "target_name": name} if multi else {}))
+                except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+                    log.info("no importance figure for %s: %s", name, exc)
+                else:
+                    caveat = report.importance_caveat(len(complete))
+                    if caveat:
+                        fig.update_layout(title=f"Hyperparameter importances for {name}<br><sub>CAUTION: {caveat}</sub>")
+                    figs.append((f"parameter importances: {name}", fig))
+        if multi:
+            figs.append(("Pareto front", vis.plot_pareto_front(study, target_names=names)))
+    parts = [f"<h2>{title}</h2>" + fig.to_html(full_html=False, include_plotlyjs=(k == 0)) for k, (title, fig) in enumerate(figs)]
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>study {study.study_name}</title></head><body>"
+            f"<h1>study {study.study_name}</h1>{''.join(parts)}</body></html>")  # fmt: skip
+    with atomic_write(path, "w") as fh:
+        fh.write(html)
+    return path
+
+
+def build_report(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
+    """Write the study's plots and summary tables to ``out_dir``; returns {name: path}.
+
+    The best trial's per-layer lists come from its MLflow run (``layers_<method>.csv``)."""
+    from wavesweep import report, tracking
 
     frame = trials_frame(study)
     objectives = [tuple(o) for o in (study.user_attrs.get("objectives") or [])]
+    best = best_trial(study)
+    if best is not None and best.user_attrs.get("mlflow_run_id") and len(frame):
+        row = frame.index[frame["number"] == best.number]
+        if len(row) and not isinstance(frame.at[row[0], "layers"], dict):
+            frame.at[row[0], "layers"] = tracking.trial_layers(tracking.client(), best.user_attrs["mlflow_run_id"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    html = write_interactive(study, out_dir / "study.html")
     return report.write_report(frame, out_dir, study_name=study.study_name, objectives=objectives,
-                               importances=_importances(study))  # fmt: skip
+                               importances=_importances(study), extra_files={"interactive": html} if html else None)  # fmt: skip

@@ -47,20 +47,53 @@ def reporter(trial: optuna.Trial, pruner: str, seen: list[Chunk]) -> Reporter:
     return report
 
 
+#: headline metrics kept as scalar user attributes of an Optuna trial (what optuna-dashboard and
+#: the report show); everything else (the config, per-layer lists) is on the trial's MLflow run.
+USER_ATTR_METRICS = (
+    "top1", *(f"{m}_top1" for m in schema.BASELINES), "base_top1",
+    "prerec_top1", *(f"{m}_prerec_top1" for m in schema.BASELINES),
+    *(f"gain_top1_vs_{m}" for m in schema.BASELINES),
+    *(f"dwt_vs_{m}_{k}" for m in schema.BASELINES for k in ("gap", "ci_low", "ci_high", "mcnemar_p")),
+    "pruned_fraction", *(f"{m}_pruned_fraction" for m in schema.BASELINES),
+    "compression_ratio", *(f"{m}_compression_ratio" for m in schema.BASELINES),
+    "stored_bytes", *(f"{m}_stored_bytes" for m in schema.BASELINES), "dense_bytes",
+    "coeff_sparsity", "weight_sparsity_model", "n_eval",
+)  # fmt: skip
+#: config values kept as scalar user attributes (the search-space values are the trial's params)
+USER_ATTR_CONFIG = ("model", "dataset", "recovery", "seed")
+
+
 def trial_record(metrics: dict[str, float], result: TrialResult) -> dict[str, Any]:
-    """What a study keeps in Optuna for its report: every headline metric and per-layer sparsity."""
-    record: dict[str, Any] = {k: float(metrics[k]) for k in schema.headline_names() if k in metrics}
+    """The scalar user attributes of a COMPLETE study trial: the headline numbers (top-1 per
+    method, gaps and intervals, compression, stored bytes), the effective DWT levels (min, max,
+    how many layers were clamped below the request) and the class count (chance = 1/num_classes)."""
+    record: dict[str, Any] = {k: float(metrics[k]) for k in USER_ATTR_METRICS if k in metrics}
     record["examples_evaluated"] = 3 * int(metrics["n_eval"])
-    frame = result.outcomes["dwt"].stats.to_frame()
-    mag = result.outcomes["magnitude"].stats.to_frame()
-    record["layers"] = {
-        "name": [str(x) for x in frame["name"]],
-        "dwt_coeff_sparsity": [float(x) for x in frame["coeff_sparsity"]],
-        "dwt_weight_sparsity": [float(x) for x in frame["weight_sparsity"]],
-        "magnitude_weight_sparsity": [float(x) for x in mag["weight_sparsity"]],
-        "level_effective": [None if pd.isna(x) else int(x) for x in frame["level_effective"]],
-    }
+    layers = result.outcomes["dwt"].stats.layers
+    eff = [l.level_effective for l in layers if l.level_effective is not None]
+    below = sum(l.level_effective is not None and l.level_requested is not None and l.level_effective < l.level_requested
+                for l in layers)  # fmt: skip
+    if eff:
+        record |= {"level_effective_min": int(min(eff)), "level_effective_max": int(max(eff))}
+    record["layers_below_requested_level"] = int(below)
+    record["num_classes"] = int(result.base.build_kwargs["num_classes"])
     return record
+
+
+def _set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+
+
+def _name_objectives(study: optuna.Study, spec: StudySpec) -> None:
+    """Objective names (``study.set_metric_names``) for optuna-dashboard and ``optuna`` CLI tables."""
+    import warnings
+
+    names = [o.metric for o in spec.objectives]
+    if study.metric_names != names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
 
 
 def objective(
@@ -84,7 +117,8 @@ def objective(
             raise Surplus(f"trial {trial.number} not needed: the study already has {n_trials} trials")
     params = {p.name: p.suggest(trial) for p in spec.space}
     cfg = TrialConfig.from_mapping({**spec.fixed, **params})
-    trial.set_user_attr("config", cfg.to_dict())
+    _name_objectives(trial.study, spec)
+    _set_user_attrs(trial, {k: getattr(cfg, k) for k in USER_ATTR_CONFIG})
     client, _ = tracking.init_tracking(experiment=experiment)
     chunks: list[Chunk] = []
     run_ids: list[str] = []
@@ -110,7 +144,7 @@ def objective(
         )  # fmt: skip
     except optuna.TrialPruned:
         last = chunks[-1] if chunks else None
-        trial.set_user_attr("metrics", {
+        _set_user_attrs(trial, {
             "pruned_step": last.step if last else -1, "partial_top1": last.result.top1 if last else None,
             "examples_evaluated": last.result.n if last else 0,
         })  # fmt: skip
@@ -129,6 +163,6 @@ def objective(
             trial.set_user_attr("error", f"objective {o.metric} is {v}")
             raise ValueError(f"objective {o.metric} is {v} for trial {trial.number}")
         values.append(float(v))
-    trial.set_user_attr("metrics", trial_record(metrics, result))
+    _set_user_attrs(trial, trial_record(metrics, result))
     tag_run("COMPLETE", values)
     return values[0] if len(values) == 1 else values

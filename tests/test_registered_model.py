@@ -1,0 +1,177 @@
+"""The registered model as a user downloads it: an ordinary PyTorch module, in a fresh process
+where wavesweep cannot be imported; and registering leaves the source run as it was."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from wavesweep import accounting, models, train
+from wavesweep.config import TrialConfig
+from wavesweep.trial import load_eval_set
+
+pytestmark = pytest.mark.slow
+
+# Runs first in the child: any import of wavesweep (the editable install's finder, a path entry) fails.
+NO_WAVESWEEP = """
+import sys
+class _NoWavesweep:
+    def find_spec(self, name, path=None, target=None):
+        if name == "wavesweep" or name.startswith("wavesweep."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked for this test)")
+        return None
+sys.meta_path.insert(0, _NoWavesweep())
+try:
+    import wavesweep
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("wavesweep is importable")
+"""
+
+CHILD = """
+import json, sys
+import mlflow, numpy as np, torch
+uri, folder = sys.argv[1], sys.argv[2]
+x, y, expected = (np.load(f"{folder}/{k}.npy") for k in ("x", "y", "logits"))
+pf = mlflow.pyfunc.load_model(uri)
+net = pf.get_raw_model()
+out = {"type": f"{type(net).__module__}.{type(net).__name__}", "is_module": isinstance(net, torch.nn.Module),
+       "training_after_load": net.training}
+with torch.no_grad():
+    out["max_err_by_batch"] = {b: float(np.abs(net(torch.from_numpy(x[:b])).numpy() - expected[:b]).max()) for b in (1, 3, len(x))}
+out["predict_err"] = float(np.abs(pf.predict(x[:5]) - expected[:5]).max())
+out["train_returns_self"] = net.train() is net and net.training
+out["eval_returns_self"] = net.eval() is net and not net.training
+net.train()
+before = [p.detach().clone() for p in net.parameters()]
+opt = torch.optim.SGD(net.parameters(), lr=0.05)
+losses = []
+for _ in range(3):
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y).long())
+    loss.backward()
+    opt.step()
+    losses.append(float(loss))
+out["losses"] = losses
+out["params_changed"] = sum(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+out["n_params"] = len(before)
+out["wavesweep_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "wavesweep")
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def trial_run(workdir, shared_cache):
+    from wavesweep.tracked_trial import run_tracked_trial
+
+    base = train.get_base_model("cnn", "digits", seed=0, cache_root=shared_cache, progress=False,
+                                train_config=train.TrainConfig(epochs=1, batch_size=64, lr=1e-2))  # fmt: skip
+    cfg = TrialConfig.from_mapping({"model": "cnn", "weights": str(base.path), "eval_limit": 100, "timing_batches": 0,
+                                    "recovery": "none", "wavelet": "haar", "level": 2, "percentile": 60})  # fmt: skip
+    _result, run_id = run_tracked_trial(cfg)
+    return cfg, run_id
+
+
+def test_register_leaves_the_source_run_unchanged(trial_run):
+    from wavesweep.tracked_trial import register_trial_model
+
+    _cfg, run_id = trial_run
+    client = MlflowClient()
+    before = client.get_run(run_id)
+    mv = register_trial_model(run_id, name="unchanged", alias="champion")
+    after = client.get_run(run_id)
+    assert mv.run_id == run_id and str(mv.version) == "1"
+    assert (after.info.status, after.info.end_time, after.info.start_time) == (before.info.status, before.info.end_time, before.info.start_time)
+    assert before.info.status == "FINISHED" and before.info.end_time is not None
+    assert after.data.tags == before.data.tags
+    assert after.data.params == before.data.params and after.data.metrics == before.data.metrics
+    # what changed: one folder of artifacts, the model
+    assert "registered-dwt" in [f.path for f in client.list_artifacts(run_id)]
+
+
+def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp_path):
+    from wavesweep.tracked_trial import register_trial_model
+
+    cfg, run_id = trial_run
+    register_trial_model(run_id, name="plain", alias="champion")
+    client = MlflowClient()
+    run = client.get_run(run_id)
+
+    # the download: no larger than the dense model plus its compressed checkpoint (+ a few kB of MLmodel,
+    # requirements, the two code files and the input example)
+    dl = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/plain@champion", dst_path=str(tmp_path / "dl")))
+    total = sum(p.stat().st_size for p in dl.rglob("*") if p.is_file())
+    ckpt = next(dl.rglob("dwt.wsz"))
+    dense = run.data.metrics["dense_bytes"]
+    assert total <= dense + ckpt.stat().st_size + 64_000, (total, dense, ckpt.stat().st_size)
+    assert ckpt.stat().st_size - accounting.read_header(ckpt)["header_bytes"] == run.data.metrics["stored_bytes"]
+
+    # the oracle: the evaluated weights, decoded from the trial's compressed checkpoint by wavesweep
+    _, eval_set = load_eval_set(cfg)
+    x = torch.stack([eval_set[i][0] for i in range(7)])
+    y = np.array([int(eval_set[i][1]) for i in range(7)])
+    model, _ = accounting.load_compressed(ckpt, models.build_model("cnn", num_classes=10, in_channels=1, image_size=8))
+    with torch.no_grad():
+        logits = model.eval()(x).numpy()
+    for k, v in {"x": x.numpy(), "y": y, "logits": logits}.items():
+        np.save(tmp_path / f"{k}.npy", v)
+
+    env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-I", "-c", NO_WAVESWEEP + CHILD, "models:/plain@champion", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["is_module"] and out["type"] == "architectures.SmallCNN"
+    assert out["wavesweep_modules"] == []
+    assert out["training_after_load"] is False  # loaded in eval mode, as evaluated
+    assert all(err < 1e-5 for err in out["max_err_by_batch"].values()), out["max_err_by_batch"]  # batch sizes 1, 3, 7
+    assert out["predict_err"] < 1e-5
+    assert out["train_returns_self"] and out["eval_returns_self"]
+    assert out["params_changed"] == out["n_params"] > 0  # fine-tuning updates every parameter
+    assert out["losses"][-1] < out["losses"][0]
+
+
+def test_registered_model_serves_as_base_weights(trial_run, tmp_path):
+    """``--weights models:/NAME@alias`` reads the registered state dict (tensors only)."""
+    from wavesweep import tracking
+    from wavesweep.tracked_trial import register_trial_model
+
+    _cfg, run_id = trial_run
+    register_trial_model(run_id, name="as-base", alias="champion")
+    path = tracking.weights_from_uri("models:/as-base@champion", tmp_path)
+    state = torch.load(path, weights_only=True)
+    dl = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/as-base@champion", dst_path=str(tmp_path / "dl")))
+    saved = torch.load(next(dl.rglob("state_dict.pt")), weights_only=True)
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in state)
+
+
+def test_load_table_as_documented_and_no_metric_per_layer(trial_run):
+    """``mlflow.load_table`` (MLflow's documented call, in the run's experiment) reads the per-layer
+    table; per-layer numbers are series over the layer index, not one metric per layer name."""
+    import pandas as pd
+
+    _cfg, run_id = trial_run
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    table = mlflow.load_table("layers.json", run_ids=[run_id], extra_columns=["run_id"])
+    csv = pd.read_csv(client.download_artifacts(run_id, "layers_dwt.csv"))
+    assert list(table["name"]) == list(csv["name"]) and set(table["run_id"]) == {run_id}
+    assert np.allclose(table["coeff_sparsity"], csv["coeff_sparsity"])
+    every = mlflow.load_table("layers.json", extra_columns=["run_id"])  # the trial run and its 3 method runs
+    assert every["run_id"].nunique() == 4 and len(every) == 4 * len(csv)
+    kids = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    for r in [run, *kids]:
+        assert not [k for k in r.data.metrics if k.startswith("layers/")]
+        history = client.get_metric_history(r.info.run_id, "layer_coeff_sparsity")
+        assert sorted(m.step for m in history) == list(range(len(csv)))
