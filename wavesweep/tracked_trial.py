@@ -123,7 +123,11 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracking.download_checkpoint(client, run.info.run_id, method, Path(tmp))
-        model, _meta = accounting.load_compressed(ckpt, models.build_model(cfg.model, **kwargs))
+        try:
+            model, _meta = accounting.load_compressed(ckpt, models.build_model(cfg.model, **kwargs))
+        except ValueError as exc:  # name the artifact, not the temporary download folder
+            where = f"runs:/{run.info.run_id}/{tracking.CHECKPOINT_DIR}/{method}.wsz"
+            raise ValueError(str(exc).replace(str(ckpt), where)) from None
         model.eval()
         _, eval_set = load_eval_set(cfg)
         example = torch.stack([eval_set[i][0] for i in range(min(2, len(eval_set)))]).numpy()
