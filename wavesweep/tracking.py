@@ -286,6 +286,7 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
     base_params = {
         "base_model": base.model_name, "base_dataset": base.dataset_name, "base_seed": base.seed,
         "base_source": base.source, "base_checksum": base.checksum, "base_path": str(base.path),
+        **({"base_uri": base.uri} if getattr(base, "uri", "") else {}),
         **{f"base_{k}": v for k, v in base.build_kwargs.items()},
         "n_eval": result.eval_info["n_eval"],
     }  # fmt: skip
@@ -398,20 +399,79 @@ def download(uri: str, dst: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
 
 
-def weights_from_uri(uri: str, cache: Path) -> Path:
-    """Materialise a registered/logged model's state dict as a local file (for base models given by URI)."""
+def resolve_model_uri(uri: str) -> str:
+    """``uri`` pinned to what it means now: ``models:/NAME@alias`` and ``models:/NAME/latest`` become
+    ``models:/NAME/VERSION`` (read from the registry); version and ``runs:/`` URIs are returned as given.
+
+    An alias can move between two trials; pinning it first is what keeps a cache keyed by URI
+    from serving the old version under the new alias."""
+    if not uri.startswith("models:/"):
+        return uri
+    rest = uri[len("models:/") :].strip("/")
+    c = client()
+    try:
+        if "@" in rest.split("/", 1)[0]:
+            name, alias = rest.split("/", 1)[0].rsplit("@", 1)
+            mv = c.get_model_version_by_alias(name, alias)
+            return f"models:/{name}/{mv.version}"
+        name, _, ref = rest.partition("/")
+        if ref == "latest":
+            versions = c.get_registered_model(name).latest_versions or []
+            if not versions:
+                raise ValueError(f"{uri}: registered model {name!r} has no versions")
+            return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    except MlflowException as exc:
+        raise ValueError(f"{uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return uri
+
+
+#: file name suffixes looked at in a downloaded model, in order of preference
+_WEIGHT_SUFFIXES = (".wsz", ".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
+    """A registered or logged model's state dict as a local file, without running code from it.
+
+    ``uri`` is resolved first (:func:`resolve_model_uri`), then its files are downloaded and the
+    weights read from one file of a format that cannot execute code: wavesweep's ``.wsz``
+    checkpoint (shipped with every model ``wavesweep register`` creates), a ``.safetensors``
+    file, or a state dict read with ``torch.load(weights_only=True)``. Anything else, such as
+    MLflow's pickle-format pytorch model, is refused with a one-line ValueError. NaN or infinite
+    weights are refused too. Returns ``(state-dict file in cache, resolved uri)``; the file is
+    cached by the resolved uri.
+    """
     import hashlib
 
     import torch
 
-    init_tracking()
-    key = hashlib.sha256(f"{tracking_uri()}|{uri}".encode()).hexdigest()[:24]
+    from wavesweep import models
+
+    resolved = resolve_model_uri(uri)
+    key = hashlib.sha256(f"{tracking_uri()}|{resolved}".encode()).hexdigest()[:24]
     path = cache / "uri-weights" / f"{key}.pt"
-    if not path.exists():
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
-        with atomic_write(path) as fh:
-            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, fh)
-    return path
+    if path.exists():
+        return path, resolved
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=tmp))
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        candidates = sorted((p for p in files if p.suffix in _WEIGHT_SUFFIXES), key=lambda p: _WEIGHT_SUFFIXES.index(p.suffix))
+        if not candidates:
+            raise ValueError(f"{resolved}: no weights file in it; wavesweep reads {models.SAFE_FORMATS}")
+        best = [p for p in candidates if p.suffix == candidates[0].suffix]
+        if len(best) > 1:
+            names = ", ".join(str(p.relative_to(local)) for p in best[:4])
+            raise ValueError(f"{resolved}: several weights files ({names}); give the one to use, e.g. {resolved.rstrip('/')}/{best[0].relative_to(local)}")
+        rel = best[0].name if local.is_file() else str(best[0].relative_to(local))
+        try:
+            state, _meta = models.read_weights(best[0])
+            models.check_finite(state, source=f"{resolved} ({rel})")
+        except ValueError as exc:  # name the artifact, not the temporary download folder
+            where = f"{resolved} ({rel})"
+            msg = str(exc).replace(f"weights file {str(best[0])!r}", where).replace(str(best[0]), where)
+            raise ValueError(msg) from None
+    with atomic_write(path) as fh:
+        torch.save({k: v.detach().clone() for k, v in state.items()}, fh)
+    return path, resolved
 
 
 # --------------------------------------------------------------------------- studies

@@ -1,0 +1,194 @@
+"""Nothing lost, nothing silently wrong (issue 14, items 6-12): corrupt checkpoints through the CLI,
+unsafe model URIs, aliases that move, non-finite weights, and one-line errors for hostile inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from tests.conftest import subprocess_env
+from wavesweep import accounting, cli, models, tracking, train
+from wavesweep import pruning as P
+from wavesweep import wavelets as wv
+from wavesweep.config import TrialConfig
+
+DIGITS = {"num_classes": 10, "in_channels": 1, "image_size": 8}
+TINY = {"model": "cnn", "eval_limit": 100, "timing_batches": 0, "recovery": "none"}
+
+
+def _cnn_state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return models.build_model("cnn", **DIGITS).state_dict()
+
+
+def _one_line_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("wavesweep: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+def _register_state_dict(name: str, state: dict[str, torch.Tensor], tmp: Path) -> str:
+    """Register ``state`` (a plain state-dict file) as a new version of ``name``; returns the version."""
+    c = MlflowClient()
+    folder = tmp / f"sd-{name}-{len(list(tmp.glob('sd-*')))}"
+    folder.mkdir()
+    torch.save(state, folder / "weights.pt")
+    exp = c.get_experiment_by_name("wavesweep") or c.get_experiment(c.create_experiment("wavesweep"))
+    run = c.create_run(exp.experiment_id)
+    c.log_artifacts(run.info.run_id, str(folder), "model")
+    c.set_terminated(run.info.run_id)
+    try:
+        c.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass  # exists
+    return c.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id).version
+
+
+# --------------------------------------------------------------------------- 6: corrupt checkpoint, register
+
+
+def test_register_refuses_a_checkpoint_with_a_flipped_header_bit(workdir, capsys):
+    tracking.init_tracking()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.LevelClampedWarning)
+        res = P.prune_dwt(models.build_model("cnn", **DIGITS), wavelet="bior1.3", level=1, percentile=50, layout="filter")
+    folder = workdir / "ckpt"
+    accounting.save_compressed(res, folder / "dwt.wsz")
+    data = bytearray((folder / "dwt.wsz").read_bytes())
+    at = data.index(b'"bior1.3"', accounting.HEADER_FIXED_BYTES) + 7
+    data[at] ^= 0x02  # bior1.3 -> bior1.1 in the metadata: before version 2 this loaded as another model
+    (folder / "dwt.wsz").write_bytes(bytes(data))
+    c = MlflowClient()
+    exp = c.get_experiment_by_name("wavesweep").experiment_id
+    run_id = c.create_run(exp, tags={"wavesweep.kind": "trial", "method": "trial"}).info.run_id
+    params = {k: str(v) for k, v in TrialConfig(**{**TINY, "wavelet": "bior1.3", "level": 1}).to_dict().items()}
+    params |= {f"base_{k}": str(v) for k, v in DIGITS.items()}
+    tracking.log_batch(c, run_id, params=params)
+    c.log_artifacts(run_id, str(folder), tracking.CHECKPOINT_DIR)
+    c.set_terminated(run_id)
+    capsys.readouterr()
+    err = _one_line_error(capsys, cli.main(["register", run_id, "--name", "corrupt"]))
+    assert f"runs:/{run_id}/checkpoints/dwt.wsz: corrupt: file CRC-32 mismatch" in err
+    assert "/tmp" not in err  # the artifact is named, not the temporary download folder
+    assert c.search_registered_models() == []
+
+
+# --------------------------------------------------------------------------- 7: no pickles from URIs
+
+
+class _Marker:
+    """Unpickling this creates a file: the stand-in for code a pickle runs on the worker."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class _Evil(nn.Module):
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.payload = _Marker(marker)
+
+
+def test_pickle_format_registered_model_is_refused_without_running_its_code(workdir, capsys):
+    tracking.init_tracking()
+    marker = workdir / "pwned"
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(_Evil(str(marker)), name="m", serialization_format="pickle",
+                                 registered_model_name="evil", pip_requirements=["torch"])  # fmt: skip
+    marker.unlink(missing_ok=True)
+    capsys.readouterr()
+    with pytest.raises(ValueError) as ei:
+        tracking.weights_from_uri("models:/evil/1", workdir / "cache")
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith("models:/evil/1 (data/model.pth): a pickle") and "weights_only" in msg
+    assert not marker.exists()
+    # the same through the CLI: one line, exit 2, and still no code run
+    code = cli.main(["trial", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()], "--weights", "models:/evil/1"])
+    err = _one_line_error(capsys, code)
+    assert err.startswith("wavesweep: error: models:/evil/1 (data/model.pth): a pickle") and not marker.exists()
+    code = cli.main(["trial", "--model", "cnn", "--weights", "models:/evil@nosuch"])
+    assert _one_line_error(capsys, code) == "wavesweep: error: models:/evil@nosuch: Registered model alias nosuch not found."
+    mlflow.pytorch.load_model("models:/evil/1")  # the positive control: MLflow's loader does run it
+    assert marker.exists()
+
+
+# --------------------------------------------------------------------------- 8: aliases
+
+
+@pytest.mark.slow
+def test_alias_moved_between_two_trials_gives_two_base_checksums(workdir, tmp_path):
+    from wavesweep.tracked_trial import run_tracked_trial
+
+    tracking.init_tracking()
+    v1 = _register_state_dict("base", _cnn_state(1), tmp_path)
+    v2 = _register_state_dict("base", _cnn_state(2), tmp_path)
+    c = MlflowClient()
+    cfg = TrialConfig.from_mapping({**TINY, "weights": "models:/base@champion"})
+    seen = []
+    for version in (v1, v2):
+        c.set_registered_model_alias("base", "champion", version)
+        result, run_id = run_tracked_trial(cfg)
+        params = c.get_run(run_id).data.params
+        assert params["base_uri"] == f"models:/base/{version}" and params["weights"] == "models:/base@champion"
+        assert params["base_checksum"] == result.base.checksum == train.file_sha256(result.base.path)
+        seen.append(params["base_checksum"])
+    assert seen[0] != seen[1]
+
+
+def test_alias_resolves_before_the_cache(workdir, tmp_path):
+    tracking.init_tracking()
+    v1 = _register_state_dict("b", _cnn_state(1), tmp_path)
+    v2 = _register_state_dict("b", _cnn_state(2), tmp_path)
+    c, cache = MlflowClient(), tmp_path / "cache"
+    c.set_registered_model_alias("b", "a", v1)
+    p1, u1 = tracking.weights_from_uri("models:/b@a", cache)
+    c.set_registered_model_alias("b", "a", v2)
+    p2, u2 = tracking.weights_from_uri("models:/b@a", cache)
+    assert (u1, u2) == ("models:/b/1", "models:/b/2") and p1 != p2
+    assert torch.equal(torch.load(p2, weights_only=True)["features.0.weight"], _cnn_state(2)["features.0.weight"])
+    assert tracking.weights_from_uri("models:/b/latest", cache)[1] == "models:/b/2"
+
+
+# --------------------------------------------------------------------------- 12: non-finite weights
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_base_weights_are_refused_naming_the_tensor(workdir, tmp_path, bad):
+    state = _cnn_state(0)
+    state["features.3.weight"][0, 0, 0, 0] = bad
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"tensor 'features\.3\.weight' has 1 NaN or infinite value"):
+        train.get_base_model("cnn", "digits", weights=path)
+    tracking.init_tracking()  # the same weights registered and given by URI
+    _register_state_dict("nan", state, tmp_path)
+    with pytest.raises(ValueError, match=r"^models:/nan/1 \(weights\.pt\): tensor 'features\.3\.weight'"):
+        tracking.weights_from_uri("models:/nan/1", tmp_path / "cache")
+
+
+def test_non_finite_wsz_weights_are_refused(tmp_path):
+    state = _cnn_state(0)
+    state["fc.bias"][3] = float("nan")
+    model = models.build_model("cnn", **DIGITS)
+    model.load_state_dict(state)
+    res = P.prune_magnitude(model, 0.5)
+    accounting.save_compressed(res, tmp_path / "m.wsz")
+    with pytest.raises(ValueError, match=r"tensor 'fc\.bias' has 1 NaN"):
+        train.get_base_model("cnn", "digits", weights=tmp_path / "m.wsz")
