@@ -192,3 +192,53 @@ def test_non_finite_wsz_weights_are_refused(tmp_path):
     accounting.save_compressed(res, tmp_path / "m.wsz")
     with pytest.raises(ValueError, match=r"tensor 'fc\.bias' has 1 NaN"):
         train.get_base_model("cnn", "digits", weights=tmp_path / "m.wsz")
+
+
+# --------------------------------------------------------------------------- 11: spec parsing limits
+
+_SPEC_TAIL = "space: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n"
+BILLION_LAUGHS = "\n".join(
+    ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    + ["study: laughs", "description: *a9"]
+) + "\n"  # 12 lines; 9**10 nodes once expanded
+
+
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        (BILLION_LAUGHS.encode(), ["bad.yaml:", "expands to over 100000 YAML nodes"]),
+        (("study: deep\nfixed: " + "[" * 5000 + "]" * 5000 + "\n" + _SPEC_TAIL).encode(), ["bad.yaml:2", "nested deeper than 50 levels"]),
+        (("study: deep\nfixed:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 5000)) + _SPEC_TAIL).encode(), ["bad.yaml:", "nested deeper than 50"]),
+        (b"study: x\n" + _SPEC_TAIL.encode() + b"description: caf\xe9\n", ["bad.yaml:5", "not UTF-8", "0xe9"]),
+        (b"study: x\nsampler: {name: grid}\nspace:\n  percentile: {low: 0, high: 100, step: 1.0e-9}\nobjectives: {top1: maximize}\n",
+         ["bad.yaml:4", "space.percentile.step", "1e+11 grid points", "limit of 100000"]),
+        (b"study: x\nsampler: {name: grid}\nspace:\n  percentile: {low: 0, high: 100, step: 0.01}\n  level: [1, 2, 3, 4, 5]\n"
+         b"  wavelet: [haar, db2, db4]\nobjectives: {top1: maximize}\n", ["space", "150015 points (10001 x 5 x 3)", "limit of 100000"]),
+        (("study: x\nsampler: {name: tpe, n_startup_trials: x}\n" + _SPEC_TAIL).encode(),
+         ["bad.yaml:2", "sampler.n_startup_trials", "n_startup_trials='x' must be integer"]),
+        (("study: x\nsampler: {name: tpe, multivariate: 3}\n" + _SPEC_TAIL).encode(), ["sampler.multivariate", "true/false"]),
+        (("study: x\npruner: {name: median, n_warmup_steps: 1.5}\n" + _SPEC_TAIL).encode(), ["pruner.n_warmup_steps", "must be integer"]),
+        (("study: x\nsampler: {name: nsga2, crossover_prob: yes}\n" + _SPEC_TAIL).encode(), ["crossover_prob=True", "number"]),
+    ],
+    ids=["billion-laughs", "deep-flow", "deep-block", "latin-1", "grid-step", "grid-product", "startup-x", "bool", "int", "float"],
+)
+def test_spec_resource_limits_are_one_line_errors(workdir, capsys, content, needles):
+    import time
+
+    (workdir / "bad.yaml").write_bytes(content)
+    t0 = time.perf_counter()
+    err = _one_line_error(capsys, cli.main(["study", "bad.yaml", "-q"]))
+    assert time.perf_counter() - t0 < 10  # fails fast, before building anything large
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (workdir / "optuna.db").exists()
+
+
+def test_aliases_within_the_bounds_still_work(workdir):
+    from wavesweep import study
+
+    (workdir / "ok.yaml").write_text("study: ok\nfixed: &f {mode: symmetric}\n" + _SPEC_TAIL + "description: x\n")
+    assert study.load_spec(workdir / "ok.yaml").fixed == {"mode": "symmetric"}
+    (workdir / "ok.yaml").write_text("study: ok\nsampler: {name: tpe, n_startup_trials: 3, multivariate: true, prior_weight: 2}\n" + _SPEC_TAIL)
+    assert study.load_spec(workdir / "ok.yaml").sampler_options == {"n_startup_trials": 3, "multivariate": True, "prior_weight": 2}
