@@ -242,3 +242,80 @@ def test_aliases_within_the_bounds_still_work(workdir):
     assert study.load_spec(workdir / "ok.yaml").fixed == {"mode": "symmetric"}
     (workdir / "ok.yaml").write_text("study: ok\nsampler: {name: tpe, n_startup_trials: 3, multivariate: true, prior_weight: 2}\n" + _SPEC_TAIL)
     assert study.load_spec(workdir / "ok.yaml").sampler_options == {"n_startup_trials": 3, "multivariate": True, "prior_weight": 2}
+
+
+# --------------------------------------------------------------------------- 10: paths and names
+
+
+def test_registered_name_with_a_quote_does_not_break_models(workdir, tmp_path, capsys):
+    tracking.init_tracking()
+    c = MlflowClient()
+    for name in ("it's", "plain"):
+        _register_state_dict(name, _cnn_state(0), tmp_path)
+        c.set_registered_model_tag(name, "wavesweep", "true")
+    capsys.readouterr()
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "it's v1 aliases=-" in out and "plain v1 aliases=-" in out
+    err = _one_line_error(capsys, cli.main(["register", "0" * 32, "--name", "bad'name"]))
+    assert "registered model name \"bad'name\" is not a valid name" in err
+
+
+def test_download_refuses_to_overwrite_without_force(workdir, tmp_path, capsys):
+    tracking.init_tracking()
+    _register_state_dict("dl", _cnn_state(0), tmp_path)
+    dst = workdir / "out"
+    dst.mkdir()
+    (dst / "weights.pt").write_text("mine")
+    err = _one_line_error(capsys, cli.main(["download", "models:/dl/1", "--dst", "out"]))
+    assert "out/weights.pt exists (1 file(s) would be overwritten); pass --force" in err
+    assert (dst / "weights.pt").read_text() == "mine"
+    assert cli.main(["download", "models:/dl/1", "--dst", "out", "--force"]) == 0
+    assert torch.equal(torch.load(dst / "weights.pt", weights_only=True)["fc.bias"], _cnn_state(0)["fc.bias"])
+
+
+def test_read_only_commands_create_no_store_experiment_or_folder(workdir, capsys):
+    assert cli.main(["models"]) == 0
+    assert "no registered wavesweep models" in capsys.readouterr().out
+    err = _one_line_error(capsys, cli.main(["download", "models:/nope/1", "--dst", "d"]))
+    assert "no MLflow store at" in err
+    assert sorted(p.name for p in workdir.iterdir()) == []  # no mlflow.db, lock file, mlruns/ or d/
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_written_files_get_normal_modes(tmp_path, umask, mode):
+    from wavesweep.fileio import atomic_write
+
+    old = os.umask(umask)
+    try:
+        with atomic_write(tmp_path / "f.bin") as fh:
+            fh.write(b"x")
+        res = P.prune_magnitude(nn.Sequential(nn.Conv2d(1, 2, 3)), 0.5)
+        accounting.save_compressed(res, tmp_path / "c.wsz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "c.wsz").stat().st_mode & 0o777 == mode
+
+
+# --------------------------------------------------------------------------- 9: secrets
+
+
+def test_credentials_are_redacted_in_params_tags_errors_and_logs(workdir, capsys, caplog):
+    from wavesweep.redact import RedactingFilter, redact
+
+    url = "postgresql://user:s3cret@db.example:5432/optuna"
+    assert redact(url) == "postgresql://user:***@db.example:5432/optuna"
+    assert redact("https://h/x?token=abc&y=1") == "https://h/x?token=***&y=1"
+    assert redact("sqlite:///optuna.db user@host") == "sqlite:///optuna.db user@host"
+    client, exp = tracking.init_tracking()
+    run_id = client.create_run(exp).info.run_id
+    tracking.log_batch(client, run_id, params={"storage": url}, tags={"optuna.storage": url, "study.spec": f"storage: {url}\n"})
+    tracking.close_run(client, run_id, "FAILED", error=f"OperationalError: cannot connect to {url}", children=False)
+    run = client.get_run(run_id)
+    recorded = [run.data.params["storage"], run.data.tags["optuna.storage"], run.data.tags["study.spec"], run.data.tags["error"]]
+    assert all("s3cret" not in v and "user:***@" in v for v in recorded), recorded
+    err = _one_line_error(capsys, cli.main(["trial", "--dataset", url]))
+    assert "postgresql://user:***@db.example" in err and "s3cret" not in err
+    record = __import__("logging").LogRecord("x", 30, __file__, 1, "connecting to %s", (url,), None)
+    assert RedactingFilter().filter(record) and record.getMessage() == "connecting to postgresql://user:***@db.example:5432/optuna"

@@ -34,6 +34,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 import wavesweep
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import atomic_write, file_lock
+from wavesweep.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +140,11 @@ def log_batch(
     ``metrics`` is ``{key: value}`` (step 0) or a list of ``(key, value, step)``. Params that the
     run already has (``mlflow run`` logs its ``-P`` values itself) are skipped, not re-logged;
     ``new_run=True`` (the caller knows the run has none of these params: a run it created and
-    logged other keys on) skips that look-up.
+    logged other keys on) skips that look-up. Every param and tag value is :func:`redact`-ed.
     """
     existing = client.get_run(run_id).data.params if params and not new_run else {}
-    ps = [Param(k, _fmt(v)) for k, v in (params or {}).items() if k not in existing]
-    ts = [RunTag(k, _fmt(v)) for k, v in (tags or {}).items()]
+    ps = [Param(k, redact(_fmt(v))) for k, v in (params or {}).items() if k not in existing]
+    ts = [RunTag(k, redact(_fmt(v))) for k, v in (tags or {}).items()]
     now = int(time.time() * 1000)
     triples = [(k, v, 0) for k, v in metrics.items()] if isinstance(metrics, dict) else list(metrics or [])
     ms = [Metric(k, float(v), now, int(step)) for k, v, step in triples if v is not None]
@@ -378,25 +379,72 @@ def _pip_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy"]
 
 
+def store_exists() -> bool:
+    """Whether the tracking store can be read without creating it: False only for a SQLite URI
+    whose file does not exist (commands that only read must not create a store or an experiment)."""
+    db = _sqlite_path(tracking_uri())
+    return db is None or db.is_file()
+
+
 def list_registered() -> list[dict[str, Any]]:
-    """Registered wavesweep models with their versions' aliases and tags."""
+    """Registered wavesweep models with their versions' aliases and tags.
+
+    No filter string is built from a model's name (a name with a quote must not break the
+    listing): versions are read page by page and grouped by name here."""
+    if not store_exists():
+        return []
     c = client()
+    mine = {rm.name: rm for rm in c.search_registered_models(filter_string="tags.wavesweep = 'true'")}
+    by_name: dict[str, list[Any]] = {}
+    token = None
+    while mine:
+        page = c.search_model_versions(max_results=1000, page_token=token)
+        for mv in page:
+            if mv.name in mine:
+                by_name.setdefault(mv.name, []).append(mv)
+        token = page.token
+        if not token:
+            break
     out = []
-    for rm in c.search_registered_models(filter_string="tags.wavesweep = 'true'"):
+    for name in mine:
         # search results carry no aliases: read them (alias -> version) from the model itself
-        aliases = c.get_registered_model(rm.name).aliases or {}
-        for mv in c.search_model_versions(f"name = '{rm.name}'"):
-            mine = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
-            out.append({"name": rm.name, "version": mv.version, "aliases": mine, "tags": dict(mv.tags),
+        aliases = c.get_registered_model(name).aliases or {}
+        for mv in sorted(by_name.get(name, []), key=lambda v: -int(v.version)):
+            mine_aliases = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
+            out.append({"name": name, "version": mv.version, "aliases": mine_aliases, "tags": dict(mv.tags),
                         "run_id": mv.run_id})  # fmt: skip
     return out
 
 
-def download(uri: str, dst: Path) -> Path:
-    """Download a model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/...``) as files into ``dst``."""
-    init_tracking()
-    dst.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+def download(uri: str, dst: Path, *, force: bool = False) -> Path:
+    """Download a model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/...``) as files into ``dst``.
+
+    Reads only: no store, experiment or folder is created unless the download succeeds. Files
+    that already exist in ``dst`` are not overwritten unless ``force`` (``ValueError`` naming the
+    first); the files are fetched into a temporary folder first, so a failed download leaves
+    ``dst`` as it was. Returns the downloaded file or folder inside ``dst``."""
+    import shutil
+
+    if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        raise ValueError(f"cannot download {uri!r}: give models:/NAME@alias, models:/NAME/VERSION or runs:/RUN_ID/path")
+    if ".." in uri.replace("\\", "/").split("/"):
+        raise ValueError(f"cannot download {uri!r}: '..' is not allowed in an artifact URI")
+    if not store_exists():
+        raise ValueError(f"no MLflow store at {redact(tracking_uri())}: nothing to download (set MLFLOW_TRACKING_URI?)")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except MlflowException as exc:
+            raise ValueError(f"cannot download {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        targets = {f: dst / f.relative_to(tmp) for f in files}
+        existing = [t for t in targets.values() if t.exists()]
+        if existing and not force:
+            raise ValueError(f"{existing[0]} exists ({len(existing)} file(s) would be overwritten); pass --force to overwrite")
+        for src, target in targets.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), str(target))
+        return dst / local.relative_to(tmp)
 
 
 def resolve_model_uri(uri: str) -> str:
@@ -480,10 +528,8 @@ def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (storage URLs are recorded as tags)."""
-    import re
-
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """``url`` with any password replaced by ``***`` (kept for callers; same as :func:`redact`)."""
+    return redact(url)
 
 
 def start_study_run(
@@ -527,7 +573,7 @@ def start_study_run(
     }  # fmt: skip
     log_batch(client, run_id, params=params, tags=tags)
     if spec_file is not None:
-        _log_files(client, run_id, {spec_file.name: spec_text}, "spec")
+        _log_files(client, run_id, {spec_file.name: redact(spec_text)}, "spec")
     if launched and launched != run_id:
         log_batch(client, launched, tags={"wavesweep.kind": "study-launch", "optuna.study": study_name, "study_run_id": run_id})
     return run_id

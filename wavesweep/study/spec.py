@@ -36,6 +36,7 @@ import yaml
 
 from wavesweep import schema
 from wavesweep.config import TrialConfig
+from wavesweep.registry import check_name
 from wavesweep.study.storage import PRUNERS, SAMPLERS
 
 TOP_KEYS = (
@@ -141,6 +142,10 @@ class StudySpec:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise SpecError(("study",), f"study name must be a non-empty string, got {self.name!r}")
+        try:  # it names the report folder (reports/NAME) and goes into MLflow filter strings
+            check_name("study name", self.name)
+        except ValueError as exc:
+            raise SpecError(("study",), str(exc)) from None
         cfg_fields = {f.name for f in fields(TrialConfig)}
         for key in self.fixed:
             if key not in cfg_fields:
