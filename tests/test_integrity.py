@@ -319,3 +319,82 @@ def test_credentials_are_redacted_in_params_tags_errors_and_logs(workdir, capsys
     assert "postgresql://user:***@db.example" in err and "s3cret" not in err
     record = __import__("logging").LogRecord("x", 30, __file__, 1, "connecting to %s", (url,), None)
     assert RedactingFilter().filter(record) and record.getMessage() == "connecting to postgresql://user:***@db.example:5432/optuna"
+
+
+# --------------------------------------------------------------------------- one-line errors
+
+
+def _weights_file(kind: str, folder: Path) -> Path:
+    path = folder / f"{kind}.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save(_cnn_state(0), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "malicious":
+        torch.save({"state_dict": _Marker(str(folder / "pwned"))}, path)
+        (folder / "pwned").unlink(missing_ok=True)  # torch.save does not run it; be sure
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["trial", "--wavelet", "bior13"], ["unknown wavelet 'bior13'", "did you mean bior1.3"]),
+        (["trial", "--wavelt", "haar"], ["unrecognized arguments: --wavelt haar", "did you mean --wavelet?"]),
+        (["trial", "--model", "cnn", "--weights", "~nouser_wavesweep/x.pt"], ["'~nouser_wavesweep'"]),
+        (["download", "mlflow-artifacts:/../..", "--dst", "d"], ["'mlflow-artifacts:/../..'", "'..' is not allowed"]),
+        (["trial", "--keep-approx", "maybe"], ["keep_approx='maybe' is not a boolean"]),
+        (["trial", "--no-keep-approx=1"], ["--no-keep-approx takes no value"]),
+        (["study"], ["study: the following arguments are required: spec"]),
+    ],
+    ids=["wavelet-typo", "flag-typo", "nouser", "download-dotdot", "bool-value", "no-flag-value", "missing-arg"],
+)
+def test_bad_input_is_one_line_exit_2(workdir, capsys, argv, needles):
+    err = _one_line_error(capsys, cli.main(argv))
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "random", "malicious"])
+def test_bad_weights_file_is_one_line_exit_2(workdir, capsys, kind):
+    path = _weights_file(kind, workdir)
+    err = _one_line_error(capsys, cli.main(["trial", "--model", "cnn", "--weights", str(path)]))
+    assert str(path) in err
+    if kind == "malicious":
+        assert "refused: weights_only=True" in err and not (workdir / "pwned").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_before_any_run(workdir, capsys):
+    err = _one_line_error(capsys, cli.main(["trial", "--model", "cnn", "--device", "cuda"]))
+    assert "device 'cuda' requested but CUDA is not available" in err
+    assert not (workdir / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (["trial", "--model", "cnn", "--nosuch", "1"], "invalid command line: unrecognized arguments: --nosuch 1"),
+        (["trial", "--model", "cnn", "--wavelet", "nope"], "invalid parameters: unknown wavelet 'nope'"),
+        (["study", "bad.yaml"], "bad.yaml:1: study: study name '../x' is not a valid name"),
+    ],
+    ids=["unknown-P-key", "bad-value", "study-entry-point"],
+)
+def test_every_mlflow_run_failure_carries_the_error_tag(workdir, shared_cache, argv, error):
+    """As `mlflow run` starts it: MLFLOW_RUN_ID names a run created beforehand; the process fails
+    with one line and that run gets status FAILED and the tag ``error``."""
+    (workdir / "bad.yaml").write_text("study: ../x\n" + _SPEC_TAIL)
+    client, exp = tracking.init_tracking()
+    run_id = client.create_run(exp).info.run_id
+    env = {**subprocess_env(workdir, shared_cache), "MLFLOW_RUN_ID": run_id}
+    proc = subprocess.run([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wavesweep: error: "), proc.stderr
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith(error), run.data.tags["error"]
