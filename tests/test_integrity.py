@@ -398,3 +398,47 @@ def test_every_mlflow_run_failure_carries_the_error_tag(workdir, shared_cache, a
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["error"].startswith(error), run.data.tags["error"]
+
+
+# --------------------------------------------------------------------------- packaging and CLI (issue 12, section 6)
+
+
+def _reqs(lines) -> dict[str, str]:
+    import re
+
+    return {re.split(r"[<>=!~]", r, 1)[0].lower(): r for r in lines}
+
+
+def test_environments_match_pyproject_and_are_bounded():
+    import tomllib
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    deps = _reqs(project["dependencies"])
+    pe = yaml.safe_load((root / "python_env.yaml").read_text())
+    assert pe["python"] == "3.11" and pe["build_dependencies"] == ["pip", "setuptools", "wheel"]
+    conda = yaml.safe_load((root / "conda.yaml").read_text())
+    conda_pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    for reqs in (_reqs(pe["dependencies"]), _reqs(conda_pip)):
+        assert set(reqs) == set(deps)
+        assert all("<" in r for r in reqs.values()), reqs  # every version bounded above
+    assert yaml.safe_load((root / "MLproject").read_text())["python_env"] == "python_env.yaml"
+    assert "dashboard" in project["optional-dependencies"]
+    assert project["license"] == {"text": "MIT"} and (root / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_version_and_help_for_every_subcommand_and_flag(capsys):
+    import wavesweep
+
+    with pytest.raises(SystemExit) as ei:
+        cli.build_parser().parse_args(["--version"])
+    assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"wavesweep {wavesweep.__version__}"
+    parser = cli.build_parser()
+    subs = parser._subparsers._group_actions[0]
+    helped = {a.dest for a in subs._choices_actions if a.help}
+    assert helped == set(subs.choices)
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)
