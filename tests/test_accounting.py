@@ -213,12 +213,12 @@ def _corrupt(path, fn):
     "damage, match",
     [
         (lambda d: d[:10], "truncated"),
-        (lambda d: d[:-7], "truncated"),
-        (lambda d: d + b"x", "trailing bytes"),
+        (lambda d: d[:-7], "CRC-32"),  # the whole-file CRC is checked before the metadata is read
+        (lambda d: d + b"x", "CRC-32"),
         (lambda d: b"NOTWAVES" + d[8:], "not a wavesweep compressed checkpoint"),
         (lambda d: d[:8] + struct.pack("<I", 99) + d[12:], "unsupported format version 99"),
-        (lambda d: d[:20] + b"\xff" + d[21:], "corrupt metadata"),
-        (lambda d: d[:20] + b"[" + d[21:], "corrupt metadata"),
+        (lambda d: d[:24] + b"\xff" + d[25:], "CRC-32"),
+        (lambda d: d[:24] + b"[" + d[25:], "CRC-32"),
         (lambda d: d[:-3] + bytes([d[-3] ^ 0xFF]) + d[-2:], "CRC-32"),
         (lambda d: d[:12] + struct.pack("<Q", 10**9) + d[20:], "truncated"),
     ],
@@ -266,3 +266,119 @@ def test_resnet18_dwt_checkpoint(tmp_path):
     model, _ = A.load_compressed(path, torchvision.models.resnet18(weights=None))
     for k, v in res.model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- header integrity (issue 14, item 6)
+
+
+def _tiny_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.Flatten(), nn.Linear(2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.LevelClampedWarning)
+        res = P.prune_dwt(model, wavelet="bior1.3", level=1, percentile=50, layout="filter")
+    path = tmp_path / "t.wsz"
+    A.save_compressed(res, path)
+    return path, model
+
+
+def _rejects_one_line(path, data):
+    """Loading ``data`` raises only a one-line ValueError naming the file."""
+    path.write_bytes(bytes(data))
+    try:
+        A.read_compressed(path)
+    except ValueError as e:
+        msg = str(e)
+        assert "\n" not in msg and msg.startswith(str(path)) or msg.startswith("cannot read"), msg
+        return msg
+    raise AssertionError(f"damaged checkpoint of {len(data)} bytes loaded without error")
+
+
+def test_one_bit_header_flip_is_rejected(tmp_path):
+    """The issue's case: a flipped bit in the JSON (bior1.3 -> bior1.1) must not load as another model."""
+    path, _ = _tiny_checkpoint(tmp_path)
+    data = bytearray(path.read_bytes())
+    at = data.index(b'"bior1.3"', A.HEADER_FIXED_BYTES) + 7  # the "3"
+    data[at] ^= 0x02  # "3" -> "1"
+    assert bytes(data).count(b"bior1.1") == 1
+    assert "CRC-32" in _rejects_one_line(path, data)
+
+
+def test_fuzz_header_only_one_line_value_errors(tmp_path):
+    path, _ = _tiny_checkpoint(tmp_path)
+    good = path.read_bytes()
+    header = A.read_header(path)["header_bytes"]
+    bad = tmp_path / "bad.wsz"
+    for i in range(header * 8):  # every bit of the header (fixed part and JSON)
+        data = bytearray(good)
+        data[i // 8] ^= 1 << (i % 8)
+        _rejects_one_line(bad, data)
+    for n in range(header + 1):  # truncated at every length of the header
+        _rejects_one_line(bad, good[:n])
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 19, 20, 24, 100, len(good)):  # random bytes, with and without the magic
+        _rejects_one_line(bad, rng.bytes(n))
+        _rejects_one_line(bad, A.MAGIC + rng.bytes(n))
+
+
+def _with_crc(data: bytearray) -> bytearray:
+    """Re-stamp the file CRC: a deliberately crafted (not accidentally damaged) file."""
+    import zlib
+
+    crc = zlib.crc32(bytes(data[24:]), zlib.crc32(bytes(data[:20])))
+    data[20:24] = struct.pack("<I", crc)
+    return data
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["entries"][0].__setitem__("shape", [10**30, 10**30]),  # OverflowError territory
+        lambda m: m["entries"][0].__setitem__("shape", "x"),
+        lambda m: m["entries"][0].__setitem__("n", -1),
+        lambda m: m["entries"][0].__setitem__("kept", 1.5),
+        lambda m: m["entries"][0].__setitem__("dtype", ["float32"]),  # unhashable
+        lambda m: m["entries"][0].__setitem__("structure", {"layout": "filter"}),
+        lambda m: m["entries"][0]["structure"].__setitem__("coeff_shapes", 7),
+        lambda m: m["entries"].__setitem__(0, None),
+        lambda m: m["entries"].__setitem__(0, {"key": 1}),
+        lambda m: m.__setitem__("entries", {"a": 1}),
+        lambda m: m.__setitem__("payload_bytes", "12"),
+        lambda m: m.__setitem__("user", json.loads("[" * 70 + "]" * 70)),  # deeper than the limit
+    ],
+)
+def test_crafted_metadata_with_valid_crc_is_one_line_value_error(edit, tmp_path):
+    """A crafted header (valid file CRC) still fails with one line, never another exception type."""
+    path, _ = _tiny_checkpoint(tmp_path)
+    good = path.read_bytes()
+    hb = A.read_header(path)["header_bytes"]
+    meta = json.loads(good[24:hb])
+    assert meta["entries"][0]["kind"] == "dwt"
+    edit(meta)
+    blob = json.dumps(meta).encode()
+    data = bytearray(struct.pack("<8sIQI", A.MAGIC, 2, len(blob), 0) + blob + good[hb:])
+    _rejects_one_line(tmp_path / "crafted.wsz", _with_crc(data))
+
+
+def test_deeply_nested_metadata_is_one_line_value_error(tmp_path):
+    blob = b"[" * 100_000 + b"]" * 100_000
+    data = bytearray(struct.pack("<8sIQI", A.MAGIC, 2, len(blob), 0) + blob)
+    assert "nested deeper" in _rejects_one_line(tmp_path / "deep.wsz", _with_crc(data))
+
+
+def test_version_1_files_are_still_read(tmp_path):
+    path, model = _tiny_checkpoint(tmp_path)
+    good = path.read_bytes()
+    hb = A.read_header(path)["header_bytes"]
+    meta = json.loads(good[24:hb])
+    meta["version"] = 1
+    blob = json.dumps(meta).encode()
+    v1 = tmp_path / "v1.wsz"
+    v1.write_bytes(struct.pack("<8sIQ", A.MAGIC, 1, len(blob)) + blob + good[hb:])
+    sd1, m1 = A.read_compressed(v1)
+    sd2, m2 = A.read_compressed(path)
+    assert (m1["file_version"], m2["file_version"]) == (1, 2)
+    assert m1["header_bytes"] == 20 + len(blob)
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    v1.write_bytes(v1.read_bytes()[:-1] + bytes([v1.read_bytes()[-1] ^ 1]))  # v1: payload CRC still checked
+    assert "payload CRC-32" in _rejects_one_line(v1, v1.read_bytes())

@@ -16,21 +16,27 @@ Stored-bytes encoding, one for all methods (the checkpoint file is exactly this,
 ``dense_bytes / stored_bytes``. A dwt reconstruction is almost never sparse in the weight
 domain (``weight_sparsity`` ~ 0): its compression lives in the coefficients.
 
-File format (version 1), all integers little-endian::
+File format (version 2), all integers little-endian::
 
     offset 0   8 bytes   MAGIC = b"WAVSWEEP"
-    offset 8   uint32    format version (1)
+    offset 8   uint32    format version (2)
     offset 12  uint64    L = length of the JSON metadata
-    offset 20  L bytes   UTF-8 JSON metadata (see ``save_compressed``)
-    offset 20+L          payload: the encoding above, entry by entry in metadata["entries"] order
+    offset 20  uint32    CRC-32 of the whole file except these 4 bytes (bytes 0-19, then 24-end)
+    offset 24  L bytes   UTF-8 JSON metadata (see ``save_compressed``)
+    offset 24+L          payload: the encoding above, entry by entry in metadata["entries"] order
 
-so ``file size == stored_bytes + header_bytes`` with ``header_bytes = 20 + L``
+so ``file size == stored_bytes + header_bytes`` with ``header_bytes = 24 + L``
 (:func:`read_header` returns it). The JSON holds the method, config (wavelet, mode, level,
 layout, ...), user metadata, and per entry: key, kind (``dense``/``mask``/``dwt``), shape,
 dtype, and for pruned entries ``n`` (positions), ``kept``, value dtype and, for dwt, the
 coefficient structure (layout, wavelet, mode, effective level, coefficient array shapes).
-It also holds the payload size and its CRC-32, so truncation and corruption are detected.
-Loading uses only ``json`` and ``numpy.frombuffer`` (no pickle, no ``torch.load``).
+It also holds the payload size and the payload's CRC-32.
+
+The file CRC is checked before the metadata is parsed, so a flipped bit anywhere (the
+wavelet name in the JSON as much as a stored value) is a ``ValueError``, never a silently
+different model. Version 1 files (20-byte header, CRC over the payload only) are still read.
+Whatever the bytes, reading raises only ``ValueError`` with a one-line message. Loading uses
+only ``json`` and ``numpy.frombuffer`` (no pickle, no ``torch.load``).
 """
 
 from __future__ import annotations
@@ -57,9 +63,15 @@ from wavesweep.pruning import PruneResult
 log = logging.getLogger(__name__)
 
 MAGIC = b"WAVSWEEP"
-VERSION = 1
-_FIXED = struct.Struct("<8sIQ")  # magic, version, JSON length
-HEADER_FIXED_BYTES = _FIXED.size  # 20
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_FIXED_V1 = struct.Struct("<8sIQ")  # magic, version, JSON length
+_FIXED = struct.Struct("<8sIQI")  # magic, version, JSON length, file CRC-32
+HEADER_FIXED_BYTES = _FIXED.size  # 24
+_CRC_AT = _FIXED_V1.size  # 20: where the file CRC sits (excluded from what it covers)
+#: bounds on what a header may claim, checked before anything is allocated
+MAX_METADATA_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
 
 __all__ = [
     "MAGIC",
@@ -347,8 +359,13 @@ def save_compressed(result: PruneResult, path: str | os.PathLike, *, metadata: d
         blob = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata for {path} is not JSON-serialisable: {e}") from None
+    head = _FIXED_V1.pack(MAGIC, VERSION, len(blob))
+    file_crc = zlib.crc32(blob, zlib.crc32(head))
+    for c in chunks:
+        file_crc = zlib.crc32(c, file_crc)
     with atomic_write(path) as f:
-        f.write(_FIXED.pack(MAGIC, VERSION, len(blob)))
+        f.write(head)
+        f.write(struct.pack("<I", file_crc))
         f.write(blob)
         for c in chunks:
             f.write(c)
@@ -357,34 +374,85 @@ def save_compressed(result: PruneResult, path: str | os.PathLike, *, metadata: d
     return size
 
 
+def _json_depth_ok(text: str, limit: int) -> bool:
+    """Whether the bracket nesting of JSON ``text`` stays within ``limit`` (strings skipped), so
+    ``json.loads`` never recurses deep enough to raise RecursionError."""
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
 def _read(path: Path) -> tuple[dict, memoryview]:
-    """Parse and validate the header; return (metadata incl. header_bytes, payload view)."""
+    """Parse and validate the header; return (metadata incl. header_bytes, payload view).
+
+    Every problem is a one-line ``ValueError`` naming ``path``."""
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ValueError(f"cannot read compressed checkpoint {path}: {e}") from None
-    if len(data) < HEADER_FIXED_BYTES:
+        raise ValueError(f"cannot read compressed checkpoint {path}: {e.strerror or e}") from None
+    if len(data) < _FIXED_V1.size:
         raise ValueError(f"{path}: truncated: {len(data)} bytes, shorter than the {HEADER_FIXED_BYTES}-byte header")
-    magic, version, n = _FIXED.unpack_from(data)
+    magic, version, n = _FIXED_V1.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"{path}: not a wavesweep compressed checkpoint (magic {magic!r}, expected {MAGIC!r})")
-    if version != VERSION:
-        raise ValueError(f"{path}: unsupported format version {version}; supported: {VERSION}")
-    if HEADER_FIXED_BYTES + n > len(data):
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: unsupported format version {version}; supported: {', '.join(map(str, READABLE_VERSIONS))}")
+    fixed = HEADER_FIXED_BYTES if version >= 2 else _FIXED_V1.size
+    if len(data) < fixed:
+        raise ValueError(f"{path}: truncated: {len(data)} bytes, shorter than the {fixed}-byte header")
+    if n > len(data) - fixed:
         raise ValueError(f"{path}: truncated: metadata length {n} exceeds the file size {len(data)}")
+    if n > MAX_METADATA_BYTES:
+        raise ValueError(f"{path}: corrupt metadata: {n} bytes, above the limit of {MAX_METADATA_BYTES}")
+    if version >= 2:
+        (stored_crc,) = struct.unpack_from("<I", data, _CRC_AT)
+        mv = memoryview(data)
+        if zlib.crc32(mv[fixed:], zlib.crc32(mv[:_CRC_AT])) != stored_crc:
+            raise ValueError(f"{path}: corrupt: file CRC-32 mismatch (header, metadata or payload damaged)")
     try:
-        meta = json.loads(bytes(data[HEADER_FIXED_BYTES : HEADER_FIXED_BYTES + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt metadata: {e}") from None
-    if not isinstance(meta, dict) or "entries" not in meta or "payload_bytes" not in meta:
-        raise ValueError(f"{path}: corrupt metadata: missing 'entries' or 'payload_bytes'")
-    header_bytes = HEADER_FIXED_BYTES + n
+        text = bytes(data[fixed : fixed + n]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: corrupt metadata: not UTF-8 at byte {e.start}") from None
+    if not _json_depth_ok(text, MAX_JSON_DEPTH):
+        raise ValueError(f"{path}: corrupt metadata: nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt metadata: {_one_line(e)}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("entries"), list) or not _is_count(meta.get("payload_bytes")):
+        raise ValueError(f"{path}: corrupt metadata: missing or invalid 'entries' or 'payload_bytes'")
+    header_bytes = fixed + n
     payload = memoryview(data)[header_bytes:]
     if len(payload) != meta["payload_bytes"]:
         what = "truncated" if len(payload) < meta["payload_bytes"] else "trailing bytes"
         raise ValueError(f"{path}: {what}: payload is {len(payload)} bytes, header says {meta['payload_bytes']}")
     meta["header_bytes"] = header_bytes
+    meta["file_version"] = version
     return meta, payload
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:300]
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -414,8 +482,18 @@ def _to_tensor(buf: memoryview, tdt: torch.dtype, npdt: np.dtype | None, count: 
     return raw.view(tdt)[:count]
 
 
+def _shape(v: object) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > 16 or not all(_is_count(i) for i in v):
+        raise ValueError(f"bad shape {str(v)[:80]}")
+    return tuple(v)
+
+
 def read_compressed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Decode a checkpoint into an ordinary state dict (CPU tensors) and its metadata."""
+    """Decode a checkpoint into an ordinary state dict (CPU tensors) and its metadata.
+
+    Any damage is a one-line ``ValueError`` naming ``path`` (never KeyError, TypeError,
+    OverflowError, RecursionError, ...): sizes are checked against the payload before anything
+    is allocated."""
     path = Path(path)
     meta, payload = _read(path)
     if zlib.crc32(payload) != meta.get("payload_crc32"):
@@ -424,8 +502,10 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     pos = 0
     try:
         for e in meta["entries"]:
+            if not isinstance(e, dict) or not isinstance(e.get("key"), str):
+                raise ValueError(f"entry {str(e)[:80]} is not a mapping with a string key")
             key = e["key"]
-            shape = tuple(int(s) for s in e["shape"])
+            shape = _shape(e["shape"])
             tdt, npdt = _entry_dtype(path, e, "dtype")
             numel = math.prod(shape)
             kind = e["kind"]
@@ -434,8 +514,10 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 sd[key] = _to_tensor(buf, tdt, npdt, numel).reshape(shape)
                 continue
             if kind not in ("mask", "dwt"):
-                raise ValueError(f"{path}: entry {key!r}: unknown kind {kind!r}; valid: dense, mask, dwt")
-            n, kept = int(e["n"]), int(e["kept"])
+                raise ValueError(f"{path}: entry {key!r}: unknown kind {str(kind)[:40]!r}; valid: dense, mask, dwt")
+            n, kept = e["n"], e["kept"]
+            if not (_is_count(n) and _is_count(kept)):
+                raise ValueError(f"entry {key!r}: n and kept must be counts, got {str(n)[:20]}, {str(kept)[:20]}")
             buf, pos = _take(path, payload, pos, math.ceil(n / 8), key)
             keep = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=n).astype(bool)
             if int(np.count_nonzero(keep)) != kept:
@@ -456,8 +538,11 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 coeffs = np.zeros(n, dtype=values.numpy().dtype)
                 coeffs[keep] = values.numpy()
                 sd[key] = torch.from_numpy(wv.reconstruct(coeffs, st)).to(tdt).reshape(shape)
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path}: corrupt metadata entry: {err!r}") from None
+    except ValueError as err:
+        msg = _one_line(err)
+        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: corrupt metadata entry: {msg}") from None
+    except (KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError, RuntimeError, MemoryError) as err:
+        raise ValueError(f"{path}: corrupt metadata entry: {type(err).__name__}: {_one_line(err)}") from None
     if pos != len(payload):
         raise ValueError(f"{path}: corrupt: {len(payload) - pos} unread payload bytes")
     return sd, dict(meta)

@@ -20,14 +20,73 @@ from wavesweep.config import FIELD_HELP, TrialConfig
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
 
 
+class UsageError(ValueError):
+    """A command line argparse rejects (unknown flag, missing value): one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing the usage and exiting, so a
+    bad flag is a one-line error like every other, with a "did you mean" for a mistyped flag,
+    and a run ``mlflow run`` created gets the error tag."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments: "):
+            import difflib
+
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for parser in self._subparsers._group_actions[0].choices.values() if self._subparsers else ():
+                flags += [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+            for word in message[len("unrecognized arguments: "):].split():
+                close = difflib.get_close_matches(word.split("=", 1)[0], sorted(set(flags)), n=1)
+                if word.startswith("-") and close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""  # "wavesweep study" -> "study"
+        raise UsageError(f"{sub}: {message}" if sub else message)
+
+
+class _BoolFlag(argparse.Action):
+    """``--flag`` / ``--no-flag`` (argparse.BooleanOptionalAction's switches) that also accept an
+    explicit value, ``--flag true`` / ``--flag=false``, as MLproject commands pass them."""
+
+    def __init__(self, option_strings, dest, **kwargs):  # noqa: ANN001 (argparse's signature)
+        opts = list(option_strings) + [o.replace("--", "--no-", 1) for o in option_strings]
+        super().__init__(opts, dest, nargs="?", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        if option_string and option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value (got {values!r})")
+            values = "false"
+        setattr(namespace, self.dest, "true" if values is None else values)
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
 def _add_trial_options(p: argparse.ArgumentParser) -> None:
     """One flag per TrialConfig field (``eval_limit`` -> ``--eval-limit``), parsed as text and
-    validated by TrialConfig itself, so MLproject ``-P`` values and flags obey the same rules."""
+    validated by TrialConfig itself, so MLproject ``-P`` values and flags obey the same rules.
+    Boolean fields are switches (``--keep-approx``, ``--no-keep-approx``) that also take a value."""
     for f in fields(TrialConfig):
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, action=_BoolFlag, metavar="BOOL",
+                           help=f"{FIELD_HELP[f.name]} (default: {str(f.default).lower()})")  # fmt: skip
+            continue
         p.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=type(f.default).__name__.upper(),
             help=f"{FIELD_HELP[f.name]} (default: {f.default!r})",
         )  # fmt: skip
+
+
+def _check_device(device: str) -> None:
+    """``--device cuda`` on a machine without CUDA is a usage error, found before any run is created."""
+    from wavesweep.evaluate import resolve_device
+
+    try:
+        resolve_device(device)
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _trial_config(args: argparse.Namespace) -> TrialConfig:
@@ -40,6 +99,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
     try:
         cfg = _trial_config(args)
+        _check_device(cfg.device)
     except USAGE_ERRORS as exc:
         if args.launched_run_id:  # `mlflow run` already created a run: mark it FAILED with the reason
             client, _ = tracking.init_tracking(run_id=args.launched_run_id)
@@ -53,7 +113,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     rec = result.config.recovery
     pre = rec != "none"
     print(f"recovery: {rec}" + (" (top1 before -> after recovery in 'pre top1'; every other column is after)" if pre else ""))
-    print(f"{'method':<10} {'top1':>7}" + (f" {'pre top1':>8}" if pre else "") + f" {'top5':>7} {'loss':>7} {'f1':>7} {'w-sparsity':>10} {'c-sparsity':>10} {'stored B':>10} {'ratio':>6} {'ms/batch':>8}")
+    print(f"{'method':<10} {'top1':>7}" + (f" {'pre top1':>8}" if pre else "") + f" {'top5':>7} {'loss':>7} {'f1':>7} {'w-sparsity':>10} {'c-sparsity':>10} {'stored B':>10} {'ratio':>6} {'ms/batch med (p95)':>18}")
     rows = [("base", result.base_eval, None, result.base_timing, None)] + [
         (m, o[m].eval, o[m].stats, o[m].timing, o[m].prerec_eval) for m in o
     ]
@@ -63,7 +123,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
         cs = f"{st.coeff_sparsity:10.3f}" if st else f"{'':>10}"
         sb = f"{st.stored_bytes:10d}" if st else f"{'':>10}"
         cr = f"{st.compression_ratio:6.2f}" if st else f"{'':>6}"
-        ms = f"{tm.median_ms:8.2f}" if tm else f"{'':>8}"
+        ms = f"{f'{tm.median_ms:.2f} ({tm.p95_ms:.2f})':>18}" if tm else f"{'':>18}"
         print(f"{name:<10} {ev.top1:7.4f}{pt} {ev.top5:7.4f} {ev.loss:7.4f} {ev.f1_macro:7.4f} {ws} {cs} {sb} {cr} {ms}")
     for k, c in result.paired.items():
         print(f"{k}: gap {c.gap:+.4f} [95% CI {c.ci_low:+.4f}, {c.ci_high:+.4f}], McNemar p={c.mcnemar_p:.3g}")
@@ -80,6 +140,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from wavesweep import train
 
+    _check_device(args.device)
     base = train.get_base_model(args.model, args.dataset, seed=args.seed, data_root=args.data_root, device=args.device,
                                 progress=not args.quiet)  # fmt: skip
     print(json.dumps({"model": base.model_name, "dataset": base.dataset_name, "source": base.source,
@@ -88,8 +149,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    from wavesweep.registry import check_name
     from wavesweep.tracked_trial import register_trial_model
 
+    check_name("registered model name", args.name)
     mv = register_trial_model(args.run_id, name=args.name, alias=args.alias or None, method=args.method)
     alias = f" alias {args.alias}" if args.alias else ""
     print(f"registered {mv.name} version {mv.version}{alias} from run {args.run_id}")
@@ -101,7 +164,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     from wavesweep import tracking
 
-    path = tracking.download(args.uri, Path(args.dst))
+    path = tracking.download(args.uri, Path(args.dst), force=args.force)
     print(path)
     return 0
 
@@ -141,6 +204,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     from wavesweep import study
 
     spec = study.load_spec(args.spec)
+    if args.register_best:
+        from wavesweep.registry import check_name
+
+        check_name("registered model name", args.register_best)
+    _warn_secrets(args.launched_run_id, args.storage)
     if args.n_trials is not None and args.n_trials < 0:
         raise ValueError(f"--n-trials={args.n_trials} must be >= 0 (0: the spec's n_trials)")
     outcome = study.run_study(
@@ -159,6 +227,19 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"study {spec.name} stopped: {outcome.reason}; fix the cause and run the same command to resume", file=sys.stderr)
         return 1
     return 0
+
+
+def _warn_secrets(launched_run_id: str | None, storage: str | None) -> None:
+    """A password in ``-P storage=...`` has already been logged by ``mlflow run`` itself (as the
+    param ``storage``) before wavesweep starts; wavesweep redacts everything it logs, but cannot
+    take that back, so it says so."""
+    from wavesweep import tracking
+
+    if storage and tracking.redact(storage) != storage:
+        where = " and `mlflow run` stored it as the run's 'storage' param" if launched_run_id else ""
+        logging.getLogger("wavesweep").warning(
+            "the storage URL carries a password%s; put credentials in ~/.pgpass or PGPASSWORD (see README) "
+            "instead of the command line", where)  # fmt: skip
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -205,7 +286,9 @@ def _report(found: Any, report_dir: str | None, register: str | None, parent: st
     from wavesweep import study, tracking
     from wavesweep.tracked_trial import register_trial_model
 
-    out = Path(report_dir) if report_dir else Path("reports") / found.study_name
+    from wavesweep.registry import check_name
+
+    out = Path(report_dir) if report_dir else Path("reports") / check_name("study name", found.study_name)
     files = study.build_report(found, out)
     print(f"report: {out} ({', '.join(sorted(p.name for p in files.values()))})")
     client = tracking.client()
@@ -247,9 +330,12 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wavesweep", description=__doc__.splitlines()[0])
+    from wavesweep import __version__
+
+    p = _Parser(prog="wavesweep", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"wavesweep {__version__}", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("trial", help="run one tracked trial (dwt vs matched magnitude vs random)")
     _add_trial_options(t)
@@ -258,12 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_trial)
 
     tr = sub.add_parser("train", help="train (or load) and cache a base model")
-    tr.add_argument("--model", default="resnet18")
-    tr.add_argument("--dataset", default="digits")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--data-root", default=None)
-    tr.add_argument("--device", default="auto")
-    tr.add_argument("-q", "--quiet", action="store_true")
+    tr.add_argument("--model", default="resnet18", help=FIELD_HELP["model"] + " (default: resnet18)")
+    tr.add_argument("--dataset", default="digits", help=FIELD_HELP["dataset"] + " (default: digits)")
+    tr.add_argument("--seed", type=int, default=0, help="seed for the data split, weight init and data order (default: 0)")
+    tr.add_argument("--data-root", default=None, help=FIELD_HELP["data_root"])
+    tr.add_argument("--device", default="auto", help=FIELD_HELP["device"] + " (default: auto)")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)
 
     r = sub.add_parser("register", help="register a trial's pruned model in the MLflow Model Registry")
@@ -275,16 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_register)
 
     d = sub.add_parser("download", help="download a registered model (e.g. models:/NAME@champion) as files")
-    d.add_argument("uri")
-    d.add_argument("--dst", required=True)
+    d.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
+    d.add_argument("--dst", required=True, help="folder to put the files in (created if absent)")
+    d.add_argument("--force", action="store_true", help="overwrite files that already exist in --dst")
     d.set_defaults(func=cmd_download)
 
     m = sub.add_parser("models", help="list registered wavesweep models, versions and aliases")
     m.set_defaults(func=cmd_models)
 
     u = sub.add_parser("ui", help="start the MLflow UI on this project's store")
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
+    u.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     u.set_defaults(func=cmd_ui)
 
     s = sub.add_parser("study", help="run (or resume) an Optuna study from a sweeps/*.yaml spec")
@@ -295,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     s.add_argument("--register-best", default=None, metavar="NAME", help="register the best trial's model as NAME@champion")
     s.add_argument("--report-dir", default=None, help="where to write plots and tables (default: reports/STUDY)")
-    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_study)
 
     rs = sub.add_parser("results", help="regenerate a results page: top-1 per method at fixed pruned fractions under each recovery")
@@ -304,21 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--configs", default="bior4.4:filter,bior4.4:kernel,db4:filter", help="WAVELET:LAYOUT,...")
     rs.add_argument("--fractions", default="50,70,80,90,95", help="pruned fractions in percent (the dwt percentile)")
     rs.add_argument("--recoveries", default="none,bn,finetune", help="recovery settings to compare")
-    rs.add_argument("--level", type=int, default=5)
+    rs.add_argument("--level", type=int, default=5, help=FIELD_HELP["level"] + " (default: 5)")
     rs.add_argument("--eval-limit", type=int, default=0, help="stratified evaluation subset (0 = the whole test split)")
-    rs.add_argument("--recovery-batches", type=int, default=50)
-    rs.add_argument("--finetune-steps", type=int, default=100)
-    rs.add_argument("--seed", type=int, default=0)
-    rs.add_argument("--device", default="auto")
-    rs.add_argument("--data-root", default="")
+    rs.add_argument("--recovery-batches", type=int, default=50, help=FIELD_HELP["recovery_batches"] + " (default: 50)")
+    rs.add_argument("--finetune-steps", type=int, default=100, help=FIELD_HELP["finetune_steps"] + " (default: 100)")
+    rs.add_argument("--seed", type=int, default=0, help=FIELD_HELP["seed"] + " (default: 0)")
+    rs.add_argument("--device", default="auto", help=FIELD_HELP["device"] + " (default: auto)")
+    rs.add_argument("--data-root", default="", help=FIELD_HELP["data_root"])
     rs.add_argument("--out", default="docs/results-fashion-mnist.md", help="the Markdown page to write")
     rs.set_defaults(func=cmd_results)
 
     rp = sub.add_parser("report", help="plots and summary tables of a study")
     rp.add_argument("study", help="study spec path or study name")
-    rp.add_argument("--storage", default=None)
-    rp.add_argument("--report-dir", default=None)
-    rp.add_argument("--register-best", default=None, metavar="NAME")
+    rp.add_argument("--storage", default=None, help="Optuna storage URL (default: the spec's, else sqlite:///optuna.db)")
+    rp.add_argument("--report-dir", default=None, help="where to write plots and tables (default: reports/STUDY)")
+    rp.add_argument("--register-best", default=None, metavar="NAME", help="register the best trial's model as NAME@champion")
     rp.set_defaults(func=cmd_report)
     return p
 
@@ -329,13 +416,49 @@ def _is_mlflow_error(exc: Exception) -> bool:
     return mod is not None and isinstance(exc, mod.MlflowException)
 
 
+def _tag_launched_run(run_id: str | None, error: str, status: str = "FAILED") -> None:
+    """Record ``error`` on the run ``mlflow run`` created (tag ``error``, status), unless the trial
+    code already did; never masks the error being reported."""
+    if not run_id:
+        return
+    try:
+        from wavesweep import tracking
+
+        client, _ = tracking.init_tracking(run_id=run_id)
+        run = client.get_run(run_id)
+        if "error" not in run.data.tags:
+            tracking.close_run(client, run_id, status, error=error, children=False)
+    except Exception as exc:  # noqa: BLE001 (the original error is what the user must see)
+        logging.getLogger("wavesweep").warning("could not tag run %s with the error: %s", run_id, exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    from wavesweep.redact import redact
+
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return redact(msg)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     # The run `mlflow run` created for this process, read once here and passed down.
-    args.launched_run_id = os.environ.get("MLFLOW_RUN_ID") or None
+    launched_run_id = os.environ.get("MLFLOW_RUN_ID") or None
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        msg = _one_line(exc)
+        print(f"wavesweep: error: {msg}", file=sys.stderr)
+        _tag_launched_run(launched_run_id, f"invalid command line: {msg}")
+        return 2
+    args.launched_run_id = launched_run_id
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from wavesweep.redact import RedactingFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.func is not cmd_download:  # MLflow's download bars would break the one-line errors
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         if args.func not in (cmd_train,):
             from wavesweep import tracking
@@ -344,12 +467,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except Exception as exc:
         if not (isinstance(exc, USAGE_ERRORS) or _is_mlflow_error(exc)):
+            _tag_launched_run(launched_run_id, f"{type(exc).__name__}: {_one_line(exc)}")
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = _one_line(exc)
         print(f"wavesweep: error: {msg}", file=sys.stderr)
+        _tag_launched_run(launched_run_id, msg)
         return 2
     except KeyboardInterrupt:
         print("wavesweep: interrupted", file=sys.stderr)
+        _tag_launched_run(launched_run_id, "interrupted (KeyboardInterrupt)", status="KILLED")
         return 130
 
 

@@ -17,16 +17,31 @@ from pathlib import Path
 from typing import IO
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc``), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing (``mode`` "wb" or "w"); on a clean exit
-    of the block it is flushed, fsynced and renamed to ``path``."""
+    of the block it is flushed, fsynced and renamed to ``path``. The file's mode is 0666 less
+    the umask (0644 under the usual umask), as ``open`` would give, not mkstemp's 0600."""
     if mode not in ("wb", "w"):
         raise ValueError(f"mode {mode!r} is not one of wb, w")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a written file gets the usual mode
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()

@@ -13,6 +13,7 @@ local torch hub cache, and a missing file is a FileNotFoundError saying where to
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -90,10 +91,23 @@ def unwrap_state_dict(obj: Any, *, source: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """ValueError naming the first floating-point tensor of ``state_dict`` that holds a NaN or an
+    infinity: a base model with one gives a run full of ``nan`` metrics that looks finished."""
+    for key, t in state_dict.items():
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(f"{source}: tensor {key!r} has {bad} NaN or infinite value(s) of {t.numel()}; "
+                                 "base weights must be finite")  # fmt: skip
+
+
 def load_state_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> nn.Module:
     """Load ``state_dict`` into ``model`` strictly; on any mismatch raise a ValueError naming
     ``source``, the model's class, the first missing key, unexpected key or shape mismatch,
-    and the counts — the message for "a checkpoint for another architecture"."""
+    and the counts — the message for "a checkpoint for another architecture". A NaN or
+    infinite value is a ValueError naming the tensor (:func:`check_finite`)."""
+    check_finite(state_dict, source=source)
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -124,21 +138,79 @@ def build_loaded(name: str, state_dict: Mapping[str, torch.Tensor], *, source: s
     return load_state_checked(build_model(name, **build_kwargs), state_dict, source=source)
 
 
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a weights file with ``torch.load(weights_only=True)`` on CPU and return its
-    state dict; FileNotFoundError naming the path when it is absent."""
-    path = Path(path).expanduser()
+def expand_path(path: str | os.PathLike, *, what: str = "file") -> Path:
+    """``Path(path).expanduser()``, with an unknown ``~user`` as a one-line ValueError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        raise ValueError(f"{what} {str(path)!r}: cannot expand {str(path).split('/')[0]!r} (no such user or no home)") from None
+
+
+#: file formats :func:`read_weights` accepts: none of them can run code when read
+SAFE_FORMATS = "a state dict (read with torch.load(weights_only=True)), a .safetensors file, or a wavesweep .wsz checkpoint"
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a weights file without running code from it; return ``(state_dict, meta)``.
+
+    By content: wavesweep's compressed checkpoint (magic ``WAVSWEEP``; decoded with json and
+    numpy), a ``.safetensors`` file (when the ``safetensors`` package is installed), else
+    ``torch.load(weights_only=True)`` (a state dict, or wavesweep's ``{"state_dict", "meta"}``
+    cache file; ``meta``: its JSON metadata). An empty, truncated, random or malicious file
+    (a pickle that would run code) is a one-line ValueError naming the file.
+    """
+    path = expand_path(path, what="weights file")
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return unwrap_state_dict(obj, source=str(path))
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        raise ValueError(f"weights file {str(path)!r} is empty")
+    if head == b"WAVSWEEP":
+        from wavesweep import accounting  # lazy: accounting imports pruning, which imports this module
+
+        sd, meta = accounting.read_compressed(path)
+        return sd, {"format": "wsz", "checkpoint": {k: meta.get(k) for k in ("method", "config", "user")}}
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(f"weights file {str(path)!r} is safetensors; install the safetensors package to read it") from None
+        try:
+            return dict(load_file(str(path), device="cpu")), {"format": "safetensors"}
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"weights file {str(path)!r}: not a readable safetensors file ({_first_line(exc)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError (zip), ...: all mean "not a state dict"
+        what = "a pickle that needs code to load (refused: weights_only=True)" if "weights_only" in str(exc).lower() \
+            or "Unsupported global" in str(exc) else f"not a torch state-dict file ({type(exc).__name__}: {_first_line(exc)})"
+        raise ValueError(f"weights file {str(path)!r}: {what}; wavesweep reads {SAFE_FORMATS}") from None
+    meta: dict[str, Any] = {"format": "torch"}
+    if isinstance(obj, Mapping) and isinstance(obj.get("meta"), str):
+        try:
+            meta |= json.loads(obj["meta"])
+        except ValueError:
+            raise ValueError(f"weights file {str(path)!r}: its 'meta' entry is not JSON") from None
+    return unwrap_state_dict(obj, source=str(path)), meta
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of a weights file (:func:`read_weights`); FileNotFoundError naming the
+    path when it is absent."""
+    return read_weights(path)[0]
 
 
 def resnet18_imagenet_path(path: str | os.PathLike | None = None) -> Path:
     """Where the IMAGENET1K_V1 weights are read from: ``path`` if given, else the torch hub
     cache ``torch.hub.get_dir()/checkpoints/resnet18-f37072fd.pth``."""
     if path is not None:
-        return Path(path).expanduser()
+        return expand_path(path, what="weights file")
     return Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_IMAGENET_FILE
 
 

@@ -6,6 +6,8 @@ name raises a ValueError that names the bad value and lists the valid ones.
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
@@ -18,8 +20,25 @@ def check_choice(what: str, value: object, choices: Iterable[object]) -> None:
     if value not in choices:
         shown = ", ".join(map(str, choices))
         if len(shown) > 600:  # 106 wavelets: keep the one-line error readable
-            shown = shown[:600] + ", ..."
-        raise ValueError(f"unknown {what} {value!r}; valid: {shown}")
+            shown = shown[:600].rsplit(", ", 1)[0] + ", ..."
+        close = difflib.get_close_matches(str(value), list(map(str, choices)), n=3) if isinstance(value, str) else []
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ValueError(f"unknown {what} {value!r}; valid: {shown}{hint}")
+
+
+#: names that become file names, folder names or registry filter values: no separators, no
+#: quotes, no leading dot (so never "..", a hidden file or an absolute path)
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@ -]{0,127}")
+
+
+def check_name(what: str, value: object) -> str:
+    """``value`` if it is a safe name (:data:`NAME_RE`), else a one-line ValueError naming it."""
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r} is not a valid name: use 1-128 letters, digits, . _ - + = @ and "
+            "spaces, not starting with '.' or a space (no path separators or quotes)"
+        )
+    return value
 
 
 class Registry(Generic[T]):

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -25,12 +26,17 @@ URI_SCHEMES = ("models:/", "runs:/")
 def resolve_base(cfg: TrialConfig, *, progress: bool = False) -> train.BaseModel:
     """Load (or train once and cache) the base model; an MLflow model URI is materialised first."""
     weights = cfg.weights or None
+    uri = ""
     if weights and weights.startswith(URI_SCHEMES):
-        weights = str(tracking.weights_from_uri(weights, train.cache_dir()))
-    return train.get_base_model(
+        path, uri = tracking.weights_from_uri(weights, train.cache_dir())
+        weights = str(path)
+    base = train.get_base_model(
         cfg.model, cfg.dataset, seed=cfg.seed, data_root=cfg.data_root or None, weights=weights,
         device=cfg.device, progress=progress,
     )  # fmt: skip
+    if uri:
+        base = dataclasses.replace(base, source="mlflow", uri=uri)
+    return base
 
 
 def _write_checkpoints(result: TrialResult, folder: Path, methods: tuple[str, ...]) -> dict[str, Path]:
@@ -124,7 +130,11 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracking.download_checkpoint(client, run.info.run_id, method, Path(tmp))
-        model, _meta = accounting.load_compressed(ckpt, models.build_model(cfg.model, **kwargs))
+        try:
+            model, _meta = accounting.load_compressed(ckpt, models.build_model(cfg.model, **kwargs))
+        except ValueError as exc:  # name the artifact, not the temporary download folder
+            where = f"runs:/{run.info.run_id}/{tracking.CHECKPOINT_DIR}/{method}.wsz"
+            raise ValueError(str(exc).replace(str(ckpt), where)) from None
         model.eval()
         _, eval_set = load_eval_set(cfg)
         example = torch.stack([eval_set[i][0] for i in range(min(2, len(eval_set)))]).numpy()

@@ -34,6 +34,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 import wavesweep
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import atomic_write, file_lock
+from wavesweep.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,11 @@ def log_batch(
     ``metrics`` is ``{key: value}`` (step 0) or a list of ``(key, value, step)``. Params that the
     run already has (``mlflow run`` logs its ``-P`` values itself) are skipped, not re-logged;
     ``new_run=True`` (the caller knows the run has none of these params: a run it created and
-    logged other keys on) skips that look-up.
+    logged other keys on) skips that look-up. Every param and tag value is :func:`redact`-ed.
     """
     existing = client.get_run(run_id).data.params if params and not new_run else {}
-    ps = [Param(k, _fmt(v)) for k, v in (params or {}).items() if k not in existing]
-    ts = [RunTag(k, _fmt(v)) for k, v in (tags or {}).items()]
+    ps = [Param(k, redact(_fmt(v))) for k, v in (params or {}).items() if k not in existing]
+    ts = [RunTag(k, redact(_fmt(v))) for k, v in (tags or {}).items()]
     now = int(time.time() * 1000)
     triples = [(k, v, 0) for k, v in metrics.items()] if isinstance(metrics, dict) else list(metrics or [])
     ms = [Metric(k, float(v), now, int(step)) for k, v, step in triples if v is not None]
@@ -288,6 +289,7 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
     base_params = {
         "base_model": base.model_name, "base_dataset": base.dataset_name, "base_seed": base.seed,
         "base_source": base.source, "base_checksum": base.checksum, "base_path": str(base.path),
+        **({"base_uri": base.uri} if getattr(base, "uri", "") else {}),
         **{f"base_{k}": v for k, v in base.build_kwargs.items()},
         "n_eval": result.eval_info["n_eval"],
     }  # fmt: skip
@@ -425,49 +427,154 @@ def _pip_requirements() -> list[str]:
             f"mlflow=={mlflow.__version__}"]
 
 
+def store_exists() -> bool:
+    """Whether the tracking store can be read without creating it: False only for a SQLite URI
+    whose file does not exist (commands that only read must not create a store or an experiment)."""
+    db = _sqlite_path(tracking_uri())
+    return db is None or db.is_file()
+
+
 def list_registered() -> list[dict[str, Any]]:
-    """Registered wavesweep models with their versions' aliases and tags."""
+    """Registered wavesweep models with their versions' aliases and tags.
+
+    No filter string is built from a model's name (a name with a quote must not break the
+    listing): versions are read page by page and grouped by name here."""
+    if not store_exists():
+        return []
     c = client()
+    mine = {rm.name: rm for rm in c.search_registered_models(filter_string="tags.wavesweep = 'true'")}
+    by_name: dict[str, list[Any]] = {}
+    token = None
+    while mine:
+        page = c.search_model_versions(max_results=1000, page_token=token)
+        for mv in page:
+            if mv.name in mine:
+                by_name.setdefault(mv.name, []).append(mv)
+        token = page.token
+        if not token:
+            break
     out = []
-    for rm in c.search_registered_models(filter_string="tags.wavesweep = 'true'"):
+    for name in mine:
         # search results carry no aliases: read them (alias -> version) from the model itself
-        aliases = c.get_registered_model(rm.name).aliases or {}
-        for mv in c.search_model_versions(f"name = '{rm.name}'"):
-            mine = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
-            out.append({"name": rm.name, "version": mv.version, "aliases": mine, "tags": dict(mv.tags),
+        aliases = c.get_registered_model(name).aliases or {}
+        for mv in sorted(by_name.get(name, []), key=lambda v: -int(v.version)):
+            mine_aliases = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
+            out.append({"name": name, "version": mv.version, "aliases": mine_aliases, "tags": dict(mv.tags),
                         "run_id": mv.run_id})  # fmt: skip
     return out
 
 
-def download(uri: str, dst: Path) -> Path:
-    """Download a model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/...``) as files into ``dst``."""
-    init_tracking()
-    dst.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+def download(uri: str, dst: Path, *, force: bool = False) -> Path:
+    """Download a model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/...``) as files into ``dst``.
+
+    Reads only: no store, experiment or folder is created unless the download succeeds. Files
+    that already exist in ``dst`` are not overwritten unless ``force`` (``ValueError`` naming the
+    first); the files are fetched into a temporary folder first, so a failed download leaves
+    ``dst`` as it was. Returns the downloaded file or folder inside ``dst``."""
+    import shutil
+
+    if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        raise ValueError(f"cannot download {uri!r}: give models:/NAME@alias, models:/NAME/VERSION or runs:/RUN_ID/path")
+    if ".." in uri.replace("\\", "/").split("/"):
+        raise ValueError(f"cannot download {uri!r}: '..' is not allowed in an artifact URI")
+    if not store_exists():
+        raise ValueError(f"no MLflow store at {redact(tracking_uri())}: nothing to download (set MLFLOW_TRACKING_URI?)")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except MlflowException as exc:
+            raise ValueError(f"cannot download {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        targets = {f: dst / f.relative_to(tmp) for f in files}
+        existing = [t for t in targets.values() if t.exists()]
+        if existing and not force:
+            raise ValueError(f"{existing[0]} exists ({len(existing)} file(s) would be overwritten); pass --force to overwrite")
+        for src, target in targets.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), str(target))
+        return dst / local.relative_to(tmp)
 
 
-def weights_from_uri(uri: str, cache: Path) -> Path:
-    """Materialise a registered/logged model's state dict as a local file (for base models given by URI)."""
+def resolve_model_uri(uri: str) -> str:
+    """``uri`` pinned to what it means now: ``models:/NAME@alias`` and ``models:/NAME/latest`` become
+    ``models:/NAME/VERSION`` (read from the registry); version and ``runs:/`` URIs are returned as given.
+
+    An alias can move between two trials; pinning it first is what keeps a cache keyed by URI
+    from serving the old version under the new alias."""
+    if not uri.startswith("models:/"):
+        return uri
+    rest = uri[len("models:/") :].strip("/")
+    c = client()
+    try:
+        if "@" in rest.split("/", 1)[0]:
+            name, alias = rest.split("/", 1)[0].rsplit("@", 1)
+            mv = c.get_model_version_by_alias(name, alias)
+            return f"models:/{name}/{mv.version}"
+        name, _, ref = rest.partition("/")
+        if ref == "latest":
+            versions = c.get_registered_model(name).latest_versions or []
+            if not versions:
+                raise ValueError(f"{uri}: registered model {name!r} has no versions")
+            return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    except MlflowException as exc:
+        raise ValueError(f"{uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return uri
+
+
+#: file name suffixes looked at in a downloaded model, in order of preference
+_WEIGHT_SUFFIXES = (".wsz", ".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
+    """A registered or logged model's state dict as a local file, without running code from it.
+
+    ``uri`` is resolved first (:func:`resolve_model_uri`), then its files are downloaded and the
+    weights read from one file of a format that cannot execute code: wavesweep's ``.wsz``
+    checkpoint (shipped with every model ``wavesweep register`` creates), a ``.safetensors``
+    file, or a state dict read with ``torch.load(weights_only=True)``. Anything else, such as
+    MLflow's pickle-format pytorch model, is refused with a one-line ValueError. NaN or infinite
+    weights are refused too. Returns ``(state-dict file in cache, resolved uri)``; the file is
+    cached by the resolved uri.
+    """
     import hashlib
 
     import torch
 
-    init_tracking()
-    key = hashlib.sha256(f"{tracking_uri()}|{uri}".encode()).hexdigest()[:24]
-    path = cache / "uri-weights" / f"{key}.pt"
-    if not path.exists():
-        from wavesweep import pruned_model
+    from wavesweep import models
 
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+    resolved = resolve_model_uri(uri)
+    key = hashlib.sha256(f"{tracking_uri()}|{resolved}".encode()).hexdigest()[:24]
+    path = cache / "uri-weights" / f"{key}.pt"
+    if path.exists():
+        return path, resolved
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=tmp))
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        candidates = sorted((p for p in files if p.suffix in _WEIGHT_SUFFIXES), key=lambda p: _WEIGHT_SUFFIXES.index(p.suffix))
+        pyfunc = {}
+        if (local / "MLmodel").is_file():
             pyfunc = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
-            if pyfunc.get("loader_module") == "pruned_model":  # registered by wavesweep: its state dict, tensors only
-                state = torch.load(local / pyfunc["data"] / pruned_model.STATE_DICT, map_location="cpu", weights_only=True)
-            else:
-                state = mlflow.pytorch.load_model(uri, map_location="cpu").state_dict()
-        with atomic_write(path) as fh:
-            torch.save({k: v.detach().clone() for k, v in state.items()}, fh)
-    return path
+        if pyfunc.get("loader_module") == "pruned_model":  # registered by wavesweep: its exact state dict
+            from wavesweep import pruned_model
+
+            candidates = [local / pyfunc["data"] / pruned_model.STATE_DICT]
+        if not candidates:
+            raise ValueError(f"{resolved}: no weights file in it; wavesweep reads {models.SAFE_FORMATS}")
+        best = [p for p in candidates if p.suffix == candidates[0].suffix]
+        if len(best) > 1:
+            names = ", ".join(str(p.relative_to(local)) for p in best[:4])
+            raise ValueError(f"{resolved}: several weights files ({names}); give the one to use, e.g. {resolved.rstrip('/')}/{best[0].relative_to(local)}")
+        rel = best[0].name if local.is_file() else str(best[0].relative_to(local))
+        try:
+            state, _meta = models.read_weights(best[0])
+            models.check_finite(state, source=f"{resolved} ({rel})")
+        except ValueError as exc:  # name the artifact, not the temporary download folder
+            where = f"{resolved} ({rel})"
+            msg = str(exc).replace(f"weights file {str(best[0])!r}", where).replace(str(best[0]), where)
+            raise ValueError(msg) from None
+    with atomic_write(path) as fh:
+        torch.save({k: v.detach().clone() for k, v in state.items()}, fh)
+    return path, resolved
 
 
 # --------------------------------------------------------------------------- studies
@@ -476,10 +583,8 @@ def weights_from_uri(uri: str, cache: Path) -> Path:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (storage URLs are recorded as tags)."""
-    import re
-
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """``url`` with any password replaced by ``***`` (kept for callers; same as :func:`redact`)."""
+    return redact(url)
 
 
 def start_study_run(
@@ -523,7 +628,7 @@ def start_study_run(
     }  # fmt: skip
     log_batch(client, run_id, params=params, tags=tags)
     if spec_file is not None:
-        _log_files(client, run_id, {spec_file.name: spec_text}, "spec")
+        _log_files(client, run_id, {spec_file.name: redact(spec_text)}, "spec")
     if launched and launched != run_id:
         log_batch(client, launched, tags={"wavesweep.kind": "study-launch", "optuna.study": study_name, "study_run_id": run_id})
     return run_id

@@ -32,7 +32,9 @@ from wavesweep.models import (
     build_loaded,
     build_model,
     check_num_classes,
+    expand_path,
     load_pretrained_resnet18,
+    read_weights,
     resnet18_imagenet_path,
 )
 from wavesweep.fileio import atomic_write, file_lock
@@ -176,11 +178,14 @@ class BaseModel:
     """A base model ready for pruning.
 
     ``model``: in eval mode, on CPU. ``source``: "trained" (cached here), "pretrained"
-    (ImageNet weights) or "checkpoint" (a user file). ``path``: the weights file.
+    (ImageNet weights), "checkpoint" (a user file) or "mlflow" (an MLflow model URI, see
+    ``uri``). ``path``: the weights file (for "mlflow": the state dict cached from the URI).
     ``checksum``: sha256 hex of the bytes of that weights file as stored on disk, so a
     reviewer can ``sha256sum`` it. ``build_kwargs``: num_classes, in_channels, image_size
     for :func:`wavesweep.models.build_model`. ``train_info``: test accuracy, seconds,
     epochs, config (empty for pretrained/checkpoint files without wavesweep metadata).
+    ``uri``: for weights given as an MLflow URI, that URI resolved to a fixed version
+    (``models:/NAME@alias`` -> ``models:/NAME/3``); empty otherwise.
     """
 
     model: nn.Module
@@ -192,6 +197,7 @@ class BaseModel:
     checksum: str
     build_kwargs: dict[str, int]
     train_info: dict[str, Any] = field(default_factory=dict)
+    uri: str = ""
 
     def skeleton(self) -> nn.Module:
         """A freshly initialised model of the same architecture (eval mode, CPU)."""
@@ -329,13 +335,6 @@ def cache_path(model_name: str, dataset_name: str, seed: int, config: TrainConfi
     return base / "models" / f"{model_name}-{dataset_name}-seed{seed}-{config.digest()}.pt"
 
 
-def _read_meta(obj: Any) -> dict[str, Any]:
-    meta = obj.get("meta") if isinstance(obj, dict) else None
-    if isinstance(meta, str):
-        return json.loads(meta)
-    return {}
-
-
 def get_base_model(
     model_name: str,
     dataset_name: str,
@@ -367,15 +366,12 @@ def get_base_model(
         raise ValueError(f"weights {str(weights)!r} is an MLflow URI; load it with wavesweep.tracking")
 
     if weights is not None:
-        path = Path(weights).expanduser()
+        path = expand_path(weights, what="checkpoint")
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        state, meta = read_weights(path)  # never runs code from the file; NaN/inf refused below
         shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        from wavesweep.models import unwrap_state_dict
-
-        model = build_loaded(model_name, unwrap_state_dict(obj, source=str(path)), source=str(path), **shape)
-        meta = _read_meta(obj)
+        model = build_loaded(model_name, state, source=str(path), **shape)
         return BaseModel(model.eval(), model_name, dataset_name, seed, "checkpoint", path,
                          file_sha256(path), shape, meta.get("train_info", {}))
 
@@ -408,10 +404,9 @@ def get_base_model(
             log.info("cached base model %s", path)
         else:
             log.info("using cached base model %s", path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    meta = _read_meta(obj)
+    state, meta = read_weights(path)
     shape = meta["build_kwargs"]
-    model = build_loaded(model_name, obj["state_dict"], source=str(path), **shape)
+    model = build_loaded(model_name, state, source=str(path), **shape)
     return BaseModel(model.eval(), model_name, dataset_name, seed, "trained", path, file_sha256(path),
                      shape, meta.get("train_info", {}))
 

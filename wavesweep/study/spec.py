@@ -31,12 +31,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import yaml
 
 from wavesweep import schema
 from wavesweep.config import TrialConfig
+from wavesweep.registry import check_name
 from wavesweep.study.storage import PRUNERS, SAMPLERS
 
 TOP_KEYS = (
@@ -51,6 +51,11 @@ _NOT_OPTIONS = {"search_space", "seed", "constraints_func", "gamma", "weights", 
                 "mutation", "crossover", "elite_population_selection_strategy", "child_generation_strategy",
                 "after_trial_strategy"}  # fmt: skip
 _PRUNABLE_OBJECTIVE = "top1"  # the chunk reports are partial dwt top-1: only that objective can be pruned on
+# Resource bounds of a spec, checked before anything is built from it: a small file must not be
+# able to ask for gigabytes (nested YAML aliases, a grid step of 1e-9) or overflow the stack.
+MAX_YAML_DEPTH = 50  # nesting of mappings and lists
+MAX_YAML_NODES = 100_000  # nodes after alias expansion (a real spec has under 200)
+MAX_GRID_POINTS = 100_000  # points of one grid dimension and of the whole grid
 
 class SpecError(ValueError):
     """A spec problem at ``key`` (a path of keys); the loader adds the file and line."""
@@ -81,13 +86,23 @@ class Param:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
 
-    def grid(self) -> list[Any]:
-        """The values a grid sampler visits (ranges need a step)."""
+    def grid_count(self) -> int:
+        """How many values :meth:`grid` gives, computed without building them."""
         if self.kind == "categorical":
-            return list(self.choices)
+            return len(self.choices)
         if self.step is None or self.log:
             raise SpecError(("space", self.name), "the grid sampler needs a list or a range with a step (and no log)")
-        n = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+        span = (self.high - self.low) / self.step
+        if not math.isfinite(span) or span + 1 > MAX_GRID_POINTS:
+            raise SpecError(("space", self.name, "step"),
+                            f"step={self.step:g} gives {span + 1:.3g} grid points, above the limit of {MAX_GRID_POINTS}")  # fmt: skip
+        return int(math.floor(span + 1e-9)) + 1
+
+    def grid(self) -> list[Any]:
+        """The values a grid sampler visits (ranges need a step; at most MAX_GRID_POINTS)."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        n = self.grid_count()
         vals = [self.low + i * self.step for i in range(n)]
         return [int(v) for v in vals] if self.kind == "int" else [round(float(v), 12) for v in vals]
 
@@ -127,6 +142,10 @@ class StudySpec:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise SpecError(("study",), f"study name must be a non-empty string, got {self.name!r}")
+        try:  # it names the report folder (reports/NAME) and goes into MLflow filter strings
+            check_name("study name", self.name)
+        except ValueError as exc:
+            raise SpecError(("study",), str(exc)) from None
         cfg_fields = {f.name for f in fields(TrialConfig)}
         for key in self.fixed:
             if key not in cfg_fields:
@@ -219,7 +238,12 @@ class StudySpec:
                 raise SpecError(("space", p.name, "step"), "a float range cannot have both step and log")
 
     def grid_size(self) -> int:
-        return int(np.prod([len(p.grid()) for p in self.space])) if self.space else 1
+        """Points of the whole grid (product of the dimensions), bounded by MAX_GRID_POINTS."""
+        size = math.prod(p.grid_count() for p in self.space)
+        if size > MAX_GRID_POINTS:
+            dims = " x ".join(str(p.grid_count()) for p in self.space)
+            raise SpecError(("space",), f"the grid has {size} points ({dims}), above the limit of {MAX_GRID_POINTS}")
+        return size
 
     def grid_space(self) -> dict[str, list[Any]]:
         return {p.name: p.grid() for p in self.space}
@@ -270,6 +294,8 @@ def _check_options(key: tuple[str, ...], cls: type, options: dict[str, Any]) -> 
     for name in options:
         if name not in valid:
             raise SpecError((*key, name), _unknown(f"{cls.__name__} option", name, valid))
+    for name, value in options.items():
+        _check_option_type((*key, name), cls, sig[name], value)
     if cls is optuna.samplers.GridSampler:
         return
     try:
@@ -280,7 +306,100 @@ def _check_options(key: tuple[str, ...], cls: type, options: dict[str, Any]) -> 
         raise SpecError(key, f"{cls.__name__}: {exc}") from None
 
 
+_TYPE_WORDS: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
+}  # fmt: skip
+
+
+def _option_types(param: inspect.Parameter) -> tuple[type, ...] | None:
+    """The YAML value types an option accepts, from its annotation (``int | None``) or, without
+    one, its default; None when the annotation names anything else (no check is possible)."""
+    ann = param.annotation
+    if ann is not inspect.Parameter.empty:
+        words = [w.strip() for w in (ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))).split("|")]
+        if not all(w in _TYPE_WORDS for w in words):
+            return None
+        return tuple(t for w in words for t in _TYPE_WORDS[w])
+    default = param.default
+    if default is inspect.Parameter.empty or default is None:
+        return None
+    return _TYPE_WORDS.get(type(default).__name__)
+
+
+def _check_option_type(key: tuple[str, ...], cls: type, param: inspect.Parameter, value: Any) -> None:
+    """A ``SpecError`` when ``value`` is not of the type the constructor's annotation or default
+    says: ``n_startup_trials: x`` is refused here, not after three failed trials."""
+    types = _option_types(param)
+    if types is None:
+        return
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        want = " or ".join(sorted({"integer" if t is int else "number" if t is float else "true/false" if t is bool
+                                   else "string" if t is str else "null" for t in types}))  # fmt: skip
+        raise SpecError(key, f"{cls.__name__} option {param.name}={value!r} must be {want}")
+
+
 # --------------------------------------------------------------------------- YAML with line numbers
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a bound on nesting depth (the composer recurses once per level)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise SpecError((), f"nested deeper than {MAX_YAML_DEPTH} levels", line=mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes of the document once every alias is expanded, counted on the (small) node graph
+    without expanding it; a ``SpecError`` above MAX_YAML_NODES or for a recursive alias."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active or depth > MAX_YAML_DEPTH:
+            raise SpecError((), "a recursive YAML alias", line=node.start_mark.line + 1)
+        active.add(key)
+        n = 1
+        if isinstance(node, yaml.MappingNode):
+            n += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            n += sum(size(v, depth + 1) for v in node.value)
+        active.discard(key)
+        if n > MAX_YAML_NODES:
+            raise SpecError((), f"expands to over {MAX_YAML_NODES} YAML nodes (nested aliases?); a spec needs a few hundred",
+                            line=node.start_mark.line + 1)  # fmt: skip
+        sizes[key] = n
+        return n
+
+    return size(root, 0)
+
+
+def _parse_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """Compose ``text`` with bounded depth, check its expanded size, then build Python objects."""
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _expanded_size(root)
+        return root, loader.construct_document(root)
+    finally:
+        loader.dispose()
+
 
 
 def _lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
@@ -312,10 +431,19 @@ def load_spec(path: str | os.PathLike) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"study spec {str(path)!r} does not exist")
-    text = path.read_text()
+    raw = path.read_bytes()
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save the spec as UTF-8") from None
+    try:
+        root, data = _parse_yaml(text)
+    except SpecError as exc:
+        at = f":{exc.line}" if exc.line else ""
+        raise ValueError(f"{path}{at}: {exc.message}") from None
+    except RecursionError:  # the node bound above should make this unreachable; never a traceback
+        raise ValueError(f"{path}: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark else ""

@@ -1,0 +1,444 @@
+"""Nothing lost, nothing silently wrong (issue 14, items 6-12): corrupt checkpoints through the CLI,
+unsafe model URIs, aliases that move, non-finite weights, and one-line errors for hostile inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from tests.conftest import subprocess_env
+from wavesweep import accounting, cli, models, tracking, train
+from wavesweep import pruning as P
+from wavesweep import wavelets as wv
+from wavesweep.config import TrialConfig
+
+DIGITS = {"num_classes": 10, "in_channels": 1, "image_size": 8}
+TINY = {"model": "cnn", "eval_limit": 100, "timing_batches": 0, "recovery": "none"}
+
+
+def _cnn_state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return models.build_model("cnn", **DIGITS).state_dict()
+
+
+def _one_line_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("wavesweep: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+def _register_state_dict(name: str, state: dict[str, torch.Tensor], tmp: Path) -> str:
+    """Register ``state`` (a plain state-dict file) as a new version of ``name``; returns the version."""
+    c = MlflowClient()
+    folder = tmp / f"sd-{name}-{len(list(tmp.glob('sd-*')))}"
+    folder.mkdir()
+    torch.save(state, folder / "weights.pt")
+    exp = c.get_experiment_by_name("wavesweep") or c.get_experiment(c.create_experiment("wavesweep"))
+    run = c.create_run(exp.experiment_id)
+    c.log_artifacts(run.info.run_id, str(folder), "model")
+    c.set_terminated(run.info.run_id)
+    try:
+        c.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass  # exists
+    return c.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id).version
+
+
+# --------------------------------------------------------------------------- 6: corrupt checkpoint, register
+
+
+def test_register_refuses_a_checkpoint_with_a_flipped_header_bit(workdir, capsys):
+    tracking.init_tracking()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.LevelClampedWarning)
+        res = P.prune_dwt(models.build_model("cnn", **DIGITS), wavelet="bior1.3", level=1, percentile=50, layout="filter")
+    folder = workdir / "ckpt"
+    accounting.save_compressed(res, folder / "dwt.wsz")
+    data = bytearray((folder / "dwt.wsz").read_bytes())
+    at = data.index(b'"bior1.3"', accounting.HEADER_FIXED_BYTES) + 7
+    data[at] ^= 0x02  # bior1.3 -> bior1.1 in the metadata: before version 2 this loaded as another model
+    (folder / "dwt.wsz").write_bytes(bytes(data))
+    c = MlflowClient()
+    exp = c.get_experiment_by_name("wavesweep").experiment_id
+    run_id = c.create_run(exp, tags={"wavesweep.kind": "trial", "method": "trial"}).info.run_id
+    params = {k: str(v) for k, v in TrialConfig(**{**TINY, "wavelet": "bior1.3", "level": 1}).to_dict().items()}
+    params |= {f"base_{k}": str(v) for k, v in DIGITS.items()}
+    tracking.log_batch(c, run_id, params=params)
+    c.log_artifacts(run_id, str(folder), tracking.CHECKPOINT_DIR)
+    c.set_terminated(run_id)
+    capsys.readouterr()
+    err = _one_line_error(capsys, cli.main(["register", run_id, "--name", "corrupt"]))
+    assert f"runs:/{run_id}/checkpoints/dwt.wsz: corrupt: file CRC-32 mismatch" in err
+    assert "/tmp" not in err  # the artifact is named, not the temporary download folder
+    assert c.search_registered_models() == []
+
+
+# --------------------------------------------------------------------------- 7: no pickles from URIs
+
+
+class _Marker:
+    """Unpickling this creates a file: the stand-in for code a pickle runs on the worker."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class _Evil(nn.Module):
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.payload = _Marker(marker)
+
+
+def test_pickle_format_registered_model_is_refused_without_running_its_code(workdir, capsys):
+    tracking.init_tracking()
+    marker = workdir / "pwned"
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(_Evil(str(marker)), name="m", serialization_format="pickle",
+                                 registered_model_name="evil", pip_requirements=["torch"])  # fmt: skip
+    marker.unlink(missing_ok=True)
+    capsys.readouterr()
+    with pytest.raises(ValueError) as ei:
+        tracking.weights_from_uri("models:/evil/1", workdir / "cache")
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith("models:/evil/1 (data/model.pth): a pickle") and "weights_only" in msg
+    assert not marker.exists()
+    # the same through the CLI: one line, exit 2, and still no code run
+    code = cli.main(["trial", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()], "--weights", "models:/evil/1"])
+    err = _one_line_error(capsys, code)
+    assert err.startswith("wavesweep: error: models:/evil/1 (data/model.pth): a pickle") and not marker.exists()
+    code = cli.main(["trial", "--model", "cnn", "--weights", "models:/evil@nosuch"])
+    assert _one_line_error(capsys, code) == "wavesweep: error: models:/evil@nosuch: Registered model alias nosuch not found."
+    mlflow.pytorch.load_model("models:/evil/1")  # the positive control: MLflow's loader does run it
+    assert marker.exists()
+
+
+# --------------------------------------------------------------------------- 8: aliases
+
+
+@pytest.mark.slow
+def test_alias_moved_between_two_trials_gives_two_base_checksums(workdir, tmp_path):
+    from wavesweep.tracked_trial import run_tracked_trial
+
+    tracking.init_tracking()
+    v1 = _register_state_dict("base", _cnn_state(1), tmp_path)
+    v2 = _register_state_dict("base", _cnn_state(2), tmp_path)
+    c = MlflowClient()
+    cfg = TrialConfig.from_mapping({**TINY, "weights": "models:/base@champion"})
+    seen = []
+    for version in (v1, v2):
+        c.set_registered_model_alias("base", "champion", version)
+        result, run_id = run_tracked_trial(cfg)
+        params = c.get_run(run_id).data.params
+        assert params["base_uri"] == f"models:/base/{version}" and params["weights"] == "models:/base@champion"
+        assert params["base_checksum"] == result.base.checksum == train.file_sha256(result.base.path)
+        seen.append(params["base_checksum"])
+    assert seen[0] != seen[1]
+
+
+def test_alias_resolves_before_the_cache(workdir, tmp_path):
+    tracking.init_tracking()
+    v1 = _register_state_dict("b", _cnn_state(1), tmp_path)
+    v2 = _register_state_dict("b", _cnn_state(2), tmp_path)
+    c, cache = MlflowClient(), tmp_path / "cache"
+    c.set_registered_model_alias("b", "a", v1)
+    p1, u1 = tracking.weights_from_uri("models:/b@a", cache)
+    c.set_registered_model_alias("b", "a", v2)
+    p2, u2 = tracking.weights_from_uri("models:/b@a", cache)
+    assert (u1, u2) == ("models:/b/1", "models:/b/2") and p1 != p2
+    assert torch.equal(torch.load(p2, weights_only=True)["features.0.weight"], _cnn_state(2)["features.0.weight"])
+    assert tracking.weights_from_uri("models:/b/latest", cache)[1] == "models:/b/2"
+
+
+# --------------------------------------------------------------------------- 12: non-finite weights
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_base_weights_are_refused_naming_the_tensor(workdir, tmp_path, bad):
+    state = _cnn_state(0)
+    state["features.3.weight"][0, 0, 0, 0] = bad
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"tensor 'features\.3\.weight' has 1 NaN or infinite value"):
+        train.get_base_model("cnn", "digits", weights=path)
+    tracking.init_tracking()  # the same weights registered and given by URI
+    _register_state_dict("nan", state, tmp_path)
+    with pytest.raises(ValueError, match=r"^models:/nan/1 \(weights\.pt\): tensor 'features\.3\.weight'"):
+        tracking.weights_from_uri("models:/nan/1", tmp_path / "cache")
+
+
+def test_non_finite_wsz_weights_are_refused(tmp_path):
+    state = _cnn_state(0)
+    state["fc.bias"][3] = float("nan")
+    model = models.build_model("cnn", **DIGITS)
+    model.load_state_dict(state)
+    res = P.prune_magnitude(model, 0.5)
+    accounting.save_compressed(res, tmp_path / "m.wsz")
+    with pytest.raises(ValueError, match=r"tensor 'fc\.bias' has 1 NaN"):
+        train.get_base_model("cnn", "digits", weights=tmp_path / "m.wsz")
+
+
+# --------------------------------------------------------------------------- 11: spec parsing limits
+
+_SPEC_TAIL = "space: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n"
+BILLION_LAUGHS = "\n".join(
+    ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    + ["study: laughs", "description: *a9"]
+) + "\n"  # 12 lines; 9**10 nodes once expanded
+
+
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        (BILLION_LAUGHS.encode(), ["bad.yaml:", "expands to over 100000 YAML nodes"]),
+        (("study: deep\nfixed: " + "[" * 5000 + "]" * 5000 + "\n" + _SPEC_TAIL).encode(), ["bad.yaml:2", "nested deeper than 50 levels"]),
+        (("study: deep\nfixed:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 5000)) + _SPEC_TAIL).encode(), ["bad.yaml:", "nested deeper than 50"]),
+        (b"study: x\n" + _SPEC_TAIL.encode() + b"description: caf\xe9\n", ["bad.yaml:5", "not UTF-8", "0xe9"]),
+        (b"study: x\nsampler: {name: grid}\nspace:\n  percentile: {low: 0, high: 100, step: 1.0e-9}\nobjectives: {top1: maximize}\n",
+         ["bad.yaml:4", "space.percentile.step", "1e+11 grid points", "limit of 100000"]),
+        (b"study: x\nsampler: {name: grid}\nspace:\n  percentile: {low: 0, high: 100, step: 0.01}\n  level: [1, 2, 3, 4, 5]\n"
+         b"  wavelet: [haar, db2, db4]\nobjectives: {top1: maximize}\n", ["space", "150015 points (10001 x 5 x 3)", "limit of 100000"]),
+        (("study: x\nsampler: {name: tpe, n_startup_trials: x}\n" + _SPEC_TAIL).encode(),
+         ["bad.yaml:2", "sampler.n_startup_trials", "n_startup_trials='x' must be integer"]),
+        (("study: x\nsampler: {name: tpe, multivariate: 3}\n" + _SPEC_TAIL).encode(), ["sampler.multivariate", "true/false"]),
+        (("study: x\npruner: {name: median, n_warmup_steps: 1.5}\n" + _SPEC_TAIL).encode(), ["pruner.n_warmup_steps", "must be integer"]),
+        (("study: x\nsampler: {name: nsga2, crossover_prob: yes}\n" + _SPEC_TAIL).encode(), ["crossover_prob=True", "number"]),
+    ],
+    ids=["billion-laughs", "deep-flow", "deep-block", "latin-1", "grid-step", "grid-product", "startup-x", "bool", "int", "float"],
+)
+def test_spec_resource_limits_are_one_line_errors(workdir, capsys, content, needles):
+    import time
+
+    (workdir / "bad.yaml").write_bytes(content)
+    t0 = time.perf_counter()
+    err = _one_line_error(capsys, cli.main(["study", "bad.yaml", "-q"]))
+    assert time.perf_counter() - t0 < 10  # fails fast, before building anything large
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (workdir / "optuna.db").exists()
+
+
+def test_aliases_within_the_bounds_still_work(workdir):
+    from wavesweep import study
+
+    (workdir / "ok.yaml").write_text("study: ok\nfixed: &f {mode: symmetric}\n" + _SPEC_TAIL + "description: x\n")
+    assert study.load_spec(workdir / "ok.yaml").fixed == {"mode": "symmetric"}
+    (workdir / "ok.yaml").write_text("study: ok\nsampler: {name: tpe, n_startup_trials: 3, multivariate: true, prior_weight: 2}\n" + _SPEC_TAIL)
+    assert study.load_spec(workdir / "ok.yaml").sampler_options == {"n_startup_trials": 3, "multivariate": True, "prior_weight": 2}
+
+
+# --------------------------------------------------------------------------- 10: paths and names
+
+
+def test_registered_name_with_a_quote_does_not_break_models(workdir, tmp_path, capsys):
+    tracking.init_tracking()
+    c = MlflowClient()
+    for name in ("it's", "plain"):
+        _register_state_dict(name, _cnn_state(0), tmp_path)
+        c.set_registered_model_tag(name, "wavesweep", "true")
+    capsys.readouterr()
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "it's v1 aliases=-" in out and "plain v1 aliases=-" in out
+    err = _one_line_error(capsys, cli.main(["register", "0" * 32, "--name", "bad'name"]))
+    assert "registered model name \"bad'name\" is not a valid name" in err
+
+
+def test_download_refuses_to_overwrite_without_force(workdir, tmp_path, capsys):
+    tracking.init_tracking()
+    _register_state_dict("dl", _cnn_state(0), tmp_path)
+    dst = workdir / "out"
+    dst.mkdir()
+    (dst / "weights.pt").write_text("mine")
+    err = _one_line_error(capsys, cli.main(["download", "models:/dl/1", "--dst", "out"]))
+    assert "out/weights.pt exists (1 file(s) would be overwritten); pass --force" in err
+    assert (dst / "weights.pt").read_text() == "mine"
+    assert cli.main(["download", "models:/dl/1", "--dst", "out", "--force"]) == 0
+    assert torch.equal(torch.load(dst / "weights.pt", weights_only=True)["fc.bias"], _cnn_state(0)["fc.bias"])
+
+
+def test_read_only_commands_create_no_store_experiment_or_folder(workdir, capsys):
+    assert cli.main(["models"]) == 0
+    assert "no registered wavesweep models" in capsys.readouterr().out
+    err = _one_line_error(capsys, cli.main(["download", "models:/nope/1", "--dst", "d"]))
+    assert "no MLflow store at" in err
+    assert sorted(p.name for p in workdir.iterdir()) == []  # no mlflow.db, lock file, mlruns/ or d/
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_written_files_get_normal_modes(tmp_path, umask, mode):
+    from wavesweep.fileio import atomic_write
+
+    old = os.umask(umask)
+    try:
+        with atomic_write(tmp_path / "f.bin") as fh:
+            fh.write(b"x")
+        res = P.prune_magnitude(nn.Sequential(nn.Conv2d(1, 2, 3)), 0.5)
+        accounting.save_compressed(res, tmp_path / "c.wsz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "c.wsz").stat().st_mode & 0o777 == mode
+
+
+# --------------------------------------------------------------------------- 9: secrets
+
+
+def test_credentials_are_redacted_in_params_tags_errors_and_logs(workdir, capsys, caplog):
+    from wavesweep.redact import RedactingFilter, redact
+
+    url = "postgresql://user:s3cret@db.example:5432/optuna"
+    assert redact(url) == "postgresql://user:***@db.example:5432/optuna"
+    assert redact("https://h/x?token=abc&y=1") == "https://h/x?token=***&y=1"
+    assert redact("sqlite:///optuna.db user@host") == "sqlite:///optuna.db user@host"
+    client, exp = tracking.init_tracking()
+    run_id = client.create_run(exp).info.run_id
+    tracking.log_batch(client, run_id, params={"storage": url}, tags={"optuna.storage": url, "study.spec": f"storage: {url}\n"})
+    tracking.close_run(client, run_id, "FAILED", error=f"OperationalError: cannot connect to {url}", children=False)
+    run = client.get_run(run_id)
+    recorded = [run.data.params["storage"], run.data.tags["optuna.storage"], run.data.tags["study.spec"], run.data.tags["error"]]
+    assert all("s3cret" not in v and "user:***@" in v for v in recorded), recorded
+    err = _one_line_error(capsys, cli.main(["trial", "--dataset", url]))
+    assert "postgresql://user:***@db.example" in err and "s3cret" not in err
+    record = __import__("logging").LogRecord("x", 30, __file__, 1, "connecting to %s", (url,), None)
+    assert RedactingFilter().filter(record) and record.getMessage() == "connecting to postgresql://user:***@db.example:5432/optuna"
+
+
+# --------------------------------------------------------------------------- one-line errors
+
+
+def _weights_file(kind: str, folder: Path) -> Path:
+    path = folder / f"{kind}.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save(_cnn_state(0), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "malicious":
+        torch.save({"state_dict": _Marker(str(folder / "pwned"))}, path)
+        (folder / "pwned").unlink(missing_ok=True)  # torch.save does not run it; be sure
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["trial", "--wavelet", "bior13"], ["unknown wavelet 'bior13'", "did you mean bior1.3"]),
+        (["trial", "--wavelt", "haar"], ["unrecognized arguments: --wavelt haar", "did you mean --wavelet?"]),
+        (["trial", "--model", "cnn", "--weights", "~nouser_wavesweep/x.pt"], ["'~nouser_wavesweep'"]),
+        (["download", "mlflow-artifacts:/../..", "--dst", "d"], ["'mlflow-artifacts:/../..'", "'..' is not allowed"]),
+        (["trial", "--keep-approx", "maybe"], ["keep_approx='maybe' is not a boolean"]),
+        (["trial", "--no-keep-approx=1"], ["--no-keep-approx takes no value"]),
+        (["study"], ["study: the following arguments are required: spec"]),
+    ],
+    ids=["wavelet-typo", "flag-typo", "nouser", "download-dotdot", "bool-value", "no-flag-value", "missing-arg"],
+)
+def test_bad_input_is_one_line_exit_2(workdir, capsys, argv, needles):
+    err = _one_line_error(capsys, cli.main(argv))
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "random", "malicious"])
+def test_bad_weights_file_is_one_line_exit_2(workdir, capsys, kind):
+    path = _weights_file(kind, workdir)
+    err = _one_line_error(capsys, cli.main(["trial", "--model", "cnn", "--weights", str(path)]))
+    assert str(path) in err
+    if kind == "malicious":
+        assert "refused: weights_only=True" in err and not (workdir / "pwned").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_before_any_run(workdir, capsys):
+    err = _one_line_error(capsys, cli.main(["trial", "--model", "cnn", "--device", "cuda"]))
+    assert "device 'cuda' requested but CUDA is not available" in err
+    assert not (workdir / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (["trial", "--model", "cnn", "--nosuch", "1"], "invalid command line: unrecognized arguments: --nosuch 1"),
+        (["trial", "--model", "cnn", "--wavelet", "nope"], "invalid parameters: unknown wavelet 'nope'"),
+        (["study", "bad.yaml"], "bad.yaml:1: study: study name '../x' is not a valid name"),
+    ],
+    ids=["unknown-P-key", "bad-value", "study-entry-point"],
+)
+def test_every_mlflow_run_failure_carries_the_error_tag(workdir, shared_cache, argv, error):
+    """As `mlflow run` starts it: MLFLOW_RUN_ID names a run created beforehand; the process fails
+    with one line and that run gets status FAILED and the tag ``error``."""
+    (workdir / "bad.yaml").write_text("study: ../x\n" + _SPEC_TAIL)
+    client, exp = tracking.init_tracking()
+    run_id = client.create_run(exp).info.run_id
+    env = {**subprocess_env(workdir, shared_cache), "MLFLOW_RUN_ID": run_id}
+    proc = subprocess.run([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wavesweep: error: "), proc.stderr
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith(error), run.data.tags["error"]
+
+
+# --------------------------------------------------------------------------- packaging and CLI (issue 12, section 6)
+
+
+def _reqs(lines) -> dict[str, str]:
+    import re
+
+    return {re.split(r"[<>=!~]", r, 1)[0].lower(): r for r in lines}
+
+
+def test_environments_match_pyproject_and_are_bounded():
+    import tomllib
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    deps = _reqs(project["dependencies"])
+    pe = yaml.safe_load((root / "python_env.yaml").read_text())
+    assert pe["python"] == "3.11" and pe["build_dependencies"] == ["pip", "setuptools", "wheel"]
+    conda = yaml.safe_load((root / "conda.yaml").read_text())
+    conda_pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    for reqs in (_reqs(pe["dependencies"]), _reqs(conda_pip)):
+        assert set(reqs) == set(deps)
+        assert all("<" in r for r in reqs.values()), reqs  # every version bounded above
+    assert yaml.safe_load((root / "MLproject").read_text())["python_env"] == "python_env.yaml"
+    assert "dashboard" in project["optional-dependencies"]
+    assert project["license"] == {"text": "MIT"} and (root / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_version_and_help_for_every_subcommand_and_flag(capsys):
+    import wavesweep
+
+    with pytest.raises(SystemExit) as ei:
+        cli.build_parser().parse_args(["--version"])
+    assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"wavesweep {wavesweep.__version__}"
+    parser = cli.build_parser()
+    subs = parser._subparsers._group_actions[0]
+    helped = {a.dest for a in subs._choices_actions if a.help}
+    assert helped == set(subs.choices)
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)
