@@ -424,7 +424,8 @@ def test_cifar10_refuses_a_pickle_with_code(tmp_path):
 
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
         pickle.dump({"data": Evil(), "labels": []}, f)
-    with pytest.raises(ValueError, match=r"test_batch': not a CIFAR-10 python batch \(UnpicklingError: unexpected object posix.system"):
+    pattern = r"test_batch': not a CIFAR-10 python batch \(UnpicklingError: unexpected object posix.system"
+    with pytest.raises(ValueError, match=pattern):
         load_dataset("cifar10", root=tmp_path)
     assert not (tmp_path / "pwned").exists()
 

@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_score,
 from torch.utils.data import Subset, TensorDataset
 
 from tests.test_data import make_image_folder
-from wavesweep.data import TensorImages, close_loaders, dataset_targets, eval_subset, load_dataset, take
+from wavesweep.data import close_loaders, dataset_targets, eval_subset, load_dataset, take
 from wavesweep.evaluate import (
     EvalResult,
     evaluate,
