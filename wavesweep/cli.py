@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from wavesweep.registry import check_name
+    from wavesweep.names import check_name
     from wavesweep.tracked_trial import register_trial_model
 
     check_name("registered model name", args.name)
@@ -205,7 +205,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     spec = study.load_spec(args.spec)
     if args.register_best:
-        from wavesweep.registry import check_name
+        from wavesweep.names import check_name
 
         check_name("registered model name", args.register_best)
     _warn_secrets(args.launched_run_id, args.storage)
@@ -286,7 +286,7 @@ def _report(found: Any, report_dir: str | None, register: str | None, parent: st
     from wavesweep import study, tracking
     from wavesweep.tracked_trial import register_trial_model
 
-    from wavesweep.registry import check_name
+    from wavesweep.names import check_name
 
     out = Path(report_dir) if report_dir else Path("reports") / check_name("study name", found.study_name)
     files = study.build_report(found, out)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from wavesweep.registry import check_choice
+from wavesweep.names import check_choice
 
 TARGET_KINDS = ("conv", "linear")
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
-from wavesweep.registry import Registry
+from wavesweep.names import Registry
 
 log = logging.getLogger(__name__)
 

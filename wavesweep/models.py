@@ -25,7 +25,7 @@ from torch import nn
 
 from wavesweep import architectures
 from wavesweep.architectures import MLP, SMALL_INPUT, VIT_PATCH, SmallCNN  # noqa: F401  (re-exported)
-from wavesweep.registry import Registry
+from wavesweep.names import Registry
 
 log = logging.getLogger(__name__)
 

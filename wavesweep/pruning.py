@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from wavesweep import wavelets as wv
-from wavesweep.registry import check_choice
+from wavesweep.names import check_choice
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from wavesweep.data import TensorImages
 from wavesweep.pruning import PruneResult
-from wavesweep.registry import check_choice
+from wavesweep.names import check_choice
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from wavesweep.models import (
     resnet18_imagenet_path,
 )
 from wavesweep.fileio import atomic_write, file_lock
-from wavesweep.registry import check_choice
+from wavesweep.names import check_choice
 
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import pywt
 
-from wavesweep.registry import check_choice
+from wavesweep.names import check_choice
 
 log = logging.getLogger(__name__)
 

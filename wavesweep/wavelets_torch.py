@@ -26,7 +26,7 @@ import torch
 
 from wavesweep import filterbank
 from wavesweep import wavelets as wv
-from wavesweep.registry import check_choice
+from wavesweep.names import check_choice
 
 __all__ = [
     "SUPPORTED_MODES",

@@ -36,7 +36,7 @@ import yaml
 
 from wavesweep import schema
 from wavesweep.config import TrialConfig
-from wavesweep.registry import check_name
+from wavesweep.names import check_name
 from wavesweep.study.storage import PRUNERS, SAMPLERS
 
 TOP_KEYS = (
