@@ -19,10 +19,10 @@ prunes that copy in place, and so does ``inplace=True`` here (like for like). Th
 ``torch.nn.utils.prune.l1_unstructured`` on the same target layers of two bigger models from
 wavesweep's registry (random init, 1000 classes, 224 px): ResNet-50 in its convs and
 ViT-B/16 in its Linear layers, on CPU and on CUDA when available (the model moved there).
-Per device it times ``l1_unstructured`` on every target layer, ``wavesweep.pruning.prune_dwt``
-(the numpy/PyWavelets path: each weight goes to the host and back) and, when the torch DWT
-module ``wavesweep.wavelets_torch`` is importable, its ``dwt_prune_tensor`` per layer on the
-device with the result written back into the weight. Same protocol (fresh copy outside the
+Per device it times ``l1_unstructured`` on every target layer and ``wavesweep.pruning.prune_dwt``
+with ``backend="numpy"`` (PyWavelets: each weight goes to the host and back) and
+``backend="torch"`` (:mod:`wavesweep.wavelets_torch` on the weights' device, what
+``backend="auto"`` picks on a GPU). Same protocol (fresh copy outside the
 clock, one warm-up, median of ``--big-repeats``), the device synchronised before the clock
 stops. dwt settings: bior4.4, level 5, ``--big-layout`` (filter), periodization.
 
@@ -87,15 +87,11 @@ def timed_on(fn, base, repeats, dev: torch.device) -> float:
 
 def big_models(args) -> None:
     """dwt vs l1_unstructured on ResNet-50 (conv) and ViT-B/16 (linear), CPU and CUDA."""
-    try:
-        from wavesweep import wavelets_torch as wt
-    except ImportError:  # the torch DWT module is not on this branch yet
-        wt = None
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     a, r, layout = args.amount, args.big_repeats, args.big_layout
     dwt_kw = dict(wavelet="bior4.4", level=5, layout=layout, mode="periodization")
     print(f"\n--- bigger models: dwt ({dwt_kw['wavelet']}, level 5, {layout}) vs torch l1_unstructured, "
-          f"amount {a}, median of {r}; torch DWT module: {'wavesweep.wavelets_torch' if wt else 'not importable'}")
+          f"amount {a}, median of {r}; on CUDA prune_dwt's default (backend auto) is the torch one")
     if torch.cuda.is_available():
         print(f"CUDA device: {torch.cuda.get_device_name()}")
     print(f"{'model (targets)':34s} {'device':6s} {'method':38s} {'seconds':>9s} {'vs l1':>7s}")
@@ -112,15 +108,11 @@ def big_models(args) -> None:
         def ours_numpy(m):
             P.prune_dwt(m, percentile=100 * a, targets=targets, inplace=True, **dwt_kw)
 
-        def ours_torch(m):
-            with torch.no_grad():
-                for _, mod in P.target_layers(m, targets):
-                    out = wt.dwt_prune_tensor(mod.weight, percentile=100 * a, **dwt_kw)
-                    mod.weight.copy_(out[0] if isinstance(out, tuple) else out)  # w_rec
+        def ours_torch(m):  # the whole model through prune_dwt's torch backend, on m's device
+            P.prune_dwt(m, percentile=100 * a, targets=targets, inplace=True, backend="torch", **dwt_kw)
 
-        methods = [("torch l1_unstructured (per layer)", ref_l1), ("prune_dwt (numpy/PyWavelets)", ours_numpy)]
-        if wt is not None:
-            methods.append(("wavelets_torch.dwt_prune_tensor (per layer)", ours_torch))
+        methods = [("torch l1_unstructured (per layer)", ref_l1), ("prune_dwt backend=numpy (PyWavelets)", ours_numpy),
+                   ("prune_dwt backend=torch", ours_torch)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", wv.LevelClampedWarning)
             for dev in devices:
