@@ -258,3 +258,24 @@ def test_same_recovery_for_every_method(train_set, monkeypatch):
     assert len(seen["dwt"]) == 7
     for m in ("magnitude", "random"):
         assert len(seen[m]) == 7 and all(torch.equal(a, b) for a, b in zip(seen["dwt"], seen[m]))
+
+
+def test_trial_recovery_without_training_split_fails_before_any_work(monkeypatch):
+    """An evaluation-only dataset (an ImageNet validation folder alone) cannot be recovered:
+    one line naming the recovery and the dataset, before the base model is even loaded."""
+    from wavesweep import data, train, trial
+    from wavesweep.config import TrialConfig
+
+    def val_only(name, **kw):
+        x = torch.randn(20, 3, 8, 8)
+        return data.DatasetBundle("imagenet", None, TensorDataset(x, torch.arange(20) % 4), 4, 3, 8, {})
+
+    def no_base(*a, **k):
+        raise AssertionError("the base model must not be loaded")
+
+    monkeypatch.setattr(data, "load_dataset", val_only)
+    monkeypatch.setattr(train, "get_base_model", no_base)
+    for rec in ("bn", "finetune"):
+        with pytest.raises(ValueError, match=rf"recovery='{rec}' needs the training split of dataset 'imagenet'") as e:
+            trial.run_trial(TrialConfig(dataset="imagenet", recovery=rec))
+        assert "\n" not in str(e.value)

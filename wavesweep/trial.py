@@ -165,6 +165,15 @@ def run_trial(
             yield
         caught.extend(f"{w.category.__name__}: {w.message}" for w in wlist if not issubclass(w.category, LevelClampedWarning))
 
+    with phases("load_data"):
+        bundle, eval_set = load_eval_set(cfg)
+    # before any other work: a recovery that needs training data must have it
+    settings = cfg.recovery_settings()
+    if settings.recovery != "none" and bundle.train is None:
+        raise ValueError(
+            f"recovery={cfg.recovery!r} needs the training split of dataset {cfg.dataset!r}, which is not "
+            f"available here (e.g. an ImageNet validation folder alone); use recovery=none"
+        )
     with phases("load_base"):
         if base is None:
             base = train.get_base_model(
@@ -176,17 +185,9 @@ def run_trial(
                 device=cfg.device,
                 progress=progress,
             )
-    with phases("load_data"):
-        bundle, eval_set = load_eval_set(cfg)
     with phases("eval_base"):
         base_eval = _base_eval_cached(base, cfg, eval_set, device)
 
-    settings = cfg.recovery_settings()
-    if settings.recovery != "none" and bundle.train is None:
-        raise ValueError(
-            f"recovery={cfg.recovery!r} needs the training split of dataset {cfg.dataset!r}, which is not "
-            f"available here (e.g. an ImageNet validation folder alone); use recovery=none"
-        )
     prerec: dict[str, evaluate.EvalResult] = {}
     reports: dict[str, recovery.RecoveryReport] = {}
 
