@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from wavesweep.data import DatasetBundle, dataset_shape, load_dataset, make_loader
+from wavesweep.data import DatasetBundle, TensorImages, dataset_shape, load_dataset, make_loader
 from wavesweep.evaluate import evaluate, resolve_device
 from wavesweep.models import (
     MODELS,
@@ -248,7 +248,10 @@ def train_model(
     config = config.resolved(dev)
     channels_last = config.channels_last == "on"
     _seed_everything(config.seed)
-    loader = make_loader(bundle.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    # In-memory images go to the device once; each batch is then gathered and normalised there
+    # (the same order and values as on the CPU: the shuffle comes from the same CPU generator).
+    train_set = bundle.train.to(dev) if isinstance(bundle.train, TensorImages) else bundle.train
+    loader = make_loader(train_set, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     steps = len(loader) * config.epochs
     model.to(dev).train()
     if channels_last:  # before the optimizer is built: it holds the parameters as they are now

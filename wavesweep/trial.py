@@ -255,6 +255,7 @@ def run_trial(
         m: MethodOutcome(m, prunes[m], stats[m], evals[m], timings[m], reports[m], prerec.get(m)) for m in prunes
     }
     eval_info = {"n_eval": len(eval_set), "n_test_split": len(bundle.test), **{f"data_{k}": v for k, v in bundle.info.items()}}
+    data.close_loaders(eval_set)  # file datasets: stop the persistent evaluation workers now
     notes = [r.note for r in reports.values() if r.note]
     all_warnings = list(dict.fromkeys([*dwt.warnings, *caught, *notes]))
     return TrialResult(
