@@ -203,7 +203,7 @@ def _digest_before_amp(cfg: TrainConfig) -> str:
 
 
 def test_amp_and_channels_last_validation():
-    with pytest.raises(ValueError, match=r"^unknown amp 'fp16'; valid: auto, bf16, off$"):
+    with pytest.raises(ValueError, match=r"^unknown amp 'fp16'; valid: auto, bf16, off; did you mean bf16\?$"):
         TrainConfig(amp="fp16")
     with pytest.raises(ValueError, match=r"^unknown channels_last True; valid: auto, on, off$"):
         TrainConfig(channels_last=True)
