@@ -8,6 +8,7 @@ see a half-written file. MLflow model URIs are resolved by ``wavesweep.tracking`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
