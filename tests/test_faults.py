@@ -8,6 +8,7 @@ dead worker's trial is detected in seconds, and make trials slow enough to be ca
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -54,6 +55,18 @@ def trials(workdir: Path, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
 
 def running_with_run(workdir: Path) -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials(workdir) if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+
+
+def sql_count(db: Path, query: str) -> int:
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as conn:
+            return int(conn.execute(query).fetchone()[0])
+    except sqlite3.Error:
+        return 0
 
 
 def mlflow_runs(workdir: Path) -> list:
@@ -189,7 +202,8 @@ def test_sigterm_of_a_trial_leaves_no_running_run(workdir, tiny_weights, shared_
             "--recovery", "finetune", "--finetune-steps", "200", "-q"]  # fmt: skip
     p = spawn(workdir, shared_cache, *argv, name="trial")
     try:
-        wait_for(lambda: (workdir / "mlflow.db").exists() and mlflow_runs(workdir), 180, "the trial's MLflow run")
+        wait_for(lambda: sql_count(workdir / "mlflow.db", "SELECT count(*) FROM runs WHERE status = 'RUNNING'") >= 1, 240,
+                 "the trial's MLflow runs")  # read with sqlite3: an MLflow client would race the schema creation
         time.sleep(1.0)
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=120) == 143
