@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wavesweep: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # exit 130 (SIGINT) or 143 (SIGTERM), one line, no traceback
-        print(f"wavesweep: interrupted ({interrupt.describe(exc)})", file=sys.stderr)
+        print(f"wavesweep: interrupted ({interrupt.caught(exc)})", file=sys.stderr)
         return interrupt.exit_code(exc)
 
 

@@ -95,7 +95,7 @@ def run_tracked_trial(
         run.finish("KILLED", error=f"early-stopped: {exc}", tags={"early_stopped": "true"})
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (interrupt.Terminated)
-        run.finish("KILLED", error=f"interrupted ({interrupt.describe(exc)})")
+        run.finish("KILLED", error=f"interrupted ({interrupt.caught(exc)})")
         raise
     except BaseException as exc:
         run.finish("FAILED", error=f"{type(exc).__name__}: {exc}")

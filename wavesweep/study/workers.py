@@ -156,6 +156,7 @@ def _worker_main(launch: Launch, index: int) -> None:
         with interrupt.stop_signals():
             _worker_loop(launch, index)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the trial is closed (FAIL / KILLED)
+        interrupt.caught(exc)
         raise SystemExit(interrupt.exit_code(exc)) from None
     except RuntimeError as exc:
         log.error("%s", exc)
@@ -226,6 +227,7 @@ def _run_workers(launch: Launch, progress: _Progress) -> int:
                     p.join(timeout=POLL_S / len(procs))
                 progress(study)
     except KeyboardInterrupt as exc:
+        interrupt.caught(exc)
         with interrupt.ignored():  # let the workers close their trials undisturbed
             sig = signal.SIGTERM if isinstance(exc, interrupt.Terminated) else signal.SIGINT
             for p in procs:
@@ -365,7 +367,7 @@ def run_study(
     except KeyboardInterrupt as exc:
         bar.close()
         with interrupt.ignored():
-            tracking.close_run(client, parent, "KILLED", error=f"interrupted ({interrupt.describe(exc)})", metrics=study_metrics(study),
+            tracking.close_run(client, parent, "KILLED", error=f"interrupted ({interrupt.caught(exc)})", metrics=study_metrics(study),
                                children=False)  # fmt: skip
         raise
     except RuntimeError as exc:
