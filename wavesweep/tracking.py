@@ -251,7 +251,10 @@ class TrialRun:
         """Close the parent and every child with ``status``; record ``error`` and ``tags`` on all of them.
 
         A successful adopted run is left open: ``mlflow run`` closes the run it created."""
-        close_run(self.client, self.run_id, status, error=error, tags=tags, children=list(self.child_ids.values()),
+        # On failure look the children up too: a stop (SIGTERM) landing inside create_run leaves a
+        # child that exists in the store but not in child_ids.
+        children: list[str] | bool = list(self.child_ids.values()) if status == "FINISHED" else True
+        close_run(self.client, self.run_id, status, error=error, tags=tags, children=children,
                   terminate=self.owned or status != "FINISHED")  # fmt: skip
 
 
@@ -276,7 +279,7 @@ def close_run(
     if children is True:
         found = client.search_runs([client.get_run(run_id).info.experiment_id],
                                    filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'")  # fmt: skip
-        children = [r.info.run_id for r in found if r.data.tags.get("wavesweep.kind") == "method"]
+        children = [r.info.run_id for r in found if r.data.tags.get("wavesweep.kind") == "method" and r.info.status == "RUNNING"]
     for rid in children or []:
         _best_effort(log_batch, client, rid, tags=extra)  # a full disk must not leave the run RUNNING
         client.set_terminated(rid, status)
