@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from wavesweep import interrupt
 from wavesweep.config import FIELD_HELP, TrialConfig
 
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
@@ -200,10 +201,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    """``wavesweep study SPEC``: run or resume; report; optionally register the best model."""
+    """``wavesweep study SPEC``: run or resume; report; optionally register the best model.
+
+    Exit codes: 0 the total reached (or the timeout), 1 the launch gave up or fell short (the
+    message says how many trials are missing), 2 misuse, 130 Ctrl-C, 143 SIGTERM.
+    """
     from wavesweep import study
 
-    spec = study.load_spec(args.spec)
+    spec = study.load_spec(args.spec, overrides=study.parse_assignments(args.set, "--set"))
     if args.register_best:
         from wavesweep.names import check_name
 
@@ -211,21 +216,35 @@ def cmd_study(args: argparse.Namespace) -> int:
     _warn_secrets(args.launched_run_id, args.storage)
     if args.n_trials is not None and args.n_trials < 0:
         raise ValueError(f"--n-trials={args.n_trials} must be >= 0 (0: the spec's n_trials)")
+    if args.timeout is not None:
+        study.check_timeout(args.timeout)
+    enqueued = [study.enqueue_params(spec, item) for item in args.enqueue or []]
+    url = args.storage or spec.storage or study.DEFAULT_STORAGE
+    study.check_storage_url(url)
+    if args.dry_run:
+        print(study.describe(spec, url=url, n_trials=args.n_trials or None, timeout=args.timeout, workers=args.workers,
+                             enqueued=enqueued), end="")  # fmt: skip
+        return 0
     outcome = study.run_study(
         spec, n_trials=args.n_trials or None, timeout=args.timeout, storage=args.storage, workers=args.workers or 1,
-        progress=not args.quiet, launched_run_id=args.launched_run_id,
+        progress=not args.quiet, launched_run_id=args.launched_run_id, quiet=args.quiet, enqueue_configs=enqueued,
     )  # fmt: skip
-    url = args.storage or spec.storage or study.DEFAULT_STORAGE
-    _print_summary(outcome.study, outcome.run_id, url)
+    _print_summary(outcome.study, outcome.run_id, url, final=outcome.final)
     from wavesweep import tracking
 
     if note := tracking.default_experiment_note(args.launched_run_id):
         print(note, file=sys.stderr)
-    if study.best_trial(outcome.study) is not None:  # a complete trial exists
+    if not outcome.final:
+        print(f"{outcome.running} trial(s) still running in other launchers: this is a partial view; "
+              f"the last launcher to finish reports the study", file=sys.stderr)  # fmt: skip
+    elif study.best_trial(outcome.study) is not None:  # a complete trial exists
         _report(outcome.study, args.report_dir, args.register_best, outcome.run_id)
     if outcome.status != "FINISHED":
         print(f"study {spec.name} stopped: {outcome.reason}; fix the cause and run the same command to resume", file=sys.stderr)
         return 1
+    if outcome.missing:
+        print(f"study {spec.name}: timeout after {outcome.missing} of the requested trials were left; run the same command to resume",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -268,11 +287,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(found: Any, parent: str, url: str) -> None:
+def _print_summary(found: Any, parent: str, url: str, final: bool = True) -> None:
     from wavesweep import study, tracking
 
     m = study.study_metrics(found)
-    print(f"study {found.study_name}: {int(m['n_complete'])} complete, {int(m['n_pruned'])} pruned, {int(m['n_fail'])} failed "
+    print(f"study {found.study_name}{'' if final else ' so far (not final)'}: {int(m['n_complete'])} complete, {int(m['n_pruned'])} pruned, {int(m['n_fail'])} failed "
           f"(storage {tracking.redact_url(url)}, MLflow run {parent} at {tracking.tracking_uri()})")  # fmt: skip
     best = study.best_trial(found)
     if best is not None:
@@ -377,12 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("study", help="run (or resume) an Optuna study from a sweeps/*.yaml spec")
     s.add_argument("spec", help="study spec, e.g. sweeps/digits-resnet18.yaml")
     s.add_argument("--n-trials", type=int, default=None, help="total trials wanted (overrides the spec)")
-    s.add_argument("--timeout", type=float, default=None, help="seconds (overrides the spec)")
+    s.add_argument("--timeout", type=float, default=None, help="seconds per launch, > 0 (overrides the spec)")
     s.add_argument("--storage", default=None, help="Optuna storage URL (overrides the spec)")
     s.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     s.add_argument("--register-best", default=None, metavar="NAME", help="register the best trial's model as NAME@champion")
     s.add_argument("--report-dir", default=None, help="where to write plots and tables (default: reports/STUDY)")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a spec key (n_trials=8, sampler.seed=3, base.eval_limit=100, or a trial parameter: eval_limit=100); repeatable")
+    s.add_argument("--enqueue", action="append", metavar="NAME=VALUE,...",
+                   help="run this configuration of the search space first (e.g. wavelet=haar,percentile=40); repeatable")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved spec and search space; run nothing, create nothing")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar; Optuna logs errors only")
     s.set_defaults(func=cmd_study)
 
     rs = sub.add_parser("results", help="regenerate a results page: top-1 per method at fixed pruned fractions under each recovery")
@@ -460,11 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.func is not cmd_download:  # MLflow's download bars would break the one-line errors
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        if args.func not in (cmd_train,):
-            from wavesweep import tracking
+        with interrupt.stop_signals():  # SIGTERM (timeout, Slurm, docker stop) is handled like Ctrl-C
+            if args.func not in (cmd_train,):
+                from wavesweep import tracking
 
-            tracking.set_tracking_uri()  # once per process, for MLflow's own functions
-        return int(args.func(args) or 0)
+                tracking.set_tracking_uri()  # once per process, for MLflow's own functions
+            return int(args.func(args) or 0)
     except Exception as exc:
         if not (isinstance(exc, USAGE_ERRORS) or _is_mlflow_error(exc)):
             _tag_launched_run(launched_run_id, f"{type(exc).__name__}: {_one_line(exc)}")
@@ -473,10 +498,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wavesweep: error: {msg}", file=sys.stderr)
         _tag_launched_run(launched_run_id, msg)
         return 2
-    except KeyboardInterrupt:
-        print("wavesweep: interrupted", file=sys.stderr)
-        _tag_launched_run(launched_run_id, "interrupted (KeyboardInterrupt)", status="KILLED")
-        return 130
+    except KeyboardInterrupt as exc:  # exit 130 (SIGINT) or 143 (SIGTERM), one line, no traceback
+        reason = f"interrupted ({interrupt.caught(exc)})"
+        print(f"wavesweep: {reason}", file=sys.stderr)
+        _tag_launched_run(launched_run_id, reason, status="KILLED")
+        return interrupt.exit_code(exc)
 
 
 def run(argv: list[str] | None = None) -> None:

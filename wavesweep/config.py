@@ -26,6 +26,9 @@ def _parse_bool(name: str, value: Any) -> bool:
     raise ValueError(f"{name}={value!r} is not a boolean; valid: true, false")
 
 
+MAX_TIMING_BATCHES = 100  # timed batches per model: 4 models x 100 ResNet-18 batches of 256 is minutes on a CPU
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """One prune-and-evaluate trial: a base model, one wavelet configuration, evaluation settings."""
@@ -75,6 +78,8 @@ class TrialConfig:
         for name in ("eval_limit", "timing_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.timing_batches > MAX_TIMING_BATCHES:  # timing is a side measurement: never an unbounded run
+            raise ValueError(f"timing_batches={self.timing_batches} is above the limit of {MAX_TIMING_BATCHES}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         self.recovery_settings()  # validates recovery, recovery_batches, finetune_*
@@ -164,7 +169,7 @@ FIELD_HELP = {
     "seed": "seed for data split, subset, base-model training and random pruning",
     "device": "auto, cpu, cuda or cuda:N",
     "batch_size": "evaluation batch size",
-    "timing_batches": "batches timed per model after one warm-up batch (0 = skip timing)",
+    "timing_batches": "batches timed per model after one warm-up batch (0 = skip timing; at most 100)",
     "weights": "base model weights: empty = pretrained/trained-and-cached; a state-dict file; models:/ or runs:/ URI",
     "data_root": "dataset root directory (empty = $WAVESWEEP_DATA or ~/.cache/wavesweep/data)",
     "save_baselines": "also log compressed checkpoints of the magnitude and random models (true/false)",

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from wavesweep import accounting, models, tracking, train
+from wavesweep import accounting, interrupt, models, tracking, train
 from wavesweep.config import TrialConfig
 from wavesweep.trial import Reporter, TrialResult, load_eval_set, run_trial
 
@@ -46,7 +46,10 @@ def _write_checkpoints(result: TrialResult, folder: Path, methods: tuple[str, ..
     meta = {"trial": result.config.to_dict(), "base_checksum": base.checksum, "build_kwargs": base.build_kwargs}
     for m in methods:
         files[m] = folder / f"{m}.wsz"
-        accounting.save_compressed(result.outcomes[m].prune, files[m], metadata=meta)
+        size = accounting.save_compressed(result.outcomes[m].prune, files[m], metadata=meta)
+        # Upload only complete files: a short write (a full disk) must not reach the artifact store.
+        if files[m].stat().st_size != size:
+            raise OSError(f"checkpoint {files[m].name} is {files[m].stat().st_size} bytes on disk, {size} were written")
     return files
 
 
@@ -68,7 +71,7 @@ def run_tracked_trial(
     run ``mlflow run`` created; its experiment is used), or is created in ``experiment``.
 
     Any exception (including a reporter's early stop) closes the runs with status FAILED, or
-    KILLED for ``KeyboardInterrupt``, records the error on them, and is re-raised. The caller
+    KILLED for ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM as ``interrupt.Terminated``), records the error on them, and is re-raised. The caller
     passes its early-stop exception types in ``early_stop``: those close the runs KILLED with tag
     ``early_stopped=true`` (MLflow has no "pruned" status), and are re-raised for the caller. ``on_run(run_id)`` is
     called as soon as the run exists, so a study can cross-reference it before work starts.
@@ -97,8 +100,8 @@ def run_tracked_trial(
     except early_stop as exc:
         run.finish("KILLED", error=f"early-stopped: {exc}", tags={"early_stopped": "true"})
         raise
-    except KeyboardInterrupt:
-        run.finish("KILLED", error="interrupted (KeyboardInterrupt)")
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (interrupt.Terminated)
+        run.finish("KILLED", error=f"interrupted ({interrupt.caught(exc)})")
         raise
     except BaseException as exc:
         run.finish("FAILED", error=f"{type(exc).__name__}: {exc}")

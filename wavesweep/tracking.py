@@ -181,7 +181,33 @@ def _log_files(
                 os.link(src, p)  # same file system: no copy of the checkpoint bytes
             except OSError:
                 shutil.copyfile(src, p)
-        client.log_artifacts(run_id, tmp, artifact_path)
+            if p.stat().st_size != Path(src).stat().st_size:  # upload only complete files
+                raise OSError(f"{fname}: copied {p.stat().st_size} of {Path(src).stat().st_size} bytes")
+        with _removed_on_failure(client, run_id, [f"{artifact_path}/{n.name}" if artifact_path else n.name for n in Path(tmp).iterdir()]):
+            client.log_artifacts(run_id, tmp, artifact_path)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(client: MlflowClient, run_id: str, paths: list[str]):
+    """If the block fails (a full disk mid-upload), delete the artifacts ``paths`` of ``run_id`` where
+    the artifact store allows it, so no half-written file stays behind; the error is re-raised."""
+    try:
+        yield
+    except BaseException:
+        try:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+            for path in paths:
+                repo.delete_artifacts(path)
+        except Exception as exc:  # noqa: BLE001 - a store without delete: say so, keep the original error
+            log.warning("run %s: could not remove partial artifacts %s: %s", run_id, paths, exc)
+        raise
+
+
+def _log_table(client: MlflowClient, run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
+    with _removed_on_failure(client, run_id, [artifact_file]):
+        client.log_table(run_id, data=frame, artifact_file=artifact_file)
 
 
 def run_name(cfg: TrialConfig, method: str) -> str:
@@ -229,7 +255,10 @@ class TrialRun:
         """Close the parent and every child with ``status``; record ``error`` and ``tags`` on all of them.
 
         A successful adopted run is left open: ``mlflow run`` closes the run it created."""
-        close_run(self.client, self.run_id, status, error=error, tags=tags, children=list(self.child_ids.values()),
+        # On failure look the children up too: a stop (SIGTERM) landing inside create_run leaves a
+        # child that exists in the store but not in child_ids.
+        children: list[str] | bool = list(self.child_ids.values()) if status == "FINISHED" else True
+        close_run(self.client, self.run_id, status, error=error, tags=tags, children=children,
                   terminate=self.owned or status != "FINISHED")  # fmt: skip
 
 
@@ -254,13 +283,20 @@ def close_run(
     if children is True:
         found = client.search_runs([client.get_run(run_id).info.experiment_id],
                                    filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'")  # fmt: skip
-        children = [r.info.run_id for r in found if r.data.tags.get("wavesweep.kind") == "method"]
+        children = [r.info.run_id for r in found if r.data.tags.get("wavesweep.kind") == "method" and r.info.status == "RUNNING"]
     for rid in children or []:
-        log_batch(client, rid, tags=extra)
+        _best_effort(log_batch, client, rid, tags=extra)  # a full disk must not leave the run RUNNING
         client.set_terminated(rid, status)
-    log_batch(client, run_id, tags=extra, metrics=metrics or {})
+    _best_effort(log_batch, client, run_id, tags=extra, metrics=metrics or {})
     if terminate:
         client.set_terminated(run_id, status)
+
+
+def _best_effort(fn: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - logged; closing the run matters more than its tags
+        log.warning("could not record on a closing run: %s", exc)
 
 
 def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
@@ -301,10 +337,10 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
             params |= {"matched_to": "dwt", "match_scope": cfg.scope, "prune_seed": out.prune.config.get("seed", cfg.seed)}
         log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frames[method])],
                   new_run=True)  # fmt: skip
-        client.log_table(rid, data=frames[method], artifact_file="layers.json")
+        _log_table(client, rid, frames[method], "layers.json")
     log_batch(client, run.run_id, params=base_params, metrics=[*((k, v, 0) for k, v in metrics["parent"].items()), *_layer_series(frames["dwt"])],
               tags={"warnings": len(result.warnings)}, new_run=run.owned)  # fmt: skip
-    client.log_table(run.run_id, data=frames["dwt"], artifact_file="layers.json")
+    _log_table(client, run.run_id, frames["dwt"], "layers.json")
     preds = pd.DataFrame({"target": result.base_eval.targets, "base": result.base_eval.preds,
                           **{m: o.eval.preds for m, o in result.outcomes.items()}})  # fmt: skip
     files: dict[str, str | bytes] = {

@@ -6,16 +6,19 @@ The only package that imports optuna. Every study trial is one ``tracked_trial.r
 * ``spec``: the YAML schema, its line numbers, validation (``load_spec`` -> ``StudySpec``);
 * ``storage``: Optuna storage, samplers and pruners by name, create/load the study;
 * ``objective``: the thin objective (suggest, run, report chunks, return the values);
-* ``workers``: ``run_study``: worker processes, the slot lock, Ctrl-C, progress, resume;
+* ``workers``: ``run_study``: worker processes, the slot lock, Ctrl-C/SIGTERM, progress, resume, retries;
+* ``plan``: ``--enqueue`` configurations and the ``--dry-run`` description;
 * ``frame``: the study as a table for reports (``trials_frame``, ``best_trial``, ``build_report``).
 """
 
 from wavesweep.study.frame import best_trial, build_report, study_metrics, trials_frame
-from wavesweep.study.spec import SpecError, StudySpec, load_spec, spec_from_mapping
-from wavesweep.study.storage import DEFAULT_STORAGE, open_storage
-from wavesweep.study.workers import StudyOutcome, run_study
+from wavesweep.study.plan import describe, enqueue_params
+from wavesweep.study.spec import SpecError, StudySpec, load_spec, parse_assignments, spec_from_mapping
+from wavesweep.study.storage import DEFAULT_STORAGE, check_storage_url, open_storage
+from wavesweep.study.workers import StudyOutcome, check_timeout, run_study
 
 __all__ = [
-    "DEFAULT_STORAGE", "SpecError", "StudyOutcome", "StudySpec", "best_trial", "build_report", "load_spec",
-    "open_storage", "run_study", "spec_from_mapping", "study_metrics", "trials_frame",
+    "DEFAULT_STORAGE", "SpecError", "StudyOutcome", "StudySpec", "best_trial", "build_report", "check_storage_url",
+    "check_timeout", "describe", "enqueue_params", "load_spec", "open_storage", "parse_assignments", "run_study",
+    "spec_from_mapping", "study_metrics", "trials_frame",
 ]  # fmt: skip

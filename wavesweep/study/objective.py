@@ -152,6 +152,8 @@ def objective(
         raise
     except BaseException as exc:
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: retried with these params next launch
+            trial.set_user_attr("interrupted", True)
         tag_run("FAIL")
         raise
     metrics = result.metrics()["parent"]

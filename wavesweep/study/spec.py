@@ -7,7 +7,7 @@ Spec (YAML; every key optional except ``space``/``objectives`` as noted)::
     storage: sqlite:///optuna.db    # Optuna storage URL or a *.journal file (default: optuna.db here)
     experiment: wavesweep           # MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or wavesweep)
     base: {model: resnet18, dataset: digits, eval_limit: 500, seed: 0}   # base model and data
-    fixed: {mode: periodization, timing_batches: 2}                      # other fixed trial values
+    fixed: {mode: periodization}    # other fixed trial values (timing_batches: 0 unless an objective is a timing metric)
     space:                          # TrialConfig field -> list (categorical) or range
       wavelet: [haar, bior1.3]
       level: {low: 1, high: 5}
@@ -186,13 +186,14 @@ class StudySpec:
             _check_options(("pruner",), PRUNERS[self.pruner], self.pruner_options)
         elif self.pruner_options:
             raise SpecError(("pruner", next(iter(self.pruner_options))), "pruner none takes no options")
+        if self.n_trials is not None and (not isinstance(self.n_trials, int) or isinstance(self.n_trials, bool) or self.n_trials < 1):
+            raise SpecError(("n_trials",), f"n_trials must be a positive integer, got {self.n_trials!r}")
         if self.sampler == "grid":
             size = self.grid_size()
             if self.n_trials is not None and self.n_trials > size:
                 raise SpecError(("n_trials",), f"n_trials={self.n_trials} exceeds the grid's {size} points")
-        if self.n_trials is not None and (not isinstance(self.n_trials, int) or isinstance(self.n_trials, bool) or self.n_trials < 1):
-            raise SpecError(("n_trials",), f"n_trials must be a positive integer, got {self.n_trials!r}")
-        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and not isinstance(self.timeout, bool)
+                                             and math.isfinite(self.timeout) and self.timeout > 0):  # fmt: skip
             raise SpecError(("timeout",), f"timeout must be a positive number of seconds, got {self.timeout!r}")
         if self.n_trials is None and self.timeout is None and self.sampler != "grid":
             raise SpecError(("n_trials",), "give n_trials or timeout (or both)")
@@ -426,8 +427,60 @@ def _line_of(lines: dict[tuple[str, ...], int], key: tuple[str, ...]) -> int | N
     return None
 
 
-def load_spec(path: str | os.PathLike) -> StudySpec:
-    """Read and validate a spec file; errors are one-line ``ValueError``s naming the key and line."""
+def parse_assignments(items: list[str] | None, what: str) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}``; values are YAML scalars or lists (``[10, 20]``)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what} {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ValueError(f"{what} {item!r}: the value is not a YAML value") from None
+    return out
+
+
+def apply_overrides(data: Any, sets: dict[str, Any]) -> dict:
+    """The spec mapping with ``--set`` overrides: ``KEY`` (a top-level key, e.g. ``n_trials``),
+    ``SECTION.KEY`` (``base.eval_limit``, ``sampler.seed``, ``space.percentile``), or a trial
+    parameter alone (``eval_limit``, ``timing_batches``): it goes where the spec has it (``base``
+    or ``fixed``), else to ``fixed``; a searched parameter is taken out of ``space`` (pinned)."""
+    data = dict(data or {}) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        return data
+    cfg_fields = {f.name for f in fields(TrialConfig)}
+    for key, value in sets.items():
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] not in TOP_KEYS:
+            if parts[0] not in cfg_fields:
+                raise SpecError((key,), "--set " + _unknown("spec key or trial parameter", key, [*TOP_KEYS, *cfg_fields]))
+            section = "base" if parts[0] in (data.get("base") or {}) or (parts[0] in BASE_KEYS and parts[0] not in (data.get("fixed") or {})) else "fixed"
+            space = data.get("space")
+            if isinstance(space, dict) and parts[0] in space:
+                data["space"] = {k: v for k, v in space.items() if k != parts[0]}
+            parts = [section, parts[0]]
+        if parts[0] not in TOP_KEYS:
+            raise SpecError((parts[0],), "--set " + _unknown("spec key", parts[0], TOP_KEYS))
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None or isinstance(child, str) and i == 0 and part in ("sampler", "pruner"):
+                child = {"name": child} if isinstance(child, str) else {}
+            if not isinstance(child, dict):
+                raise SpecError(tuple(parts[: i + 1]), f"--set {key}: {part} is not a mapping")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> StudySpec:
+    """Read and validate a spec file; errors are one-line ``ValueError``s naming the key and line.
+
+    ``overrides`` (``--set``, see ``apply_overrides``) change the parsed spec before validation; the
+    spec's text (stored with the study and its MLflow run) is then the resolved YAML.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"study spec {str(path)!r} does not exist")
@@ -453,6 +506,9 @@ def load_spec(path: str | os.PathLike) -> StudySpec:
     try:
         if root is not None:
             _lines(root, (), lines)
+        if overrides:
+            data = apply_overrides(data, overrides)
+            text = yaml.safe_dump(data, sort_keys=False) + "# resolved with --set " + " ".join(f"{k}={v}" for k, v in overrides.items()) + "\n"
         return spec_from_mapping(data, name=path.stem, path=path, text=text)
     except SpecError as exc:
         line = exc.line or _line_of(lines, exc.key)
@@ -487,11 +543,15 @@ def spec_from_mapping(data: Any, *, name: str = "study", path: Path | None = Non
     for key in ("study", "description", "storage", "experiment"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise SpecError((key,), f"must be a string, got {data[key]!r}")
+    fixed_all = {**{str(k): v for k, v in base.items()}, **{str(k): v for k, v in fixed.items()}}
+    timed = any(schema.is_timing(o.metric) for o in objectives)
+    if not timed and "timing_batches" not in fixed_all and "timing_batches" not in space_raw:
+        fixed_all["timing_batches"] = 0  # accuracy studies do not spend trials on inference timing
     return StudySpec(
         name=data.get("study") or name,
         space=space,
         objectives=objectives,
-        fixed={**{str(k): v for k, v in base.items()}, **{str(k): v for k, v in fixed.items()}},
+        fixed=fixed_all,
         sampler=sampler,
         sampler_options=sampler_opts,
         pruner=pruner,

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
+import os
+import random
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from optuna.trial import TrialState
 
 from wavesweep import tracking
 from wavesweep.fileio import file_lock
@@ -15,9 +21,13 @@ from wavesweep.fileio import file_lock
 if TYPE_CHECKING:
     from wavesweep.study.spec import StudySpec
 
+log = logging.getLogger(__name__)
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-HEARTBEAT_S = 20  # Optuna heartbeat of a running trial (RDB storages)
-GRACE_S = 60  # a RUNNING trial without heartbeat for this long belongs to a dead worker
+# Optuna heartbeats of running trials (RDB storages): a RUNNING trial without a heartbeat for
+# GRACE_S belongs to a dead worker (kill -9, a lost machine) and is failed and re-queued.
+# WAVESWEEP_HEARTBEAT_S / WAVESWEEP_GRACE_S override them (tests use seconds).
+HEARTBEAT_S = 20
+GRACE_S = 60
 SAMPLERS: dict[str, type] = {
     "tpe": optuna.samplers.TPESampler,
     "random": optuna.samplers.RandomSampler,
@@ -30,24 +40,97 @@ PRUNERS: dict[str, type | None] = {
     "median": optuna.pruners.MedianPruner,
     "wilcoxon": optuna.pruners.WilcoxonPruner,
 }
+# Optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback; RetryFailedTrialCallback is the old name.
+RetryCallback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+_DRIVER_HINT = {
+    "postgresql": 'pip install "psycopg[binary]" (or pip install -e ".[postgres]")',
+    "mysql": 'pip install "PyMySQL" and use mysql+pymysql://',
+}
 
 
 def _is_journal(url: str) -> bool:
     return url.endswith(".journal") or url.startswith("journal:")
 
 
+def _journal_path(url: str) -> Path:
+    return Path(url.split(":", 1)[1] if url.startswith("journal:") else url).expanduser()
+
+
 def sqlite_file(url: str) -> Path | None:
     return Path(url[len("sqlite:///") :]).expanduser().resolve() if url.startswith("sqlite:///") else None
+
+
+def check_storage_url(url: str) -> None:
+    """Raise a one-line ``ValueError`` unless ``url`` names a usable Optuna storage; creates nothing.
+
+    A journal file or SQLite database may be missing (it is created) but its folder must exist;
+    an RDB URL needs a known database and its installed driver.
+    """
+    shown = redact_url(url)
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"storage {url!r} is empty; give a database URL (sqlite:///optuna.db, postgresql://HOST/DB) or a .journal file")
+    if _is_journal(url):
+        path = _journal_path(url)
+        if path.is_dir():
+            raise ValueError(f"storage {shown!r} is a directory; give a .journal file")
+        if not path.parent.is_dir():
+            raise ValueError(f"storage {shown!r}: folder {str(path.parent)!r} does not exist")
+        return
+    import sqlalchemy.engine
+    import sqlalchemy.exc
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        hint = "; a directory is not a storage" if Path(url).expanduser().is_dir() else ""
+        raise ValueError(f"storage {shown!r} is not a database URL (e.g. sqlite:///optuna.db, postgresql://HOST/DB) or a .journal file{hint}") from None
+    try:
+        dialect = parsed.get_dialect()
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise ValueError(f"storage {shown!r}: unknown database {parsed.drivername!r}; use sqlite, postgresql or mysql, or a .journal file") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        hint = _DRIVER_HINT.get(parsed.get_backend_name(), f"install the Python driver {dialect.driver!r}")
+        raise ValueError(f"storage {shown!r}: the {parsed.get_backend_name()} driver is missing ({exc.name or exc}); {hint}") from None
+    if parsed.get_backend_name() == "sqlite":
+        db = sqlite_file(url)
+        if db is None or not parsed.database or parsed.database == ":memory:":
+            raise ValueError(f"storage {shown!r}: an in-memory SQLite storage is lost at exit; give a file, e.g. sqlite:///optuna.db")
+        if db.is_dir():
+            raise ValueError(f"storage {shown!r} is a directory; give a database file, e.g. sqlite:///{db / 'optuna.db'}")
+        if not db.parent.is_dir():
+            raise ValueError(f"storage {shown!r}: folder {str(db.parent)!r} does not exist (it is not created)")
+
+
+def redact_url(url: str) -> str:
+    return tracking.redact_url(url) if isinstance(url, str) else repr(url)
+
+
+def _seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer number of seconds") from None
+    if value < 1:
+        raise ValueError(f"{name}={raw!r} must be >= 1")
+    return value
 
 
 def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseStorage:
     """Optuna storage for ``url``: an RDB URL (SQLite, PostgreSQL, ...) with heartbeats, or a journal file.
 
     Creating a fresh SQLite database runs schema creation; it happens under a file lock beside
-    the database so concurrent launches do not race. ``must_exist``: a missing local file is an error.
+    the database so concurrent launches do not race (other RDBs: retried once). ``must_exist``:
+    a missing local file is an error. Heartbeats: a trial whose worker died is failed after
+    ``grace_period``, its MLflow run closed FAILED, and the trial re-queued with the same params.
     """
+    check_storage_url(url)
     if _is_journal(url):
-        path = Path(url.split(":", 1)[1] if url.startswith("journal:") else url).expanduser()
+        path = _journal_path(url)
         if must_exist and not path.is_file():
             raise FileNotFoundError(f"Optuna journal {str(path)!r} does not exist")
         from optuna.storages.journal import JournalFileBackend
@@ -56,28 +139,99 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
     db = sqlite_file(url)
     if db is not None and must_exist and not db.is_file():
         raise FileNotFoundError(f"Optuna storage {str(db)!r} does not exist")
-    engine_kwargs = {"connect_args": {"timeout": 60}} if db is not None else {}
+    engine_kwargs = {"connect_args": {"timeout": 60}} if db is not None else {"pool_pre_ping": True}
     lock = file_lock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext()
+    kwargs = dict(
+        engine_kwargs=engine_kwargs, heartbeat_interval=_seconds("WAVESWEEP_HEARTBEAT_S", HEARTBEAT_S),
+        grace_period=_seconds("WAVESWEEP_GRACE_S", GRACE_S), heartbeat_stale_trial_callback=_on_stale_trial,
+    )  # fmt: skip
     with lock, warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=_on_stale_trial,
-        )  # fmt: skip
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception:  # noqa: BLE001 - two launchers creating one fresh PostgreSQL schema at once
+            if db is not None:
+                raise
+            time.sleep(1 + random.random())
+            return optuna.storages.RDBStorage(url, **kwargs)
 
 
 def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
-    """RDB storages run Optuna heartbeats (a dead worker's trial is failed); journal files do not."""
-    return isinstance(storage, optuna.storages.RDBStorage)
+    """Does ``storage`` run Optuna heartbeats (RDB storages do; journal files do not)?
+
+    Asked through the storage's public ``get_heartbeat_interval``, which Optuna's cache wrapper
+    (``study._storage``) forwards, never by ``isinstance``.
+    """
+    get = getattr(storage, "get_heartbeat_interval", None)
+    return callable(get) and get() is not None
 
 
 def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A trial whose worker died (no heartbeat): close its MLflow run too."""
+    """A trial whose worker died (no heartbeat), just failed by ``fail_stale_trials``: close its
+    MLflow runs FAILED and re-queue it with the same params."""
     rid = trial.user_attrs.get("mlflow_run_id")
     if rid:
-        client, _ = tracking.init_tracking()
-        if tracking.run_status(client, rid) == "RUNNING":
-            tracking.set_run_status(client, rid, "FAILED", error="worker lost (no Optuna heartbeat)", tags={"optuna.state": "FAIL"})
+        try:
+            client, _ = tracking.init_tracking()
+            if tracking.run_status(client, rid) == "RUNNING":
+                tracking.close_run(client, rid, "FAILED", error="worker lost (no Optuna heartbeat)", tags={"optuna.state": "FAIL"})
+        except Exception as exc:  # noqa: BLE001 - the next launch reconciles it; never stop the worker here
+            log.warning("trial %d: could not close its MLflow run %s: %s", trial.number, rid, exc)
+    if not trial.user_attrs.get("surplus"):
+        retry(study, trial)
+        log.warning("trial %d lost its worker (no heartbeat for %d s): failed, re-queued with the same params", trial.number,
+                    _seconds("WAVESWEEP_GRACE_S", GRACE_S))  # fmt: skip
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue ``trial`` again (WAITING, same params) with Optuna's own retry callback.
+
+    ``RetryHeartbeatStaleTrialCallback`` (``RetryFailedTrialCallback`` before Optuna 4.9) keeps
+    params, distributions and system attributes (a grid point keeps its ``grid_id``) and records
+    ``failed_trial``/``retry_history``; the user attributes (the old MLflow run id, the error) are
+    left behind, so the retry gets its own.
+    """
+    clean = copy.deepcopy(trial)
+    clean.user_attrs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        RetryCallback()(study, clean)
+
+
+def retriable(trial: optuna.trial.FrozenTrial, spec: StudySpec) -> bool:
+    """A FAIL trial to run again with the same params: interrupted (Ctrl-C, SIGTERM), or its worker
+    died (no ``error`` recorded), or any failed grid point (a grid must be covered). Errors of the
+    trial itself are not retried: the same configuration would fail the same way."""
+    if trial.state != TrialState.FAIL or trial.user_attrs.get("surplus"):
+        return False
+    if set(trial.params) != {p.name for p in spec.space}:
+        return False  # failed before all params were suggested: nothing to repeat
+    return spec.sampler == "grid" or bool(trial.user_attrs.get("interrupted")) or "error" not in trial.user_attrs
+
+
+def requeue_failed(study: optuna.Study, spec: StudySpec, limit: int | None = None) -> list[int]:
+    """Re-queue (``retry``) retriable FAIL trials that no trial retries yet, oldest first, at most
+    ``limit`` (the trials still missing); returns their numbers.
+
+    A grid point is not re-queued when another trial already covers it.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}  # RetryCallback.retry_history
+    key = lambda params: tuple(sorted(params.items()))  # noqa: E731
+    covered = {key(t.params) for t in trials if t.state != TrialState.FAIL} if spec.sampler == "grid" else set()
+    out = []
+    for t in trials:
+        if limit is not None and len(out) >= limit:
+            break
+        if t.number in retried or not retriable(t, spec) or key(t.params) in covered:
+            continue
+        retry(study, t)
+        if spec.sampler == "grid":
+            covered.add(key(t.params))
+        out.append(t.number)
+    return out
 
 
 def make_sampler(spec: StudySpec, seed: int, workers: int) -> optuna.samplers.BaseSampler:

@@ -1,12 +1,19 @@
-"""Running a study: worker processes, the slot lock, Ctrl-C handling, the progress bar, resume.
+"""Running a study: worker processes, the slot lock, Ctrl-C/SIGTERM handling, the progress bar, resume.
 
 Counting and resume: ``n_trials`` is the study's total of COMPLETE and PRUNED trials. A launch
-runs only the missing ones; FAIL trials (errors, Ctrl-C, lost workers) do not count and are
-replaced (grid points of failed trials are re-queued). Workers on one machine take a file lock
-around "count, then create a trial", so the total is exact; workers on other machines sharing an
-RDB re-check their trial's rank right after creating it and give it up (FAIL, ``surplus=true``,
-no MLflow run) in the rare case of overshoot. SQLite/RDB storages run Optuna heartbeats, so
-trials of a killed worker are failed after the grace period and re-run.
+runs only the missing ones; FAIL trials (errors, Ctrl-C, SIGTERM, lost workers) do not count and
+are replaced. Interrupted trials and trials of dead workers are retried with the same params
+(``storage.requeue_failed``, Optuna's retry callback; a failed grid point always is). Workers on one
+machine take a file lock around "count, then create a trial", so the total is exact; workers on
+other machines sharing an RDB re-check their trial's rank right after creating it and give it up
+(FAIL, ``surplus=true``, no MLflow run) in the rare case of overshoot. RDB storages (SQLite,
+PostgreSQL) run Optuna heartbeats: a RUNNING trial whose worker died (kill -9) is failed after the
+grace period and re-queued, and a launch waits for it rather than stopping short. A launch ends
+with the total reached, or says how many trials are missing (``StudyOutcome.missing``).
+
+Sampler seeds: every launcher (and every worker in it) seeds its sampler with the spec's seed
+mixed with a random per-process salt, recorded as the trial user attribute ``sampler_seed``, so
+independent launchers on several machines do not propose the same configurations.
 """
 
 from __future__ import annotations
@@ -14,13 +21,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import multiprocessing
 import os
+import secrets
 import signal
-import threading
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +35,14 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from wavesweep import tracking
+from wavesweep import interrupt, tracking
 from wavesweep.fileio import file_lock
 from wavesweep.study.frame import best_trial, study_metrics
 from wavesweep.study.objective import COUNTED, objective
 from wavesweep.study.spec import StudySpec
-from wavesweep.study.storage import DEFAULT_STORAGE, create_study, has_heartbeat, load_study, open_storage, sqlite_file
+from wavesweep.study.storage import (
+    DEFAULT_STORAGE, check_storage_url, create_study, has_heartbeat, load_study, open_storage, requeue_failed, sqlite_file,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +61,30 @@ class Launch:
     experiment: str | None
     lock_path: Path
     workers: int = 1
+    quiet: bool = False
+    seed: int = 0  # this launch's sampler seed (worker i uses seed + i)
     t0: float = field(default_factory=time.time)
+
+
+def launch_seed(spec_seed: int) -> int:
+    """The spec's seed mixed with a random salt: launchers never share a sampler stream."""
+    return (spec_seed * 1_000_003 + secrets.randbits(30)) % (2**31 - 1)
+
+
+class _DropInterruptTracebacks(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C/SIGTERM with a traceback; the CLI says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, KeyboardInterrupt) and "KeyboardInterrupt" not in record.getMessage() and "Terminated(" not in record.getMessage()
+
+
+def quiet_optuna(quiet: bool) -> None:
+    """Optuna's own logging: warnings (``quiet``: errors only), never an interrupt's traceback."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR if quiet else optuna.logging.WARNING)
+    for h in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _DropInterruptTracebacks) for f in h.filters):
+            h.addFilter(_DropInterruptTracebacks())
 
 
 def _counts(study: optuna.Study) -> tuple[int, int]:
@@ -61,31 +93,16 @@ def _counts(study: optuna.Study) -> tuple[int, int]:
     return done, len(trials) - done
 
 
-@contextlib.contextmanager
-def _first_sigint_only() -> Iterator[None]:
-    """The first Ctrl-C raises KeyboardInterrupt; later ones are ignored so cleanup can finish."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
 def _worker_loop(launch: Launch, index: int, on_trial: Any = None) -> None:
-    """Run trials until the study has ``n_trials`` counted trials, the timeout passes, or too many fail."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    """Run trials until the study has ``n_trials`` counted trials, the timeout passes, or too many fail.
+
+    Without heartbeats (a journal file) a RUNNING trial of another process may belong to a dead
+    worker and is never waited for: the loop returns and the launch reports the shortfall.
+    """
+    quiet_optuna(launch.quiet)
     storage = open_storage(launch.storage_url)
-    existing = len(optuna.load_study(study_name=launch.spec.name, storage=storage).get_trials(deepcopy=False))
-    # A resumed study must not replay the sampler's random stream: seed with the trial count too.
-    study = load_study(launch.spec, storage, seed=launch.spec.seed + existing + 7919 * index, workers=launch.workers)
+    seed = launch.seed + index
+    study = load_study(launch.spec, storage, seed=seed, workers=launch.workers)
     heartbeat = has_heartbeat(storage)
     failures = 0
     while True:
@@ -95,7 +112,7 @@ def _worker_loop(launch: Launch, index: int, on_trial: Any = None) -> None:
         if heartbeat:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, MLflow FAILED, re-queued
         finished: list[optuna.trial.FrozenTrial] = []
         # The slot lock is held from "count the trials" until the new trial exists (the objective
         # releases it), so workers on this machine never start more than n_trials.
@@ -106,18 +123,20 @@ def _worker_loop(launch: Launch, index: int, on_trial: Any = None) -> None:
                     return
                 if done + running >= launch.n_trials:
                     release()
-                    if not heartbeat:  # no way to tell a dead worker's trial: leave it
-                        log.warning("%d trial(s) still RUNNING; not waiting for them (storage has no heartbeat)", running)
-                        return
+                    if not heartbeat:
+                        return  # cannot tell a dead worker's trial from a live one: run_study reports it
                     time.sleep(POLL_S)  # others are running the last trials (or are dead: heartbeat)
                     continue
-            func = functools.partial(
-                objective, spec=launch.spec, n_trials=launch.n_trials, parent_run_id=launch.parent_run_id,
-                experiment=launch.experiment, release_slot=release,
-            )  # fmt: skip
+
+            def func(trial: optuna.Trial, release: Any = release) -> Any:
+                trial.set_user_attr("sampler_seed", seed)  # recorded: which stream proposed this trial
+                return objective(trial, spec=launch.spec, n_trials=launch.n_trials, parent_run_id=launch.parent_run_id,
+                                 experiment=launch.experiment, release_slot=release)  # fmt: skip
+
             study.optimize(func, n_trials=1, catch=(Exception,), callbacks=[lambda _s, t: finished.append(t)])
         last = finished[-1]
         if last.state == TrialState.FAIL and not last.user_attrs.get("surplus"):
+            log.warning("trial %d failed: %s", last.number, last.user_attrs.get("error", "?"))
             failures += 1
             if failures >= launch.spec.max_failures:
                 raise RuntimeError(f"{failures} consecutive trials failed; last: {last.user_attrs.get('error', '?')}")
@@ -134,23 +153,29 @@ def _worker_main(launch: Launch, index: int) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s worker{index} %(name)s: %(message)s")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.workers))
     try:
-        with _first_sigint_only():
+        with interrupt.stop_signals():
             _worker_loop(launch, index)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the trial is closed (FAIL / KILLED)
+        interrupt.caught(exc)
+        raise SystemExit(interrupt.exit_code(exc)) from None
     except RuntimeError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
 
 
 class _Progress:
-    """tqdm bar over the study's counted trials, with the best value so far."""
+    """tqdm bar over the study's counted trials, with the best value so far.
 
-    def __init__(self, spec: StudySpec, total: int | None, enabled: bool) -> None:
+    It starts at the count already in the study (a resume), so its rate and ETA come from this
+    launch's trials only.
+    """
+
+    def __init__(self, spec: StudySpec, total: int | None, enabled: bool, initial: int = 0) -> None:
         from tqdm.auto import tqdm
 
         self.spec = spec
-        self.bar = tqdm(total=total, desc=f"study {spec.name}", unit="trial", disable=not enabled, dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, desc=f"study {spec.name}", unit="trial", disable=not enabled,
+                        dynamic_ncols=True)  # fmt: skip
 
     def __call__(self, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False)
@@ -162,9 +187,11 @@ class _Progress:
             post[f"best {self.spec.objectives[0].metric}"] = f"{best(t.value for t in complete):.4f}"
         elif complete:
             post["pareto"] = len(study.best_trials)
-        self.bar.n = len(done)
         self.bar.set_postfix(post, refresh=False)
-        self.bar.refresh()
+        if len(done) > self.bar.n:
+            self.bar.update(len(done) - self.bar.n)  # update(), not n = ...: tqdm's rate needs the increments
+        else:
+            self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
@@ -173,9 +200,10 @@ class _Progress:
 def _run_workers(launch: Launch, progress: _Progress) -> int:
     """This process is worker 0; ``launch.workers - 1`` more are spawned. Returns how many gave up.
 
-    Ctrl-C reaches every process of the terminal's group; it is also forwarded once to the
-    spawned workers (they ignore a second one), so each closes its running trial (Optuna FAIL,
-    MLflow KILLED) before exiting.
+    Ctrl-C reaches every process of the terminal's group; Ctrl-C or SIGTERM received here is
+    also forwarded once to the spawned workers (they ignore a second one), so each closes its
+    running trial (Optuna FAIL, MLflow KILLED) before exiting. A worker killed outright (kill -9)
+    does not count as giving up: its trial is failed and re-queued by the heartbeat.
     """
     import torch
 
@@ -187,7 +215,7 @@ def _run_workers(launch: Launch, progress: _Progress) -> int:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.workers))
     gave_up = 0
     try:
-        with _first_sigint_only():
+        with interrupt.stop_signals():
             try:
                 _worker_loop(launch, 0, on_trial=progress)
             except RuntimeError as exc:
@@ -198,45 +226,25 @@ def _run_workers(launch: Launch, progress: _Progress) -> int:
                 for p in procs:
                     p.join(timeout=POLL_S / len(procs))
                 progress(study)
-    except KeyboardInterrupt:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the workers close their trials undisturbed
-        try:
+    except KeyboardInterrupt as exc:
+        interrupt.caught(exc)
+        with interrupt.ignored():  # let the workers close their trials undisturbed
+            sig = signal.SIGTERM if isinstance(exc, interrupt.Terminated) else signal.SIGINT
             for p in procs:
                 if p.is_alive():
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(p.pid, signal.SIGINT)
+                        os.kill(p.pid, sig)
             for p in procs:
                 p.join(timeout=120)
                 if p.is_alive():
                     p.terminate()
-        finally:
-            signal.signal(signal.SIGINT, old)
         raise
     finally:
         torch.set_num_threads(threads)
-    return gave_up + sum(p.exitcode not in (0, None) for p in procs)
-
-
-def _requeue_failed_grid_points(study: optuna.Study, spec: StudySpec) -> int:
-    """Grid studies: re-queue grid points whose only trials failed (GridSampler counts them visited)."""
-    if spec.sampler != "grid":
-        return 0
-    trials = study.get_trials(deepcopy=False)
-    key = lambda params: tuple(sorted(params.items()))  # noqa: E731
-    covered = {key(t.params) for t in trials if t.state != TrialState.FAIL}  # includes WAITING re-queued ones
-    names = {p.name for p in spec.space}
-    n = 0
-    for t in trials:
-        if t.state == TrialState.FAIL and set(t.params) == names and key(t.params) not in covered and not t.user_attrs.get("surplus"):
-            # As optuna.storages.RetryFailedTrialCallback does: a WAITING copy keeping the grid_id, so
-            # GridSampler treats it as that grid point (enqueue_trial would lose the grid_id).
-            study.add_trial(optuna.trial.create_trial(
-                state=TrialState.WAITING, params=t.params, distributions=t.distributions,
-                system_attrs={**t.system_attrs, "failed_trial": t.number},
-            ))  # fmt: skip
-            covered.add(key(t.params))
-            n += 1
-    return n
+    for p in procs:
+        if p.exitcode is not None and p.exitcode < 0:
+            log.warning("worker %s was killed by signal %d; its trial is re-run after the heartbeat grace period", p.name, -p.exitcode)
+    return gave_up + sum(p.exitcode == 1 for p in procs)
 
 
 def _reconcile_mlflow(study: optuna.Study, client: Any) -> None:
@@ -251,8 +259,32 @@ def _reconcile_mlflow(study: optuna.Study, client: Any) -> None:
 class StudyOutcome:
     study: optuna.Study
     run_id: str  # the study's MLflow run
-    status: str  # FINISHED (n_trials reached or timeout) or FAILED (a launch gave up)
+    status: str  # FINISHED (n_trials reached or timeout) or FAILED (a launch gave up or fell short)
     reason: str = ""
+    missing: int = 0  # counted trials still missing from n_trials (0 when reached, or with no n_trials)
+    running: int = 0  # trials still RUNNING when this launch ended (other launchers')
+    timed_out: bool = False
+
+    @property
+    def final(self) -> bool:
+        """True when nothing is still running: the summary is the study's, not a partial view."""
+        return self.running == 0
+
+
+def check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout={timeout!r} must be a positive, finite number of seconds")
+    return float(timeout)
+
+
+def enqueue(study: optuna.Study, spec: StudySpec, configs: list[dict[str, Any]]) -> int:
+    """Queue chosen configurations (``{space name: value}``) to run first; ones the study has are skipped."""
+    before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    for params in configs:
+        study.enqueue_trial(params, skip_if_exists=True)
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) - before
 
 
 def run_study(
@@ -264,23 +296,29 @@ def run_study(
     workers: int = 1,
     progress: bool = False,
     launched_run_id: str | None = None,
+    quiet: bool = False,
+    enqueue_configs: list[dict[str, Any]] | None = None,
 ) -> StudyOutcome:
     """Run (or resume) ``spec``; returns the study, the study's MLflow run id and the final status.
 
-    Status: "FINISHED" (n_trials reached or timeout), "FAILED" (a worker gave up after
-    ``max_failures`` consecutive failures). KeyboardInterrupt propagates after the running
-    trials were closed (Optuna FAIL, MLflow KILLED) and the study run KILLED.
+    Status: "FINISHED" (n_trials reached, or the timeout), "FAILED" (a worker gave up after
+    ``max_failures`` consecutive failures, or the total cannot be reached: ``missing`` says by how
+    many). KeyboardInterrupt (Ctrl-C, or ``interrupt.Terminated`` for SIGTERM) propagates after
+    the running trials were closed (Optuna FAIL, MLflow KILLED) and the study run KILLED.
     ``launched_run_id``: the run ``mlflow run -e study`` created (it fixes the experiment).
+    ``enqueue_configs``: configurations (``{space name: value}``) to run before sampled ones.
     """
-    if workers < 1:
-        raise ValueError(f"workers={workers} must be >= 1")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r} must be an integer >= 1")
     n_total = n_trials if n_trials else spec.total_trials
     if spec.sampler == "grid" and n_total and n_total > spec.grid_size():
         raise ValueError(f"n_trials={n_total} exceeds the grid's {spec.grid_size()} points")
-    timeout = timeout if timeout is not None else spec.timeout
+    timeout = check_timeout(timeout) if timeout is not None else spec.timeout
     if n_total is None and timeout is None:
         raise ValueError("give n_trials or timeout")
     url = storage or spec.storage or DEFAULT_STORAGE
+    check_storage_url(url)  # a bad URL stops here with one line, before anything is created
+    quiet_optuna(quiet)
     # Databases first (MLflow store, Optuna schema and study), then workers.
     experiment = None if launched_run_id else spec.experiment
     client, exp_id = tracking.init_tracking(experiment=experiment, run_id=launched_run_id)
@@ -291,33 +329,63 @@ def run_study(
     )  # fmt: skip
     if study.user_attrs.get("mlflow_run_id") != parent:
         study.set_user_attr("mlflow_run_id", parent)
-    _reconcile_mlflow(study, client)
-    if (k := _requeue_failed_grid_points(study, spec)):
-        log.info("re-queued %d grid point(s) of failed trials", k)
     db = sqlite_file(url)
     lock_dir = db.parent if db is not None else Path(".wavesweep")
     launch = Launch(
         spec=spec, storage_url=url, n_trials=n_total, timeout=timeout, parent_run_id=parent, experiment=experiment,
-        lock_path=(lock_dir / f".{spec.name}.slots.lock").resolve(), workers=workers,
+        lock_path=(lock_dir / f".{spec.name}.slots.lock").resolve(), workers=workers, quiet=quiet, seed=launch_seed(spec.seed),
     )  # fmt: skip
-    bar = _Progress(spec, n_total, progress)
+    log.info("study %s: sampler seed %d (spec seed %d mixed with a per-launch salt)", spec.name, launch.seed, spec.seed)
+    with file_lock(launch.lock_path):  # not while a worker on this machine is counting
+        if has_heartbeat(study._storage):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a killed launch's trials: FAIL and re-queued
+        _reconcile_mlflow(study, client)
+        done0, _ = _counts(study)
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        if (k := requeue_failed(study, spec, limit=None if n_total is None else n_total - done0 - waiting)):
+            log.info("re-queued %d interrupted or lost trial(s) with their params: %s", len(k), k)
+        if enqueue_configs and (k := enqueue(study, spec, enqueue_configs)):
+            log.info("enqueued %d chosen configuration(s) to run first", k)
+    done0, _ = _counts(study)
+    bar = _Progress(spec, n_total, progress, initial=min(done0, n_total or done0))
     status, reason = "FINISHED", ""
+    redirect = contextlib.nullcontext()
+    if progress:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        redirect = logging_redirect_tqdm()  # log lines above the bar, not through it
     try:
-        bar(study)
-        if workers == 1:
-            with _first_sigint_only():
-                _worker_loop(launch, 0, on_trial=bar)
-        elif (k := _run_workers(launch, bar)):
-            status, reason = "FAILED", f"{k} of {workers} workers gave up after {spec.max_failures} consecutive failed trials (see the log)"
-    except KeyboardInterrupt:
+        with redirect:
+            bar(study)
+            if workers == 1:
+                with interrupt.stop_signals():
+                    _worker_loop(launch, 0, on_trial=bar)
+            elif (k := _run_workers(launch, bar)):
+                status, reason = "FAILED", f"{k} of {workers} workers gave up after {spec.max_failures} consecutive failed trials (see the log)"
+    except KeyboardInterrupt as exc:
         bar.close()
-        tracking.close_run(client, parent, "KILLED", error="interrupted (KeyboardInterrupt)", metrics=study_metrics(study), children=False)
+        with interrupt.ignored():
+            tracking.close_run(client, parent, "KILLED", error=f"interrupted ({interrupt.caught(exc)})", metrics=study_metrics(study),
+                               children=False)  # fmt: skip
         raise
     except RuntimeError as exc:
         status, reason = "FAILED", str(exc)
     finally:
         bar.close()
+    done, running = _counts(study)
+    missing = max(0, n_total - done) if n_total else 0
+    timed_out = timeout is not None and time.time() - launch.t0 >= timeout
+    if missing and status == "FINISHED" and not timed_out:
+        status = "FAILED"
+        stuck = f"; {running} trial(s) are RUNNING in a storage without heartbeats (a journal file), whose workers may be dead" if running else ""
+        reason = f"{missing} of {n_total} trials missing{stuck}"
+    out = StudyOutcome(study, parent, status, reason, missing=missing, running=running, timed_out=timed_out)
     best = best_trial(study)
     tags = {"best_trial_number": best.number, "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id", "")} if best else {}
-    tracking.close_run(client, parent, status, error=reason or None, metrics=study_metrics(study), tags=tags, children=False)
-    return StudyOutcome(study, parent, status, reason)
+    if out.final:
+        tracking.close_run(client, parent, status, error=reason or None, metrics=study_metrics(study), tags=tags, children=False)
+    else:  # other launchers are still running trials: the last one to finish closes the study run
+        tracking.log_batch(client, parent, metrics=study_metrics(study))
+    return out

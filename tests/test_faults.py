@@ -1,0 +1,337 @@
+"""Nothing lost, nothing silently wrong: killed and SIGTERMed workers, SIGTERM of a trial, full disks,
+bad storage URLs, retries and chosen configurations. Optuna storage and MLflow are the oracles.
+
+Subprocess tests shorten Optuna's heartbeat (``WAVESWEEP_HEARTBEAT_S``/``WAVESWEEP_GRACE_S``) so a
+dead worker's trial is detected in seconds, and make trials slow enough to be caught running
+(a few fine-tuning steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tests.conftest import subprocess_env
+from tests.test_study import run_cli, tiny_weights, write_spec  # noqa: F401 - tiny_weights is a fixture
+from wavesweep import study
+from wavesweep.config import MAX_TIMING_BATCHES, TrialConfig
+
+SLOW_TRIAL = {"timing_batches": 0, "layout": "filter", "level": 2, "recovery": "finetune", "finetune_steps": 15}
+WIDE_SPACE = {"percentile": {"low": 5.0, "high": 95.0}, "wavelet": ["haar", "db2"]}
+
+
+def spawn(workdir: Path, shared_cache: Path, *argv: str, name: str) -> subprocess.Popen:
+    env = subprocess_env(workdir, shared_cache) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"}
+    out = open(workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def trials(workdir: Path, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{workdir / 'optuna.db'}").get_trials()
+    except (KeyError, Exception):  # noqa: BLE001 - not created yet
+        return []
+
+
+def running_with_run(workdir: Path) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in trials(workdir) if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+
+
+def sql_count(db: Path, query: str) -> int:
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as conn:
+            return int(conn.execute(query).fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def mlflow_runs(workdir: Path) -> list:
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps, max_results=10000)
+
+
+def spawned_workers(pid: int) -> list[int]:
+    """Child processes of ``pid`` started by multiprocessing's spawn (not its resource tracker)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"spawn_main" in cmd:
+            out.append(int(proc.name))
+    return out
+
+
+def assert_retried_with_same_params(all_trials: list[optuna.trial.FrozenTrial], failed: optuna.trial.FrozenTrial) -> None:
+    retries = [t for t in all_trials if failed.number in t.system_attrs.get("retry_history", [])]
+    assert retries, f"trial {failed.number} was not retried"
+    assert all(t.params == failed.params for t in retries)
+    assert any(t.state == TrialState.COMPLETE for t in retries)
+
+
+# --------------------------------------------------------------------------- fast: one-line errors
+
+
+STORAGE_ERRORS = [
+    ("bogus://x", ["unknown database 'bogus'"]),
+    ("not a url", ["'not a url' is not a database URL"]),
+    ("{workdir}", ["is not a database URL", "a directory"]),
+    ("sqlite:///{workdir}", ["is a directory"]),
+    ("sqlite:////nonexistent-wavesweep/dir/x.db", ["'/nonexistent-wavesweep/dir' does not exist"]),
+    ("sqlite://", ["in-memory"]),
+    ("{workdir}/no/such/s.journal", ["does not exist"]),
+    ("postgresql://user:secret@127.0.0.1:1/optuna", ['pip install "psycopg[binary]"', "postgres"]),
+]
+
+
+@pytest.mark.parametrize("url,needles", STORAGE_ERRORS, ids=[u for u, _ in STORAGE_ERRORS])
+def test_bad_storage_is_a_one_line_error_and_creates_nothing(workdir, capsys, monkeypatch, url, needles):
+    url = url.format(workdir=workdir)
+    if url.startswith("postgresql"):  # the driver is missing: as on a machine without the postgres extra
+        for mod in ("psycopg", "psycopg2"):
+            monkeypatch.setitem(sys.modules, mod, None)
+    spec = write_spec(workdir / "tiny.yaml", "w.pt")
+    before = set(workdir.iterdir())
+    assert run_cli("study", str(spec), "-q", "--storage", url) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("wavesweep: error: storage "), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert "secret" not in err  # credentials never echoed
+    assert set(workdir.iterdir()) == before, "nothing is created for a bad storage"
+    assert not Path("/nonexistent-wavesweep").exists()
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf"])
+def test_bad_timeout_is_a_one_line_error(workdir, capsys, value):
+    spec = write_spec(workdir / "tiny.yaml", "w.pt")
+    assert run_cli("study", str(spec), "-q", f"--timeout={value}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wavesweep: error: timeout=") and "positive, finite" in err and len(err.splitlines()) == 1
+    assert not (workdir / "optuna.db").exists()
+
+
+def test_string_n_trials_with_grid_is_a_one_line_error(workdir, capsys):
+    spec = write_spec(workdir / "tiny.yaml", "w.pt", n_trials="10", sampler={"name": "grid"})
+    assert run_cli("study", str(spec), "-q") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "n_trials must be a positive integer, got '10'" in err and "tiny.yaml:" in err
+
+
+def test_timing_batches_is_bounded():
+    with pytest.raises(ValueError, match=rf"^timing_batches=100000 is above the limit of {MAX_TIMING_BATCHES}$"):
+        TrialConfig(timing_batches=100000)
+    assert TrialConfig(timing_batches=MAX_TIMING_BATCHES).timing_batches == MAX_TIMING_BATCHES
+
+
+def test_timing_is_off_by_default_in_accuracy_studies(workdir):
+    fixed = {"layout": "filter"}
+    acc = study.load_spec(write_spec(workdir / "a.yaml", "w.pt", fixed=fixed))
+    assert acc.fixed["timing_batches"] == 0
+    timed = study.load_spec(write_spec(workdir / "b.yaml", "w.pt", fixed=fixed, objectives={"top1": "maximize", "infer_median_ms": "minimize"}))
+    assert "timing_batches" not in timed.fixed  # TrialConfig's default (timing on)
+    explicit = study.load_spec(write_spec(workdir / "c.yaml", "w.pt", fixed={"timing_batches": 2}))
+    assert explicit.fixed["timing_batches"] == 2
+
+
+def test_dry_run_prints_the_resolved_spec_and_creates_nothing(workdir, capsys):
+    spec = write_spec(workdir / "tiny.yaml", "w.pt")
+    argv = ["study", str(spec), "--dry-run", "--set", "n_trials=7", "--set", "eval_limit=100", "--set", "sampler.seed=11",
+            "--set", "wavelet=db2", "--enqueue", "percentile=60"]  # fmt: skip
+    assert run_cli(*argv) == 0
+    import yaml
+
+    out = capsys.readouterr().out
+    doc = yaml.safe_load(out)
+    assert doc["n_trials"] == 7 and doc["sampler"] == {"name": "random", "seed": 11}
+    assert doc["fixed"]["eval_limit"] == 100 and doc["fixed"]["wavelet"] == "db2"
+    assert doc["space"] == {"percentile": [20, 40, 60, 80]}  # wavelet pinned by --set: no longer searched
+    assert doc["enqueued first"] == [{"percentile": 60}]
+    assert sorted(p.name for p in workdir.iterdir()) == ["tiny.yaml"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--set", "nosuch=1"], "unknown spec key or trial parameter 'nosuch'"),
+    (["--set", "n_trials"], "is not KEY=VALUE"),
+    (["--set", "n_trials=-1"], "n_trials must be a positive integer"),
+    (["--enqueue", "percentile=65"], "percentile=65 is not one of its choices [20, 40, 60, 80]"),
+    (["--enqueue", "level=3"], "level: not a searched parameter"),
+])  # fmt: skip
+def test_set_and_enqueue_errors_are_one_line(workdir, capsys, argv, needle):
+    spec = write_spec(workdir / "tiny.yaml", "w.pt")
+    assert run_cli("study", str(spec), "--dry-run", *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+# --------------------------------------------------------------------------- SIGTERM, kill -9
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_trial_leaves_no_running_run(workdir, tiny_weights, shared_cache):
+    argv = ["trial", "--model", "cnn", "--weights", tiny_weights, "--eval-limit", "40", "--timing-batches", "0",
+            "--recovery", "finetune", "--finetune-steps", "200", "-q"]  # fmt: skip
+    p = spawn(workdir, shared_cache, *argv, name="trial")
+    try:
+        wait_for(lambda: sql_count(workdir / "mlflow.db", "SELECT count(*) FROM runs WHERE status = 'RUNNING'") >= 1, 240,
+                 "the trial's MLflow runs")  # read with sqlite3: an MLflow client would race the schema creation
+        time.sleep(1.0)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 143
+    finally:
+        p.kill()
+    log = (workdir / "trial.log").read_text()
+    assert log.strip().splitlines()[-1] == "wavesweep: interrupted (SIGTERM)" and "Traceback" not in log, log[-2000:]
+    runs = mlflow_runs(workdir)
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    for r in runs:
+        assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
+
+
+@pytest.mark.slow
+def test_killed_and_sigtermed_workers_then_one_resume_reaches_the_total(workdir, tiny_weights, shared_cache):
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, fixed=SLOW_TRIAL, space=WIDE_SPACE)
+    p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch")
+    try:
+        wait_for(lambda: len(running_with_run(workdir)) == 2, 300, "two running trials")
+        workers = spawned_workers(p.pid)
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)  # a worker dies without any cleanup
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)  # the launcher is stopped as `timeout` or Slurm would
+        assert p.wait(timeout=180) == 143
+    finally:
+        p.kill()
+    log = (workdir / "launch.log").read_text()
+    assert "wavesweep: interrupted (SIGTERM)" in log and "Traceback" not in log, log[-3000:]
+    before = {t.number: t for t in trials(workdir)}
+    interrupted = [t for t in before.values() if t.state == TrialState.FAIL and t.user_attrs.get("interrupted")]
+    lost = [t for t in before.values() if t.state == TrialState.RUNNING]
+    assert len(interrupted) == 1 and len(lost) == 1, {n: t.state for n, t in before.items()}
+
+    resume = spawn(workdir, shared_cache, "study", str(spec), "-q", name="resume")
+    assert resume.wait(timeout=400) == 0, (workdir / "resume.log").read_text()[-3000:]
+    assert "storage has no heartbeat" not in (workdir / "resume.log").read_text()  # the old, wrong warning
+    after = trials(workdir)
+    states = [t.state for t in after]
+    assert states.count(TrialState.COMPLETE) == 4 and TrialState.RUNNING not in states and TrialState.WAITING not in states
+    for t in (*interrupted, *lost):
+        assert_retried_with_same_params(after, t)
+    runs = mlflow_runs(workdir)
+    assert not [r for r in runs if r.info.status == "RUNNING"], "no MLflow run is left RUNNING"
+    by_id = {r.info.run_id: r for r in runs}
+    assert by_id[lost[0].user_attrs["mlflow_run_id"]].info.status == "FAILED"
+    assert "worker lost" in by_id[lost[0].user_attrs["mlflow_run_id"]].data.tags["error"]
+    assert by_id[interrupted[0].user_attrs["mlflow_run_id"]].data.tags["error"] == "interrupted (SIGTERM)"
+    trial_runs = [r for r in runs if r.data.tags.get("wavesweep.kind") == "trial" and r.info.status == "FINISHED"]
+    assert len(trial_runs) == 4
+
+
+@pytest.mark.slow
+def test_two_launchers_on_a_fresh_tpe_study_run_distinct_configurations(workdir, tiny_weights, shared_cache):
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, space=WIDE_SPACE, sampler={"name": "tpe", "seed": 0})
+    procs = [spawn(workdir, shared_cache, "study", str(spec), "-q", name=f"l{i}") for i in range(2)]
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=400) == 0, (workdir / f"l{i}.log").read_text()[-3000:]
+    done = [t for t in trials(workdir) if t.state == TrialState.COMPLETE]
+    assert len(done) == 4
+    configs = {tuple(sorted(t.params.items())) for t in done}
+    assert len(configs) == 4, [t.params for t in done]
+    seeds = {t.user_attrs["sampler_seed"] for t in done}
+    assert len(seeds) >= 2, "each launcher seeds its own sampler"
+    assert not [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_interrupted_tpe_trial_is_retried_with_its_params_and_enqueue_runs_first(workdir, tiny_weights, monkeypatch):
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3, space=WIDE_SPACE, sampler={"name": "tpe", "seed": 0})
+    from wavesweep import tracked_trial
+
+    real, calls = tracked_trial.run_trial, []
+
+    def ctrl_c_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracked_trial, "run_trial", ctrl_c_on_second)
+    assert run_cli("study", str(spec), "-q") == 130
+    monkeypatch.setattr(tracked_trial, "run_trial", real)
+    first = {t.number: t for t in trials(workdir)}
+    assert [first[n].state for n in sorted(first)] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert first[1].user_attrs["interrupted"] is True
+
+    assert run_cli("study", str(spec), "-q", "--enqueue", "percentile=33.5,wavelet=db2") == 0
+    after = {t.number: t for t in trials(workdir)}
+    assert sorted(after) == [0, 1, 2, 3]
+    assert after[2].params == first[1].params and after[2].state == TrialState.COMPLETE  # the retry, first
+    assert after[2].system_attrs["failed_trial"] == 1 and "error" not in after[2].user_attrs
+    assert after[3].params == {"percentile": 33.5, "wavelet": "db2"} and after[3].state == TrialState.COMPLETE
+    client = MlflowClient()
+    assert client.get_run(after[2].user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+    assert client.get_run(first[1].user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+# --------------------------------------------------------------------------- full disk
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs: too small for a trial's artifacts (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_artifact_disk_leaves_no_partial_file_and_no_running_run(workdir, tiny_weights, full_disk):
+    client = MlflowClient()
+    client.create_experiment("full", artifact_location=full_disk.as_uri())
+    filler = full_disk / "filler"
+    filler.write_bytes(b"\0" * (200 * 1024))  # leaves ~56 KiB: the small files fit, the checkpoint does not
+    with pytest.raises(OSError):
+        run_cli("trial", "--model", "cnn", "--weights", tiny_weights, "--eval-limit", "40", "--timing-batches", "0",
+                "--recovery", "none", "--save-baselines", "true", "-q", "--experiment", "full")  # fmt: skip
+    runs = client.search_runs([client.get_experiment_by_name("full").experiment_id])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FAILED"}
+    assert all("No space left" in r.data.tags["error"] or "ENOSPC" in r.data.tags["error"] for r in runs), [r.data.tags.get("error") for r in runs]
+    left = [p for p in full_disk.rglob("*") if p.is_file() and p != filler]
+    assert not [p for p in left if p.suffix == ".wsz"], left  # no checkpoint, whole or partial
+    for p in left:  # whatever small file is left is complete (it parses)
+        assert p.stat().st_size > 0
