@@ -224,6 +224,9 @@ def model_stats(
         # Difference and norms in float64 (torch, no numpy round trip): exact enough to recompute.
         err = _div(float(torch.linalg.vector_norm(w1.to(torch.float64, copy=True).sub_(w0d))), norm0)
         zeros = _count_zeros(w1)
+        # The recorded names stay coeffs / zeroed_coeffs / coeff_sparsity (schema.STATS), for every
+        # method: users compare them across runs. For magnitude and random they count weights
+        # (the record's positions), for dwt coefficients.
         layers.append(
             LayerStats(
                 name=lp.name,
@@ -231,7 +234,7 @@ def model_stats(
                 params=lp.params,
                 zero_weights=zeros,
                 weight_sparsity=_div(zeros, lp.params),
-                coeffs=lp.n_coeffs,
+                coeffs=lp.n_positions,
                 zeroed_coeffs=lp.n_zeroed,
                 coeff_sparsity=lp.fraction,
                 rel_l2_error=err,
@@ -239,7 +242,7 @@ def model_stats(
                 level_effective=lp.level_effective,
                 dense_bytes=lp.params * wt.element_size(),
                 stored_bytes=_layer_stored_bytes(
-                    lp.n_coeffs, int(np.count_nonzero(lp.keep)), _value_itemsize(result, lp, wt)
+                    lp.n_positions, int(np.count_nonzero(lp.keep)), _value_itemsize(result, lp, wt)
                 ),
             )
         )
@@ -315,8 +318,8 @@ def save_compressed(result: PruneResult, path: str | os.PathLike, *, metadata: d
             chunks.append(_tensor_bytes(t))
         else:
             keep = np.asarray(lp.keep, dtype=bool).reshape(-1)
-            if keep.size != lp.n_coeffs:
-                raise ValueError(f"{key}: mask has {keep.size} positions, expected {lp.n_coeffs}")
+            if keep.size != lp.n_positions:
+                raise ValueError(f"{key}: mask has {keep.size} positions, expected {lp.n_positions}")
             bitmap = memoryview(np.packbits(keep))  # bit order: big (first position = MSB of byte 0)
             if lp.coeffs is not None:  # dwt: kept coefficients
                 e["kind"] = "dwt"

@@ -112,7 +112,7 @@ def _prune_by_scores(
                 name=name,
                 shape=tuple(m.weight.shape),
                 params=n,
-                n_coeffs=n,
+                n_positions=n,
                 n_zeroed=int(np.count_nonzero(prune)),
                 keep=~prune,
             )
@@ -198,7 +198,7 @@ def _config_amount(amount):
 def matched_amount(dwt_result: PruneResult, scope: str = "layer") -> float | dict[str, float]:
     """The budget of a dwt result as magnitude/random ``amount``.
 
-    ``scope="layer"``: ``{name: n_zeroed / n_coeffs}`` of each dwt layer;
+    ``scope="layer"``: ``{name: n_zeroed / n_positions}`` of each dwt layer (its coefficients);
     ``scope="global"``: total zeroed coefficients / total coefficients.
     """
     check_choice("scope", scope, SCOPES)
@@ -206,7 +206,7 @@ def matched_amount(dwt_result: PruneResult, scope: str = "layer") -> float | dic
         raise ValueError(f"matched_amount needs a dwt result, got method {dwt_result.method!r}")
     if scope == "layer":
         return {lp.name: lp.fraction for lp in dwt_result.layers}
-    total = dwt_result.n_coeffs
+    total = dwt_result.n_positions
     return dwt_result.n_zeroed / total if total else 0.0
 
 

@@ -27,7 +27,8 @@ TARGETS: dict[str, type[nn.Module]] = {"conv": nn.Conv2d, "linear": nn.Linear}
 class LayerPrune:
     """What pruning did to one target layer's ``weight``.
 
-    ``n_coeffs``: coefficients (dwt) or weights (magnitude/random) the mask runs over.
+    ``n_positions``: the positions the mask runs over: coefficients (dwt) or weights
+    (magnitude/random); what is stored is one bitmap bit per position plus the kept values.
     ``n_zeroed``: zeroed coefficients (dwt) or zeroed weights (magnitude/random).
     ``keep``: flat bool mask over those positions (True = kept, stored); C order of the
     weight, or the coefficient order of :mod:`wavesweep.wavelets` for dwt.
@@ -38,7 +39,7 @@ class LayerPrune:
     name: str
     shape: tuple[int, ...]
     params: int
-    n_coeffs: int
+    n_positions: int
     n_zeroed: int
     level_requested: int | None = None
     level_effective: int | None = None
@@ -48,8 +49,8 @@ class LayerPrune:
 
     @property
     def fraction(self) -> float:
-        """``n_zeroed / n_coeffs`` (0.0 for an empty layer)."""
-        return self.n_zeroed / self.n_coeffs if self.n_coeffs else 0.0
+        """``n_zeroed / n_positions`` (0.0 for an empty layer)."""
+        return self.n_zeroed / self.n_positions if self.n_positions else 0.0
 
     @property
     def key(self) -> str:
@@ -72,8 +73,9 @@ class PruneResult:
         return sum(lp.n_zeroed for lp in self.layers)
 
     @property
-    def n_coeffs(self) -> int:
-        return sum(lp.n_coeffs for lp in self.layers)
+    def n_positions(self) -> int:
+        """Positions over all target layers: coefficients (dwt) or weights (magnitude/random)."""
+        return sum(lp.n_positions for lp in self.layers)
 
 
 # --------------------------------------------------------------------------- targets

@@ -89,13 +89,13 @@ def prune_dwt(
     ``percentile`` (numpy 'linear') of the layer's |coefficients| (``scope="layer"``) or of
     all target layers' |coefficients| together (``scope="global"``). With ``keep_approx``
     the approximation band is excluded from the threshold computation and never zeroed (it
-    still counts in ``n_coeffs`` because it is stored). Levels are clamped per layer
+    still counts in ``n_positions`` because it is stored). Levels are clamped per layer
     (:class:`~wavesweep.wavelets.LevelClampedWarning`, recorded in ``result.warnings``).
     At effective level 0 the coefficients are the weights themselves (plain magnitude pruning
     at the percentile), and they all form the approximation band: with ``keep_approx`` such a
     layer is left unpruned.
 
-    ``n_zeroed / n_coeffs`` of each layer is the coefficient-domain fraction; the
+    ``n_zeroed / n_positions`` of each layer is the coefficient-domain fraction; the
     reconstructed weights are generally *not* sparse.
 
     ``backend``: ``"numpy"`` (PyWavelets, on CPU), ``"torch"`` (:mod:`wavesweep.wavelets_torch`,
@@ -173,7 +173,7 @@ def prune_dwt(
                 name=name,
                 shape=tuple(m.weight.shape),
                 params=m.weight.numel(),
-                n_coeffs=int(coeffs.size),
+                n_positions=int(coeffs.size),
                 n_zeroed=n_zeroed,
                 level_requested=int(level),
                 level_effective=st.level,
