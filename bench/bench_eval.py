@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout under test
 
 from wavesweep import data as D  # noqa: E402
+from wavesweep import data_sources  # noqa: E402
 from wavesweep.data import TensorImages, dataset_targets, eval_subset, load_dataset  # noqa: E402
 from wavesweep.evaluate import evaluate, predict, predict_many, resolve_device  # noqa: E402
 from wavesweep.models import build_model  # noqa: E402
@@ -160,7 +161,7 @@ def bench_jpegs(n: int, batch_size: int, dev: torch.device, repeats: int) -> Non
         make_jpegs(Path(tmp) / "val", n)
         ds = load_dataset("imagenet", root=Path(tmp) / "val", expected_classes=4).test
         model = MeanLogits(4).to(dev).eval()
-        bare_ds = ImageFolder(str(Path(tmp) / "val"), transform=D._imagenet_eval_transform(224))
+        bare_ds = ImageFolder(str(Path(tmp) / "val"), transform=data_sources._imagenet_eval_transform(224))
         loader = DataLoader(bare_ds, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
 
         def bare() -> None:
@@ -230,7 +231,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     u8 = TensorImages(torch.randint(0, 256, (n224, 3, 224, 224), dtype=torch.uint8, generator=g),
                       torch.randint(0, 1000, (n224,), generator=g), divisor=255.0,
-                      mean=D.IMAGENET_MEAN, std=D.IMAGENET_STD)
+                      mean=data_sources.IMAGENET_MEAN, std=data_sources.IMAGENET_STD)
     bs224 = 32 if cpu else 256
     compare("resnet18 224x224 (random, uint8)", r224, u8, bs224, dev, args.repeats)
     x, y = u8[:]

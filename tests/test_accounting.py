@@ -66,7 +66,7 @@ def test_model_stats_recomputed_by_hand(kind):
         if key in pruned_keys:
             lp = pruned_keys[key]
             itemsize = 4  # float32 weights and coefficients
-            expect_stored += math.ceil(lp.n_coeffs / 8) + int(lp.keep.sum()) * itemsize
+            expect_stored += math.ceil(lp.n_positions / 8) + int(lp.keep.sum()) * itemsize
         else:
             expect_stored += t.numel() * t.element_size()
     expect_dense = sum(t.numel() * t.element_size() for t in sd.values())
@@ -80,7 +80,7 @@ def test_model_stats_recomputed_by_hand(kind):
         assert ls.params == w0.numel() and ls.shape == tuple(w0.shape)
         assert ls.zero_weights == int((w1 == 0).sum())
         assert ls.rel_l2_error == pytest.approx(float((w1 - w0).norm() / w0.norm()), rel=1e-9)
-        assert ls.coeffs == lp.n_coeffs and ls.zeroed_coeffs == lp.n_zeroed
+        assert ls.coeffs == lp.n_positions and ls.zeroed_coeffs == lp.n_zeroed
         assert ls.dense_bytes == 4 * ls.params
     assert st.target_params == sum(ls.params for ls in st.layers)
     assert st.model_params == sum(p.numel() for p in res.model.parameters())
@@ -162,7 +162,7 @@ def test_checkpoint_dwt_metadata(tmp_path):
     dwt_entries = [e for e in head["entries"] if e["kind"] == "dwt"]
     assert [e["key"] for e in dwt_entries] == [f"{lp.name}.weight" for lp in res.layers]
     for e, lp in zip(dwt_entries, res.layers):
-        assert e["structure"] == lp.structure.to_json() and e["n"] == lp.n_coeffs
+        assert e["structure"] == lp.structure.to_json() and e["n"] == lp.n_positions
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

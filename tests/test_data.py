@@ -1,5 +1,6 @@
-"""Datasets: registry and shapes, IDX/CIFAR readers, in-memory uint8 datasets, digits
-split, stratified subsets, loaders, missing-file messages."""
+"""Datasets (wavesweep.data, wavesweep.data_sources): registry and shapes, IDX/CIFAR
+readers, in-memory uint8 datasets, digits split, stratified subsets, loaders, missing-file
+messages."""
 
 from __future__ import annotations
 
@@ -24,11 +25,10 @@ from wavesweep.data import (
     eval_subset,
     load_dataset,
     make_loader,
-    read_idx,
     stratified_order,
     take,
-    write_idx,
 )
+from wavesweep.data_sources import read_idx, write_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_STEMS = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]

@@ -239,7 +239,7 @@ def test_aliases_within_the_bounds_still_work(workdir):
     from wavesweep import study
 
     (workdir / "ok.yaml").write_text("study: ok\nfixed: &f {mode: symmetric}\n" + _SPEC_TAIL + "description: x\n")
-    assert study.load_spec(workdir / "ok.yaml").fixed == {"mode": "symmetric"}
+    assert study.load_spec(workdir / "ok.yaml").fixed == {"mode": "symmetric", "timing_batches": 0}  # timing off: no timing objective
     (workdir / "ok.yaml").write_text("study: ok\nsampler: {name: tpe, n_startup_trials: 3, multivariate: true, prior_weight: 2}\n" + _SPEC_TAIL)
     assert study.load_spec(workdir / "ok.yaml").sampler_options == {"n_startup_trials": 3, "multivariate": True, "prior_weight": 2}
 
@@ -442,3 +442,28 @@ def test_version_and_help_for_every_subcommand_and_flag(capsys):
     for name, sub in subs.choices.items():
         for action in sub._actions:
             assert action.help, (name, action.option_strings or action.dest)
+
+
+
+def test_uploaded_checkpoint_files_are_their_sources_byte_for_byte(tmp_path, monkeypatch):
+    """Oracle of the hard-linked upload (``tracking._log_files``): the folder handed to MLflow holds
+    the source's bytes whether the link works (the same file) or the copy fallback runs, and
+    the source survives the upload. (A stub client: MLflow's own upload is not under test.)"""
+    src = tmp_path / "model.wsz"
+    payload = os.urandom(100_000)
+    src.write_bytes(payload)
+    seen = {}
+
+    class Client:
+        def log_artifacts(self, run_id, local_dir, artifact_path=None):
+            f = Path(local_dir) / "checkpoint" / "model.wsz"
+            seen[run_id] = (f.read_bytes(), os.path.samefile(f, src), (Path(local_dir) / "note.txt").read_text())
+
+    def no_link(a, b):
+        raise OSError("cross-device link")
+
+    tracking._log_files(Client(), "linked", {"note.txt": "x"}, copies={"checkpoint/model.wsz": src})
+    monkeypatch.setattr(tracking.os, "link", no_link)
+    tracking._log_files(Client(), "copied", {"note.txt": "x"}, copies={"checkpoint/model.wsz": src})
+    assert seen == {"linked": (payload, True, "x"), "copied": (payload, False, "x")}
+    assert src.read_bytes() == payload

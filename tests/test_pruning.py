@@ -128,7 +128,7 @@ def test_exact_counts_per_layer(method, amount):
     for lp, (name, m) in zip(res.layers, P.target_layers(res.model, ("conv", "linear")), strict=True):
         assert lp.name == name
         n = m.weight.numel()
-        assert lp.params == lp.n_coeffs == n
+        assert lp.params == lp.n_positions == n
         assert lp.n_zeroed == round(amount * n)
         assert int((m.weight == 0).sum()) == lp.n_zeroed  # random init: no weight was 0 before
         assert lp.keep.sum() == n - lp.n_zeroed
@@ -148,7 +148,7 @@ def test_exact_counts_global(method):
         assert max(fractions) > min(fractions)
     else:  # uniform over every weight: each layer near the amount (binomial, 6 standard deviations)
         for lp in res.layers:
-            assert abs(lp.fraction - amount) <= 6 * (amount * (1 - amount) / lp.n_coeffs) ** 0.5
+            assert abs(lp.fraction - amount) <= 6 * (amount * (1 - amount) / lp.n_positions) ** 0.5
 
 
 @pytest.mark.parametrize("method", ["magnitude", "random"])
@@ -285,8 +285,8 @@ def test_dwt_layer_counts_match_numpy_oracle(layout):
         flat, st = wv.decompose(w, wavelet="db2", level=3, layout=layout)
         thr = np.percentile(np.abs(flat), 65)
         assert lp.n_zeroed == int((np.abs(flat) < thr).sum())
-        assert lp.n_coeffs == flat.size == st.n_coeffs
-        assert abs(lp.fraction - 0.65) <= 1 / lp.n_coeffs  # numpy's linear percentile, no ties
+        assert lp.n_positions == flat.size == st.n_coeffs
+        assert abs(lp.fraction - 0.65) <= 1 / lp.n_positions  # numpy's linear percentile, no ties
         assert lp.level_requested == 3 and lp.level_effective == st.level
     cfg = res.config
     assert cfg == dict(
@@ -321,7 +321,7 @@ def test_dwt_keep_approx_leaves_approximation_band():
         assert lp.keep[:n_approx].all()
         np.testing.assert_array_equal(lp.coeffs[:n_approx], full[:n_approx])
         np.testing.assert_array_equal(lp.keep[n_approx:], detail >= thr)
-        assert lp.n_zeroed == int((detail < thr).sum()) and lp.n_coeffs == full.size
+        assert lp.n_zeroed == int((detail < thr).sum()) and lp.n_positions == full.size
 
 
 def test_effective_level_kernel_bior44_is_zero_and_warned(resnet):
@@ -387,7 +387,7 @@ def test_matched_per_layer():
     resnet = mid_net()
     dwt = P.prune_dwt(resnet, wavelet="db3", level=2, percentile=72.5, layout="filter")
     amount = P.matched_amount(dwt)
-    assert amount == {lp.name: lp.n_zeroed / lp.n_coeffs for lp in dwt.layers}
+    assert amount == {lp.name: lp.n_zeroed / lp.n_positions for lp in dwt.layers}
     out = P.prune_matched(resnet, dwt, seed=3)
     assert set(out) == {"magnitude", "random"}
     for method, res in out.items():
@@ -402,7 +402,7 @@ def test_matched_global():
     resnet = mid_net()
     dwt = P.prune_dwt(resnet, wavelet="db3", level=2, percentile=40, layout="flat", mode="symmetric")
     frac = P.matched_amount(dwt, "global")
-    assert frac == dwt.n_zeroed / dwt.n_coeffs and dwt.n_coeffs > sum(lp.params for lp in dwt.layers)
+    assert frac == dwt.n_zeroed / dwt.n_positions and dwt.n_positions > sum(lp.params for lp in dwt.layers)
     out = P.prune_matched(resnet, dwt, scope="global")
     total = sum(lp.params for lp in dwt.layers)
     assert out["magnitude"].n_zeroed == out["random"].n_zeroed == round(frac * total)

@@ -1,4 +1,5 @@
-"""Report functions over hand-made trial frames: no Optuna, no MLflow, no models."""
+"""Report, figure and trials-frame functions over hand-made trial frames: no Optuna, no MLflow,
+no models."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wavesweep import report
+from wavesweep import figures, report, trials_frame
 
 
 def brute_pareto(points: np.ndarray, directions) -> np.ndarray:
-    """Oracle: O(n^2) definition of non-domination, written independently of report.pareto_mask."""
+    """Oracle: O(n^2) definition of non-domination, written independently of trials_frame.pareto_mask."""
     signs = [1 if d == "maximize" else -1 for d in directions]
     out = []
     for i, p in enumerate(points):
@@ -39,14 +40,14 @@ def test_pareto_mask_matches_definition(directions, seed):
     rng = np.random.default_rng(seed)
     pts = rng.integers(0, 6, size=(40, len(directions))).astype(float)  # ties on purpose
     pts[3, 0] = np.nan
-    mask = report.pareto_mask(pts, directions)
+    mask = trials_frame.pareto_mask(pts, directions)
     np.testing.assert_array_equal(mask, brute_pareto(pts, directions))
     assert mask.any() and not mask[3]
 
 
 def test_pareto_mask_rejects_wrong_shape():
     with pytest.raises(ValueError, match="points must be"):
-        report.pareto_mask(np.zeros((3, 2)), ["maximize"])
+        trials_frame.pareto_mask(np.zeros((3, 2)), ["maximize"])
 
 
 def make_frame(n: int = 12, seed: int = 0) -> pd.DataFrame:
@@ -138,7 +139,7 @@ def test_markdown_escapes_and_formats():
 
 
 def test_layer_plot_without_record(tmp_path):
-    assert_png(report.plot_layer_sparsity(None, tmp_path / "l.png"))
+    assert_png(figures.plot_layer_sparsity(None, tmp_path / "l.png"))
 
 
 # --------------------------------------------------------------------------- figures that do not mislead
@@ -151,7 +152,7 @@ def test_pareto_staircase_never_claims_more_than_measured(seed):
     rng = np.random.default_rng(seed)
     x, y = rng.uniform(1, 20, 30), rng.uniform(0, 1, 30)
     x[:3] = np.round(x[:3])  # some ties
-    sx, sy = report.front_staircase(x, y)
+    sx, sy = trials_frame.front_staircase(x, y)
     pts = np.column_stack([x, y])
     for vx, vy in zip(sx, sy):
         assert np.any((x >= vx - 1e-12) & (y >= vy - 1e-12)), (vx, vy)
@@ -163,26 +164,26 @@ def test_pareto_staircase_never_claims_more_than_measured(seed):
 
 def test_pareto_staircase_drops_right_after_a_point():
     """The issue's case: 0.645 measured at 2.4x and only chance beyond: the line falls at 2.4x."""
-    sx, sy = report.front_staircase(np.array([1.0, 2.4, 18.0, 2.0]), np.array([0.9, 0.645, 0.1, 0.5]))
+    sx, sy = trials_frame.front_staircase(np.array([1.0, 2.4, 18.0, 2.0]), np.array([0.9, 0.645, 0.1, 0.5]))
     assert list(zip(sx, sy)) == [(1.0, 0.9), (1.0, 0.645), (2.4, 0.645), (2.4, 0.1), (18.0, 0.1)]
 
 
 def _capture(monkeypatch):
     figs = []
-    real = report._save
+    real = figures._save
 
     def keep(fig, path):
         figs.append(fig)
         return real(fig, path)
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(figures, "_save", keep)
     return figs
 
 
 def test_accuracy_vs_pruned_fraction_per_recovery_with_intervals(tmp_path, monkeypatch):
     frame = make_frame(12)
     frame = pd.concat([frame, frame.iloc[[0]].assign(number=99, top1=frame["top1"].iloc[0] - 0.04)], ignore_index=True)  # a replicate
-    pts = report.method_points(frame, "pruned_fraction")
+    pts = figures.method_points(frame, "pruned_fraction")
     done = frame[frame["state"] == "COMPLETE"]
     assert len(pts) == 3 * (len(done) - 1)  # trial 0 and its replicate are one configuration
     rep = pts[(pts["method"] == "dwt") & (pts["n_runs"] == 2)].iloc[0]
@@ -193,11 +194,11 @@ def test_accuracy_vs_pruned_fraction_per_recovery_with_intervals(tmp_path, monke
 
     ci = binomtest(round(one["top1"] * 360), 360).proportion_ci(method="wilson")
     assert (one["low"], one["high"]) == pytest.approx((ci.low, ci.high))
-    assert report.chance_level(frame) == pytest.approx(0.1)
-    assert report.chance_level(frame.drop(columns="num_classes")) == pytest.approx(0.1)  # digits, from the registry
+    assert figures.chance_level(frame) == pytest.approx(0.1)
+    assert figures.chance_level(frame.drop(columns="num_classes")) == pytest.approx(0.1)  # digits, from the registry
 
     figs = _capture(monkeypatch)
-    assert_png(report.plot_accuracy_vs_pruned_fraction(frame, tmp_path / "a.png"))
+    assert_png(figures.plot_accuracy_vs_pruned_fraction(frame, tmp_path / "a.png"))
     fig = figs[-1]
     axes = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in axes] == ["recovery: none", "recovery: bn"]

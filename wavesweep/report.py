@@ -1,18 +1,9 @@
-"""Study reports: plots (PNG) and summary tables (CSV, Markdown) from a DataFrame of trials.
+"""Study reports: every figure (:mod:`wavesweep.figures`) and the summary tables (CSV,
+Markdown) from the trials frame (:mod:`wavesweep.trials_frame`: one row per trial, its columns).
 
-Pure functions over a frame with one row per trial (``study.trials_frame`` builds it from
-Optuna storage; tests build it by hand), so nothing here knows Optuna or MLflow. Columns used:
-
-* ``number``, ``state`` (COMPLETE, PRUNED, FAIL, ...), ``value_0``.. (objective values, in order)
-* trial parameters (TrialConfig field names: wavelet, level, percentile, layout, ...)
-* recorded metrics: ``top1`` (dwt), ``magnitude_top1``, ``random_top1``, ``base_top1``,
-  ``pruned_fraction`` (fraction of dwt coefficients zeroed; the baselines zero the same fraction
-  of weights), ``compression_ratio`` (dense bytes / stored bytes, per method with prefixes),
-  ``gain_top1_vs_magnitude``, ``dwt_vs_magnitude_ci_low`` ... ``_mcnemar_p``
-* ``layers``: per-layer sparsity lists of the trial (dict of equal-length lists) or None
-
-A dwt reconstruction is dense in the weight domain: its compression is in the coefficients.
-Every report says so.
+Pure functions over the frame, so nothing here knows Optuna or MLflow. :func:`write_report` is
+the entry point. A dwt reconstruction is dense in the weight domain: its compression is in the
+coefficients. Every report says so.
 """
 
 from __future__ import annotations
@@ -23,448 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 
-from wavesweep import schema
+from wavesweep import figures, schema
 from wavesweep.fileio import atomic_write
+from wavesweep.trials_frame import SUMMARY_PARAMS, complete, importance_caveat, pareto_mask
 
-METHODS = ("dwt", *schema.BASELINES)
 DENSE_NOTE = (
     "dwt weights are dense after reconstruction: its compression is in the coefficient domain "
     "(coefficient sparsity), while magnitude and random pruning are sparse in the weight domain; "
     "stored bytes use one encoding for all methods (kept values + 1-bit position bitmap)."
 )
-SUMMARY_PARAMS = ("wavelet", "level", "percentile", "layout", "mode", "scope", "keep_approx")
 SUMMARY_METRICS = (
     "top1", *(f"{m}_top1" for m in schema.BASELINES), "base_top1", "pruned_fraction", "compression_ratio", "coeff_sparsity",
     *(f"{k}{m}{end}" for m in schema.BASELINES
       for k, end in (("gain_top1_vs_", ""), ("dwt_vs_", "_ci_low"), ("dwt_vs_", "_ci_high"), ("dwt_vs_", "_mcnemar_p"),
                      ("dwt_vs_", "_p_adj"), ("dwt_vs_", "_verdict"))),
 )  # fmt: skip
-
-
-def complete(frame: pd.DataFrame) -> pd.DataFrame:
-    """The COMPLETE trials (the only ones with every metric)."""
-    if frame.empty or "state" not in frame:
-        return frame.iloc[0:0]
-    return frame[frame["state"] == "COMPLETE"]
-
-
-def pareto_mask(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:
-    """Boolean mask of the non-dominated rows of ``points`` (n, k) under ``directions`` (maximize/minimize).
-
-    A row is dominated when another row is at least as good in every objective and strictly
-    better in one. Rows with a NaN are never on the front.
-    """
-    pts = np.asarray(points, dtype=float)
-    if pts.ndim != 2 or pts.shape[1] != len(directions):
-        raise ValueError(f"points must be (n, {len(directions)}), got {pts.shape}")
-    signs = np.array([1.0 if d == "maximize" else -1.0 for d in directions])
-    p = pts * signs  # now every objective is maximised
-    ok = ~np.isnan(p).any(axis=1)
-    mask = np.zeros(len(p), dtype=bool)
-    for i in np.flatnonzero(ok):
-        others = p[ok]
-        dominated = np.any(np.all(others >= p[i], axis=1) & np.any(others > p[i], axis=1))
-        mask[i] = not dominated
-    return mask
-
-
-def front_staircase(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices of the attainment staircase of the points (x, y), both maximised.
-
-    The front's points sorted by x ascending have y descending. Between two neighbours
-    x_i < x_{i+1}, what is attained is y_{i+1} (the point at x_{i+1} dominates everything below
-    and to its left), so the line drops at x_i, not at x_{i+1}: every vertex is weakly dominated
-    by a measured point and the line never claims an accuracy beyond a measured compression.
-    Returns the vertex coordinates (empty when no point is finite).
-    """
-    pts = np.column_stack([np.asarray(x, float), np.asarray(y, float)])
-    front = pts[pareto_mask(pts, ["maximize", "maximize"])]
-    front = front[np.lexsort((-front[:, 1], front[:, 0]))]
-    if not len(front):
-        return np.array([]), np.array([])
-    xs, ys = [front[0, 0]], [front[0, 1]]
-    for (x0, _y0), (x1, y1) in zip(front[:-1], front[1:]):
-        xs += [x0, x1]
-        ys += [y1, y1]
-    return np.array(xs), np.array(ys)
-
-
-def _long_by_method(frame: pd.DataFrame, x: str) -> pd.DataFrame:
-    """Long format: one row per (trial, method) with ``x`` and ``top1`` of that method."""
-    rows = []
-    for m in METHODS:
-        prefix = "" if m == "dwt" else f"{m}_"
-        xcol = f"{prefix}{x}" if f"{prefix}{x}" in frame else x
-        if f"{prefix}top1" not in frame or xcol not in frame:
-            continue
-        part = pd.DataFrame({"number": frame["number"], x: frame[xcol], "top1": frame[f"{prefix}top1"], "method": m})
-        rows.append(part)
-    return pd.concat(rows, ignore_index=True).dropna(subset=[x, "top1"]) if rows else pd.DataFrame(columns=["number", x, "top1", "method"])
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    with atomic_write(path) as fh:
-        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def _empty(ax: plt.Axes, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-#: the columns that define a configuration: runs equal in all of them (other seeds) are replicates
-CONFIG_COLUMNS = (
-    "model", "dataset", "weights", "eval_limit", *SUMMARY_PARAMS, "targets", "recovery", "recovery_batches",
-    "recovery_batch_size", "finetune_steps", "finetune_lr", "finetune_optimizer", "finetune_schedule",
-)  # fmt: skip
-MARKERS = {"dwt": "o", "magnitude": "s", "random": "^"}
-DODGE = {"dwt": -1.0, "magnitude": 0.0, "random": 1.0}  # side-by-side offsets, so no marker hides another
-INTERVAL_NOTE = (
-    "error bars: the range over replicate runs where a configuration has several, else the 95 % Wilson "
-    "interval of the accuracy on the n_eval examples"
-)
-
-
-def _colors() -> dict[str, Any]:
-    return dict(zip(METHODS, sns.color_palette(n_colors=len(METHODS))))
-
-
-def wilson_interval(top1: float, n: float) -> tuple[float, float]:
-    """95 % Wilson interval of an accuracy ``top1`` measured on ``n`` examples (scipy)."""
-    from scipy.stats import binomtest
-
-    n = int(n)
-    ci = binomtest(int(round(top1 * n)), n).proportion_ci(0.95, method="wilson")
-    return float(ci.low), float(ci.high)
-
-
-def method_points(frame: pd.DataFrame, x: str, y: str = "top1") -> pd.DataFrame:
-    """One row per (configuration, method) of the COMPLETE trials: mean ``x`` and ``y`` over the
-    configuration's runs, an interval ``low``..``high`` (the replicate range with several runs,
-    else the Wilson interval on ``n_eval`` examples), ``n_runs``, ``recovery`` and ``prerec`` (the
-    mean ``prerec_<y>``: before recovery). Configurations are the ``CONFIG_COLUMNS`` present."""
-    done = complete(frame)
-    keys = [c for c in CONFIG_COLUMNS if c in done]
-    rows = []
-    for m in METHODS:
-        prefix = "" if m == "dwt" else f"{m}_"
-        ycol, xcol = f"{prefix}{y}", f"{prefix}{x}" if f"{prefix}{x}" in done else x
-        if ycol not in done or xcol not in done:
-            continue
-        pre = done[f"{prefix}prerec_{y}"] if f"{prefix}prerec_{y}" in done else np.nan
-        part = done.assign(_x=done[xcol], _y=done[ycol], _pre=pre).dropna(subset=["_x", "_y"])
-        groups = part.groupby(keys, dropna=False, sort=False) if keys else [((), part)]
-        for _key, g in groups:
-            mean = float(g["_y"].mean())
-            if len(g) > 1:
-                low, high, kind = float(g["_y"].min()), float(g["_y"].max()), "replicate range"
-            elif "n_eval" in g and pd.notna(g["n_eval"].iloc[0]) and y == "top1":
-                (low, high), kind = wilson_interval(mean, g["n_eval"].iloc[0]), "wilson"
-            else:
-                low = high = mean
-                kind = "none"
-            rows.append({
-                "method": m, x: float(g["_x"].mean()), y: mean, "low": low, "high": high, "n_runs": len(g),
-                "interval": kind, "prerec": float(g["_pre"].mean()), "numbers": list(g["number"]),
-                **{k: g[k].iloc[0] for k in ("recovery", "wavelet", "layout") if k in g},
-            })  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def chance_level(frame: pd.DataFrame) -> float | None:
-    """1 / number of classes: from the trials' ``num_classes``, else the dataset registry."""
-    if "num_classes" in frame and frame["num_classes"].notna().any():
-        return 1.0 / float(frame["num_classes"].dropna().iloc[0])
-    if "dataset" in frame and frame["dataset"].notna().any():
-        try:
-            from wavesweep.data import dataset_shape
-
-            return 1.0 / dataset_shape(str(frame["dataset"].dropna().iloc[0]))["num_classes"]
-        except (ValueError, KeyError, OSError):  # a dataset that needs files to count its classes
-            return None
-    return None
-
-
-def _recoveries(frame: pd.DataFrame) -> list[Any]:
-    done = complete(frame)
-    if "recovery" not in done or done["recovery"].isna().all():
-        return [None]
-    order = {"none": 0, "bn": 1, "finetune": 2}
-    return sorted(done["recovery"].dropna().unique(), key=lambda r: (order.get(r, 9), str(r)))
-
-
-def _errorbars(ax: plt.Axes, pts: pd.DataFrame, x: str, y: str, *, scale: float = 1.0, dodge: float = 0.0,
-               prerec: bool = False) -> None:  # fmt: skip
-    """Each method's points with their intervals, side by side, never joined by lines."""
-    colors = _colors()
-    for m in METHODS:
-        d = pts[pts["method"] == m]
-        if d.empty:
-            continue
-        xs = d[x].to_numpy() * scale + DODGE[m] * dodge
-        ys = d[y].to_numpy()
-        err = np.vstack([ys - d["low"].to_numpy(), d["high"].to_numpy() - ys]).clip(min=0)
-        ax.errorbar(xs, ys, yerr=err, fmt=MARKERS[m], color=colors[m], ms=6, alpha=0.85, capsize=2, lw=0.9,
-                    elinewidth=0.9, linestyle="none", label=m)  # fmt: skip
-        if prerec and d["prerec"].notna().any():
-            ax.scatter(xs, d["prerec"], marker=MARKERS[m], facecolors="none", edgecolors=colors[m], alpha=0.6, s=30,
-                       label=f"{m} before recovery")  # fmt: skip
-
-
-def _reference_lines(ax: plt.Axes, frame: pd.DataFrame) -> None:
-    done = complete(frame)
-    if "base_top1" in done and done["base_top1"].notna().any():
-        ax.axhline(float(done["base_top1"].dropna().iloc[0]), color="grey", ls="--", lw=1, label="unpruned")
-    chance = chance_level(frame)
-    if chance is not None:
-        ax.axhline(chance, color="firebrick", ls=":", lw=1.2, label=f"chance (1/{round(1 / chance)})")
-
-
-def _figure_legend(fig: plt.Figure, axes: Sequence[plt.Axes]) -> None:
-    """One legend for all panels, outside them (a legend inside would hide points)."""
-    seen: dict[str, Any] = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(label, handle)
-    if seen:
-        fig.legend(list(seen.values()), list(seen), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-
-
-def plot_accuracy_vs_pruned_fraction(frame: pd.DataFrame, path: Path) -> Path:
-    """Top-1 of dwt, magnitude and random against the fraction pruned, one panel per recovery
-    setting; each configuration a point with its interval (no lines between configurations);
-    hollow markers: the same models before recovery; the unpruned and chance levels."""
-    recoveries = _recoveries(frame)
-    fig, axes = plt.subplots(1, len(recoveries), figsize=(6.4 * len(recoveries), 4.8), squeeze=False, sharey=True)
-    pts = method_points(frame, "pruned_fraction")
-    for ax, rec in zip(axes[0], recoveries):
-        d = pts if rec is None or pts.empty else pts[pts["recovery"] == rec]
-        if d.empty:
-            _empty(ax, "no complete trials")
-            continue
-        span = max(float(d["pruned_fraction"].max() - d["pruned_fraction"].min()), 0.1)
-        _errorbars(ax, d, "pruned_fraction", "top1", dodge=0.012 * span, prerec=rec not in (None, "none"))
-        _reference_lines(ax, frame)
-        ax.set_xlabel("fraction pruned (dwt: coefficients zeroed;\nbaselines: weights zeroed, matched)")
-        ax.set_title(f"recovery: {rec}" if rec is not None else "accuracy vs pruned fraction")
-    _figure_legend(fig, axes[0])
-    axes[0, 0].set_ylabel("top-1 accuracy")
-    fig.suptitle("accuracy vs pruned fraction, per recovery setting", y=1.0)
-    fig.text(0.01, -0.02, INTERVAL_NOTE + "; methods drawn side by side at each fraction", fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_accuracy_vs_stored_mb(frame: pd.DataFrame, path: Path) -> Path:
-    """Top-1 of each method against the stored megabytes of its model (one encoding for all)."""
-    recoveries = _recoveries(frame)
-    fig, axes = plt.subplots(1, len(recoveries), figsize=(6.4 * len(recoveries), 4.8), squeeze=False, sharey=True)
-    pts = method_points(frame, "stored_bytes")
-    for ax, rec in zip(axes[0], recoveries):
-        d = pts if rec is None or pts.empty else pts[pts["recovery"] == rec]
-        if d.empty:
-            _empty(ax, "no complete trials")
-            continue
-        span = max(float(d["stored_bytes"].max() - d["stored_bytes"].min()) / 1e6, 0.1 * float(d["stored_bytes"].max()) / 1e6)
-        _errorbars(ax, d, "stored_bytes", "top1", scale=1e-6, dodge=0.012 * span)
-        _reference_lines(ax, frame)
-        if "dense_bytes" in frame and frame["dense_bytes"].notna().any():
-            ax.axvline(float(frame["dense_bytes"].dropna().iloc[0]) / 1e6, color="grey", ls="-.", lw=1, label="dense model")
-        ax.set_xlabel("stored megabytes (kept values + 1-bit position bitmap + unpruned tensors)")
-        ax.set_title(f"recovery: {rec}" if rec is not None else "accuracy vs stored size")
-    _figure_legend(fig, axes[0])
-    axes[0, 0].set_ylabel("top-1 accuracy")
-    fig.suptitle("accuracy vs stored megabytes", y=1.0)
-    fig.text(0.01, -0.02, INTERVAL_NOTE, fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def wavelet_family(name: Any) -> str:
-    """``bior4.4`` -> ``bior``, ``db2`` -> ``db``, ``haar`` -> ``haar`` (PyWavelets' family short names)."""
-    import re
-
-    m = re.match(r"[a-z]+", str(name))
-    return m.group(0) if m else str(name)
-
-
-def plot_gap(frame: pd.DataFrame, path: Path, *, facet: str | None = None, baseline: str = "magnitude") -> Path:
-    """dwt top-1 minus the matched ``baseline``'s (same examples) against the pruned fraction, with
-    each trial's 95 % paired bootstrap interval; hollow markers: the interval contains 0 (not
-    significant). ``facet``: one panel per ``"wavelet_family"`` or ``"layout"`` value."""
-    done = complete(frame)
-    gap, lo, hi = f"gain_top1_vs_{baseline}", f"dwt_vs_{baseline}_ci_low", f"dwt_vs_{baseline}_ci_high"
-    ok = not done.empty and {gap, lo, hi, "pruned_fraction"} <= set(done)
-    if ok:
-        done = done.assign(wavelet_family=done["wavelet"].map(wavelet_family)) if "wavelet" in done else done
-        done = done.dropna(subset=[gap, "pruned_fraction"])
-    values = sorted(done[facet].dropna().unique()) if ok and facet in done else [None]
-    fig, axes = plt.subplots(1, len(values), figsize=(max(5.0, 4.2 * len(values)), 4.4), squeeze=False, sharey=True)
-    recs = _recoveries(frame)
-    markers = dict(zip(recs, ["o", "s", "D", "v"]))
-    for ax, v in zip(axes[0], values):
-        d = done if v is None or not ok else done[done[facet] == v]
-        if not ok or d.empty:
-            _empty(ax, "no complete trials with paired intervals")
-            continue
-        for rec in recs:
-            r = d if rec is None or "recovery" not in d else d[d["recovery"] == rec]
-            if r.empty:
-                continue
-            sig = (r[lo] > 0) | (r[hi] < 0)
-            err = np.vstack([r[gap] - r[lo], r[hi] - r[gap]]).clip(min=0)
-            ax.errorbar(r["pruned_fraction"], r[gap], yerr=err, fmt="none", ecolor="C0", alpha=0.6, capsize=2, lw=0.9)
-            for flag, face in ((True, "C0"), (False, "none")):
-                s = r[sig == flag]
-                if len(s):
-                    lab = f"{'recovery ' + str(rec) + ': ' if rec is not None and len(recs) > 1 else ''}" + ("CI excludes 0" if flag else "CI contains 0 (not significant)")
-                    ax.scatter(s["pruned_fraction"], s[gap], marker=markers.get(rec, "o"), facecolors=face, edgecolors="C0", s=36, label=lab)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xlabel("fraction pruned")
-        ax.set_title(f"{facet.replace('_', ' ')}: {v}" if v is not None else f"dwt - {baseline} top-1 gap")
-        ax.legend(fontsize=7, loc="best", framealpha=0.5)
-    axes[0, 0].set_ylabel(f"top-1 gap, dwt - {baseline}")
-    fig.text(0.01, -0.02, "error bars: 95 % paired bootstrap interval of each trial (same examples); hollow: contains 0", fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_levels(layers: dict[str, list[Any]] | None, path: Path, *, title: str = "best trial") -> Path:
-    """Requested vs effective DWT level per layer of one trial (the level is clamped per layer)."""
-    names = (layers or {}).get("name") or []
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4.2))
-    if not names or "level_effective" not in layers:
-        _empty(ax, "no per-layer levels recorded")
-    else:
-        idx = np.arange(len(names))
-        eff = np.array([np.nan if v is None else v for v in layers["level_effective"]], dtype=float)
-        req = np.array([np.nan if v is None else v for v in layers.get("level_requested", [np.nan] * len(names))], dtype=float)
-        ax.bar(idx - 0.2, req, width=0.4, color="none", edgecolor="C0", hatch="//", label="requested")
-        ax.bar(idx + 0.2, eff, width=0.4, color="C1", label="effective")
-        low = np.flatnonzero(eff < req)
-        if len(low):
-            ax.scatter(idx[low] + 0.2, eff[low] + 0.15, marker="v", color="firebrick", s=18, label="clamped below request")
-        ax.set_xticks(idx, names, rotation=75, fontsize=7)
-        top = np.nanmax(np.concatenate([req, eff, [1.0]]))
-        ax.set_ylim(0, top + 0.8)
-        ax.set_yticks(range(int(top) + 1))
-        ax.set_ylabel("DWT level")
-        ax.legend(fontsize=8)
-    ax.set_title(f"requested vs effective level per layer, {title}")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_accuracy_vs_compression(frame: pd.DataFrame, path: Path) -> Path:
-    """Top-1 against compression ratio for each method, with the dwt Pareto front (max both)."""
-    done = complete(frame)
-    data = _long_by_method(done, "compression_ratio")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if data.empty:
-        _empty(ax, "no complete trials")
-    else:
-        colors = _colors()
-        for m in reversed(METHODS):  # dwt drawn last, on top; distinct markers and alpha show what lies beneath
-            d = data[data["method"] == m]
-            ax.scatter(d["compression_ratio"], d["top1"], marker=MARKERS[m], color=colors[m], s=42, alpha=0.75, label=m)
-        _reference_lines(ax, frame)
-        dwt = data[data["method"] == "dwt"]
-        front = dwt[pareto_mask(dwt[["compression_ratio", "top1"]].to_numpy(), ["maximize", "maximize"])]
-        front = front.sort_values("compression_ratio")
-        if len(front):
-            sx, sy = front_staircase(dwt["compression_ratio"].to_numpy(), dwt["top1"].to_numpy())
-            ax.plot(sx, sy, color="black", lw=1.2, label="dwt Pareto front (attained)")
-            for r in front.itertuples():
-                ax.annotate(f"#{int(r.number)}", (r.compression_ratio, r.top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("compression ratio (dense bytes / stored bytes)")
-        ax.set_ylabel("top-1 accuracy")
-        ax.legend(fontsize=8, loc="best")
-    ax.set_title("accuracy vs compression")
-    return _save(fig, path)
-
-
-def plot_history(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]], path: Path) -> Path:
-    """Objective value per trial with the best so far (one panel per objective); pruned trials marked."""
-    n = max(1, len(objectives))
-    fig, axes = plt.subplots(n, 1, figsize=(7, 3.2 * n), squeeze=False)
-    for i, (metric, direction) in enumerate(objectives or [("value_0", "maximize")]):
-        ax = axes[i, 0]
-        col = f"value_{i}"
-        done = complete(frame)
-        if done.empty or col not in done:
-            _empty(ax, "no complete trials")
-            continue
-        d = done.sort_values("number")
-        ax.scatter(d["number"], d[col], s=20, label="complete")
-        best = d[col].cummax() if direction == "maximize" else d[col].cummin()
-        ax.step(d["number"], best, where="post", color="C3", label="best so far")
-        pruned = frame[frame["state"] == "PRUNED"]
-        if len(pruned) and "partial_top1" in pruned and metric == "top1":
-            ax.scatter(pruned["number"], pruned["partial_top1"], marker="x", color="grey", s=20, label="pruned (partial top1)")
-        ax.set_xlabel("trial")
-        ax.set_ylabel(f"{metric} ({direction})")
-        ax.legend(fontsize=8)
-    axes[0, 0].set_title("optimisation history")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-#: fewer COMPLETE trials than this: parameter importances are flagged as indicative only
-MIN_TRIALS_FOR_IMPORTANCE = 20
-
-
-def importance_caveat(n_complete: int) -> str | None:
-    """The warning printed on the importance figure and in summary.md, or None when there are enough trials."""
-    if n_complete >= MIN_TRIALS_FOR_IMPORTANCE:
-        return None
-    return (f"computed from only {n_complete} complete trials (< {MIN_TRIALS_FOR_IMPORTANCE}): "
-            "indicative at best; rankings change with more trials")  # fmt: skip
-
-
-def plot_importances(importances: dict[str, dict[str, float]], path: Path, *, n_complete: int | None = None) -> Path:
-    """Horizontal bars of parameter importance per objective (as computed by the study); with
-    fewer than ``MIN_TRIALS_FOR_IMPORTANCE`` complete trials the figure says so."""
-    items = [(k, v) for k, v in importances.items() if v]
-    fig, axes = plt.subplots(1, max(1, len(items)), figsize=(5 * max(1, len(items)), 3.5), squeeze=False)
-    if not items:
-        _empty(axes[0, 0], "parameter importances need at least two complete trials\nwith varying parameters")
-    for ax, (metric, imp) in zip(axes[0], items):
-        s = pd.Series(imp, dtype=float).sort_values()
-        ax.barh(s.index, s.values, color="C0")
-        ax.set_xlabel("importance (normalised)")
-        ax.set_title(f"parameter importance for {metric}")
-    caveat = importance_caveat(n_complete) if n_complete is not None and items else None
-    if caveat:
-        fig.suptitle(f"CAUTION: {caveat}", color="firebrick", fontsize=9, y=1.02)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_layer_sparsity(layers: dict[str, list[Any]] | None, path: Path, *, title: str = "best trial") -> Path:
-    """Per-layer sparsity of one trial: dwt coefficient sparsity, dwt and magnitude weight sparsity."""
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len((layers or {}).get("name", [])) + 2), 4.5))
-    if not layers or not layers.get("name"):
-        _empty(ax, "no per-layer record")
-    else:
-        frame = pd.DataFrame(layers)
-        cols = [c for c in ("dwt_coeff_sparsity", "dwt_weight_sparsity", "magnitude_weight_sparsity") if c in frame]
-        long = frame.melt(id_vars="name", value_vars=cols, var_name="quantity", value_name="sparsity")
-        sns.barplot(data=long, x="name", y="sparsity", hue="quantity", ax=ax)
-        ax.tick_params(axis="x", rotation=75, labelsize=7)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("fraction zero")
-        ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=8)
-    ax.set_title(f"per-layer sparsity, {title}")
-    return _save(fig, path)
 
 
 def best_rows(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> pd.DataFrame:
@@ -580,22 +147,22 @@ def write_report(
     objectives = [tuple(o) for o in objectives]
     n_complete = len(complete(frame))
     files = {
-        "accuracy_vs_pruned_fraction": plot_accuracy_vs_pruned_fraction(frame, out_dir / "accuracy_vs_pruned_fraction.png"),
-        "accuracy_vs_compression": plot_accuracy_vs_compression(frame, out_dir / "accuracy_vs_compression.png"),
-        "accuracy_vs_stored_mb": plot_accuracy_vs_stored_mb(frame, out_dir / "accuracy_vs_stored_mb.png"),
-        "gap_vs_pruned_fraction": plot_gap(frame, out_dir / "gap_vs_pruned_fraction.png"),
-        "gap_by_wavelet_family": plot_gap(frame, out_dir / "gap_by_wavelet_family.png", facet="wavelet_family"),
-        "gap_by_layout": plot_gap(frame, out_dir / "gap_by_layout.png", facet="layout"),
-        "history": plot_history(frame, objectives, out_dir / "optimization_history.png"),
-        "importances": plot_importances(importances or {}, out_dir / "param_importances.png", n_complete=n_complete),
+        "accuracy_vs_pruned_fraction": figures.plot_accuracy_vs_pruned_fraction(frame, out_dir / "accuracy_vs_pruned_fraction.png"),
+        "accuracy_vs_compression": figures.plot_accuracy_vs_compression(frame, out_dir / "accuracy_vs_compression.png"),
+        "accuracy_vs_stored_mb": figures.plot_accuracy_vs_stored_mb(frame, out_dir / "accuracy_vs_stored_mb.png"),
+        "gap_vs_pruned_fraction": figures.plot_gap(frame, out_dir / "gap_vs_pruned_fraction.png"),
+        "gap_by_wavelet_family": figures.plot_gap(frame, out_dir / "gap_by_wavelet_family.png", facet="wavelet_family"),
+        "gap_by_layout": figures.plot_gap(frame, out_dir / "gap_by_layout.png", facet="layout"),
+        "history": figures.plot_history(frame, objectives, out_dir / "optimization_history.png"),
+        "importances": figures.plot_importances(importances or {}, out_dir / "param_importances.png", n_complete=n_complete),
     }
     table = summary_table(frame, objectives)
     best = best_rows(frame, objectives[:1])
     layers = best["layers"].iloc[0] if len(best) and "layers" in best else None
     layers = layers if isinstance(layers, dict) else None
     title = f"trial {int(best['number'].iloc[0])}" if len(best) else "best trial"
-    files["layer_sparsity"] = plot_layer_sparsity(layers, out_dir / "layer_sparsity_best.png", title=title)
-    files["levels"] = plot_levels(layers, out_dir / "levels_best.png", title=title)
+    files["layer_sparsity"] = figures.plot_layer_sparsity(layers, out_dir / "layer_sparsity_best.png", title=title)
+    files["levels"] = figures.plot_levels(layers, out_dir / "levels_best.png", title=title)
     files["summary_csv"] = _write_text(out_dir / "summary.csv", table.to_csv(index=False))
     trials = with_significance(frame).drop(columns=[c for c in ("layers",) if c in frame])
     files["trials_csv"] = _write_text(out_dir / "trials.csv", trials.to_csv(index=False))

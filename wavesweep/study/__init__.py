@@ -3,7 +3,8 @@
 The only package that imports optuna. Every study trial is one ``tracked_trial.run_tracked_trial``
 (the code path of ``mlflow run`` and ``wavesweep trial``), nested under the study's MLflow run.
 
-* ``spec``: the YAML schema, its line numbers, validation (``load_spec`` -> ``StudySpec``);
+* ``spec``: the YAML schema and validation (``load_spec`` -> ``StudySpec``); ``spec_yaml``: bounded
+  parsing with the line number of every key;
 * ``storage``: Optuna storage, samplers and pruners by name, create/load the study;
 * ``objective``: the thin objective (suggest, run, report chunks, return the values);
 * ``workers``: ``run_study``: worker processes, the slot lock, Ctrl-C/SIGTERM, progress, resume, retries;

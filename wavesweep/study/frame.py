@@ -89,8 +89,8 @@ def write_interactive(study: optuna.Study, path: Path) -> Path | None:
         return None
     from optuna import visualization as vis
 
-    from wavesweep import report
     from wavesweep.fileio import atomic_write
+    from wavesweep.trials_frame import importance_caveat
 
     names = study.metric_names or [o[0] for o in study.user_attrs.get("objectives") or []] or ["value"]
     multi = len(study.directions) > 1
@@ -107,7 +107,7 @@ def write_interactive(study: optuna.Study, path: Path) -> Path | None:
                 except (ValueError, RuntimeError, ZeroDivisionError) as exc:
                     log.info("no importance figure for %s: %s", name, exc)
                 else:
-                    caveat = report.importance_caveat(len(complete))
+                    caveat = importance_caveat(len(complete))
                     if caveat:
                         fig.update_layout(title=f"Hyperparameter importances for {name}<br><sub>CAUTION: {caveat}</sub>")
                     figs.append((f"parameter importances: {name}", fig))

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
-import pandas as pd
 from optuna.trial import TrialState
 
 from wavesweep import schema, tracking

@@ -1,4 +1,5 @@
-"""A study spec: the YAML schema, its line numbers, and validation into a frozen ``StudySpec``.
+"""A study spec: the YAML schema and validation into a frozen ``StudySpec`` (parsing with line
+numbers: :mod:`wavesweep.study.spec_yaml`).
 
 Spec (YAML; every key optional except ``space``/``objectives`` as noted)::
 
@@ -37,6 +38,7 @@ import yaml
 from wavesweep import schema
 from wavesweep.config import TrialConfig
 from wavesweep.names import check_name
+from wavesweep.study.spec_yaml import SpecError, key_lines, line_of, parse_yaml
 from wavesweep.study.storage import PRUNERS, SAMPLERS
 
 TOP_KEYS = (
@@ -52,19 +54,8 @@ _NOT_OPTIONS = {"search_space", "seed", "constraints_func", "gamma", "weights", 
                 "after_trial_strategy"}  # fmt: skip
 _PRUNABLE_OBJECTIVE = "top1"  # the chunk reports are partial dwt top-1: only that objective can be pruned on
 # Resource bounds of a spec, checked before anything is built from it: a small file must not be
-# able to ask for gigabytes (nested YAML aliases, a grid step of 1e-9) or overflow the stack.
-MAX_YAML_DEPTH = 50  # nesting of mappings and lists
-MAX_YAML_NODES = 100_000  # nodes after alias expansion (a real spec has under 200)
+# able to ask for gigabytes (a grid step of 1e-9; the YAML's own bounds are in spec_yaml).
 MAX_GRID_POINTS = 100_000  # points of one grid dimension and of the whole grid
-
-class SpecError(ValueError):
-    """A spec problem at ``key`` (a path of keys); the loader adds the file and line."""
-
-    def __init__(self, key: tuple[str, ...], message: str, *, line: int | None = None) -> None:
-        super().__init__(f"{'.'.join(key)}: {message}")
-        self.key = key
-        self.message = message
-        self.line = line  # when the key path alone does not locate it (a duplicate key)
 
 
 @dataclass(frozen=True)
@@ -340,92 +331,6 @@ def _check_option_type(key: tuple[str, ...], cls: type, param: inspect.Parameter
         raise SpecError(key, f"{cls.__name__} option {param.name}={value!r} must be {want}")
 
 
-# --------------------------------------------------------------------------- YAML with line numbers
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with a bound on nesting depth (the composer recurses once per level)."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                mark = self.peek_event().start_mark
-                raise SpecError((), f"nested deeper than {MAX_YAML_DEPTH} levels", line=mark.line + 1)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _expanded_size(root: yaml.Node) -> int:
-    """Nodes of the document once every alias is expanded, counted on the (small) node graph
-    without expanding it; a ``SpecError`` above MAX_YAML_NODES or for a recursive alias."""
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(node: yaml.Node, depth: int) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in active or depth > MAX_YAML_DEPTH:
-            raise SpecError((), "a recursive YAML alias", line=node.start_mark.line + 1)
-        active.add(key)
-        n = 1
-        if isinstance(node, yaml.MappingNode):
-            n += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
-        elif isinstance(node, yaml.SequenceNode):
-            n += sum(size(v, depth + 1) for v in node.value)
-        active.discard(key)
-        if n > MAX_YAML_NODES:
-            raise SpecError((), f"expands to over {MAX_YAML_NODES} YAML nodes (nested aliases?); a spec needs a few hundred",
-                            line=node.start_mark.line + 1)  # fmt: skip
-        sizes[key] = n
-        return n
-
-    return size(root, 0)
-
-
-def _parse_yaml(text: str) -> tuple[yaml.Node | None, Any]:
-    """Compose ``text`` with bounded depth, check its expanded size, then build Python objects."""
-    loader = _BoundedLoader(text)
-    try:
-        root = loader.get_single_node()
-        if root is None:
-            return None, None
-        _expanded_size(root)
-        return root, loader.construct_document(root)
-    finally:
-        loader.dispose()
-
-
-
-def _lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
-    """Record the 1-based line of every mapping key (and list item) under ``path``; reject duplicate keys."""
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for knode, vnode in node.value:
-            key = str(knode.value)
-            if key in seen:
-                raise SpecError((*path, key), "duplicate key", line=knode.start_mark.line + 1)
-            seen.add(key)
-            out[(*path, key)] = knode.start_mark.line + 1
-            _lines(vnode, (*path, key), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out.setdefault((*path, str(i)), item.start_mark.line + 1)
-
-
-def _line_of(lines: dict[tuple[str, ...], int], key: tuple[str, ...]) -> int | None:
-    for n in range(len(key), -1, -1):
-        if key[:n] in lines:
-            return lines[key[:n]]
-    return None
-
 
 def parse_assignments(items: list[str] | None, what: str) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}``; values are YAML scalars or lists (``[10, 20]``)."""
@@ -491,7 +396,7 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
         line = raw[: exc.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save the spec as UTF-8") from None
     try:
-        root, data = _parse_yaml(text)
+        root, data = parse_yaml(text)
     except SpecError as exc:
         at = f":{exc.line}" if exc.line else ""
         raise ValueError(f"{path}{at}: {exc.message}") from None
@@ -505,13 +410,13 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
     lines: dict[tuple[str, ...], int] = {}
     try:
         if root is not None:
-            _lines(root, (), lines)
+            key_lines(root, (), lines)
         if overrides:
             data = apply_overrides(data, overrides)
             text = yaml.safe_dump(data, sort_keys=False) + "# resolved with --set " + " ".join(f"{k}={v}" for k, v in overrides.items()) + "\n"
         return spec_from_mapping(data, name=path.stem, path=path, text=text)
     except SpecError as exc:
-        line = exc.line or _line_of(lines, exc.key)
+        line = exc.line or line_of(lines, exc.key)
         at = f":{line}" if line else ""
         raise ValueError(f"{path}{at}: {'.'.join(exc.key) or 'spec'}: {exc.message}") from None
 

@@ -19,7 +19,6 @@ independent launchers on several machines do not propose the same configurations
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import multiprocessing

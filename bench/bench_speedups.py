@@ -1,0 +1,198 @@
+"""Benchmark: what each speed-up kept by issue 13 saves, beside the plain code it replaces,
+both measured in the same run (median of ``--repeats`` after one warm-up; CPU).
+
+* base-evaluation cache (``trial._base_eval_cached``): ResNet-18 (random init) on the digits
+  evaluation split, a cached call (read the .npz of logits, recompute the metrics) against an
+  uncached one (run the model, write the .npz) and against a bare ``evaluate.predict`` +
+  ``metrics_from_logits``. Oracle: ``tests/test_trial.py``.
+* one-partition percentile (``wavelets.percentile_threshold``) against ``np.percentile``
+  (method 'linear'): a 2M-entry float32 array, and the |coefficients| of ResNet-18's
+  ``layer4.1.conv2`` (512x512x3x3, bior4.4 level 5, filter layout). Oracle:
+  ``tests/test_wavelets.py::test_percentile_threshold_is_numpy_percentile_bit_for_bit``.
+* shared base norms (``accounting.model_stats(..., base_cache=...)``): the stats of one trial's
+  three results (dwt and its matched magnitude and random) on ResNet-18, with one cache shared
+  by the three calls against none. Oracle: ``tests/test_accounting.py::test_shared_base_cache_changes_nothing``.
+* hard-linked checkpoint files (``tracking._log_files``): one upload of a checkpoint-sized file
+  (a dense ResNet-18 state dict's bytes) into a local MLflow store, linked into the staging
+  folder against copied there (``os.link`` made to fail). Oracle:
+  ``tests/test_integrity.py::test_uploaded_checkpoint_files_are_their_sources_byte_for_byte``.
+
+    python bench/bench_speedups.py [--repeats 7] [--threads 2]
+
+Measured on the development machine (2 CPU cores shared with other work, load average 5.7,
+torch threads 2, ``--repeats 5``; its speed drifts by up to a third, so read the ratios):
+
+    base evaluation, ResNet-18 / digits (360 examples)
+      uncached (run the model, write the .npz)     1230.6 ms
+      bare predict + metrics                       1022.6 ms
+      cached (read the .npz, recompute metrics)      10.3 ms   119.8x faster than uncached
+    percentile threshold
+      2M float32     (2000000 entries) np.percentile    43.0 ms   percentile_threshold    20.8 ms   2.1x
+      layer4.1.conv2 (2359296 entries) np.percentile    51.5 ms   percentile_threshold    21.5 ms   2.4x
+    model_stats of three results (dwt, magnitude, random), ResNet-18
+      no cache   818.0 ms   shared cache   595.4 ms   1.37x (saves 223 ms a trial)
+    checkpoint upload, 46.8 MB, local MLflow store (sqlite + file artifacts)
+      copied    75.5 ms   linked    52.0 ms   1.45x (saves 23 ms a checkpoint)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+try:
+    import wavesweep  # noqa: F401  (installed: pip install -e .)
+except ModuleNotFoundError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wavesweep import accounting, evaluate, train, trial, tracking  # noqa: E402
+from wavesweep import pruning as P  # noqa: E402
+from wavesweep import wavelets as wv  # noqa: E402
+from wavesweep.config import TrialConfig  # noqa: E402
+from wavesweep.data import dataset_shape, eval_subset, load_dataset  # noqa: E402
+from wavesweep.models import build_model  # noqa: E402
+
+
+def median_s(fn, repeats: int, setup=None) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up; ``setup()`` runs
+    before each, outside the clock."""
+    times = []
+    for i in range(repeats + 1):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        if i:  # the first run is the warm-up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ms(s: float) -> str:
+    return f"{s * 1e3:7.1f} ms"
+
+
+def bench_base_eval(repeats: int) -> None:
+    shape = dataset_shape("digits")
+    torch.manual_seed(0)
+    model = build_model("resnet18", **shape).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["WAVESWEEP_CACHE"] = tmp
+        base = train.BaseModel(model, "resnet18", "digits", 0, "trained", Path(tmp) / "w.pt", "ab" * 32, shape)
+        cfg = TrialConfig(model="resnet18", dataset="digits", device="cpu")
+        eval_set = eval_subset(load_dataset("digits").test, cfg.eval_limit or None, cfg.seed)
+        dev = torch.device("cpu")
+        entries = Path(tmp) / "base-evals"
+
+        def clear() -> None:
+            for p in entries.glob("*.npz"):
+                p.unlink()
+
+        def bare() -> None:
+            evaluate.metrics_from_logits(*evaluate.predict(model, eval_set, batch_size=cfg.batch_size, device=dev))
+
+        def cached_call() -> None:
+            trial._base_eval_cached(base, cfg, eval_set, dev)
+
+        uncached = median_s(cached_call, repeats, setup=clear)
+        plain = median_s(bare, repeats)
+        cached_call()  # the entry the cached calls read
+        cached = median_s(cached_call, repeats)
+    print(f"base evaluation, ResNet-18 / digits ({len(eval_set)} examples)")
+    print(f"  uncached (run the model, write the .npz)    {ms(uncached)}")
+    print(f"  bare predict + metrics                      {ms(plain)}")
+    print(f"  cached (read the .npz, recompute metrics)   {ms(cached)}   {uncached / cached:.1f}x faster than uncached")
+
+
+def bench_percentile(repeats: int, pct: float = 65.0) -> None:
+    rng = np.random.default_rng(0)
+    big = np.abs(rng.standard_normal(2_000_000).astype(np.float32))
+    torch.manual_seed(0)
+    w = build_model("resnet18", num_classes=1000).get_submodule("layer4.1.conv2").weight.detach().numpy()
+    coeffs, _st = wv.decompose(w, wavelet="bior4.4", level=5, layout="filter")
+    layer = np.abs(coeffs)
+    print("percentile threshold")
+    for name, a in (("2M float32    ", big), ("layer4.1.conv2", layer)):
+        assert wv.percentile_threshold(a, pct) == np.percentile(a, pct)  # the oracle, here too
+        ref = median_s(lambda: np.percentile(a, pct), repeats)
+        new = median_s(lambda: wv.percentile_threshold(a, pct), repeats)
+        print(f"  {name} ({a.size} entries) np.percentile {ms(ref)}   percentile_threshold {ms(new)}   {ref / new:.1f}x")
+
+
+def bench_model_stats(repeats: int) -> None:
+    torch.manual_seed(0)
+    base = build_model("resnet18", num_classes=1000).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dwt = P.prune_dwt(base, wavelet="bior4.4", level=5, percentile=65, layout="filter")
+    results = [dwt, *P.prune_matched(base, dwt).values()]
+
+    def plain() -> None:
+        for r in results:
+            accounting.model_stats(base, r)
+
+    def shared() -> None:
+        cache: dict = {}
+        for r in results:
+            accounting.model_stats(base, r, base_cache=cache)
+
+    ref, new = median_s(plain, repeats), median_s(shared, repeats)
+    print("model_stats of three results (dwt, magnitude, random), ResNet-18")
+    print(f"  no cache {ms(ref)}   shared cache {ms(new)}   {ref / new:.2f}x (saves {(ref - new) * 1e3:.0f} ms a trial)")
+
+
+def bench_upload(repeats: int) -> None:
+    from mlflow.tracking import MlflowClient
+
+    torch.manual_seed(0)
+    sd = build_model("resnet18", num_classes=1000).state_dict()
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "model.wsz"
+        src.write_bytes(os.urandom(nbytes))
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+        exp = client.create_experiment("bench", artifact_location=(Path(tmp) / "artifacts").as_uri())
+
+        def upload() -> None:
+            run = client.create_run(exp)
+            tracking._log_files(client, run.info.run_id, {"note.txt": "x"}, copies={"checkpoint/model.wsz": src})
+
+        linked = median_s(upload, repeats)
+        real_link = tracking.os.link
+
+        def no_link(a, b):
+            raise OSError("link refused by the benchmark")
+
+        tracking.os.link = no_link
+        try:
+            copied = median_s(upload, repeats)
+        finally:
+            tracking.os.link = real_link
+    print(f"checkpoint upload, {nbytes / 1e6:.1f} MB, local MLflow store (sqlite + file artifacts)")
+    print(f"  copied {ms(copied)}   linked {ms(linked)}   {copied / linked:.2f}x (saves {(copied - linked) * 1e3:.0f} ms a checkpoint)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its store-creation notes
+    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    bench_base_eval(args.repeats)
+    bench_percentile(args.repeats)
+    bench_model_stats(args.repeats)
+    bench_upload(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

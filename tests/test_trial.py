@@ -1,0 +1,66 @@
+"""The base-evaluation cache of ``trial._base_eval_cached`` against its oracle, a fresh
+evaluation of the same model on the same examples (no trial, no MLflow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from wavesweep import evaluate, train, trial
+from wavesweep.config import TrialConfig
+from wavesweep.data import eval_subset, load_dataset
+from wavesweep.models import build_model
+
+
+@pytest.fixture
+def base_and_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    kw = {"num_classes": 10, "in_channels": 1, "image_size": 8}
+    model = build_model("cnn", **kw).eval()  # untrained: its logits are as good an oracle as any
+    base = train.BaseModel(model, "cnn", "digits", 0, "trained", tmp_path / "w.pt", "ab" * 32, kw)
+    cfg = TrialConfig(model="cnn", dataset="digits", eval_limit=120, device="cpu")
+    eval_set = eval_subset(load_dataset("digits").test, cfg.eval_limit, cfg.seed)
+    return base, cfg, eval_set
+
+
+def _same(a: evaluate.EvalResult, b: evaluate.EvalResult) -> None:
+    assert a.metrics() == b.metrics() and a.n == b.n
+    for f in ("correct", "preds", "targets"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_cached_base_evaluation_equals_a_fresh_one(base_and_set, monkeypatch):
+    base, cfg, eval_set = base_and_set
+    device = torch.device("cpu")
+    fresh = evaluate.metrics_from_logits(*evaluate.predict(base.model, eval_set, batch_size=cfg.batch_size, device=device))
+    first = trial._base_eval_cached(base, cfg, eval_set, device)  # computes and writes the cache entry
+    assert len(list((train.cache_dir() / "base-evals").glob("*.npz"))) == 1
+
+    def no_predict(*a, **k):
+        raise AssertionError("a cached base evaluation must not run the model")
+
+    monkeypatch.setattr(evaluate, "predict", no_predict)
+    second = trial._base_eval_cached(base, cfg, eval_set, device)  # read from the cache
+    _same(first, fresh)
+    _same(second, fresh)
+
+
+def test_base_evaluation_cache_is_keyed_and_a_damaged_entry_recomputed(base_and_set, caplog):
+    base, cfg, eval_set = base_and_set
+    device = torch.device("cpu")
+    fresh = trial._base_eval_cached(base, cfg, eval_set, device)
+    other = dataclasses.replace(base, checksum="cd" * 32)  # other weights: their own entry
+    trial._base_eval_cached(other, cfg, eval_set, device)
+    entries = sorted((train.cache_dir() / "base-evals").glob("*.npz"))
+    assert len(entries) == 2
+    for p in entries:
+        p.write_bytes(b"not an npz")
+    with caplog.at_level(logging.WARNING, logger="wavesweep.trial"):
+        again = trial._base_eval_cached(base, cfg, eval_set, device)
+    assert "unreadable base-evaluation cache" in caplog.text
+    _same(again, fresh)

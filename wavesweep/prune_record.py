@@ -1,0 +1,141 @@
+"""The record of a pruning and the steps every method shares: :class:`LayerPrune` (one target
+layer) and :class:`PruneResult` (a pruned model and its layers), the target layers a method
+runs over (:func:`target_layers`), and reading, writing and zeroing a layer's weight.
+
+:mod:`wavesweep.pruning` (dwt, and the public names of all three methods) and
+:mod:`wavesweep.baselines` (magnitude and random at a matched budget) build on it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from wavesweep import wavelets as wv
+from wavesweep.names import check_choice
+
+SCOPES: tuple[str, ...] = ("layer", "global")
+TARGETS: dict[str, type[nn.Module]] = {"conv": nn.Conv2d, "linear": nn.Linear}
+
+
+@dataclass
+class LayerPrune:
+    """What pruning did to one target layer's ``weight``.
+
+    ``n_positions``: the positions the mask runs over: coefficients (dwt) or weights
+    (magnitude/random); what is stored is one bitmap bit per position plus the kept values.
+    ``n_zeroed``: zeroed coefficients (dwt) or zeroed weights (magnitude/random).
+    ``keep``: flat bool mask over those positions (True = kept, stored); C order of the
+    weight, or the coefficient order of :mod:`wavesweep.wavelets` for dwt.
+    ``coeffs``: dwt only, the thresholded flat coefficients (zeros where dropped).
+    ``structure``: dwt only, what :func:`wavesweep.wavelets.reconstruct` needs.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    params: int
+    n_positions: int
+    n_zeroed: int
+    level_requested: int | None = None
+    level_effective: int | None = None
+    keep: np.ndarray | None = field(default=None, repr=False, compare=False)
+    coeffs: np.ndarray | None = field(default=None, repr=False, compare=False)
+    structure: wv.CoeffStructure | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def fraction(self) -> float:
+        """``n_zeroed / n_positions`` (0.0 for an empty layer)."""
+        return self.n_zeroed / self.n_positions if self.n_positions else 0.0
+
+    @property
+    def key(self) -> str:
+        """State-dict key of the pruned tensor."""
+        return f"{self.name}.weight" if self.name else "weight"
+
+
+@dataclass
+class PruneResult:
+    """A pruned model and the per-layer record of how it was pruned."""
+
+    method: str
+    model: nn.Module
+    layers: list[LayerPrune]
+    config: dict
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_zeroed(self) -> int:
+        return sum(lp.n_zeroed for lp in self.layers)
+
+    @property
+    def n_positions(self) -> int:
+        """Positions over all target layers: coefficients (dwt) or weights (magnitude/random)."""
+        return sum(lp.n_positions for lp in self.layers)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _normalise_targets(targets: Iterable[str] | str) -> tuple[str, ...]:
+    if isinstance(targets, str):
+        targets = (targets,)
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError(f"targets must name at least one of: {', '.join(TARGETS)}")
+    for t in targets:
+        check_choice("target", t, TARGETS)
+    return targets
+
+
+def target_layers(model: nn.Module, targets: Iterable[str] | str = ("conv",)) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every target layer, in ``named_modules`` order.
+
+    ``targets``: kinds from :data:`TARGETS` (``"conv"`` = ``nn.Conv2d``, ``"linear"`` = ``nn.Linear``).
+    Raises ``ValueError`` for an unknown kind or a model without target layers.
+    """
+    targets = _normalise_targets(targets)
+    types = tuple(TARGETS[t] for t in targets)
+    layers = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)
+    ]
+    if not layers:
+        raise ValueError(
+            f"model {type(model).__name__} has no target layers of kinds {list(targets)} "
+            f"({', '.join(t.__name__ for t in types)}); valid target kinds: {', '.join(TARGETS)}"
+        )
+    return layers
+
+
+def _work_model(model: nn.Module, inplace: bool) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model if inplace else copy.deepcopy(model)
+
+
+def _weight_numpy(w: torch.Tensor) -> np.ndarray:
+    """CPU numpy view/copy of a weight; float32 for dtypes numpy or PyWavelets lack (half, bfloat16)."""
+    w = w.detach()
+    if w.dtype not in (torch.float32, torch.float64):
+        w = w.float()
+    return w.cpu().numpy()
+
+
+def _write_weight(module: nn.Module, values: np.ndarray) -> None:
+    w = module.weight
+    with torch.no_grad():
+        w.copy_(torch.from_numpy(np.ascontiguousarray(values)).reshape(w.shape))
+
+
+def _zero_weight(module: nn.Module, prune: np.ndarray) -> None:
+    """Set the weights where ``prune`` (flat bool) is True to +0.0, in place."""
+    w = module.weight
+    mask = torch.from_numpy(prune).reshape(w.shape).to(w.device)
+    with torch.no_grad():
+        w.masked_fill_(mask, 0)
