@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from tests.conftest import subprocess_env
-from wavesweep import accounting, cli, models, tracking, train
+from wavesweep import accounting, cli, model_registry, models, tracking, train
 from wavesweep import pruning as P
 from wavesweep import wavelets as wv
 from wavesweep.config import TrialConfig
@@ -115,7 +115,7 @@ def test_pickle_format_registered_model_is_refused_without_running_its_code(work
     marker.unlink(missing_ok=True)
     capsys.readouterr()
     with pytest.raises(ValueError) as ei:
-        tracking.weights_from_uri("models:/evil/1", workdir / "cache")
+        model_registry.weights_from_uri("models:/evil/1", workdir / "cache")
     msg = str(ei.value)
     assert "\n" not in msg and msg.startswith("models:/evil/1 (data/model.pth): a pickle") and "weights_only" in msg
     assert not marker.exists()
@@ -158,12 +158,12 @@ def test_alias_resolves_before_the_cache(workdir, tmp_path):
     v2 = _register_state_dict("b", _cnn_state(2), tmp_path)
     c, cache = MlflowClient(), tmp_path / "cache"
     c.set_registered_model_alias("b", "a", v1)
-    p1, u1 = tracking.weights_from_uri("models:/b@a", cache)
+    p1, u1 = model_registry.weights_from_uri("models:/b@a", cache)
     c.set_registered_model_alias("b", "a", v2)
-    p2, u2 = tracking.weights_from_uri("models:/b@a", cache)
+    p2, u2 = model_registry.weights_from_uri("models:/b@a", cache)
     assert (u1, u2) == ("models:/b/1", "models:/b/2") and p1 != p2
     assert torch.equal(torch.load(p2, weights_only=True)["features.0.weight"], _cnn_state(2)["features.0.weight"])
-    assert tracking.weights_from_uri("models:/b/latest", cache)[1] == "models:/b/2"
+    assert model_registry.weights_from_uri("models:/b/latest", cache)[1] == "models:/b/2"
 
 
 # --------------------------------------------------------------------------- 12: non-finite weights
@@ -180,7 +180,7 @@ def test_non_finite_base_weights_are_refused_naming_the_tensor(workdir, tmp_path
     tracking.init_tracking()  # the same weights registered and given by URI
     _register_state_dict("nan", state, tmp_path)
     with pytest.raises(ValueError, match=r"^models:/nan/1 \(weights\.pt\): tensor 'features\.3\.weight'"):
-        tracking.weights_from_uri("models:/nan/1", tmp_path / "cache")
+        model_registry.weights_from_uri("models:/nan/1", tmp_path / "cache")
 
 
 def test_non_finite_wsz_weights_are_refused(tmp_path):

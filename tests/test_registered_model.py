@@ -143,12 +143,12 @@ def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp
 
 def test_registered_model_serves_as_base_weights(trial_run, tmp_path):
     """``--weights models:/NAME@alias`` reads the registered state dict (tensors only)."""
-    from wavesweep import tracking
+    from wavesweep import model_registry
     from wavesweep.tracked_trial import register_trial_model
 
     _cfg, run_id = trial_run
     register_trial_model(run_id, name="as-base", alias="champion")
-    path = tracking.weights_from_uri("models:/as-base@champion", tmp_path)
+    path = model_registry.weights_from_uri("models:/as-base@champion", tmp_path)
     state = torch.load(path, weights_only=True)
     dl = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/as-base@champion", dst_path=str(tmp_path / "dl")))
     saved = torch.load(next(dl.rglob("state_dict.pt")), weights_only=True)

@@ -163,17 +163,17 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from wavesweep import tracking
+    from wavesweep import model_registry
 
-    path = tracking.download(args.uri, Path(args.dst), force=args.force)
+    path = model_registry.download(args.uri, Path(args.dst), force=args.force)
     print(path)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from wavesweep import tracking
+    from wavesweep import model_registry
 
-    rows = tracking.list_registered()
+    rows = model_registry.list_registered()
     if not rows:
         print("no registered wavesweep models")
     for r in rows:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from wavesweep import accounting, interrupt, models, tracking, train
+from wavesweep import accounting, interrupt, model_registry, models, tracking, train
 from wavesweep.config import TrialConfig
 from wavesweep.trial import Reporter, TrialResult, load_eval_set, run_trial
 
@@ -28,7 +28,7 @@ def resolve_base(cfg: TrialConfig, *, progress: bool = False) -> train.BaseModel
     weights = cfg.weights or None
     uri = ""
     if weights and weights.startswith(URI_SCHEMES):
-        path, uri = tracking.weights_from_uri(weights, train.cache_dir())
+        path, uri = model_registry.weights_from_uri(weights, train.cache_dir())
         weights = str(path)
     base = train.get_base_model(
         cfg.model, cfg.dataset, seed=cfg.seed, data_root=cfg.data_root or None, weights=weights,
@@ -142,5 +142,5 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
         _, eval_set = load_eval_set(cfg)
         example = torch.stack([eval_set[i][0] for i in range(min(2, len(eval_set)))]).numpy()
         architecture = {"model": cfg.model, **kwargs}
-        return tracking.register_model(model, architecture=architecture, input_example=example, checkpoint=ckpt,
-                                       run_id=run.info.run_id, name=name, alias=alias, method=method, tags=tags)  # fmt: skip
+        return model_registry.register_model(model, architecture=architecture, input_example=example, checkpoint=ckpt,
+                                             run_id=run.info.run_id, name=name, alias=alias, method=method, tags=tags)  # fmt: skip
