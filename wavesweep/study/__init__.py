@@ -3,7 +3,8 @@
 The only package that imports optuna. Every study trial is one ``tracked_trial.run_tracked_trial``
 (the code path of ``mlflow run`` and ``wavesweep trial``), nested under the study's MLflow run.
 
-* ``spec``: the YAML schema, its line numbers, validation (``load_spec`` -> ``StudySpec``);
+* ``spec``: the YAML schema, ``--set`` overrides, validation (``spec_from_mapping`` -> ``StudySpec``);
+* ``spec_yaml``: reading a spec file: bounded YAML, line numbers (``load_spec``), ``KEY=VALUE`` items;
 * ``storage``: Optuna storage, samplers and pruners by name, create/load the study;
 * ``objective``: the thin objective (suggest, run, report chunks, return the values);
 * ``workers``: ``run_study``: worker processes, the slot lock, Ctrl-C/SIGTERM, progress, resume, retries;
@@ -13,7 +14,8 @@ The only package that imports optuna. Every study trial is one ``tracked_trial.r
 
 from wavesweep.study.frame import best_trial, build_report, study_metrics, trials_frame
 from wavesweep.study.plan import describe, enqueue_params
-from wavesweep.study.spec import SpecError, StudySpec, load_spec, parse_assignments, spec_from_mapping
+from wavesweep.study.spec import SpecError, StudySpec, spec_from_mapping
+from wavesweep.study.spec_yaml import load_spec, parse_assignments
 from wavesweep.study.storage import DEFAULT_STORAGE, check_storage_url, open_storage
 from wavesweep.study.workers import StudyOutcome, check_timeout, run_study
 
