@@ -167,9 +167,9 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if not head:
         raise ValueError(f"weights file {str(path)!r} is empty")
     if head == b"WAVSWEEP":
-        from wavesweep import accounting  # lazy: accounting imports pruning, which imports this module
+        from wavesweep import checkpoint  # lazy: checkpoint imports pruning, which imports this module
 
-        sd, meta = accounting.read_compressed(path)
+        sd, meta = checkpoint.read_compressed(path)
         return sd, {"format": "wsz", "checkpoint": {k: meta.get(k) for k in ("method", "config", "user")}}
     if path.suffix == ".safetensors":
         try:
