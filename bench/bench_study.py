@@ -103,7 +103,7 @@ class Timers:
 def bench_overhead(tmp: Path, trials: int) -> None:
     import optuna
 
-    from wavesweep import accounting, study, tracked_trial, tracking
+    from wavesweep import checkpoint, study, tracked_trial, tracking
     from wavesweep.study import workers
 
     wd = tmp / "overhead"
@@ -121,7 +121,7 @@ def bench_overhead(tmp: Path, trials: int) -> None:
         timers.wrap(tracking, attr, "mlflow")
     timers.wrap(tracking.TrialRun, "__init__", "mlflow")
     timers.wrap(tracking.TrialRun, "finish", "mlflow")
-    timers.wrap(accounting, "save_compressed", "checkpoint")
+    timers.wrap(checkpoint, "save_compressed", "checkpoint")
     timers.wrap(tracked_trial, "run_trial", "compute")
     timers.wrap(tracked_trial, "resolve_base", "base_load")
     timers.wrap(workers, "_worker_loop", "trial_total")  # the whole trial loop of the (single) worker

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from wavesweep import accounting as A
+from wavesweep import checkpoint as C
 from wavesweep import pruning as P
 from wavesweep import wavelets as wv
 
@@ -130,12 +131,12 @@ def test_checkpoint_round_trip_and_size(kind, tmp_path):
     base = net()
     res = _result(kind, base)
     path = tmp_path / "model.wsz"
-    size = A.save_compressed(res, path, metadata={"run": "abc", "n": 3})
-    head = A.read_header(path)
+    size = C.save_compressed(res, path, metadata={"run": "abc", "n": 3})
+    head = C.read_header(path)
     st = A.model_stats(base, res)
     assert size == path.stat().st_size == st.stored_bytes + head["header_bytes"]
-    assert head["header_bytes"] == A.HEADER_FIXED_BYTES + struct.unpack_from("<Q", path.read_bytes(), 12)[0]
-    model, meta = A.load_compressed(path, skeleton())
+    assert head["header_bytes"] == C.HEADER_FIXED_BYTES + struct.unpack_from("<Q", path.read_bytes(), 12)[0]
+    model, meta = C.load_compressed(path, skeleton())
     assert meta["method"] == res.method and meta["user"] == {"run": "abc", "n": 3}
     assert meta["config"] == json.loads(json.dumps(res.config))
     ref = res.model.state_dict()
@@ -148,15 +149,15 @@ def test_checkpoint_round_trip_and_size(kind, tmp_path):
         else:  # bitwise, including +0.0 for pruned weights
             assert torch.equal(got[k].view(-1).view(torch.uint8) if got[k].dtype.is_floating_point else got[k],
                                ref[k].view(-1).view(torch.uint8) if ref[k].dtype.is_floating_point else ref[k]), k
-    sd, meta2 = A.read_compressed(path)
+    sd, meta2 = C.read_compressed(path)
     assert sd.keys() == ref.keys() and meta2["method"] == res.method
 
 
 def test_checkpoint_dwt_metadata(tmp_path):
     res = _result("dwt")
     path = tmp_path / "d.wsz"
-    A.save_compressed(res, path)
-    head = A.read_header(path)
+    C.save_compressed(res, path)
+    head = C.read_header(path)
     assert (head["wavelet"], head["mode"], head["layout"]) == ("db2", "periodization", "filter")
     assert head["levels"] == {lp.name: lp.level_effective for lp in res.layers}
     dwt_entries = [e for e in head["entries"] if e["kind"] == "dwt"]
@@ -184,10 +185,10 @@ def test_shared_base_cache_changes_nothing(dtype):
 def test_checkpoint_other_dtypes_bitwise(dtype, tmp_path):
     res = P.prune_magnitude(net(dtype=dtype), 0.5)
     path = tmp_path / "x.wsz"
-    size = A.save_compressed(res, path)
+    size = C.save_compressed(res, path)
     st = A.model_stats(net(dtype=dtype), res)
-    assert size == st.stored_bytes + A.read_header(path)["header_bytes"]
-    model, _ = A.load_compressed(path, skeleton(dtype))
+    assert size == st.stored_bytes + C.read_header(path)["header_bytes"]
+    model, _ = C.load_compressed(path, skeleton(dtype))
     for k, v in res.model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
 
@@ -195,13 +196,13 @@ def test_checkpoint_other_dtypes_bitwise(dtype, tmp_path):
 def test_model_mismatch_names_key(tmp_path):
     res = _result("magnitude")
     path = tmp_path / "m.wsz"
-    A.save_compressed(res, path)
+    C.save_compressed(res, path)
     other = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 12, 5, bias=False))
     with pytest.raises(ValueError, match=r"'3\.weight'.*\(12, 16, 3, 3\).*\(12, 16, 5, 5\)"):
-        A.load_compressed(path, other)
+        C.load_compressed(path, other)
     bigger = nn.Sequential(*skeleton(), nn.Linear(10, 2))
     with pytest.raises(ValueError, match=r"'7\.weight'"):
-        A.load_compressed(path, bigger)
+        C.load_compressed(path, bigger)
 
 
 def _corrupt(path, fn):
@@ -225,29 +226,29 @@ def _corrupt(path, fn):
 )
 def test_corrupt_checkpoint_rejected(damage, match, tmp_path):
     path = tmp_path / "c.wsz"
-    A.save_compressed(_result("dwt"), path)
+    C.save_compressed(_result("dwt"), path)
     _corrupt(path, damage)
     with pytest.raises(ValueError, match=match) as ei:
-        A.load_compressed(path, skeleton())
+        C.load_compressed(path, skeleton())
     assert str(path) in str(ei.value)
 
 
 def test_missing_file_is_value_error(tmp_path):
     with pytest.raises(ValueError, match="cannot read"):
-        A.read_compressed(tmp_path / "nope.wsz")
+        C.read_compressed(tmp_path / "nope.wsz")
 
 
 def test_write_is_atomic_and_metadata_checked(tmp_path):
     res = _result("random")
     path = tmp_path / "sub" / "r.wsz"
     with pytest.raises(ValueError, match="not JSON-serialisable"):
-        A.save_compressed(res, path, metadata={"x": object()})
+        C.save_compressed(res, path, metadata={"x": object()})
     assert not path.exists()
-    A.save_compressed(res, path)
+    C.save_compressed(res, path)
     with pytest.raises(ValueError, match="not JSON-serialisable"):
-        A.save_compressed(res, path, metadata={"x": float("nan")})
+        C.save_compressed(res, path, metadata={"x": float("nan")})
     assert [p.name for p in path.parent.iterdir()] == ["r.wsz"]  # no temp file left behind
-    assert path.read_bytes()[:8] == A.MAGIC
+    assert path.read_bytes()[:8] == C.MAGIC
 
 
 def test_resnet18_dwt_checkpoint(tmp_path):
@@ -260,10 +261,10 @@ def test_resnet18_dwt_checkpoint(tmp_path):
         res = P.prune_dwt(base, wavelet="bior4.4", level=5, percentile=80, layout="filter")
     st = A.model_stats(base, res)
     path = tmp_path / "r18.wsz"
-    size = A.save_compressed(res, path)
-    assert size == st.stored_bytes + A.read_header(path)["header_bytes"]
+    size = C.save_compressed(res, path)
+    assert size == st.stored_bytes + C.read_header(path)["header_bytes"]
     assert st.compression_ratio > 3.0  # 80% of conv coefficients dropped
-    model, _ = A.load_compressed(path, torchvision.models.resnet18(weights=None))
+    model, _ = C.load_compressed(path, torchvision.models.resnet18(weights=None))
     for k, v in res.model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-6, atol=1e-6)
 
@@ -278,7 +279,7 @@ def _tiny_checkpoint(tmp_path):
         warnings.simplefilter("ignore", wv.LevelClampedWarning)
         res = P.prune_dwt(model, wavelet="bior1.3", level=1, percentile=50, layout="filter")
     path = tmp_path / "t.wsz"
-    A.save_compressed(res, path)
+    C.save_compressed(res, path)
     return path, model
 
 
@@ -286,7 +287,7 @@ def _rejects_one_line(path, data):
     """Loading ``data`` raises only a one-line ValueError naming the file."""
     path.write_bytes(bytes(data))
     try:
-        A.read_compressed(path)
+        C.read_compressed(path)
     except ValueError as e:
         msg = str(e)
         assert "\n" not in msg and msg.startswith(str(path)) or msg.startswith("cannot read"), msg
@@ -298,7 +299,7 @@ def test_one_bit_header_flip_is_rejected(tmp_path):
     """The issue's case: a flipped bit in the JSON (bior1.3 -> bior1.1) must not load as another model."""
     path, _ = _tiny_checkpoint(tmp_path)
     data = bytearray(path.read_bytes())
-    at = data.index(b'"bior1.3"', A.HEADER_FIXED_BYTES) + 7  # the "3"
+    at = data.index(b'"bior1.3"', C.HEADER_FIXED_BYTES) + 7  # the "3"
     data[at] ^= 0x02  # "3" -> "1"
     assert bytes(data).count(b"bior1.1") == 1
     assert "CRC-32" in _rejects_one_line(path, data)
@@ -307,7 +308,7 @@ def test_one_bit_header_flip_is_rejected(tmp_path):
 def test_fuzz_header_only_one_line_value_errors(tmp_path):
     path, _ = _tiny_checkpoint(tmp_path)
     good = path.read_bytes()
-    header = A.read_header(path)["header_bytes"]
+    header = C.read_header(path)["header_bytes"]
     bad = tmp_path / "bad.wsz"
     for i in range(header * 8):  # every bit of the header (fixed part and JSON)
         data = bytearray(good)
@@ -318,7 +319,7 @@ def test_fuzz_header_only_one_line_value_errors(tmp_path):
     rng = np.random.default_rng(0)
     for n in (0, 1, 19, 20, 24, 100, len(good)):  # random bytes, with and without the magic
         _rejects_one_line(bad, rng.bytes(n))
-        _rejects_one_line(bad, A.MAGIC + rng.bytes(n))
+        _rejects_one_line(bad, C.MAGIC + rng.bytes(n))
 
 
 def _with_crc(data: bytearray) -> bytearray:
@@ -351,32 +352,32 @@ def test_crafted_metadata_with_valid_crc_is_one_line_value_error(edit, tmp_path)
     """A crafted header (valid file CRC) still fails with one line, never another exception type."""
     path, _ = _tiny_checkpoint(tmp_path)
     good = path.read_bytes()
-    hb = A.read_header(path)["header_bytes"]
+    hb = C.read_header(path)["header_bytes"]
     meta = json.loads(good[24:hb])
     assert meta["entries"][0]["kind"] == "dwt"
     edit(meta)
     blob = json.dumps(meta).encode()
-    data = bytearray(struct.pack("<8sIQI", A.MAGIC, 2, len(blob), 0) + blob + good[hb:])
+    data = bytearray(struct.pack("<8sIQI", C.MAGIC, 2, len(blob), 0) + blob + good[hb:])
     _rejects_one_line(tmp_path / "crafted.wsz", _with_crc(data))
 
 
 def test_deeply_nested_metadata_is_one_line_value_error(tmp_path):
     blob = b"[" * 100_000 + b"]" * 100_000
-    data = bytearray(struct.pack("<8sIQI", A.MAGIC, 2, len(blob), 0) + blob)
+    data = bytearray(struct.pack("<8sIQI", C.MAGIC, 2, len(blob), 0) + blob)
     assert "nested deeper" in _rejects_one_line(tmp_path / "deep.wsz", _with_crc(data))
 
 
 def test_version_1_files_are_still_read(tmp_path):
     path, model = _tiny_checkpoint(tmp_path)
     good = path.read_bytes()
-    hb = A.read_header(path)["header_bytes"]
+    hb = C.read_header(path)["header_bytes"]
     meta = json.loads(good[24:hb])
     meta["version"] = 1
     blob = json.dumps(meta).encode()
     v1 = tmp_path / "v1.wsz"
-    v1.write_bytes(struct.pack("<8sIQ", A.MAGIC, 1, len(blob)) + blob + good[hb:])
-    sd1, m1 = A.read_compressed(v1)
-    sd2, m2 = A.read_compressed(path)
+    v1.write_bytes(struct.pack("<8sIQ", C.MAGIC, 1, len(blob)) + blob + good[hb:])
+    sd1, m1 = C.read_compressed(v1)
+    sd2, m2 = C.read_compressed(path)
     assert (m1["file_version"], m2["file_version"]) == (1, 2)
     assert m1["header_bytes"] == 20 + len(blob)
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from tests.conftest import subprocess_env
-from wavesweep import accounting, cli, models, tracking, train
+from wavesweep import checkpoint, cli, model_registry, models, tracking, train
 from wavesweep import pruning as P
 from wavesweep import wavelets as wv
 from wavesweep.config import TrialConfig
@@ -66,9 +66,9 @@ def test_register_refuses_a_checkpoint_with_a_flipped_header_bit(workdir, capsys
         warnings.simplefilter("ignore", wv.LevelClampedWarning)
         res = P.prune_dwt(models.build_model("cnn", **DIGITS), wavelet="bior1.3", level=1, percentile=50, layout="filter")
     folder = workdir / "ckpt"
-    accounting.save_compressed(res, folder / "dwt.wsz")
+    checkpoint.save_compressed(res, folder / "dwt.wsz")
     data = bytearray((folder / "dwt.wsz").read_bytes())
-    at = data.index(b'"bior1.3"', accounting.HEADER_FIXED_BYTES) + 7
+    at = data.index(b'"bior1.3"', checkpoint.HEADER_FIXED_BYTES) + 7
     data[at] ^= 0x02  # bior1.3 -> bior1.1 in the metadata: before version 2 this loaded as another model
     (folder / "dwt.wsz").write_bytes(bytes(data))
     c = MlflowClient()
@@ -115,7 +115,7 @@ def test_pickle_format_registered_model_is_refused_without_running_its_code(work
     marker.unlink(missing_ok=True)
     capsys.readouterr()
     with pytest.raises(ValueError) as ei:
-        tracking.weights_from_uri("models:/evil/1", workdir / "cache")
+        model_registry.weights_from_uri("models:/evil/1", workdir / "cache")
     msg = str(ei.value)
     assert "\n" not in msg and msg.startswith("models:/evil/1 (data/model.pth): a pickle") and "weights_only" in msg
     assert not marker.exists()
@@ -158,12 +158,12 @@ def test_alias_resolves_before_the_cache(workdir, tmp_path):
     v2 = _register_state_dict("b", _cnn_state(2), tmp_path)
     c, cache = MlflowClient(), tmp_path / "cache"
     c.set_registered_model_alias("b", "a", v1)
-    p1, u1 = tracking.weights_from_uri("models:/b@a", cache)
+    p1, u1 = model_registry.weights_from_uri("models:/b@a", cache)
     c.set_registered_model_alias("b", "a", v2)
-    p2, u2 = tracking.weights_from_uri("models:/b@a", cache)
+    p2, u2 = model_registry.weights_from_uri("models:/b@a", cache)
     assert (u1, u2) == ("models:/b/1", "models:/b/2") and p1 != p2
     assert torch.equal(torch.load(p2, weights_only=True)["features.0.weight"], _cnn_state(2)["features.0.weight"])
-    assert tracking.weights_from_uri("models:/b/latest", cache)[1] == "models:/b/2"
+    assert model_registry.weights_from_uri("models:/b/latest", cache)[1] == "models:/b/2"
 
 
 # --------------------------------------------------------------------------- 12: non-finite weights
@@ -180,7 +180,7 @@ def test_non_finite_base_weights_are_refused_naming_the_tensor(workdir, tmp_path
     tracking.init_tracking()  # the same weights registered and given by URI
     _register_state_dict("nan", state, tmp_path)
     with pytest.raises(ValueError, match=r"^models:/nan/1 \(weights\.pt\): tensor 'features\.3\.weight'"):
-        tracking.weights_from_uri("models:/nan/1", tmp_path / "cache")
+        model_registry.weights_from_uri("models:/nan/1", tmp_path / "cache")
 
 
 def test_non_finite_wsz_weights_are_refused(tmp_path):
@@ -189,7 +189,7 @@ def test_non_finite_wsz_weights_are_refused(tmp_path):
     model = models.build_model("cnn", **DIGITS)
     model.load_state_dict(state)
     res = P.prune_magnitude(model, 0.5)
-    accounting.save_compressed(res, tmp_path / "m.wsz")
+    checkpoint.save_compressed(res, tmp_path / "m.wsz")
     with pytest.raises(ValueError, match=r"tensor 'fc\.bias' has 1 NaN"):
         train.get_base_model("cnn", "digits", weights=tmp_path / "m.wsz")
 
@@ -291,7 +291,7 @@ def test_written_files_get_normal_modes(tmp_path, umask, mode):
         with atomic_write(tmp_path / "f.bin") as fh:
             fh.write(b"x")
         res = P.prune_magnitude(nn.Sequential(nn.Conv2d(1, 2, 3)), 0.5)
-        accounting.save_compressed(res, tmp_path / "c.wsz")
+        checkpoint.save_compressed(res, tmp_path / "c.wsz")
     finally:
         os.umask(old)
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == mode

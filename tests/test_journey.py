@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import subprocess_env
-from wavesweep import accounting
+from wavesweep import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_trial_study_register_download_evaluate(tmp_path, shared_cache, monkeypa
     assert "journey-best v" in listing and "aliases=champion" in listing
     _run([*ws, "download", "models:/journey-best@champion", "--dst", "dl"], elsewhere, env)
     ckpt = next((elsewhere / "dl").rglob("dwt.wsz"))
-    assert ckpt.stat().st_size - accounting.read_header(ckpt)["header_bytes"] == source.data.metrics["stored_bytes"]
+    assert ckpt.stat().st_size - checkpoint.read_header(ckpt)["header_bytes"] == source.data.metrics["stored_bytes"]
     cfg = {k: source.data.params[k] for k in ("model", "dataset", "eval_limit", "seed")}
     script = textwrap.dedent(
         f"""

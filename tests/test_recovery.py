@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from wavesweep import accounting, pruning, recovery
+from wavesweep import accounting, checkpoint, pruning, recovery
 from wavesweep import wavelets as wv
 
 
@@ -226,9 +226,9 @@ def test_finetune_dwt_trains_only_kept_coefficients(train_set, tmp_path, layout)
     assert stats.zeroed_coeffs == stats_before.zeroed_coeffs
     # the checkpoint stores the fine-tuned coefficients and rebuilds the fine-tuned model
     path = tmp_path / "dwt.wsz"
-    size = accounting.save_compressed(res, path)
-    assert size == stats.stored_bytes + accounting.read_header(path)["header_bytes"]
-    rebuilt, _ = accounting.load_compressed(path, bn_net(seed=1))
+    size = checkpoint.save_compressed(res, path)
+    assert size == stats.stored_bytes + checkpoint.read_header(path)["header_bytes"]
+    rebuilt, _ = checkpoint.load_compressed(path, bn_net(seed=1))
     x = train_set.tensors[0][:16]
     sd, sd_rebuilt = res.model.state_dict(), rebuilt.state_dict()
     assert list(sd) == list(bn_net().state_dict())  # the parametrisation left the state-dict order alone

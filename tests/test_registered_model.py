@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from wavesweep import accounting, models, train
+from wavesweep import checkpoint, models, train
 from wavesweep.config import TrialConfig
 from wavesweep.trial import load_eval_set
 
@@ -114,13 +114,13 @@ def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp
     ckpt = next(dl.rglob("dwt.wsz"))
     dense = run.data.metrics["dense_bytes"]
     assert total <= dense + ckpt.stat().st_size + 64_000, (total, dense, ckpt.stat().st_size)
-    assert ckpt.stat().st_size - accounting.read_header(ckpt)["header_bytes"] == run.data.metrics["stored_bytes"]
+    assert ckpt.stat().st_size - checkpoint.read_header(ckpt)["header_bytes"] == run.data.metrics["stored_bytes"]
 
     # the oracle: the evaluated weights, decoded from the trial's compressed checkpoint by wavesweep
     _, eval_set = load_eval_set(cfg)
     x = torch.stack([eval_set[i][0] for i in range(7)])
     y = np.array([int(eval_set[i][1]) for i in range(7)])
-    model, _ = accounting.load_compressed(ckpt, models.build_model("cnn", num_classes=10, in_channels=1, image_size=8))
+    model, _ = checkpoint.load_compressed(ckpt, models.build_model("cnn", num_classes=10, in_channels=1, image_size=8))
     with torch.no_grad():
         logits = model.eval()(x).numpy()
     for k, v in {"x": x.numpy(), "y": y, "logits": logits}.items():
@@ -143,12 +143,12 @@ def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp
 
 def test_registered_model_serves_as_base_weights(trial_run, tmp_path):
     """``--weights models:/NAME@alias`` reads the registered state dict (tensors only)."""
-    from wavesweep import tracking
+    from wavesweep import model_registry
     from wavesweep.tracked_trial import register_trial_model
 
     _cfg, run_id = trial_run
     register_trial_model(run_id, name="as-base", alias="champion")
-    path = tracking.weights_from_uri("models:/as-base@champion", tmp_path)
+    path = model_registry.weights_from_uri("models:/as-base@champion", tmp_path)
     state = torch.load(path, weights_only=True)
     dl = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/as-base@champion", dst_path=str(tmp_path / "dl")))
     saved = torch.load(next(dl.rglob("state_dict.pt")), weights_only=True)

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import subprocess_env
-from wavesweep import accounting, evaluate, models, trial
+from wavesweep import accounting, checkpoint, evaluate, models, trial
 from wavesweep.config import TrialConfig
 from wavesweep.tracked_trial import run_tracked_trial
 from wavesweep.stats import paired_comparison
@@ -84,12 +84,12 @@ def test_mlflow_run_records_a_complete_recomputable_trial(workdir, shared_cache,
     # recompute from the downloaded checkpoint: same accuracy, same stored bytes
     ckpt = Path(client.download_artifacts(parent.info.run_id, "checkpoints/dwt.wsz", str(tmp_path)))
     kw = {k: int(parent.data.params[f"base_{k}"]) for k in ("num_classes", "in_channels", "image_size")}
-    model, meta = accounting.load_compressed(ckpt, models.build_model("cnn", **kw))
+    model, meta = checkpoint.load_compressed(ckpt, models.build_model("cnn", **kw))
     _, eval_set = trial.load_eval_set(cfg)
     ev = evaluate.evaluate(model, eval_set, device="cpu")
     assert ev.n == 150
     assert ev.top1 == pytest.approx(pm["top1"], abs=1e-9)
-    assert ckpt.stat().st_size - accounting.read_header(ckpt)["header_bytes"] == pm["stored_bytes"]
+    assert ckpt.stat().st_size - checkpoint.read_header(ckpt)["header_bytes"] == pm["stored_bytes"]
     # paired statistics recomputed from the logged predictions
     preds = pd.read_csv(client.download_artifacts(parent.info.run_id, "predictions.csv", str(tmp_path)))
     cmp = paired_comparison(preds["dwt"] == preds["target"], preds["magnitude"] == preds["target"], seed=cfg.seed)
@@ -235,8 +235,8 @@ def test_finetune_trial_checkpoint_is_the_finetuned_model(workdir, tmp_path):
         key = "" if m == "dwt" else f"{m}_"
         assert pm[f"{key}prerec_top1"] == out.prerec_eval.top1 and pm[f"{key}top1"] == out.eval.top1
         ckpt = Path(client.download_artifacts(run_id, f"checkpoints/{m}.wsz", str(tmp_path / m)))
-        assert ckpt.stat().st_size - accounting.read_header(ckpt)["header_bytes"] == pm[f"{key}stored_bytes"]
-        rebuilt, _ = accounting.load_compressed(ckpt, models.build_model("cnn", **result.base.build_kwargs))
+        assert ckpt.stat().st_size - checkpoint.read_header(ckpt)["header_bytes"] == pm[f"{key}stored_bytes"]
+        rebuilt, _ = checkpoint.load_compressed(ckpt, models.build_model("cnn", **result.base.build_kwargs))
         ref = out.prune.model.state_dict()
         for k, v in rebuilt.state_dict().items():
             if m == "dwt":  # PyWavelets' inverse of the stored coefficients vs the torch one used in training

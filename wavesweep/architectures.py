@@ -1,7 +1,7 @@
 """The network architectures, in plain torch + torchvision (no wavesweep import).
 
 ``wavesweep.models`` registers these builders by name; a registered model ships this file
-beside its state dict (``tracking.register_model``), so whoever loads it rebuilds the same
+beside its state dict (``model_registry.register_model``), so whoever loads it rebuilds the same
 ``nn.Module`` without wavesweep installed. Keep it free of wavesweep imports.
 """
 

@@ -16,68 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from wavesweep import interrupt
+from wavesweep.cli_args import Parser, UsageError, add_trial_options
 from wavesweep.config import FIELD_HELP, TrialConfig
 
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
-
-
-class UsageError(ValueError):
-    """A command line argparse rejects (unknown flag, missing value): one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of printing the usage and exiting, so a
-    bad flag is a one-line error like every other, with a "did you mean" for a mistyped flag,
-    and a run ``mlflow run`` created gets the error tag."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        if message.startswith("unrecognized arguments: "):
-            import difflib
-
-            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-            for parser in self._subparsers._group_actions[0].choices.values() if self._subparsers else ():
-                flags += [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-            for word in message[len("unrecognized arguments: "):].split():
-                close = difflib.get_close_matches(word.split("=", 1)[0], sorted(set(flags)), n=1)
-                if word.startswith("-") and close:
-                    message += f" (did you mean {close[0]}?)"
-                    break
-        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""  # "wavesweep study" -> "study"
-        raise UsageError(f"{sub}: {message}" if sub else message)
-
-
-class _BoolFlag(argparse.Action):
-    """``--flag`` / ``--no-flag`` (argparse.BooleanOptionalAction's switches) that also accept an
-    explicit value, ``--flag true`` / ``--flag=false``, as MLproject commands pass them."""
-
-    def __init__(self, option_strings, dest, **kwargs):  # noqa: ANN001 (argparse's signature)
-        opts = list(option_strings) + [o.replace("--", "--no-", 1) for o in option_strings]
-        super().__init__(opts, dest, nargs="?", **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
-        if option_string and option_string.startswith("--no-"):
-            if values is not None:
-                parser.error(f"{option_string} takes no value (got {values!r})")
-            values = "false"
-        setattr(namespace, self.dest, "true" if values is None else values)
-
-    def format_usage(self) -> str:
-        return " | ".join(self.option_strings)
-
-
-def _add_trial_options(p: argparse.ArgumentParser) -> None:
-    """One flag per TrialConfig field (``eval_limit`` -> ``--eval-limit``), parsed as text and
-    validated by TrialConfig itself, so MLproject ``-P`` values and flags obey the same rules.
-    Boolean fields are switches (``--keep-approx``, ``--no-keep-approx``) that also take a value."""
-    for f in fields(TrialConfig):
-        if isinstance(f.default, bool):
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, action=_BoolFlag, metavar="BOOL",
-                           help=f"{FIELD_HELP[f.name]} (default: {str(f.default).lower()})")  # fmt: skip
-            continue
-        p.add_argument(
-            f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=type(f.default).__name__.upper(),
-            help=f"{FIELD_HELP[f.name]} (default: {f.default!r})",
-        )  # fmt: skip
 
 
 def _check_device(device: str) -> None:
@@ -163,17 +105,17 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from wavesweep import tracking
+    from wavesweep import model_registry
 
-    path = tracking.download(args.uri, Path(args.dst), force=args.force)
+    path = model_registry.download(args.uri, Path(args.dst), force=args.force)
     print(path)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from wavesweep import tracking
+    from wavesweep import model_registry
 
-    rows = tracking.list_registered()
+    rows = model_registry.list_registered()
     if not rows:
         print("no registered wavesweep models")
     for r in rows:
@@ -351,13 +293,13 @@ def cmd_results(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from wavesweep import __version__
 
-    p = _Parser(prog="wavesweep", description=__doc__.splitlines()[0])
+    p = Parser(prog="wavesweep", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"wavesweep {__version__}", help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("trial", help="run one tracked trial (dwt vs matched magnitude vs random)")
-    _add_trial_options(t)
+    add_trial_options(t)
     t.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, $MLFLOW_EXPERIMENT_ID or 'wavesweep')")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_trial)

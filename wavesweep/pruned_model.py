@@ -9,7 +9,7 @@ loading needs torch, torchvision and MLflow, not wavesweep::
 
     net = mlflow.pyfunc.load_model("models:/NAME@champion").get_raw_model()  # an nn.Module
 
-Keep this file free of wavesweep imports (``tracking.register_model`` ships it).
+Keep this file free of wavesweep imports (``model_registry.register_model`` ships it).
 """
 
 from __future__ import annotations

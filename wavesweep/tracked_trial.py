@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from wavesweep import accounting, interrupt, models, tracking, train
+from wavesweep import checkpoint, interrupt, model_registry, models, tracking, train
 from wavesweep.config import TrialConfig
 from wavesweep.trial import Reporter, TrialResult, load_eval_set, run_trial
 
@@ -28,7 +28,7 @@ def resolve_base(cfg: TrialConfig, *, progress: bool = False) -> train.BaseModel
     weights = cfg.weights or None
     uri = ""
     if weights and weights.startswith(URI_SCHEMES):
-        path, uri = tracking.weights_from_uri(weights, train.cache_dir())
+        path, uri = model_registry.weights_from_uri(weights, train.cache_dir())
         weights = str(path)
     base = train.get_base_model(
         cfg.model, cfg.dataset, seed=cfg.seed, data_root=cfg.data_root or None, weights=weights,
@@ -46,7 +46,7 @@ def _write_checkpoints(result: TrialResult, folder: Path, methods: tuple[str, ..
     meta = {"trial": result.config.to_dict(), "base_checksum": base.checksum, "build_kwargs": base.build_kwargs}
     for m in methods:
         files[m] = folder / f"{m}.wsz"
-        size = accounting.save_compressed(result.outcomes[m].prune, files[m], metadata=meta)
+        size = checkpoint.save_compressed(result.outcomes[m].prune, files[m], metadata=meta)
         # Upload only complete files: a short write (a full disk) must not reach the artifact store.
         if files[m].stat().st_size != size:
             raise OSError(f"checkpoint {files[m].name} is {files[m].stat().st_size} bytes on disk, {size} were written")
@@ -134,7 +134,7 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracking.download_checkpoint(client, run.info.run_id, method, Path(tmp))
         try:
-            model, _meta = accounting.load_compressed(ckpt, models.build_model(cfg.model, **kwargs))
+            model, _meta = checkpoint.load_compressed(ckpt, models.build_model(cfg.model, **kwargs))
         except ValueError as exc:  # name the artifact, not the temporary download folder
             where = f"runs:/{run.info.run_id}/{tracking.CHECKPOINT_DIR}/{method}.wsz"
             raise ValueError(str(exc).replace(str(ckpt), where)) from None
@@ -142,5 +142,5 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
         _, eval_set = load_eval_set(cfg)
         example = torch.stack([eval_set[i][0] for i in range(min(2, len(eval_set)))]).numpy()
         architecture = {"model": cfg.model, **kwargs}
-        return tracking.register_model(model, architecture=architecture, input_example=example, checkpoint=ckpt,
-                                       run_id=run.info.run_id, name=name, alias=alias, method=method, tags=tags)  # fmt: skip
+        return model_registry.register_model(model, architecture=architecture, input_example=example, checkpoint=ckpt,
+                                             run_id=run.info.run_id, name=name, alias=alias, method=method, tags=tags)  # fmt: skip

@@ -1,6 +1,7 @@
-"""Everything MLflow: the store, trial runs, params/metrics/tables/artifacts, registry, downloads.
+"""MLflow tracking: the store, trial runs, params/metrics/tables/artifacts, studies.
 
-No other wavesweep module imports mlflow. Layout of what one trial records:
+The tracking layer is this module and :mod:`wavesweep.model_registry` (the Model Registry, model
+URIs, downloads); no other wavesweep module imports mlflow. Layout of what one trial records:
 
 * parent run (``method`` tag ``trial``): the full config, base-model identity, the headline
   (dwt metrics under plain names, ``magnitude_*``/``random_*``/``base_*`` beside them), the paired
@@ -33,7 +34,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 import wavesweep
 from wavesweep.config import TrialConfig
-from wavesweep.fileio import atomic_write, file_lock
+from wavesweep.fileio import file_lock
 from wavesweep.redact import redact
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,13 @@ def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///") :]).expanduser().resolve()
+
+
+def store_exists() -> bool:
+    """Whether the tracking store can be read without creating it: False only for a SQLite URI
+    whose file does not exist (commands that only read must not create a store or an experiment)."""
+    db = _sqlite_path(tracking_uri())
+    return db is None or db.is_file()
 
 
 def set_tracking_uri() -> str:
@@ -397,220 +405,6 @@ def trial_config_of(run) -> TrialConfig:
 def download_checkpoint(client: MlflowClient, run_id: str, method: str, dst: Path) -> Path:
     path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{method}.wsz", str(dst))
     return Path(path)
-
-
-# --------------------------------------------------------------------------- registry
-
-
-REGISTERED_DIR = "registered-{method}"  # run-relative artifact folder of a registered model
-
-
-def register_model(
-    model: Any, *, architecture: dict[str, Any], input_example: Any, checkpoint: Path, run_id: str, name: str,
-    alias: str | None, method: str, tags: dict[str, Any],
-) -> Any:
-    """Save ``model`` as an ordinary PyTorch module, add it to ``run_id``'s artifacts, register it
-    under ``name`` with version ``tags`` and ``alias``; returns the model version.
-
-    The format (``pruned_model``): the state dict (tensors only, safe to load) with the
-    ``architecture`` (``{"model", "num_classes", "in_channels", "image_size"}``) rebuilt by the
-    shipped ``architectures.py``, plus the compressed ``checkpoint``, as an MLflow pyfunc with a
-    signature from ``input_example`` (any batch size). It loads without wavesweep, is as large as
-    the dense state dict plus the checkpoint, and trains like any module.
-
-    The source run is not reopened: the model is written with ``save_model`` and uploaded with
-    ``log_artifacts``, so its status, end time, tags, params and metrics stay as they were.
-    """
-    import torch
-    from mlflow.models import infer_signature
-
-    from wavesweep import architectures, pruned_model
-
-    artifact_path = REGISTERED_DIR.format(method=method)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, data / pruned_model.STATE_DICT)
-        (data / pruned_model.ARCHITECTURE).write_text(json.dumps(architecture, indent=2))
-        shutil.copyfile(checkpoint, data / Path(checkpoint).name)
-        model.eval()
-        with torch.no_grad():
-            output = model(torch.as_tensor(input_example)).numpy()
-        folder = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            str(folder), loader_module="pruned_model", data_path=str(data),
-            code_paths=[pruned_model.__file__, architectures.__file__],
-            signature=infer_signature(input_example, output), input_example=input_example,
-            pip_requirements=_pip_requirements(),
-        )  # fmt: skip
-        c = client()
-        c.log_artifacts(run_id, str(folder), artifact_path)
-    with contextlib.suppress(MlflowException):  # exists already
-        c.create_registered_model(name)
-    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = c.create_model_version(name, source, run_id=run_id, tags={k: _fmt(v) for k, v in tags.items() if v is not None})
-    c.set_registered_model_tag(name, "wavesweep", "true")
-    if alias:
-        c.set_registered_model_alias(name, alias, mv.version)
-    return c.get_model_version(name, mv.version)
-
-
-def _pip_requirements() -> list[str]:
-    import torch
-    import torchvision
-
-    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy",
-            f"mlflow=={mlflow.__version__}"]
-
-
-def store_exists() -> bool:
-    """Whether the tracking store can be read without creating it: False only for a SQLite URI
-    whose file does not exist (commands that only read must not create a store or an experiment)."""
-    db = _sqlite_path(tracking_uri())
-    return db is None or db.is_file()
-
-
-def list_registered() -> list[dict[str, Any]]:
-    """Registered wavesweep models with their versions' aliases and tags.
-
-    No filter string is built from a model's name (a name with a quote must not break the
-    listing): versions are read page by page and grouped by name here."""
-    if not store_exists():
-        return []
-    c = client()
-    mine = {rm.name: rm for rm in c.search_registered_models(filter_string="tags.wavesweep = 'true'")}
-    by_name: dict[str, list[Any]] = {}
-    token = None
-    while mine:
-        page = c.search_model_versions(max_results=1000, page_token=token)
-        for mv in page:
-            if mv.name in mine:
-                by_name.setdefault(mv.name, []).append(mv)
-        token = page.token
-        if not token:
-            break
-    out = []
-    for name in mine:
-        # search results carry no aliases: read them (alias -> version) from the model itself
-        aliases = c.get_registered_model(name).aliases or {}
-        for mv in sorted(by_name.get(name, []), key=lambda v: -int(v.version)):
-            mine_aliases = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
-            out.append({"name": name, "version": mv.version, "aliases": mine_aliases, "tags": dict(mv.tags),
-                        "run_id": mv.run_id})  # fmt: skip
-    return out
-
-
-def download(uri: str, dst: Path, *, force: bool = False) -> Path:
-    """Download a model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/...``) as files into ``dst``.
-
-    Reads only: no store, experiment or folder is created unless the download succeeds. Files
-    that already exist in ``dst`` are not overwritten unless ``force`` (``ValueError`` naming the
-    first); the files are fetched into a temporary folder first, so a failed download leaves
-    ``dst`` as it was. Returns the downloaded file or folder inside ``dst``."""
-    import shutil
-
-    if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        raise ValueError(f"cannot download {uri!r}: give models:/NAME@alias, models:/NAME/VERSION or runs:/RUN_ID/path")
-    if ".." in uri.replace("\\", "/").split("/"):
-        raise ValueError(f"cannot download {uri!r}: '..' is not allowed in an artifact URI")
-    if not store_exists():
-        raise ValueError(f"no MLflow store at {redact(tracking_uri())}: nothing to download (set MLFLOW_TRACKING_URI?)")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        except MlflowException as exc:
-            raise ValueError(f"cannot download {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
-        targets = {f: dst / f.relative_to(tmp) for f in files}
-        existing = [t for t in targets.values() if t.exists()]
-        if existing and not force:
-            raise ValueError(f"{existing[0]} exists ({len(existing)} file(s) would be overwritten); pass --force to overwrite")
-        for src, target in targets.items():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(src), str(target))
-        return dst / local.relative_to(tmp)
-
-
-def resolve_model_uri(uri: str) -> str:
-    """``uri`` pinned to what it means now: ``models:/NAME@alias`` and ``models:/NAME/latest`` become
-    ``models:/NAME/VERSION`` (read from the registry); version and ``runs:/`` URIs are returned as given.
-
-    An alias can move between two trials; pinning it first is what keeps a cache keyed by URI
-    from serving the old version under the new alias."""
-    if not uri.startswith("models:/"):
-        return uri
-    rest = uri[len("models:/") :].strip("/")
-    c = client()
-    try:
-        if "@" in rest.split("/", 1)[0]:
-            name, alias = rest.split("/", 1)[0].rsplit("@", 1)
-            mv = c.get_model_version_by_alias(name, alias)
-            return f"models:/{name}/{mv.version}"
-        name, _, ref = rest.partition("/")
-        if ref == "latest":
-            versions = c.get_registered_model(name).latest_versions or []
-            if not versions:
-                raise ValueError(f"{uri}: registered model {name!r} has no versions")
-            return f"models:/{name}/{max(int(v.version) for v in versions)}"
-    except MlflowException as exc:
-        raise ValueError(f"{uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return uri
-
-
-#: file name suffixes looked at in a downloaded model, in order of preference
-_WEIGHT_SUFFIXES = (".wsz", ".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-
-
-def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
-    """A registered or logged model's state dict as a local file, without running code from it.
-
-    ``uri`` is resolved first (:func:`resolve_model_uri`), then its files are downloaded and the
-    weights read from one file of a format that cannot execute code: wavesweep's ``.wsz``
-    checkpoint (shipped with every model ``wavesweep register`` creates), a ``.safetensors``
-    file, or a state dict read with ``torch.load(weights_only=True)``. Anything else, such as
-    MLflow's pickle-format pytorch model, is refused with a one-line ValueError. NaN or infinite
-    weights are refused too. Returns ``(state-dict file in cache, resolved uri)``; the file is
-    cached by the resolved uri.
-    """
-    import hashlib
-
-    import torch
-
-    from wavesweep import models
-
-    resolved = resolve_model_uri(uri)
-    key = hashlib.sha256(f"{tracking_uri()}|{resolved}".encode()).hexdigest()[:24]
-    path = cache / "uri-weights" / f"{key}.pt"
-    if path.exists():
-        return path, resolved
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=tmp))
-        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
-        candidates = sorted((p for p in files if p.suffix in _WEIGHT_SUFFIXES), key=lambda p: _WEIGHT_SUFFIXES.index(p.suffix))
-        pyfunc = {}
-        if (local / "MLmodel").is_file():
-            pyfunc = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
-        if pyfunc.get("loader_module") == "pruned_model":  # registered by wavesweep: its exact state dict
-            from wavesweep import pruned_model
-
-            candidates = [local / pyfunc["data"] / pruned_model.STATE_DICT]
-        if not candidates:
-            raise ValueError(f"{resolved}: no weights file in it; wavesweep reads {models.SAFE_FORMATS}")
-        best = [p for p in candidates if p.suffix == candidates[0].suffix]
-        if len(best) > 1:
-            names = ", ".join(str(p.relative_to(local)) for p in best[:4])
-            raise ValueError(f"{resolved}: several weights files ({names}); give the one to use, e.g. {resolved.rstrip('/')}/{best[0].relative_to(local)}")
-        rel = best[0].name if local.is_file() else str(best[0].relative_to(local))
-        try:
-            state, _meta = models.read_weights(best[0])
-            models.check_finite(state, source=f"{resolved} ({rel})")
-        except ValueError as exc:  # name the artifact, not the temporary download folder
-            where = f"{resolved} ({rel})"
-            msg = str(exc).replace(f"weights file {str(best[0])!r}", where).replace(str(best[0]), where)
-            raise ValueError(msg) from None
-    with atomic_write(path) as fh:
-        torch.save({k: v.detach().clone() for k, v in state.items()}, fh)
-    return path, resolved
 
 
 # --------------------------------------------------------------------------- studies

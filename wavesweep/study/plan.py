@@ -8,7 +8,8 @@ from typing import Any
 import yaml
 
 from wavesweep.config import TrialConfig
-from wavesweep.study.spec import StudySpec, parse_assignments
+from wavesweep.study.spec import StudySpec
+from wavesweep.study.spec import parse_assignments
 from wavesweep.study.storage import redact_url
 
 
