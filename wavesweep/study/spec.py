@@ -23,11 +23,8 @@ Spec (YAML; every key optional except ``space``/``objectives`` as noted)::
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 import os
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,7 +35,8 @@ import yaml
 from wavesweep import schema
 from wavesweep.config import TrialConfig
 from wavesweep.names import check_name
-from wavesweep.study.spec_yaml import SpecError, key_lines, line_of, parse_yaml
+from wavesweep.study.options import check_options
+from wavesweep.study.spec_yaml import SpecError, key_lines, line_of, parse_yaml, unknown_choice
 from wavesweep.study.storage import PRUNERS, SAMPLERS
 
 TOP_KEYS = (
@@ -48,10 +46,6 @@ TOP_KEYS = (
 BASE_KEYS = ("model", "dataset", "eval_limit", "seed", "weights", "data_root", "device", "batch_size")
 RANGE_KEYS = ("low", "high", "step", "log")
 DIRECTIONS = ("maximize", "minimize")
-# Options that need Python objects, never YAML values.
-_NOT_OPTIONS = {"search_space", "seed", "constraints_func", "gamma", "weights", "independent_sampler",
-                "mutation", "crossover", "elite_population_selection_strategy", "child_generation_strategy",
-                "after_trial_strategy"}  # fmt: skip
 _PRUNABLE_OBJECTIVE = "top1"  # the chunk reports are partial dwt top-1: only that objective can be pruned on
 # Resource bounds of a spec, checked before anything is built from it: a small file must not be
 # able to ask for gigabytes (a grid step of 1e-9; the YAML's own bounds are in spec_yaml).
@@ -140,11 +134,11 @@ class StudySpec:
         cfg_fields = {f.name for f in fields(TrialConfig)}
         for key in self.fixed:
             if key not in cfg_fields:
-                raise SpecError(("fixed", key), _unknown("trial parameter", key, cfg_fields))
+                raise SpecError(("fixed", key), unknown_choice("trial parameter", key, cfg_fields))
         names = [p.name for p in self.space]
         for p in self.space:
             if p.name not in cfg_fields:
-                raise SpecError(("space", p.name), _unknown("trial parameter", p.name, cfg_fields))
+                raise SpecError(("space", p.name), unknown_choice("trial parameter", p.name, cfg_fields))
             if p.name in self.fixed:
                 raise SpecError(("space", p.name), "is also fixed (base/fixed): give it in one place")
             if names.count(p.name) > 1:
@@ -155,7 +149,7 @@ class StudySpec:
         known = set(schema.headline_names())
         for o in self.objectives:
             if o.metric not in known:
-                raise SpecError(("objectives", o.metric), _unknown("objective metric", o.metric, known))
+                raise SpecError(("objectives", o.metric), unknown_choice("objective metric", o.metric, known))
             if o.direction not in DIRECTIONS:
                 raise SpecError(("objectives", o.metric), f"direction {o.direction!r} is not one of {', '.join(DIRECTIONS)}")
             if schema.is_timing(o.metric) and not self.fixed.get("timing_batches", 1):
@@ -163,18 +157,18 @@ class StudySpec:
         if len({o.metric for o in self.objectives}) != len(self.objectives):
             raise SpecError(("objectives",), "an objective appears twice")
         if self.sampler not in SAMPLERS:
-            raise SpecError(("sampler",), _unknown("sampler", self.sampler, SAMPLERS))
+            raise SpecError(("sampler",), unknown_choice("sampler", self.sampler, SAMPLERS))
         if self.pruner not in PRUNERS:
-            raise SpecError(("pruner",), _unknown("pruner", self.pruner, PRUNERS))
+            raise SpecError(("pruner",), unknown_choice("pruner", self.pruner, PRUNERS))
         if self.pruner != "none":
             if len(self.objectives) > 1:
                 raise SpecError(("pruner",), "multi-objective studies cannot prune; use pruner: none")
             o = self.objectives[0]
             if (o.metric, o.direction) != (_PRUNABLE_OBJECTIVE, "maximize"):
                 raise SpecError(("pruner",), f"early stopping reports partial dwt top1, so it needs the objective top1: maximize (got {o.metric}: {o.direction})")
-        _check_options(("sampler",), SAMPLERS[self.sampler], self.sampler_options)
+        check_options(("sampler",), SAMPLERS[self.sampler], self.sampler_options)
         if PRUNERS[self.pruner] is not None:
-            _check_options(("pruner",), PRUNERS[self.pruner], self.pruner_options)
+            check_options(("pruner",), PRUNERS[self.pruner], self.pruner_options)
         elif self.pruner_options:
             raise SpecError(("pruner", next(iter(self.pruner_options))), "pruner none takes no options")
         if self.n_trials is not None and (not isinstance(self.n_trials, int) or isinstance(self.n_trials, bool) or self.n_trials < 1):
@@ -265,71 +259,11 @@ class StudySpec:
         return out
 
 
-def _unknown(what: str, value: object, valid: Any) -> str:
-    valid = sorted(map(str, valid))
-    close = difflib.get_close_matches(str(value), valid, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    shown = ", ".join(valid) if len(valid) <= 25 else f"{len(valid)} names (see wavesweep.schema.headline_names())"
-    return f"unknown {what} {value!r}{hint}" if close else f"unknown {what} {value!r}; valid: {shown}"
-
-
 def _check_trial_value(key: tuple[str, ...], values: dict[str, Any]) -> None:
     try:
         TrialConfig.from_mapping(values)
     except (ValueError, TypeError) as exc:
         raise SpecError(key, str(exc)) from None
-
-
-def _check_options(key: tuple[str, ...], cls: type, options: dict[str, Any]) -> None:
-    sig = inspect.signature(cls.__init__).parameters
-    valid = [n for n in sig if n not in ("self", "args", "kwargs") and n not in _NOT_OPTIONS]
-    for name in options:
-        if name not in valid:
-            raise SpecError((*key, name), _unknown(f"{cls.__name__} option", name, valid))
-    for name, value in options.items():
-        _check_option_type((*key, name), cls, sig[name], value)
-    if cls is optuna.samplers.GridSampler:
-        return
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cls(**options)
-    except (ValueError, TypeError) as exc:
-        raise SpecError(key, f"{cls.__name__}: {exc}") from None
-
-
-_TYPE_WORDS: dict[str, tuple[type, ...]] = {
-    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
-}  # fmt: skip
-
-
-def _option_types(param: inspect.Parameter) -> tuple[type, ...] | None:
-    """The YAML value types an option accepts, from its annotation (``int | None``) or, without
-    one, its default; None when the annotation names anything else (no check is possible)."""
-    ann = param.annotation
-    if ann is not inspect.Parameter.empty:
-        words = [w.strip() for w in (ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))).split("|")]
-        if not all(w in _TYPE_WORDS for w in words):
-            return None
-        return tuple(t for w in words for t in _TYPE_WORDS[w])
-    default = param.default
-    if default is inspect.Parameter.empty or default is None:
-        return None
-    return _TYPE_WORDS.get(type(default).__name__)
-
-
-def _check_option_type(key: tuple[str, ...], cls: type, param: inspect.Parameter, value: Any) -> None:
-    """A ``SpecError`` when ``value`` is not of the type the constructor's annotation or default
-    says: ``n_startup_trials: x`` is refused here, not after three failed trials."""
-    types = _option_types(param)
-    if types is None:
-        return
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if not ok:
-        want = " or ".join(sorted({"integer" if t is int else "number" if t is float else "true/false" if t is bool
-                                   else "string" if t is str else "null" for t in types}))  # fmt: skip
-        raise SpecError(key, f"{cls.__name__} option {param.name}={value!r} must be {want}")
-
 
 
 def parse_assignments(items: list[str] | None, what: str) -> dict[str, Any]:
@@ -359,14 +293,14 @@ def apply_overrides(data: Any, sets: dict[str, Any]) -> dict:
         parts = key.split(".")
         if len(parts) == 1 and parts[0] not in TOP_KEYS:
             if parts[0] not in cfg_fields:
-                raise SpecError((key,), "--set " + _unknown("spec key or trial parameter", key, [*TOP_KEYS, *cfg_fields]))
+                raise SpecError((key,), "--set " + unknown_choice("spec key or trial parameter", key, [*TOP_KEYS, *cfg_fields]))
             section = "base" if parts[0] in (data.get("base") or {}) or (parts[0] in BASE_KEYS and parts[0] not in (data.get("fixed") or {})) else "fixed"
             space = data.get("space")
             if isinstance(space, dict) and parts[0] in space:
                 data["space"] = {k: v for k, v in space.items() if k != parts[0]}
             parts = [section, parts[0]]
         if parts[0] not in TOP_KEYS:
-            raise SpecError((parts[0],), "--set " + _unknown("spec key", parts[0], TOP_KEYS))
+            raise SpecError((parts[0],), "--set " + unknown_choice("spec key", parts[0], TOP_KEYS))
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -427,7 +361,7 @@ def spec_from_mapping(data: Any, *, name: str = "study", path: Path | None = Non
         raise SpecError((), f"a spec is a mapping of keys ({', '.join(TOP_KEYS)}), got {type(data).__name__}")
     for key in data:
         if key not in TOP_KEYS:
-            raise SpecError((str(key),), _unknown("spec key", key, TOP_KEYS))
+            raise SpecError((str(key),), unknown_choice("spec key", key, TOP_KEYS))
     base = _mapping(data, "base")
     for key in base:
         if key not in BASE_KEYS:
@@ -487,7 +421,7 @@ def _param(name: str, raw: Any) -> Param:
         raise SpecError(("space", name), f"give a list of choices or a range {{low, high[, step][, log]}}, got {raw!r}")
     for key in raw:
         if key not in RANGE_KEYS:
-            raise SpecError(("space", name, str(key)), _unknown("range key", key, RANGE_KEYS))
+            raise SpecError(("space", name, str(key)), unknown_choice("range key", key, RANGE_KEYS))
     for key in ("low", "high"):
         if key not in raw:
             raise SpecError(("space", name), f"a range needs {key}")

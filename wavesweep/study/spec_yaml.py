@@ -5,6 +5,8 @@ the line number of every key, so that a :class:`SpecError` at a key path becomes
 
 from __future__ import annotations
 
+import difflib
+
 from typing import Any
 
 import yaml
@@ -106,3 +108,12 @@ def line_of(lines: dict[tuple[str, ...], int], key: tuple[str, ...]) -> int | No
         if key[:n] in lines:
             return lines[key[:n]]
     return None
+
+
+def unknown_choice(what: str, value: object, valid: Any) -> str:
+    """``unknown WHAT VALUE``, with close matches (did you mean) or the valid names."""
+    valid = sorted(map(str, valid))
+    close = difflib.get_close_matches(str(value), valid, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    shown = ", ".join(valid) if len(valid) <= 25 else f"{len(valid)} names (see wavesweep.schema.headline_names())"
+    return f"unknown {what} {value!r}{hint}" if close else f"unknown {what} {value!r}; valid: {shown}"
