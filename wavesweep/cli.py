@@ -285,7 +285,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     frame, facts = results.run_grid(grid, on_trial=on_trial)
     argv = sys.argv[sys.argv.index("results") + 1 :] if "results" in sys.argv else []
-    path = results.write_page(results.render(frame, facts, grid, results.default_command(argv)), Path(args.out))
+    path = results.write_page(results.render(frame, facts, grid, results.default_command(argv)), Path(args.out), frame)
     print(f"wrote {path} ({len(frame)} trials, {facts['seconds'] / 60:.1f} min)")
     return 0
 

@@ -146,6 +146,9 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         f"`bn` = BatchNorm statistics re-estimated on {grid.recovery_batches} training batches; `finetune` = bn, then "
         f"{grid.finetune_steps} AdamW steps (lr 1e-4, cosine) with every pruning held exactly (dwt trains its kept "
         f"wavelet coefficients).",
+        *([f"- Run on the CPU only (no GPU here), so with the small `{grid.model}` model; the product's target, "
+           "ResNet-18, is the same command with `--model resnet18` on a GPU."] if facts["machine"].startswith("CPU")
+          and grid.model != "resnet18" else []),
         "- Gap = dwt top-1 minus the other method's, on the same examples, with its 95 % paired bootstrap interval. "
         "*better*/*worse*: the interval excludes 0; *equal*: it contains 0.",
         "",
@@ -153,6 +156,9 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
     for (w, lay), part in frame.groupby(["wavelet", "layout"], sort=False):
         levels = ", ".join(sorted(set(part["levels"])))
         lines += [f"## {w}, layout `{lay}` (effective levels: {levels})", ""]
+        if levels == "0":
+            lines += ["Every layer's effective level is 0 (the kernels are too short for this wavelet): this layout "
+                      "*is* magnitude pruning here, so every dwt − magnitude gap is 0 by construction.", ""]
         lines += [
             "| pruned | recovery | dwt | magnitude | random | dwt − magnitude [95 % CI] | verdict | dwt − random [95 % CI] |",
             "|---:|---|---:|---:|---:|---|---|---|",
@@ -200,9 +206,13 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_page(text: str, path: Path) -> Path:
+def write_page(text: str, path: Path, frame: pd.DataFrame | None = None) -> Path:
+    """Write the page; with ``frame``, also every trial's numbers beside it (``<page>.csv``)."""
     with atomic_write(path, "w") as fh:
         fh.write(text)
+    if frame is not None:
+        with atomic_write(path.with_suffix(".csv"), "w") as fh:
+            frame.to_csv(fh, index=False)
     return path
 
 

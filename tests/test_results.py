@@ -1,0 +1,54 @@
+"""The results page: verdicts from paired intervals, the rendered tables and summary, and the
+CSV of every trial beside the page (numbers recomputable from it)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from wavesweep import results
+
+
+def _frame() -> pd.DataFrame:
+    rows = []
+    for lay, gaps in (("filter", [(0.02, 0.01, 0.03), (-0.04, -0.06, -0.02), (0.0, -0.01, 0.01)]),
+                      ("kernel", [(0.0, 0.0, 0.0)] * 3)):  # fmt: skip
+        for (gap, lo, hi), rec in zip(gaps, ("none", "bn", "finetune")):
+            rows.append({
+                "wavelet": "bior4.4", "layout": lay, "percentile": 80.0, "recovery": rec, "pruned_fraction": 0.8,
+                "levels": "0/5" if lay == "filter" else "0", "seconds": 1.0,
+                "dwt_top1": 0.5 + gap, "magnitude_top1": 0.5, "random_top1": 0.1,
+                "dwt_vs_magnitude_gap": gap, "dwt_vs_magnitude_low": lo, "dwt_vs_magnitude_high": hi,
+                "dwt_vs_random_gap": 0.4 + gap, "dwt_vs_random_low": 0.3, "dwt_vs_random_high": 0.5,
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_verdict_follows_the_interval():
+    assert results.verdict(0.001, 0.2) == "better"
+    assert results.verdict(-0.2, -0.001) == "worse"
+    assert results.verdict(-0.01, 0.01) == results.verdict(0.0, 0.0) == "equal"
+
+
+def test_render_counts_and_ties(tmp_path):
+    grid = results.Grid(model="cnn", configs=(("bior4.4", "filter"), ("bior4.4", "kernel")), fractions=(80,))
+    facts = {"date": "d", "machine": "CPU only (x86_64, 2 CPU cores)", "seconds": 60.0, "base_load_seconds": 1.0,
+             "base_checksum": "ab" * 32, "base_top1": 0.9, "n_eval": 100, "base_train_top1": 0.91}  # fmt: skip
+    text = results.render(_frame(), facts, grid, "wavesweep results --model cnn")
+    assert "| 80% | none | 0.5200 | 0.5000 | 0.1000 | +0.020 [+0.010, +0.030] | better |" in text
+    assert "| 80% | bn | 0.4600 | 0.5000 | 0.1000 | -0.040 [-0.060, -0.020] | worse |" in text
+    assert "| bn | 0 | 1 | 1 | -0.0200 | magnitude |" in text  # filter worse, kernel equal (identical)
+    assert "| finetune | 0 | 2 | 0 | +0.0000 | tie |" in text  # equal top-1 is a tie, not the first column
+    assert "`filter`: dwt better than magnitude in 1 of 3 settings" in text
+    assert "is* magnitude pruning here" in text and "Run on the CPU only" in text
+    path = results.write_page(text, tmp_path / "page.md", _frame())
+    assert path.read_text() == text
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "page.csv"), _frame())
+
+
+def test_grid_validates_every_trial_before_work():
+    with pytest.raises(ValueError, match="unknown layout 'diagonal'"):
+        results.Grid(configs=(("bior4.4", "diagonal"),)).trials()
+    with pytest.raises(ValueError, match="not WAVELET:LAYOUT"):
+        results.parse_configs("bior4.4")
+    assert len(results.Grid().trials()) == 5 * 3 * 3
