@@ -148,7 +148,8 @@ def test_registered_model_serves_as_base_weights(trial_run, tmp_path):
 
     _cfg, run_id = trial_run
     register_trial_model(run_id, name="as-base", alias="champion")
-    path = model_registry.weights_from_uri("models:/as-base@champion", tmp_path)
+    path, resolved = model_registry.weights_from_uri("models:/as-base@champion", tmp_path)
+    assert resolved == "models:/as-base/1"  # the alias pinned to its version
     state = torch.load(path, weights_only=True)
     dl = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/as-base@champion", dst_path=str(tmp_path / "dl")))
     saved = torch.load(next(dl.rglob("state_dict.pt")), weights_only=True)
