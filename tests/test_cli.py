@@ -3,6 +3,8 @@ flushed, atexit handlers and non-daemon threads finished)."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -20,6 +22,7 @@ def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:  # a hang fail
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
+@pytest.mark.slow  # a subprocess or a fresh MLflow store: seconds, not milliseconds
 def test_exit_keeps_code_output_atexit_and_threads(tmp_path):
     proc = _python(
         f"""
@@ -47,6 +50,7 @@ def test_exit_keeps_code_output_atexit_and_threads(tmp_path):
     assert (tmp_path / "thread.txt").read_text() == "done"
 
 
+@pytest.mark.slow  # a subprocess or a fresh MLflow store: seconds, not milliseconds
 def test_module_entry_point_exit_codes(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(ROOT))

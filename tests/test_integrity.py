@@ -59,6 +59,7 @@ def _register_state_dict(name: str, state: dict[str, torch.Tensor], tmp: Path) -
 # --------------------------------------------------------------------------- 6: corrupt checkpoint, register
 
 
+@pytest.mark.slow  # a subprocess or a fresh MLflow store: seconds, not milliseconds
 def test_register_refuses_a_checkpoint_with_a_flipped_header_bit(workdir, capsys):
     tracking.init_tracking()
     torch.manual_seed(0)
@@ -106,6 +107,7 @@ class _Evil(nn.Module):
         self.payload = _Marker(marker)
 
 
+@pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
 def test_pickle_format_registered_model_is_refused_without_running_its_code(workdir, capsys):
     tracking.init_tracking()
     marker = workdir / "pwned"
@@ -152,6 +154,7 @@ def test_alias_moved_between_two_trials_gives_two_base_checksums(workdir, tmp_pa
     assert seen[0] != seen[1]
 
 
+@pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
 def test_alias_resolves_before_the_cache(workdir, tmp_path):
     tracking.init_tracking()
     v1 = _register_state_dict("b", _cnn_state(1), tmp_path)
@@ -169,6 +172,7 @@ def test_alias_resolves_before_the_cache(workdir, tmp_path):
 # --------------------------------------------------------------------------- 12: non-finite weights
 
 
+@pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_base_weights_are_refused_naming_the_tensor(workdir, tmp_path, bad):
     state = _cnn_state(0)
@@ -247,6 +251,7 @@ def test_aliases_within_the_bounds_still_work(workdir):
 # --------------------------------------------------------------------------- 10: paths and names
 
 
+@pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
 def test_registered_name_with_a_quote_does_not_break_models(workdir, tmp_path, capsys):
     tracking.init_tracking()
     c = MlflowClient()
@@ -261,6 +266,7 @@ def test_registered_name_with_a_quote_does_not_break_models(workdir, tmp_path, c
     assert "registered model name \"bad'name\" is not a valid name" in err
 
 
+@pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
 def test_download_refuses_to_overwrite_without_force(workdir, tmp_path, capsys):
     tracking.init_tracking()
     _register_state_dict("dl", _cnn_state(0), tmp_path)
@@ -301,6 +307,7 @@ def test_written_files_get_normal_modes(tmp_path, umask, mode):
 # --------------------------------------------------------------------------- 9: secrets
 
 
+@pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
 def test_credentials_are_redacted_in_params_tags_errors_and_logs(workdir, capsys, caplog):
     from wavesweep.redact import RedactingFilter, redact
 
@@ -352,12 +359,14 @@ def _weights_file(kind: str, folder: Path) -> Path:
     ],
     ids=["wavelet-typo", "flag-typo", "nouser", "download-dotdot", "bool-value", "no-flag-value", "missing-arg"],
 )
+@pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
 def test_bad_input_is_one_line_exit_2(workdir, capsys, argv, needles):
     err = _one_line_error(capsys, cli.main(argv))
     for needle in needles:
         assert needle in err, (needle, err)
 
 
+@pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
 @pytest.mark.parametrize("kind", ["empty", "truncated", "random", "malicious"])
 def test_bad_weights_file_is_one_line_exit_2(workdir, capsys, kind):
     path = _weights_file(kind, workdir)
@@ -383,6 +392,7 @@ def test_device_cuda_without_cuda_is_one_line_before_any_run(workdir, capsys):
     ],
     ids=["unknown-P-key", "bad-value", "study-entry-point"],
 )
+@pytest.mark.slow  # a subprocess or a fresh MLflow store: seconds, not milliseconds
 def test_every_mlflow_run_failure_carries_the_error_tag(workdir, shared_cache, argv, error):
     """As `mlflow run` starts it: MLFLOW_RUN_ID names a run created beforehand; the process fails
     with one line and that run gets status FAILED and the tag ``error``."""

@@ -252,6 +252,7 @@ def test_adjusted_p_values_and_verdicts(tmp_path):
     assert "not significant (CI contains 0)" in line and "adjusted p" in line
 
 
+@pytest.mark.slow  # a subprocess or a fresh MLflow store: seconds, not milliseconds
 def test_importances_from_few_trials_say_so(tmp_path, monkeypatch):
     figs = _capture(monkeypatch)
     imp = {"top1": {"percentile": 0.6, "wavelet": 0.4}}
