@@ -55,7 +55,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     print(f"trial run {run_id} ({tracking.tracking_uri()})")
     rec = result.config.recovery
     pre = rec != "none"
-    print(f"recovery: {rec}" + (" (top1 before -> after recovery in 'pre top1'; every other column is after)" if pre else ""))
+    print(f"recovery: {rec}" + (" ('pre top1': the same pruned model before recovery; every other column is after it)" if pre else ""))
     print(f"{'method':<10} {'top1':>7}" + (f" {'pre top1':>8}" if pre else "") + f" {'top5':>7} {'loss':>7} {'f1':>7} {'w-sparsity':>10} {'c-sparsity':>10} {'stored B':>10} {'ratio':>6} {'ms/batch med (p95)':>18}")
     rows = [("base", result.base_eval, None, result.base_timing, None)] + [
         (m, o[m].eval, o[m].stats, o[m].timing, o[m].prerec_eval) for m in o
