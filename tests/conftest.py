@@ -23,11 +23,17 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache: Path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    # mlflow.set_experiment (used by a test, as users do) exports MLFLOW_EXPERIMENT_ID and keeps an
+    # active experiment in the process: neither may leak into the next test's fresh store.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     # mlflow.set_tracking_uri (called once per process by the CLI) is process-global and
     # outranks the environment: pin it to this test's store so no earlier test's store leaks in.
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    import mlflow.tracking.fluent as fluent
+
+    monkeypatch.setattr(fluent, "_active_experiment_id", None, raising=False)
     return tmp_path
 
 

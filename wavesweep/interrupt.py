@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -75,14 +76,24 @@ def stop_signals() -> Iterator[None]:
             threading.Thread(target=_resend, args=(signum,), daemon=True, name="wavesweep-resend-signal").start()
         raise Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt
 
+    def quiet_unraisable(unraisable: Any) -> None:
+        # A stop raised inside a GC/weakref callback is dropped by Python and re-sent by _resend:
+        # it is not an error worth a traceback on stderr. Everything else is printed as usual.
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and not _state["caught"]:
+            return
+        previous_hook(unraisable)
+
     if _state["depth"] == 0:
         _state.update(signum=None, caught=False, cleanup=0)
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = quiet_unraisable
     _state["depth"] += 1
     try:
         yield
     finally:
         _state["depth"] -= 1
+        sys.unraisablehook = previous_hook
         for s, h in old.items():
             signal.signal(s, h)
 
