@@ -122,7 +122,7 @@ def test_two_launchers_on_postgresql_and_a_tracking_server(workdir, tiny_weights
     for t in complete:  # every trial landed on the server, finished, with its checkpoint
         run = runs[t.user_attrs["mlflow_run_id"]]
         assert run.info.status == "FINISHED" and run.data.tags["optuna.trial_number"] == str(t.number)
-        assert run.data.metrics["top1"] == pytest.approx(t.user_attrs["metrics"]["top1"])
+        assert run.data.metrics["top1"] == pytest.approx(t.user_attrs["top1"])
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/dwt.wsz"]
         children = client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
         assert sorted(c.data.tags["method"] for c in children) == ["dwt", "magnitude", "random"]
