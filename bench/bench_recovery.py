@@ -36,25 +36,57 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def bench_trial_share(device: str, repeats: int) -> None:
-    cfg = TrialConfig(device=device)  # the default trial: recovery=bn
-    base = train.get_base_model(cfg.model, cfg.dataset, seed=cfg.seed, device=device, progress=False)
-    trial.run_trial(cfg, base=base)  # warm-up: caches, lazy imports
-    shares, totals, recs = [], [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        r = trial.run_trial(cfg, base=base)
-        total = time.perf_counter() - t0
-        shares.append(r.phase_seconds.get("recovery", 0.0) / total)
-        totals.append(total)
-        recs.append(r.phase_seconds.get("recovery", 0.0))
-    print(f"  default trial ({cfg.model} on {cfg.dataset}, recovery={cfg.recovery}, {cfg.recovery_batches} batches "
-          f"of {cfg.recovery_batch_size}, 3 methods): trial {statistics.median(totals):.2f} s "
-          f"[{min(totals):.2f}-{max(totals):.2f}], BatchNorm re-estimation {statistics.median(recs):.3f} s "
-          f"= {100 * statistics.median(shares):.1f} % of the trial [{100 * min(shares):.1f}-{100 * max(shares):.1f}] "
-          f"(target <= 10 %)")  # fmt: skip
+def _tracked_trial(cfg: TrialConfig) -> tuple[float, float]:
+    """The default trial as ``mlflow run .`` / ``wavesweep trial`` runs it (MLflow records and the
+    compressed checkpoint included) in a fresh store; returns (trial seconds, recovery seconds)."""
+    import os
+    import tempfile
+
+    from wavesweep import tracking
+    from wavesweep.tracked_trial import run_tracked_trial
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+        os.chdir(tmp)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        try:
+            tracking.set_tracking_uri()
+            t0 = time.perf_counter()
+            r, _ = run_tracked_trial(cfg, experiment="bench")
+            return time.perf_counter() - t0, r.phase_seconds.get("recovery", 0.0)
+        finally:
+            os.chdir(old)
+            if old_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+def bench_trial_share(device: str, repeats: int, batch_counts: list[int]) -> None:
+    """BatchNorm re-estimation as a share of the default trial, in process (no MLflow) and as
+    ``mlflow run .`` runs it (tracked), for the default ``recovery_batches`` and the others given."""
+    default = TrialConfig(device=device)
+    base = train.get_base_model(default.model, default.dataset, seed=default.seed, device=device, progress=False)
+    trial.run_trial(default, base=base)  # warm-up: caches, lazy imports
+    _tracked_trial(default)
+    print(f"  default trial: {default.model} on {default.dataset}, recovery={default.recovery}, batches of "
+          f"{default.recovery_batch_size}, 3 methods, {repeats} repeats (median [min-max]); target <= 10 %")
+    for n in sorted(set(batch_counts) | {default.recovery_batches}):
+        cfg = TrialConfig(device=device, recovery_batches=n)
+        rows = {"in process": [], "tracked": []}
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            r = trial.run_trial(cfg, base=base)
+            rows["in process"].append((time.perf_counter() - t0, r.phase_seconds.get("recovery", 0.0)))
+            rows["tracked"].append(_tracked_trial(cfg))
+        mark = " (default)" if n == default.recovery_batches else ""
+        for kind, vals in rows.items():
+            shares = [rec / tot for tot, rec in vals]
+            print(f"    {n:3d} batches{mark:10s} {kind:10s}: trial {statistics.median(v[0] for v in vals):6.2f} s, "
+                  f"re-estimation {statistics.median(v[1] for v in vals):5.2f} s = {100 * statistics.median(shares):5.1f} % "
+                  f"[{100 * min(shares):.1f}-{100 * max(shares):.1f}]")  # fmt: skip
     phases = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.phase_seconds.items(), key=lambda kv: -kv[1]))
-    print(f"  phases of the last run (s): {phases}")
+    print(f"  phases of the last in-process run (s): {phases}")
 
 
 def bench_finetune_speed(device: str, steps: int, repeats: int, model: str, layout: str) -> None:
@@ -89,13 +121,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None, help="one device (default: cpu, and cuda when present)")
+    ap.add_argument("--bn-batches", default="50", help="comma-separated recovery_batches to time beside the default")
+    ap.add_argument("--share-only", action="store_true", help="only the BatchNorm share of the default trial")
     args = ap.parse_args()
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
         print(f"{device} ({name}), torch {torch.__version__}")
-        bench_trial_share(device, args.repeats)
-        for layout in ("filter", "kernel"):
+        bench_trial_share(device, args.repeats, [int(v) for v in args.bn_batches.split(",") if v])
+        for layout in () if args.share_only else ("filter", "kernel"):
             bench_finetune_speed(device, args.steps, args.repeats, "resnet18", layout)
     if not torch.cuda.is_available() and not args.device:
         print("cuda: not available here; the CUDA figures are still to be measured")

@@ -44,6 +44,7 @@ class TrialConfig:
     keep_approx: bool = False  # leave the approximation band untouched
     targets: str = "conv"  # comma-separated target kinds: conv, linear
     eval_limit: int = 0  # 0 = the whole evaluation split; else a stratified subset of this size
+    val_fraction: float = 0.0  # share of the evaluation examples held out for selection (validation); the rest is test
     seed: int = 0  # data split, subset, base-model training, random pruning
     device: str = "auto"
     batch_size: int = 256
@@ -80,6 +81,9 @@ class TrialConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.timing_batches > MAX_TIMING_BATCHES:  # timing is a side measurement: never an unbounded run
             raise ValueError(f"timing_batches={self.timing_batches} is above the limit of {MAX_TIMING_BATCHES}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1): the share of the evaluation "
+                             "examples held out as validation (0 = none; the rest is the test part)")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         self.recovery_settings()  # validates recovery, recovery_batches, finetune_*
@@ -166,6 +170,8 @@ FIELD_HELP = {
     "keep_approx": "leave the approximation band untouched (true/false)",
     "targets": "comma-separated target layer kinds: conv, linear",
     "eval_limit": "evaluate on a stratified subset of this many examples (0 = whole evaluation split)",
+    "val_fraction": "share of the evaluation examples held out as a validation part (stratified, seeded): studies "
+    "select on it; the headline metrics are the test part (0 = no validation part; studies default to 0.5)",
     "seed": "seed for data split, subset, base-model training and random pruning",
     "device": "auto, cpu, cuda or cuda:N",
     "batch_size": "evaluation batch size",

@@ -31,15 +31,19 @@ PREREC = tuple(f"prerec_{k}" for k in EVAL)  # the same model before recovery (r
 RECOVERY = ("recovery_seconds", "recovery_bn_layers", "recovery_bn_batches", "recovery_finetune_steps")
 FINETUNE = ("recovery_train_loss",)  # recovery.RecoveryReport.metrics(): last fine-tuning loss (recovery=finetune)
 
-PER_METHOD = (*EVAL, *PREREC, *RECOVERY, *FINETUNE, *STATS, "pruned_fraction", *TIMING, *DROPS)
+VAL = tuple(f"val_{k}" for k in EVAL)  # the validation part of the evaluation examples (val_fraction > 0)
+
+PER_METHOD = (*EVAL, *PREREC, *VAL, *RECOVERY, *FINETUNE, *STATS, "pruned_fraction", *TIMING, *DROPS)
 BASE = tuple(f"base_{k}" for k in (*EVAL, *TIMING))
+BASE_VAL = tuple(f"base_{k}" for k in VAL)
 PAIRED = tuple(f.name for f in fields(PairedComparison) if f.name != "n_boot")
 TIMING_METRICS = frozenset(k for k in (*PER_METHOD, *BASE) if "infer_" in k)  # absent when timing_batches=0
 
 
-def _recorded(recovery: str | None) -> list[str]:
-    """``PER_METHOD`` less the names a trial with this recovery does not record (None: all names)."""
-    skip = set()
+def _recorded(recovery: str | None, validation: bool | None = None) -> list[str]:
+    """``PER_METHOD`` less the names a trial with this recovery (and with or without a validation
+    part) does not record (None: all names)."""
+    skip = set() if validation is None or validation else set(VAL)
     if recovery == "none":
         skip |= {*PREREC, *FINETUNE}
     elif recovery == "bn":
@@ -47,20 +51,50 @@ def _recorded(recovery: str | None) -> list[str]:
     return [k for k in PER_METHOD if k not in skip]
 
 
-def method_names(recovery: str | None = None) -> list[str]:
+def method_names(recovery: str | None = None, validation: bool | None = None) -> list[str]:
     """Metric names of a method run (dwt, magnitude or random); all of them, or those a trial
     with ``recovery`` records (``prerec_*`` only after a recovery, ``recovery_train_loss`` only
-    after fine-tuning)."""
-    return [*_recorded(recovery), *BASE, "n_eval"]
+    after fine-tuning) and ``validation`` (``val_*``, ``base_val_*``, ``n_val`` only when the
+    evaluation examples have a validation part)."""
+    val = [] if validation is False else [*BASE_VAL, "n_val"]
+    return [*_recorded(recovery, validation), *BASE, *val, "n_eval"]
 
 
-def headline_names(recovery: str | None = None) -> list[str]:
+def headline_names(recovery: str | None = None, validation: bool | None = None) -> list[str]:
     """Metric names of the trial run (the names a study objective may use)."""
-    names = method_names(recovery)
-    names += [f"{m}_{k}" for m in BASELINES for k in _recorded(recovery)]
+    names = method_names(recovery, validation)
+    names += [f"{m}_{k}" for m in BASELINES for k in _recorded(recovery, validation)]
     names += [f"dwt_vs_{m}_{k}" for m in BASELINES for k in PAIRED]
     names += [f"gain_top1_vs_{m}" for m in BASELINES]
+    if validation is not False:
+        names += [f"val_gain_top1_vs_{m}" for m in BASELINES]
     return names
+
+
+#: example-independent metrics: the same on validation and test (what the pruning did to the weights)
+_EXAMPLE_FREE = frozenset((*STATS, "pruned_fraction", *RECOVERY))
+
+
+def selection_name(name: str) -> str | None:
+    """The metric a study selects on for objective ``name`` when the trial has a validation part:
+    ``top1`` -> ``val_top1``, ``magnitude_top1`` -> ``magnitude_val_top1``,
+    ``gain_top1_vs_random`` -> ``val_gain_top1_vs_random``; an example-independent metric
+    (sparsity, bytes, compression, pruned fraction, timing) is itself; None for a metric measured
+    on the test examples only (paired intervals, drops, before-recovery scores), which a study
+    with a validation part cannot select on."""
+    if name in VAL or name.startswith("val_") or any(name.startswith(f"{m}_val_") for m in BASELINES):
+        return name
+    if name.startswith("gain_top1_vs_"):
+        return f"val_{name}"
+    prefix, bare = "", name
+    for m in BASELINES:
+        if name.startswith(f"{m}_"):
+            prefix, bare = f"{m}_", name[len(m) + 1 :]
+    if bare in EVAL:
+        return f"{prefix}val_{bare}"
+    if bare in _EXAMPLE_FREE or name in TIMING_METRICS or is_timing(name):
+        return name
+    return None
 
 
 def is_timing(name: str) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from wavesweep import accounting, data, evaluate, pruning, recovery, schema, train
+from wavesweep import accounting, data, evaluate, evalsplit, pruning, recovery, schema, train
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import atomic_write
 from wavesweep.stats import PairedComparison, paired_comparison
@@ -36,8 +36,9 @@ Reporter = Callable[[evaluate.Chunk], None]  # a dwt evaluation chunk -> may rai
 class MethodOutcome:
     """One pruned model: what was pruned, what it costs to store, how well it does.
 
-    ``eval`` is the final model's (after recovery); ``prerec_eval`` the same model's before
-    recovery (None when ``recovery=none``: then they are the same model).
+    ``eval`` is the final model's (after recovery) on the test part of the evaluation examples;
+    ``val_eval`` its score on the validation part (None without one); ``prerec_eval`` the same
+    model's before recovery on the test part (None when ``recovery=none``: then they are the same model).
     """
 
     method: str
@@ -47,6 +48,7 @@ class MethodOutcome:
     timing: evaluate.Timing | None
     recovery: recovery.RecoveryReport | None = None
     prerec_eval: evaluate.EvalResult | None = None
+    val_eval: evaluate.EvalResult | None = None
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TrialResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     eval_info: dict[str, object] = field(default_factory=dict)
+    base_val_eval: evaluate.EvalResult | None = None  # the base model on the validation part
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """Every recorded metric: ``{method: {name: value}}`` and ``"parent"`` (the headline).
@@ -68,6 +71,9 @@ class TrialResult:
         (plus ``seconds_<phase>``) for the parent; timing metrics only when timing ran.
         """
         base = {f"base_{k}": v for k, v in self.base_eval.metrics().items()}
+        if self.base_val_eval is not None:
+            base |= {f"base_val_{k}": v for k, v in self.base_val_eval.metrics().items()}
+            base["n_val"] = float(self.base_val_eval.n)
         if self.base_timing is not None:
             base |= {f"base_{k}": v for k, v in self.base_timing.metrics().items()}
         out: dict[str, dict[str, float]] = {}
@@ -75,6 +81,8 @@ class TrialResult:
             d = dict(o.eval.metrics())
             if o.prerec_eval is not None:  # the same model before recovery
                 d |= {f"prerec_{k}": v for k, v in o.prerec_eval.metrics().items()}
+            if o.val_eval is not None:  # the same final model on the validation part
+                d |= {f"val_{k}": v for k, v in o.val_eval.metrics().items()}
             if o.recovery is not None:
                 d |= o.recovery.metrics()
             totals = o.stats.totals()
@@ -91,6 +99,8 @@ class TrialResult:
             parent |= {f"{m}_{k}": v for k, v in out[m].items() if k in schema.PER_METHOD}
             parent |= self.paired[f"dwt_vs_{m}"].metrics(f"dwt_vs_{m}")
             parent[f"gain_top1_vs_{m}"] = out["dwt"]["top1"] - out[m]["top1"]
+            if "val_top1" in out[m]:
+                parent[f"val_gain_top1_vs_{m}"] = out["dwt"]["val_top1"] - out[m]["val_top1"]
         parent |= {f"seconds_{k}": v for k, v in self.phase_seconds.items()}
         return out | {"parent": parent}
 
@@ -117,7 +127,7 @@ def load_eval_set(cfg: TrialConfig) -> tuple[data.DatasetBundle, torch.utils.dat
 
 
 def _base_eval_cached(
-    base: train.BaseModel, cfg: TrialConfig, eval_set: torch.utils.data.Dataset, device: torch.device
+    base: train.BaseModel, cfg: TrialConfig, eval_set: torch.utils.data.Dataset, device: torch.device, part: str = "test"
 ) -> evaluate.EvalResult:
     """Evaluate the unpruned base once per (weights checksum, dataset, subset) and cache the logits.
 
@@ -125,7 +135,7 @@ def _base_eval_cached(
     result is exactly what a fresh evaluation would give for the same model and examples.
     """
     key = hashlib.sha256(
-        f"{base.checksum}|{cfg.dataset}|{cfg.data_root}|{cfg.eval_limit}|{cfg.seed}|{len(eval_set)}".encode()
+        f"{base.checksum}|{cfg.dataset}|{cfg.data_root}|{cfg.eval_limit}|{cfg.seed}|{len(eval_set)}|{cfg.val_fraction}|{part}".encode()
     ).hexdigest()[:24]
     path = train.cache_dir() / "base-evals" / f"{key}.npz"
     if path.exists():
@@ -150,8 +160,10 @@ def run_trial(
     """Run one trial; returns every number the trackers record.
 
     ``reporter(chunk)`` is called with each of the ``N_CHUNKS`` evaluation chunks of the dwt
-    model (an ``evaluate.Chunk``: step, cumulative result, the chunk's size and correct count); it
-    may raise (e.g. ``optuna.TrialPruned``) to stop the trial early.
+    model (an ``evaluate.Chunk``: step, cumulative result, the chunk's size and correct count) over
+    the validation part when there is one (``val_fraction > 0``), else over the evaluation
+    examples; it may raise (e.g. ``optuna.TrialPruned``) to stop the trial early. Every model is
+    scored on both parts; the headline metrics are the test part's.
     """
     phases = _Phases()
     device = evaluate.resolve_device(cfg.device)
@@ -166,7 +178,8 @@ def run_trial(
         caught.extend(f"{w.category.__name__}: {w.message}" for w in wlist if not issubclass(w.category, LevelClampedWarning))
 
     with phases("load_data"):
-        bundle, eval_set = load_eval_set(cfg)
+        bundle, eval_all = load_eval_set(cfg)
+        val_set, eval_set = evalsplit.split_eval_set(eval_all, cfg.val_fraction, seed=cfg.seed)
     # before any other work: a recovery that needs training data must have it
     settings = cfg.recovery_settings()
     if settings.recovery != "none" and bundle.train is None:
@@ -187,13 +200,14 @@ def run_trial(
             )
     with phases("eval_base"):
         base_eval = _base_eval_cached(base, cfg, eval_set, device)
+        base_val_eval = None if val_set is None else _base_eval_cached(base, cfg, val_set, device, part="val")
 
     prerec: dict[str, evaluate.EvalResult] = {}
     reports: dict[str, recovery.RecoveryReport] = {}
 
-    def evaluate_all(models: dict[str, torch.nn.Module]) -> dict[str, evaluate.EvalResult]:
-        """One pass over the evaluation examples feeds every model (exactly as separate passes)."""
-        return evaluate.evaluate_many(models, eval_set, batch_size=cfg.batch_size, device=device)
+    def evaluate_all(models: dict[str, torch.nn.Module], examples=eval_set) -> dict[str, evaluate.EvalResult]:
+        """One pass over the (test) examples feeds every model (exactly as separate passes)."""
+        return evaluate.evaluate_many(models, examples, batch_size=cfg.batch_size, device=device)
 
     def recover(results: dict[str, pruning.PruneResult]) -> None:
         """Evaluate before recovery, then recover in place (the same for every method)."""
@@ -219,11 +233,13 @@ def run_trial(
             targets=cfg.target_kinds,
         )
     recover({"dwt": dwt})
-    with phases("eval"):
-        for chunk in evaluate.evaluate_chunks(dwt.model, eval_set, n_chunks=N_CHUNKS, batch_size=cfg.batch_size, device=device):
+    with phases("eval"):  # selection examples first (the pruner sees the validation part), then the test part
+        selection = eval_set if val_set is None else val_set
+        for chunk in evaluate.evaluate_chunks(dwt.model, selection, n_chunks=N_CHUNKS, batch_size=cfg.batch_size, device=device):
             if reporter is not None:
                 reporter(chunk)
-        dwt_eval = chunk.result
+        dwt_val = None if val_set is None else chunk.result
+        dwt_eval = chunk.result if val_set is None else evaluate_all({"dwt": dwt.model})["dwt"]
 
     with phases("prune"), recording_warnings():
         matched = pruning.prune_matched(base.model, dwt, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds)
@@ -231,6 +247,9 @@ def run_trial(
     recover(matched)
     with phases("eval"):
         evals = {"dwt": dwt_eval, **evaluate_all({m: r.model for m, r in matched.items()})}
+        val_evals = {m: None for m in prunes}
+        if val_set is not None:
+            val_evals |= {"dwt": dwt_val, **evaluate_all({m: r.model for m, r in matched.items()}, val_set)}
     with phases("accounting"):
         base_cache: dict = {}  # base-layer float64 weights and norms, shared by the three methods
         stats = {m: accounting.model_stats(base.model, r, base_cache=base_cache) for m, r in prunes.items()}
@@ -252,10 +271,14 @@ def run_trial(
     for text in caught:
         log.warning("%s", text)
     outcomes = {
-        m: MethodOutcome(m, prunes[m], stats[m], evals[m], timings[m], reports[m], prerec.get(m)) for m in prunes
+        m: MethodOutcome(m, prunes[m], stats[m], evals[m], timings[m], reports[m], prerec.get(m), val_evals[m])
+        for m in prunes
     }
-    eval_info = {"n_eval": len(eval_set), "n_test_split": len(bundle.test), **{f"data_{k}": v for k, v in bundle.info.items()}}
-    data.close_loaders(eval_set)  # file datasets: stop the persistent evaluation workers now
+    eval_info = {"n_eval": len(eval_set), "n_val": 0 if val_set is None else len(val_set), "n_test_split": len(bundle.test),
+                 **{f"data_{k}": v for k, v in bundle.info.items()}}  # fmt: skip
+    for part in (eval_set, val_set, eval_all):  # file datasets: stop the persistent evaluation workers now
+        if part is not None:
+            data.close_loaders(part)
     notes = [r.note for r in reports.values() if r.note]
     all_warnings = list(dict.fromkeys([*dwt.warnings, *caught, *notes]))
     return TrialResult(
@@ -268,4 +291,5 @@ def run_trial(
         phase_seconds=phases.seconds,
         warnings=all_warnings,
         eval_info=eval_info,
+        base_val_eval=base_val_eval,
     )
