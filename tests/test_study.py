@@ -76,8 +76,9 @@ def assert_agree(name: str = "tiny") -> tuple[dict, dict]:
         expected = STATE_IN_MLFLOW[t.state.name]
         assert run.info.status in (expected if isinstance(expected, tuple) else (expected,)), (n, t.state, run.info.status)
         if t.state == TrialState.COMPLETE:
-            objectives = optuna.load_study(study_name=name, storage=study.DEFAULT_STORAGE).user_attrs["objectives"]
-            for (metric, _direction), value in zip(objectives, t.values, strict=True):
+            loaded = optuna.load_study(study_name=name, storage=study.DEFAULT_STORAGE)
+            names = loaded.metric_names or [o[0] for o in loaded.user_attrs["objectives"]]  # val_top1 with a validation part
+            for metric, value in zip(names, t.values, strict=True):
                 assert run.data.metrics[metric] == pytest.approx(value, abs=1e-12)
             # headline numbers as scalar user attributes (readable in optuna-dashboard), equal to MLflow's
             for key in ("top1", "magnitude_top1", "random_top1", "gain_top1_vs_magnitude", "dwt_vs_magnitude_mcnemar_p",
@@ -176,7 +177,12 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
     assert parent.data.metrics["n_complete"] == 3
     s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
     assert s.user_attrs["mlflow_run_id"] == parent.info.run_id
-    assert s.metric_names == ["top1"]  # objective names for optuna-dashboard and `optuna studies`
+    assert s.metric_names == ["val_top1"]  # objective names for optuna-dashboard: a study selects on validation
+    for t in s.get_trials(states=(TrialState.COMPLETE,)):  # the value is the validation score; top1 the test part's
+        run = runs[t.number]
+        assert t.values[0] == pytest.approx(run.data.metrics["val_top1"])
+        assert t.user_attrs["top1"] == pytest.approx(run.data.metrics["top1"])
+        assert run.data.metrics["n_val"] + run.data.metrics["n_eval"] == 40 and run.data.params["val_fraction"] == "0.5"
     assert parent.data.metrics["best_value"] == pytest.approx(s.best_value)
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/summary.csv" in arts and "report/accuracy_vs_pruned_fraction.png" in arts
@@ -189,12 +195,14 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0, png
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) >= 1 and summary.loc[0, "trial"] == s.best_trial.number
-    assert summary.loc[0, "objective top1"] == pytest.approx(s.best_value)
+    assert summary.loc[0, "objective val_top1"] == pytest.approx(s.best_value)
+    assert summary.loc[0, "val_top1"] == pytest.approx(s.best_value) and "top1" in summary
     assert len(pd.read_csv(out / "trials.csv")) == 3
     md = (out / "summary.md").read_text()
     assert "| selection |" in md and "only 3 complete trials (< 20)" in md and "[interactive](study.html)" in md
     html = (out / "study.html").read_text()
-    assert "plotly" in html.lower() and "optimisation history: top1" in html and "parameter importances: top1" in html
+    assert "plotly" in html.lower() and "optimisation history: val_top1" in html and "parameter importances: val_top1" in html
+    assert "**validation** part" in md and "**test** part" in md
     printed = capsys.readouterr().out
     assert "3 complete" in printed and "best trial" in printed
 
@@ -260,7 +268,7 @@ def test_two_workers_share_one_storage_exactly(workdir, tiny_weights):
     assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in trials.values())
     assert len({r.info.run_id for r in runs.values()}) == 4
     summary = pd.read_csv(workdir / "reports" / "tiny" / "summary.csv")
-    assert {"best top1 (maximize)", "best compression_ratio (maximize)", "pareto front"} <= set(summary["selection"])
+    assert {"best val_top1 (maximize)", "best compression_ratio (maximize)", "pareto front"} <= set(summary["selection"])
 
 
 @pytest.mark.slow

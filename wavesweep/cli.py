@@ -237,8 +237,12 @@ def _print_summary(found: Any, parent: str, url: str, final: bool = True) -> Non
           f"(storage {tracking.redact_url(url)}, MLflow run {parent} at {tracking.tracking_uri()})")  # fmt: skip
     best = study.best_trial(found)
     if best is not None:
-        objectives = found.user_attrs.get("objectives") or []
-        vals = ", ".join(f"{o[0]}={v:.4f}" for o, v in zip(objectives, best.values))
+        objectives = [o[0] for o in found.user_attrs.get("objectives") or []]
+        names = list(found.metric_names or objectives)
+        vals = ", ".join(f"{n}={v:.4f}" for n, v in zip(names, best.values))
+        test = [f"{o}={best.user_attrs[o]:.4f}" for o, n in zip(objectives, names)
+                if n != o and isinstance(best.user_attrs.get(o), (int, float))]  # fmt: skip
+        vals += f" (selected on validation; test part: {', '.join(test)})" if test else ""
         print(f"best trial {best.number}: {vals} params {best.params} (MLflow run {best.user_attrs.get('mlflow_run_id')})")
 
 

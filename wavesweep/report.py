@@ -27,6 +27,7 @@ DENSE_NOTE = (
     "stored bytes use one encoding for all methods (kept values + 1-bit position bitmap)."
 )
 SUMMARY_METRICS = (
+    "val_top1", *(f"{m}_val_top1" for m in schema.BASELINES),
     "top1", *(f"{m}_top1" for m in schema.BASELINES), "base_top1", "pruned_fraction", "compression_ratio", "coeff_sparsity",
     *(f"{k}{m}{end}" for m in schema.BASELINES
       for k, end in (("gain_top1_vs_", ""), ("dwt_vs_", "_ci_low"), ("dwt_vs_", "_ci_high"), ("dwt_vs_", "_mcnemar_p"),
@@ -88,7 +89,7 @@ def summary_table(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) ->
     cols += [f"value_{i}" for i in range(len(objectives))]
     cols += [c for c in (*SUMMARY_PARAMS, "recovery") if c in rows]
     cols += [c for c in SUMMARY_METRICS if c in rows]
-    cols += [c for c in ("n_eval", "mlflow_run_id") if c in rows]
+    cols += [c for c in ("n_val", "n_eval", "mlflow_run_id") if c in rows]
     table = rows[cols].rename(columns={"number": "trial", **{f"value_{i}": f"objective {m}" for i, (m, _d) in enumerate(objectives)}})
     return table.reset_index(drop=True)
 
@@ -128,6 +129,19 @@ def _verdicts(table: pd.DataFrame) -> list[str]:
         if parts:
             lines.append(f"- trial {r['trial']} ({r['selection']}): " + "; ".join(parts))
     return lines
+
+
+def _selection_note(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> str:
+    """Which examples chose the best trials and which ones the reported numbers are on."""
+    n_val = frame["n_val"].dropna() if "n_val" in frame else pd.Series(dtype=float)
+    n_test = frame["n_eval"].dropna() if "n_eval" in frame else pd.Series(dtype=float)
+    test = f"{int(n_test.iloc[0])} " if len(n_test) else ""
+    if any(m.startswith("val_") or "_val_" in m for m, _d in objectives) and len(n_val) and n_val.iloc[0] > 0:
+        return (f"Selection: the objective and \"best\" use the **validation** part of the evaluation examples "
+                f"({int(n_val.iloc[0])} examples, `val_*` columns); every other number (top1, gains, intervals, p) is "
+                f"on the disjoint **test** part ({test}examples), stratified by class and seeded (`val_fraction`).")
+    return (f"Selection: the objective and \"best\" use the same {test}test examples as the reported numbers "
+            "(no validation part: `val_fraction` 0), so the best trial's scores are optimistic.")
 
 
 def write_report(
@@ -175,6 +189,8 @@ def write_report(
         f"Objectives: {', '.join(f'{m} ({d})' for m, d in objectives)}.",
         "",
         f"Note: {DENSE_NOTE}",
+        "",
+        _selection_note(frame, objectives),
         "",
         "## Best configurations",
         "",

@@ -60,11 +60,11 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 
 def _importances(study: optuna.Study) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    objectives = study.user_attrs.get("objectives") or []
+    names = study.metric_names or [o[0] for o in study.user_attrs.get("objectives") or []]
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
         return out
-    for i, (metric, _d) in enumerate(objectives):
+    for i, metric in enumerate(names):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -129,6 +129,8 @@ def build_report(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
 
     frame = trials_frame(study)
     objectives = [tuple(o) for o in (study.user_attrs.get("objectives") or [])]
+    if study.metric_names and len(study.metric_names) == len(objectives):  # what the values are (val_top1)
+        objectives = [(name, d) for name, (_m, d) in zip(study.metric_names, objectives)]
     best = best_trial(study)
     if best is not None and best.user_attrs.get("mlflow_run_id") and len(frame):
         row = frame.index[frame["number"] == best.number]

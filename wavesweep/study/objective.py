@@ -57,6 +57,7 @@ USER_ATTR_METRICS = (
     "compression_ratio", *(f"{m}_compression_ratio" for m in schema.BASELINES),
     "stored_bytes", *(f"{m}_stored_bytes" for m in schema.BASELINES), "dense_bytes",
     "coeff_sparsity", "weight_sparsity_model", "n_eval",
+    "val_top1", *(f"{m}_val_top1" for m in schema.BASELINES), *(f"val_gain_top1_vs_{m}" for m in schema.BASELINES), "n_val",
 )  # fmt: skip
 #: config values kept as scalar user attributes (the search-space values are the trial's params)
 USER_ATTR_CONFIG = ("model", "dataset", "recovery", "seed")
@@ -67,7 +68,7 @@ def trial_record(metrics: dict[str, float], result: TrialResult) -> dict[str, An
     method, gaps and intervals, compression, stored bytes), the effective DWT levels (min, max,
     how many layers were clamped below the request) and the class count (chance = 1/num_classes)."""
     record: dict[str, Any] = {k: float(metrics[k]) for k in USER_ATTR_METRICS if k in metrics}
-    record["examples_evaluated"] = 3 * int(metrics["n_eval"])
+    record["examples_evaluated"] = 3 * int(metrics["n_eval"] + metrics.get("n_val", 0))
     layers = result.outcomes["dwt"].stats.layers
     eff = [l.level_effective for l in layers if l.level_effective is not None]
     below = sum(l.level_effective is not None and l.level_requested is not None and l.level_effective < l.level_requested
@@ -88,7 +89,7 @@ def _name_objectives(study: optuna.Study, spec: StudySpec) -> None:
     """Objective names (``study.set_metric_names``) for optuna-dashboard and ``optuna`` CLI tables."""
     import warnings
 
-    names = [o.metric for o in spec.objectives]
+    names = spec.selection_metrics  # what the values are: val_top1 when trials select on validation
     if study.metric_names != names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -157,12 +158,12 @@ def objective(
         raise
     metrics = result.metrics()["parent"]
     values = []
-    for o in spec.objectives:
-        v = metrics.get(o.metric)
+    for name in spec.selection_metrics:
+        v = metrics.get(name)
         if v is None or not math.isfinite(v):
-            tracking.close_run(client, run_id, "FAILED", error=f"objective {o.metric}={v}", tags={"optuna.state": "FAIL"})
-            trial.set_user_attr("error", f"objective {o.metric} is {v}")
-            raise ValueError(f"objective {o.metric} is {v} for trial {trial.number}")
+            tracking.close_run(client, run_id, "FAILED", error=f"objective {name}={v}", tags={"optuna.state": "FAIL"})
+            trial.set_user_attr("error", f"objective {name} is {v}")
+            raise ValueError(f"objective {name} is {v} for trial {trial.number}")
         values.append(float(v))
     _set_user_attrs(trial, trial_record(metrics, result))
     tag_run("COMPLETE", values)

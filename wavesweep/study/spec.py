@@ -8,12 +8,14 @@ Spec (YAML; every key optional except ``space``/``objectives`` as noted)::
     storage: sqlite:///optuna.db    # Optuna storage URL or a *.journal file (default: optuna.db here)
     experiment: wavesweep           # MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or wavesweep)
     base: {model: resnet18, dataset: digits, eval_limit: 500, seed: 0}   # base model and data
-    fixed: {mode: periodization}    # other fixed trial values (timing_batches: 0 unless an objective is a timing metric)
+    fixed: {mode: periodization}    # other fixed trial values (timing_batches: 0 unless an objective is a timing metric;
+                                    # val_fraction: 0.5, the validation part a study selects on; 0 = select on test)
     space:                          # TrialConfig field -> list (categorical) or range
       wavelet: [haar, bior1.3]
       level: {low: 1, high: 5}
       percentile: {low: 10, high: 90, step: 5}      # also: log: true
-    objectives: {top1: maximize}    # any of wavesweep.schema.headline_names(), in order
+    objectives: {top1: maximize}    # any of wavesweep.schema.headline_names(), in order; with a validation part
+                                    # the study optimises each one's validation score (schema.selection_name)
     sampler: tpe                    # or {name: tpe|random|grid|gp|nsga2, seed: 0, <sampler options>}
     pruner: none                    # or {name: median|wilcoxon, <pruner options>}
     n_trials: 20                    # total wanted in the study (COMPLETE + PRUNED); grid: default = grid size
@@ -50,6 +52,7 @@ _PRUNABLE_OBJECTIVE = "top1"  # the chunk reports are partial dwt top-1: only th
 # Resource bounds of a spec, checked before anything is built from it: a small file must not be
 # able to ask for gigabytes (a grid step of 1e-9; the YAML's own bounds are in spec_yaml).
 MAX_GRID_POINTS = 100_000  # points of one grid dimension and of the whole grid
+STUDY_VAL_FRACTION = 0.5  # a study's default validation part (a single trial's default is 0: no selection)
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,14 @@ class StudySpec:
                 raise SpecError(("objectives", o.metric), "timing metrics need timing_batches > 0")
         if len({o.metric for o in self.objectives}) != len(self.objectives):
             raise SpecError(("objectives",), "an objective appears twice")
+        if any(p.name == "val_fraction" for p in self.space):
+            raise SpecError(("space", "val_fraction"), "cannot be searched: it decides which examples select; fix it")
+        for o in self.objectives:
+            if self.validation and schema.selection_name(o.metric) is None:
+                raise SpecError(("objectives", o.metric), (
+                    f"{o.metric} is measured on the test part only, and this study selects on its validation part "
+                    f"(val_fraction={self.fixed['val_fraction']}); use e.g. top1, gain_top1_vs_magnitude or "
+                    "compression_ratio, or set val_fraction: 0 under fixed"))
         if self.sampler not in SAMPLERS:
             raise SpecError(("sampler",), unknown_choice("sampler", self.sampler, SAMPLERS))
         if self.pruner not in PRUNERS:
@@ -233,6 +244,17 @@ class StudySpec:
 
     def grid_space(self) -> dict[str, list[Any]]:
         return {p.name: p.grid() for p in self.space}
+
+    @property
+    def validation(self) -> bool:
+        """Whether trials hold out a validation part of their evaluation examples to select on."""
+        return float(self.fixed.get("val_fraction", 0.0)) > 0
+
+    @property
+    def selection_metrics(self) -> list[str]:
+        """The recorded metric each objective takes its value from: its validation version when
+        trials have a validation part (``top1`` -> ``val_top1``), else the objective itself."""
+        return [schema.selection_name(o.metric) or o.metric if self.validation else o.metric for o in self.objectives]
 
     @property
     def directions(self) -> list[str]:
@@ -386,6 +408,8 @@ def spec_from_mapping(data: Any, *, name: str = "study", path: Path | None = Non
     timed = any(schema.is_timing(o.metric) for o in objectives)
     if not timed and "timing_batches" not in fixed_all and "timing_batches" not in space_raw:
         fixed_all["timing_batches"] = 0  # accuracy studies do not spend trials on inference timing
+    if "val_fraction" not in fixed_all and "val_fraction" not in space_raw:
+        fixed_all["val_fraction"] = STUDY_VAL_FRACTION  # select on validation examples, report test ones
     return StudySpec(
         name=data.get("study") or name,
         space=space,

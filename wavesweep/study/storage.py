@@ -278,4 +278,10 @@ def create_study(spec: StudySpec, storage_url: str) -> optuna.Study:
             f"study {spec.name!r} in {tracking.redact_url(storage_url)} was created with objectives {have}, "
             f"the spec asks for {want}; give the spec another study: name"
         )
+    selected = study.metric_names
+    if selected is not None and list(selected) != spec.selection_metrics:  # e.g. val_fraction changed between launches
+        raise ValueError(
+            f"study {spec.name!r} in {tracking.redact_url(storage_url)} selects on {', '.join(selected)}, the spec on "
+            f"{', '.join(spec.selection_metrics)} (val_fraction changed?); give the spec another study: name"
+        )
     return study
