@@ -243,7 +243,7 @@ def test_aliases_within_the_bounds_still_work(workdir):
     from wavesweep import study
 
     (workdir / "ok.yaml").write_text("study: ok\nfixed: &f {mode: symmetric}\n" + _SPEC_TAIL + "description: x\n")
-    assert study.load_spec(workdir / "ok.yaml").fixed == {"mode": "symmetric", "timing_batches": 0}  # timing off: no timing objective
+    assert study.load_spec(workdir / "ok.yaml").fixed == {"mode": "symmetric", "timing_batches": 0, "val_fraction": 0.5}  # study defaults: no timing, a validation part
     (workdir / "ok.yaml").write_text("study: ok\nsampler: {name: tpe, n_startup_trials: 3, multivariate: true, prior_weight: 2}\n" + _SPEC_TAIL)
     assert study.load_spec(workdir / "ok.yaml").sampler_options == {"n_startup_trials": 3, "multivariate": True, "prior_weight": 2}
 
