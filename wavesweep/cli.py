@@ -70,6 +70,10 @@ def cmd_trial(args: argparse.Namespace) -> int:
         print(f"{name:<10} {ev.top1:7.4f}{pt} {ev.top5:7.4f} {ev.loss:7.4f} {ev.f1_macro:7.4f} {ws} {cs} {sb} {cr} {ms}")
     for k, c in result.paired.items():
         print(f"{k}: gap {c.gap:+.4f} [95% CI {c.ci_low:+.4f}, {c.ci_high:+.4f}], McNemar p={c.mcnemar_p:.3g}")
+    if result.base_val_eval is not None:  # val_fraction > 0: the table is the test part
+        vals = ", ".join(f"{m} {o[m].val_eval.top1:.4f}" for m in o)
+        print(f"validation part ({result.base_val_eval.n} examples; the table is the {result.eval_info['n_eval']} test "
+              f"examples): top1 base {result.base_val_eval.top1:.4f}, {vals}")
     levels = sorted({(l.level_requested, l.level_effective) for l in o["dwt"].stats.layers})
     print("dwt levels (requested, effective): " + ", ".join(f"{a}->{b}" for a, b in levels))
     print("note: dwt weights are dense after reconstruction; its compression is in the coefficients (c-sparsity).")
