@@ -60,6 +60,8 @@ def test_replicate_seeds_and_config_id():
     assert len(ids) == 1 and len(ids.pop()) == 12  # the same configuration whatever the seed
     assert replicates.config_id(TrialConfig(model="cnn", seed=7, wavelet="db2")) != replicates.config_id(cfg)
     assert "fixed weights" in replicates.seeds_note(TrialConfig(weights="w.pt"), 2)
+    assert "caution: digits's train/test split is drawn from the seed" in replicates.seeds_note(TrialConfig(weights="w.pt"), 2)
+    assert "caution" not in replicates.seeds_note(TrialConfig(weights="w.pt", dataset="fashion-mnist"), 2)
     assert "own base model" in replicates.seeds_note(cfg, 2) and "7, 8" in replicates.seeds_note(cfg, 2)
 
 

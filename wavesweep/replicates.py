@@ -7,7 +7,9 @@ Replicate ``i`` (``i = 0 .. n-1``) of a configuration is the same :class:`TrialC
 ``seed = cfg.seed + i``. The trial seed drives the data split (digits), the stratified
 evaluation subset, the base model's training (``train.get_base_model``: a new seed trains and
 caches a new base model), random pruning and the recovery batches' order. With a fixed base
-model (``weights`` set) the base model does not change: only those data and pruning seeds vary.
+model (``weights`` set) the base model does not change: only those data and pruning seeds vary
+(on digits, whose split is drawn from the seed, fixed weights may have trained on another
+seed's test examples: :func:`seeds_note` says so).
 
 Across replicates every shared numeric metric ``m`` is reported as ``m_mean``, ``m_std`` (sample
 standard deviation, ddof=1), ``m_ci_low`` and ``m_ci_high`` (the 95 % Student-t interval for the
@@ -27,6 +29,7 @@ from typing import Any
 from wavesweep.config import TrialConfig, coerce
 
 MAX_REPLICATES = 100  # replicates are whole trials: a typo must not start a thousand of them
+SEEDED_SPLITS = ("digits",)  # datasets whose train/test split is drawn from the seed (data_sources._digits)
 CONFIDENCE = 0.95
 STATS = ("mean", "std", "ci_low", "ci_high")
 
@@ -54,8 +57,12 @@ def seeds_note(cfg: TrialConfig, n: int) -> str:
     """One sentence saying what the replicate seeds vary (for the log and the CLI)."""
     seeds = ", ".join(str(cfg.seed + i) for i in range(n))
     if cfg.weights:
-        return (f"{n} replicates, seeds {seeds}; the base model is the fixed weights {cfg.weights!r}, so only the "
+        note = (f"{n} replicates, seeds {seeds}; the base model is the fixed weights {cfg.weights!r}, so only the "
                 "data split/evaluation subset, random-pruning and recovery-order seeds vary")  # fmt: skip
+        if cfg.dataset in SEEDED_SPLITS:
+            note += (f" (caution: {cfg.dataset}'s train/test split is drawn from the seed, so fixed weights trained on "
+                     "one seed's split may have seen other seeds' test examples)")  # fmt: skip
+        return note
     return f"{n} replicates, seeds {seeds}: each seed has its own base model (trained once and cached), data split/subset and random pruning"
 
 

@@ -125,7 +125,8 @@ def run_tracked_configuration(
         # The replicates go where the configuration run is (an adopted run fixes the experiment).
         exp_id = client.get_run(run_id).info.experiment_id
         exp_name = client.get_experiment(exp_id).name
-        log.info("configuration %s (%s): %s", cid, _desc(cfg), replicates.seeds_note(cfg, n))
+        note = replicates.seeds_note(cfg, n)
+        (log.warning if "caution" in note else log.info)("configuration %s (%s): %s", cid, _desc(cfg), note)
         for i, rcfg in enumerate(replicates.replicate_configs(cfg, n)):
             where = f"replicate {i} (seed {rcfg.seed})"
 
