@@ -53,13 +53,19 @@ def config_id(cfg: TrialConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def split_caution(cfg: TrialConfig) -> bool:
+    """Fixed weights on a dataset whose split is drawn from the seed: other seeds' test examples
+    may be the weights' training examples."""
+    return bool(cfg.weights) and cfg.dataset in SEEDED_SPLITS
+
+
 def seeds_note(cfg: TrialConfig, n: int) -> str:
     """One sentence saying what the replicate seeds vary (for the log and the CLI)."""
     seeds = ", ".join(str(cfg.seed + i) for i in range(n))
     if cfg.weights:
         note = (f"{n} replicates, seeds {seeds}; the base model is the fixed weights {cfg.weights!r}, so only the "
                 "data split/evaluation subset, random-pruning and recovery-order seeds vary")  # fmt: skip
-        if cfg.dataset in SEEDED_SPLITS:
+        if split_caution(cfg):
             note += (f" (caution: {cfg.dataset}'s train/test split is drawn from the seed, so fixed weights trained on "
                      "one seed's split may have seen other seeds' test examples)")  # fmt: skip
         return note

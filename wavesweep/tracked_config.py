@@ -54,7 +54,7 @@ def _desc(cfg: TrialConfig) -> str:
 
 def _start_run(client, exp_id: str, cfg: TrialConfig, n: int, cid: str, *, parent_run_id: str | None,
                adopt_run_id: str | None, tags: dict[str, str] | None) -> tuple[str, bool]:  # fmt: skip
-    """Create (or adopt) the configuration run; returns its id and whether this process owns it."""
+    """Create (or adopt) the configuration run, with its tags; returns its id and whether this process owns it."""
     all_tags = {"wavesweep.kind": "configuration", "method": "configuration", "config_id": cid, **(tags or {}),
                 tracking.MLFLOW_RUN_NAME: f"configuration {_desc(cfg)} x{n} seeds"}  # fmt: skip
     if adopt_run_id and not parent_run_id:
@@ -64,10 +64,13 @@ def _start_run(client, exp_id: str, cfg: TrialConfig, n: int, cid: str, *, paren
         if parent_run_id:
             all_tags[tracking.MLFLOW_PARENT_RUN_ID] = parent_run_id
         run_id, owned = client.create_run(exp_id, run_name=all_tags[tracking.MLFLOW_RUN_NAME], tags=all_tags).info.run_id, True
-    seeds = [cfg.seed + i for i in range(n)]
-    params = {**cfg.to_dict(), "replicates": n, "replicate_seeds": ",".join(map(str, seeds)), "code_version": tracking.code_version()}
-    tracking.log_batch(client, run_id, params=params, new_run=owned)
     return run_id, owned
+
+
+def _log_params(client, run_id: str, cfg: TrialConfig, n: int, owned: bool) -> None:
+    seeds = ",".join(str(cfg.seed + i) for i in range(n))
+    params = {**cfg.to_dict(), "replicates": n, "replicate_seeds": seeds, "code_version": tracking.code_version()}
+    tracking.log_batch(client, run_id, params=params, new_run=owned)  # `mlflow run` logged its -P values: kept
 
 
 def _tag_method_runs(client, exp_id: str, trial_run_id: str, tags: dict[str, str]) -> None:
@@ -120,13 +123,14 @@ def run_tracked_configuration(
     outcome = ConfigurationOutcome(run_id=run_id, config_id=cid)
     if on_run is not None:
         on_run(run_id)
-    where = "replicate 0"
+    where = "setup"
     try:
+        _log_params(client, run_id, cfg, n, owned)
         # The replicates go where the configuration run is (an adopted run fixes the experiment).
         exp_id = client.get_run(run_id).info.experiment_id
         exp_name = client.get_experiment(exp_id).name
         note = replicates.seeds_note(cfg, n)
-        (log.warning if "caution" in note else log.info)("configuration %s (%s): %s", cid, _desc(cfg), note)
+        (log.warning if replicates.split_caution(cfg) else log.info)("configuration %s (%s): %s", cid, _desc(cfg), note)
         for i, rcfg in enumerate(replicates.replicate_configs(cfg, n)):
             where = f"replicate {i} (seed {rcfg.seed})"
 
