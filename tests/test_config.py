@@ -63,7 +63,8 @@ def test_every_field_has_help_cli_flag_and_mlproject_parameter():
     assert all(args[n] == "1" for n in names)
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     main = project["entry_points"]["main"]
-    assert list(main["parameters"]) == names
+    assert [p for p in main["parameters"] if p != "replicates"] == names  # replicates: runs of a config, not a field
+    assert main["parameters"]["replicates"]["default"] == 1 and "--replicates {replicates}" in main["command"]
     for f in fields(TrialConfig):
         default = main["parameters"][f.name]["default"]
         assert TrialConfig.from_mapping({f.name: default}) == TrialConfig(), f.name  # same defaults

@@ -39,18 +39,46 @@ def _trial_config(args: argparse.Namespace) -> TrialConfig:
 
 def cmd_trial(args: argparse.Namespace) -> int:
     from wavesweep import tracking
+    from wavesweep.replicates import check_replicates
 
     try:
         cfg = _trial_config(args)
+        n = check_replicates(args.replicates if args.replicates is not None else 1)
         _check_device(cfg.device)
     except USAGE_ERRORS as exc:
         if args.launched_run_id:  # `mlflow run` already created a run: mark it FAILED with the reason
             client, _ = tracking.init_tracking(run_id=args.launched_run_id)
             tracking.close_run(client, args.launched_run_id, "FAILED", error=f"invalid parameters: {exc}", children=False)
         raise
-    from wavesweep.tracked_trial import run_tracked_trial
+    if n == 1:
+        from wavesweep.tracked_trial import run_tracked_trial
 
-    result, run_id = run_tracked_trial(cfg, experiment=args.experiment, adopt_run_id=args.launched_run_id, progress=not args.quiet)
+        result, run_id = run_tracked_trial(cfg, experiment=args.experiment, adopt_run_id=args.launched_run_id, progress=not args.quiet)
+        _print_trial(result, run_id)
+    else:
+        from wavesweep import replicates
+        from wavesweep.tracked_config import run_tracked_configuration
+
+        def on_replicate(i: int, result: Any, run_id: str) -> None:
+            print(f"replicate {i} of {n} (seed {result.config.seed}):")
+            _print_trial(result, run_id)
+            print(flush=True)
+
+        print(f"configuration: {replicates.seeds_note(cfg, n)}", flush=True)
+        out = run_tracked_configuration(cfg, n, experiment=args.experiment, adopt_run_id=args.launched_run_id,
+                                        progress=not args.quiet, on_replicate=on_replicate)  # fmt: skip
+        print(f"configuration run {out.run_id} (config_id {out.config_id}; replicate runs are its children)")
+        for line in replicates.summary_lines(out.aggregates):
+            print(line)
+    if note := tracking.default_experiment_note(args.launched_run_id):
+        print(note, file=sys.stderr)
+    return 0
+
+
+def _print_trial(result: Any, run_id: str) -> None:
+    """One trial's table: top-1 etc. per method, the paired gaps, the effective levels, warnings."""
+    from wavesweep import tracking
+
     o = result.outcomes
     print(f"trial run {run_id} ({tracking.tracking_uri()})")
     rec = result.config.recovery
@@ -79,9 +107,6 @@ def cmd_trial(args: argparse.Namespace) -> int:
     print("note: dwt weights are dense after reconstruction; its compression is in the coefficients (c-sparsity).")
     for w in result.warnings[:5]:
         print(f"warning: {w}")
-    if note := tracking.default_experiment_note(args.launched_run_id):
-        print(note, file=sys.stderr)
-    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -309,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trial", help="run one tracked trial (dwt vs matched magnitude vs random)")
     add_trial_options(t)
     t.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, $MLFLOW_EXPERIMENT_ID or 'wavesweep')")
+    t.add_argument("--replicates", default=None, metavar="INT",
+                   help="run the configuration with seeds seed, seed+1, ..., seed+N-1: N trial runs below one configuration "
+                        "run holding their mean, std and 95 %% t-interval (default: 1, a single trial run)")  # fmt: skip
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_trial)
 

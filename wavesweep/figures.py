@@ -51,8 +51,9 @@ def _empty(ax: plt.Axes, text: str) -> None:
 MARKERS = {"dwt": "o", "magnitude": "s", "random": "^"}
 DODGE = {"dwt": -1.0, "magnitude": 0.0, "random": 1.0}  # side-by-side offsets, so no marker hides another
 INTERVAL_NOTE = (
-    "error bars: the range over replicate runs where a configuration has several, else the 95 % Wilson "
-    "interval of the accuracy on the n_eval examples"
+    "error bars: the 95 % t-interval over a trial's replicate seeds where it has them (clipped to [0, 1]; one "
+    "configuration tried several times: the envelope),\nelse the range over single-seed trials of one configuration, "
+    "else the 95 % Wilson interval of the accuracy on the n_eval examples"
 )
 
 
@@ -69,11 +70,22 @@ def wilson_interval(top1: float, n: float) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
+def _weighted_mean(values: pd.Series, weights: pd.Series) -> float:
+    """Mean of the non-NaN ``values`` weighted by ``weights`` (NaN when there are none)."""
+    ok = values.notna()
+    return float(np.average(values[ok].astype(float), weights=weights[ok])) if ok.any() else float("nan")
+
+
 def method_points(frame: pd.DataFrame, x: str, y: str = "top1") -> pd.DataFrame:
     """One row per (configuration, method) of the COMPLETE trials: mean ``x`` and ``y`` over the
-    configuration's runs, an interval ``low``..``high`` (the replicate range with several runs,
-    else the Wilson interval on ``n_eval`` examples), ``n_runs``, ``recovery`` and ``prerec`` (the
-    mean ``prerec_<y>``: before recovery). Configurations are the ``CONFIG_COLUMNS`` present."""
+    configuration's runs, an interval ``low``..``high``, ``n_runs`` (seeds), ``recovery`` and
+    ``prerec`` (the mean ``prerec_<y>``: before recovery). Configurations are the
+    ``CONFIG_COLUMNS`` present. The interval: a trial run over replicate seeds (``n_replicates``,
+    ``<y>_ci_low``/``_ci_high``) has its 95 % t-interval (for top-1 clipped to [0, 1]: with few
+    seeds it reaches beyond), and several trials of one configuration
+    the envelope of theirs (a single-seed trial counts as its value); several single-seed trials,
+    their range; one single-seed trial, the Wilson interval on ``n_eval`` examples. Means are
+    weighted by each trial's number of replicates."""
     done = complete(frame)
     keys = [c for c in CONFIG_COLUMNS if c in done]
     rows = []
@@ -83,11 +95,18 @@ def method_points(frame: pd.DataFrame, x: str, y: str = "top1") -> pd.DataFrame:
         if ycol not in done or xcol not in done:
             continue
         pre = done[f"{prefix}prerec_{y}"] if f"{prefix}prerec_{y}" in done else np.nan
-        part = done.assign(_x=done[xcol], _y=done[ycol], _pre=pre).dropna(subset=["_x", "_y"])
+        reps = done["n_replicates"].fillna(1) if "n_replicates" in done else 1
+        lo, hi = (done[f"{ycol}_{e}"] if f"{ycol}_{e}" in done else np.nan for e in ("ci_low", "ci_high"))
+        part = done.assign(_x=done[xcol], _y=done[ycol], _pre=pre, _n=reps, _lo=lo, _hi=hi).dropna(subset=["_x", "_y"])
         groups = part.groupby(keys, dropna=False, sort=False) if keys else [((), part)]
         for _key, g in groups:
-            mean = float(g["_y"].mean())
-            if len(g) > 1:
+            w = g["_n"].astype(float)
+            mean = _weighted_mean(g["_y"], w)
+            if g["_lo"].notna().any() and g["_hi"].notna().any():
+                low, high, kind = float(g["_lo"].fillna(g["_y"]).min()), float(g["_hi"].fillna(g["_y"]).max()), "replicate t-interval"
+                if y == "top1":  # an accuracy: the interval intersected with what is possible
+                    low, high = max(low, 0.0), min(high, 1.0)
+            elif len(g) > 1:
                 low, high, kind = float(g["_y"].min()), float(g["_y"].max()), "replicate range"
             elif "n_eval" in g and pd.notna(g["n_eval"].iloc[0]) and y == "top1":
                 (low, high), kind = wilson_interval(mean, g["n_eval"].iloc[0]), "wilson"
@@ -95,8 +114,8 @@ def method_points(frame: pd.DataFrame, x: str, y: str = "top1") -> pd.DataFrame:
                 low = high = mean
                 kind = "none"
             rows.append({
-                "method": m, x: float(g["_x"].mean()), y: mean, "low": low, "high": high, "n_runs": len(g),
-                "interval": kind, "prerec": float(g["_pre"].mean()), "numbers": list(g["number"]),
+                "method": m, x: _weighted_mean(g["_x"], w), y: mean, "low": low, "high": high, "n_runs": int(w.sum()),
+                "interval": kind, "prerec": _weighted_mean(g["_pre"], w), "numbers": list(g["number"]),
                 **{k: g[k].iloc[0] for k in ("recovery", "wavelet", "layout") if k in g},
             })  # fmt: skip
     return pd.DataFrame(rows)

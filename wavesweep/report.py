@@ -33,6 +33,11 @@ SUMMARY_METRICS = (
       for k, end in (("gain_top1_vs_", ""), ("dwt_vs_", "_ci_low"), ("dwt_vs_", "_ci_high"), ("dwt_vs_", "_mcnemar_p"),
                      ("dwt_vs_", "_p_adj"), ("dwt_vs_", "_verdict"))),
 )  # fmt: skip
+#: a trial over replicate seeds: how many, and the 95 % t-interval over seeds of top-1 and the gains
+REPLICATE_METRICS = (
+    "n_replicates", *(f"{k}_{e}" for k in ("top1", *(f"{m}_top1" for m in schema.BASELINES),
+                                            *(f"gain_top1_vs_{m}" for m in schema.BASELINES)) for e in ("ci_low", "ci_high")),
+)  # fmt: skip
 
 
 def best_rows(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> pd.DataFrame:
@@ -89,6 +94,7 @@ def summary_table(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) ->
     cols += [f"value_{i}" for i in range(len(objectives))]
     cols += [c for c in (*SUMMARY_PARAMS, "recovery") if c in rows]
     cols += [c for c in SUMMARY_METRICS if c in rows]
+    cols += [c for c in REPLICATE_METRICS if c in rows and rows[c].notna().any()]
     cols += [c for c in ("n_val", "n_eval", "mlflow_run_id") if c in rows]
     table = rows[cols].rename(columns={"number": "trial", **{f"value_{i}": f"objective {m}" for i, (m, _d) in enumerate(objectives)}})
     return table.reset_index(drop=True)
@@ -144,6 +150,48 @@ def _selection_note(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) 
             "(no validation part: `val_fraction` 0), so the best trial's scores are optimistic.")
 
 
+def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """For Markdown: each number with a replicate interval as ``mean [low, high]`` in one cell, the
+    interval's own columns dropped (summary.csv keeps them as numbers)."""
+    out = table.copy()
+    for key in dict.fromkeys(c[: -len("_ci_low")] for c in table if c.endswith("_ci_low") and c in REPLICATE_METRICS):
+        lo, hi = f"{key}_ci_low", f"{key}_ci_high"
+        if key not in out or hi not in out:
+            continue
+        cell = lambda r: r[key] if pd.isna(r[lo]) else f"{r[key]:.4g} [{r[lo]:.4g}, {r[hi]:.4g}]"  # noqa: E731
+        out[key] = out.apply(cell, axis=1).astype(object)
+        out = out.drop(columns=[lo, hi])
+    return out
+
+
+def _replicate_lines(table: pd.DataFrame) -> list[str]:
+    """For each summary row of a trial run over replicate seeds: n, and every top-1 and gain as
+    mean [95 % t-interval over the seeds]."""
+    lines = []
+    for r in table.to_dict("records"):
+        n = r.get("n_replicates")
+        if n is None or pd.isna(n) or n < 2:
+            continue
+        parts = []
+        for label, key, sign in (("dwt top-1", "top1", ""), *((f"{b} top-1", f"{b}_top1", "") for b in schema.BASELINES),
+                                 *((f"gain vs {b}", f"gain_top1_vs_{b}", "+") for b in schema.BASELINES)):  # fmt: skip
+            v, lo, hi = r.get(key), r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")
+            if v is None or lo is None or hi is None or pd.isna(v) or pd.isna(lo):
+                continue
+            note = "" if not sign else (": interval contains 0" if lo <= 0 <= hi else ": interval excludes 0")
+            parts.append(f"{label} {v:{sign}.4f} [{lo:{sign}.4f}, {hi:{sign}.4f}]{note}")
+        if parts:
+            lines.append(f"- trial {r['trial']} ({r['selection']}), mean [95 % t-interval] over n = {int(n)} replicate seeds: "
+                         + "; ".join(parts))  # fmt: skip
+    if lines:
+        lines.insert(0, "\nTrials run over replicate seeds (`replicates` in the spec) report the mean of each number over "
+                        "the seeds; the interval is the 95 % Student-t interval for that mean: how the numbers move with the "
+                        "seed (base-model training unless the weights are fixed, data split or evaluation subset, random "
+                        "pruning), not the paired interval over examples. "
+                        "Each replicate's paired statistics are on its own MLflow run.\n")  # fmt: skip
+    return lines
+
+
 def write_report(
     frame: pd.DataFrame,
     out_dir: Path,
@@ -194,7 +242,7 @@ def write_report(
         "",
         "## Best configurations",
         "",
-        to_markdown(table) if len(table) else "_no complete trials_\n",
+        to_markdown(with_intervals(table)) if len(table) else "_no complete trials_\n",
         "Gains are dwt top-1 minus the matched baseline's on the same examples; the interval is a "
         "95 % paired bootstrap interval and p the exact McNemar test on discordant examples. "
         f"Adjusted p: Benjamini-Hochberg over the {n_complete} complete trials compared "
@@ -203,6 +251,7 @@ def write_report(
         "significant improvement.",
         "",
         *_verdicts(table),
+        *_replicate_lines(table),
         "",
         "## Parameter importances",
         "",

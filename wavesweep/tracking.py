@@ -7,7 +7,8 @@ URIs, downloads); no other wavesweep module imports mlflow. Layout of what one t
   (dwt metrics under plain names, ``magnitude_*``/``random_*``/``base_*`` beside them), the paired
   comparisons, the compressed dwt checkpoint, the per-layer table, predictions, warnings;
 * one child run per method (``method`` tag ``dwt``/``magnitude``/``random``) with the same metric
-  names for every method, so the UI compares methods column by column.
+  names for every method, so the UI compares methods column by column;
+* replicates (``wavesweep.tracked_config``): N such trial runs below one configuration run.
 """
 
 from __future__ import annotations
@@ -53,9 +54,7 @@ def tracking_uri() -> str:
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///") :]).expanduser().resolve()
+    return Path(uri[len("sqlite:///") :]).expanduser().resolve() if uri.startswith("sqlite:///") else None
 
 
 def store_exists() -> bool:
@@ -283,15 +282,19 @@ def close_run(
 ) -> None:
     """Close ``run_id`` with ``status`` (FINISHED, FAILED, KILLED), with tag ``error`` and ``tags``.
 
-    ``children``: the method runs below it, closed first with the same status and tags (``True``:
-    look them up; ``False``: none). ``metrics`` go on ``run_id`` only. ``terminate=False`` records
-    everything but leaves ``run_id`` itself open.
+    ``children``: the method runs below it (``True``: look them up; below a configuration run, its
+    replicate trial runs too; ``False``: none), closed first with the same status and tags.
+    ``metrics`` go on ``run_id`` only; ``terminate=False`` records everything but leaves it open.
     """
     extra = {**(tags or {}), **({"error": error[:5000]} if error else {})}
     if children is True:
-        found = client.search_runs([client.get_run(run_id).info.experiment_id],
-                                   filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'")  # fmt: skip
-        children = [r.info.run_id for r in found if r.data.tags.get("wavesweep.kind") == "method" and r.info.status == "RUNNING"]
+        run = client.get_run(run_id)
+        found = client.search_runs([run.info.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'")
+        running = [r for r in found if r.info.status == "RUNNING"]
+        if run.data.tags.get("wavesweep.kind") == "configuration":  # its replicate trial runs, with their method runs
+            for r in (r for r in running if r.data.tags.get("wavesweep.kind") == "trial"):
+                close_run(client, r.info.run_id, status, error=error, tags=tags)
+        children = [r.info.run_id for r in running if r.data.tags.get("wavesweep.kind") == "method"]
     for rid in children or []:
         _best_effort(log_batch, client, rid, tags=extra)  # a full disk must not leave the run RUNNING
         client.set_terminated(rid, status)
@@ -312,11 +315,8 @@ def _layer_series(frame: pd.DataFrame) -> list[tuple[str, float, int]]:
     them by layer; layer names are in the ``layers.json`` table (no one-point metric per layer)."""
     out: list[tuple[str, float, int]] = []
     for i, row in enumerate(frame.itertuples(index=False)):
-        series = {
-            "layer_weight_sparsity": row.weight_sparsity,
-            "layer_coeff_sparsity": row.coeff_sparsity,
-            "layer_rel_l2_error": row.rel_l2_error,
-        }
+        series = {"layer_weight_sparsity": row.weight_sparsity, "layer_coeff_sparsity": row.coeff_sparsity,
+                  "layer_rel_l2_error": row.rel_l2_error}  # fmt: skip
         if row.level_effective is not None and not pd.isna(row.level_effective):
             series["layer_effective_level"] = row.level_effective
         for k, v in series.items():
@@ -366,10 +366,14 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
 
 
 def get_trial_run(client: MlflowClient, run_id: str):
-    """The trial (parent) run for ``run_id``, accepting a method child's id too."""
+    """The trial (parent) run for ``run_id``, accepting a method child's id too, and for a
+    configuration run (replicates) the trial run of its replicate 0 (the base seed)."""
     run = client.get_run(run_id)
     if run.data.tags.get("wavesweep.kind") == "method":
         run = client.get_run(run.data.tags[MLFLOW_PARENT_RUN_ID])
+    if run.data.tags.get("wavesweep.kind") == "configuration":
+        first = client.search_runs([run.info.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and tags.replicate = '0'")
+        run = first[0] if first else run
     if run.data.tags.get("wavesweep.kind") != "trial":
         raise ValueError(f"run {run_id} is not a wavesweep trial run (tag wavesweep.kind={run.data.tags.get('wavesweep.kind')!r})")
     return run
@@ -396,9 +400,7 @@ def trial_layers(client: MlflowClient, run_id: str) -> dict[str, list[Any]] | No
 
 
 def trial_config_of(run) -> TrialConfig:
-    from dataclasses import fields
-
-    names = {f.name for f in fields(TrialConfig)}
+    names = set(TrialConfig.__dataclass_fields__)
     return TrialConfig.from_mapping({k: v for k, v in run.data.params.items() if k in names})
 
 
@@ -412,9 +414,7 @@ def download_checkpoint(client: MlflowClient, run_id: str, method: str, dst: Pat
 # side lives in ``wavesweep.study``; these helpers are the only MLflow calls it makes.
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (kept for callers; same as :func:`redact`)."""
-    return redact(url)
+redact_url = redact  # ``url`` with any password replaced by ``***`` (kept for callers)
 
 
 def start_study_run(

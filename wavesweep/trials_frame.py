@@ -12,6 +12,9 @@ Columns used:
   of weights), ``compression_ratio`` (dense bytes / stored bytes, per method with prefixes),
   ``gain_top1_vs_magnitude``, ``dwt_vs_magnitude_ci_low`` ... ``_mcnemar_p``
 * ``layers``: per-layer sparsity lists of the trial (dict of equal-length lists) or None
+* a trial run over replicate seeds (``replicates`` in the spec): the metrics above are means over
+  the seeds, with ``n_replicates`` and, for top-1 and the gains, ``<name>_ci_low``/``_ci_high``
+  (95 % t-interval over the seeds) and ``<name>_std``
 """
 
 from __future__ import annotations

@@ -135,7 +135,9 @@ def build_report(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
     if best is not None and best.user_attrs.get("mlflow_run_id") and len(frame):
         row = frame.index[frame["number"] == best.number]
         if len(row) and not isinstance(frame.at[row[0], "layers"], dict):
-            frame.at[row[0], "layers"] = tracking.trial_layers(tracking.client(), best.user_attrs["mlflow_run_id"])
+            # a trial over replicates: the layers of its replicate 0 (the same configuration, the base seed)
+            run_id = (best.user_attrs.get("replicate_run_ids") or best.user_attrs["mlflow_run_id"]).split(",")[0]
+            frame.at[row[0], "layers"] = tracking.trial_layers(tracking.client(), run_id)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     html = write_interactive(study, out_dir / "study.html")

@@ -15,10 +15,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from wavesweep import schema, tracking
+from wavesweep import replicates, schema, tracking
 from wavesweep.config import TrialConfig
 from wavesweep.evaluate import Chunk
 from wavesweep.study.spec import StudySpec
+from wavesweep.tracked_config import ConfigurationOutcome, run_tracked_configuration
 from wavesweep.tracked_trial import run_tracked_trial
 from wavesweep.trial import Reporter, TrialResult
 
@@ -137,11 +138,19 @@ def objective(
 
     report = reporter(trial, spec.pruner, chunks) if spec.pruner != "none" else None
     tags = {"optuna.trial_number": str(trial.number), "optuna.study": spec.name}
+    configuration: ConfigurationOutcome | None = None
     try:
-        result, run_id = run_tracked_trial(
-            cfg, parent_run_id=parent_run_id, experiment=experiment, reporter=report, tags=tags, on_run=on_run,
-            early_stop=(optuna.TrialPruned,),
-        )  # fmt: skip
+        if spec.replicates > 1:  # one configuration run over the seeds; its replicate trial runs below it
+            configuration = run_tracked_configuration(
+                cfg, spec.replicates, parent_run_id=parent_run_id, experiment=experiment, reporter=report, tags=tags,
+                on_run=on_run, early_stop=(optuna.TrialPruned,),
+            )  # fmt: skip
+            result, run_id = configuration.results[0], configuration.run_id
+        else:
+            result, run_id = run_tracked_trial(
+                cfg, parent_run_id=parent_run_id, experiment=experiment, reporter=report, tags=tags, on_run=on_run,
+                early_stop=(optuna.TrialPruned,),
+            )  # fmt: skip
     except optuna.TrialPruned:
         last = chunks[-1] if chunks else None
         _set_user_attrs(trial, {
@@ -156,7 +165,7 @@ def objective(
             trial.set_user_attr("interrupted", True)
         tag_run("FAIL")
         raise
-    metrics = result.metrics()["parent"]
+    metrics = result.metrics()["parent"] if configuration is None else replicates.means(configuration.aggregates)
     values = []
     for name in spec.selection_metrics:
         v = metrics.get(name)
@@ -165,6 +174,28 @@ def objective(
             trial.set_user_attr("error", f"objective {name} is {v}")
             raise ValueError(f"objective {name} is {v} for trial {trial.number}")
         values.append(float(v))
-    _set_user_attrs(trial, trial_record(metrics, result))
+    if configuration is None:
+        _set_user_attrs(trial, trial_record(metrics, result))
+    else:
+        _set_user_attrs(trial, replicate_record(metrics, configuration))
     tag_run("COMPLETE", values)
     return values[0] if len(values) == 1 else values
+
+
+def replicate_record(means: dict[str, float], configuration: ConfigurationOutcome) -> dict[str, Any]:
+    """The scalar user attributes of a COMPLETE trial run over replicates: :func:`trial_record` of
+    the replicates' means, with, for every top-1 and gain in it, ``<name>_std``, ``<name>_ci_low`` and
+    ``<name>_ci_high`` (the 95 % t-interval over seeds), plus ``n_replicates``, ``config_id`` and
+    ``replicate_run_ids`` (comma-separated, replicate 0 first).
+
+    The per-replicate paired statistics (``dwt_vs_*``: bootstrap interval over examples, McNemar p)
+    are left out: a mean of p-values or of interval ends is not a statistic. They are on each
+    replicate's run; across seeds, the gain's t-interval is the one to read."""
+    agg = configuration.aggregates
+    record = trial_record({k: v for k, v in means.items() if not k.startswith("dwt_vs_")}, configuration.results[0])
+    n = int(agg["n_replicates"])
+    for key in [k for k in record if k.endswith("top1") or k.startswith(("gain_", "val_gain_"))]:
+        record |= {f"{key}_{s}": float(agg[f"{key}_{s}"]) for s in ("std", "ci_low", "ci_high") if f"{key}_{s}" in agg}
+    record["examples_evaluated"] = 3 * int(means["n_eval"] + means.get("n_val", 0)) * n
+    record |= {"n_replicates": n, "config_id": configuration.config_id, "replicate_run_ids": ",".join(configuration.run_ids)}
+    return record

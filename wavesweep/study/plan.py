@@ -67,6 +67,7 @@ def describe(spec: StudySpec, *, url: str, n_trials: int | None, timeout: float 
         "objectives": {o.metric: o.direction for o in spec.objectives},
         "sampler": {"name": spec.sampler, "seed": spec.seed, **spec.sampler_options},
         "pruner": {"name": spec.pruner, **spec.pruner_options},
+        "replicates": spec.replicates,
         "fixed": dict(spec.fixed),
         "space": space,
         "trial defaults (not set by the spec)": {

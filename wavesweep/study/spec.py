@@ -21,6 +21,13 @@ Spec (YAML; every key optional except ``space``/``objectives`` as noted)::
     n_trials: 20                    # total wanted in the study (COMPLETE + PRUNED); grid: default = grid size
     timeout: null                   # seconds per launch
     max_failures: 3                 # consecutive failed trials that stop a launch
+    replicates: 1                   # seeds per configuration (seed .. seed+N-1); the objective is their mean
+
+With ``replicates: N > 1`` each Optuna trial is one configuration run over N seeds
+(:mod:`wavesweep.tracked_config`): its objective values are the replicates' means, and an
+early-stopping pruner sees the first replicate's partial accuracy only (the same seed, base
+model and examples in every trial, so it compares like with like); a stopped trial runs no
+further replicates.
 """
 
 from __future__ import annotations
@@ -37,13 +44,14 @@ import yaml
 from wavesweep import schema
 from wavesweep.config import TrialConfig
 from wavesweep.names import check_name
+from wavesweep.replicates import MAX_REPLICATES
 from wavesweep.study.options import check_options
 from wavesweep.study.spec_yaml import SpecError, key_lines, line_of, parse_yaml, unknown_choice
 from wavesweep.study.storage import PRUNERS, SAMPLERS
 
 TOP_KEYS = (
     "study", "description", "storage", "experiment", "base", "fixed", "space", "objectives",
-    "sampler", "pruner", "n_trials", "timeout", "max_failures",
+    "sampler", "pruner", "n_trials", "timeout", "max_failures", "replicates",
 )  # fmt: skip
 BASE_KEYS = ("model", "dataset", "eval_limit", "seed", "weights", "data_root", "device", "batch_size")
 RANGE_KEYS = ("low", "high", "step", "log")
@@ -124,6 +132,7 @@ class StudySpec:
     max_failures: int = 3
     description: str = ""
     seed: int = 0  # sampler seed
+    replicates: int = 1  # seeds per configuration: each trial runs seed, seed+1, ... (wavesweep.tracked_config)
     path: Path | None = None
     text: str = ""
 
@@ -197,6 +206,9 @@ class StudySpec:
             raise SpecError(("max_failures",), f"max_failures must be a positive integer, got {self.max_failures!r}")
         if self.storage is not None and not isinstance(self.storage, str):
             raise SpecError(("storage",), f"storage must be a URL or a .journal path, got {self.storage!r}")
+        r = self.replicates
+        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_REPLICATES:
+            raise SpecError(("replicates",), f"replicates must be an integer from 1 to {MAX_REPLICATES}, got {r!r}")
 
     def _check_values(self) -> None:
         """Every fixed value and every choice / range end must make a valid TrialConfig on its own."""
@@ -272,7 +284,7 @@ class StudySpec:
         out: dict[str, Any] = {
             "study": self.name, "sampler": self.sampler, "pruner": self.pruner,
             "objectives": ",".join(f"{o.metric}:{o.direction}" for o in self.objectives),
-            "space": ",".join(p.name for p in self.space), "sampler_seed": self.seed,
+            "space": ",".join(p.name for p in self.space), "sampler_seed": self.seed, "replicates": self.replicates,
         }  # fmt: skip
         out |= {f"fixed.{k}": v for k, v in self.fixed.items()}
         for p in self.space:
@@ -424,6 +436,7 @@ def spec_from_mapping(data: Any, *, name: str = "study", path: Path | None = Non
         storage=data.get("storage"),
         experiment=data.get("experiment"),
         max_failures=data.get("max_failures", 3),
+        replicates=data.get("replicates", 1),
         description=data.get("description") or "",
         seed=seed,
         path=path,

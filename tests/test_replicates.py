@@ -1,0 +1,355 @@
+"""Replicates: the aggregation against a direct NumPy/SciPy computation, the seeds and ids, the
+bad values; the run layout of ``wavesweep trial --replicates`` (slow tests below)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from tests.test_study import tiny_weights, write_spec  # noqa: F401 (a fixture)
+from wavesweep import cli, replicates
+from wavesweep.config import TrialConfig
+
+
+def direct(values: list[float]) -> dict[str, float]:
+    """Oracle: mean, sample std and the 95 % t-interval for the mean, as SciPy computes them."""
+    x = np.asarray(values, dtype=float)
+    mean, std = x.mean(), x.std(ddof=1)
+    if std == 0:  # SciPy's interval of a zero scale is NaN; the interval of a constant is the point
+        return {"mean": mean, "std": 0.0, "ci_low": mean, "ci_high": mean}
+    lo, hi = scipy.stats.t.interval(0.95, df=len(x) - 1, loc=mean, scale=scipy.stats.sem(x))
+    return {"mean": mean, "std": std, "ci_low": lo, "ci_high": hi}
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
+def test_aggregate_matches_a_direct_computation(n):
+    rng = np.random.default_rng(n)
+    rows = [{"top1": float(rng.uniform(0.8, 1.0)), "gain_top1_vs_magnitude": float(rng.normal(0, 0.02)),
+             "stored_bytes": 205220, "val_top1": float(rng.uniform(0.7, 0.9)), "n_eval": 120.0}
+            for _ in range(n)]  # fmt: skip
+    rows[0]["only_in_one"] = 1.0  # not shared: left out
+    rows[-1]["top5"] = 0.99
+    for r in rows[:-1]:
+        r["top5"] = float("nan")  # non-finite somewhere: left out
+    rows[1]["label"] = "text"  # not a number: left out
+    agg = replicates.aggregate(rows)
+    shared = ("top1", "gain_top1_vs_magnitude", "stored_bytes", "val_top1", "n_eval")  # any numeric name, val_* included
+    assert set(agg) == {"n_replicates"} | {f"{k}_{s}" for k in shared for s in ("mean", "std", "ci_low", "ci_high")}
+    assert agg["n_replicates"] == n
+    for k in shared:
+        want = direct([r[k] for r in rows])
+        for s, v in want.items():
+            assert agg[f"{k}_{s}"] == pytest.approx(v, rel=1e-12, abs=1e-15), (k, s)
+    assert agg["stored_bytes_ci_low"] == agg["stored_bytes_ci_high"] == 205220  # no spread, no width
+    assert replicates.means(agg) == {k: agg[f"{k}_mean"] for k in shared}
+
+
+def test_aggregate_of_one_replicate_is_its_value_and_of_none_an_error():
+    assert replicates.aggregate([{"top1": 0.5, "x": float("inf")}]) == {"n_replicates": 1.0, "top1_mean": 0.5}
+    with pytest.raises(ValueError, match="at least one"):
+        replicates.aggregate([])
+
+
+def test_replicate_seeds_and_config_id():
+    cfg = TrialConfig(model="cnn", seed=7, wavelet="haar")
+    reps = replicates.replicate_configs(cfg, 3)
+    assert [c.seed for c in reps] == [7, 8, 9]
+    assert all({**c.to_dict(), "seed": 7} == cfg.to_dict() for c in reps)
+    ids = {replicates.config_id(c) for c in reps}
+    assert len(ids) == 1 and len(ids.pop()) == 12  # the same configuration whatever the seed
+    assert replicates.config_id(TrialConfig(model="cnn", seed=7, wavelet="db2")) != replicates.config_id(cfg)
+    assert "fixed weights" in replicates.seeds_note(TrialConfig(weights="w.pt"), 2)
+    assert "caution: digits's train/test split is drawn from the seed" in replicates.seeds_note(TrialConfig(weights="w.pt"), 2)
+    assert "caution" not in replicates.seeds_note(TrialConfig(weights="w.pt", dataset="fashion-mnist"), 2)
+    assert "own base model" in replicates.seeds_note(cfg, 2) and "7, 8" in replicates.seeds_note(cfg, 2)
+
+
+@pytest.mark.parametrize("value,ok", [(1, 1), ("3", 3), ("3.0", 3), (2.0, 2), (0, None), (-1, None), ("abc", None),
+                                      (2.5, None), (True, None), (replicates.MAX_REPLICATES + 1, None)])  # fmt: skip
+def test_check_replicates(value, ok):
+    if ok is None:
+        with pytest.raises(ValueError, match="replicates"):
+            replicates.check_replicates(value)
+    else:
+        assert replicates.check_replicates(value) == ok
+
+
+def test_summary_lines_show_mean_and_half_interval():
+    rows = [{"top1": 0.9, "magnitude_top1": 0.8, "random_top1": 0.1, "base_top1": 0.95, "gain_top1_vs_magnitude": 0.1,
+             "gain_top1_vs_random": 0.8}, {"top1": 0.94, "magnitude_top1": 0.86, "random_top1": 0.12, "base_top1": 0.95,
+             "gain_top1_vs_magnitude": 0.08, "gain_top1_vs_random": 0.82}]  # fmt: skip
+    agg = replicates.aggregate(rows)
+    text = "\n".join(replicates.summary_lines(agg))
+    half = (agg["top1_ci_high"] - agg["top1_ci_low"]) / 2
+    assert f"dwt           0.9200 {half:7.4f}" in text
+    assert f"dwt_vs_magnitude: gain +0.0900 [95% CI {agg['gain_top1_vs_magnitude_ci_low']:+.4f}" in text
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", "101"])
+def test_bad_replicates_is_one_line_and_creates_nothing(workdir, capsys, value):
+    assert cli.main(["trial", "--model", "cnn", "--replicates", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("wavesweep: error: replicates=") and repr(value) in err
+    assert not (workdir / "mlflow.db").exists()
+
+
+def test_a_spec_takes_replicates_and_rejects_bad_ones(workdir, capsys):
+    from wavesweep import study
+
+    base = "study: x\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n"
+    (workdir / "ok.yaml").write_text(base + "replicates: 3\npruner: median\n")
+    spec = study.load_spec(workdir / "ok.yaml")
+    assert spec.replicates == 3 and spec.summary_params()["replicates"] == 3
+    assert study.load_spec(workdir / "ok.yaml", overrides={"replicates": 2}).replicates == 2  # --set replicates=2
+    (workdir / "default.yaml").write_text(base)
+    assert study.load_spec(workdir / "default.yaml").replicates == 1
+    for bad in ("0", "2.5", "true", "x", "1000"):
+        (workdir / "bad.yaml").write_text(base + f"replicates: {bad}\n")
+        assert cli.main(["study", str(workdir / "bad.yaml"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "bad.yaml:5: replicates: replicates must be an integer from 1 to" in err, err
+    assert not (workdir / "optuna.db").exists()
+
+
+# --------------------------------------------------------------------------- recorded in MLflow (slow)
+
+TINY = ["--model", "cnn", "--eval-limit", "60", "--timing-batches", "0", "--wavelet", "haar", "--level", "2", "--percentile", "60"]
+
+
+def _runs_by_kind(client, experiment: str = "wavesweep") -> dict[str, list]:
+    exp = client.get_experiment_by_name(experiment)
+    out: dict[str, list] = {}
+    for r in client.search_runs([exp.experiment_id], max_results=1000):
+        out.setdefault(r.data.tags.get("wavesweep.kind"), []).append(r)
+    return out
+
+
+def headline(run) -> dict[str, float]:
+    """A trial run's results as read back (not the per-layer series, not the phase timings)."""
+    return {k: v for k, v in run.data.metrics.items() if not k.startswith(("layer_", "seconds_"))}
+
+
+def assert_aggregates_recomputed(config_run, replicate_runs) -> None:
+    """Every ``<m>_mean/_std/_ci_low/_ci_high`` on the configuration run equals a direct
+    computation from the replicate runs' metrics, and every shared metric is aggregated."""
+    rows = [headline(r) for r in replicate_runs]
+    shared = set(rows[0]).intersection(*rows[1:])
+    got = config_run.data.metrics
+    assert got["n_replicates"] == len(rows)
+    assert {k[: -len("_mean")] for k in got if k.endswith("_mean")} == shared
+    for k in shared:
+        for s, v in direct([r[k] for r in rows]).items():
+            assert got[f"{k}_{s}"] == pytest.approx(v, rel=1e-9, abs=1e-12), (k, s)
+
+
+@pytest.mark.slow
+def test_trial_cli_replicates_records_a_configuration_run_with_replicate_children(workdir, capsys, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    assert cli.main(["trial", *TINY, "--replicates", "2", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "replicate 0 of 2 (seed 0):" in out and "replicate 1 of 2 (seed 1):" in out and "over 2 replicates" in out
+    client = MlflowClient()
+    runs = _runs_by_kind(client)
+    assert sorted((k, len(v)) for k, v in runs.items()) == [("configuration", 1), ("method", 6), ("trial", 2)]
+    assert all(r.info.status == "FINISHED" for v in runs.values() for r in v)
+    (config,) = runs["configuration"]
+    cid = config.data.tags["config_id"]
+    assert config.data.tags["method"] == "configuration" and "mlflow.parentRunId" not in config.data.tags
+    assert config.data.params["replicates"] == "2" and config.data.params["seed"] == "0"
+    assert config.data.params["replicate_seeds"] == "0,1"
+    trials = sorted(runs["trial"], key=lambda r: int(r.data.tags["replicate"]))
+    assert [r.data.tags["mlflow.parentRunId"] for r in trials] == [config.info.run_id] * 2
+    assert [(r.data.tags["replicate"], r.data.params["seed"], r.data.tags["config_id"]) for r in trials] == [("0", "0", cid), ("1", "1", cid)]
+    # each seed has its own base model (trained and cached for seed 1)
+    assert trials[0].data.params["base_checksum"] != trials[1].data.params["base_checksum"]
+    for t in trials:
+        kids = [r for r in runs["method"] if r.data.tags["mlflow.parentRunId"] == t.info.run_id]
+        assert sorted(r.data.tags["method"] for r in kids) == ["dwt", "magnitude", "random"]
+        assert {(r.data.tags["replicate"], r.data.tags["config_id"]) for r in kids} == {(t.data.tags["replicate"], cid)}
+    assert_aggregates_recomputed(config, trials)
+    assert "top1_ci_low" in config.data.metrics and "gain_top1_vs_magnitude_ci_high" in config.data.metrics
+    table = __import__("pandas").read_csv(client.download_artifacts(config.info.run_id, "replicates.csv", str(tmp_path)))
+    assert list(table["run_id"]) == [t.info.run_id for t in trials] and list(table["seed"]) == [0, 1]
+    assert list(table["top1"]) == [t.data.metrics["top1"] for t in trials]
+    # registering a configuration registers its replicate 0 (the base seed)
+    from wavesweep import tracking
+
+    assert tracking.get_trial_run(client, config.info.run_id).info.run_id == trials[0].info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop,status", [(RuntimeError("disk on fire"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_failing_replicate_closes_every_run(workdir, monkeypatch, stop, status):
+    from mlflow.tracking import MlflowClient
+
+    from wavesweep import tracked_trial
+    from wavesweep.tracked_config import run_tracked_configuration
+
+    real, calls = tracked_trial.run_trial, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise stop
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracked_trial, "run_trial", second_fails)
+    cfg = TrialConfig(model="cnn", eval_limit=40, timing_batches=0, wavelet="haar", level=2)
+    with pytest.raises(type(stop)):
+        run_tracked_configuration(cfg, 3)
+    runs = _runs_by_kind(MlflowClient())
+    (config,) = runs["configuration"]
+    assert config.info.status == status
+    assert "replicate 1 (seed 1)" in config.data.tags["error"]
+    trials = {r.data.tags["replicate"]: r for r in runs["trial"]}
+    assert sorted(trials) == ["0", "1"]  # replicate 2 never started
+    assert trials["0"].info.status == "FINISHED" and trials["1"].info.status == status
+    assert not [r for v in runs.values() for r in v if r.info.status == "RUNNING"]
+    assert not any(k.endswith("_mean") for k in config.data.metrics)  # no aggregate of an incomplete configuration
+
+
+@pytest.mark.slow
+def test_closing_a_configuration_run_closes_its_running_replicates(workdir):
+    """A stop that lands before a replicate's own cleanup (inside create_run) or a lost worker:
+    closing the configuration run closes the replicate trial runs and their method runs too."""
+    from wavesweep import tracking
+
+    client, exp = tracking.init_tracking()
+    config = client.create_run(exp, tags={"wavesweep.kind": "configuration"}).info.run_id
+    trial = client.create_run(exp, tags={"wavesweep.kind": "trial", "mlflow.parentRunId": config}).info.run_id
+    method = client.create_run(exp, tags={"wavesweep.kind": "method", "mlflow.parentRunId": trial}).info.run_id
+    done = client.create_run(exp, tags={"wavesweep.kind": "trial", "mlflow.parentRunId": config}).info.run_id
+    client.set_terminated(done, "FINISHED")
+    tracking.close_run(client, config, "KILLED", error="interrupted (SIGTERM)")
+    status = {rid: client.get_run(rid).info.status for rid in (config, trial, method, done)}
+    assert status == {config: "KILLED", trial: "KILLED", method: "KILLED", done: "FINISHED"}
+    assert client.get_run(method).data.tags["error"] == "interrupted (SIGTERM)"
+
+
+@pytest.mark.slow
+def test_study_with_replicates_records_configurations_and_optimises_their_means(workdir, tiny_weights, monkeypatch):
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from wavesweep import study, tracked_config
+
+    real, reporters = tracked_config.run_tracked_trial, []
+
+    def spy(cfg, **kwargs):  # the pruner sees the first replicate only
+        reporters.append((cfg.seed, kwargs["reporter"] is not None))
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(tracked_config, "run_tracked_trial", spy)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, replicates=2, n_trials=2,
+                      pruner={"name": "median", "n_startup_trials": 5})  # fmt: skip
+    assert cli.main(["study", str(spec), "-q"]) == 0
+    assert reporters == [(0, True), (1, False)] * 2
+    trials = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).get_trials()
+    assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+    client = MlflowClient()
+    runs = _runs_by_kind(client)
+    assert sorted((k, len(v)) for k, v in runs.items()) == [("configuration", 2), ("method", 12), ("study", 1), ("trial", 4)]
+    assert all(r.info.status == "FINISHED" for v in runs.values() for r in v)
+    (study_run,) = runs["study"]
+    assert study_run.data.params["replicates"] == "2"
+    for t in trials:
+        config = client.get_run(t.user_attrs["mlflow_run_id"])
+        tags = config.data.tags
+        assert tags["wavesweep.kind"] == "configuration" and tags["mlflow.parentRunId"] == study_run.info.run_id
+        assert (tags["optuna.study"], tags["optuna.trial_number"], tags["optuna.state"]) == ("tiny", str(t.number), "COMPLETE")
+        assert float(config.data.params["percentile"]) == t.params["percentile"] and config.data.params["wavelet"] == t.params["wavelet"]
+        reps = sorted((r for r in runs["trial"] if r.data.tags["mlflow.parentRunId"] == config.info.run_id),
+                      key=lambda r: int(r.data.tags["replicate"]))  # fmt: skip
+        assert [r.data.params["seed"] for r in reps] == ["0", "1"]
+        assert reps[0].data.params["base_checksum"] == reps[1].data.params["base_checksum"]  # fixed weights: one base model
+        assert all(r.data.tags["optuna.trial_number"] == str(t.number) for r in reps)
+        assert t.user_attrs["replicate_run_ids"] == ",".join(r.info.run_id for r in reps)
+        assert len(t.intermediate_values) == 4  # the first replicate's evaluation chunks only
+        assert_aggregates_recomputed(config, reps)
+        # the objective value is the mean over the replicates of the objective metric
+        assert t.value == pytest.approx(np.mean([r.data.metrics["top1"] for r in reps]), abs=1e-12)
+        for key in ("top1", "magnitude_top1", "random_top1", "gain_top1_vs_magnitude", "gain_top1_vs_random"):
+            want = direct([r.data.metrics[key] for r in reps])
+            assert t.user_attrs[key] == pytest.approx(want["mean"], abs=1e-12), key
+            assert (t.user_attrs[f"{key}_ci_low"], t.user_attrs[f"{key}_ci_high"]) == pytest.approx((want["ci_low"], want["ci_high"]))
+        assert t.user_attrs["n_replicates"] == 2 and t.user_attrs["examples_evaluated"] == 3 * 40 * 2
+        assert not any(k.startswith("dwt_vs_") for k in t.user_attrs)  # a mean of p-values is not a statistic
+    md = (workdir / "reports" / "tiny" / "summary.md").read_text()
+    assert "mean [95 % t-interval] over n = 2 replicate seeds" in md
+    import pandas as pd
+
+    summary = pd.read_csv(workdir / "reports" / "tiny" / "summary.csv")
+    assert summary.loc[0, "n_replicates"] == 2 and "top1_ci_low" in summary
+
+
+def test_report_uses_the_replicate_interval(tmp_path):
+    """A trials frame with a trial over replicate seeds: its error bars are its t-interval (top-1
+    clipped to [0, 1]), summary.md shows mean [interval] and n; single-seed rows are unchanged."""
+    import pandas as pd
+
+    from tests.test_report import make_frame
+    from wavesweep import figures, report
+
+    frame = make_frame(6)
+    frame = frame.assign(state="COMPLETE", value_0=frame["top1"], n_replicates=np.nan)
+    i = int(frame["top1"].idxmax())
+    top1 = frame.loc[i, "top1"]
+    frame.loc[i, ["n_replicates", "top1_ci_low", "top1_ci_high", "magnitude_top1_ci_low", "magnitude_top1_ci_high",
+                  "gain_top1_vs_magnitude_ci_low", "gain_top1_vs_magnitude_ci_high"]] = [
+        3, top1 - 0.05, top1 + 0.05, 0.80, 0.90, 0.01, 0.05]  # fmt: skip
+    frame.loc[i, ["dwt_vs_magnitude_ci_low", "dwt_vs_magnitude_ci_high", "dwt_vs_magnitude_mcnemar_p"]] = np.nan
+    pts = figures.method_points(frame, "pruned_fraction")
+    row = pts[(pts["method"] == "dwt") & pts["numbers"].map(lambda n: n == [frame.loc[i, "number"]])].iloc[0]
+    assert row["interval"] == "replicate t-interval" and row["n_runs"] == 3
+    assert (row["low"], row["high"]) == pytest.approx((top1 - 0.05, min(1.0, top1 + 0.05)))
+    mag = pts[(pts["method"] == "magnitude") & (pts["n_runs"] == 3)].iloc[0]
+    assert (mag["low"], mag["high"]) == pytest.approx((0.80, 0.90))
+    assert set(pts.loc[pts["n_runs"] == 1, "interval"]) == {"wilson"}
+    files = report.write_report(frame, tmp_path, study_name="r", objectives=[("top1", "maximize")], importances={})
+    summary = pd.read_csv(files["summary_csv"])
+    assert summary.loc[0, "n_replicates"] == 3 and summary.loc[0, "top1_ci_low"] == pytest.approx(top1 - 0.05)
+    md = files["summary_md"].read_text()
+    assert f"| {top1:.4g} [{top1 - 0.05:.4g}, {top1 + 0.05:.4g}] |" in md and "top1_ci_low" not in md
+    line = next(l for l in md.splitlines() if l.startswith(f"- trial {frame.loc[i, 'number']} (best top1") and "replicate" in l)
+    assert "n = 3 replicate seeds" in line and "gain vs magnitude" in line and "interval excludes 0" in line
+
+
+@pytest.mark.slow
+def test_mlflow_run_replicates_adopts_the_launched_run_as_the_configuration_run(workdir, shared_cache):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import subprocess_env
+
+    root = Path(__file__).resolve().parents[1]
+
+    def mlflow_run(experiment: str, **params: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "mlflow", "run", str(root), "--env-manager", "local", "--experiment-name", experiment]
+        for k, v in {"model": "cnn", "eval_limit": "40", "timing_batches": "0", "wavelet": "haar", **params}.items():
+            cmd += ["-P", f"{k}={v}"]
+        return subprocess.run(cmd, cwd=workdir, env=subprocess_env(workdir, shared_cache), capture_output=True, text=True, timeout=900)
+
+    proc = mlflow_run("rep", replicates="2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    runs = _runs_by_kind(client, "rep")
+    assert sorted((k, len(v)) for k, v in runs.items()) == [("configuration", 1), ("method", 6), ("trial", 2)]
+    (config,) = runs["configuration"]
+    assert config.data.tags.get("mlflow.project.entryPoint") == "main"  # the run `mlflow run` created
+    assert all(r.info.status == "FINISHED" for v in runs.values() for r in v)
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs["trial"]} == {config.info.run_id}
+    assert_aggregates_recomputed(config, runs["trial"])
+
+    bad = mlflow_run("bad", replicates="0")
+    assert bad.returncode != 0
+    lines = [l for l in bad.stderr.splitlines() if l.startswith("wavesweep: error:")]
+    assert len(lines) == 1 and "replicates='0'" in lines[0], bad.stderr[-2000:]
+    (failed,) = [r for v in _runs_by_kind(client, "bad").values() for r in v]
+    assert failed.info.status == "FAILED" and "replicates='0'" in failed.data.tags["error"]
