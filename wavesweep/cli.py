@@ -156,19 +156,34 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from wavesweep import tracking
+    """MLflow's server on this project's store (see wavesweep.mlflow_ui for why not plain ``mlflow ui``):
+    prints the URL once it answers; runs until Ctrl-C. Exit 1 when the server stops before answering."""
+    import subprocess
 
-    tracking.init_tracking()  # creates the store (and its schema) when there is none yet
-    # One worker: MLflow's default of 4 processes, each importing MLflow, takes tens of seconds to
-    # answer on a small machine; one serves a person browsing runs.
-    cmd = ["mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", args.host, "--port", str(args.port),
-           "--workers", "1"]  # fmt: skip
-    print("starting: " + " ".join(cmd))
-    # MLflow's job executor serves GenAI features and starts several worker processes; browsing
-    # and comparing runs does not need it.
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    os.execvp(cmd[0], cmd)
-    return 0  # not reached
+    from wavesweep import mlflow_ui, store
+    from wavesweep.redact import redact
+
+    if mlflow_ui.port_taken(args.host, args.port):
+        raise ValueError(f"port {args.port} on {args.host} is in use (another MLflow UI?): give another --port")
+    uri = store.tracking_uri()
+    if not store.store_exists():  # a new store: its schema and the wavesweep experiment (imports MLflow)
+        from wavesweep import tracking
+
+        tracking.init_tracking()
+    url = mlflow_ui.browse_url(args.host, args.port)
+    print(f"starting the MLflow UI on {redact(uri)} ({mlflow_ui.WORKERS} worker, no job executor) ...", flush=True)
+    proc = subprocess.Popen(mlflow_ui.server_command(args.host, args.port), env=mlflow_ui.server_env(uri))
+    try:
+        if not mlflow_ui.wait_until_answers(proc, url):
+            print(f"wavesweep: error: the MLflow UI server stopped (exit code {proc.returncode}) before answering; "
+                  "its messages are above", file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"MLflow UI: {url}  (Ctrl-C stops it)", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reaches the server too; SIGTERM may reach only this process
+        with interrupt.ignored():
+            mlflow_ui.stop(proc)
+        raise
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -366,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list registered wavesweep models, versions and aliases")
     m.set_defaults(func=cmd_models)
 
-    u = sub.add_parser("ui", help="start the MLflow UI on this project's store")
+    u = sub.add_parser("ui", help="start the MLflow UI on this project's store (answers in seconds; prints its URL)")
     u.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
     u.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     u.set_defaults(func=cmd_ui)
@@ -463,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         with interrupt.stop_signals():  # SIGTERM (timeout, Slurm, docker stop) is handled like Ctrl-C
-            if args.func not in (cmd_train,):
+            if args.func not in (cmd_train, cmd_ui):  # ui: no MLflow import in this process
                 from wavesweep import tracking
 
                 tracking.set_tracking_uri()  # once per process, for MLflow's own functions

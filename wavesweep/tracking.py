@@ -1,7 +1,8 @@
 """MLflow tracking: the store, trial runs, params/metrics/tables/artifacts, studies.
 
 The tracking layer is this module and :mod:`wavesweep.model_registry` (the Model Registry, model
-URIs, downloads); no other wavesweep module imports mlflow. Layout of what one trial records:
+URIs, downloads), with :mod:`wavesweep.mlflow_ui` (the server of ``wavesweep ui``); no other
+wavesweep module imports mlflow. Layout of what one trial records:
 
 * parent run (``method`` tag ``trial``): the full config, base-model identity, the headline
   (dwt metrics under plain names, ``magnitude_*``/``random_*``/``base_*`` beside them), the paired
@@ -37,31 +38,16 @@ import wavesweep
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import file_lock
 from wavesweep.redact import redact
+from wavesweep.store import DEFAULT_TRACKING_URI, _sqlite_path, store_exists, tracking_uri  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "wavesweep"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CHECKPOINT_DIR = "checkpoints"  # run-relative artifact folder of compressed checkpoints
 
 
 # --------------------------------------------------------------------------- store
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///") :]).expanduser().resolve() if uri.startswith("sqlite:///") else None
-
-
-def store_exists() -> bool:
-    """Whether the tracking store can be read without creating it: False only for a SQLite URI
-    whose file does not exist (commands that only read must not create a store or an experiment)."""
-    db = _sqlite_path(tracking_uri())
-    return db is None or db.is_file()
 
 
 def set_tracking_uri() -> str:

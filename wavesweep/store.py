@@ -1,0 +1,25 @@
+"""Where the MLflow tracking store is, without importing MLflow (``wavesweep ui`` starts in a blink)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :]).expanduser().resolve()
+
+
+def store_exists() -> bool:
+    """Whether the tracking store can be read without creating it: False only for a SQLite URI
+    whose file does not exist (commands that only read must not create a store or an experiment)."""
+    db = _sqlite_path(tracking_uri())
+    return db is None or db.is_file()
