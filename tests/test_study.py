@@ -7,6 +7,7 @@ session, so trials take a few seconds.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -77,7 +78,7 @@ def assert_agree(name: str = "tiny") -> tuple[dict, dict]:
         assert run.info.status in (expected if isinstance(expected, tuple) else (expected,)), (n, t.state, run.info.status)
         if t.state == TrialState.COMPLETE:
             loaded = optuna.load_study(study_name=name, storage=study.DEFAULT_STORAGE)
-            names = loaded.metric_names or [o[0] for o in loaded.user_attrs["objectives"]]  # val_top1 with a validation part
+            names = loaded.metric_names or [m for m, _d in study.study_objectives(loaded)]  # val_top1 with a validation part
             for metric, value in zip(names, t.values, strict=True):
                 assert run.data.metrics[metric] == pytest.approx(value, abs=1e-12)
             # headline numbers as scalar user attributes (readable in optuna-dashboard), equal to MLflow's
@@ -95,6 +96,13 @@ def assert_agree(name: str = "tiny") -> tuple[dict, dict]:
 
 def run_cli(*argv: str) -> int:
     return cli.main(list(argv))
+
+
+def assert_short_scalars(attrs: dict) -> None:
+    """Readable as table cells (optuna-dashboard, `optuna studies`): no text blocks, lists or dicts."""
+    for k, v in attrs.items():
+        assert v is None or isinstance(v, (str, int, float, bool)), (k, v)
+        assert not isinstance(v, str) or ("\n" not in v and len(v) <= 200), (k, v)
 
 
 # --------------------------------------------------------------------------- specs
@@ -153,6 +161,34 @@ def test_missing_spec_file(workdir, capsys):
     assert "nope.yaml" in capsys.readouterr().err
 
 
+def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, tiny_weights, caplog):
+    """No spec text or lists in the study's user attributes; a changed spec on resume is noted."""
+    from wavesweep.study.storage import create_study
+
+    path = write_spec(workdir / "tiny.yaml", tiny_weights, objectives={"top1": "maximize", "compression_ratio": "maximize"})
+    spec = study.load_spec(path)
+    s = create_study(spec, study.DEFAULT_STORAGE)
+    assert_short_scalars(s.user_attrs)
+    assert s.user_attrs == {"objectives": "top1:maximize, compression_ratio:maximize",
+                            "spec_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}  # fmt: skip
+    assert s.metric_names == spec.selection_metrics  # optuna-dashboard's objective names: val_top1, ...
+    assert study.study_objectives(s) == [("top1", "maximize"), ("compression_ratio", "maximize")]
+    first = s.user_attrs["spec_sha256"]
+    resumed = create_study(study.load_spec(path, overrides={"n_trials": 5}), study.DEFAULT_STORAGE)
+    assert resumed.user_attrs["spec_sha256"] not in ("", first)
+    assert "the spec differs from the last launch's" in caplog.text
+    with pytest.raises(ValueError, match="created with objectives top1:maximize, compression_ratio:maximize"):
+        create_study(study.load_spec(write_spec(workdir / "other.yaml", tiny_weights)), study.DEFAULT_STORAGE)
+
+
+def test_objectives_of_studies_recorded_before(workdir):
+    """Older studies kept objectives as a list of pairs; readers take both forms."""
+    s = optuna.create_study(study_name="old", storage=study.DEFAULT_STORAGE, directions=["maximize", "minimize"])
+    assert study.study_objectives(s) == [("value_0", "maximize"), ("value_1", "minimize")]
+    s.set_user_attr("objectives", [["top1", "maximize"], ["infer_median_ms", "minimize"]])
+    assert study.study_objectives(s) == [("top1", "maximize"), ("infer_median_ms", "minimize")]
+
+
 # --------------------------------------------------------------------------- studies
 
 
@@ -173,7 +209,6 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["optuna.study"] == "tiny" and parent.data.tags["wavesweep.kind"] == "study"
     assert parent.data.tags["optuna.storage"] == study.DEFAULT_STORAGE
-    assert "percentile" in parent.data.tags["study.spec"]
     assert parent.data.metrics["n_complete"] == 3
     s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
     assert s.user_attrs["mlflow_run_id"] == parent.info.run_id
@@ -183,6 +218,12 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
         assert t.values[0] == pytest.approx(run.data.metrics["val_top1"])
         assert t.user_attrs["top1"] == pytest.approx(run.data.metrics["top1"])
         assert run.data.metrics["n_val"] + run.data.metrics["n_eval"] == 40 and run.data.params["val_fraction"] == "0.5"
+    assert_short_scalars(s.user_attrs)
+    # the spec is the study run's artifact, byte for byte the spec file; its hash is in both systems
+    got = Path(client.download_artifacts(parent.info.run_id, "spec/tiny.yaml", str(workdir / "dl")))
+    assert got.read_bytes() == spec.read_bytes()
+    assert s.user_attrs["spec_sha256"] == parent.data.tags["study.spec_sha256"] == hashlib.sha256(spec.read_bytes()).hexdigest()
+    assert "study.spec" not in parent.data.tags  # no multi-line tag cell in the UI
     assert parent.data.metrics["best_value"] == pytest.approx(s.best_value)
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/summary.csv" in arts and "report/accuracy_vs_pruned_fraction.png" in arts

@@ -281,7 +281,7 @@ def _print_summary(found: Any, parent: str, url: str, final: bool = True) -> Non
           f"(storage {tracking.redact_url(url)}, MLflow run {parent} at {tracking.tracking_uri()})")  # fmt: skip
     best = study.best_trial(found)
     if best is not None:
-        objectives = [o[0] for o in found.user_attrs.get("objectives") or []]
+        objectives = [m for m, _d in study.study_objectives(found)]
         names = list(found.metric_names or objectives)
         vals = ", ".join(f"{n}={v:.4f}" for n, v in zip(names, best.values))
         test = [f"{o}={best.user_attrs[o]:.4f}" for o, n in zip(objectives, names)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -439,15 +440,21 @@ def start_study_run(
         run_id = client.create_run(experiment_id, run_name=f"study {study_name}").info.run_id
     tags = {
         "wavesweep.kind": "study", "method": "study", "optuna.study": study_name,
-        "optuna.storage": redact_url(storage), "study.spec": spec_text[:7900],
+        "optuna.storage": redact_url(storage), "study.spec_sha256": spec_sha256(spec_text) if spec_text else "",
         "study.spec_file": str(spec_file) if spec_file else "", "code_version": code_version(),
     }  # fmt: skip
     log_batch(client, run_id, params=params, tags=tags)
-    if spec_file is not None:
-        _log_files(client, run_id, {spec_file.name: redact(spec_text)}, "spec")
+    # The spec's text is an artifact (spec/NAME.yaml), not a tag: tags are table cells in the UI.
+    if spec_text:
+        _log_files(client, run_id, {spec_file.name if spec_file else "spec.yaml": redact(spec_text)}, "spec")
     if launched and launched != run_id:
         log_batch(client, launched, tags={"wavesweep.kind": "study-launch", "optuna.study": study_name, "study_run_id": run_id})
     return run_id
+
+
+def spec_sha256(spec_text: str) -> str:
+    """A study spec's identity: sha256 of its text as stored (``spec/`` artifact: secrets redacted)."""
+    return hashlib.sha256(redact(spec_text).encode("utf-8")).hexdigest()
 
 
 def default_experiment_note(run_id: str | None) -> str | None:

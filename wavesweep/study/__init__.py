@@ -12,7 +12,7 @@ The only package that imports optuna. Every study trial is one ``tracked_trial.r
 * ``frame``: the study as a table for reports (``trials_frame``, ``best_trial``, ``build_report``).
 """
 
-from wavesweep.study.frame import best_trial, build_report, study_metrics, trials_frame
+from wavesweep.study.frame import best_trial, build_report, study_metrics, study_objectives, trials_frame
 from wavesweep.study.plan import describe, enqueue_params
 from wavesweep.study.spec import SpecError, StudySpec, load_spec, parse_assignments, spec_from_mapping
 from wavesweep.study.storage import DEFAULT_STORAGE, check_storage_url, open_storage
@@ -21,5 +21,5 @@ from wavesweep.study.workers import StudyOutcome, check_timeout, run_study
 __all__ = [
     "DEFAULT_STORAGE", "SpecError", "StudyOutcome", "StudySpec", "best_trial", "build_report", "check_storage_url",
     "check_timeout", "describe", "enqueue_params", "load_spec", "open_storage", "parse_assignments", "run_study",
-    "spec_from_mapping", "study_metrics", "trials_frame",
+    "spec_from_mapping", "study_metrics", "study_objectives", "trials_frame",
 ]  # fmt: skip

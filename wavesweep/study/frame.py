@@ -15,6 +15,24 @@ from optuna.trial import TrialState
 log = logging.getLogger(__name__)
 
 
+def encode_objectives(objectives: list[tuple[str, str]]) -> str:
+    """``[("top1", "maximize")]`` -> ``"top1:maximize"`` (several: comma-separated), the study's
+    ``objectives`` user attribute: one short string, readable in optuna-dashboard's tables."""
+    return ", ".join(f"{m}:{d}" for m, d in objectives)
+
+
+def study_objectives(study: optuna.Study) -> list[tuple[str, str]]:
+    """The study's objectives as ``(metric, direction)`` pairs, from its ``objectives`` user
+    attribute (a string; a list in studies recorded before), else its metric names and directions."""
+    attr = study.user_attrs.get("objectives")
+    if isinstance(attr, str) and attr:
+        return [tuple(part.strip().rsplit(":", 1)) for part in attr.split(",")]  # type: ignore[misc]
+    if isinstance(attr, list) and attr:
+        return [(str(m), str(d)) for m, d in attr]
+    names = study.metric_names or [f"value_{i}" for i in range(len(study.directions))]
+    return [(n, d.name.lower()) for n, d in zip(names, study.directions)]
+
+
 def study_metrics(study: optuna.Study) -> dict[str, float]:
     trials = study.get_trials(deepcopy=False)
     out = {f"n_{s.name.lower()}": float(sum(t.state == s for t in trials)) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
@@ -37,7 +55,7 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial, built from Optuna storage alone (params, state, values, recorded metrics)."""
-    objectives = study.user_attrs.get("objectives") or [[f"value_{i}", d.name.lower()] for i, d in enumerate(study.directions)]
+    objectives = study_objectives(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {
@@ -60,7 +78,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 
 def _importances(study: optuna.Study) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    names = study.metric_names or [o[0] for o in study.user_attrs.get("objectives") or []]
+    names = study.metric_names or [m for m, _d in study_objectives(study)]
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
         return out
@@ -92,7 +110,7 @@ def write_interactive(study: optuna.Study, path: Path) -> Path | None:
     from wavesweep.fileio import atomic_write
     from wavesweep.trials_frame import importance_caveat
 
-    names = study.metric_names or [o[0] for o in study.user_attrs.get("objectives") or []] or ["value"]
+    names = study.metric_names or [m for m, _d in study_objectives(study)] or ["value"]
     multi = len(study.directions) > 1
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     figs: list[tuple[str, Any]] = []
@@ -128,7 +146,7 @@ def build_report(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
     from wavesweep import report, tracking
 
     frame = trials_frame(study)
-    objectives = [tuple(o) for o in (study.user_attrs.get("objectives") or [])]
+    objectives = study_objectives(study)
     if study.metric_names and len(study.metric_names) == len(objectives):  # what the values are (val_top1)
         objectives = [(name, d) for name, (_m, d) in zip(study.metric_names, objectives)]
     best = best_trial(study)

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from wavesweep import tracking
 from wavesweep.fileio import file_lock
+from wavesweep.study.frame import encode_objectives, study_objectives
 
 if TYPE_CHECKING:
     from wavesweep.study.spec import StudySpec
@@ -268,15 +269,18 @@ def create_study(spec: StudySpec, storage_url: str) -> optuna.Study:
         storage=storage, study_name=spec.name, directions=spec.directions, load_if_exists=True,
         sampler=make_sampler(spec, spec.seed, 1), pruner=make_pruner(spec),
     )  # fmt: skip
-    want = [[o.metric, o.direction] for o in spec.objectives]
-    have = study.user_attrs.get("objectives")
-    if have is None:
-        study.set_user_attr("objectives", want)
-        study.set_user_attr("spec", spec.text)
-    elif have != want:
+    want = [(o.metric, o.direction) for o in spec.objectives]
+    if "objectives" not in study.user_attrs:
+        # Study user attributes are short scalars (optuna-dashboard and `optuna studies` show them
+        # as table cells); the spec itself is an artifact of the study's MLflow run (spec/).
+        study.set_user_attr("objectives", encode_objectives(want))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(spec.selection_metrics)  # what the values are (val_top1 with a validation part)
+    elif (have := study_objectives(study)) != want:
         raise ValueError(
-            f"study {spec.name!r} in {tracking.redact_url(storage_url)} was created with objectives {have}, "
-            f"the spec asks for {want}; give the spec another study: name"
+            f"study {spec.name!r} in {tracking.redact_url(storage_url)} was created with objectives "
+            f"{encode_objectives(have)}, the spec asks for {encode_objectives(want)}; give the spec another study: name"
         )
     selected = study.metric_names
     if selected is not None and list(selected) != spec.selection_metrics:  # e.g. val_fraction changed between launches
@@ -284,4 +288,9 @@ def create_study(spec: StudySpec, storage_url: str) -> optuna.Study:
             f"study {spec.name!r} in {tracking.redact_url(storage_url)} selects on {', '.join(selected)}, the spec on "
             f"{', '.join(spec.selection_metrics)} (val_fraction changed?); give the spec another study: name"
         )
+    if spec.text and study.user_attrs.get("spec_sha256") != (digest := tracking.spec_sha256(spec.text)):
+        if "spec_sha256" in study.user_attrs:
+            log.warning("study %s: the spec differs from the last launch's (sha256 %s, now %s); the study run's spec/ "
+                        "artifact is replaced by this one", spec.name, study.user_attrs["spec_sha256"][:12], digest[:12])  # fmt: skip
+        study.set_user_attr("spec_sha256", digest)
     return study
