@@ -179,7 +179,7 @@ def bench_pruner(tmp: Path, trials: int) -> None:
         s = optuna.load_study(study_name="prune-bench", storage=f"sqlite:///{wd / 'optuna.db'}")
         ts = s.get_trials()
         trial_s = sum(t.duration.total_seconds() for t in ts)
-        examples = sum(t.user_attrs["metrics"]["examples_evaluated"] for t in ts)
+        examples = sum(t.user_attrs.get("examples_evaluated", 0) for t in ts)  # scalar user attribute
         results[label] = (s, ts, examples, trial_s, wall)
     print(f"{'':<15} {'complete':>8} {'pruned':>6} {'examples evaluated':>19} {'trial s':>8} {'best top1':>9}  best config")
     for label, (s, ts, examples, trial_s, _wall) in results.items():
