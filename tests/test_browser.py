@@ -1,5 +1,6 @@
-"""The MLflow UI as a user sees it: a real `mlflow server` over a store filled by a small study,
-driven by Debian's headless Chromium (chromium + chromium-driver; no browser downloads).
+"""The MLflow UI as a user sees it: `wavesweep ui` over a store filled by a small study, driven by
+Debian's headless Chromium (chromium + chromium-driver; no browser downloads), following the
+README's column recipe ("Comparing runs in the MLflow UI") row by row as written there.
 
 Run alone with ``python -m pytest tests/test_browser.py``. Screenshots are written to
 ``$WAVESWEEP_TEST_ARTIFACTS`` (default ``test-artifacts/browser`` in the repository, not committed).
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,30 +86,25 @@ def filled_store(tmp_path_factory, shared_cache):
 
 @pytest.fixture(scope="module")
 def server(filled_store):
+    """`wavesweep ui`, as the README starts it; its URL is the line it prints once the server answers."""
     work, env = filled_store
     port = _free_port()
-    log = open(work / "server.log", "w")
-    # The job executor (huey workers) is for MLflow's GenAI jobs; it is not needed to browse runs.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", env["MLFLOW_TRACKING_URI"],
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=work, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    log_path = work / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "wavesweep", "ui", "--port", str(port)], cwd=work, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.terminate()
-        pytest.fail(f"mlflow server did not answer on {url}: {(work / 'server.log').read_text()[-2000:]}")
+    while f"MLflow UI: {url}" not in log_path.read_text():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.terminate()
+            pytest.fail(f"wavesweep ui did not answer on {url}: {log_path.read_text()[-2000:]}")
+        time.sleep(0.2)
+    assert urllib.request.urlopen(f"{url}/health", timeout=10).status == 200
     yield url
-    proc.terminate()
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the command stops its server
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
@@ -156,7 +154,8 @@ def _click_text(driver, text: str) -> bool:
 
 
 def _tidy(driver) -> None:
-    """MLflow 3's sidebar mode for model training, and the assistant side panel closed."""
+    """MLflow 3's sidebar mode for model training, and the assistant side panel closed (for the
+    screenshots: the runs table and its Columns picker are the same either way)."""
     from selenium.webdriver.common.by import By
 
     _click_text(driver, "Model training")
@@ -180,13 +179,29 @@ def _expand_all(driver) -> None:
         time.sleep(1.0)
 
 
-def _toggle_column(driver, name: str) -> None:
-    """Tick (or untick) ``name`` in the Columns picker, searching for it first.
+SECTION_PREFIX = {"Metrics": "metrics", "Parameters": "params", "Tags": "tags"}  # of the runs table's column ids
 
-    The picker highlights the matched part of every name in ``<strong>`` (``top1`` inside
-    ``base_top1``), so the element clicked is the one whose whole text is ``name``, inside the
-    picker's popup (the sidebar has a "Models" link too).
-    """
+
+def readme_recipe() -> list[tuple[list[tuple[str, str]], str]]:
+    """The README's column recipe: per table row, the ``(section, name)`` entries to click in the
+    Columns picker and what the table then shows."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Comparing runs in the MLflow UI") :]
+    section = section[: section.index("\n## ")]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and " › " in ln]
+    assert rows, "README has no column recipe"
+    out = []
+    for row in rows:
+        clicks, shows = (c.strip() for c in row.strip("|").split("|")[:2])
+        entries = [tuple(e.split(" › ")) for e in clicks.split(", ")]
+        assert all(len(e) == 2 for e in entries), row
+        out.append((entries, shows))
+    return out
+
+
+def _click_column(driver, section: str, name: str) -> None:
+    """In the Columns picker, search ``name`` and click the entry named exactly ``name`` under the
+    picker's section ``section`` ("Tags (2)" is section Tags), as the README tells a user to."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -196,15 +211,31 @@ def _toggle_column(driver, name: str) -> None:
     box = driver.find_element(By.CSS_SELECTOR, "input[placeholder='Search columns']")
     box.send_keys(name)
     time.sleep(0.8)
-    popup = box.find_element(By.XPATH, "ancestor::*[@role='dialog' or @data-radix-popper-content-wrapper][1]")
-    q = json.dumps(name)
-    xpath = (f".//*[normalize-space(.)={q}][not(self::strong)][not(ancestor::strong)]"
-             f"[not(*[not(self::strong)][normalize-space(.)={q}])]")  # fmt: skip
-    found = popup.find_elements(By.XPATH, xpath)
-    assert found, f"column {name!r} not offered by the Columns picker"
-    driver.execute_script("arguments[0].click()", found[0])
+    tree = driver.find_element(By.CSS_SELECTOR, "[data-testid='column-selector-tree']")
+    current, listed, hit = None, [], None
+    for node in tree.find_elements(By.CSS_SELECTOR, ".du-bois-light-tree-treenode"):
+        title = node.find_element(By.CSS_SELECTOR, ".du-bois-light-tree-title").text.strip()
+        if not node.find_elements(By.CSS_SELECTOR, ".du-bois-light-tree-switcher-noop"):  # a section heading
+            current = re.sub(r"\s*\(\d+\)$", "", title)
+            continue
+        listed.append(f"{current} › {title}")
+        if current == section and title == name:
+            hit = node
+            break
+    assert hit is not None, f"{section} › {name} not in the Columns picker; it lists {listed}"
+    driver.execute_script("arguments[0].click()", hit.find_element(By.CSS_SELECTOR, ".du-bois-light-tree-node-content-wrapper"))
+    time.sleep(0.3)
     ActionChains(driver).send_keys(Keys.ESCAPE).perform()
     time.sleep(0.5)
+
+
+def _header(driver) -> tuple[dict[str, str], set[str]]:
+    """The runs table's columns ``{column id: header text}`` and its section headings."""
+    from selenium.webdriver.common.by import By
+
+    cols = {e.get_attribute("col-id"): e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, ".ag-header-cell")}
+    groups = {e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, ".ag-header-group-cell")} - {""}
+    return cols, groups
 
 
 def test_study_runs_listed_with_method_and_wavelet(server, browser, filled_store):
@@ -213,10 +244,26 @@ def test_study_runs_listed_with_method_and_wavelet(server, browser, filled_store
     browser.get(f"{server}/#/experiments/{exp.experiment_id}/runs")
     _wait_text(browser, "study ui-study")
     _tidy(browser)
-    for col in ("Dataset", "Source", "Models"):  # default columns that are empty for wavesweep runs
-        _toggle_column(browser, col)
-    for col in ("method", "wavelet", "layout", "top1", "compression_ratio"):
-        _toggle_column(browser, col)
+    _expand_all(browser)
+    expected: dict[str, str] = {}
+    for entries, shows in readme_recipe():  # the README's table, row by row, as written
+        for section, name in entries:
+            _click_column(browser, section, name)
+        cols, groups = _header(browser)
+        if shows.startswith("no "):  # "no Dataset, Source, Models columns"
+            for section, name in entries:
+                assert name not in cols.values(), (name, cols)
+            continue
+        m = re.fullmatch(r"column `([^`]+)` under \*(\w+)\*", shows)
+        assert m and len(entries) == 1 and entries[0] == (m.group(2), m.group(1)), shows
+        expected[f"{SECTION_PREFIX[m.group(2)]}.`{m.group(1)}`"] = m.group(1)
+        assert m.group(2) in groups, (m.group(2), groups)
+    cols, groups = _header(browser)
+    chosen = {k: v for k, v in cols.items() if k.split(".")[0] in SECTION_PREFIX.values()}
+    # exactly the recipe's columns: tags.`method` (not params.`method`), metrics.`top1` (not base_top1, ...)
+    assert chosen == expected == {"tags.`method`": "method", "params.`wavelet`": "wavelet", "params.`layout`": "layout",
+                                  "metrics.`top1`": "top1", "metrics.`compression_ratio`": "compression_ratio"}, chosen  # fmt: skip
+    assert {"Metrics", "Parameters", "Tags"} <= groups
     _expand_all(browser)
     body = _wait_text(browser, "dwt ")
     browser.save_screenshot(str(artifacts_dir() / "runs-table.png"))
