@@ -279,6 +279,10 @@ def test_study_runs_listed_with_method_and_wavelet(server, browser, filled_store
     assert any(l in {"bior1.3", "haar", "rbio2.2"} for l in lines)
 
 
+SCROLL_DOWN = """for (const e of document.querySelectorAll('*'))
+    if (e.scrollHeight > e.clientHeight + 10 && ['auto', 'scroll'].includes(getComputedStyle(e).overflowY)) e.scrollTop += 400;"""
+
+
 def test_compare_view_of_dwt_and_matched_magnitude(server, browser, filled_store):
     client = MlflowClient(filled_store[1]["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("wavesweep")
@@ -296,11 +300,13 @@ def test_compare_view_of_dwt_and_matched_magnitude(server, browser, filled_store
     browser.save_screenshot(str(artifacts_dir() / "compare-dwt-vs-magnitude.png"))
     # The metric rows sit in a scrolled table: read them from the DOM, then scroll to the
     # headline rows for a second screenshot.
+    # (the metric list is virtualised: rows below its fold are not in the DOM yet, so the page and
+    # the list, each a scrolled element, are scrolled down a step at a time until the row is there)
     deadline = time.time() + 60
     while "compression_ratio" not in (text := browser.execute_script("return document.body.textContent")):
         assert time.time() < deadline, "compare view never listed the compression_ratio metric"
+        browser.execute_script(SCROLL_DOWN)
         time.sleep(0.5)
-    # (the metric list is virtualised: rows far below the fold are not in the DOM yet)
     for key in ("coeff_sparsity", "compression_ratio"):
         assert key in text
     # "Show diff only" on the metrics (the second toggle; the first is the parameters') leaves the
@@ -310,7 +316,7 @@ def test_compare_view_of_dwt_and_matched_magnitude(server, browser, filled_store
     assert len(toggles) >= 2, "compare view has no 'Show diff only' toggle for metrics"
     browser.execute_script("arguments[0].click()", toggles[1])
     time.sleep(1.0)
-    browser.execute_script("window.scrollBy(0, arguments[0].getBoundingClientRect().top - 120)", toggles[1])
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", toggles[1])
     time.sleep(0.5)
     browser.save_screenshot(str(artifacts_dir() / "compare-metrics-diff.png"))
     text = browser.execute_script("return document.body.textContent")
