@@ -158,32 +158,23 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """MLflow's server on this project's store (see wavesweep.mlflow_ui for why not plain ``mlflow ui``):
     prints the URL once it answers; runs until Ctrl-C. Exit 1 when the server stops before answering."""
-    import subprocess
-
     from wavesweep import mlflow_ui, store
     from wavesweep.redact import redact
 
     if mlflow_ui.port_taken(args.host, args.port):
         raise ValueError(f"port {args.port} on {args.host} is in use (another MLflow UI?): give another --port")
-    uri = store.tracking_uri()
     if not store.store_exists():  # a new store: its schema and the wavesweep experiment (imports MLflow)
         from wavesweep import tracking
 
         tracking.init_tracking()
-    url = mlflow_ui.browse_url(args.host, args.port)
-    print(f"starting the MLflow UI on {redact(uri)} ({mlflow_ui.WORKERS} worker, no job executor) ...", flush=True)
-    proc = subprocess.Popen(mlflow_ui.server_command(args.host, args.port), env=mlflow_ui.server_env(uri))
-    try:
+    print(f"starting the MLflow UI on {redact(store.tracking_uri())} ({mlflow_ui.WORKERS} worker, no job executor) ...", flush=True)
+    with mlflow_ui.started(args.host, args.port, store.tracking_uri()) as (proc, url):
         if not mlflow_ui.wait_until_answers(proc, url):
             print(f"wavesweep: error: the MLflow UI server stopped (exit code {proc.returncode}) before answering; "
                   "its messages are above", file=sys.stderr)  # fmt: skip
             return 1
         print(f"MLflow UI: {url}  (Ctrl-C stops it)", flush=True)
         return proc.wait()
-    except KeyboardInterrupt:  # Ctrl-C reaches the server too; SIGTERM may reach only this process
-        with interrupt.ignored():
-            mlflow_ui.stop(proc)
-        raise
 
 
 def cmd_study(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ its job executor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ import time
 import urllib.request
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 APP = "mlflow.server.fastapi_app:app"  # what `mlflow server` runs under uvicorn
@@ -99,6 +101,21 @@ def wait_until_answers(proc: subprocess.Popen, url: str, poll_s: float = 0.1) ->
             return proc.poll() is None
         time.sleep(poll_s)
     return False
+
+
+@contextlib.contextmanager
+def started(host: str, port: int, uri: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The server process on ``uri`` and the URL to browse. Ctrl-C reaches the server too (same
+    process group); a stop that reaches only this process (SIGTERM) is passed on by :func:`stop`."""
+    from wavesweep import interrupt
+
+    proc = subprocess.Popen(server_command(host, port), env=server_env(uri))
+    try:
+        yield proc, browse_url(host, port)
+    except KeyboardInterrupt:
+        with interrupt.ignored():
+            stop(proc)
+        raise
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
