@@ -89,12 +89,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None, help="one device (default: cpu, and cuda when present)")
+    ap.add_argument("--skip-trial-share", action="store_true", help="only the fine-tuning speed figures")
     args = ap.parse_args()
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
         print(f"{device} ({name}), torch {torch.__version__}")
-        bench_trial_share(device, args.repeats)
+        if not args.skip_trial_share:
+            bench_trial_share(device, args.repeats)
         for layout in ("filter", "kernel"):
             bench_finetune_speed(device, args.steps, args.repeats, "resnet18", layout)
     if not torch.cuda.is_available() and not args.device:
