@@ -12,7 +12,10 @@ without transforming anything; :func:`dwt_prune_tensor` is the twin of
 :func:`wavesweep.wavelets.percentile_threshold` (bit for bit on CPU).
 
 The filter bank itself (one level, PyWavelets' conventions, two implementations: ``conv`` on
-CUDA, ``taps`` on CPU) is :mod:`wavesweep.filterbank`.
+CUDA, ``taps`` on CPU) is :mod:`wavesweep.filterbank`; on CPU, :func:`reconstruct` runs all
+levels at once as strided batched GEMMs (:mod:`wavesweep.polyphase`, the ``gemm`` backend), with
+an optional keep mask fused in and the coefficients optionally stored positions-major
+(:func:`to_positions_major`): what fine-tuning runs every step.
 """
 
 from __future__ import annotations
