@@ -13,12 +13,13 @@ Positions-major layout: the transformed axis first, every other axis (rows, kern
 rows ``q .. q + W - 1`` of a buffer ``(rows, band, P)``, consecutive windows overlap, and
 ``torch.matmul(taps, windows)`` over the strided (overlapping, copy-free) view of the windows is
 one batched GEMM per level writing ``(q, phase, P)``: the interleaved output, already in the
-positions-major layout of the next level (four consecutive pairs per window where four
-divide the level, a (8 x 2(W + 3)) tap matrix: fewer, larger products, :func:`_blocked`). Per level and axis: one copy of the two bands into the
-buffer (with the few periodic wrap rows), one GEMM; the backward is the same GEMM with the
-flipped tap matrix over the zero-padded output gradient, then the wrap rows folded back. All
-levels run inside one autograd Function (:func:`synthesize`, linear, so nothing is saved), whose
-backward writes each band's gradient straight into one flat gradient.
+positions-major layout of the next level (four consecutive pairs per window where four divide
+the level, a (8 x 2(W + 3)) tap matrix: fewer, larger products, :func:`_blocked`). Per level and
+axis: one copy of the two bands into the buffer (with the few periodic wrap rows), one GEMM; the
+backward is the same GEMM with the flipped tap matrix over the zero-padded output gradient, then
+the wrap rows folded back. All levels run inside one autograd Function (:func:`synthesize`,
+linear, so nothing is saved), whose backward writes each band's gradient straight into one flat
+gradient.
 
 The flat coefficients themselves can be stored positions-major too (:func:`reorder`: each band
 transposed, ``(B, L)`` -> ``(L, B)``), which is how fine-tuning keeps them: then no band is
