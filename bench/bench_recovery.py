@@ -123,12 +123,14 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="one device (default: cpu, and cuda when present)")
     ap.add_argument("--bn-batches", default="50", help="comma-separated recovery_batches to time beside the default")
     ap.add_argument("--share-only", action="store_true", help="only the BatchNorm share of the default trial")
+    ap.add_argument("--skip-trial-share", action="store_true", help="only the fine-tuning speed figures")
     args = ap.parse_args()
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
         print(f"{device} ({name}), torch {torch.__version__}")
-        bench_trial_share(device, args.repeats, [int(v) for v in args.bn_batches.split(",") if v])
+        if not args.skip_trial_share:
+            bench_trial_share(device, args.repeats, [int(v) for v in args.bn_batches.split(",") if v])
         for layout in () if args.share_only else ("filter", "kernel"):
             bench_finetune_speed(device, args.steps, args.repeats, "resnet18", layout)
     if not torch.cuda.is_available() and not args.device:

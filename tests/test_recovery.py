@@ -237,6 +237,29 @@ def test_finetune_dwt_trains_only_kept_coefficients(train_set, tmp_path, layout)
     torch.testing.assert_close(res.model(x), rebuilt(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["filter", "matrix"])
+def test_finetune_dwt_same_steps_in_either_coefficient_order(train_set, monkeypatch, layout):
+    # On CPU the coefficients train positions-major (the synthesis' own order): a permutation, so
+    # AdamW takes the same steps as in the coefficient order ("taps" synthesis, no reorder), up to
+    # the synthesis' float rounding; the mask is exact in both, and the result comes back in order.
+    from wavesweep import filterbank
+
+    settings = recovery.RecoverySettings("finetune", batches=2, steps=6, batch_size=32, lr=1e-2)
+    got = {}
+    for backend in ("taps", None):  # None: the CPU default, "gemm"
+        monkeypatch.setattr(filterbank, "_FORCE_BACKEND", backend)
+        res = _dwt_result(bn_net(), layout=layout, wavelet="db2")
+        ww = recovery.WaveletWeight(torch.from_numpy(res.layers[0].keep), res.layers[0].structure)
+        assert ww.positions_major == (backend is None)
+        c = torch.from_numpy(res.layers[0].coeffs)
+        assert torch.equal(ww.from_param(ww.to_param(c)), c)
+        recovery.recover(res, train_set, settings)
+        got[backend] = res
+    for a, b in zip(got["taps"].layers, got[None].layers):
+        assert np.array_equal(a.keep, b.keep) and np.all(b.coeffs[~b.keep] == 0)
+        np.testing.assert_allclose(b.coeffs, a.coeffs, rtol=1e-4, atol=1e-5)
+
+
 def test_same_recovery_for_every_method(train_set, monkeypatch):
     """All three methods consume identical training batches (the same examples, the same order)."""
     pytest.importorskip("wavesweep.wavelets_torch")

@@ -55,7 +55,7 @@ import pywt
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dwt_level", "idwt_level"]
+__all__ = ["dwt_level", "idwt_level", "synthesis_backend"]
 
 # --------------------------------------------------------------------------- filters and extensions
 
@@ -220,12 +220,21 @@ def _periodic_coeffs(c: torch.Tensor, dim: int, f: int) -> tuple[torch.Tensor, i
 # Two equal implementations of one level (module docstring). "conv": few kernel launches, what
 # cuDNN does well. "taps": on CPU 30-40x faster than mkldnn's one-input-channel strided conv
 # (3 ms against 90-120 ms for a (512, 4608) level), but ~2F launches per band, too many for a GPU
-# fine-tuning step. Chosen by device; the tests run both on CPU.
-_FORCE_BACKEND: str | None = None  # "conv" | "taps" | None (by device); for tests and benches
+# fine-tuning step. Chosen by device; the tests run both on CPU. A third, synthesis only:
+# "gemm" (wavesweep.polyphase, multilevel, one strided batched GEMM per level and axis), the CPU
+# default of wavelets_torch.reconstruct; forcing "gemm" leaves the analysis on "taps".
+_FORCE_BACKEND: str | None = None  # "conv" | "taps" | "gemm" | None (by device); for tests and benches
 
 
 def _backend(device: torch.device) -> str:
-    return _FORCE_BACKEND or ("taps" if device.type == "cpu" else "conv")
+    """The analysis/level backend: "taps" or "conv"."""
+    b = _FORCE_BACKEND or ("taps" if device.type == "cpu" else "conv")
+    return "taps" if b == "gemm" else b
+
+
+def synthesis_backend(device: torch.device) -> str:
+    """The backend of a multilevel synthesis: "gemm" (CPU default), "taps" or "conv" (CUDA default)."""
+    return _FORCE_BACKEND or ("gemm" if device.type == "cpu" else "conv")
 
 
 @functools.lru_cache(maxsize=256)

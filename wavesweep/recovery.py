@@ -213,20 +213,43 @@ def reestimate_bn(model: nn.Module, batches, *, device: torch.device | str = "cp
 
 class WaveletWeight(nn.Module):
     """Parametrisation ``W = IDWT(c * m)`` of one target weight: the original tensor is the
-    flat coefficient vector ``c`` (``structure.n_coeffs`` entries, the coefficient order of
-    :mod:`wavesweep.wavelets`) and ``m`` the fixed keep mask; dropped coefficients get no
-    gradient and stay 0."""
+    flat coefficient vector ``c`` (``structure.n_coeffs`` entries) and ``m`` the fixed keep mask;
+    dropped coefficients get no gradient and stay 0.
+
+    The original holds ``c`` in the order :meth:`to_param` gives (``mask`` too): where the
+    synthesis runs on CPU, positions-major (:func:`wavesweep.wavelets_torch.to_positions_major`,
+    the order it reads and writes without a transpose per step); elsewhere the coefficient order
+    of :mod:`wavesweep.wavelets`. :meth:`from_param` gives that order back. Either is a
+    permutation, so an elementwise optimizer takes the same steps in both."""
 
     def __init__(self, keep: torch.Tensor, structure) -> None:
+        from wavesweep import filterbank
+
         super().__init__()
         self.structure = structure
-        self.register_buffer("mask", keep.to(torch.bool), persistent=False)
+        self.positions_major = structure.level > 0 and filterbank.synthesis_backend(keep.device) == "gemm"
+        self.register_buffer("mask", self.to_param(keep.to(torch.bool)), persistent=False)
+        self._scale: torch.Tensor | None = None  # the mask as 0/1 in the coefficients' dtype, made once
+
+    def to_param(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat coefficients (or a mask), coefficient order -> the original's order (a copy)."""
+        from wavesweep import wavelets_torch
+
+        return wavelets_torch.to_positions_major(flat, self.structure) if self.positions_major else flat.clone()
+
+    def from_param(self, flat: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_param` (a copy)."""
+        from wavesweep import wavelets_torch
+
+        return wavelets_torch.from_positions_major(flat, self.structure) if self.positions_major else flat.clone()
 
     def forward(self, coeffs: torch.Tensor) -> torch.Tensor:
         from wavesweep import wavelets_torch
 
-        kept = torch.where(self.mask, coeffs, torch.zeros((), dtype=coeffs.dtype, device=coeffs.device))
-        return wavelets_torch.reconstruct(kept, self.structure)
+        s = self._scale
+        if s is None or s.dtype != coeffs.dtype or s.device != coeffs.device:
+            s = self._scale = self.mask.to(device=coeffs.device, dtype=coeffs.dtype)
+        return wavelets_torch.reconstruct(coeffs, self.structure, keep=s, positions_major=self.positions_major)
 
 
 def _modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
@@ -266,11 +289,12 @@ def finetune(
             keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).to(dev)
             coeffs = torch.from_numpy(np.ascontiguousarray(lp.coeffs)).to(dev)
             order = list(m._parameters)  # removing the parametrisation re-adds weight last: keep the order
-            parametrize.register_parametrization(m, "weight", WaveletWeight(keep, lp.structure), unsafe=True)
+            ww = WaveletWeight(keep, lp.structure)
+            parametrize.register_parametrization(m, "weight", ww, unsafe=True)
             orig = m.parametrizations.weight.original
             with torch.no_grad():
-                orig.data = coeffs.clone()
-            dwt_layers.append((lp, m, keep, order))
+                orig.data = ww.to_param(coeffs)
+            dwt_layers.append((lp, m, ww.mask, order))  # the keep mask in the original's order
         else:
             keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).reshape(m.weight.shape).to(dev)
             masked.append((m.weight, keep))
@@ -301,7 +325,7 @@ def finetune(
             h.remove()
         for lp, m, _, order in dwt_layers:
             with torch.no_grad():
-                c = m.parametrizations.weight.original.detach()
+                c = m.parametrizations.weight[0].from_param(m.parametrizations.weight.original.detach())
                 lp.coeffs = c.cpu().numpy().astype(lp.coeffs.dtype, copy=True)
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
             for name in order:  # state-dict order as before fine-tuning

@@ -12,7 +12,10 @@ without transforming anything; :func:`dwt_prune_tensor` is the twin of
 :func:`wavesweep.wavelets.percentile_threshold` (bit for bit on CPU).
 
 The filter bank itself (one level, PyWavelets' conventions, two implementations: ``conv`` on
-CUDA, ``taps`` on CPU) is :mod:`wavesweep.filterbank`.
+CUDA, ``taps`` on CPU) is :mod:`wavesweep.filterbank`; on CPU, :func:`reconstruct` runs all
+levels at once as strided batched GEMMs (:mod:`wavesweep.polyphase`, the ``gemm`` backend), with
+an optional keep mask fused in and the coefficients optionally stored positions-major
+(:func:`to_positions_major`): what fine-tuning runs every step.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import pywt
 import torch
 
-from wavesweep import filterbank
+from wavesweep import filterbank, polyphase
 from wavesweep import wavelets as wv
 from wavesweep.names import check_choice
 
@@ -34,6 +37,8 @@ __all__ = [
     "structure_of",
     "decompose",
     "reconstruct",
+    "to_positions_major",
+    "from_positions_major",
     "percentile_threshold",
     "dwt_prune_tensor",
 ]
@@ -161,21 +166,48 @@ def decompose(w: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
     return flat.to(out_dtype)
 
 
-def reconstruct(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+def reconstruct(
+    flat: torch.Tensor,
+    structure: wv.CoeffStructure,
+    *,
+    keep: torch.Tensor | None = None,
+    positions_major: bool = False,
+) -> torch.Tensor:
     """Inverse of :func:`decompose`: inverse DWT of ``flat``, cropped to ``structure.shape``.
 
     Same crop rules as :func:`wavesweep.wavelets.reconstruct` (an approximation one sample longer
     than the next detail band is cropped, as ``pywt.waverec`` does; the result is cropped to the
     layout array). dtype and device of ``flat``; differentiable w.r.t. ``flat``.
+
+    ``keep``: a mask over the coefficients (bool, or 0/1 in any float dtype: no cast per call when
+    it is already in ``flat``'s compute dtype); if given, the inverse DWT of ``flat * keep``
+    (gradient ``keep * ...``: 0 for the dropped coefficients), the product fused into the
+    synthesis on CPU. ``positions_major``: ``flat`` and ``keep`` are in the order of
+    :func:`to_positions_major` (each band transposed), the CPU synthesis' own order: no transpose
+    per call. Both are what fine-tuning ``W = IDWT(c * m)`` runs every step.
     """
     if flat.ndim != 1 or flat.numel() != structure.n_coeffs:
         raise ValueError(f"expected {structure.n_coeffs} coefficients, got tensor of shape {tuple(flat.shape)}")
+    if keep is not None and tuple(keep.shape) != tuple(flat.shape):
+        raise ValueError(f"keep must have the shape of the coefficients {tuple(flat.shape)}, got {tuple(keep.shape)}")
     check_choice("mode", structure.mode, SUPPORTED_MODES)
     out_dtype = flat.dtype
     flat = flat.to(_compute_dtype(flat.dtype))
+    if keep is not None:
+        keep = keep.to(device=flat.device, dtype=flat.dtype)  # a bool mask costs a cast here
+    nd = _nd(structure)
+    if structure.level > 0 and filterbank.synthesis_backend(flat.device) == "gemm":  # all levels at once
+        if not positions_major:
+            flat = polyphase.reorder(flat, structure, nd, to_positions_major=True)
+            keep = None if keep is None else polyphase.reorder(keep, structure, nd, to_positions_major=True)
+        return polyphase.synthesize(flat, structure, nd, keep).reshape(structure.shape).to(out_dtype)
+    if positions_major and structure.level > 0:
+        flat = from_positions_major(flat, structure)
+        keep = None if keep is None else from_positions_major(keep, structure)
+    if keep is not None:
+        flat = flat * keep
     if structure.level == 0:
         return flat.reshape(structure.shape).to(out_dtype)
-    nd = _nd(structure)
     bands = list(torch.split(flat, structure.sizes))
     per_level = 1 if nd == 1 else 3
     a = bands[0].reshape((-1,) + structure.shapes[0][len(structure.shapes[0]) - nd :])  # (B, *L)
@@ -188,6 +220,19 @@ def reconstruct(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tenso
     arr = structure.array_shape
     a = a[(slice(None),) + tuple(slice(0, n) for n in arr[len(arr) - nd :])]
     return a.reshape(structure.shape).to(out_dtype)
+
+
+def to_positions_major(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+    """``flat`` (coefficients, or a mask over them, in the order of :func:`decompose`) in the
+    positions-major order: each band (B, *L) stored transposed, 1-D as (L, B), 2-D (B, H, W) as
+    (W, B, H); level 0 unchanged. The order in which the CPU synthesis reads and writes the bands
+    without transposing them (``reconstruct(..., positions_major=True)``); a differentiable copy."""
+    return polyphase.reorder(flat, structure, _nd(structure), to_positions_major=True)
+
+
+def from_positions_major(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+    """Inverse of :func:`to_positions_major`: back to the order of :func:`decompose`."""
+    return polyphase.reorder(flat, structure, _nd(structure), to_positions_major=False)
 
 
 # --------------------------------------------------------------------------- thresholds and pruning
