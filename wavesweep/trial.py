@@ -239,14 +239,16 @@ def run_trial(
             if reporter is not None:
                 reporter(chunk)
         dwt_val = None if val_set is None else chunk.result
-        dwt_eval = chunk.result if val_set is None else evaluate_all({"dwt": dwt.model})["dwt"]
+        dwt_eval = chunk.result if val_set is None else None  # with a validation part: scored with the baselines below
 
     with phases("prune"), recording_warnings():
         matched = pruning.prune_matched(base.model, dwt, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds)
     prunes = {"dwt": dwt, **matched}
     recover(matched)
     with phases("eval"):
-        evals = {"dwt": dwt_eval, **evaluate_all({m: r.model for m, r in matched.items()})}
+        # one pass over the test part feeds the baselines (and dwt, when its chunks were the validation part)
+        evals = evaluate_all({m: r.model for m, r in (prunes if dwt_eval is None else matched).items()})
+        evals = {"dwt": evals["dwt"] if dwt_eval is None else dwt_eval, **{m: evals[m] for m in matched}}
         val_evals = {m: None for m in prunes}
         if val_set is not None:
             val_evals |= {"dwt": dwt_val, **evaluate_all({m: r.model for m, r in matched.items()}, val_set)}
