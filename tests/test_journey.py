@@ -54,11 +54,13 @@ def test_trial_study_register_download_evaluate(tmp_path, shared_cache, monkeypa
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     mv = client.get_model_version_by_alias("journey-best", "champion")
     source = client.get_run(mv.run_id)
-    # the champion is the study's best trial: highest dwt top-1 among its finished trials
+    # the champion is the study's best trial: highest dwt top-1 on the validation part among its
+    # finished trials (a study selects on validation and reports the disjoint test part)
     trials = [r for r in client.search_runs([source.info.experiment_id], filter_string="tags.method = 'trial'")
               if r.data.tags.get("optuna.study") == "journey" and r.info.status == "FINISHED"]  # fmt: skip
     assert len(trials) == 3
-    assert source.data.metrics["top1"] == max(r.data.metrics["top1"] for r in trials)
+    assert float(source.data.params["val_fraction"]) == 0.5
+    assert source.data.metrics["val_top1"] == max(r.data.metrics["val_top1"] for r in trials)
 
     # a fresh process in a fresh directory: list, download, load without wavesweep, evaluate
     elsewhere = tmp_path / "elsewhere"
@@ -68,18 +70,21 @@ def test_trial_study_register_download_evaluate(tmp_path, shared_cache, monkeypa
     _run([*ws, "download", "models:/journey-best@champion", "--dst", "dl"], elsewhere, env)
     ckpt = next((elsewhere / "dl").rglob("dwt.wsz"))
     assert ckpt.stat().st_size - checkpoint.read_header(ckpt)["header_bytes"] == source.data.metrics["stored_bytes"]
-    cfg = {k: source.data.params[k] for k in ("model", "dataset", "eval_limit", "seed")}
+    cfg = {k: source.data.params[k] for k in ("model", "dataset", "eval_limit", "seed", "val_fraction")}
     script = textwrap.dedent(
         f"""
         import json, sys, mlflow
         model = mlflow.pyfunc.load_model("models:/journey-best@champion").get_raw_model()
         assert "wavesweep" not in sys.modules
-        from wavesweep import evaluate, trial
+        from wavesweep import evalsplit, evaluate, trial
         from wavesweep.config import TrialConfig
-        _, eval_set = trial.load_eval_set(TrialConfig.from_mapping({cfg!r}))
-        print(json.dumps(evaluate.evaluate(model, eval_set, device="cpu").top1))
+        cfg = TrialConfig.from_mapping({cfg!r})
+        _, eval_all = trial.load_eval_set(cfg)
+        parts = evalsplit.split_eval_set(eval_all, cfg.val_fraction, seed=cfg.seed)
+        print(json.dumps([evaluate.evaluate(model, part, device="cpu").top1 for part in parts]))
         """
     )
-    top1 = json.loads(_run([sys.executable, "-c", script], elsewhere, env).strip().splitlines()[-1])
+    val_top1, top1 = json.loads(_run([sys.executable, "-c", script], elsewhere, env).strip().splitlines()[-1])
+    assert val_top1 == pytest.approx(source.data.metrics["val_top1"], abs=1e-9)
     assert top1 == pytest.approx(source.data.metrics["top1"], abs=1e-9)
     assert float(mv.tags["top1"]) == pytest.approx(top1, abs=1e-9)
