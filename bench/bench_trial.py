@@ -12,6 +12,10 @@ process that imports everything a trial process imports, and the in-process tria
 cache is the user's (WAVESWEEP_CACHE), so the first run also trains and caches the base model.
 
     python bench/bench_trial.py [--model resnet18] [--repeats 3]
+    python bench/bench_trial.py --untracked [--device cuda]   # no MLflow: wavesweep.trial.run_trial only
+
+``--untracked`` times ``wavesweep.trial.run_trial`` (the trial without MLflow: what a machine
+without MLflow installed can run, e.g. a GPU box) and skips the `mlflow run` part.
 """
 
 from __future__ import annotations
@@ -73,6 +77,44 @@ class ForwardClock:
             h.remove()
 
 
+def _report(rep: int, total: float, phases: dict[str, float], clock: ForwardClock, overlapped: tuple[str, ...]) -> float:
+    """Print one in-process trial's phases and forward-pass time; returns its non-forward share."""
+    print(f"\nin-process trial #{rep + 1}: {total:6.2f} s")
+    for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:<18} {v:7.3f} s{'  (in a thread, beside mlflow_logging)' if k in overlapped else ''}")
+    sequential = sum(v for k, v in phases.items() if k not in overlapped)
+    print(f"  {'(unaccounted)':<18} {total - sequential:7.3f} s  (outside the timed phases)")
+    in_eval = sum(phases.get(k, 0.0) for k in EVAL_PHASES)
+    print(f"  forward passes     {clock.seconds:7.3f} s  ({clock.calls} model calls; the evaluation phases took {in_eval:.3f} s)")
+    share = (total - clock.seconds) / total
+    print(f"  not forward passes: {total - clock.seconds:.2f} s = {100 * share:.1f} % of in-process time "
+          f"(target <= 25 %: {'PASS' if share <= 0.25 else 'FAIL'})")  # fmt: skip
+    return share
+
+
+def untracked(args: argparse.Namespace) -> None:
+    """The default trial through ``wavesweep.trial.run_trial`` (no MLflow), on ``--device``."""
+    import torch
+
+    from wavesweep import evaluate
+    from wavesweep.config import TrialConfig
+    from wavesweep.trial import run_trial
+
+    cfg = TrialConfig(model=args.model, device=args.device)
+    device = evaluate.resolve_device(cfg.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"default trial without MLflow ({args.model} on {cfg.dataset}, recovery={cfg.recovery}) on {device} ({name})")
+    run_trial(cfg)  # warm: trains/caches the base model, first CUDA kernels
+    shares = []
+    for rep in range(args.repeats):
+        with ForwardClock() as clock:
+            t0 = time.perf_counter()
+            result = run_trial(cfg)
+            total = time.perf_counter() - t0
+        shares.append(_report(rep, total, result.phase_seconds, clock, ()))
+    print(f"\nnot forward passes, median of {len(shares)}: {100 * sorted(shares)[len(shares) // 2]:.1f} % (target <= 25 %)")
+
+
 def _wall(cmd: list[str], env: dict[str, str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True)
@@ -84,7 +126,12 @@ def main() -> None:
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--repeats", type=int, default=3, help="in-process trials")
     ap.add_argument("--runs", type=int, default=3, help="whole `mlflow run`s")
+    ap.add_argument("--untracked", action="store_true", help="time wavesweep.trial.run_trial (no MLflow) only")
+    ap.add_argument("--device", default="auto", help="TrialConfig.device (auto, cpu, cuda, cuda:N)")
     args = ap.parse_args()
+    if args.untracked:
+        untracked(args)
+        return
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
@@ -96,7 +143,7 @@ def main() -> None:
         from wavesweep.config import TrialConfig
         from wavesweep.tracked_trial import run_tracked_trial
 
-        cfg = TrialConfig(model=args.model)
+        cfg = TrialConfig(model=args.model, device=args.device)
         run_tracked_trial(cfg)  # warm: trains/caches the base model and the base evaluation
         shares, totals = [], []
         for rep in range(args.repeats):
@@ -104,16 +151,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 result, _ = run_tracked_trial(cfg)
                 total = time.perf_counter() - t0
-            ph = result.phase_seconds
-            forward = clock.seconds
-            print(f"\nin-process trial #{rep + 1}: {total:6.2f} s")
-            for k, v in sorted(ph.items(), key=lambda kv: -kv[1]):
-                print(f"  {k:<18} {v:7.3f} s{'  (in a thread, beside mlflow_logging)' if k in OVERLAPPED else ''}")
-            sequential = sum(v for k, v in ph.items() if k not in OVERLAPPED)
-            print(f"  {'(unaccounted)':<18} {total - sequential:7.3f} s  (closing runs, the rest of the tracked trial)")
-            in_eval = sum(ph.get(k, 0.0) for k in EVAL_PHASES)
-            print(f"  forward passes     {forward:7.3f} s  ({clock.calls} model calls; the evaluation phases took {in_eval:.3f} s)")
-            share = (total - forward) / total
+            share = _report(rep, total, result.phase_seconds, clock, OVERLAPPED)
             shares.append(share)
             totals.append(total)
             print(f"  not forward passes: {total - forward:.2f} s = {100 * share:.1f} % of in-process time "
