@@ -189,6 +189,17 @@ def test_objectives_of_studies_recorded_before(workdir):
     assert study.study_objectives(s) == [("top1", "maximize"), ("infer_median_ms", "minimize")]
 
 
+def test_heartbeats_are_asked_of_the_opened_storage(workdir, monkeypatch):
+    """A launch asks the storage it opened (not a study's private handle) whether it runs Optuna
+    heartbeats: an RDB storage does, with the configured interval; a journal file does not."""
+    from wavesweep.study.storage import HEARTBEAT_S, has_heartbeat
+
+    monkeypatch.delenv("WAVESWEEP_HEARTBEAT_S", raising=False)
+    rdb = study.open_storage(study.DEFAULT_STORAGE)
+    assert has_heartbeat(rdb) and rdb.get_heartbeat_interval() == HEARTBEAT_S
+    assert not has_heartbeat(study.open_storage(str(workdir / "s.journal")))
+
+
 # --------------------------------------------------------------------------- studies
 
 

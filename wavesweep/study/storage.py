@@ -161,8 +161,8 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
 def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
     """Does ``storage`` run Optuna heartbeats (RDB storages do; journal files do not)?
 
-    Asked through the storage's public ``get_heartbeat_interval``, which Optuna's cache wrapper
-    (``study._storage``) forwards, never by ``isinstance``.
+    Asked through the storage's public ``get_heartbeat_interval``, never by ``isinstance``; give it
+    the storage :func:`open_storage` returned (a study keeps no public handle on its storage).
     """
     get = getattr(storage, "get_heartbeat_interval", None)
     return callable(get) and get() is not None
@@ -262,9 +262,10 @@ def load_study(spec: StudySpec, storage: Any, *, seed: int = 0, workers: int = 1
     return optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, seed, workers), pruner=make_pruner(spec))
 
 
-def create_study(spec: StudySpec, storage_url: str) -> optuna.Study:
-    """Create the study (or load it when it exists, checking it has the spec's objectives)."""
-    storage = open_storage(storage_url)
+def create_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """Create the study (or load it when it exists, checking it has the spec's objectives) in
+    ``storage`` (:func:`open_storage` of ``storage_url`` when not given)."""
+    storage = open_storage(storage_url) if storage is None else storage
     study = optuna.create_study(
         storage=storage, study_name=spec.name, directions=spec.directions, load_if_exists=True,
         sampler=make_sampler(spec, spec.seed, 1), pruner=make_pruner(spec),
