@@ -39,7 +39,7 @@ import wavesweep
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import file_lock
 from wavesweep.redact import redact
-from wavesweep.store import DEFAULT_TRACKING_URI, _sqlite_path, store_exists, tracking_uri  # noqa: F401 (re-exported)
+from wavesweep.store import DEFAULT_TRACKING_URI, sqlite_file, store_exists, tracking_uri  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def init_tracking(experiment: str | None = None, *, run_id: str | None = None) -
     exclusive file lock beside the database.
     """
     uri = tracking_uri()
-    db = _sqlite_path(uri)
+    db = sqlite_file(uri)
     lock = file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
     with lock:
         client = MlflowClient(uri)
@@ -119,7 +119,8 @@ def code_version() -> str:
 # --------------------------------------------------------------------------- logging helpers
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A param, tag or model-version tag value as MLflow stores it: JSON for lists and dicts, else ``str``."""
     return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
 
 
@@ -140,8 +141,8 @@ def log_batch(
     logged other keys on) skips that look-up. Every param and tag value is :func:`redact`-ed.
     """
     existing = client.get_run(run_id).data.params if params and not new_run else {}
-    ps = [Param(k, redact(_fmt(v))) for k, v in (params or {}).items() if k not in existing]
-    ts = [RunTag(k, redact(_fmt(v))) for k, v in (tags or {}).items()]
+    ps = [Param(k, redact(format_value(v))) for k, v in (params or {}).items() if k not in existing]
+    ts = [RunTag(k, redact(format_value(v))) for k, v in (tags or {}).items()]
     now = int(time.time() * 1000)
     triples = [(k, v, 0) for k, v in metrics.items()] if isinstance(metrics, dict) else list(metrics or [])
     ms = [Metric(k, float(v), now, int(step)) for k, v, step in triples if v is not None]

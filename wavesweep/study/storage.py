@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from wavesweep import tracking
 from wavesweep.fileio import file_lock
+from wavesweep.store import sqlite_file
 from wavesweep.study.frame import encode_objectives, study_objectives
 
 if TYPE_CHECKING:
@@ -55,10 +56,6 @@ def _is_journal(url: str) -> bool:
 
 def _journal_path(url: str) -> Path:
     return Path(url.split(":", 1)[1] if url.startswith("journal:") else url).expanduser()
-
-
-def sqlite_file(url: str) -> Path | None:
-    return Path(url[len("sqlite:///") :]).expanduser().resolve() if url.startswith("sqlite:///") else None
 
 
 def check_storage_url(url: str) -> None:
