@@ -269,7 +269,7 @@ def test_resnet18_dwt_checkpoint(tmp_path):
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-6, atol=1e-6)
 
 
-# --------------------------------------------------------------------------- header integrity (issue 14, item 6)
+# --------------------------------------------------------------------------- header integrity
 
 
 def _tiny_checkpoint(tmp_path):
@@ -296,7 +296,7 @@ def _rejects_one_line(path, data):
 
 
 def test_one_bit_header_flip_is_rejected(tmp_path):
-    """The issue's case: a flipped bit in the JSON (bior1.3 -> bior1.1) must not load as another model."""
+    """A flipped bit in the JSON (bior1.3 -> bior1.1) must not load as another model."""
     path, _ = _tiny_checkpoint(tmp_path)
     data = bytearray(path.read_bytes())
     at = data.index(b'"bior1.3"', C.HEADER_FIXED_BYTES) + 7  # the "3"

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong (issue 14, items 6-12): corrupt checkpoints through the CLI,
+"""Nothing lost, nothing silently wrong: corrupt checkpoints through the CLI,
 unsafe model URIs, aliases that move, non-finite weights, and one-line errors for hostile inputs."""
 
 from __future__ import annotations
@@ -411,7 +411,7 @@ def test_every_mlflow_run_failure_carries_the_error_tag(workdir, shared_cache, a
     assert run.data.tags["error"].startswith(error), run.data.tags["error"]
 
 
-# --------------------------------------------------------------------------- packaging and CLI (issue 12, section 6)
+# --------------------------------------------------------------------------- packaging and CLI
 
 
 def _reqs(lines) -> dict[str, str]:

@@ -163,7 +163,7 @@ def test_pareto_staircase_never_claims_more_than_measured(seed):
 
 
 def test_pareto_staircase_drops_right_after_a_point():
-    """The issue's case: 0.645 measured at 2.4x and only chance beyond: the line falls at 2.4x."""
+    """0.645 measured at 2.4x and only chance beyond: the line falls at 2.4x."""
     sx, sy = trials_frame.front_staircase(np.array([1.0, 2.4, 18.0, 2.0]), np.array([0.9, 0.645, 0.1, 0.5]))
     assert list(zip(sx, sy)) == [(1.0, 0.9), (1.0, 0.645), (2.4, 0.645), (2.4, 0.1), (18.0, 0.1)]
 
