@@ -276,3 +276,16 @@ def test_report_pngs_for_the_reader(tmp_path):
         assert_png(files[key])
     if os.environ.get("WAVESWEEP_REPORT_OUT"):
         shutil.copytree(out, os.environ["WAVESWEEP_REPORT_OUT"], dirs_exist_ok=True)
+
+
+def test_summary_columns_are_schema_names():
+    """The report's columns name metrics a trial records (``wavesweep.schema``), the significance
+    columns the report adds, or the replicate interval ends of recorded metrics: a misspelt name
+    cannot silently drop a column."""
+    from wavesweep import schema
+
+    recorded = set(schema.headline_names())
+    added = {f"dwt_vs_{b}_{k}" for b in schema.BASELINES for k in ("p_adj", "verdict")}
+    assert set(report.SUMMARY_METRICS) <= recorded | added, set(report.SUMMARY_METRICS) - recorded - added
+    for name in report.REPLICATE_METRICS:
+        assert name == "n_replicates" or name.rsplit("_ci_", 1)[0] in recorded, name

@@ -200,6 +200,15 @@ def test_heartbeats_are_asked_of_the_opened_storage(workdir, monkeypatch):
     assert not has_heartbeat(study.open_storage(str(workdir / "s.journal")))
 
 
+def test_trial_user_attributes_are_schema_names():
+    """The headline numbers an Optuna trial keeps are metrics a trial records (a misspelt name
+    would silently keep nothing)."""
+    from wavesweep import schema
+    from wavesweep.study.objective import USER_ATTR_METRICS
+
+    assert set(USER_ATTR_METRICS) <= set(schema.headline_names()), set(USER_ATTR_METRICS) - set(schema.headline_names())
+
+
 # --------------------------------------------------------------------------- studies
 
 
