@@ -251,6 +251,7 @@ def test_write_is_atomic_and_metadata_checked(tmp_path):
     assert path.read_bytes()[:8] == C.MAGIC
 
 
+@pytest.mark.slow  # a full-size model: seconds; the round trips above are the same code on small nets
 def test_resnet18_dwt_checkpoint(tmp_path):
     """Full-size round trip: ResNet-18, filter layout, bior4.4 level 5."""
     torchvision = pytest.importorskip("torchvision")

@@ -267,6 +267,7 @@ def test_importances_from_few_trials_say_so(tmp_path, monkeypatch):
     assert "Computed from 32 complete trials." in files["summary_md"].read_text()
 
 
+@pytest.mark.slow  # renders every figure again, for a person to open; every file is checked above
 def test_report_pngs_for_the_reader(tmp_path):
     """Every figure is written (and, for a person reviewing a change, worth opening)."""
     out = tmp_path / "r"

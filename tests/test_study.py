@@ -161,11 +161,12 @@ def test_missing_spec_file(workdir, capsys):
     assert "nope.yaml" in capsys.readouterr().err
 
 
-def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, tiny_weights, caplog):
-    """No spec text or lists in the study's user attributes; a changed spec on resume is noted."""
+def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):
+    """No spec text or lists in the study's user attributes; a changed spec on resume is noted.
+    (No trial runs: the weights file is named, never read.)"""
     from wavesweep.study.storage import create_study
 
-    path = write_spec(workdir / "tiny.yaml", tiny_weights, objectives={"top1": "maximize", "compression_ratio": "maximize"})
+    path = write_spec(workdir / "tiny.yaml", "w.pt", objectives={"top1": "maximize", "compression_ratio": "maximize"})
     spec = study.load_spec(path)
     s = create_study(spec, study.DEFAULT_STORAGE)
     assert_short_scalars(s.user_attrs)
@@ -178,7 +179,7 @@ def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, tiny_weig
     assert resumed.user_attrs["spec_sha256"] not in ("", first)
     assert "the spec differs from the last launch's" in caplog.text
     with pytest.raises(ValueError, match="created with objectives top1:maximize, compression_ratio:maximize"):
-        create_study(study.load_spec(write_spec(workdir / "other.yaml", tiny_weights)), study.DEFAULT_STORAGE)
+        create_study(study.load_spec(write_spec(workdir / "other.yaml", "w.pt")), study.DEFAULT_STORAGE)
 
 
 def test_objectives_of_studies_recorded_before(workdir):
