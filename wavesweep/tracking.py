@@ -131,16 +131,14 @@ def log_batch(
     params: dict[str, Any] | None = None,
     metrics: dict[str, float] | list[tuple[str, float, int]] | None = None,
     tags: dict[str, Any] | None = None,
-    new_run: bool = False,
 ) -> None:
     """Log params, metrics and tags in as few ``log_batch`` calls as MLflow's limits allow.
 
     ``metrics`` is ``{key: value}`` (step 0) or a list of ``(key, value, step)``. Params that the
-    run already has (``mlflow run`` logs its ``-P`` values itself) are skipped, not re-logged;
-    ``new_run=True`` (the caller knows the run has none of these params: a run it created and
-    logged other keys on) skips that look-up. Every param and tag value is :func:`redact`-ed.
+    run already has (``mlflow run`` logs its ``-P`` values itself) are skipped, not re-logged.
+    Every param and tag value is :func:`redact`-ed.
     """
-    existing = client.get_run(run_id).data.params if params and not new_run else {}
+    existing = client.get_run(run_id).data.params if params else {}
     ps = [Param(k, redact(format_value(v))) for k, v in (params or {}).items() if k not in existing]
     ts = [RunTag(k, redact(format_value(v))) for k, v in (tags or {}).items()]
     now = int(time.time() * 1000)
@@ -235,7 +233,7 @@ class TrialRun:
             self.owned = True
         self.experiment_id = experiment_id if self.owned else client.get_run(self.run_id).info.experiment_id
         self.child_ids: dict[str, str] = {}
-        log_batch(client, self.run_id, params={**cfg.to_dict(), "code_version": code_version()}, new_run=self.owned)
+        log_batch(client, self.run_id, params={**cfg.to_dict(), "code_version": code_version()})
 
     def child(self, method: str) -> str:
         run = self.client.create_run(
@@ -331,11 +329,10 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
         params = {**cfg.to_dict(), **base_params, "method": method}
         if method != "dwt":
             params |= {"matched_to": "dwt", "match_scope": cfg.scope, "prune_seed": out.prune.config.get("seed", cfg.seed)}
-        log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frames[method])],
-                  new_run=True)  # fmt: skip
+        log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frames[method])])
         _log_table(client, rid, frames[method], "layers.json")
     log_batch(client, run.run_id, params=base_params, metrics=[*((k, v, 0) for k, v in metrics["parent"].items()), *_layer_series(frames["dwt"])],
-              tags={"warnings": len(result.warnings)}, new_run=run.owned)  # fmt: skip
+              tags={"warnings": len(result.warnings)})  # fmt: skip
     _log_table(client, run.run_id, frames["dwt"], "layers.json")
     preds = pd.DataFrame({"target": result.base_eval.targets, "base": result.base_eval.preds,
                           **{m: o.eval.preds for m, o in result.outcomes.items()}})  # fmt: skip
