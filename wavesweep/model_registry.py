@@ -20,7 +20,8 @@ from mlflow.exceptions import MlflowException
 
 from wavesweep.fileio import atomic_write
 from wavesweep.redact import redact
-from wavesweep.tracking import client, format_value, store_exists, tracking_uri
+from wavesweep.store import store_exists, tracking_uri
+from wavesweep.tracking import client, format_value
 
 REGISTERED_DIR = "registered-{method}"  # run-relative artifact folder of a registered model
 

@@ -39,7 +39,7 @@ import wavesweep
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import file_lock
 from wavesweep.redact import redact
-from wavesweep.store import DEFAULT_TRACKING_URI, sqlite_file, store_exists, tracking_uri  # noqa: F401 (re-exported)
+from wavesweep.store import sqlite_file, tracking_uri
 
 log = logging.getLogger(__name__)
 
