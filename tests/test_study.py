@@ -18,9 +18,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from tests.conftest import study_trial_runs
 from wavesweep import cli, study, train
 from wavesweep.config import TrialConfig
-from wavesweep.tracking import study_trial_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE_IN_MLFLOW = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": ("FAILED", "KILLED")}
@@ -199,6 +199,15 @@ def test_heartbeats_are_asked_of_the_opened_storage(workdir, monkeypatch):
     rdb = study.open_storage(study.DEFAULT_STORAGE)
     assert has_heartbeat(rdb) and rdb.get_heartbeat_interval() == HEARTBEAT_S
     assert not has_heartbeat(study.open_storage(str(workdir / "s.journal")))
+
+
+def test_enqueue_counts_only_configurations_the_study_lacks(workdir):
+    from wavesweep.study.workers import enqueue
+
+    s = optuna.create_study(study_name="q", storage=study.DEFAULT_STORAGE)
+    assert enqueue(s, [{"percentile": 60}, {"percentile": 60, "wavelet": "db2"}]) == 2
+    assert enqueue(s, [{"percentile": 60}, {"percentile": 40}]) == 1  # the first is queued already
+    assert len(s.get_trials(states=(TrialState.WAITING,))) == 3
 
 
 def test_trial_user_attributes_are_schema_names():

@@ -478,13 +478,3 @@ def run_status(client: MlflowClient, run_id: str) -> str | None:
 def log_study_report(client: MlflowClient, run_id: str, report_dir: Path) -> None:
     """Upload a report folder (plots, summary CSV and Markdown) under ``report/`` on the study run."""
     client.log_artifacts(run_id, str(report_dir), "report")
-
-
-def study_trial_runs(client: MlflowClient, study_name: str, experiment_ids: list[str] | None = None) -> list[Any]:
-    """Every trial run recorded for ``study_name`` (any status), oldest first."""
-    exps = experiment_ids or [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        exps, filter_string=f"tags.`optuna.study` = '{study_name}' and tags.`wavesweep.kind` = 'trial'",
-        max_results=50000, order_by=["attributes.start_time ASC"],
-    )  # fmt: skip
-    return list(runs)
