@@ -173,6 +173,7 @@ def test_no_train_split_is_an_error(tmp_path):
         train_model(build_model("cnn", num_classes=2), bundle, FAST, progress=False)
 
 
+@pytest.mark.slow  # an ImageNet-shaped ResNet-18
 def test_resnet18_imagenet_is_pretrained_from_the_local_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(FileNotFoundError, match=RESNET18_IMAGENET_FILE):
