@@ -285,8 +285,9 @@ def _train_before_amp(model, bundle, config):
 
 @pytest.mark.parametrize(
     "name,cfg",
-    [pytest.param("mlp", FAST, marks=pytest.mark.slow),  # three epochs, twice
-     ("cnn", TrainConfig(epochs=1, batch_size=64, lr=1e-2, optimizer="sgd", schedule="cosine"))],
+    [pytest.param("mlp", FAST, marks=pytest.mark.slow),  # training, twice
+     pytest.param("cnn", TrainConfig(epochs=1, batch_size=64, lr=1e-2, optimizer="sgd", schedule="cosine"),
+                  marks=pytest.mark.slow)],
 )
 def test_cpu_training_is_bit_identical_to_the_loop_before_amp(name, cfg):
     """Defaults on CPU (amp and channels-last resolve to off): the same weights, bit for bit,
@@ -303,6 +304,7 @@ def test_cpu_training_is_bit_identical_to_the_loop_before_amp(name, cfg):
     assert info["config"]["amp"] == info["config"]["channels_last"] == "off"
 
 
+@pytest.mark.slow  # training
 def test_bf16_autocast_and_channels_last_train_on_cpu():
     """amp=bf16 and channels_last=on run on CPU too (the code path a GPU takes): the forward
     runs in bf16, the loss falls, and the model comes back float32, contiguous, eval, on CPU."""
