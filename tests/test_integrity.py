@@ -4,7 +4,6 @@ unsafe model URIs, aliases that move, non-finite weights, and one-line errors fo
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -446,6 +445,8 @@ def test_version_and_help_for_every_subcommand_and_flag(capsys):
     with pytest.raises(SystemExit) as ei:
         cli.build_parser().parse_args(["--version"])
     assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"wavesweep {wavesweep.__version__}"
+    import re
+
     parser = cli.build_parser()
     assert set(parser.commands) >= {"trial", "study", "report", "register", "download", "train", "ui"}
     usage = parser.format_help()
@@ -466,7 +467,7 @@ def test_version_and_help_for_every_subcommand_and_flag(capsys):
     [(["trial", "--wavelt", "haar"], "--wavelet"), (["--verbsoe", "trial"], "--verbose"), (["study", "s.yaml", "--wrokers", "2"], "--workers")],
 )
 def test_a_mistyped_flag_names_the_closest_one(argv, hint):
-    """The "did you mean" comes from the flags the parser was given, its subcommands' included."""
+    """The "did you mean" comes from the flags the parser was given: its own and the command's."""
     from wavesweep.cli_args import UsageError
 
     with pytest.raises(UsageError, match=rf"unrecognized arguments: .*\(did you mean {hint}\?\)$"):

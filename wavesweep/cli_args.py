@@ -41,15 +41,19 @@ class Parser(argparse.ArgumentParser):
         self.commands = action.choices  # the {name: parser} map that add_parser fills
         return action
 
-    def flags(self) -> list[str]:
-        """Every ``--long`` option of this parser and of its subcommands."""
-        return [o for p in (self, *self.commands.values()) for a in p.arguments for o in a.option_strings if o.startswith("--")]
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's signature)
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # Suggest only flags of the command given (`trial --nosuch` must not suggest `results --out`).
+            chosen = self.commands.get(getattr(ns, "command", None))
+            flags = [o for p in (self, chosen) if p is not None for a in p.arguments for o in a.option_strings if o.startswith("--")]
+            self.error(f"unrecognized arguments: {' '.join(extras)}", flags=flags)
+        return ns
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        if message.startswith("unrecognized arguments: "):
+    def error(self, message: str, flags: list[str] | None = None) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments: ") and flags:
             import difflib
 
-            flags = self.flags()
             for word in message[len("unrecognized arguments: "):].split():
                 close = difflib.get_close_matches(word.split("=", 1)[0], sorted(set(flags)), n=1)
                 if word.startswith("-") and close:

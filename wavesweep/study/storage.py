@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from wavesweep import tracking
+from wavesweep import store, tracking
 from wavesweep.fileio import file_lock
-from wavesweep.store import sqlite_file
 from wavesweep.study.frame import encode_objectives, study_objectives
 
 if TYPE_CHECKING:
@@ -92,7 +91,7 @@ def check_storage_url(url: str) -> None:
         hint = _DRIVER_HINT.get(parsed.get_backend_name(), f"install the Python driver {dialect.driver!r}")
         raise ValueError(f"storage {shown!r}: the {parsed.get_backend_name()} driver is missing ({exc.name or exc}); {hint}") from None
     if parsed.get_backend_name() == "sqlite":
-        db = sqlite_file(url)
+        db = store.sqlite_file(url)
         if db is None or not parsed.database or parsed.database == ":memory:":
             raise ValueError(f"storage {shown!r}: an in-memory SQLite storage is lost at exit; give a file, e.g. sqlite:///optuna.db")
         if db.is_dir():
@@ -134,7 +133,7 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    db = sqlite_file(url)
+    db = store.sqlite_file(url)
     if db is not None and must_exist and not db.is_file():
         raise FileNotFoundError(f"Optuna storage {str(db)!r} does not exist")
     engine_kwargs = {"connect_args": {"timeout": 60}} if db is not None else {"pool_pre_ping": True}

@@ -36,11 +36,12 @@ from optuna.trial import TrialState
 
 from wavesweep import interrupt, tracking
 from wavesweep.fileio import file_lock
+from wavesweep.store import sqlite_file
 from wavesweep.study.frame import best_trial, study_metrics
 from wavesweep.study.objective import COUNTED, objective
 from wavesweep.study.spec import StudySpec
 from wavesweep.study.storage import (
-    DEFAULT_STORAGE, check_storage_url, create_study, has_heartbeat, load_study, open_storage, requeue_failed, sqlite_file,
+    DEFAULT_STORAGE, check_storage_url, create_study, has_heartbeat, load_study, open_storage, requeue_failed,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
