@@ -36,16 +36,8 @@ from wavesweep import wavelets as wv
 from wavesweep.baselines import matched_amount, prune_magnitude, prune_matched, prune_random
 from wavesweep.names import check_choice
 from wavesweep.prune_record import (
-    SCOPES,
-    TARGETS,
-    LayerPrune,
-    PruneResult,
-    normalise_targets,
-    target_layers,
-    weight_numpy,
-    work_model,
-    write_weight,
-)
+    SCOPES, TARGETS, LayerPrune, PruneResult, normalise_targets, target_layers, weight_numpy, work_model, write_weight,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
