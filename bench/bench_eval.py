@@ -1,7 +1,7 @@
 """Benchmark (prints figures; not a test).
 
 (1) Training time and test accuracy of each small base model on digits with its default
-    config, against the issue's targets (resnet18 >= 95 % in < 60 s, cnn >= 95 % in < 15 s,
+    config, against its targets (resnet18 >= 95 % in < 60 s, cnn >= 95 % in < 15 s,
     mlp >= 93 %). ``--skip-train`` skips it (the models below then have random weights).
 (2) Evaluation at the speed of the model: the harness (``predict``, ``evaluate``,
     ``predict_many``) on in-memory data versus a bare ``model(x)`` loop over the same

@@ -1,4 +1,4 @@
-"""Benchmark: what each speed-up kept by issue 13 saves, beside the plain code it replaces,
+"""Benchmark: what each kept speed-up saves, beside the plain code it replaces,
 both measured in the same run (median of ``--repeats`` after one warm-up; CPU).
 
 * base-evaluation cache (``trial._base_eval_cached``): ResNet-18 (random init) on the digits

@@ -46,3 +46,14 @@ def subprocess_env(workdir: Path, shared_cache: Path) -> dict[str, str]:
         PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", ""),
     )
     return env
+
+
+def study_trial_runs(client, study_name: str) -> list:
+    """Every trial run MLflow holds for ``study_name`` (any status, every experiment), oldest first:
+    the tests' own reading of the store, beside what Optuna says."""
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        exps, filter_string=f"tags.`optuna.study` = '{study_name}' and tags.`wavesweep.kind` = 'trial'",
+        max_results=50000, order_by=["attributes.start_time ASC"],
+    )  # fmt: skip
+    return list(runs)

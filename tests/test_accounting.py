@@ -251,6 +251,7 @@ def test_write_is_atomic_and_metadata_checked(tmp_path):
     assert path.read_bytes()[:8] == C.MAGIC
 
 
+@pytest.mark.slow  # a full-size model: seconds; the round trips above are the same code on small nets
 def test_resnet18_dwt_checkpoint(tmp_path):
     """Full-size round trip: ResNet-18, filter layout, bior4.4 level 5."""
     torchvision = pytest.importorskip("torchvision")
@@ -269,7 +270,7 @@ def test_resnet18_dwt_checkpoint(tmp_path):
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-6, atol=1e-6)
 
 
-# --------------------------------------------------------------------------- header integrity (issue 14, item 6)
+# --------------------------------------------------------------------------- header integrity
 
 
 def _tiny_checkpoint(tmp_path):
@@ -296,7 +297,7 @@ def _rejects_one_line(path, data):
 
 
 def test_one_bit_header_flip_is_rejected(tmp_path):
-    """The issue's case: a flipped bit in the JSON (bior1.3 -> bior1.1) must not load as another model."""
+    """A flipped bit in the JSON (bior1.3 -> bior1.1) must not load as another model."""
     path, _ = _tiny_checkpoint(tmp_path)
     data = bytearray(path.read_bytes())
     at = data.index(b'"bior1.3"', C.HEADER_FIXED_BYTES) + 7  # the "3"

@@ -61,10 +61,13 @@ def test_bad_val_fraction_is_refused(bad):
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> train.BaseModel:
-    return train.get_base_model(
-        "cnn", "digits", seed=0, cache_root=tmp_path_factory.mktemp("cache"), progress=False,
-        train_config=train.TrainConfig(epochs=1, batch_size=64, lr=1e-2),
-    )  # fmt: skip
+    """An untrained CNN from a weights file: the parts' arithmetic does not depend on accuracy."""
+    from wavesweep.models import build_model
+
+    folder = tmp_path_factory.mktemp("cache")
+    torch.manual_seed(0)
+    torch.save(build_model("cnn", num_classes=10, in_channels=1, image_size=8).state_dict(), folder / "cnn.pt")
+    return train.get_base_model("cnn", "digits", seed=0, weights=folder / "cnn.pt", cache_root=folder, progress=False)
 
 
 def test_trial_scores_both_parts_exactly_and_reports_only_validation(tiny_base, monkeypatch, tmp_path):

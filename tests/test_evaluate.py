@@ -137,6 +137,7 @@ def test_time_inference_records_the_procedure(cnn, digits):
     assert time_inference(cnn, tiny, batch_size=256, n_warmup=0, n_batches=2, device="cpu").batch_size == 20
 
 
+@pytest.mark.slow  # ResNet-18 at 224x224; the file-dataset loader is also tested below on small images
 def test_imagenet_path_generated_folder_random_weights(tmp_path):
     """The real ImageNet code path: synset ImageFolder + eval transform + weights from a file."""
     classes = [f"n{i:08d}" for i in (1440764, 1443537, 1484850, 1491361)]
@@ -146,11 +147,14 @@ def test_imagenet_path_generated_folder_random_weights(tmp_path):
     weights = tmp_path / RESNET18_IMAGENET_FILE
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
     model = load_pretrained_resnet18(weights)
-    r = evaluate(model, bundle.test, batch_size=4, device="cpu")
-    assert isinstance(r, EvalResult) and r.n == 8 and r.targets.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert 0 <= r.top1 <= r.top5 <= 1 and np.isfinite(r.loss)
-    again = evaluate(model, bundle.test, batch_size=8, device="cpu")
-    assert np.array_equal(r.preds, again.preds) and r.loss == pytest.approx(again.loss, rel=1e-5)
+    try:
+        r = evaluate(model, bundle.test, batch_size=4, device="cpu")
+        assert isinstance(r, EvalResult) and r.n == 8 and r.targets.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+        assert 0 <= r.top1 <= r.top5 <= 1 and np.isfinite(r.loss)
+        again = evaluate(model, bundle.test, batch_size=8, device="cpu")
+        assert np.array_equal(r.preds, again.preds) and r.loss == pytest.approx(again.loss, rel=1e-5)
+    finally:  # stop the persistent decoding workers now (as a trial does), not in a later test's garbage collection
+        close_loaders(bundle.test)
 
 
 # --------------------------------------------------------------------------- in-memory fast path, predict_many

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong (issue 14, items 6-12): corrupt checkpoints through the CLI,
+"""Nothing lost, nothing silently wrong: corrupt checkpoints through the CLI,
 unsafe model URIs, aliases that move, non-finite weights, and one-line errors for hostile inputs."""
 
 from __future__ import annotations
@@ -410,7 +410,7 @@ def test_every_mlflow_run_failure_carries_the_error_tag(workdir, shared_cache, a
     assert run.data.tags["error"].startswith(error), run.data.tags["error"]
 
 
-# --------------------------------------------------------------------------- packaging and CLI (issue 12, section 6)
+# --------------------------------------------------------------------------- packaging and CLI
 
 
 def _reqs(lines) -> dict[str, str]:
@@ -445,14 +445,33 @@ def test_version_and_help_for_every_subcommand_and_flag(capsys):
     with pytest.raises(SystemExit) as ei:
         cli.build_parser().parse_args(["--version"])
     assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"wavesweep {wavesweep.__version__}"
-    parser = cli.build_parser()
-    subs = parser._subparsers._group_actions[0]
-    helped = {a.dest for a in subs._choices_actions if a.help}
-    assert helped == set(subs.choices)
-    for name, sub in subs.choices.items():
-        for action in sub._actions:
-            assert action.help, (name, action.option_strings or action.dest)
+    import re
 
+    parser = cli.build_parser()
+    assert set(parser.commands) >= {"trial", "study", "report", "register", "download", "train", "ui"}
+    usage = parser.format_help()
+    for name, sub in parser.commands.items():
+        assert re.search(rf"^ +{name} +\S", usage, re.M), f"command {name} has no help line"
+        for action in sub.arguments:
+            assert action.help, (name, action.option_strings or action.dest)
+        with pytest.raises(SystemExit) as ei:  # every flag it keeps is one argparse parses
+            parser.parse_args([name, "--help"])
+        assert ei.value.code == 0
+        shown = capsys.readouterr().out
+        assert all(o in shown for a in sub.arguments for o in a.option_strings), name
+
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [(["trial", "--wavelt", "haar"], "--wavelet"), (["--verbsoe", "trial"], "--verbose"), (["study", "s.yaml", "--wrokers", "2"], "--workers")],
+)
+def test_a_mistyped_flag_names_the_closest_one(argv, hint):
+    """The "did you mean" comes from the flags the parser was given: its own and the command's."""
+    from wavesweep.cli_args import UsageError
+
+    with pytest.raises(UsageError, match=rf"unrecognized arguments: .*\(did you mean {hint}\?\)$"):
+        cli.build_parser().parse_args(argv)
 
 
 def test_uploaded_checkpoint_files_are_their_sources_byte_for_byte(tmp_path, monkeypatch):

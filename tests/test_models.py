@@ -20,7 +20,7 @@ from wavesweep.models import (
 from wavesweep.pruning import target_layers
 
 #: registry entries (25M-86M parameters, seconds to build on 2 cores) run by the registry-wide
-#: tests only with the slow ones; their own tests below keep them covered in the default run
+#: tests only with the slow ones; their own tests below (slow too: full-size models) cover them
 HEAVY = {"resnet50", "vit_b_16"}
 
 
@@ -104,6 +104,7 @@ def random_resnet18_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # an ImageNet-shaped ResNet-18, loaded three times
 def test_pretrained_resnet18_from_file_and_from_hub_cache(random_resnet18_file, tmp_path, monkeypatch):
     m = load_pretrained_resnet18(random_resnet18_file)
     assert not m.training and output_size(m) == 1000
@@ -117,6 +118,7 @@ def test_pretrained_resnet18_from_file_and_from_hub_cache(random_resnet18_file, 
     assert torch.equal(load_pretrained_resnet18().state_dict()["fc.weight"], ref["fc.weight"])
 
 
+@pytest.mark.slow  # builds the ImageNet-shaped ResNet-18 to compare with
 def test_pretrained_resnet18_rejects_other_architecture(tmp_path):
     path = tmp_path / "small.pth"
     torch.save(build_model("resnet18", num_classes=10, in_channels=1, image_size=8).state_dict(), path)
@@ -126,6 +128,7 @@ def test_pretrained_resnet18_rejects_other_architecture(tmp_path):
         load_pretrained_resnet18(tmp_path / "absent.pth")
 
 
+@pytest.mark.slow  # a full-size model (25M parameters), built twice
 def test_resnet50_small_stem_keeps_every_bottleneck_conv():
     small = build_model("resnet50", num_classes=10, in_channels=1, image_size=28)
     assert isinstance(small.maxpool, nn.Identity)
@@ -141,6 +144,7 @@ def test_resnet50_small_stem_keeps_every_bottleneck_conv():
         assert small.eval()(torch.randn(1, 1, 28, 28)).shape == (1, 10)
 
 
+@pytest.mark.slow  # a full-size model (86M parameters)
 def test_vit_b_16_shapes_channels_and_linear_targets():
     """ViT-B/16 is pruned in its Linear layers: 2 MLP + 1 attention output projection per
     block (12 blocks) + the head; its only conv is the patch embedding."""

@@ -30,12 +30,17 @@ def _one_thread():
 
 # Every mode with "gemm"; the other backends take keep and positions_major by a multiply and a
 # reorder in front of their own (separately tested) synthesis: two modes each.
+# The inner loop (-m "not slow") takes the default mode and one expanding mode; the full suite all.
 BACKEND_MODES = [("gemm", m) for m in wt.SUPPORTED_MODES] + [
     (b, m) for b in ("taps", "conv") for m in ("periodization", "symmetric")
 ]
+INNER_MODES = ("periodization", "symmetric")
 
 
-@pytest.fixture(params=BACKEND_MODES, ids=[f"{b}-{m}" for b, m in BACKEND_MODES])
+@pytest.fixture(
+    params=[bm if bm[1] in INNER_MODES else pytest.param(bm, marks=pytest.mark.slow) for bm in BACKEND_MODES],
+    ids=[f"{b}-{m}" for b, m in BACKEND_MODES],
+)
 def mode(request, monkeypatch):
     backend, mode = request.param
     monkeypatch.setattr(filterbank, "_FORCE_BACKEND", backend)

@@ -92,8 +92,18 @@ def test_target_layer_errors():
 # --------------------------------------------------------------------------- magnitude
 
 
+#: the torch.nn.utils.prune oracles on a small net (inner loop) and on ResNet-18 (full suite)
+ORACLE_NETS = ["mid", pytest.param("resnet18", marks=pytest.mark.slow)]
+
+
+def _oracle_net(name: str, request: pytest.FixtureRequest) -> nn.Module:
+    return mid_net() if name == "mid" else request.getfixturevalue("resnet")
+
+
+@pytest.mark.parametrize("net", ORACLE_NETS)
 @pytest.mark.parametrize("amount", [0.3])
-def test_magnitude_equals_torch_l1_unstructured(resnet, amount):
+def test_magnitude_equals_torch_l1_unstructured(net, amount, request):
+    resnet = _oracle_net(net, request)
     res = P.prune_magnitude(resnet, amount)
     ref = copy.deepcopy(resnet)
     pruned = dict(res.model.named_modules())
@@ -106,8 +116,10 @@ def test_magnitude_equals_torch_l1_unstructured(resnet, amount):
         np.testing.assert_array_equal(w_ours[both], w_ref[both])  # kept values untouched
 
 
+@pytest.mark.parametrize("net", ORACLE_NETS)
 @pytest.mark.parametrize("amount", [0.15])  # small k keeps the torch.topk oracle fast
-def test_magnitude_global_equals_torch_global_unstructured(resnet, amount):
+def test_magnitude_global_equals_torch_global_unstructured(net, amount, request):
+    resnet = _oracle_net(net, request)
     res = P.prune_magnitude(resnet, amount, scope="global")
     ref = copy.deepcopy(resnet)
     layers = P.target_layers(ref)

@@ -163,7 +163,7 @@ def test_pareto_staircase_never_claims_more_than_measured(seed):
 
 
 def test_pareto_staircase_drops_right_after_a_point():
-    """The issue's case: 0.645 measured at 2.4x and only chance beyond: the line falls at 2.4x."""
+    """0.645 measured at 2.4x and only chance beyond: the line falls at 2.4x."""
     sx, sy = trials_frame.front_staircase(np.array([1.0, 2.4, 18.0, 2.0]), np.array([0.9, 0.645, 0.1, 0.5]))
     assert list(zip(sx, sy)) == [(1.0, 0.9), (1.0, 0.645), (2.4, 0.645), (2.4, 0.1), (18.0, 0.1)]
 
@@ -267,6 +267,7 @@ def test_importances_from_few_trials_say_so(tmp_path, monkeypatch):
     assert "Computed from 32 complete trials." in files["summary_md"].read_text()
 
 
+@pytest.mark.slow  # renders every figure again, for a person to open; every file is checked above
 def test_report_pngs_for_the_reader(tmp_path):
     """Every figure is written (and, for a person reviewing a change, worth opening)."""
     out = tmp_path / "r"
@@ -276,3 +277,16 @@ def test_report_pngs_for_the_reader(tmp_path):
         assert_png(files[key])
     if os.environ.get("WAVESWEEP_REPORT_OUT"):
         shutil.copytree(out, os.environ["WAVESWEEP_REPORT_OUT"], dirs_exist_ok=True)
+
+
+def test_summary_columns_are_schema_names():
+    """The report's columns name metrics a trial records (``wavesweep.schema``), the significance
+    columns the report adds, or the replicate interval ends of recorded metrics: a misspelt name
+    cannot silently drop a column."""
+    from wavesweep import schema
+
+    recorded = set(schema.headline_names())
+    added = {f"dwt_vs_{b}_{k}" for b in schema.BASELINES for k in ("p_adj", "verdict")}
+    assert set(report.SUMMARY_METRICS) <= recorded | added, set(report.SUMMARY_METRICS) - recorded - added
+    for name in report.REPLICATE_METRICS:
+        assert name == "n_replicates" or name.rsplit("_ci_", 1)[0] in recorded, name

@@ -22,9 +22,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import subprocess_env
+from tests.conftest import study_trial_runs, subprocess_env
 from tests.test_study import tiny_weights, write_spec  # noqa: F401 - tiny_weights is a fixture
-from wavesweep.tracking import study_trial_runs
 
 PG = os.environ.get("WAVESWEEP_TEST_PG")
 if not PG:

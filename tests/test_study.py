@@ -18,9 +18,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from tests.conftest import study_trial_runs
 from wavesweep import cli, study, train
 from wavesweep.config import TrialConfig
-from wavesweep.tracking import study_trial_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE_IN_MLFLOW = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": ("FAILED", "KILLED")}
@@ -161,11 +161,12 @@ def test_missing_spec_file(workdir, capsys):
     assert "nope.yaml" in capsys.readouterr().err
 
 
-def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, tiny_weights, caplog):
-    """No spec text or lists in the study's user attributes; a changed spec on resume is noted."""
+def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):
+    """No spec text or lists in the study's user attributes; a changed spec on resume is noted.
+    (No trial runs: the weights file is named, never read.)"""
     from wavesweep.study.storage import create_study
 
-    path = write_spec(workdir / "tiny.yaml", tiny_weights, objectives={"top1": "maximize", "compression_ratio": "maximize"})
+    path = write_spec(workdir / "tiny.yaml", "w.pt", objectives={"top1": "maximize", "compression_ratio": "maximize"})
     spec = study.load_spec(path)
     s = create_study(spec, study.DEFAULT_STORAGE)
     assert_short_scalars(s.user_attrs)
@@ -178,7 +179,7 @@ def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, tiny_weig
     assert resumed.user_attrs["spec_sha256"] not in ("", first)
     assert "the spec differs from the last launch's" in caplog.text
     with pytest.raises(ValueError, match="created with objectives top1:maximize, compression_ratio:maximize"):
-        create_study(study.load_spec(write_spec(workdir / "other.yaml", tiny_weights)), study.DEFAULT_STORAGE)
+        create_study(study.load_spec(write_spec(workdir / "other.yaml", "w.pt")), study.DEFAULT_STORAGE)
 
 
 def test_objectives_of_studies_recorded_before(workdir):
@@ -187,6 +188,35 @@ def test_objectives_of_studies_recorded_before(workdir):
     assert study.study_objectives(s) == [("value_0", "maximize"), ("value_1", "minimize")]
     s.set_user_attr("objectives", [["top1", "maximize"], ["infer_median_ms", "minimize"]])
     assert study.study_objectives(s) == [("top1", "maximize"), ("infer_median_ms", "minimize")]
+
+
+def test_heartbeats_are_asked_of_the_opened_storage(workdir, monkeypatch):
+    """A launch asks the storage it opened (not a study's private handle) whether it runs Optuna
+    heartbeats: an RDB storage does, with the configured interval; a journal file does not."""
+    from wavesweep.study.storage import HEARTBEAT_S, has_heartbeat
+
+    monkeypatch.delenv("WAVESWEEP_HEARTBEAT_S", raising=False)
+    rdb = study.open_storage(study.DEFAULT_STORAGE)
+    assert has_heartbeat(rdb) and rdb.get_heartbeat_interval() == HEARTBEAT_S
+    assert not has_heartbeat(study.open_storage(str(workdir / "s.journal")))
+
+
+def test_enqueue_counts_only_configurations_the_study_lacks(workdir):
+    from wavesweep.study.workers import enqueue
+
+    s = optuna.create_study(study_name="q", storage=study.DEFAULT_STORAGE)
+    assert enqueue(s, [{"percentile": 60}, {"percentile": 60, "wavelet": "db2"}]) == 2
+    assert enqueue(s, [{"percentile": 60}, {"percentile": 40}]) == 1  # the first is queued already
+    assert len(s.get_trials(states=(TrialState.WAITING,))) == 3
+
+
+def test_trial_user_attributes_are_schema_names():
+    """The headline numbers an Optuna trial keeps are metrics a trial records (a misspelt name
+    would silently keep nothing)."""
+    from wavesweep import schema
+    from wavesweep.study.objective import USER_ATTR_METRICS
+
+    assert set(USER_ATTR_METRICS) <= set(schema.headline_names()), set(USER_ATTR_METRICS) - set(schema.headline_names())
 
 
 # --------------------------------------------------------------------------- studies

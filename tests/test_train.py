@@ -70,6 +70,7 @@ def test_training_reaches_bar(name, epochs, bar):
     assert not model.training and next(model.parameters()).device.type == "cpu"
 
 
+@pytest.mark.slow  # trains twice
 def test_training_is_deterministic():
     bundle = load_dataset("digits", seed=0)
     states = []
@@ -81,6 +82,7 @@ def test_training_is_deterministic():
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+@pytest.mark.slow  # trains a base model
 def test_get_base_model_trains_once_then_uses_the_cache(monkeypatch, tmp_path):
     a = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
     assert a.source == "trained" and a.path.parent == tmp_path / "cache" / "models" and a.path.is_file()
@@ -171,6 +173,7 @@ def test_no_train_split_is_an_error(tmp_path):
         train_model(build_model("cnn", num_classes=2), bundle, FAST, progress=False)
 
 
+@pytest.mark.slow  # an ImageNet-shaped ResNet-18
 def test_resnet18_imagenet_is_pretrained_from_the_local_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(FileNotFoundError, match=RESNET18_IMAGENET_FILE):
@@ -282,7 +285,9 @@ def _train_before_amp(model, bundle, config):
 
 @pytest.mark.parametrize(
     "name,cfg",
-    [("mlp", FAST), ("cnn", TrainConfig(epochs=1, batch_size=64, lr=1e-2, optimizer="sgd", schedule="cosine"))],
+    [pytest.param("mlp", FAST, marks=pytest.mark.slow),  # training, twice
+     pytest.param("cnn", TrainConfig(epochs=1, batch_size=64, lr=1e-2, optimizer="sgd", schedule="cosine"),
+                  marks=pytest.mark.slow)],
 )
 def test_cpu_training_is_bit_identical_to_the_loop_before_amp(name, cfg):
     """Defaults on CPU (amp and channels-last resolve to off): the same weights, bit for bit,
@@ -299,6 +304,7 @@ def test_cpu_training_is_bit_identical_to_the_loop_before_amp(name, cfg):
     assert info["config"]["amp"] == info["config"]["channels_last"] == "off"
 
 
+@pytest.mark.slow  # training
 def test_bf16_autocast_and_channels_last_train_on_cpu():
     """amp=bf16 and channels_last=on run on CPU too (the code path a GPU takes): the forward
     runs in bf16, the loss falls, and the model comes back float32, contiguous, eval, on CPU."""

@@ -124,7 +124,10 @@ def test_bad_arguments_raise():
 # --------------------------------------------------------------------------- equality with PyWavelets
 
 
-@pytest.mark.parametrize("mode", wt.SUPPORTED_MODES)
+@pytest.mark.parametrize(
+    "mode",  # the inner loop (-m "not slow"): the default mode and one expanding mode; the full suite: all
+    [m if m in ("periodization", "symmetric") else pytest.param(m, marks=pytest.mark.slow) for m in wt.SUPPORTED_MODES],
+)
 def test_float64_equals_pywavelets_every_wavelet(mode, backend):
     rng = np.random.default_rng(0)
     wavelets = WAVELETS if backend != "conv" else ("haar", "db4", "bior4.4", "coif2", "dmey")

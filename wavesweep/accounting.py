@@ -38,7 +38,7 @@ from wavesweep.checkpoint import (
     read_header,
     save_compressed,
 )
-from wavesweep.prune_record import PruneResult
+from wavesweep.prune_record import LayerPrune, PruneResult
 
 __all__ = [
     "MAGIC",
@@ -121,7 +121,8 @@ def _layer_stored_bytes(n_positions: int, kept: int, itemsize: int) -> int:
     return math.ceil(n_positions / 8) + kept * itemsize
 
 
-def _value_itemsize(result: PruneResult, lp, weight: torch.Tensor) -> int:
+def _value_itemsize(lp: LayerPrune, weight: torch.Tensor) -> int:
+    """Bytes per kept value: the coefficients' dtype (dwt) or the weight's (magnitude, random)."""
     if lp.coeffs is not None:
         return lp.coeffs.dtype.itemsize
     return weight.element_size()
@@ -181,7 +182,7 @@ def model_stats(
                 level_effective=lp.level_effective,
                 dense_bytes=lp.params * wt.element_size(),
                 stored_bytes=_layer_stored_bytes(
-                    lp.n_positions, int(np.count_nonzero(lp.keep)), _value_itemsize(result, lp, wt)
+                    lp.n_positions, int(np.count_nonzero(lp.keep)), _value_itemsize(lp, wt)
                 ),
             )
         )

@@ -18,11 +18,11 @@ from wavesweep.prune_record import (
     SCOPES,
     LayerPrune,
     PruneResult,
-    _normalise_targets,
-    _weight_numpy,
-    _work_model,
-    _zero_weight,
+    normalise_targets,
     target_layers,
+    weight_numpy,
+    work_model,
+    zero_weight,
 )
 
 
@@ -52,7 +52,7 @@ def _smallest(values: np.ndarray, k: int, generator: torch.Generator | None = No
 
 
 def _check_fraction(what: str, a: object) -> float:
-    if not wv._is_real(a) or not (0.0 <= float(a) <= 1.0):
+    if not wv.is_real(a) or not (0.0 <= float(a) <= 1.0):
         raise ValueError(f"{what} must be a fraction in [0, 1], got {a!r}")
     return float(a)
 
@@ -92,7 +92,7 @@ def _prune_by_scores(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = [n for n, _ in target_layers(model, targets)]  # validate before copying the model
     global_amount, per_layer = _amounts(amount, scope, names)
-    work = _work_model(model, inplace)
+    work = work_model(model, inplace)
     layers = target_layers(work, targets)
     s = scores(layers)
     if global_amount is not None:
@@ -105,7 +105,7 @@ def _prune_by_scores(
     out = []
     for (name, m), prune in zip(layers, prunes):
         if prune.any():
-            _zero_weight(m, prune)
+            zero_weight(m, prune)
         n = int(prune.size)
         out.append(
             LayerPrune(
@@ -135,10 +135,10 @@ def prune_magnitude(
     ``{layer name: fraction}`` covering every target layer. Counts: ``round(fraction * n)``.
     Masks equal ``torch.nn.utils.prune.l1_unstructured`` / ``global_unstructured`` up to ties.
     """
-    targets = _normalise_targets(targets)
+    targets = normalise_targets(targets)
 
     def scores(layers):
-        return [_weight_numpy(m.weight.detach().abs()).reshape(-1) for _, m in layers]
+        return [weight_numpy(m.weight.detach().abs()).reshape(-1) for _, m in layers]
 
     work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores)
     config = dict(amount=_config_amount(amount), scope=scope, seed=None, targets=list(targets))
@@ -165,7 +165,7 @@ def prune_random(
     generator: a uniformly random ``k``-subset (the keys are exchangeable and so is the
     tie-break).
     """
-    targets = _normalise_targets(targets)
+    targets = normalise_targets(targets)
     if generator is None:
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise ValueError(f"seed must be an int (or pass generator=), got {seed!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from typing import Any
 
 from wavesweep.config import FIELD_HELP, TrialConfig
 
@@ -20,15 +21,39 @@ class UsageError(ValueError):
 class Parser(argparse.ArgumentParser):
     """argparse that raises :class:`UsageError` instead of printing the usage and exiting, so a
     bad flag is a one-line error like every other, with a "did you mean" for a mistyped flag,
-    and a run ``mlflow run`` created gets the error tag."""
+    and a run ``mlflow run`` created gets the error tag.
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        if message.startswith("unrecognized arguments: "):
+    It keeps what it is given: ``arguments`` (every action ``add_argument`` returned, in order) and
+    ``commands`` (``{name: Parser}`` of its subcommands), read instead of argparse's internals."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.arguments: list[argparse.Action] = []
+        self.commands: dict[str, Parser] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.arguments.append(action)
+        return action
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        action = super().add_subparsers(**kwargs)
+        self.commands = action.choices  # the {name: parser} map that add_parser fills
+        return action
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's signature)
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # Suggest only flags of the command given (`trial --nosuch` must not suggest `results --out`).
+            chosen = self.commands.get(getattr(ns, "command", None))
+            flags = [o for p in (self, chosen) if p is not None for a in p.arguments for o in a.option_strings if o.startswith("--")]
+            self.error(f"unrecognized arguments: {' '.join(extras)}", flags=flags)
+        return ns
+
+    def error(self, message: str, flags: list[str] | None = None) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments: ") and flags:
             import difflib
 
-            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-            for parser in self._subparsers._group_actions[0].choices.values() if self._subparsers else ():
-                flags += [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
             for word in message[len("unrecognized arguments: "):].split():
                 close = difflib.get_close_matches(word.split("=", 1)[0], sorted(set(flags)), n=1)
                 if word.startswith("-") and close:

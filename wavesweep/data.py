@@ -102,7 +102,7 @@ class DatasetBundle:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _bundle(name: str, train: Dataset | None, test: Dataset, info: dict[str, Any], *,
+def make_bundle(name: str, train: Dataset | None, test: Dataset, info: dict[str, Any], *,
             num_classes: int | None = None, image_size: int | None = None) -> DatasetBundle:
     """A bundle whose shape comes from the registry (overridden where the files decide)."""
     spec = DATASETS.get(name)

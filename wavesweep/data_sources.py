@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from wavesweep.data import DATASETS, DatasetBundle, TensorImages, _bundle, data_root, register_dataset
+from wavesweep.data import DATASETS, DatasetBundle, TensorImages, data_root, make_bundle, register_dataset
+from wavesweep.fileio import atomic_write
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,8 +81,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write ``array`` (uint8, int8, int16, int32, float32 or float64; ndim >= 1) as an IDX
-    file, gzipped when ``path`` ends in ``.gz`` (mtime 0: same bytes every time), through a
-    temporary name. Inverse of :func:`read_idx`; returns ``path``."""
+    file, gzipped when ``path`` ends in ``.gz`` (mtime 0: same bytes every time), with
+    :func:`~wavesweep.fileio.atomic_write`. Inverse of :func:`read_idx`; returns ``path``."""
     path = Path(path)
     array = np.asarray(array)
     code = _IDX_CODES.get(array.dtype.newbyteorder("=").str)
@@ -92,9 +93,8 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
     body += np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
     if path.suffix == ".gz":
         body = gzip.compress(body, mtime=0)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(body)
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        fh.write(body)
     return path
 
 
@@ -140,7 +140,7 @@ def _digits(root: Path | None, seed: int, image_size: int | None, test_fraction:
     yt = torch.from_numpy(y.astype(np.int64))
     norm = dict(divisor=16.0, mean=(mean,), std=(std,))
     ti, vi = torch.from_numpy(idx_train), torch.from_numpy(idx_test)
-    return _bundle(
+    return make_bundle(
         "digits",
         TensorImages(xt[ti].contiguous(), yt[ti].contiguous(), **norm),
         TensorImages(xt[vi].contiguous(), yt[vi].contiguous(), **norm),
@@ -215,7 +215,7 @@ def _imagenet(
         test = ImageFolder(str(path), transform=_imagenet_eval_transform(size))
     except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder without images
         raise ValueError(f"imagenet: cannot read {str(path)!r}: {err}; {_IMAGENET_LAYOUT}") from err
-    return _bundle(
+    return make_bundle(
         "imagenet", None, test,
         {"root": str(path), "n_train": 0, "n_test": len(test), "split_seed": None,
          "transform": f"resize {int(round(size * 256 / 224))}, center crop {size}, imagenet norm"},
@@ -256,7 +256,7 @@ def _imagefolder(root: Path | None, seed: int, image_size: int | None) -> Datase
         test = ImageFolder(str(path / "val"), transform=eval_tf)
     except (FileNotFoundError, RuntimeError) as err:
         raise ValueError(f"imagefolder: cannot read {str(path)!r}: {err}; {_IMAGEFOLDER_LAYOUT}") from err
-    return _bundle(
+    return make_bundle(
         "imagefolder", train, test,
         {"root": str(path), "n_train": len(train), "n_test": len(test), "split_seed": None,
          "classes": len(tr_classes)},
@@ -359,7 +359,7 @@ def _load_idx_set(name: str, root: Path | None, image_size: int | None) -> Datas
             raise ValueError(f"{str(paths[lab_stem])!r}: label {int(labels.max())} outside 0..{spec.num_classes - 1}")
         splits[split] = TensorImages(images.unsqueeze(1), labels.to(torch.int64),  # (N, 1, 28, 28)
                                      divisor=255.0, mean=(s.mean,), std=(s.std,))
-    return _bundle(name, splits["train"], splits["test"], {
+    return make_bundle(name, splits["train"], splits["test"], {
         "root": str(where), "n_train": len(splits["train"]), "n_test": len(splits["test"]),
         "split_seed": None, "split": "official train/test", "norm_mean": s.mean, "norm_std": s.std,
     })
@@ -439,7 +439,7 @@ def _cifar10(root: Path | None, seed: int, image_size: int | None) -> DatasetBun
         images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         splits[split] = TensorImages(images, labels, divisor=255.0, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-    return _bundle("cifar10", splits["train"], splits["test"], {
+    return make_bundle("cifar10", splits["train"], splits["test"], {
         "root": str(where), "n_train": len(splits["train"]), "n_test": len(splits["test"]),
         "split_seed": None, "split": "official train/test", "norm_mean": CIFAR10_MEAN, "norm_std": CIFAR10_STD,
     })

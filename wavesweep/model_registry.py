@@ -20,7 +20,8 @@ from mlflow.exceptions import MlflowException
 
 from wavesweep.fileio import atomic_write
 from wavesweep.redact import redact
-from wavesweep.tracking import _fmt, client, store_exists, tracking_uri
+from wavesweep.store import store_exists, tracking_uri
+from wavesweep.tracking import client, format_value
 
 REGISTERED_DIR = "registered-{method}"  # run-relative artifact folder of a registered model
 
@@ -68,7 +69,7 @@ def register_model(
     with contextlib.suppress(MlflowException):  # exists already
         c.create_registered_model(name)
     source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = c.create_model_version(name, source, run_id=run_id, tags={k: _fmt(v) for k, v in tags.items() if v is not None})
+    mv = c.create_model_version(name, source, run_id=run_id, tags={k: format_value(v) for k, v in tags.items() if v is not None})
     c.set_registered_model_tag(name, "wavesweep", "true")
     if alias:
         c.set_registered_model_alias(name, alias, mv.version)

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from wavesweep import architectures
-from wavesweep.architectures import MLP, SMALL_INPUT, VIT_PATCH, SmallCNN  # noqa: F401  (re-exported)
 from wavesweep.names import Registry
 
 log = logging.getLogger(__name__)

@@ -81,7 +81,8 @@ class PruneResult:
 # --------------------------------------------------------------------------- targets
 
 
-def _normalise_targets(targets: Iterable[str] | str) -> tuple[str, ...]:
+def normalise_targets(targets: Iterable[str] | str) -> tuple[str, ...]:
+    """``targets`` as a non-empty tuple of kinds from :data:`TARGETS` (a single kind may be a string)."""
     if isinstance(targets, str):
         targets = (targets,)
     targets = tuple(targets)
@@ -98,7 +99,7 @@ def target_layers(model: nn.Module, targets: Iterable[str] | str = ("conv",)) ->
     ``targets``: kinds from :data:`TARGETS` (``"conv"`` = ``nn.Conv2d``, ``"linear"`` = ``nn.Linear``).
     Raises ``ValueError`` for an unknown kind or a model without target layers.
     """
-    targets = _normalise_targets(targets)
+    targets = normalise_targets(targets)
     types = tuple(TARGETS[t] for t in targets)
     layers = [
         (name, m)
@@ -113,13 +114,14 @@ def target_layers(model: nn.Module, targets: Iterable[str] | str = ("conv",)) ->
     return layers
 
 
-def _work_model(model: nn.Module, inplace: bool) -> nn.Module:
+def work_model(model: nn.Module, inplace: bool) -> nn.Module:
+    """The model a pruning method writes into: ``model`` itself when ``inplace``, else a deep copy."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return model if inplace else copy.deepcopy(model)
 
 
-def _weight_numpy(w: torch.Tensor) -> np.ndarray:
+def weight_numpy(w: torch.Tensor) -> np.ndarray:
     """CPU numpy view/copy of a weight; float32 for dtypes numpy or PyWavelets lack (half, bfloat16)."""
     w = w.detach()
     if w.dtype not in (torch.float32, torch.float64):
@@ -127,13 +129,14 @@ def _weight_numpy(w: torch.Tensor) -> np.ndarray:
     return w.cpu().numpy()
 
 
-def _write_weight(module: nn.Module, values: np.ndarray) -> None:
+def write_weight(module: nn.Module, values: np.ndarray) -> None:
+    """Copy ``values`` (any shape with the weight's size) into ``module.weight``, in place."""
     w = module.weight
     with torch.no_grad():
         w.copy_(torch.from_numpy(np.ascontiguousarray(values)).reshape(w.shape))
 
 
-def _zero_weight(module: nn.Module, prune: np.ndarray) -> None:
+def zero_weight(module: nn.Module, prune: np.ndarray) -> None:
     """Set the weights where ``prune`` (flat bool) is True to +0.0, in place."""
     w = module.weight
     mask = torch.from_numpy(prune).reshape(w.shape).to(w.device)

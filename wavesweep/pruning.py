@@ -36,16 +36,8 @@ from wavesweep import wavelets as wv
 from wavesweep.baselines import matched_amount, prune_magnitude, prune_matched, prune_random
 from wavesweep.names import check_choice
 from wavesweep.prune_record import (
-    SCOPES,
-    TARGETS,
-    LayerPrune,
-    PruneResult,
-    _normalise_targets,
-    _weight_numpy,
-    _work_model,
-    _write_weight,
-    target_layers,
-)
+    SCOPES, TARGETS, LayerPrune, PruneResult, normalise_targets, target_layers, weight_numpy, work_model, write_weight,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +99,11 @@ def prune_dwt(
     wv.validate_dwt_args(wavelet=wavelet, level=level, layout=layout, mode=mode, percentile=percentile)
     check_choice("scope", scope, SCOPES)
     check_choice("dwt backend", backend, BACKENDS)
-    targets = _normalise_targets(targets)
+    targets = normalise_targets(targets)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     target_layers(model, targets)  # raises before the copy if there are none
-    work = _work_model(model, inplace)
+    work = work_model(model, inplace)
     layers = target_layers(work, targets)
     percentile = float(percentile)
 
@@ -136,7 +128,7 @@ def prune_dwt(
         prune_one = wv.dwt_prune_array
 
         def weight(m: nn.Module) -> np.ndarray:
-            return _weight_numpy(m.weight)
+            return weight_numpy(m.weight)
 
         def abs_pool(m: nn.Module) -> np.ndarray:
             coeffs, st = wv.decompose(weight(m), wavelet=wavelet, level=level, layout=layout, mode=mode)
@@ -161,7 +153,7 @@ def prune_dwt(
                 m.weight.copy_(rec.reshape(m.weight.shape))
             coeffs, keep = coeffs.cpu().numpy(), keep.cpu().numpy()  # the record for accounting and the checkpoint
         else:
-            _write_weight(m, rec)
+            write_weight(m, rec)
         n_zeroed = int(keep.size - np.count_nonzero(keep))
         if st.level < level:
             msgs.append(

@@ -26,6 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from wavesweep import schema
 from wavesweep.config import TrialConfig, coerce
 
 MAX_REPLICATES = 100  # replicates are whole trials: a typo must not start a thousand of them
@@ -117,17 +118,17 @@ def half_width(agg: Mapping[str, float], metric: str) -> float | None:
     return None if lo is None or hi is None else (hi - lo) / 2
 
 
-def summary_lines(agg: Mapping[str, float], baselines: Sequence[str] = ("magnitude", "random")) -> list[str]:
+def summary_lines(agg: Mapping[str, float]) -> list[str]:
     """The aggregate table the CLI prints: top-1 per method (and the base model) as mean +- the
     interval's half-width, then the dwt-vs-baseline gains with their interval."""
     n = int(agg["n_replicates"])
     lines = [f"over {n} replicates: mean +- half of the 95 % t-interval (std: sample standard deviation across seeds)",
              f"{'method':<10} {'top1 mean':>9} {'+-':>7} {'std':>7}"]  # fmt: skip
-    for name, key in (("base", "base_top1"), ("dwt", "top1"), *((b, f"{b}_top1") for b in baselines)):
+    for name, key in (("base", "base_top1"), ("dwt", "top1"), *((b, f"{b}_top1") for b in schema.BASELINES)):
         if f"{key}_mean" in agg:
             hw, std = half_width(agg, key), agg.get(f"{key}_std")
             lines.append(f"{name:<10} {agg[f'{key}_mean']:9.4f} {_fmt(hw, '7.4f')} {_fmt(std, '7.4f')}")
-    for b in baselines:
+    for b in schema.BASELINES:
         key = f"gain_top1_vs_{b}"
         if f"{key}_mean" in agg:
             lo, hi = agg.get(f"{key}_ci_low"), agg.get(f"{key}_ci_high")

@@ -12,7 +12,8 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (MLflow's store or Optuna's storage), else None."""
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///") :]).expanduser().resolve()
@@ -21,5 +22,5 @@ def _sqlite_path(uri: str) -> Path | None:
 def store_exists() -> bool:
     """Whether the tracking store can be read without creating it: False only for a SQLite URI
     whose file does not exist (commands that only read must not create a store or an experiment)."""
-    db = _sqlite_path(tracking_uri())
+    db = sqlite_file(tracking_uri())
     return db is None or db.is_file()

@@ -67,10 +67,10 @@ def _start_run(client, exp_id: str, cfg: TrialConfig, n: int, cid: str, *, paren
     return run_id, owned
 
 
-def _log_params(client, run_id: str, cfg: TrialConfig, n: int, owned: bool) -> None:
+def _log_params(client, run_id: str, cfg: TrialConfig, n: int) -> None:
     seeds = ",".join(str(cfg.seed + i) for i in range(n))
     params = {**cfg.to_dict(), "replicates": n, "replicate_seeds": seeds, "code_version": tracking.code_version()}
-    tracking.log_batch(client, run_id, params=params, new_run=owned)  # `mlflow run` logged its -P values: kept
+    tracking.log_batch(client, run_id, params=params)  # `mlflow run` logged its -P values: kept
 
 
 def _tag_method_runs(client, exp_id: str, trial_run_id: str, tags: dict[str, str]) -> None:
@@ -125,7 +125,7 @@ def run_tracked_configuration(
         on_run(run_id)
     where = "setup"
     try:
-        _log_params(client, run_id, cfg, n, owned)
+        _log_params(client, run_id, cfg, n)
         # The replicates go where the configuration run is (an adopted run fixes the experiment).
         exp_id = client.get_run(run_id).info.experiment_id
         exp_name = client.get_experiment(exp_id).name

@@ -39,7 +39,7 @@ import wavesweep
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import file_lock
 from wavesweep.redact import redact
-from wavesweep.store import DEFAULT_TRACKING_URI, _sqlite_path, store_exists, tracking_uri  # noqa: F401 (re-exported)
+from wavesweep.store import sqlite_file, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def init_tracking(experiment: str | None = None, *, run_id: str | None = None) -
     exclusive file lock beside the database.
     """
     uri = tracking_uri()
-    db = _sqlite_path(uri)
+    db = sqlite_file(uri)
     lock = file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
     with lock:
         client = MlflowClient(uri)
@@ -119,7 +119,8 @@ def code_version() -> str:
 # --------------------------------------------------------------------------- logging helpers
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A param, tag or model-version tag value as MLflow stores it: JSON for lists and dicts, else ``str``."""
     return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
 
 
@@ -130,18 +131,16 @@ def log_batch(
     params: dict[str, Any] | None = None,
     metrics: dict[str, float] | list[tuple[str, float, int]] | None = None,
     tags: dict[str, Any] | None = None,
-    new_run: bool = False,
 ) -> None:
     """Log params, metrics and tags in as few ``log_batch`` calls as MLflow's limits allow.
 
     ``metrics`` is ``{key: value}`` (step 0) or a list of ``(key, value, step)``. Params that the
-    run already has (``mlflow run`` logs its ``-P`` values itself) are skipped, not re-logged;
-    ``new_run=True`` (the caller knows the run has none of these params: a run it created and
-    logged other keys on) skips that look-up. Every param and tag value is :func:`redact`-ed.
+    run already has (``mlflow run`` logs its ``-P`` values itself) are skipped, not re-logged.
+    Every param and tag value is :func:`redact`-ed.
     """
-    existing = client.get_run(run_id).data.params if params and not new_run else {}
-    ps = [Param(k, redact(_fmt(v))) for k, v in (params or {}).items() if k not in existing]
-    ts = [RunTag(k, redact(_fmt(v))) for k, v in (tags or {}).items()]
+    existing = client.get_run(run_id).data.params if params else {}
+    ps = [Param(k, redact(format_value(v))) for k, v in (params or {}).items() if k not in existing]
+    ts = [RunTag(k, redact(format_value(v))) for k, v in (tags or {}).items()]
     now = int(time.time() * 1000)
     triples = [(k, v, 0) for k, v in metrics.items()] if isinstance(metrics, dict) else list(metrics or [])
     ms = [Metric(k, float(v), now, int(step)) for k, v, step in triples if v is not None]
@@ -234,7 +233,7 @@ class TrialRun:
             self.owned = True
         self.experiment_id = experiment_id if self.owned else client.get_run(self.run_id).info.experiment_id
         self.child_ids: dict[str, str] = {}
-        log_batch(client, self.run_id, params={**cfg.to_dict(), "code_version": code_version()}, new_run=self.owned)
+        log_batch(client, self.run_id, params={**cfg.to_dict(), "code_version": code_version()})
 
     def child(self, method: str) -> str:
         run = self.client.create_run(
@@ -330,11 +329,10 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
         params = {**cfg.to_dict(), **base_params, "method": method}
         if method != "dwt":
             params |= {"matched_to": "dwt", "match_scope": cfg.scope, "prune_seed": out.prune.config.get("seed", cfg.seed)}
-        log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frames[method])],
-                  new_run=True)  # fmt: skip
+        log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frames[method])])
         _log_table(client, rid, frames[method], "layers.json")
     log_batch(client, run.run_id, params=base_params, metrics=[*((k, v, 0) for k, v in metrics["parent"].items()), *_layer_series(frames["dwt"])],
-              tags={"warnings": len(result.warnings)}, new_run=run.owned)  # fmt: skip
+              tags={"warnings": len(result.warnings)})  # fmt: skip
     _log_table(client, run.run_id, frames["dwt"], "layers.json")
     preds = pd.DataFrame({"target": result.base_eval.targets, "base": result.base_eval.preds,
                           **{m: o.eval.preds for m, o in result.outcomes.items()}})  # fmt: skip
@@ -480,13 +478,3 @@ def run_status(client: MlflowClient, run_id: str) -> str | None:
 def log_study_report(client: MlflowClient, run_id: str, report_dir: Path) -> None:
     """Upload a report folder (plots, summary CSV and Markdown) under ``report/`` on the study run."""
     client.log_artifacts(run_id, str(report_dir), "report")
-
-
-def study_trial_runs(client: MlflowClient, study_name: str, experiment_ids: list[str] | None = None) -> list[Any]:
-    """Every trial run recorded for ``study_name`` (any status), oldest first."""
-    exps = experiment_ids or [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        exps, filter_string=f"tags.`optuna.study` = '{study_name}' and tags.`wavesweep.kind` = 'trial'",
-        max_results=50000, order_by=["attributes.start_time ASC"],
-    )  # fmt: skip
-    return list(runs)

@@ -268,7 +268,7 @@ def run_trial(
     with phases("paired_stats"):
         paired = {
             f"dwt_vs_{m}": paired_comparison(evals["dwt"].correct, evals[m].correct, seed=cfg.seed)
-            for m in ("magnitude", "random")
+            for m in schema.BASELINES
         }
     for text in caught:
         log.warning("%s", text)

@@ -77,13 +77,14 @@ class LevelClampedWarning(UserWarning):
     """The effective decomposition level of a layer is lower than the requested level."""
 
 
-def _is_real(x: object) -> bool:
+def is_real(x: object) -> bool:
+    """A real number (Python or NumPy int or float), not a bool."""
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
 def validate_percentile(percentile: object) -> float:
     """Return ``percentile`` as a float, or raise ``ValueError`` unless it is a number in [0, 100]."""
-    if not _is_real(percentile) or not (0.0 <= float(percentile) <= 100.0):  # NaN fails too
+    if not is_real(percentile) or not (0.0 <= float(percentile) <= 100.0):  # NaN fails too
         raise ValueError(f"percentile must be a number in [0, 100], got {percentile!r}")
     return float(percentile)
 

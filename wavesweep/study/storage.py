@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from wavesweep import tracking
+from wavesweep import store, tracking
 from wavesweep.fileio import file_lock
 from wavesweep.study.frame import encode_objectives, study_objectives
 
@@ -57,10 +57,6 @@ def _journal_path(url: str) -> Path:
     return Path(url.split(":", 1)[1] if url.startswith("journal:") else url).expanduser()
 
 
-def sqlite_file(url: str) -> Path | None:
-    return Path(url[len("sqlite:///") :]).expanduser().resolve() if url.startswith("sqlite:///") else None
-
-
 def check_storage_url(url: str) -> None:
     """Raise a one-line ``ValueError`` unless ``url`` names a usable Optuna storage; creates nothing.
 
@@ -95,7 +91,7 @@ def check_storage_url(url: str) -> None:
         hint = _DRIVER_HINT.get(parsed.get_backend_name(), f"install the Python driver {dialect.driver!r}")
         raise ValueError(f"storage {shown!r}: the {parsed.get_backend_name()} driver is missing ({exc.name or exc}); {hint}") from None
     if parsed.get_backend_name() == "sqlite":
-        db = sqlite_file(url)
+        db = store.sqlite_file(url)
         if db is None or not parsed.database or parsed.database == ":memory:":
             raise ValueError(f"storage {shown!r}: an in-memory SQLite storage is lost at exit; give a file, e.g. sqlite:///optuna.db")
         if db.is_dir():
@@ -137,7 +133,7 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    db = sqlite_file(url)
+    db = store.sqlite_file(url)
     if db is not None and must_exist and not db.is_file():
         raise FileNotFoundError(f"Optuna storage {str(db)!r} does not exist")
     engine_kwargs = {"connect_args": {"timeout": 60}} if db is not None else {"pool_pre_ping": True}
@@ -161,8 +157,8 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
 def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
     """Does ``storage`` run Optuna heartbeats (RDB storages do; journal files do not)?
 
-    Asked through the storage's public ``get_heartbeat_interval``, which Optuna's cache wrapper
-    (``study._storage``) forwards, never by ``isinstance``.
+    Asked through the storage's public ``get_heartbeat_interval``, never by ``isinstance``; give it
+    the storage :func:`open_storage` returned (a study keeps no public handle on its storage).
     """
     get = getattr(storage, "get_heartbeat_interval", None)
     return callable(get) and get() is not None
@@ -262,9 +258,10 @@ def load_study(spec: StudySpec, storage: Any, *, seed: int = 0, workers: int = 1
     return optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, seed, workers), pruner=make_pruner(spec))
 
 
-def create_study(spec: StudySpec, storage_url: str) -> optuna.Study:
-    """Create the study (or load it when it exists, checking it has the spec's objectives)."""
-    storage = open_storage(storage_url)
+def create_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """Create the study (or load it when it exists, checking it has the spec's objectives) in
+    ``storage`` (:func:`open_storage` of ``storage_url`` when not given)."""
+    storage = open_storage(storage_url) if storage is None else storage
     study = optuna.create_study(
         storage=storage, study_name=spec.name, directions=spec.directions, load_if_exists=True,
         sampler=make_sampler(spec, spec.seed, 1), pruner=make_pruner(spec),

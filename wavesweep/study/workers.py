@@ -36,11 +36,12 @@ from optuna.trial import TrialState
 
 from wavesweep import interrupt, tracking
 from wavesweep.fileio import file_lock
+from wavesweep.store import sqlite_file
 from wavesweep.study.frame import best_trial, study_metrics
 from wavesweep.study.objective import COUNTED, objective
 from wavesweep.study.spec import StudySpec
 from wavesweep.study.storage import (
-    DEFAULT_STORAGE, check_storage_url, create_study, has_heartbeat, load_study, open_storage, requeue_failed, sqlite_file,
+    DEFAULT_STORAGE, check_storage_url, create_study, has_heartbeat, load_study, open_storage, requeue_failed,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,7 @@ def check_timeout(timeout: Any) -> float | None:
     return float(timeout)
 
 
-def enqueue(study: optuna.Study, spec: StudySpec, configs: list[dict[str, Any]]) -> int:
+def enqueue(study: optuna.Study, configs: list[dict[str, Any]]) -> int:
     """Queue chosen configurations (``{space name: value}``) to run first; ones the study has are skipped."""
     before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     for params in configs:
@@ -321,7 +322,8 @@ def run_study(
     # Databases first (MLflow store, Optuna schema and study), then workers.
     experiment = None if launched_run_id else spec.experiment
     client, exp_id = tracking.init_tracking(experiment=experiment, run_id=launched_run_id)
-    study = create_study(spec, url)
+    opened = open_storage(url)  # kept: a study has no public handle on its storage (heartbeats below)
+    study = create_study(spec, url, opened)
     parent = tracking.start_study_run(
         client, exp_id, study_name=spec.name, storage=url, spec_file=spec.path, spec_text=spec.text,
         params=spec.summary_params(), existing_run_id=study.user_attrs.get("mlflow_run_id"), launched_run_id=launched_run_id,
@@ -336,7 +338,7 @@ def run_study(
     )  # fmt: skip
     log.info("study %s: sampler seed %d (spec seed %d mixed with a per-launch salt)", spec.name, launch.seed, spec.seed)
     with file_lock(launch.lock_path):  # not while a worker on this machine is counting
-        if has_heartbeat(study._storage):
+        if has_heartbeat(opened):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)  # a killed launch's trials: FAIL and re-queued
@@ -345,7 +347,7 @@ def run_study(
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         if (k := requeue_failed(study, spec, limit=None if n_total is None else n_total - done0 - waiting)):
             log.info("re-queued %d interrupted or lost trial(s) with their params: %s", len(k), k)
-        if enqueue_configs and (k := enqueue(study, spec, enqueue_configs)):
+        if enqueue_configs and (k := enqueue(study, enqueue_configs)):
             log.info("enqueued %d chosen configuration(s) to run first", k)
     done0, _ = _counts(study)
     bar = _Progress(spec, n_total, progress, initial=min(done0, n_total or done0))
