@@ -22,13 +22,20 @@ class Parser(argparse.ArgumentParser):
     bad flag is a one-line error like every other, with a "did you mean" for a mistyped flag,
     and a run ``mlflow run`` created gets the error tag."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        if message.startswith("unrecognized arguments: "):
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's signature)
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # Suggest only flags of the command given (`trial --nosuch` must not suggest `results --out`).
+            subs = self._subparsers._group_actions[0].choices if self._subparsers else {}
+            chosen = subs.get(getattr(ns, "command", None))
+            flags = [o for p in (self, chosen) if p is not None for a in p._actions for o in a.option_strings if o.startswith("--")]
+            self.error(f"unrecognized arguments: {' '.join(extras)}", flags=flags)
+        return ns
+
+    def error(self, message: str, flags: list[str] | None = None) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments: ") and flags:
             import difflib
 
-            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-            for parser in self._subparsers._group_actions[0].choices.values() if self._subparsers else ():
-                flags += [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
             for word in message[len("unrecognized arguments: "):].split():
                 close = difflib.get_close_matches(word.split("=", 1)[0], sorted(set(flags)), n=1)
                 if word.startswith("-") and close:
