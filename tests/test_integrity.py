@@ -369,7 +369,7 @@ def _weights_file(kind: str, folder: Path) -> Path:
     [
         (["trial", "--wavelet", "bior13"], ["unknown wavelet 'bior13'", "did you mean bior1.3"]),
         (["trial", "--wavelt", "haar"], ["unrecognized arguments: --wavelt haar", "did you mean --wavelet?"]),
-        (["trial", "--model", "cnn", "--weights", "~nouser_wavesweep/x.pt"], ["'~nouser_wavesweep'"]),
+        (["trial", "--model", "cnn", "--weights", "~nouser_wavesweep/x.pt"], ["weights file '~nouser_wavesweep/x.pt': cannot expand '~nouser_wavesweep'"]),
         (["download", "mlflow-artifacts:/../..", "--dst", "d"], ["'mlflow-artifacts:/../..'", "'..' is not allowed"]),
         (["trial", "--keep-approx", "maybe"], ["keep_approx='maybe' is not a boolean"]),
         (["trial", "--no-keep-approx=1"], ["--no-keep-approx takes no value"]),
