@@ -257,6 +257,79 @@ def test_killed_and_sigtermed_workers_then_one_resume_reaches_the_total(workdir,
 
 
 @pytest.mark.slow
+def test_a_killed_worker_is_rerun_by_its_own_launcher(workdir, tiny_weights, shared_cache):
+    """kill -9 of a worker while its launcher goes on: the launcher waits for the heartbeat grace
+    period, re-runs the lost trial with the same params, and ends at the exact total (exit 0)."""
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3, fixed=SLOW_TRIAL, space=WIDE_SPACE)
+    p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch")
+    try:
+        wait_for(lambda: len(running_with_run(workdir)) == 2, 300, "two running trials")
+        workers = spawned_workers(p.pid)
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        assert p.wait(timeout=400) == 0, (workdir / "launch.log").read_text()[-3000:]
+    finally:
+        p.kill()
+    log = (workdir / "launch.log").read_text()
+    assert "Traceback" not in log and "was killed by signal 9" in log, log[-3000:]
+    after = trials(workdir)
+    states = [t.state for t in after]
+    assert states.count(TrialState.COMPLETE) == 3 and TrialState.RUNNING not in states and TrialState.WAITING not in states
+    lost = [t for t in after if t.state == TrialState.FAIL]
+    assert len(lost) == 1 and "interrupted" not in lost[0].user_attrs
+    assert_retried_with_same_params(after, lost[0])
+    runs = {r.info.run_id: r for r in mlflow_runs(workdir)}
+    assert not [r for r in runs.values() if r.info.status == "RUNNING"]
+    assert runs[lost[0].user_attrs["mlflow_run_id"]].info.status == "FAILED"
+    assert "worker lost" in runs[lost[0].user_attrs["mlflow_run_id"]].data.tags["error"]
+    study_run = [r for r in runs.values() if r.data.tags.get("wavesweep.kind") == "study"]
+    assert [r.info.status for r in study_run] == ["FINISHED"] and study_run[0].data.metrics["n_complete"] == 3
+
+
+@pytest.mark.slow
+def test_journal_storage_short_of_its_total_exits_1_and_closes_the_study_run(workdir, tiny_weights, capsys):
+    """A journal file has no heartbeats: a RUNNING trial of a process that may be dead is not waited
+    for; the launch says how many trials are missing, exits 1 and leaves no run RUNNING."""
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = workdir / "s.journal"
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, storage=str(journal))
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    optuna.create_study(study_name="tiny", storage=storage, direction="maximize").ask()  # a worker that died
+    assert run_cli("study", str(spec), "-q") == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 trials missing; 1 trial(s) are RUNNING in a storage without heartbeats" in err, err
+    runs = mlflow_runs(workdir)
+    assert not [r for r in runs if r.info.status == "RUNNING"], [(r.data.tags.get("wavesweep.kind"), r.info.status) for r in runs]
+    study_run = next(r for r in runs if r.data.tags.get("wavesweep.kind") == "study")
+    assert study_run.info.status == "FAILED" and "1 of 2 trials missing" in study_run.data.tags["error"]
+
+
+@pytest.mark.slow
+def test_a_launcher_that_stops_first_reports_a_partial_view_not_a_final_summary(workdir, tiny_weights, capsys):
+    """Another launcher's trial is still RUNNING when this one stops (its timeout): the summary says
+    "so far (not final)", no report is written and the study run stays open; the launcher that
+    finishes last closes it with the study's final numbers."""
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2)
+    s = optuna.create_study(study_name="tiny", storage=study.DEFAULT_STORAGE, direction="maximize")
+    other = s.ask()  # another launcher's trial, running (no heartbeat recorded: never stale)
+    assert run_cli("study", str(spec), "-q", "--timeout", "10") == 0  # one trial, then waits out its timeout
+    out, err = capsys.readouterr()
+    assert "study tiny so far (not final): 1 complete" in out and "1 trial(s) still running in other launchers" in err, (out, err)
+    assert "report:" not in out and not (workdir / "reports").exists()
+    client = MlflowClient()
+    run_id = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).user_attrs["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "RUNNING"  # left to the launcher still running
+
+    s.tell(other, state=TrialState.FAIL)  # the other launcher's trial ends (failed: one more is needed)
+    assert run_cli("study", str(spec), "-q") == 0  # the last launcher
+    out = capsys.readouterr().out
+    assert "study tiny: 2 complete, 0 pruned, 1 failed" in out and "report:" in out, out
+    final = client.get_run(run_id)
+    assert final.info.status == "FINISHED" and final.data.metrics["n_complete"] == 2
+
+
+@pytest.mark.slow
 def test_two_launchers_on_a_fresh_tpe_study_run_distinct_configurations(workdir, tiny_weights, shared_cache):
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, space=WIDE_SPACE, sampler={"name": "tpe", "seed": 0})
     procs = [spawn(workdir, shared_cache, "study", str(spec), "-q", name=f"l{i}") for i in range(2)]

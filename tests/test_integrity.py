@@ -4,6 +4,7 @@ unsafe model URIs, aliases that move, non-finite weights, and one-line errors fo
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import warnings
@@ -322,10 +323,27 @@ def test_credentials_are_redacted_in_params_tags_errors_and_logs(workdir, capsys
     run = client.get_run(run_id)
     recorded = [run.data.params["storage"], run.data.tags["optuna.storage"], run.data.tags["study.spec"], run.data.tags["error"]]
     assert all("s3cret" not in v and "user:***@" in v for v in recorded), recorded
+    capsys.readouterr()  # MLflow's store-creation lines, when this is the first test to create a store
     err = _one_line_error(capsys, cli.main(["trial", "--dataset", url]))
     assert "postgresql://user:***@db.example" in err and "s3cret" not in err
     record = __import__("logging").LogRecord("x", 30, __file__, 1, "connecting to %s", (url,), None)
     assert RedactingFilter().filter(record) and record.getMessage() == "connecting to postgresql://user:***@db.example:5432/optuna"
+
+
+def test_passwords_the_url_pattern_misses_are_redacted_once_the_url_is_seen(workdir):
+    """SQLAlchemy accepts a password with '/', a quote or a space unencoded; the URL pattern stops at
+    those, so the storage check remembers the parsed password and redacts it as a string."""
+    from wavesweep.redact import redact
+    from wavesweep.study.storage import check_storage_url
+
+    assert redact("postgresql://u:pw@h/db?sslpassword=abc&sslmode=require") == "postgresql://u:***@h/db?sslpassword=***&sslmode=require"
+    for password in ("sl/ash-9x", "qu'ote and space"):
+        url = f"postgresql://user:{password}@127.0.0.1:1/optuna"
+        check_storage_url(url)  # what every launch and worker does before using a storage URL
+        for text in (url, repr(url), f"storage {url!r}: could not connect", f"storage: {url}\n"):
+            assert password not in redact(text), text
+        assert redact(url) == "postgresql://user:***@127.0.0.1:1/optuna"
+    assert redact("the sl in slash and a quote") == "the sl in slash and a quote"  # only whole passwords
 
 
 # --------------------------------------------------------------------------- one-line errors
@@ -339,7 +357,7 @@ def _weights_file(kind: str, folder: Path) -> Path:
         torch.save(_cnn_state(0), path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif kind == "random":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(random.Random(0).randbytes(4096))  # fixed: a chance first byte "c" (GLOBAL) would read as a pickle naming code
     elif kind == "malicious":
         torch.save({"state_dict": _Marker(str(folder / "pwned"))}, path)
         (folder / "pwned").unlink(missing_ok=True)  # torch.save does not run it; be sure
@@ -351,7 +369,7 @@ def _weights_file(kind: str, folder: Path) -> Path:
     [
         (["trial", "--wavelet", "bior13"], ["unknown wavelet 'bior13'", "did you mean bior1.3"]),
         (["trial", "--wavelt", "haar"], ["unrecognized arguments: --wavelt haar", "did you mean --wavelet?"]),
-        (["trial", "--model", "cnn", "--weights", "~nouser_wavesweep/x.pt"], ["'~nouser_wavesweep'"]),
+        (["trial", "--model", "cnn", "--weights", "~nouser_wavesweep/x.pt"], ["weights file '~nouser_wavesweep/x.pt': cannot expand '~nouser_wavesweep'"]),
         (["download", "mlflow-artifacts:/../..", "--dst", "d"], ["'mlflow-artifacts:/../..'", "'..' is not allowed"]),
         (["trial", "--keep-approx", "maybe"], ["keep_approx='maybe' is not a boolean"]),
         (["trial", "--no-keep-approx=1"], ["--no-keep-approx takes no value"]),
@@ -374,6 +392,60 @@ def test_bad_weights_file_is_one_line_exit_2(workdir, capsys, kind):
     assert str(path) in err
     if kind == "malicious":
         assert "refused: weights_only=True" in err and not (workdir / "pwned").exists()
+    elif kind != "empty":  # damaged bytes are not called a pickle that needs code, nor met with torch's weights_only=False advice
+        assert "not a torch state-dict file" in err and "weights_only` set to `False`" not in err, err
+
+
+@pytest.mark.parametrize(
+    "make, argv, needle",
+    [
+        (lambda d: (d / "empty.pt").write_bytes(b""), ["trial", "--model", "cnn", "--weights", "empty.pt"], "'empty.pt' is empty"),
+        (lambda d: None, ["study", "s.yaml", "-q", "--storage", "postgresql+pg8000://u:secret@127.0.0.1:1/optuna"],
+         "the postgresql driver is missing (pg8000)"),
+    ],
+    ids=["bad-weights-fresh-store", "password-url-without-driver"],
+)
+@pytest.mark.slow  # a subprocess
+def test_one_line_on_stderr_from_a_fresh_directory(workdir, shared_cache, make, argv, needle):
+    """The whole stderr of the process is the one line: no MLflow store-creation INFO lines before it
+    (a fresh store), no credentials warning before a storage error."""
+    (workdir / "s.yaml").write_text("study: s\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n")
+    make(workdir)
+    env = subprocess_env(workdir, shared_cache)
+    env.pop("MLFLOW_LOGGING_LEVEL", None)
+    proc = subprocess.run([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("wavesweep: error: "), proc.stderr
+    assert needle in proc.stderr and "secret" not in proc.stderr
+
+
+LAUGHS_FLOW = "[" + ",".join(["&a0 [x,x,x,x,x,x,x,x,x]"] + [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 6)]) + "]"
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--set", "fixed=" + "[" * 5000 + "]" * 5000], "--set fixed=...: nested deeper than 50 levels"),
+        (["--enqueue", "percentile=" + "[" * 5000 + "]" * 5000], "--enqueue percentile=...: nested deeper than 50 levels"),
+        (["--set", "description=" + LAUGHS_FLOW], "--set description=...: expands to over 100000 YAML nodes"),
+    ],
+    ids=["set-deep", "enqueue-deep", "set-aliases"],
+)
+def test_command_line_spec_values_have_the_spec_files_bounds(workdir, capsys, argv, needle):
+    (workdir / "s.yaml").write_text("study: s\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n")
+    err = _one_line_error(capsys, cli.main(["study", "s.yaml", "--dry-run", *argv]))
+    assert needle in err and len(err) < 300, err[:300]
+
+
+def test_an_error_line_is_capped():
+    assert len(cli._one_line(ValueError("x" * 100_000))) < cli.MAX_ERROR_CHARS + 50
+
+
+@pytest.mark.parametrize("argv", [["trial", "--report-dir", "x"], ["trial", "--dst", "x"], ["models", "--name", "x"]])
+def test_did_you_mean_names_only_flags_of_the_command_given(capsys, argv):
+    err = _one_line_error(capsys, cli.main(argv))
+    assert f"unrecognized arguments: {argv[1]} x" in err and f"did you mean {argv[1]}?" not in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

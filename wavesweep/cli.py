@@ -190,7 +190,6 @@ def cmd_study(args: argparse.Namespace) -> int:
         from wavesweep.names import check_name
 
         check_name("registered model name", args.register_best)
-    _warn_secrets(args.launched_run_id, args.storage)
     if args.n_trials is not None and args.n_trials < 0:
         raise ValueError(f"--n-trials={args.n_trials} must be >= 0 (0: the spec's n_trials)")
     if args.timeout is not None:
@@ -198,6 +197,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     enqueued = [study.enqueue_params(spec, item) for item in args.enqueue or []]
     url = args.storage or spec.storage or study.DEFAULT_STORAGE
     study.check_storage_url(url)
+    _warn_secrets(args.launched_run_id, args.storage)  # after the checks: a bad URL is one line, not a warning too
     if args.dry_run:
         print(study.describe(spec, url=url, n_trials=args.n_trials or None, timeout=args.timeout, workers=args.workers,
                              enqueued=enqueued), end="")  # fmt: skip
@@ -440,10 +440,15 @@ def _tag_launched_run(run_id: str | None, error: str, status: str = "FAILED") ->
         logging.getLogger("wavesweep").warning("could not tag run %s with the error: %s", run_id, exc)
 
 
+MAX_ERROR_CHARS = 2000  # a value echoed in an error (a huge list from a spec) is cut, not printed whole
+
+
 def _one_line(exc: BaseException) -> str:
     from wavesweep.redact import redact
 
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(msg) > MAX_ERROR_CHARS:
+        msg = f"{msg[:MAX_ERROR_CHARS]}... ({len(msg) - MAX_ERROR_CHARS} more characters)"
     return redact(msg)
 
 
@@ -458,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         _tag_launched_run(launched_run_id, f"invalid command line: {msg}")
         return 2
     args.launched_run_id = launched_run_id
+    # MLflow configures its own loggers when it is imported (later, by the command), which would
+    # undo a setLevel here; its INFO lines ("Creating initial MLflow database tables...") would
+    # then precede a one-line error on stderr. MLFLOW_LOGGING_LEVEL is read at that import.
+    if not args.verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from wavesweep.redact import RedactingFilter
 

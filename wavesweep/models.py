@@ -182,8 +182,14 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # EOFError, UnpicklingError, RuntimeError (zip), ...: all mean "not a state dict"
-        what = "a pickle that needs code to load (refused: weights_only=True)" if "weights_only" in str(exc).lower() \
-            or "Unsupported global" in str(exc) else f"not a torch state-dict file ({type(exc).__name__}: {_first_line(exc)})"
+        text = str(exc)
+        # torch's weights-only unpickler says "Weights only load failed" for a pickle naming code it
+        # would have to import (GLOBAL) and for bytes that are no pickle at all ("Unsupported operand")
+        needs_code = "global" in text.lower() and ("weights_only" in text.lower() or "weights only" in text.lower())
+        detail = next((l.strip() for l in text.splitlines() if l.strip().startswith("Unsupported")), "") \
+            or _first_line(exc).split(". ", 1)[0]  # not torch's advice to retry with weights_only=False
+        what = "a pickle that needs code to load (refused: weights_only=True)" if needs_code \
+            else f"not a torch state-dict file ({type(exc).__name__}: {detail})"
         raise ValueError(f"weights file {str(path)!r}: {what}; wavesweep reads {SAFE_FORMATS}") from None
     meta: dict[str, Any] = {"format": "torch"}
     if isinstance(obj, Mapping) and isinstance(obj.get("meta"), str):

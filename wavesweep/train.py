@@ -370,9 +370,9 @@ def get_base_model(
         raise ValueError(f"weights {str(weights)!r} is an MLflow URI; load it with wavesweep.tracking")
 
     if weights is not None:
-        path = expand_path(weights, what="checkpoint")
+        path = expand_path(weights, what="weights file")
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+            raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
         state, meta = read_weights(path)  # never runs code from the file; NaN/inf refused below
         shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
         model = build_loaded(model_name, state, source=str(path), **shape)

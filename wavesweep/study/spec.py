@@ -301,16 +301,20 @@ def _check_trial_value(key: tuple[str, ...], values: dict[str, Any]) -> None:
 
 
 def parse_assignments(items: list[str] | None, what: str) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}``; values are YAML scalars or lists (``[10, 20]``)."""
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}``; values are YAML scalars or lists (``[10, 20]``).
+
+    Values are parsed with the spec file's bounds (nesting depth, nodes after alias expansion)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{what} {item!r} is not KEY=VALUE")
+            raise ValueError(f"{what} {item[:100]!r} is not KEY=VALUE")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            out[key.strip()] = parse_yaml(raw)[1] if raw.strip() else ""
         except yaml.YAMLError:
-            raise ValueError(f"{what} {item!r}: the value is not a YAML value") from None
+            raise ValueError(f"{what} {key.strip()}=...: the value is not a YAML value") from None
+        except SpecError as exc:
+            raise ValueError(f"{what} {key.strip()}=...: {exc.message}") from None
     return out
 
 

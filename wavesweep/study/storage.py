@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from wavesweep import store, tracking
 from wavesweep.fileio import file_lock
+from wavesweep.redact import remember_password
 from wavesweep.study.frame import encode_objectives, study_objectives
 
 if TYPE_CHECKING:
@@ -81,6 +82,8 @@ def check_storage_url(url: str) -> None:
     except (sqlalchemy.exc.ArgumentError, ValueError):
         hint = "; a directory is not a storage" if Path(url).expanduser().is_dir() else ""
         raise ValueError(f"storage {shown!r} is not a database URL (e.g. sqlite:///optuna.db, postgresql://HOST/DB) or a .journal file{hint}") from None
+    remember_password(parsed.password)  # a password the URL pattern misses ('/', quotes) is redacted too
+    shown = redact_url(url)
     try:
         dialect = parsed.get_dialect()
     except sqlalchemy.exc.NoSuchModuleError:

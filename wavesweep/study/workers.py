@@ -385,7 +385,10 @@ def run_study(
     out = StudyOutcome(study, parent, status, reason, missing=missing, running=running, timed_out=timed_out)
     best = best_trial(study)
     tags = {"best_trial_number": best.number, "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id", "")} if best else {}
-    if out.final:
+    if out.final or status == "FAILED":
+        # FAILED while trials still run (a journal storage's trial whose worker may be dead, or this
+        # launch gave up): closed with the reason, so no run stays RUNNING; a launcher still running
+        # closes it again when it finishes.
         tracking.close_run(client, parent, status, error=reason or None, metrics=study_metrics(study), tags=tags, children=False)
     else:  # other launchers are still running trials: the last one to finish closes the study run
         tracking.log_batch(client, parent, metrics=study_metrics(study))
