@@ -393,14 +393,16 @@ def full_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_artifact_disk_leaves_no_partial_file_and_no_running_run(workdir, tiny_weights, full_disk):
+def test_a_full_artifact_disk_leaves_no_partial_file_and_no_running_run(workdir, tiny_weights, full_disk, capsys):
     client = MlflowClient()
     client.create_experiment("full", artifact_location=full_disk.as_uri())
     filler = full_disk / "filler"
     filler.write_bytes(b"\0" * (200 * 1024))  # leaves ~56 KiB: the small files fit, the checkpoint does not
-    with pytest.raises(OSError):
-        run_cli("trial", "--model", "cnn", "--weights", tiny_weights, "--eval-limit", "40", "--timing-batches", "0",
-                "--recovery", "none", "--save-baselines", "true", "-q", "--experiment", "full")  # fmt: skip
+    capsys.readouterr()
+    rc = run_cli("trial", "--model", "cnn", "--weights", tiny_weights, "--eval-limit", "40", "--timing-batches", "0",
+                 "--recovery", "none", "--save-baselines", "true", "-q", "--experiment", "full")  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("wavesweep: error: no space left on the device"), err
     runs = client.search_runs([client.get_experiment_by_name("full").experiment_id])
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FAILED"}
     assert all("No space left" in r.data.tags["error"] or "ENOSPC" in r.data.tags["error"] for r in runs), [r.data.tags.get("error") for r in runs]
@@ -408,3 +410,39 @@ def test_a_full_artifact_disk_leaves_no_partial_file_and_no_running_run(workdir,
     assert not [p for p in left if p.suffix == ".wsz"], left  # no checkpoint, whole or partial
     for p in left:  # whatever small file is left is complete (it parses)
         assert p.stat().st_size > 0
+
+
+def test_an_unreachable_database_is_one_line_and_exit_1(workdir, capsys):
+    """A PostgreSQL storage whose server is not there (connection refused): one line naming the
+    failure, exit 1, no traceback, no password."""
+    pytest.importorskip("psycopg")
+    spec = write_spec(workdir / "unreachable.yaml", "", n_trials=1)
+    capsys.readouterr()
+    rc = run_cli("study", str(spec), "-q", "--storage", "postgresql://someone@127.0.0.1:1/nowhere")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("wavesweep: error: database: ") and "127.0.0.1" in err[0] and "refused" in err[0], err
+
+
+def test_environment_errors_are_found_through_the_exception_chain():
+    import errno
+    import sqlite3
+
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    from wavesweep.cli import _environment_error
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/mnt/artifacts/dwt.wsz")
+    try:
+        try:
+            raise full
+        except OSError as exc:
+            raise MlflowException("failed to upload") from exc
+    except MlflowException as wrapped:
+        msg = _environment_error(wrapped)
+    assert msg == "no space left on the device while writing '/mnt/artifacts/dwt.wsz': free some space or put the store elsewhere"
+    db_full = sqlalchemy.exc.OperationalError("INSERT ...", {}, sqlite3.OperationalError("database or disk is full"))
+    assert _environment_error(db_full) == "database: database or disk is full"
+    assert _environment_error(ValueError("bad value")) is None
+    assert _environment_error(OSError(errno.EACCES, "Permission denied")) is None

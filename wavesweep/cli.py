@@ -7,6 +7,7 @@ one-line ``wavesweep: error: ...`` on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -452,6 +453,24 @@ def _one_line(exc: BaseException) -> str:
     return redact(msg)
 
 
+def _environment_error(exc: BaseException) -> str | None:
+    """A failure outside wavesweep that is fixed on the machine, not in the code: a full disk, a
+    database server that cannot be reached or refuses. Its one line, or None; the exception's
+    chain is searched (MLflow and SQLAlchemy wrap the ``OSError`` / driver error)."""
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {str(err.filename)!r}" if err.filename else ""
+            return f"no space left on the device{where}: free some space or put the store elsewhere"
+        sa_exc = sys.modules.get("sqlalchemy.exc")
+        if sa_exc is not None and isinstance(err, sa_exc.OperationalError):
+            return f"database: {_one_line(err.orig if err.orig is not None else err)}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     # The run `mlflow run` created for this process, read once here and passed down.
     launched_run_id = os.environ.get("MLFLOW_RUN_ID") or None
@@ -485,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
                 tracking.set_tracking_uri()  # once per process, for MLflow's own functions
             return int(args.func(args) or 0)
     except Exception as exc:
+        environment = None if args.verbose else _environment_error(exc)  # -v: the whole traceback
+        if environment is not None:  # a full disk, an unreachable database: exit 1, one line
+            print(f"wavesweep: error: {environment}", file=sys.stderr)
+            _tag_launched_run(launched_run_id, environment)
+            return 1
         if not (isinstance(exc, USAGE_ERRORS) or _is_mlflow_error(exc)):
             _tag_launched_run(launched_run_id, f"{type(exc).__name__}: {_one_line(exc)}")
             raise
