@@ -446,3 +446,30 @@ def test_environment_errors_are_found_through_the_exception_chain():
     assert _environment_error(db_full) == "database: database or disk is full"
     assert _environment_error(ValueError("bad value")) is None
     assert _environment_error(OSError(errno.EACCES, "Permission denied")) is None
+
+
+def test_a_study_report_uploads_its_own_files_only(workdir):
+    """Two launchers finishing together write one report folder: the upload takes the files this
+    launcher wrote (linked first), never another's temporary file, even one that vanishes."""
+    from wavesweep import tracking
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("reports")).info.run_id
+    out = workdir / "reports" / "s"
+    out.mkdir(parents=True)
+    files = [out / "summary.md", out / "plot.png"]
+    for i, p in enumerate(files):
+        p.write_bytes(b"x" * (10 + i))
+    stray = out / ".plot.png.abc123.tmp"  # another launcher's file in flight
+    stray.write_bytes(b"partial")
+    real_link = os.link
+
+    def link_then_vanish(src, dst):  # the other launcher renames its file while this one uploads
+        real_link(src, dst)
+        stray.unlink(missing_ok=True)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tracking.os, "link", link_then_vanish)
+        tracking.log_study_report(client, run_id, files)
+    listed = {a.path: a.file_size for a in client.list_artifacts(run_id, "report")}
+    assert listed == {"report/summary.md": 10, "report/plot.png": 11}

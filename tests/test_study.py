@@ -313,6 +313,7 @@ def test_interrupt_then_resume_runs_only_the_missing_trials(workdir, tiny_weight
     client = MlflowClient()
     parent_id = runs[0].data.tags["mlflow.parentRunId"]
     assert client.get_run(parent_id).info.status == "KILLED"
+    interrupted = client.get_run(parent_id).data.tags["error"]
 
     # relaunch: the grid's 3 points, each exactly once among the counted trials; the failed one replaced
     assert run_cli("study", str(spec), "-q") == 0
@@ -321,6 +322,8 @@ def test_interrupt_then_resume_runs_only_the_missing_trials(workdir, tiny_weight
     done = [t.params["percentile"] for t in trials.values() if t.state == TrialState.COMPLETE]
     assert sorted(done) == [20, 50, 80]
     assert client.get_run(parent_id).info.status == "FINISHED"  # the same study run, reopened and closed
+    tags = client.get_run(parent_id).data.tags  # a FINISHED study run carries no error; the old one is history
+    assert "error" not in tags and tags["error.previous"] == interrupted
     assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent_id}
 
     # running it again finds nothing missing

@@ -285,17 +285,20 @@ def _print_summary(found: Any, parent: str, url: str, final: bool = True) -> Non
 def _report(found: Any, report_dir: str | None, register: str | None, parent: str | None) -> None:
     """Write (and log on the study run) the study's report; optionally register its best model."""
     from wavesweep import study, tracking
+    from wavesweep.fileio import file_lock
     from wavesweep.tracked_trial import register_trial_model
 
     from wavesweep.names import check_name
 
     out = Path(report_dir) if report_dir else Path("reports") / check_name("study name", found.study_name)
-    files = study.build_report(found, out)
-    print(f"report: {out} ({', '.join(sorted(p.name for p in files.values()))})")
-    client = tracking.client()
-    if parent and tracking.run_status(client, parent) is not None:
-        tracking.log_study_report(client, parent, out)
-        print(f"report logged on study run {parent} under report/")
+    # Launchers that finish together write the same folder: one at a time, each uploading its own files.
+    with file_lock(out.parent / f".{out.name}.lock"):
+        files = study.build_report(found, out)
+        print(f"report: {out} ({', '.join(sorted(p.name for p in files.values()))})")
+        client = tracking.client()
+        if parent and tracking.run_status(client, parent) is not None:
+            tracking.log_study_report(client, parent, files.values())
+            print(f"report logged on study run {parent} under report/")
     if register:
         best = study.best_trial(found)
         if best is None or not best.user_attrs.get("mlflow_run_id"):

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -430,6 +431,9 @@ def start_study_run(
         if run is not None and run.data.tags.get("optuna.study") == study_name and run.info.lifecycle_stage == "active":
             run_id = run.info.run_id
             client.update_run(run_id, status="RUNNING")
+            if "error" in run.data.tags:  # an earlier launch's failure: history now, not this launch's state
+                client.set_tag(run_id, "error.previous", run.data.tags["error"])
+                client.delete_tag(run_id, "error")
     launched = launched_run_id
     if run_id is None and launched:
         run_id = launched
@@ -475,6 +479,9 @@ def run_status(client: MlflowClient, run_id: str) -> str | None:
         return None
 
 
-def log_study_report(client: MlflowClient, run_id: str, report_dir: Path) -> None:
-    """Upload a report folder (plots, summary CSV and Markdown) under ``report/`` on the study run."""
-    client.log_artifacts(run_id, str(report_dir), "report")
+def log_study_report(client: MlflowClient, run_id: str, files: Iterable[Path]) -> None:
+    """Upload a report's ``files`` (plots, summary CSV and Markdown) under ``report/`` on the study
+    run: those files only, linked into a folder of this upload's own first, so another
+    launcher writing the same report folder at the same time (its temporary files, its renames)
+    cannot break the upload or slip into it."""
+    _log_files(client, run_id, {}, "report", copies={Path(f).name: Path(f) for f in files})
