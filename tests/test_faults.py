@@ -217,15 +217,20 @@ def test_sigterm_of_a_trial_leaves_no_running_run(workdir, tiny_weights, shared_
         assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
 
 
+def kill_one_worker(workdir, launcher) -> None:
+    """Once two trials run, kill -9 the launcher's one spawned worker (it dies without any cleanup)."""
+    wait_for(lambda: len(running_with_run(workdir)) == 2, 300, "two running trials")
+    workers = spawned_workers(launcher.pid)
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_killed_and_sigtermed_workers_then_one_resume_reaches_the_total(workdir, tiny_weights, shared_cache):
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, fixed=SLOW_TRIAL, space=WIDE_SPACE)
     p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch")
     try:
-        wait_for(lambda: len(running_with_run(workdir)) == 2, 300, "two running trials")
-        workers = spawned_workers(p.pid)
-        assert len(workers) == 1
-        os.kill(workers[0], signal.SIGKILL)  # a worker dies without any cleanup
+        kill_one_worker(workdir, p)
         time.sleep(0.5)
         p.send_signal(signal.SIGTERM)  # the launcher is stopped as `timeout` or Slurm would
         assert p.wait(timeout=180) == 143
@@ -263,10 +268,7 @@ def test_a_killed_worker_is_rerun_by_its_own_launcher(workdir, tiny_weights, sha
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3, fixed=SLOW_TRIAL, space=WIDE_SPACE)
     p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch")
     try:
-        wait_for(lambda: len(running_with_run(workdir)) == 2, 300, "two running trials")
-        workers = spawned_workers(p.pid)
-        assert len(workers) == 1
-        os.kill(workers[0], signal.SIGKILL)
+        kill_one_worker(workdir, p)
         assert p.wait(timeout=400) == 0, (workdir / "launch.log").read_text()[-3000:]
     finally:
         p.kill()
