@@ -433,7 +433,7 @@ def test_environment_errors_are_found_through_the_exception_chain():
     import sqlalchemy.exc
     from mlflow.exceptions import MlflowException
 
-    from wavesweep.cli import _environment_error
+    from wavesweep.failures import environment_error
 
     full = OSError(errno.ENOSPC, "No space left on device", "/mnt/artifacts/dwt.wsz")
     try:
@@ -442,12 +442,12 @@ def test_environment_errors_are_found_through_the_exception_chain():
         except OSError as exc:
             raise MlflowException("failed to upload") from exc
     except MlflowException as wrapped:
-        msg = _environment_error(wrapped)
+        msg = environment_error(wrapped)
     assert msg == "no space left on the device while writing '/mnt/artifacts/dwt.wsz': free some space or put the store elsewhere"
     db_full = sqlalchemy.exc.OperationalError("INSERT ...", {}, sqlite3.OperationalError("database or disk is full"))
-    assert _environment_error(db_full) == "database: database or disk is full"
-    assert _environment_error(ValueError("bad value")) is None
-    assert _environment_error(OSError(errno.EACCES, "Permission denied")) is None
+    assert environment_error(db_full) == "database: database or disk is full"
+    assert environment_error(ValueError("bad value")) is None
+    assert environment_error(OSError(errno.EACCES, "Permission denied")) is None
 
 
 def test_a_study_report_uploads_its_own_files_only(workdir):

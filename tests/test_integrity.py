@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from tests.conftest import subprocess_env
-from wavesweep import checkpoint, cli, model_registry, models, tracking, train
+from wavesweep import checkpoint, cli, failures, model_registry, models, tracking, train
 from wavesweep import pruning as P
 from wavesweep import wavelets as wv
 from wavesweep.config import TrialConfig
@@ -439,7 +439,7 @@ def test_command_line_spec_values_have_the_spec_files_bounds(workdir, capsys, ar
 
 
 def test_an_error_line_is_capped():
-    assert len(cli._one_line(ValueError("x" * 100_000))) < cli.MAX_ERROR_CHARS + 50
+    assert len(failures.one_line(ValueError("x" * 100_000))) < failures.MAX_ERROR_CHARS + 50
 
 
 @pytest.mark.parametrize("argv", [["trial", "--report-dir", "x"], ["trial", "--dst", "x"], ["models", "--name", "x"]])

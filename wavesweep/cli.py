@@ -7,7 +7,6 @@ one-line ``wavesweep: error: ...`` on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -17,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from wavesweep import interrupt
+from wavesweep.failures import USAGE_ERRORS, environment_error, is_mlflow_error, one_line, tag_launched_run
 from wavesweep.cli_args import Parser, UsageError, add_trial_options
 from wavesweep.config import FIELD_HELP, TrialConfig
-
-USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
 
 
 def _check_device(device: str) -> None:
@@ -422,67 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_mlflow_error(exc: Exception) -> bool:
-    """MLflow's own misuse errors (unknown run id, missing artifact) are user errors too."""
-    mod = sys.modules.get("mlflow.exceptions")
-    return mod is not None and isinstance(exc, mod.MlflowException)
-
-
-def _tag_launched_run(run_id: str | None, error: str, status: str = "FAILED") -> None:
-    """Record ``error`` on the run ``mlflow run`` created (tag ``error``, status), unless the trial
-    code already did; never masks the error being reported."""
-    if not run_id:
-        return
-    try:
-        from wavesweep import tracking
-
-        client, _ = tracking.init_tracking(run_id=run_id)
-        run = client.get_run(run_id)
-        if "error" not in run.data.tags:
-            tracking.close_run(client, run_id, status, error=error, children=False)
-    except Exception as exc:  # noqa: BLE001 (the original error is what the user must see)
-        logging.getLogger("wavesweep").warning("could not tag run %s with the error: %s", run_id, exc)
-
-
-MAX_ERROR_CHARS = 2000  # a value echoed in an error (a huge list from a spec) is cut, not printed whole
-
-
-def _one_line(exc: BaseException) -> str:
-    from wavesweep.redact import redact
-
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if len(msg) > MAX_ERROR_CHARS:
-        msg = f"{msg[:MAX_ERROR_CHARS]}... ({len(msg) - MAX_ERROR_CHARS} more characters)"
-    return redact(msg)
-
-
-def _environment_error(exc: BaseException) -> str | None:
-    """A failure outside wavesweep that is fixed on the machine, not in the code: a full disk, a
-    database server that cannot be reached or refuses. Its one line, or None; the exception's
-    chain is searched (MLflow and SQLAlchemy wrap the ``OSError`` / driver error)."""
-    seen: set[int] = set()
-    err: BaseException | None = exc
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            where = f" while writing {str(err.filename)!r}" if err.filename else ""
-            return f"no space left on the device{where}: free some space or put the store elsewhere"
-        sa_exc = sys.modules.get("sqlalchemy.exc")
-        if sa_exc is not None and isinstance(err, sa_exc.OperationalError):
-            return f"database: {_one_line(err.orig if err.orig is not None else err)}"
-        err = err.__cause__ or err.__context__
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     # The run `mlflow run` created for this process, read once here and passed down.
     launched_run_id = os.environ.get("MLFLOW_RUN_ID") or None
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
-        msg = _one_line(exc)
+        msg = one_line(exc)
         print(f"wavesweep: error: {msg}", file=sys.stderr)
-        _tag_launched_run(launched_run_id, f"invalid command line: {msg}")
+        tag_launched_run(launched_run_id, f"invalid command line: {msg}")
         return 2
     args.launched_run_id = launched_run_id
     # MLflow configures its own loggers when it is imported (later, by the command), which would
@@ -507,22 +453,22 @@ def main(argv: list[str] | None = None) -> int:
                 tracking.set_tracking_uri()  # once per process, for MLflow's own functions
             return int(args.func(args) or 0)
     except Exception as exc:
-        environment = None if args.verbose else _environment_error(exc)  # -v: the whole traceback
+        environment = None if args.verbose else environment_error(exc)  # -v: the whole traceback
         if environment is not None:  # a full disk, an unreachable database: exit 1, one line
             print(f"wavesweep: error: {environment}", file=sys.stderr)
-            _tag_launched_run(launched_run_id, environment)
+            tag_launched_run(launched_run_id, environment)
             return 1
-        if not (isinstance(exc, USAGE_ERRORS) or _is_mlflow_error(exc)):
-            _tag_launched_run(launched_run_id, f"{type(exc).__name__}: {_one_line(exc)}")
+        if not (isinstance(exc, USAGE_ERRORS) or is_mlflow_error(exc)):
+            tag_launched_run(launched_run_id, f"{type(exc).__name__}: {one_line(exc)}")
             raise
-        msg = _one_line(exc)
+        msg = one_line(exc)
         print(f"wavesweep: error: {msg}", file=sys.stderr)
-        _tag_launched_run(launched_run_id, msg)
+        tag_launched_run(launched_run_id, msg)
         return 2
     except KeyboardInterrupt as exc:  # exit 130 (SIGINT) or 143 (SIGTERM), one line, no traceback
         reason = f"interrupted ({interrupt.caught(exc)})"
         print(f"wavesweep: {reason}", file=sys.stderr)
-        _tag_launched_run(launched_run_id, reason, status="KILLED")
+        tag_launched_run(launched_run_id, reason, status="KILLED")
         return interrupt.exit_code(exc)
 
 

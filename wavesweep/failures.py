@@ -1,0 +1,66 @@
+"""What a failure looks like to the user: one line on stderr (redacted, capped), and the run that
+``mlflow run`` created for the process marked with it.
+
+Three kinds: usage errors (a bad value, a missing file; exit 2), failures of the machine or a
+service (a full disk, an unreachable database; exit 1), and the rest, which are bugs and keep
+their traceback. Used by :mod:`wavesweep.cli`, the only module that prints.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
+MAX_ERROR_CHARS = 2000  # a value echoed in an error (a huge list from a spec) is cut, not printed whole
+
+
+def is_mlflow_error(exc: Exception) -> bool:
+    """MLflow's own misuse errors (unknown run id, missing artifact) are user errors too."""
+    mod = sys.modules.get("mlflow.exceptions")
+    return mod is not None and isinstance(exc, mod.MlflowException)
+
+
+def tag_launched_run(run_id: str | None, error: str, status: str = "FAILED") -> None:
+    """Record ``error`` on the run ``mlflow run`` created (tag ``error``, status), unless the trial
+    code already did; never masks the error being reported."""
+    if not run_id:
+        return
+    try:
+        from wavesweep import tracking
+
+        client, _ = tracking.init_tracking(run_id=run_id)
+        run = client.get_run(run_id)
+        if "error" not in run.data.tags:
+            tracking.close_run(client, run_id, status, error=error, children=False)
+    except Exception as exc:  # noqa: BLE001 (the original error is what the user must see)
+        logging.getLogger("wavesweep").warning("could not tag run %s with the error: %s", run_id, exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when empty), capped, credentials redacted."""
+    from wavesweep.redact import redact
+
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(msg) > MAX_ERROR_CHARS:
+        msg = f"{msg[:MAX_ERROR_CHARS]}... ({len(msg) - MAX_ERROR_CHARS} more characters)"
+    return redact(msg)
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """A failure outside wavesweep that is fixed on the machine, not in the code: a full disk, a
+    database server that cannot be reached or refuses. Its one line, or None; the exception's
+    chain is searched (MLflow and SQLAlchemy wrap the ``OSError`` / driver error)."""
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {str(err.filename)!r}" if err.filename else ""
+            return f"no space left on the device{where}: free some space or put the store elsewhere"
+        sa_exc = sys.modules.get("sqlalchemy.exc")
+        if sa_exc is not None and isinstance(err, sa_exc.OperationalError):
+            return f"database: {one_line(err.orig if err.orig is not None else err)}"
+        err = err.__cause__ or err.__context__
+    return None
