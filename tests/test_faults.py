@@ -297,7 +297,9 @@ def test_journal_storage_short_of_its_total_exits_1_and_closes_the_study_run(wor
     journal = workdir / "s.journal"
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, storage=str(journal))
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
-    optuna.create_study(study_name="tiny", storage=storage, direction="maximize").ask()  # a worker that died
+    space = {"percentile": optuna.distributions.CategoricalDistribution([20, 40, 60, 80]),
+             "wavelet": optuna.distributions.CategoricalDistribution(["haar", "db2"])}  # fmt: skip
+    optuna.create_study(study_name="tiny", storage=storage, direction="maximize").ask(space)  # a worker that died
     assert run_cli("study", str(spec), "-q") == 1
     err = capsys.readouterr().err
     assert "1 of 2 trials missing; 1 trial(s) are RUNNING in a storage without heartbeats" in err, err
@@ -305,6 +307,19 @@ def test_journal_storage_short_of_its_total_exits_1_and_closes_the_study_run(wor
     assert not [r for r in runs if r.info.status == "RUNNING"], [(r.data.tags.get("wavesweep.kind"), r.info.status) for r in runs]
     study_run = next(r for r in runs if r.data.tags.get("wavesweep.kind") == "study")
     assert study_run.info.status == "FAILED" and "1 of 2 trials missing" in study_run.data.tags["error"]
+    assert "relaunch with --requeue-running" in err
+
+    # no launcher runs any more: the dead worker's trial is failed and re-run with its params
+    assert run_cli("study", str(spec), "-q", "--requeue-running") == 0
+    trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    assert [t.state for t in trials].count(TrialState.RUNNING) == 0
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
+    dead, retry = trials[0], next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE and retry.params == dead.params
+    runs = mlflow_runs(workdir)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    study_run = next(r for r in runs if r.data.tags.get("wavesweep.kind") == "study")
+    assert study_run.info.status == "FINISHED" and "error" not in study_run.data.tags
 
 
 @pytest.mark.slow

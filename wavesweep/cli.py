@@ -204,6 +204,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     outcome = study.run_study(
         spec, n_trials=args.n_trials or None, timeout=args.timeout, storage=args.storage, workers=args.workers or 1,
         progress=not args.quiet, launched_run_id=args.launched_run_id, quiet=args.quiet, enqueue_configs=enqueued,
+        requeue_running=args.requeue_running,
     )  # fmt: skip
     _print_summary(outcome.study, outcome.run_id, url, final=outcome.final)
     from wavesweep import tracking
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--enqueue", action="append", metavar="NAME=VALUE,...",
                    help="run this configuration of the search space first (e.g. wavelet=haar,percentile=40); repeatable")
     s.add_argument("--dry-run", action="store_true", help="print the resolved spec and search space; run nothing, create nothing")
+    s.add_argument("--requeue-running", action="store_true",
+                   help="no launcher is running: fail the RUNNING trials (dead workers) and re-queue them with the same params "
+                        "(for a journal-file storage, which has no heartbeats)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar; Optuna logs errors only")
     s.set_defaults(func=cmd_study)
 

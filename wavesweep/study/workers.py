@@ -298,6 +298,7 @@ def run_study(
     launched_run_id: str | None = None,
     quiet: bool = False,
     enqueue_configs: list[dict[str, Any]] | None = None,
+    requeue_running: bool = False,
 ) -> StudyOutcome:
     """Run (or resume) ``spec``; returns the study, the study's MLflow run id and the final status.
 
@@ -307,6 +308,9 @@ def run_study(
     the running trials were closed (Optuna FAIL, MLflow KILLED) and the study run KILLED.
     ``launched_run_id``: the run ``mlflow run -e study`` created (it fixes the experiment).
     ``enqueue_configs``: configurations (``{space name: value}``) to run before sampled ones.
+    ``requeue_running``: the caller knows that no launcher is running (a journal file has no
+    heartbeats to tell): every RUNNING trial is failed, its MLflow run closed FAILED, and it is
+    re-queued with the same params like any lost trial.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} must be an integer >= 1")
@@ -342,6 +346,10 @@ def run_study(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)  # a killed launch's trials: FAIL and re-queued
+        if requeue_running:
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                study.tell(t.number, state=TrialState.FAIL)  # its worker is gone: the caller's word
+                log.warning("trial %d was RUNNING with no launcher running: failed, re-queued with the same params", t.number)
         _reconcile_mlflow(study, client)
         done0, _ = _counts(study)
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
@@ -380,7 +388,7 @@ def run_study(
     timed_out = timeout is not None and time.time() - launch.t0 >= timeout
     if missing and status == "FINISHED" and not timed_out:
         status = "FAILED"
-        stuck = f"; {running} trial(s) are RUNNING in a storage without heartbeats (a journal file), whose workers may be dead" if running else ""
+        stuck = f"; {running} trial(s) are RUNNING in a storage without heartbeats (a journal file), whose workers may be dead (once no launcher runs: relaunch with --requeue-running)" if running else ""
         reason = f"{missing} of {n_total} trials missing{stuck}"
     out = StudyOutcome(study, parent, status, reason, missing=missing, running=running, timed_out=timed_out)
     best = best_trial(study)
