@@ -490,3 +490,20 @@ def test_a_study_report_uploads_its_own_files_only(workdir):
         tracking.log_study_report(client, run_id, files)
     listed = {a.path: a.file_size for a in client.list_artifacts(run_id, "report")}
     assert listed == {"report/summary.md": 10, "report/plot.png": 11}
+
+
+def test_a_finished_study_run_keeps_an_earlier_launchs_error_as_history(workdir):
+    """A launch that fell short closed the study run FAILED while another launcher still ran; when
+    that one closes it FINISHED, the old error becomes ``error.previous``, not the run's state."""
+    from wavesweep import tracking
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("history")).info.run_id
+    tracking.close_run(client, run_id, "FAILED", error="1 of 2 trials missing", children=False)
+    tracking.keep_error_as_history(client, run_id)
+    tracking.close_run(client, run_id, "FINISHED", children=False)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    assert run.data.tags["error.previous"] == "1 of 2 trials missing"
+    tracking.keep_error_as_history(client, run_id)  # nothing to move: unchanged
+    assert client.get_run(run_id).data.tags["error.previous"] == "1 of 2 trials missing"

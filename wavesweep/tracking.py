@@ -403,6 +403,15 @@ def download_checkpoint(client: MlflowClient, run_id: str, method: str, dst: Pat
 redact_url = redact  # ``url`` with any password replaced by ``***`` (kept for callers)
 
 
+def keep_error_as_history(client: MlflowClient, run_id: str) -> None:
+    """A study run reopened or finished by a later launch: an earlier launch's ``error`` tag moves
+    to ``error.previous`` (history, not the run's present state)."""
+    tags = client.get_run(run_id).data.tags
+    if "error" in tags:
+        client.set_tag(run_id, "error.previous", tags["error"])
+        client.delete_tag(run_id, "error")
+
+
 def start_study_run(
     client: MlflowClient,
     experiment_id: str,
@@ -431,9 +440,7 @@ def start_study_run(
         if run is not None and run.data.tags.get("optuna.study") == study_name and run.info.lifecycle_stage == "active":
             run_id = run.info.run_id
             client.update_run(run_id, status="RUNNING")
-            if "error" in run.data.tags:  # an earlier launch's failure: history now, not this launch's state
-                client.set_tag(run_id, "error.previous", run.data.tags["error"])
-                client.delete_tag(run_id, "error")
+            keep_error_as_history(client, run_id)
     launched = launched_run_id
     if run_id is None and launched:
         run_id = launched

@@ -397,6 +397,8 @@ def run_study(
         # FAILED while trials still run (a journal storage's trial whose worker may be dead, or this
         # launch gave up): closed with the reason, so no run stays RUNNING; a launcher still running
         # closes it again when it finishes.
+        if status == "FINISHED":  # another launch may have closed it FAILED while this one ran
+            tracking.keep_error_as_history(client, parent)
         tracking.close_run(client, parent, status, error=reason or None, metrics=study_metrics(study), tags=tags, children=False)
     else:  # other launchers are still running trials: the last one to finish closes the study run
         tracking.log_batch(client, parent, metrics=study_metrics(study))
