@@ -10,7 +10,7 @@
 #
 #   echo /.whl/ >> .git/info/exclude; echo /.data/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl PyWavelets==1.8.0  # the version pinned here
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl PyWavelets==1.9.0  # the distribution installed here
 #   mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/    # 30 MB, Debian's files
 #
 # and run it there with `carry: [".whl", ".data"]`. Budget (H100/H200, warm cache, estimates):
