@@ -57,3 +57,14 @@ def study_trial_runs(client, study_name: str) -> list:
         max_results=50000, order_by=["attributes.start_time ASC"],
     )  # fmt: skip
     return list(runs)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: torch's intra-op threads only add overhead (and stall on a shared machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,12 +20,7 @@ from .test_wavelets_torch import GRAD_SHAPES, _cases, _max_err
 SHAPES = ((4, 3, 3, 3), (3, 5, 7, 9), (2, 3, 16, 11), (10, 64), (7, 13), (2, 5), (1, 3), (3, 64))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: intra-op threads only add overhead
 
 
 # Every mode with "gemm"; the other backends take keep and positions_major by a multiply and a

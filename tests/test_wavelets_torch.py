@@ -36,13 +36,7 @@ BACKENDS = ("taps", "conv", "gemm")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and stall on a shared machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: intra-op threads only add overhead
 
 
 @pytest.fixture(params=BACKENDS)
