@@ -52,3 +52,43 @@ def test_grid_validates_every_trial_before_work():
     with pytest.raises(ValueError, match="not WAVELET:LAYOUT"):
         results.parse_configs("bior4.4")
     assert len(results.Grid().trials()) == 5 * 3 * 3
+
+
+@pytest.mark.slow  # trains a small base model and runs 10 trials (about 30 s)
+def test_an_interrupted_grid_resumes_with_the_same_numbers(workdir):
+    """A grid stopped after two trials resumes from its progress file: the finished trials are
+    not rerun, and the page's numbers equal those of an uninterrupted run; a progress file of
+    another grid (here: another seed) is not reused."""
+    grid = results.Grid(model="cnn", dataset="digits", configs=(("haar", "filter"),), fractions=(50, 90),
+                        recoveries=("none", "finetune"), eval_limit=120, finetune_steps=2, recovery_batches=2,
+                        device="cpu")  # fmt: skip
+    whole, whole_facts = results.run_grid(grid)
+    assert whole_facts["resumed"] == 0 and len(whole) == 4
+
+    progress = results.progress_path(workdir / "page.md")
+    ran = []
+
+    def stop_after_two(i, n, cfg):
+        if len(ran) == 2:
+            raise KeyboardInterrupt
+        ran.append((cfg.percentile, cfg.recovery))
+
+    with pytest.raises(KeyboardInterrupt):
+        results.run_grid(grid, on_trial=stop_after_two, progress=progress)
+    assert len(pd.read_csv(progress)) == 2
+
+    resumed_calls, ran_again = [], []
+    frame, facts = results.run_grid(grid, progress=progress, on_resume=lambda k, n: resumed_calls.append((k, n)),
+                                    on_trial=lambda i, n, cfg: ran_again.append((cfg.percentile, cfg.recovery)))
+    assert resumed_calls == [(2, 4)] and facts["resumed"] == 2
+    assert ran_again == [(90.0, "none"), (90.0, "finetune")]  # the first two were not rerun
+    numbers = [c for c in whole.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(frame[numbers], whole[numbers], check_dtype=False, check_exact=True)
+    assert facts["seconds"] >= frame["seconds"].sum()
+    assert "2 of 4 trials were carried over" in results.render(frame, facts, grid, "wavesweep results")
+
+    other = results.Grid(**{**grid.__dict__, "seed": 1})
+    seen = []
+    results.run_grid(other, progress=progress, on_resume=lambda k, n: seen.append(k),
+                     on_trial=lambda i, n, cfg: None)
+    assert seen == []  # rows of seed 0 are not rows of seed 1

@@ -325,9 +325,16 @@ def cmd_results(args: argparse.Namespace) -> int:
     def on_trial(i: int, n: int, cfg: TrialConfig) -> None:
         print(f"[{i + 1}/{n}] {cfg.wavelet} {cfg.layout} p{cfg.percentile:g} recovery={cfg.recovery}", flush=True)
 
-    frame, facts = results.run_grid(grid, on_trial=on_trial)
-    argv = sys.argv[sys.argv.index("results") + 1 :] if "results" in sys.argv else []
+    def on_resume(reused: int, total: int) -> None:
+        print(f"resuming: {reused} of {total} trials were done by an earlier run ({progress}; --fresh reruns them)")
+
+    progress = results.progress_path(Path(args.out))
+    if args.fresh:
+        progress.unlink(missing_ok=True)
+    frame, facts = results.run_grid(grid, on_trial=on_trial, progress=progress, on_resume=on_resume)
+    argv = [a for a in (sys.argv[sys.argv.index("results") + 1 :] if "results" in sys.argv else []) if a != "--fresh"]
     path = results.write_page(results.render(frame, facts, grid, results.default_command(argv)), Path(args.out), frame)
+    progress.unlink(missing_ok=True)
     print(f"wrote {path} ({len(frame)} trials, {facts['seconds'] / 60:.1f} min)")
     return 0
 
@@ -413,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--device", default="auto", help=FIELD_HELP["device"] + " (default: auto)")
     rs.add_argument("--data-root", default="", help=FIELD_HELP["data_root"])
     rs.add_argument("--out", default="docs/results-fashion-mnist.md", help="the Markdown page to write")
+    rs.add_argument("--fresh", action="store_true",
+                    help="rerun every trial (default: resume an interrupted run from OUT's .progress.csv)")
     rs.set_defaults(func=cmd_results)
 
     rp = sub.add_parser("report", help="plots and summary tables of a study")

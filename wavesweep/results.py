@@ -65,22 +65,71 @@ def verdict(low: float, high: float) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "equal"
 
 
-def run_grid(grid: Grid, *, on_trial: Callable[[int, int, TrialConfig], None] | None = None) -> tuple[pd.DataFrame, dict]:
-    """Run every trial of ``grid``; one row per trial, plus facts about the run (base model, time)."""
+#: columns of a progress file that say which grid and base model its rows belong to
+_GRID_KEY = ("model", "dataset", "level", "eval_limit", "seed", "recovery_batches", "finetune_steps")
+_TEXT_COLUMNS = {"wavelet": str, "layout": str, "recovery": str, "levels": str, "base_checksum": str, "device": str}
+
+
+def progress_path(page: Path) -> Path:
+    """Where ``wavesweep results --out PAGE`` keeps the trials done so far until the page is written."""
+    return page.with_suffix(".progress.csv")
+
+
+def _trial_key(cfg: TrialConfig) -> tuple:
+    return (cfg.wavelet, cfg.layout, float(cfg.percentile), cfg.recovery)
+
+
+def _identity(grid: Grid, checksum: str, device: str) -> dict:
+    return {**{k: getattr(grid, k) for k in _GRID_KEY}, "base_checksum": checksum, "device": device}
+
+
+def load_progress(path: Path, grid: Grid, checksum: str, device: str) -> dict[tuple, dict]:
+    """The rows of an earlier, interrupted run of the same grid on the same base model and device
+    type, by trial; rows of any other grid, base model or device type are not reused."""
+    if not path.is_file():
+        return {}
+    frame = pd.read_csv(path, dtype=_TEXT_COLUMNS)
+    want = _identity(grid, checksum, device)
+    done = {}
+    for row in frame.to_dict("records"):
+        if all(row.get(k) == v for k, v in want.items()):
+            done[_trial_key_of(row)] = row
+    return done
+
+
+def run_grid(
+    grid: Grid,
+    *,
+    on_trial: Callable[[int, int, TrialConfig], None] | None = None,
+    progress: Path | None = None,
+    on_resume: Callable[[int, int], None] | None = None,
+) -> tuple[pd.DataFrame, dict]:
+    """Run every trial of ``grid``; one row per trial, plus facts about the run (base model, time).
+
+    With ``progress`` (a CSV path), every finished trial is written there at once, and a trial
+    already recorded there by an earlier run of the same grid (same base model, same device
+    type) is taken from it instead of being run again: an interrupted grid resumes where it
+    stopped. ``on_resume(reused, total)`` is called once when rows are reused."""
     cfgs = grid.trials()
     t0 = time.perf_counter()
     base = train.get_base_model(grid.model, grid.dataset, seed=grid.seed, data_root=grid.data_root or None,
                                 device=grid.device, progress=False)  # fmt: skip
     train_seconds = time.perf_counter() - t0
+    dev = evaluate.resolve_device(grid.device)
+    identity = _identity(grid, base.checksum, dev.type)
+    done = load_progress(progress, grid, base.checksum, dev.type) if progress is not None else {}
+    done = {k: v for k, v in done.items() if k in {_trial_key(c) for c in cfgs}}
+    if done and on_resume is not None:
+        on_resume(len(done), len(cfgs))
     rows = []
-    base_top1 = None
-    n_eval = None
     for i, cfg in enumerate(cfgs):
+        if _trial_key(cfg) in done:
+            rows.append(done[_trial_key(cfg)])
+            continue
         if on_trial is not None:
             on_trial(i, len(cfgs), cfg)
         t = time.perf_counter()
         r = run_trial(cfg, base=base)
-        base_top1, n_eval = r.base_eval.top1, r.eval_info["n_eval"]
         row = {
             "wavelet": cfg.wavelet,
             "layout": cfg.layout,
@@ -89,6 +138,8 @@ def run_grid(grid: Grid, *, on_trial: Callable[[int, int, TrialConfig], None] | 
             "pruned_fraction": r.outcomes["dwt"].stats.zeroed_coeffs / r.outcomes["dwt"].stats.coeffs,
             "levels": "/".join(str(v) for v in sorted({lp.level_effective for lp in r.outcomes["dwt"].prune.layers})),
             "seconds": time.perf_counter() - t,
+            "base_top1": r.base_eval.top1,
+            "n_eval": r.eval_info["n_eval"],
         }
         for m, out in r.outcomes.items():
             row[f"{m}_top1"] = out.eval.top1
@@ -98,20 +149,30 @@ def run_grid(grid: Grid, *, on_trial: Callable[[int, int, TrialConfig], None] | 
             row[f"{name}_low"] = cmp.ci_low
             row[f"{name}_high"] = cmp.ci_high
             row[f"{name}_p"] = cmp.mcnemar_p
-        rows.append(row)
-    dev = evaluate.resolve_device(grid.device)
+        rows.append({**row, **identity})
+        if progress is not None:
+            with atomic_write(progress, "w") as fh:
+                pd.DataFrame(rows).to_csv(fh, index=False)
+    frame = pd.DataFrame(rows).drop(columns=list(identity))
+    resumed = [r for r in rows if _trial_key_of(r) in done]
     facts = {
-        "base_top1": base_top1,
+        "base_top1": float(frame["base_top1"].iloc[-1]),
         "base_train_top1": base.train_info.get("test_top1"),
         "base_train_seconds": base.train_info.get("seconds"),
         "base_checksum": base.checksum,
-        "n_eval": n_eval,
-        "seconds": time.perf_counter() - t0,
+        "n_eval": int(frame["n_eval"].iloc[-1]),
+        # an interrupted run's trials count with the seconds they took then
+        "seconds": time.perf_counter() - t0 + sum(float(r["seconds"]) for r in resumed),
+        "resumed": len(resumed),
         "base_load_seconds": train_seconds,
         "machine": _machine(dev),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    return pd.DataFrame(rows), facts
+    return frame, facts
+
+
+def _trial_key_of(row: dict) -> tuple:
+    return (row["wavelet"], row["layout"], float(row["percentile"]), row["recovery"])
 
 
 def _machine(dev: torch.device) -> str:
@@ -134,7 +195,10 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         f"Regenerate with `{command}`.",
         "",
         f"- Date: {facts['date']}; machine: {facts['machine']}; total time {facts['seconds'] / 60:.1f} min "
-        f"(base model load or training {facts['base_load_seconds']:.0f} s).",
+        f"(base model load or training {facts['base_load_seconds']:.0f} s)"
+        + (f"; {facts['resumed']} of {len(frame)} trials were carried over from an interrupted run of the same "
+           "command, counted with the seconds they took then" if facts.get("resumed") else "")
+        + ".",
         f"- Base model: {grid.model} trained by wavesweep (seed {grid.seed}; sha256 `{facts['base_checksum'][:16]}…`), "
         f"top-1 {facts['base_top1']:.4f} on the {facts['n_eval']} evaluation examples used here"
         + (f" ({facts['base_train_top1']:.4f} on the whole test split after training)" if facts.get("base_train_top1") else "")
