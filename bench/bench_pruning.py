@@ -26,7 +26,7 @@ with ``backend="numpy"`` (PyWavelets: each weight goes to the host and back) and
 clock, one warm-up, median of ``--big-repeats``), the device synchronised before the clock
 stops. dwt settings: bior4.4, level 5, ``--big-layout`` (filter), periodization.
 
-    python bench/bench_pruning.py --only-big [--big-repeats 3] [--big-layout filter]
+    python bench/bench_pruning.py --only-big [--big-repeats 3] [--big-layout filter] [--big-devices cuda]
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def timed_on(fn, base, repeats, dev: torch.device) -> float:
 def big_models(args) -> None:
     """dwt vs l1_unstructured on ResNet-50 (conv) and ViT-B/16 (linear), CPU and CUDA."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if args.big_devices:
+        devices = [torch.device(d) for d in args.big_devices.split(",")]
     a, r, layout = args.amount, args.big_repeats, args.big_layout
     dwt_kw = dict(wavelet="bior4.4", level=5, layout=layout, mode="periodization")
     print(f"\n--- bigger models: dwt ({dwt_kw['wavelet']}, level 5, {layout}) vs torch l1_unstructured, "
@@ -133,6 +135,7 @@ def main(argv=None) -> None:
     ap.add_argument("--only-big", action="store_true", help="only the resnet50 / vit_b_16 section")
     ap.add_argument("--big-repeats", type=int, default=3)
     ap.add_argument("--big-layout", default="filter", choices=wv.LAYOUTS)
+    ap.add_argument("--big-devices", default="", help="comma-separated devices for --big (default: cpu, and cuda when present)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.only_big:

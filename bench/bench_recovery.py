@@ -68,17 +68,25 @@ def bench_trial_share(device: str, repeats: int, batch_counts: list[int]) -> Non
     default = TrialConfig(device=device)
     base = train.get_base_model(default.model, default.dataset, seed=default.seed, device=device, progress=False)
     trial.run_trial(default, base=base)  # warm-up: caches, lazy imports
-    _tracked_trial(default)
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:  # a GPU box without MLflow: the in-process trial only
+        print("  (MLflow is not installed here: the tracked trial is skipped)")
+        tracked = False
+    else:
+        tracked = True
+        _tracked_trial(default)
     print(f"  default trial: {default.model} on {default.dataset}, recovery={default.recovery}, batches of "
           f"{default.recovery_batch_size}, 3 methods, {repeats} repeats (median [min-max]); target <= 10 %")
     for n in sorted(set(batch_counts) | {default.recovery_batches}):
         cfg = TrialConfig(device=device, recovery_batches=n)
-        rows = {"in process": [], "tracked": []}
+        rows: dict[str, list] = {"in process": [], **({"tracked": []} if tracked else {})}
         for _ in range(repeats):
             t0 = time.perf_counter()
             r = trial.run_trial(cfg, base=base)
             rows["in process"].append((time.perf_counter() - t0, r.phase_seconds.get("recovery", 0.0)))
-            rows["tracked"].append(_tracked_trial(cfg))
+            if tracked:
+                rows["tracked"].append(_tracked_trial(cfg))
         mark = " (default)" if n == default.recovery_batches else ""
         for kind, vals in rows.items():
             shares = [rec / tot for tot, rec in vals]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks as one device call: the CUDA tests, then the benchmarks behind the GPU targets,
-# each step under its own time limit, every log under $OUT (or bench/out/gpu when $OUT is unset).
+# each step under its own time limit, every log in $OUT/steps.log (or bench/out/gpu when $OUT is unset).
 #
 #   bash bench/gpu_checks.sh [STEP ...]      # default: tests eval trial recovery pruning train
 #   steps: tests eval trial recovery pruning train results
@@ -13,10 +13,13 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl PyWavelets==1.9.0  # the distribution installed here
 #   mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/    # 30 MB, Debian's files
 #
-# and run it there with `carry: [".whl", ".data"]`. Budget (H100/H200, warm cache, estimates):
-# tests ~1 min, eval ~1 min, trial ~1 min, recovery ~1 min, pruning ~1 min, train ~1 min;
-# `results` (the ResNet-18 Fashion-MNIST results page of issue 10: trains the base model, then
-# 45 trials) needs a call of its own.
+# and run it there with `carry: [".whl", ".data"]`. The whole call ends within DEADLINE seconds
+# (default 570, for a device call of at most 600 s): each step runs under its own limit, cut to
+# what is left; `results` (issue 10's page with the product's target model, ResNet-18 on
+# Fashion-MNIST: trains the base model, then 45 trials) gets whatever the steps before it left,
+# and resumes from its progress file ($OUT/results-fashion-mnist-resnet18.progress.csv, brought
+# back to RESUME_FROM) when a later call runs it again. Estimates on an H100/H200: tests ~40 s,
+# eval ~40 s, trial ~30 s, recovery ~40 s, pruning ~40 s, train ~30 s, results 3-6 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu}"
@@ -37,15 +40,20 @@ DEVICE="${DEVICE:-cuda}"  # DEVICE=cpu: a dry run of the same steps on a machine
   $PY -c "import torch, pywt; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(),
 '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', '| pywt', pywt.__version__)"
   nproc
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1 | tee "$OUT/summary.txt"
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, say how it ended
+DEADLINE="${DEADLINE:-570}"  # seconds for the whole script
+step() {  # step NAME SECONDS COMMAND...: run with a limit (cut to what DEADLINE leaves), log to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
+  local t0=$SECONDS left=$((DEADLINE - SECONDS - 5))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then echo "=== $name: skipped, ${left}s left" | tee -a "$OUT/summary.txt"; return; fi
   echo "=== $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"/tmp/step-$name.log" 2>&1
   local rc=$?
-  tail -n 40 "$OUT/$name.log"
+  tail -n 40 "/tmp/step-$name.log"
+  # one file for every step's log: a device call brings back at most 8 files
+  { echo "=== $name (limit ${limit}s): $*"; cat "/tmp/step-$name.log"; } >>"$OUT/steps.log"
   echo "=== $name: rc=$rc after $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
 }
 
@@ -54,21 +62,23 @@ STEPS=("$@")
 for s in "${STEPS[@]}"; do
   case "$s" in
     tests)  # every CUDA test, and the files they live in (CPU tests of the same files run too)
-      step tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_wavelets_torch.py tests/test_polyphase.py \
+      step tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_wavelets_torch.py tests/test_polyphase.py \
         tests/test_recovery.py tests/test_evaluate.py tests/test_pruning.py tests/test_data.py -rs ;;
     eval)  # issue 11: harness / bare model(x) loop >= 0.9x (digits, Fashion-MNIST, 224 px ResNet-18)
-      step eval 240 $PY bench/bench_eval.py --device "$DEVICE" --skip-train ;;
+      step eval 75 $PY bench/bench_eval.py --device "$DEVICE" --skip-train ;;
     trial)  # issue 11: a default trial on CUDA, not-forward share <= 25 % (no MLflow on that machine)
-      step trial 240 $PY bench/bench_trial.py --untracked --device "$DEVICE" --repeats 3 ;;
+      step trial 60 $PY bench/bench_trial.py --untracked --device "$DEVICE" --repeats 3 ;;
     recovery)  # issue 10: BatchNorm share of a default trial <= 10 %; dwt fine-tuning >= 0.5x magnitude
-      step recovery 240 $PY bench/bench_recovery.py --device "$DEVICE" --bn-batches 16,50 --repeats 3 ;;
-    pruning)  # issue 11: dwt on resnet50 / vit_b_16 on CUDA vs torch's l1_unstructured
-      step pruning 240 $PY bench/bench_pruning.py --only-big --big-repeats 3 ;;
+      step recovery 75 $PY bench/bench_recovery.py --device "$DEVICE" --bn-batches 50 --repeats 3 ;;
+    pruning)  # issue 11: dwt on resnet50 / vit_b_16 on CUDA vs torch's l1_unstructured (CPU figures: here)
+      step pruning 75 $PY bench/bench_pruning.py --only-big --big-repeats 3 --big-devices "$DEVICE" ;;
     train)  # issue 11: ResNet-18 Fashion-MNIST training throughput, amp/channels-last off vs auto
-      step train 240 $PY bench/bench_train.py --data "$FMNIST" --repeats 2 ;;
-    results)  # issue 10: the results page with the product's target model
-      step results 560 $PY -m wavesweep results --model resnet18 --dataset fashion-mnist --eval-limit 2000 \
-        --device "$DEVICE" --out "$OUT/results-fashion-mnist-resnet18.md" ;;
+      step train 60 $PY bench/bench_train.py --data "$FMNIST" --repeats 2 ;;
+    results)  # issue 10: the results page with the product's target model (resumes an earlier call's)
+      page="$OUT/results-fashion-mnist-resnet18.md"
+      [ -f "${RESUME_FROM:-}" ] && cp "$RESUME_FROM" "${page%.md}.progress.csv"
+      step results 600 $PY -m wavesweep results --model resnet18 --dataset fashion-mnist --eval-limit 2000 \
+        --device "$DEVICE" --out "$page" ;;
     *) echo "unknown step '$s'; valid: tests eval trial recovery pruning train results" >&2; exit 2 ;;
   esac
 done

@@ -92,3 +92,28 @@ def test_an_interrupted_grid_resumes_with_the_same_numbers(workdir):
     results.run_grid(other, progress=progress, on_resume=lambda k, n: seen.append(k),
                      on_trial=lambda i, n, cfg: None)
     assert seen == []  # rows of seed 0 are not rows of seed 1
+
+
+@pytest.mark.slow  # a subprocess that trains (or loads) a small base model and runs one trial
+def test_results_command_runs_where_mlflow_is_not_installed(workdir, shared_cache):
+    """`wavesweep results` needs no MLflow (a GPU machine may lack it): with ``import mlflow``
+    failing, the page is written, its progress file removed, and no MLflow module was imported."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    block = workdir / "block" / "mlflow"
+    block.mkdir(parents=True)
+    (block / "__init__.py").write_text("raise ImportError('mlflow is not installed (blocked for this test)')\n")
+    env = subprocess_env(workdir, shared_cache)
+    env["PYTHONPATH"] = f"{workdir / 'block'}:{env['PYTHONPATH']}"
+    code = ("import sys\nfrom wavesweep import cli\n"
+            "rc = cli.main(['results', '--model', 'cnn', '--dataset', 'digits', '--configs', 'haar:filter',"
+            " '--fractions', '50', '--recoveries', 'none', '--eval-limit', '60', '--device', 'cpu', '--out', 'page.md'])\n"
+            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.splitlines()[-1] == "0 []", out.stdout + out.stderr
+    assert "| 50% | none |" in (workdir / "page.md").read_text()
+    assert len(pd.read_csv(workdir / "page.csv")) == 1
+    assert not results.progress_path(workdir / "page.md").exists()

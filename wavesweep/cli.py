@@ -328,10 +328,17 @@ def cmd_results(args: argparse.Namespace) -> int:
     def on_resume(reused: int, total: int) -> None:
         print(f"resuming: {reused} of {total} trials were done by an earlier run ({progress}; --fresh reruns them)")
 
+    def on_base(base, seconds: float) -> None:
+        info = base.train_info
+        trained = (f"its training took {info['seconds']:.0f} s, test top-1 {info['test_top1']:.4f}"
+                   if info.get("seconds") is not None and info.get("test_top1") is not None else "")
+        print(f"base model {args.model} on {args.dataset} ready after {seconds:.0f} s ({trained or 'no training record'}; "
+              f"sha256 {base.checksum[:16]})", flush=True)
+
     progress = results.progress_path(Path(args.out))
     if args.fresh:
         progress.unlink(missing_ok=True)
-    frame, facts = results.run_grid(grid, on_trial=on_trial, progress=progress, on_resume=on_resume)
+    frame, facts = results.run_grid(grid, on_trial=on_trial, progress=progress, on_resume=on_resume, on_base=on_base)
     argv = [a for a in (sys.argv[sys.argv.index("results") + 1 :] if "results" in sys.argv else []) if a != "--fresh"]
     path = results.write_page(results.render(frame, facts, grid, results.default_command(argv)), Path(args.out), frame)
     progress.unlink(missing_ok=True)
@@ -460,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         with interrupt.stop_signals():  # SIGTERM (timeout, Slurm, docker stop) is handled like Ctrl-C
-            if args.func not in (cmd_train, cmd_ui):  # ui: no MLflow import in this process
+            # train, results: no MLflow needed (a GPU box may not have it); ui: none in this process
+            if args.func not in (cmd_train, cmd_ui, cmd_results):
                 from wavesweep import tracking
 
                 tracking.set_tracking_uri()  # once per process, for MLflow's own functions

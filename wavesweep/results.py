@@ -103,18 +103,22 @@ def run_grid(
     on_trial: Callable[[int, int, TrialConfig], None] | None = None,
     progress: Path | None = None,
     on_resume: Callable[[int, int], None] | None = None,
+    on_base: Callable[[train.BaseModel, float], None] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Run every trial of ``grid``; one row per trial, plus facts about the run (base model, time).
 
     With ``progress`` (a CSV path), every finished trial is written there at once, and a trial
     already recorded there by an earlier run of the same grid (same base model, same device
     type) is taken from it instead of being run again: an interrupted grid resumes where it
-    stopped. ``on_resume(reused, total)`` is called once when rows are reused."""
+    stopped. ``on_resume(reused, total)`` is called once when rows are reused; ``on_base(base,
+    seconds)`` once the base model is loaded or trained."""
     cfgs = grid.trials()
     t0 = time.perf_counter()
     base = train.get_base_model(grid.model, grid.dataset, seed=grid.seed, data_root=grid.data_root or None,
                                 device=grid.device, progress=False)  # fmt: skip
     train_seconds = time.perf_counter() - t0
+    if on_base is not None:
+        on_base(base, train_seconds)
     dev = evaluate.resolve_device(grid.device)
     identity = _identity(grid, base.checksum, dev.type)
     done = load_progress(progress, grid, base.checksum, dev.type) if progress is not None else {}
