@@ -226,7 +226,8 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         lines += [f"## {w}, layout `{lay}` (effective levels: {levels})", ""]
         if levels == "0":
             lines += ["Every layer's effective level is 0 (the kernels are too short for this wavelet): this layout "
-                      "*is* magnitude pruning here, so every dwt − magnitude gap is 0 by construction.", ""]
+                      "*is* magnitude pruning here, so every dwt − magnitude gap is 0 by construction (after fine-tuning, up to "
+                      "the floating-point non-determinism of the device's training kernels).", ""]
         lines += [
             "| pruned | recovery | dwt | magnitude | random | dwt − magnitude [95 % CI] | verdict | dwt − random [95 % CI] |",
             "|---:|---|---:|---:|---:|---|---|---|",
