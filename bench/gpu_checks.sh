@@ -3,7 +3,7 @@
 # each step under its own time limit, every log in $OUT/steps.log (or bench/out/gpu when $OUT is unset).
 #
 #   bash bench/gpu_checks.sh [STEP ...]      # default: tests eval trial recovery pruning train
-#   steps: tests eval trial recovery pruning train results
+#   steps: tests eval trial recovery pruning train profile results
 #
 # The GPU machine has torch but not PyWavelets (nor MLflow/Optuna, which none of these steps
 # need): prepare once per session, here, in the repository root (nothing of it is committed):
@@ -74,12 +74,14 @@ for s in "${STEPS[@]}"; do
       step pruning 75 $PY bench/bench_pruning.py --only-big --big-repeats 3 --big-devices "$DEVICE" ;;
     train)  # issue 11: ResNet-18 Fashion-MNIST training throughput, amp/channels-last off vs auto
       step train 60 $PY bench/bench_train.py --data "$FMNIST" --repeats 2 ;;
+    profile)  # where the time goes: torch.profiler tables of dwt pruning, a default trial, fine-tuning
+      step profile 90 $PY bench/profile_cuda.py --device "$DEVICE" --rows 16 ;;
     results)  # issue 10: the results page with the product's target model (resumes an earlier call's)
       page="$OUT/results-fashion-mnist-resnet18.md"
       [ -f "${RESUME_FROM:-}" ] && cp "$RESUME_FROM" "${page%.md}.progress.csv"
       step results 600 $PY -m wavesweep results --model resnet18 --dataset fashion-mnist --eval-limit 2000 \
         --device "$DEVICE" --out "$page" ;;
-    *) echo "unknown step '$s'; valid: tests eval trial recovery pruning train results" >&2; exit 2 ;;
+    *) echo "unknown step '$s'; valid: tests eval trial recovery pruning train profile results" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/summary.txt"

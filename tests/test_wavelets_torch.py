@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from wavesweep import filterbank
+from wavesweep import dense, filterbank
 from wavesweep import wavelets as wv
 from wavesweep import wavelets_torch as wt
 
@@ -32,7 +32,7 @@ SHAPES = (
     (2, 5),
     (1, 3),
 )
-BACKENDS = ("taps", "conv", "gemm")
+BACKENDS = ("taps", "conv", "gemm", "dense")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -42,6 +42,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: intra-
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     monkeypatch.setattr(filterbank, "_FORCE_BACKEND", request.param)
+    if request.param == "dense":  # on CPU the identity's transform is slow for long rows: short ones here
+        monkeypatch.setattr(dense, "DENSE_MAX_ELEMENTS", 1 << 20)
     return request.param
 
 
@@ -124,7 +126,8 @@ def test_bad_arguments_raise():
 )
 def test_float64_equals_pywavelets_every_wavelet(mode, backend):
     rng = np.random.default_rng(0)
-    wavelets = WAVELETS if backend != "conv" else ("haar", "db4", "bior4.4", "coif2", "dmey")
+    # conv: slow on CPU; dense: builds each structure's matrices from the taps path (tested here for all)
+    wavelets = WAVELETS if backend not in ("conv", "dense") else ("haar", "db4", "bior4.4", "coif2", "dmey")
     n = 0
     for wavelet, layout, shape, level in _cases(wavelets):
         w = rng.standard_normal(shape)
@@ -272,7 +275,17 @@ def test_dwt_prune_tensor_equals_dwt_prune_array(layout, wavelet, level, mode, s
         want_w, want_c, want_keep, want_st = wv.dwt_prune_array(w, **kw, **extra)
         got_w, got_c, got_keep, got_st = wt.dwt_prune_tensor(torch.from_numpy(w), **kw, **extra)
         assert got_st == want_st
-        assert got_keep.dtype == torch.bool and np.array_equal(got_keep.numpy(), want_keep), extra
+        assert got_keep.dtype == torch.bool
+        # The masks agree except where a coefficient ties with the threshold within rounding: the
+        # two transforms' coefficients differ in the last bits (summation order, the CPU's vector
+        # units), which decides a tie, e.g. the exact zeros that symmetric extension gives haar.
+        full = np.abs(wv.decompose(w, **kw)[0])
+        n_approx = want_st.n_approx if extra.get("keep_approx") else 0
+        thr = extra.get("threshold")
+        if thr is None:
+            thr = wv.percentile_threshold(full[n_approx:], extra["percentile"])
+        differ = np.flatnonzero(got_keep.numpy() != want_keep)
+        assert np.all(np.abs(full[differ] - float(thr)) <= tol), (extra, full[differ], thr)
         if extra.get("percentile") == 70.0:
             assert not got_keep.all()  # (with keep_approx every coefficient may be kept: exact zeros, level 0)
         assert got_c.dtype == torch.from_numpy(w).dtype and _max_err(got_c, want_c) < tol
@@ -323,9 +336,11 @@ def test_cuda_gradcheck(layout):
     shape = GRAD_SHAPES[layout]
     st = wt.structure_of(shape, wavelet="db2", level=2, layout=layout, mode="periodization")
     w = torch.randn(shape, dtype=torch.float64, device="cuda", requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: wt.decompose(x, st), (w,), fast_mode=True)
+    # nondet_tol: CUDA's backward of a convolution sums in a non-deterministic order (atomics), so
+    # two backward passes agree to float64 rounding, not bit for bit
+    assert torch.autograd.gradcheck(lambda x: wt.decompose(x, st), (w,), fast_mode=True, nondet_tol=1e-12)
     c = torch.randn(st.n_coeffs, dtype=torch.float64, device="cuda", requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: wt.reconstruct(x, st), (c,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x: wt.reconstruct(x, st), (c,), fast_mode=True, nondet_tol=1e-12)
 
 
 @cuda
@@ -348,3 +363,30 @@ def test_cuda_percentile_threshold():
             got = wt.percentile_threshold(torch.from_numpy(a).cuda(), p)
             assert got.device.type == "cuda"
             assert abs(got.item() - want) <= 1e-6 * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize(
+    "layout,wavelet,level,mode,shape",
+    [("filter", "bior4.4", 5, "periodization", (32, 64, 3, 3)), ("kernel", "haar", 2, "symmetric", (6, 4, 8, 7))],
+)
+def test_dense_backend_is_one_matrix_product_equal_to_pywavelets(layout, wavelet, level, mode, shape, monkeypatch):
+    """The dense backend (an accelerator's default for short rows) runs the whole transform as one
+    product with the identity's transform, equal to PyWavelets both ways, in either coefficient
+    order (flat, rows), with correct gradients."""
+    monkeypatch.setattr(filterbank, "_FORCE_BACKEND", "dense")
+    w = np.random.default_rng(9).standard_normal(shape)
+    want, st = wv.decompose(w, wavelet=wavelet, level=level, layout=layout, mode=mode)
+    assert st.level == level and wt.uses_dense(st, torch.device("cpu"))
+    assert _max_err(wt.decompose(torch.from_numpy(w), st), want) < 1e-12
+    c = np.random.default_rng(10).standard_normal(st.n_coeffs)
+    keep = np.random.default_rng(11).random(st.n_coeffs) < 0.4
+    want_w = wv.reconstruct(np.where(keep, c, 0.0), st)
+    ct, kt = torch.from_numpy(c), torch.from_numpy(keep)
+    assert _max_err(wt.reconstruct(ct, st, keep=kt), want_w) < 1e-12
+    rows, krows = dense.to_rows(ct, st), dense.to_rows(kt, st)
+    assert rows.shape == (dense.rows_of(st), st.n_coeffs // dense.rows_of(st))
+    assert torch.equal(dense.from_rows(rows, st), ct)
+    assert _max_err(dense.reconstruct(rows, st, keep=krows, rows=True), want_w) < 1e-12
+    x = torch.from_numpy(c[: min(st.n_coeffs, 400)]).requires_grad_(True)
+    pad = torch.from_numpy(c[x.numel():])
+    assert torch.autograd.gradcheck(lambda v: wt.reconstruct(torch.cat([v, pad]), st, keep=kt), (x,), fast_mode=True)

@@ -399,6 +399,8 @@ class _IndexBatches(Sampler):
 
 
 _LOADERS_ATTR = "_wavesweep_eval_loaders"
+#: where evaluate caches a TensorDataset's input tensor on the device: (key, tensor)
+DEVICE_COPY_ATTR = "_wavesweep_device_copy"
 
 
 class _LoaderCache(dict):
@@ -450,8 +452,10 @@ def eval_batches(
 
 
 def close_loaders(dataset: Dataset) -> None:
-    """Shut down the worker processes of the loaders :func:`eval_batches` cached on ``dataset``."""
+    """Shut down the worker processes of the loaders :func:`eval_batches` cached on ``dataset``,
+    and drop the device copy the evaluation cached on a TensorDataset."""
     base, _ = _unwrap(dataset)
+    base.__dict__.pop(DEVICE_COPY_ATTR, None)  # a TensorDataset's cached device copy (evaluate)
     for loader, _ in base.__dict__.pop(_LOADERS_ATTR, {}).values():
         it = getattr(loader, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from wavesweep.data import TensorImages, dataset_targets, eval_batches, stratified_order, take
+from wavesweep.data import DEVICE_COPY_ATTR, TensorImages, dataset_targets, eval_batches, stratified_order, take
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,10 @@ def input_batches(
       (the copy is cached on the dataset, so the next model, the next call and any subset
       made by ``take`` reuse it), batches are sliced and normalised there: no per-batch
       host->device copy, no per-batch synchronisation.
-    - TensorDataset: the float tensor is moved once per call (or streamed from pinned
-      memory when it would not fit), then sliced.
+    - TensorDataset: the input tensor is moved to ``device`` once and the copy cached on the
+      dataset (reused while the tensor is unchanged: same storage, no in-place change since;
+      :func:`wavesweep.data.close_loaders` drops it), or streamed from pinned memory when it
+      would not fit; then sliced.
     - anything else (ImageFolder, ImageNet): decoded by worker processes through one
       persistent loader cached on the dataset (:func:`wavesweep.data.eval_batches`),
       pinned and copied without blocking on CUDA.
@@ -121,8 +123,10 @@ def input_batches(
         return
     if isinstance(dataset, TensorDataset):
         x, y = dataset.tensors[0], torch.as_tensor(dataset.tensors[1])
-        if x.device == device or _fits_on(device, x.nbytes):
-            xs: Iterator[torch.Tensor] = iter(x.to(device).split(batch_size))
+        if x.device == device:
+            xs: Iterator[torch.Tensor] = iter(x.split(batch_size))
+        elif _fits_on(device, x.nbytes):
+            xs = iter(_device_copy(dataset, x, device).split(batch_size))
         else:
             xs = _stream(x, device, batch_size)
         yield from zip(xs, y.split(batch_size))
@@ -130,6 +134,19 @@ def input_batches(
     cuda = device.type == "cuda"
     for x, y in eval_batches(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda):
         yield x.to(device, non_blocking=cuda), torch.as_tensor(y)
+
+
+def _device_copy(dataset: TensorDataset, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``, copied once per dataset while ``x`` is unchanged (its storage and its
+    version counter, which every in-place change bumps); the next model and call reuse it."""
+    key = (str(device), x.data_ptr(), x._version, tuple(x.shape), x.dtype)
+    cached = dataset.__dict__.get(DEVICE_COPY_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    dataset.__dict__.pop(DEVICE_COPY_ATTR, None)  # the old copy first: never two on the device
+    copy = x.to(device)
+    dataset.__dict__[DEVICE_COPY_ATTR] = (key, copy)
+    return copy
 
 
 def _check_classes(logits: torch.Tensor, targets: torch.Tensor) -> None:

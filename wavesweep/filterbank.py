@@ -55,7 +55,7 @@ import pywt
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dwt_level", "idwt_level", "synthesis_backend"]
+__all__ = ["dwt_level", "idwt_level", "synthesis_backend", "dense_backend", "forced_backend"]
 
 # --------------------------------------------------------------------------- filters and extensions
 
@@ -222,19 +222,42 @@ def _periodic_coeffs(c: torch.Tensor, dim: int, f: int) -> tuple[torch.Tensor, i
 # (3 ms against 90-120 ms for a (512, 4608) level), but ~2F launches per band, too many for a GPU
 # fine-tuning step. Chosen by device; the tests run both on CPU. A third, synthesis only:
 # "gemm" (wavesweep.polyphase, multilevel, one strided batched GEMM per level and axis), the CPU
-# default of wavelets_torch.reconstruct; forcing "gemm" leaves the analysis on "taps".
-_FORCE_BACKEND: str | None = None  # "conv" | "taps" | "gemm" | None (by device); for tests and benches
+# default of wavelets_torch.reconstruct; forcing "gemm" leaves the analysis on "taps". A fourth,
+# both ways, whole transform: "dense" (wavesweep.dense, one GEMM per layer with a cached
+# transform matrix), the accelerator default where the rows are short enough; forcing it leaves
+# other structures on the device's default.
+_FORCE_BACKEND: str | None = None  # "conv" | "taps" | "gemm" | "dense" | None (by device); for tests and benches
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None):
+    """Within the block, the backend is ``name`` (None: by device)."""
+    global _FORCE_BACKEND
+    prev, _FORCE_BACKEND = _FORCE_BACKEND, name
+    try:
+        yield
+    finally:
+        _FORCE_BACKEND = prev
 
 
 def _backend(device: torch.device) -> str:
     """The analysis/level backend: "taps" or "conv"."""
-    b = _FORCE_BACKEND or ("taps" if device.type == "cpu" else "conv")
-    return "taps" if b == "gemm" else b
+    if _FORCE_BACKEND in ("conv", "taps"):
+        return _FORCE_BACKEND
+    return "taps" if _FORCE_BACKEND == "gemm" or device.type == "cpu" else "conv"
 
 
 def synthesis_backend(device: torch.device) -> str:
     """The backend of a multilevel synthesis: "gemm" (CPU default), "taps" or "conv" (CUDA default)."""
-    return _FORCE_BACKEND or ("gemm" if device.type == "cpu" else "conv")
+    if _FORCE_BACKEND in ("conv", "taps", "gemm"):
+        return _FORCE_BACKEND
+    return "gemm" if device.type == "cpu" else "conv"
+
+
+def dense_backend(device: torch.device) -> bool:
+    """True where a whole transform goes through :mod:`wavesweep.dense` when its structure allows:
+    on an accelerator by default, anywhere when forced."""
+    return _FORCE_BACKEND == "dense" or (_FORCE_BACKEND is None and device.type != "cpu")
 
 
 @functools.lru_cache(maxsize=256)

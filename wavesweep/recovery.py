@@ -216,39 +216,57 @@ class WaveletWeight(nn.Module):
     flat coefficient vector ``c`` (``structure.n_coeffs`` entries) and ``m`` the fixed keep mask;
     dropped coefficients get no gradient and stay 0.
 
-    The original holds ``c`` in the order :meth:`to_param` gives (``mask`` too): where the
-    synthesis runs on CPU, positions-major (:func:`wavesweep.wavelets_torch.to_positions_major`,
-    the order it reads and writes without a transpose per step); elsewhere the coefficient order
-    of :mod:`wavesweep.wavelets`. :meth:`from_param` gives that order back. Either is a
-    permutation, so an elementwise optimizer takes the same steps in both."""
+    The original holds ``c`` in the order :meth:`to_param` gives (``mask`` too), ``order``: where
+    the transform is one matrix product (:mod:`wavesweep.dense`, an accelerator), ``"rows"``
+    (each row's coefficients side by side: a step is a mask multiply and one GEMM); where the
+    synthesis runs on CPU, ``"positions_major"``
+    (:func:`wavesweep.wavelets_torch.to_positions_major`, the order it reads and writes without a
+    transpose per step); elsewhere ``"flat"``, the coefficient order of :mod:`wavesweep.wavelets`.
+    :meth:`from_param` gives that order back. Each is a permutation, so an elementwise optimizer
+    takes the same steps in all."""
 
     def __init__(self, keep: torch.Tensor, structure) -> None:
-        from wavesweep import filterbank
+        from wavesweep import filterbank, wavelets_torch
 
         super().__init__()
         self.structure = structure
-        self.positions_major = structure.level > 0 and filterbank.synthesis_backend(keep.device) == "gemm"
+        if wavelets_torch.uses_dense(structure, keep.device):
+            self.order = "rows"
+        elif structure.level > 0 and filterbank.synthesis_backend(keep.device) == "gemm":
+            self.order = "positions_major"
+        else:
+            self.order = "flat"
         self.register_buffer("mask", self.to_param(keep.to(torch.bool)), persistent=False)
         self._scale: torch.Tensor | None = None  # the mask as 0/1 in the coefficients' dtype, made once
 
+    @property
+    def positions_major(self) -> bool:
+        return self.order == "positions_major"
+
     def to_param(self, flat: torch.Tensor) -> torch.Tensor:
         """Flat coefficients (or a mask), coefficient order -> the original's order (a copy)."""
-        from wavesweep import wavelets_torch
+        from wavesweep import dense, wavelets_torch
 
+        if self.order == "rows":
+            return dense.to_rows(flat, self.structure).reshape(-1)
         return wavelets_torch.to_positions_major(flat, self.structure) if self.positions_major else flat.clone()
 
     def from_param(self, flat: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_param` (a copy)."""
-        from wavesweep import wavelets_torch
+        from wavesweep import dense, wavelets_torch
 
+        if self.order == "rows":
+            return dense.from_rows(flat.reshape(dense.rows_of(self.structure), -1), self.structure)
         return wavelets_torch.from_positions_major(flat, self.structure) if self.positions_major else flat.clone()
 
     def forward(self, coeffs: torch.Tensor) -> torch.Tensor:
-        from wavesweep import wavelets_torch
+        from wavesweep import dense, wavelets_torch
 
         s = self._scale
         if s is None or s.dtype != coeffs.dtype or s.device != coeffs.device:
             s = self._scale = self.mask.to(device=coeffs.device, dtype=coeffs.dtype)
+        if self.order == "rows":
+            return dense.reconstruct(coeffs, self.structure, keep=s, rows=True).to(coeffs.dtype)
         return wavelets_torch.reconstruct(coeffs, self.structure, keep=s, positions_major=self.positions_major)
 
 

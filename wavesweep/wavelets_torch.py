@@ -27,7 +27,7 @@ import numpy as np
 import pywt
 import torch
 
-from wavesweep import filterbank, polyphase
+from wavesweep import dense, filterbank, polyphase
 from wavesweep import wavelets as wv
 from wavesweep.names import check_choice
 
@@ -138,6 +138,12 @@ def _nd(structure: wv.CoeffStructure) -> int:
     return 1 if structure.layout in ("filter", "flat") else 2
 
 
+def uses_dense(structure: wv.CoeffStructure, device: torch.device) -> bool:
+    """True where :func:`decompose` / :func:`reconstruct` run as one matrix product
+    (:mod:`wavesweep.dense`): on an accelerator, for rows short enough."""
+    return filterbank.dense_backend(device) and dense.applies(structure)
+
+
 def decompose(w: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
     """Multilevel DWT of ``w`` (shape ``structure.shape``): the flat coefficient vector.
 
@@ -153,6 +159,8 @@ def decompose(w: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
     x = w.to(_compute_dtype(w.dtype))
     if structure.level == 0:
         return x.reshape(-1).to(out_dtype)
+    if uses_dense(structure, x.device):  # one GEMM (an accelerator, rows short enough)
+        return dense.decompose(x, structure).to(out_dtype)
     nd = _nd(structure)
     arr = structure.array_shape
     x = x.reshape((-1,) + arr[len(arr) - nd :])  # (B, N) or (B, H, W); B = rows / kernels / 1
@@ -196,6 +204,8 @@ def reconstruct(
     if keep is not None:
         keep = keep.to(device=flat.device, dtype=flat.dtype)  # a bool mask costs a cast here
     nd = _nd(structure)
+    if uses_dense(structure, flat.device):  # one GEMM; positions-major is a CPU order, never used here
+        return dense.reconstruct(flat, structure, keep=keep).to(out_dtype)
     if structure.level > 0 and filterbank.synthesis_backend(flat.device) == "gemm":  # all levels at once
         if not positions_major:
             flat = polyphase.reorder(flat, structure, nd, to_positions_major=True)

@@ -1,0 +1,80 @@
+"""Where the time goes on an accelerator (prints torch.profiler tables; not a test, not a target).
+
+Three workloads, each once for warm-up and once under ``torch.profiler`` (CPU and CUDA
+activities), the table sorted by self CPU time then by self device time, top ``--rows``:
+(1) ``prune_dwt`` of ResNet-50 (random init, 224 px, conv targets; bior4.4 level 5 filter) on the
+    device; (2) the default trial without MLflow (ResNet-18 on digits, recovery=bn); (3) 10
+    wavelet-domain fine-tuning steps of that ResNet-18 (layout filter).
+
+    python bench/profile_cuda.py [--device cuda] [--rows 20] [--only prune,trial,finetune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from wavesweep import pruning, recovery, train, trial  # noqa: E402
+from wavesweep.config import TrialConfig  # noqa: E402
+from wavesweep.data import load_dataset  # noqa: E402
+from wavesweep.models import build_model  # noqa: E402
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def show(name: str, fn, dev: torch.device, rows: int) -> None:
+    fn()  # warm-up
+    _sync(dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(dev)
+    print(f"\n===== {name}: {time.perf_counter() - t0:.3f} s under the profiler")
+    ka = prof.key_averages()
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    if dev.type == "cuda":
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=rows // 2, max_name_column_width=60))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--only", default="prune,trial,finetune")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    only = set(args.only.split(","))
+    warnings.simplefilter("ignore")
+    if "prune" in only:
+        torch.manual_seed(0)
+        r50 = build_model("resnet50", num_classes=1000, in_channels=3, image_size=224).eval().to(dev)
+        show("prune_dwt resnet50 (filter, bior4.4, level 5)", lambda: pruning.prune_dwt(
+            copy.deepcopy(r50), wavelet="bior4.4", level=5, percentile=60, layout="filter", inplace=True), dev, args.rows)
+    if "trial" in only or "finetune" in only:
+        cfg = TrialConfig(device=str(dev))
+        base = train.get_base_model(cfg.model, cfg.dataset, seed=cfg.seed, device=str(dev), progress=False)
+    if "trial" in only:
+        show("default trial (resnet18 digits, recovery=bn)", lambda: trial.run_trial(cfg, base=base), dev, args.rows)
+    if "finetune" in only:
+        bundle = load_dataset("digits", seed=0)
+        batches = list(recovery.training_batches(bundle.train, batch_size=64, n=10, seed=1))
+        dwt = pruning.prune_dwt(base.model, wavelet="bior4.4", level=5, percentile=70, layout="filter")
+        settings = recovery.RecoverySettings("finetune", steps=10, batch_size=64)
+        show("10 fine-tuning steps, dwt filter (wavelet domain)",
+             lambda: recovery.finetune(dwt, iter(batches), settings, device=dev), dev, args.rows)
+
+
+if __name__ == "__main__":
+    main()

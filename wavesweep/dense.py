@@ -1,0 +1,149 @@
+"""The multilevel DWT of short rows as one matrix product: the ``dense`` backend of
+:mod:`wavesweep.wavelets_torch` on an accelerator.
+
+In the ``filter`` layout every row of the layout array (one filter, ``in*kh*kw`` weights) is
+transformed on its own, and in the ``kernel`` layout every ``kh x kw`` kernel; either way the
+transform of one row is a fixed linear map of ``N`` samples to ``n`` coefficients. So, with the
+rows stacked as a ``(B, N)`` matrix ``X`` and their coefficients as ``(B, n)`` rows ``C``:
+``C = X @ A`` and ``X = C @ S``, ``A`` (``N x n``) and ``S`` (``n x N``) the transform of the
+identity (every mode, every wavelet: they are whatever the filter bank computes). On a GPU that
+is one GEMM per layer where the filter bank runs a few kernels per level and band, which leaves a
+GPU waiting on launches (ResNet-18's fine-tuning step: 20 layers x 5 levels). The matrices are
+built once per row structure, device and dtype (cached), in float64 on that device by
+:func:`wavesweep.wavelets_torch.decompose` / :func:`~wavesweep.wavelets_torch.reconstruct`
+(the filter bank, tested against PyWavelets), then cast.
+
+Used where ``n * N <= DENSE_MAX_ELEMENTS`` (a matrix of at most 128 MiB in float32: ResNet-18's
+largest filter, 4608 weights, is 81 MiB); longer rows (``flat``, a large ``matrix``) keep the
+filter bank. The products run in full float32 (no TF32: a synthesis must stay equal to
+PyWavelets to float tolerance).
+
+Row order: :func:`to_rows` / :func:`from_rows` convert between the flat coefficient order of
+:mod:`wavesweep.wavelets` (band after band, each over every row) and rows ``(B, n)`` (each row's
+bands side by side). Fine-tuning keeps its coefficients in row order, so a step is a mask
+multiply and one GEMM per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator
+
+import torch
+
+from wavesweep import wavelets as wv
+
+__all__ = ["DENSE_MAX_ELEMENTS", "applies", "rows_of", "row_sizes", "to_rows", "from_rows", "decompose", "reconstruct"]
+
+DENSE_MAX_ELEMENTS = 1 << 25
+
+
+def _nd(structure: wv.CoeffStructure) -> int:
+    return 1 if structure.layout in ("filter", "flat") else 2
+
+
+def _geometry(structure: wv.CoeffStructure) -> tuple[int, tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """``(B rows, the row's sample shape, each band's per-row shape)``."""
+    nd = _nd(structure)
+    arr = structure.array_shape
+    rows = math.prod(arr[: len(arr) - nd])
+    return rows, tuple(arr[len(arr) - nd :]), tuple(tuple(s[len(s) - nd :]) for s in structure.shapes)
+
+
+def rows_of(structure: wv.CoeffStructure) -> int:
+    """``B``: the rows (filters, kernels; 1 for ``matrix`` and ``flat``) transformed one by one."""
+    return _geometry(structure)[0]
+
+
+def row_sizes(structure: wv.CoeffStructure) -> list[int]:
+    """Each band's coefficients per row, in flat order."""
+    return [math.prod(s) for s in _geometry(structure)[2]]
+
+
+def applies(structure: wv.CoeffStructure) -> bool:
+    """True where the dense backend can run ``structure``: a real level and matrices small enough."""
+    if structure.level == 0:
+        return False
+    _, sample, _ = _geometry(structure)
+    return math.prod(sample) * sum(row_sizes(structure)) <= DENSE_MAX_ELEMENTS
+
+
+def to_rows(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+    """Flat coefficients (or a mask over them) in :mod:`wavesweep.wavelets` order -> ``(B, n)``."""
+    rows = _geometry(structure)[0]
+    return torch.cat([b.reshape(rows, -1) for b in torch.split(flat, structure.sizes)], dim=1)
+
+
+def from_rows(rows: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+    """Inverse of :func:`to_rows`: ``(B, n)`` -> the flat order of :mod:`wavesweep.wavelets`."""
+    return torch.cat([part.reshape(-1) for part in torch.split(rows, row_sizes(structure), dim=1)])
+
+
+def _row_structure(structure: wv.CoeffStructure, rows: int) -> wv.CoeffStructure:
+    """``structure`` with ``rows`` rows of the same sample shape (the identity's structure)."""
+    nd = _nd(structure)
+    _, sample, bands = _geometry(structure)
+    shape = (rows,) + sample
+    return dataclasses.replace(
+        structure, layout="filter" if nd == 1 else "kernel", shape=shape, array_shape=shape,
+        shapes=tuple((rows,) + b for b in bands),
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=32)
+def _matrices(structure: wv.CoeffStructure, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, S)`` for ``structure``'s rows, in ``dtype`` on ``device``: the transform of the
+    identity, computed in float64 on that device by the filter bank (its default backend there)."""
+    from wavesweep import filterbank
+    from wavesweep import wavelets_torch as wt
+
+    n_sample = math.prod(_geometry(structure)[1])
+    n = sum(row_sizes(structure))
+    with filterbank.forced_backend(None), torch.no_grad():
+        eye = torch.eye(max(n_sample, n), dtype=torch.float64, device=device)
+        st_x = _row_structure(structure, n_sample)
+        analysis = to_rows(wt.decompose(eye[:n_sample, :n_sample].reshape(st_x.shape), st_x), st_x)  # (N, n)
+        st_c = _row_structure(structure, n)
+        synthesis = wt.reconstruct(from_rows(eye[:n, :n], st_c), st_c).reshape(n, n_sample)
+    return analysis.to(dtype).contiguous(), synthesis.to(dtype).contiguous()
+
+
+def _key(structure: wv.CoeffStructure) -> wv.CoeffStructure:
+    """The cache key: the structure of one row (every layer with rows of that shape shares it)."""
+    return _row_structure(structure, 1)
+
+
+@contextlib.contextmanager
+def _full_precision() -> Iterator[None]:
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def decompose(x: torch.Tensor, structure: wv.CoeffStructure, *, rows: bool = False) -> torch.Tensor:
+    """The coefficients of ``x`` (the weight, in a float dtype): flat order, or ``(B, n)`` rows."""
+    b = _geometry(structure)[0]
+    analysis, _ = _matrices(_key(structure), x.device, x.dtype)
+    with _full_precision():
+        c = x.reshape(b, -1) @ analysis
+    return c if rows else from_rows(c, structure)
+
+
+def reconstruct(coeffs: torch.Tensor, structure: wv.CoeffStructure, *, keep: torch.Tensor | None = None,
+                rows: bool = False) -> torch.Tensor:  # fmt: skip
+    """The weight (``structure.shape``) from coefficients in flat order or as rows (``rows=True``,
+    any shape holding ``(B, n)`` in order); ``keep`` (same order, 0/1 or bool) multiplies first."""
+    b = _geometry(structure)[0]
+    c = coeffs.reshape(b, -1) if rows else to_rows(coeffs, structure)
+    if keep is not None:
+        k = keep.reshape(b, -1) if rows else to_rows(keep, structure)
+        c = c * k.to(c.dtype)
+    _, synthesis = _matrices(_key(structure), c.device, c.dtype)
+    with _full_precision():
+        return (c @ synthesis).reshape(structure.shape)
