@@ -390,3 +390,17 @@ def test_dense_backend_is_one_matrix_product_equal_to_pywavelets(layout, wavelet
     x = torch.from_numpy(c[: min(st.n_coeffs, 400)]).requires_grad_(True)
     pad = torch.from_numpy(c[x.numel():])
     assert torch.autograd.gradcheck(lambda v: wt.reconstruct(torch.cat([v, pad]), st, keep=kt), (x,), fast_mode=True)
+
+
+def test_dense_backend_as_an_accelerator_default(monkeypatch):
+    """Where dense is the default (an accelerator; simulated here on the CPU), decompose and
+    reconstruct go through it, and building its matrices uses the filter bank, not itself."""
+    monkeypatch.setattr(filterbank, "_FORCE_BACKEND", None)
+    monkeypatch.setattr(filterbank, "dense_backend", lambda device: filterbank._FORCE_BACKEND in (None, "dense"))
+    monkeypatch.setattr(dense, "_matrices", dense._matrices.__wrapped__)  # no cache: built here
+    w = np.random.default_rng(12).standard_normal((8, 16, 3, 3)).astype(np.float32)
+    want, st = wv.decompose(w, wavelet="bior4.4", level=5, layout="filter", mode="periodization")
+    assert st.level > 0 and wt.uses_dense(st, torch.device("cpu"))
+    got = wt.decompose(torch.from_numpy(w), st)
+    assert got.dtype == torch.float32 and _max_err(got, want) < 1e-5
+    assert _max_err(wt.reconstruct(torch.from_numpy(want), st), w) < 1e-5

@@ -102,7 +102,8 @@ def _matrices(structure: wv.CoeffStructure, device: torch.device, dtype: torch.d
 
     n_sample = math.prod(_geometry(structure)[1])
     n = sum(row_sizes(structure))
-    with filterbank.forced_backend(None), torch.no_grad():
+    # the filter bank itself (never this module again): the device's own level backend
+    with filterbank.forced_backend("taps" if device.type == "cpu" else "conv"), torch.no_grad():
         eye = torch.eye(max(n_sample, n), dtype=torch.float64, device=device)
         st_x = _row_structure(structure, n_sample)
         analysis = to_rows(wt.decompose(eye[:n_sample, :n_sample].reshape(st_x.shape), st_x), st_x)  # (N, n)
