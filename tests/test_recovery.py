@@ -309,13 +309,34 @@ def test_trial_recovery_without_training_split_fails_before_any_work(monkeypatch
         assert "\n" not in str(e.value)
 
 
+def test_finetune_starts_every_method_from_the_same_random_state(train_set):
+    """Dropout is random: fine-tuning seeds torch's generator with the recovery seed (in a fork),
+    so the result does not depend on the random state before it, and that state is left as it was."""
+    settings = recovery.RecoverySettings("finetune", batches=2, steps=4, batch_size=32, lr=1e-2)
+    got = []
+    for before in (1, 2):
+        mag = pruning.prune_magnitude(bn_net(), 0.5, targets=("conv", "linear"))  # bn_net seeds torch
+        torch.manual_seed(before)
+        torch.rand(before)  # a different global random state each time
+        state = torch.random.get_rng_state()
+        recovery.recover(mag, train_set, settings)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        got.append(mag.model.state_dict())
+    for k in got[0]:
+        assert torch.equal(got[0][k], got[1][k]), k
+    other = pruning.prune_magnitude(bn_net(), 0.5, targets=("conv", "linear"))
+    recovery.recover(other, train_set, recovery.RecoverySettings("finetune", batches=2, steps=4, batch_size=32,
+                                                                 lr=1e-2, seed=5))  # fmt: skip
+    assert not torch.equal(other.model.state_dict()["9.weight"], got[0]["9.weight"])  # the seed matters
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("layout", ["filter", "matrix"])
 def test_recovery_on_cuda_matches_cpu(train_set, layout, monkeypatch):
     """BatchNorm re-estimation and wavelet-domain fine-tuning on CUDA (dense synthesis for the
     filter layout, conv for the matrix layout): the masks stay exact and the result agrees with
     the CPU run (GEMM synthesis) to float tolerance; the model comes back on the device it was
-    recovered on, and magnitude's zeros stay +0.0. Plain SGD and no TF32 in the model's convs:
+    recovered on, and magnitude's zeros stay +0.0. No dropout, plain SGD and no TF32 in the convs:
     AdamW's first steps are about lr * sign(gradient), so a near-zero gradient component that
     rounds to the other sign moves 2 lr apart; SGD keeps a rounding difference a rounding
     difference."""
@@ -325,6 +346,7 @@ def test_recovery_on_cuda_matches_cpu(train_set, layout, monkeypatch):
     got = {}
     for device in ("cpu", "cuda"):
         base = bn_net()
+        base[6].p = 0.0  # dropout: the CPU's and the GPU's generators give different masks for one seed
         dwt = _dwt_result(base, layout=layout, wavelet="bior2.2")
         mag = pruning.prune_matched(base, dwt, targets=("conv", "linear"))["magnitude"]
         keep = [lp.keep.copy() for lp in dwt.layers]

