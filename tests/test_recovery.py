@@ -129,6 +129,25 @@ def test_reestimate_bn_equals_hook_computation(train_set):
         assert torch.equal(a, b), k
 
 
+def test_reestimate_bn_is_pytorchs_cumulative_average_bit_for_bit(train_set):
+    """The per-batch Python-float factor (no host sync) gives exactly what momentum=None gives."""
+    batches = list(recovery.training_batches(train_set, batch_size=32, n=7, seed=2))
+    model = bn_net()
+    recovery.reestimate_bn(model, iter(batches))
+    ref = bn_net()
+    ref.eval()
+    for bn in recovery.batchnorm_layers(ref):
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            ref(x)
+    for a, b in zip(recovery.batchnorm_layers(model), recovery.batchnorm_layers(ref)):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+        assert torch.equal(a.num_batches_tracked, b.num_batches_tracked)
+
+
 def test_recover_bn_leaves_pruning_and_weights_alone(train_set):
     res = pruning.prune_magnitude(bn_net(), 0.6)
     before = {k: v.clone() for k, v in res.model.named_parameters()}

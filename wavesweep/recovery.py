@@ -191,12 +191,17 @@ def reestimate_bn(model: nn.Module, batches, *, device: torch.device | str = "cp
     model.eval()
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: running = mean over batches seen
         m.train()
     used = 0
     try:
         with torch.no_grad():
             for x, _ in batches:
+                # The cumulative average (running = mean over the batches seen) as PyTorch's
+                # momentum=None computes it, factor 1 / batches seen, but given as a Python float:
+                # momentum=None reads it from the num_batches_tracked tensor, a host sync per
+                # layer and batch (3000 per default trial, a GPU left waiting). Same numbers.
+                for m in bns:
+                    m.momentum = 1.0 / float(used + 1)
                 model(x.to(device, non_blocking=True))
                 used += 1
     finally:
