@@ -16,6 +16,10 @@ both measured in the same run (median of ``--repeats`` after one warm-up; CPU).
   (a dense ResNet-18 state dict's bytes) into a local MLflow store, linked into the staging
   folder against copied there (``os.link`` made to fail). Oracle:
   ``tests/test_integrity.py::test_uploaded_checkpoint_files_are_their_sources_byte_for_byte``.
+* adopted base-model state (``models.build_loaded(adopt=True)``): a cached ResNet-18's load as
+  a trial does it (read, build, load), built on the meta device and taking the read tensors,
+  against the plain copy into a randomly initialised model. Oracle:
+  ``tests/test_models.py::test_adopted_state_equals_a_plain_load_without_random_init``.
 
     python bench/bench_speedups.py [--repeats 7] [--threads 2]
 
@@ -33,6 +37,8 @@ torch threads 2, ``--repeats 5``; its speed drifts by up to a third, so read the
       no cache   818.0 ms   shared cache   595.4 ms   1.37x (saves 223 ms a trial)
     checkpoint upload, 46.8 MB, local MLflow store (sqlite + file artifacts)
       copied    75.5 ms   linked    52.0 ms   1.45x (saves 23 ms a checkpoint)
+    cached base model load (read + build + load), ResNet-18 / digits  (2026-11-26, load average ~2)
+      plain   114.5 ms   adopted    47.4 ms   2.42x (saves 67 ms a trial)
 """
 
 from __future__ import annotations
@@ -180,6 +186,25 @@ def bench_upload(repeats: int) -> None:
     print(f"  copied {ms(copied)}   linked {ms(linked)}   {copied / linked:.2f}x (saves {(copied - linked) * 1e3:.0f} ms a checkpoint)")
 
 
+def bench_base_load(repeats: int) -> None:
+    """A cached base model's load as a trial does it (read the weights file, build, load), the
+    model adopting the freshly read tensors (meta-device build: no random init) against the
+    plain copy into a randomly initialised model. Oracle:
+    ``tests/test_models.py::test_adopted_state_equals_a_plain_load_without_random_init``."""
+    from wavesweep.models import build_loaded, read_weights
+
+    base = train.get_base_model("resnet18", "digits", device="cpu", progress=False)  # cached (trained once)
+
+    def load(adopt: bool):
+        state, meta = read_weights(base.path)
+        return build_loaded("resnet18", state, source=str(base.path), adopt=adopt, **meta["build_kwargs"])
+
+    plain = median_s(lambda: load(False), repeats)
+    adopted = median_s(lambda: load(True), repeats)
+    print("cached base model load (read + build + load), ResNet-18 / digits")
+    print(f"  plain {ms(plain)}   adopted {ms(adopted)}   {plain / adopted:.2f}x (saves {(plain - adopted) * 1e3:.0f} ms a trial)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -192,6 +217,7 @@ def main() -> None:
     bench_percentile(args.repeats)
     bench_model_stats(args.repeats)
     bench_upload(args.repeats)
+    bench_base_load(args.repeats)
 
 
 if __name__ == "__main__":

@@ -163,3 +163,40 @@ def test_vit_b_16_shapes_channels_and_linear_targets():
     assert len(target_layers(vit, ("conv", "linear"))) == 38
     with torch.no_grad():
         assert vit(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+
+
+def test_adopted_state_equals_a_plain_load_without_random_init(monkeypatch):
+    """build_loaded(adopt=True) builds on the meta device and takes the state dict's tensors: the
+    same model as the plain copy into a randomly initialised one (every tensor, the outputs),
+    with trainable Parameters; a state dict of other dtypes, or a model with state outside its
+    state dict, takes the plain path."""
+    import wavesweep.models as M
+
+    kw = dict(num_classes=10, in_channels=1, image_size=8)
+    torch.manual_seed(3)
+    state = {k: v.clone() for k, v in M.build_model("resnet18", **kw).state_dict().items()}
+    plain = M.build_loaded("resnet18", {k: v.clone() for k, v in state.items()}, source="x", **kw).eval()
+    adopted = M.build_loaded("resnet18", state, source="x", adopt=True, **kw).eval()
+    for (k, a), (_, b) in zip(plain.state_dict().items(), adopted.state_dict().items()):
+        assert torch.equal(a, b) and a.dtype == b.dtype, k
+    assert adopted.conv1.weight.data_ptr() == state["conv1.weight"].data_ptr()  # adopted, not copied
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad and not p.is_meta for p in adopted.parameters())
+    x = torch.randn(4, 1, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(adopted(x), plain(x))
+
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    model = M.build_loaded("resnet18", half, source="x", adopt=True, **kw)
+    assert model.conv1.weight.dtype == torch.float32  # copied (and cast) into a float32 model
+
+    class WithScratch(nn.Module):  # state outside the state dict: a non-persistent buffer
+        def __init__(self, **_):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.register_buffer("scratch", torch.ones(2), persistent=False)
+
+    monkeypatch.setattr(M, "build_model", lambda name, **k: WithScratch())
+    lin = {k: v.clone() for k, v in WithScratch().state_dict().items()}
+    model = M.build_loaded("x", lin, source="x", adopt=True)
+    assert not model.scratch.is_meta and torch.equal(model.scratch, torch.ones(2))
+    assert model.lin.weight.data_ptr() != lin["lin.weight"].data_ptr()  # the plain path: copied

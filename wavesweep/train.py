@@ -410,7 +410,7 @@ def get_base_model(
             log.info("using cached base model %s", path)
     state, meta = read_weights(path)
     shape = meta["build_kwargs"]
-    model = build_loaded(model_name, state, source=str(path), **shape)
+    model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
     return BaseModel(model.eval(), model_name, dataset_name, seed, "trained", path, file_sha256(path),
                      shape, meta.get("train_info", {}))
 
