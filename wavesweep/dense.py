@@ -41,13 +41,9 @@ __all__ = ["DENSE_MAX_ELEMENTS", "applies", "rows_of", "row_sizes", "to_rows", "
 DENSE_MAX_ELEMENTS = 1 << 25
 
 
-def _nd(structure: wv.CoeffStructure) -> int:
-    return 1 if structure.layout in ("filter", "flat") else 2
-
-
 def _geometry(structure: wv.CoeffStructure) -> tuple[int, tuple[int, ...], tuple[tuple[int, ...], ...]]:
     """``(B rows, the row's sample shape, each band's per-row shape)``."""
-    nd = _nd(structure)
+    nd = structure.ndim
     arr = structure.array_shape
     rows = math.prod(arr[: len(arr) - nd])
     return rows, tuple(arr[len(arr) - nd :]), tuple(tuple(s[len(s) - nd :]) for s in structure.shapes)
@@ -84,7 +80,7 @@ def from_rows(rows: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
 
 def _row_structure(structure: wv.CoeffStructure, rows: int) -> wv.CoeffStructure:
     """``structure`` with ``rows`` rows of the same sample shape (the identity's structure)."""
-    nd = _nd(structure)
+    nd = structure.ndim
     _, sample, bands = _geometry(structure)
     shape = (rows,) + sample
     return dataclasses.replace(

@@ -122,7 +122,8 @@ def run_grid(
     dev = evaluate.resolve_device(grid.device)
     identity = _identity(grid, base.checksum, dev.type)
     done = load_progress(progress, grid, base.checksum, dev.type) if progress is not None else {}
-    done = {k: v for k, v in done.items() if k in {_trial_key(c) for c in cfgs}}
+    wanted = {_trial_key(c) for c in cfgs}
+    done = {k: v for k, v in done.items() if k in wanted}
     if done and on_resume is not None:
         on_resume(len(done), len(cfgs))
     rows = []

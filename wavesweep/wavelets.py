@@ -132,6 +132,11 @@ class CoeffStructure:
         return sum(self.sizes)
 
     @property
+    def ndim(self) -> int:
+        """Transformed (trailing) axes of the layout array: 1 (``filter``, ``flat``) or 2."""
+        return 1 if self.layout in ("filter", "flat") else 2
+
+    @property
     def n_approx(self) -> int:
         """Number of coefficients in the approximation band (the first entries of the flat vector)."""
         return self.sizes[0]
@@ -263,7 +268,7 @@ def reconstruct(flat: np.ndarray, structure: CoeffStructure) -> np.ndarray:
     arrays = [flat[bounds[i] : bounds[i + 1]].reshape(s) for i, s in enumerate(structure.shapes)]
     if structure.level == 0:
         arr = arrays[0]
-    elif structure.layout in ("filter", "flat"):
+    elif structure.ndim == 1:
         arr = pywt.waverec(arrays, structure.wavelet, mode=structure.mode, axis=-1)
     else:
         c2 = [arrays[0]] + [tuple(arrays[i : i + 3]) for i in range(1, len(arrays), 3)]

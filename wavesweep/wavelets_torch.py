@@ -135,7 +135,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _nd(structure: wv.CoeffStructure) -> int:
-    return 1 if structure.layout in ("filter", "flat") else 2
+    return structure.ndim
 
 
 def uses_dense(structure: wv.CoeffStructure, device: torch.device) -> bool:
