@@ -251,10 +251,11 @@ def from_positions_major(flat: torch.Tensor, structure: wv.CoeffStructure) -> to
 def _order_statistics(a: torch.Tensor, k: int, *, by_sort: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The (k+1)-th and (k+2)-th smallest values of ``a`` (1-D, k + 2 <= numel), as 0-dim tensors.
 
-    Order statistics are exact whatever finds them: ``by_sort`` takes them from one sort (on a
-    GPU a radix sort, ~10x faster than ``kthvalue``'s selection: ResNet-50's convs went from
-    2.2 ms to well under that per layer), else one ``kthvalue`` and two elementwise passes (the
-    CPU, where that is the faster). Both give the same values (tested)."""
+    Order statistics are exact whatever finds them: ``by_sort`` takes them from one sort (a
+    radix sort on a GPU), else one ``kthvalue`` and two elementwise passes (the CPU's path). On an
+    H200, ``kthvalue`` took 2.2 ms per ResNet-50 conv, 77 % of dwt pruning's GPU time
+    (``bench/profile_cuda.py``); the sort's time there is still to be measured. Both give the
+    same values (tested)."""
     if by_sort:
         s = torch.sort(a).values
         return s[k], s[k + 1]
