@@ -13,7 +13,7 @@
     Each side is run ``--repeats`` times alternately and the best run of each is compared
     (less noise from other processes on the machine); on CPU the ratio is also given in
     process CPU time, steadier than the wall clock on a shared machine. Target: harness
-    >= 95 % of bare.
+    >= 90 % of bare (the GPU-throughput issue's; an earlier goal was 95 %).
 (3) File datasets: decoded images per second through the harness (ImageFolder + eval
     transform, ``predict`` with a trivial model, persistent workers) versus a bare
     ``DataLoader(ImageFolder(...))`` with the same transform, workers and batch size, on a
@@ -80,8 +80,11 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
+HARNESS_TARGET = 0.90  # harness / bare model(x), on CPU and CUDA
+
+
 def verdict(ratio: float) -> str:
-    return "PASS" if ratio >= 0.95 else "FAIL"
+    return "PASS" if ratio >= HARNESS_TARGET else "FAIL"
 
 
 def compare(label: str, model: nn.Module, ds, batch_size: int, dev: torch.device, repeats: int) -> None:
