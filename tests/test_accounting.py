@@ -384,3 +384,22 @@ def test_version_1_files_are_still_read(tmp_path):
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     v1.write_bytes(v1.read_bytes()[:-1] + bytes([v1.read_bytes()[-1] ^ 1]))  # v1: payload CRC still checked
     assert "payload CRC-32" in _rejects_one_line(v1, v1.read_bytes())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accelerator_path_fetches_once_and_changes_nothing(dtype, monkeypatch):
+    """On an accelerator, counts and norms stay on the device and come back in one transfer
+    (:func:`accounting._fetch`). Simulated on CPU by making them tensors, as on a device: every
+    stat equals the CPU path's (numpy counts, float norms), and exactly one stack is fetched."""
+    base = net(dtype=dtype)
+    results = [_result(k, base) for k in ("dwt", "magnitude", "random")]
+    want = [A.model_stats(base, r) for r in results]
+    monkeypatch.setattr(A, "_zeros_later", lambda t: t.detach().numel() - torch.count_nonzero(t.detach()))
+    monkeypatch.setattr(A, "_norm_later", lambda t: torch.linalg.vector_norm(t))
+    calls = []
+    real_fetch = A._fetch
+    monkeypatch.setattr(A, "_fetch", lambda v: calls.append(sum(isinstance(x, torch.Tensor) for x in v)) or real_fetch(v))
+    got = [A.model_stats(base, r) for r in results]
+    assert got == want
+    assert len(calls) == 3 and all(c > 0 for c in calls)  # one fetch per model, holding every count and norm
+    assert all(isinstance(ls.zero_weights, int) for s in got for ls in s.layers)

@@ -473,3 +473,102 @@ def test_prune_dwt_on_cuda_runs_in_torch_and_matches_cpu():
         assert np.array_equal(a.keep, b.keep), a.name
     for (k, x), (_, y) in zip(got.model.state_dict().items(), ref.model.state_dict().items()):
         torch.testing.assert_close(x.cpu(), y, rtol=1e-4, atol=1e-5, msg=k)
+
+
+# --------------------------------------------------------------------------- magnitude/random on the weights' device
+
+
+def _tied_net():
+    """Weights rounded to a few values: many ties at every threshold."""
+    net = mid_net()
+    with torch.no_grad():
+        for _, m in P.target_layers(net, ("conv", "linear")):
+            m.weight.copy_(torch.round(m.weight * 8) / 8)
+    return net
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_smallest_torch_equals_numpy_selection(tied):
+    """The sort-based selection is the partition's mask bit for bit, ties included; with a
+    generator it draws the same tie-break from the same generator state."""
+    from wavesweep.baselines import _smallest, _smallest_torch
+
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 2, 7, 100, 1000):
+        v = torch.randint(0, 5, (n,)).float() if tied else torch.rand(n, generator=g)
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n, n + 1}):
+            want = _smallest(v.numpy(), k)
+            assert np.array_equal(_smallest_torch(v, k).numpy(), want), (n, k)
+            ga, gb = torch.Generator().manual_seed(n + k), torch.Generator().manual_seed(n + k)
+            want = _smallest(v.numpy(), k, ga)
+            got = _smallest_torch(v, k, gb)
+            assert np.array_equal(got.numpy(), want), (n, k)
+            assert int(got.sum()) == min(max(k, 0), n)
+            assert torch.equal(ga.get_state(), gb.get_state())  # the same draws were made
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_magnitude_and_random_torch_backend_equal_numpy(method, scope):
+    """What runs on a GPU (selection in torch on the weights' device, one copy of the masks to
+    the record) gives the numpy path's masks, counts and weights bit for bit, ties included."""
+    net = _tied_net()
+    kw = dict(scope=scope, targets=("conv", "linear"))
+    names = [n for n, _ in P.target_layers(net, kw["targets"])]
+    amounts = [0.0, 0.37, 0.5, 1.0] + ([{n: (i % 4) / 4 + 0.1 for i, n in enumerate(names)}] if scope == "layer" else [])
+    for amount in amounts:
+        ref = PRUNE[method](net, amount, backend="numpy", **kw)
+        got = PRUNE[method](net, amount, backend="torch", **kw)
+        assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref.layers]
+        for a, b in zip(got.layers, ref.layers):
+            assert isinstance(a.keep, np.ndarray) and a.keep.dtype == bool and np.array_equal(a.keep, b.keep), a.name
+        for (k, x), (_, y) in zip(got.model.state_dict().items(), ref.model.state_dict().items()):
+            assert torch.equal(x, y) and torch.equal(torch.signbit(x), torch.signbit(y)), k
+
+
+def test_magnitude_torch_backend_on_half_precision_weights():
+    net = _tied_net().to(torch.bfloat16)
+    ref = P.prune_magnitude(net, 0.6, backend="numpy")
+    got = P.prune_magnitude(net, 0.6, backend="torch")
+    for a, b in zip(got.layers, ref.layers):
+        assert np.array_equal(a.keep, b.keep)
+    assert got.model[0].weight.dtype == torch.bfloat16
+
+
+def test_pruning_backend_is_checked():
+    with pytest.raises(ValueError, match="unknown pruning backend 'jax'; valid: auto, numpy, torch"):
+        P.prune_magnitude(small_net(), 0.5, backend="jax")
+    with pytest.raises(ValueError, match="unknown pruning backend 'gpu'"):
+        P.prune_matched(small_net(), P.prune_dwt(small_net(), wavelet="haar", level=1, percentile=50), backend="gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_matched_pruning_on_cuda_selects_on_the_device_and_matches_cpu(scope, monkeypatch):
+    """On CUDA, magnitude and random select on the device (never through numpy's partition) and
+    give the CPU masks bit for bit."""
+    from wavesweep import baselines
+
+    net = _tied_net()
+    dwt = P.prune_dwt(net, wavelet="haar", level=1, percentile=60, scope=scope)
+    ref = P.prune_matched(net, dwt, scope=scope)
+    monkeypatch.setattr(baselines, "_smallest", lambda *a, **k: pytest.fail("numpy selection on a CUDA model"))
+    got = P.prune_matched(copy.deepcopy(net).cuda(), dwt, scope=scope)
+    for m in ("magnitude", "random"):
+        assert next(got[m].model.parameters()).is_cuda
+        for a, b in zip(got[m].layers, ref[m].layers):
+            assert np.array_equal(a.keep, b.keep), (m, a.name)
+        for (k, x), (_, y) in zip(got[m].model.state_dict().items(), ref[m].model.state_dict().items()):
+            assert torch.equal(x.cpu(), y), (m, k)
+
+
+def test_numpy_batched_copies_each_tensor_in_order():
+    from wavesweep.prune_record import numpy_batched
+
+    ts = [torch.arange(6.0).reshape(2, 3), torch.tensor([True, False]), torch.arange(3, dtype=torch.float64), torch.ones(0)]
+    got = numpy_batched(ts)
+    for a, t in zip(got, ts):
+        assert a.dtype == t.numpy().dtype and np.array_equal(a, t.reshape(-1).numpy())
+    got[0][0] = 99.0  # copies, never views of the tensors
+    assert ts[0][0, 0] == 0.0
+    assert numpy_batched([]) == []

@@ -64,3 +64,21 @@ def test_base_evaluation_cache_is_keyed_and_a_damaged_entry_recomputed(base_and_
         again = trial._base_eval_cached(base, cfg, eval_set, device)
     assert "unreadable base-evaluation cache" in caplog.text
     _same(again, fresh)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_trial_prunes_on_the_device_even_with_a_cached_base_evaluation(base_and_set, monkeypatch):
+    """With the base evaluation read from its cache nothing else moves the base model, so the
+    trial itself must: pruning runs on the device (torch transform, torch selection), never
+    through PyWavelets or numpy's partition."""
+    from wavesweep import baselines
+    from wavesweep import wavelets as wv
+
+    base, cfg, eval_set = base_and_set
+    cfg = dataclasses.replace(cfg, device="cuda", recovery="none", timing_batches=0, level=1)
+    trial._base_eval_cached(base, cfg, eval_set, torch.device("cuda"))  # the cache entry, then a CPU model again
+    base.model.cpu()
+    monkeypatch.setattr(wv, "dwt_prune_array", lambda *a, **k: pytest.fail("PyWavelets pruning in a CUDA trial"))
+    monkeypatch.setattr(baselines, "_smallest", lambda *a, **k: pytest.fail("numpy selection in a CUDA trial"))
+    r = trial.run_trial(cfg, base=base)
+    assert all(p.is_cuda for o in r.outcomes.values() for p in o.prune.model.parameters())

@@ -135,6 +135,36 @@ def _count_zeros(t: torch.Tensor) -> int:
     return t.numel() - int(torch.count_nonzero(t))
 
 
+def _zeros_later(t: torch.Tensor) -> int | torch.Tensor:
+    """Zero count of ``t``: an int on CPU; on an accelerator a 0-dim tensor left there, fetched
+    with every other count and norm in one transfer (:func:`_fetch`), not one sync per tensor."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return _count_zeros(t)
+    return t.numel() - torch.count_nonzero(t)
+
+
+def _norm_later(t: torch.Tensor) -> float | torch.Tensor:
+    """float64 L2 norm: a float on CPU, a 0-dim tensor on an accelerator (see :func:`_zeros_later`)."""
+    n = torch.linalg.vector_norm(t)
+    return float(n) if n.device.type == "cpu" else n
+
+
+def _fetch(values: list) -> list:
+    """``values`` with every accelerator tensor replaced by its host value, in one transfer per
+    device. Counts come back in float64 (exact below 2**53) and are made ints again."""
+    out = list(values)
+    by_dev: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_dev.setdefault(v.device, []).append(i)
+    for idx in by_dev.values():
+        host = torch.stack([values[i].to(torch.float64) for i in idx]).cpu().tolist()
+        for i, h in zip(idx, host):
+            out[i] = int(h) if not values[i].dtype.is_floating_point else h
+    return out
+
+
 def model_stats(
     base_model: nn.Module, result: PruneResult, *, base_cache: dict[str, tuple[torch.Tensor, float]] | None = None
 ) -> ModelStats:
@@ -148,7 +178,7 @@ def model_stats(
     base = dict(base_model.named_modules())
     pruned_mods = dict(result.model.named_modules())
     cache = {} if base_cache is None else base_cache
-    layers = []
+    pending = []  # per layer: (zeros, ||W' - W||, ||W||), accelerator values fetched together below
     for lp in result.layers:
         if lp.name not in base:
             raise ValueError(f"layer {lp.name!r} of the pruned model is not in the base model {type(base_model).__name__}")
@@ -159,11 +189,18 @@ def model_stats(
             raise ValueError(f"layer {lp.name!r}: base shape {tuple(w0.shape)} != pruned shape {tuple(w1.shape)}")
         if lp.name not in cache:
             w0d = w0.double()
-            cache[lp.name] = (w0d, float(torch.linalg.vector_norm(w0d)))
+            cache[lp.name] = (w0d, _norm_later(w0d))
         w0d, norm0 = cache[lp.name]
         # Difference and norms in float64 (torch, no numpy round trip): exact enough to recompute.
-        err = _div(float(torch.linalg.vector_norm(w1.to(torch.float64, copy=True).sub_(w0d))), norm0)
-        zeros = _count_zeros(w1)
+        pending += [_zeros_later(w1), _norm_later(w1.to(torch.float64, copy=True).sub_(w0d)), norm0]
+    target_weights = {id(pruned_mods[lp.name].weight) for lp in result.layers}
+    params = list(result.model.parameters())
+    other_zeros = [_zeros_later(p) for p in params if id(p) not in target_weights]
+    fetched = _fetch(pending + other_zeros)
+    layers = []
+    for i, lp in enumerate(result.layers):
+        zeros, diff, norm0 = fetched[3 * i : 3 * i + 3]
+        wt = pruned_mods[lp.name].weight
         # The recorded names stay coeffs / zeroed_coeffs / coeff_sparsity (schema.STATS), for every
         # method: users compare them across runs. For magnitude and random they count weights
         # (the record's positions), for dwt coefficients.
@@ -177,7 +214,7 @@ def model_stats(
                 coeffs=lp.n_positions,
                 zeroed_coeffs=lp.n_zeroed,
                 coeff_sparsity=lp.fraction,
-                rel_l2_error=err,
+                rel_l2_error=_div(diff, norm0),
                 level_requested=lp.level_requested,
                 level_effective=lp.level_effective,
                 dense_bytes=lp.params * wt.element_size(),
@@ -193,12 +230,8 @@ def model_stats(
     stored = sum(ls.stored_bytes for ls in layers) + sum(
         t.numel() * t.element_size() for k, t in sd.items() if k not in pruned_keys
     )
-    target_weights = {id(pruned_mods[lp.name].weight) for lp in result.layers}
-    params = list(result.model.parameters())
     model_params = sum(p.numel() for p in params)
-    model_zeros = sum(ls.zero_weights for ls in layers) + sum(
-        _count_zeros(p) for p in params if id(p) not in target_weights
-    )
+    model_zeros = sum(ls.zero_weights for ls in layers) + sum(fetched[3 * len(result.layers) :])
     tp = sum(ls.params for ls in layers)
     tz = sum(ls.zero_weights for ls in layers)
     nc = sum(ls.coeffs for ls in layers)

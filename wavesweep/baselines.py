@@ -19,11 +19,16 @@ from wavesweep.prune_record import (
     LayerPrune,
     PruneResult,
     normalise_targets,
+    numpy_batched,
     target_layers,
     weight_numpy,
     work_model,
     zero_weight,
 )
+
+#: where magnitude/random select their weights: ``"numpy"`` (O(n) partition on CPU), ``"torch"``
+#: (one stable sort on the weights' device), ``"auto"`` (torch on an accelerator, numpy on CPU)
+BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch")
 
 
 def _smallest(values: np.ndarray, k: int, generator: torch.Generator | None = None) -> np.ndarray:
@@ -49,6 +54,38 @@ def _smallest(values: np.ndarray, k: int, generator: torch.Generator | None = No
         else:
             sel[tied[torch.randperm(len(tied), generator=generator)[:extra].numpy()]] = False
     return sel
+
+
+def _smallest_torch(values: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`_smallest` in torch on ``values``' device: the same mask, bit for bit.
+
+    One stable sort: its first ``k`` indices are the entries ordered by (value, index), i.e.
+    everything below the k-th value plus the lowest-indexed ties at it (no host sync). With
+    ``generator`` the ties at the k-th value are instead resolved exactly as :func:`_smallest`
+    does, by the same ``torch.randperm`` draw from the same CPU generator (one host sync, to
+    count the ties), so a seed gives the same random mask on every device.
+    """
+    n = values.numel()
+    sel = torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k <= 0:
+        return sel
+    if k >= n:
+        return sel.fill_(True)
+    sorted_vals, order = torch.sort(values, stable=True)
+    if generator is None:
+        return sel.index_fill_(0, order[:k], True)
+    torch.le(values, sorted_vals[k - 1], out=sel)
+    extra = int(sel.sum()) - k  # > 0 only when several entries tie at the k-th value
+    if extra > 0:
+        tied = torch.nonzero(values == sorted_vals[k - 1]).reshape(-1)  # ascending, as np.flatnonzero
+        drop = torch.randperm(len(tied), generator=generator)[:extra]
+        sel[tied[drop.to(tied.device)]] = False
+    return sel
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """float32 for dtypes :func:`weight_numpy` also widens (half, bfloat16): the same scores."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _check_fraction(what: str, a: object) -> float:
@@ -86,26 +123,47 @@ def _prune_by_scores(
     inplace: bool,
     scores,
     generator: torch.Generator | None = None,
+    backend: str = "auto",
 ) -> tuple[nn.Module, list[LayerPrune]]:
-    """Zero the lowest-scoring weights. ``scores(list of (name, module)) -> list of flat arrays``."""
+    """Zero the lowest-scoring weights. ``scores(list of (name, module), on_device) -> list of
+    flat scores``: NumPy arrays, or with ``on_device`` torch tensors on the weights' device.
+
+    The numpy path selects on CPU (:func:`_smallest`); the torch path (``backend``, see
+    :data:`BACKENDS`) selects on the weights' device (:func:`_smallest_torch`, the same masks)
+    and copies every layer's mask to the CPU record in one transfer at the end.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_choice("pruning backend", backend, BACKENDS)
     names = [n for n, _ in target_layers(model, targets)]  # validate before copying the model
     global_amount, per_layer = _amounts(amount, scope, names)
     work = work_model(model, inplace)
     layers = target_layers(work, targets)
-    s = scores(layers)
-    if global_amount is not None:
-        sizes = [x.size for x in s]
-        k = round(global_amount * sum(sizes))
-        prune_all = _smallest(np.concatenate(s), k, generator)
-        prunes = np.split(prune_all, np.cumsum(sizes)[:-1])
+    on_device = backend == "torch" or (backend == "auto" and any(m.weight.device.type != "cpu" for _, m in layers))
+    s = scores(layers, on_device)
+    sizes = [int(x.numel() if on_device else x.size) for x in s]
+    if on_device:
+        if global_amount is not None:
+            dev = s[0].device
+            masks = torch.split(_smallest_torch(torch.cat([x.to(dev) for x in s]), round(global_amount * sum(sizes)), generator), sizes)
+        else:
+            masks = [_smallest_torch(x, round(per_layer[n] * x.numel()), generator) for x, n in zip(s, names)]
+        with torch.no_grad():
+            for (_, m), mask in zip(layers, masks):
+                w = m.weight
+                w.masked_fill_(mask.to(w.device).reshape(w.shape), 0)  # +0.0; no sync to skip empty masks
+        # the record (accounting, checkpoint): every mask to the CPU in one copy, not one per layer
+        prunes = numpy_batched(list(masks))
     else:
-        prunes = [_smallest(x, round(per_layer[n] * x.size), generator) for x, n in zip(s, names)]
+        if global_amount is not None:
+            prunes = np.split(_smallest(np.concatenate(s), round(global_amount * sum(sizes)), generator), np.cumsum(sizes)[:-1])
+        else:
+            prunes = [_smallest(x, round(per_layer[n] * x.size), generator) for x, n in zip(s, names)]
+        for (_, m), prune in zip(layers, prunes):
+            if prune.any():
+                zero_weight(m, prune)
     out = []
     for (name, m), prune in zip(layers, prunes):
-        if prune.any():
-            zero_weight(m, prune)
         n = int(prune.size)
         out.append(
             LayerPrune(
@@ -127,6 +185,7 @@ def prune_magnitude(
     scope: str = "layer",
     targets: Iterable[str] | str = ("conv",),
     inplace: bool = False,
+    backend: str = "auto",
 ) -> PruneResult:
     """Zero the smallest-|w| weights of the target layers.
 
@@ -134,13 +193,17 @@ def prune_magnitude(
     target weights under one global threshold (``scope="global"``), or a dict
     ``{layer name: fraction}`` covering every target layer. Counts: ``round(fraction * n)``.
     Masks equal ``torch.nn.utils.prune.l1_unstructured`` / ``global_unstructured`` up to ties.
+    ``backend`` (:data:`BACKENDS`): where the weights are selected; every backend gives the same
+    masks (tested), ``"auto"`` selects on the weights' own device.
     """
     targets = normalise_targets(targets)
 
-    def scores(layers):
+    def scores(layers, on_device):
+        if on_device:
+            return [_float(m.weight.detach().abs()).reshape(-1) for _, m in layers]
         return [weight_numpy(m.weight.detach().abs()).reshape(-1) for _, m in layers]
 
-    work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores)
+    work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores, backend=backend)
     config = dict(amount=_config_amount(amount), scope=scope, seed=None, targets=list(targets))
     return PruneResult("magnitude", work, out, config, [])
 
@@ -154,6 +217,7 @@ def prune_random(
     scope: str = "layer",
     targets: Iterable[str] | str = ("conv",),
     inplace: bool = False,
+    backend: str = "auto",
 ) -> PruneResult:
     """Zero uniformly chosen weights of the target layers: same counts as :func:`prune_magnitude`.
 
@@ -163,7 +227,8 @@ def prune_random(
     ``torch.rand(n, generator=...)`` in ``target_layers`` order and the ``k`` smallest keys are
     zeroed, keys tied at the k-th value resolved by a random permutation from the same
     generator: a uniformly random ``k``-subset (the keys are exchangeable and so is the
-    tie-break).
+    tie-break). The keys always come from that CPU generator, so ``backend``
+    (:data:`BACKENDS`) changes where they are selected, never which weights are zeroed.
     """
     targets = normalise_targets(targets)
     if generator is None:
@@ -176,14 +241,17 @@ def prune_random(
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         seed_logged = None  # state of a caller-owned generator; the caller logs its seed
 
-    def scores(layers):
+    def scores(layers, on_device):
+        sizes = [m.weight.numel() for _, m in layers]
         if scope == "global" and not isinstance(amount, Mapping):
-            total = sum(m.weight.numel() for _, m in layers)
-            keys = torch.rand(total, generator=generator).numpy()
-            return np.split(keys, np.cumsum([m.weight.numel() for _, m in layers])[:-1])
-        return [torch.rand(m.weight.numel(), generator=generator).numpy() for _, m in layers]
+            keys = list(torch.split(torch.rand(sum(sizes), generator=generator), sizes))
+        else:
+            keys = [torch.rand(n, generator=generator) for n in sizes]
+        if on_device:  # drawn on CPU (the same keys on every device), selected where the weights are
+            return [k.to(m.weight.device) for k, (_, m) in zip(keys, layers)]
+        return [k.numpy() for k in keys]
 
-    work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores, generator)
+    work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores, generator, backend)
     config = dict(amount=_config_amount(amount), scope=scope, seed=seed_logged, targets=list(targets))
     return PruneResult("random", work, out, config, [])
 
@@ -218,6 +286,7 @@ def prune_matched(
     seed: int = 0,
     targets: Iterable[str] | str | None = None,
     inplace: bool = False,
+    backend: str = "auto",
 ) -> dict[str, PruneResult]:
     """Magnitude and random pruning of ``model`` at the budget of ``dwt_result``.
 
@@ -230,6 +299,6 @@ def prune_matched(
         targets = dwt_result.config.get("targets", ("conv",))
     amount = matched_amount(dwt_result, scope)
     return {
-        "magnitude": prune_magnitude(model, amount, scope=scope, targets=targets, inplace=False),
-        "random": prune_random(model, amount, seed=seed, scope=scope, targets=targets, inplace=inplace),
+        "magnitude": prune_magnitude(model, amount, scope=scope, targets=targets, inplace=False, backend=backend),
+        "random": prune_random(model, amount, seed=seed, scope=scope, targets=targets, inplace=inplace, backend=backend),
     }

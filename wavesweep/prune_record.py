@@ -129,6 +129,23 @@ def weight_numpy(w: torch.Tensor) -> np.ndarray:
     return w.cpu().numpy()
 
 
+def numpy_batched(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """CPU NumPy copies of ``tensors`` (flattened), with one device-to-host transfer per dtype
+    instead of one per tensor: on an accelerator each copy to host is a synchronisation, and a
+    model has dozens of target layers. On CPU the tensors' own memory is copied."""
+    out: list[np.ndarray | None] = [None] * len(tensors)
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    for (_, dev), idx in groups.items():
+        parts = [tensors[i].detach().reshape(-1) for i in idx]
+        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu()
+        host = flat.numpy().copy() if dev.type == "cpu" else flat.numpy()  # never a view of a live tensor
+        for i, a in zip(idx, np.split(host, np.cumsum([p.numel() for p in parts])[:-1])):
+            out[i] = a
+    return out  # type: ignore[return-value]
+
+
 def write_weight(module: nn.Module, values: np.ndarray) -> None:
     """Copy ``values`` (any shape with the weight's size) into ``module.weight``, in place."""
     w = module.weight

@@ -33,16 +33,16 @@ import torch
 from torch import nn
 
 from wavesweep import wavelets as wv
-from wavesweep.baselines import matched_amount, prune_magnitude, prune_matched, prune_random
+from wavesweep.baselines import BACKENDS, matched_amount, prune_magnitude, prune_matched, prune_random
 from wavesweep.names import check_choice
 from wavesweep.prune_record import (
-    SCOPES, TARGETS, LayerPrune, PruneResult, normalise_targets, target_layers, weight_numpy, work_model, write_weight,
+    SCOPES, TARGETS, LayerPrune, PruneResult, normalise_targets, numpy_batched, target_layers, weight_numpy, work_model,
+    write_weight,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("dwt", "magnitude", "random")
-BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch")
 
 # The public names of all three methods: the records and magnitude/random live in
 # wavesweep.prune_record and wavesweep.baselines, and are used through this module.
@@ -141,8 +141,7 @@ def prune_dwt(
     if scope == "global":  # one threshold over every target layer's |coefficients|
         threshold = global_threshold([abs_pool(m) for _, m in layers])
 
-    out_layers: list[LayerPrune] = []
-    msgs: list[str] = []
+    done = []
     for name, m in layers:
         rec, coeffs, keep, st = prune_one(
             weight(m), wavelet=wavelet, level=level, percentile=percentile, layout=layout, mode=mode,
@@ -151,9 +150,15 @@ def prune_dwt(
         if use_torch:
             with torch.no_grad():
                 m.weight.copy_(rec.reshape(m.weight.shape))
-            coeffs, keep = coeffs.cpu().numpy(), keep.cpu().numpy()  # the record for accounting and the checkpoint
         else:
             write_weight(m, rec)
+        done.append((name, m, coeffs, keep, st))
+    if use_torch:  # the record for accounting and the checkpoint: one copy to the host per dtype, not two per layer
+        host = numpy_batched([t for _, _, c, k, _ in done for t in (c, k)])
+        done = [(n, m, c, k, st) for (n, m, _, _, st), c, k in zip(done, host[0::2], host[1::2])]
+    out_layers: list[LayerPrune] = []
+    msgs: list[str] = []
+    for name, m, coeffs, keep, st in done:
         n_zeroed = int(keep.size - np.count_nonzero(keep))
         if st.level < level:
             msgs.append(

@@ -198,6 +198,11 @@ def run_trial(
                 device=cfg.device,
                 progress=progress,
             )
+        # Pruning, recovery and evaluation all run on the trial's device: the pruned models are
+        # copies of this one, so on an accelerator dwt prunes through the torch transform and
+        # magnitude/random select there too (no NumPy round trip). Whether the base evaluation
+        # came from its cache must not decide where pruning runs.
+        base.model.to(device)
     with phases("eval_base"):
         base_eval = _base_eval_cached(base, cfg, eval_set, device)
         base_val_eval = None if val_set is None else _base_eval_cached(base, cfg, val_set, device, part="val")
