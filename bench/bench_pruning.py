@@ -86,7 +86,8 @@ def timed_on(fn, base, repeats, dev: torch.device) -> float:
 
 
 def big_models(args) -> None:
-    """dwt vs l1_unstructured on ResNet-50 (conv) and ViT-B/16 (linear), CPU and CUDA."""
+    """dwt (and magnitude, both selection paths) vs l1_unstructured on ResNet-50 (conv) and
+    ViT-B/16 (linear), CPU and CUDA."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     if args.big_devices:
         devices = [torch.device(d) for d in args.big_devices.split(",")]
@@ -113,8 +114,15 @@ def big_models(args) -> None:
         def ours_torch(m):  # the whole model through prune_dwt's torch backend, on m's device
             P.prune_dwt(m, percentile=100 * a, targets=targets, inplace=True, backend="torch", **dwt_kw)
 
+        def mag_numpy(m):
+            P.prune_magnitude(m, a, targets=targets, inplace=True, backend="numpy")
+
+        def mag_torch(m):  # the selection on m's device (the default there)
+            P.prune_magnitude(m, a, targets=targets, inplace=True, backend="torch")
+
         methods = [("torch l1_unstructured (per layer)", ref_l1), ("prune_dwt backend=numpy (PyWavelets)", ours_numpy),
-                   ("prune_dwt backend=torch", ours_torch)]
+                   ("prune_dwt backend=torch", ours_torch), ("prune_magnitude backend=numpy", mag_numpy),
+                   ("prune_magnitude backend=torch", mag_torch)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", wv.LevelClampedWarning)
             for dev in devices:

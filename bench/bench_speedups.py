@@ -20,6 +20,10 @@ both measured in the same run (median of ``--repeats`` after one warm-up; CPU).
   a trial does it (read, build, load), built on the meta device and taking the read tensors,
   against the plain copy into a randomly initialised model. Oracle:
   ``tests/test_models.py::test_adopted_state_equals_a_plain_load_without_random_init``.
+  Then the whole cached load with its sha256 checksum (``train.get_base_model``), hashed in a
+  thread alongside the read and build, against the same load with the checksum hashed after
+  it. Oracle: ``tests/test_train.py::test_get_base_model_trains_once_then_uses_the_cache``
+  (the checksum is ``hashlib.sha256`` of the file's bytes).
 
     python bench/bench_speedups.py [--repeats 7] [--threads 2]
 
@@ -203,6 +207,13 @@ def bench_base_load(repeats: int) -> None:
     adopted = median_s(lambda: load(True), repeats)
     print("cached base model load (read + build + load), ResNet-18 / digits")
     print(f"  plain {ms(plain)}   adopted {ms(adopted)}   {plain / adopted:.2f}x (saves {(plain - adopted) * 1e3:.0f} ms a trial)")
+    # the whole cached load as a trial does it, checksum included: hashed after the read, or
+    # (get_base_model) in a thread while the file is read and the model built
+    serial = median_s(lambda: (load(True), train.file_sha256(base.path)), repeats)
+    overlapped = median_s(lambda: train.get_base_model("resnet18", "digits", device="cpu", progress=False), repeats)
+    print("cached base model load with its sha256 checksum (get_base_model)")
+    print(f"  checksum after the load {ms(serial)}   hashed alongside {ms(overlapped)}   {serial / overlapped:.2f}x "
+          f"(saves {(serial - overlapped) * 1e3:.0f} ms a trial)")
 
 
 def main() -> None:

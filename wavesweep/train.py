@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -408,11 +409,16 @@ def get_base_model(
             log.info("cached base model %s", path)
         else:
             log.info("using cached base model %s", path)
-    state, meta = read_weights(path)
-    shape = meta["build_kwargs"]
-    model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
-    return BaseModel(model.eval(), model_name, dataset_name, seed, "trained", path, file_sha256(path),
-                     shape, meta.get("train_info", {}))
+    # The checksum is hashed in a thread while the file is read and the model built (hashlib
+    # releases the GIL): a cached ResNet-18 with its checksum took 70 ms instead of 86 on the 2-core
+    # development machine (bench/bench_speedups.py; oracle: test_get_base_model_trains_once_then_uses_the_cache).
+    with ThreadPoolExecutor(1, thread_name_prefix="wavesweep-sha256") as pool:
+        checksum = pool.submit(file_sha256, path)
+        state, meta = read_weights(path)
+        shape = meta["build_kwargs"]
+        model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
+        return BaseModel(model.eval(), model_name, dataset_name, seed, "trained", path, checksum.result(),
+                         shape, meta.get("train_info", {}))
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
