@@ -64,7 +64,8 @@ for s in "${STEPS[@]}"; do
     tests)  # every CUDA test, and the files they live in (CPU tests of the same files run too)
       # TESTS_K="cuda or device_copy": the CUDA tests alone (the CPU ones run on every machine)
       step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_wavelets_torch.py tests/test_polyphase.py \
-        tests/test_recovery.py tests/test_evaluate.py tests/test_pruning.py tests/test_data.py -rs ${TESTS_K:+-k "$TESTS_K"} ;;
+        tests/test_recovery.py tests/test_evaluate.py tests/test_pruning.py tests/test_data.py tests/test_trial.py \
+        tests/test_accounting.py -rs ${TESTS_K:+-k "$TESTS_K"} ;;
     eval)  # issue 11: harness / bare model(x) loop >= 0.9x (digits, Fashion-MNIST, 224 px ResNet-18)
       step eval 75 $PY bench/bench_eval.py --device "$DEVICE" --skip-train ;;
     trial)  # issue 11: a default trial on CUDA, not-forward share <= 25 % (no MLflow on that machine)
