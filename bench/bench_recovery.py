@@ -10,6 +10,11 @@ Prints, for each device (CPU, and CUDA when present):
 No timed assertions: figures only, each beside its reference measured in the same run.
 
     python bench/bench_recovery.py [--steps 20] [--repeats 3] [--device cpu]
+    python bench/bench_recovery.py --share-only --bn-batches "" --workloads cnn:fashion-mnist:0,resnet18:fashion-mnist:0
+
+``--workloads`` adds the share of other trials (recovery=bn, default batches): the re-estimation
+cost is fixed, so its share falls as the evaluation set grows (digits: 360 examples; Fashion-MNIST:
+10,000; ImageNet: 50,000).
 """
 
 from __future__ import annotations
@@ -97,6 +102,28 @@ def bench_trial_share(device: str, repeats: int, batch_counts: list[int]) -> Non
     print(f"  phases of the last in-process run (s): {phases}")
 
 
+def bench_workload_share(device: str, repeats: int, spec: str) -> None:
+    """The BatchNorm share of one other in-process trial, ``MODEL:DATASET[:EVAL_LIMIT]`` (0 = the
+    whole evaluation split), recovery=bn at the default batch count: the share falls as the
+    evaluation grows, since re-estimation's cost is fixed (3 methods x batches x batch size
+    training examples) and evaluation's is 4 models x the evaluated examples."""
+    model, dataset, *rest = spec.split(":")
+    cfg = TrialConfig(model=model, dataset=dataset, eval_limit=int(rest[0]) if rest else 0, device=device)
+    base = train.get_base_model(cfg.model, cfg.dataset, seed=cfg.seed, device=device, progress=False)
+    r = trial.run_trial(cfg, base=base)  # warm-up
+    vals = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        r = trial.run_trial(cfg, base=base)
+        vals.append((time.perf_counter() - t0, r.phase_seconds.get("recovery", 0.0)))
+    shares = [rec / tot for tot, rec in vals]
+    n_eval, n_bn = r.eval_info["n_eval"], 3 * cfg.recovery_batches * cfg.recovery_batch_size
+    print(f"  {model} on {dataset}, {n_eval} examples evaluated x 4 models, {n_bn} re-estimation examples "
+          f"(3 x {cfg.recovery_batches} x {cfg.recovery_batch_size}): trial {statistics.median(v[0] for v in vals):6.2f} s, "
+          f"re-estimation {statistics.median(v[1] for v in vals):5.2f} s = {100 * statistics.median(shares):5.1f} % "
+          f"[{100 * min(shares):.1f}-{100 * max(shares):.1f}] (target <= 10 %)")  # fmt: skip
+
+
 def bench_finetune_speed(device: str, steps: int, repeats: int, model: str, layout: str) -> None:
     dev = torch.device(device)
     base = train.get_base_model(model, "digits", seed=0, device=device, progress=False)
@@ -131,6 +158,8 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="one device (default: cpu, and cuda when present)")
     ap.add_argument("--bn-batches", default="50", help="comma-separated recovery_batches to time beside the default")
     ap.add_argument("--share-only", action="store_true", help="only the BatchNorm share of the default trial")
+    ap.add_argument("--workloads", default="", help="comma-separated MODEL:DATASET[:EVAL_LIMIT] trials whose "
+                    "BatchNorm share to print beside the default's, e.g. cnn:fashion-mnist:0 (0 = whole split)")
     ap.add_argument("--skip-trial-share", action="store_true", help="only the fine-tuning speed figures")
     args = ap.parse_args()
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -139,6 +168,8 @@ def main() -> None:
         print(f"{device} ({name}), torch {torch.__version__}")
         if not args.skip_trial_share:
             bench_trial_share(device, args.repeats, [int(v) for v in args.bn_batches.split(",") if v])
+            for spec in filter(None, args.workloads.split(",")):
+                bench_workload_share(device, args.repeats, spec)
         for layout in () if args.share_only else ("filter", "kernel"):
             bench_finetune_speed(device, args.steps, args.repeats, "resnet18", layout)
     if not torch.cuda.is_available() and not args.device:

@@ -71,7 +71,8 @@ for s in "${STEPS[@]}"; do
     trial)  # issue 11: a default trial on CUDA, not-forward share <= 25 % (no MLflow on that machine)
       step trial 60 $PY bench/bench_trial.py --untracked --device "$DEVICE" --repeats 3 ;;
     recovery)  # issue 10: BatchNorm share of a default trial <= 10 %; dwt fine-tuning >= 0.5x magnitude
-      step recovery 75 $PY bench/bench_recovery.py --device "$DEVICE" --bn-batches 50 --repeats 3 ;;
+      # WORKLOADS=cnn:fashion-mnist:0 adds the share of a trial over the whole Fashion-MNIST test split
+      step recovery 75 $PY bench/bench_recovery.py --device "$DEVICE" --bn-batches 50 --repeats 3 --workloads "${WORKLOADS:-}" ;;
     pruning)  # issue 11: dwt on resnet50 / vit_b_16 on CUDA vs torch's l1_unstructured (CPU figures: here)
       step pruning 75 $PY bench/bench_pruning.py --only-big --big-repeats 3 --big-devices "$DEVICE" ;;
     train)  # issue 11: ResNet-18 Fashion-MNIST training throughput, amp/channels-last off vs auto
