@@ -6,7 +6,13 @@ Prints, for each device (CPU, and CUDA when present):
 - the default trial (ResNet-18 on digits, recovery=bn) in process, its phases, and
   ``recovery`` seconds / trial seconds (target <= 10 %);
 - fine-tuning steps per second for dwt and magnitude on the same base model, the same
-  training batches and the same optimizer (target: dwt >= 0.5x magnitude's speed).
+  training batches and the same optimizer (target: dwt >= 0.5x magnitude's speed);
+- a candidate measured here only, not in the product: re-estimation with several training
+  batches per forward pass (each BatchNorm layer folds them into its channels, so every batch is
+  still normalised by its own statistics), against the product's one pass per batch, with how
+  far their statistics differ. On the 2-core CPU it is 0.8-1.1x (compute-bound, noisy); the
+  question it answers is whether fewer, larger passes pay on a GPU, where re-estimation's
+  batches of 64 are launch-bound.
 No timed assertions: figures only, each beside its reference measured in the same run.
 
     python bench/bench_recovery.py [--steps 20] [--repeats 3] [--device cpu]
@@ -124,6 +130,90 @@ def bench_workload_share(device: str, repeats: int, spec: str) -> None:
           f"[{100 * min(shares):.1f}-{100 * max(shares):.1f}] (target <= 10 %)")  # fmt: skip
 
 
+def _grouped_reestimate(model: torch.nn.Module, batches: list, group: int, device: torch.device) -> None:
+    """Candidate, measured here only (not in the product): BatchNorm re-estimation with ``group``
+    training batches per forward pass. Each BatchNorm layer folds the group into its channels
+    ((g*B, C, ...) -> (B, g*C, ...)), so one fused batch_norm normalises every batch by its own
+    statistics, exactly as separate forward passes would (the other layers act per example);
+    the running statistics are the arithmetic mean of the per-batch ones, what the cumulative
+    average computes. Fewer, larger forward passes: fewer kernel launches on a GPU."""
+    import torch.nn.functional as F
+
+    bns = recovery.batchnorm_layers(model)
+    sums = {m: (torch.zeros_like(m.running_mean), torch.zeros_like(m.running_var)) for m in bns}
+    g = {"n": 1}
+
+    def fold(m):
+        def forward(x):
+            n, c, sp = g["n"], x.shape[1], x.shape[2:]
+            b = x.shape[0] // n
+            x2 = x.reshape(n, b, c, *sp).transpose(0, 1).reshape(b, n * c, *sp)
+            rm, rv = torch.zeros(n * c, device=x.device), torch.ones(n * c, device=x.device)
+            y = F.batch_norm(x2, rm, rv, m.weight.repeat(n), m.bias.repeat(n), True, 1.0, m.eps)
+            sums[m][0].add_(rm.view(n, c).sum(0))
+            sums[m][1].add_(rv.view(n, c).sum(0))
+            return y.reshape(b, n, c, *sp).transpose(0, 1).reshape(x.shape)
+
+        return forward
+
+    model.to(device).eval()
+    for m in bns:
+        m.forward = fold(m)
+    total = 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(batches), group):
+                xs = [x for x, _ in batches[i : i + group]]
+                g["n"] = len(xs)
+                model(torch.cat(xs).to(device, non_blocking=True))
+                total += len(xs)
+    finally:
+        for m in bns:
+            del m.forward
+    for m in bns:
+        m.running_mean.copy_(sums[m][0] / total)
+        m.running_var.copy_(sums[m][1] / total)
+        m.num_batches_tracked.fill_(total)
+
+
+def bench_grouped_bn(device: str, repeats: int, groups: list[int]) -> None:
+    """The product's re-estimation (one forward pass per batch) against the grouped candidate,
+    on the default trial's dwt model and 50 training batches; and how far apart their statistics are."""
+    import copy
+
+    dev = torch.device(device)
+    base = train.get_base_model("resnet18", "digits", seed=0, device=device, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = pruning.prune_dwt(base.model, wavelet="bior4.4", level=5, percentile=70, layout="filter").model.to(dev)
+    bundle = load_dataset("digits", seed=0)
+    batches = list(recovery.training_batches(bundle.train, batch_size=64, n=50, seed=0, device=dev))
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        ts = []
+        for _ in range(repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    ref = copy.deepcopy(model)
+    t_ref = timed(lambda: recovery.reestimate_bn(ref, iter(batches), device=dev))
+    print(f"  BatchNorm re-estimation of one model, 50 batches of 64: one forward pass per batch (the product) {t_ref * 1e3:.0f} ms")
+    for n in groups:
+        cand = copy.deepcopy(model)
+        t = timed(lambda: _grouped_reestimate(cand, batches, n, dev))
+        diff = max(
+            max(float((a.running_mean - b.running_mean).abs().max()), float(((a.running_var - b.running_var).abs() / b.running_var.clamp_min(1e-12)).max()))
+            for a, b in zip(recovery.batchnorm_layers(cand), recovery.batchnorm_layers(ref))
+        )  # fmt: skip
+        print(f"    candidate, {n:2d} batches per forward pass: {t * 1e3:.0f} ms = {t_ref / t:.2f}x the product's speed; "
+              f"statistics differ by at most {diff:.1e} (absolute for means, relative for variances)")
+
+
 def bench_finetune_speed(device: str, steps: int, repeats: int, model: str, layout: str) -> None:
     dev = torch.device(device)
     base = train.get_base_model(model, "digits", seed=0, device=device, progress=False)
@@ -161,6 +251,8 @@ def main() -> None:
     ap.add_argument("--workloads", default="", help="comma-separated MODEL:DATASET[:EVAL_LIMIT] trials whose "
                     "BatchNorm share to print beside the default's, e.g. cnn:fashion-mnist:0 (0 = whole split)")
     ap.add_argument("--skip-trial-share", action="store_true", help="only the fine-tuning speed figures")
+    ap.add_argument("--grouped", default="4,8,16", help="batches per forward pass of the grouped-re-estimation "
+                    "candidate to time against the product's ('' to skip)")
     args = ap.parse_args()
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
@@ -170,6 +262,8 @@ def main() -> None:
             bench_trial_share(device, args.repeats, [int(v) for v in args.bn_batches.split(",") if v])
             for spec in filter(None, args.workloads.split(",")):
                 bench_workload_share(device, args.repeats, spec)
+            if args.grouped:
+                bench_grouped_bn(device, args.repeats, [int(v) for v in args.grouped.split(",")])
         for layout in () if args.share_only else ("filter", "kernel"):
             bench_finetune_speed(device, args.steps, args.repeats, "resnet18", layout)
     if not torch.cuda.is_available() and not args.device:
