@@ -166,14 +166,18 @@ def _fetch(values: list) -> list:
 
 
 def model_stats(
-    base_model: nn.Module, result: PruneResult, *, base_cache: dict[str, tuple[torch.Tensor, float]] | None = None
+    base_model: nn.Module,
+    result: PruneResult,
+    *,
+    base_cache: dict[str, tuple[torch.Tensor, float | torch.Tensor]] | None = None,
 ) -> ModelStats:
     """Per-layer and total stats of ``result`` against the unpruned ``base_model``.
 
     ``base_model`` must hold the weights before pruning (with ``inplace=True`` pruning, keep
     a copy): ``rel_l2_error`` is ``||W' - W|| / ||W||`` per target layer (0 when ``||W|| = 0``),
     in float64. ``base_cache``: a dict shared by calls with the same ``base_model`` (one trial's
-    three methods) that keeps each base layer's float64 weight and norm, computed once.
+    three methods) that keeps each base layer's float64 weight and norm, computed once (the norm
+    a float on CPU, a 0-dim tensor on an accelerator, fetched with the other values).
     """
     base = dict(base_model.named_modules())
     pruned_mods = dict(result.model.named_modules())

@@ -57,7 +57,9 @@ def _smallest(values: np.ndarray, k: int, generator: torch.Generator | None = No
 
 
 def _smallest_torch(values: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """:func:`_smallest` in torch on ``values``' device: the same mask, bit for bit.
+    """:func:`_smallest` in torch on ``values``' device: the same mask, bit for bit, for the
+    scores the methods use (|w| and uniform keys: no NaN, no -0.0, whose order against +0.0
+    sorts may treat differently).
 
     One stable sort: its first ``k`` indices are the entries ordered by (value, index), i.e.
     everything below the k-th value plus the lowest-indexed ties at it (no host sync). With

@@ -132,7 +132,9 @@ def weight_numpy(w: torch.Tensor) -> np.ndarray:
 def numpy_batched(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     """CPU NumPy copies of ``tensors`` (flattened), with one device-to-host transfer per dtype
     instead of one per tensor: on an accelerator each copy to host is a synchronisation, and a
-    model has dozens of target layers. On CPU the tensors' own memory is copied."""
+    model has dozens of target layers. On CPU the tensors' own memory is copied. The arrays are
+    1-D slices of one host buffer per dtype (never views of a tensor); dtypes NumPy has only
+    (widen bfloat16 first, as :func:`weight_numpy` does)."""
     out: list[np.ndarray | None] = [None] * len(tensors)
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, t in enumerate(tensors):
