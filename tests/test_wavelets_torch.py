@@ -400,10 +400,31 @@ def test_dense_backend_as_an_accelerator_default(monkeypatch):
     reconstruct go through it, and building its matrices uses the filter bank, not itself."""
     monkeypatch.setattr(filterbank, "_FORCE_BACKEND", None)
     monkeypatch.setattr(filterbank, "dense_backend", lambda device: filterbank._FORCE_BACKEND in (None, "dense"))
-    monkeypatch.setattr(dense, "_matrices", dense._matrices.__wrapped__)  # no cache: built here
+    monkeypatch.setattr(dense, "_matrices", dense._build_matrices)  # no cache: built here
     w = np.random.default_rng(12).standard_normal((8, 16, 3, 3)).astype(np.float32)
     want, st = wv.decompose(w, wavelet="bior4.4", level=5, layout="filter", mode="periodization")
     assert st.level > 0 and wt.uses_dense(st, torch.device("cpu"))
     got = wt.decompose(torch.from_numpy(w), st)
     assert got.dtype == torch.float32 and _max_err(got, want) < 1e-5
     assert _max_err(wt.reconstruct(torch.from_numpy(want), st), w) < 1e-5
+
+
+def test_dense_matrix_cache_is_bounded_by_bytes_least_recently_used_first():
+    """The cache keeps at most its byte budget (never less than the pair in use), evicts the least
+    recently used pair first, and a pair it rebuilds equals the one it dropped."""
+    structs = [wt.structure_of((4, n), wavelet="db2", level=2, layout="filter", mode="periodization") for n in (16, 24, 32)]
+    keys = [dense._key(st) for st in structs]
+    pair_bytes = [2 * 4 * n * n for n in (16, 24, 32)]  # float32, periodization: n coefficients per n samples
+    cache = dense._MatrixCache(max_bytes=pair_bytes[0] + pair_bytes[1])
+    cpu = torch.device("cpu")
+    first = cache(keys[0], cpu, torch.float32)
+    assert sum(t.numel() * t.element_size() for t in first) == pair_bytes[0] == cache.nbytes
+    cache(keys[1], cpu, torch.float32)
+    assert cache(keys[0], cpu, torch.float32) is first  # a hit, and now the most recently used
+    cache(keys[2], cpu, torch.float32)  # over budget: keys[1] (least recently used) goes, then keys[0]
+    assert len(cache) == 1 and cache.nbytes == pair_bytes[2]
+    again = cache(keys[0], cpu, torch.float32)
+    assert again is not first and all(torch.equal(a, b) for a, b in zip(again, first))
+    tiny = dense._MatrixCache(max_bytes=1)  # smaller than any pair: still holds the one in use
+    assert tiny(keys[2], cpu, torch.float32) is tiny(keys[2], cpu, torch.float32) and len(tiny) == 1
+    assert dense._matrices.max_bytes == dense.DENSE_CACHE_BYTES

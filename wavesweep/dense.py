@@ -9,9 +9,10 @@ rows stacked as a ``(B, N)`` matrix ``X`` and their coefficients as ``(B, n)`` r
 identity (every mode, every wavelet: they are whatever the filter bank computes). On a GPU that
 is one GEMM per layer where the filter bank runs a few kernels per level and band, which leaves a
 GPU waiting on launches (ResNet-18's fine-tuning step: 20 layers x 5 levels). The matrices are
-built once per row structure, device and dtype (cached), in float64 on that device by
+built once per row structure, device and dtype, in float64 on that device by
 :func:`wavesweep.wavelets_torch.decompose` / :func:`~wavesweep.wavelets_torch.reconstruct`
-(the filter bank, tested against PyWavelets), then cast.
+(the filter bank, tested against PyWavelets), then cast, and cached up to
+``DENSE_CACHE_BYTES`` (least recently used first out).
 
 Used where ``n * N <= DENSE_MAX_ELEMENTS`` (a matrix of at most 128 MiB in float32: ResNet-18's
 largest filter, 4608 weights, is 81 MiB); longer rows (``flat``, a large ``matrix``) keep the
@@ -28,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
@@ -89,8 +91,49 @@ def _row_structure(structure: wv.CoeffStructure, rows: int) -> wv.CoeffStructure
     )  # fmt: skip
 
 
-@functools.lru_cache(maxsize=32)
-def _matrices(structure: wv.CoeffStructure, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+#: bytes the cached matrices may hold together (per process, all devices). In float32, bior4.4
+#: level 5, the filter layout needs 216 MiB for ResNet-18 (7 row shapes), 258 MiB for ResNet-50
+#: (11) and 76 MiB for ViT-B/16's Linear layers (2); the least recently used go first
+DENSE_CACHE_BYTES = 1 << 30
+
+
+class _MatrixCache:
+    """Least-recently-used ``(A, S)`` pairs, bounded by their bytes rather than their number (a
+    pair takes from a few KB to 2 x 128 MiB): a process that meets many architectures on a
+    small GPU keeps at most ``max_bytes`` of them, and always the pair in use."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._pairs: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, structure: wv.CoeffStructure, device: torch.device, dtype: torch.dtype):
+        key = (structure, device, dtype)
+        with self._lock:
+            if key in self._pairs:
+                self._pairs.move_to_end(key)
+                return self._pairs[key]
+        pair = _build_matrices(structure, device, dtype)
+        with self._lock:
+            if key not in self._pairs:
+                self._pairs[key] = pair
+                self.nbytes += sum(t.numel() * t.element_size() for t in pair)
+            while self.nbytes > self.max_bytes and len(self._pairs) > 1:
+                _, old = self._pairs.popitem(last=False)
+                self.nbytes -= sum(t.numel() * t.element_size() for t in old)
+            return self._pairs.get(key, pair)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pairs.clear()
+            self.nbytes = 0
+
+
+def _build_matrices(structure: wv.CoeffStructure, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, S)`` for ``structure``'s rows, in ``dtype`` on ``device``: the transform of the
     identity, computed in float64 on that device by the filter bank (its default backend there)."""
     from wavesweep import filterbank
@@ -106,6 +149,9 @@ def _matrices(structure: wv.CoeffStructure, device: torch.device, dtype: torch.d
         st_c = _row_structure(structure, n)
         synthesis = wt.reconstruct(from_rows(eye[:n, :n], st_c), st_c).reshape(n, n_sample)
     return analysis.to(dtype).contiguous(), synthesis.to(dtype).contiguous()
+
+
+_matrices = _MatrixCache(DENSE_CACHE_BYTES)
 
 
 def _key(structure: wv.CoeffStructure) -> wv.CoeffStructure:
