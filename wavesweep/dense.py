@@ -127,11 +127,6 @@ class _MatrixCache:
     def __len__(self) -> int:
         return len(self._pairs)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._pairs.clear()
-            self.nbytes = 0
-
 
 def _build_matrices(structure: wv.CoeffStructure, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, S)`` for ``structure``'s rows, in ``dtype`` on ``device``: the transform of the
