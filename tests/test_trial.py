@@ -1,5 +1,6 @@
 """The base-evaluation cache of ``trial._base_eval_cached`` against its oracle, a fresh
-evaluation of the same model on the same examples (no trial, no MLflow)."""
+evaluation of the same model on the same examples (no trial, no MLflow); and where a trial's
+pruning runs: on its device, the accelerator paths giving the CPU paths' numbers."""
 
 from __future__ import annotations
 
@@ -82,3 +83,35 @@ def test_a_cuda_trial_prunes_on_the_device_even_with_a_cached_base_evaluation(ba
     monkeypatch.setattr(baselines, "_smallest", lambda *a, **k: pytest.fail("numpy selection in a CUDA trial"))
     r = trial.run_trial(cfg, base=base)
     assert all(p.is_cuda for o in r.outcomes.values() for p in o.prune.model.parameters())
+
+
+def test_a_trial_through_the_accelerator_paths_gives_the_cpu_numbers(base_and_set, monkeypatch):
+    """Every device-side path a CUDA trial takes (dwt through the torch transform, magnitude and
+    random selected in torch, accounting values fetched in one transfer), forced on the CPU:
+    the trial's numbers equal the CPU paths' (magnitude and random bit for bit)."""
+    import functools
+
+    from wavesweep import accounting, baselines, pruning
+    from wavesweep import wavelets as wv
+
+    base, cfg, eval_set = base_and_set
+    cfg = dataclasses.replace(cfg, recovery="bn", recovery_batches=3, timing_batches=0, level=2, wavelet="db2")
+    want = trial.run_trial(cfg, base=base)
+    monkeypatch.setattr(pruning, "prune_dwt", functools.partial(pruning.prune_dwt, backend="torch"))
+    monkeypatch.setattr(pruning, "prune_matched", functools.partial(pruning.prune_matched, backend="torch"))
+    monkeypatch.setattr(accounting, "_zeros_later", lambda t: t.detach().numel() - torch.count_nonzero(t.detach()))
+    monkeypatch.setattr(accounting, "_norm_later", lambda t: torch.linalg.vector_norm(t))
+    monkeypatch.setattr(wv, "dwt_prune_array", lambda *a, **k: pytest.fail("PyWavelets pruning on the torch path"))
+    monkeypatch.setattr(baselines, "_smallest", lambda *a, **k: pytest.fail("numpy selection on the torch path"))
+    got = trial.run_trial(cfg, base=base)
+    for m in ("dwt", "magnitude", "random"):
+        a, b = got.outcomes[m], want.outcomes[m]
+        for x, y in zip(a.prune.layers, b.prune.layers):
+            assert np.array_equal(x.keep, y.keep), (m, x.name)
+        assert a.stats.stored_bytes == b.stats.stored_bytes and a.stats.zeroed_coeffs == b.stats.zeroed_coeffs
+        if m == "dwt":  # the torch transform equals PyWavelets to float tolerance
+            assert a.stats.mean_rel_l2_error == pytest.approx(b.stats.mean_rel_l2_error, rel=1e-5)
+            assert abs(a.eval.top1 - b.eval.top1) <= 1 / len(eval_set)
+        else:
+            assert a.stats == b.stats and a.eval.metrics() == b.eval.metrics()
+            np.testing.assert_array_equal(a.eval.correct, b.eval.correct)
