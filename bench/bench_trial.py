@@ -154,8 +154,6 @@ def main() -> None:
             share = _report(rep, total, result.phase_seconds, clock, OVERLAPPED)
             shares.append(share)
             totals.append(total)
-            print(f"  not forward passes: {total - forward:.2f} s = {100 * share:.1f} % of in-process time "
-                  f"(target <= 25 %: {'PASS' if share <= 0.25 else 'FAIL'})")  # fmt: skip
 
         # The floor of a whole `mlflow run`, measured here (median of 3 each): starting the mlflow
         # CLI, and a process importing everything a trial process imports, some of it lazily:
