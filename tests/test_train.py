@@ -102,6 +102,62 @@ def test_get_base_model_trains_once_then_uses_the_cache(monkeypatch, tmp_path):
     assert not list(a.path.parent.glob("*.tmp"))
 
 
+
+def test_a_base_model_file_read_again_in_the_process_comes_from_memory(monkeypatch, tmp_path):
+    """The second load of an unchanged file neither reads nor hashes it, gives the same model
+    and checksum (oracle: hashlib over the file's bytes) and shares no tensor with the first;
+    a file replaced (as the cache writes it: atomically) or rewritten is read again."""
+    a = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+    state_a = {k: v.clone() for k, v in a.model.state_dict().items()}
+    real_read, real_sha = T.read_weights, T.file_sha256
+    monkeypatch.setattr(T, "read_weights", lambda *x, **k: pytest.fail("read again"))
+    monkeypatch.setattr(T, "file_sha256", lambda *x, **k: pytest.fail("hashed again"))
+    b = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+    assert b.checksum == a.checksum == hashlib.sha256(a.path.read_bytes()).hexdigest()
+    assert b.build_kwargs == a.build_kwargs and b.train_info == a.train_info and not b.model.training
+    sb = b.model.state_dict()
+    assert sb.keys() == state_a.keys() and all(torch.equal(sb[k], state_a[k]) for k in sb)
+    with torch.no_grad():  # the caller owns its tensors: changing them changes no later load
+        for p in b.model.parameters():
+            p.add_(1.0)
+    b.train_info["mutated"] = True
+    c = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+    sc = c.model.state_dict()
+    assert all(torch.equal(sc[k], state_a[k]) for k in sc) and "mutated" not in c.train_info
+    assert not any(x.data_ptr() == y.data_ptr() for x, y in zip(a.model.parameters(), c.model.parameters()))
+
+    # the file replaced atomically with other weights (a new inode): read and hashed again
+    monkeypatch.setattr(T, "read_weights", real_read)
+    monkeypatch.setattr(T, "file_sha256", real_sha)
+    blob = torch.load(a.path, weights_only=True)
+    blob["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    tmp = a.path.with_suffix(".new")
+    torch.save(blob, tmp)
+    os.replace(tmp, a.path)
+    d = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+    assert d.checksum == hashlib.sha256(a.path.read_bytes()).hexdigest() != a.checksum
+    sd = d.model.state_dict()
+    assert all(torch.equal(sd[k], blob["state_dict"][k]) for k in sd)
+
+    # a checkpoint given as weights: the same, and rewritten in place it is read again
+    torch.manual_seed(1)
+    cnn = build_model("cnn", num_classes=10, in_channels=1, image_size=8)
+    path = tmp_path / "cnn.pt"
+    torch.save(cnn.state_dict(), path)
+    e = get_base_model("cnn", "digits", weights=path)
+    f = get_base_model("cnn", "digits", weights=path)
+    assert e.checksum == f.checksum == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert all(torch.equal(x, y) for x, y in zip(e.model.state_dict().values(), f.model.state_dict().values()))
+    with torch.no_grad():
+        cnn.fc.weight.mul_(2)
+    st = os.stat(path)
+    torch.save(cnn.state_dict(), path)  # same inode, same size, a later time
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    g = get_base_model("cnn", "digits", weights=path)
+    assert g.checksum == hashlib.sha256(path.read_bytes()).hexdigest() != e.checksum
+    assert torch.equal(g.model.fc.weight, cnn.fc.weight)
+
+
 _WORKER = """
 import json, sys, torch
 import wavesweep.train as T

@@ -9,11 +9,13 @@ see a half-written file. MLflow model URIs are resolved by ``wavesweep.tracking`
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -374,11 +376,11 @@ def get_base_model(
         path = expand_path(weights, what="weights file")
         if not path.is_file():
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-        state, meta = read_weights(path)  # never runs code from the file; NaN/inf refused below
+        state, meta, checksum = _read_base_file(path)  # never runs code from the file; NaN/inf refused below
         shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
-        model = build_loaded(model_name, state, source=str(path), **shape)
+        model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: a copy of our own
         return BaseModel(model.eval(), model_name, dataset_name, seed, "checkpoint", path,
-                         file_sha256(path), shape, meta.get("train_info", {}))
+                         checksum, shape, meta.get("train_info", {}))
 
     if model_name == "resnet18" and dataset_name == "imagenet":
         path = resnet18_imagenet_path(None)
@@ -409,16 +411,54 @@ def get_base_model(
             log.info("cached base model %s", path)
         else:
             log.info("using cached base model %s", path)
-    # The checksum is hashed in a thread while the file is read and the model built (hashlib
-    # releases the GIL): a cached ResNet-18 with its checksum took 70 ms instead of 86 on the 2-core
-    # development machine (bench/bench_speedups.py; oracle: test_get_base_model_trains_once_then_uses_the_cache).
-    with ThreadPoolExecutor(1, thread_name_prefix="wavesweep-sha256") as pool:
-        checksum = pool.submit(file_sha256, path)
-        state, meta = read_weights(path)
-        shape = meta["build_kwargs"]
-        model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
-        return BaseModel(model.eval(), model_name, dataset_name, seed, "trained", path, checksum.result(),
-                         shape, meta.get("train_info", {}))
+    state, meta, checksum = _read_base_file(path)
+    shape = meta["build_kwargs"]
+    model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: a copy of our own
+    return BaseModel(model.eval(), model_name, dataset_name, seed, "trained", path, checksum,
+                     shape, meta.get("train_info", {}))
+
+
+#: The last base-model file read in this process: ``{file signature: (state, meta, sha256)}``,
+#: one entry. Every trial of a study (each worker runs its trials in one process) loads the same
+#: base model; reading and hashing the file again each time was most of a cached load.
+_LAST_READ: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, Any], str]] = {}
+_LAST_READ_LOCK = threading.Lock()
+
+
+def _file_signature(path: Path) -> tuple:
+    """What identifies a file's bytes here without reading them: its resolved path, device, inode,
+    size and modification time in ns. The cache is written by an atomic rename (a new inode), and
+    any write changes the modification time."""
+    st = os.stat(path)
+    return (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_base_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """``(state, meta, sha256)`` of a weights file, as :func:`~wavesweep.models.read_weights` and
+    :func:`file_sha256` give them, with ``state`` a copy the caller owns.
+
+    The file's tensors, meta and checksum are kept for the last file read (:data:`_LAST_READ`);
+    while its signature (:func:`_file_signature`) is unchanged, a second read copies them instead
+    of reading and hashing the file again. On a miss the checksum is hashed in a thread while the
+    file is read (hashlib releases the GIL). Timing: ``bench/bench_speedups.py``; oracle:
+    ``tests/test_train.py::test_a_base_model_file_read_again_in_the_process_comes_from_memory``.
+    """
+    sig = _file_signature(path)
+    with _LAST_READ_LOCK:
+        hit = _LAST_READ.get(sig)
+    if hit is None:
+        with ThreadPoolExecutor(1, thread_name_prefix="wavesweep-sha256") as pool:
+            checksum = pool.submit(file_sha256, path)
+            state, meta = read_weights(path)
+            digest = checksum.result()
+        if _file_signature(path) == sig:  # not rewritten while it was read
+            with _LAST_READ_LOCK:
+                _LAST_READ.clear()
+                _LAST_READ[sig] = hit = (state, meta, digest)
+        else:
+            return state, meta, digest
+    state, meta, digest = hit
+    return {k: v.clone() for k, v in state.items()}, copy.deepcopy(meta), digest
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
