@@ -166,15 +166,21 @@ def _tidy(driver) -> None:
 
 def _expand_all(driver) -> None:
     """Expand study -> trial -> method nesting (the plus-square button in the run-name cell)."""
-    from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import StaleElementReferenceException
 
     sel = "button[data-component-id$='runnamecellrenderer.tsx_46']"
     for _ in range(5):
-        closed = [b for b in driver.find_elements(By.CSS_SELECTOR, sel) if "V4.5h1.5" in b.get_attribute("innerHTML")]
+        # read in the page in one step: the table may re-render between finding a button and reading it
+        closed = driver.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].filter(b => b.innerHTML.includes('V4.5h1.5'))", sel
+        )
         if not closed:
             return
         for b in closed:
-            driver.execute_script("arguments[0].click()", b)
+            try:
+                driver.execute_script("arguments[0].click()", b)
+            except StaleElementReferenceException:  # re-rendered: found again on the next round
+                continue
             time.sleep(0.3)
         time.sleep(1.0)
 
@@ -230,12 +236,23 @@ def _click_column(driver, section: str, name: str) -> None:
 
 
 def _header(driver) -> tuple[dict[str, str], set[str]]:
-    """The runs table's columns ``{column id: header text}`` and its section headings."""
+    """The runs table's columns ``{column id: header text}`` and its section headings.
+
+    The grid re-renders its header for a while after a column is added: an element found may be
+    replaced before its text is read (a stale element), so the whole header is read again then."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    cols = {e.get_attribute("col-id"): e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, ".ag-header-cell")}
-    groups = {e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, ".ag-header-group-cell")} - {""}
-    return cols, groups
+    for attempt in range(10):
+        try:
+            cols = {e.get_attribute("col-id"): e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, ".ag-header-cell")}
+            groups = {e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, ".ag-header-group-cell")} - {""}
+            return cols, groups
+        except StaleElementReferenceException:
+            if attempt == 9:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def test_study_runs_listed_with_method_and_wavelet(server, browser, filled_store):
