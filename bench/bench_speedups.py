@@ -24,9 +24,9 @@ both measured in the same run (median of ``--repeats`` after one warm-up; CPU).
   thread alongside the read and build, against the same load with the checksum hashed after
   it. Oracle: ``tests/test_train.py::test_get_base_model_trains_once_then_uses_the_cache``
   (the checksum is ``hashlib.sha256`` of the file's bytes). Then the same load again in the same
-  process (every trial after the first in a study worker), the unchanged file's tensors, meta and
-  checksum copied from the last read (``train._read_base_file``). Oracle:
-  ``tests/test_train.py::test_a_base_model_file_read_again_in_the_process_comes_from_memory``.
+  process (every trial after the first in a study worker): the unchanged file is read but not
+  hashed again, its checksum remembered by file signature (``train._read_base_file``). Oracle:
+  ``tests/test_train.py::test_a_base_model_file_loaded_again_in_the_process_is_not_hashed_again``.
 
     python bench/bench_speedups.py [--repeats 7] [--threads 2]
 
@@ -46,11 +46,11 @@ torch threads 2, ``--repeats 5``; its speed drifts by up to a third, so read the
       copied    75.5 ms   linked    52.0 ms   1.45x (saves 23 ms a checkpoint)
     cached base model load (read + build + load), ResNet-18 / digits  (2026-11-26, load average ~2)
       plain   114.5 ms   adopted    47.4 ms   2.42x (saves 67 ms a trial)
-    (2026-11-26, later, load average ~0.5, --repeats 9)
+    (2026-11-26 09:50, the machine slower than above, --repeats 11)
     cached base model load with its sha256 checksum (get_base_model)
-      checksum after the load    80.8 ms   hashed alongside    74.9 ms   1.08x (saves 6 ms a trial)
-    the same load again in the process (file unchanged: the last read's tensors copied, not read and hashed)
-      first load    74.9 ms   again    39.6 ms   1.89x (saves 35 ms a trial after the first)
+      checksum after the load   107.5 ms   hashed alongside    99.9 ms   1.08x (saves 8 ms a trial)
+    the same load again in the process (file unchanged: read, not hashed again)
+      first load    99.9 ms   again    50.8 ms   1.97x (saves 49 ms a trial after the first)
 """
 
 from __future__ import annotations
@@ -220,18 +220,18 @@ def bench_base_load(repeats: int) -> None:
     serial = median_s(lambda: (load(True), train.file_sha256(base.path)), repeats)
 
     def first_read():  # the first load of the file in a process
-        train._LAST_READ.clear()
+        train._CHECKSUMS.clear()
         return train.get_base_model("resnet18", "digits", device="cpu", progress=False)
 
     overlapped = median_s(first_read, repeats)
     print("cached base model load with its sha256 checksum (get_base_model)")
     print(f"  checksum after the load {ms(serial)}   hashed alongside {ms(overlapped)}   {serial / overlapped:.2f}x "
           f"(saves {(serial - overlapped) * 1e3:.0f} ms a trial)")
-    # every later trial in the same process (a study worker): the file unchanged, its tensors,
-    # meta and checksum copied from the last read instead of read and hashed again
+    # every later trial in the same process (a study worker): the file unchanged, read but not
+    # hashed again (its checksum remembered by file signature)
     first_read()
     again = median_s(lambda: train.get_base_model("resnet18", "digits", device="cpu", progress=False), repeats)
-    print("the same load again in the process (file unchanged: the last read's tensors copied, not read and hashed)")
+    print("the same load again in the process (file unchanged: read, not hashed again)")
     print(f"  first load {ms(overlapped)}   again {ms(again)}   {overlapped / again:.2f}x "
           f"(saves {(overlapped - again) * 1e3:.0f} ms a trial after the first)")
 

@@ -9,7 +9,6 @@ see a half-written file. MLflow model URIs are resolved by ``wavesweep.tracking`
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -378,7 +377,7 @@ def get_base_model(
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
         state, meta, checksum = _read_base_file(path)  # never runs code from the file; NaN/inf refused below
         shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
-        model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: a copy of our own
+        model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
         return BaseModel(model.eval(), model_name, dataset_name, seed, "checkpoint", path,
                          checksum, shape, meta.get("train_info", {}))
 
@@ -413,16 +412,17 @@ def get_base_model(
             log.info("using cached base model %s", path)
     state, meta, checksum = _read_base_file(path)
     shape = meta["build_kwargs"]
-    model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: a copy of our own
+    model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
     return BaseModel(model.eval(), model_name, dataset_name, seed, "trained", path, checksum,
                      shape, meta.get("train_info", {}))
 
 
-#: The last base-model file read in this process: ``{file signature: (state, meta, sha256)}``,
-#: one entry. Every trial of a study (each worker runs its trials in one process) loads the same
-#: base model; reading and hashing the file again each time was most of a cached load.
-_LAST_READ: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, Any], str]] = {}
-_LAST_READ_LOCK = threading.Lock()
+#: sha256 of the weights files this process has read, by file signature (:func:`_file_signature`).
+#: Every trial of a study (a worker runs its trials in one process) loads the same base model;
+#: hashing its file again each time was the slowest part of a cached load.
+_CHECKSUMS: dict[tuple, str] = {}
+_CHECKSUMS_MAX = 64
+_CHECKSUMS_LOCK = threading.Lock()
 
 
 def _file_signature(path: Path) -> tuple:
@@ -434,31 +434,32 @@ def _file_signature(path: Path) -> tuple:
 
 
 def _read_base_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
-    """``(state, meta, sha256)`` of a weights file, as :func:`~wavesweep.models.read_weights` and
-    :func:`file_sha256` give them, with ``state`` a copy the caller owns.
+    """``(state, meta, sha256)`` of a weights file: :func:`~wavesweep.models.read_weights` and
+    :func:`file_sha256`.
 
-    The file's tensors, meta and checksum are kept for the last file read (:data:`_LAST_READ`);
-    while its signature (:func:`_file_signature`) is unchanged, a second read copies them instead
-    of reading and hashing the file again. On a miss the checksum is hashed in a thread while the
-    file is read (hashlib releases the GIL). Timing: ``bench/bench_speedups.py``; oracle:
-    ``tests/test_train.py::test_a_base_model_file_read_again_in_the_process_comes_from_memory``.
+    The checksum is hashed in a thread while the file is read (hashlib releases the GIL), and
+    remembered for the file's signature (:func:`_file_signature`): while the file is unchanged, a
+    later load in the process reads it but does not hash it again. Timing:
+    ``bench/bench_speedups.py``; oracle:
+    ``tests/test_train.py::test_a_base_model_file_loaded_again_in_the_process_is_not_hashed_again``.
     """
     sig = _file_signature(path)
-    with _LAST_READ_LOCK:
-        hit = _LAST_READ.get(sig)
-    if hit is None:
-        with ThreadPoolExecutor(1, thread_name_prefix="wavesweep-sha256") as pool:
-            checksum = pool.submit(file_sha256, path)
-            state, meta = read_weights(path)
-            digest = checksum.result()
+    with _CHECKSUMS_LOCK:
+        digest = _CHECKSUMS.get(sig)
+    if digest is not None:
+        state, meta = read_weights(path)
         if _file_signature(path) == sig:  # not rewritten while it was read
-            with _LAST_READ_LOCK:
-                _LAST_READ.clear()
-                _LAST_READ[sig] = hit = (state, meta, digest)
-        else:
             return state, meta, digest
-    state, meta, digest = hit
-    return {k: v.clone() for k, v in state.items()}, copy.deepcopy(meta), digest
+    with ThreadPoolExecutor(1, thread_name_prefix="wavesweep-sha256") as pool:
+        checksum = pool.submit(file_sha256, path)
+        state, meta = read_weights(path)
+        digest = checksum.result()
+    if _file_signature(path) == sig:
+        with _CHECKSUMS_LOCK:
+            if len(_CHECKSUMS) >= _CHECKSUMS_MAX:
+                _CHECKSUMS.clear()
+            _CHECKSUMS[sig] = digest
+    return state, meta, digest
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
