@@ -25,7 +25,7 @@ both measured in the same run (median of ``--repeats`` after one warm-up; CPU).
   it. Oracle: ``tests/test_train.py::test_get_base_model_trains_once_then_uses_the_cache``
   (the checksum is ``hashlib.sha256`` of the file's bytes). Then the same load again in the same
   process (every trial after the first in a study worker): the unchanged file is read but not
-  hashed again, its checksum remembered by file signature (``train._read_base_file``). Oracle:
+  hashed again, its checksum remembered by file signature (``train.remembered_sha256``). Oracle:
   ``tests/test_train.py::test_a_base_model_file_loaded_again_in_the_process_is_not_hashed_again``.
 
     python bench/bench_speedups.py [--repeats 7] [--threads 2]
@@ -46,11 +46,13 @@ torch threads 2, ``--repeats 5``; its speed drifts by up to a third, so read the
       copied    75.5 ms   linked    52.0 ms   1.45x (saves 23 ms a checkpoint)
     cached base model load (read + build + load), ResNet-18 / digits  (2026-11-26, load average ~2)
       plain   114.5 ms   adopted    47.4 ms   2.42x (saves 67 ms a trial)
-    (2026-11-26 09:50, the machine slower than above, --repeats 11)
+    (2026-11-26 10:25, a slow phase of the machine: read + build alone 98 ms, sha256 alone 34 ms)
     cached base model load with its sha256 checksum (get_base_model)
-      checksum after the load   107.5 ms   hashed alongside    99.9 ms   1.08x (saves 8 ms a trial)
+      checksum after the load    92.9 ms   hashed alongside    87.6 ms   1.06x (saves 5 ms a trial)
     the same load again in the process (file unchanged: read, not hashed again)
-      first load    99.9 ms   again    50.8 ms   1.97x (saves 49 ms a trial after the first)
+      first load    87.6 ms   again    79.7 ms   1.10x (saves 8 ms a trial after the first)
+    The hash runs beside the read and build, so not hashing again saves only what the hash takes
+    from the read on two cores: 5-11 ms in these runs, more when the hash is the longer of the two.
 """
 
 from __future__ import annotations

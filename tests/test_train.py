@@ -102,7 +102,6 @@ def test_get_base_model_trains_once_then_uses_the_cache(monkeypatch, tmp_path):
     assert not list(a.path.parent.glob("*.tmp"))
 
 
-
 def test_a_base_model_file_loaded_again_in_the_process_is_not_hashed_again(monkeypatch, tmp_path):
     """The second load of an unchanged file reads it but does not hash it again: same model, and
     the checksum is still the file's (oracle: hashlib over its bytes); a file replaced (as the

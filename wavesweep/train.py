@@ -375,11 +375,13 @@ def get_base_model(
         path = expand_path(weights, what="weights file")
         if not path.is_file():
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-        state, meta, checksum = _read_base_file(path)  # never runs code from the file; NaN/inf refused below
-        shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
-        model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
-        return BaseModel(model.eval(), model_name, dataset_name, seed, "checkpoint", path,
-                         checksum, shape, meta.get("train_info", {}))
+        with ThreadPoolExecutor(1, thread_name_prefix="wavesweep-sha256") as pool:  # hashed alongside, as below
+            checksum = pool.submit(remembered_sha256, path)
+            state, meta = read_weights(path)  # never runs code from the file; NaN/inf refused below
+            shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
+            model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
+            return BaseModel(model.eval(), model_name, dataset_name, seed, "checkpoint", path,
+                             checksum.result(), shape, meta.get("train_info", {}))
 
     if model_name == "resnet18" and dataset_name == "imagenet":
         path = resnet18_imagenet_path(None)
@@ -410,14 +412,18 @@ def get_base_model(
             log.info("cached base model %s", path)
         else:
             log.info("using cached base model %s", path)
-    state, meta, checksum = _read_base_file(path)
-    shape = meta["build_kwargs"]
-    model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
-    return BaseModel(model.eval(), model_name, dataset_name, seed, "trained", path, checksum,
-                     shape, meta.get("train_info", {}))
+    # The checksum is hashed in a thread while the file is read and the model built (hashlib
+    # releases the GIL), and only once per process while the file is unchanged (remembered_sha256).
+    with ThreadPoolExecutor(1, thread_name_prefix="wavesweep-sha256") as pool:
+        checksum = pool.submit(remembered_sha256, path)
+        state, meta = read_weights(path)
+        shape = meta["build_kwargs"]
+        model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
+        return BaseModel(model.eval(), model_name, dataset_name, seed, "trained", path, checksum.result(),
+                         shape, meta.get("train_info", {}))
 
 
-#: sha256 of the weights files this process has read, by file signature (:func:`_file_signature`).
+#: sha256 of the files this process has hashed, by file signature (:func:`_file_signature`).
 #: Every trial of a study (a worker runs its trials in one process) loads the same base model;
 #: hashing its file again each time was the slowest part of a cached load.
 _CHECKSUMS: dict[tuple, str] = {}
@@ -433,33 +439,21 @@ def _file_signature(path: Path) -> tuple:
     return (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _read_base_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
-    """``(state, meta, sha256)`` of a weights file: :func:`~wavesweep.models.read_weights` and
-    :func:`file_sha256`.
-
-    The checksum is hashed in a thread while the file is read (hashlib releases the GIL), and
-    remembered for the file's signature (:func:`_file_signature`): while the file is unchanged, a
-    later load in the process reads it but does not hash it again. Timing:
-    ``bench/bench_speedups.py``; oracle:
-    ``tests/test_train.py::test_a_base_model_file_loaded_again_in_the_process_is_not_hashed_again``.
-    """
+def remembered_sha256(path: Path) -> str:
+    """:func:`file_sha256`, hashed once per process while the file's signature
+    (:func:`_file_signature`) is unchanged. Timing: ``bench/bench_speedups.py``; oracle:
+    ``tests/test_train.py::test_a_base_model_file_loaded_again_in_the_process_is_not_hashed_again``."""
     sig = _file_signature(path)
     with _CHECKSUMS_LOCK:
         digest = _CHECKSUMS.get(sig)
-    if digest is not None:
-        state, meta = read_weights(path)
-        if _file_signature(path) == sig:  # not rewritten while it was read
-            return state, meta, digest
-    with ThreadPoolExecutor(1, thread_name_prefix="wavesweep-sha256") as pool:
-        checksum = pool.submit(file_sha256, path)
-        state, meta = read_weights(path)
-        digest = checksum.result()
-    if _file_signature(path) == sig:
-        with _CHECKSUMS_LOCK:
-            if len(_CHECKSUMS) >= _CHECKSUMS_MAX:
-                _CHECKSUMS.clear()
-            _CHECKSUMS[sig] = digest
-    return state, meta, digest
+    if digest is None:
+        digest = file_sha256(path)
+        if _file_signature(path) == sig:  # not rewritten while it was hashed
+            with _CHECKSUMS_LOCK:
+                if len(_CHECKSUMS) >= _CHECKSUMS_MAX:
+                    _CHECKSUMS.clear()
+                _CHECKSUMS[sig] = digest
+    return digest
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
