@@ -243,16 +243,17 @@ def _header(driver) -> tuple[dict[str, str], set[str]]:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    for attempt in range(10):
+    def read() -> tuple[dict[str, str], set[str]]:
+        cols = {e.get_attribute("col-id"): e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, ".ag-header-cell")}
+        groups = {e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, ".ag-header-group-cell")} - {""}
+        return cols, groups
+
+    for _ in range(9):
         try:
-            cols = {e.get_attribute("col-id"): e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, ".ag-header-cell")}
-            groups = {e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, ".ag-header-group-cell")} - {""}
-            return cols, groups
+            return read()
         except StaleElementReferenceException:
-            if attempt == 9:
-                raise
             time.sleep(0.5)
-    raise AssertionError("unreachable")
+    return read()  # a tenth try; a stale element now fails the test
 
 
 def test_study_runs_listed_with_method_and_wavelet(server, browser, filled_store):

@@ -375,13 +375,10 @@ def get_base_model(
         path = expand_path(weights, what="weights file")
         if not path.is_file():
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-        with ThreadPoolExecutor(1, thread_name_prefix="wavesweep-sha256") as pool:  # hashed alongside, as below
-            checksum = pool.submit(remembered_sha256, path)
-            state, meta = read_weights(path)  # never runs code from the file; NaN/inf refused below
-            shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
-            model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
-            return BaseModel(model.eval(), model_name, dataset_name, seed, "checkpoint", path,
-                             checksum.result(), shape, meta.get("train_info", {}))
+        shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
+        model, meta, checksum = _load_hashed(model_name, path, lambda meta: shape)  # NaN/inf refused there
+        return BaseModel(model, model_name, dataset_name, seed, "checkpoint", path, checksum, shape,
+                         meta.get("train_info", {}))
 
     if model_name == "resnet18" and dataset_name == "imagenet":
         path = resnet18_imagenet_path(None)
@@ -412,15 +409,21 @@ def get_base_model(
             log.info("cached base model %s", path)
         else:
             log.info("using cached base model %s", path)
-    # The checksum is hashed in a thread while the file is read and the model built (hashlib
-    # releases the GIL), and only once per process while the file is unchanged (remembered_sha256).
+    model, meta, checksum = _load_hashed(model_name, path, lambda meta: meta["build_kwargs"])
+    return BaseModel(model, model_name, dataset_name, seed, "trained", path, checksum, meta["build_kwargs"],
+                     meta.get("train_info", {}))
+
+
+def _load_hashed(model_name: str, path: Path, shape_of) -> tuple[nn.Module, dict[str, Any], str]:
+    """``(model in eval mode, meta, sha256)`` of a weights file: read without running code from it
+    (:func:`~wavesweep.models.read_weights`), the model built from ``shape_of(meta)`` holding the
+    read state (no random init). The checksum is hashed in a thread meanwhile (hashlib releases
+    the GIL), and only once per process while the file is unchanged (:func:`remembered_sha256`)."""
     with ThreadPoolExecutor(1, thread_name_prefix="wavesweep-sha256") as pool:
         checksum = pool.submit(remembered_sha256, path)
         state, meta = read_weights(path)
-        shape = meta["build_kwargs"]
-        model = build_loaded(model_name, state, source=str(path), adopt=True, **shape)  # state: read just now, ours
-        return BaseModel(model.eval(), model_name, dataset_name, seed, "trained", path, checksum.result(),
-                         shape, meta.get("train_info", {}))
+        model = build_loaded(model_name, state, source=str(path), adopt=True, **shape_of(meta))  # state: read just now, ours
+        return model.eval(), meta, checksum.result()
 
 
 #: sha256 of the files this process has hashed, by file signature (:func:`_file_signature`).
