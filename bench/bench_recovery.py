@@ -7,12 +7,15 @@ Prints, for each device (CPU, and CUDA when present):
   ``recovery`` seconds / trial seconds (target <= 10 %);
 - fine-tuning steps per second for dwt and magnitude on the same base model, the same
   training batches and the same optimizer (target: dwt >= 0.5x magnitude's speed);
-- a candidate measured here only, not in the product: re-estimation with several training
-  batches per forward pass (each BatchNorm layer folds them into its channels, so every batch is
-  still normalised by its own statistics), against the product's one pass per batch, with how
-  far their statistics differ. On the 2-core CPU it is 0.8-1.1x (compute-bound, noisy); the
-  question it answers is whether fewer, larger passes pay on a GPU, where re-estimation's
-  batches of 64 are launch-bound.
+- BatchNorm re-estimation of one model (the default trial's dwt model, 50 training batches) with
+  one forward pass per batch (PyTorch's own update) against the grouped passes the product runs
+  on an accelerator (``recovery.reestimate_bn(group=n)``: each BatchNorm layer folds the group
+  into its channels, so every batch is still normalised by its own statistics), with how far
+  their statistics differ and how many operators each dispatches (each is a kernel launch on a
+  GPU: a device-independent count). On the 2-core CPU grouping is 0.8-1.1x (compute-bound, so
+  the product's CPU default stays one pass per batch); on a GPU the batches of 64 are
+  launch-bound, which the grouping is for. On an accelerator the trial's share is printed for
+  the product's default and for one pass per batch.
 No timed assertions: figures only, each beside its reference measured in the same run.
 
     python bench/bench_recovery.py [--steps 20] [--repeats 3] [--device cpu]
@@ -89,19 +92,28 @@ def bench_trial_share(device: str, repeats: int, batch_counts: list[int]) -> Non
         _tracked_trial(default)
     print(f"  default trial: {default.model} on {default.dataset}, recovery={default.recovery}, batches of "
           f"{default.recovery_batch_size}, 3 methods, {repeats} repeats (median [min-max]); target <= 10 %")
+    group = recovery.bn_group((default.recovery_batch_size, 1, 8, 8), device)
+    print(f"  re-estimation here: {group} training batch(es) per forward pass (recovery.bn_group)")
     for n in sorted(set(batch_counts) | {default.recovery_batches}):
         cfg = TrialConfig(device=device, recovery_batches=n)
         rows: dict[str, list] = {"in process": [], **({"tracked": []} if tracked else {})}
+        if group > 1:  # the reference: PyTorch's one forward pass per batch, in the same run
+            rows["in process, 1 batch per pass"] = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             r = trial.run_trial(cfg, base=base)
             rows["in process"].append((time.perf_counter() - t0, r.phase_seconds.get("recovery", 0.0)))
             if tracked:
                 rows["tracked"].append(_tracked_trial(cfg))
+            if group > 1:
+                with _one_pass_per_batch():
+                    t0 = time.perf_counter()
+                    r1 = trial.run_trial(cfg, base=base)
+                rows["in process, 1 batch per pass"].append((time.perf_counter() - t0, r1.phase_seconds.get("recovery", 0.0)))
         mark = " (default)" if n == default.recovery_batches else ""
         for kind, vals in rows.items():
             shares = [rec / tot for tot, rec in vals]
-            print(f"    {n:3d} batches{mark:10s} {kind:10s}: trial {statistics.median(v[0] for v in vals):6.2f} s, "
+            print(f"    {n:3d} batches{mark:10s} {kind:28s}: trial {statistics.median(v[0] for v in vals):6.2f} s, "
                   f"re-estimation {statistics.median(v[1] for v in vals):5.2f} s = {100 * statistics.median(shares):5.1f} % "
                   f"[{100 * min(shares):.1f}-{100 * max(shares):.1f}]")  # fmt: skip
     phases = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.phase_seconds.items(), key=lambda kv: -kv[1]))
@@ -130,55 +142,40 @@ def bench_workload_share(device: str, repeats: int, spec: str) -> None:
           f"[{100 * min(shares):.1f}-{100 * max(shares):.1f}] (target <= 10 %)")  # fmt: skip
 
 
-def _grouped_reestimate(model: torch.nn.Module, batches: list, group: int, device: torch.device) -> None:
-    """Candidate, measured here only (not in the product): BatchNorm re-estimation with ``group``
-    training batches per forward pass. Each BatchNorm layer folds the group into its channels
-    ((g*B, C, ...) -> (B, g*C, ...)), so one fused batch_norm normalises every batch by its own
-    statistics, exactly as separate forward passes would (the other layers act per example);
-    the running statistics are the arithmetic mean of the per-batch ones, what the cumulative
-    average computes. Fewer, larger forward passes: fewer kernel launches on a GPU."""
-    import torch.nn.functional as F
+class _one_pass_per_batch:
+    """Within the block, the product's re-estimation runs one forward pass per batch on every
+    device (``recovery.bn_group`` answers 1): the reference the grouped default is timed against."""
 
-    bns = recovery.batchnorm_layers(model)
-    sums = {m: (torch.zeros_like(m.running_mean), torch.zeros_like(m.running_var)) for m in bns}
-    g = {"n": 1}
+    def __enter__(self):
+        self._old = recovery.bn_group
+        recovery.bn_group = lambda shape, device: 1
+        return self
 
-    def fold(m):
-        def forward(x):
-            n, c, sp = g["n"], x.shape[1], x.shape[2:]
-            b = x.shape[0] // n
-            x2 = x.reshape(n, b, c, *sp).transpose(0, 1).reshape(b, n * c, *sp)
-            rm, rv = torch.zeros(n * c, device=x.device), torch.ones(n * c, device=x.device)
-            y = F.batch_norm(x2, rm, rv, m.weight.repeat(n), m.bias.repeat(n), True, 1.0, m.eps)
-            sums[m][0].add_(rm.view(n, c).sum(0))
-            sums[m][1].add_(rv.view(n, c).sum(0))
-            return y.reshape(b, n, c, *sp).transpose(0, 1).reshape(x.shape)
+    def __exit__(self, *exc):
+        recovery.bn_group = self._old
 
-        return forward
 
-    model.to(device).eval()
-    for m in bns:
-        m.forward = fold(m)
-    total = 0
-    try:
-        with torch.no_grad():
-            for i in range(0, len(batches), group):
-                xs = [x for x, _ in batches[i : i + group]]
-                g["n"] = len(xs)
-                model(torch.cat(xs).to(device, non_blocking=True))
-                total += len(xs)
-    finally:
-        for m in bns:
-            del m.forward
-    for m in bns:
-        m.running_mean.copy_(sums[m][0] / total)
-        m.running_var.copy_(sums[m][1] / total)
-        m.num_batches_tracked.fill_(total)
+def _dispatched_ops(fn) -> int:
+    """How many ATen operators other than views ``fn()`` dispatches (about a kernel launch each on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
 
 
 def bench_grouped_bn(device: str, repeats: int, groups: list[int]) -> None:
-    """The product's re-estimation (one forward pass per batch) against the grouped candidate,
-    on the default trial's dwt model and 50 training batches; and how far apart their statistics are."""
+    """The product's re-estimation with one forward pass per batch (``group=1``) against grouped
+    passes (``group=n``; the accelerator default is ``recovery.bn_group``), on the default
+    trial's dwt model and 50 training batches; how far their statistics are apart; and the
+    operators each dispatches."""
     import copy
 
     dev = torch.device(device)
@@ -188,6 +185,7 @@ def bench_grouped_bn(device: str, repeats: int, groups: list[int]) -> None:
         model = pruning.prune_dwt(base.model, wavelet="bior4.4", level=5, percentile=70, layout="filter").model.to(dev)
     bundle = load_dataset("digits", seed=0)
     batches = list(recovery.training_batches(bundle.train, batch_size=64, n=50, seed=0, device=dev))
+    default = recovery.bn_group(tuple(batches[0][0].shape), dev)
 
     def timed(fn) -> float:
         fn()  # warm-up
@@ -201,17 +199,22 @@ def bench_grouped_bn(device: str, repeats: int, groups: list[int]) -> None:
         return statistics.median(ts)
 
     ref = copy.deepcopy(model)
-    t_ref = timed(lambda: recovery.reestimate_bn(ref, iter(batches), device=dev))
-    print(f"  BatchNorm re-estimation of one model, 50 batches of 64: one forward pass per batch (the product) {t_ref * 1e3:.0f} ms")
-    for n in groups:
+    t_ref = timed(lambda: recovery.reestimate_bn(ref, iter(batches), device=dev, group=1))
+    ops_ref = _dispatched_ops(lambda: recovery.reestimate_bn(copy.deepcopy(model), iter(batches), device=dev, group=1))
+    print(f"  BatchNorm re-estimation of one model, 50 batches of 64 (the product's default here: {default} per pass):")
+    print(f"    1 batch per forward pass (PyTorch's update): {t_ref * 1e3:.0f} ms, {ops_ref} operators dispatched (views aside)")
+    for n in sorted(set(groups) | ({default} - {1})):
         cand = copy.deepcopy(model)
-        t = timed(lambda: _grouped_reestimate(cand, batches, n, dev))
+        t = timed(lambda: recovery.reestimate_bn(cand, iter(batches), device=dev, group=n))
+        ops = _dispatched_ops(lambda: recovery.reestimate_bn(copy.deepcopy(model), iter(batches), device=dev, group=n))
         diff = max(
             max(float((a.running_mean - b.running_mean).abs().max()), float(((a.running_var - b.running_var).abs() / b.running_var.clamp_min(1e-12)).max()))
             for a, b in zip(recovery.batchnorm_layers(cand), recovery.batchnorm_layers(ref))
         )  # fmt: skip
-        print(f"    candidate, {n:2d} batches per forward pass: {t * 1e3:.0f} ms = {t_ref / t:.2f}x the product's speed; "
-              f"statistics differ by at most {diff:.1e} (absolute for means, relative for variances)")
+        mark = " (default)" if n == default else ""
+        print(f"    {n:2d} batches per forward pass{mark:10s}: {t * 1e3:.0f} ms = {t_ref / t:.2f}x; {ops} operators "
+              f"({ops_ref / ops:.1f}x fewer); statistics differ by at most {diff:.1e} (absolute for means, "
+              f"relative for variances)")  # fmt: skip
 
 
 def bench_finetune_speed(device: str, steps: int, repeats: int, model: str, layout: str) -> None:
@@ -251,8 +254,8 @@ def main() -> None:
     ap.add_argument("--workloads", default="", help="comma-separated MODEL:DATASET[:EVAL_LIMIT] trials whose "
                     "BatchNorm share to print beside the default's, e.g. cnn:fashion-mnist:0 (0 = whole split)")
     ap.add_argument("--skip-trial-share", action="store_true", help="only the fine-tuning speed figures")
-    ap.add_argument("--grouped", default="4,8,16", help="batches per forward pass of the grouped-re-estimation "
-                    "candidate to time against the product's ('' to skip)")
+    ap.add_argument("--grouped", default="4,16,50", help="batches per forward pass of grouped re-estimation "
+                    "to time against one pass per batch ('' to skip)")
     args = ap.parse_args()
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

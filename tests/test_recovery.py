@@ -3,6 +3,8 @@ that keeps every pruning exact, and the checkpoint of a fine-tuned dwt model."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -92,7 +94,10 @@ def _index_stream(size, bs, seed, n):
     return out[:n]
 
 
-def test_reestimate_bn_equals_hook_computation(train_set):
+@pytest.mark.parametrize("group", [None, 2, 4, 9])
+def test_reestimate_bn_equals_hook_computation(train_set, group):
+    """One forward pass per batch (None: CPU's default) and grouped (several batches per forward
+    pass, each BatchNorm normalising every batch by its own statistics) against the oracle."""
     model = bn_net()
     batches = list(recovery.training_batches(train_set, batch_size=32, n=9, seed=0))
     # Oracle: run the batches with the BatchNorm layers in train mode (batch statistics) and
@@ -112,8 +117,9 @@ def test_reestimate_bn_equals_hook_computation(train_set):
     for h in hooks:
         h.remove()
 
-    layers, used = recovery.reestimate_bn(model, iter(batches))
+    layers, used = recovery.reestimate_bn(model, iter(batches), group=group)
     assert (layers, used) == (3, 9)
+    assert all("forward" not in bn.__dict__ for bn in recovery.batchnorm_layers(model))  # the class's forward again
     assert not model.training and all(not m.training for m in model.modules())
     for i, bn in enumerate(recovery.batchnorm_layers(model)):
         dims = [0] + list(range(2, seen[i][0].ndim))
@@ -146,6 +152,74 @@ def test_reestimate_bn_is_pytorchs_cumulative_average_bit_for_bit(train_set):
     for a, b in zip(recovery.batchnorm_layers(model), recovery.batchnorm_layers(ref)):
         assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
         assert torch.equal(a.num_batches_tracked, b.num_batches_tracked)
+
+
+def _odd_bn_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6, affine=False), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6, eps=1e-3), nn.ReLU(),
+        nn.Flatten(2), nn.BatchNorm1d(6), nn.Flatten(), nn.Linear(6 * 64, 3),
+    )  # fmt: skip
+    for bn in recovery.batchnorm_layers(net):  # running statistics that are not the reset ones
+        bn.running_mean.fill_(3.0)
+        bn.running_var.fill_(7.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grouped_reestimation_equals_one_pass_per_batch(train_set, channels_last):
+    """Batches of two sizes (a group never mixes them), a group cut short by the size change,
+    BatchNorm without affine parameters, with another eps, on (N, C, L) inputs, and a model in
+    channels-last: the statistics of the grouped passes equal PyTorch's own one pass per batch to
+    float tolerance, and the output is the same tensor in the same memory format."""
+    big = list(recovery.training_batches(train_set, batch_size=32, n=5, seed=4))
+    small = list(recovery.training_batches(train_set, batch_size=20, n=4, seed=5))
+    batches = big[:3] + small + big[3:]  # groups of 3 at group=3: [32 x3] [20 x3] [20] [32 x2]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        batches = [(x.contiguous(memory_format=fmt), y) for x, y in batches]
+    ref, got = _odd_bn_net().to(memory_format=fmt), _odd_bn_net().to(memory_format=fmt)
+    assert recovery.reestimate_bn(ref, iter(batches), group=1) == (3, 9)
+    assert recovery.reestimate_bn(got, iter(batches), group=3) == (3, 9)
+    for a, b in zip(recovery.batchnorm_layers(got), recovery.batchnorm_layers(ref)):
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 9
+        assert a.running_var.abs().sub(7.0).abs().min() > 1e-3  # re-estimated, not the old statistics
+    x = batches[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), ref(x), rtol=1e-4, atol=1e-5)
+    # inside the grouped pass a BatchNorm layer gives what PyTorch's layer gives a batch alone
+    seen = []
+    recovery.reestimate_bn(_odd_bn_net().to(memory_format=fmt), iter(batches[:3]), group=3)
+    probe = _odd_bn_net().to(memory_format=fmt)
+    bn = recovery.batchnorm_layers(probe)[1]
+    hook = bn.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].clone(), out.clone())))
+    recovery.reestimate_bn(probe, iter(batches[:3]), group=3)
+    hook.remove()
+    (inp, out), = seen
+    assert inp.shape[0] == 96 and out.is_contiguous(memory_format=fmt)
+    alone = nn.BatchNorm2d(6, eps=1e-3).train()
+    alone.load_state_dict(bn.state_dict())
+    with torch.no_grad():
+        for i in range(3):
+            torch.testing.assert_close(out[32 * i : 32 * (i + 1)], alone(inp[32 * i : 32 * (i + 1)]), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_group_default_and_bad_group(train_set):
+    assert recovery.bn_group((64, 1, 8, 8), "cpu") == 1  # CPU: one pass per batch
+    assert recovery.bn_group((64, 1, 8, 8), "cuda") == 256  # a default trial's 50 batches: one pass
+    assert recovery.bn_group((64, 1, 28, 28), "cuda") == 20
+    assert recovery.bn_group((64, 3, 32, 32), torch.device("cuda")) == 5
+    assert recovery.bn_group((64, 3, 224, 224), "cuda") == 1  # a 224 px batch alone is work enough
+    assert all(recovery.bn_group(s, "cuda") * math.prod(s) <= recovery.BN_GROUP_ELEMENTS for s in [(64, 1, 28, 28), (7, 5)])
+    batches = list(recovery.training_batches(train_set, batch_size=32, n=2, seed=0))
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"group must be an integer >= 1.*got {bad!r}"):
+            recovery.reestimate_bn(bn_net(), iter(batches), group=bad)
+    with pytest.raises(ValueError, match="got no batches"):
+        recovery.reestimate_bn(bn_net(), iter([]), group=4)
 
 
 def test_recover_bn_leaves_pruning_and_weights_alone(train_set):
@@ -385,3 +459,23 @@ def test_recovery_on_cuda_matches_cpu(train_set, layout, monkeypatch):
         sd_cpu, sd_cuda = got["cpu"][m].model.state_dict(), got["cuda"][m].model.state_dict()
         for k in sd_cpu:
             torch.testing.assert_close(sd_cuda[k].cpu(), sd_cpu[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_reestimation_on_cuda_matches_one_pass_per_batch_and_cpu(train_set, monkeypatch):
+    """On CUDA the default groups the batches (:func:`recovery.bn_group`); its statistics equal
+    one forward pass per batch on CUDA and on CPU to float tolerance (no TF32 in the convs)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    batches = list(recovery.training_batches(train_set, batch_size=32, n=20, seed=6))
+    assert recovery.bn_group(tuple(batches[0][0].shape), "cuda") > 1
+    runs = {}
+    for device, group in (("cpu", None), ("cuda", 1), ("cuda", None)):
+        model = bn_net()
+        assert recovery.reestimate_bn(model, iter(batches), device=device, group=group) == (3, 20)
+        assert next(model.parameters()).device.type == device
+        runs[device, group] = recovery.batchnorm_layers(model)
+    for key in (("cuda", 1), ("cuda", None)):
+        for a, b in zip(runs[key], runs["cpu", None]):
+            torch.testing.assert_close(a.running_mean.cpu(), b.running_mean, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.running_var.cpu(), b.running_var, rtol=1e-4, atol=1e-5)
+            assert int(a.num_batches_tracked) == 20

@@ -27,7 +27,9 @@ Pure PyTorch: nothing here knows MLflow or Optuna.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +60,8 @@ __all__ = [
     "RecoveryReport",
     "batchnorm_layers",
     "training_batches",
+    "BN_GROUP_ELEMENTS",
+    "bn_group",
     "reestimate_bn",
     "finetune",
     "recover",
@@ -173,7 +177,79 @@ def training_batches(
 # --------------------------------------------------------------------------- BatchNorm
 
 
-def reestimate_bn(model: nn.Module, batches, *, device: torch.device | str = "cpu") -> tuple[int, int]:
+#: Grouped re-estimation (:func:`reestimate_bn` on an accelerator): at most this many input
+#: elements per forward pass. A 64-batch of digits (8 px) has 4,096, so a default trial's 50
+#: batches go through in one pass; 28 px: 50,176 (20 per pass); CIFAR's 32 px RGB: 196,608
+#: (5); 224 px: 9.6 M (one: such a batch is work enough for a GPU). A stem that keeps the
+#: resolution at 64 channels makes at most 256 MiB float32 activations of it.
+BN_GROUP_ELEMENTS = 1 << 20
+
+
+def bn_group(batch_shape: tuple[int, ...], device: torch.device | str) -> int:
+    """How many training batches of ``batch_shape`` :func:`reestimate_bn` folds into one forward
+    pass by default: 1 on CPU (compute-bound: grouping measured 0.84-1.19x there,
+    ``bench/bench_recovery.py``); on an accelerator, where the small batches of a default trial
+    leave the device waiting on kernel launches, as many as fit :data:`BN_GROUP_ELEMENTS`."""
+    if torch.device(device).type == "cpu":
+        return 1
+    return max(1, BN_GROUP_ELEMENTS // max(1, math.prod(batch_shape)))
+
+
+def _grouped_bn_forward(m: nn.modules.batchnorm._BatchNorm, state: dict, sums: dict):
+    """A replacement ``forward`` for BatchNorm layer ``m`` while ``state["n"]`` batches of equal
+    size go through the model as one: the group is folded into the channels
+    (``(n*B, C, ...) -> (B, n*C, ...)``), so one ``F.batch_norm`` in train mode normalises every
+    batch by its own mean and biased variance, exactly what ``n`` separate forward passes do (every
+    other layer is in eval mode and acts per example). Each batch's mean and unbiased variance
+    (what PyTorch's running statistics take) are added up in ``sums[m][n]``, per group size;
+    the repeated affine parameters are made once per group size. Per call: the fold, the
+    normalisation, two additions and the unfold, whatever ``n``."""
+    per_n: dict[int, tuple] = {}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        n, c, sp = state["n"], x.shape[1], x.shape[2:]
+        b = x.shape[0] // n
+        if n not in per_n:
+            per_n[n] = (
+                None if m.weight is None else m.weight.repeat(n),
+                None if m.bias is None else m.bias.repeat(n),
+                torch.zeros(n * c, dtype=m.running_mean.dtype, device=x.device),  # this call's batch means,
+                torch.ones(n * c, dtype=m.running_var.dtype, device=x.device),  # and unbiased variances
+            )
+            sums[m][n] = [torch.zeros(n * c, dtype=m.running_mean.dtype, device=x.device),
+                          torch.zeros(n * c, dtype=m.running_var.dtype, device=x.device), 0]  # fmt: skip
+        w, bias, rm, rv = per_n[n]
+        folded = x.reshape(n, b, c, *sp).transpose(0, 1).reshape(b, n * c, *sp)
+        # momentum 1: rm and rv become this call's statistics (1 * new + 0 * old, exactly)
+        y = F.batch_norm(folded, rm, rv, w, bias, True, 1.0, m.eps)
+        acc = sums[m][n]
+        acc[0].add_(rm)
+        acc[1].add_(rv)
+        acc[2] += n
+        out = y.reshape(b, n, c, *sp).transpose(0, 1).reshape(x.shape)
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    return forward
+
+
+def _grouped(batches, group: int, device: torch.device) -> Iterator[list[torch.Tensor]]:
+    """Consecutive inputs of ``batches`` on ``device`` in lists of equal shape, each at most ``group`` long."""
+    pending: list[torch.Tensor] = []
+    for x, _ in batches:
+        x = x.to(device, non_blocking=True)
+        if pending and (len(pending) == group or pending[0].shape != x.shape):
+            yield pending
+            pending = []
+        pending.append(x)
+    if pending:
+        yield pending
+
+
+def reestimate_bn(
+    model: nn.Module, batches, *, device: torch.device | str = "cpu", group: int | None = None
+) -> tuple[int, int]:
     """Re-estimate every BatchNorm layer's running mean and variance from ``batches``.
 
     The statistics are reset and recomputed as the cumulative (arithmetic) average of the
@@ -181,35 +257,74 @@ def reestimate_bn(model: nn.Module, batches, *, device: torch.device | str = "cp
     ``momentum=None``), with only the BatchNorm layers in train mode and no gradients. The
     model's mode and each layer's momentum are restored. Returns ``(layers, batches used)``;
     ``(0, 0)`` for a model without BatchNorm (nothing is consumed from ``batches``).
+
+    ``group``: training batches per forward pass. 1: one forward pass per batch, PyTorch's own
+    running-statistics update. ``n > 1``: up to ``n`` consecutive batches of equal shape go
+    through the model at once, each BatchNorm layer normalising every batch by that batch's own
+    statistics (:func:`_grouped_bn_forward`); the running statistics are the mean of the
+    per-batch ones: the same numbers to float tolerance (tested against one pass per batch and
+    against forward hooks), in fewer, larger forward passes. None (default): :func:`bn_group`,
+    1 on CPU.
     """
     bns = batchnorm_layers(model)
     if not bns:
         return 0, 0
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+        raise ValueError(f"group must be an integer >= 1 (batches per forward pass), got {group!r}")
+    dev = torch.device(device)
+    stream = iter(batches)
+    first = next(stream, None)
+    if first is None:
+        raise ValueError("BatchNorm re-estimation got no batches")
+    stream = itertools.chain([first], stream)
+    if group is None:
+        group = bn_group(tuple(first[0].shape), dev)
     was_training = model.training
     momenta = [m.momentum for m in bns]
-    model.to(device)
+    model.to(dev)
     model.eval()
     for m in bns:
         m.reset_running_stats()
         m.train()
     used = 0
+    sums: dict = {}
+    own_forward = {m: m.__dict__.get("forward") for m in bns}  # an instance-level forward, put back after
     try:
         with torch.no_grad():
-            for x, _ in batches:
-                # The cumulative average (running = mean over the batches seen) as PyTorch's
-                # momentum=None computes it, factor 1 / batches seen, but given as a Python float:
-                # momentum=None reads it from the num_batches_tracked tensor, a host sync per
-                # layer and batch (3000 per default trial, a GPU left waiting). Same numbers.
+            if group == 1:
+                for x, _ in stream:
+                    # The cumulative average (running = mean over the batches seen) as PyTorch's
+                    # momentum=None computes it, factor 1 / batches seen, but given as a Python float:
+                    # momentum=None reads it from the num_batches_tracked tensor, a host sync per
+                    # layer and batch (3000 per default trial, a GPU left waiting). Same numbers.
+                    for m in bns:
+                        m.momentum = 1.0 / float(used + 1)
+                    model(x.to(dev, non_blocking=True))
+                    used += 1
+            else:
+                state = {"n": 1}
+                sums = {m: {} for m in bns}  # per layer: {group size: [sum of means, sum of variances, batches]}
                 for m in bns:
-                    m.momentum = 1.0 / float(used + 1)
-                model(x.to(device, non_blocking=True))
-                used += 1
+                    m.forward = _grouped_bn_forward(m, state, sums)
+                for xs in _grouped(stream, group, dev):
+                    state["n"] = len(xs)
+                    model(torch.cat(xs) if len(xs) > 1 else xs[0])
+                    used += len(xs)
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
+            if own_forward[m] is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = own_forward[m]
         model.train(was_training)
-    if used == 0:
-        raise ValueError("BatchNorm re-estimation got no batches")
+    for m, by_n in sums.items():
+        calls = sum(acc[2] for acc in by_n.values())
+        if calls:  # a layer the forward pass never reached keeps its reset statistics, as with one pass per batch
+            c = m.running_mean.numel()
+            m.running_mean.copy_(sum(acc[0].view(n, c).sum(0) for n, acc in by_n.items()) / calls)
+            m.running_var.copy_(sum(acc[1].view(n, c).sum(0) for n, acc in by_n.items()) / calls)
+            m.num_batches_tracked.fill_(calls)
     return len(bns), used
 
 
