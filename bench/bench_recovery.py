@@ -92,12 +92,12 @@ def bench_trial_share(device: str, repeats: int, batch_counts: list[int]) -> Non
         _tracked_trial(default)
     print(f"  default trial: {default.model} on {default.dataset}, recovery={default.recovery}, batches of "
           f"{default.recovery_batch_size}, 3 methods, {repeats} repeats (median [min-max]); target <= 10 %")
-    group = recovery.bn_group((default.recovery_batch_size, 1, 8, 8), device)
-    print(f"  re-estimation here: {group} training batch(es) per forward pass (recovery.bn_group)")
+    grouped = recovery.groups_by_default(device)
+    print(f"  re-estimation here: {'grouped training batches (recovery.bn_group)' if grouped else 'one forward pass per batch'}")
     for n in sorted(set(batch_counts) | {default.recovery_batches}):
         cfg = TrialConfig(device=device, recovery_batches=n)
         rows: dict[str, list] = {"in process": [], **({"tracked": []} if tracked else {})}
-        if group > 1:  # the reference: PyTorch's one forward pass per batch, in the same run
+        if grouped:  # the reference: PyTorch's one forward pass per batch, in the same run
             rows["in process, 1 batch per pass"] = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def bench_trial_share(device: str, repeats: int, batch_counts: list[int]) -> Non
             rows["in process"].append((time.perf_counter() - t0, r.phase_seconds.get("recovery", 0.0)))
             if tracked:
                 rows["tracked"].append(_tracked_trial(cfg))
-            if group > 1:
+            if grouped:
                 with _one_pass_per_batch():
                     t0 = time.perf_counter()
                     r1 = trial.run_trial(cfg, base=base)
@@ -144,15 +144,16 @@ def bench_workload_share(device: str, repeats: int, spec: str) -> None:
 
 class _one_pass_per_batch:
     """Within the block, the product's re-estimation runs one forward pass per batch on every
-    device (``recovery.bn_group`` answers 1): the reference the grouped default is timed against."""
+    device (``recovery.groups_by_default`` answers False): the reference the grouped default is
+    timed against."""
 
     def __enter__(self):
-        self._old = recovery.bn_group
-        recovery.bn_group = lambda shape, device: 1
+        self._old = recovery.groups_by_default
+        recovery.groups_by_default = lambda device: False
         return self
 
     def __exit__(self, *exc):
-        recovery.bn_group = self._old
+        recovery.groups_by_default = self._old
 
 
 def _dispatched_ops(fn) -> int:
@@ -185,7 +186,11 @@ def bench_grouped_bn(device: str, repeats: int, groups: list[int]) -> None:
         model = pruning.prune_dwt(base.model, wavelet="bior4.4", level=5, percentile=70, layout="filter").model.to(dev)
     bundle = load_dataset("digits", seed=0)
     batches = list(recovery.training_batches(bundle.train, batch_size=64, n=50, seed=0, device=dev))
-    default = recovery.bn_group(tuple(batches[0][0].shape), dev)
+    passes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda mod, args: passes.append(args[0].shape[0] // 64))
+    recovery.reestimate_bn(copy.deepcopy(model), iter(batches), device=dev)  # the product's default here
+    hook.remove()
+    default = max(passes)
 
     def timed(fn) -> float:
         fn()  # warm-up
@@ -201,9 +206,13 @@ def bench_grouped_bn(device: str, repeats: int, groups: list[int]) -> None:
     ref = copy.deepcopy(model)
     t_ref = timed(lambda: recovery.reestimate_bn(ref, iter(batches), device=dev, group=1))
     ops_ref = _dispatched_ops(lambda: recovery.reestimate_bn(copy.deepcopy(model), iter(batches), device=dev, group=1))
-    print(f"  BatchNorm re-estimation of one model, 50 batches of 64 (the product's default here: {default} per pass):")
-    print(f"    1 batch per forward pass (PyTorch's update): {t_ref * 1e3:.0f} ms, {ops_ref} operators dispatched (views aside)")
-    for n in sorted(set(groups) | ({default} - {1})):
+    print(f"  BatchNorm re-estimation of one model, 50 batches of 64; the product's default here: "
+          f"{'one pass per batch' if default == 1 else 'batches per pass ' + '+'.join(map(str, passes))}")
+    print(f"    {'1 batch per forward pass':28s}: {t_ref * 1e3:.0f} ms, {ops_ref} operators dispatched (views aside): PyTorch's own update")
+    runs = [(f"{n:2d} batches per forward pass", n) for n in sorted(set(groups))]
+    if default > 1:
+        runs.append((f"the default ({'+'.join(map(str, passes))})", None))
+    for label, n in runs:
         cand = copy.deepcopy(model)
         t = timed(lambda: recovery.reestimate_bn(cand, iter(batches), device=dev, group=n))
         ops = _dispatched_ops(lambda: recovery.reestimate_bn(copy.deepcopy(model), iter(batches), device=dev, group=n))
@@ -211,8 +220,7 @@ def bench_grouped_bn(device: str, repeats: int, groups: list[int]) -> None:
             max(float((a.running_mean - b.running_mean).abs().max()), float(((a.running_var - b.running_var).abs() / b.running_var.clamp_min(1e-12)).max()))
             for a, b in zip(recovery.batchnorm_layers(cand), recovery.batchnorm_layers(ref))
         )  # fmt: skip
-        mark = " (default)" if n == default else ""
-        print(f"    {n:2d} batches per forward pass{mark:10s}: {t * 1e3:.0f} ms = {t_ref / t:.2f}x; {ops} operators "
+        print(f"    {label:28s}: {t * 1e3:.0f} ms = {t_ref / t:.2f}x; {ops} operators "
               f"({ops_ref / ops:.1f}x fewer); statistics differ by at most {diff:.1e} (absolute for means, "
               f"relative for variances)")  # fmt: skip
 

@@ -3,8 +3,6 @@ that keeps every pruning exact, and the checkpoint of a fine-tuned dwt model."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -161,9 +159,13 @@ def _odd_bn_net(seed: int = 0) -> nn.Module:
         nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6, eps=1e-3), nn.ReLU(),
         nn.Flatten(2), nn.BatchNorm1d(6), nn.Flatten(), nn.Linear(6 * 64, 3),
     )  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
     for bn in recovery.batchnorm_layers(net):  # running statistics that are not the reset ones
         bn.running_mean.fill_(3.0)
         bn.running_var.fill_(7.0)
+        if bn.affine:  # and affine parameters that are not the default 1 and 0, each channel its own
+            bn.weight.data = torch.rand(bn.num_features, generator=g) + 0.5
+            bn.bias.data = torch.randn(bn.num_features, generator=g)
     return net.eval()
 
 
@@ -208,18 +210,112 @@ def test_grouped_reestimation_equals_one_pass_per_batch(train_set, channels_last
 
 
 def test_bn_group_default_and_bad_group(train_set):
-    assert recovery.bn_group((64, 1, 8, 8), "cpu") == 1  # CPU: one pass per batch
-    assert recovery.bn_group((64, 1, 8, 8), "cuda") == 256  # a default trial's 50 batches: one pass
-    assert recovery.bn_group((64, 1, 28, 28), "cuda") == 20
-    assert recovery.bn_group((64, 3, 32, 32), torch.device("cuda")) == 5
-    assert recovery.bn_group((64, 3, 224, 224), "cuda") == 1  # a 224 px batch alone is work enough
-    assert all(recovery.bn_group(s, "cuda") * math.prod(s) <= recovery.BN_GROUP_ELEMENTS for s in [(64, 1, 28, 28), (7, 5)])
+    assert not recovery.groups_by_default("cpu") and recovery.groups_by_default(torch.device("cuda"))
+    mib = 1 << 20
+    assert recovery.bn_group(64 * 64 * 8 * 8 * 4) == 256  # ResNet-18's stem on a digits batch: 1 MiB
+    assert recovery.bn_group(64 * 64 * 28 * 28 * 4) == 20
+    assert recovery.bn_group(64 * 64 * 112 * 112 * 4) == 1  # a 224 px batch is work enough alone
+    assert recovery.bn_group(0) == recovery.BN_GROUP_BYTES and recovery.bn_group(recovery.BN_GROUP_BYTES + mib) == 1
     batches = list(recovery.training_batches(train_set, batch_size=32, n=2, seed=0))
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match=f"group must be an integer >= 1.*got {bad!r}"):
             recovery.reestimate_bn(bn_net(), iter(batches), group=bad)
     with pytest.raises(ValueError, match="got no batches"):
         recovery.reestimate_bn(bn_net(), iter([]), group=4)
+
+
+def test_default_grouping_measures_the_first_batch_then_groups_the_rest(train_set, monkeypatch):
+    """Where the default groups (an accelerator; forced here on CPU), the first batch goes through
+    alone and the bytes of its largest BatchNorm input (16 channels x 8 x 8 float32 per example in
+    bn_net) set how many of the others share a pass; the statistics equal one pass per batch."""
+    monkeypatch.setattr(recovery, "groups_by_default", lambda device: True)
+    per_example = 16 * 8 * 8 * 4
+    monkeypatch.setattr(recovery, "BN_GROUP_BYTES", 3 * 32 * per_example)  # three 32-batches a pass
+    batches = list(recovery.training_batches(train_set, batch_size=32, n=8, seed=7))
+    model, ref = bn_net(), bn_net()
+    passes = []
+    model.register_forward_pre_hook(lambda mod, args: passes.append(args[0].shape[0]))
+    assert recovery.reestimate_bn(model, iter(batches)) == (3, 8)
+    assert passes == [32, 96, 96, 32]  # alone, then groups of bn_group(32 * per_example) = 3
+    recovery.reestimate_bn(ref, iter(batches), group=1)
+    for a, b in zip(recovery.batchnorm_layers(model), recovery.batchnorm_layers(ref)):
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
+        assert int(a.num_batches_tracked) == 8
+
+
+def test_a_model_with_an_untracked_batchnorm_is_never_grouped(train_set, monkeypatch):
+    """A BatchNorm layer without running statistics normalises by whatever batch it gets, even in
+    eval mode: grouped, by all the batches together. Such a model is re-estimated one pass per
+    batch by default, and an explicit group is a one-line error naming the layer."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                             nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()  # fmt: skip
+
+    batches = list(recovery.training_batches(train_set, batch_size=32, n=6, seed=8))
+    with pytest.raises(ValueError, match=r"cannot group batches \(group=3\).*'1'.*track_running_stats=False") as err:
+        recovery.reestimate_bn(net(), iter(batches), group=3)
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(recovery, "groups_by_default", lambda device: True)
+    model, ref = net(), net()
+    passes = []
+    model.register_forward_pre_hook(lambda mod, args: passes.append(args[0].shape[0]))
+    recovery.reestimate_bn(model, iter(batches))
+    assert passes == [32] * 6
+    recovery.reestimate_bn(ref, iter(batches), group=1)
+    assert torch.equal(model[4].running_var, ref[4].running_var)
+
+
+def test_a_batchnorm_called_twice_per_pass_averages_every_call(train_set):
+    """PyTorch's momentum=None averages over calls, not forward passes: a layer used twice in a
+    forward pass gets the mean over both calls of every batch, one pass per batch or grouped."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(self.bn(x.expand(-1, 4, -1, -1))[:, :1]))
+
+    batches = list(recovery.training_batches(train_set, batch_size=32, n=5, seed=9))
+    ref = Twice().eval()
+    ref.bn.reset_running_stats()
+    ref.bn.momentum = None
+    ref.bn.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            ref(x)
+    for group in (1, 2):
+        model = Twice().eval()
+        recovery.reestimate_bn(model, iter(batches), group=group)
+        torch.testing.assert_close(model.bn.running_mean, ref.bn.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.bn.running_var, ref.bn.running_var, rtol=1e-5, atol=1e-6)
+        assert int(model.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked) == 10
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_everything_is_put_back_when_a_batch_fails(train_set, group):
+    """A batch the model cannot take (the wrong channel count) mid-way: the error reaches the
+    caller and every module's mode, each BatchNorm's momentum and forward, and the hooks are as
+    before."""
+    model = bn_net()
+    model.train()
+    model[6].eval()  # a mix of modes
+    bns = recovery.batchnorm_layers(model)
+    bns[0].momentum = None
+    own = bns[1].forward  # an instance-level forward (e.g. another tool's patch)
+    bns[1].forward = own
+    modes = [m.training for m in model.modules()]
+    good = list(recovery.training_batches(train_set, batch_size=32, n=4, seed=0))
+    bad = [(torch.zeros(32, 3, 8, 8), torch.zeros(32, dtype=torch.long))]
+    with pytest.raises(RuntimeError):
+        recovery.reestimate_bn(model, iter(good + bad + good), group=group)
+    assert [m.training for m in model.modules()] == modes
+    assert bns[0].momentum is None and all(m.momentum == 0.1 for m in bns[1:])
+    assert bns[1].__dict__["forward"] is own and all("forward" not in m.__dict__ for m in (bns[0], bns[2]))
+    assert all(not m._forward_pre_hooks for m in bns)
 
 
 def test_recover_bn_leaves_pruning_and_weights_alone(train_set):
@@ -467,7 +563,7 @@ def test_grouped_reestimation_on_cuda_matches_one_pass_per_batch_and_cpu(train_s
     one forward pass per batch on CUDA and on CPU to float tolerance (no TF32 in the convs)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     batches = list(recovery.training_batches(train_set, batch_size=32, n=20, seed=6))
-    assert recovery.bn_group(tuple(batches[0][0].shape), "cuda") > 1
+    assert recovery.groups_by_default("cuda")
     runs = {}
     for device, group in (("cpu", None), ("cuda", 1), ("cuda", None)):
         model = bn_net()

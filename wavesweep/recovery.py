@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,7 +59,8 @@ __all__ = [
     "RecoveryReport",
     "batchnorm_layers",
     "training_batches",
-    "BN_GROUP_ELEMENTS",
+    "BN_GROUP_BYTES",
+    "groups_by_default",
     "bn_group",
     "reestimate_bn",
     "finetune",
@@ -177,38 +177,55 @@ def training_batches(
 # --------------------------------------------------------------------------- BatchNorm
 
 
-#: Grouped re-estimation (:func:`reestimate_bn` on an accelerator): at most this many input
-#: elements per forward pass. A 64-batch of digits (8 px) has 4,096, so a default trial's 50
-#: batches go through in one pass; 28 px: 50,176 (20 per pass); CIFAR's 32 px RGB: 196,608
-#: (5); 224 px: 9.6 M (one: such a batch is work enough for a GPU). A stem that keeps the
-#: resolution at 64 channels makes at most 256 MiB float32 activations of it.
-BN_GROUP_ELEMENTS = 1 << 20
+#: Grouped re-estimation (:func:`reestimate_bn` on an accelerator): the largest input of a
+#: BatchNorm layer in one grouped forward pass, in bytes, measured on the first batch (which goes
+#: through alone). ResNet-18 on digits: 1 MiB a batch, so a default trial's 50 batches go through
+#: in two passes; on 28 px images: 12.25 MiB (20 a pass); 224 px: 196 MiB (one a pass: such a
+#: batch is work enough for a GPU). A grouped pass holds about four such tensors at its peak
+#: (input, folded copy, output, unfolded copy).
+BN_GROUP_BYTES = 256 << 20
 
 
-def bn_group(batch_shape: tuple[int, ...], device: torch.device | str) -> int:
-    """How many training batches of ``batch_shape`` :func:`reestimate_bn` folds into one forward
-    pass by default: 1 on CPU (compute-bound: grouping measured 0.84-1.19x there,
-    ``bench/bench_recovery.py``); on an accelerator, where the small batches of a default trial
-    leave the device waiting on kernel launches, as many as fit :data:`BN_GROUP_ELEMENTS`."""
-    if torch.device(device).type == "cpu":
-        return 1
-    return max(1, BN_GROUP_ELEMENTS // max(1, math.prod(batch_shape)))
+def groups_by_default(device: torch.device | str) -> bool:
+    """Whether :func:`reestimate_bn` groups batches by default on ``device``: on an accelerator,
+    where the small batches of a default trial leave the device waiting on kernel launches; not
+    on CPU, which is compute-bound (grouping measured 0.84-1.19x there, ``bench/bench_recovery.py``)."""
+    return torch.device(device).type != "cpu"
+
+
+def bn_group(largest_bn_input_bytes: int) -> int:
+    """How many training batches a grouped :func:`reestimate_bn` folds into one forward pass by
+    default, given the bytes of the largest BatchNorm input one batch makes: as many as keep that
+    input within :data:`BN_GROUP_BYTES`, at least 1."""
+    return max(1, BN_GROUP_BYTES // max(1, int(largest_bn_input_bytes)))
+
+
+def _ungroupable(model: nn.Module) -> str | None:
+    """Why ``model``'s batches cannot be grouped, or None. A BatchNorm layer without running
+    statistics normalises by the statistics of whatever batch it gets, even in eval mode: in a
+    grouped pass, of all the batches together."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats:
+            return f"BatchNorm layer {name!r} keeps no running statistics (track_running_stats=False)"
+    return None
 
 
 def _grouped_bn_forward(m: nn.modules.batchnorm._BatchNorm, state: dict, sums: dict):
     """A replacement ``forward`` for BatchNorm layer ``m`` while ``state["n"]`` batches of equal
     size go through the model as one: the group is folded into the channels
     (``(n*B, C, ...) -> (B, n*C, ...)``), so one ``F.batch_norm`` in train mode normalises every
-    batch by its own mean and biased variance, exactly what ``n`` separate forward passes do (every
-    other layer is in eval mode and acts per example). Each batch's mean and unbiased variance
-    (what PyTorch's running statistics take) are added up in ``sums[m][n]``, per group size;
-    the repeated affine parameters are made once per group size. Per call: the fold, the
-    normalisation, two additions and the unfold, whatever ``n``."""
+    batch by its own mean and biased variance, exactly what ``n`` separate forward passes do when
+    every other layer acts on each example alone (eval mode; true of every model in
+    :mod:`wavesweep.models`). Each batch's mean and unbiased variance (what PyTorch's running
+    statistics take) are added up in ``sums[m][n]``, per group size; the repeated affine
+    parameters are made once per group size; ``state["max_bytes"]`` keeps the largest input per
+    batch seen. Per call: the fold, the normalisation, two additions and the unfold."""
     per_n: dict[int, tuple] = {}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         n, c, sp = state["n"], x.shape[1], x.shape[2:]
         b = x.shape[0] // n
+        state["max_bytes"] = max(state["max_bytes"], x.numel() * x.element_size() // n)
         if n not in per_n:
             per_n[n] = (
                 None if m.weight is None else m.weight.repeat(n),
@@ -227,8 +244,9 @@ def _grouped_bn_forward(m: nn.modules.batchnorm._BatchNorm, state: dict, sums: d
         acc[1].add_(rv)
         acc[2] += n
         out = y.reshape(b, n, c, *sp).transpose(0, 1).reshape(x.shape)
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            out = out.contiguous(memory_format=torch.channels_last)
+        for fmt, dims in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+            if x.dim() == dims and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+                out = out.contiguous(memory_format=fmt)
         return out
 
     return forward
@@ -255,7 +273,7 @@ def reestimate_bn(
     The statistics are reset and recomputed as the cumulative (arithmetic) average of the
     per-batch mean and unbiased variance of each layer's input over the batches (PyTorch's
     ``momentum=None``), with only the BatchNorm layers in train mode and no gradients. The
-    model's mode and each layer's momentum are restored. Returns ``(layers, batches used)``;
+    mode of every module and each layer's momentum are restored. Returns ``(layers, batches used)``;
     ``(0, 0)`` for a model without BatchNorm (nothing is consumed from ``batches``).
 
     ``group``: training batches per forward pass. 1: one forward pass per batch, PyTorch's own
@@ -263,8 +281,10 @@ def reestimate_bn(
     through the model at once, each BatchNorm layer normalising every batch by that batch's own
     statistics (:func:`_grouped_bn_forward`); the running statistics are the mean of the
     per-batch ones: the same numbers to float tolerance (tested against one pass per batch and
-    against forward hooks), in fewer, larger forward passes. None (default): :func:`bn_group`,
-    1 on CPU.
+    against forward hooks), in fewer, larger forward passes. None (default): one pass per batch
+    on CPU; on an accelerator (:func:`groups_by_default`) the first batch goes through alone and
+    :func:`bn_group` of its largest BatchNorm input sets the group of the others. A model with a BatchNorm layer that
+    keeps no running statistics is never grouped (``group > 1`` is an error for it).
     """
     bns = batchnorm_layers(model)
     if not bns:
@@ -272,59 +292,79 @@ def reestimate_bn(
     if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
         raise ValueError(f"group must be an integer >= 1 (batches per forward pass), got {group!r}")
     dev = torch.device(device)
+    why = _ungroupable(model)
+    if why is not None and group is not None and group > 1:
+        raise ValueError(f"BatchNorm re-estimation cannot group batches (group={group}): {why}")
+    per_batch = group == 1 or (group is None and (not groups_by_default(dev) or why is not None))
     stream = iter(batches)
     first = next(stream, None)
     if first is None:
         raise ValueError("BatchNorm re-estimation got no batches")
-    stream = itertools.chain([first], stream)
-    if group is None:
-        group = bn_group(tuple(first[0].shape), dev)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode, put back after
     momenta = [m.momentum for m in bns]
+    own_forward = {m: m.__dict__.get("forward") for m in bns}  # an instance-level forward, put back after
     model.to(dev)
     model.eval()
     for m in bns:
         m.reset_running_stats()
         m.train()
     used = 0
-    sums: dict = {}
-    own_forward = {m: m.__dict__.get("forward") for m in bns}  # an instance-level forward, put back after
+    sums: dict = {m: {} for m in bns}  # grouped: per layer {group size: [sum of means, sum of variances, batches]}
+    hooks = []
     try:
         with torch.no_grad():
-            if group == 1:
-                for x, _ in stream:
-                    # The cumulative average (running = mean over the batches seen) as PyTorch's
-                    # momentum=None computes it, factor 1 / batches seen, but given as a Python float:
-                    # momentum=None reads it from the num_batches_tracked tensor, a host sync per
-                    # layer and batch (3000 per default trial, a GPU left waiting). Same numbers.
-                    for m in bns:
-                        m.momentum = 1.0 / float(used + 1)
+            if per_batch:
+                # The cumulative average (running = mean over the calls seen) as PyTorch's
+                # momentum=None computes it, factor 1 / calls seen, but given as a Python float:
+                # momentum=None reads it from the num_batches_tracked tensor, a host sync per
+                # layer and batch (3000 per default trial, a GPU left waiting). Same numbers. Set
+                # before each call, so a layer called twice in a forward pass averages both calls.
+                calls = {m: 0 for m in bns}
+
+                def set_momentum(m, args):
+                    calls[m] += 1
+                    m.momentum = 1.0 / float(calls[m])
+
+                hooks = [m.register_forward_pre_hook(set_momentum) for m in bns]
+                for x, _ in itertools.chain([first], stream):
                     model(x.to(dev, non_blocking=True))
                     used += 1
             else:
-                state = {"n": 1}
-                sums = {m: {} for m in bns}  # per layer: {group size: [sum of means, sum of variances, batches]}
+                state = {"n": 1, "max_bytes": 0}
                 for m in bns:
                     m.forward = _grouped_bn_forward(m, state, sums)
-                for xs in _grouped(stream, group, dev):
+
+                def run(xs: list[torch.Tensor]) -> None:
+                    nonlocal used
                     state["n"] = len(xs)
                     model(torch.cat(xs) if len(xs) > 1 else xs[0])
                     used += len(xs)
+
+                if group is None:  # the first batch alone: its largest BatchNorm input sets the group
+                    run([first[0].to(dev, non_blocking=True)])
+                    group, rest = bn_group(state["max_bytes"]), stream
+                else:
+                    rest = itertools.chain([first], stream)
+                for xs in _grouped(rest, group, dev):
+                    run(xs)
     finally:
+        for h in hooks:
+            h.remove()
         for m, mom in zip(bns, momenta):
             m.momentum = mom
             if own_forward[m] is None:
                 m.__dict__.pop("forward", None)
             else:
                 m.forward = own_forward[m]
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     for m, by_n in sums.items():
-        calls = sum(acc[2] for acc in by_n.values())
-        if calls:  # a layer the forward pass never reached keeps its reset statistics, as with one pass per batch
+        calls_seen = sum(acc[2] for acc in by_n.values())
+        if calls_seen:  # a layer the forward pass never reached keeps its reset statistics, as with one pass per batch
             c = m.running_mean.numel()
-            m.running_mean.copy_(sum(acc[0].view(n, c).sum(0) for n, acc in by_n.items()) / calls)
-            m.running_var.copy_(sum(acc[1].view(n, c).sum(0) for n, acc in by_n.items()) / calls)
-            m.num_batches_tracked.fill_(calls)
+            m.running_mean.copy_(sum(acc[0].view(n, c).sum(0) for n, acc in by_n.items()) / calls_seen)
+            m.running_var.copy_(sum(acc[1].view(n, c).sum(0) for n, acc in by_n.items()) / calls_seen)
+            m.num_batches_tracked.fill_(calls_seen)
     return len(bns), used
 
 
