@@ -69,8 +69,14 @@ def test_training_batches_generic_dataset_matches_tensor_path(train_set):
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
 
 
-def test_training_batches_in_memory_images_match_item_by_item():
+@pytest.mark.parametrize("chunk_batches", [None, 1, 2.5, 4])
+def test_training_batches_in_memory_images_match_item_by_item(chunk_batches, monkeypatch):
+    """Whether the batches are prepared one at a time or several at once (chunks of 1, 2, 4 or
+    all 9 here), each is the same examples, normalised the same, bit for bit."""
     from wavesweep.data import TensorImages
+
+    if chunk_batches is not None:
+        monkeypatch.setattr(recovery, "TRAIN_CHUNK_BYTES", int(chunk_batches * 32 * 36 * 4))
 
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (200, 1, 6, 6), generator=g, dtype=torch.uint8)
