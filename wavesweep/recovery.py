@@ -300,8 +300,9 @@ def reestimate_bn(
     per-batch ones: the same numbers to float tolerance (tested against one pass per batch and
     against forward hooks), in fewer, larger forward passes. None (default): one pass per batch
     on CPU; on an accelerator (:func:`groups_by_default`) the first batch goes through alone and
-    :func:`bn_group` of its largest BatchNorm input sets the group of the others. A model with a BatchNorm layer that
-    keeps no running statistics is never grouped (``group > 1`` is an error for it).
+    :func:`bn_group` of its largest BatchNorm input sets the group of the others. A model with a
+    BatchNorm layer that keeps no running statistics is never grouped (``group > 1`` is an error
+    for it).
     """
     bns = batchnorm_layers(model)
     if not bns:
