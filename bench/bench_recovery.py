@@ -12,7 +12,7 @@ Prints, for each device (CPU, and CUDA when present):
   on an accelerator (``recovery.reestimate_bn(group=n)``: each BatchNorm layer folds the group
   into its channels, so every batch is still normalised by its own statistics), with how far
   their statistics differ and how many operators each dispatches (each is a kernel launch on a
-  GPU: a device-independent count). On the 2-core CPU grouping is 0.8-1.1x (compute-bound, so
+  GPU: a device-independent count). On the 2-core CPU grouping is 0.8-1.2x (compute-bound, so
   the product's CPU default stays one pass per batch); on a GPU the batches of 64 are
   launch-bound, which the grouping is for. On an accelerator the trial's share is printed for
   the product's default and for one pass per batch.
@@ -142,18 +142,12 @@ def bench_workload_share(device: str, repeats: int, spec: str) -> None:
           f"[{100 * min(shares):.1f}-{100 * max(shares):.1f}] (target <= 10 %)")  # fmt: skip
 
 
-class _one_pass_per_batch:
+def _one_pass_per_batch():
     """Within the block, the product's re-estimation runs one forward pass per batch on every
-    device (``recovery.groups_by_default`` answers False): the reference the grouped default is
-    timed against."""
+    device: the reference the grouped default is timed against."""
+    from unittest import mock
 
-    def __enter__(self):
-        self._old = recovery.groups_by_default
-        recovery.groups_by_default = lambda device: False
-        return self
-
-    def __exit__(self, *exc):
-        recovery.groups_by_default = self._old
+    return mock.patch.object(recovery, "groups_by_default", lambda device: False)
 
 
 def _dispatched_ops(fn) -> int:
