@@ -206,7 +206,7 @@ BN_GROUP_BYTES = 256 << 20
 def groups_by_default(device: torch.device | str) -> bool:
     """Whether :func:`reestimate_bn` groups batches by default on ``device``: on an accelerator,
     where the small batches of a default trial leave the device waiting on kernel launches; not
-    on CPU, which is compute-bound (grouping measured 0.84-1.19x there, ``bench/bench_recovery.py``)."""
+    on CPU, which is compute-bound (grouping measured 0.78-1.19x there, ``bench/bench_recovery.py``)."""
     return torch.device(device).type != "cpu"
 
 
