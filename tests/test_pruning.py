@@ -507,6 +507,27 @@ def test_smallest_torch_equals_numpy_selection(tied):
             assert torch.equal(ga.get_state(), gb.get_state())  # the same draws were made
 
 
+def test_smallest_torch_layers_equal_numpy_layer_by_layer_with_one_generator():
+    """Several layers with ties at their k-th values (and some without, k = 0 or k = n), one
+    generator: the tie counts fetched together, then the draws in layer order, give the masks and
+    the generator state of numpy's selection run layer by layer."""
+    from wavesweep.baselines import _smallest, _smallest_torch_layers
+
+    g = torch.Generator().manual_seed(11)
+    layers = [torch.randint(0, 4, (n,), generator=g).float() for n in (50, 7, 300, 1, 64, 129)]
+    ks = [20, 0, 151, 1, 64, 40]
+    ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    want = [_smallest(v.numpy(), k, ga) for v, k in zip(layers, ks)]
+    got = _smallest_torch_layers(layers, ks, gb)
+    for w, m, v, k in zip(want, got, layers, ks):
+        assert np.array_equal(m.numpy(), w) and int(m.sum()) == min(k, v.numel())
+    assert torch.equal(ga.get_state(), gb.get_state())  # the same draws, in the same order
+    assert sum(int(((v <= v.sort().values[k - 1]).sum()) > k) for v, k in zip(layers, ks) if 0 < k < v.numel()) >= 3
+    # without a generator: the lowest-indexed ties, as numpy's selection
+    for m, v, k in zip(_smallest_torch_layers(layers, ks), layers, ks):
+        assert np.array_equal(m.numpy(), _smallest(v.numpy(), k))
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("method", ["magnitude", "random"])
 def test_magnitude_and_random_torch_backend_equal_numpy(method, scope):

@@ -581,3 +581,32 @@ def test_grouped_reestimation_on_cuda_matches_one_pass_per_batch_and_cpu(train_s
             torch.testing.assert_close(a.running_mean.cpu(), b.running_mean, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(a.running_var.cpu(), b.running_var, rtol=1e-4, atol=1e-5)
             assert int(a.num_batches_tracked) == 20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_reestimation_on_cuda_never_waits_for_the_device(train_set):
+    """Preparing the training batches of in-memory images on the device and the grouped
+    re-estimation run without a synchronising call (``torch.cuda.set_sync_debug_mode("error")``
+    raises on one), once the dataset's device copy exists."""
+    from wavesweep.data import TensorImages
+
+    g = torch.Generator().manual_seed(2)
+    ds = TensorImages(torch.randint(0, 256, (400, 1, 8, 8), generator=g, dtype=torch.uint8),
+                      torch.randint(0, 4, (400,), generator=g), divisor=255.0, mean=(0.4,), std=(0.3,))  # fmt: skip
+    model = bn_net().cuda()
+    recovery.reestimate_bn(model, recovery.training_batches(ds, batch_size=32, n=3, device="cuda"), device="cuda")
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layers, used = recovery.reestimate_bn(
+            model, recovery.training_batches(ds, batch_size=32, n=20, seed=1, device="cuda"), device="cuda"
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    assert (layers, used) == (3, 20)
+    ref = bn_net()
+    recovery.reestimate_bn(ref, recovery.training_batches(ds, batch_size=32, n=20, seed=1), group=1)
+    for a, b in zip(recovery.batchnorm_layers(model), recovery.batchnorm_layers(ref)):
+        torch.testing.assert_close(a.running_mean.cpu(), b.running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.running_var.cpu(), b.running_var, rtol=1e-4, atol=1e-5)

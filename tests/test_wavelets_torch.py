@@ -368,6 +368,41 @@ def test_cuda_percentile_threshold():
             assert abs(got.item() - want) <= 1e-6 * max(1.0, abs(want))
 
 
+@cuda
+def test_cuda_dwt_pruning_of_a_layer_never_waits_for_the_device():
+    """``torch.cuda.set_sync_debug_mode("error")`` raises on any call that synchronises with the
+    device (a value read back, a blocking host copy such as ``torch.tensor(x, device=...)``).
+    Pruning one layer on the GPU (transform, percentile, threshold, inverse), per layer, and
+    magnitude's and random's selection of several layers run without one, once each cache (filter
+    bank, dense matrices) is built; random's tie counts are its one sync, for all layers at once."""
+    from wavesweep.baselines import _smallest_torch_layers
+
+    dev = torch.device("cuda")
+    w = torch.randn(64, 32, 3, 3, device=dev)
+    cases = [dict(layout="filter", wavelet="bior4.4", level=5), dict(layout="kernel", wavelet="haar", level=1),
+             dict(layout="matrix", wavelet="db2", level=3), dict(layout="flat", wavelet="bior2.2", level=4)]  # fmt: skip
+    for kw in cases:  # builds the caches; the first use may synchronise
+        wt.dwt_prune_tensor(w, percentile=70, **kw)
+    scores = [w.abs().reshape(-1), w[:7].abs().reshape(-1)]
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kw in cases:
+            wt.dwt_prune_tensor(w, percentile=70, **kw)
+            wt.dwt_prune_tensor(w, threshold=0.25, **kw)
+            wt.dwt_prune_tensor(w, threshold=np.float64(0.25), keep_approx=True, **kw)
+        _smallest_torch_layers(scores, [1000, 300])
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the check can fail: a tie count syncs
+            _smallest_torch_layers(scores, [1000, 300], torch.Generator().manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
 @pytest.mark.parametrize(
     "layout,wavelet,level,mode,shape",
     [("filter", "bior4.4", 5, "periodization", (32, 64, 3, 3)), ("kernel", "haar", 2, "symmetric", (6, 4, 8, 7))],

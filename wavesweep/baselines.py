@@ -67,22 +67,45 @@ def _smallest_torch(values: torch.Tensor, k: int, generator: torch.Generator | N
     does, by the same ``torch.randperm`` draw from the same CPU generator (one host sync, to
     count the ties), so a seed gives the same random mask on every device.
     """
-    n = values.numel()
-    sel = torch.zeros(n, dtype=torch.bool, device=values.device)
-    if k <= 0:
-        return sel
-    if k >= n:
-        return sel.fill_(True)
-    sorted_vals, order = torch.sort(values, stable=True)
-    if generator is None:
-        return sel.index_fill_(0, order[:k], True)
-    torch.le(values, sorted_vals[k - 1], out=sel)
-    extra = int(sel.sum()) - k  # > 0 only when several entries tie at the k-th value
-    if extra > 0:
-        tied = torch.nonzero(values == sorted_vals[k - 1]).reshape(-1)  # ascending, as np.flatnonzero
-        drop = torch.randperm(len(tied), generator=generator)[:extra]
-        sel[tied[drop.to(tied.device)]] = False
-    return sel
+    return _smallest_torch_layers([values], [k], generator)[0]
+
+
+def _smallest_torch_layers(
+    values: list[torch.Tensor], ks: list[int], generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """:func:`_smallest_torch` of every ``(values[i], ks[i])``, in that order. With ``generator``
+    every layer's tie count comes to the host in one transfer (one sync for all the layers, not
+    one each); the layers with ties at their k-th value then draw their ``torch.randperm`` in
+    layer order, as the calls one by one would: the same draws, the same masks."""
+    sels: list[torch.Tensor] = []
+    kth: list[torch.Tensor | None] = []  # each layer's k-th value where its ties need counting
+    for v, k in zip(values, ks):
+        n = v.numel()
+        sel = torch.zeros(n, dtype=torch.bool, device=v.device)
+        sels.append(sel)
+        kth.append(None)
+        if k <= 0:
+            continue
+        if k >= n:
+            sel.fill_(True)
+            continue
+        sorted_vals, order = torch.sort(v, stable=True)
+        if generator is None:
+            sel.index_fill_(0, order[:k], True)
+        else:
+            kth[-1] = sorted_vals[k - 1]
+            torch.le(v, kth[-1], out=sel)
+    counted = [i for i, t in enumerate(kth) if t is not None]
+    if not counted:
+        return sels
+    counts = torch.stack([sels[i].sum().to(sels[counted[0]].device) for i in counted]).tolist()  # the one sync
+    for i, c in zip(counted, counts):
+        extra = int(c) - ks[i]  # > 0 only when several entries tie at the k-th value
+        if extra > 0:
+            tied = torch.nonzero(values[i] == kth[i]).reshape(-1)  # ascending, as np.flatnonzero
+            drop = torch.randperm(len(tied), generator=generator)[:extra]
+            sels[i][tied[drop.to(tied.device)]] = False
+    return sels
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
@@ -149,7 +172,7 @@ def _prune_by_scores(
             dev = s[0].device
             masks = torch.split(_smallest_torch(torch.cat([x.to(dev) for x in s]), round(global_amount * sum(sizes)), generator), sizes)
         else:
-            masks = [_smallest_torch(x, round(per_layer[n] * x.numel()), generator) for x, n in zip(s, names)]
+            masks = _smallest_torch_layers(s, [round(per_layer[n] * x.numel()) for x, n in zip(s, names)], generator)
         with torch.no_grad():
             for (_, m), mask in zip(layers, masks):
                 w = m.weight
@@ -250,6 +273,9 @@ def prune_random(
         else:
             keys = [torch.rand(n, generator=generator) for n in sizes]
         if on_device:  # drawn on CPU (the same keys on every device), selected where the weights are
+            devices = {m.weight.device for _, m in layers}
+            if len(devices) == 1:  # one host-to-device copy for every layer's keys, without a sync
+                return list(torch.split(torch.cat(keys).to(devices.pop(), non_blocking=True), sizes))
             return [k.to(m.weight.device) for k, (_, m) in zip(keys, layers)]
         return [k.numpy() for k in keys]
 

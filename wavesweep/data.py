@@ -233,7 +233,9 @@ class TensorImages(Dataset):
     def batch(self, index: slice | torch.Tensor | np.ndarray | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x float32 (B, C, H, W), y int64 (B,))`` for ``index``, normalised on this device."""
         if not isinstance(index, slice):
-            index = torch.as_tensor(index, dtype=torch.int64, device=self.device)
+            # a host index goes over without waiting for the device (as_tensor(..., device=) would
+            # copy it and then synchronise the stream, queued work and all)
+            index = torch.as_tensor(index, dtype=torch.int64).to(self.device, non_blocking=True)
         return self.normalise(self.images[index]), self.targets[index]
 
     def __getitem__(self, index: Any) -> tuple[torch.Tensor, Any]:

@@ -293,10 +293,12 @@ def percentile_threshold(abs_coeffs: torch.Tensor, percentile: float) -> torch.T
         gamma = virtual - k
         lo, hi = _order_statistics(a, k, by_sort=a.device.type != "cpu")
         diff = hi - lo
+        # the weight as a 0-dim tensor of a's dtype made by torch.full (a fill kernel on a GPU):
+        # torch.tensor(x, device=...) copies from the host and waits for the device (a sync per layer)
         if gamma >= 0.5:
-            out = hi - diff * torch.tensor(1 - gamma, dtype=a.dtype, device=a.device)
+            out = hi - diff * torch.full((), 1 - gamma, dtype=a.dtype, device=a.device)
         else:
-            out = lo + diff * torch.tensor(gamma, dtype=a.dtype, device=a.device)
+            out = lo + diff * torch.full((), gamma, dtype=a.dtype, device=a.device)
     return torch.where(torch.isnan(a).any(), torch.full_like(out, math.nan), out)
 
 
@@ -310,8 +312,8 @@ def _threshold_tensor(threshold, like: torch.Tensor) -> torch.Tensor:
         return threshold.detach().to(device=like.device, dtype=torch.promote_types(threshold.dtype, like.dtype))
     if isinstance(threshold, np.generic):
         dt = torch.from_numpy(np.asarray(threshold)).dtype
-        return torch.tensor(float(threshold), dtype=torch.promote_types(dt, like.dtype), device=like.device)
-    return torch.tensor(float(threshold), dtype=like.dtype, device=like.device)
+        return torch.full((), float(threshold), dtype=torch.promote_types(dt, like.dtype), device=like.device)
+    return torch.full((), float(threshold), dtype=like.dtype, device=like.device)  # no host copy, no sync
 
 
 def dwt_prune_tensor(
