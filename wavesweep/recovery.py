@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from wavesweep.data import TensorImages
 from wavesweep.pruning import PruneResult
+from wavesweep.prune_record import numpy_batched
 from wavesweep.names import check_choice
 
 log = logging.getLogger(__name__)
@@ -482,8 +483,9 @@ def finetune(
     for lp in result.layers:
         m = modules[lp.name]
         if lp.coeffs is not None:  # dwt: train the kept coefficients
-            keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).to(dev)
-            coeffs = torch.from_numpy(np.ascontiguousarray(lp.coeffs)).to(dev)
+            # host -> device without waiting for the device (a blocking copy synchronises, per tensor)
+            keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).to(dev, non_blocking=True)
+            coeffs = torch.from_numpy(np.ascontiguousarray(lp.coeffs)).to(dev, non_blocking=True)
             order = list(m._parameters)  # removing the parametrisation re-adds weight last: keep the order
             ww = WaveletWeight(keep, lp.structure)
             parametrize.register_parametrization(m, "weight", ww, unsafe=True)
@@ -492,7 +494,7 @@ def finetune(
                 orig.data = ww.to_param(coeffs)
             dwt_layers.append((lp, m, ww.mask, order))  # the keep mask in the original's order
         else:
-            keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).reshape(m.weight.shape).to(dev)
+            keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).reshape(m.weight.shape).to(dev, non_blocking=True)
             masked.append((m.weight, keep))
     hooks = [w.register_hook(lambda g, k=k: g * k) for w, k in masked]
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], settings)
@@ -524,10 +526,11 @@ def finetune(
     finally:
         for h in hooks:
             h.remove()
-        for lp, m, _, order in dwt_layers:
-            with torch.no_grad():
-                c = m.parametrizations.weight[0].from_param(m.parametrizations.weight.original.detach())
-                lp.coeffs = c.cpu().numpy().astype(lp.coeffs.dtype, copy=True)
+        with torch.no_grad():  # the fine-tuned coefficients to the record: one transfer, not one per layer
+            tuned = numpy_batched([m.parametrizations.weight[0].from_param(m.parametrizations.weight.original.detach())
+                                   for _, m, _, _ in dwt_layers])  # fmt: skip
+        for (lp, m, _, order), c in zip(dwt_layers, tuned):
+            lp.coeffs = c.astype(lp.coeffs.dtype, copy=False)  # a fresh host array already
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
             for name in order:  # state-dict order as before fine-tuning
                 m._parameters[name] = m._parameters.pop(name)
