@@ -4,7 +4,9 @@ Three workloads, each once for warm-up and once under ``torch.profiler`` (CPU an
 activities), the table sorted by self CPU time then by self device time, top ``--rows``:
 (1) ``prune_dwt`` of ResNet-50 (random init, 224 px, conv targets; bior4.4 level 5 filter) on the
     device; (2) the default trial without MLflow (ResNet-18 on digits, recovery=bn); (3) 10
-    wavelet-domain fine-tuning steps of that ResNet-18 (layout filter).
+    wavelet-domain fine-tuning steps of that ResNet-18 (layout filter). On CUDA each is run once
+    more under ``torch.cuda.set_sync_debug_mode("warn")`` and every synchronising call is
+    counted by the line of wavesweep that made it.
 
     python bench/profile_cuda.py [--device cuda] [--rows 20] [--only prune,trial,finetune]
 """
@@ -46,6 +48,40 @@ def show(name: str, fn, dev: torch.device, rows: int) -> None:
     print(ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
     if dev.type == "cuda":
         print(ka.table(sort_by="self_cuda_time_total", row_limit=rows // 2, max_name_column_width=60))
+        syncs(fn, dev, rows)
+
+
+def syncs(fn, dev: torch.device, rows: int) -> None:
+    """Every call that synchronises with the device during one more run of ``fn``, by where in
+    the code it happens (``torch.cuda.set_sync_debug_mode("warn")`` warns on each: a value read
+    back, a blocking copy). Each one leaves the GPU idle until the host queues more work."""
+    import collections
+    import traceback
+
+    here = str(Path(__file__).resolve().parents[1])
+    where: collections.Counter = collections.Counter()
+    prev = torch.cuda.get_sync_debug_mode()
+    original = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(here) and "/bench/" not in f.filename]
+            f = frames[-1] if frames else None
+            where[f"{Path(f.filename).name}:{f.lineno} {f.name}" if f else f"{Path(filename).name}:{lineno}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+            warnings.showwarning = original
+    print(f"  synchronising calls: {sum(where.values())} (wavesweep's innermost frame, top {rows}; the "
+          f"device's own timing of inference synchronises by design)")
+    for loc, n in where.most_common(rows):
+        print(f"    {n:5d}  {loc}")
 
 
 def main() -> None:
