@@ -76,7 +76,9 @@ def _smallest_torch_layers(
     """:func:`_smallest_torch` of every ``(values[i], ks[i])``, in that order. With ``generator``
     every layer's tie count comes to the host in one transfer (one sync for all the layers, not
     one each); the layers with ties at their k-th value then draw their ``torch.randperm`` in
-    layer order, as the calls one by one would: the same draws, the same masks."""
+    layer order, as the calls one by one would: the same draws, the same masks. Finding a tied
+    layer's tied entries is one more sync for that layer (uniform float32 keys: rare, likelier
+    the larger the layer)."""
     sels: list[torch.Tensor] = []
     kth: list[torch.Tensor | None] = []  # each layer's k-th value where its ties need counting
     for v, k in zip(values, ks):
@@ -93,7 +95,7 @@ def _smallest_torch_layers(
         if generator is None:
             sel.index_fill_(0, order[:k], True)
         else:
-            kth[-1] = sorted_vals[k - 1]
+            kth[-1] = sorted_vals[k - 1].clone()  # not a view: the sorted copy is freed now
             torch.le(v, kth[-1], out=sel)
     counted = [i for i, t in enumerate(kth) if t is not None]
     if not counted:
@@ -102,9 +104,9 @@ def _smallest_torch_layers(
     for i, c in zip(counted, counts):
         extra = int(c) - ks[i]  # > 0 only when several entries tie at the k-th value
         if extra > 0:
-            tied = torch.nonzero(values[i] == kth[i]).reshape(-1)  # ascending, as np.flatnonzero
+            tied = torch.nonzero(values[i] == kth[i]).reshape(-1)  # ascending, as np.flatnonzero (a sync)
             drop = torch.randperm(len(tied), generator=generator)[:extra]
-            sels[i][tied[drop.to(tied.device)]] = False
+            sels[i][tied[drop.to(tied.device, non_blocking=True)]] = False
     return sels
 
 

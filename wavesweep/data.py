@@ -235,7 +235,9 @@ class TensorImages(Dataset):
         if not isinstance(index, slice):
             # a host index goes over without waiting for the device (as_tensor(..., device=) would
             # copy it and then synchronise the stream, queued work and all)
-            index = torch.as_tensor(index, dtype=torch.int64).to(self.device, non_blocking=True)
+            index = torch.as_tensor(index, dtype=torch.int64)
+            if index.device != self.device:  # non-blocking only from the host (to it, it would race)
+                index = index.to(self.device, non_blocking=index.device.type == "cpu")
         return self.normalise(self.images[index]), self.targets[index]
 
     def __getitem__(self, index: Any) -> tuple[torch.Tensor, Any]:

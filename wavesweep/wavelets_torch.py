@@ -310,10 +310,12 @@ def _threshold_tensor(threshold, like: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(threshold, torch.Tensor):
         return threshold.detach().to(device=like.device, dtype=torch.promote_types(threshold.dtype, like.dtype))
+    dt = like.dtype
     if isinstance(threshold, np.generic):
-        dt = torch.from_numpy(np.asarray(threshold)).dtype
-        return torch.full((), float(threshold), dtype=torch.promote_types(dt, like.dtype), device=like.device)
-    return torch.full((), float(threshold), dtype=like.dtype, device=like.device)  # no host copy, no sync
+        dt = torch.promote_types(torch.from_numpy(np.asarray(threshold)).dtype, like.dtype)
+    # made on the host (a value beyond the dtype's range rounds to inf, as numpy's comparison
+    # operand does; torch.full would raise), then copied without waiting for the device
+    return torch.tensor(float(threshold), dtype=dt).to(like.device, non_blocking=True)
 
 
 def dwt_prune_tensor(
