@@ -593,3 +593,85 @@ def test_numpy_batched_copies_each_tensor_in_order():
     got[0][0] = 99.0  # copies, never views of the tensors
     assert ts[0][0, 0] == 0.0
     assert numpy_batched([]) == []
+
+
+# --------------------------------------------------------------------------- records left on the device
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """The deferred record of an accelerator, on CPU: records wait as tensors for their copy to
+    the host; every call of numpy_batched is counted (the number of tensors it got)."""
+    from wavesweep import prune_record
+
+    calls = []
+    real = prune_record.numpy_batched
+
+    def counted(tensors):
+        calls.append(len(tensors))
+        return real(tensors)
+
+    monkeypatch.setattr(prune_record, "stays_on_device", lambda t: True)
+    monkeypatch.setattr(prune_record, "numpy_batched", counted)
+    return calls
+
+
+def test_deferred_dwt_record_comes_to_the_host_in_one_transfer_on_first_use(deferred):
+    """The torch backend leaves coefficients and masks where they were computed; the first read of
+    any layer's record copies every layer's (one call for all 2 x layers tensors), and the arrays
+    equal PyWavelets' record. The accounting reads no record (its counts came with the pruning)."""
+    from wavesweep import accounting
+
+    net = mid_net()
+    kw = dict(wavelet="bior4.4", level=3, percentile=70, targets=("conv", "linear"))
+    ref = P.prune_dwt(net, backend="numpy", **kw)
+    got = P.prune_dwt(net, backend="torch", **kw)
+    assert deferred == [] and all(lp.device_record(w) is not None for lp in got.layers for w in ("keep", "coeffs"))
+    assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref.layers]
+    assert all(lp.has_coeffs and lp.coeff_itemsize == 4 for lp in got.layers)
+    st_got, st_ref = accounting.model_stats(net, got), accounting.model_stats(net, ref)
+    assert deferred == [] and st_got.stored_bytes == st_ref.stored_bytes and st_got.zeroed_coeffs == st_ref.zeroed_coeffs
+    keep = got.layers[1].keep  # the first read: all layers at once
+    assert deferred == [2 * len(got.layers)] and isinstance(keep, np.ndarray)
+    for a, b in zip(got.layers, ref.layers):
+        assert a.device_record("keep") is None and a.device_record("coeffs") is None
+        assert a.keep.dtype == bool and np.array_equal(a.keep, b.keep), a.name
+        np.testing.assert_allclose(a.coeffs, b.coeffs, rtol=1e-5, atol=1e-6)
+        assert np.all(a.coeffs[~a.keep] == 0)
+    assert deferred == [2 * len(got.layers)]  # read once, kept
+    got.layers[0].keep[0] = not got.layers[0].keep[0]  # the host array is the record, as before
+    assert got.layers[0].keep[0] != ref.layers[0].keep[0]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_deferred_masks_of_magnitude_and_random_equal_numpy(method, deferred):
+    net = _tied_net()
+    kw = dict(targets=("conv", "linear"))
+    ref = PRUNE[method](net, 0.45, backend="numpy", **kw)
+    got = PRUNE[method](net, 0.45, backend="torch", **kw)
+    assert deferred == []  # no mask on the host yet (the dropped counts: baselines' own reference)
+    assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref.layers]
+    assert all(not lp.has_coeffs and lp.device_record("keep") is not None for lp in got.layers)
+    for a, b in zip(got.layers, ref.layers):
+        assert np.array_equal(a.keep, b.keep), a.name
+    assert deferred == [len(got.layers)]
+
+
+def test_deferred_record_checkpoint_equals_the_host_record(deferred, tmp_path):
+    """The checkpoint of a deferred record is the same file as that of the record made on the
+    host (the same masks and coefficients), and reading it fetched the record once."""
+    from wavesweep import checkpoint
+
+    net = mid_net()
+    kw = dict(wavelet="haar", level=2, percentile=60, targets=("conv", "linear"), backend="torch")
+    got = P.prune_dwt(net, **kw)
+    n = checkpoint.save_compressed(got, tmp_path / "deferred.wsz")
+    assert deferred == [2 * len(got.layers)]
+    with pytest.MonkeyPatch.context() as mp:
+        from wavesweep import prune_record
+
+        mp.setattr(prune_record, "stays_on_device", lambda t: False)
+        ref = P.prune_dwt(net, **kw)
+    assert all(lp.device_record("keep") is None for lp in ref.layers)
+    assert checkpoint.save_compressed(ref, tmp_path / "host.wsz") == n
+    assert (tmp_path / "deferred.wsz").read_bytes() == (tmp_path / "host.wsz").read_bytes()

@@ -432,6 +432,48 @@ def test_finetune_dwt_trains_only_kept_coefficients(train_set, tmp_path, layout)
     torch.testing.assert_close(res.model(x), rebuilt(x), rtol=1e-4, atol=1e-4)
 
 
+def test_finetune_of_a_record_left_on_the_device_never_copies_it_to_the_host(train_set, tmp_path, monkeypatch):
+    """As on an accelerator (the record of the torch backends waits on the device for its copy
+    to the host, here forced on CPU): fine-tuning trains from the device record and leaves the
+    fine-tuned coefficients there, no record comes to the host before the checkpoint reads it,
+    and everything equals the same fine-tuning from a host record bit for bit (the checkpoint
+    file too)."""
+    pytest.importorskip("wavesweep.wavelets_torch")
+    from wavesweep import prune_record
+
+    settings = recovery.RecoverySettings("finetune", batches=2, steps=5, batch_size=32, lr=1e-2)
+    kw = dict(wavelet="bior2.2", level=2, percentile=70, targets=("conv", "linear"), backend="torch")
+    out, fetched, real_fetch = {}, [], prune_record._HostGroup.fetch
+    monkeypatch.setattr(prune_record._HostGroup, "fetch", lambda self: (fetched.append(1), real_fetch(self))[1])
+    for deferred in (False, True):
+        monkeypatch.setattr(prune_record, "stays_on_device", lambda t, d=deferred: d)
+        fetched.clear()
+        base = bn_net()
+        dwt = pruning.prune_dwt(base, **kw)
+        mag = pruning.prune_matched(base, dwt, targets=kw["targets"], backend="torch")["magnitude"]
+        for res in (dwt, mag):
+            recovery.recover(res, train_set, settings)
+        stats = accounting.model_stats(base, dwt)
+        if deferred:
+            assert fetched == []
+            assert all(lp.device_record("coeffs") is not None and lp.device_record("keep") is not None for lp in dwt.layers)
+            assert all(lp.device_record("keep") is not None for lp in mag.layers)
+        size = checkpoint.save_compressed(dwt, tmp_path / f"{deferred}.wsz")
+        assert size == stats.stored_bytes + checkpoint.read_header(tmp_path / f"{deferred}.wsz")["header_bytes"]
+        assert fetched == ([1] if deferred else [])
+        out[deferred] = (dwt, mag)
+    assert (tmp_path / "False.wsz").read_bytes() == (tmp_path / "True.wsz").read_bytes()
+    for m in (0, 1):
+        for a, b in zip(out[False][m].layers, out[True][m].layers):
+            assert np.array_equal(a.keep, b.keep)
+            if m == 0:
+                assert a.coeffs.dtype == b.coeffs.dtype and np.array_equal(a.coeffs, b.coeffs)
+        for (k, x), (_, y) in zip(out[False][m].model.state_dict().items(), out[True][m].model.state_dict().items()):
+            assert torch.equal(x, y), k
+    w = out[True][1].model.get_parameter(out[True][1].layers[0].key).detach().reshape(-1)
+    assert torch.all(w[torch.from_numpy(~out[True][1].layers[0].keep)] == 0)
+
+
 @pytest.mark.parametrize("layout", ["filter", "matrix"])
 def test_finetune_dwt_same_steps_in_either_coefficient_order(train_set, monkeypatch, layout):
     # On CPU the coefficients train positions-major (the synthesis' own order): a permutation, so

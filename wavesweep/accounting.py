@@ -123,8 +123,8 @@ def _layer_stored_bytes(n_positions: int, kept: int, itemsize: int) -> int:
 
 def _value_itemsize(lp: LayerPrune, weight: torch.Tensor) -> int:
     """Bytes per kept value: the coefficients' dtype (dwt) or the weight's (magnitude, random)."""
-    if lp.coeffs is not None:
-        return lp.coeffs.dtype.itemsize
+    if lp.has_coeffs:
+        return lp.coeff_itemsize
     return weight.element_size()
 
 
@@ -223,7 +223,7 @@ def model_stats(
                 level_effective=lp.level_effective,
                 dense_bytes=lp.params * wt.element_size(),
                 stored_bytes=_layer_stored_bytes(
-                    lp.n_positions, int(np.count_nonzero(lp.keep)), _value_itemsize(lp, wt)
+                    lp.n_positions, lp.n_positions - lp.n_zeroed, _value_itemsize(lp, wt)
                 ),
             )
         )

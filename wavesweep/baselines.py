@@ -18,6 +18,7 @@ from wavesweep.prune_record import (
     SCOPES,
     LayerPrune,
     PruneResult,
+    defer_host_copy,
     normalise_targets,
     numpy_batched,
     target_layers,
@@ -157,7 +158,8 @@ def _prune_by_scores(
 
     The numpy path selects on CPU (:func:`_smallest`); the torch path (``backend``, see
     :data:`BACKENDS`) selects on the weights' device (:func:`_smallest_torch`, the same masks)
-    and copies every layer's mask to the CPU record in one transfer at the end.
+    and leaves the masks there (:func:`~wavesweep.prune_record.defer_host_copy`: one transfer
+    for every layer when the checkpoint first reads them).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -179,8 +181,9 @@ def _prune_by_scores(
             for (_, m), mask in zip(layers, masks):
                 w = m.weight
                 w.masked_fill_(mask.to(w.device).reshape(w.shape), 0)  # +0.0; no sync to skip empty masks
-        # the record (accounting, checkpoint): every mask to the CPU in one copy, not one per layer
-        prunes = numpy_batched(list(masks))
+        # the dropped counts in one transfer; the masks stay on the device until the checkpoint
+        # reads them (defer_host_copy below: one copy for every layer)
+        zeroed = numpy_batched([torch.stack([mask.sum() for mask in masks])])[0].tolist()
     else:
         if global_amount is not None:
             prunes = np.split(_smallest(np.concatenate(s), round(global_amount * sum(sizes)), generator), np.cumsum(sizes)[:-1])
@@ -189,19 +192,22 @@ def _prune_by_scores(
         for (_, m), prune in zip(layers, prunes):
             if prune.any():
                 zero_weight(m, prune)
+        zeroed = [int(np.count_nonzero(prune)) for prune in prunes]
     out = []
-    for (name, m), prune in zip(layers, prunes):
-        n = int(prune.size)
+    for i, ((name, m), n_zeroed) in enumerate(zip(layers, zeroed)):
+        n = int(m.weight.numel())
         out.append(
             LayerPrune(
                 name=name,
                 shape=tuple(m.weight.shape),
                 params=n,
                 n_positions=n,
-                n_zeroed=int(np.count_nonzero(prune)),
-                keep=~prune,
+                n_zeroed=int(n_zeroed),
+                keep=None if on_device else ~prunes[i],
             )
         )
+    if on_device:
+        defer_host_copy(out, [{"keep": ~mask.reshape(-1)} for mask in masks])
     return work, out
 
 

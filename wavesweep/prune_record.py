@@ -47,6 +47,38 @@ class LayerPrune:
     coeffs: np.ndarray | None = field(default=None, repr=False, compare=False)
     structure: wv.CoeffStructure | None = field(default=None, repr=False, compare=False)
 
+    def tensor(self, what: str, device: torch.device | str) -> torch.Tensor | None:
+        """``keep`` or ``coeffs`` (``what``) as a torch tensor on ``device``, without a round trip
+        through the host where the record still lives there (:func:`defer_host_copy`); else a
+        non-blocking copy of the host array (a flat tensor either way). None where absent."""
+        t = self.device_record(what)
+        if t is not None:
+            return t.to(device, non_blocking=True)
+        a = getattr(self, what)
+        if a is None:
+            return None
+        a = np.asarray(a, dtype=bool) if what == "keep" else np.ascontiguousarray(a)
+        return torch.from_numpy(a.reshape(-1)).to(device, non_blocking=True)
+
+    @property
+    def has_coeffs(self) -> bool:
+        """Whether the record holds coefficients (dwt); no copy to the host."""
+        return self.__dict__.get("_coeffs") is not None
+
+    @property
+    def coeff_itemsize(self) -> int | None:
+        """Bytes per stored coefficient (dwt), None without coefficients; no copy to the host."""
+        t = self.device_record("coeffs")
+        if t is not None:
+            return t.element_size()
+        return None if self.coeffs is None else int(self.coeffs.dtype.itemsize)
+
+    def device_record(self, what: str) -> torch.Tensor | None:
+        """``keep`` or ``coeffs`` as the flat tensor it is while it waits on its device for its
+        copy to the host (:func:`defer_host_copy`); None where it is a host array (or absent)."""
+        v = self.__dict__.get("_" + what)
+        return v if isinstance(v, torch.Tensor) else None
+
     @property
     def fraction(self) -> float:
         """``n_zeroed / n_positions`` (0.0 for an empty layer)."""
@@ -56,6 +88,71 @@ class LayerPrune:
     def key(self) -> str:
         """State-dict key of the pruned tensor."""
         return f"{self.name}.weight" if self.name else "weight"
+
+
+def _record_property(what: str) -> property:
+    """``LayerPrune.keep`` / ``.coeffs``: a host NumPy array. A record left on the device by
+    :func:`defer_host_copy` comes to the host on first use, every deferred tensor of its group
+    in one transfer per dtype (:func:`numpy_batched`). A CPU tensor set here becomes an array."""
+    slot = "_" + what
+
+    def get(self):
+        v = self.__dict__.get(slot)
+        if isinstance(v, torch.Tensor):
+            self.__dict__["_host_group"].fetch()
+            v = self.__dict__[slot]
+        return v
+
+    def set(self, value):
+        if isinstance(value, torch.Tensor):
+            if not stays_on_device(value):
+                value = numpy_batched([value])[0]
+            else:  # a device tensor set on its own: a group of its own
+                self.__dict__[slot] = value.detach().reshape(-1)
+                _HostGroup([self])
+                return
+        self.__dict__[slot] = value
+
+    return property(get, set, doc=get.__doc__)
+
+
+LayerPrune.keep = _record_property("keep")  # type: ignore[assignment]
+LayerPrune.coeffs = _record_property("coeffs")  # type: ignore[assignment]
+
+
+class _HostGroup:
+    """Layers whose device records come to the host together, on the first use of any of them."""
+
+    def __init__(self, layers: list[LayerPrune]) -> None:
+        self.layers = list(layers)
+        for lp in self.layers:
+            lp.__dict__["_host_group"] = self
+
+    def fetch(self) -> None:
+        slots = [(lp, s) for lp in self.layers for s in ("_keep", "_coeffs") if isinstance(lp.__dict__.get(s), torch.Tensor)]
+        for (lp, s), a in zip(slots, numpy_batched([lp.__dict__[s] for lp, s in slots])):
+            lp.__dict__[s] = a
+
+
+def stays_on_device(t: torch.Tensor) -> bool:
+    """Whether a record tensor waits on its device for its copy to the host: everywhere but the
+    CPU, where the copy costs no transfer (tests set this to exercise the deferred path on CPU)."""
+    return t.device.type != "cpu"
+
+
+def defer_host_copy(layers: list[LayerPrune], records: list[dict[str, torch.Tensor]]) -> None:
+    """Give each layer its record (``{"keep": ..., "coeffs": ...}``, device tensors) without copying
+    it to the host now: the copy (one transfer per dtype for all ``layers``) happens when a
+    consumer first reads ``keep`` or ``coeffs`` as NumPy (the checkpoint); fine-tuning reads
+    them on the device (:meth:`LayerPrune.tensor`), and a trial that writes no checkpoint never
+    copies them. CPU tensors become arrays at once."""
+    for lp, rec in zip(layers, records):
+        for what, t in rec.items():
+            if not stays_on_device(t):
+                setattr(lp, what, t)
+            else:
+                lp.__dict__["_" + what] = t.detach().reshape(-1)
+    _HostGroup(layers)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from wavesweep import wavelets as wv
 from wavesweep.baselines import BACKENDS, matched_amount, prune_magnitude, prune_matched, prune_random
 from wavesweep.names import check_choice
 from wavesweep.prune_record import (
-    SCOPES, TARGETS, LayerPrune, PruneResult, normalise_targets, numpy_batched, target_layers, weight_numpy, work_model,
+    SCOPES, TARGETS, LayerPrune, PruneResult, defer_host_copy, normalise_targets, numpy_batched, target_layers, weight_numpy, work_model,
     write_weight,
 )  # fmt: skip
 
@@ -93,8 +93,10 @@ def prune_dwt(
     ``backend``: ``"numpy"`` (PyWavelets, on CPU), ``"torch"`` (:mod:`wavesweep.wavelets_torch`,
     the same transform on the weights' own device: no NumPy round trip on a GPU), or ``"auto"``
     (torch when the weights are on an accelerator, PyWavelets on CPU, where it is faster). The
-    two give the same keep masks (tested) and reconstructions equal to float tolerance; the
-    record (``keep``, ``coeffs``) is always a CPU NumPy copy, which the checkpoint needs.
+    two give the same keep masks (tested) and reconstructions equal to float tolerance. The
+    record (``keep``, ``coeffs``) reads as CPU NumPy arrays; the torch backend leaves it on the
+    weights' device and copies it to the host on first use (the checkpoint), in one transfer per
+    dtype (:func:`~wavesweep.prune_record.defer_host_copy`); fine-tuning uses it where it is.
     """
     wv.validate_dwt_args(wavelet=wavelet, level=level, layout=layout, mode=mode, percentile=percentile)
     check_choice("scope", scope, SCOPES)
@@ -153,13 +155,13 @@ def prune_dwt(
         else:
             write_weight(m, rec)
         done.append((name, m, coeffs, keep, st))
-    if use_torch:  # the record for accounting and the checkpoint: one copy to the host per dtype, not two per layer
-        host = numpy_batched([t for _, _, c, k, _ in done for t in (c, k)])
-        done = [(n, m, c, k, st) for (n, m, _, _, st), c, k in zip(done, host[0::2], host[1::2])]
+    if use_torch:  # the dropped counts of every layer in one transfer (one sync), not one per layer
+        zeroed = numpy_batched([torch.stack([(~k).sum() for _, _, _, k, _ in done])])[0].tolist()
+    else:
+        zeroed = [int(k.size - np.count_nonzero(k)) for _, _, _, k, _ in done]
     out_layers: list[LayerPrune] = []
     msgs: list[str] = []
-    for name, m, coeffs, keep, st in done:
-        n_zeroed = int(keep.size - np.count_nonzero(keep))
+    for (name, m, coeffs, keep, st), n_zeroed in zip(done, zeroed):
         if st.level < level:
             msgs.append(
                 f"{name or '<root>'}: level {level} clamped to {st.level} "
@@ -170,15 +172,17 @@ def prune_dwt(
                 name=name,
                 shape=tuple(m.weight.shape),
                 params=m.weight.numel(),
-                n_positions=int(coeffs.size),
-                n_zeroed=n_zeroed,
+                n_positions=int(coeffs.numel() if use_torch else coeffs.size),
+                n_zeroed=int(n_zeroed),
                 level_requested=int(level),
                 level_effective=st.level,
-                keep=keep,
-                coeffs=coeffs,
+                keep=None if use_torch else keep,
+                coeffs=None if use_torch else coeffs,
                 structure=st,
             )
         )
+    if use_torch:  # the record (coefficients, masks) stays on the device until the checkpoint reads it
+        defer_host_copy(out_layers, [{"coeffs": c, "keep": k} for _, _, c, k, _ in done])
     if msgs:
         text = f"effective level lower than requested in {len(msgs)} of {len(out_layers)} layers: " + "; ".join(msgs)
         log.info(text)

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from wavesweep.data import TensorImages
 from wavesweep.pruning import PruneResult
-from wavesweep.prune_record import numpy_batched
+from wavesweep.prune_record import defer_host_copy
 from wavesweep.names import check_choice
 
 log = logging.getLogger(__name__)
@@ -460,6 +460,12 @@ def _optimizer(params, settings: RecoverySettings) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=0.0)
 
 
+def _torch_dtype(lp) -> torch.dtype:
+    """The torch dtype of a dwt layer's recorded coefficients (no copy to the host)."""
+    t = lp.device_record("coeffs")
+    return t.dtype if t is not None else torch.from_numpy(np.empty(0, dtype=lp.coeffs.dtype)).dtype
+
+
 def finetune(
     result: PruneResult,
     batches,
@@ -482,10 +488,10 @@ def finetune(
     dwt_layers = []
     for lp in result.layers:
         m = modules[lp.name]
-        if lp.coeffs is not None:  # dwt: train the kept coefficients
-            # host -> device without waiting for the device (a blocking copy synchronises, per tensor)
-            keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).to(dev, non_blocking=True)
-            coeffs = torch.from_numpy(np.ascontiguousarray(lp.coeffs)).to(dev, non_blocking=True)
+        # the record where it lives (the device: no round trip), else host -> device without
+        # waiting for the device (a blocking copy synchronises, per tensor)
+        if lp.has_coeffs:  # dwt: train the kept coefficients
+            keep, coeffs = lp.tensor("keep", dev), lp.tensor("coeffs", dev)
             order = list(m._parameters)  # removing the parametrisation re-adds weight last: keep the order
             ww = WaveletWeight(keep, lp.structure)
             parametrize.register_parametrization(m, "weight", ww, unsafe=True)
@@ -494,7 +500,7 @@ def finetune(
                 orig.data = ww.to_param(coeffs)
             dwt_layers.append((lp, m, ww.mask, order))  # the keep mask in the original's order
         else:
-            keep = torch.from_numpy(np.asarray(lp.keep, dtype=bool)).reshape(m.weight.shape).to(dev, non_blocking=True)
+            keep = lp.tensor("keep", dev).reshape(m.weight.shape)
             masked.append((m.weight, keep))
     hooks = [w.register_hook(lambda g, k=k: g * k) for w, k in masked]
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], settings)
@@ -526,11 +532,13 @@ def finetune(
     finally:
         for h in hooks:
             h.remove()
-        with torch.no_grad():  # the fine-tuned coefficients to the record: one transfer, not one per layer
-            tuned = numpy_batched([m.parametrizations.weight[0].from_param(m.parametrizations.weight.original.detach())
-                                   for _, m, _, _ in dwt_layers])  # fmt: skip
-        for (lp, m, _, order), c in zip(dwt_layers, tuned):
-            lp.coeffs = c.astype(lp.coeffs.dtype, copy=False)  # a fresh host array already
+        with torch.no_grad():  # the fine-tuned coefficients, in the record's dtype
+            tuned = [m.parametrizations.weight[0].from_param(m.parametrizations.weight.original.detach())
+                     .to(_torch_dtype(lp)) for lp, m, _, _ in dwt_layers]  # fmt: skip (from_param: a copy)
+        # to the record: left on the device (copied to the host in one transfer when the
+        # checkpoint reads them), or on CPU one copy, not one per layer
+        defer_host_copy([lp for lp, _, _, _ in dwt_layers], [{"coeffs": c} for c in tuned])
+        for lp, m, _, order in dwt_layers:
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
             for name in order:  # state-dict order as before fine-tuning
                 m._parameters[name] = m._parameters.pop(name)
