@@ -24,7 +24,9 @@ with ``backend="numpy"`` (PyWavelets: each weight goes to the host and back) and
 ``backend="torch"`` (:mod:`wavesweep.wavelets_torch` on the weights' device, what
 ``backend="auto"`` picks on a GPU; its record of coefficients and masks stays on the device,
 and the next line adds the record's copy to the host that a tracked trial's checkpoint makes,
-in a thread beside MLflow's logging). Same protocol (fresh copy outside the
+in a thread beside MLflow's logging; the line after times the other choice of stacking layers
+of one shape into one transform: stacked on the CPU, one layer a call on a GPU, the opposite of
+each device's default, ``wavesweep.pruning.STACK_ON_CPU``). Same protocol (fresh copy outside the
 clock, one warm-up, median of ``--big-repeats``), the device synchronised before the clock
 stops. dwt settings: bior4.4, level 5, ``--big-layout`` (filter), periodization.
 
@@ -38,6 +40,7 @@ import copy
 import statistics
 import time
 import warnings
+from unittest import mock
 
 import sys
 from pathlib import Path
@@ -120,6 +123,11 @@ def big_models(args) -> None:
             res = P.prune_dwt(m, percentile=100 * a, targets=targets, inplace=True, backend="torch", **dwt_kw)
             res.layers[0].keep  # the first read copies every layer's record (one transfer per dtype)
 
+        def ours_torch_other_stacking(m):  # the other choice of stacking layers of one shape on m's device
+            on_cpu = next(m.parameters()).device.type == "cpu"
+            with mock.patch.object(P, "STACK_ON_CPU", on_cpu), mock.patch.object(P, "STACK_ELEMENTS", P.STACK_ELEMENTS if on_cpu else 1):
+                P.prune_dwt(m, percentile=100 * a, targets=targets, inplace=True, backend="torch", **dwt_kw)
+
         def mag_numpy(m):
             P.prune_magnitude(m, a, targets=targets, inplace=True, backend="numpy")
 
@@ -128,6 +136,7 @@ def big_models(args) -> None:
 
         methods = [("torch l1_unstructured (per layer)", ref_l1), ("prune_dwt backend=numpy (PyWavelets)", ours_numpy),
                    ("prune_dwt backend=torch", ours_torch), ("  + its record to the host (checkpoint)", ours_torch_host),
+                   ("  layers of one shape: other choice", ours_torch_other_stacking),
                    ("prune_magnitude backend=numpy", mag_numpy),
                    ("prune_magnitude backend=torch", mag_torch)]
         with warnings.catch_warnings():

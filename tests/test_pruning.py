@@ -616,23 +616,27 @@ def deferred(monkeypatch):
     return calls
 
 
-def test_deferred_dwt_record_comes_to_the_host_in_one_transfer_on_first_use(deferred):
+@pytest.mark.parametrize("stacked", [False, True])
+def test_deferred_dwt_record_comes_to_the_host_in_one_transfer_on_first_use(deferred, stacked, monkeypatch):
     """The torch backend leaves coefficients and masks where they were computed; the first read of
     any layer's record copies every layer's (one call for all 2 x layers tensors), and the arrays
-    equal PyWavelets' record. The accounting reads no record (its counts came with the pruning)."""
+    equal PyWavelets' record. The accounting reads no record (its counts came with the pruning).
+    Stacked: layers of one shape pruned together, their records rows of one tensor."""
     from wavesweep import accounting
 
-    net = mid_net()
+    monkeypatch.setattr(P, "STACK_ON_CPU", stacked)
+    net = repeated_net() if stacked else mid_net()
     kw = dict(wavelet="bior4.4", level=3, percentile=70, targets=("conv", "linear"))
     ref = P.prune_dwt(net, backend="numpy", **kw)
     got = P.prune_dwt(net, backend="torch", **kw)
     assert deferred == [] and all(lp.device_record(w) is not None for lp in got.layers for w in ("keep", "coeffs"))
     assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref.layers]
-    assert all(lp.has_coeffs and lp.coeff_itemsize == 4 for lp in got.layers)
+    assert all(lp.has_coeffs and lp.coeff_itemsize == got.model.get_parameter(lp.key).element_size() for lp in got.layers)
     st_got, st_ref = accounting.model_stats(net, got), accounting.model_stats(net, ref)
     assert deferred == [] and st_got.stored_bytes == st_ref.stored_bytes and st_got.zeroed_coeffs == st_ref.zeroed_coeffs
     keep = got.layers[1].keep  # the first read: all layers at once
     assert deferred == [2 * len(got.layers)] and isinstance(keep, np.ndarray)
+    assert {lp.coeffs.dtype for lp in got.layers} == ({np.dtype("float32"), np.dtype("float64")} if stacked else {np.dtype("float32")})
     for a, b in zip(got.layers, ref.layers):
         assert a.device_record("keep") is None and a.device_record("coeffs") is None
         assert a.keep.dtype == bool and np.array_equal(a.keep, b.keep), a.name
@@ -675,3 +679,103 @@ def test_deferred_record_checkpoint_equals_the_host_record(deferred, tmp_path):
     assert all(lp.device_record("keep") is None for lp in ref.layers)
     assert checkpoint.save_compressed(ref, tmp_path / "host.wsz") == n
     assert (tmp_path / "deferred.wsz").read_bytes() == (tmp_path / "host.wsz").read_bytes()
+
+
+# --------------------------------------------------------------------------- torch backend: layers of one shape together
+
+
+def repeated_net(seed=0):
+    """Convs and Linears with repeated shapes (as ResNet's blocks and ViT's layers), scales
+    apart, and one float64 conv of a shape that repeats in float32 (never stacked with them)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 16, 1),
+        nn.Conv2d(8, 8, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(8, 8, 3),
+        nn.Linear(24, 12), nn.Linear(24, 12), nn.Linear(12, 24), nn.Linear(24, 12),
+    )  # fmt: skip
+    with torch.no_grad():
+        for i, m in enumerate(net):
+            m.weight.mul_(1.5 ** (i % 5))
+    net[7].double()
+    return net
+
+
+@pytest.fixture
+def stack_on_cpu(monkeypatch):
+    """Layers on the CPU stacked, as on an accelerator."""
+    monkeypatch.setattr(P, "STACK_ON_CPU", True)
+
+
+def test_stack_groups_by_shape_dtype_and_device_in_layer_order(monkeypatch):
+    layers = P.target_layers(repeated_net(), ("conv", "linear"))
+    assert P._stack_groups(layers, "filter") == [[i] for i in range(12)]  # the CPU's default: one by one
+    monkeypatch.setattr(P, "STACK_ON_CPU", True)
+    assert P._stack_groups(layers, "filter") == [[0], [1, 2, 4], [3], [5, 6], [7], [8, 9, 11], [10]]
+    assert P._stack_groups(layers, "kernel") == P._stack_groups(layers, "filter")
+    assert P._stack_groups(layers, "matrix") == [[i] for i in range(12)] == P._stack_groups(layers, "flat")
+    monkeypatch.setattr(P, "STACK_ELEMENTS", 2 * 8 * 8 * 9)  # two 8x8x3x3 weights a group at most
+    assert P._stack_groups(layers, "filter") == [[0], [1, 2], [3], [4], [5], [6], [7], [8, 9, 11], [10]]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("layout, wavelet, targets", [("filter", "bior4.4", ("conv", "linear")), ("kernel", "haar", ("conv",))])
+def test_prune_dwt_torch_stacks_layers_of_one_shape_and_equals_pywavelets(scope, layout, wavelet, targets, monkeypatch, stack_on_cpu):
+    """Layers of one shape pruned together (each at its own percentile, scales apart) give the
+    masks, counts, coefficients and weights of PyWavelets layer by layer, and those of the torch
+    backend one layer at a time (STACK_ELEMENTS 1), in the filter bank and in the dense GEMM
+    backend (a GPU's)."""
+    from wavesweep import filterbank
+
+    net = repeated_net()
+    kw = dict(wavelet=wavelet, level=5, percentile=65.0, layout=layout, scope=scope, targets=targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.LevelClampedWarning)
+        ref = P.prune_dwt(net, backend="numpy", **kw)
+        for force in (None, "dense"):
+            monkeypatch.setattr(filterbank, "_FORCE_BACKEND", force)
+            calls = []
+            real = P._stack_groups
+            monkeypatch.setattr(P, "_stack_groups", lambda *a: (calls.append(real(*a)), calls[-1])[1])
+            got = P.prune_dwt(net, backend="torch", **kw)
+            assert max(len(g) for g in calls[0]) == 3  # stacked
+            monkeypatch.setattr(P, "STACK_ELEMENTS", 1)
+            alone = P.prune_dwt(net, backend="torch", **kw)
+            assert max(len(g) for g in calls[1]) == 1
+            monkeypatch.undo()
+            monkeypatch.setattr(P, "STACK_ON_CPU", True)
+            assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref.layers] == [lp.n_zeroed for lp in alone.layers]
+            for a, b, c in zip(got.layers, ref.layers, alone.layers):
+                assert a.structure == b.structure and np.array_equal(a.keep, b.keep) and np.array_equal(a.keep, c.keep), a.name
+                np.testing.assert_allclose(a.coeffs, b.coeffs, rtol=1e-5, atol=1e-5)
+                assert a.coeffs.dtype == b.coeffs.dtype
+            for (k, x), (_, y), (_, z) in zip(got.model.state_dict().items(), ref.model.state_dict().items(),
+                                              alone.model.state_dict().items()):  # fmt: skip
+                assert x.dtype == y.dtype
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=k)
+                torch.testing.assert_close(x, z, rtol=1e-6, atol=1e-6, msg=k)
+    if scope == "layer":  # each layer its own 65 %, whatever its scale
+        assert all(abs(lp.fraction - 0.65) < 0.02 for lp in ref.layers if lp.level_effective), [lp.fraction for lp in ref.layers]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("layout", ["filter", "kernel"])
+def test_prune_dwt_on_cuda_stacks_layers_and_matches_pywavelets(layout):
+    """On CUDA layers of one shape are stacked by default; masks and counts are PyWavelets'
+    (within a tie at the threshold, none here), weights to float tolerance, and the record stays
+    on the device until read."""
+    net = repeated_net()
+    kw = dict(wavelet="bior4.4" if layout == "filter" else "haar", level=5, percentile=65.0, layout=layout,
+              targets=("conv", "linear") if layout == "filter" else ("conv",))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.LevelClampedWarning)
+        ref = P.prune_dwt(net, backend="numpy", **kw)
+        groups = P._stack_groups(P.target_layers(copy.deepcopy(net).cuda(), kw["targets"]), layout)
+        assert max(len(g) for g in groups) == 3
+        got = P.prune_dwt(copy.deepcopy(net).cuda(), **kw)
+    assert all(lp.device_record("keep") is not None and lp.device_record("keep").is_cuda for lp in got.layers)
+    assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref.layers]
+    for a, b in zip(got.layers, ref.layers):
+        assert np.array_equal(a.keep, b.keep), a.name
+        np.testing.assert_allclose(a.coeffs, b.coeffs, rtol=1e-4, atol=1e-5)
+    for (k, x), (_, y) in zip(got.model.state_dict().items(), ref.model.state_dict().items()):
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-4, atol=1e-5, msg=k)

@@ -30,6 +30,17 @@ def bn_net(seed: int = 0) -> nn.Module:
     ).eval()
 
 
+def twin_net(seed: int = 0) -> nn.Module:
+    """Two convs of one shape (stacked by the torch backend on an accelerator), BatchNorm after each."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4),
+    ).eval()  # fmt: skip
+
+
 def plain_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
@@ -432,14 +443,17 @@ def test_finetune_dwt_trains_only_kept_coefficients(train_set, tmp_path, layout)
     torch.testing.assert_close(res.model(x), rebuilt(x), rtol=1e-4, atol=1e-4)
 
 
-def test_finetune_of_a_record_left_on_the_device_never_copies_it_to_the_host(train_set, tmp_path, monkeypatch):
+@pytest.mark.parametrize("net", [bn_net, twin_net])
+def test_finetune_of_a_record_left_on_the_device_never_copies_it_to_the_host(train_set, tmp_path, monkeypatch, net):
     """As on an accelerator (the record of the torch backends waits on the device for its copy
-    to the host, here forced on CPU): fine-tuning trains from the device record and leaves the
-    fine-tuned coefficients there, no record comes to the host before the checkpoint reads it,
-    and everything equals the same fine-tuning from a host record bit for bit (the checkpoint
-    file too)."""
+    to the host, layers of one shape stacked; here forced on CPU): fine-tuning trains from the
+    device record and leaves the fine-tuned coefficients there, no record comes to the host
+    before the checkpoint reads it, and everything equals the same fine-tuning from a host
+    record bit for bit (the checkpoint file too)."""
     pytest.importorskip("wavesweep.wavelets_torch")
     from wavesweep import prune_record
+
+    monkeypatch.setattr(pruning, "STACK_ON_CPU", True)
 
     settings = recovery.RecoverySettings("finetune", batches=2, steps=5, batch_size=32, lr=1e-2)
     kw = dict(wavelet="bior2.2", level=2, percentile=70, targets=("conv", "linear"), backend="torch")
@@ -448,7 +462,7 @@ def test_finetune_of_a_record_left_on_the_device_never_copies_it_to_the_host(tra
     for deferred in (False, True):
         monkeypatch.setattr(prune_record, "stays_on_device", lambda t, d=deferred: d)
         fetched.clear()
-        base = bn_net()
+        base = net()
         dwt = pruning.prune_dwt(base, **kw)
         mag = pruning.prune_matched(base, dwt, targets=kw["targets"], backend="torch")["magnitude"]
         for res in (dwt, mag):

@@ -469,3 +469,93 @@ def test_dense_matrix_cache_is_bounded_by_bytes_least_recently_used_first():
     tiny = dense._MatrixCache(max_bytes=1)  # smaller than any pair: still holds the one in use
     assert tiny(keys[2], cpu, torch.float32) is tiny(keys[2], cpu, torch.float32) and len(tiny) == 1
     assert dense._matrices.max_bytes == dense.DENSE_CACHE_BYTES
+
+
+# --------------------------------------------------------------------------- several weights of one shape at once
+
+
+@pytest.mark.parametrize("by_sort", [False, True])
+def test_percentile_threshold_rows_is_each_rows_own_bit_for_bit(by_sort, monkeypatch):
+    """Every row's threshold equals percentile_threshold of that row alone, and numpy's, bit for
+    bit (ties, NaN rows, constant rows, both selection paths)."""
+    real = wt._order_statistics
+    monkeypatch.setattr(wt, "_order_statistics", lambda a, k, by_sort_=by_sort, **_: real(a, k, by_sort=by_sort_))
+    rng = np.random.default_rng(8)
+    for dt in (np.float32, np.float64):
+        for n in (1, 2, 3, 17, 1000):
+            rows = np.abs(rng.standard_normal((6, n))).astype(dt)
+            rows[1] = (rng.integers(0, 4, n) / 3).astype(dt)  # ties
+            rows[2] = 0.5
+            rows[4, n // 2] = np.nan
+            t = torch.from_numpy(rows)
+            for p in (0, 0.1, 33.3, 50, 70, 99.9, 100):
+                got = wt.percentile_threshold_rows(t, p)
+                assert got.shape == (6,) and got.dtype == t.dtype
+                for i in range(6):
+                    want = np.asarray(wv.percentile_threshold(rows[i], p)).astype(dt)
+                    assert got[i].numpy().tobytes() == want.tobytes(), (dt, n, p, i)
+                    assert got[i].numpy().tobytes() == wt.percentile_threshold(t[i], p).numpy().tobytes()
+    assert wt.percentile_threshold_rows(torch.empty(3, 0), 50).tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="expected \\(rows, n\\)"):
+        wt.percentile_threshold_rows(torch.ones(4), 50)
+
+
+STACK_SHAPES = ((6, 3, 3, 3), (4, 5, 6, 7), (5, 40), (8, 2, 1, 1))
+
+
+@pytest.mark.parametrize("layout", wt.STACKING_LAYOUTS)
+@pytest.mark.parametrize("shape", STACK_SHAPES)
+@pytest.mark.parametrize("wavelet,mode", [("bior4.4", "periodization"), ("db2", "symmetric"), ("haar", "zero")])
+def test_stacked_transform_is_each_weights_own(backend, layout, shape, wavelet, mode):
+    """decompose_stacked's row i is decompose(ws[i]) and reconstruct_stacked inverts it, in every
+    backend, to float tolerance (float64: 1e-12), against PyWavelets too."""
+    if layout == "kernel" and len(shape) != 4:
+        pytest.skip("kernel needs a 4-D weight")
+    rng = np.random.default_rng(3)
+    ws = [torch.from_numpy(rng.standard_normal(shape)) for _ in range(3)]
+    st = wt.structure_of(shape, wavelet=wavelet, level=5, layout=layout, mode=mode)
+    rows = wt.decompose_stacked(ws, st)
+    assert rows.shape == (3, st.n_coeffs) and rows.dtype == torch.float64
+    for i, w in enumerate(ws):
+        assert _max_err(rows[i], wt.decompose(w, st)) < 1e-12
+        assert _max_err(rows[i], wv.decompose(w.numpy(), wavelet=wavelet, level=5, layout=layout, mode=mode)[0]) < 1e-10
+    back = wt.reconstruct_stacked(rows, st)
+    assert back.shape == (3,) + shape
+    for i, w in enumerate(ws):
+        assert _max_err(back[i], w) < 1e-10
+    assert torch.equal(wt.decompose_stacked(ws[:1], st)[0], wt.decompose(ws[0], st))  # one weight: decompose itself
+
+
+@pytest.mark.parametrize("layout", wt.STACKING_LAYOUTS)
+def test_dwt_prune_tensors_is_dwt_prune_tensor_of_each(backend, layout):
+    """Pruned together, each weight gets its own percentile (not one over all of them), its own
+    mask and coefficients, as pruned alone; a given threshold applies to all."""
+    rng = np.random.default_rng(6)
+    shape = (6, 4, 5, 5)
+    # different scales: one percentile over all the weights would drop most of the small one
+    ws = [torch.from_numpy((rng.standard_normal(shape) * s).astype(np.float32)) for s in (0.01, 1.0, 30.0)]
+    kw = dict(wavelet="bior2.2", level=3, layout=layout, mode="periodization")
+    for extra in (dict(percentile=60.0), dict(percentile=25.0, keep_approx=True), dict(threshold=0.5)):
+        rec, coeffs, keep, st = wt.dwt_prune_tensors(ws, **kw, **extra)
+        assert rec.shape == (3,) + shape and keep.dtype == torch.bool
+        for i, w in enumerate(ws):
+            r1, c1, k1, st1 = wt.dwt_prune_tensor(w, **kw, **extra)
+            assert st1 == st
+            assert torch.equal(keep[i], k1), (extra, i)
+            assert _max_err(coeffs[i], c1) <= 1e-5 * float(w.abs().max())
+            assert _max_err(rec[i], r1) <= 1e-5 * float(w.abs().max())
+        if "percentile" in extra and not extra.get("keep_approx"):
+            frac = (~keep).float().mean(dim=1)
+            assert torch.all((frac - 0.6).abs() < 0.01), frac  # each weight its own 60 %
+
+
+def test_dwt_prune_tensors_refuses_what_cannot_stack():
+    kw = dict(wavelet="haar", level=1, percentile=50)
+    with pytest.raises(ValueError, match="one shape, dtype and device"):
+        wt.dwt_prune_tensors([torch.ones(4, 4), torch.ones(4, 5)], layout="filter", **kw)
+    with pytest.raises(ValueError, match="one shape, dtype and device"):
+        wt.dwt_prune_tensors([torch.ones(4, 4), torch.ones(4, 4, dtype=torch.float64)], layout="filter", **kw)
+    with pytest.raises(ValueError, match="layout 'matrix' transforms a weight as a whole; stacking needs one of: filter, kernel"):
+        wt.dwt_prune_tensors([torch.ones(4, 4), torch.ones(4, 4)], layout="matrix", **kw)
+    with pytest.raises(ValueError, match="no weights"):
+        wt.dwt_prune_tensors([], layout="filter", **kw)

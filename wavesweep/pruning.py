@@ -112,56 +112,14 @@ def prune_dwt(
     on_cpu = all(m.weight.device.type == "cpu" for _, m in layers)
     use_torch = backend == "torch" or (backend == "auto" and not on_cpu)
     if use_torch:
-        from wavesweep import wavelets_torch as wt
-
-        def weight(m: nn.Module) -> torch.Tensor:
-            w = m.weight.detach()
-            return w if w.dtype in (torch.float32, torch.float64) else w.float()
-
-        decompose, prune_one = wt.decompose, wt.dwt_prune_tensor
-
-        def abs_pool(m: nn.Module) -> torch.Tensor:
-            st = wt.structure_of(tuple(m.weight.shape), wavelet=wavelet, level=level, layout=layout, mode=mode)
-            return decompose(weight(m), st)[(st.n_approx if keep_approx else 0) :].abs()
-
-        def global_threshold(parts):
-            return wt.percentile_threshold(torch.cat([p.to(parts[0].device) for p in parts]), percentile)
+        done = _prune_dwt_torch(layers, wavelet=wavelet, level=level, percentile=percentile, layout=layout, mode=mode,
+                                scope=scope, keep_approx=keep_approx)  # fmt: skip
     else:
-        prune_one = wv.dwt_prune_array
-
-        def weight(m: nn.Module) -> np.ndarray:
-            return weight_numpy(m.weight)
-
-        def abs_pool(m: nn.Module) -> np.ndarray:
-            coeffs, st = wv.decompose(weight(m), wavelet=wavelet, level=level, layout=layout, mode=mode)
-            return np.abs(coeffs[(st.n_approx if keep_approx else 0) :])
-
-        def global_threshold(parts):
-            return wv.percentile_threshold(np.concatenate(parts), percentile)
-
-    threshold = None  # scope "layer": each layer's own percentile, inside the per-tensor step
-    if scope == "global":  # one threshold over every target layer's |coefficients|
-        threshold = global_threshold([abs_pool(m) for _, m in layers])
-
-    done = []
-    for name, m in layers:
-        rec, coeffs, keep, st = prune_one(
-            weight(m), wavelet=wavelet, level=level, percentile=percentile, layout=layout, mode=mode,
-            keep_approx=keep_approx, threshold=threshold,
-        )  # fmt: skip
-        if use_torch:
-            with torch.no_grad():
-                m.weight.copy_(rec.reshape(m.weight.shape))
-        else:
-            write_weight(m, rec)
-        done.append((name, m, coeffs, keep, st))
-    if use_torch:  # the dropped counts of every layer in one transfer (one sync), not one per layer
-        zeroed = numpy_batched([torch.stack([(~k).sum() for _, _, _, k, _ in done])])[0].tolist()
-    else:
-        zeroed = [int(k.size - np.count_nonzero(k)) for _, _, _, k, _ in done]
+        done = _prune_dwt_numpy(layers, wavelet=wavelet, level=level, percentile=percentile, layout=layout, mode=mode,
+                                scope=scope, keep_approx=keep_approx)  # fmt: skip
     out_layers: list[LayerPrune] = []
     msgs: list[str] = []
-    for (name, m, coeffs, keep, st), n_zeroed in zip(done, zeroed):
+    for name, m, coeffs, keep, st, n_zeroed in done:
         if st.level < level:
             msgs.append(
                 f"{name or '<root>'}: level {level} clamped to {st.level} "
@@ -182,7 +140,7 @@ def prune_dwt(
             )
         )
     if use_torch:  # the record (coefficients, masks) stays on the device until the checkpoint reads it
-        defer_host_copy(out_layers, [{"coeffs": c, "keep": k} for _, _, c, k, _ in done])
+        defer_host_copy(out_layers, [{"coeffs": c, "keep": k} for _, _, c, k, _, _ in done])
     if msgs:
         text = f"effective level lower than requested in {len(msgs)} of {len(out_layers)} layers: " + "; ".join(msgs)
         log.info(text)
@@ -198,3 +156,101 @@ def prune_dwt(
         targets=list(targets),
     )
     return PruneResult("dwt", work, out_layers, config, msgs)
+
+
+#: the most weights (elements) the torch backend transforms in one stacked call: layers of one
+#: shape go through one transform, one sort and one inverse together (fewer kernel launches on a
+#: GPU), in groups of at most this many weights (bounded temporary memory)
+STACK_ELEMENTS = 1 << 26
+#: whether layers on the CPU stack too. Not by default: the CPU is not waiting on launches, and
+#: the copies between the stacked and the per-layer coefficient order cost more there than they
+#: save (ViT-B/16's Linear layers, torch backend: 3.45 s stacked against 2.35 s one by one on
+#: the 2-core CPU of this project, ``bench/bench_pruning.py --only-big``); tests set it
+STACK_ON_CPU = False
+
+
+def _stack_groups(layers: list[tuple[str, nn.Module]], layout: str) -> list[list[int]]:
+    """Indices into ``layers``, grouped by weight shape, dtype and device in a layout transformed
+    row by row (each group in layer order, groups in order of first appearance, at most
+    :data:`STACK_ELEMENTS` weights a group); one layer a group in the other layouts and on the
+    CPU (:data:`STACK_ON_CPU`)."""
+    from wavesweep import wavelets_torch as wt
+
+    if layout not in wt.STACKING_LAYOUTS:
+        return [[i] for i in range(len(layers))]
+    groups: dict[tuple, list[list[int]]] = {}
+    for i, (_, m) in enumerate(layers):
+        w = m.weight
+        if w.device.type == "cpu" and not STACK_ON_CPU:
+            groups[("alone", i)] = [[i]]
+            continue
+        parts = groups.setdefault((tuple(w.shape), w.dtype, w.device), [[]])
+        if parts[-1] and (len(parts[-1]) + 1) * w.numel() > STACK_ELEMENTS:
+            parts.append([])
+        parts[-1].append(i)
+    return sorted((g for parts in groups.values() for g in parts), key=lambda g: g[0])
+
+
+def _prune_dwt_torch(layers, *, wavelet, level, percentile, layout, mode, scope, keep_approx) -> list[tuple]:
+    """dwt pruning in torch on the weights' devices (:mod:`wavesweep.wavelets_torch`), layers of
+    one shape together (:func:`_stack_groups`); ``[(name, module, coeffs, keep, structure,
+    dropped count)]`` in layer order, the records on the device."""
+    from wavesweep import wavelets_torch as wt
+
+    def weight(m: nn.Module) -> torch.Tensor:
+        w = m.weight.detach()
+        return w if w.dtype in (torch.float32, torch.float64) else w.float()
+
+    groups = _stack_groups(layers, layout)
+    structs, rows = [], []
+    with torch.no_grad():
+        for g in groups:
+            w0 = layers[g[0]][1].weight
+            st = wt.structure_of(tuple(w0.shape), wavelet=wavelet, level=level, layout=layout, mode=mode)
+            structs.append(st)
+            rows.append(wt.decompose_stacked([weight(layers[i][1]) for i in g], st))
+    threshold = None  # scope "layer": each layer's own percentile, its row's
+    if scope == "global":  # one threshold over every target layer's |coefficients|
+        dev = rows[0].device
+        threshold = wt.percentile_threshold(
+            torch.cat([c[:, (st.n_approx if keep_approx else 0) :].abs().reshape(-1).to(dev) for c, st in zip(rows, structs)]),
+            percentile,
+        )
+    done: list[tuple | None] = [None] * len(layers)
+    dropped = []
+    for g, st, c in zip(groups, structs, rows):
+        rec, coeffs, keep = wt.prune_coefficient_rows(
+            c, st, percentile=None if threshold is not None else percentile, keep_approx=keep_approx, threshold=threshold
+        )
+        dropped.append((~keep).sum(dim=1))
+        with torch.no_grad():
+            for j, i in enumerate(g):
+                name, m = layers[i]
+                m.weight.copy_(rec[j])
+                done[i] = (name, m, coeffs[j], keep[j], st)
+    # the dropped counts of every layer in one transfer (one sync), not one per layer
+    counts = numpy_batched([torch.cat([d.to(dropped[0].device) for d in dropped])])[0].tolist()
+    for i, n in zip((i for g in groups for i in g), counts):
+        done[i] = done[i] + (n,)
+    return done  # type: ignore[return-value]
+
+
+def _prune_dwt_numpy(layers, *, wavelet, level, percentile, layout, mode, scope, keep_approx) -> list[tuple]:
+    """dwt pruning with PyWavelets on the host, layer by layer; ``[(name, module, coeffs, keep,
+    structure, dropped count)]``, NumPy records."""
+    threshold = None  # scope "layer": each layer's own percentile, inside the per-tensor step
+    if scope == "global":  # one threshold over every target layer's |coefficients|
+        parts = []
+        for _, m in layers:
+            coeffs, st = wv.decompose(weight_numpy(m.weight), wavelet=wavelet, level=level, layout=layout, mode=mode)
+            parts.append(np.abs(coeffs[(st.n_approx if keep_approx else 0) :]))
+        threshold = wv.percentile_threshold(np.concatenate(parts), percentile)
+    done = []
+    for name, m in layers:
+        rec, coeffs, keep, st = wv.dwt_prune_array(
+            weight_numpy(m.weight), wavelet=wavelet, level=level, percentile=percentile, layout=layout, mode=mode,
+            keep_approx=keep_approx, threshold=threshold,
+        )  # fmt: skip
+        write_weight(m, rec)
+        done.append((name, m, coeffs, keep, st, int(keep.size - np.count_nonzero(keep))))
+    return done

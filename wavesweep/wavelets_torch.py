@@ -40,7 +40,13 @@ __all__ = [
     "to_positions_major",
     "from_positions_major",
     "percentile_threshold",
+    "percentile_threshold_rows",
     "dwt_prune_tensor",
+    "STACKING_LAYOUTS",
+    "decompose_stacked",
+    "reconstruct_stacked",
+    "prune_coefficient_rows",
+    "dwt_prune_tensors",
 ]
 
 # Every PyWavelets mode; each is tested against PyWavelets in tests/test_wavelets_torch.py.
@@ -249,7 +255,8 @@ def from_positions_major(flat: torch.Tensor, structure: wv.CoeffStructure) -> to
 
 
 def _order_statistics(a: torch.Tensor, k: int, *, by_sort: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (k+1)-th and (k+2)-th smallest values of ``a`` (1-D, k + 2 <= numel), as 0-dim tensors.
+    """The (k+1)-th and (k+2)-th smallest values of each row of ``a`` (``(L, n)``, k + 2 <= n),
+    as ``(L,)`` tensors.
 
     Order statistics are exact whatever finds them: ``by_sort`` takes them from one sort (a
     radix sort on a GPU), else one ``kthvalue`` and two elementwise passes (the CPU's path). On an
@@ -257,13 +264,13 @@ def _order_statistics(a: torch.Tensor, k: int, *, by_sort: bool) -> tuple[torch.
     (``bench/profile_cuda.py``); the sort's time there is still to be measured. Both give the
     same values (tested)."""
     if by_sort:
-        s = torch.sort(a).values
-        return s[k], s[k + 1]
-    lo = torch.kthvalue(a, k + 1).values
+        s = torch.sort(a, dim=-1).values
+        return s[:, k], s[:, k + 1]
+    lo = torch.kthvalue(a, k + 1, dim=-1).values
     # the (k+2)-th smallest: lo again if it is tied that often, else the least value above it
     # (two elementwise passes, cheaper than a second selection; no host sync)
-    above = torch.where(a > lo, a, torch.full_like(lo, math.inf)).min()
-    return lo, torch.where((a <= lo).sum() >= k + 2, lo, above)
+    above = torch.where(a > lo[:, None], a, torch.full_like(lo[:, None], math.inf)).amin(dim=-1)
+    return lo, torch.where((a <= lo[:, None]).sum(dim=-1) >= k + 2, lo, above)
 
 
 def percentile_threshold(abs_coeffs: torch.Tensor, percentile: float) -> torch.Tensor:
@@ -278,16 +285,28 @@ def percentile_threshold(abs_coeffs: torch.Tensor, percentile: float) -> torch.T
     float64 (``tests/test_wavelets_torch.py``). Empty input: 0.0. Any NaN: NaN. Non-float
     input is computed in float64 (as ``np.percentile`` does).
     """
+    return percentile_threshold_rows(abs_coeffs.detach().reshape(1, -1), percentile)[0]
+
+
+def percentile_threshold_rows(abs_coeffs: torch.Tensor, percentile: float) -> torch.Tensor:
+    """:func:`percentile_threshold` of each row of ``abs_coeffs`` (``(L, n)``) at once: ``(L,)``.
+
+    Row by row the same operations (one sort or ``kthvalue`` along the rows for all of them),
+    so each row's threshold is the one :func:`percentile_threshold` gives it alone, bit for bit
+    (tested): what :func:`dwt_prune_tensors` uses for layers of one shape.
+    """
     p = wv.validate_percentile(percentile)
-    a = abs_coeffs.detach().reshape(-1)
+    a = abs_coeffs.detach()
+    if a.ndim != 2:
+        raise ValueError(f"expected (rows, n) values, got shape {tuple(a.shape)}")
     if not a.dtype.is_floating_point:
         a = a.to(torch.float64)
-    n = a.numel()
+    rows, n = a.shape
     if n == 0:
-        return torch.zeros((), dtype=a.dtype, device=a.device)
+        return torch.zeros(rows, dtype=a.dtype, device=a.device)
     virtual = float((n - 1) * np.true_divide(p, 100))  # numpy's 'linear' virtual index
     if n < 2 or virtual >= n - 1:
-        out = a.max()
+        out = a.amax(dim=-1)
     else:
         k = math.floor(virtual)
         gamma = virtual - k
@@ -299,7 +318,7 @@ def percentile_threshold(abs_coeffs: torch.Tensor, percentile: float) -> torch.T
             out = hi - diff * torch.full((), 1 - gamma, dtype=a.dtype, device=a.device)
         else:
             out = lo + diff * torch.full((), gamma, dtype=a.dtype, device=a.device)
-    return torch.where(torch.isnan(a).any(), torch.full_like(out, math.nan), out)
+    return torch.where(torch.isnan(a).any(dim=-1), torch.full_like(out, math.nan), out)
 
 
 def _threshold_tensor(threshold, like: torch.Tensor) -> torch.Tensor:
@@ -338,20 +357,104 @@ def dwt_prune_tensor(
 
     Returns ``(w_rec, coeffs, keep, structure)``: the reconstructed weight (shape and dtype of
     ``w``), the thresholded flat coefficients (+0.0 where dropped), the bool keep mask over them,
-    and the coefficient structure.
+    and the coefficient structure. :func:`dwt_prune_tensors` with one tensor.
     """
-    st = structure_of(tuple(w.shape), wavelet=wavelet, level=level, layout=layout, mode=mode)
+    rec, coeffs, keep, st = dwt_prune_tensors([w], wavelet=wavelet, level=level, layout=layout, mode=mode,
+                                              percentile=percentile, keep_approx=keep_approx, threshold=threshold)  # fmt: skip
+    return rec[0], coeffs[0], keep[0], st
+
+
+# --------------------------------------------------------------------------- several layers of one shape at once
+
+#: layouts transformed row by row (a filter, a kernel): weights of one shape stack along their
+#: first axis into one transform, whose rows are theirs
+STACKING_LAYOUTS: tuple[str, ...] = ("filter", "kernel")
+
+
+def _stacked_structure(structure: wv.CoeffStructure, n: int) -> wv.CoeffStructure:
+    """The structure of ``n`` weights of ``structure.shape`` concatenated along their first axis."""
+    if structure.layout not in STACKING_LAYOUTS:
+        raise ValueError(f"layout {structure.layout!r} transforms a weight as a whole; stacking needs one of: "
+                         f"{', '.join(STACKING_LAYOUTS)}")  # fmt: skip
+    shape = (n * structure.shape[0],) + tuple(structure.shape[1:])
+    big = structure_of(shape, wavelet=structure.wavelet, level=structure.level, layout=structure.layout, mode=structure.mode)
+    assert big.level == structure.level, (big.level, structure.level)  # the level depends on a row's length only
+    return big
+
+
+def decompose_stacked(ws: list[torch.Tensor], structure: wv.CoeffStructure) -> torch.Tensor:
+    """The coefficients of several weights of ``structure.shape`` as rows ``(L, n)``, row ``i``
+    the flat vector :func:`decompose` gives ``ws[i]``. In a layout of :data:`STACKING_LAYOUTS`
+    one transform runs for all of them (their rows stacked; each band then splits into ``L``
+    consecutive blocks); a single weight is :func:`decompose` itself."""
+    if len(ws) == 1:
+        return decompose(ws[0], structure).reshape(1, -1)
+    big = _stacked_structure(structure, len(ws))
+    flat = decompose(torch.cat([w.reshape(structure.shape) for w in ws]), big)
+    return torch.cat([band.reshape(len(ws), -1) for band in torch.split(flat, big.sizes)], dim=1)
+
+
+def reconstruct_stacked(rows: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+    """Inverse of :func:`decompose_stacked`: ``(L, n)`` coefficient rows -> ``(L, *structure.shape)``."""
+    if rows.shape[0] == 1:
+        return reconstruct(rows[0], structure).unsqueeze(0)
+    big = _stacked_structure(structure, rows.shape[0])
+    flat = torch.cat([part.reshape(-1) for part in torch.split(rows, structure.sizes, dim=1)])
+    return reconstruct(flat, big).reshape((rows.shape[0],) + tuple(structure.shape))
+
+
+def prune_coefficient_rows(
+    coeffs: torch.Tensor,
+    structure: wv.CoeffStructure,
+    *,
+    percentile: float | None = None,
+    keep_approx: bool = False,
+    threshold: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Threshold coefficient rows (:func:`decompose_stacked`) and reconstruct: each row at its own
+    ``percentile`` (:func:`percentile_threshold_rows`, the approximation band left out with
+    ``keep_approx``) or all at ``threshold``. Returns ``(weights (L, *shape), thresholded
+    coefficients (L, n), keep (L, n))``."""
     with torch.no_grad():
-        coeffs = decompose(w.detach(), st)
-        n_approx = st.n_approx if keep_approx else 0
+        n_approx = structure.n_approx if keep_approx else 0
         mag = coeffs.abs()
         if threshold is None:
             if percentile is None:
                 raise ValueError("give a percentile or a threshold")
-            thr = percentile_threshold(mag[n_approx:], percentile)
+            thr = percentile_threshold_rows(mag[:, n_approx:], percentile)[:, None]
         else:
             thr = _threshold_tensor(threshold, mag)
         keep = mag >= thr
-        keep[:n_approx] = True
+        keep[:, :n_approx] = True
         coeffs = coeffs.masked_fill(~keep, 0)
-        return reconstruct(coeffs, st), coeffs, keep, st
+        return reconstruct_stacked(coeffs, structure), coeffs, keep
+
+
+def dwt_prune_tensors(
+    ws: list[torch.Tensor],
+    *,
+    wavelet: str,
+    level: int,
+    layout: str,
+    mode: str = wv.DEFAULT_MODE,
+    percentile: float | None = None,
+    keep_approx: bool = False,
+    threshold: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, wv.CoeffStructure]:
+    """:func:`dwt_prune_tensor` of several weights of one shape, dtype and device at once (more
+    than one: a layout of :data:`STACKING_LAYOUTS`), each at its own percentile: one transform,
+    one sort and one inverse for all of them, where a GPU would wait on the launches of one per
+    weight. Returns ``(weights (L, *shape), coeffs (L, n), keep (L, n), structure)``: row ``i``
+    equals what :func:`dwt_prune_tensor` gives ``ws[i]`` alone to float tolerance (tested; bit
+    for bit where the transform's products do not depend on how many rows they get)."""
+    if not ws:
+        raise ValueError("no weights to prune")
+    w0 = ws[0]
+    for w in ws[1:]:
+        if w.shape != w0.shape or w.dtype != w0.dtype or w.device != w0.device:
+            raise ValueError(f"weights pruned together need one shape, dtype and device: {tuple(w0.shape)} {w0.dtype} "
+                             f"{w0.device} and {tuple(w.shape)} {w.dtype} {w.device}")  # fmt: skip
+    st = structure_of(tuple(w0.shape), wavelet=wavelet, level=level, layout=layout, mode=mode)
+    with torch.no_grad():
+        coeffs = decompose_stacked([w.detach() for w in ws], st)
+    return (*prune_coefficient_rows(coeffs, st, percentile=percentile, keep_approx=keep_approx, threshold=threshold), st)
