@@ -23,8 +23,8 @@ Per device it times ``l1_unstructured`` on every target layer and ``wavesweep.pr
 with ``backend="numpy"`` (PyWavelets: each weight goes to the host and back) and
 ``backend="torch"`` (:mod:`wavesweep.wavelets_torch` on the weights' device, what
 ``backend="auto"`` picks on a GPU; its record of coefficients and masks stays on the device,
-and the next line adds the record's copy to the host that a tracked trial's checkpoint makes,
-in a thread beside MLflow's logging; the line after times the other choice of stacking layers
+and the next line adds the record's copy to the host that a tracked trial's checkpoint makes;
+the line after times the other choice of stacking layers
 of one shape into one transform: stacked on the CPU, one layer a call on a GPU, the opposite of
 each device's default, ``wavesweep.pruning.STACK_ON_CPU``). Same protocol (fresh copy outside the
 clock, one warm-up, median of ``--big-repeats``), the device synchronised before the clock

@@ -779,3 +779,52 @@ def test_prune_dwt_on_cuda_stacks_layers_and_matches_pywavelets(layout):
         np.testing.assert_allclose(a.coeffs, b.coeffs, rtol=1e-4, atol=1e-5)
     for (k, x), (_, y) in zip(got.model.state_dict().items(), ref.model.state_dict().items()):
         torch.testing.assert_close(x.cpu(), y, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_deferred_record_copies_pickles_and_is_freed_without_the_collector(deferred):
+    """Copies and pickles of a layer carry host arrays (the record fetched first); a dropped
+    result frees its deferred records at once (the group holds its layers weakly: no cycle
+    left for the garbage collector)."""
+    import gc
+    import pickle
+    import weakref
+
+    net = mid_net()
+    kw = dict(wavelet="haar", level=2, percentile=60, targets=("conv", "linear"))
+    ref = P.prune_dwt(net, backend="numpy", **kw)
+    for copier in (copy.copy, copy.deepcopy, lambda x: pickle.loads(pickle.dumps(x))):
+        got = P.prune_dwt(net, backend="torch", **kw)
+        c = copier(got.layers[1])
+        assert all(isinstance(c.__dict__[s], np.ndarray) for s in ("_keep", "_coeffs"))  # host arrays, before any read
+        assert isinstance(c.keep, np.ndarray) and np.array_equal(c.keep, ref.layers[1].keep)
+        assert isinstance(c.coeffs, np.ndarray) and c.device_record("coeffs") is None
+        assert "_host_group" not in c.__dict__
+    got = P.prune_dwt(net, backend="torch", **kw)
+    layer, record = weakref.ref(got.layers[0]), weakref.ref(got.layers[0].device_record("coeffs"))
+    gc.disable()
+    try:
+        del got
+        assert layer() is None and record() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pruning_a_model_on_two_devices_on_cuda():
+    """Target layers on CUDA and on the CPU (backend auto: torch): every method's masks and counts
+    are the CPU's, each record on its layer's device until read."""
+    net = mid_net()
+    mixed = copy.deepcopy(net)
+    mixed[0].cuda()
+    kw = dict(targets=("conv", "linear"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.LevelClampedWarning)
+        pairs = [(P.prune_dwt(mixed, wavelet="bior2.2", level=2, percentile=60, **kw),
+                  P.prune_dwt(net, wavelet="bior2.2", level=2, percentile=60, **kw))]  # fmt: skip
+    for method in ("magnitude", "random"):
+        pairs.append((PRUNE[method](mixed, 0.5, **kw), PRUNE[method](net, 0.5, **kw)))
+    for got, ref in pairs:
+        assert got.layers[0].device_record("keep").is_cuda
+        assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref.layers]
+        for a, b in zip(got.layers, ref.layers):
+            assert np.array_equal(a.keep, b.keep), (got.method, a.name)

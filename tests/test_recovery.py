@@ -666,3 +666,32 @@ def test_grouped_reestimation_on_cuda_never_waits_for_the_device(train_set):
     for a, b in zip(recovery.batchnorm_layers(model), recovery.batchnorm_layers(ref)):
         torch.testing.assert_close(a.running_mean.cpu(), b.running_mean, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a.running_var.cpu(), b.running_var, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_finetune_on_the_cpu_of_a_record_made_on_cuda(train_set):
+    """Pruned on CUDA (records left there), fine-tuned on the CPU: the records come over intact
+    (a blocking copy: a non-blocking one to the host could be read before it lands), the masks
+    stay exact, and the result is the all-CPU run's to float tolerance."""
+    pytest.importorskip("wavesweep.wavelets_torch")
+    settings = recovery.RecoverySettings("finetune", batches=2, steps=4, batch_size=32, lr=1e-2, optimizer="sgd")
+    out = {}
+    for device in ("cpu", "cuda"):
+        base = bn_net()
+        base[6].p = 0.0
+        dwt = _dwt_result(base.to(device), wavelet="bior2.2")
+        mag = pruning.prune_matched(base, dwt, targets=("conv", "linear"))["magnitude"]
+        if device == "cuda":
+            assert dwt.layers[0].device_record("coeffs").is_cuda and mag.layers[0].device_record("keep").is_cuda
+        for res in (dwt, mag):
+            recovery.recover(res, train_set, settings, device="cpu")
+        out[device] = (dwt, mag)
+    for m in (0, 1):
+        for a, b in zip(out["cpu"][m].layers, out["cuda"][m].layers):
+            assert np.array_equal(a.keep, b.keep)
+            if m == 0:
+                np.testing.assert_allclose(b.coeffs, a.coeffs, rtol=1e-3, atol=1e-4)
+                assert np.all(b.coeffs[~b.keep] == 0)
+        sd_cpu, sd_cuda = out["cpu"][m].model.state_dict(), out["cuda"][m].model.state_dict()
+        for k in sd_cpu:
+            torch.testing.assert_close(sd_cuda[k].cpu(), sd_cpu[k], rtol=1e-3, atol=1e-4, msg=k)

@@ -183,7 +183,7 @@ def _prune_by_scores(
                 w.masked_fill_(mask.to(w.device).reshape(w.shape), 0)  # +0.0; no sync to skip empty masks
         # the dropped counts in one transfer; the masks stay on the device until the checkpoint
         # reads them (defer_host_copy below: one copy for every layer)
-        zeroed = numpy_batched([torch.stack([mask.sum() for mask in masks])])[0].tolist()
+        zeroed = numpy_batched([torch.stack([mask.sum().to(masks[0].device) for mask in masks])])[0].tolist()
     else:
         if global_amount is not None:
             prunes = np.split(_smallest(np.concatenate(s), round(global_amount * sum(sizes)), generator), np.cumsum(sizes)[:-1])

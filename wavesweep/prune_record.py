@@ -9,6 +9,8 @@ runs over (:func:`target_layers`), and reading, writing and zeroing a layer's we
 from __future__ import annotations
 
 import copy
+import threading
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -48,17 +50,20 @@ class LayerPrune:
     structure: wv.CoeffStructure | None = field(default=None, repr=False, compare=False)
 
     def tensor(self, what: str, device: torch.device | str) -> torch.Tensor | None:
-        """``keep`` or ``coeffs`` (``what``) as a torch tensor on ``device``, without a round trip
-        through the host where the record still lives there (:func:`defer_host_copy`); else a
-        non-blocking copy of the host array (a flat tensor either way). None where absent."""
+        """``keep`` or ``coeffs`` (``what``) as a flat torch tensor on ``device``, without a round
+        trip through the host where the record still lives on that device (:func:`defer_host_copy`);
+        else a copy (to a device: non-blocking; to the host: blocking, as a non-blocking copy to the
+        host may be read before it lands). Where nothing moves it is the record itself, or a view
+        of the host array: read it, do not change it. None where absent."""
+        dev = torch.device(device)
         t = self.device_record(what)
         if t is not None:
-            return t.to(device, non_blocking=True)
+            return t.to(dev, non_blocking=dev.type != "cpu")
         a = getattr(self, what)
         if a is None:
             return None
         a = np.asarray(a, dtype=bool) if what == "keep" else np.ascontiguousarray(a)
-        return torch.from_numpy(a.reshape(-1)).to(device, non_blocking=True)
+        return torch.from_numpy(a.reshape(-1)).to(dev, non_blocking=True)
 
     @property
     def has_coeffs(self) -> bool:
@@ -72,6 +77,12 @@ class LayerPrune:
         if t is not None:
             return t.element_size()
         return None if self.coeffs is None else int(self.coeffs.dtype.itemsize)
+
+    def __getstate__(self) -> dict:
+        """Pickled and copied with its record on the host (a deferred record is fetched first)."""
+        for what in ("keep", "coeffs"):
+            getattr(self, what)
+        return {k: v for k, v in self.__dict__.items() if k != "_host_group"}
 
     def device_record(self, what: str) -> torch.Tensor | None:
         """``keep`` or ``coeffs`` as the flat tensor it is while it waits on its device for its
@@ -99,7 +110,11 @@ def _record_property(what: str) -> property:
     def get(self):
         v = self.__dict__.get(slot)
         if isinstance(v, torch.Tensor):
-            self.__dict__["_host_group"].fetch()
+            group = self.__dict__.get("_host_group")
+            if group is not None:
+                group.fetch()
+            if isinstance(self.__dict__[slot], torch.Tensor):  # not in its group (a copy): alone
+                _fetch([self])
             v = self.__dict__[slot]
         return v
 
@@ -120,18 +135,31 @@ LayerPrune.keep = _record_property("keep")  # type: ignore[assignment]
 LayerPrune.coeffs = _record_property("coeffs")  # type: ignore[assignment]
 
 
+_FETCH_LOCK = threading.Lock()  # a checkpoint written in another thread reads records too
+
+
+def _fetch(layers: list[LayerPrune]) -> None:
+    """Every deferred record of ``layers`` to the host: one transfer per dtype and device."""
+    with _FETCH_LOCK:
+        slots = [(lp, s) for lp in layers for s in ("_keep", "_coeffs") if isinstance(lp.__dict__.get(s), torch.Tensor)]
+        for (lp, s), a in zip(slots, numpy_batched([lp.__dict__[s] for lp, s in slots])):
+            lp.__dict__[s] = a
+        for lp in layers:
+            lp.__dict__.pop("_host_group", None)
+
+
 class _HostGroup:
-    """Layers whose device records come to the host together, on the first use of any of them."""
+    """Layers whose device records come to the host together, on the first use of any of them.
+    It holds them weakly (each layer holds its group): a dropped result frees its device records
+    at once, not at the next garbage collection."""
 
     def __init__(self, layers: list[LayerPrune]) -> None:
-        self.layers = list(layers)
-        for lp in self.layers:
+        self._layers = [weakref.ref(lp) for lp in layers]
+        for lp in layers:
             lp.__dict__["_host_group"] = self
 
     def fetch(self) -> None:
-        slots = [(lp, s) for lp in self.layers for s in ("_keep", "_coeffs") if isinstance(lp.__dict__.get(s), torch.Tensor)]
-        for (lp, s), a in zip(slots, numpy_batched([lp.__dict__[s] for lp, s in slots])):
-            lp.__dict__[s] = a
+        _fetch([lp for lp in (r() for r in self._layers) if lp is not None])
 
 
 def stays_on_device(t: torch.Tensor) -> bool:

@@ -202,15 +202,19 @@ def _prune_dwt_torch(layers, *, wavelet, level, percentile, layout, mode, scope,
         return w if w.dtype in (torch.float32, torch.float64) else w.float()
 
     groups = _stack_groups(layers, layout)
-    structs, rows = [], []
-    with torch.no_grad():
-        for g in groups:
-            w0 = layers[g[0]][1].weight
-            st = wt.structure_of(tuple(w0.shape), wavelet=wavelet, level=level, layout=layout, mode=mode)
-            structs.append(st)
-            rows.append(wt.decompose_stacked([weight(layers[i][1]) for i in g], st))
-    threshold = None  # scope "layer": each layer's own percentile, its row's
-    if scope == "global":  # one threshold over every target layer's |coefficients|
+    structs = [wt.structure_of(tuple(layers[g[0]][1].weight.shape), wavelet=wavelet, level=level, layout=layout, mode=mode)
+               for g in groups]  # fmt: skip
+
+    def coefficient_rows(gi: int) -> torch.Tensor:
+        with torch.no_grad():
+            return wt.decompose_stacked([weight(layers[i][1]) for i in groups[gi]], structs[gi])
+
+    # scope "layer": each group's coefficients made when it is pruned (one group's at a time);
+    # "global": every group's first, for one threshold over all their |coefficients|
+    rows: list[torch.Tensor | None] = [None] * len(groups)
+    threshold = None
+    if scope == "global":
+        rows = [coefficient_rows(gi) for gi in range(len(groups))]
         dev = rows[0].device
         threshold = wt.percentile_threshold(
             torch.cat([c[:, (st.n_approx if keep_approx else 0) :].abs().reshape(-1).to(dev) for c, st in zip(rows, structs)]),
@@ -218,10 +222,13 @@ def _prune_dwt_torch(layers, *, wavelet, level, percentile, layout, mode, scope,
         )
     done: list[tuple | None] = [None] * len(layers)
     dropped = []
-    for g, st, c in zip(groups, structs, rows):
+    for gi, (g, st) in enumerate(zip(groups, structs)):
+        c = rows[gi] if rows[gi] is not None else coefficient_rows(gi)
+        rows[gi] = None  # freed once pruned
         rec, coeffs, keep = wt.prune_coefficient_rows(
             c, st, percentile=None if threshold is not None else percentile, keep_approx=keep_approx, threshold=threshold
         )
+        del c
         dropped.append((~keep).sum(dim=1))
         with torch.no_grad():
             for j, i in enumerate(g):

@@ -536,7 +536,7 @@ def finetune(
             tuned = [m.parametrizations.weight[0].from_param(m.parametrizations.weight.original.detach())
                      .to(_torch_dtype(lp)) for lp, m, _, _ in dwt_layers]  # fmt: skip (from_param: a copy)
         # to the record: left on the device (copied to the host in one transfer when the
-        # checkpoint reads them), or on CPU one copy, not one per layer
+        # checkpoint reads them); on CPU an array each
         defer_host_copy([lp for lp, _, _, _ in dwt_layers], [{"coeffs": c} for c in tuned])
         for lp, m, _, order in dwt_layers:
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
