@@ -559,3 +559,17 @@ def test_dwt_prune_tensors_refuses_what_cannot_stack():
         wt.dwt_prune_tensors([torch.ones(4, 4), torch.ones(4, 4)], layout="matrix", **kw)
     with pytest.raises(ValueError, match="no weights"):
         wt.dwt_prune_tensors([], layout="filter", **kw)
+
+
+@pytest.mark.parametrize("layout, shape", [("kernel", (0, 8, 3, 3)), ("filter", (0, 8, 3, 3)), ("kernel", (4, 0, 5, 5)),
+                                           ("filter", (4, 0)), ("matrix", (0, 6))])  # fmt: skip
+def test_weights_without_elements_in_every_backend(backend, layout, shape):
+    """A layer of 0 channels has a structure (PyWavelets'), no coefficients and no weights back,
+    alone and stacked (the dense backend reshaped rows with -1, which 0 elements cannot infer)."""
+    kw = dict(wavelet="haar", level=2, layout=layout, percentile=50)
+    rec_np, c_np, keep_np, st_np = wv.dwt_prune_array(np.zeros(shape, np.float32), **kw)
+    rec, c, keep, st = wt.dwt_prune_tensor(torch.zeros(shape), **kw)
+    assert st == st_np and c.numel() == c_np.size == 0 and keep.numel() == 0 and tuple(rec.shape) == shape == rec_np.shape
+    if layout in wt.STACKING_LAYOUTS:
+        rec, c, keep, _ = wt.dwt_prune_tensors([torch.zeros(shape)] * 3, **kw)
+        assert tuple(rec.shape) == (3,) + shape and tuple(c.shape) == (3, 0)

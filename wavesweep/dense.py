@@ -72,7 +72,8 @@ def applies(structure: wv.CoeffStructure) -> bool:
 def to_rows(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
     """Flat coefficients (or a mask over them) in :mod:`wavesweep.wavelets` order -> ``(B, n)``."""
     rows = _geometry(structure)[0]
-    return torch.cat([b.reshape(rows, -1) for b in torch.split(flat, structure.sizes)], dim=1)
+    # explicit row lengths (never -1): a layer without rows (a conv of 0 channels) has 0 of them
+    return torch.cat([b.reshape(rows, n) for b, n in zip(torch.split(flat, structure.sizes), row_sizes(structure))], dim=1)
 
 
 def from_rows(rows: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
@@ -169,7 +170,7 @@ def decompose(x: torch.Tensor, structure: wv.CoeffStructure, *, rows: bool = Fal
     b = _geometry(structure)[0]
     analysis, _ = _matrices(_key(structure), x.device, x.dtype)
     with _full_precision():
-        c = x.reshape(b, -1) @ analysis
+        c = x.reshape(b, analysis.shape[0]) @ analysis
     return c if rows else from_rows(c, structure)
 
 
@@ -178,9 +179,10 @@ def reconstruct(coeffs: torch.Tensor, structure: wv.CoeffStructure, *, keep: tor
     """The weight (``structure.shape``) from coefficients in flat order or as rows (``rows=True``,
     any shape holding ``(B, n)`` in order); ``keep`` (same order, 0/1 or bool) multiplies first."""
     b = _geometry(structure)[0]
-    c = coeffs.reshape(b, -1) if rows else to_rows(coeffs, structure)
+    n = sum(row_sizes(structure))
+    c = coeffs.reshape(b, n) if rows else to_rows(coeffs, structure)
     if keep is not None:
-        k = keep.reshape(b, -1) if rows else to_rows(keep, structure)
+        k = keep.reshape(b, n) if rows else to_rows(keep, structure)
         c = c * k.to(c.dtype)
     _, synthesis = _matrices(_key(structure), c.device, c.dtype)
     with _full_precision():

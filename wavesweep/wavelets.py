@@ -199,7 +199,7 @@ def layout_array(w: np.ndarray, layout: str) -> tuple[np.ndarray, tuple[int, ...
         return w.reshape(-1), (-1,)
     if w.ndim < 2:
         raise ValueError(f"layout {layout!r} needs a weight with ndim >= 2, got shape {tuple(w.shape)}; use 'flat'")
-    arr = w.reshape(w.shape[0], -1)  # (out, in*kh*kw)
+    arr = w.reshape(w.shape[0], math.prod(w.shape[1:]))  # (out, in*kh*kw); explicit, as out may be 0
     return arr, ((-1,) if layout == "filter" else (-2, -1))
 
 

@@ -391,7 +391,7 @@ def decompose_stacked(ws: list[torch.Tensor], structure: wv.CoeffStructure) -> t
         return decompose(ws[0], structure).reshape(1, -1)
     big = _stacked_structure(structure, len(ws))
     flat = decompose(torch.cat([w.reshape(structure.shape) for w in ws]), big)
-    return torch.cat([band.reshape(len(ws), -1) for band in torch.split(flat, big.sizes)], dim=1)
+    return torch.cat([band.reshape(len(ws), n) for band, n in zip(torch.split(flat, big.sizes), structure.sizes)], dim=1)
 
 
 def reconstruct_stacked(rows: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
