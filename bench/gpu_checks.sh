@@ -74,7 +74,7 @@ for s in "${STEPS[@]}"; do
       # WORKLOADS=cnn:fashion-mnist:0 adds the share of a trial over the whole Fashion-MNIST test split
       step recovery 75 $PY bench/bench_recovery.py --device "$DEVICE" --bn-batches 50 --repeats 3 --workloads "${WORKLOADS:-}" ;;
     pruning)  # issue 11: dwt on resnet50 / vit_b_16 on CUDA vs torch's l1_unstructured (CPU figures: here)
-      step pruning 75 $PY bench/bench_pruning.py --only-big --big-repeats 3 --big-devices "$DEVICE" ;;
+      step pruning 90 $PY bench/bench_pruning.py --only-big --big-repeats 3 --big-devices "$DEVICE" ;;
     train)  # issue 11: ResNet-18 Fashion-MNIST training throughput, amp/channels-last off vs auto
       step train 60 $PY bench/bench_train.py --data "$FMNIST" --repeats 2 ;;
     profile)  # where the time goes: torch.profiler tables of dwt pruning, a default trial, fine-tuning
