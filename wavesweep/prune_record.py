@@ -135,7 +135,7 @@ LayerPrune.keep = _record_property("keep")  # type: ignore[assignment]
 LayerPrune.coeffs = _record_property("coeffs")  # type: ignore[assignment]
 
 
-_FETCH_LOCK = threading.Lock()  # a checkpoint written in another thread reads records too
+_FETCH_LOCK = threading.Lock()  # two threads reading one record: one transfer, never a half-fetched group
 
 
 def _fetch(layers: list[LayerPrune]) -> None:
