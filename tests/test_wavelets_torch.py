@@ -378,8 +378,8 @@ def test_cuda_percentile_threshold():
 def test_cuda_dwt_pruning_of_a_layer_never_waits_for_the_device():
     """``torch.cuda.set_sync_debug_mode("error")`` raises on any call that synchronises with the
     device (a value read back, a blocking host copy such as ``torch.tensor(x, device=...)``).
-    Pruning one layer on the GPU (transform, percentile, threshold, inverse), per layer, and
-    magnitude's selection of several layers run without one, once each cache (filter bank, dense
+    Pruning one layer on the GPU (transform, percentile, threshold, inverse), per layer, layers
+    of one shape stacked, and magnitude's selection of several layers run without one, once each cache (filter bank, dense
     matrices) is built; random's tie counts are one sync for all its layers."""
     from wavesweep.baselines import _smallest_torch_layers
 
@@ -387,8 +387,11 @@ def test_cuda_dwt_pruning_of_a_layer_never_waits_for_the_device():
     w = torch.randn(64, 32, 3, 3, device=dev)
     cases = [dict(layout="filter", wavelet="bior4.4", level=5), dict(layout="kernel", wavelet="haar", level=1),
              dict(layout="matrix", wavelet="db2", level=3), dict(layout="flat", wavelet="bior2.2", level=4)]  # fmt: skip
+    stack = [w, w * 3, w - 1]  # layers of one shape, pruned together
     for kw in cases:  # builds the caches; the first use may synchronise
         wt.dwt_prune_tensor(w, percentile=70, **kw)
+    for kw in cases[:2]:
+        wt.dwt_prune_tensors(stack, percentile=70, **kw)
     scores = [w.abs().reshape(-1), w[:7].abs().reshape(-1)]
     torch.cuda.synchronize()
     prev = torch.cuda.get_sync_debug_mode()
@@ -398,6 +401,9 @@ def test_cuda_dwt_pruning_of_a_layer_never_waits_for_the_device():
             wt.dwt_prune_tensor(w, percentile=70, **kw)
             wt.dwt_prune_tensor(w, threshold=0.25, **kw)
             wt.dwt_prune_tensor(w, threshold=np.float64(0.25), keep_approx=True, **kw)
+        for kw in cases[:2]:  # the stacking layouts
+            wt.dwt_prune_tensors(stack, percentile=70, **kw)
+            wt.dwt_prune_tensors(stack, percentile=40, keep_approx=True, **kw)
         _smallest_torch_layers(scores, [1000, 300])
     finally:
         torch.cuda.set_sync_debug_mode(prev)
