@@ -809,6 +809,33 @@ def test_deferred_record_copies_pickles_and_is_freed_without_the_collector(defer
         gc.enable()
 
 
+@pytest.mark.parametrize("method", ["dwt", "magnitude", "random"])
+def test_release_frees_the_model_and_the_deferred_records_and_keeps_the_counts(deferred, method):
+    """``PruneResult.release``: the pruned model and every layer's (deferred) record are freed at
+    once, nothing is copied to the host for it, and the counts the accounting reads stay."""
+    import gc
+    import weakref
+
+    net = mid_net()
+    kw = dict(targets=("conv", "linear"), backend="torch")
+    got = P.prune_dwt(net, wavelet="haar", level=2, percentile=60, **kw) if method == "dwt" else PRUNE[method](net, 0.5, **kw)
+    counts = [(lp.name, lp.shape, lp.n_positions, lp.n_zeroed, lp.fraction, lp.level_effective) for lp in got.layers]
+    totals = (got.n_zeroed, got.n_positions)
+    whats = ("keep", "coeffs") if method == "dwt" else ("keep",)
+    records = [weakref.ref(lp.device_record(w)) for lp in got.layers for w in whats]
+    model = weakref.ref(got.model)
+    gc.disable()
+    try:
+        got.release()
+        assert model() is None and all(r() is None for r in records)
+    finally:
+        gc.enable()
+    assert deferred == []  # nothing came to the host
+    assert got.model is None and all(lp.keep is None and lp.coeffs is None and not lp.has_coeffs for lp in got.layers)
+    assert [(lp.name, lp.shape, lp.n_positions, lp.n_zeroed, lp.fraction, lp.level_effective) for lp in got.layers] == counts
+    assert (got.n_zeroed, got.n_positions) == totals
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pruning_a_model_on_two_devices_on_cuda():
     """Target layers on CUDA and on the CPU (backend auto: torch): every method's masks and counts

@@ -212,6 +212,42 @@ def test_a_failing_replicate_closes_every_run(workdir, monkeypatch, stop, status
 
 
 @pytest.mark.slow
+def test_a_configuration_holds_one_replicates_models_at_a_time(workdir, monkeypatch):
+    """Each replicate's pruned models are released once it is recorded and ``on_replicate`` has
+    seen them (on a GPU, N replicates would otherwise hold 3N models): while replicate 1 runs,
+    replicate 0's models are gone; every number of every replicate stays."""
+    import gc
+    import weakref
+
+    from wavesweep import tracked_trial
+    from wavesweep.tracked_config import results_of, run_tracked_configuration
+
+    seen, alive_at_start = [], []
+    real = tracked_trial.run_trial
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        alive_at_start.append(sum(m() is not None for refs, _ in seen for m in refs))
+        return real(*args, **kwargs)
+
+    def on_replicate(i, result, run_id):
+        assert all(o.prune.model is not None for o in result.outcomes.values())  # the callback sees the models
+        seen.append(([weakref.ref(o.prune.model) for o in result.outcomes.values()], results_of(result)))
+
+    monkeypatch.setattr(tracked_trial, "run_trial", counting)
+    cfg = TrialConfig(model="cnn", eval_limit=40, timing_batches=0, wavelet="haar", level=2)
+    out = run_tracked_configuration(cfg, 2, on_replicate=on_replicate)
+    gc.collect()
+    assert alive_at_start == [0, 0]  # replicate 0's three models were freed before replicate 1 ran
+    assert all(m() is None for refs, _ in seen for m in refs)
+    for r, (_, numbers) in zip(out.results, seen):
+        assert all(o.prune.model is None for o in r.outcomes.values())
+        assert results_of(r) == numbers  # the numbers stay
+        assert r.outcomes["dwt"].prune.n_zeroed == r.outcomes["dwt"].stats.zeroed_coeffs
+    assert out.aggregates == replicates.aggregate([n for _, n in seen])
+
+
+@pytest.mark.slow
 def test_closing_a_configuration_run_closes_its_running_replicates(workdir):
     """A stop that lands before a replicate's own cleanup (inside create_run) or a lost worker:
     closing the configuration run closes the replicate trial runs and their method runs too."""

@@ -188,10 +188,20 @@ class PruneResult:
     """A pruned model and the per-layer record of how it was pruned."""
 
     method: str
-    model: nn.Module
+    model: nn.Module | None  # None once released
     layers: list[LayerPrune]
     config: dict
     warnings: list[str] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Drop the pruned model and every layer's ``keep`` and ``coeffs`` (on a GPU: device
+        memory, a model and its masks) once nothing reads them any more. The counts, shapes and
+        levels stay, so ``n_zeroed``, ``n_positions`` and ``fraction`` read as before; ``model``,
+        ``keep`` and ``coeffs`` read None after."""
+        self.model = None
+        for lp in self.layers:
+            lp.__dict__.pop("_host_group", None)
+            lp.__dict__["_keep"] = lp.__dict__["_coeffs"] = None
 
     @property
     def n_zeroed(self) -> int:

@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ConfigurationOutcome:
-    """The configuration run and its replicates (in order, replicate i has seed ``cfg.seed + i``)."""
+    """The configuration run and its replicates (in order, replicate i has seed ``cfg.seed + i``).
+
+    ``results`` hold every replicate's numbers; their pruned models and records are released
+    (:meth:`TrialResult.release`) once the replicate is recorded and ``on_replicate`` has seen it,
+    so a configuration holds one replicate's models at a time, not N (on a GPU: device memory)."""
 
     run_id: str
     config_id: str
@@ -147,6 +151,7 @@ def run_tracked_configuration(
             _tag_method_runs(client, exp_id, rid, {"replicate": str(i), "config_id": cid})
             if on_replicate is not None:
                 on_replicate(i, result, rid)
+            result.release()
         where = "aggregation"
         outcome.aggregates = replicates.aggregate([results_of(r) for r in outcome.results])
         tracking.log_batch(client, run_id, metrics=outcome.aggregates)

@@ -64,6 +64,12 @@ class TrialResult:
     eval_info: dict[str, object] = field(default_factory=dict)
     base_val_eval: evaluate.EvalResult | None = None  # the base model on the validation part
 
+    def release(self) -> None:
+        """Drop the three pruned models and their records (:meth:`PruneResult.release`) once the
+        trial is recorded: every number (:meth:`metrics`, ``stats``, evaluations) stays."""
+        for o in self.outcomes.values():
+            o.prune.release()
+
     def metrics(self) -> dict[str, dict[str, float]]:
         """Every recorded metric: ``{method: {name: value}}`` and ``"parent"`` (the headline).
 
