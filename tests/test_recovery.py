@@ -3,6 +3,8 @@ that keeps every pruning exact, and the checkpoint of a fine-tuned dwt model."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -579,6 +581,98 @@ def test_finetune_starts_every_method_from_the_same_random_state(train_set):
     recovery.recover(other, train_set, recovery.RecoverySettings("finetune", batches=2, steps=4, batch_size=32,
                                                                  lr=1e-2, seed=5))  # fmt: skip
     assert not torch.equal(other.model.state_dict()["9.weight"], got[0]["9.weight"])  # the seed matters
+
+
+def _bn_oracle(model: nn.Module, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per BatchNorm layer of a copy of ``model``: the mean over ``batches`` of the per-batch
+    per-channel mean and unbiased variance of its input (forward pre-hooks, BatchNorm layers in
+    train mode, everything else in eval mode), in float64."""
+    oracle = copy.deepcopy(model).eval()
+    bns = recovery.batchnorm_layers(oracle)
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(bns))}
+    hooks = [bn.register_forward_pre_hook(lambda mod, inp, i=i: seen[i].append(inp[0].detach().double()))
+             for i, bn in enumerate(bns)]  # fmt: skip
+    for bn in bns:
+        bn.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            oracle(x)
+    for h in hooks:
+        h.remove()
+    out = []
+    for i in range(len(bns)):
+        dims = [0] + list(range(2, seen[i][0].ndim))
+        out.append((torch.stack([t.mean(dim=dims) for t in seen[i]]).mean(0),
+                    torch.stack([t.var(dim=dims, unbiased=True) for t in seen[i]]).mean(0)))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("method", ["dwt", "magnitude"])
+def test_finetune_ends_with_the_cumulative_statistics_of_its_final_weights(train_set, method):
+    """Fine-tuning trains BatchNorm layers in train mode (an exponential running average of its
+    last batches, under weights still changing): the re-estimation comes after it, so the final
+    model's statistics are the cumulative average over ``recovery_batches`` batches of the
+    re-estimation stream, of its final weights (oracle: forward hooks on a copy of it)."""
+    base = bn_net()
+    res = _dwt_result(base) if method == "dwt" else pruning.prune_magnitude(base, 0.5, targets=("conv", "linear"))
+    settings = recovery.RecoverySettings("finetune", batches=5, steps=6, batch_size=32, lr=1e-2)
+    report = recovery.recover(res, train_set, settings)
+    assert (report.finetune_steps, report.bn_batches) == (6, 5)
+    batches = list(recovery.training_batches(train_set, batch_size=32, n=5, seed=settings.seed))
+    for bn, (mean, var) in zip(recovery.batchnorm_layers(res.model), _bn_oracle(res.model, batches)):
+        assert int(bn.num_batches_tracked) == 5  # re-estimated last: not 5 + 6
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
+
+
+class _Flipped(torch.utils.data.Dataset):
+    """A training split with a random transform drawn from torch's global generator per item
+    (as imagefolder's RandomHorizontalFlip), read through a DataLoader."""
+
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return (x.flip(-1) if torch.rand(()) < 0.5 else x), y
+
+
+@pytest.mark.parametrize("rec", ["bn", "finetune"])
+def test_recovery_with_random_transforms_is_the_same_for_every_method(train_set, rec, monkeypatch):
+    """A random training transform draws from torch's global generator: recovery seeds it (in a
+    fork), so every method and every repeat sees the same transformed batches whatever the random
+    state before, and that state is left as it was."""
+    flipped = _Flipped(train_set)
+    seen: list[list[torch.Tensor]] = []
+    real = recovery.training_batches
+
+    def spy(*a, **k):
+        for x, y in real(*a, **k):
+            seen[-1].append(x)
+            yield x, y
+
+    monkeypatch.setattr(recovery, "training_batches", spy)
+    settings = recovery.RecoverySettings(rec, batches=4, steps=3, batch_size=32, lr=1e-2)
+    base = bn_net()
+    dwt = _dwt_result(base)
+    results = [dwt, *pruning.prune_matched(base, dwt, targets=("conv", "linear")).values()]
+    results.append(pruning.prune_matched(base, _dwt_result(base), targets=("conv", "linear"))["magnitude"])
+    stats = []
+    for before, res in enumerate(results):
+        torch.manual_seed(100 + before)  # a different global random state each time
+        state = torch.random.get_rng_state()
+        seen.append([])
+        recovery.recover(res, flipped, settings)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        stats.append({k: v for k, v in res.model.state_dict().items() if "running" in k})
+    assert len(seen[0]) == 4 + (3 if rec == "finetune" else 0)
+    for other in seen[1:]:
+        assert len(other) == len(seen[0]) and all(torch.equal(a, b) for a, b in zip(seen[0], other))
+    for k in stats[1]:  # magnitude recovered twice, from two random states: the same model
+        assert torch.equal(stats[1][k], stats[3][k]), k
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

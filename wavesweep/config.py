@@ -180,8 +180,8 @@ FIELD_HELP = {
     "data_root": "dataset root directory (empty = $WAVESWEEP_DATA or ~/.cache/wavesweep/data)",
     "save_baselines": "also log compressed checkpoints of the magnitude and random models (true/false)",
     "recovery": "after pruning, the same for all methods: none (one-shot), bn (re-estimate BatchNorm "
-    "statistics on training batches), finetune (bn, then fine-tuning with every pruning held exactly; "
-    "dwt trains its kept wavelet coefficients)",
+    "statistics on training batches), finetune (fine-tuning with every pruning held exactly, dwt training its "
+    "kept wavelet coefficients, then bn on the final weights)",
     "recovery_batches": "training batches for BatchNorm re-estimation (>= 1)",
     "recovery_batch_size": "examples per training batch during recovery (>= 1)",
     "finetune_steps": "optimizer steps of fine-tuning, recovery=finetune (>= 1)",

@@ -12,15 +12,18 @@ the same step budget, optimizer and schedule.
   the cumulative average (not an exponential one) of the per-batch statistics of its inputs
   over ``batches`` training batches, in train mode for the BatchNorm layers only (dropout and
   everything else stay in eval mode), without gradients. Weights are untouched.
-* ``finetune``: ``bn``, then :func:`finetune`: ``steps`` optimizer steps of cross-entropy on
-  training batches with each method's pruning held exactly. magnitude/random: the gradient of
+* ``finetune``: :func:`finetune`, then ``bn`` on the final weights. :func:`finetune`: ``steps``
+  optimizer steps of cross-entropy on training batches with each method's pruning held exactly. magnitude/random: the gradient of
   every zeroed weight is masked and the weight is written back to +0.0 after each step, so it
   stays bitwise +0.0. dwt: each target weight is parametrised as ``W = IDWT(c * m)``
   (:mod:`wavesweep.wavelets_torch`, in the layer's own layout, wavelet, mode and effective
   level) and only the kept coefficients ``c[m]`` train; the coefficient mask, coefficient
   sparsity and stored bytes do not change and the result's ``coeffs`` become the fine-tuned
   ones (so the compressed checkpoint stores them). Parameters that are not pruned (biases,
-  BatchNorm affine, the classifier) train the same way for all three methods.
+  BatchNorm affine, the classifier) train the same way for all three methods. Fine-tuning
+  trains the BatchNorm layers in train mode, as PyTorch does, which replaces their running
+  statistics by an exponential average of its last batches under weights still changing; the
+  re-estimation after it gives the final weights their cumulative statistics.
 
 Pure PyTorch: nothing here knows MLflow or Optuna.
 """
@@ -571,19 +574,29 @@ def recover(
             f"(e.g. an ImageNet validation folder alone); use recovery=none or a dataset with a train split"
         )
     t0 = time.perf_counter()
+    dev = torch.device(device)
     bns = batchnorm_layers(result.model)
-    if bns:
-        batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.batches, seed=settings.seed,
-                                   device=device)  # fmt: skip
-        report.bn_layers, report.bn_batches = reestimate_bn(result.model, batches, device=device)
-    else:
-        report.note = f"{type(result.model).__name__} has no BatchNorm layers: BatchNorm re-estimation skipped"
-    if settings.recovery == "finetune":
-        # a second stream (seed + 1) so fine-tuning does not start on the re-estimation batches
-        batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.steps, seed=settings.seed + 1,
-                                   device=device)  # fmt: skip
-        report.finetune_steps, report.final_train_loss = finetune(
-            result, batches, settings, device=device, progress=progress
-        )
+    # Every method's recovery draws from the same random state: a training split's random
+    # transforms (imagefolder's flips) and a DataLoader's worker seeds come from torch's global
+    # generator, seeded here inside a fork (the caller's random state is left as it was).
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        if settings.recovery == "finetune":
+            # Fine-tuning trains BatchNorm layers in train mode: their running statistics become an
+            # exponential average of its last batches, under weights that were still changing. So
+            # the re-estimation comes after it, on the final weights (before it, it would be
+            # overwritten). Its own stream (seed + 1): not the re-estimation's batches.
+            torch.manual_seed(settings.seed + 1)
+            batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.steps,
+                                       seed=settings.seed + 1, device=device)  # fmt: skip
+            report.finetune_steps, report.final_train_loss = finetune(
+                result, batches, settings, device=device, progress=progress
+            )
+        if bns:
+            torch.manual_seed(settings.seed)
+            batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.batches,
+                                       seed=settings.seed, device=device)  # fmt: skip
+            report.bn_layers, report.bn_batches = reestimate_bn(result.model, batches, device=device)
+        else:
+            report.note = f"{type(result.model).__name__} has no BatchNorm layers: BatchNorm re-estimation skipped"
     report.seconds = time.perf_counter() - t0
     return report

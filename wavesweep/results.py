@@ -212,9 +212,9 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         f"random-pruning seed {grid.seed}; DWT level {grid.level} requested (effective levels per trial below), "
         f"mode periodization, one threshold per layer; magnitude and random prune each layer at the fraction dwt zeroed there.",
         f"- Recovery, identical for the three methods (the same training batches, order and steps): `none` = one-shot; "
-        f"`bn` = BatchNorm statistics re-estimated on {grid.recovery_batches} training batches; `finetune` = bn, then "
+        f"`bn` = BatchNorm statistics re-estimated on {grid.recovery_batches} training batches; `finetune` = "
         f"{grid.finetune_steps} AdamW steps (lr 1e-4, cosine) with every pruning held exactly (dwt trains its kept "
-        f"wavelet coefficients).",
+        f"wavelet coefficients), then bn on the final weights.",
         *([f"- Run on the CPU only (no GPU here), so with the small `{grid.model}` model; the product's target, "
            "ResNet-18, is the same command with `--model resnet18` on a GPU."] if facts["machine"].startswith("CPU")
           and grid.model != "resnet18" else []),
