@@ -89,6 +89,30 @@ def test_target_layer_errors():
         P.prune_dwt(nn.Sequential(nn.ReLU()), wavelet="haar", level=1, percentile=50)
 
 
+def test_tied_weights_are_one_clear_line_and_a_shared_module_is_one_layer():
+    """Two target layers sharing one weight tensor cannot be two records (the accounting, the
+    checkpoint and fine-tuning hold one per weight): every method stops with one line naming
+    both. One module used twice is one layer (``named_modules``), pruned once."""
+    tied = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    tied[2].weight = tied[0].weight
+    calls = [lambda m: P.target_layers(m), lambda m: P.prune_dwt(m, wavelet="haar", level=1, percentile=50),
+             lambda m: P.prune_magnitude(m, 0.5), lambda m: P.prune_random(m, 0.5)]  # fmt: skip
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^target layers '0' and '2' share one weight tensor \(tied weights\)") as e:
+            call(tied)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"'\(root\)' and '1\.0'"):
+        root = nn.Linear(3, 3)
+        root.add_module("1", nn.Sequential(nn.Linear(3, 3)))
+        root.get_submodule("1.0").weight = root.weight
+        P.target_layers(root, "linear")
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    shared = nn.Sequential(conv, nn.ReLU(), conv)
+    assert [n for n, _ in P.target_layers(shared)] == ["0"]
+    res = P.prune_magnitude(shared, 0.5)
+    assert [lp.name for lp in res.layers] == ["0"] and res.model[0] is res.model[2]
+
+
 # --------------------------------------------------------------------------- magnitude
 
 

@@ -232,7 +232,9 @@ def target_layers(model: nn.Module, targets: Iterable[str] | str = ("conv",)) ->
     """``(qualified name, module)`` of every target layer, in ``named_modules`` order.
 
     ``targets``: kinds from :data:`TARGETS` (``"conv"`` = ``nn.Conv2d``, ``"linear"`` = ``nn.Linear``).
-    Raises ``ValueError`` for an unknown kind or a model without target layers.
+    Raises ``ValueError`` for an unknown kind, a model without target layers, or two target
+    layers sharing one weight tensor (tied weights: one record per weight is what the accounting,
+    the checkpoint and fine-tuning rely on).
     """
     targets = normalise_targets(targets)
     types = tuple(TARGETS[t] for t in targets)
@@ -241,6 +243,14 @@ def target_layers(model: nn.Module, targets: Iterable[str] | str = ("conv",)) ->
         for name, m in model.named_modules()
         if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)
     ]
+    owner: dict[int, str] = {}
+    for name, m in layers:
+        first = owner.setdefault(id(m.weight), name)
+        if first != name:
+            raise ValueError(
+                f"target layers {first or '(root)'!r} and {name or '(root)'!r} share one weight tensor (tied weights), "
+                f"which wavesweep cannot prune as two layers; untie them or leave that kind out of the targets"
+            )
     if not layers:
         raise ValueError(
             f"model {type(model).__name__} has no target layers of kinds {list(targets)} "
