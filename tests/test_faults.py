@@ -507,3 +507,185 @@ def test_a_finished_study_run_keeps_an_earlier_launchs_error_as_history(workdir)
     assert run.data.tags["error.previous"] == "1 of 2 trials missing"
     tracking.keep_error_as_history(client, run_id)  # nothing to move: unchanged
     assert client.get_run(run_id).data.tags["error.previous"] == "1 of 2 trials missing"
+
+
+# --------------------------------------------------------------------------- stops at the edges
+
+
+def _kind_status(workdir: Path) -> list[tuple[str, str]]:
+    return sorted((r.data.tags.get("wavesweep.kind", ""), r.info.status) for r in mlflow_runs(workdir))
+
+
+@pytest.mark.slow
+def test_a_stop_while_a_finished_trial_is_recorded_retracts_its_run_and_the_retry_counts_once(workdir, tiny_weights, monkeypatch):
+    """The trial's MLflow run is FINISHED before Optuna has its numbers (dozens of writes): a stop
+    there fails the Optuna trial, so the run and its method runs are retracted (KILLED, tag
+    optuna.state=FAIL) and the resume's retry is the only FINISHED run of those params."""
+    from wavesweep.study import objective
+
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3)
+    real, calls = objective._set_user_attrs, []
+
+    def stop_recording_the_second(trial, attrs):
+        if "examples_evaluated" in attrs:  # the trial's record, after its run finished
+            calls.append(trial.number)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        real(trial, attrs)
+
+    monkeypatch.setattr(objective, "_set_user_attrs", stop_recording_the_second)
+    assert run_cli("study", str(spec), "-q") == 130
+    monkeypatch.setattr(objective, "_set_user_attrs", real)
+    first = {t.number: t for t in trials(workdir)}
+    assert first[1].state == TrialState.FAIL and first[1].user_attrs["interrupted"] is True
+    client = MlflowClient()
+    stopped = client.get_run(first[1].user_attrs["mlflow_run_id"])
+    assert stopped.info.status == "KILLED" and stopped.data.tags["optuna.state"] == "FAIL"
+    assert stopped.data.tags["error"] == "interrupted while recording the trial (KeyboardInterrupt)"
+    kids = client.search_runs([stopped.info.experiment_id], f"tags.`mlflow.parentRunId` = '{stopped.info.run_id}'")
+    assert len(kids) == 3 and {k.info.status for k in kids} == {"KILLED"}
+
+    assert run_cli("study", str(spec), "-q") == 0
+    after = {t.number: t for t in trials(workdir)}
+    assert sum(t.state == TrialState.COMPLETE for t in after.values()) == 3
+    finished = [r for r in mlflow_runs(workdir) if r.data.tags.get("wavesweep.kind") == "trial" and r.info.status == "FINISHED"]
+    assert len(finished) == 3  # not 4: the retracted run does not count beside its retry
+    complete_runs = {t.user_attrs["mlflow_run_id"] for t in after.values() if t.state == TrialState.COMPLETE}
+    assert {r.info.run_id for r in finished} == complete_runs
+    assert not [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_a_stop_whose_cleanup_fails_still_stops_the_study(workdir, tiny_weights, monkeypatch):
+    """Closing the stopped trial's runs fails (a database locked past its timeout): the stop, not
+    that error, propagates. Before, the study took it for an ordinary failed trial, went on deaf
+    to further signals and exited 0. The resume closes the run left RUNNING and retries the trial."""
+    from mlflow.exceptions import MlflowException
+
+    from wavesweep import tracked_trial, tracking
+
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3)
+    real_trial, calls = tracked_trial.run_trial, []
+
+    def ctrl_c_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_trial(*args, **kwargs)
+
+    real_finish = tracking.TrialRun.finish
+
+    def locked(self, status="FINISHED", **kw):
+        if status == "KILLED":
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return real_finish(self, status, **kw)
+
+    monkeypatch.setattr(tracked_trial, "run_trial", ctrl_c_on_second)
+    monkeypatch.setattr(tracking.TrialRun, "finish", locked)
+    assert run_cli("study", str(spec), "-q") == 130
+    assert len(calls) == 2  # no trial started after the stop
+    monkeypatch.setattr(tracked_trial, "run_trial", real_trial)
+    monkeypatch.setattr(tracking.TrialRun, "finish", real_finish)
+    first = {t.number: t for t in trials(workdir)}
+    assert first[1].state == TrialState.FAIL and first[1].user_attrs["interrupted"] is True
+    assert MlflowClient().get_run(first[1].user_attrs["mlflow_run_id"]).info.status == "RUNNING"  # the close failed
+    assert run_cli("study", str(spec), "-q") == 0
+    assert MlflowClient().get_run(first[1].user_attrs["mlflow_run_id"]).info.status == "FAILED"  # reconciled
+    after = trials(workdir)
+    assert sum(t.state == TrialState.COMPLETE for t in after) == 3
+    assert any(t.params == first[1].params and t.state == TrialState.COMPLETE for t in after)  # retried
+    assert not [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
+
+
+def test_a_stop_while_a_trial_run_records_its_parameters_closes_it(workdir, monkeypatch):
+    """The run exists once create_run returns: a stop before the trial's own cleanup is set up
+    (while its parameters are logged) closes it KILLED, not RUNNING for good."""
+    from wavesweep import tracked_trial, tracking
+
+    real = tracking.log_batch
+
+    def stop_on_params(client, run_id, **kw):
+        if "code_version" in (kw.get("params") or {}):
+            raise KeyboardInterrupt
+        return real(client, run_id, **kw)
+
+    monkeypatch.setattr(tracking, "log_batch", stop_on_params)
+    with pytest.raises(KeyboardInterrupt):
+        tracked_trial.run_tracked_trial(TrialConfig(model="cnn", eval_limit=40, timing_batches=0), experiment="edge")
+    runs = mlflow_runs(workdir)
+    assert [(r.data.tags["wavesweep.kind"], r.info.status) for r in runs] == [("trial", "KILLED")]
+    assert runs[0].data.tags["error"] == "while recording its parameters: KeyboardInterrupt: "
+
+
+@pytest.mark.parametrize("where", ["setup", "spec"])
+def test_a_stop_while_a_study_sets_up_closes_its_study_run(workdir, tiny_weights, monkeypatch, where):
+    """A stop after the study run exists and before the trials start (reconciling, requeueing;
+    or while the study run records its spec) closes it KILLED."""
+    from wavesweep import tracking
+    from wavesweep.study import workers
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(*((workers, "_reconcile_mlflow") if where == "setup" else (tracking, "_log_files")), stop)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2)
+    assert run_cli("study", str(spec), "-q") == 130
+    assert _kind_status(workdir) == [("study", "KILLED")]
+
+
+def test_a_failed_trial_beside_a_finished_run_is_reconciled(workdir):
+    """A worker killed (kill -9) while recording a finished trial in Optuna: the trial is FAIL, its
+    run FINISHED. The next launch retracts the run and its method runs (FAILED, optuna.state=FAIL)."""
+    from wavesweep import tracking
+    from wavesweep.study import workers
+
+    client = MlflowClient()
+    exp = client.create_experiment("reconcile")
+    run = client.create_run(exp, tags={"wavesweep.kind": "trial"}).info.run_id
+    kid = client.create_run(exp, tags={"wavesweep.kind": "method", "mlflow.parentRunId": run}).info.run_id
+    other = client.create_run(exp, tags={"wavesweep.kind": "trial"}).info.run_id
+    for rid in (kid, run, other):
+        tracking.close_run(client, rid, "FINISHED", children=False)
+    st = optuna.create_study()
+    for rid, state in ((run, TrialState.FAIL), (other, TrialState.COMPLETE)):
+        t = st.ask()
+        t.set_user_attr("mlflow_run_id", rid)
+        st.tell(t, 1.0 if state == TrialState.COMPLETE else None, state=state)
+    workers._reconcile_mlflow(st, client)
+    assert [client.get_run(r).info.status for r in (run, kid, other)] == ["FAILED", "FAILED", "FINISHED"]
+    assert client.get_run(run).data.tags["optuna.state"] == "FAIL"
+
+
+def test_optunas_failed_with_value_none_line_is_dropped_only_for_a_stop():
+    """After a stop Optuna logs "Trial N failed with value None."; the CLI's one line says it."""
+    import logging
+
+    from wavesweep import interrupt
+    from wavesweep.study import workers
+
+    f = workers._DropInterruptTracebacks()
+    rec = logging.LogRecord("optuna", logging.WARNING, __file__, 1, "Trial %d failed with value %s.", (3, None), None)
+    assert f.filter(rec)  # no stop: a real failure is shown
+    with interrupt.stop_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt as exc:
+            assert not f.filter(rec)
+            interrupt.caught(exc)
+    assert f.filter(rec)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["trial", "--seed", "-1", "-q"], "seed=-1 must be an integer in 0..2147483647"),
+    (["trial", "--seed", str(2**31), "-q"], f"seed={2**31} must be an integer in 0..2147483647"),
+    (["study", "SPEC", "--set", "seed=-1", "--dry-run"], "seed=-1 must be an integer in 0..2147483647"),
+    (["study", "SPEC", "--workers", "0", "--dry-run"], "--workers=0 must be an integer >= 1"),
+    (["study", "SPEC", "--workers", "-1", "--dry-run"], "--workers=-1 must be an integer >= 1"),
+])  # fmt: skip
+def test_bad_seed_and_workers_are_one_line(workdir, tiny_weights, capsys, argv, needle):
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights)
+    assert run_cli(*[str(spec) if a == "SPEC" else a for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (workdir / "mlruns").exists() or not mlflow_runs(workdir)

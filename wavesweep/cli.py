@@ -193,6 +193,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-trials={args.n_trials} must be >= 0 (0: the spec's n_trials)")
     if args.timeout is not None:
         study.check_timeout(args.timeout)
+    if args.workers < 1:
+        raise ValueError(f"--workers={args.workers} must be an integer >= 1 (worker processes on this machine)")
     enqueued = [study.enqueue_params(spec, item) for item in args.enqueue or []]
     url = args.storage or spec.storage or study.DEFAULT_STORAGE
     study.check_storage_url(url)
@@ -202,7 +204,7 @@ def cmd_study(args: argparse.Namespace) -> int:
                              enqueued=enqueued), end="")  # fmt: skip
         return 0
     outcome = study.run_study(
-        spec, n_trials=args.n_trials or None, timeout=args.timeout, storage=args.storage, workers=args.workers or 1,
+        spec, n_trials=args.n_trials or None, timeout=args.timeout, storage=args.storage, workers=args.workers,
         progress=not args.quiet, launched_run_id=args.launched_run_id, quiet=args.quiet, enqueue_configs=enqueued,
         requeue_running=args.requeue_running,
     )  # fmt: skip

@@ -26,6 +26,7 @@ def _parse_bool(name: str, value: Any) -> bool:
     raise ValueError(f"{name}={value!r} is not a boolean; valid: true, false")
 
 
+MAX_SEED = 2**31 - 1  # seed + replicates (up to 100) and seed + 1 stay within numpy/scikit-learn's 0..2**32 - 1
 MAX_TIMING_BATCHES = 100  # timed batches per model: 4 models x 100 ResNet-18 batches of 256 is minutes on a CPU
 
 
@@ -76,6 +77,8 @@ class TrialConfig:
             raise ValueError(f"targets={self.targets!r} names no target kind; valid: {', '.join(TARGET_KINDS)}")
         for kind in kinds:
             check_choice("target kind", kind, TARGET_KINDS)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed={self.seed} must be an integer in 0..{MAX_SEED}")
         for name in ("eval_limit", "timing_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")

@@ -49,6 +49,11 @@ def caught(exc: BaseException) -> str:
     return describe(exc)
 
 
+def stop_pending() -> bool:
+    """Whether a stop (SIGINT, SIGTERM) arrived in the current :func:`stop_signals` block."""
+    return bool(_state["depth"]) and _state["signum"] is not None
+
+
 def _resend(signum: int) -> None:
     """Python runs a signal handler between any two bytecodes, also inside a weakref or ``__del__``
     callback, where the raised exception is printed and dropped ("Exception ignored in ...").

@@ -125,10 +125,10 @@ def run_tracked_configuration(
     cid = replicates.config_id(cfg)
     run_id, owned = _start_run(client, exp_id, cfg, n, cid, parent_run_id=parent_run_id, adopt_run_id=adopt_run_id, tags=tags)
     outcome = ConfigurationOutcome(run_id=run_id, config_id=cid)
-    if on_run is not None:
-        on_run(run_id)
     where = "setup"
     try:
+        if on_run is not None:
+            on_run(run_id)
         _log_params(client, run_id, cfg, n)
         # The replicates go where the configuration run is (an adopted run fixes the experiment).
         exp_id = client.get_run(run_id).info.experiment_id
@@ -156,14 +156,20 @@ def run_tracked_configuration(
         outcome.aggregates = replicates.aggregate([results_of(r) for r in outcome.results])
         tracking.log_batch(client, run_id, metrics=outcome.aggregates)
         client.log_text(run_id, _replicates_table(outcome), "replicates.csv")
+    # Closing is best-effort (tracking.close_quietly): the exception being handled is re-raised.
     except early_stop as exc:
-        tracking.close_run(client, run_id, "KILLED", error=f"early-stopped in {where}: {exc}", tags={"early_stopped": "true"})
+        error = f"early-stopped in {where}: {exc}"
+        tracking.close_quietly(lambda: tracking.close_run(client, run_id, "KILLED", error=error, tags={"early_stopped": "true"}),
+                               "the configuration's runs")  # fmt: skip
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (interrupt.Terminated)
-        tracking.close_run(client, run_id, "KILLED", error=f"interrupted in {where} ({interrupt.caught(exc)})")
+        error = f"interrupted in {where} ({interrupt.caught(exc)})"
+        with interrupt.ignored():
+            tracking.close_quietly(lambda: tracking.close_run(client, run_id, "KILLED", error=error), "the configuration's runs")
         raise
     except BaseException as exc:
-        tracking.close_run(client, run_id, "FAILED", error=f"{where}: {type(exc).__name__}: {exc}")
+        error = f"{where}: {type(exc).__name__}: {exc}"
+        tracking.close_quietly(lambda: tracking.close_run(client, run_id, "FAILED", error=error), "the configuration's runs")
         raise
     # A successful adopted run is left open: `mlflow run` closes the run it created.
     tracking.close_run(client, run_id, "FINISHED", children=False, terminate=owned)

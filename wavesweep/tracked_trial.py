@@ -80,9 +80,9 @@ def run_tracked_trial(
     client, exp_id = tracking.init_tracking(experiment=experiment, run_id=None if parent_run_id else adopt_run_id)
     run = tracking.TrialRun(client, exp_id, cfg, parent_run_id=parent_run_id, adopt_run_id=adopt_run_id, extra_tags=tags)
     t_setup = time.perf_counter() - t_start
-    if on_run is not None:
-        on_run(run.run_id)
     try:
+        if on_run is not None:
+            on_run(run.run_id)
         t0 = time.perf_counter()
         base = resolve_base(cfg, progress=progress)
         t_base = time.perf_counter() - t0
@@ -97,14 +97,20 @@ def run_tracked_trial(
             tracking.log_trial(run, result, checkpoint_files=files)
             result.phase_seconds["checkpoint_write"] = t2 - t1
             result.phase_seconds["mlflow_logging"] = time.perf_counter() - t2
+    # Closing is best-effort here (tracking.close_quietly): the exception being handled is what
+    # is re-raised, never a failure to close (a locked database would turn a stop into an error).
     except early_stop as exc:
-        run.finish("KILLED", error=f"early-stopped: {exc}", tags={"early_stopped": "true"})
+        error = f"early-stopped: {exc}"
+        tracking.close_quietly(lambda: run.finish("KILLED", error=error, tags={"early_stopped": "true"}), "the trial's runs")
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (interrupt.Terminated)
-        run.finish("KILLED", error=f"interrupted ({interrupt.caught(exc)})")
+        error = f"interrupted ({interrupt.caught(exc)})"
+        with interrupt.ignored():
+            tracking.close_quietly(lambda: run.finish("KILLED", error=error), "the trial's runs")
         raise
     except BaseException as exc:
-        run.finish("FAILED", error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        tracking.close_quietly(lambda: run.finish("FAILED", error=error), "the trial's runs")
         raise
     run.finish("FINISHED")
     return result, run.run_id

@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 import wavesweep
+from wavesweep import interrupt
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import file_lock
 from wavesweep.redact import redact
@@ -232,9 +233,16 @@ class TrialRun:
             run = client.create_run(experiment_id, run_name=run_name(cfg, "trial"), tags=tags)
             self.run_id = run.info.run_id
             self.owned = True
-        self.experiment_id = experiment_id if self.owned else client.get_run(self.run_id).info.experiment_id
         self.child_ids: dict[str, str] = {}
-        log_batch(client, self.run_id, params={**cfg.to_dict(), "code_version": code_version()})
+        try:
+            self.experiment_id = experiment_id if self.owned else client.get_run(self.run_id).info.experiment_id
+            log_batch(client, self.run_id, params={**cfg.to_dict(), "code_version": code_version()})
+        except BaseException as exc:  # the run exists: a stop or an error here must not leave it RUNNING
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            error = f"while recording its parameters: {type(exc).__name__}: {exc}"
+            with interrupt.ignored():
+                close_quietly(lambda: close_run(client, self.run_id, status, error=error, children=False), f"trial run {self.run_id}")
+            raise
 
     def child(self, method: str) -> str:
         run = self.client.create_run(
@@ -266,21 +274,24 @@ def close_run(
     metrics: dict[str, float] | None = None,
     children: list[str] | bool = True,
     terminate: bool = True,
+    finished_too: bool = False,
 ) -> None:
     """Close ``run_id`` with ``status`` (FINISHED, FAILED, KILLED), with tag ``error`` and ``tags``.
 
     ``children``: the method runs below it (``True``: look them up; below a configuration run, its
-    replicate trial runs too; ``False``: none), closed first with the same status and tags.
-    ``metrics`` go on ``run_id`` only; ``terminate=False`` records everything but leaves it open.
+    replicate trial runs too; ``False``: none), closed first with the same status and tags; the
+    ones still RUNNING, or all of them with ``finished_too`` (retracting a finished run whose
+    Optuna trial failed after all). ``metrics`` go on ``run_id`` only; ``terminate=False`` records
+    everything but leaves it open.
     """
     extra = {**(tags or {}), **({"error": error[:5000]} if error else {})}
     if children is True:
         run = client.get_run(run_id)
         found = client.search_runs([run.info.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'")
-        running = [r for r in found if r.info.status == "RUNNING"]
+        running = found if finished_too else [r for r in found if r.info.status == "RUNNING"]
         if run.data.tags.get("wavesweep.kind") == "configuration":  # its replicate trial runs, with their method runs
             for r in (r for r in running if r.data.tags.get("wavesweep.kind") == "trial"):
-                close_run(client, r.info.run_id, status, error=error, tags=tags)
+                close_run(client, r.info.run_id, status, error=error, tags=tags, finished_too=finished_too)
         children = [r.info.run_id for r in running if r.data.tags.get("wavesweep.kind") == "method"]
     for rid in children or []:
         _best_effort(log_batch, client, rid, tags=extra)  # a full disk must not leave the run RUNNING
@@ -288,6 +299,17 @@ def close_run(
     _best_effort(log_batch, client, run_id, tags=extra, metrics=metrics or {})
     if terminate:
         client.set_terminated(run_id, status)
+
+
+def close_quietly(close: Callable[[], Any], what: str) -> None:
+    """Run ``close`` (closing runs) while an exception is being handled: a failure to close (a
+    locked database, a full disk) is logged, never raised in place of what is being handled. A
+    stop (Ctrl-C, SIGTERM) replaced by a "database is locked" would be taken for an ordinary
+    failed trial: the study would go on, deaf to further signals, and the trial never be retried."""
+    try:
+        close()
+    except Exception as exc:  # noqa: BLE001 - logged; the exception being handled is re-raised by the caller
+        log.error("could not close %s: %s: %s", what, type(exc).__name__, exc)
 
 
 def _best_effort(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -452,12 +474,19 @@ def start_study_run(
         "optuna.storage": redact_url(storage), "study.spec_sha256": spec_sha256(spec_text) if spec_text else "",
         "study.spec_file": str(spec_file) if spec_file else "", "code_version": code_version(),
     }  # fmt: skip
-    log_batch(client, run_id, params=params, tags=tags)
-    # The spec's text is an artifact (spec/NAME.yaml), not a tag: tags are table cells in the UI.
-    if spec_text:
-        _log_files(client, run_id, {spec_file.name if spec_file else "spec.yaml": redact(spec_text)}, "spec")
-    if launched and launched != run_id:
-        log_batch(client, launched, tags={"wavesweep.kind": "study-launch", "optuna.study": study_name, "study_run_id": run_id})
+    try:
+        log_batch(client, run_id, params=params, tags=tags)
+        # The spec's text is an artifact (spec/NAME.yaml), not a tag: tags are table cells in the UI.
+        if spec_text:
+            _log_files(client, run_id, {spec_file.name if spec_file else "spec.yaml": redact(spec_text)}, "spec")
+        if launched and launched != run_id:
+            log_batch(client, launched, tags={"wavesweep.kind": "study-launch", "optuna.study": study_name, "study_run_id": run_id})
+    except BaseException as exc:  # the run is open: a stop or an error here must not leave it RUNNING
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        error = f"while opening the study run: {type(exc).__name__}: {exc}"
+        with interrupt.ignored():
+            close_quietly(lambda: close_run(client, run_id, status, error=error, children=False), f"study run {run_id}")
+        raise
     return run_id
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from wavesweep import replicates, schema, tracking
+from wavesweep import interrupt, replicates, schema, tracking
 from wavesweep.config import TrialConfig
 from wavesweep.evaluate import Chunk
 from wavesweep.study.spec import StudySpec
@@ -165,20 +165,34 @@ def objective(
             trial.set_user_attr("interrupted", True)
         tag_run("FAIL")
         raise
-    metrics = result.metrics()["parent"] if configuration is None else replicates.means(configuration.aggregates)
-    values = []
-    for name in spec.selection_metrics:
-        v = metrics.get(name)
-        if v is None or not math.isfinite(v):
-            tracking.close_run(client, run_id, "FAILED", error=f"objective {name}={v}", tags={"optuna.state": "FAIL"})
-            trial.set_user_attr("error", f"objective {name} is {v}")
-            raise ValueError(f"objective {name} is {v} for trial {trial.number}")
-        values.append(float(v))
-    if configuration is None:
-        _set_user_attrs(trial, trial_record(metrics, result))
-    else:
-        _set_user_attrs(trial, replicate_record(metrics, configuration))
-    tag_run("COMPLETE", values)
+    # The trial's MLflow run is closed FINISHED by now; what follows records it in Optuna (dozens
+    # of writes). A stop or an error here fails the Optuna trial, so the run is retracted (KILLED
+    # or FAILED, its children too, tag optuna.state=FAIL): a FINISHED run beside a FAIL trial
+    # would count twice once the interrupted trial is retried with its params.
+    try:
+        metrics = result.metrics()["parent"] if configuration is None else replicates.means(configuration.aggregates)
+        values = []
+        for name in spec.selection_metrics:
+            v = metrics.get(name)
+            if v is None or not math.isfinite(v):
+                raise ValueError(f"objective {name} is {v} for trial {trial.number}")
+            values.append(float(v))
+        if configuration is None:
+            _set_user_attrs(trial, trial_record(metrics, result))
+        else:
+            _set_user_attrs(trial, replicate_record(metrics, configuration))
+        tag_run("COMPLETE", values)
+    except BaseException as exc:
+        stopped = isinstance(exc, KeyboardInterrupt)
+        error = f"interrupted while recording the trial ({interrupt.caught(exc)})" if stopped else f"{type(exc).__name__}: {exc}"
+        with interrupt.ignored() if stopped else contextlib.nullcontext():
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("error", error[:2000])
+                if stopped:  # retried with these params next launch
+                    trial.set_user_attr("interrupted", True)
+            tracking.close_quietly(lambda: tracking.close_run(client, run_id, "KILLED" if stopped else "FAILED", error=error,
+                                                              tags={"optuna.state": "FAIL"}, finished_too=True), f"run {run_id}")  # fmt: skip
+        raise
     return values[0] if len(values) == 1 else values
 
 

@@ -23,6 +23,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import secrets
 import signal
 import time
@@ -72,11 +73,18 @@ def launch_seed(spec_seed: int) -> int:
 
 
 class _DropInterruptTracebacks(logging.Filter):
-    """Optuna logs a trial stopped by Ctrl-C/SIGTERM with a traceback; the CLI says it in one line."""
+    """Optuna logs a trial stopped by Ctrl-C/SIGTERM with a traceback, then "Trial N failed with
+    value None."; the CLI says it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, KeyboardInterrupt) and "KeyboardInterrupt" not in record.getMessage() and "Terminated(" not in record.getMessage()
+        msg = record.getMessage()
+        if interrupt.stop_pending() and _FAILED_WITH_NONE.fullmatch(msg):
+            return False
+        return not isinstance(exc, KeyboardInterrupt) and "KeyboardInterrupt" not in msg and "Terminated(" not in msg
+
+
+_FAILED_WITH_NONE = re.compile(r"Trial \d+ failed with value None\.?")
 
 
 def quiet_optuna(quiet: bool) -> None:
@@ -248,11 +256,18 @@ def _run_workers(launch: Launch, progress: _Progress) -> int:
 
 
 def _reconcile_mlflow(study: optuna.Study, client: Any) -> None:
-    """Trials failed without their process closing the MLflow run (a killed worker): close it FAILED."""
+    """Trials failed without their process closing the MLflow run (a killed worker): close it
+    FAILED. A run FINISHED beside a FAIL trial (a worker killed while recording a finished trial
+    in Optuna) is retracted the same way, its children too: the trial is retried, and its first
+    run must not count beside the retry's."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         rid = t.user_attrs.get("mlflow_run_id")
-        if rid and tracking.run_status(client, rid) == "RUNNING":
+        status = tracking.run_status(client, rid) if rid else None
+        if status == "RUNNING":
             tracking.close_run(client, rid, "FAILED", error="trial failed in Optuna; its worker is gone", tags={"optuna.state": "FAIL"})
+        elif status == "FINISHED":
+            tracking.close_run(client, rid, "FAILED", error="trial failed in Optuna after its run finished (its worker stopped "
+                               "while recording it); retracted", tags={"optuna.state": "FAIL"}, finished_too=True)  # fmt: skip
 
 
 @dataclass
@@ -332,74 +347,88 @@ def run_study(
         client, exp_id, study_name=spec.name, storage=url, spec_file=spec.path, spec_text=spec.text,
         params=spec.summary_params(), existing_run_id=study.user_attrs.get("mlflow_run_id"), launched_run_id=launched_run_id,
     )  # fmt: skip
-    if study.user_attrs.get("mlflow_run_id") != parent:
-        study.set_user_attr("mlflow_run_id", parent)
-    db = sqlite_file(url)
-    lock_dir = db.parent if db is not None else Path(".wavesweep")
-    launch = Launch(
-        spec=spec, storage_url=url, n_trials=n_total, timeout=timeout, parent_run_id=parent, experiment=experiment,
-        lock_path=(lock_dir / f".{spec.name}.slots.lock").resolve(), workers=workers, quiet=quiet, seed=launch_seed(spec.seed),
-    )  # fmt: skip
-    log.info("study %s: sampler seed %d (spec seed %d mixed with a per-launch salt)", spec.name, launch.seed, spec.seed)
-    with file_lock(launch.lock_path):  # not while a worker on this machine is counting
-        if has_heartbeat(opened):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # a killed launch's trials: FAIL and re-queued
-        if requeue_running:
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                study.tell(t.number, state=TrialState.FAIL)  # its worker is gone: the caller's word
-                log.warning("trial %d was RUNNING with no launcher running: failed, re-queued with the same params", t.number)
-        _reconcile_mlflow(study, client)
-        done0, _ = _counts(study)
-        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        if (k := requeue_failed(study, spec, limit=None if n_total is None else n_total - done0 - waiting)):
-            log.info("re-queued %d interrupted or lost trial(s) with their params: %s", len(k), k)
-        if enqueue_configs and (k := enqueue(study, enqueue_configs)):
-            log.info("enqueued %d chosen configuration(s) to run first", k)
-    done0, _ = _counts(study)
-    bar = _Progress(spec, n_total, progress, initial=min(done0, n_total or done0))
-    status, reason = "FINISHED", ""
-    redirect = contextlib.nullcontext()
-    if progress:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        redirect = logging_redirect_tqdm()  # log lines above the bar, not through it
+    # From here the study run exists: a stop anywhere up to its closing (setup, the summary after
+    # the trials) closes it KILLED, so no launch leaves it RUNNING.
+    closed = False
     try:
-        with redirect:
-            bar(study)
-            if workers == 1:
-                with interrupt.stop_signals():
-                    _worker_loop(launch, 0, on_trial=bar)
-            elif (k := _run_workers(launch, bar)):
-                status, reason = "FAILED", f"{k} of {workers} workers gave up after {spec.max_failures} consecutive failed trials (see the log)"
+        if study.user_attrs.get("mlflow_run_id") != parent:
+            study.set_user_attr("mlflow_run_id", parent)
+        db = sqlite_file(url)
+        lock_dir = db.parent if db is not None else Path(".wavesweep")
+        launch = Launch(
+            spec=spec, storage_url=url, n_trials=n_total, timeout=timeout, parent_run_id=parent, experiment=experiment,
+            lock_path=(lock_dir / f".{spec.name}.slots.lock").resolve(), workers=workers, quiet=quiet, seed=launch_seed(spec.seed),
+        )  # fmt: skip
+        log.info("study %s: sampler seed %d (spec seed %d mixed with a per-launch salt)", spec.name, launch.seed, spec.seed)
+        with file_lock(launch.lock_path):  # not while a worker on this machine is counting
+            if has_heartbeat(opened):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)  # a killed launch's trials: FAIL and re-queued
+            if requeue_running:
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    study.tell(t.number, state=TrialState.FAIL)  # its worker is gone: the caller's word
+                    log.warning("trial %d was RUNNING with no launcher running: failed, re-queued with the same params", t.number)
+            _reconcile_mlflow(study, client)
+            done0, _ = _counts(study)
+            waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            if (k := requeue_failed(study, spec, limit=None if n_total is None else n_total - done0 - waiting)):
+                log.info("re-queued %d interrupted or lost trial(s) with their params: %s", len(k), k)
+            if enqueue_configs and (k := enqueue(study, enqueue_configs)):
+                log.info("enqueued %d chosen configuration(s) to run first", k)
+        done0, _ = _counts(study)
+        bar = _Progress(spec, n_total, progress, initial=min(done0, n_total or done0))
+        status, reason = "FINISHED", ""
+        redirect = contextlib.nullcontext()
+        if progress:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect = logging_redirect_tqdm()  # log lines above the bar, not through it
+        try:
+            with redirect:
+                bar(study)
+                if workers == 1:
+                    with interrupt.stop_signals():
+                        _worker_loop(launch, 0, on_trial=bar)
+                elif (k := _run_workers(launch, bar)):
+                    status, reason = "FAILED", f"{k} of {workers} workers gave up after {spec.max_failures} consecutive failed trials (see the log)"
+        except KeyboardInterrupt as exc:
+            bar.close()
+            with interrupt.ignored():
+                error = f"interrupted ({interrupt.caught(exc)})"
+                tracking.close_quietly(lambda: tracking.close_run(client, parent, "KILLED", error=error, metrics=study_metrics(study),
+                                                                  children=False), f"study run {parent}")  # fmt: skip
+            closed = True
+            raise
+        except RuntimeError as exc:
+            status, reason = "FAILED", str(exc)
+        finally:
+            bar.close()
+        done, running = _counts(study)
+        missing = max(0, n_total - done) if n_total else 0
+        timed_out = timeout is not None and time.time() - launch.t0 >= timeout
+        if missing and status == "FINISHED" and not timed_out:
+            status = "FAILED"
+            stuck = f"; {running} trial(s) are RUNNING in a storage without heartbeats (a journal file), whose workers may be dead (once no launcher runs: relaunch with --requeue-running)" if running else ""
+            reason = f"{missing} of {n_total} trials missing{stuck}"
+        out = StudyOutcome(study, parent, status, reason, missing=missing, running=running, timed_out=timed_out)
+        best = best_trial(study)
+        tags = {"best_trial_number": best.number, "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id", "")} if best else {}
+        if out.final or status == "FAILED":
+            # FAILED while trials still run (a journal storage's trial whose worker may be dead, or this
+            # launch gave up): closed with the reason, so no run stays RUNNING; a launcher still running
+            # closes it again when it finishes.
+            if status == "FINISHED":  # another launch may have closed it FAILED while this one ran
+                tracking.keep_error_as_history(client, parent)
+            tracking.close_run(client, parent, status, error=reason or None, metrics=study_metrics(study), tags=tags, children=False)
+        else:  # other launchers are still running trials: the last one to finish closes the study run
+            tracking.log_batch(client, parent, metrics=study_metrics(study))
+        closed = True  # a stop from here on leaves the study run as recorded
+        return out
     except KeyboardInterrupt as exc:
-        bar.close()
-        with interrupt.ignored():
-            tracking.close_run(client, parent, "KILLED", error=f"interrupted ({interrupt.caught(exc)})", metrics=study_metrics(study),
-                               children=False)  # fmt: skip
+        if not closed:
+            with interrupt.ignored():
+                error = f"interrupted ({interrupt.caught(exc)})"
+                tracking.close_quietly(lambda: tracking.close_run(client, parent, "KILLED", error=error, children=False),
+                                       f"study run {parent}")  # fmt: skip
         raise
-    except RuntimeError as exc:
-        status, reason = "FAILED", str(exc)
-    finally:
-        bar.close()
-    done, running = _counts(study)
-    missing = max(0, n_total - done) if n_total else 0
-    timed_out = timeout is not None and time.time() - launch.t0 >= timeout
-    if missing and status == "FINISHED" and not timed_out:
-        status = "FAILED"
-        stuck = f"; {running} trial(s) are RUNNING in a storage without heartbeats (a journal file), whose workers may be dead (once no launcher runs: relaunch with --requeue-running)" if running else ""
-        reason = f"{missing} of {n_total} trials missing{stuck}"
-    out = StudyOutcome(study, parent, status, reason, missing=missing, running=running, timed_out=timed_out)
-    best = best_trial(study)
-    tags = {"best_trial_number": best.number, "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id", "")} if best else {}
-    if out.final or status == "FAILED":
-        # FAILED while trials still run (a journal storage's trial whose worker may be dead, or this
-        # launch gave up): closed with the reason, so no run stays RUNNING; a launcher still running
-        # closes it again when it finishes.
-        if status == "FINISHED":  # another launch may have closed it FAILED while this one ran
-            tracking.keep_error_as_history(client, parent)
-        tracking.close_run(client, parent, status, error=reason or None, metrics=study_metrics(study), tags=tags, children=False)
-    else:  # other launchers are still running trials: the last one to finish closes the study run
-        tracking.log_batch(client, parent, metrics=study_metrics(study))
-    return out
