@@ -225,8 +225,11 @@ BILLION_LAUGHS = "\n".join(
         (("study: x\nsampler: {name: tpe, multivariate: 3}\n" + _SPEC_TAIL).encode(), ["sampler.multivariate", "true/false"]),
         (("study: x\npruner: {name: median, n_warmup_steps: 1.5}\n" + _SPEC_TAIL).encode(), ["pruner.n_warmup_steps", "must be integer"]),
         (("study: x\nsampler: {name: nsga2, crossover_prob: yes}\n" + _SPEC_TAIL).encode(), ["crossover_prob=True", "number"]),
+        (("study: x\nsampler: {name: random, n_startup_trials: 3}\n" + _SPEC_TAIL).encode(),
+         ["bad.yaml:2", "unknown RandomSampler option 'n_startup_trials': it takes none here (name and seed aside)"]),
     ],
-    ids=["billion-laughs", "deep-flow", "deep-block", "latin-1", "grid-step", "grid-product", "startup-x", "bool", "int", "float"],
+    ids=["billion-laughs", "deep-flow", "deep-block", "latin-1", "grid-step", "grid-product", "startup-x", "bool", "int", "float",
+         "no-options"],
 )
 def test_spec_resource_limits_are_one_line_errors(workdir, capsys, content, needles):
     import time

@@ -23,6 +23,8 @@ def check_options(key: tuple[str, ...], cls: type, options: dict[str, Any]) -> N
     sig = inspect.signature(cls.__init__).parameters
     valid = [n for n in sig if n not in ("self", "args", "kwargs") and n not in _NOT_OPTIONS]
     for name in options:
+        if name not in valid and not valid:
+            raise SpecError((*key, name), f"unknown {cls.__name__} option {name!r}: it takes none here (name and seed aside)")
         if name not in valid:
             raise SpecError((*key, name), unknown_choice(f"{cls.__name__} option", name, valid))
     for name, value in options.items():
