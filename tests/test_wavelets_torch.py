@@ -437,6 +437,9 @@ def test_dense_backend_is_one_matrix_product_equal_to_pywavelets(layout, wavelet
     assert rows.shape == (dense.rows_of(st), st.n_coeffs // dense.rows_of(st))
     assert torch.equal(dense.from_rows(rows, st), ct)
     assert _max_err(dense.reconstruct(rows, st, keep=krows, rows=True), want_w) < 1e-12
+    # positions-major input (the CPU synthesis' order) is honoured here too, not read as decompose's
+    pm, kpm = wt.to_positions_major(ct, st), wt.to_positions_major(kt.double(), st)
+    assert not torch.equal(pm, ct) and _max_err(wt.reconstruct(pm, st, keep=kpm, positions_major=True), want_w) < 1e-12
     x = torch.from_numpy(c[: min(st.n_coeffs, 400)]).requires_grad_(True)
     pad = torch.from_numpy(c[x.numel():])
     assert torch.autograd.gradcheck(lambda v: wt.reconstruct(torch.cat([v, pad]), st, keep=kt), (x,), fast_mode=True)

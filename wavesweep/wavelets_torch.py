@@ -210,7 +210,10 @@ def reconstruct(
     if keep is not None:
         keep = keep.to(device=flat.device, dtype=flat.dtype)  # a bool mask costs a cast here
     nd = _nd(structure)
-    if uses_dense(structure, flat.device):  # one GEMM; positions-major is a CPU order, never used here
+    if uses_dense(structure, flat.device):  # one GEMM, in decompose's order (fine-tuning never asks for the other here)
+        if positions_major and structure.level > 0:
+            flat = from_positions_major(flat, structure)
+            keep = None if keep is None else from_positions_major(keep, structure)
         return dense.reconstruct(flat, structure, keep=keep).to(out_dtype)
     if structure.level > 0 and filterbank.synthesis_backend(flat.device) == "gemm":  # all levels at once
         if not positions_major:
