@@ -117,33 +117,15 @@ def test_reestimate_bn_equals_hook_computation(train_set, group):
     pass, each BatchNorm normalising every batch by its own statistics) against the oracle."""
     model = bn_net()
     batches = list(recovery.training_batches(train_set, batch_size=32, n=9, seed=0))
-    # Oracle: run the batches with the BatchNorm layers in train mode (batch statistics) and
-    # record every BatchNorm input with forward pre-hooks; average the per-batch per-channel
-    # means and unbiased variances over the batches.
-    oracle = bn_net()
-    bns = recovery.batchnorm_layers(oracle)
-    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(bns))}
-    hooks = [bn.register_forward_pre_hook(lambda mod, inp, i=i: seen[i].append(inp[0].detach().clone()))
-             for i, bn in enumerate(bns)]  # fmt: skip
-    oracle.eval()
-    for bn in bns:
-        bn.train()
-    with torch.no_grad():
-        for x, _ in batches:
-            oracle(x)
-    for h in hooks:
-        h.remove()
+    oracle = _bn_oracle(bn_net(), batches)  # forward pre-hooks, BatchNorm layers in train mode
 
     layers, used = recovery.reestimate_bn(model, iter(batches), group=group)
     assert (layers, used) == (3, 9)
     assert all("forward" not in bn.__dict__ for bn in recovery.batchnorm_layers(model))  # the class's forward again
     assert not model.training and all(not m.training for m in model.modules())
-    for i, bn in enumerate(recovery.batchnorm_layers(model)):
-        dims = [0] + list(range(2, seen[i][0].ndim))
-        means = torch.stack([t.double().mean(dim=dims) for t in seen[i]])
-        vars_ = torch.stack([t.double().var(dim=dims, unbiased=True) for t in seen[i]])
-        torch.testing.assert_close(bn.running_mean.double(), means.mean(0), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bn.running_var.double(), vars_.mean(0), rtol=1e-5, atol=1e-6)
+    for bn, (mean, var) in zip(recovery.batchnorm_layers(model), oracle, strict=True):
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
         assert bn.momentum == 0.1  # restored
         assert int(bn.num_batches_tracked) == 9
     # weights untouched
@@ -619,7 +601,7 @@ def test_finetune_ends_with_the_cumulative_statistics_of_its_final_weights(train
     report = recovery.recover(res, train_set, settings)
     assert (report.finetune_steps, report.bn_batches) == (6, 5)
     batches = list(recovery.training_batches(train_set, batch_size=32, n=5, seed=settings.seed))
-    for bn, (mean, var) in zip(recovery.batchnorm_layers(res.model), _bn_oracle(res.model, batches)):
+    for bn, (mean, var) in zip(recovery.batchnorm_layers(res.model), _bn_oracle(res.model, batches), strict=True):
         assert int(bn.num_batches_tracked) == 5  # re-estimated last: not 5 + 6
         torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
