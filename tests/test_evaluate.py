@@ -64,6 +64,25 @@ def test_metrics_agree_with_sklearn(n, c, absent):
     assert r.preds.dtype == np.int64
 
 
+def test_tied_logits_rank_the_target_as_argmax_does_for_top1_and_top5():
+    """Equal logits (a collapsed model, a classifier pruned to nothing) rank the lowest class
+    first, argmax's rule, for top-1 and top-5 alike: an example right at top-1 is right at top-5.
+    Oracle: the target's position when the classes are sorted by (-logit, index)."""
+    cases = [(torch.zeros(1, 10), 0, 1.0, 1.0), (torch.zeros(1, 10), 9, 0.0, 0.0), (torch.zeros(1, 100), 4, 0.0, 1.0),
+             (torch.tensor([[1.0, 1, 1, 1, 1, 1, 0, 0, 0, 0]]), 0, 1.0, 1.0),
+             (torch.tensor([[1.0, 1, 1, 1, 1, 1, 0, 0, 0, 0]]), 5, 0.0, 0.0)]  # fmt: skip
+    for logits, y, top1, top5 in cases:
+        r = metrics_from_logits(logits, torch.tensor([y]))
+        assert (r.top1, r.top5) == (top1, top5), (logits.tolist(), y)
+    rng = np.random.default_rng(5)
+    logits = rng.integers(0, 3, size=(400, 12)).astype(np.float32)  # ties everywhere
+    y = rng.integers(0, 12, size=400)
+    r = metrics_from_logits(torch.from_numpy(logits), torch.from_numpy(y))
+    rank = [sorted(range(12), key=lambda j, row=row: (-row[j], j)).index(t) for row, t in zip(logits, y)]
+    assert r.top5 == np.mean(np.array(rank) < 5) and r.top1 == np.mean(np.array(rank) == 0)
+    assert np.array_equal(r.correct, logits.argmax(1) == y) and r.top5 >= r.top1
+
+
 def test_metrics_reject_bad_shapes():
     with pytest.raises(ValueError, match="need logits"):
         metrics_from_logits(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long))

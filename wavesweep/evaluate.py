@@ -285,10 +285,14 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> EvalResu
     if n == 0:
         raise ValueError("cannot compute metrics on zero examples")
     k = min(5, c)
-    preds = logits.argmax(dim=1)  # (N,)
+    preds = logits.argmax(dim=1)  # (N,): among equal logits the lowest class (torch's rule)
     correct = preds == targets
-    topk = logits.topk(k, dim=1).indices  # (N, k)
-    top5 = (topk == targets[:, None]).any(dim=1).float().mean().item()
+    # The target's rank under the same rule (classes above it, and equal ones with a lower index):
+    # top-1 is rank 0 (= argmax), top-k rank < k, so an example right at top-1 is right at top-5
+    # even where logits tie (topk's order among equal values is unspecified).
+    tl = logits.gather(1, targets[:, None])
+    rank = (logits > tl).sum(1) + ((logits == tl) & (torch.arange(c)[None] < targets[:, None])).sum(1)
+    top5 = (rank < k).double().mean().item()
     loss = F.cross_entropy(logits, targets).item()
     y_true, y_pred = targets.numpy(), preds.numpy()
     labels = np.unique(y_true)
@@ -300,7 +304,7 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> EvalResu
     weights = support / support.sum()
     return EvalResult(
         n=n,
-        top1=correct.float().mean().item(),
+        top1=correct.double().mean().item(),  # float64: the same number as the paired gap's
         top5=top5,
         loss=loss,
         f1_macro=float(f.mean()),
