@@ -238,10 +238,7 @@ class TrialRun:
             self.experiment_id = experiment_id if self.owned else client.get_run(self.run_id).info.experiment_id
             log_batch(client, self.run_id, params={**cfg.to_dict(), "code_version": code_version()})
         except BaseException as exc:  # the run exists: a stop or an error here must not leave it RUNNING
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            error = f"while recording its parameters: {type(exc).__name__}: {exc}"
-            with interrupt.ignored():
-                close_quietly(lambda: close_run(client, self.run_id, status, error=error, children=False), f"trial run {self.run_id}")
+            _close_on(exc, client, self.run_id, "while recording its parameters")
             raise
 
     def child(self, method: str) -> str:
@@ -310,6 +307,15 @@ def close_quietly(close: Callable[[], Any], what: str) -> None:
         close()
     except Exception as exc:  # noqa: BLE001 - logged; the exception being handled is re-raised by the caller
         log.error("could not close %s: %s: %s", what, type(exc).__name__, exc)
+
+
+def _close_on(exc: BaseException, client: MlflowClient, run_id: str, where: str) -> None:
+    """Close ``run_id`` (alone) for ``exc`` raised ``where`` it was being set up: KILLED for a stop,
+    FAILED otherwise; best-effort, signals ignored meanwhile. The caller re-raises ``exc``."""
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    error = f"{where}: {type(exc).__name__}: {exc}"
+    with interrupt.ignored():
+        close_quietly(lambda: close_run(client, run_id, status, error=error, children=False), f"run {run_id}")
 
 
 def _best_effort(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -482,10 +488,7 @@ def start_study_run(
         if launched and launched != run_id:
             log_batch(client, launched, tags={"wavesweep.kind": "study-launch", "optuna.study": study_name, "study_run_id": run_id})
     except BaseException as exc:  # the run is open: a stop or an error here must not leave it RUNNING
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        error = f"while opening the study run: {type(exc).__name__}: {exc}"
-        with interrupt.ignored():
-            close_quietly(lambda: close_run(client, run_id, status, error=error, children=False), f"study run {run_id}")
+        _close_on(exc, client, run_id, "while opening the study run")
         raise
     return run_id
 

@@ -347,8 +347,8 @@ def run_study(
         client, exp_id, study_name=spec.name, storage=url, spec_file=spec.path, spec_text=spec.text,
         params=spec.summary_params(), existing_run_id=study.user_attrs.get("mlflow_run_id"), launched_run_id=launched_run_id,
     )  # fmt: skip
-    # From here the study run exists: a stop anywhere up to its closing (setup, the summary after
-    # the trials) closes it KILLED, so no launch leaves it RUNNING.
+    # From here the study run exists: a stop anywhere up to its closing (setup, the trials, the
+    # summary after them) closes it KILLED, so no launch leaves it RUNNING.
     closed = False
     try:
         if study.user_attrs.get("mlflow_run_id") != parent:
@@ -392,14 +392,6 @@ def run_study(
                         _worker_loop(launch, 0, on_trial=bar)
                 elif (k := _run_workers(launch, bar)):
                     status, reason = "FAILED", f"{k} of {workers} workers gave up after {spec.max_failures} consecutive failed trials (see the log)"
-        except KeyboardInterrupt as exc:
-            bar.close()
-            with interrupt.ignored():
-                error = f"interrupted ({interrupt.caught(exc)})"
-                tracking.close_quietly(lambda: tracking.close_run(client, parent, "KILLED", error=error, metrics=study_metrics(study),
-                                                                  children=False), f"study run {parent}")  # fmt: skip
-            closed = True
-            raise
         except RuntimeError as exc:
             status, reason = "FAILED", str(exc)
         finally:
@@ -429,6 +421,6 @@ def run_study(
         if not closed:
             with interrupt.ignored():
                 error = f"interrupted ({interrupt.caught(exc)})"
-                tracking.close_quietly(lambda: tracking.close_run(client, parent, "KILLED", error=error, children=False),
-                                       f"study run {parent}")  # fmt: skip
+                tracking.close_quietly(lambda: tracking.close_run(client, parent, "KILLED", error=error, metrics=study_metrics(study),
+                                                                  children=False), f"study run {parent}")  # fmt: skip
         raise
