@@ -689,3 +689,46 @@ def test_bad_seed_and_workers_are_one_line(workdir, tiny_weights, capsys, argv, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert not (workdir / "mlruns").exists() or not mlflow_runs(workdir)
+
+
+@pytest.mark.slow  # two tiny studies
+@pytest.mark.parametrize("raised, code", [(KeyboardInterrupt, 130), (ValueError("registry said no"), 2)], ids=["stop", "error"])
+def test_a_stop_or_error_after_the_study_run_closed_keeps_its_status(workdir, tiny_weights, monkeypatch, raised, code):
+    """`mlflow run -e study`: the study run is the run `mlflow run` created. A stop or an error
+    while the report is written (after the study run was closed FINISHED) keeps FINISHED, which
+    records the complete study, and says what happened in the tag ``error_after_close``."""
+    from wavesweep import cli, tracking
+
+    client, exp = tracking.init_tracking(experiment="launched")
+    launched = client.create_run(exp).info.run_id  # as `mlflow run` creates it
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched)
+
+    def stop_in_report(*a, **k):
+        assert MlflowClient().get_run(launched).info.status == "FINISHED"  # the study run was closed before
+        raise raised
+
+    monkeypatch.setattr(cli, "_report", stop_in_report)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=1)
+    assert run_cli("study", str(spec), "-q") == code
+    run = MlflowClient().get_run(launched)
+    assert run.data.tags["wavesweep.kind"] == "study" and run.info.status == "FINISHED"
+    assert "error" not in run.data.tags
+    expected = "interrupted (KeyboardInterrupt)" if code == 130 else "registry said no"
+    assert run.data.tags["error_after_close"] == expected
+
+
+def test_a_failure_of_a_launched_run_still_running_closes_it(workdir):
+    """The other side of the rule above: a launched run still RUNNING is closed with the error, and
+    one whose error was already recorded where it happened is left as it is."""
+    from wavesweep import tracking
+    from wavesweep.failures import tag_launched_run
+
+    client, exp = tracking.init_tracking(experiment="launched")
+    running, recorded = (client.create_run(exp).info.run_id for _ in range(2))
+    tracking.close_run(client, recorded, "FAILED", error="where it happened", children=False)
+    tag_launched_run(running, "interrupted (SIGTERM)", status="KILLED")
+    tag_launched_run(recorded, "the same error, reported by the CLI")
+    a, b = (MlflowClient().get_run(r) for r in (running, recorded))
+    assert (a.info.status, a.data.tags["error"]) == ("KILLED", "interrupted (SIGTERM)")
+    assert (b.info.status, b.data.tags["error"]) == ("FAILED", "where it happened")
+    assert "error_after_close" not in a.data.tags and "error_after_close" not in b.data.tags

@@ -22,9 +22,16 @@ def is_mlflow_error(exc: Exception) -> bool:
     return mod is not None and isinstance(exc, mod.MlflowException)
 
 
+AFTER_CLOSE_TAG = "error_after_close"
+
+
 def tag_launched_run(run_id: str | None, error: str, status: str = "FAILED") -> None:
     """Record ``error`` on the run ``mlflow run`` created (tag ``error``, status), unless the trial
-    code already did; never masks the error being reported."""
+    code already did; never masks the error being reported.
+
+    A run wavesweep already closed (a study run FINISHED, then a stop or an error while its report
+    was written or its best model registered) keeps its status: that records the study or trial,
+    which is complete. The error goes in the tag ``error_after_close`` instead."""
     if not run_id:
         return
     try:
@@ -32,7 +39,11 @@ def tag_launched_run(run_id: str | None, error: str, status: str = "FAILED") -> 
 
         client, _ = tracking.init_tracking(run_id=run_id)
         run = client.get_run(run_id)
-        if "error" not in run.data.tags:
+        if "error" in run.data.tags:
+            return  # recorded where it happened
+        if run.info.status != "RUNNING":
+            tracking.log_batch(client, run_id, tags={AFTER_CLOSE_TAG: error[:5000]})
+        else:
             tracking.close_run(client, run_id, status, error=error, children=False)
     except Exception as exc:  # noqa: BLE001 (the original error is what the user must see)
         logging.getLogger("wavesweep").warning("could not tag run %s with the error: %s", run_id, exc)
