@@ -255,6 +255,54 @@ def test_imagefolder_train_val_and_size(tmp_path):
         load_dataset("imagefolder", root=tmp_path / "nothing")
 
 
+def test_hidden_folders_are_not_classes_and_labels_match_torchvision(tmp_path):
+    """A hidden folder (``.ipynb_checkpoints``, ``.cache``) beside the classes is no class: the
+    labels equal torchvision's ImageFolder over the same tree without it (the oracle), where a
+    plain ImageFolder would shift every label after it by one. An empty hidden folder too."""
+    from torchvision.datasets import ImageFolder
+
+    clean = tmp_path / "clean"
+    for split, n in (("train", 2), ("val", 2)):
+        make_image_folder(clean / split, ["Dog", "cat"], per_class=n)
+    import shutil
+
+    messy = tmp_path / "messy"
+    shutil.copytree(clean, messy)
+    make_image_folder(messy / "val", [".ipynb_checkpoints"], per_class=1)
+    (messy / "train" / ".cache").mkdir()  # empty: plain ImageFolder refuses the tree
+    b = load_dataset("imagefolder", root=messy, image_size=32)
+    for split, ds in (("train", b.train), ("val", b.test)):
+        oracle = ImageFolder(str(clean / split))
+        assert ds.class_to_idx == oracle.class_to_idx == {"Dog": 0, "cat": 1}
+        assert [(Path(f).name, y) for f, y in ds.samples] == [(Path(f).name, y) for f, y in oracle.samples]
+    syn = ["n01440764", "n01443537"]
+    make_image_folder(tmp_path / "inet", syn, per_class=2)
+    make_image_folder(tmp_path / "inet", [".cache"], per_class=1)
+    inet = load_dataset("imagenet", root=tmp_path / "inet", expected_classes=2)
+    assert dataset_targets(inet.test).tolist() == [0, 0, 1, 1]
+
+
+def test_an_unreadable_image_is_one_line_naming_the_file(tmp_path):
+    """A file that is not an image: one ValueError naming it, read in this process or by a
+    DataLoader worker (whose re-raised message :func:`one_line` reduces to the worker's error)."""
+    from wavesweep.evaluate import predict
+    from wavesweep.failures import one_line
+
+    for split in ("train", "val"):
+        make_image_folder(tmp_path / split, ["a", "b"], per_class=2)
+    bad = tmp_path / "val" / "b" / "zz.png"
+    bad.write_bytes(b"garbage")
+    b = load_dataset("imagefolder", root=tmp_path, image_size=16)
+    with pytest.raises(ValueError, match=r"image '.*zz\.png' cannot be read \(UnidentifiedImageError"):
+        b.test[len(b.test) - 1]
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2))
+    with pytest.raises(ValueError) as err:
+        predict(net, b.test, batch_size=2, device="cpu", num_workers=1)
+    assert str(err.value).startswith("Caught ValueError in DataLoader worker process 0.")
+    line = one_line(err.value)
+    assert line.startswith(f"image {str(bad)!r} cannot be read (UnidentifiedImageError") and "\n" not in line
+
+
 def test_registry_names():
     assert set(DATASETS.names()) >= {"digits", "imagenet", "imagefolder", "mnist", "fashion-mnist", "kmnist", "cifar10"}
 

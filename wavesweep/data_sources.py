@@ -174,7 +174,9 @@ def _imagenet_eval_transform(image_size: int = 224):
 
 
 def _class_dirs(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    from wavesweep.image_files import class_dirs
+
+    return class_dirs(path)
 
 
 _IMAGENET_LAYOUT = (
@@ -196,7 +198,7 @@ def _imagenet(
     ``expected_classes``: the number of synset folders required (1000 for ImageNet-1k;
     tests pass a small number to run the real code path on a generated tree).
     """
-    from torchvision.datasets import ImageFolder
+    from wavesweep.image_files import ImageFiles
 
     size = DATASETS.get("imagenet").size(image_size)
     path = root if root is not None else data_root() / "imagenet" / "val"
@@ -212,7 +214,7 @@ def _imagenet(
         what = f"{len(classes)} class folders" + (f", some not synset ids (e.g. {bad[0]!r})" if bad else "")
         raise ValueError(f"imagenet: malformed directory {str(path)!r}: found {what}; {_IMAGENET_LAYOUT}")
     try:
-        test = ImageFolder(str(path), transform=_imagenet_eval_transform(size))
+        test = ImageFiles(str(path), transform=_imagenet_eval_transform(size))
     except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder without images
         raise ValueError(f"imagenet: cannot read {str(path)!r}: {err}; {_IMAGENET_LAYOUT}") from err
     return make_bundle(
@@ -236,7 +238,8 @@ def _imagefolder(root: Path | None, seed: int, image_size: int | None) -> Datase
     (default 224): eval transform = resize to size*256/224, center crop, ImageNet
     normalisation; train adds a seeded-by-torch random horizontal flip."""
     from torchvision import transforms as T
-    from torchvision.datasets import ImageFolder
+
+    from wavesweep.image_files import ImageFiles
 
     size = DATASETS.get("imagefolder").size(image_size)
     path = root if root is not None else data_root() / "imagefolder"
@@ -252,8 +255,8 @@ def _imagefolder(root: Path | None, seed: int, image_size: int | None) -> Datase
     eval_tf = _imagenet_eval_transform(size)
     train_tf = T.Compose([T.RandomHorizontalFlip(), eval_tf])
     try:
-        train = ImageFolder(str(path / "train"), transform=train_tf)
-        test = ImageFolder(str(path / "val"), transform=eval_tf)
+        train = ImageFiles(str(path / "train"), transform=train_tf)
+        test = ImageFiles(str(path / "val"), transform=eval_tf)
     except (FileNotFoundError, RuntimeError) as err:
         raise ValueError(f"imagefolder: cannot read {str(path)!r}: {err}; {_IMAGEFOLDER_LAYOUT}") from err
     return make_bundle(

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import sys
 
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
+_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.$")
 MAX_ERROR_CHARS = 2000  # a value echoed in an error (a huge list from a spec) is cut, not printed whole
 
 
@@ -53,7 +55,11 @@ def one_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message (its type's name when empty), capped, credentials redacted."""
     from wavesweep.redact import redact
 
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = str(exc).strip()
+    msg = text.splitlines()[0] if text else type(exc).__name__
+    if _WORKER.match(msg):  # torch re-raises a worker's error as "Caught X in DataLoader worker ..." + its traceback
+        last = text.splitlines()[-1].strip()
+        msg = last.split(": ", 1)[1] if last.startswith(f"{type(exc).__name__}: ") else last
     if len(msg) > MAX_ERROR_CHARS:
         msg = f"{msg[:MAX_ERROR_CHARS]}... ({len(msg) - MAX_ERROR_CHARS} more characters)"
     return redact(msg)
