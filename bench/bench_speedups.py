@@ -78,7 +78,7 @@ from wavesweep import accounting, evaluate, train, trial, tracking  # noqa: E402
 from wavesweep import pruning as P  # noqa: E402
 from wavesweep import wavelets as wv  # noqa: E402
 from wavesweep.config import TrialConfig  # noqa: E402
-from wavesweep.data import dataset_shape, eval_subset, load_dataset  # noqa: E402
+from wavesweep.data import data_fingerprint, dataset_shape, eval_subset, load_dataset  # noqa: E402
 from wavesweep.models import build_model  # noqa: E402
 
 
@@ -108,7 +108,9 @@ def bench_base_eval(repeats: int) -> None:
         os.environ["WAVESWEEP_CACHE"] = tmp
         base = train.BaseModel(model, "resnet18", "digits", 0, "trained", Path(tmp) / "w.pt", "ab" * 32, shape)
         cfg = TrialConfig(model="resnet18", dataset="digits", device="cpu")
-        eval_set = eval_subset(load_dataset("digits").test, cfg.eval_limit or None, cfg.seed)
+        bundle = load_dataset("digits")
+        eval_set = eval_subset(bundle.test, cfg.eval_limit or None, cfg.seed)
+        fingerprint = data_fingerprint(bundle)
         dev = torch.device("cpu")
         entries = Path(tmp) / "base-evals"
 
@@ -120,7 +122,7 @@ def bench_base_eval(repeats: int) -> None:
             evaluate.metrics_from_logits(*evaluate.predict(model, eval_set, batch_size=cfg.batch_size, device=dev))
 
         def cached_call() -> None:
-            trial._base_eval_cached(base, cfg, eval_set, dev)
+            trial._base_eval_cached(base, cfg, eval_set, dev, fingerprint)
 
         uncached = median_s(cached_call, repeats, setup=clear)
         plain = median_s(bare, repeats)

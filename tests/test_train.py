@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 import wavesweep.train as T
-from wavesweep.data import load_dataset
+from wavesweep.data import data_fingerprint, load_dataset
 from wavesweep.evaluate import evaluate
 from wavesweep.models import MODELS, RESNET18_IMAGENET_FILE, build_model
 from wavesweep.train import TrainConfig, default_train_config, get_base_model, train_model
@@ -96,9 +96,12 @@ def test_get_base_model_trains_once_then_uses_the_cache(monkeypatch, tmp_path):
     sk = a.skeleton()
     sk.load_state_dict(a.model.state_dict())
     assert type(sk) is type(a.model)
-    # another seed or config is another cache entry
-    assert T.cache_path("mlp", "digits", 1, FAST) != a.path
-    assert T.cache_path("mlp", "digits", 0, dataclasses.replace(FAST, lr=1e-3)) != a.path
+    # the entry is keyed by the data's fingerprint; another seed or config is another entry
+    fp = data_fingerprint(load_dataset("digits", seed=0))
+    assert a.path == T.cache_path("mlp", "digits", 0, FAST, tmp_path / "cache", data=fp)
+    assert json.loads(torch.load(a.path, weights_only=True)["meta"])["data_fingerprint"] == fp
+    assert T.cache_path("mlp", "digits", 1, FAST, tmp_path / "cache", data=fp) != a.path
+    assert T.cache_path("mlp", "digits", 0, dataclasses.replace(FAST, lr=1e-3), tmp_path / "cache", data=fp) != a.path
     assert not list(a.path.parent.glob("*.tmp"))
 
 
@@ -384,5 +387,36 @@ def test_get_base_model_keys_the_cache_by_resolved_settings(tmp_path):
     default config lands in the file name the float32 digest gives."""
     cfg = dataclasses.replace(FAST, epochs=1)
     bm = get_base_model("mlp", "digits", seed=0, train_config=cfg, device="cpu", progress=False)
-    assert bm.path.name == f"mlp-digits-seed0-{_digest_before_amp(cfg)}.pt"
+    fp = data_fingerprint(load_dataset("digits", seed=0))
+    assert bm.path.name == f"mlp-digits-seed0-{_digest_before_amp(cfg)}-{fp}.pt"
     assert bm.train_info["config"]["amp"] == "off"
+
+
+def test_another_copy_of_a_dataset_with_other_labels_gets_its_own_model_and_base_evaluation(tmp_path, monkeypatch):
+    """Two KMNIST folders with the same file names and other labels: each trains its own base
+    model (the cache key holds the data's fingerprint) and a trial on the second scores the
+    base against the second's labels (the base evaluation's cache key holds it too). Oracle: the
+    labels written to the files."""
+    from tests.test_data import make_idx_set
+    from wavesweep import trial as trial_mod
+    from wavesweep.config import TrialConfig
+    from wavesweep.data_sources import write_idx
+
+    first = make_idx_set(tmp_path / "a" / "kmnist", n_train=40, n_test=20, gz=False)
+    make_idx_set(tmp_path / "b" / "kmnist", n_train=40, n_test=20, gz=False)
+    for stem in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):  # the same images, labels shifted by 3
+        write_idx(tmp_path / "b" / "kmnist" / stem, (first[stem] + 3) % 10)
+    trained = []
+    real_train = T.train_model
+    monkeypatch.setattr(T, "train_model", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    kw = {"seed": 0, "train_config": FAST, "device": "cpu", "progress": False}
+    a, b = (get_base_model("mlp", "kmnist", data_root=tmp_path / d / "kmnist", **kw) for d in ("a", "b"))
+    assert len(trained) == 2 and a.path != b.path and a.checksum != b.checksum
+    assert get_base_model("mlp", "kmnist", data_root=tmp_path / "a" / "kmnist", **kw).path == a.path and len(trained) == 2
+    cfg = TrialConfig(model="mlp", dataset="kmnist", targets="linear", recovery="none", timing_batches=0, device="cpu")
+    for d, labels in (("a", first["t10k-labels-idx1-ubyte"]), ("b", (first["t10k-labels-idx1-ubyte"] + 3) % 10)):
+        monkeypatch.setenv("WAVESWEEP_DATA", str(tmp_path / d))  # data_root unset: found through the environment
+        assert get_base_model("mlp", "kmnist", **kw).path == {"a": a, "b": b}[d].path
+        r = trial_mod.run_trial(cfg, base=a)  # one model (a weights file) on both: the base is scored on each's labels
+        assert sorted(r.base_eval.targets.tolist()) == sorted(labels.tolist())
+        assert r.base_eval.targets.tolist() == r.outcomes["dwt"].eval.targets.tolist()

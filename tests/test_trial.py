@@ -16,6 +16,8 @@ from wavesweep.config import TrialConfig
 from wavesweep.data import eval_subset, load_dataset
 from wavesweep.models import build_model
 
+FP = "0123456789abcdef"  # a data fingerprint (data.data_fingerprint)
+
 
 @pytest.fixture
 def base_and_set(tmp_path, monkeypatch):
@@ -39,14 +41,14 @@ def test_cached_base_evaluation_equals_a_fresh_one(base_and_set, monkeypatch):
     base, cfg, eval_set = base_and_set
     device = torch.device("cpu")
     fresh = evaluate.metrics_from_logits(*evaluate.predict(base.model, eval_set, batch_size=cfg.batch_size, device=device))
-    first = trial._base_eval_cached(base, cfg, eval_set, device)  # computes and writes the cache entry
+    first = trial._base_eval_cached(base, cfg, eval_set, device, FP)  # computes and writes the cache entry
     assert len(list((train.cache_dir() / "base-evals").glob("*.npz"))) == 1
 
     def no_predict(*a, **k):
         raise AssertionError("a cached base evaluation must not run the model")
 
     monkeypatch.setattr(evaluate, "predict", no_predict)
-    second = trial._base_eval_cached(base, cfg, eval_set, device)  # read from the cache
+    second = trial._base_eval_cached(base, cfg, eval_set, device, FP)  # read from the cache
     _same(first, fresh)
     _same(second, fresh)
 
@@ -54,15 +56,17 @@ def test_cached_base_evaluation_equals_a_fresh_one(base_and_set, monkeypatch):
 def test_base_evaluation_cache_is_keyed_and_a_damaged_entry_recomputed(base_and_set, caplog):
     base, cfg, eval_set = base_and_set
     device = torch.device("cpu")
-    fresh = trial._base_eval_cached(base, cfg, eval_set, device)
+    fresh = trial._base_eval_cached(base, cfg, eval_set, device, FP)
     other = dataclasses.replace(base, checksum="cd" * 32)  # other weights: their own entry
-    trial._base_eval_cached(other, cfg, eval_set, device)
+    trial._base_eval_cached(other, cfg, eval_set, device, FP)
+    trial._base_eval_cached(base, cfg, eval_set, device, "fedcba9876543210")  # other data: its own
+    trial._base_eval_cached(base, dataclasses.replace(cfg, batch_size=7), eval_set, device, FP)  # other batching
     entries = sorted((train.cache_dir() / "base-evals").glob("*.npz"))
-    assert len(entries) == 2
+    assert len(entries) == 4
     for p in entries:
         p.write_bytes(b"not an npz")
     with caplog.at_level(logging.WARNING, logger="wavesweep.trial"):
-        again = trial._base_eval_cached(base, cfg, eval_set, device)
+        again = trial._base_eval_cached(base, cfg, eval_set, device, FP)
     assert "unreadable base-evaluation cache" in caplog.text
     _same(again, fresh)
 
@@ -77,7 +81,7 @@ def test_a_cuda_trial_prunes_on_the_device_even_with_a_cached_base_evaluation(ba
 
     base, cfg, eval_set = base_and_set
     cfg = dataclasses.replace(cfg, device="cuda", recovery="none", timing_batches=0, level=1)
-    trial._base_eval_cached(base, cfg, eval_set, torch.device("cuda"))  # the cache entry, then a CPU model again
+    trial._base_eval_cached(base, cfg, eval_set, torch.device("cuda"), FP)  # the cache entry, then a CPU model again
     base.model.cpu()
     monkeypatch.setattr(wv, "dwt_prune_array", lambda *a, **k: pytest.fail("PyWavelets pruning in a CUDA trial"))
     monkeypatch.setattr(baselines, "_smallest", lambda *a, **k: pytest.fail("numpy selection in a CUDA trial"))

@@ -20,6 +20,7 @@ so any prefix of it is (close to) class-proportional.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -100,6 +101,44 @@ class DatasetBundle:
     in_channels: int
     image_size: int
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes, remembered on the tensor (or the tensor it is a view of: a
+    study's trials share the decoded IDX tensors, so they are hashed once per process) while it
+    is not modified in place (its version counter, shared with its views, is in the key)."""
+    holder = t._base if t._base is not None else t
+    key = (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+    memo = holder.__dict__.setdefault("_wavesweep_digests", {})
+    if key not in memo:
+        arr = t.detach().cpu().contiguous().numpy()
+        memo[key] = hashlib.sha256(memoryview(arr).cast("B")).hexdigest()
+    return memo[key]
+
+
+def _split_digest(ds: Dataset | None) -> str:
+    if ds is None:
+        return "none"
+    if isinstance(ds, TensorImages):
+        return f"images:{tuple(ds.images.shape)}:{_tensor_digest(ds.images)}:{_tensor_digest(ds.targets)}:{ds.divisor!r}:{ds.mean!r}:{ds.std!r}"
+    if hasattr(ds, "samples") and hasattr(ds, "root"):  # an image folder: its files and labels
+        root = Path(ds.root)
+        listed = "\n".join(f"{Path(f).relative_to(root).as_posix()}\t{y}" for f, y in ds.samples)
+        return f"files:{len(ds.samples)}:{hashlib.sha256(listed.encode()).hexdigest()}:{getattr(ds, 'transform', None)!r}"
+    if isinstance(ds, TensorDataset):
+        return "tensors:" + ":".join(_tensor_digest(t) for t in ds.tensors)
+    raise TypeError(f"no fingerprint for a {type(ds).__name__} split")
+
+
+def data_fingerprint(bundle: DatasetBundle) -> str:
+    """A digest of the data a model is trained and evaluated on (16 hex characters): the pixels
+    and labels of in-memory splits with their normalisation; for image folders, every file's path
+    under its split and its label, with the transform (a file replaced in place under the same
+    name is not seen). Part of the base-model cache key and the base evaluation's, so another
+    copy of a dataset with other labels, or other files, never reuses a model or its logits."""
+    parts = [bundle.name, str(bundle.num_classes), str(bundle.in_channels), str(bundle.image_size),
+             _split_digest(bundle.train), _split_digest(bundle.test)]  # fmt: skip
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def make_bundle(name: str, train: Dataset | None, test: Dataset, info: dict[str, Any], *,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from wavesweep.data import DatasetBundle, TensorImages, dataset_shape, load_dataset, make_loader
+from wavesweep.data import DatasetBundle, TensorImages, data_fingerprint, dataset_shape, load_dataset, make_loader
 from wavesweep.evaluate import evaluate, resolve_device
 from wavesweep.models import (
     MODELS,
@@ -335,10 +335,12 @@ def train_model(
 
 
 def cache_path(model_name: str, dataset_name: str, seed: int, config: TrainConfig,
-               root: str | os.PathLike | None = None) -> Path:
-    """``<cache>/models/<model>-<dataset>-seed<seed>-<config digest>.pt``."""
+               root: str | os.PathLike | None = None, data: str = "") -> Path:
+    """``<cache>/models/<model>-<dataset>-seed<seed>-<config digest>[-<data>].pt``; ``data`` is
+    the dataset's :func:`~wavesweep.data.data_fingerprint` (another copy of a dataset, with
+    other labels or files, trains its own model)."""
     base = Path(root).expanduser() if root is not None else cache_dir()
-    return base / "models" / f"{model_name}-{dataset_name}-seed{seed}-{config.digest()}.pt"
+    return base / "models" / f"{model_name}-{dataset_name}-seed{seed}-{config.digest()}{'-' + data if data else ''}.pt"
 
 
 def get_base_model(
@@ -353,6 +355,7 @@ def get_base_model(
     train_config: TrainConfig | None = None,
     progress: bool = True,
     image_size: int | None = None,
+    bundle: DatasetBundle | None = None,
 ) -> BaseModel:
     """The base model for (model, dataset, seed).
 
@@ -363,6 +366,9 @@ def get_base_model(
     - otherwise: the cached trained model for (model, dataset, seed, config digest),
       trained once on ``device`` if absent (under a file lock, written atomically).
     ``train_config`` defaults to :func:`default_train_config`; its seed is replaced by ``seed``.
+    ``bundle``: the dataset already loaded (``load_dataset(dataset_name, root=data_root,
+    seed=seed, image_size=image_size)``), else it is loaded here: the cache key holds its
+    fingerprint.
     """
     MODELS.get(model_name)
     from wavesweep.data import DATASETS
@@ -390,18 +396,23 @@ def get_base_model(
     config = train_config or default_train_config(model_name, dataset_name)
     config = dataclasses.replace(config, seed=seed)
     config = config.resolved(device)  # the cache key records the amp/channels-last that run
-    path = cache_path(model_name, dataset_name, seed, config, cache_root)
+    if bundle is None:
+        bundle = load_dataset(dataset_name, root=data_root, seed=seed, image_size=image_size)
+    elif bundle.name != dataset_name:
+        raise ValueError(f"bundle holds {bundle.name!r}, not {dataset_name!r}")
+    fingerprint = data_fingerprint(bundle)
+    path = cache_path(model_name, dataset_name, seed, config, cache_root, data=fingerprint)
     lock = path.with_suffix(".lock")
     with file_lock(lock):
         if not path.is_file():
-            bundle = load_dataset(dataset_name, root=data_root, seed=seed, image_size=image_size)
             shape = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels,
                      "image_size": bundle.image_size}
             torch.manual_seed(seed)  # weight init
             model = build_model(model_name, **shape)
             info = train_model(model, bundle, config, device=device, progress=progress)
             meta = {"model_name": model_name, "dataset_name": dataset_name, "seed": seed,
-                    "build_kwargs": shape, "train_info": info, "dataset_info": _jsonable(bundle.info)}
+                    "build_kwargs": shape, "train_info": info, "dataset_info": _jsonable(bundle.info),
+                    "data_fingerprint": fingerprint}
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             # meta as a JSON string: loadable with weights_only=True
             with atomic_write(path) as fh:

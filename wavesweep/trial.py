@@ -133,15 +133,20 @@ def load_eval_set(cfg: TrialConfig) -> tuple[data.DatasetBundle, torch.utils.dat
 
 
 def _base_eval_cached(
-    base: train.BaseModel, cfg: TrialConfig, eval_set: torch.utils.data.Dataset, device: torch.device, part: str = "test"
+    base: train.BaseModel, cfg: TrialConfig, eval_set: torch.utils.data.Dataset, device: torch.device,
+    fingerprint: str, part: str = "test",
 ) -> evaluate.EvalResult:
-    """Evaluate the unpruned base once per (weights checksum, dataset, subset) and cache the logits.
+    """Evaluate the unpruned base once per (weights checksum, data fingerprint, subset, device
+    type, batch size) and cache the logits.
 
     The cache is a .npz of logits and targets; metrics are recomputed from it, so a cached
-    result is exactly what a fresh evaluation would give for the same model and examples.
+    result is exactly what a fresh evaluation would give for the same model and examples on the
+    same kind of device (``fingerprint``: :func:`~wavesweep.data.data_fingerprint` of the dataset,
+    so other files or labels under the same name are evaluated afresh).
     """
     key = hashlib.sha256(
-        f"{base.checksum}|{cfg.dataset}|{cfg.data_root}|{cfg.eval_limit}|{cfg.seed}|{len(eval_set)}|{cfg.val_fraction}|{part}".encode()
+        f"{base.checksum}|{cfg.dataset}|{fingerprint}|{cfg.eval_limit}|{cfg.seed}|{len(eval_set)}|{cfg.val_fraction}|{part}"
+        f"|{device.type}|{cfg.batch_size}".encode()
     ).hexdigest()[:24]
     path = train.cache_dir() / "base-evals" / f"{key}.npz"
     if path.exists():
@@ -203,6 +208,7 @@ def run_trial(
                 weights=cfg.weights or None,
                 device=cfg.device,
                 progress=progress,
+                bundle=bundle,
             )
         # Pruning, recovery and evaluation all run on the trial's device: the pruned models are
         # copies of this one, so on an accelerator dwt prunes through the torch transform and
@@ -210,8 +216,9 @@ def run_trial(
         # came from its cache must not decide where pruning runs.
         base.model.to(device)
     with phases("eval_base"):
-        base_eval = _base_eval_cached(base, cfg, eval_set, device)
-        base_val_eval = None if val_set is None else _base_eval_cached(base, cfg, val_set, device, part="val")
+        fingerprint = data.data_fingerprint(bundle)
+        base_eval = _base_eval_cached(base, cfg, eval_set, device, fingerprint)
+        base_val_eval = None if val_set is None else _base_eval_cached(base, cfg, val_set, device, fingerprint, part="val")
 
     prerec: dict[str, evaluate.EvalResult] = {}
     reports: dict[str, recovery.RecoveryReport] = {}
