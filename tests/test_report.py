@@ -241,6 +241,8 @@ def test_adjusted_p_values_and_verdicts(tmp_path):
     assert set(out.loc[done, "dwt_vs_magnitude_verdict"]) == {"not significant (CI contains 0)"}
     frame.loc[0, ["dwt_vs_magnitude_ci_low", "dwt_vs_magnitude_mcnemar_p"]] = [0.01, 1e-6]
     assert report.with_significance(frame).loc[0, "dwt_vs_magnitude_verdict"] == "significant"
+    frame.loc[0, "dwt_vs_magnitude_mcnemar_p"] = np.nan  # an interval without a p-value: no verdict on p
+    assert report.with_significance(frame).loc[0, "dwt_vs_magnitude_verdict"] == "no p-value"
 
     files = report.write_report(make_frame(12), tmp_path, study_name="s", objectives=[("top1", "maximize")],
                                 importances={"top1": {"percentile": 0.6, "wavelet": 0.4}})  # fmt: skip

@@ -28,6 +28,31 @@ def test_verdict_follows_the_interval():
     assert results.verdict(0.001, 0.2) == "better"
     assert results.verdict(-0.2, -0.001) == "worse"
     assert results.verdict(-0.01, 0.01) == results.verdict(0.0, 0.0) == "equal"
+    nan = float("nan")
+    assert results.verdict(nan, 0.1) == results.verdict(0.1, nan) == results.verdict(nan, nan) == "n/a"
+
+
+def test_win_counts_name_every_label_tied_for_the_most():
+    """Counts in a fixed order, whatever the rows' order: the old summary took whichever of the
+    tied labels came first (the cnn page read "magnitude" over magnitude 4, dwt 4, random 4)."""
+    w = pd.Series(["magnitude", "dwt", "random", "tie", "dwt", "magnitude", "random"])
+    assert results.win_counts(w) == results.win_counts(w[::-1]) == "dwt 2, magnitude 2, random 2, tie 1"
+    assert results.win_counts(pd.Series(["tie", "dwt", "tie"])) == "tie 2, dwt 1"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--fractions", ""], "--fractions='' is empty"),
+    (["--fractions", "50,x"], "--fractions='50,x': 'x' is not an integer"),
+    (["--recoveries", " , "], "--recoveries=' , ' is empty"),
+    (["--configs", ""], "--configs='' is empty"),
+])  # fmt: skip
+def test_an_empty_or_malformed_grid_is_one_line_before_any_work(workdir, capsys, monkeypatch, argv, needle):
+    from wavesweep import cli, train
+
+    monkeypatch.setattr(train, "get_base_model", lambda *a, **k: pytest.fail("work before the grid was checked"))
+    assert cli.main(["results", "--model", "cnn", "--out", str(workdir / "p.md"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wavesweep: error: {needle}"), err
 
 
 def test_render_counts_and_ties(tmp_path):
@@ -37,8 +62,8 @@ def test_render_counts_and_ties(tmp_path):
     text = results.render(_frame(), facts, grid, "wavesweep results --model cnn")
     assert "| 80% | none | 0.5200 | 0.5000 | 0.1000 | +0.020 [+0.010, +0.030] | better |" in text
     assert "| 80% | bn | 0.4600 | 0.5000 | 0.1000 | -0.040 [-0.060, -0.020] | worse |" in text
-    assert "| bn | 0 | 1 | 1 | -0.0200 | magnitude |" in text  # filter worse, kernel equal (identical)
-    assert "| finetune | 0 | 2 | 0 | +0.0000 | tie |" in text  # equal top-1 is a tie, not the first column
+    assert "| bn | 0 | 1 | 1 | -0.0200 | magnitude 1, tie 1 |" in text  # filter worse, kernel equal (identical)
+    assert "| finetune | 0 | 2 | 0 | +0.0000 | tie 2 |" in text  # equal top-1 is a tie, not the first column
     assert "`filter`: dwt better than magnitude in 1 of 3 settings" in text
     assert "is* magnitude pruning here" in text and "Run on the CPU only" in text
     path = results.write_page(text, tmp_path / "page.md", _frame())

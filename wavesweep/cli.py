@@ -317,8 +317,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     from wavesweep import results
 
     grid = results.Grid(
-        model=args.model, dataset=args.dataset, level=args.level, fractions=results.parse_list(args.fractions, int),
-        recoveries=results.parse_list(args.recoveries), configs=results.parse_configs(args.configs),
+        model=args.model, dataset=args.dataset, level=args.level, fractions=results.parse_list(args.fractions, int, "--fractions"),
+        recoveries=results.parse_list(args.recoveries, option="--recoveries"), configs=results.parse_configs(args.configs),
         eval_limit=args.eval_limit, seed=args.seed, device=args.device, data_root=args.data_root,
         recovery_batches=args.recovery_batches, finetune_steps=args.finetune_steps,
     )  # fmt: skip

@@ -63,7 +63,8 @@ def with_significance(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` plus, per baseline, ``dwt_vs_<b>_p_adj`` (the McNemar p-values adjusted for the
     number of COMPLETE trials compared, Benjamini-Hochberg, ``scipy.stats.false_discovery_control``)
     and ``dwt_vs_<b>_verdict``: "significant" only when the paired interval excludes 0 and the
-    adjusted p is below 0.05; "not significant (CI contains 0)" or "(adjusted p >= 0.05)" otherwise."""
+    adjusted p is below 0.05; "not significant (CI contains 0)" or "(adjusted p >= 0.05)" otherwise;
+    "no p-value" for an interval that excludes 0 without one."""
     from scipy.stats import false_discovery_control
 
     out = frame.copy()
@@ -79,7 +80,8 @@ def with_significance(frame: pd.DataFrame) -> pd.DataFrame:
         out[f"dwt_vs_{b}_p_adj"] = adj
         contains0 = (frame[lo] <= 0) & (frame[hi] >= 0)
         verdict = np.where(contains0, "not significant (CI contains 0)",
-                           np.where(adj < 0.05, "significant", "not significant (adjusted p >= 0.05)"))  # fmt: skip
+                           np.where(adj.isna(), "no p-value", np.where(adj < 0.05, "significant",
+                                                                       "not significant (adjusted p >= 0.05)")))  # fmt: skip
         out[f"dwt_vs_{b}_verdict"] = pd.Series(verdict, index=frame.index).where(frame[lo].notna() & frame[hi].notna(), "")
     return out
 

@@ -9,6 +9,7 @@ writes one Markdown file. Pure: nothing here prints.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import time
@@ -61,8 +62,20 @@ class Grid:
 
 
 def verdict(low: float, high: float) -> str:
-    """``better`` / ``worse`` when the paired 95 % interval of dwt − other excludes 0, else ``equal``."""
+    """``better`` / ``worse`` when the paired 95 % interval of dwt − other excludes 0, ``equal``
+    when it holds 0, ``n/a`` when a bound is missing (NaN: no interval, no verdict)."""
+    if math.isnan(low) or math.isnan(high):
+        return "n/a"
     return "better" if low > 0 else "worse" if high < 0 else "equal"
+
+
+def win_counts(winners: pd.Series) -> str:
+    """How often each label of ``winners`` (a method, or ``tie``) had the highest top-1, most
+    frequent first (ties in count by name): "dwt 7, tie 5, magnitude 3"."""
+    counts = winners.value_counts()
+    if counts.empty:
+        return "-"
+    return ", ".join(f"{k} {int(v)}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 #: columns of a progress file that say which grid and base model its rows belong to
@@ -244,7 +257,7 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
     frame = frame.assign(
         v=[verdict(lo, hi) for lo, hi in zip(frame["dwt_vs_magnitude_low"], frame["dwt_vs_magnitude_high"])]
     )
-    lines += ["| recovery | dwt better | equal | dwt worse | mean gap dwt − magnitude | best method most often |", "|---|---:|---:|---:|---:|---|"]
+    lines += ["| recovery | dwt better | equal | dwt worse | mean gap dwt − magnitude | highest top-1 (settings; tie: shared) |", "|---|---:|---:|---:|---:|---|"]
     for rec, part in frame.groupby("recovery", sort=False):
         counts = part["v"].value_counts()
         tops = part[["dwt_top1", "magnitude_top1", "random_top1"]]
@@ -252,7 +265,7 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         winners = tops.idxmax(axis=1).str.replace("_top1", "").where(unique_best, "tie")
         lines.append(
             f"| {rec} | {counts.get('better', 0)} | {counts.get('equal', 0)} | {counts.get('worse', 0)} | "
-            f"{part['dwt_vs_magnitude_gap'].mean():+.4f} | {winners.value_counts().idxmax()} |"
+            f"{part['dwt_vs_magnitude_gap'].mean():+.4f} | {win_counts(winners)} |"
         )
     lines.append("")
     for lay, part in frame.groupby("layout", sort=False):
@@ -286,14 +299,30 @@ def write_page(text: str, path: Path, frame: pd.DataFrame | None = None) -> Path
     return path
 
 
-def parse_list(text: str, kind: Callable = str) -> tuple:
-    return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+def parse_list(text: str, kind: Callable = str, option: str = "list") -> tuple:
+    """Comma-separated values of ``option``; none, or one that ``kind`` refuses, is one line naming it."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"{option}={text!r} is empty: give at least one value, comma-separated")
+    try:
+        return tuple(kind(x) for x in items)
+    except ValueError:
+        bad = next(x for x in items if not _parses(kind, x))
+        raise ValueError(f"{option}={text!r}: {bad!r} is not {'an integer' if kind is int else 'valid'}") from None
+
+
+def _parses(kind: Callable, text: str) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_configs(text: str) -> tuple[tuple[str, str], ...]:
     """``bior4.4:filter,db4:filter`` -> ``(("bior4.4", "filter"), ("db4", "filter"))``."""
     out = []
-    for item in parse_list(text):
+    for item in parse_list(text, option="--configs"):
         if ":" not in item:
             raise ValueError(f"config {item!r} is not WAVELET:LAYOUT (e.g. bior4.4:filter)")
         w, lay = item.split(":", 1)
