@@ -414,3 +414,21 @@ def test_reporter_sends_cumulative_or_per_chunk_accuracy():
                 report(Chunk(step, SimpleNamespace(top1=total_correct / total, n=total), n, correct))
         assert [s for s, _ in reported] == [0, 1, 2, 3] and len(seen) == 4
         assert [v for _, v in reported] == pytest.approx(expected)
+
+
+def test_the_interactive_history_names_its_objective_in_a_single_objective_study(tmp_path):
+    """Optuna's history figure says "Objective Value" unless told the name: study.html passes it
+    (val_top1 here, the objective of a study with a validation split)."""
+    import re
+    import warnings
+
+    from wavesweep.study.frame import write_interactive
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        st = optuna.create_study(direction="maximize")
+        st.set_metric_names(["val_top1"])
+    st.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    html = write_interactive(st, tmp_path / "study.html").read_text()
+    assert re.findall(r'"yaxis":\{[^}]*"title":\{"text":"([^"]+)"', html)[0] == "val_top1"
+    assert "Objective Value" not in html

@@ -117,11 +117,11 @@ def write_interactive(study: optuna.Study, path: Path) -> Path | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, name in enumerate(names):
-            kw = {"target": _target(i), "target_name": name} if multi else {}
+            kw = {"target": _target(i), "target_name": name} if multi else {"target_name": name}  # axes name the objective
             figs.append((f"optimisation history: {name}", vis.plot_optimization_history(study, **kw)))
             if len(complete) >= 2:
                 try:
-                    fig = vis.plot_param_importances(study, **({"target": _target(i), "target_name": name} if multi else {}))
+                    fig = vis.plot_param_importances(study, **kw)
                 except (ValueError, RuntimeError, ZeroDivisionError) as exc:
                     log.info("no importance figure for %s: %s", name, exc)
                 else:
