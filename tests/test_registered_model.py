@@ -175,3 +175,94 @@ def test_load_table_as_documented_and_no_metric_per_layer(trial_run):
         assert not [k for k in r.data.metrics if k.startswith("layers/")]
         history = client.get_metric_history(r.info.run_id, "layer_coeff_sparsity")
         assert sorted(m.step for m in history) == list(range(len(csv)))
+
+
+def _model_files(client: MlflowClient, run_id: str, tmp: Path) -> dict[str, bytes]:
+    folder = Path(client.download_artifacts(run_id, "registered-dwt", str(tmp)))
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_registering_again_reuses_the_version_and_never_rewrites_its_files(trial_run, tmp_path):
+    """The same run and method under the same name: the same version (the alias moves), no second
+    upload; under another name: a new version pointing at the files the first uploaded, which
+    stay byte for byte as they were (before, each registration rewrote the run's folder)."""
+    from wavesweep.tracked_trial import register_trial_model
+
+    _cfg, run_id = trial_run
+    client = MlflowClient()
+    first = register_trial_model(run_id, name="twice", alias="champion")
+    files = _model_files(client, run_id, tmp_path / "a")
+    again = register_trial_model(run_id, name="twice", alias="again")
+    other = register_trial_model(run_id, name="elsewhere", alias="champion")
+    assert str(again.version) == str(first.version) == "1" and str(other.version) == "1"
+    assert [str(mv.version) for mv in client.search_model_versions("name = 'twice'")] == ["1"]
+    assert {k: str(v) for k, v in client.get_registered_model("twice").aliases.items()} == {"champion": "1", "again": "1"}
+    assert other.source == first.source
+    assert _model_files(client, run_id, tmp_path / "b") == files  # MLmodel's time and uuid included
+
+
+def test_register_refuses_unfinished_runs_and_bad_names_before_registering_anything(trial_run):
+    """A FAILED or KILLED run, an alias MLflow would refuse (checked against MLflow's own
+    validators) and a name with '@' (read as an alias in models:/ URIs): one ValueError each and
+    no registered model, where a bad alias used to leave a version without it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    from wavesweep.names import check_alias
+    from wavesweep.tracked_trial import register_trial_model
+
+    _cfg, run_id = trial_run
+    client = MlflowClient()
+    for alias in ("bad alias!", "v3", "V12", "latest", "LATEST", "", "x" * 256, "champion", "a-b_c", "v3a", "é"):
+        try:
+            _validate_model_alias_name(alias)
+            _validate_model_alias_name_reserved(alias)
+            mlflow_ok = True
+        except MlflowException:
+            mlflow_ok = False
+        if mlflow_ok:
+            assert check_alias(alias) == alias
+        else:
+            with pytest.raises(ValueError, match="alias"):
+                check_alias(alias)
+    with pytest.raises(ValueError, match="alias 'bad alias!' is not valid"):
+        register_trial_model(run_id, name="ok", alias="bad alias!")
+    with pytest.raises(ValueError, match="alias 'v3' is reserved"):
+        register_trial_model(run_id, name="ok2", alias="v3")
+    with pytest.raises(ValueError, match="contains '@'"):
+        register_trial_model(run_id, name="rev@x")
+    for status in ("FAILED", "KILLED"):
+        client.set_terminated(run_id, status)
+        with pytest.raises(ValueError, match=f"is {status}: only a FINISHED trial run can be registered"):
+            register_trial_model(run_id, name="no")
+    assert client.search_registered_models() == []
+
+
+def test_list_registered_reads_every_page(trial_run, monkeypatch):
+    """`wavesweep models` listed the first page only (100 models by default): with pages of 2,
+    all 5 models are listed."""
+    from wavesweep import model_registry
+    from wavesweep.tracked_trial import register_trial_model
+
+    _cfg, run_id = trial_run
+    for i in range(5):
+        register_trial_model(run_id, name=f"m{i}", alias=None)
+    real = MlflowClient.search_registered_models
+    monkeypatch.setattr(MlflowClient, "search_registered_models",
+                        lambda self, *a, max_results=100, **k: real(self, *a, max_results=min(max_results, 2), **k))  # fmt: skip
+    assert sorted(r["name"] for r in model_registry.list_registered()) == [f"m{i}" for i in range(5)]
+
+
+def test_an_empty_mlproject_default_reads_as_empty():
+    """`mlflow run` logs an empty default as the shell's quoted empty string (shlex.quote), which the
+    run keeps; the trial saw an empty value, and so does `register` (it looked for files under a
+    folder named '')."""
+    import shlex
+    from types import SimpleNamespace
+
+    from wavesweep import tracking
+
+    quoted = shlex.quote("")
+    run = SimpleNamespace(data=SimpleNamespace(params={"model": "cnn", "data_root": quoted, "weights": quoted, "dataset": "digits"}))
+    cfg = tracking.trial_config_of(run)
+    assert (cfg.data_root, cfg.weights, cfg.model) == ("", "", "cnn")

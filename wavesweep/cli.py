@@ -120,10 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from wavesweep.names import check_name
     from wavesweep.tracked_trial import register_trial_model
 
-    check_name("registered model name", args.name)
     mv = register_trial_model(args.run_id, name=args.name, alias=args.alias or None, method=args.method)
     alias = f" alias {args.alias}" if args.alias else ""
     print(f"registered {mv.name} version {mv.version}{alias} from run {args.run_id}")
@@ -186,9 +184,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     spec = study.load_spec(args.spec, overrides=study.parse_assignments(args.set, "--set"))
     if args.register_best:
-        from wavesweep.names import check_name
+        from wavesweep.names import check_model_name
 
-        check_name("registered model name", args.register_best)
+        check_model_name(args.register_best)
     if args.n_trials is not None and args.n_trials < 0:
         raise ValueError(f"--n-trials={args.n_trials} must be >= 0 (0: the spec's n_trials)")
     if args.timeout is not None:
@@ -246,6 +244,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from wavesweep import study, tracking
 
+    if args.register_best:
+        from wavesweep.names import check_model_name
+
+        check_model_name(args.register_best)
     target = Path(args.study)
     if target.suffix in (".yaml", ".yml") or target.is_file():
         spec = study.load_spec(target)

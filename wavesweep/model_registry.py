@@ -40,14 +40,55 @@ def register_model(
     the dense state dict plus the checkpoint, and trains like any module.
 
     The source run is not reopened: the model is written with ``save_model`` and uploaded with
-    ``log_artifacts``, so its status, end time, tags, params and metrics stay as they were.
+    ``log_artifacts``, so its status, end time, tags, params and metrics stay as they were. The
+    folder is uploaded once per run and method: a second registration (another name) points at
+    the files the first uploaded, so an earlier version's files are never rewritten.
     """
+    artifact_path = REGISTERED_DIR.format(method=method)
+    c = client()
+    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    if not _registered_source(c, run_id, source):  # else uploaded by an earlier registration: reused, never rewritten
+        _upload(model, architecture, input_example, checkpoint, run_id, artifact_path)
+    with contextlib.suppress(MlflowException):  # exists already
+        c.create_registered_model(name)
+    mv = c.create_model_version(name, source, run_id=run_id, tags={k: format_value(v) for k, v in tags.items() if v is not None})
+    c.set_registered_model_tag(name, "wavesweep", "true")
+    return move_alias(c.get_model_version(name, mv.version), alias)
+
+
+def _registered_source(c: Any, run_id: str, source: str) -> bool:
+    """Whether a model version (under any name) already points at ``source``: its upload finished."""
+    found = c.search_model_versions(filter_string=f"run_id = '{run_id}'")  # run ids are hex: safe in a filter
+    return any(mv.source == source for mv in found)
+
+
+def existing_version(name: str, run_id: str, method: str) -> Any | None:
+    """The version of registered model ``name`` made from ``run_id``'s ``method`` model, if any."""
+    c = client()
+    try:
+        found = c.search_model_versions(filter_string=f"run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    mine = [mv for mv in found if mv.name == name and (mv.tags or {}).get("method") == method]
+    return c.get_model_version(name, min(mine, key=lambda mv: int(mv.version)).version) if mine else None
+
+
+def move_alias(mv: Any, alias: str | None) -> Any:
+    """Point ``alias`` of ``mv``'s registered model at ``mv``; returns the version as stored."""
+    if not alias:
+        return mv
+    c = client()
+    c.set_registered_model_alias(mv.name, alias, mv.version)
+    return c.get_model_version(mv.name, mv.version)
+
+
+def _upload(model: Any, architecture: dict[str, Any], input_example: Any, checkpoint: Path, run_id: str,
+            artifact_path: str) -> None:
     import torch
     from mlflow.models import infer_signature
 
     from wavesweep import architectures, pruned_model
 
-    artifact_path = REGISTERED_DIR.format(method=method)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
@@ -64,16 +105,7 @@ def register_model(
             signature=infer_signature(input_example, output), input_example=input_example,
             pip_requirements=_pip_requirements(),
         )  # fmt: skip
-        c = client()
-        c.log_artifacts(run_id, str(folder), artifact_path)
-    with contextlib.suppress(MlflowException):  # exists already
-        c.create_registered_model(name)
-    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = c.create_model_version(name, source, run_id=run_id, tags={k: format_value(v) for k, v in tags.items() if v is not None})
-    c.set_registered_model_tag(name, "wavesweep", "true")
-    if alias:
-        c.set_registered_model_alias(name, alias, mv.version)
-    return c.get_model_version(name, mv.version)
+        client().log_artifacts(run_id, str(folder), artifact_path)
 
 
 def _pip_requirements() -> list[str]:
@@ -92,7 +124,14 @@ def list_registered() -> list[dict[str, Any]]:
     if not store_exists():
         return []
     c = client()
-    mine = {rm.name: rm for rm in c.search_registered_models(filter_string="tags.wavesweep = 'true'")}
+    mine: dict[str, Any] = {}
+    token = None
+    while True:  # page by page: one call returns at most 100 models
+        page = c.search_registered_models(filter_string="tags.wavesweep = 'true'", max_results=1000, page_token=token)
+        mine |= {rm.name: rm for rm in page}
+        token = page.token
+        if not token:
+            break
     by_name: dict[str, list[Any]] = {}
     token = None
     while mine:

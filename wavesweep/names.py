@@ -41,6 +41,30 @@ def check_name(what: str, value: object) -> str:
     return value
 
 
+def check_model_name(value: object) -> str:
+    """A registered-model name: a safe name (:func:`check_name`) without ``@``, which a model
+    URI reads as an alias (``models:/a@b/1`` is alias ``b/1`` of model ``a``)."""
+    check_name("registered model name", value)
+    if "@" in str(value):
+        raise ValueError(f"registered model name {value!r} contains '@', which models:/ URIs read as an alias: leave it out")
+    return str(value)
+
+
+#: MLflow's alias rule (mlflow.utils.validation): word characters and '-', at most 255
+ALIAS_RE = re.compile(r"[\w-]{1,255}")
+
+
+def check_alias(value: object) -> str:
+    """A registered-model alias MLflow accepts: letters, digits, ``_`` and ``-`` (1-255), not
+    ``latest`` (any case) nor ``v`` + digits (a version's name); else one line, before anything
+    is registered."""
+    if not isinstance(value, str) or not ALIAS_RE.fullmatch(value):
+        raise ValueError(f"alias {value!r} is not valid: use 1-255 letters, digits, '_' and '-'")
+    if value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+        raise ValueError(f"alias {value!r} is reserved by MLflow ('latest', and v1, v2, ... name versions): choose another")
+    return value
+
+
 class Registry(Generic[T]):
     """``name -> object`` with a registering decorator and a checked lookup."""
 

@@ -122,13 +122,27 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
 
     The model is rebuilt from the run's compressed checkpoint (the exact weights that were
     evaluated), with two real evaluation inputs as its input example; the version is tagged with
-    the trial's configuration and results and given ``alias``.
+    the trial's configuration and results and given ``alias``. The run must be FINISHED. A run's
+    method already registered under ``name`` is that version again (``alias`` moved to it).
     """
+    from wavesweep.names import check_alias, check_model_name
+
+    check_model_name(name)
+    if alias is not None:
+        check_alias(alias)
     client, _ = tracking.init_tracking()
     run = tracking.get_trial_run(client, run_id)
+    if run.info.status != "FINISHED":
+        raise ValueError(f"run {run.info.run_id} is {run.info.status}: only a FINISHED trial run can be registered")
     cfg = tracking.trial_config_of(run)
     params, metrics = run.data.params, run.data.metrics
+    missing = [f"base_{k}" for k in ("num_classes", "in_channels", "image_size") if f"base_{k}" not in params]
+    if missing:
+        raise ValueError(f"run {run.info.run_id} has no {', '.join(missing)}: not a trial run wavesweep finished")
     kwargs = {k: int(params[f"base_{k}"]) for k in ("num_classes", "in_channels", "image_size")}
+    if (known := model_registry.existing_version(name, run.info.run_id, method)) is not None:
+        log.info("run %s's %s model is version %s of %s already: no second version", run.info.run_id, method, known.version, name)
+        return model_registry.move_alias(known, alias)  # the same model: nothing uploaded
     prefix = "" if method == "dwt" else f"{method}_"
     tags = {
         "method": method, "wavelet": cfg.wavelet, "level": cfg.level, "percentile": cfg.percentile,

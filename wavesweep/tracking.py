@@ -414,8 +414,11 @@ def trial_layers(client: MlflowClient, run_id: str) -> dict[str, list[Any]] | No
 
 
 def trial_config_of(run) -> TrialConfig:
+    """The trial's configuration from its params. ``mlflow run`` logs an empty MLproject default
+    as the shell's quoted empty string (``''``), and the run keeps that value (a param is
+    written once): it reads as empty, as the trial itself saw it."""
     names = set(TrialConfig.__dataclass_fields__)
-    return TrialConfig.from_mapping({k: v for k, v in run.data.params.items() if k in names})
+    return TrialConfig.from_mapping({k: "" if v in ("''", '""') else v for k, v in run.data.params.items() if k in names})
 
 
 def download_checkpoint(client: MlflowClient, run_id: str, method: str, dst: Path) -> Path:
