@@ -247,6 +247,9 @@ def test_adjusted_p_values_and_verdicts(tmp_path):
     files = report.write_report(make_frame(12), tmp_path, study_name="s", objectives=[("top1", "maximize")],
                                 importances={"top1": {"percentile": 0.6, "wavelet": 0.4}})  # fmt: skip
     md = files["summary_md"].read_text()
+    n_p = int(trials_frame.complete(make_frame(12))["dwt_vs_magnitude_mcnemar_p"].notna().sum())
+    assert 0 < n_p < 12  # some trials are not complete: the count is of the tested ones
+    assert f"Benjamini-Hochberg over the {n_p} complete trials with a McNemar p" in md
     summary = pd.read_csv(files["summary_csv"])
     best = summary[summary["selection"] == "best top1 (maximize)"].iloc[0]
     assert best["dwt_vs_magnitude_verdict"] == "not significant (CI contains 0)"

@@ -166,6 +166,12 @@ def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _n_tested(frame: pd.DataFrame) -> int:
+    """Complete trials whose dwt-vs-magnitude McNemar p-value exists (what the adjustment counts)."""
+    col = "dwt_vs_magnitude_mcnemar_p"
+    return int(complete(frame)[col].notna().sum()) if col in frame else 0
+
+
 def _replicate_lines(table: pd.DataFrame) -> list[str]:
     """For each summary row of a trial run over replicate seeds: n, and every top-1 and gain as
     mean [95 % t-interval over the seeds]."""
@@ -247,8 +253,9 @@ def write_report(
         to_markdown(with_intervals(table)) if len(table) else "_no complete trials_\n",
         "Gains are dwt top-1 minus the matched baseline's on the same examples; the interval is a "
         "95 % paired bootstrap interval and p the exact McNemar test on discordant examples. "
-        f"Adjusted p: Benjamini-Hochberg over the {n_complete} complete trials compared "
-        "(scipy.stats.false_discovery_control). A gain is called significant only when its interval "
+        f"Adjusted p: Benjamini-Hochberg over the {_n_tested(frame)} complete trials with a McNemar p "
+        "(scipy.stats.false_discovery_control; a trial over replicate seeds has none: its interval is "
+        "the t-interval across the seeds). A gain is called significant only when its interval "
         "excludes 0 and its adjusted p is below 0.05; \"best\" means best on the objective, not a "
         "significant improvement.",
         "",
