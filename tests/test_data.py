@@ -576,3 +576,12 @@ def test_eval_batches_one_persistent_loader_for_the_dataset_and_its_subsets(tmp_
     finally:
         D.close_loaders(ds)
     assert not hasattr(ds, "_wavesweep_eval_loaders")
+
+
+def test_a_data_root_given_to_digits_is_said_to_be_unused(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="wavesweep.data_sources"):
+        a = load_dataset("digits", root=tmp_path / "nowhere")
+    assert f"data root {tmp_path / 'nowhere'} is not used" in caplog.text
+    assert torch.equal(a.test.images, load_dataset("digits").test.images)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import logging
 import io
 import math
 import os
@@ -30,6 +31,8 @@ import torch
 
 from wavesweep.data import DATASETS, DatasetBundle, TensorImages, data_root, make_bundle, register_dataset
 from wavesweep.fileio import atomic_write
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -126,6 +129,8 @@ def _digits(root: Path | None, seed: int, image_size: int | None, test_fraction:
     from sklearn.model_selection import train_test_split
 
     DATASETS.get("digits").size(image_size)
+    if root is not None:
+        log.warning("digits is bundled with scikit-learn: data root %s is not used", root)
     x, y = load_digits(return_X_y=True)  # x float64 (1797, 64), integer values 0..16
     xf = x.astype(np.float32) / 16.0  # (1797, 64) in [0, 1]
     idx_train, idx_test = train_test_split(
