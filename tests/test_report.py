@@ -214,6 +214,104 @@ def test_accuracy_vs_pruned_fraction_per_recovery_with_intervals(tmp_path, monke
     assert "dwt before recovery" not in axes[0].get_legend_handles_labels()[1]
 
 
+def _errorbars_drawn(fig):
+    """Per titled panel and method: the drawn points and interval ends, read back from the errorbars."""
+    out = {}
+    for ax in (a for a in fig.axes if a.get_title()):
+        for c in ax.containers:
+            (line, _caps, (bars,)) = c.lines[0], c.lines[1], c.lines[2]
+            ends = np.array([seg[:, 1] for seg in bars.get_segments()])
+            out[(ax.get_title(), c.get_label())] = np.column_stack([line.get_xydata(), ends])
+    return out
+
+
+def test_one_configuration_twice_at_one_seed_is_one_run(tmp_path, monkeypatch):
+    """Optuna sampling a configuration again at the same seed repeats the same run: it plots what one
+    copy plots (its value and Wilson interval, n_runs 1), not a zero-width "replicate range" of 2;
+    the same configuration at another seed is a replicate range."""
+    from scipy.stats import binomtest
+
+    frame = make_frame(6).assign(state="COMPLETE", seed=0)
+    twice = pd.concat([frame, frame.iloc[[0]].assign(number=99)], ignore_index=True)
+    cols = ["method", "pruned_fraction", "top1", "low", "high", "n_runs", "interval", "recovery"]
+    one, dup = figures.method_points(frame, "pruned_fraction"), figures.method_points(twice, "pruned_fraction")
+    pd.testing.assert_frame_equal(dup[cols], one[cols])
+    row = dup[(dup["method"] == "dwt") & dup["numbers"].map(lambda n: 0 in n)].iloc[0]
+    ci = binomtest(round(frame["top1"].iloc[0] * 360), 360).proportion_ci(method="wilson")
+    assert row["interval"] == "wilson" and row["n_runs"] == 1 and row["top1"] == frame["top1"].iloc[0]
+    assert (row["low"], row["high"]) == pytest.approx((ci.low, ci.high))
+    figs = _capture(monkeypatch)
+    figures.plot_accuracy_vs_pruned_fraction(frame, tmp_path / "one.png")
+    figures.plot_accuracy_vs_pruned_fraction(twice, tmp_path / "twice.png")
+    drawn_one, drawn_twice = _errorbars_drawn(figs[0]), _errorbars_drawn(figs[1])
+    assert drawn_one.keys() == drawn_twice.keys() and len(drawn_one) == 6  # 2 recoveries x 3 methods
+    for key, pts in drawn_one.items():
+        np.testing.assert_array_equal(drawn_twice[key], pts, err_msg=str(key))
+
+    top1 = frame["top1"].iloc[0]
+    other = pd.concat([frame, frame.iloc[[0]].assign(number=99, seed=1, top1=top1 - 0.04)], ignore_index=True)
+    pts = figures.method_points(other, "pruned_fraction")
+    rep = pts[(pts["method"] == "dwt") & pts["numbers"].map(lambda n: 0 in n)].iloc[0]
+    assert rep["interval"] == "replicate range" and rep["n_runs"] == 2 and rep["numbers"] == [0, 99]
+    assert (rep["top1"], rep["low"], rep["high"]) == pytest.approx((top1 - 0.02, top1 - 0.04, top1))
+
+
+def test_accuracy_vs_compression_one_panel_and_front_per_recovery(tmp_path, monkeypatch):
+    """A finetune trial that dominates a one-shot trial does not take it off the front: one panel
+    per recovery setting, each with the Pareto front of its own trials."""
+    frame = make_frame(2).assign(state="COMPLETE", recovery=["none", "finetune"], compression_ratio=[4.0, 5.0], top1=[0.6, 0.9])
+    figs = _capture(monkeypatch)
+    assert_png(figures.plot_accuracy_vs_compression(frame, tmp_path / "c.png"))
+    axes = [ax for ax in figs[-1].axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["recovery: none", "recovery: finetune"]
+    for ax, rec in zip(axes, ["none", "finetune"]):
+        mine = frame[frame["recovery"] == rec]
+        want = mine[brute_pareto(mine[["compression_ratio", "top1"]].to_numpy(), ["maximize", "maximize"])]
+        dwt = next(c for c in ax.collections if c.get_label() == "dwt")
+        np.testing.assert_array_equal(dwt.get_offsets(), mine[["compression_ratio", "top1"]].to_numpy())
+        front = next(l for l in ax.get_lines() if l.get_label() == "dwt Pareto front (attained)")
+        assert set(map(tuple, want[["compression_ratio", "top1"]].to_numpy())) <= set(map(tuple, front.get_xydata()))
+        assert [t.get_text() for t in ax.texts] == [f"#{n}" for n in want["number"]]
+
+
+@pytest.mark.parametrize("metric", ["top1", "val_top1"])
+def test_history_marks_pruned_trials_of_top1_objectives(tmp_path, monkeypatch, metric):
+    """A study with a validation part optimises val_top1: its pruned trials are drawn too."""
+    frame = make_frame(10)
+    figs = _capture(monkeypatch)
+    assert_png(figures.plot_history(frame, [(metric, "maximize")], tmp_path / "h.png"))
+    ax = figs[-1].axes[0]
+    assert "pruned (partial top1)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    marks = next(c for c in ax.collections if c.get_label() == "pruned (partial top1)")
+    pruned = frame[frame["state"] == "PRUNED"]
+    assert len(pruned) == 2
+    np.testing.assert_array_equal(marks.get_offsets(), pruned[["number", "partial_top1"]].to_numpy())
+
+
+@pytest.mark.parametrize("plot", ["pruned_fraction", "stored_mb", "compression", "gap"])
+def test_trials_without_a_recorded_recovery_are_drawn(tmp_path, monkeypatch, plot):
+    """Trials of a study recorded before recovery existed (recovery NaN) have their own panel
+    ("not recorded") in every per-recovery figure; the gap figure, one marker per recovery."""
+    frame = make_frame(2).assign(state="COMPLETE", recovery=["bn", np.nan], top1=[0.7, 0.8], gain_top1_vs_magnitude=[0.02, 0.05])
+    draw = {"pruned_fraction": figures.plot_accuracy_vs_pruned_fraction, "stored_mb": figures.plot_accuracy_vs_stored_mb,
+            "compression": figures.plot_accuracy_vs_compression, "gap": figures.plot_gap}[plot]  # fmt: skip
+    figs = _capture(monkeypatch)
+    assert_png(draw(frame, tmp_path / "f.png"))
+    axes = [ax for ax in figs[-1].axes if ax.get_title()]
+    if plot == "gap":  # one panel, every trial a marker
+        marks = {c.get_label(): list(c.get_offsets()[:, 1]) for c in axes[0].collections if not c.get_label().startswith("_")}
+        assert marks == {"recovery bn: CI contains 0 (not significant)": pytest.approx([0.02]),
+                         "recovery not recorded: CI contains 0 (not significant)": pytest.approx([0.05])}  # fmt: skip
+        return
+    assert [ax.get_title() for ax in axes] == ["recovery: bn", "recovery: not recorded"]
+    for ax, mine in zip(axes, [frame.iloc[[0]], frame.iloc[[1]]]):
+        if plot == "compression":
+            ys = next(c for c in ax.collections if c.get_label() == "dwt").get_offsets()[:, 1]
+        else:
+            ys = next(c for c in ax.containers if c.get_label() == "dwt").lines[0].get_ydata()
+        assert list(ys) == list(mine["top1"])
+
+
 def bh_oracle(p):
     """Benjamini-Hochberg by its definition: min over j >= i of p_(j) * n / j, capped at 1."""
     p = np.asarray(p, float)

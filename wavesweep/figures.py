@@ -52,7 +52,7 @@ MARKERS = {"dwt": "o", "magnitude": "s", "random": "^"}
 DODGE = {"dwt": -1.0, "magnitude": 0.0, "random": 1.0}  # side-by-side offsets, so no marker hides another
 INTERVAL_NOTE = (
     "error bars: the 95 % t-interval over a trial's replicate seeds where it has them (clipped to [0, 1]; one "
-    "configuration tried several times: the envelope),\nelse the range over single-seed trials of one configuration, "
+    "configuration tried several times: the envelope),\nelse the range over the seeds of single-seed trials of one configuration, "
     "else the 95 % Wilson interval of the accuracy on the n_eval examples"
 )
 
@@ -80,14 +80,20 @@ def method_points(frame: pd.DataFrame, x: str, y: str = "top1") -> pd.DataFrame:
     """One row per (configuration, method) of the COMPLETE trials: mean ``x`` and ``y`` over the
     configuration's runs, an interval ``low``..``high``, ``n_runs`` (seeds), ``recovery`` and
     ``prerec`` (the mean ``prerec_<y>``: before recovery). Configurations are the
-    ``CONFIG_COLUMNS`` present. The interval: a trial run over replicate seeds (``n_replicates``,
+    ``CONFIG_COLUMNS`` present. A configuration sampled again with the same ``seed`` is the same
+    run (deterministic): only its first trial counts (a trial with no ``seed`` is its own run).
+    The interval: a trial run over replicate seeds (``n_replicates``,
     ``<y>_ci_low``/``_ci_high``) has its 95 % t-interval (for top-1 clipped to [0, 1]: with few
     seeds it reaches beyond), and several trials of one configuration
-    the envelope of theirs (a single-seed trial counts as its value); several single-seed trials,
-    their range; one single-seed trial, the Wilson interval on ``n_eval`` examples. Means are
+    the envelope of theirs (a single-seed trial counts as its value); single-seed trials at several
+    seeds, their range; one seed, the Wilson interval on ``n_eval`` examples. Means are
     weighted by each trial's number of replicates."""
     done = complete(frame)
     keys = [c for c in CONFIG_COLUMNS if c in done]
+    if len(done):  # one row per (configuration, seed): the same seed twice is one run, not two replicates
+        seed = done["seed"] if "seed" in done else pd.Series(np.nan, index=done.index)
+        runs = done.assign(_seed=seed.astype(object).where(seed.notna(), "trial " + done["number"].astype(str)))
+        done = done[~runs.duplicated(subset=[*keys, "_seed"])]
     rows = []
     for m in METHODS:
         prefix = "" if m == "dwt" else f"{m}_"
@@ -135,12 +141,24 @@ def chance_level(frame: pd.DataFrame) -> float | None:
     return None
 
 
+NOT_RECORDED = "not recorded"  # the recovery of trials recorded before recovery existed
+
+
 def _recoveries(frame: pd.DataFrame) -> list[Any]:
+    """The recovery settings of the complete trials, one panel each (a missing one: ``NOT_RECORDED``);
+    ``[None]`` when no trial records one (one panel for all)."""
     done = complete(frame)
     if "recovery" not in done or done["recovery"].isna().all():
         return [None]
     order = {"none": 0, "bn": 1, "finetune": 2}
-    return sorted(done["recovery"].dropna().unique(), key=lambda r: (order.get(r, 9), str(r)))
+    return sorted(done["recovery"].fillna(NOT_RECORDED).unique(), key=lambda r: (order.get(r, 9), str(r)))
+
+
+def _of_recovery(data: pd.DataFrame, rec: Any) -> pd.DataFrame:
+    """The rows of ``data`` under recovery ``rec`` (one of :func:`_recoveries`; None: all rows)."""
+    if rec is None or "recovery" not in data:
+        return data
+    return data[data["recovery"].fillna(NOT_RECORDED) == rec]
 
 
 def _errorbars(ax: plt.Axes, pts: pd.DataFrame, x: str, y: str, *, scale: float = 1.0, dodge: float = 0.0,
@@ -188,7 +206,7 @@ def plot_accuracy_vs_pruned_fraction(frame: pd.DataFrame, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(recoveries), figsize=(6.4 * len(recoveries), 4.8), squeeze=False, sharey=True)
     pts = method_points(frame, "pruned_fraction")
     for ax, rec in zip(axes[0], recoveries):
-        d = pts if rec is None or pts.empty else pts[pts["recovery"] == rec]
+        d = _of_recovery(pts, rec)
         if d.empty:
             _empty(ax, "no complete trials")
             continue
@@ -211,7 +229,7 @@ def plot_accuracy_vs_stored_mb(frame: pd.DataFrame, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(recoveries), figsize=(6.4 * len(recoveries), 4.8), squeeze=False, sharey=True)
     pts = method_points(frame, "stored_bytes")
     for ax, rec in zip(axes[0], recoveries):
-        d = pts if rec is None or pts.empty else pts[pts["recovery"] == rec]
+        d = _of_recovery(pts, rec)
         if d.empty:
             _empty(ax, "no complete trials")
             continue
@@ -258,7 +276,7 @@ def plot_gap(frame: pd.DataFrame, path: Path, *, facet: str | None = None, basel
             _empty(ax, "no complete trials with paired intervals")
             continue
         for rec in recs:
-            r = d if rec is None or "recovery" not in d else d[d["recovery"] == rec]
+            r = _of_recovery(d, rec)
             if r.empty:
                 continue
             sig = (r[lo] > 0) | (r[hi] < 0)
@@ -306,13 +324,17 @@ def plot_levels(layers: dict[str, list[Any]] | None, path: Path, *, title: str =
 
 
 def plot_accuracy_vs_compression(frame: pd.DataFrame, path: Path) -> Path:
-    """Top-1 against compression ratio for each method, with the dwt Pareto front (max both)."""
+    """Top-1 against compression ratio for each method, one panel per recovery setting, each with
+    the dwt Pareto front (max both) of its own trials."""
     done = complete(frame)
-    data = _long_by_method(done, "compression_ratio")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if data.empty:
-        _empty(ax, "no complete trials")
-    else:
+    recoveries = _recoveries(frame)
+    fig, axes = plt.subplots(1, len(recoveries), figsize=(7 * len(recoveries), 4.5), squeeze=False, sharey=True)
+    for ax, rec in zip(axes[0], recoveries):
+        ax.set_title(f"recovery: {rec}" if rec is not None else "accuracy vs compression")
+        data = _long_by_method(_of_recovery(done, rec), "compression_ratio")
+        if data.empty:
+            _empty(ax, "no complete trials")
+            continue
         colors = _colors()
         for m in reversed(METHODS):  # dwt drawn last, on top; distinct markers and alpha show what lies beneath
             d = data[data["method"] == m]
@@ -327,9 +349,11 @@ def plot_accuracy_vs_compression(frame: pd.DataFrame, path: Path) -> Path:
             for r in front.itertuples():
                 ax.annotate(f"#{int(r.number)}", (r.compression_ratio, r.top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("compression ratio (dense bytes / stored bytes)")
-        ax.set_ylabel("top-1 accuracy")
-        ax.legend(fontsize=8, loc="best")
-    ax.set_title("accuracy vs compression")
+    _figure_legend(fig, axes[0])
+    axes[0, 0].set_ylabel("top-1 accuracy")
+    if recoveries != [None]:
+        fig.suptitle("accuracy vs compression, per recovery setting", y=1.0)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -349,7 +373,7 @@ def plot_history(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]], pat
         best = d[col].cummax() if direction == "maximize" else d[col].cummin()
         ax.step(d["number"], best, where="post", color="C3", label="best so far")
         pruned = frame[frame["state"] == "PRUNED"]
-        if len(pruned) and "partial_top1" in pruned and metric == "top1":
+        if len(pruned) and "partial_top1" in pruned and metric.removeprefix("val_") == "top1":  # a study with a validation part: val_top1
             ax.scatter(pruned["number"], pruned["partial_top1"], marker="x", color="grey", s=20, label="pruned (partial top1)")
         ax.set_xlabel("trial")
         ax.set_ylabel(f"{metric} ({direction})")
