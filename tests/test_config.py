@@ -69,3 +69,28 @@ def test_every_field_has_help_cli_flag_and_mlproject_parameter():
         default = main["parameters"][f.name]["default"]
         assert TrialConfig.from_mapping({f.name: default}) == TrialConfig(), f.name  # same defaults
         assert f"--{f.name.replace('_', '-')} {{{f.name}}}" in main["command"]
+
+
+def test_help_names_every_registered_model_and_dataset():
+    """`wavesweep trial --help` listed neither fashion-mnist nor kmnist: the help text is checked
+    against the registries."""
+    import re
+
+    from wavesweep.config import FIELD_HELP
+    from wavesweep.data import DATASETS
+    from wavesweep.models import MODELS
+
+    for field, registry in (("model", MODELS), ("dataset", DATASETS)):
+        listed = set(re.findall(r"[\w.-]+", FIELD_HELP[field].split(":", 1)[1]))
+        assert set(registry.names()) <= listed, (field, set(registry.names()) - listed)
+
+
+def test_a_bad_registered_model_name_is_told_the_characters_it_may_use():
+    from wavesweep.names import check_model_name
+
+    assert check_model_name("digits-cnn v2") == "digits-cnn v2"
+    with pytest.raises(ValueError, match=r"contains '@'") as at:
+        check_model_name("rev@x")
+    with pytest.raises(ValueError, match=r"'bad/name' is not a valid name: use 1-128 letters, digits, \. _ - \+ = and spaces") as bad:
+        check_model_name("bad/name")
+    assert "@ and" not in str(bad.value) and "\n" not in str(at.value)

@@ -231,6 +231,8 @@ def test_register_refuses_unfinished_runs_and_bad_names_before_registering_anyth
         register_trial_model(run_id, name="ok2", alias="v3")
     with pytest.raises(ValueError, match="contains '@'"):
         register_trial_model(run_id, name="rev@x")
+    with pytest.raises(ValueError, match=r"has no magnitude checkpoint \(it has: dwt\); .* save_baselines=true"):
+        register_trial_model(run_id, name="mag", method="magnitude")  # MLflow's own download error before
     for status in ("FAILED", "KILLED"):
         client.set_terminated(run_id, status)
         with pytest.raises(ValueError, match=f"is {status}: only a FINISHED trial run can be registered"):

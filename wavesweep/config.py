@@ -51,7 +51,7 @@ class TrialConfig:
     batch_size: int = 256
     timing_batches: int = 3  # batches timed per model after one warm-up batch (raise for careful timing)
     weights: str = ""  # base model: "" = pretrained/trained-and-cached; a state-dict file; models:/ or runs:/ URI
-    data_root: str = ""  # dataset root ("" = WAVESWEEP_DATA or ~/.cache/wavesweep/data)
+    data_root: str = ""  # dataset root ("" = $WAVESWEEP_DATA/<dataset>, then the system copy)
     save_baselines: bool = False  # also log compressed checkpoints of the magnitude and random models
     # Recovery after pruning, identical for dwt, magnitude and random (wavesweep.recovery):
     recovery: str = "bn"  # none (one-shot), bn (re-estimate BatchNorm statistics), finetune (bn + masked fine-tuning)
@@ -162,8 +162,8 @@ def coerce(name: str, raw: Any, typ: type) -> Any:
 
 
 FIELD_HELP = {
-    "model": "base model architecture (registry: resnet18, cnn, mlp)",
-    "dataset": "dataset (registry: digits, imagenet, imagefolder, mnist, cifar10)",
+    "model": "base model architecture: resnet18, cnn, mlp, resnet50, vit_b_16",
+    "dataset": "dataset: digits (bundled), fashion-mnist, kmnist, mnist, cifar10, imagenet, imagefolder",
     "wavelet": "any discrete PyWavelets wavelet, e.g. bior1.3, rbio2.2, db4, haar",
     "level": "requested DWT level 1-5; clamped per layer to what PyWavelets allows (effective level recorded)",
     "percentile": "threshold percentile in [0, 100]: coefficients with |c| below it are zeroed",
@@ -180,7 +180,8 @@ FIELD_HELP = {
     "batch_size": "evaluation batch size",
     "timing_batches": "batches timed per model after one warm-up batch (0 = skip timing; at most 100)",
     "weights": "base model weights: empty = pretrained/trained-and-cached; a state-dict file; models:/ or runs:/ URI",
-    "data_root": "dataset root directory (empty = $WAVESWEEP_DATA or ~/.cache/wavesweep/data)",
+    "data_root": "dataset root directory (empty = $WAVESWEEP_DATA/<dataset>, default ~/.cache/wavesweep/data/<dataset>, "
+    "then the system copy: fashion-mnist)",
     "save_baselines": "also log compressed checkpoints of the magnitude and random models (true/false)",
     "recovery": "after pruning, the same for all methods: none (one-shot), bn (re-estimate BatchNorm "
     "statistics on training batches), finetune (fine-tuning with every pruning held exactly, dwt training its "

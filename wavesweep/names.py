@@ -44,10 +44,14 @@ def check_name(what: str, value: object) -> str:
 def check_model_name(value: object) -> str:
     """A registered-model name: a safe name (:func:`check_name`) without ``@``, which a model
     URI reads as an alias (``models:/a@b/1`` is alias ``b/1`` of model ``a``)."""
-    check_name("registered model name", value)
-    if "@" in str(value):
+    if isinstance(value, str) and NAME_RE.fullmatch(value) and "@" in value:
         raise ValueError(f"registered model name {value!r} contains '@', which models:/ URIs read as an alias: leave it out")
-    return str(value)
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"registered model name {value!r} is not a valid name: use 1-128 letters, digits, . _ - + = and "
+            "spaces, not starting with '.' or a space (no path separators, quotes or '@')"
+        )
+    return value
 
 
 #: MLflow's alias rule (mlflow.utils.validation): word characters and '-', at most 255

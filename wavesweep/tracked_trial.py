@@ -151,6 +151,10 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
         "stored_bytes": metrics.get(f"{prefix}stored_bytes"), "source_run_id": run.info.run_id,
         "checkpoint": f"{method}.wsz",
     }  # fmt: skip
+    stored = sorted(Path(f.path).stem for f in client.list_artifacts(run.info.run_id, tracking.CHECKPOINT_DIR) if f.path.endswith(".wsz"))
+    if method not in stored:
+        raise ValueError(f"run {run.info.run_id} has no {method} checkpoint (it has: {', '.join(stored) or 'none'}); "
+                         "the magnitude and random ones are stored when the trial runs with save_baselines=true")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracking.download_checkpoint(client, run.info.run_id, method, Path(tmp))
         try:
