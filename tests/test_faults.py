@@ -180,7 +180,8 @@ def test_dry_run_prints_the_resolved_spec_and_creates_nothing(workdir, capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--set", "nosuch=1"], "unknown spec key or trial parameter 'nosuch'"),
+    (["--set", "nosuch=1"], "error: --set nosuch=...: unknown spec key or trial parameter 'nosuch'; valid: base, batch_size,"),
+    (["--set", "nosuch.x=1"], "error: --set nosuch.x=...: unknown spec key 'nosuch'; valid: base, description,"),
     (["--set", "n_trials"], "is not KEY=VALUE"),
     (["--set", "n_trials=-1"], "n_trials must be a positive integer"),
     (["--enqueue", "percentile=65"], "percentile=65 is not one of its choices [20, 40, 60, 80]"),

@@ -161,7 +161,7 @@ class StudySpec:
         known = set(schema.headline_names())
         for o in self.objectives:
             if o.metric not in known:
-                raise SpecError(("objectives", o.metric), unknown_choice("objective metric", o.metric, known))
+                raise SpecError(("objectives", o.metric), unknown_choice("objective metric", o.metric, known, "wavesweep.schema.headline_names()"))
             if o.direction not in DIRECTIONS:
                 raise SpecError(("objectives", o.metric), f"direction {o.direction!r} is not one of {', '.join(DIRECTIONS)}")
             if schema.is_timing(o.metric) and not self.fixed.get("timing_batches", 1):
@@ -331,14 +331,14 @@ def apply_overrides(data: Any, sets: dict[str, Any]) -> dict:
         parts = key.split(".")
         if len(parts) == 1 and parts[0] not in TOP_KEYS:
             if parts[0] not in cfg_fields:
-                raise SpecError((key,), "--set " + unknown_choice("spec key or trial parameter", key, [*TOP_KEYS, *cfg_fields]))
+                raise ValueError(f"--set {key}=...: " + unknown_choice("spec key or trial parameter", key, [*TOP_KEYS, *cfg_fields]))
             section = "base" if parts[0] in (data.get("base") or {}) or (parts[0] in BASE_KEYS and parts[0] not in (data.get("fixed") or {})) else "fixed"
             space = data.get("space")
             if isinstance(space, dict) and parts[0] in space:
                 data["space"] = {k: v for k, v in space.items() if k != parts[0]}
             parts = [section, parts[0]]
         if parts[0] not in TOP_KEYS:
-            raise SpecError((parts[0],), "--set " + unknown_choice("spec key", parts[0], TOP_KEYS))
+            raise ValueError(f"--set {key}=...: " + unknown_choice("spec key", parts[0], TOP_KEYS))
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)

@@ -110,10 +110,11 @@ def line_of(lines: dict[tuple[str, ...], int], key: tuple[str, ...]) -> int | No
     return None
 
 
-def unknown_choice(what: str, value: object, valid: Any) -> str:
-    """``unknown WHAT VALUE``, with close matches (did you mean) or the valid names."""
+def unknown_choice(what: str, value: object, valid: Any, listed_by: str | None = None) -> str:
+    """``unknown WHAT VALUE``, with close matches (did you mean) or the valid names (more than 25
+    with ``listed_by``, the function that lists them: their count and its name)."""
     valid = sorted(map(str, valid))
     close = difflib.get_close_matches(str(value), valid, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    shown = ", ".join(valid) if len(valid) <= 25 else f"{len(valid)} names (see wavesweep.schema.headline_names())"
+    shown = ", ".join(valid) if len(valid) <= 25 or not listed_by else f"{len(valid)} names (see {listed_by})"
     return f"unknown {what} {value!r}{hint}" if close else f"unknown {what} {value!r}; valid: {shown}"
