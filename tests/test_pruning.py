@@ -879,3 +879,25 @@ def test_pruning_a_model_on_two_devices_on_cuda():
         assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref.layers]
         for a, b in zip(got.layers, ref.layers):
             assert np.array_equal(a.keep, b.keep), (got.method, a.name)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_nan_or_infinite_target_weight_is_one_line_for_every_method(scope):
+    """A NaN made dwt's percentile NaN: every coefficient of the layer (of every layer, global
+    scope) was dropped, while magnitude kept the NaN. Each method now stops with one line naming
+    the layer, before copying the model."""
+    from wavesweep import baselines
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3))
+    with torch.no_grad():
+        net[1].weight[0, 0, 0, 0] = float("nan")
+        net[1].weight[1, 0, 0, 0] = float("inf")
+    calls = [
+        lambda: P.prune_dwt(net, wavelet="db2", level=2, percentile=50, scope=scope),
+        lambda: baselines.prune_magnitude(net, 0.5, scope=scope),
+        lambda: baselines.prune_random(net, 0.5, scope=scope, seed=0),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"target layer '1': weight has 2 NaN or infinite value\(s\) of 576"):
+            call()

@@ -18,6 +18,7 @@ from wavesweep.prune_record import (
     SCOPES,
     LayerPrune,
     PruneResult,
+    check_finite_targets,
     defer_host_copy,
     normalise_targets,
     numpy_batched,
@@ -164,7 +165,9 @@ def _prune_by_scores(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_choice("pruning backend", backend, BACKENDS)
-    names = [n for n, _ in target_layers(model, targets)]  # validate before copying the model
+    found = target_layers(model, targets)  # validate before copying the model
+    check_finite_targets(found)
+    names = [n for n, _ in found]
     global_amount, per_layer = _amounts(amount, scope, names)
     work = work_model(model, inplace)
     layers = target_layers(work, targets)

@@ -259,6 +259,22 @@ def target_layers(model: nn.Module, targets: Iterable[str] | str = ("conv",)) ->
     return layers
 
 
+def check_finite_targets(layers: list[tuple[str, nn.Module]]) -> None:
+    """ValueError naming the first target weight holding a NaN or an infinity (one host sync when
+    every weight is finite). A NaN makes the percentile NaN, and dwt would then drop every
+    coefficient of the layer (of every layer with ``scope=global``) while magnitude kept the NaN."""
+    if not layers:
+        return
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(m.weight).all().to(layers[0][1].weight.device) for _, m in layers])
+        if bool(finite.all()):
+            return
+    name, m = next((n, m) for (n, m), ok in zip(layers, finite.tolist()) if not ok)
+    bad = int((~torch.isfinite(m.weight)).sum())
+    raise ValueError(f"target layer {name or '(root)'!r}: weight has {bad} NaN or infinite value(s) of {m.weight.numel()}; "
+                     "weights must be finite to be pruned")  # fmt: skip
+
+
 def work_model(model: nn.Module, inplace: bool) -> nn.Module:
     """The model a pruning method writes into: ``model`` itself when ``inplace``, else a deep copy."""
     if not isinstance(model, nn.Module):

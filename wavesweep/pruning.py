@@ -36,7 +36,7 @@ from wavesweep import wavelets as wv
 from wavesweep.baselines import BACKENDS, matched_amount, prune_magnitude, prune_matched, prune_random
 from wavesweep.names import check_choice
 from wavesweep.prune_record import (
-    SCOPES, TARGETS, LayerPrune, PruneResult, defer_host_copy, normalise_targets, numpy_batched, target_layers, weight_numpy, work_model,
+    SCOPES, TARGETS, LayerPrune, PruneResult, check_finite_targets, defer_host_copy, normalise_targets, numpy_batched, target_layers, weight_numpy, work_model,
     write_weight,
 )  # fmt: skip
 
@@ -93,7 +93,11 @@ def prune_dwt(
     ``backend``: ``"numpy"`` (PyWavelets, on CPU), ``"torch"`` (:mod:`wavesweep.wavelets_torch`,
     the same transform on the weights' own device: no NumPy round trip on a GPU), or ``"auto"``
     (torch when the weights are on an accelerator, PyWavelets on CPU, where it is faster). The
-    two give the same keep masks (tested) and reconstructions equal to float tolerance. The
+    two give the same keep masks on continuous weights (tested) and reconstructions equal to
+    float tolerance. At exact ties they can differ: where PyWavelets cancels two equal weights
+    to exactly 0, the convolution and dense-matrix level backends leave a rounding residue
+    (1e-8 in float32), which can then sit above a threshold of 0 (weights with repeated values,
+    e.g. quantized ones, at percentiles where the threshold is 0). The
     record (``keep``, ``coeffs``) reads as CPU NumPy arrays; the torch backend leaves it on the
     weights' device and copies it to the host on first use (the checkpoint), in one transfer per
     dtype (:func:`~wavesweep.prune_record.defer_host_copy`); fine-tuning uses it where it is.
@@ -104,7 +108,7 @@ def prune_dwt(
     targets = normalise_targets(targets)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    target_layers(model, targets)  # raises before the copy if there are none
+    check_finite_targets(target_layers(model, targets))  # raises before the copy: no target layers, NaN weights
     work = work_model(model, inplace)
     layers = target_layers(work, targets)
     percentile = float(percentile)
