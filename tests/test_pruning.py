@@ -6,12 +6,14 @@ import copy
 import warnings
 
 import numpy as np
+import pywt
 import pytest
 import torch
 import torch.nn.utils.prune as tprune
 import torchvision
 from torch import nn
 
+from wavesweep import baselines
 from wavesweep import pruning as P
 from wavesweep import wavelets as wv
 
@@ -901,3 +903,61 @@ def test_a_nan_or_infinite_target_weight_is_one_line_for_every_method(scope):
     for call in calls:
         with pytest.raises(ValueError, match=r"target layer '1': weight has 2 NaN or infinite value\(s\) of 576"):
             call()
+
+
+def _pywt_kernel_coeffs(w: np.ndarray, wavelet: str) -> np.ndarray:
+    """Every 2-D kernel of ``w`` through PyWavelets, level 1, periodization: flat, kernel by kernel."""
+    out = []
+    for k in w.reshape(-1, *w.shape[-2:]):
+        cA, (cH, cV, cD) = pywt.wavedec2(k.astype(np.float64), wavelet, mode="periodization", level=1)
+        out += [cA.ravel(), cH.ravel(), cV.ravel(), cD.ravel()]
+    return np.concatenate(out)
+
+
+def test_structural_zeros_are_the_positions_pywavelets_gives_zero_for_any_weights():
+    """haar on a 3x3 kernel: the odd length is extended by its last sample, so 7 of the 16
+    positions are 0 for any kernel (PyWavelets on two independent random inputs: the oracle);
+    a longer highpass (db2) or an even length has none."""
+    from wavesweep import wavelets as wv
+
+    rng = np.random.default_rng(7)
+    w1, w2 = rng.standard_normal((2, 4, 3, 3, 3))
+    _, st = wv.decompose(w1, wavelet="haar", level=1, layout="kernel")
+    mask = wv.structural_zeros(st)
+    a, b = _pywt_kernel_coeffs(w1, "haar"), _pywt_kernel_coeffs(w2, "haar")
+    assert mask.sum() == 7 * 12 and a.size == 16 * 12
+    assert (a == 0).sum() == (b == 0).sum() == mask.sum()  # PyWavelets kernel by kernel; wavesweep orders band by band
+    c2, _ = wv.decompose(w2, wavelet="haar", level=1, layout="kernel")
+    np.testing.assert_array_equal(c2 == 0, mask)  # another input: zeros at exactly these positions
+    for wavelet, shape in (("db2", (4, 3, 5, 5)), ("haar", (4, 3, 4, 4)), ("bior4.4", (4, 3, 3, 3))):
+        _, st = wv.decompose(rng.standard_normal(shape), wavelet=wavelet, level=1, layout="kernel")
+        assert not wv.structural_zeros(st).any(), (wavelet, shape)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_the_matched_budget_leaves_structural_zeros_out(backend, scope):
+    """haar, `kernel` layout, 3x3: 7 of every 16 positions are zero whatever the weights. At the
+    50th percentile dwt zeroes 2048 of 4096 positions, but 1792 of them were zero anyway: it
+    dropped 256 of the 2304 that carry the weights (1/9). Magnitude and random are matched to
+    that, 256 weights, not to 50 % (1152). Oracle: PyWavelets and np.percentile directly."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 16, 3, bias=False), nn.ReLU(), nn.Conv2d(16, 8, 3, bias=False))
+    with pytest.warns(UserWarning, match="zero whatever the weights"):
+        r = P.prune_dwt(net, wavelet="haar", level=1, percentile=50, layout="kernel", scope=scope, backend=backend)
+    coeffs = [_pywt_kernel_coeffs(m.weight.detach().double().numpy(), "haar") for m in (net[0], net[2])]
+    thr = [np.percentile(np.abs(np.concatenate(coeffs)), 50)] * 2 if scope == "global" else [np.percentile(np.abs(c), 50) for c in coeffs]
+    for lp, c, t in zip(r.layers, coeffs, thr):
+        structural = int((c == 0).sum())
+        dropped = int(((np.abs(c) < t) & (c != 0)).sum())
+        assert (lp.n_positions, lp.n_structural, lp.n_zeroed - lp.n_structural_zeroed) == (c.size, structural, dropped)
+        assert lp.matched_fraction == pytest.approx(dropped / (c.size - structural))
+    if scope == "layer":
+        assert (r.layers[0].n_zeroed, r.layers[0].n_structural, r.layers[0].matched_fraction) == (2048, 1792, 256 / 2304)
+    amounts = baselines.matched_amount(r, scope)
+    out = baselines.prune_matched(net, r, scope=scope, seed=0)
+    zeros = [sum(int((m.weight == 0).sum()) for m in (o.model[0], o.model[2])) for o in out.values()]
+    want = sum(lp.n_zeroed - lp.n_structural_zeroed for lp in r.layers)
+    assert zeros == [want, want]  # both baselines prune what dwt dropped, to the weight
+    if scope == "global":
+        assert amounts == pytest.approx(want / sum(lp.n_positions - lp.n_structural for lp in r.layers))

@@ -305,16 +305,18 @@ def _config_amount(amount):
 def matched_amount(dwt_result: PruneResult, scope: str = "layer") -> float | dict[str, float]:
     """The budget of a dwt result as magnitude/random ``amount``.
 
-    ``scope="layer"``: ``{name: n_zeroed / n_positions}`` of each dwt layer (its coefficients);
-    ``scope="global"``: total zeroed coefficients / total coefficients.
+    ``scope="layer"``: ``{name: matched fraction}`` of each dwt layer (dropped coefficients /
+    coefficients); ``scope="global"``: the same over all layers. Positions that are zero whatever
+    the weights (:func:`wavesweep.wavelets.structural_zeros`) are left out of both counts: they
+    hold nothing dwt could prune, and counting them would have magnitude and random prune a larger
+    share of the weights than dwt dropped of its coefficients.
     """
     check_choice("scope", scope, SCOPES)
     if dwt_result.method != "dwt":
         raise ValueError(f"matched_amount needs a dwt result, got method {dwt_result.method!r}")
     if scope == "layer":
-        return {lp.name: lp.fraction for lp in dwt_result.layers}
-    total = dwt_result.n_positions
-    return dwt_result.n_zeroed / total if total else 0.0
+        return {lp.name: lp.matched_fraction for lp in dwt_result.layers}
+    return dwt_result.matched_fraction
 
 
 def prune_matched(

@@ -36,6 +36,9 @@ class LayerPrune:
     weight, or the coefficient order of :mod:`wavesweep.wavelets` for dwt.
     ``coeffs``: dwt only, the thresholded flat coefficients (zeros where dropped).
     ``structure``: dwt only, what :func:`wavesweep.wavelets.reconstruct` needs.
+    ``n_structural``: dwt only, positions that are zero whatever the weights
+    (:func:`wavesweep.wavelets.structural_zeros`); ``n_structural_zeroed`` of them were dropped
+    (all, unless the threshold is 0). They are not pruning: :attr:`matched_fraction` leaves them out.
     """
 
     name: str
@@ -48,6 +51,8 @@ class LayerPrune:
     keep: np.ndarray | None = field(default=None, repr=False, compare=False)
     coeffs: np.ndarray | None = field(default=None, repr=False, compare=False)
     structure: wv.CoeffStructure | None = field(default=None, repr=False, compare=False)
+    n_structural: int = 0
+    n_structural_zeroed: int = 0
 
     def tensor(self, what: str, device: torch.device | str) -> torch.Tensor | None:
         """``keep`` or ``coeffs`` (``what``) as a flat torch tensor on ``device``, without a round
@@ -92,8 +97,17 @@ class LayerPrune:
 
     @property
     def fraction(self) -> float:
-        """``n_zeroed / n_positions`` (0.0 for an empty layer)."""
+        """``n_zeroed / n_positions`` (0.0 for an empty layer): the share of zeros in what is stored."""
         return self.n_zeroed / self.n_positions if self.n_positions else 0.0
+
+    @property
+    def matched_fraction(self) -> float:
+        """The share of the positions that carry the weights which pruning dropped: structural
+        zeros left out of both counts. The budget the baselines are matched to, and the pruned
+        fraction; equal to :attr:`fraction` where there are none (every layout and wavelet but
+        the two-tap highpass filters on odd lengths)."""
+        n = self.n_positions - self.n_structural
+        return (self.n_zeroed - self.n_structural_zeroed) / n if n else 0.0
 
     @property
     def key(self) -> str:
@@ -211,6 +225,12 @@ class PruneResult:
     def n_positions(self) -> int:
         """Positions over all target layers: coefficients (dwt) or weights (magnitude/random)."""
         return sum(lp.n_positions for lp in self.layers)
+
+    @property
+    def matched_fraction(self) -> float:
+        """:attr:`LayerPrune.matched_fraction` over all target layers (structural zeros left out)."""
+        n = sum(lp.n_positions - lp.n_structural for lp in self.layers)
+        return sum(lp.n_zeroed - lp.n_structural_zeroed for lp in self.layers) / n if n else 0.0
 
 
 # --------------------------------------------------------------------------- targets

@@ -123,7 +123,10 @@ def prune_dwt(
                                 scope=scope, keep_approx=keep_approx)  # fmt: skip
     out_layers: list[LayerPrune] = []
     msgs: list[str] = []
-    for name, m, coeffs, keep, st, n_zeroed in done:
+    structural: list[str] = []
+    for name, m, coeffs, keep, st, n_zeroed, n_struct, struct_dropped in done:
+        if n_struct:
+            structural.append(f"{name or '<root>'}: {n_struct} of {st.n_coeffs}")
         if st.level < level:
             msgs.append(
                 f"{name or '<root>'}: level {level} clamped to {st.level} "
@@ -141,14 +144,23 @@ def prune_dwt(
                 keep=None if use_torch else keep,
                 coeffs=None if use_torch else coeffs,
                 structure=st,
+                n_structural=int(n_struct),
+                n_structural_zeroed=int(struct_dropped),
             )
         )
     if use_torch:  # the record (coefficients, masks) stays on the device until the checkpoint reads it
-        defer_host_copy(out_layers, [{"coeffs": c, "keep": k} for _, _, c, k, _, _ in done])
+        defer_host_copy(out_layers, [{"coeffs": c, "keep": k} for _, _, c, k, *_ in done])
     if msgs:
         text = f"effective level lower than requested in {len(msgs)} of {len(out_layers)} layers: " + "; ".join(msgs)
         log.info(text)
         warnings.warn(text, wv.LevelClampedWarning, stacklevel=2)
+    if structural:
+        text = (f"coefficient positions that are zero whatever the weights (an odd length under {mode} with "
+                f"{wavelet}'s two-tap highpass) in {len(structural)} of {len(out_layers)} layers: " + "; ".join(structural)
+                + "; they are left out of the pruned fraction the baselines are matched to")  # fmt: skip
+        msgs.append(text)
+        log.info(text)
+        warnings.warn(text, wv.StructuralZerosWarning, stacklevel=2)
     config = dict(
         wavelet=wavelet,
         level=int(level),
@@ -226,6 +238,7 @@ def _prune_dwt_torch(layers, *, wavelet, level, percentile, layout, mode, scope,
         )
     done: list[tuple | None] = [None] * len(layers)
     dropped = []
+    n_struct: list[int] = []  # per group: positions zero whatever the weights
     for gi, (g, st) in enumerate(zip(groups, structs)):
         c = rows[gi] if rows[gi] is not None else coefficient_rows(gi)
         rows[gi] = None  # freed once pruned
@@ -233,16 +246,19 @@ def _prune_dwt_torch(layers, *, wavelet, level, percentile, layout, mode, scope,
             c, st, percentile=None if threshold is not None else percentile, keep_approx=keep_approx, threshold=threshold
         )
         del c
-        dropped.append((~keep).sum(dim=1))
+        struct = torch.from_numpy(wv.structural_zeros(st).copy()).to(keep.device, non_blocking=True)
+        dropped.append(torch.stack([(~keep).sum(dim=1), (struct & ~keep).sum(dim=1)], dim=1).reshape(-1))
+        n_struct.append(int(wv.structural_zeros(st).sum()))
         with torch.no_grad():
             for j, i in enumerate(g):
                 name, m = layers[i]
                 m.weight.copy_(rec[j])
                 done[i] = (name, m, coeffs[j], keep[j], st)
-    # the dropped counts of every layer in one transfer (one sync), not one per layer
+    # the dropped counts of every layer (all, and structural) in one transfer (one sync), not one per layer
     counts = numpy_batched([torch.cat([d.to(dropped[0].device) for d in dropped])])[0].tolist()
-    for i, n in zip((i for g in groups for i in g), counts):
-        done[i] = done[i] + (n,)
+    order = [(i, n_struct[gi]) for gi, g in enumerate(groups) for i in g]
+    for k, (i, ns) in enumerate(order):
+        done[i] = done[i] + (counts[2 * k], ns, counts[2 * k + 1])
     return done  # type: ignore[return-value]
 
 
@@ -263,5 +279,8 @@ def _prune_dwt_numpy(layers, *, wavelet, level, percentile, layout, mode, scope,
             keep_approx=keep_approx, threshold=threshold,
         )  # fmt: skip
         write_weight(m, rec)
-        done.append((name, m, coeffs, keep, st, int(keep.size - np.count_nonzero(keep))))
+        struct = wv.structural_zeros(st)
+        n_struct = int(np.count_nonzero(struct))
+        struct_dropped = int(np.count_nonzero(struct & ~keep)) if n_struct else 0
+        done.append((name, m, coeffs, keep, st, int(keep.size - np.count_nonzero(keep)), n_struct, struct_dropped))
     return done

@@ -21,7 +21,7 @@ from wavesweep import accounting, data, evaluate, evalsplit, pruning, recovery, 
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import atomic_write
 from wavesweep.stats import PairedComparison, paired_comparison
-from wavesweep.wavelets import LevelClampedWarning
+from wavesweep.wavelets import LevelClampedWarning, StructuralZerosWarning
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ class TrialResult:
                 d |= o.recovery.metrics()
             totals = o.stats.totals()
             d |= {k: totals[k] for k in schema.STATS}
-            d["pruned_fraction"] = o.stats.zeroed_coeffs / o.stats.coeffs if o.stats.coeffs else 0.0
+            # what pruning dropped: dwt's positions that are zero whatever the weights left out (the budget
+            # the baselines are matched to); for magnitude and random their weights zeroed
+            d["pruned_fraction"] = o.prune.matched_fraction
             if o.timing is not None:
                 d |= o.timing.metrics()
             # base minus pruned (positive = the pruned model is worse), loss the other way round
@@ -186,7 +188,7 @@ def run_trial(
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
             yield
-        caught.extend(f"{w.category.__name__}: {w.message}" for w in wlist if not issubclass(w.category, LevelClampedWarning))
+        caught.extend(f"{w.category.__name__}: {w.message}" for w in wlist if not issubclass(w.category, (LevelClampedWarning, StructuralZerosWarning)))
 
     with phases("load_data"):
         bundle, eval_all = load_eval_set(cfg)

@@ -8,7 +8,7 @@ Columns used:
 * ``number``, ``state`` (COMPLETE, PRUNED, FAIL, ...), ``value_0``.. (objective values, in order)
 * trial parameters (TrialConfig field names: wavelet, level, percentile, layout, ...)
 * recorded metrics: ``top1`` (dwt), ``magnitude_top1``, ``random_top1``, ``base_top1``,
-  ``pruned_fraction`` (fraction of dwt coefficients zeroed; the baselines zero the same fraction
+  ``pruned_fraction`` (fraction of dwt coefficients dropped, positions zero whatever the weights left out; the baselines zero the same fraction
   of weights), ``compression_ratio`` (dense bytes / stored bytes, per method with prefixes),
   ``gain_top1_vs_magnitude``, ``dwt_vs_magnitude_ci_low`` ... ``_mcnemar_p``
 * ``layers``: per-layer sparsity lists of the trial (dict of equal-length lists) or None

@@ -37,6 +37,7 @@ Levels: the requested level is clamped to ``pywt.dwt_max_level`` of the transfor
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -61,7 +62,9 @@ __all__ = [
     "DEFAULT_MODE",
     "MAX_LEVEL",
     "LevelClampedWarning",
+    "StructuralZerosWarning",
     "CoeffStructure",
+    "structural_zeros",
     "validate_dwt_args",
     "layout_array",
     "effective_level",
@@ -75,6 +78,10 @@ __all__ = [
 
 class LevelClampedWarning(UserWarning):
     """The effective decomposition level of a layer is lower than the requested level."""
+
+
+class StructuralZerosWarning(UserWarning):
+    """Some coefficient positions of a layer are zero whatever its weights (see :func:`structural_zeros`)."""
 
 
 def is_real(x: object) -> bool:
@@ -347,3 +354,26 @@ def dwt_prune_array(
     keep = keep_mask(coeffs, threshold, n_approx=n_approx)
     coeffs = np.where(keep, coeffs, coeffs.dtype.type(0))
     return reconstruct(coeffs, st), coeffs, keep, st
+
+
+def structural_zeros(st: CoeffStructure) -> np.ndarray:
+    """Flat bool mask (the coefficient order of :func:`decompose`) of the positions that are zero
+    whatever the weights: with ``periodization`` an odd length is extended by repeating its last
+    sample, and a highpass filter with two non-zero taps (``haar``, ``db1``, ``bior1.x``,
+    ``rbio1.1``) then gives exactly 0 for that pair (7 of the 16 positions of a 3x3 kernel in the
+    ``kernel`` layout with ``haar``). Found by transforming random weights of the layer's shape
+    (exact zeros there are structural: continuous values cancel only by construction); cached per
+    structure. Read-only."""
+    return _structural_zeros(st.shape, st.wavelet, st.level, st.layout, st.mode)
+
+
+@functools.lru_cache(maxsize=512)
+def _structural_zeros(shape: tuple[int, ...], wavelet: str, level: int, layout: str, mode: str) -> np.ndarray:
+    if level == 0:
+        return np.zeros(math.prod(shape), dtype=bool)
+    probe = np.random.default_rng(12345).standard_normal(shape)
+    coeffs, st = decompose(probe, wavelet=wavelet, level=level, layout=layout, mode=mode)
+    assert st.level == level, (st.level, level)
+    mask = coeffs == 0
+    mask.setflags(write=False)
+    return mask
