@@ -733,3 +733,51 @@ def test_a_failure_of_a_launched_run_still_running_closes_it(workdir):
     assert (a.info.status, a.data.tags["error"]) == ("KILLED", "interrupted (SIGTERM)")
     assert (b.info.status, b.data.tags["error"]) == ("FAILED", "where it happened")
     assert "error_after_close" not in a.data.tags and "error_after_close" not in b.data.tags
+
+
+@pytest.mark.slow  # a 4-point grid study
+def test_a_grid_point_that_failed_is_run_again_in_the_same_launch(workdir, tiny_weights, monkeypatch, capsys):
+    """Optuna's grid counts a failed point as visited: once the others were taken it ran a visited
+    point again in its place, and the launch ended with exit 0, one point never run and another
+    run twice. The failed point is now queued again at once: every point COMPLETE exactly once."""
+    from wavesweep.study import objective
+
+    real = objective.run_tracked_trial
+    failed = []
+
+    def fail_once(cfg, **kw):
+        if (cfg.wavelet, cfg.percentile) == ("haar", 40.0) and not failed:
+            failed.append(1)
+            raise RuntimeError("a transient failure")
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(objective, "run_tracked_trial", fail_once)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, sampler={"name": "grid", "seed": 0},
+                      space={"percentile": [20, 40], "wavelet": ["haar", "db2"]}, n_trials=4)  # fmt: skip
+    assert run_cli("study", str(spec), "-q") == 0
+    ts = trials(workdir)
+    done = sorted((t.params["wavelet"], t.params["percentile"]) for t in ts if t.state == TrialState.COMPLETE)
+    assert failed and done == sorted((w, p) for w in ("haar", "db2") for p in (20, 40))
+    assert [t.state for t in ts].count(TrialState.FAIL) == 1
+
+
+def test_enqueue_is_refused_for_a_grid_study(workdir, capsys):
+    spec = write_spec(workdir / "tiny.yaml", "w.pt", sampler={"name": "grid", "seed": 0})
+    assert run_cli("study", str(spec), "--dry-run", "--enqueue", "wavelet=haar,percentile=40") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "uses the grid sampler, which runs every point of its grid once" in err, err
+
+
+def test_an_error_before_a_trials_run_exists_says_why(workdir, tiny_weights, monkeypatch, capsys):
+    """An error while the trial's configuration is made (before its MLflow run) left no reason:
+    the log said "trial 0 failed: ?" and the launch "last: ?"."""
+    from wavesweep.study import objective
+
+    def broken(*a, **k):
+        raise ValueError("the objective names could not be set")
+
+    monkeypatch.setattr(objective, "_name_objectives", broken)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, max_failures=2)
+    assert run_cli("study", str(spec), "-q") == 1
+    assert "last: ValueError: the objective names could not be set" in capsys.readouterr().err
+    assert {t.user_attrs.get("error") for t in trials(workdir)} == {"ValueError: the objective names could not be set"}

@@ -140,6 +140,15 @@ BAD_SPECS = [
     ("study: x\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: -2\n", ["n_trials", ":4"]),
     ("study: x\nbase: {model: cnn, wavelet: haar}\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n",
      ["base.wavelet", ":2", "fixed"]),
+    # Optuna refuses these only when a trial samples them (every trial failed "?"), or narrows the range quietly
+    ("study: x\nspace:\n  level: {low: 1, high: 5, step: 2, log: true}\nobjectives: {top1: maximize}\nn_trials: 1\n",
+     ["space.level.step", ":3", "a log range takes no step other than 1"]),
+    ("study: x\nspace:\n  percentile:\n    low: 10\n    high: 95\n    step: 20\nobjectives: {top1: maximize}\nn_trials: 1\n",
+     ["space.percentile.high", ":5", "step=20 does not divide [10, 95]", "make high 90"]),
+    ("study: x\nspace:\n  level: {low: 1, high: 5, step: 3}\nobjectives: {top1: maximize}\nn_trials: 1\n",
+     ["space.level.high", ":3", "make high 4"]),
+    ("study: x\nspace: {}\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space", ":2", "at least one searched parameter"]),
+    ("study: x\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space", "at least one searched parameter"]),
 ]
 
 

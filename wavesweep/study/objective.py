@@ -116,11 +116,16 @@ def objective(
         if sum(t.number < trial.number for t in alive) >= n_trials:
             trial.set_user_attr("surplus", True)
             raise Surplus(f"trial {trial.number} not needed: the study already has {n_trials} trials")
-    params = {p.name: p.suggest(trial) for p in spec.space}
-    cfg = TrialConfig.from_mapping({**spec.fixed, **params})
-    _name_objectives(trial.study, spec)
-    _set_user_attrs(trial, {k: getattr(cfg, k) for k in USER_ATTR_CONFIG})
-    client, _ = tracking.init_tracking(experiment=experiment)
+    try:  # before the trial's run exists: an error here still says why (the log read "failed: ?")
+        params = {p.name: p.suggest(trial) for p in spec.space}
+        cfg = TrialConfig.from_mapping({**spec.fixed, **params})
+        _name_objectives(trial.study, spec)
+        _set_user_attrs(trial, {k: getattr(cfg, k) for k in USER_ATTR_CONFIG})
+        client, _ = tracking.init_tracking(experiment=experiment)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+        raise
     chunks: list[Chunk] = []
     run_ids: list[str] = []
 

@@ -17,8 +17,12 @@ def enqueue_params(spec: StudySpec, item: str) -> dict[str, Any]:
     """``"wavelet=haar,percentile=40"`` -> ``{"wavelet": "haar", "percentile": 40}``, checked against the space.
 
     Every name must be a searched parameter; a value must be one of a list's choices or inside a
-    range (on its step). Names left out are sampled as usual. Raises a one-line ``ValueError``.
+    range (on its step). Names left out are sampled as usual. Raises a one-line ``ValueError``;
+    a grid study takes none (its grid is run whole, once).
     """
+    if spec.sampler == "grid":
+        raise ValueError(f"--enqueue {item!r}: study {spec.name!r} uses the grid sampler, which runs every point of "
+                         "its grid once (an enqueued point would run twice and another not at all); leave --enqueue out")  # fmt: skip
     params = parse_assignments([p for p in item.split(",") if p.strip()], "--enqueue")
     if not params:
         raise ValueError(f"--enqueue {item!r} names no parameter; give NAME=VALUE,... over the search space")

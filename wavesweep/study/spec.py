@@ -155,6 +155,8 @@ class StudySpec:
                 raise SpecError(("space", p.name), "is also fixed (base/fixed): give it in one place")
             if names.count(p.name) > 1:
                 raise SpecError(("space", p.name), "appears twice")
+        if not self.space:
+            raise SpecError(("space",), "name at least one searched parameter, e.g. {percentile: {low: 10, high: 90}}")
         self._check_values()
         if not self.objectives:
             raise SpecError(("objectives",), "name at least one objective, e.g. {top1: maximize}")
@@ -239,12 +241,19 @@ class StudySpec:
                 _check_trial_value(("space", p.name, end), {**self.fixed, p.name: v})
             if p.low > p.high:
                 raise SpecError(("space", p.name, "low"), f"low={p.low} is above high={p.high}")
-            if p.step is not None and (not isinstance(p.step, (int, float)) or p.step <= 0 or (p.kind == "int" and not float(p.step).is_integer())):
+            if p.step is not None and (not isinstance(p.step, (int, float)) or isinstance(p.step, bool) or p.step <= 0
+                                       or (p.kind == "int" and not float(p.step).is_integer())):  # fmt: skip
                 raise SpecError(("space", p.name, "step"), f"step={p.step!r} must be a positive {'integer' if p.kind == 'int' else 'number'}")
             if p.log and p.low <= 0:
                 raise SpecError(("space", p.name, "log"), f"a log range needs low > 0, got low={p.low}")
-            if p.log and p.step is not None and p.kind == "float":
-                raise SpecError(("space", p.name, "step"), "a float range cannot have both step and log")
+            if p.log and p.step is not None and (p.kind == "float" or p.step != 1):  # Optuna's rule
+                raise SpecError(("space", p.name, "step"), f"a log range takes no step{' other than 1' if p.kind == 'int' else ''}")
+            if p.step is not None and not p.log:
+                n = (p.high - p.low) / p.step
+                if abs(n - round(n)) > 1e-9:  # Optuna would quietly search up to the last point on the step
+                    last = p.low + math.floor(n + 1e-9) * p.step
+                    raise SpecError(("space", p.name, "high"), f"step={p.step} does not divide [{p.low}, {p.high}]: "
+                                                               f"the last point on it is {last:g}; make high {last:g}")  # fmt: skip
 
     def grid_size(self) -> int:
         """Points of the whole grid (product of the dimensions), bounded by MAX_GRID_POINTS."""

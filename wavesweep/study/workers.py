@@ -148,6 +148,14 @@ def _worker_loop(launch: Launch, index: int, on_trial: Any = None) -> None:
             failures += 1
             if failures >= launch.spec.max_failures:
                 raise RuntimeError(f"{failures} consecutive trials failed; last: {last.user_attrs.get('error', '?')}")
+            if launch.spec.sampler == "grid":
+                # Optuna's grid counts a failed point as visited and, once the others are taken, would
+                # run a visited one again in its place: the failed point is queued again now (its
+                # grid_id kept), so the grid is covered once (a point that keeps failing stops the
+                # launch after max_failures)
+                with file_lock(launch.lock_path):
+                    if (k := requeue_failed(study, launch.spec, limit=None)):
+                        log.info("re-queued failed grid point(s) %s with their params", k)
         elif last.state != TrialState.FAIL:
             failures = 0
         if on_trial is not None:
