@@ -781,3 +781,21 @@ def test_an_error_before_a_trials_run_exists_says_why(workdir, tiny_weights, mon
     assert run_cli("study", str(spec), "-q") == 1
     assert "last: ValueError: the objective names could not be set" in capsys.readouterr().err
     assert {t.user_attrs.get("error") for t in trials(workdir)} == {"ValueError: the objective names could not be set"}
+
+
+def test_a_stop_is_resent_only_within_the_block_it_arrived_in(monkeypatch):
+    """A stop that nothing caught is sent again (it may have been swallowed by a GC callback), but
+    only while its own block lasts: the resend thread of a finished block sent SIGINT into the next
+    block of the same process (a test suite's next study) as a stop nobody gave."""
+    import signal as sig
+
+    from wavesweep import interrupt
+
+    monkeypatch.setattr(interrupt, "RESEND_S", 0.05)
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt.stop_signals():
+            os.kill(os.getpid(), sig.SIGINT)
+            time.sleep(1)  # the handler raises here; nothing calls interrupt.caught
+    with interrupt.stop_signals():
+        time.sleep(0.5)  # ten resend periods: the old thread would have sent SIGINT here
+    assert not interrupt.stop_pending()

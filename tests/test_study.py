@@ -179,8 +179,9 @@ def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):
     spec = study.load_spec(path)
     s = create_study(spec, study.DEFAULT_STORAGE)
     assert_short_scalars(s.user_attrs)
-    assert s.user_attrs == {"objectives": "top1:maximize, compression_ratio:maximize",
-                            "spec_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}  # fmt: skip
+    assert s.user_attrs.keys() == {"objectives", "spec_sha256", "fixed_sha256", "space_sha256", "sampler_sha256"}
+    assert s.user_attrs["objectives"] == "top1:maximize, compression_ratio:maximize"
+    assert s.user_attrs["spec_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert s.metric_names == spec.selection_metrics  # optuna-dashboard's objective names: val_top1, ...
     assert study.study_objectives(s) == [("top1", "maximize"), ("compression_ratio", "maximize")]
     first = s.user_attrs["spec_sha256"]
@@ -189,6 +190,13 @@ def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):
     assert "the spec differs from the last launch's" in caplog.text
     with pytest.raises(ValueError, match="created with objectives top1:maximize, compression_ratio:maximize"):
         create_study(study.load_spec(write_spec(workdir / "other.yaml", "w.pt")), study.DEFAULT_STORAGE)
+    # what the trials compute and how they are proposed may not change under one study name (the
+    # space changed on a resume ran old and new points side by side, counted towards one total)
+    for overrides, what in (({"space.percentile": [30, 50]}, "search space"), ({"eval_limit": 60}, "fixed parameters"),
+                            ({"sampler": "tpe"}, "sampler"), ({"replicates": 2}, "fixed parameters")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"ran its trials with other {what}"):
+            create_study(study.load_spec(path, overrides=overrides), study.DEFAULT_STORAGE)
+    create_study(study.load_spec(path, overrides={"n_trials": 9, "timeout": 60}), study.DEFAULT_STORAGE)  # these may
 
 
 def test_objectives_of_studies_recorded_before(workdir):

@@ -38,7 +38,7 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
 
 
-_state: dict[str, Any] = {"depth": 0, "signum": None, "caught": False, "cleanup": 0}
+_state: dict[str, Any] = {"depth": 0, "signum": None, "caught": False, "cleanup": 0, "block": 0}
 RESEND_S = 2.0  # a stop that was swallowed (raised inside a GC callback) is raised again after this
 
 
@@ -54,13 +54,18 @@ def stop_pending() -> bool:
     return bool(_state["depth"]) and _state["signum"] is not None
 
 
-def _resend(signum: int) -> None:
+def _resend(signum: int, block: int) -> None:
     """Python runs a signal handler between any two bytecodes, also inside a weakref or ``__del__``
     callback, where the raised exception is printed and dropped ("Exception ignored in ...").
-    Until some ``except`` has ``caught`` the stop, deliver the signal again."""
-    while _state["depth"] and not _state["caught"]:
+    Until some ``except`` has ``caught`` the stop, deliver the signal again: within the block it
+    arrived in only (a later block of the same process is another piece of work, not this stop)."""
+
+    def same_stop() -> bool:
+        return _state["block"] == block and bool(_state["depth"]) and not _state["caught"]
+
+    while same_stop():
         time.sleep(RESEND_S)
-        if _state["depth"] and not _state["caught"] and not _state["cleanup"]:
+        if same_stop() and not _state["cleanup"]:
             os.kill(os.getpid(), signum)
 
 
@@ -78,7 +83,7 @@ def stop_signals() -> Iterator[None]:
             return
         if _state["signum"] is None:
             _state["signum"] = signum
-            threading.Thread(target=_resend, args=(signum,), daemon=True, name="wavesweep-resend-signal").start()
+            threading.Thread(target=_resend, args=(signum, _state["block"]), daemon=True, name="wavesweep-resend-signal").start()
         raise Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt
 
     def quiet_unraisable(unraisable: Any) -> None:
@@ -89,7 +94,7 @@ def stop_signals() -> Iterator[None]:
         previous_hook(unraisable)
 
     if _state["depth"] == 0:
-        _state.update(signum=None, caught=False, cleanup=0)
+        _state.update(signum=None, caught=False, cleanup=0, block=_state["block"] + 1)
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     previous_hook = sys.unraisablehook
     sys.unraisablehook = quiet_unraisable

@@ -261,6 +261,25 @@ def load_study(spec: StudySpec, storage: Any, *, seed: int = 0, workers: int = 1
     return optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, seed, workers), pruner=make_pruner(spec))
 
 
+def _identity(spec: StudySpec) -> dict[str, tuple[str, str]]:
+    """``{user attribute: (what it covers, digest)}``: the fixed trial parameters (with the
+    replicates), the search space and the sampler, each a short digest of its canonical JSON."""
+    import dataclasses
+    import hashlib
+    import json
+
+    def digest(obj: Any) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {
+        "fixed_sha256": ("fixed parameters (base, fixed, replicates)", digest({**spec.fixed, "replicates": spec.replicates})),
+        "space_sha256": ("search space", digest([dataclasses.asdict(p) for p in spec.space])),
+        # a grid's seed orders its points, which trials refer to by index: it is part of the grid
+        "sampler_sha256": ("sampler or sampler options", digest({"name": spec.sampler, **spec.sampler_options,
+                                                                 **({"seed": spec.seed} if spec.sampler == "grid" else {})})),
+    }
+
+
 def create_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """Create the study (or load it when it exists, checking it has the spec's objectives) in
     ``storage`` (:func:`open_storage` of ``storage_url`` when not given)."""
@@ -288,6 +307,16 @@ def create_study(spec: StudySpec, storage_url: str, storage: optuna.storages.Bas
             f"study {spec.name!r} in {tracking.redact_url(storage_url)} selects on {', '.join(selected)}, the spec on "
             f"{', '.join(spec.selection_metrics)} (val_fraction changed?); give the spec another study: name"
         )
+    for attr, (what, digest) in _identity(spec).items():  # what the trials compute and how they are proposed
+        have = study.user_attrs.get(attr)
+        if have is None:  # a new study, or one recorded before this check
+            study.set_user_attr(attr, digest)
+        elif have != digest:
+            raise ValueError(
+                f"study {spec.name!r} in {tracking.redact_url(storage_url)} ran its trials with other {what}; mixing "
+                f"them would compare trials that are not alike: give the changed spec another study: name "
+                f"(n_trials, timeout, storage, max_failures, pruner and description may change between launches)"
+            )
     if spec.text and study.user_attrs.get("spec_sha256") != (digest := tracking.spec_sha256(spec.text)):
         if "spec_sha256" in study.user_attrs:
             log.warning("study %s: the spec differs from the last launch's (sha256 %s, now %s); the study run's spec/ "
