@@ -246,9 +246,13 @@ def _prune_dwt_torch(layers, *, wavelet, level, percentile, layout, mode, scope,
             c, st, percentile=None if threshold is not None else percentile, keep_approx=keep_approx, threshold=threshold
         )
         del c
-        struct = torch.from_numpy(wv.structural_zeros(st).copy()).to(keep.device, non_blocking=True)
-        dropped.append(torch.stack([(~keep).sum(dim=1), (struct & ~keep).sum(dim=1)], dim=1).reshape(-1))
         n_struct.append(int(wv.structural_zeros(st).sum()))
+        if n_struct[-1]:  # the few layouts and wavelets that have them: the mask goes to the device
+            struct = torch.from_numpy(wv.structural_zeros(st).copy()).to(keep.device, non_blocking=True)
+            struct_dropped = (struct & ~keep).sum(dim=1)
+        else:
+            struct_dropped = torch.zeros(keep.shape[0], dtype=torch.int64, device=keep.device)
+        dropped.append(torch.stack([(~keep).sum(dim=1), struct_dropped], dim=1).reshape(-1))
         with torch.no_grad():
             for j, i in enumerate(g):
                 name, m = layers[i]
