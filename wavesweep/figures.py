@@ -213,7 +213,7 @@ def plot_accuracy_vs_pruned_fraction(frame: pd.DataFrame, path: Path) -> Path:
         span = max(float(d["pruned_fraction"].max() - d["pruned_fraction"].min()), 0.1)
         _errorbars(ax, d, "pruned_fraction", "top1", dodge=0.012 * span, prerec=rec not in (None, "none"))
         _reference_lines(ax, frame)
-        ax.set_xlabel("fraction pruned (dwt: coefficients zeroed;\nbaselines: weights zeroed, matched)")
+        ax.set_xlabel("fraction pruned (dwt: coefficients dropped, structural zeros\nleft out; baselines: weights zeroed, matched)")
         ax.set_title(f"recovery: {rec}" if rec is not None else "accuracy vs pruned fraction")
     _figure_legend(fig, axes[0])
     axes[0, 0].set_ylabel("top-1 accuracy")
