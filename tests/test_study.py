@@ -149,6 +149,10 @@ BAD_SPECS = [
      ["space.level.high", ":3", "make high 4"]),
     ("study: x\nspace: {}\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space", ":2", "at least one searched parameter"]),
     ("study: x\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space", "at least one searched parameter"]),
+    ("study: x\nspace:\n  percentile: [10, 20, 10.0]\nobjectives: {top1: maximize}\nn_trials: 1\n",
+     ["space.percentile", ":3", "choice 10.0 appears twice"]),
+    ("study: x\nspace:\n  wavelet: [haar, db2, haar]\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space.wavelet", "'haar' appears twice"]),
+    ("study: x\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nmax_failures: true\nn_trials: 1\n", ["max_failures", ":4"]),
 ]
 
 

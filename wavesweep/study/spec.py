@@ -204,7 +204,7 @@ class StudySpec:
             raise SpecError(("timeout",), f"timeout must be a positive number of seconds, got {self.timeout!r}")
         if self.n_trials is None and self.timeout is None and self.sampler != "grid":
             raise SpecError(("n_trials",), "give n_trials or timeout (or both)")
-        if not isinstance(self.max_failures, int) or self.max_failures < 1:
+        if not isinstance(self.max_failures, int) or isinstance(self.max_failures, bool) or self.max_failures < 1:
             raise SpecError(("max_failures",), f"max_failures must be a positive integer, got {self.max_failures!r}")
         if self.storage is not None and not isinstance(self.storage, str):
             raise SpecError(("storage",), f"storage must be a URL or a .journal path, got {self.storage!r}")
@@ -229,6 +229,11 @@ class StudySpec:
                     if not isinstance(v, (str, int, float, bool)):
                         raise SpecError(("space", p.name), f"choice {v!r} is not a scalar")
                     _check_trial_value(("space", p.name), {**self.fixed, p.name: v})
+                # the same trial value twice (haar, haar; 10, 10.0): one configuration sampled, and a grid run, twice
+                values = [TrialConfig.from_mapping({**self.fixed, p.name: v}).__dict__[p.name] for v in p.choices]
+                if len(set(map(repr, values))) < len(values):
+                    dup = next(v for i, v in enumerate(p.choices) if repr(values[i]) in map(repr, values[:i]))
+                    raise SpecError(("space", p.name), f"choice {dup!r} appears twice (as the same trial value)")
                 continue
             if typ[p.name] not in (int, float):
                 raise SpecError(("space", p.name), f"a range needs a numeric parameter; {p.name} is {typ[p.name].__name__}: give a list")
