@@ -155,8 +155,8 @@ def prune_dwt(
         log.info(text)
         warnings.warn(text, wv.LevelClampedWarning, stacklevel=2)
     if structural:
-        text = (f"coefficient positions that are zero whatever the weights (an odd length under {mode} with "
-                f"{wavelet}'s two-tap highpass) in {len(structural)} of {len(out_layers)} layers: " + "; ".join(structural)
+        text = (f"coefficient positions that are zero whatever the weights (the {mode} extension with {wavelet}; "
+                f"see wavelets.structural_zeros) in {len(structural)} of {len(out_layers)} layers: " + "; ".join(structural)
                 + "; they are left out of the pruned fraction the baselines are matched to")  # fmt: skip
         msgs.append(text)
         log.info(text)

@@ -358,12 +358,15 @@ def dwt_prune_array(
 
 def structural_zeros(st: CoeffStructure) -> np.ndarray:
     """Flat bool mask (the coefficient order of :func:`decompose`) of the positions that are zero
-    whatever the weights: with ``periodization`` an odd length is extended by repeating its last
-    sample, and a highpass filter with two non-zero taps (``haar``, ``db1``, ``bior1.x``,
-    ``rbio1.1``) then gives exactly 0 for that pair (7 of the 16 positions of a 3x3 kernel in the
-    ``kernel`` layout with ``haar``). Found by transforming random weights of the layer's shape
-    (exact zeros there are structural: continuous values cancel only by construction); cached per
-    structure. Read-only."""
+    whatever the weights, to rounding. They come from the signal extension: with ``periodization``
+    (or ``symmetric``, ``constant``) an odd length is extended by repeating its last sample, and a
+    highpass filter with two non-zero taps (``haar``, ``db1``, ``bior1.x``, ``rbio1.1``) then
+    gives exactly 0 for that pair (7 of the 16 positions of a 3x3 kernel in the ``kernel`` layout
+    with ``haar``); ``constant`` extension times a highpass whose taps sum to 0 gives 1e-17 of the
+    edge value; ``zero`` padding can leave whole coefficients on padding alone. Found by
+    transforming random weights of the layer's shape: a position whose coefficient is within
+    1e-12 of the largest is one (a real coefficient of random weights is never that small);
+    cached per structure. Read-only."""
     return _structural_zeros(st.shape, st.wavelet, st.level, st.layout, st.mode)
 
 
@@ -374,6 +377,7 @@ def _structural_zeros(shape: tuple[int, ...], wavelet: str, level: int, layout: 
     probe = np.random.default_rng(12345).standard_normal(shape)
     coeffs, st = decompose(probe, wavelet=wavelet, level=level, layout=layout, mode=mode)
     assert st.level == level, (st.level, level)
-    mask = coeffs == 0
+    mag = np.abs(coeffs)
+    mask = mag <= 1e-12 * mag.max()
     mask.setflags(write=False)
     return mask
