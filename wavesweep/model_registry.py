@@ -56,17 +56,21 @@ def register_model(
     return move_alias(c.get_model_version(name, mv.version), alias)
 
 
+def _versions_of_run(c: Any, run_id: str) -> list[Any]:
+    """Every model version (under any name) registered from ``run_id``."""
+    return list(c.search_model_versions(filter_string=f"run_id = '{run_id}'"))  # run ids are hex: safe in a filter
+
+
 def _registered_source(c: Any, run_id: str, source: str) -> bool:
     """Whether a model version (under any name) already points at ``source``: its upload finished."""
-    found = c.search_model_versions(filter_string=f"run_id = '{run_id}'")  # run ids are hex: safe in a filter
-    return any(mv.source == source for mv in found)
+    return any(mv.source == source for mv in _versions_of_run(c, run_id))
 
 
 def existing_version(name: str, run_id: str, method: str) -> Any | None:
     """The version of registered model ``name`` made from ``run_id``'s ``method`` model, if any."""
     c = client()
     try:
-        found = c.search_model_versions(filter_string=f"run_id = '{run_id}'")
+        found = _versions_of_run(c, run_id)
     except MlflowException:
         return None
     mine = [mv for mv in found if mv.name == name and (mv.tags or {}).get("method") == method]
