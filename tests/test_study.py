@@ -153,6 +153,11 @@ BAD_SPECS = [
      ["space.percentile", ":3", "choice 10.0 appears twice"]),
     ("study: x\nspace:\n  wavelet: [haar, db2, haar]\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space.wavelet", "'haar' appears twice"]),
     ("study: x\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nmax_failures: true\nn_trials: 1\n", ["max_failures", ":4"]),
+    # Optuna's TPE takes n_ei_candidates 0 and fails only when its model takes over, after ten trials
+    ("study: x\nspace: {percentile: {low: 10, high: 90}}\nobjectives: {top1: maximize}\nsampler:\n  name: tpe\n"
+     "  n_ei_candidates: 0\nn_trials: 1\n", ["sampler", ":4", "TPESampler fails at trial 11 of a dry run"]),
+    ("study: x\nspace: {percentile: {low: 10, high: 90}}\nobjectives: {top1: maximize, compression_ratio: maximize}\n"
+     "sampler: {name: tpe, n_ei_candidates: 0, n_startup_trials: 2}\nn_trials: 1\n", ["sampler", ":4", "fails at trial 3 of a dry run"]),
 ]
 
 
@@ -167,6 +172,30 @@ def test_bad_spec_is_a_one_line_error_naming_key_and_line(workdir, capsys, text,
     for needle in needles:
         assert needle in err, (needle, err)
     assert not (workdir / "optuna.db").exists(), "nothing is created for an invalid spec"
+
+
+def test_sampler_dry_run_reaches_the_model_phase_and_leaves_no_trace(monkeypatch):
+    """The dry run goes past the sampler's startup trials (where TPE's and NSGA-II's own models take
+    over), on a throw-away study: a good spec passes, and Optuna's logging is as it was."""
+    from wavesweep.study import storage
+
+    base = {"study": "x", "space": {"percentile": {"low": 10, "high": 90, "step": 10}, "wavelet": ["haar", "db2"]},
+            "objectives": {"top1": "maximize"}, "n_trials": 1}  # fmt: skip
+    calls = []
+    real = storage.make_sampler
+    monkeypatch.setattr(storage, "make_sampler", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    for sampler, opts, trials in [("tpe", {}, 12), ("tpe", {"n_startup_trials": 3}, 5), ("random", {}, 2),
+                                  ("nsga2", {"population_size": 4}, 9), ("gp", {}, 0), ("grid", {}, 0)]:  # fmt: skip
+        calls.clear()
+        verbosity = optuna.logging.get_verbosity()
+        spec = study.spec_from_mapping({**base, "sampler": {"name": sampler, **opts}})
+        assert storage.dry_run_trials(spec) == trials
+        assert optuna.logging.get_verbosity() == verbosity
+        if trials:
+            (sampler_obj,) = calls
+            assert type(sampler_obj) is storage.SAMPLERS[sampler]
+        else:
+            assert not calls
 
 
 def test_missing_spec_file(workdir, capsys):

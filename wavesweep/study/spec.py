@@ -47,7 +47,7 @@ from wavesweep.names import check_name
 from wavesweep.replicates import MAX_REPLICATES
 from wavesweep.study.options import check_options
 from wavesweep.study.spec_yaml import SpecError, key_lines, line_of, parse_yaml, unknown_choice
-from wavesweep.study.storage import PRUNERS, SAMPLERS
+from wavesweep.study.storage import PRUNERS, SAMPLERS, dry_run_sampler
 
 TOP_KEYS = (
     "study", "description", "storage", "experiment", "base", "fixed", "space", "objectives",
@@ -189,6 +189,10 @@ class StudySpec:
             if (o.metric, o.direction) != (_PRUNABLE_OBJECTIVE, "maximize"):
                 raise SpecError(("pruner",), f"early stopping reports partial dwt top1, so it needs the objective top1: maximize (got {o.metric}: {o.direction})")
         check_options(("sampler",), SAMPLERS[self.sampler], self.sampler_options)
+        try:
+            dry_run_sampler(self)
+        except ValueError as exc:
+            raise SpecError(("sampler",), str(exc)) from None
         if PRUNERS[self.pruner] is not None:
             check_options(("pruner",), PRUNERS[self.pruner], self.pruner_options)
         elif self.pruner_options:

@@ -248,6 +248,52 @@ def make_sampler(spec: StudySpec, seed: int, workers: int) -> optuna.samplers.Ba
         return cls(seed=seed, **opts)
 
 
+# A sampler is tried on a throw-away in-memory study over the spec's space before anything runs:
+# some options pass the constructor and fail only once the sampler's model takes over (TPE's
+# n_ei_candidates: 0 fails at trial 11, after ten real trials). The dry run goes that far, up to
+# DRY_RUN_TRIALS; GP's model phase (seconds of fitting) is left to the real study.
+DRY_RUN_TRIALS = 300
+
+
+def dry_run_trials(spec: StudySpec) -> int:
+    """How many throw-away trials reach the sampler's model phase (0: no dry run)."""
+    opts = spec.sampler_options
+    if spec.sampler == "tpe":
+        return int(opts.get("n_startup_trials", 10)) + 2
+    if spec.sampler == "nsga2":  # the second generation is the first made by crossover
+        return 2 * int(opts.get("population_size", 50)) + 1
+    if spec.sampler == "random":
+        return 2
+    return 0
+
+
+def dry_run_sampler(spec: StudySpec) -> None:
+    """Raise ``ValueError`` naming the sampler when it fails on a throw-away study of the spec's
+    space (random objective values, the spec's directions) within :func:`dry_run_trials`."""
+    n = dry_run_trials(spec)
+    if not 0 < n <= DRY_RUN_TRIALS:
+        return
+    values = random.Random(0)
+    directions = [o.direction for o in spec.objectives]
+    done = 0
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # no "A new study created in memory" lines
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            study = optuna.create_study(directions=directions, sampler=make_sampler(spec, spec.seed, 1))
+            for done in range(n):
+                trial = study.ask()
+                for p in spec.space:
+                    p.suggest(trial)
+                study.tell(trial, [values.random() for _ in directions])
+    except Exception as exc:  # noqa: BLE001 - any failure of the sampler is the spec's
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{SAMPLERS[spec.sampler].__name__} fails at trial {done + 1} of a dry run on this space ({msg})") from None
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     cls = PRUNERS[spec.pruner]
     if cls is None:
