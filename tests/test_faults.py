@@ -761,6 +761,33 @@ def test_a_grid_point_that_failed_is_run_again_in_the_same_launch(workdir, tiny_
     assert [t.state for t in ts].count(TrialState.FAIL) == 1
 
 
+@pytest.mark.slow  # a 2-point grid study
+def test_a_grid_point_that_failed_before_its_params_were_suggested_is_run(workdir, tiny_weights, monkeypatch, capsys):
+    """The grid sampler gives a trial its point (grid_id) before any param is suggested. A trial that
+    failed while suggesting them was not re-queued (no params to repeat): its point was counted as
+    visited and never run, and another point ran twice in its place."""
+    from wavesweep.study import spec as spec_mod
+
+    real = spec_mod.Param.suggest
+    failed = []
+
+    def fail_once(self, trial):
+        if self.name == "wavelet" and not failed:
+            failed.append(trial.number)
+            raise RuntimeError("storage hiccup while suggesting")
+        return real(self, trial)
+
+    monkeypatch.setattr(spec_mod.Param, "suggest", fail_once)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, sampler={"name": "grid", "seed": 0},
+                      space={"percentile": [20, 40], "wavelet": ["haar"]}, n_trials=2)  # fmt: skip
+    assert run_cli("study", str(spec), "-q") == 0
+    ts = trials(workdir)
+    assert failed == [0] and "wavelet" not in ts[0].params and ts[0].state == TrialState.FAIL
+    done = sorted(t.params["percentile"] for t in ts if t.state == TrialState.COMPLETE)
+    assert done == [20, 40]
+    assert [t.state for t in ts].count(TrialState.COMPLETE) == 2
+
+
 def test_enqueue_is_refused_for_a_grid_study(workdir, capsys):
     spec = write_spec(workdir / "tiny.yaml", "w.pt", sampler={"name": "grid", "seed": 0})
     assert run_cli("study", str(spec), "--dry-run", "--enqueue", "wavelet=haar,percentile=40") == 2

@@ -206,9 +206,13 @@ def retriable(trial: optuna.trial.FrozenTrial, spec: StudySpec) -> bool:
     trial itself are not retried: the same configuration would fail the same way."""
     if trial.state != TrialState.FAIL or trial.user_attrs.get("surplus"):
         return False
+    if spec.sampler == "grid":
+        # the point is its grid_id, given before any param is suggested: a trial that failed before
+        # (or while) suggesting them still took its point, and the retry (grid_id kept) runs it
+        return "grid_id" in trial.system_attrs
     if set(trial.params) != {p.name for p in spec.space}:
         return False  # failed before all params were suggested: nothing to repeat
-    return spec.sampler == "grid" or bool(trial.user_attrs.get("interrupted")) or "error" not in trial.user_attrs
+    return bool(trial.user_attrs.get("interrupted")) or "error" not in trial.user_attrs
 
 
 def requeue_failed(study: optuna.Study, spec: StudySpec, limit: int | None = None) -> list[int]:
@@ -219,17 +223,17 @@ def requeue_failed(study: optuna.Study, spec: StudySpec, limit: int | None = Non
     """
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}  # RetryCallback.retry_history
-    key = lambda params: tuple(sorted(params.items()))  # noqa: E731
-    covered = {key(t.params) for t in trials if t.state != TrialState.FAIL} if spec.sampler == "grid" else set()
+    key = lambda t: t.system_attrs.get("grid_id")  # noqa: E731 - a grid point, whether or not its params were suggested
+    covered = {key(t) for t in trials if t.state != TrialState.FAIL} if spec.sampler == "grid" else set()
     out = []
     for t in trials:
         if limit is not None and len(out) >= limit:
             break
-        if t.number in retried or not retriable(t, spec) or key(t.params) in covered:
+        if t.number in retried or not retriable(t, spec) or (spec.sampler == "grid" and key(t) in covered):
             continue
         retry(study, t)
         if spec.sampler == "grid":
-            covered.add(key(t.params))
+            covered.add(key(t))
         out.append(t.number)
     return out
 
