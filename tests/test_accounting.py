@@ -193,6 +193,84 @@ def test_checkpoint_other_dtypes_bitwise(dtype, tmp_path):
         assert torch.equal(model.state_dict()[k], v), k
 
 
+class _TiedLM(nn.Module):
+    """An embedding tied to an output Linear (as in language models), a conv, and one buffer
+    registered under two names: tensors ``state_dict()`` lists under two keys each."""
+
+    def __init__(self, shared_module: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(50, 24)
+        self.conv = nn.Conv2d(2, 6, 3)
+        self.head = nn.Linear(24, 50, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("scale", torch.linspace(0, 1, 40))
+        self.register_buffer("scale_again", self.scale)
+        if shared_module:  # one conv module used twice: its weight and bias under two keys each
+            self.conv_again = self.conv
+
+
+TIED = {
+    "dwt_other": lambda m: P.prune_dwt(m, wavelet="haar", level=1, percentile=60, layout="filter"),
+    "magnitude_other": lambda m: P.prune_magnitude(m, 0.5),
+    "dwt_target": lambda m: P.prune_dwt(m, wavelet="db2", level=2, percentile=60, layout="matrix", targets=("conv", "linear")),
+    "random_target": lambda m: P.prune_random(m, 0.4, seed=3, targets=("conv", "linear")),
+    "magnitude_shared_module": lambda m: P.prune_magnitude(m, 0.5),
+}
+
+
+@pytest.mark.parametrize("kind", TIED)
+def test_shared_tensors_are_counted_and_stored_once(kind, tmp_path):
+    """A tensor listed under several state-dict keys is one tensor: dense and stored bytes count
+    it once (pruned when it is a target weight), the file holds it once, and it loads back into
+    every key. Oracle: a byte count over the model's distinct parameters and buffers."""
+    def build():
+        torch.manual_seed(0)
+        return _TiedLM(shared_module=kind.endswith("shared_module"))
+
+    base = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.LevelClampedWarning)
+        res = TIED[kind](base)
+    tensors = list(res.model.parameters()) + list(res.model.buffers())  # distinct tensors
+    assert len(res.model.state_dict()) > len(tensors)
+    pruned = {id(dict(res.model.named_modules())[lp.name].weight): lp for lp in res.layers}
+    expect_stored = 0
+    for t in tensors:
+        lp = pruned.get(id(t))
+        if lp is None:
+            expect_stored += t.numel() * t.element_size()
+        else:
+            itemsize = lp.coeffs.dtype.itemsize if lp.coeffs is not None else t.element_size()
+            expect_stored += math.ceil(lp.n_positions / 8) + int(np.count_nonzero(lp.keep)) * itemsize
+    st = A.model_stats(base, res)
+    assert st.dense_bytes == sum(t.numel() * t.element_size() for t in tensors)
+    assert st.stored_bytes == expect_stored
+    path = tmp_path / "tied.wsz"
+    size = C.save_compressed(res, path)
+    assert size == path.stat().st_size == st.stored_bytes + C.read_header(path)["header_bytes"]
+    model, _ = C.load_compressed(path, build())
+    assert model.head.weight is model.emb.weight
+    for k, v in res.model.state_dict().items():
+        if res.method == "dwt" and k in {lp.key for lp in res.layers}:
+            torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_alias_entry_of_a_missing_key_is_one_line_value_error(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "a.wsz"
+    C.save_compressed(P.prune_magnitude(_TiedLM(), 0.5), path)
+    good = path.read_bytes()
+    hb = C.read_header(path)["header_bytes"]
+    meta = json.loads(good[24:hb])
+    alias = next(e for e in meta["entries"] if e["kind"] == "alias")
+    alias["of"] = "nowhere"
+    blob = json.dumps(meta).encode()
+    data = bytearray(struct.pack("<8sIQI", C.MAGIC, 2, len(blob), 0) + blob + good[hb:])
+    assert "alias of 'nowhere'" in _rejects_one_line(tmp_path / "crafted.wsz", _with_crc(data))
+
+
 def test_model_mismatch_names_key(tmp_path):
     res = _result("magnitude")
     path = tmp_path / "m.wsz"

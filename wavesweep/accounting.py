@@ -12,8 +12,11 @@ is exactly this, plus a header):
 * every other state-dict entry (all other parameters and all buffers: biases of target
   layers, BatchNorm weights and running stats, ``num_batches_tracked``, ...): dense, at its
   dtype size.
+* a tensor the state dict lists under several keys (tied weights, one module used twice) is
+  stored once, as ``torch.save`` stores it (:func:`wavesweep.checkpoint.shared_keys`): pruned
+  when it is a target layer's weight, else dense.
 
-``dense_bytes`` = every state-dict entry at its dtype size; ``compression_ratio`` =
+``dense_bytes`` = every distinct state-dict tensor at its dtype size; ``compression_ratio`` =
 ``dense_bytes / stored_bytes``. A dwt reconstruction is almost never sparse in the weight
 domain (``weight_sparsity`` ~ 0): its compression lives in the coefficients.
 """
@@ -37,6 +40,7 @@ from wavesweep.checkpoint import (
     read_compressed,
     read_header,
     save_compressed,
+    shared_keys,
 )
 from wavesweep.prune_record import LayerPrune, PruneResult
 
@@ -79,7 +83,8 @@ class ModelStats:
 
     target_*: over target-layer weights; model_*: over all parameters (``named_parameters``);
     coeffs / zeroed_coeffs: positions of the stored masks (weights for magnitude/random,
-    coefficients for dwt); bytes: over the whole state dict (parameters and buffers);
+    coefficients for dwt); bytes: over the whole state dict (parameters and buffers), each
+    tensor once however many keys list it;
     mean_rel_l2_error: unweighted mean over target layers.
     """
 
@@ -228,11 +233,12 @@ def model_stats(
             )
         )
     sd = result.model.state_dict()
-    dense = sum(t.numel() * t.element_size() for t in sd.values())
-    # The shared encoding: target layers as counted above, every other tensor dense.
     pruned_keys = {lp.key for lp in result.layers}
+    aliases = shared_keys(sd, pruned_keys)  # a tensor listed under several keys counts once
+    dense = sum(t.numel() * t.element_size() for k, t in sd.items() if k not in aliases)
+    # The shared encoding: target layers as counted above, every other tensor dense.
     stored = sum(ls.stored_bytes for ls in layers) + sum(
-        t.numel() * t.element_size() for k, t in sd.items() if k not in pruned_keys
+        t.numel() * t.element_size() for k, t in sd.items() if k not in pruned_keys and k not in aliases
     )
     model_params = sum(p.numel() for p in params)
     model_zeros = sum(ls.zero_weights for ls in layers) + sum(fetched[3 * len(result.layers) :])

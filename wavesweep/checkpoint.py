@@ -13,10 +13,16 @@ File format (version 2), all integers little-endian::
 
 so ``file size == stored_bytes + header_bytes`` with ``header_bytes = 24 + L``
 (:func:`read_header` returns it). The JSON holds the method, config (wavelet, mode, level,
-layout, ...), user metadata, and per entry: key, kind (``dense``/``mask``/``dwt``), shape,
+layout, ...), user metadata, and per entry: key, kind (``dense``/``mask``/``dwt``/``alias``), shape,
 dtype, and for pruned entries ``n`` (positions), ``kept``, value dtype and, for dwt, the
 coefficient structure (layout, wavelet, mode, effective level, coefficient array shapes).
 It also holds the payload size and the payload's CRC-32.
+
+A tensor that ``state_dict()`` lists under several keys (tied weights, one module used twice,
+a buffer registered under two names) is stored once, as ``torch.save`` stores a shared storage
+once: under its pruned key when it is a target layer's weight, else under its first key; every
+other key is an ``alias`` entry (``of``: the stored key) with no payload (:func:`shared_keys`).
+Files of models without shared tensors have no ``alias`` entry.
 
 The file CRC is checked before the metadata is parsed, so a flipped bit anywhere (the
 wavelet name in the JSON as much as a stored value) is a ``ValueError``, never a silently
@@ -65,6 +71,7 @@ __all__ = [
     "read_header",
     "read_compressed",
     "load_compressed",
+    "shared_keys",
 ]
 
 # dtypes a checkpoint may hold (name -> (torch dtype, numpy dtype or None when numpy lacks it))
@@ -96,6 +103,29 @@ def _itemsize(dt: torch.dtype) -> int:
 # --------------------------------------------------------------------------- checkpoint
 
 
+def shared_keys(sd: dict[str, torch.Tensor], pruned: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
+    """``{key: stored key}`` for every state-dict key whose tensor is another key's (the same
+    storage, offset, shape, strides, dtype and device): ``state_dict()`` lists a shared tensor
+    under each of its names. The stored key is the one in ``pruned`` (a target layer's weight)
+    when there is one, else the first in ``sd`` order; it is not in the result."""
+    groups: dict[tuple, list[str]] = {}
+    for key, t in sd.items():
+        if t.numel() == 0:  # no bytes, and no storage to tell apart
+            continue
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        groups.setdefault(ident, []).append(key)
+    out: dict[str, str] = {}
+    for keys in groups.values():
+        if len(keys) < 2:
+            continue
+        stored = [k for k in keys if k in pruned]
+        if len(stored) > 1:  # target_layers refuses two target layers sharing a weight
+            raise ValueError(f"pruned weights {stored[0]!r} and {stored[1]!r} are one tensor")
+        first = stored[0] if stored else keys[0]
+        out |= {k: first for k in keys if k != first}
+    return out
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's raw bytes (native order), without a copy when it is a contiguous CPU tensor."""
     t = t.detach().cpu().contiguous().reshape(-1)
@@ -120,11 +150,15 @@ def save_compressed(result: PruneResult, path: str | os.PathLike, *, metadata: d
     missing = [k for k in pruned if k not in sd]
     if missing:
         raise ValueError(f"pruned layer weight {missing[0]!r} is not in the model's state dict")
+    aliases = shared_keys(sd, set(pruned))
     entries, chunks = [], []
     for key, t in sd.items():
         e = {"key": key, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
         lp = pruned.get(key)
-        if lp is None:
+        if key in aliases:  # another key's tensor: stored once, under that key
+            e["kind"] = "alias"
+            e["of"] = aliases[key]
+        elif lp is None:
             e["kind"] = "dense"
             chunks.append(_tensor_bytes(t))
         else:
@@ -313,6 +347,7 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if zlib.crc32(payload) != meta.get("payload_crc32"):
         raise ValueError(f"{path}: corrupt: payload CRC-32 mismatch")
     sd: dict[str, torch.Tensor] = {}
+    aliases: list[tuple[str, str, tuple[int, ...], torch.dtype]] = []
     pos = 0
     try:
         for e in meta["entries"]:
@@ -323,12 +358,18 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             tdt, npdt = _entry_dtype(path, e, "dtype")
             numel = math.prod(shape)
             kind = e["kind"]
+            if kind == "alias":  # resolved below, once every stored entry is read
+                if not isinstance(e["of"], str):
+                    raise ValueError(f"entry {key!r}: alias of {str(e['of'])[:40]!r} is not a key")
+                sd[key] = None  # type: ignore[assignment]  (state-dict order kept)
+                aliases.append((key, e["of"], shape, tdt))
+                continue
             if kind == "dense":
                 buf, pos = _take(path, payload, pos, numel * _itemsize(tdt), key)
                 sd[key] = _to_tensor(buf, tdt, npdt, numel).reshape(shape)
                 continue
             if kind not in ("mask", "dwt"):
-                raise ValueError(f"{path}: entry {key!r}: unknown kind {str(kind)[:40]!r}; valid: dense, mask, dwt")
+                raise ValueError(f"{path}: entry {key!r}: unknown kind {str(kind)[:40]!r}; valid: dense, mask, dwt, alias")
             n, kept = e["n"], e["kept"]
             if not (_is_count(n) and _is_count(kept)):
                 raise ValueError(f"entry {key!r}: n and kept must be counts, got {str(n)[:20]}, {str(kept)[:20]}")
@@ -352,6 +393,12 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 coeffs = np.zeros(n, dtype=values.numpy().dtype)
                 coeffs[keep] = values.numpy()
                 sd[key] = torch.from_numpy(wv.reconstruct(coeffs, st)).to(tdt).reshape(shape)
+        for key, of, shape, tdt in aliases:
+            t = sd.get(of)
+            if t is None or tuple(t.shape) != shape or t.dtype != tdt:
+                raise ValueError(f"{path}: corrupt: entry {key!r} is an alias of {of[:80]!r}, "
+                                 "not a stored entry of its shape and dtype")  # fmt: skip
+            sd[key] = t  # one tensor under both keys, as state_dict() gives it
     except ValueError as err:
         msg = _one_line(err)
         raise ValueError(msg if msg.startswith(str(path)) else f"{path}: corrupt metadata entry: {msg}") from None
