@@ -271,6 +271,25 @@ def test_alias_entry_of_a_missing_key_is_one_line_value_error(tmp_path):
     assert "alias of 'nowhere'" in _rejects_one_line(tmp_path / "crafted.wsz", _with_crc(data))
 
 
+def test_checkpoint_bfloat16_with_nothing_kept_reads_back(tmp_path):
+    """bfloat16 (no NumPy dtype: read as raw bytes) with zero values to read: a layer global
+    magnitude pruned whole, and an empty buffer, round trip bitwise."""
+    base = net(dtype=torch.bfloat16)
+    with torch.no_grad():
+        base[0].weight.mul_(1e-3)  # the smallest weights: global scope prunes this layer whole
+    base.register_buffer("empty", torch.zeros(0, dtype=torch.bfloat16))
+    res = P.prune_magnitude(base, 0.3, scope="global")
+    assert res.layers[0].n_zeroed == res.layers[0].n_positions
+    path = tmp_path / "b.wsz"
+    size = C.save_compressed(res, path)
+    assert size == A.model_stats(base, res).stored_bytes + C.read_header(path)["header_bytes"]
+    skel = skeleton(torch.bfloat16)
+    skel.register_buffer("empty", torch.ones(0, dtype=torch.bfloat16))
+    model, _ = C.load_compressed(path, skel)
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v) and model.state_dict()[k].dtype == v.dtype, k
+
+
 def test_model_mismatch_names_key(tmp_path):
     res = _result("magnitude")
     path = tmp_path / "m.wsz"

@@ -326,6 +326,8 @@ def _to_tensor(buf: memoryview, tdt: torch.dtype, npdt: np.dtype | None, count: 
     if npdt is not None:
         return torch.from_numpy(np.frombuffer(buf, dtype=npdt, count=count).copy())
     # dtypes numpy lacks (bfloat16): reinterpret the raw bytes
+    if count == 0:  # an empty uint8 tensor cannot be viewed as a wider dtype
+        return torch.empty(0, dtype=tdt)
     raw = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).copy())
     return raw.view(tdt)[:count]
 
