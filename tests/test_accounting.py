@@ -290,6 +290,29 @@ def test_checkpoint_bfloat16_with_nothing_kept_reads_back(tmp_path):
         assert torch.equal(model.state_dict()[k], v) and model.state_dict()[k].dtype == v.dtype, k
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_dwt_stores_float32_coefficients(dtype, tmp_path):
+    """The documented asymmetry of a half-precision model: dwt's coefficients are float32 (4 B
+    a kept value), magnitude's kept weights the weight's 2 B; the file is the accounting either
+    way, and dwt's rebuilt weights equal the pruned ones to the dtype's rounding."""
+    base = net(dtype=dtype)
+    dwt = _result("dwt", base)
+    mag = P.prune_matched(base, dwt, seed=0, targets=("conv", "linear"))["magnitude"]
+    for res, itemsize in ((dwt, 4), (mag, 2)):
+        st = A.model_stats(base, res)
+        for ls, lp in zip(st.layers, res.layers, strict=True):
+            assert ls.stored_bytes == math.ceil(lp.n_positions / 8) + int(np.count_nonzero(lp.keep)) * itemsize
+        path = tmp_path / f"{res.method}.wsz"
+        size = C.save_compressed(res, path)
+        assert size == st.stored_bytes + C.read_header(path)["header_bytes"]
+        pruned = {e["key"]: e for e in C.read_header(path)["entries"] if e["kind"] != "dense"}
+        assert {e["value_dtype"] for e in pruned.values()} == {"float32" if res.method == "dwt" else str(dtype)[6:]}
+        model, _ = C.load_compressed(path, skeleton(dtype))
+        for k, v in res.model.state_dict().items():
+            exact = res.method != "dwt" or k not in pruned
+            torch.testing.assert_close(model.state_dict()[k], v, **({"rtol": 0, "atol": 0} if exact else {}))
+
+
 def test_model_mismatch_names_key(tmp_path):
     res = _result("magnitude")
     path = tmp_path / "m.wsz"

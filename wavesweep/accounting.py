@@ -8,7 +8,11 @@ is exactly this, plus a header):
   modes and odd lengths give more coefficients than weights, and they are all counted) --
   ``ceil(n / 8)`` bytes, followed by the kept values at their dtype size (float32 weights and
   coefficients: 4 B each). Kept = the mask's kept positions (a kept value that happens to be 0
-  is still stored).
+  is still stored). The values are what the model is rebuilt from: weights at the weight's
+  dtype, coefficients at the dtype the transform ran in, float32 for float16 and bfloat16
+  weights too (PyWavelets has no half precision). So on a half-precision model dwt stores
+  4 B per kept value against magnitude's and random's 2 B: at the same fraction its stored
+  bytes are nearly twice theirs.
 * every other state-dict entry (all other parameters and all buffers: biases of target
   layers, BatchNorm weights and running stats, ``num_batches_tracked``, ...): dense, at its
   dtype size.
