@@ -183,7 +183,12 @@ def test_dry_run_prints_the_resolved_spec_and_creates_nothing(workdir, capsys):
     (["--set", "nosuch=1"], "error: --set nosuch=...: unknown spec key or trial parameter 'nosuch'; valid: base, batch_size,"),
     (["--set", "nosuch.x=1"], "error: --set nosuch.x=...: unknown spec key 'nosuch'; valid: base, description,"),
     (["--set", "n_trials"], "is not KEY=VALUE"),
-    (["--set", "n_trials=-1"], "n_trials must be a positive integer"),
+    (["--set", "n_trials=-1"], "tiny.yaml: --set n_trials: n_trials must be a positive integer, got -1"),
+    # a bad value from the command line is not blamed on a line of the file
+    (["--set", "sampler.seed=abc"], "tiny.yaml: --set sampler.seed: seed must be an integer, got 'abc'"),
+    (["--set", "eval_limit=-3"], "tiny.yaml: --set eval_limit: fixed.eval_limit: eval_limit=-3 must be >= 0"),
+    (["--set", "sampler.n_startup_trials=x"], "tiny.yaml: --set sampler.n_startup_trials: unknown RandomSampler option"),
+    (["--set", "sampler.name=nope"], "sampler (with --set sampler.name): unknown sampler 'nope'"),
     (["--enqueue", "percentile=65"], "percentile=65 is not one of its choices [20, 40, 60, 80]"),
     (["--enqueue", "level=3"], "level: not a searched parameter"),
 ])  # fmt: skip

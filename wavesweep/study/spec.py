@@ -336,11 +336,12 @@ def parse_assignments(items: list[str] | None, what: str) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(data: Any, sets: dict[str, Any]) -> dict:
+def apply_overrides(data: Any, sets: dict[str, Any], origins: dict[tuple[str, ...], str] | None = None) -> dict:
     """The spec mapping with ``--set`` overrides: ``KEY`` (a top-level key, e.g. ``n_trials``),
     ``SECTION.KEY`` (``base.eval_limit``, ``sampler.seed``, ``space.percentile``), or a trial
     parameter alone (``eval_limit``, ``timing_batches``): it goes where the spec has it (``base``
-    or ``fixed``), else to ``fixed``; a searched parameter is taken out of ``space`` (pinned)."""
+    or ``fixed``), else to ``fixed``; a searched parameter is taken out of ``space`` (pinned).
+    ``origins``, when given, receives ``{key path it set: the --set key}``."""
     data = dict(data or {}) if isinstance(data, dict) else data
     if not isinstance(data, dict):
         return data
@@ -367,7 +368,19 @@ def apply_overrides(data: Any, sets: dict[str, Any]) -> dict:
             node[part] = child = dict(child)
             node = child
         node[parts[-1]] = value
+        if origins is not None:
+            origins[tuple(parts)] = key
     return data
+
+
+def _override_origin(key: tuple[str, ...], origins: dict[tuple[str, ...], str]) -> tuple[str | None, list[str]]:
+    """The ``--set`` key that set ``key`` (or a section above it), and those that set something
+    under ``key``; ``base`` and ``fixed`` are one section (errors name both ``fixed``)."""
+    norm = lambda k: ("fixed", *k[1:]) if k[:1] == ("base",) else k  # noqa: E731
+    key = norm(tuple(key))
+    setter = next((o for p, o in origins.items() if key[: len(p)] == norm(p)), None)
+    under = [o for p, o in origins.items() if key and norm(p)[: len(key)] == key and norm(p) != key]
+    return setter, under
 
 
 def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> StudySpec:
@@ -398,17 +411,24 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ValueError(f"{path}{at}: invalid YAML (line {mark.line + 1 if mark else '?'}): {problem}") from None
     lines: dict[tuple[str, ...], int] = {}
+    origins: dict[tuple[str, ...], str] = {}
     try:
         if root is not None:
             key_lines(root, (), lines)
         if overrides:
-            data = apply_overrides(data, overrides)
+            data = apply_overrides(data, overrides, origins)
             text = yaml.safe_dump(data, sort_keys=False) + "# resolved with --set " + " ".join(f"{k}={v}" for k, v in overrides.items()) + "\n"
         return spec_from_mapping(data, name=path.stem, path=path, text=text)
     except SpecError as exc:
+        setter, under = _override_origin(exc.key, origins)
+        where = ".".join(exc.key) or "spec"
+        if setter is not None:  # the value came from the command line, not from a line of the file
+            named = "" if where == setter else f"{where}: "
+            raise ValueError(f"{path}: --set {setter}: {named}{exc.message}") from None
         line = exc.line or line_of(lines, exc.key)
         at = f":{line}" if line else ""
-        raise ValueError(f"{path}{at}: {'.'.join(exc.key) or 'spec'}: {exc.message}") from None
+        with_set = f" (with --set {', '.join(under)})" if under else ""
+        raise ValueError(f"{path}{at}: {where}{with_set}: {exc.message}") from None
 
 
 def spec_from_mapping(data: Any, *, name: str = "study", path: Path | None = None, text: str = "") -> StudySpec:
