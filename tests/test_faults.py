@@ -163,6 +163,34 @@ def test_timing_is_off_by_default_in_accuracy_studies(workdir):
     assert explicit.fixed["timing_batches"] == 2
 
 
+@pytest.mark.slow  # three 3-trial studies
+def test_a_given_sampler_seed_repeats_a_study(workdir, tiny_weights, capsys):
+    """A launch's sampler seed is the spec's mixed with a random salt (launchers on several
+    machines must differ); ``--sampler-seed N`` takes N as is, so the same study launched afresh
+    proposes the same configurations, TPE's model phase included (n_startup_trials: 1)."""
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, sampler={"name": "tpe", "seed": 3, "n_startup_trials": 1},
+                      space={"percentile": {"low": 10, "high": 90}, "wavelet": ["haar", "db2"]})  # fmt: skip
+    runs = {}
+    for db, extra in [("a", ["--sampler-seed", "7"]), ("b", ["--sampler-seed", "7"]), ("c", [])]:
+        assert run_cli("study", str(spec), "-q", "--storage", f"sqlite:///{workdir / db}.db", *extra) == 0
+        ts = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir / db}.db").get_trials()
+        runs[db] = [(t.params, t.user_attrs["sampler_seed"]) for t in ts]
+    assert len(runs["a"]) == 3 and runs["a"] == runs["b"]
+    assert {seed for _, seed in runs["a"]} == {7}
+    assert {seed for _, seed in runs["c"]} != {7} and len({seed for _, seed in runs["c"]}) == 1
+
+
+@pytest.mark.parametrize("value,needle", [("-1", "--sampler-seed=-1 must be an integer in 0..2147483647"),
+                                          ("2147483647", "in 0..2147483646 (worker i uses it + i, 2 workers)")])  # fmt: skip
+def test_a_bad_sampler_seed_is_one_line(workdir, capsys, value, needle):
+    spec = write_spec(workdir / "tiny.yaml", "w.pt")
+    workers = ["--workers", "2"] if value == "2147483647" else []
+    assert run_cli("study", str(spec), "--sampler-seed", value, *workers) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert sorted(p.name for p in workdir.iterdir()) == ["tiny.yaml"]
+
+
 def test_dry_run_prints_the_resolved_spec_and_creates_nothing(workdir, capsys):
     spec = write_spec(workdir / "tiny.yaml", "w.pt")
     argv = ["study", str(spec), "--dry-run", "--set", "n_trials=7", "--set", "eval_limit=100", "--set", "sampler.seed=11",

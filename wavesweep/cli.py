@@ -193,6 +193,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         study.check_timeout(args.timeout)
     if args.workers < 1:
         raise ValueError(f"--workers={args.workers} must be an integer >= 1 (worker processes on this machine)")
+    if args.sampler_seed is not None:
+        study.check_sampler_seed(args.sampler_seed, args.workers)
     enqueued = [study.enqueue_params(spec, item) for item in args.enqueue or []]
     url = args.storage or spec.storage or study.DEFAULT_STORAGE
     study.check_storage_url(url)
@@ -204,7 +206,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     outcome = study.run_study(
         spec, n_trials=args.n_trials or None, timeout=args.timeout, storage=args.storage, workers=args.workers,
         progress=not args.quiet, launched_run_id=args.launched_run_id, quiet=args.quiet, enqueue_configs=enqueued,
-        requeue_running=args.requeue_running,
+        requeue_running=args.requeue_running, sampler_seed=args.sampler_seed,
     )  # fmt: skip
     _print_summary(outcome.study, outcome.run_id, url, final=outcome.final)
     from wavesweep import tracking
@@ -410,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a spec key (n_trials=8, sampler.seed=3, base.eval_limit=100, or a trial parameter: eval_limit=100); repeatable")
     s.add_argument("--enqueue", action="append", metavar="NAME=VALUE,...",
                    help="run this configuration of the search space first (e.g. wavelet=haar,percentile=40); repeatable")
+    s.add_argument("--sampler-seed", type=int, default=None, metavar="N",
+                   help="seed this launch's sampler with N as is (worker i: N+i; default: the spec's seed mixed with a "
+                        "random salt, so launchers on several machines differ); a study launched afresh with the same N "
+                        "and one worker proposes the same configurations. Each trial records its sampler_seed")
     s.add_argument("--dry-run", action="store_true", help="print the resolved spec and search space; run nothing, create nothing")
     s.add_argument("--requeue-running", action="store_true",
                    help="no launcher is running: fail the RUNNING trials (dead workers) and re-queue them with the same params "

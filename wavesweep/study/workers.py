@@ -13,7 +13,8 @@ with the total reached, or says how many trials are missing (``StudyOutcome.miss
 
 Sampler seeds: every launcher (and every worker in it) seeds its sampler with the spec's seed
 mixed with a random per-process salt, recorded as the trial user attribute ``sampler_seed``, so
-independent launchers on several machines do not propose the same configurations.
+independent launchers on several machines do not propose the same configurations. ``--sampler-seed``
+gives a launch's seed as is (worker i: seed + i), for a study to be repeated exactly.
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ class Launch:
 def launch_seed(spec_seed: int) -> int:
     """The spec's seed mixed with a random salt: launchers never share a sampler stream."""
     return (spec_seed * 1_000_003 + secrets.randbits(30)) % (2**31 - 1)
+
+
+def check_sampler_seed(seed: Any, workers: int = 1) -> int:
+    """``seed`` when it is an integer whose workers' seeds (seed + i) are valid sampler seeds."""
+    top = 2**31 - 1 - (workers - 1)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= top:
+        raise ValueError(f"--sampler-seed={seed!r} must be an integer in 0..{top}"
+                         + (f" (worker i uses it + i, {workers} workers)" if workers > 1 else ""))  # fmt: skip
+    return seed
 
 
 class _DropInterruptTracebacks(logging.Filter):
@@ -322,6 +332,7 @@ def run_study(
     quiet: bool = False,
     enqueue_configs: list[dict[str, Any]] | None = None,
     requeue_running: bool = False,
+    sampler_seed: int | None = None,
 ) -> StudyOutcome:
     """Run (or resume) ``spec``; returns the study, the study's MLflow run id and the final status.
 
@@ -334,9 +345,13 @@ def run_study(
     ``requeue_running``: the caller knows that no launcher is running (a journal file has no
     heartbeats to tell): every RUNNING trial is failed, its MLflow run closed FAILED, and it is
     re-queued with the same params like any lost trial.
+    ``sampler_seed``: this launch's sampler seed as given, not salted (worker i uses it + i): the
+    same study launched afresh with the same seed, one worker, proposes the same configurations.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} must be an integer >= 1")
+    if sampler_seed is not None:
+        check_sampler_seed(sampler_seed, workers)
     n_total = n_trials if n_trials else spec.total_trials
     if spec.sampler == "grid" and n_total and n_total > spec.grid_size():
         raise ValueError(f"n_trials={n_total} exceeds the grid's {spec.grid_size()} points")
@@ -365,9 +380,11 @@ def run_study(
         lock_dir = db.parent if db is not None else Path(".wavesweep")
         launch = Launch(
             spec=spec, storage_url=url, n_trials=n_total, timeout=timeout, parent_run_id=parent, experiment=experiment,
-            lock_path=(lock_dir / f".{spec.name}.slots.lock").resolve(), workers=workers, quiet=quiet, seed=launch_seed(spec.seed),
+            lock_path=(lock_dir / f".{spec.name}.slots.lock").resolve(), workers=workers, quiet=quiet,
+            seed=launch_seed(spec.seed) if sampler_seed is None else sampler_seed,
         )  # fmt: skip
-        log.info("study %s: sampler seed %d (spec seed %d mixed with a per-launch salt)", spec.name, launch.seed, spec.seed)
+        if sampler_seed is None:
+            log.info("study %s: sampler seed %d (spec seed %d mixed with a per-launch salt)", spec.name, launch.seed, spec.seed)
         with file_lock(launch.lock_path):  # not while a worker on this machine is counting
             if has_heartbeat(opened):
                 with warnings.catch_warnings():
