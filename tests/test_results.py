@@ -142,3 +142,38 @@ def test_results_command_runs_where_mlflow_is_not_installed(workdir, shared_cach
     assert "| 50% | none |" in (workdir / "page.md").read_text()
     assert len(pd.read_csv(workdir / "page.csv")) == 1
     assert not results.progress_path(workdir / "page.md").exists()
+
+
+def test_the_pruned_column_is_the_budget_the_baselines_were_matched_to(monkeypatch, tmp_path):
+    """haar in the kernel layout pads each 3x3 kernel to 16 coefficients, 7 of them zero whatever
+    the weights: at percentile 50 dwt zeroes 8 of 16 positions but prunes about 1 of the 9 that carry
+    the weights, and magnitude/random prune that 1 in 9. The page's "pruned" column is that matched
+    budget (the trial's ``pruned_fraction``), not 50 %. Oracle: the fraction of weights magnitude
+    and random actually zeroed."""
+    import warnings
+
+    import torch
+
+    from wavesweep import train
+    from wavesweep.models import build_model
+
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    torch.save(build_model("cnn", num_classes=10, in_channels=1, image_size=8).state_dict(), tmp_path / "cnn.pt")
+    base = train.get_base_model("cnn", "digits", seed=0, weights=tmp_path / "cnn.pt", cache_root=tmp_path, progress=False)
+    monkeypatch.setattr(train, "get_base_model", lambda *a, **k: base)
+    seen = []
+    run_trial = results.run_trial
+    monkeypatch.setattr(results, "run_trial", lambda cfg, **kw: seen.append(run_trial(cfg, **kw)) or seen[-1])
+    grid = results.Grid(model="cnn", dataset="digits", configs=(("haar", "kernel"),), fractions=(50,),
+                        recoveries=("none",), eval_limit=60, device="cpu")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame, _ = results.run_grid(grid)
+    (r,) = seen
+    fraction = frame["pruned_fraction"].iloc[0]
+    assert fraction == pytest.approx(r.metrics()["parent"]["pruned_fraction"])
+    for m in ("magnitude", "random"):
+        st = r.outcomes[m].stats
+        assert fraction == pytest.approx(st.target_zero_weights / st.target_params, abs=1e-3), m
+    assert fraction < 0.2  # not the 50 % of coefficient positions

@@ -153,7 +153,8 @@ def run_grid(
             "layout": cfg.layout,
             "percentile": cfg.percentile,
             "recovery": cfg.recovery,
-            "pruned_fraction": r.outcomes["dwt"].stats.zeroed_coeffs / r.outcomes["dwt"].stats.coeffs,
+            # the budget the baselines are matched to: positions zero whatever the weights left out
+            "pruned_fraction": r.outcomes["dwt"].prune.matched_fraction,
             "levels": "/".join(str(v) for v in sorted({lp.level_effective for lp in r.outcomes["dwt"].prune.layers})),
             "seconds": time.perf_counter() - t,
             "base_top1": r.base_eval.top1,
