@@ -305,3 +305,21 @@ def test_cuda_tensor_dataset_is_copied_once_while_unchanged():
         torch.testing.assert_close(changed, model.cuda()(x.cuda()).cpu(), rtol=1e-4, atol=1e-4)
     close_loaders(ds)
     assert DEVICE_COPY_ATTR not in ds.__dict__
+
+
+def test_nan_logits_rank_as_argmax_and_topk_rank_them():
+    """NaN logits (a fine-tuning that diverged) rank above every number, as argmax and topk rank
+    them: a model whose logits are all NaN scored top-5 = 1.0 (every target ranked first) while
+    its top-1 was chance. Oracle: membership in ``torch.topk`` (NaN largest) where nothing ties,
+    and the target's position under (NaN first, -logit, index) where everything does."""
+    rng = np.random.default_rng(2)
+    n, c = 500, 12
+    logits = torch.from_numpy(rng.normal(size=(n, c)).astype(np.float32))
+    rows = np.flatnonzero(rng.random(n) < 0.6)
+    logits[rows, rng.integers(0, c, size=rows.size)] = float("nan")  # at most one NaN per row: no ties
+    y = torch.from_numpy(rng.integers(0, c, size=n))
+    r = metrics_from_logits(logits, y)
+    assert r.top5 == (logits.topk(5, dim=1).indices == y[:, None]).any(1).double().mean().item()
+    assert np.array_equal(r.correct, (logits.argmax(1) == y).numpy()) and r.top5 >= r.top1
+    collapsed = metrics_from_logits(torch.full((100, 10), float("nan")), torch.arange(100) % 10)
+    assert (collapsed.top1, collapsed.top5) == (0.1, 0.5)  # argmax picks class 0; ranks are the class indices

@@ -289,9 +289,13 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> EvalResu
     correct = preds == targets
     # The target's rank under the same rule (classes above it, and equal ones with a lower index):
     # top-1 is rank 0 (= argmax), top-k rank < k, so an example right at top-1 is right at top-5
-    # even where logits tie (topk's order among equal values is unspecified).
+    # even where logits tie (topk's order among equal values is unspecified). NaN ranks above every
+    # number, as in argmax and topk: a diverged model's NaN logits must not put the target first.
     tl = logits.gather(1, targets[:, None])
-    rank = (logits > tl).sum(1) + ((logits == tl) & (torch.arange(c)[None] < targets[:, None])).sum(1)
+    nan, tl_nan = logits.isnan(), tl.isnan()
+    above = (logits > tl) | (nan & ~tl_nan)
+    equal = (logits == tl) | (nan & tl_nan)
+    rank = above.sum(1) + (equal & (torch.arange(c)[None] < targets[:, None])).sum(1)
     top5 = (rank < k).double().mean().item()
     loss = F.cross_entropy(logits, targets).item()
     y_true, y_pred = targets.numpy(), preds.numpy()
