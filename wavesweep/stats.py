@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from math import comb
-
 import numpy as np
 
 
@@ -38,8 +36,13 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     # Exact integer tail of Binomial(n, 1/2) (symmetric, so two-sided = twice the smaller tail).
     # Python integers keep this exact for any n (scipy.stats.binomtest is the test oracle; a trial
     # process imports scipy.stats anyway, through scikit-learn, so this saves no import).
+    # Each term from the one before (C(n, i+1) = C(n, i) * (n - i) / (i + 1), exact in integers): a
+    # fresh comb(n, i) per term took 45 s at 22,000 discordant pairs (an ImageNet-sized evaluation).
     k = min(only_a, only_b)
-    tail = sum(comb(n, i) for i in range(k + 1))
+    term = tail = 1  # C(n, 0)
+    for i in range(k):
+        term = term * (n - i) // (i + 1)
+        tail += term
     return min(1.0, 2 * tail / 2**n)
 
 
