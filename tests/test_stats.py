@@ -45,13 +45,8 @@ def test_mismatched_vectors_rejected():
         paired_comparison(np.ones(3, bool), np.ones(4, bool))
 
 
-def test_mcnemar_is_exact_and_quick_at_imagenet_scale():
+def test_mcnemar_is_exact_at_imagenet_scale():
     """Tens of thousands of discordant pairs (50,000 ImageNet validation images): the same exact
-    p as scipy's binomial test, in well under a second (it took 45 s at 22,000 pairs)."""
-    import time
-
-    t0 = time.perf_counter()
-    p = mcnemar_exact(10_000, 12_000)
-    assert time.perf_counter() - t0 < 5.0
-    assert p == pytest.approx(_mcnemar_oracle(10_000, 12_000), rel=1e-9)
+    p as scipy's binomial test (its speed against the code it replaced: bench/bench_speedups.py)."""
+    assert mcnemar_exact(10_000, 12_000) == pytest.approx(_mcnemar_oracle(10_000, 12_000), rel=1e-9)
     assert mcnemar_exact(24_000, 26_000) == pytest.approx(_mcnemar_oracle(24_000, 26_000), rel=1e-9)
