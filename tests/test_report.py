@@ -312,6 +312,27 @@ def test_trials_without_a_recorded_recovery_are_drawn(tmp_path, monkeypatch, plo
         assert list(ys) == list(mine["top1"])
 
 
+def test_gap_figure_draws_each_trial_by_the_interval_it_has(tmp_path, monkeypatch):
+    """A trial of one evaluation has its paired bootstrap interval; a trial over replicate seeds has
+    none, but the t-interval of its gain across the seeds; a trial with neither was drawn hollow
+    under "CI contains 0 (not significant)", a claim about an interval it does not have."""
+    frame = make_frame(4).assign(state="COMPLETE", recovery="bn", pruned_fraction=[0.5, 0.6, 0.7, 0.8],
+                                 gain_top1_vs_magnitude=[0.03, 0.02, 0.04, 0.01],
+                                 dwt_vs_magnitude_ci_low=[0.01, np.nan, np.nan, np.nan],
+                                 dwt_vs_magnitude_ci_high=[0.05, np.nan, np.nan, np.nan],
+                                 gain_top1_vs_magnitude_ci_low=[np.nan, -0.01, 0.02, np.nan],
+                                 gain_top1_vs_magnitude_ci_high=[np.nan, 0.05, 0.06, np.nan])  # fmt: skip
+    figs = _capture(monkeypatch)
+    assert_png(figures.plot_gap(frame, tmp_path / "g.png"))
+    ax = figs[-1].axes[0]
+    marks = {c.get_label(): [tuple(p) for p in c.get_offsets()] for c in ax.collections if not c.get_label().startswith("_")}
+    assert marks == {"CI excludes 0": [(0.5, 0.03), (0.7, 0.04)], "CI contains 0 (not significant)": [(0.6, 0.02)],
+                     "no interval recorded": [(0.8, 0.01)]}  # fmt: skip
+    (bars,) = [c for c in ax.collections if c.get_label().startswith("_") or type(c).__name__ == "LineCollection"][:1]
+    spans = sorted(tuple(np.round(seg[:, 1], 6)) for seg in bars.get_segments())
+    assert spans == [(-0.01, 0.05), (0.01, 0.05), (0.02, 0.06)]
+
+
 def bh_oracle(p):
     """Benjamini-Hochberg by its definition: min over j >= i of p_(j) * n / j, capped at 1."""
     p = np.asarray(p, float)

@@ -258,14 +258,24 @@ def wavelet_family(name: Any) -> str:
 
 def plot_gap(frame: pd.DataFrame, path: Path, *, facet: str | None = None, baseline: str = "magnitude") -> Path:
     """dwt top-1 minus the matched ``baseline``'s (same examples) against the pruned fraction, with
-    each trial's 95 % paired bootstrap interval; hollow markers: the interval contains 0 (not
-    significant). ``facet``: one panel per ``"wavelet_family"`` or ``"layout"`` value."""
+    each trial's 95 % paired bootstrap interval, or for a trial over replicate seeds the 95 %
+    t-interval of its gain across them; hollow markers: the interval contains 0 (not
+    significant); crosses: no interval recorded. ``facet``: one panel per ``"wavelet_family"`` or
+    ``"layout"`` value."""
     done = complete(frame)
-    gap, lo, hi = f"gain_top1_vs_{baseline}", f"dwt_vs_{baseline}_ci_low", f"dwt_vs_{baseline}_ci_high"
-    ok = not done.empty and {gap, lo, hi, "pruned_fraction"} <= set(done)
+    gap = f"gain_top1_vs_{baseline}"
+    ok = not done.empty and {gap, "pruned_fraction"} <= set(done)
     if ok:
         done = done.assign(wavelet_family=done["wavelet"].map(wavelet_family)) if "wavelet" in done else done
         done = done.dropna(subset=[gap, "pruned_fraction"])
+        nan = pd.Series(np.nan, index=done.index)
+        col = lambda name: done[name] if name in done else nan  # noqa: E731
+        # the paired interval of one evaluation, else the replicates' t-interval of the gain
+        paired = col(f"dwt_vs_{baseline}_ci_low").notna() & col(f"dwt_vs_{baseline}_ci_high").notna()
+        done = done.assign(
+            _lo=col(f"dwt_vs_{baseline}_ci_low").where(paired, col(f"{gap}_ci_low")),
+            _hi=col(f"dwt_vs_{baseline}_ci_high").where(paired, col(f"{gap}_ci_high")),
+        )
     values = sorted(done[facet].dropna().unique()) if ok and facet in done else [None]
     fig, axes = plt.subplots(1, len(values), figsize=(max(5.0, 4.2 * len(values)), 4.4), squeeze=False, sharey=True)
     recs = _recoveries(frame)
@@ -273,26 +283,33 @@ def plot_gap(frame: pd.DataFrame, path: Path, *, facet: str | None = None, basel
     for ax, v in zip(axes[0], values):
         d = done if v is None or not ok else done[done[facet] == v]
         if not ok or d.empty:
-            _empty(ax, "no complete trials with paired intervals")
+            _empty(ax, "no complete trials with a gain")
             continue
         for rec in recs:
             r = _of_recovery(d, rec)
             if r.empty:
                 continue
-            sig = (r[lo] > 0) | (r[hi] < 0)
-            err = np.vstack([r[gap] - r[lo], r[hi] - r[gap]]).clip(min=0)
-            ax.errorbar(r["pruned_fraction"], r[gap], yerr=err, fmt="none", ecolor="C0", alpha=0.6, capsize=2, lw=0.9)
-            for flag, face in ((True, "C0"), (False, "none")):
-                s = r[sig == flag]
+            has = r["_lo"].notna() & r["_hi"].notna()
+            sig = has & ((r["_lo"] > 0) | (r["_hi"] < 0))
+            w = r[has]
+            err = np.vstack([w[gap] - w["_lo"], w["_hi"] - w[gap]]).clip(min=0)
+            ax.errorbar(w["pruned_fraction"], w[gap], yerr=err, fmt="none", ecolor="C0", alpha=0.6, capsize=2, lw=0.9)
+            prefix = f"recovery {rec}: " if rec is not None and len(recs) > 1 else ""
+            for which, face, text in ((sig, "C0", "CI excludes 0"), (has & ~sig, "none", "CI contains 0 (not significant)")):
+                s = r[which]
                 if len(s):
-                    lab = f"{'recovery ' + str(rec) + ': ' if rec is not None and len(recs) > 1 else ''}" + ("CI excludes 0" if flag else "CI contains 0 (not significant)")
-                    ax.scatter(s["pruned_fraction"], s[gap], marker=markers.get(rec, "o"), facecolors=face, edgecolors="C0", s=36, label=lab)
+                    ax.scatter(s["pruned_fraction"], s[gap], marker=markers.get(rec, "o"), facecolors=face, edgecolors="C0",
+                               s=36, label=prefix + text)  # fmt: skip
+            if (~has).any():
+                s = r[~has]
+                ax.scatter(s["pruned_fraction"], s[gap], marker="x", color="C0", s=36, label=prefix + "no interval recorded")
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xlabel("fraction pruned")
         ax.set_title(f"{facet.replace('_', ' ')}: {v}" if v is not None else f"dwt - {baseline} top-1 gap")
         ax.legend(fontsize=7, loc="best", framealpha=0.5)
     axes[0, 0].set_ylabel(f"top-1 gap, dwt - {baseline}")
-    fig.text(0.01, -0.02, "error bars: 95 % paired bootstrap interval of each trial (same examples); hollow: contains 0", fontsize=7)
+    fig.text(0.01, -0.04, "error bars: 95 % paired bootstrap interval of each trial (same examples),\nor over replicate "
+                          "seeds the 95 % t-interval of the gain; hollow: contains 0; x: no interval", fontsize=7)  # fmt: skip
     fig.tight_layout()
     return _save(fig, path)
 
