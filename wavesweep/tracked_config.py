@@ -7,7 +7,8 @@ Run layout::
     configuration run   tags wavesweep.kind=configuration, method=configuration, config_id
                         params: the config (its base seed), replicates, replicate_seeds, code_version
                         metrics: <m>_mean, <m>_std, <m>_ci_low, <m>_ci_high for every numeric
-                                 headline metric the replicates share (not seconds_*); n_replicates
+                                 headline metric the replicates share (not seconds_*, not the
+                                 paired statistics dwt_vs_*); n_replicates
                         artifact: replicates.csv (one row per replicate: seed, run id, metrics)
       trial run         replicate 0, seed s: exactly a single trial's run, plus tags replicate=0 and
         dwt, magnitude, random runs            config_id (on its method runs too)
@@ -90,6 +91,13 @@ def results_of(result: TrialResult) -> dict[str, float]:
     return {k: v for k, v in result.metrics()["parent"].items() if not k.startswith("seconds_")}
 
 
+def aggregated(results: dict[str, float]) -> dict[str, float]:
+    """The results a configuration aggregates over its replicates: not the paired statistics over
+    examples (``dwt_vs_*``: interval ends, McNemar p): a mean of p-values or of interval ends is not
+    a statistic. They stay on each replicate's run and in ``replicates.csv``."""
+    return {k: v for k, v in results.items() if not k.startswith("dwt_vs_")}
+
+
 def _replicates_table(outcome: ConfigurationOutcome) -> str:
     rows = [{"replicate": i, "seed": r.config.seed, "run_id": rid, **results_of(r)}
             for i, (r, rid) in enumerate(zip(outcome.results, outcome.run_ids))]  # fmt: skip
@@ -153,7 +161,7 @@ def run_tracked_configuration(
                 on_replicate(i, result, rid)
             result.release()
         where = "aggregation"
-        outcome.aggregates = replicates.aggregate([results_of(r) for r in outcome.results])
+        outcome.aggregates = replicates.aggregate([aggregated(results_of(r)) for r in outcome.results])
         tracking.log_batch(client, run_id, metrics=outcome.aggregates)
         client.log_text(run_id, _replicates_table(outcome), "replicates.csv")
     # Closing is best-effort (tracking.close_quietly): the exception being handled is re-raised.
