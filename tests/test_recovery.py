@@ -4,6 +4,7 @@ that keeps every pruning exact, and the checkpoint of a fine-tuned dwt model."""
 from __future__ import annotations
 
 import copy
+import types
 
 import numpy as np
 import pytest
@@ -521,6 +522,45 @@ def test_same_recovery_for_every_method(train_set, monkeypatch):
     assert len(seen["dwt"]) == 7
     for m in ("magnitude", "random"):
         assert len(seen[m]) == 7 and all(torch.equal(a, b) for a, b in zip(seen["dwt"], seen[m]))
+
+
+@pytest.mark.parametrize("rec", ["bn", "finetune"])
+def test_recovery_seconds_start_and_stop_with_the_device_idle(train_set, rec, monkeypatch):
+    """``recovery_seconds`` is this recovery's work: on CUDA kernels run after they are queued (the
+    re-estimation never waits for them), so the clock starts after a sync (nothing another method
+    queued counts) and stops after one (everything this recovery queued counts). The order of
+    the calls here; the CUDA test below measures queued work."""
+    events: list[str] = []
+    monkeypatch.setattr(recovery, "_sync", lambda dev: events.append(f"sync {torch.device(dev).type}"))
+    monkeypatch.setattr(recovery, "time", types.SimpleNamespace(perf_counter=lambda: events.append("clock") or 0.0))
+    res = pruning.prune_magnitude(bn_net(), 0.5)
+    recovery.recover(res, train_set, recovery.RecoverySettings(rec, batches=2, steps=2, batch_size=32))
+    assert events == ["sync cpu", "clock", "sync cpu", "clock"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rec", ["bn", "finetune"])
+def test_recovery_seconds_on_cuda_count_the_queued_work_and_only_it(train_set, rec):
+    """Each forward pass of the model queues 50 ms of GPU work (``torch.cuda._sleep``), and 500 ms
+    are queued before recovery starts: ``recovery_seconds`` holds every forward pass's work (bn
+    queued it all without waiting: its time was the time to queue it) and none of what came
+    before (finetune's last loss read waited for it)."""
+    settings = recovery.RecoverySettings(rec, batches=4, steps=2, batch_size=32)
+    recovery.recover(pruning.prune_magnitude(bn_net().cuda(), 0.5), train_set, settings, device="cuda")  # warm-up
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(100_000_000)  # long enough for the clocks to settle
+    end.record()
+    end.synchronize()
+    per_ms = 100_000_000 / start.elapsed_time(end)  # GPU cycles per millisecond
+    res = pruning.prune_magnitude(bn_net().cuda(), 0.5)
+    calls = []
+    res.model.register_forward_pre_hook(lambda mod, args: (calls.append(1), torch.cuda._sleep(int(50 * per_ms)))[0])
+    torch.cuda._sleep(int(500 * per_ms))  # another method's work, still queued
+    rep = recovery.recover(res, train_set, settings, device="cuda")
+    assert len(calls) >= 2
+    assert 0.75 * 0.050 * len(calls) <= rep.seconds < 0.050 * len(calls) + 0.1, (rep.seconds, len(calls))
 
 
 def test_trial_recovery_without_training_split_fails_before_any_work(monkeypatch):

@@ -552,6 +552,12 @@ def finetune(
 # --------------------------------------------------------------------------- one entry point
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA; elsewhere nothing is queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def recover(
     result: PruneResult,
     train_set: Dataset | None,
@@ -573,8 +579,13 @@ def recover(
             f"recovery={settings.recovery!r} needs the dataset's training split, which is not available "
             f"(e.g. an ImageNet validation folder alone); use recovery=none or a dataset with a train split"
         )
-    t0 = time.perf_counter()
     dev = torch.device(device)
+    # The clock counts this model's recovery and nothing else: on CUDA the kernels run after they
+    # are queued, so it starts once the device has finished what was queued before (another
+    # method's work) and stops once it has finished this recovery (the BatchNorm re-estimation
+    # never waits for the device: without the sync its time would be the time to queue it).
+    _sync(dev)
+    t0 = time.perf_counter()
     bns = batchnorm_layers(result.model)
     # Every method's recovery draws from the same random state: a training split's random
     # transforms (imagefolder's flips) and a DataLoader's worker seeds come from torch's global
@@ -598,5 +609,6 @@ def recover(
             report.bn_layers, report.bn_batches = reestimate_bn(result.model, batches, device=device)
         else:
             report.note = f"{type(result.model).__name__} has no BatchNorm layers: BatchNorm re-estimation skipped"
+    _sync(dev)
     report.seconds = time.perf_counter() - t0
     return report
