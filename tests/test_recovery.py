@@ -538,6 +538,27 @@ def test_recovery_seconds_start_and_stop_with_the_device_idle(train_set, rec, mo
     assert events == ["sync cpu", "clock", "sync cpu", "clock"]
 
 
+def test_recovery_seconds_leave_out_the_training_splits_one_copy_to_the_device(monkeypatch):
+    """In-memory images go to the device once (cached on the dataset), on the first method's
+    recovery: made before its clock starts, so dwt (recovered first in a trial) does not count
+    what magnitude and random get for free. Here: the first ``to()`` (the copy) comes before the
+    first clock read of each of three recoveries."""
+    from wavesweep.data import TensorImages
+
+    g = torch.Generator().manual_seed(3)
+    ds = TensorImages(torch.randint(0, 256, (200, 1, 8, 8), generator=g, dtype=torch.uint8),
+                      torch.randint(0, 4, (200,), generator=g), divisor=255.0, mean=(0.4,), std=(0.3,))  # fmt: skip
+    events: list[str] = []
+    real_to = TensorImages.to
+    monkeypatch.setattr(TensorImages, "to", lambda self, device: (events.append("to"), real_to(self, device))[1])
+    monkeypatch.setattr(recovery, "time", types.SimpleNamespace(perf_counter=lambda: events.append("clock") or 0.0))
+    base = bn_net()
+    for res in (pruning.prune_magnitude(base, 0.5), pruning.prune_random(base, 0.5), pruning.prune_magnitude(base, 0.7)):
+        events.clear()
+        recovery.recover(res, ds, recovery.RecoverySettings("bn", batches=2, batch_size=32))
+        assert events[0] == "to" and events.count("clock") == 2, events
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rec", ["bn", "finetune"])
 def test_recovery_seconds_on_cuda_count_the_queued_work_and_only_it(train_set, rec):

@@ -580,6 +580,10 @@ def recover(
             f"(e.g. an ImageNet validation folder alone); use recovery=none or a dataset with a train split"
         )
     dev = torch.device(device)
+    if isinstance(train_set, TensorImages):
+        # the split's one copy to the device (cached on the dataset, shared by the three methods)
+        # before the clock: inside it, only the first method recovered (dwt) would count it
+        train_set = train_set.to(dev)
     # The clock counts this model's recovery and nothing else: on CUDA the kernels run after they
     # are queued, so it starts once the device has finished what was queued before (another
     # method's work) and stops once it has finished this recovery (the BatchNorm re-estimation
