@@ -336,6 +336,17 @@ def test_model_without_batchnorm_skips_and_says_so(train_set):
     assert "no BatchNorm" in rep.note
 
 
+@pytest.mark.parametrize("rec", ["bn", "finetune"])
+def test_a_batch_of_one_where_batchnorm_needs_two_names_the_setting(train_set, rec):
+    """bn_net's last BatchNorm follows a Linear: one value per channel in a batch of one. torch's
+    message did not say which setting to change; a batch of two works."""
+    res = pruning.prune_magnitude(bn_net(), 0.5)
+    with pytest.raises(ValueError, match=r"^recovery_batch_size=1: a BatchNorm layer of Sequential sees one value per channel") as err:
+        recovery.recover(res, train_set, recovery.RecoverySettings(rec, batches=2, steps=2, batch_size=1))
+    assert "\n" not in str(err.value) and "use recovery_batch_size >= 2" in str(err.value)
+    assert recovery.recover(res, train_set, recovery.RecoverySettings(rec, batches=2, steps=2, batch_size=2)).bn_layers == 3
+
+
 def test_recovery_without_training_split_is_one_line_error():
     res = pruning.prune_magnitude(plain_net(), 0.5)
     with pytest.raises(ValueError, match="training split") as err:
