@@ -539,8 +539,8 @@ def test_same_recovery_for_every_method(train_set, monkeypatch):
 def test_recovery_seconds_start_and_stop_with_the_device_idle(train_set, rec, monkeypatch):
     """``recovery_seconds`` is this recovery's work: on CUDA kernels run after they are queued (the
     re-estimation never waits for them), so the clock starts after a sync (nothing another method
-    queued counts) and stops after one (everything this recovery queued counts). The order of
-    the calls here; the CUDA test below measures queued work."""
+    queued counts) and stops after one (everything this recovery queued counts): the order of
+    the calls (a wall-clock check on CUDA would be a timed test)."""
     events: list[str] = []
     monkeypatch.setattr(recovery, "_sync", lambda dev: events.append(f"sync {torch.device(dev).type}"))
     monkeypatch.setattr(recovery, "time", types.SimpleNamespace(perf_counter=lambda: events.append("clock") or 0.0))
@@ -568,31 +568,6 @@ def test_recovery_seconds_leave_out_the_training_splits_one_copy_to_the_device(m
         events.clear()
         recovery.recover(res, ds, recovery.RecoverySettings("bn", batches=2, batch_size=32))
         assert events[0] == "to" and events.count("clock") == 2, events
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("rec", ["bn", "finetune"])
-def test_recovery_seconds_on_cuda_count_the_queued_work_and_only_it(train_set, rec):
-    """Each forward pass of the model queues 50 ms of GPU work (``torch.cuda._sleep``), and 500 ms
-    are queued before recovery starts: ``recovery_seconds`` holds every forward pass's work (bn
-    queued it all without waiting: its time was the time to queue it) and none of what came
-    before (finetune's last loss read waited for it)."""
-    settings = recovery.RecoverySettings(rec, batches=4, steps=2, batch_size=32)
-    recovery.recover(pruning.prune_magnitude(bn_net().cuda(), 0.5), train_set, settings, device="cuda")  # warm-up
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(100_000_000)  # long enough for the clocks to settle
-    end.record()
-    end.synchronize()
-    per_ms = 100_000_000 / start.elapsed_time(end)  # GPU cycles per millisecond
-    res = pruning.prune_magnitude(bn_net().cuda(), 0.5)
-    calls = []
-    res.model.register_forward_pre_hook(lambda mod, args: (calls.append(1), torch.cuda._sleep(int(50 * per_ms)))[0])
-    torch.cuda._sleep(int(500 * per_ms))  # another method's work, still queued
-    rep = recovery.recover(res, train_set, settings, device="cuda")
-    assert len(calls) >= 2
-    assert 0.75 * 0.050 * len(calls) <= rep.seconds < 0.050 * len(calls) + 0.1, (rep.seconds, len(calls))
 
 
 def test_trial_recovery_without_training_split_fails_before_any_work(monkeypatch):
