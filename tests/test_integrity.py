@@ -333,6 +333,24 @@ def test_credentials_are_redacted_in_params_tags_errors_and_logs(workdir, capsys
     assert RedactingFilter().filter(record) and record.getMessage() == "connecting to postgresql://user:***@db.example:5432/optuna"
 
 
+def test_trial_table_does_not_print_the_tracking_uris_password(workdir, tmp_path, capsys, monkeypatch):
+    """The trial table names the store the run went to: a tracking server URL with a password in it
+    is printed with the password as ``***``, as in every other line wavesweep prints."""
+    from wavesweep import trial
+
+    torch.save(_cnn_state(0), tmp_path / "w.pt")
+    cfg = TrialConfig.from_mapping({**TINY, "eval_limit": 40, "weights": str(tmp_path / "w.pt"), "device": "cpu"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = trial.run_trial(cfg)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:s3cret@tracking.example/mlflow")
+    capsys.readouterr()
+    cli._print_trial(result, "0123abcd")
+    out = capsys.readouterr().out
+    assert "trial run 0123abcd (https://user:***@tracking.example/mlflow)" in out
+    assert "s3cret" not in out
+
+
 def test_passwords_the_url_pattern_misses_are_redacted_once_the_url_is_seen(workdir):
     """SQLAlchemy accepts a password with '/', a quote or a space unencoded; the URL pattern stops at
     those, so the storage check remembers the parsed password and redacts it as a string."""
