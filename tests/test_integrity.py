@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import warnings
+import re
 from pathlib import Path
 
 import mlflow
@@ -530,6 +531,40 @@ def test_environments_match_pyproject_and_are_bounded():
     assert yaml.safe_load((root / "MLproject").read_text())["python_env"] == "python_env.yaml"
     assert "dashboard" in project["optional-dependencies"]
     assert project["license"] == {"text": "MIT"} and (root / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_every_package_the_code_imports_is_a_declared_dependency():
+    """A module the package imports (at any depth: inside functions too) comes from a dependency it
+    declares, not one that arrives through another's (scipy came only through scikit-learn)."""
+    import ast
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = set(_reqs(project["dependencies"])) | {
+        r for extra in project["optional-dependencies"].values() for r in _reqs(extra)
+    }
+    declared = {re.sub(r"\[.*", "", d).replace("_", "-").lower() for d in declared}
+    dists = packages_distributions()
+    imported: dict[str, str] = {}
+    for path in sorted((root / "wavesweep").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])  # fmt: skip
+            for name in names:
+                imported.setdefault(name.split(".")[0], path.name)
+    undeclared = {}
+    for top, where in imported.items():
+        # architectures: wavesweep's own module, imported by that name beside a registered model's
+        # loader; safetensors: read only when installed (models.read_weights says so)
+        if top in sys.stdlib_module_names or top in ("wavesweep", "architectures", "safetensors"):
+            continue
+        owners = {d.lower().replace("_", "-") for d in dists.get(top, [top])}
+        if not owners & declared:
+            undeclared[top] = (where, sorted(owners))
+    assert not undeclared, undeclared
 
 
 def test_version_and_help_for_every_subcommand_and_flag(capsys):
