@@ -209,6 +209,31 @@ def test_checkpoint_weights_and_mismatch_errors(tmp_path):
         get_base_model("cnn", "digits", weights="models:/base@champion")
 
 
+def test_weights_trained_on_another_seeds_digits_split_are_said_to_overlap_the_test_split(tmp_path, caplog):
+    """A wavesweep base model given as weights with another seed: digits' split is drawn from the
+    seed, so the run's test examples are largely the weights' training examples, and the log says
+    so. Oracle: the two splits drawn by scikit-learn directly."""
+    import logging
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    y = load_digits().target
+    train0, _ = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
+    _, test3 = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=3)
+    assert len(set(test3) & set(train0)) > 200  # what the warning is about
+    trained = get_base_model("mlp", "digits", seed=0, train_config=dataclasses.replace(FAST, epochs=1), device="cpu",
+                             progress=False)  # fmt: skip
+    plain = tmp_path / "plain.pt"
+    torch.save(trained.model.state_dict(), plain)  # no metadata: nothing to compare
+    for weights, seed, warned in ((trained.path, 3, True), (trained.path, 0, False), (plain, 3, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="wavesweep.train"):
+            get_base_model("mlp", "digits", seed=seed, weights=weights)
+        assert ("split of seed 0, but this run evaluates the split of seed 3" in caplog.text) is warned, (weights, seed)
+
+
 def test_unknown_names():
     with pytest.raises(ValueError, match=r"unknown model 'vgg'"):
         get_base_model("vgg", "digits")

@@ -361,7 +361,8 @@ def get_base_model(
 
     - ``weights`` a file path: that checkpoint (a state dict, or wavesweep's
       ``{"state_dict", "meta"}`` file), loaded with ``weights_only=True`` into a model
-      built for the dataset's shape; a mismatch is a ValueError naming it.
+      built for the dataset's shape; a mismatch is a ValueError naming it. A wavesweep base model
+      trained on another seed's split of the dataset (digits) is logged as a warning.
     - resnet18 + imagenet: the IMAGENET1K_V1 weights from the local torch hub cache.
     - otherwise: the cached trained model for (model, dataset, seed, config digest),
       trained once on ``device`` if absent (under a file lock, written atomically).
@@ -383,6 +384,7 @@ def get_base_model(
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
         shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
         model, meta, checksum = _load_hashed(model_name, path, lambda meta: shape)  # NaN/inf refused there
+        _warn_other_split(meta, dataset_name, seed, path)
         return BaseModel(model, model_name, dataset_name, seed, "checkpoint", path, checksum, shape,
                          meta.get("train_info", {}))
 
@@ -423,6 +425,21 @@ def get_base_model(
     model, meta, checksum = _load_hashed(model_name, path, lambda meta: meta["build_kwargs"])
     return BaseModel(model, model_name, dataset_name, seed, "trained", path, checksum, meta["build_kwargs"],
                      meta.get("train_info", {}))
+
+
+def _warn_other_split(meta: dict[str, Any], dataset_name: str, seed: int, path: Path) -> None:
+    """Warn when a weights file that wavesweep trained on ``dataset_name`` records a train/test
+    split seed other than ``seed`` (digits: the split is drawn from the seed): most of this seed's
+    test examples were then the weights' training examples (seeds 0 and 3: 290 of 360)."""
+    if meta.get("dataset_name") != dataset_name:
+        return
+    split_seed = (meta.get("dataset_info") or {}).get("split_seed")
+    if split_seed is not None and split_seed != seed:
+        log.warning(
+            "weights %s were trained on the %s split of seed %s, but this run evaluates the split of seed %s: "
+            "its test examples may be the weights' training examples (use seed %s, or let wavesweep train the base)",
+            path, dataset_name, split_seed, seed, split_seed,
+        )
 
 
 def _load_hashed(model_name: str, path: Path, shape_of) -> tuple[nn.Module, dict[str, Any], str]:
