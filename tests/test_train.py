@@ -230,8 +230,16 @@ def test_weights_trained_on_another_seeds_digits_split_are_said_to_overlap_the_t
     for weights, seed, warned in ((trained.path, 3, True), (trained.path, 0, False), (plain, 3, False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="wavesweep.train"):
-            get_base_model("mlp", "digits", seed=seed, weights=weights)
+            base = get_base_model("mlp", "digits", seed=seed, weights=weights)
         assert ("split of seed 0, but this run evaluates the split of seed 3" in caplog.text) is warned, (weights, seed)
+        assert len(base.warnings) == warned and all("split of seed 0, but" in w for w in base.warnings)
+    # a trial records it with its own warnings (the trial run's tags in MLflow)
+    from wavesweep.config import TrialConfig
+    from wavesweep.trial import run_trial
+
+    result = run_trial(TrialConfig(model="mlp", seed=3, weights=str(trained.path), eval_limit=20, timing_batches=0,
+                                   targets="linear", wavelet="haar", level=1, recovery="none"))  # fmt: skip
+    assert any("split of seed 0, but this run evaluates the split of seed 3" in w for w in result.warnings)
 
 
 def test_unknown_names():

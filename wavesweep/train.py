@@ -201,6 +201,7 @@ class BaseModel:
     build_kwargs: dict[str, int]
     train_info: dict[str, Any] = field(default_factory=dict)
     uri: str = ""
+    warnings: tuple[str, ...] = ()  # about this base for this run (a trial records them with its own)
 
     def skeleton(self) -> nn.Module:
         """A freshly initialised model of the same architecture (eval mode, CPU)."""
@@ -384,9 +385,9 @@ def get_base_model(
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
         shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
         model, meta, checksum = _load_hashed(model_name, path, lambda meta: shape)  # NaN/inf refused there
-        _warn_other_split(meta, dataset_name, seed, path)
+        other = _other_split(meta, dataset_name, seed, path)
         return BaseModel(model, model_name, dataset_name, seed, "checkpoint", path, checksum, shape,
-                         meta.get("train_info", {}))
+                         meta.get("train_info", {}), warnings=(other,) if other else ())
 
     if model_name == "resnet18" and dataset_name == "imagenet":
         path = resnet18_imagenet_path(None)
@@ -427,19 +428,21 @@ def get_base_model(
                      meta.get("train_info", {}))
 
 
-def _warn_other_split(meta: dict[str, Any], dataset_name: str, seed: int, path: Path) -> None:
-    """Warn when a weights file that wavesweep trained on ``dataset_name`` records a train/test
-    split seed other than ``seed`` (digits: the split is drawn from the seed): most of this seed's
-    test examples were then the weights' training examples (seeds 0 and 3: 290 of 360)."""
+def _other_split(meta: dict[str, Any], dataset_name: str, seed: int, path: Path) -> str | None:
+    """A warning (logged, and returned for the trial's record) when a weights file that wavesweep
+    trained on ``dataset_name`` records a train/test split seed other than ``seed`` (digits: the
+    split is drawn from the seed): most of this seed's test examples were then the weights'
+    training examples (seeds 0 and 3: 290 of 360)."""
     if meta.get("dataset_name") != dataset_name:
-        return
+        return None
     split_seed = (meta.get("dataset_info") or {}).get("split_seed")
-    if split_seed is not None and split_seed != seed:
-        log.warning(
-            "weights %s were trained on the %s split of seed %s, but this run evaluates the split of seed %s: "
-            "its test examples may be the weights' training examples (use seed %s, or let wavesweep train the base)",
-            path, dataset_name, split_seed, seed, split_seed,
-        )
+    if split_seed is None or split_seed == seed:
+        return None
+    text = (f"weights {path} were trained on the {dataset_name} split of seed {split_seed}, but this run evaluates the "
+            f"split of seed {seed}: its test examples may be the weights' training examples (use seed {split_seed}, "
+            "or let wavesweep train the base)")  # fmt: skip
+    log.warning("%s", text)
+    return text
 
 
 def _load_hashed(model_name: str, path: Path, shape_of) -> tuple[nn.Module, dict[str, Any], str]:

@@ -302,7 +302,7 @@ def run_trial(
         if part is not None:
             data.close_loaders(part)
     notes = [r.note for r in reports.values() if r.note]
-    all_warnings = list(dict.fromkeys([*dwt.warnings, *caught, *notes]))
+    all_warnings = list(dict.fromkeys([*base.warnings, *dwt.warnings, *caught, *notes]))
     return TrialResult(
         config=cfg,
         base=base,
