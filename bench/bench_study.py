@@ -156,7 +156,7 @@ HOPELESS = {
     "fixed": {"timing_batches": 0, "layout": "filter", "level": 3, "mode": "periodization"},
     "space": {"percentile": [30, 50, 97, 98, 99, 99.3, 99.5, 99.7, 99.8, 99.9], "wavelet": ["haar", "bior2.2", "db2"]},
     "objectives": {"top1": "maximize"},
-    "sampler": {"name": "random", "seed": 7},  # the same configurations in both runs, whatever the results
+    "sampler": {"name": "random", "seed": 7},  # with --sampler-seed 7: the same configurations in both runs, whatever the results
 }
 
 
@@ -171,8 +171,10 @@ def bench_pruner(tmp: Path, trials: int) -> None:
         spec = wd / "prune-bench.yaml"
         spec.write_text(yaml.safe_dump({**HOPELESS, "pruner": pruner, "n_trials": trials}, sort_keys=False))
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "wavesweep", "study", str(spec), "-q"], cwd=wd, env=env_for(wd),
-                              capture_output=True, text=True)  # fmt: skip
+        # --sampler-seed: a launch salts the spec's seed unless given one, and both runs must
+        # propose the same configurations (one worker: seed as given)
+        cmd = [sys.executable, "-m", "wavesweep", "study", str(spec), "-q", "--sampler-seed", str(HOPELESS["sampler"]["seed"])]
+        proc = subprocess.run(cmd, cwd=wd, env=env_for(wd), capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
