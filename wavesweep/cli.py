@@ -79,7 +79,7 @@ def _print_trial(result: Any, run_id: str) -> None:
     from wavesweep import tracking
 
     o = result.outcomes
-    print(f"trial run {run_id} ({tracking.redact(tracking.tracking_uri())})")
+    print(f"trial run {run_id} ({tracking.redact_url(tracking.tracking_uri())})")
     rec = result.config.recovery
     pre = rec != "none"
     print(f"recovery: {rec}" + (" ('pre top1': the same pruned model before recovery; every other column is after it)" if pre else ""))
@@ -275,7 +275,7 @@ def _print_summary(found: Any, parent: str, url: str, final: bool = True) -> Non
 
     m = study.study_metrics(found)
     print(f"study {found.study_name}{'' if final else ' so far (not final)'}: {int(m['n_complete'])} complete, {int(m['n_pruned'])} pruned, {int(m['n_fail'])} failed "
-          f"(storage {tracking.redact_url(url)}, MLflow run {parent} at {tracking.redact(tracking.tracking_uri())})")  # fmt: skip
+          f"(storage {tracking.redact_url(url)}, MLflow run {parent} at {tracking.redact_url(tracking.tracking_uri())})")  # fmt: skip
     best = study.best_trial(found)
     if best is not None:
         objectives = [m for m, _d in study.study_objectives(found)]
