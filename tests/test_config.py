@@ -94,3 +94,30 @@ def test_a_bad_registered_model_name_is_told_the_characters_it_may_use():
     with pytest.raises(ValueError, match=r"'bad/name' is not a valid name: use 1-128 letters, digits, \. _ - \+ = and spaces") as bad:
         check_model_name("bad/name")
     assert "@ and" not in str(bad.value) and "\n" not in str(at.value)
+
+
+def test_study_entry_point_passes_every_parameter_and_its_defaults_parse():
+    """The study entry point had no sampler_seed; its '' default must mean the CLI's own default
+    (None: a salted spec seed), and a value given with -P is the integer."""
+    import shlex
+
+    from wavesweep.cli_args import UsageError
+
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    study = project["entry_points"]["study"]
+    params = study["parameters"]
+    for name in params:
+        if name != "spec":
+            assert f"--{name.replace('_', '-')} {{{name}}}" in study["command"], name
+
+    def parse(**given):
+        values = {n: str(p["default"]) for n, p in params.items()} | given
+        command = study["command"].format(**{n: shlex.quote(v) for n, v in values.items()})  # as mlflow run does
+        argv = shlex.split(command)
+        assert argv[:3] == ["python", "-m", "wavesweep"]
+        return build_parser().parse_args(argv[3:])
+
+    assert parse().sampler_seed is None and build_parser().parse_args(["study", "x.yaml"]).sampler_seed is None
+    assert parse(sampler_seed="7").sampler_seed == 7
+    with pytest.raises(UsageError, match=r"--sampler-seed: expected an integer or '', got 'seven'"):
+        parse(sampler_seed="seven")

@@ -352,6 +352,16 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_or_blank(text: str) -> int | None:
+    """An integer, or None for '' (an MLproject parameter left at its empty default)."""
+    if text.strip() == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or '', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wavesweep import __version__
 
@@ -412,10 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a spec key (n_trials=8, sampler.seed=3, base.eval_limit=100, or a trial parameter: eval_limit=100); repeatable")
     s.add_argument("--enqueue", action="append", metavar="NAME=VALUE,...",
                    help="run this configuration of the search space first (e.g. wavelet=haar,percentile=40); repeatable")
-    s.add_argument("--sampler-seed", type=int, default=None, metavar="N",
+    s.add_argument("--sampler-seed", type=_int_or_blank, default=None, metavar="N",
                    help="seed this launch's sampler with N as is (worker i: N+i; default: the spec's seed mixed with a "
                         "random salt, so launchers on several machines differ); a study launched afresh with the same N "
-                        "and one worker proposes the same configurations. Each trial records its sampler_seed")
+                        "and one worker proposes the same configurations. Each trial records its sampler_seed; "
+                        "'' = the default, as `mlflow run -e study` passes it")
     s.add_argument("--dry-run", action="store_true", help="print the resolved spec and search space; run nothing, create nothing")
     s.add_argument("--requeue-running", action="store_true",
                    help="no launcher is running: fail the RUNNING trials (dead workers) and re-queue them with the same params "
