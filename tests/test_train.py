@@ -453,3 +453,74 @@ def test_another_copy_of_a_dataset_with_other_labels_gets_its_own_model_and_base
         r = trial_mod.run_trial(cfg, base=a)  # one model (a weights file) on both: the base is scored on each's labels
         assert sorted(r.base_eval.targets.tolist()) == sorted(labels.tolist())
         assert r.base_eval.targets.tolist() == r.outcomes["dwt"].eval.targets.tolist()
+
+
+def _bn_net() -> torch.nn.Module:
+    """BatchNorm1d after pooling: one value per channel in a batch of one (as ResNet-18's last
+    BatchNorm layers on 1x1 maps)."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, 10))
+
+
+def test_a_last_training_batch_of_one_is_left_out_for_batchnorm(caplog):
+    """1437 digits in batches of 359 leave a last batch of one: BatchNorm raised after a whole
+    epoch's work. That example is now left out of each epoch (drop_last); the weights equal a
+    direct loop over torch.randperm with the last incomplete batch dropped."""
+    import torch.nn.functional as F
+
+    bundle = load_dataset("digits", seed=0)
+    n, cfg = len(bundle.train), TrainConfig(epochs=2, batch_size=359, lr=3e-3, schedule="constant")
+    assert n % cfg.batch_size == 1
+    torch.manual_seed(0)
+    ours = _bn_net()
+    ref = copy.deepcopy(ours)
+    with caplog.at_level("WARNING", logger="wavesweep.train"):
+        info = train_model(ours, bundle, cfg, device="cpu", progress=False)
+    assert info["dropped_per_epoch"] == 1 and "left out of each epoch" in caplog.text
+
+    T._seed_everything(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ref.train()
+    steps = 0
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - 1, cfg.batch_size):
+            x, y = bundle.train[perm[i : i + cfg.batch_size]]
+            loss = F.cross_entropy(ref(x), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+    assert steps == cfg.epochs * (n // cfg.batch_size)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+
+    # a model without BatchNorm keeps every example
+    torch.manual_seed(0)
+    assert train_model(build_model("mlp", num_classes=10, in_channels=1, image_size=8), bundle,
+                       dataclasses.replace(cfg, epochs=1), device="cpu", progress=False)["dropped_per_epoch"] == 0
+
+
+def test_training_batches_of_one_under_batchnorm_is_one_line():
+    bundle = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"^batch_size=1: a BatchNorm layer of Sequential sees one value per channel "
+                                         r"in a training batch of one \(Expected more .*\); use batch_size >= 2$") as err:
+        train_model(_bn_net(), bundle, TrainConfig(epochs=1, batch_size=1), device="cpu", progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_tensor_batches_drop_last_equal_torchs_dataloader():
+    from torch.utils.data import DataLoader
+
+    from wavesweep.data import _TensorBatches
+
+    for n, bs in ((10, 3), (9, 3), (1, 4), (7, 1)):
+        seq = list(_TensorBatches(n, bs, shuffle=False, seed=0, drop_last=True))
+        ref = list(DataLoader(range(n), batch_size=bs, drop_last=True))
+        assert [list(range(n))[s] for s in seq] == [r.tolist() for r in ref] and len(seq) == len(ref)
+        shuffled = _TensorBatches(n, bs, shuffle=True, seed=5, drop_last=True)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(5))
+        assert [b.tolist() for b in shuffled] == [b.tolist() for b in perm[: n - n % bs].split(bs)][: n // bs]
+        assert len(shuffled) == n // bs

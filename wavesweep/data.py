@@ -365,21 +365,24 @@ class _TensorBatches(Sampler):
     """Yields one index object per batch for an in-memory dataset: a ``slice`` in sequential
     order (zero-copy views) or an index tensor when shuffled."""
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False) -> None:
         self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
         self.generator = torch.Generator().manual_seed(seed)
+        # DataLoader's drop_last: the incomplete last batch is left out (the permutation is drawn
+        # over all n, so which examples are left out changes from epoch to epoch)
+        self.end = n - n % batch_size if drop_last else n
 
     def __iter__(self) -> Iterator[Any]:
         if self.shuffle:
             perm = torch.randperm(self.n, generator=self.generator)
-            for i in range(0, self.n, self.batch_size):
-                yield perm[i : i + self.batch_size]
+            for i in range(0, self.end, self.batch_size):
+                yield perm[i : min(i + self.batch_size, self.end)]
         else:
-            for i in range(0, self.n, self.batch_size):
-                yield slice(i, min(i + self.batch_size, self.n))
+            for i in range(0, self.end, self.batch_size):
+                yield slice(i, min(i + self.batch_size, self.end))
 
     def __len__(self) -> int:
-        return (self.n + self.batch_size - 1) // self.batch_size
+        return (self.end + self.batch_size - 1) // self.batch_size
 
 
 def make_loader(
@@ -389,6 +392,7 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
     num_workers: int = 0,
+    drop_last: bool = False,
 ) -> DataLoader:
     """A DataLoader yielding ``(x float32 (B, C, H, W), y int64 (B,))``, for training.
 
@@ -400,7 +404,7 @@ def make_loader(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if isinstance(dataset, (TensorDataset, TensorImages)):
-        sampler = _TensorBatches(len(dataset), batch_size, shuffle, seed)
+        sampler = _TensorBatches(len(dataset), batch_size, shuffle, seed, drop_last)
         # batch_size=None: each sampler element is one whole batch, passed to dataset[...]
         return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
     generator = torch.Generator().manual_seed(seed)
@@ -411,6 +415,7 @@ def make_loader(
         generator=generator,
         num_workers=num_workers,
         persistent_workers=False,
+        drop_last=drop_last,
     )
 
 

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -220,6 +220,25 @@ def file_sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- training
 
 
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@contextlib.contextmanager
+def _one_value_per_channel(batch_size: int, model: nn.Module) -> Iterator[None]:
+    """torch's "Expected more than 1 value per channel when training" (a BatchNorm over 1x1 maps
+    in a batch of one) as one line naming the setting to change."""
+    try:
+        yield
+    except ValueError as exc:
+        if "more than 1 value per channel" not in str(exc):
+            raise
+        raise ValueError(
+            f"batch_size={batch_size}: a BatchNorm layer of {type(model).__name__} sees one value per channel in a "
+            f"training batch of one ({str(exc).splitlines()[0]}); use batch_size >= 2"
+        ) from None
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -255,7 +274,17 @@ def train_model(
     # In-memory images go to the device once; each batch is then gathered and normalised there
     # (the same order and values as on the CPU: the shuffle comes from the same CPU generator).
     train_set = bundle.train.to(dev) if isinstance(bundle.train, TensorImages) else bundle.train
-    loader = make_loader(train_set, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    # A last batch of one example cannot train a BatchNorm layer that sees one value per channel
+    # (ResNet-18's last ones, on 1x1 maps): as torchvision's recipes do with drop_last, that one
+    # example is left out of each epoch (a different one each epoch; the shuffle is unchanged).
+    n_train = len(train_set)
+    drop_last = n_train % config.batch_size == 1 and n_train > 1 and _has_batchnorm(model)
+    if drop_last:
+        log.warning("training set of %d examples in batches of %d leaves a last batch of 1, which BatchNorm "
+                    "cannot train on: that example is left out of each epoch",
+                    n_train, config.batch_size)
+    loader = make_loader(train_set, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                         drop_last=drop_last)
     steps = len(loader) * config.epochs
     model.to(dev).train()
     if channels_last:  # before the optimizer is built: it holds the parameters as they are now
@@ -286,28 +315,29 @@ def train_model(
     running = float("nan")
     step = 0
     bar = tqdm(total=steps, desc=f"train {type(model).__name__} on {bundle.name}", disable=not progress)
-    for epoch in range(config.epochs):
-        for x, y in loader:
-            x, y = x.to(dev, non_blocking=non_blocking), torch.as_tensor(y).to(dev, non_blocking=non_blocking)
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            lv = loss.detach().float()
-            ema = lv.clone() if ema is None else ema.mul_(0.9).add_(lv, alpha=0.1)
-            step += 1
-            bar.update(1)
-            if step % LOSS_READ_EVERY == 0:
+    with _one_value_per_channel(config.batch_size, model):
+        for epoch in range(config.epochs):
+            for x, y in loader:
+                x, y = x.to(dev, non_blocking=non_blocking), torch.as_tensor(y).to(dev, non_blocking=non_blocking)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                lv = loss.detach().float()
+                ema = lv.clone() if ema is None else ema.mul_(0.9).add_(lv, alpha=0.1)
+                step += 1
+                bar.update(1)
+                if step % LOSS_READ_EVERY == 0:
+                    running = ema.item()
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{running:.3f}", refresh=False)
+            if ema is not None:
                 running = ema.item()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{running:.3f}", refresh=False)
-        if ema is not None:
-            running = ema.item()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{running:.3f}", refresh=False)
     bar.close()
     if dev.type == "cuda":  # the clock stops when the GPU has finished, not when it was asked
         torch.cuda.synchronize(dev)
@@ -325,6 +355,7 @@ def train_model(
         "train_loss": running,
         "device": str(dev),
         "n_train": len(bundle.train),
+        "dropped_per_epoch": int(drop_last),
         "n_test": result.n,
         "config": asdict(config),
     }
