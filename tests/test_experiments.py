@@ -73,3 +73,27 @@ def test_every_entry_point_lands_in_wavesweep(workdir, shared_cache):
     _ok([*ws, "trial", "-q", *(x for k, v in trial_p.items() for x in (f"--{k.replace('_', '-')}", v))], workdir,
         {**env, "MLFLOW_EXPERIMENT_ID": other})  # fmt: skip
     assert len(client.search_runs([other], filter_string="tags.`wavesweep.kind` = 'trial'")) == 1
+
+
+def test_an_experiment_made_elsewhere_gets_the_model_training_kind_once(tmp_path, monkeypatch):
+    """`mlflow run --experiment-name wavesweep` creates the experiment itself, without the kind tag
+    wavesweep gives the experiments it creates (MLflow 3's UI then does not open it in its
+    model-training view). Joining it tags it; a kind already set is kept."""
+    from wavesweep.tracking import EXPERIMENT_KIND_TAG, init_tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    client = MlflowClient(uri)
+    made = client.create_experiment("wavesweep")  # as `mlflow run` makes it
+    genai = client.create_experiment("chat", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    run = client.create_run(made).info.run_id
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(made).tags
+
+    assert init_tracking(run_id=run)[1] == made
+    assert client.get_experiment(made).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert init_tracking("chat")[1] == genai
+    assert client.get_experiment(genai).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    fresh = init_tracking("new")[1]
+    assert client.get_experiment(fresh).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"

@@ -86,13 +86,13 @@ def init_tracking(experiment: str | None = None, *, run_id: str | None = None) -
 
 def _ensure_experiment(client: MlflowClient, name: str | None, run_id: str | None) -> str:
     if run_id and name is None:  # started by `mlflow run`: the run it created fixes the experiment
-        return client.get_run(run_id).info.experiment_id
+        return _kind_tagged(client, client.get_experiment(client.get_run(run_id).info.experiment_id))
     if name is None and not os.environ.get("MLFLOW_EXPERIMENT_NAME") and (exp_id := os.environ.get("MLFLOW_EXPERIMENT_ID")):
-        return client.get_experiment(exp_id).experiment_id  # an unknown id is MLflow's error, naming it
+        return _kind_tagged(client, client.get_experiment(exp_id))  # an unknown id is MLflow's error, naming it
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     exp = client.get_experiment_by_name(name)
     if exp is not None:
-        return exp.experiment_id
+        return _kind_tagged(client, exp)
     try:
         # The kind tag makes MLflow 3's UI open the experiment in its model-training view
         # (runs table, charts, compare) rather than the GenAI/traces view.
@@ -102,6 +102,17 @@ def _ensure_experiment(client: MlflowClient, name: str | None, run_id: str | Non
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def _kind_tagged(client: MlflowClient, exp: Any) -> str:
+    """``exp``'s id, after giving it the model-training kind tag if it has no kind yet (an
+    experiment `mlflow run` or ``mlflow experiments create`` made); a kind already set is kept."""
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}) and exp.lifecycle_stage == "active":
+        try:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+        except MlflowException as exc:  # the tag only picks the UI's view: never a reason to stop
+            log.debug("experiment %s: kind tag not set (%s)", exp.experiment_id, exc)
+    return exp.experiment_id
 
 
 @functools.lru_cache(maxsize=1)
