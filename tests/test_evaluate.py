@@ -232,6 +232,49 @@ def test_predict_many_class_mismatch_names_it(digits):
         predict_many(models, digits.test, device="cpu")
 
 
+@pytest.mark.parametrize("bad", [0, -1])
+def test_a_batch_size_below_one_is_one_line_naming_it(cnn, digits, bad):
+    """batch_size 0 ended in a ZeroDivisionError, -1 in torch's "split expects split_size be
+    non-negative": neither says which argument is wrong."""
+    plain = TensorDataset(*digits.test[:])
+    for call in (lambda: predict(cnn, digits.test, batch_size=bad, device="cpu"),
+                 lambda: predict(cnn, plain, batch_size=bad, device="cpu"),
+                 lambda: list(evaluate_chunks(cnn, digits.test, n_chunks=2, batch_size=bad, device="cpu")),
+                 lambda: time_inference(cnn, digits.test, batch_size=bad, n_batches=1, device="cpu")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^batch_size must be a positive int, got {bad}$"):
+            call()
+
+
+def test_labels_outside_the_logits_are_one_line_naming_the_label():
+    """A negative label passed predict's class check (it looked at the largest label only) and then
+    failed in metrics as torch's "index -1 is out of bounds for dimension 1"; metrics_from_logits
+    given a label >= C failed the same way."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    ds = TensorDataset(torch.randn(6, 4), torch.tensor([0, 1, 2, -1, 0, 1]))
+    with pytest.raises(ValueError, match=r"label -1; labels must be class indices 0\.\.2"):
+        predict(net, ds, device="cpu")
+    with pytest.raises(ValueError, match=r"label -1; labels must be class indices 0\.\.3"):
+        metrics_from_logits(torch.zeros(3, 4), torch.tensor([0, -1, 2]))
+    with pytest.raises(ValueError, match="label 5 but the model outputs 4 logits"):
+        metrics_from_logits(torch.zeros(3, 4), torch.tensor([0, 5, 2]))
+
+
+def test_empty_sets_and_non_logit_outputs_are_one_line():
+    """An empty dataset in evaluate_chunks ended in numpy's "number sections must be larger than 0",
+    in time_inference in a ZeroDivisionError; a model giving (B,) outputs in an IndexError."""
+    net = torch.nn.Linear(4, 3)
+    empty = TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="^cannot evaluate on an empty dataset$"):
+        list(evaluate_chunks(net, empty, n_chunks=2, device="cpu"))
+    with pytest.raises(ValueError, match="^cannot time inference on an empty dataset$"):
+        time_inference(net, empty, device="cpu")
+    flat = torch.nn.Sequential(torch.nn.Linear(4, 1), torch.nn.Flatten(0))  # (B,) outputs
+    ds = TensorDataset(torch.randn(5, 4), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"model 'model' gives outputs of shape \(5,\) for 5 examples"):
+        predict(flat, ds, device="cpu")
+
+
 def test_file_dataset_predict_many_and_chunks_share_one_loader(tmp_path):
     make_image_folder(tmp_path / "val", ["n00000001", "n00000002", "n00000003"], per_class=4, size=(48, 40))
     ds = load_dataset("imagenet", root=tmp_path / "val", expected_classes=3, image_size=32).test

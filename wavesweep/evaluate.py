@@ -149,10 +149,25 @@ def _device_copy(dataset: TensorDataset, x: torch.Tensor, device: torch.device) 
     return copy
 
 
+def _check_batch_size(batch_size: int) -> None:
+    """One-line ValueError for a batch size that is not a positive int (0 or a negative one would
+    otherwise end in a ZeroDivisionError, or in torch's "split_size be non-negative")."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
 def _check_classes(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    if targets.numel() and int(targets.max()) >= logits.shape[1]:
+    """ValueError unless every label indexes a logit (0 <= label < C): a label outside that range
+    would otherwise be scored (predict) and then fail in a bare index error (metrics)."""
+    if not targets.numel():
+        return
+    lo, hi, c = int(targets.min()), int(targets.max()), logits.shape[1]
+    if lo < 0:
+        raise ValueError(f"dataset has label {lo}; labels must be class indices 0..{c - 1} "
+                         f"(the model outputs {c} logits)")
+    if hi >= c:
         raise ValueError(
-            f"dataset has label {int(targets.max())} but the model outputs {logits.shape[1]} logits; "
+            f"dataset has label {hi} but the model outputs {c} logits; "
             "the dataset's classes do not match the model's output size"
         )
 
@@ -181,6 +196,7 @@ def predict_many(
     targets tensor is shared by all entries."""
     if not models:
         raise ValueError("predict_many needs at least one model")
+    _check_batch_size(batch_size)
     dev = resolve_device(device)
     if len(models) > 1 and not _fits_on(dev, sum(_bytes_to_move(m, dev) for m in models.values())):
         out = {}
@@ -213,6 +229,9 @@ def predict_many(
     out = {}
     for k in models:
         lg = torch.cat(logits[k]).cpu()  # the one device->host copy
+        if lg.ndim != 2 or lg.shape[0] != tg.shape[0]:
+            raise ValueError(f"model {k!r} gives outputs of shape {tuple(lg.shape)} for {tg.shape[0]} examples; "
+                             "expected logits (examples, classes)")
         _check_classes(lg, tg)
         out[k] = (lg, tg)
     return out
@@ -284,6 +303,7 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> EvalResu
     n, c = logits.shape
     if n == 0:
         raise ValueError("cannot compute metrics on zero examples")
+    _check_classes(logits, targets)
     k = min(5, c)
     preds = logits.argmax(dim=1)  # (N,): among equal logits the lowest class (torch's rule)
     correct = preds == targets
@@ -382,7 +402,10 @@ def evaluate_chunks(
     """
     if not isinstance(n_chunks, int) or n_chunks < 1:
         raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
+    _check_batch_size(batch_size)
     order = stratified_order(dataset_targets(dataset), seed)
+    if not len(order):
+        raise ValueError("cannot evaluate on an empty dataset")
     pieces = [p for p in np.array_split(order, min(n_chunks, len(order))) if len(p)]
     seen_idx: list[np.ndarray] = []
     seen_logits: list[torch.Tensor] = []
@@ -446,6 +469,9 @@ def time_inference(
     ``batch_size``, the batch is the whole dataset and that size is recorded."""
     if n_batches < 1 or n_warmup < 0:
         raise ValueError(f"need n_batches >= 1 and n_warmup >= 0, got {n_batches}, {n_warmup}")
+    _check_batch_size(batch_size)
+    if len(dataset) == 0:
+        raise ValueError("cannot time inference on an empty dataset")
     dev = resolve_device(device)
     bs = min(batch_size, len(dataset))
     pool: list[torch.Tensor] = []
