@@ -53,6 +53,13 @@ def test_unsplittable_examples_give_one_line(y, fraction, needle):
     assert "\n" not in msg and f"val_fraction={fraction}" in msg and needle in msg and "val_fraction=0" in msg
 
 
+def test_no_examples_to_split_is_one_line():
+    """An empty evaluation split (an IDX test file of 0 images) with val_fraction > 0 ended in numpy's
+    "zero-size array to reduction operation minimum which has no identity"."""
+    with pytest.raises(ValueError, match=r"^val_fraction=0.5 cannot split the evaluation examples: there are none"):
+        evalsplit.validation_indices(np.zeros(0, dtype=np.int64), 0.5, 0)
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
 def test_bad_val_fraction_is_refused(bad):
     with pytest.raises(ValueError, match="val_fraction"):

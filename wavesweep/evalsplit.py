@@ -27,6 +27,9 @@ def validation_indices(targets: np.ndarray, fraction: float, seed: int = 0) -> t
         return positions[:0], positions
     if not 0 < fraction < 1:
         raise ValueError(f"val_fraction={fraction} must be in [0, 1)")
+    if n == 0:
+        raise ValueError(f"val_fraction={fraction} cannot split the evaluation examples: there are none "
+                         "(the evaluation split is empty)")
     try:
         val, test = train_test_split(positions, train_size=fraction, stratify=targets, random_state=seed)
     except ValueError:
