@@ -255,6 +255,17 @@ def test_imagefolder_train_val_and_size(tmp_path):
         load_dataset("imagefolder", root=tmp_path / "nothing")
 
 
+def test_imagefolder_class_mismatch_names_the_differing_folders(tmp_path):
+    """train/ and val/ with the same number of class folders but different names said only
+    "(train: 2, val: 2)": nothing told which folder to rename."""
+    make_image_folder(tmp_path / "train", ["cat", "dog"], per_class=1)
+    make_image_folder(tmp_path / "val", ["cat", "dgo"], per_class=1)
+    with pytest.raises(ValueError) as err:
+        load_dataset("imagefolder", root=tmp_path, image_size=16)
+    msg = str(err.value)
+    assert "\n" not in msg and "1 only in train/ (first 'dog')" in msg and "1 only in val/ (first 'dgo')" in msg
+
+
 def test_hidden_folders_are_not_classes_and_labels_match_torchvision(tmp_path):
     """A hidden folder (``.ipynb_checkpoints``, ``.cache``) beside the classes is no class: the
     labels equal torchvision's ImageFolder over the same tree without it (the oracle), where a

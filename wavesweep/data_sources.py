@@ -253,9 +253,12 @@ def _imagefolder(root: Path | None, seed: int, image_size: int | None) -> Datase
             raise FileNotFoundError(f"imagefolder: {str(path / split)!r} does not exist; {_IMAGEFOLDER_LAYOUT}")
     tr_classes, va_classes = _class_dirs(path / "train"), _class_dirs(path / "val")
     if tr_classes != va_classes or not tr_classes:
+        only_tr = [c for c in tr_classes if c not in va_classes]
+        only_va = [c for c in va_classes if c not in tr_classes]
+        diff = "".join(f"; {len(o)} only in {s}/ (first {o[0]!r})" for s, o in (("train", only_tr), ("val", only_va)) if o)
         raise ValueError(
             f"imagefolder: class folders differ or are missing under {str(path)!r} "
-            f"(train: {len(tr_classes)}, val: {len(va_classes)}); {_IMAGEFOLDER_LAYOUT}"
+            f"(train: {len(tr_classes)}, val: {len(va_classes)}{diff}); {_IMAGEFOLDER_LAYOUT}"
         )
     eval_tf = _imagenet_eval_transform(size)
     train_tf = T.Compose([T.RandomHorizontalFlip(), eval_tf])
