@@ -193,7 +193,9 @@ def predict_many(
     models together would not fit in a quarter of the free GPU memory, the pass is made
     once per model instead (each model goes back to its device afterwards). Models are
     moved to ``device`` and put in eval mode; their train/eval flags are restored. The
-    targets tensor is shared by all entries."""
+    targets tensor is shared by all entries. Every model gets the same input tensor, which may
+    be a view of the dataset's own storage: a model must not change its input in place (none
+    of the registered architectures does; a first ``ReLU(inplace=True)`` would)."""
     if not models:
         raise ValueError("predict_many needs at least one model")
     _check_batch_size(batch_size)
