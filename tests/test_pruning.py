@@ -977,3 +977,31 @@ def test_structural_zeros_of_other_extension_modes_are_zero_for_other_weights(mo
     assert mask.any() and mask.sum() % 8 == 0
     mag = np.abs(coeffs)
     assert mag[mask].max() <= 1e-9 * mag.max() and mag[~mask].min() > 1e-6 * mag.max()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("layout", ["kernel", "filter"])
+def test_dwt_a_layer_without_filters_is_pruned_as_empty(layout, backend):
+    """A conv with 0 output channels (weight (0, 2, 3, 3)) has no coefficients: it is recorded
+    with 0 positions, and the other layers are pruned as PyWavelets and np.percentile give
+    them. The structural-zero probe took the max of its 0 coefficients and raised numpy's
+    'zero-size array to reduction operation maximum', in the kernel and filter layouts only."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 0, 3), nn.Conv2d(0, 3, 3), nn.Conv2d(2, 5, 3, bias=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wv.StructuralZerosWarning)
+        r = P.prune_dwt(net, wavelet="haar", level=1, percentile=50, layout=layout, backend=backend)
+    assert [(lp.n_positions, lp.n_zeroed, lp.n_structural) for lp in r.layers[:2]] == [(0, 0, 0), (0, 0, 0)]
+    w = net[2].weight.detach().numpy()
+    if layout == "filter":
+        bands = pywt.wavedec(w.reshape(5, -1), "haar", mode="periodization", level=1, axis=-1)
+    else:
+        ca, details = pywt.wavedec2(w, "haar", mode="periodization", level=1, axes=(-2, -1))
+        bands = [ca, *details]
+    c = np.concatenate([b.ravel() for b in bands])
+    keep = np.abs(c) >= np.percentile(np.abs(c), 50)
+    np.testing.assert_array_equal(r.layers[2].keep, keep)
+    assert r.layers[2].n_zeroed == int((~keep).sum())
+    assert r.matched_fraction == r.layers[2].matched_fraction
+    out = P.prune_matched(net, r)
+    assert [lp.n_zeroed for lp in out["magnitude"].layers] == [0, 0, round(r.layers[2].matched_fraction * w.size)]

@@ -378,6 +378,6 @@ def _structural_zeros(shape: tuple[int, ...], wavelet: str, level: int, layout: 
     coeffs, st = decompose(probe, wavelet=wavelet, level=level, layout=layout, mode=mode)
     assert st.level == level, (st.level, level)
     mag = np.abs(coeffs)
-    mask = mag <= 1e-12 * mag.max()
+    mask = mag <= 1e-12 * mag.max(initial=0.0)  # initial: a layer without weights (0 filters) has no coefficients
     mask.setflags(write=False)
     return mask
