@@ -1005,3 +1005,17 @@ def test_dwt_a_layer_without_filters_is_pruned_as_empty(layout, backend):
     assert r.matched_fraction == r.layers[2].matched_fraction
     out = P.prune_matched(net, r)
     assert [lp.n_zeroed for lp in out["magnitude"].layers] == [0, 0, round(r.layers[2].matched_fraction * w.size)]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_dwt_a_layer_the_layout_cannot_take_is_named_and_nothing_is_written(backend):
+    """`kernel` needs 4-D conv weights: with Linear layers among the targets the error names the
+    layer, and comes before any layer is pruned. It used to come from the Linear layer's turn
+    without its name, and with ``inplace=True`` the numpy backend had already overwritten the
+    conv before it: the caller's model left half pruned."""
+    net = small_net()
+    before = _state(net)
+    with pytest.raises(ValueError, match=r"target layer '5': layout 'kernel' needs a 4-D conv weight .* got shape \(10, 24\)"):
+        P.prune_dwt(net, wavelet="haar", level=1, percentile=50, layout="kernel", targets=("conv", "linear"),
+                    inplace=True, backend=backend)  # fmt: skip
+    _assert_same_state(before, _state(net))

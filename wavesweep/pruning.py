@@ -108,7 +108,13 @@ def prune_dwt(
     targets = normalise_targets(targets)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_finite_targets(target_layers(model, targets))  # raises before the copy: no target layers, NaN weights
+    found = target_layers(model, targets)
+    check_finite_targets(found)  # raises before the copy: no target layers, NaN weights
+    for name, m in found:  # and a weight the layout cannot take (a Linear in `kernel`), before any layer is written
+        try:
+            wv.layout_array(np.empty(tuple(m.weight.shape), dtype=np.uint8), layout)  # shape only, memory untouched
+        except ValueError as e:
+            raise ValueError(f"target layer {name or '(root)'!r}: {e}") from None
     work = work_model(model, inplace)
     layers = target_layers(work, targets)
     percentile = float(percentile)
