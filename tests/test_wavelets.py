@@ -214,3 +214,41 @@ def test_validate_accepts_every_registry_entry():
 def test_kernel_layout_rejects_linear():
     with pytest.raises(ValueError, match=r"kernel.*4-D.*\(5, 7\)"):
         wv.effective_level((5, 7), "haar", 1, "kernel")
+
+
+def _names_in(message: str) -> set[str]:
+    """The wavelet names a 'valid: ...' list gives, with runs such as ``db1..db38`` expanded."""
+    names = set()
+    for part in message.split("valid: ", 1)[1].split(";")[0].split(", "):
+        first, _, last = part.partition("..")
+        if last:
+            fam = first.rstrip("0123456789")
+            names |= {f"{fam}{i}" for i in range(int(first[len(fam) :]), int(last[len(fam) :]) + 1)}
+        else:
+            names.add(first)
+    return names
+
+
+@pytest.mark.parametrize(
+    "bad, continuous", [("morl", True), ("cmor1.5-1.0", True), ("mexh", True), ("nope", False), ("sym21", False)]
+)
+def test_unknown_wavelet_error_is_one_line_with_every_discrete_name(bad, continuous):
+    """The error names the value, says when PyWavelets knows it as a continuous wavelet (no DWT),
+    and its valid list is exactly ``pywt.wavelist(kind='discrete')``. The list used to be cut at
+    600 characters, after rbio3.7: rbio3.9 .. rbio6.8 and every sym wavelet were left out, and
+    'morl' read like a typo."""
+    from wavesweep import wavelets_torch as wt
+
+    if continuous:  # as PyWavelets knows it
+        assert isinstance(pywt.DiscreteContinuousWavelet(bad), pywt.ContinuousWavelet)
+    for call in (
+        lambda: wv.validate_dwt_args(wavelet=bad, level=1, layout="filter", mode="periodization", percentile=50),
+        lambda: wv.decompose(np.zeros((2, 8), np.float32), wavelet=bad, level=1, layout="filter"),
+        lambda: wt.structure_of((2, 8), wavelet=bad, level=1, layout="filter", mode="periodization"),
+    ):
+        with pytest.raises(ValueError) as e:
+            call()
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"unknown wavelet {bad!r}")
+        assert ("continuous wavelet" in msg) == continuous
+        assert _names_in(msg) == set(pywt.wavelist(kind="discrete"))

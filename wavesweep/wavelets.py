@@ -37,9 +37,12 @@ Levels: the requested level is clamped to ``pywt.dwt_max_level`` of the transfor
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import math
+import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +68,7 @@ __all__ = [
     "StructuralZerosWarning",
     "CoeffStructure",
     "structural_zeros",
+    "check_wavelet",
     "validate_dwt_args",
     "layout_array",
     "effective_level",
@@ -103,9 +107,46 @@ def validate_level(level: object) -> int:
     return int(level)
 
 
+def _wavelet_choices() -> str:
+    """Every name of :data:`WAVELETS`, in its order, runs of consecutive numbers shortened (``db1..db38``)."""
+    parts: list[str] = []
+    run: list[tuple[str, int]] = []  # (family, number) of the names in the current run
+    for name in WAVELETS + ("",):
+        m = re.fullmatch(r"([a-z]+)(\d+)", name)
+        if run and not (m and m[1] == run[-1][0] and int(m[2]) == run[-1][1] + 1):
+            first, last = f"{run[0][0]}{run[0][1]}", f"{run[-1][0]}{run[-1][1]}"
+            parts.append(first if len(run) == 1 else f"{first}, {last}" if len(run) == 2 else f"{first}..{last}")
+            run = []
+        if m:
+            run.append((m[1], int(m[2])))
+        elif name:
+            parts.append(name)
+    return ", ".join(parts)
+
+
+def check_wavelet(wavelet: object) -> None:
+    """Raise a one-line ``ValueError`` unless ``wavelet`` is in :data:`WAVELETS`: it names the value,
+    says so if PyWavelets knows it as a continuous wavelet (``morl``, ``cmor1.5-1.0``: no DWT), and
+    lists every valid name (runs such as ``db1..db38`` shortened)."""
+    if wavelet in WAVELETS:
+        return
+    why = ""
+    if isinstance(wavelet, str):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyWavelets warns about 'cmor' without its parameters
+            try:
+                if isinstance(pywt.DiscreteContinuousWavelet(wavelet), pywt.ContinuousWavelet):
+                    why = " (a continuous wavelet: the DWT needs a discrete one)"
+            except (ValueError, TypeError):
+                pass
+    close = difflib.get_close_matches(wavelet, WAVELETS, n=3) if isinstance(wavelet, str) else []
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ValueError(f"unknown wavelet {wavelet!r}{why}; valid: {_wavelet_choices()}{hint}")
+
+
 def validate_dwt_args(*, wavelet: str, level: int, layout: str, mode: str, percentile: float) -> None:
     """Raise a one-line ``ValueError`` naming the bad value and the valid choices, if any argument is bad."""
-    check_choice("wavelet", wavelet, WAVELETS)
+    check_wavelet(wavelet)
     check_choice("mode", mode, MODES)
     check_choice("layout", layout, LAYOUTS)
     validate_level(level)
@@ -164,7 +205,7 @@ class CoeffStructure:
         """Inverse of :meth:`to_json`; validates names and shapes (``ValueError`` on anything odd)."""
         try:
             check_choice("layout", d["layout"], LAYOUTS)
-            check_choice("wavelet", d["wavelet"], WAVELETS)
+            check_wavelet(d["wavelet"])
             check_choice("mode", d["mode"], MODES)
             level = d["level"]
             if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= MAX_LEVEL:
@@ -221,7 +262,7 @@ def effective_level(shape: tuple[int, ...], wavelet: str, level: int, layout: st
     The minimum over both axes for 2-D layouts. May be 0 (identity transform), e.g. a 3x3
     kernel with ``bior4.4`` in the ``kernel`` layout. Does not warn; the pruning step does.
     """
-    check_choice("wavelet", wavelet, WAVELETS)
+    check_wavelet(wavelet)
     arr, axes = layout_array(np.empty(tuple(shape), dtype=np.uint8), layout)
     return max(0, min(int(level), _max_level(arr.shape, axes, wavelet)))
 
@@ -241,7 +282,7 @@ def decompose(
     and the dtype PyWavelets computes in (float32 for float32 input). One PyWavelets call
     per tensor: the batch axes (filters, kernels) are vectorised by PyWavelets itself.
     """
-    check_choice("wavelet", wavelet, WAVELETS)
+    check_wavelet(wavelet)
     check_choice("mode", mode, MODES)
     w = _float_array(np.asarray(w))
     arr, axes = layout_array(w, layout)

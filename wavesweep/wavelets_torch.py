@@ -99,7 +99,7 @@ def _coeff_len(n: int, f: int, mode: str) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _structure(shape: tuple[int, ...], wavelet: str, level: int, layout: str, mode: str) -> wv.CoeffStructure:
-    check_choice("wavelet", wavelet, wv.WAVELETS)
+    wv.check_wavelet(wavelet)
     check_choice("mode", mode, SUPPORTED_MODES)
     arr, nd = _layout_shape(shape, layout)
     batch, lens = arr[: len(arr) - nd], arr[len(arr) - nd :]
