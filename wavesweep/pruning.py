@@ -97,7 +97,12 @@ def prune_dwt(
     float tolerance. At exact ties they can differ: where PyWavelets cancels two equal weights
     to exactly 0, the convolution and dense-matrix level backends leave a rounding residue
     (1e-8 in float32), which can then sit above a threshold of 0 (weights with repeated values,
-    e.g. quantized ones, at percentiles where the threshold is 0). The
+    e.g. quantized ones, at percentiles where the threshold is 0). And in the modes that repeat
+    samples at the boundary (``periodic``, ``reflect``, ``antisymmetric`` on short rows) PyWavelets
+    can give two exactly equal coefficients where the torch backend's differ by an ulp: when such
+    a pair straddles the threshold, one coefficient is kept by one backend and dropped by the
+    other (seen: 1 position of 26 on a (2, 1, 3, 3) weight, ``flat`` layout; the weights then
+    differ by about 1e-8). ``periodization``, the default, has no such boundary copies. The
     record (``keep``, ``coeffs``) reads as CPU NumPy arrays; the torch backend leaves it on the
     weights' device and copies it to the host on first use (the checkpoint), in one transfer per
     dtype (:func:`~wavesweep.prune_record.defer_host_copy`); fine-tuning uses it where it is.
