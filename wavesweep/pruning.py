@@ -102,7 +102,7 @@ def prune_dwt(
     can give two exactly equal coefficients where the torch backend's differ by an ulp: when such
     a pair straddles the threshold, one coefficient is kept by one backend and dropped by the
     other (seen: 1 position of 26 on a (2, 1, 3, 3) weight, ``flat`` layout; the weights then
-    differ by about 1e-8). ``periodization``, the default, repeats no samples. The
+    differ by about 1e-8). ``periodization``, the default, gives no redundant coefficients. The
     record (``keep``, ``coeffs``) reads as CPU NumPy arrays; the torch backend leaves it on the
     weights' device and copies it to the host on first use (the checkpoint), in one transfer per
     dtype (:func:`~wavesweep.prune_record.defer_host_copy`); fine-tuning uses it where it is.
