@@ -293,6 +293,36 @@ def test_hidden_folders_are_not_classes_and_labels_match_torchvision(tmp_path):
     assert dataset_targets(inet.test).tolist() == [0, 0, 1, 1]
 
 
+def test_hidden_files_in_class_folders_are_not_examples(tmp_path):
+    """macOS's ``._img.JPEG`` beside each copied image (not an image) and a Jupyter
+    ``.ipynb_checkpoints`` folder inside a class folder were examples: the evaluation stopped at
+    the first ``._`` file and the checkpoint copy counted twice. The samples now equal
+    torchvision's ImageFolder over the tree without them (the oracle); a dataset root that
+    itself lies under a hidden folder (``~/.cache/...``) keeps every image."""
+    import shutil
+
+    from torchvision.datasets import ImageFolder
+
+    from wavesweep.evaluate import predict
+
+    clean = tmp_path / "clean"
+    for split in ("train", "val"):
+        make_image_folder(clean / split, ["Dog", "cat"], per_class=2)
+    messy = tmp_path / ".cache" / "messy"
+    shutil.copytree(clean, messy)
+    for img in list(messy.rglob("img*")):
+        (img.parent / f"._{img.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # not an image
+    make_image_folder(messy / "val" / "cat", [".ipynb_checkpoints"], per_class=2)
+    b = load_dataset("imagefolder", root=messy, image_size=32)
+    for split, ds in (("train", b.train), ("val", b.test)):
+        oracle = ImageFolder(str(clean / split))
+        assert [(Path(f).relative_to(messy / split), y) for f, y in ds.samples] == \
+            [(Path(f).relative_to(clean / split), y) for f, y in oracle.samples]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    logits, targets = predict(model, b.test, batch_size=2, device="cpu")
+    assert logits.shape == (4, 2) and targets.tolist() == [0, 0, 1, 1]
+
+
 def test_an_unreadable_image_is_one_line_naming_the_file(tmp_path):
     """A file that is not an image: one ValueError naming it, read in this process or by a
     DataLoader worker (whose re-raised message :func:`one_line` reduces to the worker's error)."""

@@ -2,17 +2,23 @@
 
 - :class:`ImageFiles`: torchvision's ``ImageFolder`` whose classes are the folders wavesweep
   validated: hidden folders (``.ipynb_checkpoints``, ``.cache``) are not classes. Plain
-  ``ImageFolder`` counts them, which shifts every label after them by one.
+  ``ImageFolder`` counts them, which shifts every label after them by one. Hidden files and
+  anything in a hidden folder inside a class folder are not examples either: macOS leaves a
+  ``._name.JPEG`` beside every image it copies (not an image: plain ``ImageFolder`` takes it for
+  one and the evaluation stops at it), Jupyter a ``.ipynb_checkpoints`` copy of what it opened
+  (an image counted twice).
 - :func:`read_image`: torchvision's PIL loader, with an unreadable file (truncated, not an
   image, gone) reported as one ``ValueError`` naming the file.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 
 def class_dirs(path: str | Path) -> list[str]:
@@ -35,7 +41,13 @@ class ImageFiles(ImageFolder):
     """``ImageFolder`` with :func:`class_dirs` as its classes and :func:`read_image` as its loader."""
 
     def __init__(self, root: str, transform: Any = None) -> None:
-        super().__init__(root, transform=transform, loader=read_image)
+        top = os.path.abspath(root)
+
+        def is_valid_file(path: str) -> bool:  # ImageFolder's extensions, hidden names left out
+            parts = os.path.relpath(os.path.abspath(path), top).split(os.sep)
+            return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(p.startswith(".") for p in parts)
+
+        super().__init__(root, transform=transform, loader=read_image, is_valid_file=is_valid_file)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = class_dirs(directory)
