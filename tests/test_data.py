@@ -344,6 +344,19 @@ def test_an_unreadable_image_is_one_line_naming_the_file(tmp_path):
     assert line.startswith(f"image {str(bad)!r} cannot be read (UnidentifiedImageError") and "\n" not in line
 
 
+def test_an_image_over_pils_pixel_limit_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError (more than twice Image.MAX_IMAGE_PIXELS) is no OSError: it
+    came out bare, without the file's name."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        make_image_folder(tmp_path / split, ["a", "b"], per_class=1, size=(40, 36))
+    b = load_dataset("imagefolder", root=tmp_path, image_size=16)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 36 // 3)  # 40x36 is over twice the limit
+    with pytest.raises(ValueError, match=r"^image '.*img0_0\.JPEG' cannot be read \(DecompressionBombError: "):
+        b.test[0]
+
+
 def test_registry_names():
     assert set(DATASETS.names()) >= {"digits", "imagenet", "imagefolder", "mnist", "fashion-mnist", "kmnist", "cifar10"}
 

@@ -33,7 +33,8 @@ def read_image(path: str) -> Any:
     try:
         with open(path, "rb") as fh:
             return Image.open(fh).convert("RGB")
-    except OSError as exc:  # PIL.UnidentifiedImageError, a truncated file, a file removed since the scan
+    except (OSError, Image.DecompressionBombError) as exc:  # PIL.UnidentifiedImageError, a truncated
+        # file, a file removed since the scan, an image over PIL's pixel limit (Image.MAX_IMAGE_PIXELS)
         raise ValueError(f"image {path!r} cannot be read ({type(exc).__name__}: {exc}); remove or replace it") from None
 
 
