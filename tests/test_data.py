@@ -639,3 +639,15 @@ def test_a_data_root_given_to_digits_is_said_to_be_unused(tmp_path, caplog):
         a = load_dataset("digits", root=tmp_path / "nowhere")
     assert f"data root {tmp_path / 'nowhere'} is not used" in caplog.text
     assert torch.equal(a.test.images, load_dataset("digits").test.images)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_tensor_dataset_with_labels_on_the_gpu_gives_its_targets_and_subsets():
+    """``dataset_targets`` read a TensorDataset's labels with ``.numpy()``, which a CUDA tensor
+    refuses: eval subsets and chunked evaluation of a dataset built on the GPU failed."""
+    from torch.utils.data import TensorDataset
+
+    x, y = torch.randn(12, 1, 4, 4), torch.arange(12) % 3
+    ds = TensorDataset(x.cuda(), y.cuda())
+    assert dataset_targets(ds).tolist() == y.tolist()
+    assert sorted(dataset_targets(eval_subset(ds, 6, seed=0)).tolist()) == [0, 0, 1, 1, 2, 2]

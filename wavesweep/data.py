@@ -305,7 +305,7 @@ def dataset_targets(dataset: Dataset) -> np.ndarray:
     if isinstance(dataset, TensorImages):
         return dataset.targets.cpu().numpy()
     if isinstance(dataset, TensorDataset):
-        return dataset.tensors[1].numpy().astype(np.int64)
+        return dataset.tensors[1].cpu().numpy().astype(np.int64)  # labels may live on a GPU
     if isinstance(dataset, Subset):
         return dataset_targets(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
     targets = getattr(dataset, "targets", None)
