@@ -642,7 +642,7 @@ def test_a_data_root_given_to_digits_is_said_to_be_unused(tmp_path, caplog):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_tensor_dataset_with_labels_on_the_gpu_gives_its_targets_and_subsets():
+def test_a_tensor_dataset_with_labels_on_cuda_gives_its_targets_and_subsets():
     """``dataset_targets`` read a TensorDataset's labels with ``.numpy()``, which a CUDA tensor
     refuses: eval subsets and chunked evaluation of a dataset built on the GPU failed."""
     from torch.utils.data import TensorDataset
