@@ -690,6 +690,35 @@ def test_a_failed_trial_beside_a_finished_run_is_reconciled(workdir):
     assert client.get_run(run).data.tags["optuna.state"] == "FAIL"
 
 
+def test_a_lost_worker_whose_run_finished_is_retracted_by_the_heartbeat(workdir):
+    """A worker killed (kill -9) while recording a finished trial in Optuna, with its launcher going
+    on: the heartbeat fails the trial and re-queues it in this launch, so its FINISHED run and
+    method runs are retracted then (FAILED, optuna.state=FAIL), not left to count beside the retry."""
+    from wavesweep import tracking
+    from wavesweep.study import storage
+
+    client = MlflowClient()
+    exp = client.create_experiment("stale")
+    finished = client.create_run(exp, tags={"wavesweep.kind": "trial"}).info.run_id
+    kid = client.create_run(exp, tags={"wavesweep.kind": "method", "mlflow.parentRunId": finished}).info.run_id
+    for rid in (kid, finished):
+        tracking.close_run(client, rid, "FINISHED", children=False)
+    running = client.create_run(exp, tags={"wavesweep.kind": "trial"}).info.run_id
+    st = optuna.create_study()
+    lost = [st.ask() for _ in range(2)]  # both RUNNING when their worker died
+    for t, rid in zip(lost, (finished, running)):
+        t.suggest_float("percentile", 0, 100)
+        t.set_user_attr("mlflow_run_id", rid)
+    for t in lost:
+        st.tell(t, state=TrialState.FAIL)  # what fail_stale_trials does before calling back
+        storage._on_stale_trial(st, st.trials[t.number])
+    assert [client.get_run(r).info.status for r in (finished, kid, running)] == ["FAILED", "FAILED", "FAILED"]
+    assert {client.get_run(r).data.tags["optuna.state"] for r in (finished, kid, running)} == {"FAIL"}
+    waiting = st.get_trials(states=(TrialState.WAITING,))
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == [0, 1]
+    assert [t.params for t in waiting] == [t.params for t in st.trials[:2]]
+
+
 def test_optunas_failed_with_value_none_line_is_dropped_only_for_a_stop():
     """After a stop Optuna logs "Trial N failed with value None."; the CLI's one line says it."""
     import logging

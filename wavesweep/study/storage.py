@@ -169,13 +169,21 @@ def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
 
 def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A trial whose worker died (no heartbeat), just failed by ``fail_stale_trials``: close its
-    MLflow runs FAILED and re-queue it with the same params."""
+    MLflow runs FAILED and re-queue it with the same params.
+
+    A run already FINISHED (the worker died while recording the finished trial in Optuna) is
+    retracted the same way, its children too, as ``workers._reconcile_mlflow`` does at the next
+    launch: the retry runs in this launch, and the first run must not count beside it."""
     rid = trial.user_attrs.get("mlflow_run_id")
     if rid:
         try:
             client, _ = tracking.init_tracking()
-            if tracking.run_status(client, rid) == "RUNNING":
+            status = tracking.run_status(client, rid)
+            if status == "RUNNING":
                 tracking.close_run(client, rid, "FAILED", error="worker lost (no Optuna heartbeat)", tags={"optuna.state": "FAIL"})
+            elif status == "FINISHED":
+                tracking.close_run(client, rid, "FAILED", error="worker lost (no Optuna heartbeat) while recording its finished "
+                                   "trial in Optuna; retracted", tags={"optuna.state": "FAIL"}, finished_too=True)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the next launch reconciles it; never stop the worker here
             log.warning("trial %d: could not close its MLflow run %s: %s", trial.number, rid, exc)
     if not trial.user_attrs.get("surplus"):
