@@ -482,3 +482,36 @@ def test_the_interactive_history_names_its_objective_in_a_single_objective_study
     html = write_interactive(st, tmp_path / "study.html").read_text()
     assert re.findall(r'"yaxis":\{[^}]*"title":\{"text":"([^"]+)"', html)[0] == "val_top1"
     assert "Objective Value" not in html
+
+
+def test_a_multi_objective_report_names_a_pareto_optimal_best_and_draws_its_layers(tmp_path, monkeypatch):
+    """Trials tied on the first objective (top-1 on a few hundred examples often is): the report's
+    best on it is the Pareto-optimal one (Optuna's best_trials), the trial ``--register-best``
+    registers, and the per-layer figures are that trial's, not a dominated trial's or none."""
+    import warnings
+
+    from wavesweep import figures
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        st = optuna.create_study(directions=["maximize", "maximize"])
+        st.set_metric_names(["val_top1", "compression_ratio"])
+    st.set_user_attr("objectives", "top1:maximize, compression_ratio:maximize")
+    for number, values in enumerate([(0.9, 2.0), (0.9, 3.0), (0.5, 4.0)]):
+        t = st.ask()
+        t.suggest_float("percentile", 0, 100)
+        t.set_user_attr("metrics", {"layers": {"name": [f"conv{number}"], "dwt_coeff_sparsity": [0.5], "dwt_weight_sparsity": [0.0],
+                                               "magnitude_weight_sparsity": [0.5]}})  # fmt: skip
+        st.tell(t, values)
+    front = st.best_trials  # Optuna's own Pareto front
+    top = max(t.values[0] for t in front)
+    want = min(t.number for t in front if t.values[0] == top)
+    drawn = []
+    real = figures.plot_layer_sparsity
+    monkeypatch.setattr(figures, "plot_layer_sparsity", lambda layers, path, title: drawn.append((layers, title)) or real(layers, path, title=title))
+    study.build_report(st, tmp_path / "r")
+    summary = pd.read_csv(tmp_path / "r" / "summary.csv")
+    assert summary.loc[summary["selection"] == "best val_top1 (maximize)", "trial"].tolist() == [want]
+    assert study.best_trial(st).number == want  # what --register-best registers
+    assert drawn == [({"name": [f"conv{want}"], "dwt_coeff_sparsity": [0.5], "dwt_weight_sparsity": [0.0],
+                       "magnitude_weight_sparsity": [0.5]}, f"trial {want}")]  # fmt: skip

@@ -40,19 +40,31 @@ REPLICATE_METRICS = (
 )  # fmt: skip
 
 
+def best_label(metric: str, direction: str) -> str:
+    """The ``selection`` of the best trial on one objective in :func:`best_rows`."""
+    return f"best {metric} ({direction})"
+
+
 def best_rows(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> pd.DataFrame:
-    """The best COMPLETE trial per objective, plus (multi-objective) every Pareto-optimal trial."""
+    """The best COMPLETE trial per objective, plus (multi-objective) every Pareto-optimal trial.
+
+    Multi-objective: the best on one objective is taken from the Pareto front, so of the trials
+    tied on it the one no other trial dominates is named (the study's ``best_trial``, which
+    ``--register-best`` registers), not a dominated one; ties left: the lowest trial number."""
     done = complete(frame)
-    out = []
-    for i, (metric, direction) in enumerate(objectives):
-        col = f"value_{i}"
-        if done.empty or col not in done or done[col].isna().all():
-            continue
-        idx = done[col].idxmax() if direction == "maximize" else done[col].idxmin()
-        out.append(done.loc[[idx]].assign(selection=f"best {metric} ({direction})"))
+    front = None
     if len(objectives) > 1 and not done.empty:
         vals = done[[f"value_{i}" for i in range(len(objectives))]].to_numpy()
         front = done[pareto_mask(vals, [d for _m, d in objectives])]
+    pool = done if front is None else front
+    out = []
+    for i, (metric, direction) in enumerate(objectives):
+        col = f"value_{i}"
+        if pool.empty or col not in pool or pool[col].isna().all():
+            continue
+        idx = pool[col].idxmax() if direction == "maximize" else pool[col].idxmin()
+        out.append(pool.loc[[idx]].assign(selection=best_label(metric, direction)))
+    if front is not None:
         out.append(front.assign(selection="pareto front"))
     if not out:
         return pd.DataFrame()
@@ -227,7 +239,8 @@ def write_report(
         "importances": figures.plot_importances(importances or {}, out_dir / "param_importances.png", n_complete=n_complete),
     }
     table = summary_table(frame, objectives)
-    best = best_rows(frame, objectives[:1])
+    rows = best_rows(frame, objectives)  # the best on the first objective: the trial whose layers the study fetched
+    best = rows[rows["selection"] == best_label(*objectives[0])] if len(rows) and objectives else rows
     layers = best["layers"].iloc[0] if len(best) and "layers" in best else None
     layers = layers if isinstance(layers, dict) else None
     title = f"trial {int(best['number'].iloc[0])}" if len(best) else "best trial"
