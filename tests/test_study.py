@@ -515,3 +515,25 @@ def test_a_multi_objective_report_names_a_pareto_optimal_best_and_draws_its_laye
     assert study.best_trial(st).number == want  # what --register-best registers
     assert drawn == [({"name": [f"conv{want}"], "dwt_coeff_sparsity": [0.5], "dwt_weight_sparsity": [0.0],
                        "magnitude_weight_sparsity": [0.5]}, f"trial {want}")]  # fmt: skip
+
+
+def test_a_resumed_study_records_its_trials_in_its_study_runs_experiment(workdir, monkeypatch):
+    """A study resumed with another $MLFLOW_EXPERIMENT_NAME reopens its study run, which stays in
+    its experiment: the new trials' runs go there too, nested under it, not into the other one."""
+    from wavesweep import tracked_trial
+
+    def broken(*args, **kwargs):  # the trial's run exists by now; no model is needed to see where
+        raise RuntimeError("no model in this test")
+
+    monkeypatch.setattr(tracked_trial, "run_trial", broken)
+    spec = write_spec(workdir / "tiny.yaml", str(workdir / "unused.pt"), max_failures=1)
+    for experiment in ("first", "second"):
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+        assert run_cli("study", str(spec), "-q") == 1  # the one trial fails: the launch gives up
+    client = MlflowClient()
+    runs = study_trial_runs(client, "tiny")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+    (parent,) = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    study_exp = client.get_run(parent).info.experiment_id
+    assert client.get_experiment(study_exp).name == "first"
+    assert [r.info.experiment_id for r in runs] == [study_exp, study_exp]

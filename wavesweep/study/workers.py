@@ -376,6 +376,14 @@ def run_study(
     try:
         if study.user_attrs.get("mlflow_run_id") != parent:
             study.set_user_attr("mlflow_run_id", parent)
+        # The trials go where the study run is: a resumed study run keeps its experiment, whatever
+        # this launch's $MLFLOW_EXPERIMENT_NAME or `mlflow run --experiment-name` says (MLflow nests
+        # a run under its parent only within one experiment).
+        parent_exp = client.get_experiment(client.get_run(parent).info.experiment_id).name
+        if parent_exp != (asked := client.get_experiment(exp_id).name):
+            log.warning("study %s: its MLflow run %s is in experiment %r, not %r: its trials go there too", spec.name, parent,
+                        parent_exp, asked)  # fmt: skip
+        experiment = parent_exp
         db = sqlite_file(url)
         lock_dir = db.parent if db is not None else Path(".wavesweep")
         launch = Launch(
