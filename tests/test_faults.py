@@ -217,6 +217,8 @@ def test_dry_run_prints_the_resolved_spec_and_creates_nothing(workdir, capsys):
     (["--set", "eval_limit=-3"], "tiny.yaml: --set eval_limit: fixed.eval_limit: eval_limit=-3 must be >= 0"),
     (["--set", "sampler.n_startup_trials=x"], "tiny.yaml: --set sampler.n_startup_trials: unknown RandomSampler option"),
     (["--set", "sampler.name=nope"], "sampler (with --set sampler.name): unknown sampler 'nope'"),
+    # the spec has no pruner key: no line of the file is named (it said tiny.yaml:1)
+    (["--set", "pruner.name=nope"], "/tiny.yaml: pruner (with --set pruner.name): unknown pruner 'nope'"),
     (["--enqueue", "percentile=65"], "percentile=65 is not one of its choices [20, 40, 60, 80]"),
     (["--enqueue", "level=3"], "level: not a searched parameter"),
 ])  # fmt: skip

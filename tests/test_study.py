@@ -158,6 +158,13 @@ BAD_SPECS = [
      "  n_ei_candidates: 0\nn_trials: 1\n", ["sampler", ":4", "TPESampler fails at trial 11 of a dry run"]),
     ("study: x\nspace: {percentile: {low: 10, high: 90}}\nobjectives: {top1: maximize, compression_ratio: maximize}\n"
      "sampler: {name: tpe, n_ei_candidates: 0, n_startup_trials: 2}\nn_trials: 1\n", ["sampler", ":4", "fails at trial 3 of a dry run"]),
+    # a model without layers of the targets' kinds: every trial would fail, up to max_failures
+    ("study: x\nbase: {model: mlp}\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n",
+     ["fixed.targets", ":2", "model 'mlp' has no conv layers to prune (targets='conv', the default)", "targets: linear"]),
+    ("study: x\nspace: {percentile: [10], model: [cnn, mlp]}\nobjectives: {top1: maximize}\nn_trials: 1\n",
+     ["space.model", ":2", "model 'mlp' has no conv layers"]),
+    ("study: x\nbase: {model: mlp}\nspace:\n  targets: [linear, conv]\nobjectives: {top1: maximize}\nn_trials: 1\n",
+     ["space.targets", ":4", "model 'mlp' has no conv layers to prune (targets='conv')"]),
 ]
 
 
@@ -172,6 +179,27 @@ def test_bad_spec_is_a_one_line_error_naming_key_and_line(workdir, capsys, text,
     for needle in needles:
         assert needle in err, (needle, err)
     assert not (workdir / "optuna.db").exists(), "nothing is created for an invalid spec"
+
+
+def test_spec_targets_check_agrees_with_the_models_own_layers():
+    """Which (model, targets) pairs a spec accepts equals which models have a layer of a target
+    kind when built for real (the oracle: the module types of a CPU model)."""
+    from torch import nn
+
+    from wavesweep.models import MODELS, build_model
+
+    kinds = {"conv": nn.Conv2d, "linear": nn.Linear}
+    for model in MODELS.names():
+        real = build_model(model, num_classes=10, in_channels=1, image_size=32 if model != "vit_b_16" else 224)
+        for targets in ("conv", "linear", "conv,linear"):
+            has = any(isinstance(m, tuple(kinds[k] for k in targets.split(","))) for m in real.modules())
+            mapping = {"study": "x", "base": {"model": model}, "fixed": {"targets": targets},
+                       "space": {"percentile": [10, 20]}, "objectives": {"top1": "maximize"}, "n_trials": 1}  # fmt: skip
+            if has:
+                study.spec_from_mapping(mapping)
+            else:
+                with pytest.raises(study.SpecError, match=f"model '{model}' has no"):
+                    study.spec_from_mapping(mapping)
 
 
 def test_sampler_dry_run_reaches_the_model_phase_and_leaves_no_trace(monkeypatch):

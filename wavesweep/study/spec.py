@@ -158,6 +158,7 @@ class StudySpec:
         if not self.space:
             raise SpecError(("space",), "name at least one searched parameter, e.g. {percentile: {low: 10, high: 90}}")
         self._check_values()
+        self._check_targets()
         if not self.objectives:
             raise SpecError(("objectives",), "name at least one objective, e.g. {top1: maximize}")
         known = set(schema.headline_names())
@@ -215,6 +216,38 @@ class StudySpec:
         r = self.replicates
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_REPLICATES:
             raise SpecError(("replicates",), f"replicates must be an integer from 1 to {MAX_REPLICATES}, got {r!r}")
+
+    def _check_targets(self) -> None:
+        """Every model the study can run has layers of every ``targets`` it can run with: an
+        ``mlp`` (Linear layers only) with the default ``targets: conv`` used to be accepted and
+        then fail trial after trial. The models are built on the meta device (no memory, no
+        weights: milliseconds)."""
+        import torch
+
+        from wavesweep.models import build_model
+        from wavesweep.prune_record import target_layers
+
+        def options(name: str) -> tuple[tuple[str, ...], list[Any]]:
+            searched = next((p for p in self.space if p.name == name), None)
+            if searched is not None:
+                return ("space", name), list(searched.choices or ())
+            return ("fixed", name), [self.fixed.get(name, getattr(TrialConfig(), name))]
+
+        model_key, models = options("model")
+        targets_key, targets = options("targets")
+        for t in targets:
+            for m in models:
+                cfg = TrialConfig.from_mapping({**self.fixed, "model": m, "targets": t})
+                with torch.device("meta"):
+                    net = build_model(cfg.model, num_classes=10, in_channels=3, image_size=224)
+                try:
+                    target_layers(net, cfg.target_kinds)
+                except ValueError:
+                    key = targets_key if len(models) == 1 or targets_key[0] == "space" else model_key
+                    raise SpecError(key, (
+                        f"model {cfg.model!r} has no {' or '.join(cfg.target_kinds)} layers to prune (targets={cfg.targets!r}"
+                        f"{'' if targets_key[0] == 'space' or 'targets' in self.fixed else ', the default'}); "
+                        f"give targets: {'linear' if 'conv' in cfg.target_kinds else 'conv'} or another model")) from None
 
     def _check_values(self) -> None:
         """Every fixed value and every choice / range end must make a valid TrialConfig on its own."""

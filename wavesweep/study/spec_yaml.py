@@ -103,11 +103,15 @@ def key_lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...],
 
 
 def line_of(lines: dict[tuple[str, ...], int], key: tuple[str, ...]) -> int | None:
-    """The line of ``key``, else of its nearest recorded ancestor (None when none is)."""
-    for n in range(len(key), -1, -1):
-        if key[:n] in lines:
-            return lines[key[:n]]
-    return None
+    """The line of ``key``, else of its nearest recorded ancestor; a ``fixed`` key is also looked
+    for under ``base`` (one section). None when no part of ``key`` is in the file (a default, a
+    ``--set`` key): the document's first line would point at nothing."""
+    keys = [key, ("base", *key[1:])] if key[:1] == ("fixed",) else [key]
+    for n in range(len(key), 0, -1):
+        for k in keys:
+            if k[:n] in lines:
+                return lines[k[:n]]
+    return None if key else lines.get(())
 
 
 def unknown_choice(what: str, value: object, valid: Any, listed_by: str | None = None) -> str:
