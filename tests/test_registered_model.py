@@ -268,3 +268,31 @@ def test_an_empty_mlproject_default_reads_as_empty():
     run = SimpleNamespace(data=SimpleNamespace(params={"model": "cnn", "data_root": quoted, "weights": quoted, "dataset": "digits"}))
     cfg = tracking.trial_config_of(run)
     assert (cfg.data_root, cfg.weights, cfg.model) == ("", "", "cnn")
+
+
+def test_a_tied_weight_is_saved_once_and_loads_tied():
+    """The registered model's state dict (and a downloaded base model's) cloned every key, so a
+    weight listed under two names (tied layers) was written twice and loaded untied."""
+    import io
+
+    import torch
+
+    from wavesweep.model_registry import saved_copy
+
+    a, b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    b.weight = a.weight
+    sd = torch.nn.Sequential(a, b).state_dict()
+
+    def size(obj) -> tuple[int, dict]:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return len(buf.getvalue()), torch.load(io.BytesIO(buf.getvalue()))
+
+    ours, loaded = size(saved_copy(sd))
+    untied, _ = size({k: v.clone() for k, v in sd.items()})
+    once, _ = size({k: v.clone() for k, v in sd.items() if k != "1.weight"})  # the oracle: the tensor written once
+    assert abs(ours - once) < 200 and untied - ours >= 64 * 64 * 4
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    assert loaded["0.weight"].untyped_storage().data_ptr() == loaded["1.weight"].untyped_storage().data_ptr()
+    view = {"w": torch.arange(1000.0)[:10]}  # a view saves its own 10 values, not the 1000 behind it
+    assert size(saved_copy(view))[0] < size(view)[0] - 3000

@@ -86,6 +86,19 @@ def move_alias(mv: Any, alias: str | None) -> Any:
     return c.get_model_version(mv.name, mv.version)
 
 
+def saved_copy(sd: dict[str, Any]) -> dict[str, Any]:
+    """``sd`` as CPU copies for ``torch.save``: each tensor its own storage (a view of a larger
+    one would drag all of it into the file), a tensor listed under several keys (tied weights)
+    copied once and listed under each, so the file holds it once and loads it tied."""
+    from wavesweep.checkpoint import shared_keys
+
+    alias = shared_keys(sd)
+    out: dict[str, Any] = {}
+    for k, v in sd.items():
+        out[k] = out[alias[k]] if k in alias else v.detach().cpu().clone()
+    return out
+
+
 def _upload(model: Any, architecture: dict[str, Any], input_example: Any, checkpoint: Path, run_id: str,
             artifact_path: str) -> None:
     import torch
@@ -96,7 +109,7 @@ def _upload(model: Any, architecture: dict[str, Any], input_example: Any, checkp
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
-        torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, data / pruned_model.STATE_DICT)
+        torch.save(saved_copy(model.state_dict()), data / pruned_model.STATE_DICT)
         (data / pruned_model.ARCHITECTURE).write_text(json.dumps(architecture, indent=2))
         shutil.copyfile(checkpoint, data / Path(checkpoint).name)
         model.eval()
@@ -266,5 +279,5 @@ def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
             msg = str(exc).replace(f"weights file {str(best[0])!r}", where).replace(str(best[0]), where)
             raise ValueError(msg) from None
     with atomic_write(path) as fh:
-        torch.save({k: v.detach().clone() for k, v in state.items()}, fh)
+        torch.save(saved_copy(state), fh)
     return path, resolved
