@@ -653,6 +653,78 @@ def test_a_stop_while_a_trial_run_records_its_parameters_closes_it(workdir, monk
     assert runs[0].data.tags["error"] == "while recording its parameters: KeyboardInterrupt: "
 
 
+def _stub_tracked_work(monkeypatch, fail_at: int | None = None) -> None:
+    """A tracked trial or configuration without a model: the trial's result holds what is recorded
+    of it, ``log_trial`` only creates the three method runs, a configuration's replicates are
+    trial runs closed FINISHED at once. Call ``fail_at`` (1-based) of the trial raises RuntimeError."""
+    from types import SimpleNamespace
+
+    from wavesweep import tracked_config, tracked_trial, tracking
+
+    calls = []
+
+    def fake_run_trial(cfg, **kw):
+        calls.append(cfg.seed)
+        if len(calls) == fail_at:
+            raise RuntimeError("disk on fire")
+        return SimpleNamespace(config=cfg, phase_seconds={}, metrics=lambda: {"parent": {"top1": 0.5 + cfg.seed / 10}},
+                               release=lambda: None)  # fmt: skip
+
+    def fake_tracked_trial(cfg, *, parent_run_id, experiment, on_run, **kw):
+        result = fake_run_trial(cfg)
+        client, exp = tracking.init_tracking(experiment=experiment)
+        rid = client.create_run(exp, tags={"wavesweep.kind": "trial", "mlflow.parentRunId": parent_run_id}).info.run_id
+        on_run(rid)
+        client.set_terminated(rid, "FINISHED")
+        return result, rid
+
+    monkeypatch.setattr(tracked_trial, "resolve_base", lambda cfg, progress=False: None)
+    monkeypatch.setattr(tracked_trial, "run_trial", fake_run_trial)
+    monkeypatch.setattr(tracked_trial, "_write_checkpoints", lambda result, folder, methods: {})
+    monkeypatch.setattr(tracking, "log_trial", lambda run, result, checkpoint_files: [run.child(m) for m in ("dwt", "magnitude", "random")])
+    monkeypatch.setattr(tracked_config, "run_tracked_trial", fake_tracked_trial)
+
+
+def _sigterm_when_closing(monkeypatch, status: str) -> None:
+    """A real SIGTERM to this process as the first close with ``status`` starts (before it writes)."""
+    from wavesweep import tracking
+
+    real, sent = tracking.close_run, []
+
+    def close_run(client, run_id, st, **kw):
+        if st == status and not sent:
+            sent.append(run_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler of stop_signals raises here, or it is ignored
+        return real(client, run_id, st, **kw)
+
+    monkeypatch.setattr(tracking, "close_run", close_run)
+
+
+def _run_tracked(kind: str) -> None:
+    from wavesweep.tracked_config import run_tracked_configuration
+    from wavesweep.tracked_trial import run_tracked_trial
+
+    cfg = TrialConfig(model="cnn", eval_limit=40, timing_batches=0)
+    run_tracked_trial(cfg, experiment="edge") if kind == "trial" else run_tracked_configuration(cfg, 2, experiment="edge")
+
+
+@pytest.mark.parametrize("kind", ["trial", "configuration"])
+def test_a_stop_while_a_finished_trial_or_configuration_closes_leaves_no_running_run(workdir, monkeypatch, kind):
+    """The FINISHED close (the parent and its children, several writes) came after the try that
+    closes runs on a stop: a SIGTERM landing in it left every run of the trial (or the
+    configuration run) RUNNING for good. It is part of the work now: the stop closes them KILLED."""
+    from wavesweep import interrupt
+
+    _stub_tracked_work(monkeypatch)
+    _sigterm_when_closing(monkeypatch, "FINISHED")
+    with pytest.raises(interrupt.Terminated), interrupt.stop_signals():
+        _run_tracked(kind)
+    runs = mlflow_runs(workdir)
+    parent = next(r for r in runs if r.data.tags.get("wavesweep.kind") == kind)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert parent.info.status == "KILLED" and "SIGTERM" in parent.data.tags["error"]
+
+
 @pytest.mark.parametrize("where", ["setup", "spec"])
 def test_a_stop_while_a_study_sets_up_closes_its_study_run(workdir, tiny_weights, monkeypatch, where):
     """A stop after the study run exists and before the trials start (reconciling, requeueing;

@@ -164,6 +164,10 @@ def run_tracked_configuration(
         outcome.aggregates = replicates.aggregate([aggregated(results_of(r)) for r in outcome.results])
         tracking.log_batch(client, run_id, metrics=outcome.aggregates)
         client.log_text(run_id, _replicates_table(outcome), "replicates.csv")
+        where = "closing"
+        # A successful adopted run is left open: `mlflow run` closes the run it created. Inside the
+        # try: a stop or an error while it closes closes it KILLED or FAILED below, not RUNNING.
+        tracking.close_run(client, run_id, "FINISHED", children=False, terminate=owned)
     # Closing is best-effort (tracking.close_quietly): the exception being handled is re-raised.
     except early_stop as exc:
         error = f"early-stopped in {where}: {exc}"
@@ -179,6 +183,4 @@ def run_tracked_configuration(
         error = f"{where}: {type(exc).__name__}: {exc}"
         tracking.close_quietly(lambda: tracking.close_run(client, run_id, "FAILED", error=error), "the configuration's runs")
         raise
-    # A successful adopted run is left open: `mlflow run` closes the run it created.
-    tracking.close_run(client, run_id, "FINISHED", children=False, terminate=owned)
     return outcome

@@ -97,6 +97,9 @@ def run_tracked_trial(
             tracking.log_trial(run, result, checkpoint_files=files)
             result.phase_seconds["checkpoint_write"] = t2 - t1
             result.phase_seconds["mlflow_logging"] = time.perf_counter() - t2
+        # Closing FINISHED is part of the work: a stop or an error while the parent and its
+        # children are closed (several writes) closes them KILLED or FAILED below, not RUNNING.
+        run.finish("FINISHED")
     # Closing is best-effort here (tracking.close_quietly): the exception being handled is what
     # is re-raised, never a failure to close (a locked database would turn a stop into an error).
     except early_stop as exc:
@@ -112,7 +115,6 @@ def run_tracked_trial(
         error = f"{type(exc).__name__}: {exc}"
         tracking.close_quietly(lambda: run.finish("FAILED", error=error), "the trial's runs")
         raise
-    run.finish("FINISHED")
     return result, run.run_id
 
 
