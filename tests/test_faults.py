@@ -725,6 +725,28 @@ def test_a_stop_while_a_finished_trial_or_configuration_closes_leaves_no_running
     assert parent.info.status == "KILLED" and "SIGTERM" in parent.data.tags["error"]
 
 
+@pytest.mark.parametrize("kind", ["trial", "configuration"])
+def test_a_stop_while_a_failed_trial_or_configuration_closes_leaves_no_running_run(workdir, monkeypatch, kind):
+    """The FAILED close of a trial (or configuration) whose work raised ran with the stop handler
+    live: a SIGTERM landing in it raised out of the close before it wrote, and the runs stayed
+    RUNNING. Signals are ignored while they close (as for a stop): FAILED, the error re-raised."""
+    from wavesweep import interrupt
+
+    _stub_tracked_work(monkeypatch, fail_at=1 if kind == "trial" else 2)
+    _sigterm_when_closing(monkeypatch, "FAILED")
+    raised = None
+    with interrupt.stop_signals():
+        try:
+            _run_tracked(kind)
+        except BaseException as exc:  # noqa: BLE001 - a stop cutting the close short fails the test, not pytest
+            raised = exc
+    assert isinstance(raised, RuntimeError) and str(raised) == "disk on fire", repr(raised)
+    runs = mlflow_runs(workdir)
+    parent = next(r for r in runs if r.data.tags.get("wavesweep.kind") == kind)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert parent.info.status == "FAILED" and "RuntimeError: disk on fire" in parent.data.tags["error"]
+
+
 @pytest.mark.parametrize("where", ["setup", "spec"])
 def test_a_stop_while_a_study_sets_up_closes_its_study_run(workdir, tiny_weights, monkeypatch, where):
     """A stop after the study run exists and before the trials start (reconciling, requeueing;

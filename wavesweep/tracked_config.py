@@ -169,10 +169,13 @@ def run_tracked_configuration(
         # try: a stop or an error while it closes closes it KILLED or FAILED below, not RUNNING.
         tracking.close_run(client, run_id, "FINISHED", children=False, terminate=owned)
     # Closing is best-effort (tracking.close_quietly): the exception being handled is re-raised.
+    # Signals are ignored while the runs close: a SIGTERM landing in the close of a failed or
+    # early-stopped configuration would cut it short and leave its runs RUNNING.
     except early_stop as exc:
         error = f"early-stopped in {where}: {exc}"
-        tracking.close_quietly(lambda: tracking.close_run(client, run_id, "KILLED", error=error, tags={"early_stopped": "true"}),
-                               "the configuration's runs")  # fmt: skip
+        with interrupt.ignored():
+            tracking.close_quietly(lambda: tracking.close_run(client, run_id, "KILLED", error=error, tags={"early_stopped": "true"}),
+                                   "the configuration's runs")  # fmt: skip
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (interrupt.Terminated)
         error = f"interrupted in {where} ({interrupt.caught(exc)})"
@@ -181,6 +184,7 @@ def run_tracked_configuration(
         raise
     except BaseException as exc:
         error = f"{where}: {type(exc).__name__}: {exc}"
-        tracking.close_quietly(lambda: tracking.close_run(client, run_id, "FAILED", error=error), "the configuration's runs")
+        with interrupt.ignored():
+            tracking.close_quietly(lambda: tracking.close_run(client, run_id, "FAILED", error=error), "the configuration's runs")
         raise
     return outcome

@@ -102,9 +102,12 @@ def run_tracked_trial(
         run.finish("FINISHED")
     # Closing is best-effort here (tracking.close_quietly): the exception being handled is what
     # is re-raised, never a failure to close (a locked database would turn a stop into an error).
+    # Signals are ignored while the runs close, as for a stop: a SIGTERM landing in the close of
+    # a failed or early-stopped trial would cut it short and leave the runs RUNNING.
     except early_stop as exc:
         error = f"early-stopped: {exc}"
-        tracking.close_quietly(lambda: run.finish("KILLED", error=error, tags={"early_stopped": "true"}), "the trial's runs")
+        with interrupt.ignored():
+            tracking.close_quietly(lambda: run.finish("KILLED", error=error, tags={"early_stopped": "true"}), "the trial's runs")
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (interrupt.Terminated)
         error = f"interrupted ({interrupt.caught(exc)})"
@@ -113,7 +116,8 @@ def run_tracked_trial(
         raise
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
-        tracking.close_quietly(lambda: run.finish("FAILED", error=error), "the trial's runs")
+        with interrupt.ignored():
+            tracking.close_quietly(lambda: run.finish("FAILED", error=error), "the trial's runs")
         raise
     return result, run.run_id
 
