@@ -242,6 +242,30 @@ def test_weights_trained_on_another_seeds_digits_split_are_said_to_overlap_the_t
     assert any("split of seed 0, but this run evaluates the split of seed 3" in w for w in result.warnings)
 
 
+def test_weights_wavesweep_made_for_another_dataset_are_a_usage_error(tmp_path):
+    """A cnn made for digits loads into the cnn of fashion-mnist (1 channel, 10 classes, pooled to
+    any image size): the trial ran on, recording a chance-accuracy base model as fashion-mnist's.
+    A file that records its dataset (a cached base model, a compressed checkpoint) is checked;
+    a plain state dict records none and loads as before."""
+    from wavesweep import checkpoint, pruning
+
+    torch.manual_seed(1)
+    cnn = build_model("cnn", num_classes=10, in_channels=1, image_size=8)
+    cached = tmp_path / "cached.pt"  # the layout of get_base_model's cache files
+    meta = {"model_name": "cnn", "dataset_name": "digits", "seed": 0,
+            "build_kwargs": {"num_classes": 10, "in_channels": 1, "image_size": 8}}  # fmt: skip
+    torch.save({"state_dict": cnn.state_dict(), "meta": json.dumps(meta)}, cached)
+    wsz = tmp_path / "dwt.wsz"
+    checkpoint.save_compressed(pruning.prune_magnitude(cnn, 0.5), wsz, metadata={"trial": {"dataset": "digits"}})
+    plain = tmp_path / "plain.pt"
+    torch.save(cnn.state_dict(), plain)
+    for weights in (cached, wsz):
+        with pytest.raises(ValueError, match=r"holds a model for dataset 'digits', not 'fashion-mnist'; valid: dataset=digits"):
+            get_base_model("cnn", "fashion-mnist", weights=weights)
+        assert get_base_model("cnn", "digits", weights=weights).dataset_name == "digits"
+    assert get_base_model("cnn", "fashion-mnist", weights=plain).build_kwargs["image_size"] == 28
+
+
 def test_unknown_names():
     with pytest.raises(ValueError, match=r"unknown model 'vgg'"):
         get_base_model("vgg", "digits")

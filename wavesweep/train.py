@@ -416,6 +416,7 @@ def get_base_model(
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
         shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
         model, meta, checksum = _load_hashed(model_name, path, lambda meta: shape)  # NaN/inf refused there
+        _check_trained_on(meta, dataset_name, path)
         other = _other_split(meta, dataset_name, seed, path)
         return BaseModel(model, model_name, dataset_name, seed, "checkpoint", path, checksum, shape,
                          meta.get("train_info", {}), warnings=(other,) if other else ())
@@ -457,6 +458,28 @@ def get_base_model(
     model, meta, checksum = _load_hashed(model_name, path, lambda meta: meta["build_kwargs"])
     return BaseModel(model, model_name, dataset_name, seed, "trained", path, checksum, meta["build_kwargs"],
                      meta.get("train_info", {}))
+
+
+def _trained_on(meta: dict[str, Any]) -> str | None:
+    """The dataset a wavesweep weights file records: a cached base model's ``dataset_name``, a
+    compressed checkpoint's trial ``dataset``; None for a file that records none (any state dict)."""
+    name = meta.get("dataset_name")
+    if name is None:
+        user = (meta.get("checkpoint") or {}).get("user")
+        trial = user.get("trial") if isinstance(user, dict) else None
+        name = trial.get("dataset") if isinstance(trial, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _check_trained_on(meta: dict[str, Any], dataset_name: str, path: Path) -> None:
+    """A weights file wavesweep made for another dataset is a usage error: a model of the same
+    architecture loads its weights (cnn on digits and on fashion-mnist: 1 channel, 10 classes,
+    pooled to any image size), and the trial would record a base model of chance accuracy as
+    ``dataset_name``'s."""
+    trained = _trained_on(meta)
+    if trained is not None and trained != dataset_name:
+        raise ValueError(f"weights file {str(path)!r} holds a model for dataset {trained!r}, not {dataset_name!r}; "
+                         f"valid: dataset={trained}, or weights made for {dataset_name}")  # fmt: skip
 
 
 def _other_split(meta: dict[str, Any], dataset_name: str, seed: int, path: Path) -> str | None:
