@@ -61,3 +61,27 @@ def test_module_entry_point_exit_codes(tmp_path):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.strip() == "wavesweep: error: level must be an int in 1..5, got 9"
+
+
+def test_every_option_default_is_in_its_help_and_every_command_in_the_description():
+    """``wavesweep COMMAND --help`` shows what an option does when left out: argparse's own default
+    (the value the command runs with) is in the option's rendered help. ``wavesweep results --help``
+    did not say that ``--out`` defaults to the shipped results page, which a run in a checkout
+    overwrites. ``wavesweep --help`` names every command."""
+    import argparse
+    import re
+
+    from wavesweep import cli
+
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        fmt = sub._get_formatter()
+        for a in sub._actions:
+            if not a.option_strings or a.default in (None, False, argparse.SUPPRESS) or a.help == argparse.SUPPRESS:
+                continue
+            shown = " ".join(fmt._expand_help(a).split())
+            assert re.search(rf"default: '?{re.escape(str(a.default))}'?[,;) ]", shown + " "), (name, a.option_strings, shown)
+    description = parser.description or ""
+    for name in subs.choices:
+        assert re.search(rf"\b{re.escape(name)}\b", description), (name, description)

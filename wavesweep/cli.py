@@ -1,4 +1,4 @@
-"""``wavesweep train|trial|study|report|register|download|models|ui``.
+"""``wavesweep train|trial|study|results|report|register|download|models|ui``.
 
 Only this module prints. Misuse (``ValueError``, ``TypeError``, missing files) becomes a
 one-line ``wavesweep: error: ...`` on stderr and exit code 2, never a traceback.
@@ -391,9 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("register", help="register a trial's pruned model in the MLflow Model Registry")
     r.add_argument("run_id", help="trial run id (or one of its method runs)")
     r.add_argument("--name", required=True, help="registered model name")
-    r.add_argument("--alias", default="champion", help="alias to point at the new version ('' for none)")
+    r.add_argument("--alias", default="champion", help="alias to point at the new version ('' for none; default: %(default)s)")
     r.add_argument("--method", default="dwt", choices=("dwt", "magnitude", "random"),
-                   help="which model of the trial (baselines need save_baselines=true)")  # fmt: skip
+                   help="which model of the trial (baselines need save_baselines=true; default: %(default)s)")  # fmt: skip
     r.set_defaults(func=cmd_register)
 
     d = sub.add_parser("download", help="download a registered model (e.g. models:/NAME@champion) as files")
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-trials", type=int, default=None, help="total trials wanted (overrides the spec)")
     s.add_argument("--timeout", type=float, default=None, help="seconds per launch, > 0 (overrides the spec)")
     s.add_argument("--storage", default=None, help="Optuna storage URL (overrides the spec)")
-    s.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    s.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: %(default)s)")
     s.add_argument("--register-best", default=None, metavar="NAME", help="register the best trial's model as NAME@champion")
     s.add_argument("--report-dir", default=None, help="where to write plots and tables (default: reports/STUDY)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -435,19 +435,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_study)
 
     rs = sub.add_parser("results", help="regenerate a results page: top-1 per method at fixed pruned fractions under each recovery")
-    rs.add_argument("--model", default="resnet18", help="base model (trained and cached by wavesweep)")
-    rs.add_argument("--dataset", default="fashion-mnist", help="dataset with a training split (recovery needs one)")
-    rs.add_argument("--configs", default="bior4.4:filter,bior4.4:kernel,db4:filter", help="WAVELET:LAYOUT,...")
-    rs.add_argument("--fractions", default="50,70,80,90,95", help="pruned fractions in percent (the dwt percentile)")
-    rs.add_argument("--recoveries", default="none,bn,finetune", help="recovery settings to compare")
+    rs.add_argument("--model", default="resnet18", help="base model (trained and cached by wavesweep; default: %(default)s)")
+    rs.add_argument("--dataset", default="fashion-mnist", help="dataset with a training split (recovery needs one; default: %(default)s)")
+    rs.add_argument("--configs", default="bior4.4:filter,bior4.4:kernel,db4:filter", help="WAVELET:LAYOUT,... (default: %(default)s)")
+    rs.add_argument("--fractions", default="50,70,80,90,95", help="pruned fractions in percent (the dwt percentile; default: %(default)s)")
+    rs.add_argument("--recoveries", default="none,bn,finetune", help="recovery settings to compare (default: %(default)s)")
     rs.add_argument("--level", type=int, default=5, help=FIELD_HELP["level"] + " (default: 5)")
-    rs.add_argument("--eval-limit", type=int, default=0, help="stratified evaluation subset (0 = the whole test split)")
+    rs.add_argument("--eval-limit", type=int, default=0, help="stratified evaluation subset (0 = the whole test split; default: %(default)s)")
     rs.add_argument("--recovery-batches", type=int, default=50, help=FIELD_HELP["recovery_batches"] + " (default: 50)")
     rs.add_argument("--finetune-steps", type=int, default=100, help=FIELD_HELP["finetune_steps"] + " (default: 100)")
     rs.add_argument("--seed", type=int, default=0, help=FIELD_HELP["seed"] + " (default: 0)")
     rs.add_argument("--device", default="auto", help=FIELD_HELP["device"] + " (default: auto)")
-    rs.add_argument("--data-root", default="", help=FIELD_HELP["data_root"])
-    rs.add_argument("--out", default="docs/results-fashion-mnist.md", help="the Markdown page to write")
+    rs.add_argument("--data-root", default="", help=FIELD_HELP["data_root"] + " (default: %(default)r)")
+    rs.add_argument("--out", default="docs/results-fashion-mnist.md",
+                    help="the Markdown page to write (default: %(default)s, relative to the working directory: "
+                         "run in a checkout, it overwrites the shipped ResNet-18 page)")
     rs.add_argument("--fresh", action="store_true",
                     help="rerun every trial (default: resume an interrupted run from OUT's .progress.csv)")
     rs.set_defaults(func=cmd_results)
