@@ -203,6 +203,25 @@ def test_local_sets_missing_files_message(name, tmp_path):
     else:
         assert f"{str(tmp_path / TV_CLASS[name] / 'raw')!r}" in msg  # torchvision's layout is searched
         assert "train-images-idx3-ubyte[.gz]" in msg and f"torchvision's {TV_CLASS[name]}/raw files" in msg
+
+
+@pytest.mark.parametrize("name", ["mnist", "kmnist", "fashion-mnist", "cifar10"])
+def test_missing_files_message_names_the_command_line_option(name, tmp_path):
+    """The user reads this at the command line: the way to point wavesweep at the files is an
+    option that ``wavesweep trial`` has (it said "or pass root", the library argument's name,
+    and "found without root", which reads as "without root privileges")."""
+    import re
+
+    from wavesweep import cli
+
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset(name, root=tmp_path)
+    msg = str(err.value)
+    trial = cli.build_parser().commands["trial"]
+    options = {o for a in trial._actions for o in a.option_strings}
+    named = re.findall(r"--[a-z][a-z-]*", msg)
+    assert named and set(named) <= options, (named, msg)
+    assert not re.search(r"\b(pass|without) root\b", msg), msg
     assert ("apt install dataset-fashion-mnist" in msg) == (name == "fashion-mnist")
 
 

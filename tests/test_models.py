@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torchvision
@@ -111,8 +113,13 @@ def test_pretrained_resnet18_from_file_and_from_hub_cache(random_resnet18_file, 
     ref = torch.load(random_resnet18_file, weights_only=True)
     assert torch.equal(m.state_dict()["fc.weight"], ref["fc.weight"])
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(FileNotFoundError, match=rf"never downloads.*Put {RESNET18_IMAGENET_FILE}.*hub/checkpoints"):
+    with pytest.raises(FileNotFoundError, match=rf"never downloads.*Put {RESNET18_IMAGENET_FILE}.*hub/checkpoints") as err:
         load_pretrained_resnet18()
+    from wavesweep import cli  # the way to give the file is an option `wavesweep trial` has
+
+    options = {o for a in cli.build_parser().commands["trial"]._actions for o in a.option_strings}
+    named = re.findall(r"--[a-z][a-z-]*", str(err.value))
+    assert named and set(named) <= options, (named, str(err.value))
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
     (tmp_path / "torch" / "hub" / "checkpoints" / RESNET18_IMAGENET_FILE).symlink_to(random_resnet18_file)
     assert torch.equal(load_pretrained_resnet18().state_dict()["fc.weight"], ref["fc.weight"])

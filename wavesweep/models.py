@@ -249,7 +249,7 @@ def load_pretrained_resnet18(path: str | os.PathLike | None = None) -> nn.Module
         raise FileNotFoundError(
             f"ResNet-18 IMAGENET1K_V1 weights not found at {str(file)!r}; wavesweep never "
             f"downloads at run time. Put {RESNET18_IMAGENET_FILE} (from {RESNET18_IMAGENET_URL}) "
-            f"at {str(cache)!r} (the torch hub cache; set TORCH_HOME to move it) or pass its path"
+            f"at {str(cache)!r} (the torch hub cache; set TORCH_HOME to move it) or pass its path with --weights"
         )
     model = build_loaded("resnet18", load_weights_file(file), source=str(file), num_classes=1000, in_channels=3, image_size=224)
     log.info("loaded ResNet-18 ImageNet weights from %s", file)
