@@ -240,6 +240,25 @@ def test_register_refuses_unfinished_runs_and_bad_names_before_registering_anyth
     assert client.search_registered_models() == []
 
 
+def test_register_names_the_status_of_a_run_mlflow_run_created_that_failed_before_wavesweep_tagged_it(workdir):
+    """`mlflow run . -P wavelet=nope` leaves a FAILED run (reason in its `error` tag) without
+    wavesweep's tags. Registering it said "not a wavesweep trial run (tag wavesweep.kind=None)";
+    the README's rule is that only a FINISHED trial run can be registered, and the message says so."""
+    from wavesweep.tracked_trial import register_trial_model
+
+    client = MlflowClient()
+    exp = client.create_experiment("wavesweep")
+    for status, error in (("FAILED", "invalid parameters: unknown wavelet 'nope'"), ("KILLED", None)):
+        run = client.create_run(exp, tags={"mlflow.project.entryPoint": "main", **({"error": error} if error else {})})
+        client.set_terminated(run.info.run_id, status)
+        with pytest.raises(ValueError) as err:
+            register_trial_model(run.info.run_id, name="no")
+        msg = str(err.value)
+        assert f"is {status}" in msg and "only a FINISHED trial run can be registered" in msg, msg
+        assert error is None or error in msg, msg
+    assert client.search_registered_models() == []
+
+
 def test_list_registered_reads_every_page(trial_run, monkeypatch):
     """`wavesweep models` listed the first page only (100 models by default): with pages of 2,
     all 5 models are listed."""

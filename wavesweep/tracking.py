@@ -399,8 +399,13 @@ def get_trial_run(client: MlflowClient, run_id: str):
     if run.data.tags.get("wavesweep.kind") == "configuration":
         first = client.search_runs([run.info.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and tags.replicate = '0'")
         run = first[0] if first else run
-    if run.data.tags.get("wavesweep.kind") != "trial":
-        raise ValueError(f"run {run_id} is not a wavesweep trial run (tag wavesweep.kind={run.data.tags.get('wavesweep.kind')!r})")
+    kind = run.data.tags.get("wavesweep.kind")
+    if kind is None and run.info.status != "FINISHED":  # `mlflow run` made it; wavesweep stopped before tagging it
+        error = run.data.tags.get("error")
+        raise ValueError(f"run {run_id} is {run.info.status}{f' ({error})' if error else ''}: "
+                         "only a FINISHED trial run can be registered")  # fmt: skip
+    if kind != "trial":
+        raise ValueError(f"run {run_id} is not a wavesweep trial run (tag wavesweep.kind={kind!r})")
     return run
 
 
