@@ -377,7 +377,9 @@ def create_study(spec: StudySpec, storage_url: str, storage: optuna.storages.Bas
             )
     if spec.text and study.user_attrs.get("spec_sha256") != (digest := tracking.spec_sha256(spec.text)):
         if "spec_sha256" in study.user_attrs:
-            log.warning("study %s: the spec differs from the last launch's (sha256 %s, now %s); the study run's spec/ "
-                        "artifact is replaced by this one", spec.name, study.user_attrs["spec_sha256"][:12], digest[:12])  # fmt: skip
+            # the checks above passed: only what may change between launches changed (n_trials, timeout, ...)
+            log.info("study %s: the spec differs from the last launch's in what may change between launches (n_trials, "
+                     "timeout, storage, max_failures, pruner, description; sha256 %s, now %s): the study run's spec/ "
+                     "artifact now holds this one", spec.name, study.user_attrs["spec_sha256"][:12], digest[:12])  # fmt: skip
         study.set_user_attr("spec_sha256", digest)
     return study
