@@ -85,3 +85,17 @@ def test_every_option_default_is_in_its_help_and_every_command_in_the_descriptio
     description = parser.description or ""
     for name in subs.choices:
         assert re.search(rf"\b{re.escape(name)}\b", description), (name, description)
+
+
+def test_models_listing_shows_numbers_to_four_significant_digits(monkeypatch, capsys):
+    """`wavesweep models` printed the tags' every digit (ratio=1.073653795821195)."""
+    from wavesweep import cli, model_registry
+
+    tags = {"method": "dwt", "wavelet": "haar", "level": "2", "percentile": "50.0", "layout": "filter",
+            "top1": "0.8166666666666667", "compression_ratio": "1.073653795821195"}  # fmt: skip
+    monkeypatch.setattr(model_registry, "list_registered",
+                        lambda: [{"name": "m", "version": "3", "aliases": ["champion"], "tags": tags, "run_id": "abc"}])
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert f"top1={float(tags['top1']):.4g} ratio={float(tags['compression_ratio']):.4g} run=abc" in out
+    assert "top1=0.8167 ratio=1.074" in out and "aliases=champion" in out

@@ -148,8 +148,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         t = r["tags"]
         print(f"{r['name']} v{r['version']} aliases={','.join(r['aliases']) or '-'} method={t.get('method')} "
               f"wavelet={t.get('wavelet')} level={t.get('level')} percentile={t.get('percentile')} layout={t.get('layout')} "
-              f"top1={t.get('top1')} ratio={t.get('compression_ratio')} run={r['run_id']}")  # fmt: skip
+              f"top1={_short(t.get('top1'))} ratio={_short(t.get('compression_ratio'))} run={r['run_id']}")  # fmt: skip
     return 0
+
+
+def _short(tag: str | None) -> str | None:
+    """A number tag to 4 significant digits for a listing (the tag keeps every digit)."""
+    try:
+        return f"{float(tag):.4g}" if tag is not None else None
+    except ValueError:
+        return tag
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
