@@ -99,3 +99,15 @@ def test_models_listing_shows_numbers_to_four_significant_digits(monkeypatch, ca
     out = capsys.readouterr().out
     assert f"top1={float(tags['top1']):.4g} ratio={float(tags['compression_ratio']):.4g} run=abc" in out
     assert "top1=0.8167 ratio=1.074" in out and "aliases=champion" in out
+
+
+def test_printed_store_locations_are_absolute_and_hide_passwords(tmp_path, monkeypatch):
+    """A study or trial printed ``sqlite:///optuna.db``: under ``mlflow run`` (which runs in the
+    project directory) that named a file elsewhere than where the user launched it."""
+    from wavesweep.cli import located
+
+    monkeypatch.chdir(tmp_path)
+    assert located("sqlite:///optuna.db") == f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
+    assert located("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
+    assert located("sqlite:///o.db?timeout=60") == "sqlite:///o.db?timeout=60"  # left as given
+    assert located("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"

@@ -79,7 +79,7 @@ def _print_trial(result: Any, run_id: str) -> None:
     from wavesweep import tracking
 
     o = result.outcomes
-    print(f"trial run {run_id} ({tracking.redact_url(tracking.tracking_uri())})")
+    print(f"trial run {run_id} ({located(tracking.tracking_uri())})")
     rec = result.config.recovery
     pre = rec != "none"
     print(f"recovery: {rec}" + (" ('pre top1': the same pruned model before recovery; every other column is after it)" if pre else ""))
@@ -269,7 +269,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         found = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise ValueError(f"no study {name!r} in {tracking.redact_url(url)}; studies there: {', '.join(names) or 'none'}") from None
+        raise ValueError(f"no study {name!r} in {located(url)}; studies there: {', '.join(names) or 'none'}") from None
     parent = found.user_attrs.get("mlflow_run_id")
     _print_summary(found, parent or "-", url)
     if study.best_trial(found) is None:
@@ -278,12 +278,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def located(url: str) -> str:
+    """``url`` as printed: a password hidden, a relative SQLite file made absolute (``mlflow run``
+    runs in the project directory: ``sqlite:///optuna.db`` alone does not say which one)."""
+    from wavesweep import tracking
+    from wavesweep.store import sqlite_file
+
+    db = sqlite_file(url) if "?" not in url else None
+    return f"sqlite:///{db}" if db is not None else tracking.redact_url(url)
+
+
 def _print_summary(found: Any, parent: str, url: str, final: bool = True) -> None:
     from wavesweep import study, tracking
 
     m = study.study_metrics(found)
     print(f"study {found.study_name}{'' if final else ' so far (not final)'}: {int(m['n_complete'])} complete, {int(m['n_pruned'])} pruned, {int(m['n_fail'])} failed "
-          f"(storage {tracking.redact_url(url)}, MLflow run {parent} at {tracking.redact_url(tracking.tracking_uri())})")  # fmt: skip
+          f"(storage {located(url)}, MLflow run {parent} at {located(tracking.tracking_uri())})")  # fmt: skip
     best = study.best_trial(found)
     if best is not None:
         objectives = [m for m, _d in study.study_objectives(found)]
@@ -307,7 +317,7 @@ def _report(found: Any, report_dir: str | None, register: str | None, parent: st
     # Launchers that finish together write the same folder: one at a time, each uploading its own files.
     with file_lock(out.parent / f".{out.name}.lock"):
         files = study.build_report(found, out)
-        print(f"report: {out} ({', '.join(sorted(p.name for p in files.values()))})")
+        print(f"report: {out.resolve()} ({', '.join(sorted(p.name for p in files.values()))})")
         client = tracking.client()
         if parent and tracking.run_status(client, parent) is not None:
             tracking.log_study_report(client, parent, files.values())
