@@ -414,3 +414,20 @@ def test_summary_columns_are_schema_names():
     assert set(report.SUMMARY_METRICS) <= recorded | added, set(report.SUMMARY_METRICS) - recorded - added
     for name in report.REPLICATE_METRICS:
         assert name == "n_replicates" or name.rsplit("_ci_", 1)[0] in recorded, name
+
+
+def test_one_fraction_is_not_drawn_zoomed_in_on_the_side_by_side_offsets(tmp_path, monkeypatch):
+    """Every trial at one pruned fraction: the axis zoomed in on the methods' side-by-side offsets
+    (ticks 0.5483, 0.5495, 0.5507 read as three fractions). It spans at least 0.1 around it now,
+    and every drawn point is inside it."""
+    frame = make_frame(6).assign(**{f"{m}{c}": v for m in ("", "magnitude_", "random_")
+                                    for c, v in (("pruned_fraction", 0.55), ("stored_bytes", 2.4e6))})
+    figs = _capture(monkeypatch)
+    figures.plot_accuracy_vs_pruned_fraction(frame, tmp_path / "a.png")
+    figures.plot_accuracy_vs_stored_mb(frame, tmp_path / "b.png")
+    for fig, (lo_needed, hi_needed) in zip(figs, [(0.5, 0.6), (2.4 * 0.95, 2.4 * 1.05)]):
+        for ax in (a for a in fig.axes if a.get_title()):
+            lo, hi = ax.get_xlim()
+            assert lo <= lo_needed and hi >= hi_needed, (ax.get_title(), lo, hi)
+            xs = np.concatenate([c.lines[0].get_xydata()[:, 0] for c in ax.containers])
+            assert ((xs > lo) & (xs < hi)).all()

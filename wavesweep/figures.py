@@ -198,6 +198,16 @@ def _figure_legend(fig: plt.Figure, axes: Sequence[plt.Axes]) -> None:
         fig.legend(list(seen.values()), list(seen), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
+def _at_least_span(ax: plt.Axes, xs: pd.Series, span: float) -> None:
+    """An x-axis at least ``span`` wide around the data: one fraction (or a narrow range) drawn
+    alone zoomed in on the side-by-side offsets, with ticks such as 0.5483, 0.5495, 0.5507 that
+    read as three pruned fractions where there is one."""
+    lo, hi = float(xs.min()), float(xs.max())
+    if hi - lo < span:
+        mid = (lo + hi) / 2
+        ax.set_xlim(mid - 0.6 * span, mid + 0.6 * span)
+
+
 def plot_accuracy_vs_pruned_fraction(frame: pd.DataFrame, path: Path) -> Path:
     """Top-1 of dwt, magnitude and random against the fraction pruned, one panel per recovery
     setting; each configuration a point with its interval (no lines between configurations);
@@ -212,6 +222,7 @@ def plot_accuracy_vs_pruned_fraction(frame: pd.DataFrame, path: Path) -> Path:
             continue
         span = max(float(d["pruned_fraction"].max() - d["pruned_fraction"].min()), 0.1)
         _errorbars(ax, d, "pruned_fraction", "top1", dodge=0.012 * span, prerec=rec not in (None, "none"))
+        _at_least_span(ax, d["pruned_fraction"], span)
         _reference_lines(ax, frame)
         ax.set_xlabel("fraction pruned (dwt: coefficients dropped, structural zeros\nleft out; baselines: weights zeroed, matched)")
         ax.set_title(f"recovery: {rec}" if rec is not None else "accuracy vs pruned fraction")
@@ -235,6 +246,7 @@ def plot_accuracy_vs_stored_mb(frame: pd.DataFrame, path: Path) -> Path:
             continue
         span = max(float(d["stored_bytes"].max() - d["stored_bytes"].min()) / 1e6, 0.1 * float(d["stored_bytes"].max()) / 1e6)
         _errorbars(ax, d, "stored_bytes", "top1", scale=1e-6, dodge=0.012 * span)
+        _at_least_span(ax, d["stored_bytes"] / 1e6, span)
         _reference_lines(ax, frame)
         if "dense_bytes" in frame and frame["dense_bytes"].notna().any():
             ax.axvline(float(frame["dense_bytes"].dropna().iloc[0]) / 1e6, color="grey", ls="-.", lw=1, label="dense model")
