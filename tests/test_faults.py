@@ -763,6 +763,29 @@ def test_a_stop_while_a_study_sets_up_closes_its_study_run(workdir, tiny_weights
     assert _kind_status(workdir) == [("study", "KILLED")]
 
 
+def _storage_full(*a, **k):
+    import sqlalchemy.exc
+
+    raise sqlalchemy.exc.OperationalError("INSERT INTO trials ...", {}, Exception("database or disk is full"))
+
+
+@pytest.mark.parametrize("where", ["setup", "trials"])
+def test_a_storage_error_after_the_study_run_opened_closes_it_failed(workdir, tiny_weights, monkeypatch, capsys, where):
+    """The Optuna storage fails (full, read-only, gone) after the study run was opened: one line,
+    exit 1, and the study run closed FAILED with the error. It was left RUNNING (only a stop closed it)."""
+    from wavesweep.study import workers
+
+    monkeypatch.setattr(workers, "_reconcile_mlflow" if where == "setup" else "_worker_loop", _storage_full)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2)
+    capsys.readouterr()
+    assert run_cli("study", str(spec), "-q") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["wavesweep: error: database: database or disk is full"], err
+    (run,) = mlflow_runs(workdir)
+    assert (run.data.tags["wavesweep.kind"], run.info.status) == ("study", "FAILED")
+    assert run.data.tags["error"] == "database: database or disk is full"
+
+
 def test_a_failed_trial_beside_a_finished_run_is_reconciled(workdir):
     """A worker killed (kill -9) while recording a finished trial in Optuna: the trial is FAIL, its
     run FINISHED. The next launch retracts the run and its method runs (FAILED, optuna.state=FAIL)."""

@@ -37,6 +37,7 @@ import optuna
 from optuna.trial import TrialState
 
 from wavesweep import interrupt, tracking
+from wavesweep.failures import environment_error
 from wavesweep.fileio import file_lock
 from wavesweep.store import sqlite_file
 from wavesweep.study.frame import best_trial, study_metrics
@@ -456,4 +457,22 @@ def run_study(
                 error = f"interrupted ({interrupt.caught(exc)})"
                 tracking.close_quietly(lambda: tracking.close_run(client, parent, "KILLED", error=error, metrics=study_metrics(study),
                                                                   children=False), f"study run {parent}")  # fmt: skip
+        raise
+    except Exception as exc:
+        # An error after the study run was opened (the Optuna storage full, read-only or gone, an
+        # MLflow write refused): the study run is closed FAILED with it, not left RUNNING. A stop
+        # meanwhile must not cut the closing short; the error is what the caller reports.
+        if not closed:
+            with interrupt.ignored():
+                # the cause the CLI prints (Optuna wraps a full disk in "StorageInternalError: An exception ...")
+                error = environment_error(exc) or f"{type(exc).__name__}: {exc}"
+
+                def close_failed() -> None:
+                    try:
+                        metrics = study_metrics(study)
+                    except Exception:  # noqa: BLE001 - the storage may be what failed: close without them
+                        metrics = None
+                    tracking.close_run(client, parent, "FAILED", error=error, metrics=metrics, children=False)
+
+                tracking.close_quietly(close_failed, f"study run {parent}")
         raise
