@@ -786,6 +786,27 @@ def test_a_storage_error_after_the_study_run_opened_closes_it_failed(workdir, ti
     assert run.data.tags["error"] == "database: database or disk is full"
 
 
+def test_a_storage_error_in_worker_0_stops_the_spawned_workers(workdir, tiny_weights, monkeypatch, capsys):
+    """--workers 2, the launcher's own worker fails on its storage: the launch fails (exit 1, the
+    study run FAILED) and its spawned worker is stopped with it. It was left running trials for the
+    failed launch (the launcher waiting for it at exit, its trials nested under a closed study run)."""
+    import multiprocessing
+
+    from wavesweep.study import workers
+
+    monkeypatch.setattr(workers, "_worker_loop", _storage_full)  # this process only: the spawned worker runs the real loop
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2)
+    try:
+        assert run_cli("study", str(spec), "-q", "--workers", "2") == 1
+        assert multiprocessing.active_children() == [], "the spawned worker outlives its failed launch"
+    finally:
+        for p in multiprocessing.active_children():
+            p.kill()
+            p.join()
+    assert [s for k, s in _kind_status(workdir) if k == "study"] == ["FAILED"]
+    assert not [s for _k, s in _kind_status(workdir) if s == "RUNNING"]
+
+
 def test_a_failed_trial_beside_a_finished_run_is_reconciled(workdir):
     """A worker killed (kill -9) while recording a finished trial in Optuna: the trial is FAIL, its
     run FINISHED. The next launch retracts the run and its method runs (FAILED, optuna.state=FAIL)."""

@@ -256,15 +256,15 @@ def _run_workers(launch: Launch, progress: _Progress) -> int:
     except KeyboardInterrupt as exc:
         interrupt.caught(exc)
         with interrupt.ignored():  # let the workers close their trials undisturbed
-            sig = signal.SIGTERM if isinstance(exc, interrupt.Terminated) else signal.SIGINT
-            for p in procs:
-                if p.is_alive():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p.pid, sig)
-            for p in procs:
-                p.join(timeout=120)
-                if p.is_alive():
-                    p.terminate()
+            _stop_workers(procs, signal.SIGTERM if isinstance(exc, interrupt.Terminated) else signal.SIGINT)
+        raise
+    except Exception:
+        # Worker 0 (this process) failed outside a trial: its storage or tracking store gone, full or
+        # read-only. The launch has failed: the spawned workers are stopped as a SIGTERM stops them
+        # (their trials closed KILLED, re-queued by the next launch), not left running trials under
+        # a study run closed FAILED, with this process waiting for them at exit.
+        with interrupt.ignored():
+            _stop_workers(procs, signal.SIGTERM)
         raise
     finally:
         torch.set_num_threads(threads)
@@ -272,6 +272,18 @@ def _run_workers(launch: Launch, progress: _Progress) -> int:
         if p.exitcode is not None and p.exitcode < 0:
             log.warning("worker %s was killed by signal %d; its trial is re-run after the heartbeat grace period", p.name, -p.exitcode)
     return gave_up + sum(p.exitcode == 1 for p in procs)
+
+
+def _stop_workers(procs: list[Any], sig: int) -> None:
+    """Send ``sig`` once to the spawned workers still alive and wait for them to close their trials."""
+    for p in procs:
+        if p.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.terminate()
 
 
 def _reconcile_mlflow(study: optuna.Study, client: Any) -> None:
