@@ -477,6 +477,32 @@ def test_an_unreachable_database_is_one_line_and_exit_1(workdir, capsys):
     assert err[0].startswith("wavesweep: error: database: ") and "127.0.0.1" in err[0] and "refused" in err[0], err
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty read-only mount (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_storage_on_a_read_only_file_system_is_one_line_and_exit_1(workdir, read_only_dir, capsys):
+    """A SQLite storage in a folder mounted read-only: one line naming it, exit 1, no run left
+    RUNNING. It was a traceback (OSError EROFS creating the lock file beside the database)."""
+    spec = write_spec(workdir / "ro.yaml", "", n_trials=1)
+    capsys.readouterr()
+    rc = run_cli("study", str(spec), "-q", "--storage", f"sqlite:///{read_only_dir / 'optuna.db'}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("wavesweep: error: read-only file system: cannot write") and str(read_only_dir) in err[0], err
+    assert not [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
+
+
 def test_environment_errors_are_found_through_the_exception_chain():
     import errno
     import sqlite3
@@ -499,6 +525,8 @@ def test_environment_errors_are_found_through_the_exception_chain():
     assert environment_error(db_full) == "database: database or disk is full"
     assert environment_error(ValueError("bad value")) is None
     assert environment_error(OSError(errno.EACCES, "Permission denied")) is None
+    assert environment_error(OSError(errno.EROFS, "Read-only file system", "/ro/optuna.db.lock")) == (
+        "read-only file system: cannot write '/ro/optuna.db.lock': put the store on a writable file system")
 
 
 def test_a_study_report_uploads_its_own_files_only(workdir):

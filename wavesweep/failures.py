@@ -67,7 +67,7 @@ def one_line(exc: BaseException) -> str:
 
 def environment_error(exc: BaseException) -> str | None:
     """A failure outside wavesweep that is fixed on the machine, not in the code: a full disk, a
-    database server that cannot be reached or refuses. Its one line, or None; the exception's
+    read-only file system, a database server that cannot be reached or refuses. Its one line, or None; the exception's
     chain is searched (MLflow and SQLAlchemy wrap the ``OSError`` / driver error)."""
     seen: set[int] = set()
     err: BaseException | None = exc
@@ -76,6 +76,9 @@ def environment_error(exc: BaseException) -> str | None:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" while writing {str(err.filename)!r}" if err.filename else ""
             return f"no space left on the device{where}: free some space or put the store elsewhere"
+        if isinstance(err, OSError) and err.errno == errno.EROFS:  # a store (or the lock beside it) on a read-only mount
+            where = f" {str(err.filename)!r}" if err.filename else ""
+            return f"read-only file system: cannot write{where}: put the store on a writable file system"
         sa_exc = sys.modules.get("sqlalchemy.exc")
         if sa_exc is not None and isinstance(err, sa_exc.OperationalError):
             return f"database: {one_line(err.orig if err.orig is not None else err)}"
