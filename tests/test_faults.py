@@ -383,6 +383,39 @@ def test_a_launcher_that_stops_first_reports_a_partial_view_not_a_final_summary(
 
 
 @pytest.mark.slow
+def test_a_launcher_starting_while_another_opens_the_study_run_shares_it(workdir, tiny_weights, monkeypatch):
+    """Two launchers started at once on a fresh study: A created the study and is opening its MLflow
+    study run when B loads the study. B opened a second study run and nested its trials there (two
+    study runs, the trials split between them; seen with two launchers and an MLflow server). B
+    now waits for A's run and records its trials under it."""
+    import time as time_module
+
+    from wavesweep import tracking
+    from wavesweep.study.storage import create_study
+
+    path = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=1)
+    spec = study.load_spec(path)
+    created = create_study(spec, study.DEFAULT_STORAGE)  # launcher A: the study exists, its run not yet recorded
+    client, exp = tracking.init_tracking()
+    a_run = tracking.start_study_run(client, exp, study_name="tiny", storage=study.DEFAULT_STORAGE, spec_file=path,
+                                     spec_text=spec.text, params=spec.summary_params())  # fmt: skip
+    real_sleep = time_module.sleep
+
+    def sleep(seconds):  # while B waits, A records its study run
+        if "mlflow_run_id" not in created.user_attrs:
+            created.set_user_attr("mlflow_run_id", a_run)
+        real_sleep(min(seconds, 0.05))
+
+    monkeypatch.setattr(time_module, "sleep", sleep)
+    assert run_cli("study", str(path), "-q") == 0  # launcher B
+    runs = mlflow_runs(workdir)
+    assert [r.info.run_id for r in runs if r.data.tags.get("wavesweep.kind") == "study"] == [a_run]
+    trial_runs = [r for r in runs if r.data.tags.get("wavesweep.kind") == "trial"]
+    assert len(trial_runs) == 1 and trial_runs[0].data.tags["mlflow.parentRunId"] == a_run
+    assert optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).user_attrs["mlflow_run_id"] == a_run
+
+
+@pytest.mark.slow
 def test_two_launchers_on_a_fresh_tpe_study_run_distinct_configurations(workdir, tiny_weights, shared_cache):
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, space=WIDE_SPACE, sampler={"name": "tpe", "seed": 0})
     procs = [spawn(workdir, shared_cache, "study", str(spec), "-q", name=f"l{i}") for i in range(2)]

@@ -126,6 +126,10 @@ def test_two_launchers_on_postgresql_and_a_tracking_server(workdir, tiny_weights
         assert sorted(c.data.tags["method"] for c in children) == ["dwt", "magnitude", "random"]
     finished = [r for r in runs.values() if r.info.status == "FINISHED"]
     assert len(finished) == n
+    study_runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                    filter_string="tags.`wavesweep.kind` = 'study' and tags.`optuna.study` = 'tiny'")  # fmt: skip
+    assert [r.info.run_id for r in study_runs] == [s.user_attrs["mlflow_run_id"]], "one study run for both launchers"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {s.user_attrs["mlflow_run_id"]}
     study_run = client.get_run(s.user_attrs["mlflow_run_id"])
     assert study_run.info.status == "FINISHED" and study_run.data.metrics["n_complete"] == n
     assert "secret" not in study_run.data.tags["optuna.storage"]

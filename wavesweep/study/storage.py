@@ -341,11 +341,21 @@ def _identity(spec: StudySpec) -> dict[str, tuple[str, str]]:
 def create_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """Create the study (or load it when it exists, checking it has the spec's objectives) in
     ``storage`` (:func:`open_storage` of ``storage_url`` when not given)."""
+    return open_study(spec, storage_url, storage)[0]
+
+
+def open_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseStorage | None = None) -> tuple[optuna.Study, bool]:
+    """:func:`create_study`, and whether this call created the study: of launchers starting at once
+    on a fresh study exactly one did (the storage refuses a second study of one name), and that
+    one opens the study's MLflow run."""
     storage = open_storage(storage_url) if storage is None else storage
-    study = optuna.create_study(
-        storage=storage, study_name=spec.name, directions=spec.directions, load_if_exists=True,
-        sampler=make_sampler(spec, spec.seed, 1), pruner=make_pruner(spec),
-    )  # fmt: skip
+    kwargs = dict(storage=storage, study_name=spec.name, sampler=make_sampler(spec, spec.seed, 1), pruner=make_pruner(spec))
+    try:
+        study = optuna.create_study(directions=spec.directions, load_if_exists=False, **kwargs)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**kwargs)
+        created = False
     want = [(o.metric, o.direction) for o in spec.objectives]
     if "objectives" not in study.user_attrs:
         # Study user attributes are short scalars (optuna-dashboard and `optuna studies` show them
@@ -382,4 +392,4 @@ def create_study(spec: StudySpec, storage_url: str, storage: optuna.storages.Bas
                      "timeout, storage, max_failures, pruner, description; sha256 %s, now %s): the study run's spec/ "
                      "artifact now holds this one", spec.name, study.user_attrs["spec_sha256"][:12], digest[:12])  # fmt: skip
         study.set_user_attr("spec_sha256", digest)
-    return study
+    return study, created

@@ -44,7 +44,7 @@ from wavesweep.study.frame import best_trial, study_metrics
 from wavesweep.study.objective import COUNTED, objective
 from wavesweep.study.spec import StudySpec
 from wavesweep.study.storage import (
-    DEFAULT_STORAGE, check_storage_url, create_study, has_heartbeat, load_study, open_storage, requeue_failed,
+    DEFAULT_STORAGE, check_storage_url, has_heartbeat, load_study, open_storage, open_study, requeue_failed,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -317,6 +317,33 @@ class StudyOutcome:
         return self.running == 0
 
 
+STUDY_RUN_WAIT_S = 60.0  # how long a launcher waits for the study run of the launcher that created the study
+
+
+def _recorded_study_run(study: optuna.Study, created: bool) -> str | None:
+    """The study's MLflow run id as recorded in the study (``None``: this launch opens one).
+
+    Launchers started at once on a fresh study: the one that created it opens the study run and
+    records it before any trial exists; the others wait for it here, or each would open a study
+    run of its own and nest its trials there. A study that has trials but no run recorded (made
+    outside wavesweep) is not waited for, nor one whose creator recorded none in
+    ``STUDY_RUN_WAIT_S`` (it failed or was stopped before).
+    """
+    rid = study.user_attrs.get("mlflow_run_id")
+    if rid or created:
+        return rid
+    end = time.monotonic() + STUDY_RUN_WAIT_S
+    while not study.get_trials(deepcopy=False):
+        if time.monotonic() >= end:
+            log.warning("study %s: the launcher that created it recorded no MLflow study run in %.0f s: this launch opens one",
+                        study.study_name, STUDY_RUN_WAIT_S)  # fmt: skip
+            return None
+        time.sleep(0.5)
+        if rid := study.user_attrs.get("mlflow_run_id"):
+            return rid
+    return study.user_attrs.get("mlflow_run_id")
+
+
 def check_timeout(timeout: Any) -> float | None:
     if timeout is None:
         return None
@@ -378,10 +405,10 @@ def run_study(
     experiment = None if launched_run_id else spec.experiment
     client, exp_id = tracking.init_tracking(experiment=experiment, run_id=launched_run_id)
     opened = open_storage(url)  # kept: a study has no public handle on its storage (heartbeats below)
-    study = create_study(spec, url, opened)
+    study, created = open_study(spec, url, opened)
     parent = tracking.start_study_run(
         client, exp_id, study_name=spec.name, storage=url, spec_file=spec.path, spec_text=spec.text,
-        params=spec.summary_params(), existing_run_id=study.user_attrs.get("mlflow_run_id"), launched_run_id=launched_run_id,
+        params=spec.summary_params(), existing_run_id=_recorded_study_run(study, created), launched_run_id=launched_run_id,
     )  # fmt: skip
     # From here the study run exists: a stop anywhere up to its closing (setup, the trials, the
     # summary after them) closes it KILLED, so no launch leaves it RUNNING.
