@@ -530,7 +530,7 @@ def test_training_batches_of_one_under_batchnorm_is_one_line():
     bundle = load_dataset("digits", seed=0)
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"^batch_size=1: a BatchNorm layer of Sequential sees one value per channel "
-                                         r"in a training batch of one \(Expected more .*\); use batch_size >= 2$") as err:
+                                         r"in a training batch of 1 \(Expected more .*\); use batch_size >= 2$") as err:
         train_model(_bn_net(), bundle, TrainConfig(epochs=1, batch_size=1), device="cpu", progress=False)
     assert "\n" not in str(err.value)
 

@@ -8,10 +8,13 @@ their traceback. Used by :mod:`wavesweep.cli`, the only module that prints.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
 _WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.$")
@@ -84,3 +87,18 @@ def environment_error(exc: BaseException) -> str | None:
             return f"database: {one_line(err.orig if err.orig is not None else err)}"
         err = err.__cause__ or err.__context__
     return None
+
+
+@contextlib.contextmanager
+def one_value_per_channel(setting: str, batch_size: int, model: Any) -> Iterator[None]:
+    """torch's "Expected more than 1 value per channel when training" (a BatchNorm layer over 1x1
+    maps, or after a Linear, in a training batch of one) as one line naming the setting to change."""
+    try:
+        yield
+    except ValueError as exc:
+        if "more than 1 value per channel" not in str(exc):
+            raise
+        raise ValueError(
+            f"{setting}={batch_size}: a BatchNorm layer of {type(model).__name__} sees one value per channel in a "
+            f"training batch of {batch_size} ({str(exc).splitlines()[0]}); use {setting} >= 2"
+        ) from None

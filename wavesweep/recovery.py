@@ -30,7 +30,6 @@ Pure PyTorch: nothing here knows MLflow or Optuna.
 
 from __future__ import annotations
 
-import contextlib
 
 import itertools
 import logging
@@ -48,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from wavesweep.data import TensorImages
+from wavesweep.failures import one_value_per_channel
 from wavesweep.pruning import PruneResult
 from wavesweep.prune_record import defer_host_copy
 from wavesweep.names import check_choice
@@ -560,21 +560,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def _one_value_per_channel(settings: RecoverySettings, model: nn.Module):
-    """torch's "Expected more than 1 value per channel when training" (a BatchNorm over 1x1 maps,
-    or after a Linear, in a batch of one) as one line naming the setting to change."""
-    try:
-        yield
-    except ValueError as exc:
-        if "more than 1 value per channel" not in str(exc):
-            raise
-        raise ValueError(
-            f"recovery_batch_size={settings.batch_size}: a BatchNorm layer of {type(model).__name__} sees one value per "
-            f"channel in a training batch of {settings.batch_size} ({str(exc).splitlines()[0]}); use recovery_batch_size >= 2"
-        ) from None
-
-
 def recover(
     result: PruneResult,
     train_set: Dataset | None,
@@ -611,7 +596,7 @@ def recover(
     # Every method's recovery draws from the same random state: a training split's random
     # transforms (imagefolder's flips) and a DataLoader's worker seeds come from torch's global
     # generator, seeded here inside a fork (the caller's random state is left as it was).
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), _one_value_per_channel(settings, result.model):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), one_value_per_channel("recovery_batch_size", settings.batch_size, result.model):
         if settings.recovery == "finetune":
             # Fine-tuning trains BatchNorm layers in train mode: their running statistics become an
             # exponential average of its last batches, under weights that were still changing. So

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from wavesweep.models import (
     read_weights,
     resnet18_imagenet_path,
 )
+from wavesweep.failures import one_value_per_channel
 from wavesweep.fileio import atomic_write, file_lock
 from wavesweep.names import check_choice
 
@@ -224,21 +225,6 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-@contextlib.contextmanager
-def _one_value_per_channel(batch_size: int, model: nn.Module) -> Iterator[None]:
-    """torch's "Expected more than 1 value per channel when training" (a BatchNorm over 1x1 maps
-    in a batch of one) as one line naming the setting to change."""
-    try:
-        yield
-    except ValueError as exc:
-        if "more than 1 value per channel" not in str(exc):
-            raise
-        raise ValueError(
-            f"batch_size={batch_size}: a BatchNorm layer of {type(model).__name__} sees one value per channel in a "
-            f"training batch of one ({str(exc).splitlines()[0]}); use batch_size >= 2"
-        ) from None
-
-
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -315,7 +301,7 @@ def train_model(
     running = float("nan")
     step = 0
     bar = tqdm(total=steps, desc=f"train {type(model).__name__} on {bundle.name}", disable=not progress)
-    with _one_value_per_channel(config.batch_size, model):
+    with one_value_per_channel("batch_size", config.batch_size, model):
         for epoch in range(config.epochs):
             for x, y in loader:
                 x, y = x.to(dev, non_blocking=non_blocking), torch.as_tensor(y).to(dev, non_blocking=non_blocking)
