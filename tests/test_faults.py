@@ -297,6 +297,45 @@ def test_killed_and_sigtermed_workers_then_one_resume_reaches_the_total(workdir,
     assert len(trial_runs) == 4
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody has reaped yet has stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_spawned_worker_stops_when_its_launcher_is_killed_alone(workdir, tiny_weights, shared_cache):
+    """kill -9 of the launcher's pid alone (not its process group): its spawned worker ran on,
+    orphaned, taking trials for a launch that was gone. It now gets SIGTERM when its launcher
+    dies, closes its trial KILLED (interrupted) and exits; a relaunch reaches the total."""
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, fixed=SLOW_TRIAL, space=WIDE_SPACE)
+    p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch")
+    child = None
+    try:
+        wait_for(lambda: len(running_with_run(workdir)) == 2, 300, "two running trials")
+        (child,) = spawned_workers(p.pid)
+        p.kill()
+        p.wait(timeout=60)
+        wait_for(lambda: not _alive(child), 120, "the orphaned worker to stop")
+    finally:
+        p.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+    assert "Traceback" not in (workdir / "launch.log").read_text()
+    by_id = {r.info.run_id: r for r in mlflow_runs(workdir)}
+    closed = [t for t in trials(workdir) if t.state == TrialState.FAIL and t.user_attrs.get("interrupted")]
+    assert len(closed) == 1, {t.number: t.state for t in trials(workdir)}  # the worker's; the launcher's died RUNNING
+    assert by_id[closed[0].user_attrs["mlflow_run_id"]].info.status == "KILLED"
+    resume = spawn(workdir, shared_cache, "study", str(spec), "-q", name="resume")
+    assert resume.wait(timeout=400) == 0, (workdir / "resume.log").read_text()[-3000:]
+    states = [t.state for t in trials(workdir)]
+    assert states.count(TrialState.COMPLETE) == 4 and TrialState.RUNNING not in states
+    assert not [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
+
+
 @pytest.mark.slow
 def test_a_killed_worker_is_rerun_by_its_own_launcher(workdir, tiny_weights, shared_cache):
     """kill -9 of a worker while its launcher goes on: the launcher waits for the heartbeat grace

@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -173,6 +174,26 @@ def _worker_loop(launch: Launch, index: int, on_trial: Any = None) -> None:
             on_trial(study)
 
 
+def _stop_with_launcher() -> None:
+    """Linux: SIGTERM this spawned worker when its launcher dies (``kill -9`` of the launcher's pid
+    alone, the OOM killer): it closes its trial KILLED, as a stop of the launcher does, instead of
+    running on, orphaned, for a launch that is gone. Elsewhere nothing is set."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    launcher = parent.pid
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != launcher:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker_main(launch: Launch, index: int) -> None:
     """Entry point of a spawned worker process."""
     import torch
@@ -181,6 +202,7 @@ def _worker_main(launch: Launch, index: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.workers))
     try:
         with interrupt.stop_signals():
+            _stop_with_launcher()
             _worker_loop(launch, index)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the trial is closed (FAIL / KILLED)
         interrupt.caught(exc)
