@@ -503,18 +503,23 @@ def test_interrupted_tpe_trial_is_retried_with_its_params_and_enqueue_runs_first
 # --------------------------------------------------------------------------- full disk
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 256 KiB tmpfs: too small for a trial's artifacts (skipped where mounting is not allowed)."""
-    mnt = tmp_path / "small"
+def _tmpfs(mnt: Path, options: str):
+    """A tmpfs mounted at ``mnt`` with ``options`` for the test's duration (skipped where mounting
+    is not allowed)."""
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs: too small for a trial's artifacts (skipped where mounting is not allowed)."""
+    yield from _tmpfs(tmp_path / "small", "size=256k")
 
 
 @pytest.mark.slow
@@ -552,15 +557,7 @@ def test_an_unreachable_database_is_one_line_and_exit_1(workdir, capsys):
 @pytest.fixture
 def read_only_dir(tmp_path):
     """An empty read-only mount (skipped where mounting is not allowed)."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from _tmpfs(tmp_path / "ro", "ro,size=64k")
 
 
 def test_a_storage_on_a_read_only_file_system_is_one_line_and_exit_1(workdir, read_only_dir, capsys):
