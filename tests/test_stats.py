@@ -50,3 +50,11 @@ def test_mcnemar_is_exact_at_imagenet_scale():
     p as scipy's binomial test (its speed against the code it replaced: bench/bench_speedups.py)."""
     assert mcnemar_exact(10_000, 12_000) == pytest.approx(_mcnemar_oracle(10_000, 12_000), rel=1e-9)
     assert mcnemar_exact(24_000, 26_000) == pytest.approx(_mcnemar_oracle(24_000, 26_000), rel=1e-9)
+
+
+@pytest.mark.parametrize("b,c", [(222, 164), (10, 60), (3, 3), (0, 0)])
+def test_mcnemar_takes_numpy_counts(b, c):
+    """Counts recomputed from logged predictions come as NumPy ints (``np.sum``): the same exact p
+    as from Python ints (int64 overflowed in the binomial terms and 2**n: p = 1.0 for (222, 164))."""
+    assert mcnemar_exact(np.int64(b), np.int64(c)) == mcnemar_exact(b, c)
+    assert mcnemar_exact(np.int64(b), np.int64(c)) == pytest.approx(_mcnemar_oracle(b, c), rel=1e-9, abs=1e-15)

@@ -6,6 +6,7 @@ the two models, so a reviewer can recompute them from the logged predictions.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,7 +30,11 @@ class PairedComparison:
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
-    """Exact McNemar p-value: two-sided binomial test of ``only_a`` in ``only_a + only_b`` at 1/2."""
+    """Exact McNemar p-value: two-sided binomial test of ``only_a`` in ``only_a + only_b`` at 1/2.
+
+    The counts may be any integers (Python or NumPy, e.g. ``np.sum`` of a correctness vector)."""
+    # Python integers: NumPy's int64 overflows in C(n, i) and 2**n (a silently wrong p of 1.0)
+    only_a, only_b = operator.index(only_a), operator.index(only_b)
     n = only_a + only_b
     if n == 0:
         return 1.0
