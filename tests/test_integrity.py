@@ -352,6 +352,26 @@ def test_trial_table_does_not_print_the_tracking_uris_password(workdir, tmp_path
     assert "s3cret" not in out
 
 
+def test_trial_table_says_how_many_warnings_it_left_out(workdir, tmp_path, capsys):
+    """The table prints the first 5 warnings and counts the rest (all of them are in the run's
+    warnings.txt): a kernel layout on 3x3 kernels warns once per layer."""
+    import dataclasses
+
+    from wavesweep import trial
+
+    torch.save(_cnn_state(0), tmp_path / "w.pt")
+    cfg = TrialConfig.from_mapping({**TINY, "eval_limit": 40, "weights": str(tmp_path / "w.pt"), "device": "cpu"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = trial.run_trial(cfg)
+    for n, tail in ((5, None), (8, "warning: ... and 3 more (all 8: the trial run's warnings.txt)")):
+        capsys.readouterr()
+        cli._print_trial(dataclasses.replace(result, warnings=[f"w{i}" for i in range(n)]), "0123abcd")
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning: ")]
+        assert lines[:5] == [f"warning: w{i}" for i in range(5)]
+        assert lines[5:] == ([tail] if tail else [])
+
+
 def test_passwords_the_url_pattern_misses_are_redacted_once_the_url_is_seen(workdir):
     """SQLAlchemy accepts a password with '/', a quote or a space unencoded; the URL pattern stops at
     those, so the storage check remembers the parsed password and redacts it as a string."""

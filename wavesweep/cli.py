@@ -106,6 +106,8 @@ def _print_trial(result: Any, run_id: str) -> None:
     print("note: dwt weights are dense after reconstruction; its compression is in the coefficients (c-sparsity).")
     for w in result.warnings[:5]:
         print(f"warning: {w}")
+    if len(result.warnings) > 5:  # all of them are the run's warnings.txt
+        print(f"warning: ... and {len(result.warnings) - 5} more (all {len(result.warnings)}: the trial run's warnings.txt)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
