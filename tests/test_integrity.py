@@ -426,6 +426,19 @@ def test_bad_input_is_one_line_exit_2(workdir, capsys, argv, needles):
         assert needle in err, (needle, err)
 
 
+@pytest.mark.slow  # a fresh MLflow store: seconds, not milliseconds
+def test_a_layout_the_model_cannot_take_fails_its_run_before_the_base_model(workdir, capsys, monkeypatch):
+    """``wavesweep trial --model mlp --targets linear --layout kernel`` trained the base model
+    (25 s on CPU) and only then said the layout cannot take a Linear weight."""
+    from wavesweep import train
+
+    monkeypatch.setattr(train, "get_base_model", lambda *a, **k: pytest.fail("a base model was trained or loaded"))
+    err = _one_line_error(capsys, cli.main(["trial", "--model", "mlp", "--targets", "linear", "--layout", "kernel"]))
+    assert "target layer 'net.1': layout 'kernel' needs a 4-D conv weight (out, in, kh, kw), got shape (256, 64)" in err
+    (run,) = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert run.info.status == "FAILED" and "layout 'kernel'" in run.data.tags["error"]
+
+
 @pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
 @pytest.mark.parametrize("kind", ["empty", "truncated", "random", "malicious"])
 def test_bad_weights_file_is_one_line_exit_2(workdir, capsys, kind):

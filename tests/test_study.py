@@ -165,6 +165,12 @@ BAD_SPECS = [
      ["space.model", ":2", "model 'mlp' has no conv layers"]),
     ("study: x\nbase: {model: mlp}\nspace:\n  targets: [linear, conv]\nobjectives: {top1: maximize}\nn_trials: 1\n",
      ["space.targets", ":4", "model 'mlp' has no conv layers to prune (targets='conv')"]),
+    # a layout that cannot take a target's weight: every trial that samples it fails
+    ("study: x\nbase: {model: cnn}\nfixed: {targets: 'conv,linear'}\nspace:\n  layout: [kernel, filter]\n"
+     "objectives: {top1: maximize}\nn_trials: 1\n",
+     ["space.layout", ":5", "model 'cnn', targets='conv,linear': target layer 'fc': layout 'kernel' needs a 4-D conv weight"]),
+    ("study: x\nbase: {model: mlp}\nfixed: {targets: linear, layout: kernel}\nspace: {percentile: [10]}\n"
+     "objectives: {top1: maximize}\nn_trials: 1\n", ["fixed.layout", ":3", "layout 'kernel' needs a 4-D conv weight"]),
 ]
 
 

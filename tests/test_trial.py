@@ -119,3 +119,28 @@ def test_a_trial_through_the_accelerator_paths_gives_the_cpu_numbers(base_and_se
         else:
             assert a.stats == b.stats and a.eval.metrics() == b.eval.metrics()
             np.testing.assert_array_equal(a.eval.correct, b.eval.correct)
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp", "resnet18"])
+@pytest.mark.parametrize("targets", ["conv", "linear", "conv,linear"])
+@pytest.mark.parametrize("layout", ["kernel", "filter"])
+def test_a_model_its_targets_or_layout_cannot_take_is_refused_before_any_base_model(model, targets, layout, monkeypatch):
+    """``--model mlp --targets linear --layout kernel`` trained the base model, then failed at
+    pruning. The check on a meta-device build refuses exactly the combinations the real model
+    would (the oracle: the real model's module types and weight shapes) and names the real
+    shapes, before a base model is trained or loaded."""
+    from torch import nn
+
+    real = build_model(model, num_classes=10, in_channels=1, image_size=8)  # digits
+    kinds = tuple({"conv": nn.Conv2d, "linear": nn.Linear}[k] for k in targets.split(","))
+    found = [(n, m) for n, m in real.named_modules() if isinstance(m, kinds)]
+    bad = next((f"target layer {n!r}: layout 'kernel' needs a 4-D conv weight (out, in, kh, kw), got shape "
+                f"{tuple(m.weight.shape)}" for n, m in found if layout == "kernel" and m.weight.dim() != 4), None)  # fmt: skip
+    cfg = TrialConfig(model=model, dataset="digits", targets=targets, layout=layout, device="cpu")
+    monkeypatch.setattr(train, "get_base_model", lambda *a, **k: pytest.fail("a base model was loaded"))
+    if found and bad is None:
+        trial.check_model_fits(cfg)
+        return
+    with pytest.raises(ValueError) as info:
+        trial.run_trial(cfg)
+    assert (bad or "has no target layers of kinds") in str(info.value)

@@ -61,6 +61,20 @@ __all__ = [
 ]
 
 
+def check_layout(model: nn.Module, targets: Iterable[str] | str, layout: str) -> list[tuple[str, nn.Module]]:
+    """The target layers of ``model`` (``(name, module)``), after checking that there are some and
+    that ``layout`` can take every one's weight (a Linear's 2-D weight in ``kernel`` cannot).
+    Shapes only: a model built on the meta device will do, which is how a trial and a study spec
+    refuse a bad combination before any base model is trained or loaded."""
+    found = target_layers(model, normalise_targets(targets))
+    for name, m in found:
+        try:
+            wv.layout_array(np.empty(tuple(m.weight.shape), dtype=np.uint8), layout)  # shape only, memory untouched
+        except ValueError as e:
+            raise ValueError(f"target layer {name or '(root)'!r}: {e}") from None
+    return found
+
+
 def prune_dwt(
     model: nn.Module,
     *,
@@ -113,13 +127,8 @@ def prune_dwt(
     targets = normalise_targets(targets)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    found = target_layers(model, targets)
-    check_finite_targets(found)  # raises before the copy: no target layers, NaN weights
-    for name, m in found:  # and a weight the layout cannot take (a Linear in `kernel`), before any layer is written
-        try:
-            wv.layout_array(np.empty(tuple(m.weight.shape), dtype=np.uint8), layout)  # shape only, memory untouched
-        except ValueError as e:
-            raise ValueError(f"target layer {name or '(root)'!r}: {e}") from None
+    found = check_layout(model, targets, layout)  # before the copy: no target layers, a weight the layout cannot take
+    check_finite_targets(found)  # and NaN weights
     work = work_model(model, inplace)
     layers = target_layers(work, targets)
     percentile = float(percentile)

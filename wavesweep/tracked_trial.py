@@ -16,7 +16,7 @@ import torch
 
 from wavesweep import checkpoint, interrupt, model_registry, models, tracking, train
 from wavesweep.config import TrialConfig
-from wavesweep.trial import Reporter, TrialResult, load_eval_set, run_trial
+from wavesweep.trial import Reporter, TrialResult, check_model_fits, load_eval_set, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def run_tracked_trial(
     try:
         if on_run is not None:
             on_run(run.run_id)
+        check_model_fits(cfg)  # before the base model is trained or loaded
         t0 = time.perf_counter()
         base = resolve_base(cfg, progress=progress)
         t_base = time.perf_counter() - t0

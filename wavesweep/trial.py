@@ -20,6 +20,7 @@ import torch
 from wavesweep import accounting, data, evaluate, evalsplit, pruning, recovery, schema, train
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import atomic_write
+from wavesweep.models import build_model
 from wavesweep.stats import PairedComparison, paired_comparison
 from wavesweep.wavelets import LevelClampedWarning, StructuralZerosWarning
 
@@ -163,6 +164,16 @@ def _base_eval_cached(
     return evaluate.metrics_from_logits(logits, targets)
 
 
+def check_model_fits(cfg: TrialConfig) -> None:
+    """Raise ValueError when ``cfg.model`` has no layers of ``cfg.targets``' kinds or ``cfg.layout``
+    cannot take one's weight (a Linear in ``kernel``): checked on the shapes of a model built on
+    the meta device (milliseconds), before any base model is trained or loaded."""
+    ds = data.DATASETS.get(cfg.dataset)  # its registered input shape: the shapes printed are the real model's
+    with torch.device("meta"):
+        net = build_model(cfg.model, num_classes=ds.num_classes or 2, in_channels=ds.in_channels, image_size=ds.image_size)
+    pruning.check_layout(net, cfg.target_kinds, cfg.layout)
+
+
 def run_trial(
     cfg: TrialConfig,
     *,
@@ -190,6 +201,8 @@ def run_trial(
             yield
         caught.extend(f"{w.category.__name__}: {w.message}" for w in wlist if not issubclass(w.category, (LevelClampedWarning, StructuralZerosWarning)))
 
+    if base is None:  # before a base model is loaded, data included
+        check_model_fits(cfg)
     with phases("load_data"):
         bundle, eval_all = load_eval_set(cfg)
         val_set, eval_set = evalsplit.split_eval_set(eval_all, cfg.val_fraction, seed=cfg.seed)

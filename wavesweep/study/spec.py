@@ -220,12 +220,14 @@ class StudySpec:
     def _check_targets(self) -> None:
         """Every model the study can run has layers of every ``targets`` it can run with: an
         ``mlp`` (Linear layers only) with the default ``targets: conv`` used to be accepted and
-        then fail trial after trial. The models are built on the meta device (no memory, no
-        weights: milliseconds)."""
+        then fail trial after trial; and every layout it can run with takes those layers' weights
+        (``kernel`` cannot take a Linear's). The models are built on the meta device (no memory,
+        no weights: milliseconds)."""
         import torch
 
         from wavesweep.models import build_model
         from wavesweep.prune_record import target_layers
+        from wavesweep.pruning import check_layout
 
         def options(name: str) -> tuple[tuple[str, ...], list[Any]]:
             searched = next((p for p in self.space if p.name == name), None)
@@ -235,6 +237,7 @@ class StudySpec:
 
         model_key, models = options("model")
         targets_key, targets = options("targets")
+        layout_key, layouts = options("layout")
         for t in targets:
             for m in models:
                 cfg = TrialConfig.from_mapping({**self.fixed, "model": m, "targets": t})
@@ -248,6 +251,11 @@ class StudySpec:
                         f"model {cfg.model!r} has no {' or '.join(cfg.target_kinds)} layers to prune (targets={cfg.targets!r}"
                         f"{'' if targets_key[0] == 'space' or 'targets' in self.fixed else ', the default'}); "
                         f"give targets: {'linear' if 'conv' in cfg.target_kinds else 'conv'} or another model")) from None
+                for lay in layouts:  # a layout that cannot take a target's weight (a Linear in `kernel`) fails every trial it is in
+                    try:
+                        check_layout(net, cfg.target_kinds, lay)
+                    except ValueError as e:
+                        raise SpecError(layout_key, f"model {cfg.model!r}, targets={cfg.targets!r}: {e} (or targets: conv)") from None
 
     def _check_values(self) -> None:
         """Every fixed value and every choice / range end must make a valid TrialConfig on its own."""
