@@ -55,6 +55,19 @@ def test_an_empty_or_malformed_grid_is_one_line_before_any_work(workdir, capsys,
     assert len(err) == 1 and err[0].startswith(f"wavesweep: error: {needle}"), err
 
 
+def test_a_cuda_device_without_cuda_is_one_line_before_any_work(workdir, capsys, monkeypatch):
+    """As for ``wavesweep trial``: exit 2 and one line, not a RuntimeError's traceback (exit 1)."""
+    import torch
+
+    from wavesweep import cli, train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "get_base_model", lambda *a, **k: pytest.fail("work before the device was checked"))
+    assert cli.main(["results", "--model", "cnn", "--dataset", "digits", "--device", "cuda", "--out", "p.md"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["wavesweep: error: device 'cuda' requested but CUDA is not available; use 'cpu' or 'auto'"], err
+
+
 def test_render_counts_and_ties(tmp_path):
     grid = results.Grid(model="cnn", configs=(("bior4.4", "filter"), ("bior4.4", "kernel")), fractions=(80,))
     facts = {"date": "d", "machine": "CPU only (x86_64, 2 CPU cores)", "seconds": 60.0, "base_load_seconds": 1.0,

@@ -347,6 +347,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         recovery_batches=args.recovery_batches, finetune_steps=args.finetune_steps,
     )  # fmt: skip
     grid.trials()  # validate every trial before any work
+    _check_device(args.device)
 
     def on_trial(i: int, n: int, cfg: TrialConfig) -> None:
         print(f"[{i + 1}/{n}] {cfg.wavelet} {cfg.layout} p{cfg.percentile:g} recovery={cfg.recovery}", flush=True)
