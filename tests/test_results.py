@@ -55,6 +55,25 @@ def test_an_empty_or_malformed_grid_is_one_line_before_any_work(workdir, capsys,
     assert len(err) == 1 and err[0].startswith(f"wavesweep: error: {needle}"), err
 
 
+@pytest.mark.parametrize("out, needle", [
+    ("pages", "--out pages: pages is a folder"),
+    ("page.md", "--out page.md: page.progress.csv is a folder"),
+    ("afile/page.md", "--out afile/page.md: afile is a file, not a folder"),
+])  # fmt: skip
+def test_an_out_path_that_cannot_be_written_is_one_line_before_any_work(workdir, capsys, monkeypatch, out, needle):
+    """The page is written after the whole grid has run: a folder named like the page (or its
+    progress file), or a file where a folder must be, was a traceback at the very end."""
+    from wavesweep import cli, train
+
+    (workdir / "pages").mkdir()
+    (workdir / "page.progress.csv").mkdir()
+    (workdir / "afile").write_text("")
+    monkeypatch.setattr(train, "get_base_model", lambda *a, **k: pytest.fail("work before --out was checked"))
+    assert cli.main(["results", "--model", "cnn", "--dataset", "digits", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wavesweep: error: {needle}"), err
+
+
 def test_a_cuda_device_without_cuda_is_one_line_before_any_work(workdir, capsys, monkeypatch):
     """As for ``wavesweep trial``: exit 2 and one line, not a RuntimeError's traceback (exit 1)."""
     import torch

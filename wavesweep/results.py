@@ -88,6 +88,21 @@ def progress_path(page: Path) -> Path:
     return page.with_suffix(".progress.csv")
 
 
+def check_page_path(page: Path) -> Path:
+    """``page`` when the page, its CSV and its progress file can be written there; else a one-line
+    ``ValueError`` naming what is in the way (a folder by one of those names, a file where a folder
+    must be). Checked before the grid runs: writing the page is its last step."""
+    for p in (page, page.with_suffix(".csv"), progress_path(page)):
+        if p.is_dir():
+            raise ValueError(f"--out {page}: {p} is a folder; give the page's file name (e.g. {p / 'results.md'})")
+    for folder in page.parents:  # the nearest one that exists must be a folder (the rest are created)
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--out {page}: {folder} is a file, not a folder")
+            break
+    return page
+
+
 def _trial_key(cfg: TrialConfig) -> tuple:
     return (cfg.wavelet, cfg.layout, float(cfg.percentile), cfg.recovery)
 
