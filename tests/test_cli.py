@@ -111,3 +111,37 @@ def test_printed_store_locations_are_absolute_and_hide_passwords(tmp_path, monke
     assert located("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
     assert located("sqlite:///o.db?timeout=60") == "sqlite:///o.db?timeout=60"  # left as given
     assert located("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
+
+
+def _file_in_the_way(workdir: Path) -> None:
+    (workdir / "afile").write_text("")
+
+
+@pytest.mark.parametrize("report_dir", ["afile", "afile/rep"])
+def test_a_report_dir_that_is_a_file_is_one_line_before_the_study_runs(workdir, capsys, monkeypatch, report_dir):
+    """The report is written after the study: `--report-dir FILE` ran every trial, then ended
+    in a FileExistsError traceback (exit 1) from the report's mkdir."""
+    from wavesweep import cli, study
+
+    _file_in_the_way(workdir)
+    spec = ROOT / "sweeps" / "digits-resnet18.yaml"
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("the study ran before --report-dir was checked"))
+    assert cli.main(["study", str(spec), "--report-dir", report_dir, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wavesweep: error: report folder {report_dir}: afile is a file, not a folder (--report-dir)"], err
+
+
+def test_report_into_a_file_is_one_line(workdir, capsys):
+    """`wavesweep report NAME --report-dir FILE` on a study with a complete trial: one line, exit 2."""
+    import optuna
+
+    from wavesweep import cli
+
+    _file_in_the_way(workdir)
+    url = f"sqlite:///{workdir / 'optuna.db'}"
+    s = optuna.create_study(study_name="done", storage=url)
+    s.add_trial(optuna.trial.create_trial(value=0.5, params={}, distributions={}))
+    capsys.readouterr()  # Optuna's own log line
+    assert cli.main(["report", "done", "--storage", url, "--report-dir", "afile"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["wavesweep: error: report folder afile: afile is a file, not a folder (--report-dir)"], err

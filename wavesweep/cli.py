@@ -205,6 +205,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers={args.workers} must be an integer >= 1 (worker processes on this machine)")
     if args.sampler_seed is not None:
         study.check_sampler_seed(args.sampler_seed, args.workers)
+    _report_dir(args.report_dir, spec.name)
     enqueued = [study.enqueue_params(spec, item) for item in args.enqueue or []]
     url = args.storage or spec.storage or study.DEFAULT_STORAGE
     study.check_storage_url(url)
@@ -272,6 +273,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise ValueError(f"no study {name!r} in {located(url)}; studies there: {', '.join(names) or 'none'}") from None
+    _report_dir(args.report_dir, found.study_name)
     parent = found.user_attrs.get("mlflow_run_id")
     _print_summary(found, parent or "-", url)
     if study.best_trial(found) is None:
@@ -307,15 +309,27 @@ def _print_summary(found: Any, parent: str, url: str, final: bool = True) -> Non
         print(f"best trial {best.number}: {vals} params {best.params} (MLflow run {best.user_attrs.get('mlflow_run_id')})")
 
 
+def _report_dir(report_dir: str | None, study_name: str) -> Path:
+    """Where a study's report goes (``--report-dir``, default ``reports/STUDY``); a one-line
+    ``ValueError`` naming a file in the way, checked before the study runs (its report comes last)."""
+    from wavesweep.names import check_name
+
+    out = Path(report_dir) if report_dir else Path("reports") / check_name("study name", study_name)
+    for p in (out, *out.parents):  # the nearest one that exists must be a folder (the rest are created)
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"report folder {out}: {p} is a file, not a folder (--report-dir)")
+            break
+    return out
+
+
 def _report(found: Any, report_dir: str | None, register: str | None, parent: str | None) -> None:
     """Write (and log on the study run) the study's report; optionally register its best model."""
     from wavesweep import study, tracking
     from wavesweep.fileio import file_lock
     from wavesweep.tracked_trial import register_trial_model
 
-    from wavesweep.names import check_name
-
-    out = Path(report_dir) if report_dir else Path("reports") / check_name("study name", found.study_name)
+    out = _report_dir(report_dir, found.study_name)
     # Launchers that finish together write the same folder: one at a time, each uploading its own files.
     with file_lock(out.parent / f".{out.name}.lock"):
         files = study.build_report(found, out)
