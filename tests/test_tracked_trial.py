@@ -158,6 +158,27 @@ def test_same_config_and_seed_give_same_metrics(workdir):
         assert np.array_equal(a.outcomes[m].eval.preds, b.outcomes[m].eval.preds)
 
 
+def test_validation_numbers_are_recomputable_from_the_logged_predictions(workdir, tmp_path):
+    """A study selects on the validation part (val_top1, val_gain_top1_vs_magnitude: its objective
+    and "best"); predictions.csv holds the test part only, so those numbers were not recomputable
+    from the run. predictions_val.csv holds the validation part's, in the split's order."""
+    from wavesweep import evalsplit
+
+    cfg = TrialConfig.from_mapping({**TINY, "timing_batches": "0", "val_fraction": "0.5", "recovery": "none"})
+    _, run_id = run_tracked_trial(cfg)
+    client = MlflowClient()
+    pm = client.get_run(run_id).data.metrics
+    preds = pd.read_csv(client.download_artifacts(run_id, "predictions_val.csv", str(tmp_path)))
+    val, test = evalsplit.split_eval_set(trial.load_eval_set(cfg)[1], cfg.val_fraction, seed=cfg.seed)
+    assert len(preds) == pm["n_val"] == len(val) and pm["n_eval"] == len(test)
+    assert list(preds["target"]) == [int(val[i][1]) for i in range(len(val))]
+    acc = {c: float((preds[c] == preds["target"]).mean()) for c in ("base", "dwt", "magnitude", "random")}
+    assert acc["base"] == pytest.approx(pm["base_val_top1"]) and acc["dwt"] == pytest.approx(pm["val_top1"])
+    for b in ("magnitude", "random"):
+        assert acc[b] == pytest.approx(pm[f"{b}_val_top1"])
+        assert acc["dwt"] - acc[b] == pytest.approx(pm[f"val_gain_top1_vs_{b}"])
+
+
 def test_failure_marks_runs_failed_and_keeps_error(workdir, monkeypatch):
     from wavesweep import tracked_trial
 

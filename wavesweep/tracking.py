@@ -6,7 +6,8 @@ wavesweep module imports mlflow. Layout of what one trial records:
 
 * parent run (``method`` tag ``trial``): the full config, base-model identity, the headline
   (dwt metrics under plain names, ``magnitude_*``/``random_*``/``base_*`` beside them), the paired
-  comparisons, the compressed dwt checkpoint, the per-layer table, predictions, warnings;
+  comparisons, the compressed dwt checkpoint, the per-layer table, predictions (of the validation
+  part too, when there is one), warnings;
 * one child run per method (``method`` tag ``dwt``/``magnitude``/``random``) with the same metric
   names for every method, so the UI compares methods column by column;
 * replicates (``wavesweep.tracked_config``): N such trial runs below one configuration run.
@@ -383,6 +384,10 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
         **{f"layers_{m}.csv": f.to_csv(index=False) for m, f in frames.items()},
         "paired.json": json.dumps({k: v.__dict__ for k, v in result.paired.items()}, indent=2),
     }
+    if result.base_val_eval is not None:  # the validation part: what a study selects on (val_top1, val_gain_*)
+        val = pd.DataFrame({"target": result.base_val_eval.targets, "base": result.base_val_eval.preds,
+                            **{m: o.val_eval.preds for m, o in result.outcomes.items()}})  # fmt: skip
+        files["predictions_val.csv"] = val.to_csv(index=False)
     copies = {f"{CHECKPOINT_DIR}/{path.name}": Path(path) for path in checkpoint_files.values()}
     _log_files(client, run.run_id, files, copies=copies)
 
