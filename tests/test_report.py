@@ -120,6 +120,23 @@ def test_summary_table_single_objective_and_minimize():
     assert "pruned_fraction" in table and "dwt_vs_magnitude_mcnemar_p" in table
 
 
+@pytest.mark.parametrize("param, values", [("finetune_lr", [1e-4, 1e-3, 3e-3]), ("targets", ["conv", "conv,linear", "linear"]),
+                                           ("recovery_batches", [5, 50, 20])])  # fmt: skip
+def test_summary_names_every_searched_parameter_of_the_best(tmp_path, param, values):
+    """Any trial parameter can be searched; the best-configuration table showed only wavelet,
+    level, percentile, layout, mode, scope, keep_approx and recovery, so a study searching
+    ``finetune_lr`` named its best trial without the value that made it best."""
+    frame = make_frame().assign(dataset="digits")
+    frame[param] = [values[i % 3] for i in range(len(frame))]
+    files = report.write_report(frame, tmp_path, study_name="demo", objectives=[("top1", "maximize")], importances={})
+    summary = pd.read_csv(files["summary_csv"], dtype={param: type(values[0])})
+    done = frame[frame["state"] == "COMPLETE"]
+    best = done.loc[done["value_0"].idxmax()]
+    assert summary.loc[0, "trial"] == best["number"] and summary.loc[0, param] == best[param]
+    assert f" {param} |" in files["summary_md"].read_text()
+    assert "dataset" not in summary  # the same in every trial: not a column
+
+
 def test_reports_survive_a_study_without_complete_trials(tmp_path):
     frame = make_frame(3).assign(state="PRUNED", value_0=np.nan, value_1=np.nan)
     files = report.write_report(frame, tmp_path, study_name="none", objectives=[("top1", "maximize")], importances={})

@@ -19,7 +19,7 @@ import pandas as pd
 
 from wavesweep import figures, schema
 from wavesweep.fileio import atomic_write
-from wavesweep.trials_frame import SUMMARY_PARAMS, complete, importance_caveat, pareto_mask
+from wavesweep.trials_frame import CONFIG_COLUMNS, SUMMARY_PARAMS, complete, importance_caveat, pareto_mask
 
 DENSE_NOTE = (
     "dwt weights are dense after reconstruction: its compression is in the coefficient domain "
@@ -100,13 +100,17 @@ def with_significance(frame: pd.DataFrame) -> pd.DataFrame:
 
 def summary_table(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> pd.DataFrame:
     """Best configurations per objective with their matched baselines, paired statistics,
-    adjusted p-values and a significance verdict (``with_significance``)."""
+    adjusted p-values and a significance verdict (``with_significance``). The configuration
+    columns: ``SUMMARY_PARAMS`` and ``recovery``, and every other configuration column whose
+    value differs between the complete trials (a searched ``finetune_lr``, ``targets``, ...)."""
     rows = best_rows(with_significance(frame), objectives)
     if rows.empty:
         return pd.DataFrame(columns=["selection", "trial"])
+    done = complete(frame)
     cols = ["selection", "number"]
     cols += [f"value_{i}" for i in range(len(objectives))]
     cols += [c for c in (*SUMMARY_PARAMS, "recovery") if c in rows]
+    cols += [c for c in CONFIG_COLUMNS if c in rows and c not in cols and done[c].astype(str).nunique() > 1]
     cols += [c for c in SUMMARY_METRICS if c in rows]
     cols += [c for c in REPLICATE_METRICS if c in rows and rows[c].notna().any()]
     cols += [c for c in ("n_val", "n_eval", "mlflow_run_id") if c in rows]
