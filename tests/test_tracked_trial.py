@@ -179,6 +179,26 @@ def test_validation_numbers_are_recomputable_from_the_logged_predictions(workdir
         assert acc["dwt"] - acc[b] == pytest.approx(pm[f"val_gain_top1_vs_{b}"])
 
 
+def test_pre_recovery_numbers_are_recomputable_from_the_logged_predictions(workdir, tmp_path):
+    """The 'pre top1' column (prerec_* metrics: each pruned model before its recovery) is
+    recomputable from predictions_prerec.csv, in predictions.csv's example order; a trial without
+    recovery logs no such file."""
+    cfg = TrialConfig.from_mapping({**TINY, "timing_batches": "0", "recovery": "bn", "recovery_batches": "2"})
+    _, run_id = run_tracked_trial(cfg)
+    client = MlflowClient()
+    metrics = {r.data.tags["method"]: r.data.metrics for r in client.search_runs(
+        [client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")}  # fmt: skip
+    pre = pd.read_csv(client.download_artifacts(run_id, "predictions_prerec.csv", str(tmp_path / "a")))
+    post = pd.read_csv(client.download_artifacts(run_id, "predictions.csv", str(tmp_path / "b")))
+    assert list(pre["target"]) == list(post["target"])
+    for m in ("dwt", "magnitude", "random"):
+        assert float((pre[m] == pre["target"]).mean()) == pytest.approx(metrics[m]["prerec_top1"])
+        assert float((post[m] == post["target"]).mean()) == pytest.approx(metrics[m]["top1"])
+    assert any(pre[m].ne(post[m]).any() for m in ("dwt", "magnitude", "random"))  # recovery changed something
+    _, run_none = run_tracked_trial(TrialConfig.from_mapping({**TINY, "timing_batches": "0", "recovery": "none"}))
+    assert "predictions_prerec.csv" not in [f.path for f in client.list_artifacts(run_none)]
+
+
 def test_failure_marks_runs_failed_and_keeps_error(workdir, monkeypatch):
     from wavesweep import tracked_trial
 

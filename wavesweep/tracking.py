@@ -7,7 +7,7 @@ wavesweep module imports mlflow. Layout of what one trial records:
 * parent run (``method`` tag ``trial``): the full config, base-model identity, the headline
   (dwt metrics under plain names, ``magnitude_*``/``random_*``/``base_*`` beside them), the paired
   comparisons, the compressed dwt checkpoint, the per-layer table, predictions (of the validation
-  part too, when there is one), warnings;
+  part too, when there is one, and before recovery, when there was one), warnings;
 * one child run per method (``method`` tag ``dwt``/``magnitude``/``random``) with the same metric
   names for every method, so the UI compares methods column by column;
 * replicates (``wavesweep.tracked_config``): N such trial runs below one configuration run.
@@ -388,6 +388,9 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
         val = pd.DataFrame({"target": result.base_val_eval.targets, "base": result.base_val_eval.preds,
                             **{m: o.val_eval.preds for m, o in result.outcomes.items()}})  # fmt: skip
         files["predictions_val.csv"] = val.to_csv(index=False)
+    if all(o.prerec_eval is not None for o in result.outcomes.values()):  # the pruned models before recovery: prerec_*
+        pre = pd.DataFrame({"target": result.base_eval.targets, **{m: o.prerec_eval.preds for m, o in result.outcomes.items()}})
+        files["predictions_prerec.csv"] = pre.to_csv(index=False)
     copies = {f"{CHECKPOINT_DIR}/{path.name}": Path(path) for path in checkpoint_files.values()}
     _log_files(client, run.run_id, files, copies=copies)
 
