@@ -386,6 +386,10 @@ def test_adjusted_p_values_and_verdicts(tmp_path):
     n_p = int(trials_frame.complete(make_frame(12))["dwt_vs_magnitude_mcnemar_p"].notna().sum())
     assert 0 < n_p < 12  # some trials are not complete: the count is of the tested ones
     assert f"Benjamini-Hochberg over the {n_p} complete trials with a McNemar p" in md
+    # every trial over replicate seeds (no McNemar p anywhere): said so, not "over the 0 complete trials"
+    frame = make_frame(12).assign(dwt_vs_magnitude_mcnemar_p=np.nan)
+    md0 = report.write_report(frame, tmp_path / "rep", study_name="s", objectives=[("top1", "maximize")])["summary_md"].read_text()
+    assert "over the 0 complete trials" not in md0 and "No complete trial has a McNemar p, so no p is adjusted" in md0
     summary = pd.read_csv(files["summary_csv"])
     best = summary[summary["selection"] == "best top1 (maximize)"].iloc[0]
     assert best["dwt_vs_magnitude_verdict"] == "not significant (CI contains 0)"

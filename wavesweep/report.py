@@ -270,9 +270,12 @@ def write_report(
         to_markdown(with_intervals(table)) if len(table) else "_no complete trials_\n",
         "Gains are dwt top-1 minus the matched baseline's on the same examples; the interval is a "
         "95 % paired bootstrap interval and p the exact McNemar test on discordant examples. "
-        f"Adjusted p: Benjamini-Hochberg over the {_n_tested(frame)} complete trials with a McNemar p "
-        "(scipy.stats.false_discovery_control; a trial over replicate seeds has none: its interval is "
-        "the t-interval across the seeds). A gain is called significant only when its interval "
+        + (f"Adjusted p: Benjamini-Hochberg over the {_n_tested(frame)} complete trials with a McNemar p "
+           "(scipy.stats.false_discovery_control; a trial over replicate seeds has none: its interval is "
+           "the t-interval across the seeds). " if _n_tested(frame) else
+           "No complete trial has a McNemar p, so no p is adjusted (a trial over replicate seeds has "
+           "none: its interval is the t-interval across the seeds). ")
+        + "A gain is called significant only when its interval "
         "excludes 0 and its adjusted p is below 0.05; \"best\" means best on the objective, not a "
         "significant improvement.",
         "",
