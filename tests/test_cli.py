@@ -92,13 +92,14 @@ def test_models_listing_shows_numbers_to_four_significant_digits(monkeypatch, ca
     from wavesweep import cli, model_registry
 
     tags = {"method": "dwt", "wavelet": "haar", "level": "2", "percentile": "50.0", "layout": "filter",
-            "top1": "0.8166666666666667", "compression_ratio": "1.073653795821195"}  # fmt: skip
+            "recovery": "finetune", "seed": "3", "top1": "0.8166666666666667", "compression_ratio": "1.073653795821195"}  # fmt: skip
     monkeypatch.setattr(model_registry, "list_registered",
                         lambda: [{"name": "m", "version": "3", "aliases": ["champion"], "tags": tags, "run_id": "abc"}])
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out
     assert f"top1={float(tags['top1']):.4g} ratio={float(tags['compression_ratio']):.4g} run=abc" in out
     assert "top1=0.8167 ratio=1.074" in out and "aliases=champion" in out
+    assert "layout=filter recovery=finetune seed=3 top1=" in out
 
 
 def test_printed_store_locations_are_absolute_and_hide_passwords(tmp_path, monkeypatch):

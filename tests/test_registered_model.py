@@ -96,6 +96,12 @@ def test_register_leaves_the_source_run_unchanged(trial_run):
     assert after.data.params == before.data.params and after.data.metrics == before.data.metrics
     # what changed: one folder of artifacts, the model
     assert "registered-dwt" in [f.path for f in client.list_artifacts(run_id)]
+    # the version says what made it, recovery and seed included (a bn and a finetune model of one
+    # configuration differ only there); oracle: the source run's params
+    tags = client.get_model_version("unchanged", mv.version).tags
+    for key in ("wavelet", "level", "percentile", "layout", "mode", "model", "dataset", "recovery", "seed"):
+        assert float(tags[key]) == float(before.data.params[key]) if key in ("level", "percentile", "seed") \
+            else tags[key] == before.data.params[key], key
 
 
 def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp_path):

@@ -150,7 +150,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         t = r["tags"]
         print(f"{r['name']} v{r['version']} aliases={','.join(r['aliases']) or '-'} method={t.get('method')} "
               f"wavelet={t.get('wavelet')} level={t.get('level')} percentile={t.get('percentile')} layout={t.get('layout')} "
-              f"top1={_short(t.get('top1'))} ratio={_short(t.get('compression_ratio'))} run={r['run_id']}")  # fmt: skip
+              f"recovery={t.get('recovery')} seed={t.get('seed')} top1={_short(t.get('top1'))} ratio={_short(t.get('compression_ratio'))} run={r['run_id']}")  # fmt: skip
     return 0
 
 
