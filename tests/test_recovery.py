@@ -439,45 +439,6 @@ def test_finetune_dwt_trains_only_kept_coefficients(train_set, tmp_path, layout)
     torch.testing.assert_close(res.model(x), rebuilt(x), rtol=1e-4, atol=1e-4)
 
 
-class TiedNet(nn.Module):
-    """A target Linear whose weight is tied to an Embedding (not a target), as in a language
-    model's input and output embeddings."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(16, 8)
-        self.fc = nn.Linear(8, 16)
-        self.fc.weight = self.emb.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.emb(x).mean(1))
-
-
-def test_finetune_dwt_of_a_weight_tied_to_a_module_that_is_not_a_target():
-    """Both holders of the shared tensor see IDWT(c * m) while it trains (before: the tied
-    Embedding saw the flat coefficients and the step failed, "'weight' must be 2-D"), and the
-    tie outlives the fine-tuning."""
-    pytest.importorskip("wavesweep.wavelets_torch")
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randint(0, 16, (64, 4), generator=g), torch.randint(0, 16, (64,), generator=g))
-    base = TiedNet().eval()
-    res = pruning.prune_dwt(base, wavelet="db1", level=1, percentile=50, targets="linear")
-    (lp,) = res.layers
-    keep0, c0 = lp.keep.copy(), lp.coeffs.copy()
-    settings = recovery.RecoverySettings("finetune", batches=2, steps=6, batch_size=8, lr=1e-2)
-    rep = recovery.recover(res, data, settings)
-    assert rep.finetune_steps == 6
-    m = res.model
-    assert m.fc.weight is m.emb.weight and isinstance(m.fc.weight, nn.Parameter)
-    assert np.array_equal(lp.keep, keep0) and np.all(lp.coeffs[~lp.keep] == 0)
-    assert not np.array_equal(lp.coeffs[lp.keep], c0[lp.keep])  # it trained
-    # the shared weight is the inverse DWT of the fine-tuned coefficients (PyWavelets as the oracle)
-    np.testing.assert_allclose(m.emb.weight.detach().numpy(), wv.reconstruct(lp.coeffs, lp.structure),
-                               rtol=1e-4, atol=1e-5)  # fmt: skip
-    assert list(m.state_dict()) == list(TiedNet().state_dict())
-
-
 @pytest.mark.parametrize("net", [bn_net, twin_net])
 def test_finetune_of_a_record_left_on_the_device_never_copies_it_to_the_host(train_set, tmp_path, monkeypatch, net):
     """As on an accelerator (the record of the torch backends waits on the device for its copy

@@ -458,19 +458,6 @@ def _modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
     return dict(model.named_modules())
 
 
-def _holders(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every ``(module, parameter name)`` holding ``target.weight``, the target's first: a weight
-    tied to a module that is not a target (an ``Embedding`` sharing a classifier's weight) is
-    held by both, and both must see ``IDWT(c * m)`` while the shared tensor holds ``c``."""
-    holders, seen = [(target, "weight")], {(id(target), "weight")}
-    for _, mod in model.named_modules():
-        for name, p in mod._parameters.items():
-            if p is target.weight and (id(mod), name) not in seen:
-                holders.append((mod, name))
-                seen.add((id(mod), name))
-    return holders
-
-
 def _optimizer(params, settings: RecoverySettings) -> torch.optim.Optimizer:
     # No weight decay: it would act on coefficients for dwt and on weights for the others.
     if settings.optimizer == "adamw":
@@ -510,16 +497,13 @@ def finetune(
         # waiting for the device (a blocking copy synchronises, per tensor)
         if lp.has_coeffs:  # dwt: train the kept coefficients
             keep, coeffs = lp.tensor("keep", dev), lp.tensor("coeffs", dev)
-            holders = _holders(model, m)  # the target, then any module its weight is tied to
-            # removing the parametrisation re-adds the parameter last: keep each holder's order
-            orders = [list(h._parameters) for h, _ in holders]
+            order = list(m._parameters)  # removing the parametrisation re-adds weight last: keep the order
             ww = WaveletWeight(keep, lp.structure)
-            for h, name in holders:  # one parametrisation object: every holder's original is the shared tensor
-                parametrize.register_parametrization(h, name, ww, unsafe=True)
+            parametrize.register_parametrization(m, "weight", ww, unsafe=True)
             orig = m.parametrizations.weight.original
             with torch.no_grad():
                 orig.data = ww.to_param(coeffs)
-            dwt_layers.append((lp, m, ww.mask, (holders, orders)))  # the keep mask in the original's order
+            dwt_layers.append((lp, m, ww.mask, order))  # the keep mask in the original's order
         else:
             keep = lp.tensor("keep", dev).reshape(m.weight.shape)
             masked.append((m.weight, keep))
@@ -559,13 +543,10 @@ def finetune(
         # to the record: left on the device (copied to the host in one transfer when the
         # checkpoint reads them); on CPU an array each
         defer_host_copy([lp for lp, _, _, _ in dwt_layers], [{"coeffs": c} for c in tuned])
-        for lp, m, _, (holders, orders) in dwt_layers:
-            # the first removal writes IDWT(c * m) into the shared tensor; a tied holder then
-            # takes that tensor as it is (evaluating its parametrisation again would transform weights)
-            for i, ((h, name), order) in enumerate(zip(holders, orders)):
-                parametrize.remove_parametrizations(h, name, leave_parametrized=i == 0)
-                for key in order:  # state-dict order as before fine-tuning
-                    h._parameters[key] = h._parameters.pop(key)
+        for lp, m, _, order in dwt_layers:
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            for name in order:  # state-dict order as before fine-tuning
+                m._parameters[name] = m._parameters.pop(name)
         model.eval()
     return steps, float(losses[-1]) if losses else float("nan")
 
