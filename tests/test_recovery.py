@@ -439,6 +439,57 @@ def test_finetune_dwt_trains_only_kept_coefficients(train_set, tmp_path, layout)
     torch.testing.assert_close(res.model(x), rebuilt(x), rtol=1e-4, atol=1e-4)
 
 
+class _TiedHead(nn.Module):
+    """A conv, then an output Linear whose weight an embedding shares (tied, as in language
+    models): the embedding's rows are per-class offsets added to the logits."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 64, 4, bias=False)
+        self.emb = nn.Embedding(4, 4 * 64)
+        self.emb.weight = self.head.weight
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).flatten(1)
+        return self.head(h) + self.emb(torch.arange(4, device=x.device)).mean(1)
+
+
+@pytest.mark.parametrize("method", ["dwt", "magnitude"])
+def test_finetune_of_a_target_weight_tied_to_another_module(train_set, tmp_path, method):
+    """The embedding tied to the pruned Linear computes with the Linear's weight at every step
+    (dwt: W = IDWT(c * m), never the coefficient vector itself), the tie holds afterwards, and
+    the pruning, stored bytes and checkpoint are those of an untied layer."""
+    base = _TiedHead().eval()
+    dwt = pruning.prune_dwt(base, wavelet="db2", level=2, percentile=70, layout="filter", targets=("linear",))
+    res = dwt if method == "dwt" else pruning.prune_matched(base, dwt, targets=("linear",))["magnitude"]
+    keep0, bytes0 = res.layers[0].keep.copy(), accounting.model_stats(base, res).stored_bytes
+    seen = []
+    res.model.emb.register_forward_hook(lambda mod, args, out: seen.append(torch.equal(mod.weight, res.model.head.weight)))
+    settings = recovery.RecoverySettings("finetune", batches=2, steps=4, batch_size=32, lr=1e-2)
+    assert recovery.recover(res, train_set, settings).finetune_steps == 4
+    assert seen == [True] * (4 + 2)  # every forward pass: fine-tuning's 4, then re-estimation's 2
+    assert res.model.emb.weight is res.model.head.weight and isinstance(res.model.head.weight, nn.Parameter)
+    assert list(res.model.state_dict()) == list(_TiedHead().state_dict())
+    lp = res.layers[0]
+    w = res.model.head.weight.detach().reshape(-1)
+    assert np.array_equal(lp.keep, keep0)
+    if method == "dwt":
+        assert np.all(lp.coeffs[~lp.keep] == 0)
+        np.testing.assert_allclose(w.reshape(lp.shape).numpy(), wv.reconstruct(lp.coeffs, lp.structure), rtol=1e-4, atol=1e-5)
+    else:
+        assert torch.all(w[torch.from_numpy(~lp.keep)] == 0)
+    stats = accounting.model_stats(base, res)
+    assert stats.stored_bytes == bytes0
+    path = tmp_path / "tied.wsz"
+    assert checkpoint.save_compressed(res, path) == stats.stored_bytes + checkpoint.read_header(path)["header_bytes"]
+    rebuilt, _ = checkpoint.load_compressed(path, _TiedHead(seed=1))
+    x = train_set.tensors[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), res.model(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("net", [bn_net, twin_net])
 def test_finetune_of_a_record_left_on_the_device_never_copies_it_to_the_host(train_set, tmp_path, monkeypatch, net):
     """As on an accelerator (the record of the torch backends waits on the device for its copy

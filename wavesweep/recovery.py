@@ -458,6 +458,26 @@ def _modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
     return dict(model.named_modules())
 
 
+class _TiedWeight(nn.Module):
+    """Parametrisation of another module's hold on a dwt layer's weight (an embedding tied to an
+    output Linear): it reads the layer's own ``W = IDWT(c * m)``. The parametrised tensor is the
+    coefficient vector itself (the layer's original), so without it the other module would
+    compute with the coefficients as its weight during fine-tuning."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self._layer = [layer]  # in a list: not a submodule (no second path to the layer's parameters)
+
+    def forward(self, _coeffs: torch.Tensor) -> torch.Tensor:
+        return self._layer[0].weight
+
+
+def _holders(model: nn.Module, param: torch.Tensor, owner: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every ``(module, name)`` of ``model`` but ``(owner, "weight")`` that holds ``param`` itself (tied weights)."""
+    return [(mod, name) for mod in model.modules() for name, p in mod._parameters.items()
+            if p is param and not (mod is owner and name == "weight")]  # fmt: skip
+
+
 def _optimizer(params, settings: RecoverySettings) -> torch.optim.Optimizer:
     # No weight decay: it would act on coefficients for dwt and on weights for the others.
     if settings.optimizer == "adamw":
@@ -483,7 +503,9 @@ def finetune(
 
     See the module docstring. For dwt the layers' ``coeffs`` are replaced by the fine-tuned
     kept coefficients (zeros where dropped, dtype unchanged) and the weights by their inverse
-    DWT. Returns ``(steps taken, last training loss)``; the model ends in eval mode.
+    DWT; another module tied to a dwt layer's weight (an embedding shared with an output Linear)
+    reads that inverse DWT too, and shares the weight again afterwards. Returns ``(steps taken,
+    last training loss)``; the model ends in eval mode.
     """
     model = result.model
     model.to(device)
@@ -491,6 +513,7 @@ def finetune(
     dev = torch.device(device)
     masked: list[tuple[nn.Parameter, torch.Tensor]] = []  # magnitude/random: (weight, bool keep)
     dwt_layers = []
+    tied: list[tuple[nn.Module, str, list[str]]] = []  # (module, name, its parameter order): ties to a dwt weight
     for lp in result.layers:
         m = modules[lp.name]
         # the record where it lives (the device: no round trip), else host -> device without
@@ -498,12 +521,16 @@ def finetune(
         if lp.has_coeffs:  # dwt: train the kept coefficients
             keep, coeffs = lp.tensor("keep", dev), lp.tensor("coeffs", dev)
             order = list(m._parameters)  # removing the parametrisation re-adds weight last: keep the order
+            holders = [(mod, name, list(mod._parameters)) for mod, name in _holders(model, m.weight, m)]
             ww = WaveletWeight(keep, lp.structure)
             parametrize.register_parametrization(m, "weight", ww, unsafe=True)
             orig = m.parametrizations.weight.original
             with torch.no_grad():
                 orig.data = ww.to_param(coeffs)
             dwt_layers.append((lp, m, ww.mask, order))  # the keep mask in the original's order
+            for mod, name, mod_order in holders:  # a module tied to this weight reads W too, not the coefficients
+                parametrize.register_parametrization(mod, name, _TiedWeight(m), unsafe=True)
+                tied.append((mod, name, mod_order))
         else:
             keep = lp.tensor("keep", dev).reshape(m.weight.shape)
             masked.append((m.weight, keep))
@@ -543,8 +570,11 @@ def finetune(
         # to the record: left on the device (copied to the host in one transfer when the
         # checkpoint reads them); on CPU an array each
         defer_host_copy([lp for lp, _, _, _ in dwt_layers], [{"coeffs": c} for c in tuned])
+        for mod, name, _ in tied:  # the tie back as it was: the layer's original, which becomes W below
+            parametrize.remove_parametrizations(mod, name, leave_parametrized=False)
         for lp, m, _, order in dwt_layers:
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        for m, order in [(m, order) for _, m, _, order in dwt_layers] + [(mod, order) for mod, _, order in tied]:
             for name in order:  # state-dict order as before fine-tuning
                 m._parameters[name] = m._parameters.pop(name)
         model.eval()
