@@ -439,6 +439,32 @@ def test_finetune_dwt_trains_only_kept_coefficients(train_set, tmp_path, layout)
     torch.testing.assert_close(res.model(x), rebuilt(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # float16: AdamW's eps 1e-8 is 0 there (NaN for every method)
+def test_finetune_dwt_of_a_half_precision_model_keeps_its_dtype(train_set, tmp_path, dtype):
+    """A bfloat16 model: the coefficients train in float32 (the dtype the transform ran
+    in, as recorded), W = IDWT(c * m) is the weight's dtype at every step and after, as
+    magnitude's weights are. PyWavelets as the oracle, to the dtype's rounding."""
+    base = bn_net().to(dtype)
+    data = TensorDataset(train_set.tensors[0].to(dtype), train_set.tensors[1])
+    res = _dwt_result(base, wavelet="db2", level=2)
+    keep0 = [lp.keep.copy() for lp in res.layers]
+    bytes0 = accounting.model_stats(base, res).stored_bytes
+    settings = recovery.RecoverySettings("finetune", batches=2, steps=4, batch_size=32, lr=1e-2)
+    assert recovery.recover(res, data, settings).finetune_steps == 4
+    assert all(p.dtype == dtype for p in res.model.parameters())
+    for lp, k0 in zip(res.layers, keep0):
+        assert np.array_equal(lp.keep, k0) and lp.coeffs.dtype == np.float32 and np.all(lp.coeffs[~lp.keep] == 0)
+        want = torch.from_numpy(wv.reconstruct(lp.coeffs, lp.structure)).to(dtype)
+        torch.testing.assert_close(res.model.get_parameter(lp.key).detach(), want, rtol=1e-2, atol=1e-3)
+    stats = accounting.model_stats(base, res)
+    assert stats.stored_bytes == bytes0
+    path = tmp_path / "half.wsz"
+    assert checkpoint.save_compressed(res, path) == stats.stored_bytes + checkpoint.read_header(path)["header_bytes"]
+    rebuilt, _ = checkpoint.load_compressed(path, bn_net(seed=1).to(dtype))
+    for k, v in res.model.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[k], v, rtol=1e-2, atol=1e-3, msg=k)
+
+
 class _TiedHead(nn.Module):
     """A conv, then an output Linear whose weight an embedding shares (tied, as in language
     models): the embedding's rows are per-class offsets added to the logits."""

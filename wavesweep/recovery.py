@@ -407,13 +407,18 @@ class WaveletWeight(nn.Module):
     (:func:`wavesweep.wavelets_torch.to_positions_major`, the order it reads and writes without a
     transpose per step); elsewhere ``"flat"``, the coefficient order of :mod:`wavesweep.wavelets`.
     :meth:`from_param` gives that order back. Each is a permutation, so an elementwise optimizer
-    takes the same steps in all."""
+    takes the same steps in all.
 
-    def __init__(self, keep: torch.Tensor, structure) -> None:
+    ``dtype``: the weight's (None: the coefficients'). The coefficients keep the dtype the
+    transform ran in (float32 for a float16 or bfloat16 weight), ``W`` is cast to the weight's,
+    so the layer computes in its model's dtype and keeps it after fine-tuning."""
+
+    def __init__(self, keep: torch.Tensor, structure, dtype: torch.dtype | None = None) -> None:
         from wavesweep import filterbank, wavelets_torch
 
         super().__init__()
         self.structure = structure
+        self.dtype = dtype
         if wavelets_torch.uses_dense(structure, keep.device):
             self.order = "rows"
         elif structure.level > 0 and filterbank.synthesis_backend(keep.device) == "gemm":
@@ -450,8 +455,10 @@ class WaveletWeight(nn.Module):
         if s is None or s.dtype != coeffs.dtype or s.device != coeffs.device:
             s = self._scale = self.mask.to(device=coeffs.device, dtype=coeffs.dtype)
         if self.order == "rows":
-            return dense.reconstruct(coeffs, self.structure, keep=s, rows=True).to(coeffs.dtype)
-        return wavelets_torch.reconstruct(coeffs, self.structure, keep=s, positions_major=self.positions_major)
+            w = dense.reconstruct(coeffs, self.structure, keep=s, rows=True)
+        else:
+            w = wavelets_torch.reconstruct(coeffs, self.structure, keep=s, positions_major=self.positions_major)
+        return w.to(self.dtype or coeffs.dtype)
 
 
 def _modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
@@ -522,7 +529,7 @@ def finetune(
             keep, coeffs = lp.tensor("keep", dev), lp.tensor("coeffs", dev)
             order = list(m._parameters)  # removing the parametrisation re-adds weight last: keep the order
             holders = [(mod, name, list(mod._parameters)) for mod, name in _holders(model, m.weight, m)]
-            ww = WaveletWeight(keep, lp.structure)
+            ww = WaveletWeight(keep, lp.structure, dtype=m.weight.dtype)
             parametrize.register_parametrization(m, "weight", ww, unsafe=True)
             orig = m.parametrizations.weight.original
             with torch.no_grad():
@@ -573,7 +580,12 @@ def finetune(
         for mod, name, _ in tied:  # the tie back as it was: the layer's original, which becomes W below
             parametrize.remove_parametrizations(mod, name, leave_parametrized=False)
         for lp, m, _, order in dwt_layers:
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            # the original (the same Parameter) becomes W in the weight's dtype: leave_parametrized=True
+            # would set_() it, which cannot change its dtype (a bfloat16 weight, float32 coefficients)
+            with torch.no_grad():
+                w = m.weight
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            m.weight.data = w
         for m, order in [(m, order) for _, m, _, order in dwt_layers] + [(mod, order) for mod, _, order in tied]:
             for name in order:  # state-dict order as before fine-tuning
                 m._parameters[name] = m._parameters.pop(name)
