@@ -290,7 +290,17 @@ def test_read_only_commands_create_no_store_experiment_or_folder(workdir, capsys
     assert "no registered wavesweep models" in capsys.readouterr().out
     err = _one_line_error(capsys, cli.main(["download", "models:/nope/1", "--dst", "d"]))
     assert "no MLflow store at" in err
+    # register reads a run before it writes anything: no store, no run (it made mlflow.db, then
+    # failed with MLflow's "Run with id=... not found", naming no store)
+    err = _one_line_error(capsys, cli.main(["register", "0123abcd", "--name", "x"]))
+    assert f"no MLflow store at sqlite:///{(workdir / 'mlflow.db').resolve()}: no run 0123abcd to register" in err
     assert sorted(p.name for p in workdir.iterdir()) == []  # no mlflow.db, lock file, mlruns/ or d/
+
+
+def test_register_of_a_run_the_store_does_not_hold_names_the_store(workdir, capsys):
+    tracking.init_tracking()  # a store with the wavesweep experiment, without that run
+    err = _one_line_error(capsys, cli.main(["register", "0123abcd", "--name", "x"]))
+    assert f"no run 0123abcd in the MLflow store sqlite:///{(workdir / 'mlflow.db').resolve()}" in err
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])

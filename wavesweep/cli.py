@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wavesweep import interrupt
+from wavesweep.store import located  # a store URL as printed
 from wavesweep.failures import USAGE_ERRORS, environment_error, is_mlflow_error, one_line, tag_launched_run
 from wavesweep.cli_args import Parser, UsageError, add_trial_options
 from wavesweep.config import FIELD_HELP, TrialConfig
@@ -122,8 +123,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    from wavesweep import store
     from wavesweep.tracked_trial import register_trial_model
 
+    if not store.store_exists():  # as `models` and `download`: reading a run must not create a store
+        raise ValueError(f"no MLflow store at {located(store.tracking_uri())}: no run {args.run_id} to register "
+                         "(run this where the trial ran, or set MLFLOW_TRACKING_URI)")
     mv = register_trial_model(args.run_id, name=args.name, alias=args.alias or None, method=args.method)
     alias = f" alias {args.alias}" if args.alias else ""
     print(f"registered {mv.name} version {mv.version}{alias} from run {args.run_id}")
@@ -280,16 +285,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ValueError(f"study {name!r} has no complete trial yet: nothing to report")
     _report(found, args.report_dir, args.register_best, parent)
     return 0
-
-
-def located(url: str) -> str:
-    """``url`` as printed: a password hidden, a relative SQLite file made absolute (``mlflow run``
-    runs in the project directory: ``sqlite:///optuna.db`` alone does not say which one)."""
-    from wavesweep import tracking
-    from wavesweep.store import sqlite_file
-
-    db = sqlite_file(url) if "?" not in url else None
-    return f"sqlite:///{db}" if db is not None else tracking.redact_url(url)
 
 
 def _print_summary(found: Any, parent: str, url: str, final: bool = True) -> None:

@@ -24,3 +24,12 @@ def store_exists() -> bool:
     whose file does not exist (commands that only read must not create a store or an experiment)."""
     db = sqlite_file(tracking_uri())
     return db is None or db.is_file()
+
+
+def located(url: str) -> str:
+    """``url`` as printed: a password hidden, a relative SQLite file made absolute (``mlflow run``
+    runs in the project directory: ``sqlite:///optuna.db`` alone does not say which one)."""
+    from wavesweep.redact import redact
+
+    db = sqlite_file(url) if "?" not in url else None
+    return f"sqlite:///{db}" if db is not None else redact(url)

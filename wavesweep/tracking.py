@@ -42,7 +42,7 @@ from wavesweep import interrupt
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import file_lock
 from wavesweep.redact import redact
-from wavesweep.store import sqlite_file, tracking_uri
+from wavesweep.store import located, sqlite_file, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,13 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
 def get_trial_run(client: MlflowClient, run_id: str):
     """The trial (parent) run for ``run_id``, accepting a method child's id too, and for a
     configuration run (replicates) the trial run of its replicate 0 (the base seed)."""
-    run = client.get_run(run_id)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ValueError(f"no run {run_id} in the MLflow store {located(tracking_uri())} "
+                         "(a run id from another store? set MLFLOW_TRACKING_URI)") from None
     if run.data.tags.get("wavesweep.kind") == "method":
         run = client.get_run(run.data.tags[MLFLOW_PARENT_RUN_ID])
     if run.data.tags.get("wavesweep.kind") == "configuration":
