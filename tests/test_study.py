@@ -325,7 +325,8 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
     parent = client.get_run(next(iter(runs.values())).data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["optuna.study"] == "tiny" and parent.data.tags["wavesweep.kind"] == "study"
-    assert parent.data.tags["optuna.storage"] == study.DEFAULT_STORAGE
+    assert parent.data.tags["optuna.storage"] == f"sqlite:///{(workdir / 'optuna.db').resolve()}"  # not the relative default
+    assert parent.data.tags["study.spec_file"] == str(spec.resolve())
     assert parent.data.metrics["n_complete"] == 3
     s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
     assert s.user_attrs["mlflow_run_id"] == parent.info.run_id

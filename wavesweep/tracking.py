@@ -510,8 +510,9 @@ def start_study_run(
         run_id = client.create_run(experiment_id, run_name=f"study {study_name}").info.run_id
     tags = {
         "wavesweep.kind": "study", "method": "study", "optuna.study": study_name,
-        "optuna.storage": redact_url(storage), "study.spec_sha256": spec_sha256(spec_text) if spec_text else "",
-        "study.spec_file": str(spec_file) if spec_file else "", "code_version": code_version(),
+        # where, absolute: `mlflow run` runs in the project directory, so a relative path says too little
+        "optuna.storage": located(storage), "study.spec_sha256": spec_sha256(spec_text) if spec_text else "",
+        "study.spec_file": str(Path(spec_file).resolve()) if spec_file else "", "code_version": code_version(),
     }  # fmt: skip
     try:
         log_batch(client, run_id, params=params, tags=tags)
