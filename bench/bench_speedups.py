@@ -72,6 +72,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -110,8 +111,9 @@ def bench_base_eval(repeats: int) -> None:
     shape = dataset_shape("digits")
     torch.manual_seed(0)
     model = build_model("resnet18", **shape).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["WAVESWEEP_CACHE"] = tmp
+    # the cache in a temporary directory for this section only: the base-model load below reads
+    # the user's cache (a ResNet-18 trained there once), not a deleted temporary one
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"WAVESWEEP_CACHE": tmp}):
         base = train.BaseModel(model, "resnet18", "digits", 0, "trained", Path(tmp) / "w.pt", "ab" * 32, shape)
         cfg = TrialConfig(model="resnet18", dataset="digits", device="cpu")
         bundle = load_dataset("digits")
