@@ -49,10 +49,8 @@ import torch
 import torch.nn.utils.prune as tprune
 import torchvision
 
-try:
-    import wavesweep  # noqa: F401  (installed: pip install -e .)
-except ModuleNotFoundError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the checkout this file is in, before any installed wavesweep (another checkout's editable install)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wavesweep import pruning as P  # noqa: E402
 from wavesweep import wavelets as wv  # noqa: E402
 from wavesweep.models import build_model  # noqa: E402

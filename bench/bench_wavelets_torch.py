@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torchvision
 
-from wavesweep import wavelets as wv
-from wavesweep import wavelets_torch as wt
+# the checkout this file is in, before any installed wavesweep (another checkout's editable install)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wavesweep import wavelets as wv  # noqa: E402
+from wavesweep import wavelets_torch as wt  # noqa: E402
 
 
 def _median_time(fn, repeats: int, sync=lambda: None) -> float:
