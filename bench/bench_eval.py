@@ -94,7 +94,9 @@ def compare(label: str, model: nn.Module, ds, batch_size: int, dev: torch.device
     batches = [x.to(dev) for x in x_all.split(batch_size)]  # normalised, on the device: the model alone
     trio = [model, copy.deepcopy(model), copy.deepcopy(model)]
     many = {f"m{i}": m for i, m in enumerate(trio)}
-    bare_loop([model], batches[:1], dev)  # warm-up (and the dataset's one device copy, cached)
+    # warm-up of both sides on every batch shape (the last batch may be shorter), and the
+    # dataset's one device copy, cached
+    bare_loop([model], batches[:1] + batches[-1:], dev)
     predict_many(many, ds, batch_size=batch_size, device=dev)
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("bare", "pred", "ev", "bare3", "many3")}
     for _ in range(repeats):
