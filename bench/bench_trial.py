@@ -41,7 +41,8 @@ TRIAL_IMPORTS = (
 class ForwardClock:
     """Seconds spent inside top-level ``nn.Module.__call__``s (a forward nested in another is not
     counted twice), via torch's global forward pre-/post-hooks. CUDA work is synchronised at
-    the end of each top-level call so its time lands inside the call."""
+    the start of each top-level call, so work queued before it (pruning, copies) is not counted
+    as the forward pass's, and at its end, so its own time lands inside the call."""
 
     def __init__(self) -> None:
         import torch
@@ -53,16 +54,20 @@ class ForwardClock:
         self._t0 = 0.0
         self._handles = []
 
+    def _sync(self) -> None:
+        if self.torch.cuda.is_initialized():
+            self.torch.cuda.synchronize()
+
     def _pre(self, module, args):
         if self._depth == 0:
+            self._sync()
             self._t0 = time.perf_counter()
         self._depth += 1
 
     def _post(self, module, args, output):
         self._depth -= 1
         if self._depth == 0:
-            if self.torch.cuda.is_available():
-                self.torch.cuda.synchronize()
+            self._sync()
             self.seconds += time.perf_counter() - self._t0
             self.calls += 1
 
