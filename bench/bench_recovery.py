@@ -50,6 +50,10 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def _verdict(met: bool) -> str:
+    return "PASS" if met else "FAIL"
+
+
 def _tracked_trial(cfg: TrialConfig) -> tuple[float, float]:
     """The default trial as ``mlflow run .`` / ``wavesweep trial`` runs it (MLflow records and the
     compressed checkpoint included) in a fresh store; returns (trial seconds, recovery seconds)."""
@@ -115,7 +119,7 @@ def bench_trial_share(device: str, repeats: int, batch_counts: list[int]) -> Non
             shares = [rec / tot for tot, rec in vals]
             print(f"    {n:3d} batches{mark:10s} {kind:28s}: trial {statistics.median(v[0] for v in vals):6.2f} s, "
                   f"re-estimation {statistics.median(v[1] for v in vals):5.2f} s = {100 * statistics.median(shares):5.1f} % "
-                  f"[{100 * min(shares):.1f}-{100 * max(shares):.1f}]")  # fmt: skip
+                  f"[{100 * min(shares):.1f}-{100 * max(shares):.1f}] {_verdict(statistics.median(shares) <= 0.10)}")  # fmt: skip
     phases = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.phase_seconds.items(), key=lambda kv: -kv[1]))
     print(f"  phases of the last in-process run (s): {phases}")
 
@@ -139,7 +143,7 @@ def bench_workload_share(device: str, repeats: int, spec: str) -> None:
     print(f"  {model} on {dataset}, {n_eval} examples evaluated x 4 models, {n_bn} re-estimation examples "
           f"(3 x {cfg.recovery_batches} x {cfg.recovery_batch_size}): trial {statistics.median(v[0] for v in vals):6.2f} s, "
           f"re-estimation {statistics.median(v[1] for v in vals):5.2f} s = {100 * statistics.median(shares):5.1f} % "
-          f"[{100 * min(shares):.1f}-{100 * max(shares):.1f}] (target <= 10 %)")  # fmt: skip
+          f"[{100 * min(shares):.1f}-{100 * max(shares):.1f}] (target <= 10 %: {_verdict(statistics.median(shares) <= 0.10)})")  # fmt: skip
 
 
 def _one_pass_per_batch():
@@ -243,7 +247,7 @@ def bench_finetune_speed(device: str, steps: int, repeats: int, model: str, layo
     print(f"  fine-tuning {model} on digits, {steps} steps of 64, AdamW, layout {layout}: "
           f"dwt (wavelet domain) {d:.2f} steps/s [{min(speeds['dwt']):.2f}-{max(speeds['dwt']):.2f}], "
           f"magnitude (masked) {m:.2f} steps/s [{min(speeds['magnitude']):.2f}-{max(speeds['magnitude']):.2f}]: "
-          f"dwt at {d / m:.2f}x of magnitude's speed (target >= 0.5x)")  # fmt: skip
+          f"dwt at {d / m:.2f}x of magnitude's speed (target >= 0.5x: {_verdict(d / m >= 0.5)})")  # fmt: skip
 
 
 def main() -> None:
