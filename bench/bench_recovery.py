@@ -228,7 +228,9 @@ def bench_finetune_speed(device: str, steps: int, repeats: int, model: str, layo
     base = train.get_base_model(model, "digits", seed=0, device=device, progress=False)
     bundle = load_dataset("digits", seed=0)
     settings = recovery.RecoverySettings("finetune", steps=steps, batch_size=64)
-    batches = list(recovery.training_batches(bundle.train, batch_size=64, n=steps + 2, seed=1))
+    # on the device, as a trial's fine-tuning gets them (recovery.recover): from pageable host
+    # memory each step's copy may wait for the stream (CUDA stages it), a wait no trial makes
+    batches = list(recovery.training_batches(bundle.train, batch_size=64, n=steps + 2, seed=1, device=dev))
     speeds: dict[str, list[float]] = {"dwt": [], "magnitude": []}
     for _ in range(repeats):
         with warnings.catch_warnings():

@@ -105,7 +105,9 @@ def main() -> None:
         show("default trial (resnet18 digits, recovery=bn)", lambda: trial.run_trial(cfg, base=base), dev, args.rows)
     if "finetune" in only:
         bundle = load_dataset("digits", seed=0)
-        batches = list(recovery.training_batches(bundle.train, batch_size=64, n=10, seed=1))
+        # on the device, as a trial's fine-tuning gets them: from pageable host memory each step's
+        # copy may wait for the stream (CUDA stages it), a wait of the bench's own
+        batches = list(recovery.training_batches(bundle.train, batch_size=64, n=10, seed=1, device=dev))
         dwt = pruning.prune_dwt(base.model, wavelet="bior4.4", level=5, percentile=70, layout="filter")
         settings = recovery.RecoverySettings("finetune", steps=10, batch_size=64)
         show("10 fine-tuning steps, dwt filter (wavelet domain)",
