@@ -293,6 +293,8 @@ def train_model(
         return contextlib.nullcontext()  # not autocast(enabled=False): exactly the float32 path
 
     non_blocking = dev.type == "cuda"
+    if dev.type == "cuda":  # the model's copy and channels-last conversion are not training time
+        torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     # Exponential moving average of the loss, kept on the device: ``loss.item()`` every step
     # would make the host wait for the GPU each step. Read every LOSS_READ_EVERY steps and at
