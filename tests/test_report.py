@@ -155,6 +155,22 @@ def test_markdown_escapes_and_formats():
     assert lines[2] == "| x\\|y | 0.1235 |  |"
 
 
+def test_summary_writes_counts_and_bytes_in_full(tmp_path):
+    """Metrics come back from Optuna as floats; a count or a byte size in summary.md is the number
+    itself (n_eval 12345, not .4g's 1.234e+04), the other numbers keep four significant digits."""
+    frame = make_frame()
+    frame = frame.assign(n_eval=12345.0, n_val=10000.0, value_0=23808400.0 + 8.0 * frame["number"])  # trial 0 is best
+    md = report.write_report(frame, tmp_path, study_name="counts", objectives=[("stored_bytes", "minimize")],
+                             importances={})["summary_md"].read_text()  # fmt: skip
+    table = [l for l in md.splitlines() if l.startswith("| best")]
+    assert table, md
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert {"12345", "10000", "23808400"} <= set(cells), cells
+    assert not any("e+" in c for c in cells), cells
+    assert report.to_markdown(pd.DataFrame({"x": [0.123456789, 2.0, -3.0, 1e20]})).splitlines()[2:] == [
+        "| 0.1235 |", "| 2 |", "| -3 |", f"| {10**20} |"]
+
+
 def test_layer_plot_without_record(tmp_path):
     assert_png(figures.plot_layer_sparsity(None, tmp_path / "l.png"))
 

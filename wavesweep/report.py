@@ -119,11 +119,15 @@ def summary_table(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) ->
 
 
 def to_markdown(table: pd.DataFrame, *, floatfmt: str = ".4g") -> str:
-    """A GitHub-flavoured Markdown table (no dependency on ``tabulate``)."""
+    """A GitHub-flavoured Markdown table (no dependency on ``tabulate``). A whole number (a count
+    such as ``n_eval``, a byte size) is written in full; other numbers with ``floatfmt``."""
 
     def cell(v: Any) -> str:
         if isinstance(v, float):
-            return "" if math.isnan(v) else format(v, floatfmt)
+            if math.isnan(v):
+                return ""
+            # metrics come back as floats: ".4g" would write n_eval 10000 as 1e+04 and 12345 as 1.234e+04
+            return str(int(v)) if v.is_integer() else format(v, floatfmt)
         return str(v).replace("|", "\\|")
 
     head = "| " + " | ".join(map(str, table.columns)) + " |"
