@@ -171,6 +171,28 @@ def test_summary_writes_counts_and_bytes_in_full(tmp_path):
         "| 0.1235 |", "| 2 |", "| -3 |", f"| {10**20} |"]
 
 
+@pytest.mark.parametrize("objectives, n_val", [
+    ([("val_top1", "maximize")], 180.0), ([("top1", "maximize")], 0.0),  # a study with a validation part has val_top1
+    ([("compression_ratio", "maximize")], 0.0), ([("compression_ratio", "maximize")], 180.0),
+    ([("stored_bytes", "minimize"), ("magnitude_stored_bytes", "minimize")], 180.0),
+])  # fmt: skip
+def test_selection_note_says_what_selected(tmp_path, objectives, n_val):
+    """The note under summary.md's title names what chose the best trials: the validation part
+    (a val_* objective), the test examples themselves (optimistic scores), or nothing example-
+    dependent at all (compression, bytes: the scores are not selected on); never "no validation
+    part" for a study that has one."""
+    frame = make_frame().assign(n_val=n_val, n_eval=180.0)
+    md = report.write_report(frame, tmp_path, study_name="s", objectives=objectives, importances={})["summary_md"].read_text()
+    note = next(l for l in md.splitlines() if l.startswith("Selection:"))
+    by_val = objectives[0][0].startswith("val_") and n_val > 0
+    free = objectives[0][0] in ("compression_ratio", "stored_bytes")
+    assert ("**validation** part" in note) == by_val, note
+    assert ("optimistic" in note) == (not by_val and not free), note
+    assert ("val_fraction` 0" in note) == (n_val == 0 and not by_val and not free), note
+    if free:
+        assert "do not depend on the evaluation examples" in note and "180 test examples" in note, note
+
+
 def test_layer_plot_without_record(tmp_path):
     assert_png(figures.plot_layer_sparsity(None, tmp_path / "l.png"))
 

@@ -168,6 +168,10 @@ def _selection_note(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) 
         return (f"Selection: the objective and \"best\" use the **validation** part of the evaluation examples "
                 f"({int(n_val.iloc[0])} examples, `val_*` columns); every other number (top1, gains, intervals, p) is "
                 f"on the disjoint **test** part ({test}examples), stratified by class and seeded (`val_fraction`).")
+    if objectives and all(schema.is_example_free(m) for m, _d in objectives):  # with or without a validation part
+        return (f"Selection: the objectives do not depend on the evaluation examples (what pruning did to the "
+                f"weights, or timing), so the scores reported (top1, gains, intervals, p, on the {test}test examples) "
+                "were not selected on.")
     return (f"Selection: the objective and \"best\" use the same {test}test examples as the reported numbers "
             "(no validation part: `val_fraction` 0), so the best trial's scores are optimistic.")
 

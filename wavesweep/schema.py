@@ -97,6 +97,14 @@ def selection_name(name: str) -> str | None:
     return None
 
 
+def is_example_free(name: str) -> bool:
+    """Whether ``name`` (a method's, or a baseline's ``magnitude_``/``random_`` one) is the same on
+    any evaluation examples: what pruning did to the weights (sparsity, bytes, compression, pruned
+    fraction), recovery's counts, timing."""
+    bare = next((name[len(m) + 1 :] for m in BASELINES if name.startswith(f"{m}_")), name)
+    return bare in _EXAMPLE_FREE or is_timing(name)
+
+
 def is_timing(name: str) -> bool:
     """Whether ``name`` is an inference-timing metric (only recorded when timing_batches > 0)."""
     return name in TIMING_METRICS or any(name == f"{m}_{k}" for m in BASELINES for k in TIMING_METRICS)
