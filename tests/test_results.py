@@ -24,6 +24,22 @@ def _frame() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def test_render_says_when_pruned_is_not_the_percentile():
+    """haar in the `kernel` layout zeroes positions that carry no weight (7 of a 3x3 kernel's 16
+    coefficients): a grid run at percentile 60 prunes 29 % (a real cnn trial on digits), and the
+    page must say so rather than "the fraction dwt zeroed" beside a 29 % column."""
+    grid = results.Grid(model="cnn", configs=(("bior4.4", "filter"), ("bior4.4", "kernel")), fractions=(80,))
+    facts = {"date": "d", "machine": "CPU only (x86_64, 2 CPU cores)", "seconds": 60.0, "base_load_seconds": 1.0,
+             "base_checksum": "ab" * 32, "base_top1": 0.9, "n_eval": 100, "base_train_top1": 0.91}  # fmt: skip
+    plain = results.render(_frame(), facts, grid, "wavesweep results")
+    assert "at the fraction dwt zeroed there." in plain and "below the percentile" not in plain
+    frame = _frame()
+    frame.loc[frame["layout"] == "kernel", ["wavelet", "percentile", "pruned_fraction"]] = ["haar", 60.0, 0.2889]
+    text = results.render(frame, facts, grid, "wavesweep results")
+    assert "`pruned` is below the percentile asked for in haar `kernel` at 60: 29%." in text
+    assert "| 29% | none |" in text
+
+
 def test_verdict_follows_the_interval():
     assert results.verdict(0.001, 0.2) == "better"
     assert results.verdict(-0.2, -0.001) == "worse"

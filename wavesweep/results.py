@@ -216,6 +216,20 @@ def _machine(dev: torch.device) -> str:
     return f"CPU only ({cpu}), torch {torch.__version__}"
 
 
+def _budget_note(frame: pd.DataFrame) -> str:
+    """Where a trial's ``pruned`` fraction is not its percentile (a two-tap wavelet on odd lengths:
+    haar in ``kernel``), what ``pruned`` is and which settings: the page said the baselines took
+    "the fraction dwt zeroed", beside a column of 29 % for a grid run at 60."""
+    off = frame[(frame["pruned_fraction"] * 100 - frame["percentile"]).abs() >= 0.5]
+    if off.empty:
+        return ""
+    where = ", ".join(f"{w} `{lay}` at {p:g}: {f:.0%}" for (w, lay, p), f in
+                      off.groupby(["wavelet", "layout", "percentile"], sort=False)["pruned_fraction"].first().items())
+    return (" (the `pruned` column), less the coefficient positions that are zero whatever the weights, which dwt "
+            f"zeroes but which are not pruning (see the README's pruned fraction): so `pruned` is below the percentile "
+            f"asked for in {where}")
+
+
 def _fmt_gap(row: pd.Series, other: str) -> str:
     k = f"dwt_vs_{other}"
     return f"{row[k + '_gap']:+.3f} [{row[k + '_low']:+.3f}, {row[k + '_high']:+.3f}]"
@@ -239,7 +253,8 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         + ".",
         f"- Evaluation: {facts['n_eval']} test examples ({'all' if not grid.eval_limit else 'a stratified subset, seed ' + str(grid.seed)}); "
         f"random-pruning seed {grid.seed}; DWT level {grid.level} requested (effective levels per trial below), "
-        f"mode periodization, one threshold per layer; magnitude and random prune each layer at the fraction dwt zeroed there.",
+        f"mode periodization, one threshold per layer; magnitude and random prune each layer at the fraction dwt zeroed there"
+        + _budget_note(frame) + ".",
         f"- Recovery, identical for the three methods (the same training batches, order and steps): `none` = one-shot; "
         f"`bn` = BatchNorm statistics re-estimated on {grid.recovery_batches} training batches; `finetune` = "
         f"{grid.finetune_steps} AdamW steps (lr 1e-4, cosine) with every pruning held exactly (dwt trains its kept "
