@@ -380,6 +380,15 @@ def test_trial_table_says_how_many_warnings_it_left_out(workdir, tmp_path, capsy
         lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning: ")]
         assert lines[:5] == [f"warning: w{i}" for i in range(5)]
         assert lines[5:] == ([tail] if tail else [])
+    # the 'pruned' column is each method's pruned_fraction, the budget the baselines are matched to
+    capsys.readouterr()
+    cli._print_trial(result, "0123abcd")
+    rows = capsys.readouterr().out.splitlines()
+    header = next(r.split() for r in rows if r.startswith("method "))
+    assert header[header.index("c-sparsity") + 1] == "pruned"  # recovery none: one token per column before it
+    for m in ("dwt", "magnitude", "random"):
+        row = next(r.split() for r in rows if r.startswith(f"{m} "))
+        assert float(row[header.index("c-sparsity") + 1]) == round(result.outcomes[m].prune.matched_fraction, 3), (m, row)
 
 
 def test_passwords_the_url_pattern_misses_are_redacted_once_the_url_is_seen(workdir):

@@ -84,7 +84,7 @@ def _print_trial(result: Any, run_id: str) -> None:
     rec = result.config.recovery
     pre = rec != "none"
     print(f"recovery: {rec}" + (" ('pre top1': the same pruned model before recovery; every other column is after it)" if pre else ""))
-    print(f"{'method':<10} {'top1':>7}" + (f" {'pre top1':>8}" if pre else "") + f" {'top5':>7} {'loss':>7} {'f1':>7} {'w-sparsity':>10} {'c-sparsity':>10} {'stored B':>10} {'ratio':>6} {'ms/batch med (p95)':>18}")
+    print(f"{'method':<10} {'top1':>7}" + (f" {'pre top1':>8}" if pre else "") + f" {'top5':>7} {'loss':>7} {'f1':>7} {'w-sparsity':>10} {'c-sparsity':>10} {'pruned':>6} {'stored B':>10} {'ratio':>6} {'ms/batch med (p95)':>18}")
     rows = [("base", result.base_eval, None, result.base_timing, None)] + [
         (m, o[m].eval, o[m].stats, o[m].timing, o[m].prerec_eval) for m in o
     ]
@@ -92,10 +92,11 @@ def _print_trial(result: Any, run_id: str) -> None:
         pt = (f" {pe.top1:8.4f}" if pe is not None else f" {'':>8}") if pre else ""
         ws = f"{st.weight_sparsity_target:10.3f}" if st else f"{'':>10}"
         cs = f"{st.coeff_sparsity:10.3f}" if st else f"{'':>10}"
+        pf = f"{o[name].prune.matched_fraction:6.3f}" if st else f"{'':>6}"  # the budget the baselines are matched to
         sb = f"{st.stored_bytes:10d}" if st else f"{'':>10}"
         cr = f"{st.compression_ratio:6.2f}" if st else f"{'':>6}"
         ms = f"{f'{tm.median_ms:.2f} ({tm.p95_ms:.2f})':>18}" if tm else f"{'':>18}"
-        print(f"{name:<10} {ev.top1:7.4f}{pt} {ev.top5:7.4f} {ev.loss:7.4f} {ev.f1_macro:7.4f} {ws} {cs} {sb} {cr} {ms}")
+        print(f"{name:<10} {ev.top1:7.4f}{pt} {ev.top5:7.4f} {ev.loss:7.4f} {ev.f1_macro:7.4f} {ws} {cs} {pf} {sb} {cr} {ms}")
     for k, c in result.paired.items():
         print(f"{k}: gap {c.gap:+.4f} [95% CI {c.ci_low:+.4f}, {c.ci_high:+.4f}], McNemar p={c.mcnemar_p:.3g}")
     if result.base_val_eval is not None:  # val_fraction > 0: the table is the test part
