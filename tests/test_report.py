@@ -329,6 +329,16 @@ def test_accuracy_vs_compression_one_panel_and_front_per_recovery(tmp_path, monk
         assert [t.get_text() for t in ax.texts] == [f"#{n}" for n in want["number"]]
 
 
+def test_front_trials_at_one_point_share_one_label(tmp_path, monkeypatch):
+    """Two trials of one configuration (TPE samples a point twice) sit at one point of the front:
+    one label names both, instead of two labels drawn over each other."""
+    frame = make_frame(3).assign(state="COMPLETE", recovery="none", compression_ratio=[4.0, 4.0, 2.0], top1=[0.9, 0.9, 0.5])
+    figs = _capture(monkeypatch)
+    assert_png(figures.plot_accuracy_vs_compression(frame, tmp_path / "c.png"))
+    (ax,) = [ax for ax in figs[-1].axes if ax.get_title()]
+    assert [(t.get_text(), t.xy) for t in ax.texts] == [("#0, #1", (4.0, 0.9))]
+
+
 @pytest.mark.parametrize("metric", ["top1", "val_top1"])
 def test_history_marks_pruned_trials_of_top1_objectives(tmp_path, monkeypatch, metric):
     """A study with a validation part optimises val_top1: its pruned trials are drawn too."""

@@ -375,8 +375,10 @@ def plot_accuracy_vs_compression(frame: pd.DataFrame, path: Path) -> Path:
         if len(front):
             sx, sy = front_staircase(dwt["compression_ratio"].to_numpy(), dwt["top1"].to_numpy())
             ax.plot(sx, sy, color="black", lw=1.2, label="dwt Pareto front (attained)")
-            for r in front.itertuples():
-                ax.annotate(f"#{int(r.number)}", (r.compression_ratio, r.top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            # trials at one point (a configuration sampled twice) share one label, not labels drawn over each other
+            for (x, y), same in front.groupby(["compression_ratio", "top1"], sort=False):
+                label = ", ".join(f"#{int(n)}" for n in sorted(same["number"]))
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("compression ratio (dense bytes / stored bytes)")
     _figure_legend(fig, axes[0])
     axes[0, 0].set_ylabel("top-1 accuracy")
