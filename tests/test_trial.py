@@ -53,7 +53,10 @@ def test_cached_base_evaluation_equals_a_fresh_one(base_and_set, monkeypatch):
     _same(second, fresh)
 
 
-def test_base_evaluation_cache_is_keyed_and_a_damaged_entry_recomputed(base_and_set, caplog):
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_base_evaluation_cache_is_keyed_and_a_damaged_entry_recomputed(base_and_set, caplog, damage):
+    """Any damaged entry is recomputed with a warning. A truncated or empty .npz stopped every trial
+    of that base model with a traceback (zipfile.BadZipFile, EOFError) until the file was deleted."""
     base, cfg, eval_set = base_and_set
     device = torch.device("cpu")
     fresh = trial._base_eval_cached(base, cfg, eval_set, device, FP)
@@ -64,7 +67,8 @@ def test_base_evaluation_cache_is_keyed_and_a_damaged_entry_recomputed(base_and_
     entries = sorted((train.cache_dir() / "base-evals").glob("*.npz"))
     assert len(entries) == 4
     for p in entries:
-        p.write_bytes(b"not an npz")
+        whole = p.read_bytes()
+        p.write_bytes({"garbage": b"not an npz", "truncated": whole[: len(whole) // 2], "empty": b""}[damage])
     with caplog.at_level(logging.WARNING, logger="wavesweep.trial"):
         again = trial._base_eval_cached(base, cfg, eval_set, device, FP)
     assert "unreadable base-evaluation cache" in caplog.text

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import time
 import warnings
+import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -156,7 +157,9 @@ def _base_eval_cached(
         try:
             with np.load(path) as z:
                 return evaluate.metrics_from_logits(torch.from_numpy(z["logits"]), torch.from_numpy(z["targets"]))
-        except (OSError, ValueError, KeyError) as exc:  # a damaged cache entry is recomputed, not trusted
+        # a damaged cache entry is recomputed, not trusted: a truncated .npz is no zip (BadZipFile), an
+        # empty one no data (EOFError); neither is an OSError or ValueError
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("ignoring unreadable base-evaluation cache %s: %s", path, exc)
     logits, targets = evaluate.predict(base.model, eval_set, batch_size=cfg.batch_size, device=device)
     with atomic_write(path) as fh:
