@@ -127,6 +127,29 @@ def test_grid_validates_every_trial_before_work():
     assert len(results.Grid().trials()) == 5 * 3 * 3
 
 
+@pytest.mark.parametrize("content", [b"", b'garbage,,"\n', b"\x00\x01\xff binary"], ids=["empty", "unclosed-quote", "binary"])
+def test_a_damaged_progress_file_is_one_line_naming_it_and_is_kept(workdir, capsys, monkeypatch, content):
+    """A progress file that cannot be read was pandas' own line ("No columns to parse from file",
+    "Error tokenizing data...") naming neither the file nor the way out; it now names both, and the
+    file is left as it was (it may hold finished trials)."""
+    from types import SimpleNamespace
+
+    from wavesweep import cli, train
+
+    base = SimpleNamespace(checksum="ab" * 32, train_info={})
+    monkeypatch.setattr(train, "get_base_model", lambda *a, **k: base)
+    monkeypatch.setattr(results, "run_trial", lambda *a, **k: pytest.fail("a trial ran beside a damaged progress file"))
+    progress = results.progress_path(workdir / "page.md")
+    progress.write_bytes(content)
+    argv = ["results", "--model", "cnn", "--dataset", "digits", "--configs", "haar:filter", "--fractions", "50",
+            "--recoveries", "none", "--device", "cpu", "--out", str(workdir / "page.md")]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("INFO")]
+    assert len(err) == 1 and err[0].startswith(f"wavesweep: error: progress file {progress} "), err
+    assert "--fresh" in err[0] and "move it away" in err[0], err
+    assert progress.read_bytes() == content
+
+
 @pytest.mark.slow  # trains a small base model and runs 10 trials (about 30 s)
 def test_an_interrupted_grid_resumes_with_the_same_numbers(workdir):
     """A grid stopped after two trials resumes from its progress file: the finished trials are

@@ -116,7 +116,12 @@ def load_progress(path: Path, grid: Grid, checksum: str, device: str) -> dict[tu
     type, by trial; rows of any other grid, base model or device type are not reused."""
     if not path.is_file():
         return {}
-    frame = pd.read_csv(path, dtype=_TEXT_COLUMNS)
+    try:
+        frame = pd.read_csv(path, dtype=_TEXT_COLUMNS)
+    except ValueError as exc:  # pandas' ParserError and EmptyDataError, UnicodeDecodeError: all ValueErrors
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"progress file {path} (the trials an earlier run finished) is not a readable CSV ({detail}); "
+                         "move it away to keep it, or pass --fresh to rerun every trial") from None
     want = _identity(grid, checksum, device)
     done = {}
     for row in frame.to_dict("records"):
