@@ -385,7 +385,8 @@ def get_base_model(
       trained on another seed's split of the dataset (digits) is logged as a warning.
     - resnet18 + imagenet: the IMAGENET1K_V1 weights from the local torch hub cache.
     - otherwise: the cached trained model for (model, dataset, seed, config digest),
-      trained once on ``device`` if absent (under a file lock, written atomically).
+      trained once on ``device`` if absent (under a file lock, written atomically), and trained
+      again, with a warning, if the cached file cannot be read (truncated, overwritten).
     ``train_config`` defaults to :func:`default_train_config`; its seed is replaced by ``seed``.
     ``bundle``: the dataset already loaded (``load_dataset(dataset_name, root=data_root,
     seed=seed, image_size=image_size)``), else it is loaded here: the cache key holds its
@@ -426,24 +427,38 @@ def get_base_model(
     fingerprint = data_fingerprint(bundle)
     path = cache_path(model_name, dataset_name, seed, config, cache_root, data=fingerprint)
     lock = path.with_suffix(".lock")
-    with file_lock(lock):
-        if not path.is_file():
-            shape = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels,
-                     "image_size": bundle.image_size}
-            torch.manual_seed(seed)  # weight init
-            model = build_model(model_name, **shape)
-            info = train_model(model, bundle, config, device=device, progress=progress)
-            meta = {"model_name": model_name, "dataset_name": dataset_name, "seed": seed,
-                    "build_kwargs": shape, "train_info": info, "dataset_info": _jsonable(bundle.info),
-                    "data_fingerprint": fingerprint}
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            # meta as a JSON string: loadable with weights_only=True
-            with atomic_write(path) as fh:
-                torch.save({"state_dict": state, "meta": json.dumps(meta)}, fh)
-            log.info("cached base model %s", path)
-        else:
-            log.info("using cached base model %s", path)
-    model, meta, checksum = _load_hashed(model_name, path, lambda meta: meta["build_kwargs"])
+    damaged = None  # the signature of the cache file found unreadable (truncated, overwritten)
+    while True:
+        with file_lock(lock):
+            if damaged is not None and path.is_file() and _file_signature(path) == damaged:
+                path.unlink()  # still the damaged file, not one another process has trained meanwhile
+            if not path.is_file():
+                shape = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels,
+                         "image_size": bundle.image_size}
+                torch.manual_seed(seed)  # weight init
+                model = build_model(model_name, **shape)
+                info = train_model(model, bundle, config, device=device, progress=progress)
+                meta = {"model_name": model_name, "dataset_name": dataset_name, "seed": seed,
+                        "build_kwargs": shape, "train_info": info, "dataset_info": _jsonable(bundle.info),
+                        "data_fingerprint": fingerprint}
+                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                # meta as a JSON string: loadable with weights_only=True
+                with atomic_write(path) as fh:
+                    torch.save({"state_dict": state, "meta": json.dumps(meta)}, fh)
+                log.info("cached base model %s", path)
+            else:
+                log.info("using cached base model %s", path)
+            signature = _file_signature(path)
+        try:
+            model, meta, checksum = _load_hashed(model_name, path, lambda meta: meta["build_kwargs"])
+            break
+        except (ValueError, KeyError) as exc:  # KeyError: a readable file without wavesweep's metadata
+            if damaged is not None:  # trained again just now and still unreadable: not the cache's fault
+                raise
+            # A cache entry is wavesweep's own file: a damaged one is trained again (as deterministically
+            # as training is on this device), not a usage error the user can only fix by deleting it.
+            log.warning("cached base model %s is unreadable (%s): training it again", path, exc)
+            damaged = signature
     return BaseModel(model, model_name, dataset_name, seed, "trained", path, checksum, meta["build_kwargs"],
                      meta.get("train_info", {}))
 
