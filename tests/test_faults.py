@@ -542,6 +542,29 @@ def test_a_full_artifact_disk_leaves_no_partial_file_and_no_running_run(workdir,
         assert p.stat().st_size > 0
 
 
+def test_a_full_cache_disk_names_the_file_that_did_not_fit(workdir, full_disk, monkeypatch):
+    """A base model trained into a full WAVESWEEP_CACHE: torch.save's error holds only the errno
+    (a RuntimeError from an OSError without a filename), so the one line was "no space left on the
+    device: ... put the store elsewhere", not saying it was the cache (the MLflow store had room).
+    It now names the cache file; no partial file is left."""
+    from wavesweep import train
+    from wavesweep.failures import environment_error
+
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(full_disk))
+    filler = full_disk / "filler"
+    with open(filler, "wb", buffering=0) as fh:  # every byte of the tmpfs: the model file does not fit
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 4096)
+    fast = train.TrainConfig(epochs=1, batch_size=64, lr=3e-3)
+    with pytest.raises(Exception) as info:
+        train.get_base_model("mlp", "digits", train_config=fast, device="cpu", progress=False)
+    path = train.cache_path("mlp", "digits", 0, fast.resolved("cpu"), data=train.data_fingerprint(train.load_dataset("digits")))
+    assert environment_error(info.value) == (f"no space left on the device while writing {str(path)!r}: "
+                                             "free some space or put the store elsewhere")  # fmt: skip
+    assert [p.name for p in full_disk.rglob("*") if p.is_file() and p != filler] == [path.with_suffix(".lock").name]
+
+
 def test_an_unreachable_database_is_one_line_and_exit_1(workdir, capsys):
     """A PostgreSQL storage whose server is not there (connection refused): one line naming the
     failure, exit 1, no traceback, no password."""

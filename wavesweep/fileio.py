@@ -34,7 +34,11 @@ def _umask() -> int:
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing (``mode`` "wb" or "w"); on a clean exit
     of the block it is flushed, fsynced and renamed to ``path``. The file's mode is 0666 less
-    the umask (0644 under the usual umask), as ``open`` would give, not mkstemp's 0600."""
+    the umask (0644 under the usual umask), as ``open`` would give, not mkstemp's 0600.
+
+    A write that fails with an ``OSError`` naming no file (a full disk under ``torch.save``,
+    ``np.savez`` or a flush: the error holds only the errno) is raised again as that ``OSError``
+    with ``path`` as its filename, so the one-line message says which file did not fit."""
     if mode not in ("wb", "w"):
         raise ValueError(f"mode {mode!r} is not one of wb, w")
     path = Path(path)
@@ -47,9 +51,27 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        cause = _unnamed_os_error(exc)
+        if cause is not None:
+            raise OSError(cause.errno, cause.strerror, str(path)) from exc
         raise
+
+
+def _unnamed_os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` with an errno and no filename that ``exc`` is or wraps (torch's writer raises
+    a RuntimeError from it), or None; any other exception (a stop, a ValueError) is left as it is."""
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return None
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno is not None:
+            return err if err.filename is None else None
+        err = err.__cause__ or err.__context__
+    return None
 
 
 @contextlib.contextmanager
