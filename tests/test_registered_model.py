@@ -207,6 +207,30 @@ def test_registering_again_reuses_the_version_and_never_rewrites_its_files(trial
     assert _model_files(client, run_id, tmp_path / "b") == files  # MLmodel's time and uuid included
 
 
+def test_a_registration_stopped_after_its_version_was_created_is_listed_once_rerun(trial_run, monkeypatch):
+    """A stop (Ctrl-C, SIGTERM) right after MLflow created the version left a model without its
+    ``wavesweep`` tag: ``wavesweep models`` did not list it, and registering it again (which reuses
+    the version) did not tag it either."""
+    from wavesweep import model_registry
+    from wavesweep.tracked_trial import register_trial_model
+
+    _cfg, run_id = trial_run
+    real = MlflowClient.create_model_version
+
+    def create_then_stop(self, *a, **k):
+        real(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", create_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        register_trial_model(run_id, name="halfway", alias="champion")
+    monkeypatch.setattr(MlflowClient, "create_model_version", real)
+    mv = register_trial_model(run_id, name="halfway", alias="champion")
+    assert str(mv.version) == "1" and mv.aliases == ["champion"]
+    listed = [(r["name"], str(r["version"]), r["aliases"]) for r in model_registry.list_registered()]
+    assert listed == [("halfway", "1", ["champion"])]
+
+
 def test_register_refuses_unfinished_runs_and_bad_names_before_registering_anything(trial_run):
     """A FAILED or KILLED run, an alias MLflow would refuse (checked against MLflow's own
     validators) and a name with '@' (read as an alias in models:/ URIs): one ValueError each and

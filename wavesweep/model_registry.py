@@ -51,9 +51,15 @@ def register_model(
         _upload(model, architecture, input_example, checkpoint, run_id, artifact_path)
     with contextlib.suppress(MlflowException):  # exists already
         c.create_registered_model(name)
+    # marked before its first version: a stop between the two must not leave a version `wavesweep models` cannot see
+    mark_wavesweep(name)
     mv = c.create_model_version(name, source, run_id=run_id, tags={k: format_value(v) for k, v in tags.items() if v is not None})
-    c.set_registered_model_tag(name, "wavesweep", "true")
     return move_alias(c.get_model_version(name, mv.version), alias)
+
+
+def mark_wavesweep(name: str) -> None:
+    """Tag registered model ``name`` as wavesweep's (``wavesweep=true``): what :func:`list_registered` lists."""
+    client().set_registered_model_tag(name, "wavesweep", "true")
 
 
 def _versions_of_run(c: Any, run_id: str) -> list[Any]:

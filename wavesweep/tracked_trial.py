@@ -149,6 +149,7 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
     kwargs = {k: int(params[f"base_{k}"]) for k in ("num_classes", "in_channels", "image_size")}
     if (known := model_registry.existing_version(name, run.info.run_id, method)) is not None:
         log.info("run %s's %s model is version %s of %s already: no second version", run.info.run_id, method, known.version, name)
+        model_registry.mark_wavesweep(name)  # an earlier registration may have stopped before marking it
         return model_registry.move_alias(known, alias)  # the same model: nothing uploaded
     prefix = "" if method == "dwt" else f"{method}_"
     tags = {
