@@ -560,8 +560,8 @@ def test_a_full_cache_disk_names_the_file_that_did_not_fit(workdir, full_disk, m
     with pytest.raises(Exception) as info:
         train.get_base_model("mlp", "digits", train_config=fast, device="cpu", progress=False)
     path = train.cache_path("mlp", "digits", 0, fast.resolved("cpu"), data=train.data_fingerprint(train.load_dataset("digits")))
-    assert environment_error(info.value) == (f"no space left on the device while writing {str(path)!r}: "
-                                             "free some space or put the store elsewhere")  # fmt: skip
+    assert environment_error(info.value) == (f"no space left on the device while writing {str(path)!r}: free some "
+                                             f"space or point WAVESWEEP_CACHE elsewhere (it is {str(full_disk.resolve())!r})")  # fmt: skip
     assert [p.name for p in full_disk.rglob("*") if p.is_file() and p != filler] == [path.with_suffix(".lock").name]
 
 
@@ -619,6 +619,11 @@ def test_environment_errors_are_found_through_the_exception_chain():
     assert environment_error(OSError(errno.EACCES, "Permission denied")) is None
     assert environment_error(OSError(errno.EROFS, "Read-only file system", "/ro/optuna.db.lock")) == (
         "read-only file system: cannot write '/ro/optuna.db.lock': put the store on a writable file system")
+    # a file in the cache (base models, base evaluations): the remedy is WAVESWEEP_CACHE, not a store
+    cache = Path(os.environ.get("WAVESWEEP_CACHE") or Path.home() / ".cache" / "wavesweep").expanduser().resolve()
+    assert environment_error(OSError(errno.EROFS, "Read-only file system", str(cache / "models" / "m.lock"))) == (
+        f"read-only file system: cannot write {str(cache / 'models' / 'm.lock')!r}: point WAVESWEEP_CACHE at a "
+        f"folder on a writable file system (it is {str(cache)!r})")
 
 
 def test_a_study_report_uploads_its_own_files_only(workdir):

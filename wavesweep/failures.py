@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
@@ -78,15 +80,27 @@ def environment_error(exc: BaseException) -> str | None:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" while writing {str(err.filename)!r}" if err.filename else ""
-            return f"no space left on the device{where}: free some space or put the store elsewhere"
+            return f"no space left on the device{where}: free some space or {_move(err.filename, 'elsewhere')}"
         if isinstance(err, OSError) and err.errno == errno.EROFS:  # a store (or the lock beside it) on a read-only mount
             where = f" {str(err.filename)!r}" if err.filename else ""
-            return f"read-only file system: cannot write{where}: put the store on a writable file system"
+            return f"read-only file system: cannot write{where}: {_move(err.filename, 'on a writable file system', 'at a folder on a writable file system')}"
         sa_exc = sys.modules.get("sqlalchemy.exc")
         if sa_exc is not None and isinstance(err, sa_exc.OperationalError):
             return f"database: {one_line(err.orig if err.orig is not None else err)}"
         err = err.__cause__ or err.__context__
     return None
+
+
+def _move(filename: Any, where: str, cache_where: str | None = None) -> str:
+    """The remedy for a file that could not be written: the cache (base models, base evaluations)
+    moves with WAVESWEEP_CACHE, anything else is a store's (MLflow's, Optuna's, a report)."""
+    from wavesweep.store import cache_dir
+
+    if filename:
+        cache = cache_dir().resolve()
+        if cache in Path(os.fsdecode(filename)).resolve().parents:
+            return f"point WAVESWEEP_CACHE {cache_where or where} (it is {str(cache)!r})"
+    return f"put the store {where}"
 
 
 @contextlib.contextmanager

@@ -8,6 +8,13 @@ from pathlib import Path
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
+def cache_dir() -> Path:
+    """Where wavesweep caches base models and base evaluations: env ``WAVESWEEP_CACHE`` or
+    ``~/.cache/wavesweep``."""
+    env = os.environ.get("WAVESWEEP_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "wavesweep"
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 

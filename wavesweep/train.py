@@ -41,6 +41,7 @@ from wavesweep.models import (
 )
 from wavesweep.failures import one_value_per_channel
 from wavesweep.fileio import atomic_write, file_lock
+from wavesweep import store
 from wavesweep.names import check_choice
 
 
@@ -172,9 +173,8 @@ def default_train_config(model_name: str, dataset_name: str) -> TrainConfig:
 
 
 def cache_dir() -> Path:
-    """Env ``WAVESWEEP_CACHE`` or ``~/.cache/wavesweep``."""
-    env = os.environ.get("WAVESWEEP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "wavesweep"
+    """Env ``WAVESWEEP_CACHE`` or ``~/.cache/wavesweep`` (:func:`wavesweep.store.cache_dir`)."""
+    return store.cache_dir()
 
 
 @dataclass
