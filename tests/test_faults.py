@@ -1153,3 +1153,66 @@ def test_a_stop_is_resent_only_within_the_block_it_arrived_in(monkeypatch):
     with interrupt.stop_signals():
         time.sleep(0.5)  # ten resend periods: the old thread would have sent SIGINT here
     assert not interrupt.stop_pending()
+
+
+def test_runs_a_gone_process_left_running_are_closed_killed_by_the_next_trial(workdir):
+    """kill -9 (or the OOM killer) of a `wavesweep trial` leaves its runs RUNNING for good; the next
+    trial in the experiment closes KILLED exactly the trial and configuration runs whose process is
+    gone (pid and start time, on this machine), their children with them, and leaves alone a live
+    process's run, another machine's and a study's (the study's heartbeat and relaunch own those)."""
+    from wavesweep import tracking
+
+    client, exp = tracking.init_tracking()
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    gone_tag = tracking.process_id(gone.pid)
+    gone.kill()
+    gone.wait()
+    assert gone_tag and tracking.process_gone(gone_tag) and not tracking.process_gone(tracking.process_id())
+
+    def run(kind: str, tag: str, parent: str | None = None, **extra: str) -> str:
+        tags = {"wavesweep.kind": kind, tracking.PROCESS_TAG: tag, **extra,
+                **({tracking.MLFLOW_PARENT_RUN_ID: parent} if parent else {})}  # fmt: skip
+        return client.create_run(exp, tags=tags).info.run_id
+
+    dead_trial = run("trial", gone_tag)
+    dead_method = run("method", "", dead_trial)
+    dead_config = run("configuration", gone_tag)
+    replicate = run("trial", gone_tag, dead_config)
+    replicate_method = run("method", "", replicate)
+    live = run("trial", tracking.process_id())
+    elsewhere = run("trial", "another-host/" + gone_tag.split("/", 1)[1])
+    in_study = run("trial", gone_tag, **{"optuna.study": "s"})
+    untagged = run("trial", "")
+    finished = run("trial", gone_tag)
+    client.set_terminated(finished, "FINISHED")
+
+    assert sorted(tracking.close_runs_of_dead_processes(client, exp)) == sorted([dead_trial, dead_config])
+    status = {r: client.get_run(r).info.status for r in (dead_trial, dead_method, dead_config, replicate, replicate_method,
+                                                         live, elsewhere, in_study, untagged, finished)}  # fmt: skip
+    assert status == {dead_trial: "KILLED", dead_method: "KILLED", dead_config: "KILLED", replicate: "KILLED",
+                      replicate_method: "KILLED", live: "RUNNING", elsewhere: "RUNNING", in_study: "RUNNING",
+                      untagged: "RUNNING", finished: "FINISHED"}  # fmt: skip
+    assert f"process {gone.pid} ended without closing this run" in client.get_run(dead_trial).data.tags["error"]
+    assert tracking.close_runs_of_dead_processes(client, exp) == []  # nothing left to close
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the process check reads /proc")
+def test_a_trial_killed_with_sigkill_is_closed_by_the_next_one(workdir, tiny_weights, shared_cache):
+    """A real kill -9 of `wavesweep trial` while it runs: its runs stay RUNNING until the next
+    trial in the experiment closes them KILLED; nothing is left RUNNING after that trial."""
+    args = ["trial", "--model", "cnn", "--weights", tiny_weights, "--eval-limit", "100", "--timing-batches", "0"]
+    p = spawn(workdir, shared_cache, *args, "--recovery", "finetune", "--finetune-steps", "100000", name="killed")
+    try:
+        wait_for(lambda: [r for r in mlflow_runs(workdir) if r.data.tags.get("wavesweep.kind") == "trial"], 300,
+                 "the killed trial's run")  # its method runs are made when it records its results
+        time.sleep(2)  # into its work
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    assert {r.info.status for r in mlflow_runs(workdir)} == {"RUNNING"}
+    again = spawn(workdir, shared_cache, *args, "--recovery", "none", name="next")
+    assert again.wait(timeout=300) == 0, (workdir / "next.log").read_text()[-3000:]
+    assert "closed 1 run(s) KILLED" in (workdir / "next.log").read_text()
+    by_kind = sorted((r.data.tags.get("wavesweep.kind"), r.data.tags.get("recovery", ""), r.info.status) for r in mlflow_runs(workdir))
+    assert by_kind == [("method", "", "FINISHED")] * 3 + [("trial", "", "FINISHED"), ("trial", "", "KILLED")], by_kind

@@ -60,7 +60,8 @@ def _desc(cfg: TrialConfig) -> str:
 def _start_run(client, exp_id: str, cfg: TrialConfig, n: int, cid: str, *, parent_run_id: str | None,
                adopt_run_id: str | None, tags: dict[str, str] | None) -> tuple[str, bool]:  # fmt: skip
     """Create (or adopt) the configuration run, with its tags; returns its id and whether this process owns it."""
-    all_tags = {"wavesweep.kind": "configuration", "method": "configuration", "config_id": cid, **(tags or {}),
+    all_tags = {"wavesweep.kind": "configuration", "method": "configuration", "config_id": cid,
+                tracking.PROCESS_TAG: tracking.process_id(), **(tags or {}),
                 tracking.MLFLOW_RUN_NAME: f"configuration {_desc(cfg)} x{n} seeds"}  # fmt: skip
     if adopt_run_id and not parent_run_id:
         run_id, owned = adopt_run_id, False
@@ -130,6 +131,8 @@ def run_tracked_configuration(
     """
     n = replicates.check_replicates(n_replicates)
     client, exp_id = tracking.init_tracking(experiment=experiment, run_id=None if parent_run_id else adopt_run_id)
+    if parent_run_id is None:  # a configuration of its own: tidy what a killed one left RUNNING
+        tracking.close_runs_of_dead_processes(client, exp_id)
     cid = replicates.config_id(cfg)
     run_id, owned = _start_run(client, exp_id, cfg, n, cid, parent_run_id=parent_run_id, adopt_run_id=adopt_run_id, tags=tags)
     outcome = ConfigurationOutcome(run_id=run_id, config_id=cid)

@@ -78,6 +78,8 @@ def run_tracked_trial(
     """
     t_start = time.perf_counter()
     client, exp_id = tracking.init_tracking(experiment=experiment, run_id=None if parent_run_id else adopt_run_id)
+    if parent_run_id is None:  # a trial of its own: tidy what a killed one left RUNNING in its experiment
+        tracking.close_runs_of_dead_processes(client, exp_id)
     run = tracking.TrialRun(client, exp_id, cfg, parent_run_id=parent_run_id, adopt_run_id=adopt_run_id, extra_tags=tags)
     t_setup = time.perf_counter() - t_start
     try:

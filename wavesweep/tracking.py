@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import shutil
 import subprocess
 import tempfile
@@ -234,7 +235,7 @@ class TrialRun:
                  adopt_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> None:  # fmt: skip
         self.client = client
         self.cfg = cfg
-        tags = {"method": "trial", "wavesweep.kind": "trial", **(extra_tags or {})}
+        tags = {"method": "trial", "wavesweep.kind": "trial", PROCESS_TAG: process_id(), **(extra_tags or {})}
         if adopt_run_id and not parent_run_id:
             self.run_id = adopt_run_id
             self.owned = False
@@ -271,6 +272,67 @@ class TrialRun:
         children: list[str] | bool = list(self.child_ids.values()) if status == "FINISHED" else True
         close_run(self.client, self.run_id, status, error=error, tags=tags, children=children,
                   terminate=self.owned or status != "FINISHED")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- runs of dead processes
+
+PROCESS_TAG = "wavesweep.process"
+
+
+def process_id(pid: int | None = None) -> str:
+    """Process ``pid`` (default: this one) as ``host/boot id/pid/start time``, unique across pid
+    reuse and reboots (Linux ``/proc``); ``""`` where that cannot be read (no check is made there)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    except (OSError, IndexError):
+        return ""
+    return f"{socket.gethostname()}/{boot}/{pid}/{start}"
+
+
+def process_gone(tag: str) -> bool:
+    """Whether the process ``tag`` (:func:`process_id`) is known to be gone: on this machine, and
+    either rebooted since or no process with its pid and start time. False when it cannot be told
+    (another machine, no ``/proc``)."""
+    parts = tag.split("/")
+    if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[2].isdigit():
+        return False
+    here = process_id()
+    if not here:
+        return False
+    if parts[1] != here.split("/")[1]:  # the machine rebooted since
+        return True
+    return process_id(int(parts[2])) != tag  # no such pid, or a new process under it
+
+
+def close_runs_of_dead_processes(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Close KILLED the trial and configuration runs of ``experiment_id`` left RUNNING by a process
+    of this machine that is gone without closing them (``kill -9``, the OOM killer, a crash of the
+    interpreter), their children with them, with tag ``error`` saying so; returns their ids. A
+    study's runs are left to the study (its heartbeat, its next launch). Any failure here is logged:
+    tidying must never stop the trial that does it."""
+    closed = []
+    try:
+        found = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+        for run in found:
+            tags = run.data.tags
+            if (tags.get("wavesweep.kind") not in ("trial", "configuration") or "optuna.study" in tags
+                    or not process_gone(tags.get(PROCESS_TAG, ""))):  # fmt: skip
+                continue
+            if tags.get(MLFLOW_PARENT_RUN_ID) in {r.info.run_id for r in found}:
+                continue  # a replicate below a configuration run: closed with it
+            pid = tags[PROCESS_TAG].split("/")[2]
+            close_run(client, run.info.run_id, "KILLED",
+                      error=f"process {pid} ended without closing this run (kill -9, out of memory, a crash); "
+                            "closed by a later wavesweep command")  # fmt: skip
+            closed.append(run.info.run_id)
+    except (MlflowException, OSError) as exc:
+        log.warning("could not close runs left RUNNING by processes that are gone: %s", exc)
+    if closed:
+        log.warning("closed %d run(s) KILLED that a process gone without closing them had left RUNNING: %s",
+                    len(closed), ", ".join(closed))
+    return closed
 
 
 def close_run(
