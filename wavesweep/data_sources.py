@@ -188,7 +188,10 @@ _IMAGENET_LAYOUT = (
     "expected the ImageNet-1k validation set as an ImageFolder: a directory with 1000 "
     "class folders named by WordNet synset (n01440764/, n01443537/, ..., n15075141/), "
     "each holding that class's validation images (e.g. the layout produced by "
-    "valprep.sh); pass it as root, or put it at $WAVESWEEP_DATA/imagenet/val"
+    "valprep.sh), or as distributed, flat: Kaggle's ILSVRC/Data/CLS-LOC/val/ with "
+    "LOC_val_solution.csv and LOC_synset_mapping.txt, or image-net.org's ILSVRC2012_img_val/ "
+    "with ILSVRC2012_devkit_t12/ (the images' folder or the folder above them; see the README); "
+    "pass it as root, or put it at $WAVESWEEP_DATA/imagenet/val"
 )
 
 
@@ -196,36 +199,58 @@ _IMAGENET_LAYOUT = (
 def _imagenet(
     root: Path | None, seed: int, image_size: int | None, expected_classes: int = 1000
 ) -> DatasetBundle:
-    """ImageNet-1k val as an ImageFolder with the standard torchvision eval transform
-    (resize 256, center crop 224, ImageNet normalisation). Classes are the sorted synset
-    folders, i.e. the standard index order the pretrained weights use.
+    """ImageNet-1k val with the standard torchvision eval transform (resize 256, center crop
+    224, ImageNet normalisation), read from either layout:
 
-    ``expected_classes``: the number of synset folders required (1000 for ImageNet-1k;
-    tests pass a small number to run the real code path on a generated tree).
+    - an ImageFolder of synset folders (``root``, or ``root/val`` when ``root`` has none);
+      classes are the sorted synset folders, the standard index order the pretrained weights use;
+    - flat, as Kaggle and image-net.org distribute it (where ``root`` has no synset folders): the
+      images in one folder, labelled by Kaggle's ``LOC_val_solution.csv`` or image-net.org's
+      devkit, found as :mod:`wavesweep.imagenet_val` says; classes are the sorted synsets, so an
+      image gets the same label as in the ImageFolder.
+
+    ``root`` None: ``$WAVESWEEP_DATA/imagenet/val``, or ``$WAVESWEEP_DATA/imagenet`` where there
+    is no ``val/`` (a distribution's top folder). ``expected_classes``: the number of classes
+    required (1000 for ImageNet-1k; tests pass a small number to run the real code path on a
+    generated tree).
     """
-    from wavesweep.image_files import ImageFiles
+    from wavesweep.image_files import ImageFiles, LabelledImageFiles
+    from wavesweep.imagenet_val import flat_samples
 
     size = DATASETS.get("imagenet").size(image_size)
-    path = root if root is not None else data_root() / "imagenet" / "val"
+    if root is not None:
+        path = root
+    else:
+        top = data_root() / "imagenet"
+        path = top / "val" if (top / "val").is_dir() or not top.is_dir() else top
     if not path.is_dir():
         raise FileNotFoundError(f"imagenet: directory {str(path)!r} does not exist; {_IMAGENET_LAYOUT}")
-    classes = _class_dirs(path)
+    given, classes = path, _class_dirs(path)
     if (path / "val").is_dir() and not any(_SYNSET.match(c) for c in classes):
         # root given as the ImageNet top directory (train/, val/, ...)
         path = path / "val"
         classes = _class_dirs(path)
-    bad = [c for c in classes if not _SYNSET.match(c)]
-    if len(classes) != expected_classes or bad:
-        what = f"{len(classes)} class folders" + (f", some not synset ids (e.g. {bad[0]!r})" if bad else "")
-        raise ValueError(f"imagenet: malformed directory {str(path)!r}: found {what}; {_IMAGENET_LAYOUT}")
-    try:
-        test = ImageFiles(str(path), transform=_imagenet_eval_transform(size))
-    except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder without images
-        raise ValueError(f"imagenet: cannot read {str(path)!r}: {err}; {_IMAGENET_LAYOUT}") from err
+    info: dict[str, Any] = {}
+    transform = _imagenet_eval_transform(size)
+    # no synset folders: the flat layout, looked for from the folder given (which may be its top)
+    flat = None if any(_SYNSET.match(c) for c in classes) else flat_samples(given, expected_classes)
+    if flat is not None:  # the images in one folder, the labels in a file
+        path, labels, samples = flat
+        test = LabelledImageFiles(str(path), samples, list(labels.classes), transform=transform)
+        classes, info = list(labels.classes), {"labels": str(labels.source)}
+    else:
+        bad = [c for c in classes if not _SYNSET.match(c)]
+        if len(classes) != expected_classes or bad:
+            what = f"{len(classes)} class folders" + (f", some not synset ids (e.g. {bad[0]!r})" if bad else "")
+            raise ValueError(f"imagenet: malformed directory {str(path)!r}: found {what}; {_IMAGENET_LAYOUT}")
+        try:
+            test = ImageFiles(str(path), transform=transform)
+        except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder without images
+            raise ValueError(f"imagenet: cannot read {str(path)!r}: {err}; {_IMAGENET_LAYOUT}") from err
     return make_bundle(
         "imagenet", None, test,
         {"root": str(path), "n_train": 0, "n_test": len(test), "split_seed": None,
-         "transform": f"resize {int(round(size * 256 / 224))}, center crop {size}, imagenet norm"},
+         "transform": f"resize {int(round(size * 256 / 224))}, center crop {size}, imagenet norm", **info},
         num_classes=len(classes), image_size=size,
     )
 

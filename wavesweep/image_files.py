@@ -7,6 +7,9 @@
   ``._name.JPEG`` beside every image it copies (not an image: plain ``ImageFolder`` takes it for
   one and the evaluation stops at it), Jupyter a ``.ipynb_checkpoints`` copy of what it opened
   (an image counted twice).
+- :class:`LabelledImageFiles`: image files whose labels are given, not read from folder names
+  (ImageNet val kept flat, its labels in separate files: :mod:`wavesweep.imagenet_val`), read
+  like :class:`ImageFiles`.
 - :func:`read_image`: torchvision's PIL loader, with an unreadable file (truncated, not an
   image, gone) reported as one ``ValueError`` naming the file.
 """
@@ -17,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torchvision.datasets import ImageFolder
+from torchvision.datasets import ImageFolder, VisionDataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 
@@ -55,3 +58,27 @@ class ImageFiles(ImageFolder):
         if not classes:
             raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
         return classes, {c: i for i, c in enumerate(classes)}
+
+
+class LabelledImageFiles(VisionDataset):
+    """Image files with their labels given: the attributes of :class:`ImageFiles` (``root``,
+    ``samples`` [(path, class index)], ``targets``, ``classes``, ``class_to_idx``, ``transform``,
+    :func:`read_image` as loader), so the data fingerprint, ``dataset_targets`` and the loaders
+    read it as they read an image folder. Items are ``(transform(image), class index)``."""
+
+    def __init__(self, root: str, samples: list[tuple[str, int]], classes: list[str], transform: Any = None) -> None:
+        super().__init__(root, transform=transform)
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = list(samples)
+        self.imgs = self.samples  # ImageFolder's alias
+        self.targets = [y for _, y in self.samples]
+        self.loader = read_image
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, target = self.samples[index]
+        image = self.loader(path)
+        return (image if self.transform is None else self.transform(image)), target
