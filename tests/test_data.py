@@ -264,6 +264,214 @@ def test_imagenet_generated_folder_loads_with_eval_transform(tmp_path):
     assert sorted(dataset_targets(sub).tolist()) == [0, 1, 2, 3]
 
 
+# --------------------------------------------------------------------------- ImageNet val, flat
+
+#: in ILSVRC2012_ID order (ID = position + 1), not sorted, as in the real devkit (ID 1 is n02119789)
+FLAT_SYNSETS = ["n02119789", "n01440764", "n04591713", "n01443537"]
+
+
+def write_val_images(directory: Path, synsets: list[str], per_class: int = 2, seed: int = 0) -> dict[str, str]:
+    """``per_class`` small JPEGs per synset, named ILSVRC2012_val_<8 digits> with the numbers
+    shuffled across the classes (as in the real set), flat in ``directory``; file name -> synset."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    numbers = rng.permutation(len(synsets) * per_class) + 1
+    truth = {}
+    for j, i in enumerate(numbers):
+        name = f"ILSVRC2012_val_{i:08d}.JPEG"
+        Image.fromarray(rng.integers(0, 256, size=(18, 22, 3), dtype=np.uint8)).save(directory / name)
+        truth[name] = synsets[j % len(synsets)]
+    return dict(sorted(truth.items()))
+
+
+def write_meta_mat(path: Path, leaves: list[str], inner: int = 2) -> None:
+    """The devkit's ``meta.mat``: a struct array ``synsets`` with its fields; ``leaves`` get
+    ILSVRC2012_ID 1.. (num_children 0), then ``inner`` WordNet nodes above them (children > 0)."""
+    from scipy.io import savemat
+
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    rows = [(i + 1, w, f"words {w}", f"gloss {w}", 0, np.zeros((1, 0)), 0, 1300) for i, w in enumerate(leaves)]
+    n = len(leaves)
+    rows += [(n + 1 + k, f"n0999999{k}", "inner", "an inner node", 2, np.array([[1, 2]]), 1, 0) for k in range(inner)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(path, {"synsets": np.array(rows, dtype=[(f, "O") for f in fields]).reshape(-1, 1)})
+
+
+def make_flat_val(kind: str, top: Path, synsets: list[str] = FLAT_SYNSETS, per_class: int = 2) -> dict:
+    """One distribution's val set as it is downloaded, under ``top``: ``kaggle`` (images in
+    ILSVRC/Data/CLS-LOC/val/, LOC_val_solution.csv and LOC_synset_mapping.txt at the top, rows
+    and mapping lines in no sorted order) or ``devkit`` (images in ILSVRC2012_img_val/,
+    ILSVRC2012_devkit_t12/data/{ILSVRC2012_validation_ground_truth.txt, meta.mat}).
+    Returns the paths and ``truth``: file name -> synset."""
+    rng = np.random.default_rng(1)
+    if kind == "kaggle":
+        images = top / "ILSVRC" / "Data" / "CLS-LOC" / "val"
+        truth = write_val_images(images, synsets, per_class)
+        rows = [f"{Path(n).stem},{s} 1 2 30 40 {s} 5 6 7 8" for n, s in truth.items()]
+        labels = top / "LOC_val_solution.csv"
+        labels.write_text("ImageId,PredictionString\n" + "\n".join(rows[i] for i in rng.permutation(len(rows))) + "\n")
+        meta = top / "LOC_synset_mapping.txt"
+        meta.write_text("".join(f"{s} words for {s}, more words\n" for s in synsets))
+    else:
+        images = top / "ILSVRC2012_img_val"
+        truth = write_val_images(images, synsets, per_class)
+        devkit = top / "ILSVRC2012_devkit_t12"
+        meta, labels = devkit / "data" / "meta.mat", devkit / "data" / "ILSVRC2012_validation_ground_truth.txt"
+        write_meta_mat(meta, synsets)
+        ids = [synsets.index(truth[f"ILSVRC2012_val_{i:08d}.JPEG"]) + 1 for i in range(1, len(truth) + 1)]
+        labels.write_text("".join(f"{i}\n" for i in ids))
+    return {"top": top, "images": images, "labels": labels, "meta": meta, "truth": truth}
+
+
+def class_tree(flat: dict, root: Path) -> Path:
+    """The same image files arranged as an ImageFolder of synset folders (valprep.sh's layout)."""
+    import shutil
+
+    for name, synset in flat["truth"].items():
+        (root / synset).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(flat["images"] / name, root / synset / name)
+    return root
+
+
+@pytest.mark.parametrize("given", ["top", "images", "beside"])
+@pytest.mark.parametrize("kind", ["kaggle", "devkit"])
+def test_flat_val_gives_the_labels_of_the_class_folder_tree(kind, given, tmp_path):
+    """The flat layouts, passed as the distribution's top, as the images' folder, or as the
+    images' folder with the label files moved beside it (in it), give the samples and labels
+    torchvision's ImageFolder gives over the same files as synset folders (the oracle), and the
+    same tensors as wavesweep's folder layout; a macOS ``._`` file beside the images is no image."""
+    import shutil
+
+    from torchvision.datasets import ImageFolder
+
+    flat = make_flat_val(kind, tmp_path / kind)
+    tree = class_tree(flat, tmp_path / "tree")
+    (flat["images"] / "._ILSVRC2012_val_00000001.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    if given == "beside":  # the label files in the images' folder itself
+        for f in (flat["labels"], flat["meta"]) if kind == "kaggle" else (flat["labels"].parents[1],):
+            shutil.move(f, flat["images"] / f.name)
+    root = flat["top"] if given == "top" else flat["images"]
+    b = load_dataset("imagenet", root=root, expected_classes=4, image_size=16)
+    oracle = ImageFolder(str(tree))
+    assert b.num_classes == 4 and b.train is None and b.info["root"] == str(flat["images"])
+    assert b.test.classes == oracle.classes == sorted(FLAT_SYNSETS)
+    got = {Path(p).name: y for p, y in b.test.samples}
+    assert got == {Path(p).name: y for p, y in oracle.samples} and len(got) == len(b.test) == 8
+    assert {n: b.test.classes[y] for n, y in got.items()} == flat["truth"]
+    assert sorted(dataset_targets(b.test).tolist()) == sorted(oracle.targets)
+    folder = load_dataset("imagenet", root=tree, expected_classes=4, image_size=16).test
+    by_name = {Path(p).name: i for i, (p, _) in enumerate(folder.samples)}
+    for i in (0, 5):
+        x, y = b.test[i]
+        fx, fy = folder[by_name[Path(b.test.samples[i][0]).name]]
+        assert y == fy and x.shape == (3, 16, 16) and torch.equal(x, fx)
+
+
+def test_flat_val_loads_from_the_default_root_and_evaluates_in_worker_processes(tmp_path, monkeypatch):
+    """Kaggle's download unpacked at $WAVESWEEP_DATA/imagenet (no val/ there) is found without a
+    root, and its images are decoded by a DataLoader worker like an ImageFolder's."""
+    from wavesweep.evaluate import predict
+
+    flat = make_flat_val("kaggle", tmp_path / "imagenet")
+    monkeypatch.setenv("WAVESWEEP_DATA", str(tmp_path))
+    b = load_dataset("imagenet", expected_classes=4, image_size=16)
+    assert b.info["labels"] == str(flat["labels"]) and len(b.test) == 8
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+    logits, targets = predict(model, b.test, batch_size=3, device="cpu", num_workers=1)
+    assert logits.shape == (8, 4) and targets.tolist() == dataset_targets(b.test).tolist()
+
+
+def test_flat_val_fingerprint_follows_the_files_and_labels(tmp_path):
+    """The two distributions of the same files and labels are the same data; one label changed,
+    or one image (and its label) left out, is other data."""
+    from wavesweep.data import data_fingerprint
+
+    def fp(root: Path) -> str:
+        return data_fingerprint(load_dataset("imagenet", root=root, expected_classes=4))
+
+    kaggle, devkit = make_flat_val("kaggle", tmp_path / "k"), make_flat_val("devkit", tmp_path / "d")
+    assert fp(kaggle["top"]) == fp(devkit["top"])
+    base = fp(kaggle["top"])
+    lines = kaggle["labels"].read_text().splitlines()
+    row = lines[1].split(",")
+    other = next(s for s in FLAT_SYNSETS if s != row[1].split()[0])
+    kaggle["labels"].write_text("\n".join([lines[0], f"{row[0]},{other} 1 2 3 4", *lines[2:]]) + "\n")
+    relabelled = fp(kaggle["top"])
+    kaggle["labels"].write_text("\n".join([lines[0], *lines[2:]]) + "\n")
+    (kaggle["images"] / f"{row[0]}.JPEG").unlink()
+    assert len({base, relabelled, fp(kaggle["top"])}) == 3
+
+
+def _replace_line(path: Path, k: int, text: str) -> None:
+    lines = path.read_text().splitlines()
+    lines[k] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
+#: (kind, what is done to the generated files, the error, the key of the file it must name)
+FLAT_FAULTS = {
+    "kaggle-label-of-an-absent-image": ("kaggle", lambda f: (f["images"] / "ILSVRC2012_val_00000003.JPEG").unlink(),
+                                        ValueError, r"labels 1 images that are not in .*'ILSVRC2012_val_00000003'", "labels"),
+    "kaggle-image-without-label": ("kaggle", lambda f: Image.new("RGB", (8, 8)).save(f["images"] / "extra.JPEG"),
+                                   ValueError, r"holds 1 images that .* does not label \(first 'extra.JPEG'\)", "images"),
+    "kaggle-synset-not-in-mapping": ("kaggle", lambda f: _replace_line(f["labels"], 2, "ILSVRC2012_val_00000002,n09999999 1 2 3 4"),
+                                     ValueError, r"line 3: synset n09999999 of ILSVRC2012_val_00000002 is not among the 4 in .*LOC_synset_mapping", "labels"),
+    "kaggle-fewer-classes": ("kaggle", lambda f: f["meta"].write_text("".join(f"{s} w\n" for s in FLAT_SYNSETS[:3])),
+                             ValueError, r"lists 3 synsets; expected 4", "meta"),
+    "kaggle-mapping-missing": ("kaggle", lambda f: f["meta"].unlink(),
+                               FileNotFoundError, r"does not exist; expected beside LOC_val_solution.csv", "meta"),
+    "kaggle-mapping-line": ("kaggle", lambda f: _replace_line(f["meta"], 1, "tench, Tinca tinca"),
+                            ValueError, r"line 2 is 'tench, Tinca tinca'; expected a synset id", "meta"),
+    "kaggle-header": ("kaggle", lambda f: _replace_line(f["labels"], 0, "id,label"),
+                      ValueError, r"starts with 'id,label'; expected the header 'ImageId,PredictionString'", "labels"),
+    "kaggle-row-without-synset": ("kaggle", lambda f: _replace_line(f["labels"], 4, "ILSVRC2012_val_00000004,"),
+                                  ValueError, r"line 5 is 'ILSVRC2012_val_00000004,'; expected an image id", "labels"),
+    "kaggle-image-twice": ("kaggle", lambda f: f["labels"].write_text(f["labels"].read_text() + f["labels"].read_text().splitlines()[1] + "\n"),
+                           ValueError, r"line 10: ILSVRC2012_val_\d+ again \(first on line 2\)", "labels"),
+    "devkit-without-meta": ("devkit", lambda f: f["meta"].unlink(),
+                            FileNotFoundError, r"the devkit lacks .*data/meta.mat'; expected the synsets", "meta"),
+    "devkit-without-ground-truth": ("devkit", lambda f: f["labels"].unlink(),
+                                    FileNotFoundError, r"the devkit lacks .*data/ILSVRC2012_validation_ground_truth.txt'; expected the ILSVRC2012_ID of each", "labels"),
+    "devkit-id-not-a-leaf": ("devkit", lambda f: _replace_line(f["labels"], 2, "5"),  # ID 5: an inner node
+                             ValueError, r"line 3 is '5'; expected the ILSVRC2012_ID of ILSVRC2012_val_00000003, one of the 4 leaf classes in .*meta.mat' \(1..4\)", "labels"),
+    "devkit-fewer-labels-than-images": ("devkit", lambda f: f["labels"].write_text("".join(f["labels"].read_text().splitlines(True)[:-1])),
+                                        ValueError, r"holds 1 images that .* does not label \(first 'ILSVRC2012_val_00000008.JPEG'\)", "labels"),
+    "devkit-label-of-an-absent-image": ("devkit", lambda f: f["labels"].write_text(f["labels"].read_text() + "1\n"),
+                                        ValueError, r"labels 1 images that are not in .*'ILSVRC2012_val_00000009'", "labels"),
+    "devkit-fewer-classes": ("devkit", lambda f: write_meta_mat(f["meta"], FLAT_SYNSETS[:3]),
+                             ValueError, r"has 3 leaf synsets \(num_children 0\); expected 4", "meta"),
+    "devkit-meta-not-a-mat-file": ("devkit", lambda f: f["meta"].write_text("not a MAT-file"),
+                                   ValueError, r"cannot be read as a MAT-file", "meta"),
+    "devkit-meta-without-synsets": ("devkit", lambda f: __import__("scipy.io").io.savemat(f["meta"], {"other": np.zeros(3)}),
+                                    ValueError, r"holds no 'synsets'", "meta"),
+    "two-images-of-one-name": ("devkit", lambda f: Image.new("RGB", (8, 8)).save(f["images"] / "ILSVRC2012_val_00000001.png"),
+                               ValueError, r"holds both 'ILSVRC2012_val_00000001.JPEG' and 'ILSVRC2012_val_00000001.png'", "images"),
+    "images-without-label-files": ("devkit", lambda f: __import__("shutil").rmtree(f["meta"].parents[1]),
+                                   FileNotFoundError, r"holds 8 images but no labels for them: looked for LOC_val_solution.csv .* or ILSVRC2012_devkit_t12/", "images"),
+    "label-files-without-images": ("kaggle", lambda f: __import__("shutil").rmtree(f["top"] / "ILSVRC"),
+                                   FileNotFoundError, r"found the labels .* but no images: looked for image files directly in", "labels"),
+}
+
+
+@pytest.mark.parametrize("fault", FLAT_FAULTS)
+def test_a_malformed_flat_val_is_one_line_naming_the_file(fault, tmp_path):
+    kind, break_it, error, pattern, names = FLAT_FAULTS[fault]
+    flat = make_flat_val(kind, tmp_path / "top")
+    assert len(load_dataset("imagenet", root=flat["top"], expected_classes=4).test) == 8  # whole, it loads
+    break_it(flat)
+    with pytest.raises(error, match=pattern) as err:
+        load_dataset("imagenet", root=flat["top"], expected_classes=4)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("imagenet: ") and repr(str(flat[names])) in msg
+
+
+def test_the_flat_layout_needs_1000_classes_unless_told_otherwise(tmp_path):
+    flat = make_flat_val("devkit", tmp_path)
+    with pytest.raises(ValueError, match=r"meta.mat' has 4 leaf synsets \(num_children 0\); expected 1000"):
+        load_dataset("imagenet", root=flat["images"])
+
+
 def test_imagefolder_train_val_and_size(tmp_path):
     make_image_folder(tmp_path / "train", ["a", "b"], per_class=3)
     make_image_folder(tmp_path / "val", ["a", "b"], per_class=2)

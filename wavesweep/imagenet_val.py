@@ -212,8 +212,8 @@ def read_devkit(devkit: Path, expected_classes: int) -> FlatLabels:
     for f, what in ((meta, "the synsets (a struct 'synsets' with ILSVRC2012_ID, WNID, num_children)"),
                     (truth, "the ILSVRC2012_ID of each val image, one per line")):
         if not f.is_file():
-            raise FileNotFoundError(f"imagenet: devkit {_q(devkit)} has no {f.relative_to(devkit).as_posix()}; "
-                                    f"expected {what}, as extracted from ILSVRC2012_devkit_t12.tar.gz")
+            raise FileNotFoundError(f"imagenet: the devkit lacks {_q(f)}; expected {what}, as extracted from "
+                                    "ILSVRC2012_devkit_t12.tar.gz")
     synset_of = read_meta_mat(meta, expected_classes)
     labels: dict[str, str] = {}
     for k, line in enumerate(_text(truth).rstrip().splitlines(), 1):
