@@ -409,48 +409,97 @@ def _replace_line(path: Path, k: int, text: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-#: (kind, what is done to the generated files, the error, the key of the file it must name)
+def _append_line(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text + "\n")
+
+
+def _drop_last_line(path: Path) -> None:
+    path.write_text("".join(path.read_text().splitlines(True)[:-1]))
+
+
+def _new_image(path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(path)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def _savemat(path: Path, content: dict) -> None:
+    from scipy.io import savemat
+
+    savemat(path, content)
+
+
+#: fault -> (layout, what is done to the generated files, the error, its message, the key of
+#: make_flat_val's file the message must name)
 FLAT_FAULTS = {
-    "kaggle-label-of-an-absent-image": ("kaggle", lambda f: (f["images"] / "ILSVRC2012_val_00000003.JPEG").unlink(),
-                                        ValueError, r"labels 1 images that are not in .*'ILSVRC2012_val_00000003'", "labels"),
-    "kaggle-image-without-label": ("kaggle", lambda f: Image.new("RGB", (8, 8)).save(f["images"] / "extra.JPEG"),
-                                   ValueError, r"holds 1 images that .* does not label \(first 'extra.JPEG'\)", "images"),
-    "kaggle-synset-not-in-mapping": ("kaggle", lambda f: _replace_line(f["labels"], 2, "ILSVRC2012_val_00000002,n09999999 1 2 3 4"),
-                                     ValueError, r"line 3: synset n09999999 of ILSVRC2012_val_00000002 is not among the 4 in .*LOC_synset_mapping", "labels"),
-    "kaggle-fewer-classes": ("kaggle", lambda f: f["meta"].write_text("".join(f"{s} w\n" for s in FLAT_SYNSETS[:3])),
-                             ValueError, r"lists 3 synsets; expected 4", "meta"),
-    "kaggle-mapping-missing": ("kaggle", lambda f: f["meta"].unlink(),
-                               FileNotFoundError, r"does not exist; expected beside LOC_val_solution.csv", "meta"),
-    "kaggle-mapping-line": ("kaggle", lambda f: _replace_line(f["meta"], 1, "tench, Tinca tinca"),
-                            ValueError, r"line 2 is 'tench, Tinca tinca'; expected a synset id", "meta"),
-    "kaggle-header": ("kaggle", lambda f: _replace_line(f["labels"], 0, "id,label"),
-                      ValueError, r"starts with 'id,label'; expected the header 'ImageId,PredictionString'", "labels"),
-    "kaggle-row-without-synset": ("kaggle", lambda f: _replace_line(f["labels"], 4, "ILSVRC2012_val_00000004,"),
-                                  ValueError, r"line 5 is 'ILSVRC2012_val_00000004,'; expected an image id", "labels"),
-    "kaggle-image-twice": ("kaggle", lambda f: f["labels"].write_text(f["labels"].read_text() + f["labels"].read_text().splitlines()[1] + "\n"),
-                           ValueError, r"line 10: ILSVRC2012_val_\d+ again \(first on line 2\)", "labels"),
-    "devkit-without-meta": ("devkit", lambda f: f["meta"].unlink(),
-                            FileNotFoundError, r"the devkit lacks .*data/meta.mat'; expected the synsets", "meta"),
-    "devkit-without-ground-truth": ("devkit", lambda f: f["labels"].unlink(),
-                                    FileNotFoundError, r"the devkit lacks .*data/ILSVRC2012_validation_ground_truth.txt'; expected the ILSVRC2012_ID of each", "labels"),
-    "devkit-id-not-a-leaf": ("devkit", lambda f: _replace_line(f["labels"], 2, "5"),  # ID 5: an inner node
-                             ValueError, r"line 3 is '5'; expected the ILSVRC2012_ID of ILSVRC2012_val_00000003, one of the 4 leaf classes in .*meta.mat' \(1..4\)", "labels"),
-    "devkit-fewer-labels-than-images": ("devkit", lambda f: f["labels"].write_text("".join(f["labels"].read_text().splitlines(True)[:-1])),
-                                        ValueError, r"holds 1 images that .* does not label \(first 'ILSVRC2012_val_00000008.JPEG'\)", "labels"),
-    "devkit-label-of-an-absent-image": ("devkit", lambda f: f["labels"].write_text(f["labels"].read_text() + "1\n"),
-                                        ValueError, r"labels 1 images that are not in .*'ILSVRC2012_val_00000009'", "labels"),
-    "devkit-fewer-classes": ("devkit", lambda f: write_meta_mat(f["meta"], FLAT_SYNSETS[:3]),
-                             ValueError, r"has 3 leaf synsets \(num_children 0\); expected 4", "meta"),
-    "devkit-meta-not-a-mat-file": ("devkit", lambda f: f["meta"].write_text("not a MAT-file"),
-                                   ValueError, r"cannot be read as a MAT-file", "meta"),
-    "devkit-meta-without-synsets": ("devkit", lambda f: __import__("scipy.io").io.savemat(f["meta"], {"other": np.zeros(3)}),
-                                    ValueError, r"holds no 'synsets'", "meta"),
-    "two-images-of-one-name": ("devkit", lambda f: Image.new("RGB", (8, 8)).save(f["images"] / "ILSVRC2012_val_00000001.png"),
-                               ValueError, r"holds both 'ILSVRC2012_val_00000001.JPEG' and 'ILSVRC2012_val_00000001.png'", "images"),
-    "images-without-label-files": ("devkit", lambda f: __import__("shutil").rmtree(f["meta"].parents[1]),
-                                   FileNotFoundError, r"holds 8 images but no labels for them: looked for LOC_val_solution.csv .* or ILSVRC2012_devkit_t12/", "images"),
-    "label-files-without-images": ("kaggle", lambda f: __import__("shutil").rmtree(f["top"] / "ILSVRC"),
-                                   FileNotFoundError, r"found the labels .* but no images: looked for image files directly in", "labels"),
+    "kaggle-label-of-an-absent-image": (
+        "kaggle", lambda f: (f["images"] / "ILSVRC2012_val_00000003.JPEG").unlink(),
+        ValueError, r"labels 1 images that are not in .*'ILSVRC2012_val_00000003'", "labels"),
+    "kaggle-image-without-label": (
+        "kaggle", lambda f: _new_image(f["images"] / "extra.JPEG"),
+        ValueError, r"holds 1 images that .* does not label \(first 'extra.JPEG'\)", "images"),
+    "kaggle-synset-not-in-mapping": (
+        "kaggle", lambda f: _replace_line(f["labels"], 2, "ILSVRC2012_val_00000002,n09999999 1 2 3 4"),
+        ValueError, r"line 3: synset n09999999 of ILSVRC2012_val_00000002 is not among the 4 in .*LOC_synset_mapping",
+        "labels"),
+    "kaggle-fewer-classes": (
+        "kaggle", lambda f: f["meta"].write_text("".join(f"{s} w\n" for s in FLAT_SYNSETS[:3])),
+        ValueError, r"lists 3 synsets; expected 4", "meta"),
+    "kaggle-mapping-missing": (
+        "kaggle", lambda f: f["meta"].unlink(),
+        FileNotFoundError, r"does not exist; expected beside LOC_val_solution.csv", "meta"),
+    "kaggle-mapping-line": (
+        "kaggle", lambda f: _replace_line(f["meta"], 1, "tench, Tinca tinca"),
+        ValueError, r"line 2 is 'tench, Tinca tinca'; expected a synset id", "meta"),
+    "kaggle-header": (
+        "kaggle", lambda f: _replace_line(f["labels"], 0, "id,label"),
+        ValueError, r"starts with 'id,label'; expected the header 'ImageId,PredictionString'", "labels"),
+    "kaggle-row-without-synset": (
+        "kaggle", lambda f: _replace_line(f["labels"], 4, "ILSVRC2012_val_00000004,"),
+        ValueError, r"line 5 is 'ILSVRC2012_val_00000004,'; expected an image id", "labels"),
+    "kaggle-image-twice": (
+        "kaggle", lambda f: _append_line(f["labels"], f["labels"].read_text().splitlines()[1]),
+        ValueError, r"line 10: ILSVRC2012_val_\d+ again \(first on line 2\)", "labels"),
+    "devkit-without-meta": (
+        "devkit", lambda f: f["meta"].unlink(),
+        FileNotFoundError, r"the devkit lacks .*data/meta.mat'; expected the synsets", "meta"),
+    "devkit-without-ground-truth": (
+        "devkit", lambda f: f["labels"].unlink(),
+        FileNotFoundError, r"the devkit lacks .*data/ILSVRC2012_validation_ground_truth.txt'; expected the ILSVRC2012_ID",
+        "labels"),
+    "devkit-id-not-a-leaf": (  # ID 5: an inner WordNet node
+        "devkit", lambda f: _replace_line(f["labels"], 2, "5"),
+        ValueError, r"line 3 is '5'; expected the ILSVRC2012_ID of ILSVRC2012_val_00000003, one of the 4 leaf classes "
+                    r"in .*meta.mat' \(1..4\)", "labels"),
+    "devkit-fewer-labels-than-images": (
+        "devkit", lambda f: _drop_last_line(f["labels"]),
+        ValueError, r"holds 1 images that .* does not label \(first 'ILSVRC2012_val_00000008.JPEG'\)", "labels"),
+    "devkit-label-of-an-absent-image": (
+        "devkit", lambda f: _append_line(f["labels"], "1"),
+        ValueError, r"labels 1 images that are not in .*'ILSVRC2012_val_00000009'", "labels"),
+    "devkit-fewer-classes": (
+        "devkit", lambda f: write_meta_mat(f["meta"], FLAT_SYNSETS[:3]),
+        ValueError, r"has 3 leaf synsets \(num_children 0\); expected 4", "meta"),
+    "devkit-meta-not-a-mat-file": (
+        "devkit", lambda f: f["meta"].write_text("not a MAT-file"),
+        ValueError, r"cannot be read as a MAT-file", "meta"),
+    "devkit-meta-without-synsets": (
+        "devkit", lambda f: _savemat(f["meta"], {"other": np.zeros(3)}),
+        ValueError, r"holds no 'synsets'", "meta"),
+    "two-images-of-one-name": (
+        "devkit", lambda f: _new_image(f["images"] / "ILSVRC2012_val_00000001.png"),
+        ValueError, r"holds both 'ILSVRC2012_val_00000001.JPEG' and 'ILSVRC2012_val_00000001.png'", "images"),
+    "images-without-label-files": (
+        "devkit", lambda f: _remove_tree(f["meta"].parents[1]),
+        FileNotFoundError, r"holds 8 images but no labels for them: looked for LOC_val_solution.csv .* or "
+                           r"ILSVRC2012_devkit_t12/", "images"),
+    "label-files-without-images": (
+        "kaggle", lambda f: _remove_tree(f["top"] / "ILSVRC"),
+        FileNotFoundError, r"found the labels .* but no images: looked for image files directly in", "labels"),
 }
 
 
