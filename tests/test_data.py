@@ -352,7 +352,9 @@ def test_flat_val_gives_the_labels_of_the_class_folder_tree(kind, given, tmp_pat
         for f in (flat["labels"], flat["meta"]) if kind == "kaggle" else (flat["labels"].parents[1],):
             shutil.move(f, flat["images"] / f.name)
     root = flat["top"] if given == "top" else flat["images"]
+    files = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in flat["top"].rglob("*")}
     b = load_dataset("imagenet", root=root, expected_classes=4, image_size=16)
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in flat["top"].rglob("*")} == files  # read only
     oracle = ImageFolder(str(tree))
     assert b.num_classes == 4 and b.train is None and b.info["root"] == str(flat["images"])
     assert b.test.classes == oracle.classes == sorted(FLAT_SYNSETS)

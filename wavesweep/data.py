@@ -132,8 +132,8 @@ def _split_digest(ds: Dataset | None) -> str:
 
 def data_fingerprint(bundle: DatasetBundle) -> str:
     """A digest of the data a model is trained and evaluated on (16 hex characters): the pixels
-    and labels of in-memory splits with their normalisation; for image folders, every file's path
-    under its split and its label, with the transform (a file replaced in place under the same
+    and labels of in-memory splits with their normalisation; for image folders (and a flat ImageNet
+    val), every file's path under its split's folder and its label, with the transform (a file replaced in place under the same
     name is not seen). Part of the base-model cache key and the base evaluation's, so another
     copy of a dataset with other labels, or other files, never reuses a model or its logits."""
     parts = [bundle.name, str(bundle.num_classes), str(bundle.in_channels), str(bundle.image_size),

@@ -1,5 +1,6 @@
 """The dataset sources, registered into :data:`wavesweep.data.DATASETS`: the embedded
-default (``digits``), ImageNet-1k val and any ImageFolder, the MNIST family (``mnist``,
+default (``digits``), ImageNet-1k val (an ImageFolder, or flat with its label files:
+:mod:`wavesweep.imagenet_val`) and any ImageFolder, the MNIST family (``mnist``,
 ``fashion-mnist``, ``kmnist``) from local IDX files (with the IDX reader and writer), and
 CIFAR-10 from its python batches. Nothing here downloads anything.
 
