@@ -1181,17 +1181,20 @@ def test_runs_a_gone_process_left_running_are_closed_killed_by_the_next_trial(wo
     replicate_method = run("method", "", replicate)
     live = run("trial", tracking.process_id())
     elsewhere = run("trial", "another-host/" + gone_tag.split("/", 1)[1])
+    host, boot, ns, pid, start = gone_tag.split("/")
+    other_container = run("trial", f"{host}/{boot}/1/{pid}/{start}")  # same host and boot, another PID namespace
+    rebooted = run("trial", f"{host}/another-boot/{ns}/{os.getpid()}/{start}")  # a pid that runs now, before a reboot
     in_study = run("trial", gone_tag, **{"optuna.study": "s"})
     untagged = run("trial", "")
     finished = run("trial", gone_tag)
     client.set_terminated(finished, "FINISHED")
 
-    assert sorted(tracking.close_runs_of_dead_processes(client, exp)) == sorted([dead_trial, dead_config])
+    assert sorted(tracking.close_runs_of_dead_processes(client, exp)) == sorted([dead_trial, dead_config, rebooted])
     status = {r: client.get_run(r).info.status for r in (dead_trial, dead_method, dead_config, replicate, replicate_method,
-                                                         live, elsewhere, in_study, untagged, finished)}  # fmt: skip
+                                                         live, elsewhere, other_container, in_study, untagged, finished)}  # fmt: skip
     assert status == {dead_trial: "KILLED", dead_method: "KILLED", dead_config: "KILLED", replicate: "KILLED",
-                      replicate_method: "KILLED", live: "RUNNING", elsewhere: "RUNNING", in_study: "RUNNING",
-                      untagged: "RUNNING", finished: "FINISHED"}  # fmt: skip
+                      replicate_method: "KILLED", live: "RUNNING", elsewhere: "RUNNING", other_container: "RUNNING",
+                      in_study: "RUNNING", untagged: "RUNNING", finished: "FINISHED"}  # fmt: skip
     assert f"process {gone.pid} ended without closing this run" in client.get_run(dead_trial).data.tags["error"]
     assert tracking.close_runs_of_dead_processes(client, exp) == []  # nothing left to close
 

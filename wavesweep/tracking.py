@@ -280,30 +280,32 @@ PROCESS_TAG = "wavesweep.process"
 
 
 def process_id(pid: int | None = None) -> str:
-    """Process ``pid`` (default: this one) as ``host/boot id/pid/start time``, unique across pid
-    reuse and reboots (Linux ``/proc``); ``""`` where that cannot be read (no check is made there)."""
+    """Process ``pid`` (default: this one, whose PID namespace it must share) as ``host/boot
+    id/PID namespace/pid/start time``: unique across pid reuse, reboots and containers (Linux
+    ``/proc``); ``""`` where that cannot be read (no check is made there)."""
     pid = os.getpid() if pid is None else pid
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
         start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime
     except (OSError, IndexError):
         return ""
-    return f"{socket.gethostname()}/{boot}/{pid}/{start}"
+    return f"{socket.gethostname()}/{boot}/{ns}/{pid}/{start}"
 
 
 def process_gone(tag: str) -> bool:
     """Whether the process ``tag`` (:func:`process_id`) is known to be gone: on this machine, and
-    either rebooted since or no process with its pid and start time. False when it cannot be told
-    (another machine, no ``/proc``)."""
+    either rebooted since or, in this PID namespace, no process with its pid and start time. False
+    when it cannot be told (another machine or container, no ``/proc``)."""
     parts = tag.split("/")
-    if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[2].isdigit():
+    here = process_id().split("/")
+    if len(parts) != 5 or len(here) != 5 or parts[0] != here[0] or not parts[3].isdigit():
         return False
-    here = process_id()
-    if not here:
-        return False
-    if parts[1] != here.split("/")[1]:  # the machine rebooted since
+    if parts[1] != here[1]:  # the machine rebooted since
         return True
-    return process_id(int(parts[2])) != tag  # no such pid, or a new process under it
+    if parts[2] != here[2]:  # another PID namespace (a container on this host): its pids are not ours to read
+        return False
+    return process_id(int(parts[3])) != tag  # no such pid, or a new process under it
 
 
 def close_runs_of_dead_processes(client: MlflowClient, experiment_id: str) -> list[str]:
@@ -322,7 +324,7 @@ def close_runs_of_dead_processes(client: MlflowClient, experiment_id: str) -> li
                 continue
             if tags.get(MLFLOW_PARENT_RUN_ID) in {r.info.run_id for r in found}:
                 continue  # a replicate below a configuration run: closed with it
-            pid = tags[PROCESS_TAG].split("/")[2]
+            pid = tags[PROCESS_TAG].split("/")[3]
             close_run(client, run.info.run_id, "KILLED",
                       error=f"process {pid} ended without closing this run (kill -9, out of memory, a crash); "
                             "closed by a later wavesweep command")  # fmt: skip
