@@ -337,6 +337,12 @@ def test_front_trials_at_one_point_share_one_label(tmp_path, monkeypatch):
     assert_png(figures.plot_accuracy_vs_compression(frame, tmp_path / "c.png"))
     (ax,) = [ax for ax in figs[-1].axes if ax.get_title()]
     assert [(t.get_text(), t.xy) for t in ax.texts] == [("#0, #1", (4.0, 0.9))]
+    # a near tie (both on the front, 0.05 % of the axes apart) is one label too; points 20 % apart are not
+    frame = make_frame(4).assign(state="COMPLETE", recovery="none", compression_ratio=[2.0, 2.841, 2.842, 3.0],
+                                 top1=[0.95, 0.7863, 0.7859, 0.75])  # fmt: skip
+    assert_png(figures.plot_accuracy_vs_compression(frame, tmp_path / "d.png"))
+    (ax,) = [ax for ax in figs[-1].axes if ax.get_title()]
+    assert [t.get_text() for t in ax.texts] == ["#0", "#1, #2", "#3"]
 
 
 @pytest.mark.parametrize("metric", ["top1", "val_top1"])

@@ -352,6 +352,21 @@ def plot_levels(layers: dict[str, list[Any]] | None, path: Path, *, title: str =
     return _save(fig, path)
 
 
+def _label_groups(front: pd.DataFrame, span: Sequence[float], near: float = 0.02) -> list[tuple[float, float, list[int]]]:
+    """The front's trials grouped for labelling: a trial joins the first group whose first point is
+    within ``near`` of each axis span of it; each group as (x, y of its first point, its sorted numbers)."""
+    groups: list[tuple[float, float, list[int]]] = []
+    for r in front.itertuples():
+        x, y = float(r.compression_ratio), float(r.top1)
+        for gx, gy, numbers in groups:
+            if abs(x - gx) <= near * max(span[0], 1e-12) and abs(y - gy) <= near * max(span[1], 1e-12):
+                numbers.append(int(r.number))
+                break
+        else:
+            groups.append((x, y, [int(r.number)]))
+    return [(x, y, sorted(numbers)) for x, y, numbers in groups]
+
+
 def plot_accuracy_vs_compression(frame: pd.DataFrame, path: Path) -> Path:
     """Top-1 against compression ratio for each method, one panel per recovery setting, each with
     the dwt Pareto front (max both) of its own trials."""
@@ -375,10 +390,10 @@ def plot_accuracy_vs_compression(frame: pd.DataFrame, path: Path) -> Path:
         if len(front):
             sx, sy = front_staircase(dwt["compression_ratio"].to_numpy(), dwt["top1"].to_numpy())
             ax.plot(sx, sy, color="black", lw=1.2, label="dwt Pareto front (attained)")
-            # trials at one point (a configuration sampled twice) share one label, not labels drawn over each other
-            for (x, y), same in front.groupby(["compression_ratio", "top1"], sort=False):
-                label = ", ".join(f"#{int(n)}" for n in sorted(same["number"]))
-                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            # trials at one point, or within 2 % of the axes of one another (a configuration sampled
+            # twice, near ties), share one label instead of labels drawn over each other
+            for x, y, numbers in _label_groups(front, span=[float(np.ptp(dwt[c])) for c in ("compression_ratio", "top1")]):
+                ax.annotate(", ".join(f"#{n}" for n in numbers), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("compression ratio (dense bytes / stored bytes)")
     _figure_legend(fig, axes[0])
     axes[0, 0].set_ylabel("top-1 accuracy")
