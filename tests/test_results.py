@@ -150,6 +150,43 @@ def test_a_damaged_progress_file_is_one_line_naming_it_and_is_kept(workdir, caps
     assert progress.read_bytes() == content
 
 
+def test_a_second_results_command_on_one_page_waits_for_the_first(workdir, capsys, monkeypatch):
+    """Two `wavesweep results` on one page each ran every trial and each rewrote the progress file
+    with its own rows only; the second now says it waits, and runs (resuming from the first's
+    progress) only once the first is done."""
+    import fcntl
+    import threading
+
+    from wavesweep import cli, fileio
+
+    waiting, calls = threading.Event(), []
+    real_lock = fileio.file_lock
+
+    def lock(path, on_wait=None):  # the real lock, its on_wait seen by the test too
+        return real_lock(path, on_wait=lambda: (on_wait(), waiting.set()))
+
+    monkeypatch.setattr(fileio, "file_lock", lock)
+    def run_grid(*args, **kwargs):  # records whether the first still held the page, then stops the command
+        calls.append(held[0])
+        raise ValueError("stub")
+
+    monkeypatch.setattr(results, "run_grid", run_grid)
+    argv = ["results", "--model", "cnn", "--dataset", "digits", "--configs", "haar:filter", "--fractions", "50",
+            "--recoveries", "none", "--device", "cpu", "--out", str(workdir / "page.md")]  # fmt: skip
+    held = [True]
+    with open(workdir / ".page.md.lock", "a+b") as first:  # the first command's hold on the page
+        fcntl.flock(first.fileno(), fcntl.LOCK_EX)
+        second = threading.Thread(target=lambda: calls.append(cli.main(argv)))
+        second.start()
+        assert waiting.wait(60), "the second command did not wait for the lock"
+        assert calls == []  # nothing ran while the first held the page
+        held[0] = False
+        fcntl.flock(first.fileno(), fcntl.LOCK_UN)
+    second.join(60)
+    assert calls == [False, 2]  # the grid ran after the release (then the stub's error: exit 2)
+    assert "another wavesweep results is writing" in capsys.readouterr().out
+
+
 @pytest.mark.slow  # trains a small base model and runs 10 trials (about 30 s)
 def test_an_interrupted_grid_resumes_with_the_same_numbers(workdir):
     """A grid stopped after two trials resumes from its progress file: the finished trials are

@@ -373,13 +373,22 @@ def cmd_results(args: argparse.Namespace) -> int:
         print(f"base model {args.model} on {args.dataset} ready after {seconds:.0f} s ({trained or 'no training record'}; "
               f"sha256 {base.checksum[:16]})", flush=True)
 
+    from wavesweep.fileio import file_lock
+
     progress = results.progress_path(Path(args.out))
-    if args.fresh:
+
+    def on_wait() -> None:
+        print(f"another wavesweep results is writing {args.out}: waiting for it (its trials are then reused)", flush=True)
+
+    # One command per page at a time: two would each run every trial, and each rewrite the progress
+    # file with its own rows only. The second waits, then resumes from the first's progress.
+    with file_lock(progress.parent / f".{Path(args.out).name}.lock", on_wait=on_wait):
+        if args.fresh:
+            progress.unlink(missing_ok=True)
+        frame, facts = results.run_grid(grid, on_trial=on_trial, progress=progress, on_resume=on_resume, on_base=on_base)
+        argv = [a for a in (sys.argv[sys.argv.index("results") + 1 :] if "results" in sys.argv else []) if a != "--fresh"]
+        path = results.write_page(results.render(frame, facts, grid, results.default_command(argv)), Path(args.out), frame)
         progress.unlink(missing_ok=True)
-    frame, facts = results.run_grid(grid, on_trial=on_trial, progress=progress, on_resume=on_resume, on_base=on_base)
-    argv = [a for a in (sys.argv[sys.argv.index("results") + 1 :] if "results" in sys.argv else []) if a != "--fresh"]
-    path = results.write_page(results.render(frame, facts, grid, results.default_command(argv)), Path(args.out), frame)
-    progress.unlink(missing_ok=True)
     print(f"wrote {path} ({len(frame)} trials, {facts['seconds'] / 60:.1f} min)")
     return 0
 

@@ -75,17 +75,23 @@ def _unnamed_os_error(exc: BaseException) -> OSError | None:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[Callable[[], None]]:
+def file_lock(path: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Iterator[Callable[[], None]]:
     """Hold an exclusive lock on ``path`` (created, with its folder, if absent) during the block.
 
     Works across processes on one machine (``fcntl.flock``). The block receives ``release``, a
     function that lets the lock go early (calling it again does nothing); otherwise the lock is
-    released when the block ends or the process dies.
+    released when the block ends or the process dies. ``on_wait()`` is called once, before
+    waiting, when another process holds the lock.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         held = [True]
 
         def release() -> None:
