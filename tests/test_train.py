@@ -154,7 +154,7 @@ def test_a_base_model_file_loaded_again_in_the_process_is_not_hashed_again(monke
     assert torch.equal(g.model.fc.weight, cnn.fc.weight)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "plain-state-dict"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "plain-state-dict", "another-seed"])
 def test_a_damaged_cached_base_model_is_trained_again(monkeypatch, caplog, damage):
     """A cached base model that cannot be read is trained again, with a warning, into the same
     weights (CPU training is deterministic). It was a usage error (exit 2) on every later trial and
@@ -166,6 +166,9 @@ def test_a_damaged_cached_base_model_is_trained_again(monkeypatch, caplog, damag
     whole = a.path.read_bytes()
     if damage == "plain-state-dict":
         torch.save(a.model.state_dict(), a.path)
+    elif damage == "another-seed":  # a whole, readable entry of another key copied over this one
+        other = get_base_model("mlp", "digits", seed=1, train_config=FAST, device="cpu", progress=False)
+        a.path.write_bytes(other.path.read_bytes())
     else:
         a.path.write_bytes(whole[: len(whole) // 2] if damage == "truncated" else b"")
     trained = []
@@ -173,7 +176,7 @@ def test_a_damaged_cached_base_model_is_trained_again(monkeypatch, caplog, damag
     monkeypatch.setattr(T, "train_model", lambda *x, **k: trained.append(1) or real_train(*x, **k))
     with caplog.at_level(logging.WARNING, logger="wavesweep.train"):
         b = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
-    assert trained == [1] and f"cached base model {a.path} is unreadable" in caplog.text
+    assert trained == [1] and f"cached base model {a.path} cannot be used" in caplog.text
     assert b.path == a.path and b.checksum == hashlib.sha256(a.path.read_bytes()).hexdigest()
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

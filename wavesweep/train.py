@@ -386,7 +386,8 @@ def get_base_model(
     - resnet18 + imagenet: the IMAGENET1K_V1 weights from the local torch hub cache.
     - otherwise: the cached trained model for (model, dataset, seed, config digest),
       trained once on ``device`` if absent (under a file lock, written atomically), and trained
-      again, with a warning, if the cached file cannot be read (truncated, overwritten).
+      again, with a warning, if the cached file cannot be read (truncated, overwritten) or holds the
+      model of another entry (its recorded model, dataset, seed or data fingerprint differ).
     ``train_config`` defaults to :func:`default_train_config`; its seed is replaced by ``seed``.
     ``bundle``: the dataset already loaded (``load_dataset(dataset_name, root=data_root,
     seed=seed, image_size=image_size)``), else it is loaded here: the cache key holds its
@@ -451,13 +452,17 @@ def get_base_model(
             signature = _file_signature(path)
         try:
             model, meta, checksum = _load_hashed(model_name, path, lambda meta: meta["build_kwargs"])
+            # a readable file of another key (another seed's model copied over this one) is not this entry
+            want = {"model_name": model_name, "dataset_name": dataset_name, "seed": seed, "data_fingerprint": fingerprint}
+            if other := {k: meta[k] for k, v in want.items() if k in meta and meta[k] != v}:
+                raise ValueError(f"it holds a model of {other}, not of {({k: want[k] for k in other})}")
             break
         except (ValueError, KeyError) as exc:  # KeyError: a readable file without wavesweep's metadata
             if damaged is not None:  # trained again just now and still unreadable: not the cache's fault
                 raise
             # A cache entry is wavesweep's own file: a damaged one is trained again (as deterministically
             # as training is on this device), not a usage error the user can only fix by deleting it.
-            log.warning("cached base model %s is unreadable (%s): training it again", path, exc)
+            log.warning("cached base model %s cannot be used (%s): training it again", path, exc)
             damaged = signature
     return BaseModel(model, model_name, dataset_name, seed, "trained", path, checksum, meta["build_kwargs"],
                      meta.get("train_info", {}))
