@@ -1219,3 +1219,22 @@ def test_a_trial_killed_with_sigkill_is_closed_by_the_next_one(workdir, tiny_wei
     assert "closed 1 run(s) KILLED" in (workdir / "next.log").read_text()
     by_kind = sorted((r.data.tags.get("wavesweep.kind"), r.data.tags.get("recovery", ""), r.info.status) for r in mlflow_runs(workdir))
     assert by_kind == [("method", "", "FINISHED")] * 3 + [("trial", "", "FINISHED"), ("trial", "", "KILLED")], by_kind
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the process check reads /proc")
+def test_an_adopted_run_a_trial_finished_is_left_to_its_launcher_not_closed_killed(workdir, tiny_weights, shared_cache):
+    """`mlflow run` creates the run, runs `wavesweep trial` in it and closes it FINISHED once that
+    process has ended; a trial run in the experiment meanwhile (an async launch not waited on yet)
+    closed that successful run KILLED as left RUNNING by a gone process, and the launcher then kept
+    KILLED (it leaves a terminated run as it is)."""
+    from wavesweep import tracking
+
+    client, exp = tracking.init_tracking()
+    launched = client.create_run(exp).info.run_id  # as `mlflow run` does, before the entry point
+    env = subprocess_env(workdir, shared_cache) | {"MLFLOW_RUN_ID": launched}
+    args = ["trial", "--model", "cnn", "--weights", tiny_weights, "--eval-limit", "40", "--timing-batches", "0", "--quiet"]
+    entry = subprocess.run([sys.executable, "-m", "wavesweep", *args], cwd=workdir, env=env, capture_output=True, text=True)
+    assert entry.returncode == 0, entry.stderr[-3000:]
+    assert client.get_run(launched).info.status == "RUNNING"  # the launcher's to close
+    assert tracking.close_runs_of_dead_processes(client, exp) == []
+    assert client.get_run(launched).info.status == "RUNNING"

@@ -355,7 +355,7 @@ def close_run(
     replicate trial runs too; ``False``: none), closed first with the same status and tags; the
     ones still RUNNING, or all of them with ``finished_too`` (retracting a finished run whose
     Optuna trial failed after all). ``metrics`` go on ``run_id`` only; ``terminate=False`` records
-    everything but leaves it open.
+    everything but leaves it open (to its launcher: its process tag is cleared).
     """
     extra = {**(tags or {}), **({"error": error[:5000]} if error else {})}
     if children is True:
@@ -369,7 +369,10 @@ def close_run(
     for rid in children or []:
         _best_effort(log_batch, client, rid, tags=extra)  # a full disk must not leave the run RUNNING
         client.set_terminated(rid, status)
-    _best_effort(log_batch, client, run_id, tags=extra, metrics=metrics or {})
+    # left open (an adopted run, which `mlflow run` closes after this process ends): no longer this
+    # process's, so not closed KILLED as a run a gone process left RUNNING
+    left = {} if terminate else {PROCESS_TAG: ""}
+    _best_effort(log_batch, client, run_id, tags={**extra, **left}, metrics=metrics or {})
     if terminate:
         client.set_terminated(run_id, status)
 
