@@ -1238,3 +1238,31 @@ def test_an_adopted_run_a_trial_finished_is_left_to_its_launcher_not_closed_kill
     assert client.get_run(launched).info.status == "RUNNING"  # the launcher's to close
     assert tracking.close_runs_of_dead_processes(client, exp) == []
     assert client.get_run(launched).info.status == "RUNNING"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the process check reads /proc")
+@pytest.mark.parametrize("hidden", [PermissionError, FileNotFoundError])
+def test_a_live_process_whose_proc_entry_cannot_be_read_is_not_taken_for_gone(monkeypatch, hidden):
+    """/proc mounted with hidepid (shared machines) hides another user's processes: reading its
+    /proc/<pid>/stat fails (EACCES with hidepid=1, ENOENT with hidepid=2) while it runs. The check
+    took that for a gone process and closed KILLED another user's live trial; it asks the kernel
+    whether the pid exists instead, and a dead one is still gone."""
+    from wavesweep import tracking
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        tag = tracking.process_id(live.pid)
+        assert tag and not tracking.process_gone(tag)
+        read_text = Path.read_text
+
+        def hidepid(self, *args, **kwargs):
+            if str(self) == f"/proc/{live.pid}/stat":
+                raise hidden(13 if hidden is PermissionError else 2, "hidden", str(self))
+            return read_text(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "read_text", hidepid)
+        assert not tracking.process_gone(tag)
+    finally:
+        live.kill()
+        live.wait()
+    assert tracking.process_gone(tag)  # gone now: no such pid, readable or not

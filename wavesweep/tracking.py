@@ -296,7 +296,8 @@ def process_id(pid: int | None = None) -> str:
 def process_gone(tag: str) -> bool:
     """Whether the process ``tag`` (:func:`process_id`) is known to be gone: on this machine, and
     either rebooted since or, in this PID namespace, no process with its pid and start time. False
-    when it cannot be told (another machine or container, no ``/proc``)."""
+    when it cannot be told (another machine or container, no ``/proc``, a pid that runs but whose
+    ``/proc`` entry this user may not read: another user's under ``hidepid``)."""
     parts = tag.split("/")
     here = process_id().split("/")
     if len(parts) != 5 or len(here) != 5 or parts[0] != here[0] or not parts[3].isdigit():
@@ -305,7 +306,16 @@ def process_gone(tag: str) -> bool:
         return True
     if parts[2] != here[2]:  # another PID namespace (a container on this host): its pids are not ours to read
         return False
-    return process_id(int(parts[3])) != tag  # no such pid, or a new process under it
+    now = process_id(int(parts[3]))
+    if now:
+        return now != tag  # a new process under its pid, or itself
+    try:  # /proc/<pid> unreadable: no such process, or another user's under /proc's hidepid
+        os.kill(int(parts[3]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it runs, as another user
+        return False
+    return False  # it runs, its start time unreadable: not known to be gone
 
 
 def close_runs_of_dead_processes(client: MlflowClient, experiment_id: str) -> list[str]:
