@@ -1169,10 +1169,10 @@ def test_runs_a_gone_process_left_running_are_closed_killed_by_the_next_trial(wo
     gone.wait()
     assert gone_tag and tracking.process_gone(gone_tag) and not tracking.process_gone(tracking.process_id())
 
-    def run(kind: str, tag: str, parent: str | None = None, **extra: str) -> str:
+    def run(kind: str, tag: str, parent: str | None = None, start_time: int | None = None, **extra: str) -> str:
         tags = {"wavesweep.kind": kind, tracking.PROCESS_TAG: tag, **extra,
                 **({tracking.MLFLOW_PARENT_RUN_ID: parent} if parent else {})}  # fmt: skip
-        return client.create_run(exp, tags=tags).info.run_id
+        return client.create_run(exp, tags=tags, start_time=start_time).info.run_id
 
     dead_trial = run("trial", gone_tag)
     dead_method = run("method", "", dead_trial)
@@ -1183,7 +1183,11 @@ def test_runs_a_gone_process_left_running_are_closed_killed_by_the_next_trial(wo
     elsewhere = run("trial", "another-host/" + gone_tag.split("/", 1)[1])
     host, boot, ns, pid, start = gone_tag.split("/")
     other_container = run("trial", f"{host}/{boot}/1/{pid}/{start}")  # same host and boot, another PID namespace
-    rebooted = run("trial", f"{host}/another-boot/{ns}/{os.getpid()}/{start}")  # a pid that runs now, before a reboot
+    before_boot = int(tracking._boot_time() - 3600) * 1000
+    rebooted = run("trial", f"{host}/another-boot/{ns}/{os.getpid()}/{start}", start_time=before_boot)  # a pid that runs now
+    # another machine of the same host name (containers given one --hostname, a cloud image's default
+    # name) has another boot id too; its run, begun since this machine booted, is no earlier boot's
+    same_name = run("trial", f"{host}/another-boot/{ns}/{os.getpid()}/{start}")
     in_study = run("trial", gone_tag, **{"optuna.study": "s"})
     untagged = run("trial", "")
     finished = run("trial", gone_tag)
@@ -1191,10 +1195,11 @@ def test_runs_a_gone_process_left_running_are_closed_killed_by_the_next_trial(wo
 
     assert sorted(tracking.close_runs_of_dead_processes(client, exp)) == sorted([dead_trial, dead_config, rebooted])
     status = {r: client.get_run(r).info.status for r in (dead_trial, dead_method, dead_config, replicate, replicate_method,
-                                                         live, elsewhere, other_container, in_study, untagged, finished)}  # fmt: skip
+                                                         live, elsewhere, other_container, in_study, untagged, finished,
+                                                         same_name)}  # fmt: skip
     assert status == {dead_trial: "KILLED", dead_method: "KILLED", dead_config: "KILLED", replicate: "KILLED",
                       replicate_method: "KILLED", live: "RUNNING", elsewhere: "RUNNING", other_container: "RUNNING",
-                      in_study: "RUNNING", untagged: "RUNNING", finished: "FINISHED"}  # fmt: skip
+                      in_study: "RUNNING", untagged: "RUNNING", finished: "FINISHED", same_name: "RUNNING"}  # fmt: skip
     assert f"process {gone.pid} ended without closing this run" in client.get_run(dead_trial).data.tags["error"]
     assert tracking.close_runs_of_dead_processes(client, exp) == []  # nothing left to close
 

@@ -293,17 +293,19 @@ def process_id(pid: int | None = None) -> str:
     return f"{socket.gethostname()}/{boot}/{ns}/{pid}/{start}"
 
 
-def process_gone(tag: str) -> bool:
+def process_gone(tag: str, started_ms: int | None = None) -> bool:
     """Whether the process ``tag`` (:func:`process_id`) is known to be gone: on this machine, and
-    either rebooted since or, in this PID namespace, no process with its pid and start time. False
+    either rebooted since (another boot id, and its run ``started_ms``, epoch ms, before this boot:
+    a machine of the same host name has another boot id too) or, in this PID namespace, no process
+    with its pid and start time. False
     when it cannot be told (another machine or container, no ``/proc``, a pid that runs but whose
     ``/proc`` entry this user may not read: another user's under ``hidepid``)."""
     parts = tag.split("/")
     here = process_id().split("/")
     if len(parts) != 5 or len(here) != 5 or parts[0] != here[0] or not parts[3].isdigit():
         return False
-    if parts[1] != here[1]:  # the machine rebooted since
-        return True
+    if parts[1] != here[1]:  # rebooted since, or another machine of the same name (its run may have begun after our boot)
+        return started_ms is not None and started_ms / 1000 < _boot_time()
     if parts[2] != here[2]:  # another PID namespace (a container on this host): its pids are not ours to read
         return False
     now = process_id(int(parts[3]))
@@ -318,6 +320,15 @@ def process_gone(tag: str) -> bool:
     return False  # it runs, its start time unreadable: not known to be gone
 
 
+def _boot_time() -> float:
+    """When this machine booted, in seconds since the epoch (``btime`` in ``/proc/stat``); -inf
+    where unreadable (no run is then known to predate it)."""
+    try:
+        return float(next(line.split()[1] for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return float("-inf")
+
+
 def close_runs_of_dead_processes(client: MlflowClient, experiment_id: str) -> list[str]:
     """Close KILLED the trial and configuration runs of ``experiment_id`` left RUNNING by a process
     of this machine that is gone without closing them (``kill -9``, the OOM killer, a crash of the
@@ -330,7 +341,7 @@ def close_runs_of_dead_processes(client: MlflowClient, experiment_id: str) -> li
         for run in found:
             tags = run.data.tags
             if (tags.get("wavesweep.kind") not in ("trial", "configuration") or "optuna.study" in tags
-                    or not process_gone(tags.get(PROCESS_TAG, ""))):  # fmt: skip
+                    or not process_gone(tags.get(PROCESS_TAG, ""), run.info.start_time)):  # fmt: skip
                 continue
             if tags.get(MLFLOW_PARENT_RUN_ID) in {r.info.run_id for r in found}:
                 continue  # a replicate below a configuration run: closed with it
