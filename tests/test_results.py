@@ -3,6 +3,8 @@ CSV of every trial beside the page (numbers recomputable from it)."""
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import pytest
 
@@ -185,6 +187,49 @@ def test_a_second_results_command_on_one_page_waits_for_the_first(workdir, capsy
     second.join(60)
     assert calls == [False, 2]  # the grid ran after the release (then the stub's error: exit 2)
     assert "another wavesweep results is writing" in capsys.readouterr().out
+
+
+def test_a_command_waiting_for_a_page_resumes_from_the_trials_of_the_one_that_wrote_it(workdir, monkeypatch):
+    """The second command on a page said it waited so that the first's trials would be reused, but
+    the first removed its progress file once it had written the page, so the second ran every
+    trial again; the first keeps the file for a command waiting on the page (seen with two real
+    `wavesweep results` on one page: both printed [1/2] and [2/2])."""
+    import threading
+
+    from wavesweep import cli, fileio
+
+    progress = results.progress_path(workdir / "page.md")
+    second_waits, seen = threading.Event(), []
+    real_lock = fileio.file_lock
+
+    def lock(path, on_wait=None):
+        return real_lock(path, on_wait=lambda: (on_wait(), second_waits.set()))
+
+    def run_grid(grid, *, progress, **kwargs):
+        if not seen:  # the first command: its trials recorded, it finishes once the second waits
+            seen.append("first")
+            progress.write_text("its rows\n")
+            assert second_waits.wait(60), "the second command did not wait for the lock"
+        else:
+            seen.append(progress.is_file())  # the first's trials there to resume from
+        return pd.DataFrame(), {"seconds": 0.0}
+
+    monkeypatch.setattr(fileio, "file_lock", lock)
+    monkeypatch.setattr(results, "run_grid", run_grid)
+    monkeypatch.setattr(results, "render", lambda *args: "page")
+    argv = ["results", "--model", "cnn", "--dataset", "digits", "--configs", "haar:filter", "--fractions", "50",
+            "--recoveries", "none", "--device", "cpu", "--out", str(workdir / "page.md")]  # fmt: skip
+    codes = []
+    first = threading.Thread(target=lambda: codes.append(cli.main(argv)))
+    first.start()
+    while not seen:
+        time.sleep(0.01)
+    second = threading.Thread(target=lambda: codes.append(cli.main(argv)))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert codes == [0, 0] and seen == ["first", True]
+    assert not progress.exists() and not list(workdir.glob(".page.md.waiting.*"))  # the last one leaves nothing
 
 
 @pytest.mark.slow  # trains a small base model and runs 10 trials (about 30 s)

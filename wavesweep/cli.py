@@ -305,6 +305,22 @@ def _print_summary(found: Any, parent: str, url: str, final: bool = True) -> Non
         print(f"best trial {best.number}: {vals} params {best.params} (MLflow run {best.user_attrs.get('mlflow_run_id')})")
 
 
+def _waiting(folder: Path, page: str) -> bool:
+    """Whether a live `wavesweep results` waits for ``page`` in ``folder`` (its ``.PAGE.waiting.PID``
+    file); those of processes that are gone are removed."""
+    found = False
+    for f in folder.glob(f".{page}.waiting.*"):
+        pid = f.name.rsplit(".", 1)[1]
+        try:
+            os.kill(int(pid), 0)
+            found = True
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except (ValueError, OSError):  # not a pid; another user's process
+            found = found or pid.isdigit()
+    return found
+
+
 def _report_dir(report_dir: str | None, study_name: str) -> Path:
     """Where a study's report goes (``--report-dir``, default ``reports/STUDY``); a one-line
     ``ValueError`` naming a file in the way, checked before the study runs (its report comes last)."""
@@ -376,19 +392,24 @@ def cmd_results(args: argparse.Namespace) -> int:
     from wavesweep.fileio import file_lock
 
     progress = results.progress_path(Path(args.out))
+    # a command waiting for the page, by pid: the one writing it keeps its progress file for it
+    waiter = progress.parent / f".{Path(args.out).name}.waiting.{os.getpid()}"
 
     def on_wait() -> None:
+        waiter.touch()
         print(f"another wavesweep results is writing {args.out}: waiting for it (its trials are then reused)", flush=True)
 
     # One command per page at a time: two would each run every trial, and each rewrite the progress
     # file with its own rows only. The second waits, then resumes from the first's progress.
     with file_lock(progress.parent / f".{Path(args.out).name}.lock", on_wait=on_wait):
+        waiter.unlink(missing_ok=True)
         if args.fresh:
             progress.unlink(missing_ok=True)
         frame, facts = results.run_grid(grid, on_trial=on_trial, progress=progress, on_resume=on_resume, on_base=on_base)
         argv = [a for a in (sys.argv[sys.argv.index("results") + 1 :] if "results" in sys.argv else []) if a != "--fresh"]
         path = results.write_page(results.render(frame, facts, grid, results.default_command(argv)), Path(args.out), frame)
-        progress.unlink(missing_ok=True)
+        if not _waiting(progress.parent, Path(args.out).name):  # else the next one resumes from it, not from nothing
+            progress.unlink(missing_ok=True)
     print(f"wrote {path} ({len(frame)} trials, {facts['seconds'] / 60:.1f} min)")
     return 0
 
