@@ -324,14 +324,12 @@ def _waiting(folder: Path, page: str) -> bool:
 def _report_dir(report_dir: str | None, study_name: str) -> Path:
     """Where a study's report goes (``--report-dir``, default ``reports/STUDY``); a one-line
     ``ValueError`` naming a file in the way, checked before the study runs (its report comes last)."""
+    from wavesweep.fileio import file_in_the_way
     from wavesweep.names import check_name
 
     out = Path(report_dir) if report_dir else Path("reports") / check_name("study name", study_name)
-    for p in (out, *out.parents):  # the nearest one that exists must be a folder (the rest are created)
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"report folder {out}: {p} is a file, not a folder (--report-dir)")
-            break
+    if (blocker := file_in_the_way(out)) is not None:
+        raise ValueError(f"report folder {out}: {blocker} is a file, not a folder (--report-dir)")
     return out
 
 

@@ -74,6 +74,15 @@ def _unnamed_os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file that stops ``folder`` from being made: the nearest of it and its parents that
+    exists, when that is not a folder (the rest would be created); None when nothing is in the way."""
+    for p in (Path(folder), *Path(folder).parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Iterator[Callable[[], None]]:
     """Hold an exclusive lock on ``path`` (created, with its folder, if absent) during the block.

@@ -22,7 +22,7 @@ import torch
 
 from wavesweep import evaluate, train
 from wavesweep.config import TrialConfig
-from wavesweep.fileio import atomic_write
+from wavesweep.fileio import atomic_write, file_in_the_way
 from wavesweep.trial import run_trial
 
 FRACTIONS: tuple[int, ...] = (50, 70, 80, 90, 95)
@@ -95,11 +95,8 @@ def check_page_path(page: Path) -> Path:
     for p in (page, page.with_suffix(".csv"), progress_path(page)):
         if p.is_dir():
             raise ValueError(f"--out {page}: {p} is a folder; give the page's file name (e.g. {p / 'results.md'})")
-    for folder in page.parents:  # the nearest one that exists must be a folder (the rest are created)
-        if folder.exists():
-            if not folder.is_dir():
-                raise ValueError(f"--out {page}: {folder} is a file, not a folder")
-            break
+    if (blocker := file_in_the_way(page.parent)) is not None:
+        raise ValueError(f"--out {page}: {blocker} is a file, not a folder")
     return page
 
 
