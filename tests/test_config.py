@@ -37,6 +37,9 @@ def test_defaults_are_valid_and_logged_whole():
         ("device", "tpu", "unknown device 'tpu'"),
         ("keep_approx", "maybe", "keep_approx='maybe' is not a boolean"),
         ("eval_limit", "-5", "eval_limit=-5 must be >= 0"),
+        ("finetune_lr", "1e300", "finetune_lr=1e+300 must be a number in (0, 1000]"),  # checked even with recovery=bn
+        ("finetune_lr", "nan", "finetune_lr=nan must be a number in (0, 1000]"),
+        ("finetune_steps", "0", "finetune_steps=0 must be an integer >= 1"),
         ("wavelett", "haar", "unknown trial parameter 'wavelett'"),
     ],
 )

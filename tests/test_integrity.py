@@ -534,9 +534,11 @@ def test_device_cuda_without_cuda_is_one_line_before_any_run(workdir, capsys):
     [
         (["trial", "--model", "cnn", "--nosuch", "1"], "invalid command line: unrecognized arguments: --nosuch 1"),
         (["trial", "--model", "cnn", "--wavelet", "nope"], "invalid parameters: unknown wavelet 'nope'"),
+        (["trial", "--model", "cnn", "--recovery", "finetune", "--finetune-lr", "1e300"],
+         "invalid parameters: finetune_lr=1e+300 must be a number in (0, 1000]"),
         (["study", "bad.yaml"], "bad.yaml:1: study: study name '../x' is not a valid name"),
     ],
-    ids=["unknown-P-key", "bad-value", "study-entry-point"],
+    ids=["unknown-P-key", "bad-value", "bad-finetune-lr", "study-entry-point"],
 )
 @pytest.mark.slow  # a subprocess or a fresh MLflow store: seconds, not milliseconds
 def test_every_mlflow_run_failure_carries_the_error_tag(workdir, shared_cache, argv, error):

@@ -363,6 +363,12 @@ def test_recovery_without_training_split_is_one_line_error():
         (dict(steps=0), "finetune_steps=0"),
         (dict(batch_size=0), "recovery_batch_size=0"),
         (dict(lr=0.0), "finetune_lr=0.0"),
+        (dict(lr=-1e-3), r"finetune_lr=-0.001 must be a number in \(0, 1000\]"),
+        (dict(lr=float("nan")), r"finetune_lr=nan must be a number in \(0, 1000\]"),
+        (dict(lr=float("inf")), r"finetune_lr=inf must be a number in \(0, 1000\]"),
+        # finite, but a float32 optimizer step overflows: AdamW stopped the trial mid-way with a traceback
+        (dict(lr=1e300), r"finetune_lr=1e\+300 must be a number in \(0, 1000\]"),
+        (dict(lr=True), "finetune_lr=True"),
         (dict(optimizer="adam"), "adam"),
         (dict(schedule="onecycle"), "onecycle"),
     ],

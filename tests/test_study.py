@@ -148,6 +148,11 @@ BAD_SPECS = [
     ("study: x\nspace:\n  level: {low: 1, high: 5, step: 3}\nobjectives: {top1: maximize}\nn_trials: 1\n",
      ["space.level.high", ":3", "make high 4"]),
     ("study: x\nspace: {}\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space", ":2", "at least one searched parameter"]),
+    # a learning rate no optimizer step can take: refused before the study starts, not a crash in a trial
+    ("study: x\nfixed: {recovery: finetune}\nspace:\n  finetune_lr: {low: 1.0e-4, high: 1.0e+300, log: true}\n"
+     "objectives: {top1: maximize}\nn_trials: 1\n", ["space.finetune_lr.high", ":4", "finetune_lr=1e+300 must be a number in (0, 1000]"]),
+    ("study: x\nfixed: {recovery: finetune, finetune_lr: .nan}\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n",
+     ["fixed.finetune_lr", ":2", "finetune_lr=nan must be a number in (0, 1000]"]),
     ("study: x\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space", "at least one searched parameter"]),
     ("study: x\nspace:\n  percentile: [10, 20, 10.0]\nobjectives: {top1: maximize}\nn_trials: 1\n",
      ["space.percentile", ":3", "choice 10.0 appears twice"]),

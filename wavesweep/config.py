@@ -189,7 +189,7 @@ FIELD_HELP = {
     "recovery_batches": "training batches for BatchNorm re-estimation (>= 1)",
     "recovery_batch_size": "examples per training batch during recovery (>= 1)",
     "finetune_steps": "optimizer steps of fine-tuning, recovery=finetune (>= 1)",
-    "finetune_lr": "(peak) learning rate of fine-tuning",
+    "finetune_lr": "(peak) learning rate of fine-tuning, in (0, 1000]",
     "finetune_optimizer": "fine-tuning optimizer: adamw or sgd (momentum 0.9), no weight decay",
     "finetune_schedule": "fine-tuning learning-rate schedule: cosine or constant",
 }

@@ -57,11 +57,16 @@ log = logging.getLogger(__name__)
 RECOVERIES: tuple[str, ...] = ("none", "bn", "finetune")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+#: the largest finetune_lr: far above any learning rate that fine-tunes (a step of AdamW moves a
+#: weight by up to about lr); above it a float32 optimizer step overflows (lr 1e300 stopped the
+#: trial in AdamW with "value cannot be converted to type float without overflow")
+MAX_FINETUNE_LR = 1e3
 
 __all__ = [
     "RECOVERIES",
     "OPTIMIZERS",
     "SCHEDULES",
+    "MAX_FINETUNE_LR",
     "RecoverySettings",
     "RecoveryReport",
     "batchnorm_layers",
@@ -101,8 +106,9 @@ class RecoverySettings:
                             ("recovery_batch_size", self.batch_size)):  # fmt: skip
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
-            raise ValueError(f"finetune_lr={self.lr!r} must be a number > 0")
+        if not (isinstance(self.lr, (int, float, np.floating)) and not isinstance(self.lr, bool)
+                and 0 < self.lr <= MAX_FINETUNE_LR):  # NaN fails the comparison too
+            raise ValueError(f"finetune_lr={self.lr!r} must be a number in (0, {MAX_FINETUNE_LR:g}]")
 
 
 @dataclass
