@@ -618,6 +618,72 @@ def test_same_recovery_for_every_method(train_set, monkeypatch):
         assert len(seen[m]) == 7 and all(torch.equal(a, b) for a, b in zip(seen["dwt"], seen[m]))
 
 
+def _prune(method: str, base: nn.Module) -> pruning.PruneResult:
+    if method == "dwt":
+        return _dwt_result(base, wavelet="db2", level=2)
+    fn = pruning.prune_magnitude if method == "magnitude" else pruning.prune_random
+    return fn(base, 0.7, targets=("conv", "linear"))
+
+
+@pytest.mark.parametrize("method", ["dwt", "magnitude", "random"])
+def test_a_diverging_finetune_stops_naming_the_method_step_and_remedy(train_set, method):
+    """SGD at lr 100 on a net without BatchNorm: the training loss is inf or NaN from step 11. The
+    model's NaN weights were scored as a model (top-1 of the class argmax picks for NaN logits,
+    loss nan) and the trial finished; now every method stops with one line at that step."""
+    res = _prune(method, plain_net())
+    settings = recovery.RecoverySettings("finetune", batches=2, steps=20, batch_size=32, lr=100.0, optimizer="sgd")
+    with pytest.raises(ValueError) as info:  # a usage error: exit code 2, the runs FAILED
+        recovery.recover(res, train_set, settings)
+    msg = str(info.value)
+    assert type(info.value).__name__ == "FinetuneDiverged" and "\n" not in msg
+    assert msg.startswith(f"{method}: fine-tuning diverged at step 11 of 20 (training loss "), msg
+    assert msg.endswith("; lower finetune_lr (it is 100, optimizer sgd)"), msg
+    # a diverging lr that stays finite (adamw, or sgd at 10 here) is a finished, honest fine-tune
+    for opt, lr in (("adamw", 100.0), ("sgd", 10.0)):
+        ok = recovery.RecoverySettings("finetune", batches=2, steps=20, batch_size=32, lr=lr, optimizer=opt)
+        assert np.isfinite(recovery.recover(_prune(method, plain_net()), train_set, ok).final_train_loss)
+
+
+def test_divergence_found_after_the_last_step_names_the_first_bad_one():
+    """On an accelerator the losses are checked once, after the last step (no sync per step): the
+    step named is still the first whose loss was not finite."""
+    res = types.SimpleNamespace(method="random", model=plain_net())
+    losses = [torch.tensor(v) for v in (2.0, 1.5, float("inf"), float("nan"), 3.0)]
+    settings = recovery.RecoverySettings("finetune", steps=5, lr=0.5, optimizer="sgd")
+    with pytest.raises(ValueError, match=r"^random: fine-tuning diverged at step 3 of 5 \(training loss inf\); "
+                       r"lower finetune_lr \(it is 0.5, optimizer sgd\)$"):  # fmt: skip
+        recovery._check_finite(res, losses, settings)
+    recovery._check_finite(res, losses[:2], settings)  # finite losses and weights: nothing to say
+
+
+@pytest.mark.parametrize("method", ["dwt", "magnitude"])
+def test_finetune_stops_on_weights_made_non_finite_by_its_last_step(train_set, monkeypatch, method):
+    """Every training loss finite, but the last step leaves a parameter infinite (the loss of a step is
+    computed before its update): stopped too, naming the parameter."""
+    real = recovery._optimizer
+
+    def poisoned(params, settings):
+        opt = real(params, settings)
+
+        class LastStepPoisons(type(opt)):
+            def step(self, *a, **k):
+                out = super().step(*a, **k)
+                if self.state[self.param_groups[0]["params"][0]]["step"] == settings.steps:
+                    with torch.no_grad():
+                        self.param_groups[0]["params"][-1].fill_(float("inf"))
+                return out
+
+        opt.__class__ = LastStepPoisons
+        return opt
+
+    monkeypatch.setattr(recovery, "_optimizer", poisoned)
+    res = _prune(method, bn_net())
+    settings = recovery.RecoverySettings("finetune", batches=2, steps=3, batch_size=32, lr=1e-3)
+    with pytest.raises(ValueError, match=rf"^{method}: fine-tuning diverged: parameter '10.bias' is NaN or "
+                       r"infinite after step 3 of 3; lower finetune_lr \(it is 0.001, optimizer adamw\)$"):  # fmt: skip
+        recovery.recover(res, train_set, settings)
+
+
 @pytest.mark.parametrize("rec", ["bn", "finetune"])
 def test_recovery_seconds_start_and_stop_with_the_device_idle(train_set, rec, monkeypatch):
     """``recovery_seconds`` is this recovery's work: on CUDA kernels run after they are queued (the

@@ -450,6 +450,44 @@ def test_failing_trials_are_recorded_as_failed_and_stop_the_launch(workdir, caps
     assert "2 consecutive trials failed" in capsys.readouterr().err  # the reason, on one line
 
 
+@pytest.mark.slow
+def test_a_diverging_finetune_fails_its_trial_and_run_not_the_process(workdir, capsys):
+    """SGD at lr 100 on an MLP (no BatchNorm) drives the fine-tuning loss to NaN. The NaN weights
+    were scored as a model (top-1 0.1, loss nan) and the trial, or the study trial, finished
+    COMPLETE; now a single trial stops with one line naming the method, the step and the remedy
+    (exit 2, its run FAILED), and in a study the trial is FAIL with that error, its run FAILED."""
+    import torch
+
+    from wavesweep.models import build_model
+
+    torch.manual_seed(0)
+    weights = workdir / "mlp.pt"
+    torch.save(build_model("mlp", num_classes=10, in_channels=1, image_size=8).state_dict(), weights)
+    fixed = {"targets": "linear", "recovery": "finetune", "finetune_optimizer": "sgd", "finetune_steps": 20,
+             "recovery_batch_size": 32, "timing_batches": 0}  # fmt: skip
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in fixed.items()]
+    capsys.readouterr()
+    assert run_cli("trial", "--model", "mlp", "--weights", str(weights), "--eval-limit", "40", "--finetune-lr", "100",
+                   "-q", *flags) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wavesweep: error: dwt: fine-tuning diverged at step "), err
+    assert err[0].endswith("; lower finetune_lr (it is 100, optimizer sgd)"), err
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("wavesweep").experiment_id])
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+    assert all("top1" not in r.data.metrics for r in runs)  # nothing scored from NaN weights
+    assert any(r.data.tags.get("error", "").startswith("FinetuneDiverged: dwt: fine-tuning diverged") for r in runs)
+
+    spec = write_spec(workdir / "tiny.yaml", str(weights), base={"model": "mlp", "dataset": "digits", "eval_limit": 40,
+                      "weights": str(weights)}, fixed=fixed, space={"finetune_lr": [100.0]}, n_trials=1, max_failures=1)  # fmt: skip
+    assert run_cli("study", str(spec), "-q") == 1  # the launch gave up, as after any failed trial: no traceback
+    assert "1 consecutive trials failed; last: FinetuneDiverged: dwt: fine-tuning diverged" in capsys.readouterr().err
+    trials, runs = assert_agree()
+    assert [t.state for t in trials.values()] == [TrialState.FAIL]
+    assert trials[0].user_attrs["error"].startswith("FinetuneDiverged: dwt: fine-tuning diverged at step ")
+    assert runs[0].info.status == "FAILED" and "top1" not in runs[0].data.metrics
+
+
 def _grid_seed_visiting_first(space: dict[str, list], first: set) -> int:
     """A GridSampler seed whose first two trials take ``first`` percentiles (GridSampler shuffles by seed)."""
     for seed in range(500):

@@ -25,6 +25,11 @@ the same step budget, optimizer and schedule.
   statistics by an exponential average of its last batches under weights still changing; the
   re-estimation after it gives the final weights their cumulative statistics.
 
+  A fine-tuning that diverges (a NaN or infinite training loss at some step, or NaN or infinite
+  weights after the last one) raises :class:`FinetuneDiverged`, the same for every method, naming
+  the method, the step and the remedy (a lower ``finetune_lr``): a model with NaN weights is never
+  scored (its NaN logits would read as a top-1 of one class's share, its loss as ``nan``).
+
 Pure PyTorch: nothing here knows MLflow or Optuna.
 """
 
@@ -69,6 +74,7 @@ __all__ = [
     "MAX_FINETUNE_LR",
     "RecoverySettings",
     "RecoveryReport",
+    "FinetuneDiverged",
     "batchnorm_layers",
     "training_batches",
     "BN_GROUP_BYTES",
@@ -109,6 +115,12 @@ class RecoverySettings:
         if not (isinstance(self.lr, (int, float, np.floating)) and not isinstance(self.lr, bool)
                 and 0 < self.lr <= MAX_FINETUNE_LR):  # NaN fails the comparison too
             raise ValueError(f"finetune_lr={self.lr!r} must be a number in (0, {MAX_FINETUNE_LR:g}]")
+
+
+class FinetuneDiverged(ValueError):
+    """Fine-tuning gave a NaN or infinite training loss or weights (one line: the method, the step,
+    the remedy). A ValueError: the remedy is a setting (exit code 2, the trial's runs FAILED, an
+    Optuna trial FAIL)."""
 
 
 @dataclass
@@ -518,7 +530,9 @@ def finetune(
     kept coefficients (zeros where dropped, dtype unchanged) and the weights by their inverse
     DWT; another module tied to a dwt layer's weight (an embedding shared with an output Linear)
     reads that inverse DWT too, and shares the weight again afterwards. Returns ``(steps taken,
-    last training loss)``; the model ends in eval mode.
+    last training loss)``; the model ends in eval mode. A NaN or infinite training loss (on CPU the
+    loop stops there; on an accelerator it is found after the last step, without a sync per step)
+    or parameter after the last step raises :class:`FinetuneDiverged`.
     """
     model = result.model
     model.to(device)
@@ -574,6 +588,8 @@ def finetune(
                         m.parametrizations.weight.original.masked_fill_(~k, 0)
                 losses.append(loss.detach())
                 steps += 1
+                if dev.type == "cpu" and not torch.isfinite(loss):  # no device to wait for: stop at once
+                    break
     finally:
         for h in hooks:
             h.remove()
@@ -596,7 +612,28 @@ def finetune(
             for name in order:  # state-dict order as before fine-tuning
                 m._parameters[name] = m._parameters.pop(name)
         model.eval()
+    _check_finite(result, losses, settings)
     return steps, float(losses[-1]) if losses else float("nan")
+
+
+def _check_finite(result: PruneResult, losses: list[torch.Tensor], settings: RecoverySettings) -> None:
+    """:class:`FinetuneDiverged` at the first step whose training loss is NaN or infinite, else when
+    a parameter is NaN or infinite after the last step (one host sync each when all is finite)."""
+    remedy = f"lower finetune_lr (it is {settings.lr:g}, optimizer {settings.optimizer})"
+    if losses:
+        finite = torch.isfinite(torch.stack(losses))
+        if not bool(finite.all()):
+            k = int((~finite).nonzero()[0, 0])
+            raise FinetuneDiverged(f"{result.method}: fine-tuning diverged at step {k + 1} of {settings.steps} "
+                                   f"(training loss {float(losses[k])}); {remedy}")  # fmt: skip
+    params = [(n, p) for n, p in result.model.named_parameters() if p.is_floating_point()]
+    if params:
+        with torch.no_grad():
+            ok = torch.stack([torch.isfinite(p).all().to(params[0][1].device) for _, p in params])
+        if not bool(ok.all()):
+            name = next(n for (n, _), good in zip(params, ok.tolist()) if not good)
+            raise FinetuneDiverged(f"{result.method}: fine-tuning diverged: parameter {name!r} is NaN or infinite after "
+                                   f"step {len(losses)} of {settings.steps}; {remedy}")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- one entry point
