@@ -445,7 +445,7 @@ def test_finetune_dwt_trains_only_kept_coefficients(train_set, tmp_path, layout)
     torch.testing.assert_close(res.model(x), rebuilt(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])  # float16: AdamW's eps 1e-8 is 0 there (NaN for every method)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_finetune_dwt_of_a_half_precision_model_keeps_its_dtype(train_set, tmp_path, dtype):
     """A bfloat16 model: the coefficients train in float32 (the dtype the transform ran
     in, as recorded), W = IDWT(c * m) is the weight's dtype at every step and after, as
@@ -469,6 +469,39 @@ def test_finetune_dwt_of_a_half_precision_model_keeps_its_dtype(train_set, tmp_p
     rebuilt, _ = checkpoint.load_compressed(path, bn_net(seed=1).to(dtype))
     for k, v in res.model.state_dict().items():
         torch.testing.assert_close(rebuilt.state_dict()[k], v, rtol=1e-2, atol=1e-3, msg=k)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("method", ["dwt", "magnitude", "random"])
+def test_finetune_of_a_float16_model_follows_the_float32_one(train_set, method, optimizer):
+    """A float16 model fine-tuned with AdamW had NaN weights for every method (its eps 1e-8 is 0 in
+    float16: a zero gradient's update is 0/0), and SGD at lr 3e-4 moved the first conv's weights
+    less than half as far as in float32 (updates below half of float16's spacing were lost). The oracle: the same model, the same float16-valued weights
+    and inputs, fine-tuned in float32. The float16 one steps in float32 masters and ends float16."""
+    out = {}
+    for dtype in (torch.float32, torch.float16):
+        base = bn_net().half().to(dtype)
+        data = TensorDataset(train_set.tensors[0].half().to(dtype), train_set.tensors[1])
+        res = _prune(method, base)
+        pre = {lp.key: res.model.get_parameter(lp.key).detach().float().clone() for lp in res.layers}
+        settings = recovery.RecoverySettings("finetune", batches=2, steps=10, batch_size=32, optimizer=optimizer,
+                                             lr=1e-3 if optimizer == "adamw" else 3e-4)  # fmt: skip
+        rep = recovery.recover(res, data, settings)
+        with torch.no_grad():
+            logits = res.model(data.tensors[0][:64]).float()
+        out[dtype] = res, pre, rep, logits
+    (r16, pre16, rep16, l16), (r32, pre32, rep32, l32) = out[torch.float16], out[torch.float32]
+    assert all(p.dtype == torch.float16 and bool(torch.isfinite(p).all()) for p in r16.model.parameters())
+    assert rep16.final_train_loss == pytest.approx(rep32.final_train_loss, abs=5e-3)
+    torch.testing.assert_close(l16, l32, rtol=0, atol=3e-2)
+    for lp in r16.layers:
+        w16, w32 = r16.model.get_parameter(lp.key).detach().float(), r32.model.get_parameter(lp.key).detach().float()
+        moved = float((w32 - pre32[lp.key]).norm())  # what fine-tuning did in float32
+        assert moved > 0 and float((w16 - w32).norm()) < 0.35 * moved, lp.key
+        assert float((w16 - pre16[lp.key]).norm()) == pytest.approx(moved, rel=0.3), lp.key  # it trained as much
+        if method != "dwt":
+            z = w16.reshape(-1)[torch.from_numpy(~lp.keep)]
+            assert torch.all(z == 0) and not torch.any(torch.signbit(z)), lp.key
 
 
 class _TiedHead(nn.Module):

@@ -562,7 +562,14 @@ def finetune(
             keep = lp.tensor("keep", dev).reshape(m.weight.shape)
             masked.append((m.weight, keep))
     hooks = [w.register_hook(lambda g, k=k: g * k) for w, k in masked]
-    opt = _optimizer([p for p in model.parameters() if p.requires_grad], settings)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # A half-precision parameter (float16, bfloat16) steps in a float32 copy of itself, its master,
+    # written back in its own dtype after each step: in float16 AdamW's eps (1e-8) is 0, so every
+    # zero gradient (a pruned weight's, a dead unit's) gave 0/0 = NaN, and in either dtype an update
+    # below half the spacing of the weight's values was lost. (dwt's coefficients are float32 already.)
+    masters = [(p, p.detach().float().requires_grad_()) for p in trainable if p.dtype in (torch.float16, torch.bfloat16)]
+    master_of = {id(p): m for p, m in masters}
+    opt = _optimizer([master_of.get(id(p), p) for p in trainable], settings)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.steps) if settings.schedule == "cosine" else None
     model.train()
     losses = []
@@ -578,12 +585,16 @@ def finetune(
                 loss = F.cross_entropy(model(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                for p, m in masters:  # the gradient (masked by the hooks) to the master
+                    m.grad, p.grad = (None if p.grad is None else p.grad.float()), None
                 opt.step()
                 if sched is not None:
                     sched.step()
                 with torch.no_grad():
                     for w, k in masked:
-                        w.masked_fill_(~k, 0)  # exactly +0.0 where pruned
+                        master_of.get(id(w), w).masked_fill_(~k, 0)  # exactly +0.0 where pruned
+                    for p, m in masters:
+                        p.copy_(m)  # +0.0 stays +0.0
                     for _, m, k, _ in dwt_layers:
                         m.parametrizations.weight.original.masked_fill_(~k, 0)
                 losses.append(loss.detach())
