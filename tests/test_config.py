@@ -28,6 +28,8 @@ def test_defaults_are_valid_and_logged_whole():
         ("percentile", "101", "percentile"),
         ("percentile", "-1", "percentile"),
         ("percentile", "abc", "percentile='abc' is not a number"),
+        ("percentile", True, "percentile=True is not a number"),  # float(True) is 1.0: not taken as 1 %
+        ("finetune_lr", False, "finetune_lr=False is not a number"),
         ("level", "0", "level"),
         ("level", "2.5", "level='2.5' is not an integer"),
         ("model", "vgg", "unknown model 'vgg'"),

@@ -176,6 +176,11 @@ BAD_SPECS = [
      ["space.layout", ":5", "model 'cnn', targets='conv,linear': target layer 'fc': layout 'kernel' needs a 4-D conv weight"]),
     ("study: x\nbase: {model: mlp}\nfixed: {targets: linear, layout: kernel}\nspace: {percentile: [10]}\n"
      "objectives: {top1: maximize}\nn_trials: 1\n", ["fixed.layout", ":3", "layout 'kernel' needs a 4-D conv weight"]),
+    # YAML's true is not the number 1 (float(True) is 1.0)
+    ("study: x\nfixed: {percentile: true}\nspace: {level: [1]}\nobjectives: {top1: maximize}\nn_trials: 1\n",
+     ["fixed.percentile", ":2", "percentile=True is not a number"]),
+    ("study: x\nspace: {percentile: [true, 50]}\nobjectives: {top1: maximize}\nn_trials: 1\n",
+     ["space.percentile", ":2", "percentile=True is not a number"]),
 ]
 
 

@@ -154,6 +154,8 @@ def coerce(name: str, raw: Any, typ: type) -> Any:
             return int(f)
         raise ValueError(f"{name}={raw!r} is not an integer")
     if typ is float:
+        if isinstance(raw, bool):  # float(True) is 1.0: `percentile: true` in a spec is a mistake, not 1 %
+            raise ValueError(f"{name}={raw!r} is not a number")
         try:
             return float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
         except ValueError:
