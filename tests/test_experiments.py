@@ -20,7 +20,7 @@ SPEC = """
 study: exp-check
 base: {model: cnn, dataset: digits, eval_limit: 60, seed: 0, weights: WEIGHTS}
 fixed: {timing_batches: 0, recovery: none, layout: filter, level: 2}
-space: {percentile: [30, 70]}
+space: {percentile: {low: 30, high: 70}}   # continuous: the second launch's trial is not a repeat of the first
 objectives: {top1: maximize}
 sampler: {name: random, seed: 0}
 n_trials: 1

@@ -684,7 +684,8 @@ def test_a_stop_while_a_finished_trial_is_recorded_retracts_its_run_and_the_retr
     optuna.state=FAIL) and the resume's retry is the only FINISHED run of those params."""
     from wavesweep.study import objective
 
-    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3)
+    # a continuous space: no configuration proposed twice, so every trial runs (a repeat would not)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3, space=WIDE_SPACE)
     real, calls = objective._set_user_attrs, []
 
     def stop_recording_the_second(trial, attrs):
@@ -725,7 +726,8 @@ def test_a_stop_whose_cleanup_fails_still_stops_the_study(workdir, tiny_weights,
 
     from wavesweep import tracked_trial, tracking
 
-    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3)
+    # a continuous space: no configuration proposed twice, so every trial runs (a repeat would not)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3, space=WIDE_SPACE)
     real_trial, calls = tracked_trial.run_trial, []
 
     def ctrl_c_on_second(*args, **kwargs):

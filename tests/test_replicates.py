@@ -287,8 +287,8 @@ def test_study_with_replicates_records_configurations_and_optimises_their_means(
         return real(cfg, **kwargs)
 
     monkeypatch.setattr(tracked_config, "run_tracked_trial", spy)
-    spec = write_spec(workdir / "tiny.yaml", tiny_weights, replicates=2, n_trials=2,
-                      pruner={"name": "median", "n_startup_trials": 5})  # fmt: skip
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, replicates=2, n_trials=2, pruner={"name": "median", "n_startup_trials": 5},
+                      space={"percentile": {"low": 5.0, "high": 95.0}, "wavelet": ["haar", "db2"]})  # no repeat: both run  # fmt: skip
     assert cli.main(["study", str(spec), "-q"]) == 0
     assert reporters == [(0, True), (1, False)] * 2
     trials = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).get_trials()

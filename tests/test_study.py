@@ -64,9 +64,11 @@ def mlflow_trial_runs(name: str = "tiny") -> dict[int, object]:
 
 
 def assert_agree(name: str = "tiny") -> tuple[dict, dict]:
-    """Every Optuna trial that started a trial run has exactly one MLflow run, with the matching state and value."""
+    """Every Optuna trial that started a trial run has exactly one MLflow run, with the matching state and value
+    (a trial that repeated an earlier configuration has a run of its own pointing to it: ``assert_repeats``)."""
     trials, runs = trials_by_number(name), mlflow_trial_runs(name)
-    with_runs = {n for n, t in trials.items() if "mlflow_run_id" in t.user_attrs}
+    assert_repeats(trials, name)
+    with_runs = {n for n, t in trials.items() if "mlflow_run_id" in t.user_attrs and "repeat_of" not in t.user_attrs}
     assert set(runs) == with_runs
     parent_ids = set()
     for n, run in runs.items():
@@ -92,6 +94,39 @@ def assert_agree(name: str = "tiny") -> tuple[dict, dict]:
         parent_ids.add(run.data.tags["mlflow.parentRunId"])
     assert len(parent_ids) <= 1, "all trials nest under one study run"
     return trials, runs
+
+
+def assert_repeats(trials: dict[int, optuna.trial.FrozenTrial], name: str = "tiny") -> dict[int, int]:
+    """A COMPLETE trial whose params equal an earlier COMPLETE trial's was not run: it names that
+    trial (``repeat_of``, the lowest-numbered one that ran), has its values, and its MLflow run
+    (kind ``repeat``, below the study run) points to that trial's run and logs no numbers.
+    Returns {repeat: original}."""
+    client = MlflowClient()
+    ran = {}
+    for n in sorted(trials):
+        t = trials[n]
+        if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs:
+            ran.setdefault(tuple(sorted(t.params.items())), n)
+    out = {}
+    for n, t in trials.items():
+        if "repeat_of" not in t.user_attrs or t.state == TrialState.FAIL:  # a repeat stopped while recorded: retried
+            continue
+        assert t.state == TrialState.COMPLETE, (n, t.state)
+        orig = trials[t.user_attrs["repeat_of"]]
+        assert orig.state == TrialState.COMPLETE and "repeat_of" not in orig.user_attrs
+        assert orig.number == ran[tuple(sorted(t.params.items()))] and orig.params == t.params
+        assert t.values == orig.values and t.intermediate_values == orig.intermediate_values
+        assert t.user_attrs["repeat_of_mlflow_run_id"] == orig.user_attrs["mlflow_run_id"]
+        assert t.user_attrs["examples_evaluated"] == 0 and "top1" not in t.user_attrs  # no numbers of its own
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        tags = run.data.tags
+        assert run.info.status == "FINISHED" and tags["wavesweep.kind"] == "repeat" and tags["method"] == "repeat"
+        assert (tags["optuna.study"], tags["optuna.trial_number"], tags["optuna.state"]) == (name, str(n), "COMPLETE")
+        assert tags["repeat_of_trial"] == str(orig.number) and tags["repeat_of_run_id"] == orig.user_attrs["mlflow_run_id"]
+        assert tags["mlflow.parentRunId"] == client.get_run(orig.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
+        assert not run.data.metrics and not run.data.params, "a repeat logs no numbers of its own"
+        out[n] = orig.number
+    return out
 
 
 def run_cli(*argv: str) -> int:
@@ -325,9 +360,11 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
     assert run_cli("study", str(spec), "-q") == 0
     trials, runs = assert_agree()
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials.values())
-    # params: Optuna names = TrialConfig names = MLflow params, with the same values
-    for n, t in trials.items():
-        p = runs[n].data.params
+    # params: Optuna names = TrialConfig names = MLflow params, with the same values (every trial
+    # that ran; a configuration the sampler proposed again is a repeat, checked by assert_agree)
+    assert set(runs) == {n for n, t in trials.items() if "repeat_of" not in t.user_attrs}
+    for n, run in runs.items():
+        t, p = trials[n], run.data.params
         assert float(p["percentile"]) == t.params["percentile"] and p["wavelet"] == t.params["wavelet"]
         assert p["level"] == "2" and p["model"] == "cnn"
     # one study run, tagged, with the spec and the report as artifacts
@@ -342,6 +379,8 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
     assert s.user_attrs["mlflow_run_id"] == parent.info.run_id
     assert s.metric_names == ["val_top1"]  # objective names for optuna-dashboard: a study selects on validation
     for t in s.get_trials(states=(TrialState.COMPLETE,)):  # the value is the validation score; top1 the test part's
+        if "repeat_of" in t.user_attrs:  # a configuration proposed again (assert_agree checked it): no run of numbers
+            continue
         run = runs[t.number]
         assert t.values[0] == pytest.approx(run.data.metrics["val_top1"])
         assert t.user_attrs["top1"] == pytest.approx(run.data.metrics["top1"])
@@ -363,7 +402,7 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
         img = mpimg.imread(out / f"{png}.png")
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0, png
     summary = pd.read_csv(out / "summary.csv")
-    assert len(summary) >= 1 and summary.loc[0, "trial"] == s.best_trial.number
+    assert len(summary) >= 1 and summary.loc[0, "trial"] == study.best_trial(s).number  # never a repeat, if Optuna's is one
     assert summary.loc[0, "objective val_top1"] == pytest.approx(s.best_value)
     assert summary.loc[0, "val_top1"] == pytest.approx(s.best_value) and "top1" in summary
     assert len(pd.read_csv(out / "trials.csv")) == 3
@@ -438,7 +477,9 @@ def test_two_workers_share_one_storage_exactly(workdir, tiny_weights):
     trials, runs = assert_agree()
     assert sorted(trials) == [0, 1, 2, 3]
     assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in trials.values())
-    assert len({r.info.run_id for r in runs.values()}) == 4
+    # one trial run per trial that ran; a configuration NSGA-II proposed again is a repeat (assert_agree checks it)
+    ran = {n for n, t in trials.items() if "repeat_of" not in t.user_attrs}
+    assert set(runs) == ran and len({r.info.run_id for r in runs.values()}) == len(ran)
     summary = pd.read_csv(workdir / "reports" / "tiny" / "summary.csv")
     assert {"best val_top1 (maximize)", "best compression_ratio (maximize)", "pareto front"} <= set(summary["selection"])
 
@@ -491,6 +532,120 @@ def test_a_diverging_finetune_fails_its_trial_and_run_not_the_process(workdir, c
     assert [t.state for t in trials.values()] == [TrialState.FAIL]
     assert trials[0].user_attrs["error"].startswith("FinetuneDiverged: dwt: fine-tuning diverged at step ")
     assert runs[0].info.status == "FAILED" and "top1" not in runs[0].data.metrics
+
+def _count_trial_runs(monkeypatch) -> list:
+    """Spy on the trial computation itself: the configurations (wavelet, percentile, seed) computed, in order."""
+    from wavesweep import tracked_trial
+
+    real, calls = tracked_trial.run_trial, []
+
+    def spy(cfg, **kwargs):
+        calls.append((cfg.wavelet, cfg.percentile, cfg.seed))
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(tracked_trial, "run_trial", spy)
+    return calls
+
+
+@pytest.mark.slow
+def test_a_repeated_configuration_is_not_run_again(workdir, tiny_weights, monkeypatch, capsys):
+    """Samplers propose a configuration again (here: 4 trials over a space of 2). Before, every one
+    ran again (the same numbers, a whole trial of forward passes, a second MLflow trial run with the
+    same metrics) and the report counted it as another test. A repeat now takes the earlier trial's
+    values without computing, says which trial it repeats, and counts once."""
+    calls = _count_trial_runs(monkeypatch)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, space={"percentile": [20, 80], "wavelet": ["haar"]})
+    assert run_cli("study", str(spec), "-q") == 0
+    trials, runs = assert_agree()
+    assert all(t.state == TrialState.COMPLETE for t in trials.values()) and len(trials) == 4
+    configs = {t.params["percentile"] for t in trials.values()}
+    assert sorted(c[1] for c in calls) == sorted(configs), f"each configuration computed once: {calls}"
+    repeats = assert_repeats(trials)
+    assert len(repeats) == 4 - len(configs) > 0
+    assert len(runs) == len(configs)  # one MLflow trial run (with metrics and checkpoint) per configuration
+    s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
+    assert study.best_trial(s).number not in repeats  # the trial that ran it, whose run holds the model
+    parent = MlflowClient().get_run(next(iter(runs.values())).data.tags["mlflow.parentRunId"])
+    assert parent.data.metrics["n_complete"] == 4 and parent.data.metrics["n_repeated"] == len(repeats)
+    printed = capsys.readouterr().out
+    assert "study tiny: 4 complete, 0 pruned, 0 failed" in printed
+    assert f"{len(repeats)} of the complete trials repeated an earlier trial's configuration: not run again" in printed
+    # running it again to a larger total: only a configuration not run before is computed
+    calls.clear()
+    assert run_cli("study", str(spec), "-q", "--n-trials", "6") == 0
+    trials, runs = assert_agree()
+    now = {t.params["percentile"] for t in trials.values()}
+    assert len(trials) == 6 and sorted(c[1] for c in calls) == sorted(now - configs) and len(runs) == len(now)
+
+
+@pytest.mark.slow
+def test_failed_or_pruned_trials_are_not_reused(workdir, tiny_weights, monkeypatch):
+    """Only a COMPLETE trial's numbers are reused: the same configuration after a failed and after a
+    pruned trial is computed; only after that, a repeat takes the computed trial's values."""
+    from wavesweep import tracked_trial
+
+    real, calls = tracked_trial.run_trial, []
+
+    def fail_then_prune(cfg, **kwargs):
+        calls.append(cfg.percentile)
+        if len(calls) == 1:
+            raise RuntimeError("a broken trial")
+        if len(calls) == 2:
+            raise optuna.TrialPruned("stopped early")
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(tracked_trial, "run_trial", fail_then_prune)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3, space={"percentile": [40]})
+    assert run_cli("study", str(spec), "-q") == 0
+    trials, runs = assert_agree()
+    assert [trials[n].state for n in sorted(trials)] == [TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert calls == [40, 40, 40]
+    assert assert_repeats(trials) == {3: 2}
+
+
+@pytest.mark.slow
+def test_a_stop_while_a_repeat_is_recorded_fails_it_and_the_retry_repeats_again(workdir, tiny_weights, monkeypatch):
+    """Ctrl-C while a repeat's run records what it repeats: the trial is FAIL (interrupted), its run
+    KILLED, not FINISHED beside a failed trial; the next launch retries it, a repeat again."""
+    from wavesweep import tracking
+
+    real = tracking.log_batch
+
+    def stop_on_repeat(client, run_id, **kw):
+        if "repeat_of_trial" in (kw.get("tags") or {}):
+            raise KeyboardInterrupt
+        return real(client, run_id, **kw)
+
+    monkeypatch.setattr(tracking, "log_batch", stop_on_repeat)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, space={"percentile": [40]})
+    assert run_cli("study", str(spec), "-q") == 130
+    monkeypatch.setattr(tracking, "log_batch", real)
+    trials = trials_by_number()
+    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["interrupted"] is True
+    run = MlflowClient().get_run(trials[1].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["wavesweep.kind"] == "repeat"
+    assert run.data.tags["optuna.state"] == "FAIL" and "interrupted" in run.data.tags["error"]
+    assert run_cli("study", str(spec), "-q") == 0
+    trials = trials_by_number()
+    assert assert_repeats(trials) == {2: 0} and trials[2].system_attrs["failed_trial"] == 1
+
+
+@pytest.mark.slow
+def test_replicates_are_run_and_a_repeated_configuration_over_them_is_not(workdir, tiny_weights, monkeypatch):
+    """Replicates are deliberate repeats with other seeds: each runs. A trial repeating a configuration
+    over the same seeds is the earlier trial's configuration run and runs none of them again."""
+    calls = _count_trial_runs(monkeypatch)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, replicates=2, space={"percentile": [40]})
+    assert run_cli("study", str(spec), "-q") == 0
+    trials = trials_by_number()
+    assert [(c[1], c[2]) for c in calls] == [(40, 0), (40, 1)]  # both seeds of the one configuration, once
+    assert assert_repeats(trials) == {1: 0}
+    assert trials[0].user_attrs["n_replicates"] == 2 and len(trials[0].user_attrs["replicate_run_ids"].split(",")) == 2
+    client = MlflowClient()
+    config = client.get_run(trials[0].user_attrs["mlflow_run_id"])
+    assert config.data.tags["wavesweep.kind"] == "configuration"
+    seeds = sorted(r.data.params["seed"] for r in study_trial_runs(client, "tiny"))
+    assert seeds == ["0", "1"]  # the replicate trial runs, one per seed: none folded, none repeated
 
 
 def _grid_seed_visiting_first(space: dict[str, list], first: set) -> int:

@@ -294,6 +294,10 @@ def _print_summary(found: Any, parent: str, url: str, final: bool = True) -> Non
     m = study.study_metrics(found)
     print(f"study {found.study_name}{'' if final else ' so far (not final)'}: {int(m['n_complete'])} complete, {int(m['n_pruned'])} pruned, {int(m['n_fail'])} failed "
           f"(storage {located(url)}, MLflow run {parent} at {located(tracking.tracking_uri())})")  # fmt: skip
+    if m["n_repeated"]:
+        n = int(m["n_repeated"])
+        print(f"{n} of the complete trials repeated an earlier trial's configuration: not run again, the earlier trial's "
+              "numbers counted once (Optuna user attribute repeat_of)")  # fmt: skip
     best = study.best_trial(found)
     if best is not None:
         objectives = [m for m, _d in study.study_objectives(found)]

@@ -615,6 +615,39 @@ def start_study_run(
     return run_id
 
 
+def record_repeat(
+    client: MlflowClient,
+    experiment_id: str,
+    cfg: TrialConfig,
+    *,
+    parent_run_id: str,
+    repeat_of_trial: int,
+    repeat_of_run_id: str,
+    tags: dict[str, Any] | None = None,
+    on_run: Callable[[str], None] | None = None,
+) -> str:
+    """A study trial that repeats the configuration of an earlier complete trial, which is not run
+    again: one run below the study run (tags ``wavesweep.kind=repeat``, ``method=repeat``,
+    ``repeat_of_trial``, ``repeat_of_run_id``: the earlier trial's run, which holds the numbers),
+    closed FINISHED at once, with no params, metrics or artifacts of its own (a search over
+    metrics or params finds each configuration once). ``on_run(run_id)`` is called as soon as the
+    run exists. Returns its run id."""
+    run = client.create_run(
+        experiment_id, run_name=f"repeat of trial {repeat_of_trial}: {run_name(cfg, 'trial')}",
+        tags={MLFLOW_PARENT_RUN_ID: parent_run_id, "method": "repeat", "wavesweep.kind": "repeat"},
+    )  # fmt: skip
+    rid = run.info.run_id
+    try:
+        if on_run is not None:
+            on_run(rid)
+        log_batch(client, rid, tags={**(tags or {}), "repeat_of_trial": repeat_of_trial, "repeat_of_run_id": repeat_of_run_id})
+        client.set_terminated(rid, "FINISHED")
+    except BaseException as exc:  # the run exists: a stop or an error here must not leave it RUNNING
+        _close_on(exc, client, rid, "while recording a repeated configuration")
+        raise
+    return rid
+
+
 def spec_sha256(spec_text: str) -> str:
     """A study spec's identity: sha256 of its text as stored (``spec/`` artifact: secrets redacted)."""
     return hashlib.sha256(redact(spec_text).encode("utf-8")).hexdigest()

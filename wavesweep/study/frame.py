@@ -34,19 +34,26 @@ def study_objectives(study: optuna.Study) -> list[tuple[str, str]]:
 
 
 def study_metrics(study: optuna.Study) -> dict[str, float]:
+    """Trial counts by state (``n_complete``, ``n_pruned``, ``n_fail``), ``n_repeated`` (complete
+    trials that repeated an earlier trial's configuration and were not run again: counted in
+    ``n_complete``) and, single-objective, ``best_value``."""
     trials = study.get_trials(deepcopy=False)
     out = {f"n_{s.name.lower()}": float(sum(t.state == s for t in trials)) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    out["n_repeated"] = float(sum(t.state == TrialState.COMPLETE and "repeat_of" in t.user_attrs for t in trials))
     if len(study.directions) == 1 and out["n_complete"]:
         out["best_value"] = float(study.best_value)
     return out
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best COMPLETE trial on the first objective (multi-objective: among the Pareto front)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """The best COMPLETE trial on the first objective (multi-objective: among the Pareto front).
+
+    A trial that repeated an earlier trial's configuration (``repeat_of``) is never named: the
+    trial that ran it is, and its run holds the numbers and the model."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "repeat_of" not in t.user_attrs]
     if not complete:
         return None
-    pool = study.best_trials if len(study.directions) > 1 else complete
+    pool = [t for t in study.best_trials if "repeat_of" not in t.user_attrs] if len(study.directions) > 1 else complete
     sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
     return max(pool, key=lambda t: (sign * t.values[0], -t.number))
 

@@ -3,11 +3,18 @@
 Its outcome is the Optuna trial itself: the returned values (COMPLETE), ``optuna.TrialPruned``
 (PRUNED) or any other exception (FAIL, with the reason in the user attribute ``error``), plus
 ``surplus=true`` on a trial that was not needed.
+
+A trial whose parameters equal those of an earlier COMPLETE trial of the study (samplers propose a
+configuration again: TPE does, and random or grid ones once a small space is used up) is that
+configuration: within one study every other value is fixed (a relaunch with other fixed values is
+refused), so it would compute the same numbers. It is not run again (Optuna's FAQ "How can I ignore
+duplicated samples?": return the earlier trial's values); see :func:`repeat`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +29,8 @@ from wavesweep.study.spec import StudySpec
 from wavesweep.tracked_config import ConfigurationOutcome, run_tracked_configuration
 from wavesweep.tracked_trial import run_tracked_trial
 from wavesweep.trial import Reporter, TrialResult
+
+log = logging.getLogger(__name__)
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # trials that count towards n_trials
 
@@ -121,11 +130,15 @@ def objective(
         cfg = TrialConfig.from_mapping({**spec.fixed, **params})
         _name_objectives(trial.study, spec)
         _set_user_attrs(trial, {k: getattr(cfg, k) for k in USER_ATTR_CONFIG})
-        client, _ = tracking.init_tracking(experiment=experiment)
+        client, experiment_id = tracking.init_tracking(experiment=experiment)
+        original = earlier_complete(trial, params)
     except Exception as exc:
         with contextlib.suppress(Exception):
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
         raise
+    tags = {"optuna.trial_number": str(trial.number), "optuna.study": spec.name}
+    if original is not None:
+        return repeat(trial, original, cfg=cfg, client=client, experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags)
     chunks: list[Chunk] = []
     run_ids: list[str] = []
 
@@ -142,7 +155,6 @@ def objective(
             tracking.log_batch(client, run_ids[0], metrics=[("partial_top1", c.result.top1, c.step) for c in chunks], tags=tags)
 
     report = reporter(trial, spec.pruner, chunks) if spec.pruner != "none" else None
-    tags = {"optuna.trial_number": str(trial.number), "optuna.study": spec.name}
     configuration: ConfigurationOutcome | None = None
     try:
         if spec.replicates > 1:  # one configuration run over the seeds; its replicate trial runs below it
@@ -198,6 +210,74 @@ def objective(
             tracking.close_quietly(lambda: tracking.close_run(client, run_id, "KILLED" if stopped else "FAILED", error=error,
                                                               tags={"optuna.state": "FAIL"}, finished_too=True), f"run {run_id}")  # fmt: skip
         raise
+    return values[0] if len(values) == 1 else values
+
+
+def earlier_complete(trial: optuna.Trial, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
+    """The COMPLETE trial of ``trial``'s study that computed the configuration ``params`` (the
+    trial's suggested parameters), the lowest-numbered if several did; None when none did.
+
+    Only COMPLETE trials: a failed or pruned one has no numbers to give. A repeat is never named
+    (its own ``repeat_of`` is): the trial named is always one that ran. Every other value of a
+    trial is the study's fixed values, the same for all its trials (``storage.open_study`` refuses
+    a relaunch with other fixed values, replicates or space), so equal parameters are the same
+    configuration: the same seeds (replicate seeds included), recovery, data and base model."""
+    same = [
+        t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.number != trial.number and t.values is not None and "repeat_of" not in t.user_attrs and t.params == params
+    ]  # fmt: skip
+    return min(same, key=lambda t: t.number) if same else None
+
+
+def repeat(
+    trial: optuna.Trial,
+    original: optuna.trial.FrozenTrial,
+    *,
+    cfg: TrialConfig,
+    client: Any,
+    experiment_id: str,
+    parent_run_id: str,
+    tags: dict[str, str],
+) -> float | list[float]:
+    """Complete ``trial``, which repeats the configuration of the COMPLETE trial ``original``,
+    without running it: its values are ``original``'s (so the sampler and the study's best see
+    the configuration as it was measured), and so are its intermediate values (an early-stopping
+    pruner that compares with the best trial finds them). User attributes: ``repeat_of`` (the
+    original's number), ``repeat_of_mlflow_run_id`` (its MLflow run, which holds the numbers),
+    ``examples_evaluated`` 0, ``mlflow_run_id`` (this trial's own run, ``tracking.record_repeat``:
+    it points to the original and logs no numbers). The headline numbers are not copied: they
+    are the original's, on the original. A stop or an error fails the trial like any other."""
+    values = [float(v) for v in original.values]
+    rid = original.user_attrs.get("mlflow_run_id", "")
+    run_ids: list[str] = []
+
+    def on_run(run_id: str) -> None:
+        run_ids.append(run_id)
+        trial.set_user_attr("mlflow_run_id", run_id)
+
+    try:
+        _set_user_attrs(trial, {"repeat_of": original.number, "repeat_of_mlflow_run_id": rid, "examples_evaluated": 0})
+        if len(values) == 1:  # Optuna keeps intermediate values of single-objective trials only
+            for step, v in sorted(original.intermediate_values.items()):
+                trial.report(v, step)
+        tracking.record_repeat(client, experiment_id, cfg, parent_run_id=parent_run_id, repeat_of_trial=original.number,
+                               repeat_of_run_id=rid, tags={**tags, "optuna.state": "COMPLETE", "optuna.values": values},
+                               on_run=on_run)  # fmt: skip
+    except BaseException as exc:
+        stopped = isinstance(exc, KeyboardInterrupt)
+        error = f"interrupted ({interrupt.caught(exc)})" if stopped else f"{type(exc).__name__}: {exc}"
+        with interrupt.ignored() if stopped else contextlib.nullcontext():
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("error", error[:2000])
+                if stopped:  # retried with these params next launch
+                    trial.set_user_attr("interrupted", True)
+            for run_id in run_ids:  # a run closed FINISHED beside a FAIL trial would say it completed
+                tracking.close_quietly(lambda run_id=run_id: tracking.close_run(
+                    client, run_id, "KILLED" if stopped else "FAILED", error=error, tags={"optuna.state": "FAIL"},
+                    children=False), f"run {run_id}")  # fmt: skip
+        raise
+    log.info("trial %d repeats the configuration of trial %d (%s): not run again, its values %s reused", trial.number,
+             original.number, ", ".join(f"{k}={v}" for k, v in original.params.items()), values)  # fmt: skip
     return values[0] if len(values) == 1 else values
 
 
