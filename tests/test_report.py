@@ -439,7 +439,8 @@ def test_adjusted_p_values_and_verdicts(tmp_path):
     md = files["summary_md"].read_text()
     n_p = int(trials_frame.complete(make_frame(12))["dwt_vs_magnitude_mcnemar_p"].notna().sum())
     assert 0 < n_p < 12  # some trials are not complete: the count is of the tested ones
-    assert f"Benjamini-Hochberg over the {n_p} complete trials with a McNemar p" in md
+    assert (f"Benjamini-Hochberg (scipy.stats.false_discovery_control), applied to each baseline separately, as its own "
+            f"family: the {n_p} dwt-vs-magnitude McNemar p-values, one per distinct configuration") in md  # fmt: skip
     # every trial over replicate seeds (no McNemar p anywhere): said so, not "over the 0 complete trials"
     frame = make_frame(12).assign(dwt_vs_magnitude_mcnemar_p=np.nan)
     md0 = report.write_report(frame, tmp_path / "rep", study_name="s", objectives=[("top1", "maximize")])["summary_md"].read_text()

@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 import matplotlib.image as mpimg
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -533,6 +534,71 @@ def test_a_diverging_finetune_fails_its_trial_and_run_not_the_process(workdir, c
     assert trials[0].user_attrs["error"].startswith("FinetuneDiverged: dwt: fine-tuning diverged at step ")
     assert runs[0].info.status == "FAILED" and "top1" not in runs[0].data.metrics
 
+def _bh(p) -> np.ndarray:
+    """Benjamini-Hochberg by its definition, independent of scipy: min over j >= i of p_(j) * m / j, capped at 1."""
+    p = np.asarray(p, float)
+    m, order = len(p), np.argsort(p)
+    adj = np.empty(m)
+    for rank, i in enumerate(order, start=1):
+        adj[i] = min(1.0, min(p[order[j - 1]] * m / j for j in range(rank, m + 1)))
+    return adj
+
+
+def test_the_report_adjusts_each_baseline_over_its_distinct_configurations(tmp_path):
+    """A study with known p-values: 4 configurations, run 7 times (trials 4 and 5 ran 0's and 1's
+    configuration again, as studies did before repeats were recognised; trial 6 is a recorded repeat
+    of 2, with no numbers of its own), one pruned trial, one trial over replicate seeds (no p).
+    Before, Benjamini-Hochberg counted every complete trial with a p (trials 4 and 5 twice over) and
+    summary.md said "over the 6 complete trials" whatever the second baseline's count; it adjusted
+    each baseline on its own without saying so. Now each family (dwt vs magnitude, dwt vs random)
+    is adjusted over its distinct configurations' p-values and summary.md says which and how many."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    from wavesweep import report
+
+    dist = {"wavelet": CategoricalDistribution(["haar", "db2"]), "percentile": CategoricalDistribution([20, 50, 80])}
+    p_mag = {("haar", 20): 0.011, ("haar", 50): 0.04, ("db2", 20): 0.03, ("db2", 50): 0.5}
+    p_rnd = {("haar", 20): 1e-6, ("haar", 50): 0.02, ("db2", 20): np.nan, ("db2", 50): 0.2}  # one without a p
+    order = [("haar", 20), ("haar", 50), ("db2", 20), ("db2", 50), ("haar", 20), ("haar", 50)]
+    s = optuna.create_study(direction="maximize")
+    s.set_user_attr("objectives", "top1:maximize")
+    for w, pct in order:
+        attrs = {"top1": 0.9, "gain_top1_vs_magnitude": 0.02, "gain_top1_vs_random": 0.5, "n_eval": 100,
+                 "dwt_vs_magnitude_mcnemar_p": p_mag[w, pct], "dwt_vs_magnitude_ci_low": 0.01, "dwt_vs_magnitude_ci_high": 0.05,
+                 "dwt_vs_random_ci_low": 0.4, "dwt_vs_random_ci_high": 0.6}  # fmt: skip
+        attrs |= {} if np.isnan(p_rnd[w, pct]) else {"dwt_vs_random_mcnemar_p": p_rnd[w, pct]}
+        s.add_trial(create_trial(params={"wavelet": w, "percentile": pct}, distributions=dist, value=0.9, user_attrs=attrs))
+    s.add_trial(create_trial(params={"wavelet": "db2", "percentile": 20}, distributions=dist, value=0.9,
+                             user_attrs={"repeat_of": 2, "examples_evaluated": 0}))  # fmt: skip
+    s.add_trial(create_trial(params={"wavelet": "db2", "percentile": 80}, distributions=dist, state=TrialState.PRUNED))
+    s.add_trial(create_trial(params={"wavelet": "db2", "percentile": 80}, distributions=dist, value=0.8,
+                             user_attrs={"top1": 0.8, "n_replicates": 3, "gain_top1_vs_magnitude": 0.01}))  # fmt: skip
+    frame = study.trials_frame(s)
+    files = report.write_report(frame, tmp_path, study_name="known", objectives=[("top1", "maximize")])
+    trials = pd.read_csv(files["trials_csv"]).set_index("number")
+    configs = list(p_mag)  # trials 0..3 ran them
+    want_mag = dict(zip(configs, _bh([p_mag[c] for c in configs])))
+    tested_rnd = [c for c in configs if not np.isnan(p_rnd[c])]
+    want_rnd = dict(zip(tested_rnd, _bh([p_rnd[c] for c in tested_rnd])))
+    for n, (w, pct) in enumerate(order + [("db2", 20)]):
+        assert trials.loc[n, "dwt_vs_magnitude_p_adj"] == pytest.approx(want_mag[w, pct], rel=1e-12), n  # a repeat: its original's
+        if (w, pct) in want_rnd:
+            assert trials.loc[n, "dwt_vs_random_p_adj"] == pytest.approx(want_rnd[w, pct], rel=1e-12), n
+        else:
+            assert np.isnan(trials.loc[n, "dwt_vs_random_p_adj"]), n
+    assert trials.loc[[7, 8], ["dwt_vs_magnitude_p_adj", "dwt_vs_random_p_adj"]].isna().all().all()  # pruned; no p
+    assert list(frame["repeat_of"].fillna(-1).astype(int)) == [-1, -1, -1, -1, 0, 1, 2, -1, -1]
+    md = files["summary_md"].read_text()
+    assert ("Adjusted p: Benjamini-Hochberg (scipy.stats.false_discovery_control), applied to each baseline separately, as two "
+            "families: the 4 dwt-vs-magnitude McNemar p-values and the 3 dwt-vs-random McNemar p-values, one per distinct "
+            "configuration among the complete trials. 3 complete trials repeated the configuration of an earlier one: the "
+            "same test, not counted again.") in md  # fmt: skip
+    assert "Distinct configurations among the complete trials: 5" in md  # 4 with a McNemar p, one over replicate seeds
+    summary = pd.read_csv(files["summary_csv"])
+    assert list(summary["trial"]) == [0]  # ties on the objective: the first trial that ran it, never a repeat
+
+
 def _count_trial_runs(monkeypatch) -> list:
     """Spy on the trial computation itself: the configurations (wavelet, percentile, seed) computed, in order."""
     from wavesweep import tracked_trial
@@ -570,6 +636,12 @@ def test_a_repeated_configuration_is_not_run_again(workdir, tiny_weights, monkey
     printed = capsys.readouterr().out
     assert "study tiny: 4 complete, 0 pruned, 0 failed" in printed
     assert f"{len(repeats)} of the complete trials repeated an earlier trial's configuration: not run again" in printed
+    frame = study.trials_frame(s)
+    assert {int(n): int(r) for n, r in zip(frame["number"], frame["repeat_of"]) if r == r} == repeats
+    md = (workdir / "reports" / "tiny" / "summary.md").read_text()
+    k = len(configs)  # 2, or 1 when the sampler drew one configuration four times
+    assert f"Distinct configurations among the complete trials: {k}" in md
+    assert f"the {k} dwt-vs-magnitude McNemar p-value{'s' * (k > 1)} and the {k} dwt-vs-random" in md
     # running it again to a larger total: only a configuration not run before is computed
     calls.clear()
     assert run_cli("study", str(spec), "-q", "--n-trials", "6") == 0
@@ -646,6 +718,28 @@ def test_replicates_are_run_and_a_repeated_configuration_over_them_is_not(workdi
     assert config.data.tags["wavesweep.kind"] == "configuration"
     seeds = sorted(r.data.params["seed"] for r in study_trial_runs(client, "tiny"))
     assert seeds == ["0", "1"]  # the replicate trial runs, one per seed: none folded, none repeated
+
+
+@pytest.mark.slow
+def test_two_workers_on_a_small_space_stay_exact(workdir, tiny_weights):
+    """Two workers on a space of 2 configurations: the total is exact, every repeat names a trial that
+    ran it, and the report counts each configuration once (two workers may both run one configuration
+    at once, when neither has finished: the later one is then counted as a repeat of the first)."""
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=5, space={"percentile": [20, 80], "wavelet": ["haar"]})
+    assert run_cli("study", str(spec), "-q", "--workers", "2") == 0
+    trials = trials_by_number()
+    assert_repeats(trials)
+    assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 5
+    s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
+    frame = study.trials_frame(s)
+    ran = frame[frame["repeat_of"].isna()]
+    drawn = set(frame["percentile"])  # both, unless the sampler drew one configuration five times
+    assert sorted(ran["percentile"]) == sorted(drawn)  # each configuration once, as the first trial that ran it
+    for _, r in frame[frame["repeat_of"].notna()].iterrows():  # recorded as a repeat, or ran at once with the first
+        first = frame[frame["number"] == r["repeat_of"]].iloc[0]
+        assert first["percentile"] == r["percentile"] and pd.isna(first["repeat_of"]) and first["state"] == "COMPLETE"
+    md = (workdir / "reports" / "tiny" / "summary.md").read_text()
+    assert f"Distinct configurations among the complete trials: {len(drawn)}" in md
 
 
 def _grid_seed_visiting_first(space: dict[str, list], first: set) -> int:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from wavesweep import figures, schema
 from wavesweep.fileio import atomic_write
-from wavesweep.trials_frame import CONFIG_COLUMNS, SUMMARY_PARAMS, complete, importance_caveat, pareto_mask
+from wavesweep.trials_frame import CONFIG_COLUMNS, SUMMARY_PARAMS, complete, distinct, importance_caveat, pareto_mask
 
 DENSE_NOTE = (
     "dwt weights are dense after reconstruction: its compression is in the coefficient domain "
@@ -50,8 +50,9 @@ def best_rows(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> pd.
 
     Multi-objective: the best on one objective is taken from the Pareto front, so of the trials
     tied on it the one no other trial dominates is named (the study's ``best_trial``, which
-    ``--register-best`` registers), not a dominated one; ties left: the lowest trial number."""
-    done = complete(frame)
+    ``--register-best`` registers), not a dominated one; ties left: the lowest trial number.
+    A repeat of an earlier trial's configuration (``repeat_of``) is that trial: never a row."""
+    done = distinct(frame)
     front = None
     if len(objectives) > 1 and not done.empty:
         vals = done[[f"value_{i}" for i in range(len(objectives))]].to_numpy()
@@ -72,23 +73,30 @@ def best_rows(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> pd.
 
 
 def with_significance(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` plus, per baseline, ``dwt_vs_<b>_p_adj`` (the McNemar p-values adjusted for the
-    number of COMPLETE trials compared, Benjamini-Hochberg, ``scipy.stats.false_discovery_control``)
-    and ``dwt_vs_<b>_verdict``: "significant" only when the paired interval excludes 0 and the
-    adjusted p is below 0.05; "not significant (CI contains 0)" or "(adjusted p >= 0.05)" otherwise;
-    "no p-value" for an interval that excludes 0 without one."""
+    """``frame`` plus, per baseline, ``dwt_vs_<b>_p_adj`` and ``dwt_vs_<b>_verdict``.
+
+    ``p_adj``: Benjamini-Hochberg (``scipy.stats.false_discovery_control``) over that baseline's
+    McNemar p-values, one per distinct configuration (:func:`tested`): each baseline is its own
+    family (dwt vs magnitude, dwt vs random). A repeat of an earlier trial's configuration is the
+    same test: it is not counted again, and shows its original's adjusted p. ``verdict``:
+    "significant" only when the paired interval excludes 0 and the adjusted p is below 0.05;
+    "not significant (CI contains 0)" or "(adjusted p >= 0.05)" otherwise; "no p-value" for an
+    interval that excludes 0 without one."""
     from scipy.stats import false_discovery_control
 
     out = frame.copy()
-    done = complete(frame)
     for b in schema.BASELINES:
         p, lo, hi = f"dwt_vs_{b}_mcnemar_p", f"dwt_vs_{b}_ci_low", f"dwt_vs_{b}_ci_high"
         if not {p, lo, hi} <= set(frame):
             continue
-        ps = done[p].dropna()
+        ps = tested(frame, b)
         adj = pd.Series(np.nan, index=frame.index)
         if len(ps):
             adj.loc[ps.index] = false_discovery_control(ps.to_numpy(dtype=float), method="bh")
+        if "repeat_of" in frame and len(ps):  # a repeat shows the adjusted p of the trial it repeats
+            by_number = pd.Series(adj.loc[ps.index].to_numpy(), index=frame.loc[ps.index, "number"].to_numpy())
+            repeats = complete(frame)["repeat_of"].dropna()
+            adj.loc[repeats.index] = repeats.map(by_number).to_numpy(dtype=float)
         out[f"dwt_vs_{b}_p_adj"] = adj
         contains0 = (frame[lo] <= 0) & (frame[hi] >= 0)
         verdict = np.where(contains0, "not significant (CI contains 0)",
@@ -190,10 +198,29 @@ def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _n_tested(frame: pd.DataFrame) -> int:
-    """Complete trials whose dwt-vs-magnitude McNemar p-value exists (what the adjustment counts)."""
-    col = "dwt_vs_magnitude_mcnemar_p"
-    return int(complete(frame)[col].notna().sum()) if col in frame else 0
+def tested(frame: pd.DataFrame, baseline: str) -> pd.Series:
+    """The dwt-vs-``baseline`` McNemar p-values that enter the adjustment: those of the distinct
+    configurations (``trials_frame.distinct``: COMPLETE trials, repeats left out) that have one
+    (a trial over replicate seeds has none), indexed like ``frame``."""
+    col = f"dwt_vs_{baseline}_mcnemar_p"
+    return distinct(frame)[col].dropna() if col in frame else pd.Series(dtype=float)
+
+
+def _adjustment_note(frame: pd.DataFrame) -> str:
+    """What the adjustment did, exactly: the method, the families, how many p-values each."""
+    counts = {b: len(tested(frame, b)) for b in schema.BASELINES}
+    repeats = len(complete(frame)) - len(distinct(frame))
+    why = ""
+    if repeats:
+        why = (f" {repeats} complete trial{'s' if repeats != 1 else ''} repeated the configuration of an earlier one: "
+               "the same test, not counted again.")  # fmt: skip
+    replicates = " A trial over replicate seeds has no McNemar p: its interval is the t-interval across the seeds."
+    if not any(counts.values()):
+        return f"No complete trial has a McNemar p, so no p is adjusted.{replicates}{why}"
+    families = [f"the {n} dwt-vs-{b} McNemar p-value{'s' if n != 1 else ''}" for b, n in counts.items() if n]
+    return ("Adjusted p: Benjamini-Hochberg (scipy.stats.false_discovery_control), applied to each baseline separately, "
+            f"as {'its own family' if len(families) == 1 else 'two families'}: {' and '.join(families)}, one per distinct "
+            f"configuration among the complete trials.{why}{replicates}")  # fmt: skip
 
 
 def _replicate_lines(table: pd.DataFrame) -> list[str]:
@@ -267,7 +294,9 @@ def write_report(
         f"# Study {study_name}",
         "",
         f"Trials: {len(frame)} ({', '.join(f'{k.lower()} {v}' for k, v in sorted(states.items())) or 'none'}). "
-        f"Objectives: {', '.join(f'{m} ({d})' for m, d in objectives)}.",
+        + (f"Distinct configurations among the complete trials: {len(distinct(frame))} (the others repeat an earlier "
+           "trial's configuration; each configuration is counted once below). " if len(distinct(frame)) < n_complete else "")
+        + f"Objectives: {', '.join(f'{m} ({d})' for m, d in objectives)}.",
         "",
         f"Note: {DENSE_NOTE}",
         "",
@@ -278,12 +307,8 @@ def write_report(
         to_markdown(with_intervals(table)) if len(table) else "_no complete trials_\n",
         "Gains are dwt top-1 minus the matched baseline's on the same examples; the interval is a "
         "95 % paired bootstrap interval and p the exact McNemar test on discordant examples. "
-        + (f"Adjusted p: Benjamini-Hochberg over the {_n_tested(frame)} complete trials with a McNemar p "
-           "(scipy.stats.false_discovery_control; a trial over replicate seeds has none: its interval is "
-           "the t-interval across the seeds). " if _n_tested(frame) else
-           "No complete trial has a McNemar p, so no p is adjusted (a trial over replicate seeds has "
-           "none: its interval is the t-interval across the seeds). ")
-        + "A gain is called significant only when its interval "
+        + _adjustment_note(frame)
+        + " A gain is called significant only when its interval "
         "excludes 0 and its adjusted p is below 0.05; \"best\" means best on the objective, not a "
         "significant improvement.",
         "",

@@ -6,6 +6,8 @@ count (COMPLETE), the Pareto front and when parameter importances deserve a cave
 Columns used:
 
 * ``number``, ``state`` (COMPLETE, PRUNED, FAIL, ...), ``value_0``.. (objective values, in order)
+* ``repeat_of``: on a COMPLETE trial whose configuration an earlier COMPLETE trial ran, that
+  trial's number (a repeat: the same test, not a second one); empty otherwise
 * trial parameters (TrialConfig field names: wavelet, level, percentile, layout, ...)
 * recorded metrics: ``top1`` (dwt), ``magnitude_top1``, ``random_top1``, ``base_top1``,
   ``pruned_fraction`` (fraction of dwt coefficients dropped, positions zero whatever the weights left out; the baselines zero the same fraction
@@ -41,6 +43,13 @@ def complete(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty or "state" not in frame:
         return frame.iloc[0:0]
     return frame[frame["state"] == "COMPLETE"]
+
+
+def distinct(frame: pd.DataFrame) -> pd.DataFrame:
+    """The COMPLETE trials less the repeats (``repeat_of`` set): each configuration once, as the
+    trial that ran it. What is tested, adjusted for multiple testing and ranked."""
+    done = complete(frame)
+    return done[done["repeat_of"].isna()] if "repeat_of" in done else done
 
 
 def pareto_mask(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:

@@ -64,7 +64,12 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial, built from Optuna storage alone (params, state, values, recorded metrics)."""
     objectives = study_objectives(study)
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    ran: dict[str, int] = {}  # a configuration (its params) -> the first COMPLETE trial that ran it
+    trials = study.get_trials(deepcopy=False)
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs:
+            ran.setdefault(_params_key(t), t.number)
+    for t in trials:
         row: dict[str, Any] = {
             "number": t.number, "state": t.state.name,
             "duration_s": t.duration.total_seconds() if t.duration else np.nan,
@@ -78,9 +83,20 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row |= metrics
         for i, (metric, _d) in enumerate(objectives):
             row[f"value_{i}"] = t.values[i] if t.values is not None and t.state == TrialState.COMPLETE else np.nan
+        # a repeat of an earlier configuration: recorded as such (not run again), or, in a study
+        # recorded before repeats were recognised, run again with the params of an earlier trial
+        first = ran.get(_params_key(t)) if t.state == TrialState.COMPLETE else None
+        row["repeat_of"] = t.user_attrs.get("repeat_of", first if first is not None and first != t.number else np.nan)
         rows.append(row)
     frame = pd.DataFrame(rows)
     return frame.sort_values("number").reset_index(drop=True) if len(frame) else frame
+
+
+def _params_key(t: optuna.trial.FrozenTrial) -> str:
+    """A trial's configuration within its study (every other value is the study's fixed ones)."""
+    import json
+
+    return json.dumps(t.params, sort_keys=True, default=str)
 
 
 def _importances(study: optuna.Study) -> dict[str, dict[str, float]]:
