@@ -507,3 +507,23 @@ def test_one_fraction_is_not_drawn_zoomed_in_on_the_side_by_side_offsets(tmp_pat
             assert lo <= lo_needed and hi >= hi_needed, (ax.get_title(), lo, hi)
             xs = np.concatenate([c.lines[0].get_xydata()[:, 0] for c in ax.containers])
             assert ((xs > lo) & (xs < hi)).all()
+
+
+def test_one_compression_ratio_is_not_drawn_zoomed_in_on_its_rounding(tmp_path, monkeypatch):
+    """A recovery setting with one trial (a small study: dwt 2.88115, magnitude 2.88141): the axis
+    was zoomed in on the 0.0003 between them and labelled 0.00015 ... 0.00040 with an offset
+    '+2.881' in the corner, so the two methods read as far apart in compression. It spans at least
+    10 % of the ratio now (as the stored-size axis does), with plain tick labels."""
+    frame = make_frame(3).assign(state="COMPLETE", recovery=["bn", "bn", "finetune"], compression_ratio=[1.8447, 2.0273, 2.88115],
+                                 magnitude_compression_ratio=[1.8447, 2.0273, 2.88141],
+                                 random_compression_ratio=[1.8447, 2.0273, 2.88141])  # fmt: skip
+    figs = _capture(monkeypatch)
+    assert_png(figures.plot_accuracy_vs_compression(frame, tmp_path / "c.png"))
+    fig = figs[-1]
+    fig.canvas.draw()
+    for ax in (a for a in fig.axes if a.get_title()):
+        lo, hi = ax.get_xlim()
+        xs = np.concatenate([c.get_offsets()[:, 0] for c in ax.collections])
+        assert hi - lo >= 0.1 * xs.max(), (ax.get_title(), lo, hi)
+        assert ((xs > lo) & (xs < hi)).all()
+        assert ax.xaxis.get_offset_text().get_text() == "", (ax.get_title(), ax.xaxis.get_offset_text().get_text())

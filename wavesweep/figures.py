@@ -383,6 +383,8 @@ def plot_accuracy_vs_compression(frame: pd.DataFrame, path: Path) -> Path:
         for m in reversed(METHODS):  # dwt drawn last, on top; distinct markers and alpha show what lies beneath
             d = data[data["method"] == m]
             ax.scatter(d["compression_ratio"], d["top1"], marker=MARKERS[m], color=colors[m], s=42, alpha=0.75, label=m)
+        # as the stored-size axis: one configuration is not zoomed in on its methods' rounding
+        _at_least_span(ax, data["compression_ratio"], 0.1 * float(data["compression_ratio"].max()))
         _reference_lines(ax, frame)
         dwt = data[data["method"] == "dwt"]
         front = dwt[pareto_mask(dwt[["compression_ratio", "top1"]].to_numpy(), ["maximize", "maximize"])]
