@@ -527,3 +527,18 @@ def test_one_compression_ratio_is_not_drawn_zoomed_in_on_its_rounding(tmp_path, 
         assert hi - lo >= 0.1 * xs.max(), (ax.get_title(), lo, hi)
         assert ((xs > lo) & (xs < hi)).all()
         assert ax.xaxis.get_offset_text().get_text() == "", (ax.get_title(), ax.xaxis.get_offset_text().get_text())
+
+
+def test_dense_model_line_in_the_legend_is_drawn(tmp_path, monkeypatch):
+    """accuracy_vs_stored_mb listed a 'dense model' line in its legend while the axis, zoomed in on
+    the trials' stored sizes (0.13 to 0.21 MB of a 0.38 MB model), left it out of every panel."""
+    frame = make_frame(3).assign(state="COMPLETE", recovery=["bn", "bn", "finetune"], dense_bytes=378560.0,
+                                 **{f"{m}stored_bytes": [205220.0, 186732.0, 131392.0] for m in ("", "magnitude_", "random_")})  # fmt: skip
+    figs = _capture(monkeypatch)
+    assert_png(figures.plot_accuracy_vs_stored_mb(frame, tmp_path / "s.png"))
+    fig = figs[-1]
+    assert "dense model" in [t.get_text() for t in fig.legends[0].get_texts()]
+    for ax in (a for a in fig.axes if a.get_title()):
+        (line,) = [l for l in ax.get_lines() if l.get_label() == "dense model"]
+        lo, hi = ax.get_xlim()
+        assert lo < line.get_xdata()[0] < hi, (ax.get_title(), lo, hi)

@@ -249,7 +249,10 @@ def plot_accuracy_vs_stored_mb(frame: pd.DataFrame, path: Path) -> Path:
         _at_least_span(ax, d["stored_bytes"] / 1e6, span)
         _reference_lines(ax, frame)
         if "dense_bytes" in frame and frame["dense_bytes"].notna().any():
-            ax.axvline(float(frame["dense_bytes"].dropna().iloc[0]) / 1e6, color="grey", ls="-.", lw=1, label="dense model")
+            dense = float(frame["dense_bytes"].dropna().iloc[0]) / 1e6
+            ax.axvline(dense, color="grey", ls="-.", lw=1, label="dense model")
+            lo, hi = ax.get_xlim()  # the line the legend lists is inside the panel, not past a zoomed-in axis
+            ax.set_xlim(min(lo, dense - 0.05 * span), max(hi, dense + 0.05 * span))
         ax.set_xlabel("stored megabytes (kept values + 1-bit position bitmap + unpruned tensors)")
         ax.set_title(f"recovery: {rec}" if rec is not None else "accuracy vs stored size")
     _figure_legend(fig, axes[0])
