@@ -542,3 +542,49 @@ def test_dense_model_line_in_the_legend_is_drawn(tmp_path, monkeypatch):
         (line,) = [l for l in ax.get_lines() if l.get_label() == "dense model"]
         lo, hi = ax.get_xlim()
         assert lo < line.get_xdata()[0] < hi, (ax.get_title(), lo, hi)
+
+
+def _data_under_a_legend(fig) -> list[str]:
+    """What a legend drawn inside an axes covers, in display pixels: markers and bars."""
+    fig.canvas.draw()
+    covered = []
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        box = legend.get_window_extent()
+        for c in ax.collections:
+            for x, y in ax.transData.transform(np.asarray(c.get_offsets(), float)):
+                if box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1:
+                    covered.append(f"{ax.get_title()}: marker of {c.get_label()!r}")
+        for p in ax.patches:
+            ext = p.get_window_extent()
+            if ext.height > 0 and ext.width > 0 and box.overlaps(ext):
+                covered.append(f"{ax.get_title()}: bar of {p.get_label()!r}")
+    return covered
+
+
+def test_no_legend_hides_a_point_or_a_bar(tmp_path, monkeypatch):
+    """Seen in a small Fashion-MNIST study's report: the legend of gap_by_wavelet_family's `haar`
+    panel sat on its only trial's marker, levels_best's on the first layer's requested level,
+    and at a high percentile layer_sparsity_best's on the bars. Their legends are outside the axes
+    now, as the accuracy figures' are."""
+    frame = make_frame(4).assign(state="COMPLETE", recovery=["bn", "bn", "bn", "finetune"],
+                                 wavelet=["bior4.4", "bior2.2", "bior4.4", "haar"], layout="filter",
+                                 pruned_fraction=[0.5, 0.5, 0.55, 0.6997], gain_top1_vs_magnitude=[0.005, 0.015, -0.02, -0.015],
+                                 dwt_vs_magnitude_ci_low=[-0.035, -0.01, -0.065, -0.09],
+                                 dwt_vs_magnitude_ci_high=[0.045, 0.04, 0.03, 0.065])  # fmt: skip
+    layers = {"name": ["features.0", "features.3", "features.7"], "level_requested": [5, 5, 5], "level_effective": [0, 5, 5],
+              "dwt_coeff_sparsity": [0.95, 0.95, 0.95], "dwt_weight_sparsity": [0.95, 0.01, 0.0],
+              "magnitude_weight_sparsity": [0.95, 0.95, 0.95]}  # fmt: skip
+    figs = _capture(monkeypatch)
+    figures.plot_gap(frame, tmp_path / "g.png", facet="wavelet_family")
+    figures.plot_levels(layers, tmp_path / "l.png", title="trial 0")
+    figures.plot_layer_sparsity(layers, tmp_path / "s.png", title="trial 0")
+    for fig in figs:
+        assert _data_under_a_legend(fig) == []
+        texts = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+        assert texts, "a legend is still drawn"
+    assert "recovery finetune: CI contains 0 (not significant)" in [t.get_text() for t in figs[0].legends[0].get_texts()]
+    assert {"requested", "effective", "clamped below request"} <= {t.get_text() for t in figs[1].legends[0].get_texts()}
+    assert {"dwt_coeff_sparsity", "magnitude_weight_sparsity"} <= {t.get_text() for t in figs[2].legends[0].get_texts()}

@@ -321,7 +321,7 @@ def plot_gap(frame: pd.DataFrame, path: Path, *, facet: str | None = None, basel
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xlabel("fraction pruned")
         ax.set_title(f"{facet.replace('_', ' ')}: {v}" if v is not None else f"dwt - {baseline} top-1 gap")
-        ax.legend(fontsize=7, loc="best", framealpha=0.5)
+    _figure_legend(fig, axes[0])
     axes[0, 0].set_ylabel(f"top-1 gap, dwt - {baseline}")
     fig.text(0.01, -0.04, "error bars: 95 % paired bootstrap interval of each trial (same examples),\nor over replicate "
                           "seeds the 95 % t-interval of the gain; hollow: contains 0; x: no interval", fontsize=7)  # fmt: skip
@@ -349,7 +349,7 @@ def plot_levels(layers: dict[str, list[Any]] | None, path: Path, *, title: str =
         ax.set_ylim(0, top + 0.8)
         ax.set_yticks(range(int(top) + 1))
         ax.set_ylabel("DWT level")
-        ax.legend(fontsize=8)
+        _figure_legend(fig, [ax])
     ax.set_title(f"requested vs effective level per layer, {title}")
     fig.tight_layout()
     return _save(fig, path)
@@ -467,6 +467,8 @@ def plot_layer_sparsity(layers: dict[str, list[Any]] | None, path: Path, *, titl
         ax.set_xlabel("layer")
         ax.set_ylabel("fraction zero")
         ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=8)
+        if ax.get_legend() is not None:  # seaborn's, inside the axes: over the bars of a high percentile
+            ax.get_legend().remove()
+        _figure_legend(fig, [ax])
     ax.set_title(f"per-layer sparsity, {title}")
     return _save(fig, path)
