@@ -345,3 +345,38 @@ def test_a_tied_weight_is_saved_once_and_loads_tied():
     assert loaded["0.weight"].untyped_storage().data_ptr() == loaded["1.weight"].untyped_storage().data_ptr()
     view = {"w": torch.arange(1000.0)[:10]}  # a view saves its own 10 values, not the 1000 behind it
     assert size(saved_copy(view))[0] < size(view)[0] - 3000
+
+
+def test_a_method_runs_id_registers_that_methods_model(trial_run, capsys):
+    """`wavesweep register` takes a trial run id "or one of its method runs", but given the
+    magnitude run's id it registered the trial's dwt model (version tag method=dwt, dwt's top-1)
+    and printed "registered ... from run <the magnitude run>". A method run's id now picks its
+    method: the magnitude run of a trial without save_baselines has no magnitude model to register
+    (one line, exit 2, nothing registered); one with save_baselines registers the magnitude model;
+    a --method that contradicts the run is refused."""
+    import dataclasses
+
+    from wavesweep import cli
+    from wavesweep.tracked_trial import register_trial_model, run_tracked_trial
+
+    cfg, run_id = trial_run
+    client = MlflowClient()
+    kids = {r.data.tags["method"]: r.info.run_id
+            for r in client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")}  # fmt: skip
+    assert cli.main(["register", kids["magnitude"], "--name", "mag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no magnitude checkpoint (it has: dwt)" in err[0], err
+    assert client.search_registered_models() == []
+    with pytest.raises(ValueError, match=f"run {kids['magnitude']} is the magnitude run of trial run {run_id}"):
+        register_trial_model(kids["magnitude"], name="mag", method="dwt")
+    assert client.search_registered_models() == []
+    assert cli.main(["register", kids["dwt"], "--name", "dwt-model"]) == 0
+    assert client.get_model_version("dwt-model", "1").tags["method"] == "dwt"
+
+    _result, both = run_tracked_trial(dataclasses.replace(cfg, save_baselines=True))
+    mag_run = client.search_runs([client.get_run(both).info.experiment_id],
+                                 f"tags.`mlflow.parentRunId` = '{both}' and tags.method = 'magnitude'")[0]  # fmt: skip
+    assert cli.main(["register", mag_run.info.run_id, "--name", "mag"]) == 0
+    tags = client.get_model_version("mag", "1").tags
+    assert tags["method"] == "magnitude" and tags["checkpoint"] == "magnitude.wsz"
+    assert float(tags["top1"]) == mag_run.data.metrics["top1"]

@@ -456,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_id", help="trial run id (or one of its method runs)")
     r.add_argument("--name", required=True, help="registered model name")
     r.add_argument("--alias", default="champion", help="alias to point at the new version ('' for none; default: %(default)s)")
-    r.add_argument("--method", default="dwt", choices=("dwt", "magnitude", "random"),
-                   help="which model of the trial (baselines need save_baselines=true; default: %(default)s)")  # fmt: skip
+    r.add_argument("--method", default=None, choices=("dwt", "magnitude", "random"),
+                   help="which model of the trial (baselines need save_baselines=true; default: dwt, "
+                        "or the method of a method run's id)")  # fmt: skip
     r.set_defaults(func=cmd_register)
 
     d = sub.add_parser("download", help="download a registered model (e.g. models:/NAME@champion) as files")

@@ -125,9 +125,12 @@ def run_tracked_trial(
     return result, run.run_id
 
 
-def register_trial_model(run_id: str, *, name: str, alias: str | None = "champion", method: str = "dwt") -> Any:
+def register_trial_model(run_id: str, *, name: str, alias: str | None = "champion", method: str | None = None) -> Any:
     """Register a trial's pruned model as an MLflow model version: an ordinary PyTorch module
     (state dict + architecture, see ``pruned_model``) that loads without wavesweep.
+
+    ``method``: which of the trial's models; default dwt, or the method of ``run_id`` when that
+    is a method run (a ``method`` that contradicts it is a ValueError).
 
     The model is rebuilt from the run's compressed checkpoint (the exact weights that were
     evaluated), with two real evaluation inputs as its input example; the version is tagged with
@@ -141,6 +144,12 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
         check_alias(alias)
     client, _ = tracking.init_tracking()
     run = tracking.get_trial_run(client, run_id)
+    if run.info.run_id != run_id and (given := client.get_run(run_id).data.tags).get("wavesweep.kind") == "method":
+        if method is not None and method != given.get("method"):
+            raise ValueError(f"run {run_id} is the {given.get('method')} run of trial run {run.info.run_id}, not its {method} "
+                             f"model: pass the trial run id with --method {method}, or drop --method")  # fmt: skip
+        method = given.get("method")
+    method = method or "dwt"
     if run.info.status != "FINISHED":
         raise ValueError(f"run {run.info.run_id} is {run.info.status}: only a FINISHED trial run can be registered")
     cfg = tracking.trial_config_of(run)
