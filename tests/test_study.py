@@ -428,6 +428,26 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
 
 
 @pytest.mark.slow
+def test_a_studys_method_runs_are_found_by_its_name(workdir, tiny_weights):
+    """Comparing runs with `search_runs` as the README suggests (filter the method runs,
+    `tags.method = 'dwt'`): a study's dwt, magnitude and random runs carried no tag naming the
+    study or the trial (only their trial run did), so which study a dwt run belonged to took a
+    second lookup of its parent. They carry the trial's `optuna.study` and `optuna.trial_number` now."""
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2)
+    assert run_cli("study", str(spec), "-q") == 0
+    client = MlflowClient()
+    trials = mlflow_trial_runs()
+    assert len(trials) == 2
+    exps = [e.experiment_id for e in client.search_experiments()]
+    for method in ("dwt", "magnitude", "random"):
+        found = client.search_runs(exps, f"tags.`optuna.study` = 'tiny' and tags.method = '{method}'")
+        assert len(found) == 2, method
+        for run in found:
+            n = int(run.data.tags["optuna.trial_number"])
+            assert run.data.tags["mlflow.parentRunId"] == trials[n].info.run_id, (method, n)
+
+
+@pytest.mark.slow
 def test_interrupt_then_resume_runs_only_the_missing_trials(workdir, tiny_weights, monkeypatch):
     # A grid study: after Ctrl-C the interrupted grid point must be run again, and only it.
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=None, sampler={"name": "grid"},

@@ -79,13 +79,6 @@ def _log_params(client, run_id: str, cfg: TrialConfig, n: int) -> None:
     tracking.log_batch(client, run_id, params=params)  # `mlflow run` logged its -P values: kept
 
 
-def _tag_method_runs(client, exp_id: str, trial_run_id: str, tags: dict[str, str]) -> None:
-    """The replicate's method runs get its ``replicate`` and ``config_id`` tags too (UI filters)."""
-    found = client.search_runs([exp_id], filter_string=f"tags.`{tracking.MLFLOW_PARENT_RUN_ID}` = '{trial_run_id}'")
-    for run in found:
-        tracking.log_batch(client, run.info.run_id, tags=tags)
-
-
 def results_of(result: TrialResult) -> dict[str, float]:
     """A replicate's headline metrics as its trial run records them, less ``seconds_*`` (how long
     phases took: not a result, and partly measured after the run was written)."""
@@ -159,7 +152,6 @@ def run_tracked_configuration(
             )  # fmt: skip
             outcome.results.append(result)
             outcome.run_ids.append(rid)
-            _tag_method_runs(client, exp_id, rid, {"replicate": str(i), "config_id": cid})
             if on_replicate is not None:
                 on_replicate(i, result, rid)
             result.release()

@@ -235,7 +235,8 @@ class TrialRun:
                  adopt_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> None:  # fmt: skip
         self.client = client
         self.cfg = cfg
-        tags = {"method": "trial", "wavesweep.kind": "trial", PROCESS_TAG: process_id(), **(extra_tags or {})}
+        self.extra_tags = dict(extra_tags or {})  # a study's, a replicate's: its method runs carry them too
+        tags = {"method": "trial", "wavesweep.kind": "trial", PROCESS_TAG: process_id(), **self.extra_tags}
         if adopt_run_id and not parent_run_id:
             self.run_id = adopt_run_id
             self.owned = False
@@ -258,7 +259,7 @@ class TrialRun:
         run = self.client.create_run(
             self.experiment_id,
             run_name=run_name(self.cfg, method),
-            tags={MLFLOW_PARENT_RUN_ID: self.run_id, "method": method, "wavesweep.kind": "method"},
+            tags={**self.extra_tags, MLFLOW_PARENT_RUN_ID: self.run_id, "method": method, "wavesweep.kind": "method"},
         )
         self.child_ids[method] = run.info.run_id
         return run.info.run_id
