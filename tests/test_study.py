@@ -283,6 +283,25 @@ def test_missing_spec_file(workdir, capsys):
     assert "nope.yaml" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("how", ["spec", "--set"])
+def test_a_wrong_data_root_stops_the_study_with_one_line_before_any_trial(workdir, capsys, how):
+    """`wavesweep trial --data-root WRONG` stops with one line (exit 2); the same folder in a study
+    (`--set data_root=...`, or the spec's) ran three trials that each failed on it, left a FAILED
+    study run and three FAILED trial runs, and exited 1 after five lines. The study's dataset is
+    read once before anything is created."""
+    empty = workdir / "no-data"
+    empty.mkdir()
+    base = {"model": "cnn", "dataset": "mnist", "eval_limit": 40, "seed": 0}
+    spec = write_spec(workdir / "tiny.yaml", "", base={**base, "data_root": str(empty)} if how == "spec" else base)
+    extra = ["--set", f"data_root={empty}"] if how == "--set" else []
+    assert run_cli("study", str(spec), "-q", *extra) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("wavesweep: error: mnist: files not found under") and str(empty) in err[0], err
+    assert not (workdir / "optuna.db").exists()
+    assert not (workdir / "mlflow.db").exists() or MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()]) == []
+
+
 def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):
     """No spec text or lists in the study's user attributes; a changed spec on resume is noted.
     (No trial runs: the weights file is named, never read.)"""

@@ -220,6 +220,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(study.describe(spec, url=url, n_trials=args.n_trials or None, timeout=args.timeout, workers=args.workers,
                              enqueued=enqueued), end="")  # fmt: skip
         return 0
+    _check_study_data(spec)
     outcome = study.run_study(
         spec, n_trials=args.n_trials or None, timeout=args.timeout, storage=args.storage, workers=args.workers,
         progress=not args.quiet, launched_run_id=args.launched_run_id, quiet=args.quiet, enqueue_configs=enqueued,
@@ -242,6 +243,16 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"study {spec.name}: timeout after {outcome.missing} of the requested trials were left; run the same command to resume",
               file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _check_study_data(spec: Any) -> None:
+    """Read the study's dataset once before anything is created: a wrong ``data_root`` (or missing
+    files) is one line here, as for ``wavesweep trial``, not every trial failing on it."""
+    if {p.name for p in spec.space} & {"dataset", "data_root"}:
+        return  # which files a trial reads is up to the sampler
+    from wavesweep.trial import load_eval_set
+
+    load_eval_set(TrialConfig.from_mapping(spec.fixed))
 
 
 def _warn_secrets(launched_run_id: str | None, storage: str | None) -> None:
