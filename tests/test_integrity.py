@@ -678,3 +678,19 @@ def test_uploaded_checkpoint_files_are_their_sources_byte_for_byte(tmp_path, mon
     tracking._log_files(Client(), "copied", {"note.txt": "x"}, copies={"checkpoint/model.wsz": src})
     assert seen == {"linked": (payload, True, "x"), "copied": (payload, False, "x")}
     assert src.read_bytes() == payload
+
+
+@pytest.mark.parametrize("field, value, hint", [
+    ("model", "CNN", "cnn"), ("dataset", "MNIST", "mnist"), ("layout", "FILTER", "filter"),
+    ("recovery", "BN", "bn"), ("wavelet", "DB4", "db4"), ("wavelet", "Bior4.4", "bior4.4"),
+])  # fmt: skip
+def test_a_name_in_other_case_is_suggested(field, value, hint):
+    """`wavesweep trial --model CNN` (the README writes "the small CNN") said "unknown model 'CNN';
+    valid: cnn, ..." with no "did you mean", as did DB4, MNIST, BN, FILTER, while 'Haar' got "did
+    you mean haar?": difflib finds no likeness between two spellings that differ only in case."""
+    with pytest.raises(ValueError) as err:
+        TrialConfig.from_mapping({field: value})
+    assert f"did you mean {hint}?" in str(err.value), str(err.value)
+    from wavesweep.study.spec_yaml import unknown_choice
+
+    assert unknown_choice("trial parameter", "Percentile", ["percentile", "level"]).endswith("did you mean percentile?")

@@ -14,6 +14,15 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+def close_matches(value: object, choices: Iterable[object], n: int = 3) -> list[str]:
+    """Valid names like ``value`` for a "did you mean": the same name in another case (``CNN``,
+    ``DB4``: difflib sees no likeness there), else difflib's close matches."""
+    if not isinstance(value, str):
+        return []
+    choices = list(map(str, choices))
+    return [c for c in choices if c.lower() == value.lower()][:n] or difflib.get_close_matches(value, choices, n=n)
+
+
 def check_choice(what: str, value: object, choices: Iterable[object]) -> None:
     """Raise ``ValueError`` naming ``value`` and the valid ``choices`` if it is not one of them."""
     choices = list(choices)
@@ -21,7 +30,7 @@ def check_choice(what: str, value: object, choices: Iterable[object]) -> None:
         shown = ", ".join(map(str, choices))
         if len(shown) > 600:  # 106 wavelets: keep the one-line error readable
             shown = shown[:600].rsplit(", ", 1)[0] + ", ..."
-        close = difflib.get_close_matches(str(value), list(map(str, choices)), n=3) if isinstance(value, str) else []
+        close = close_matches(value, choices)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise ValueError(f"unknown {what} {value!r}; valid: {shown}{hint}")
 

@@ -37,7 +37,6 @@ Levels: the requested level is clamped to ``pywt.dwt_max_level`` of the transfor
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import math
@@ -48,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import pywt
 
-from wavesweep.names import check_choice
+from wavesweep.names import check_choice, close_matches
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,7 @@ def check_wavelet(wavelet: object) -> None:
                     why = " (a continuous wavelet: the DWT needs a discrete one)"
             except (ValueError, TypeError):
                 pass
-    close = difflib.get_close_matches(wavelet, WAVELETS, n=3) if isinstance(wavelet, str) else []
+    close = close_matches(wavelet, WAVELETS)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
     raise ValueError(f"unknown wavelet {wavelet!r}{why}; valid: {_wavelet_choices()}{hint}")
 

@@ -5,11 +5,11 @@ the line number of every key, so that a :class:`SpecError` at a key path becomes
 
 from __future__ import annotations
 
-import difflib
-
 from typing import Any
 
 import yaml
+
+from wavesweep.names import close_matches
 
 # A small file must not be able to ask for gigabytes (nested aliases) or overflow the stack.
 MAX_YAML_DEPTH = 50  # nesting of mappings and lists
@@ -118,7 +118,7 @@ def unknown_choice(what: str, value: object, valid: Any, listed_by: str | None =
     """``unknown WHAT VALUE``, with close matches (did you mean) or the valid names (more than 25
     with ``listed_by``, the function that lists them: their count and its name)."""
     valid = sorted(map(str, valid))
-    close = difflib.get_close_matches(str(value), valid, n=3)
+    close = close_matches(str(value), valid)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     shown = ", ".join(valid) if len(valid) <= 25 or not listed_by else f"{len(valid)} names (see {listed_by})"
     return f"unknown {what} {value!r}{hint}" if close else f"unknown {what} {value!r}; valid: {shown}"
