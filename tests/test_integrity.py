@@ -123,12 +123,13 @@ def test_pickle_format_registered_model_is_refused_without_running_its_code(work
     msg = str(ei.value)
     assert "\n" not in msg and msg.startswith("models:/evil/1 (data/model.pth): a pickle") and "weights_only" in msg
     assert not marker.exists()
+    capsys.readouterr()  # MLflow's download bars of the call above (the CLI turns them off for itself)
     # the same through the CLI: one line, exit 2, and still no code run
     code = cli.main(["trial", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()], "--weights", "models:/evil/1"])
     err = _one_line_error(capsys, code)
     assert err.startswith("wavesweep: error: models:/evil/1 (data/model.pth): a pickle") and not marker.exists()
     code = cli.main(["trial", "--model", "cnn", "--weights", "models:/evil@nosuch"])
-    assert _one_line_error(capsys, code) == "wavesweep: error: models:/evil@nosuch: Registered model alias nosuch not found."
+    assert _one_line_error(capsys, code) == "wavesweep: error: models:/evil@nosuch: unknown alias of evil 'nosuch'; valid: (none set)"
     mlflow.pytorch.load_model("models:/evil/1")  # the positive control: MLflow's loader does run it
     assert marker.exists()
 
@@ -694,3 +695,28 @@ def test_a_name_in_other_case_is_suggested(field, value, hint):
     from wavesweep.study.spec_yaml import unknown_choice
 
     assert unknown_choice("trial parameter", "Percentile", ["percentile", "level"]).endswith("did you mean percentile?")
+
+
+def test_a_model_uri_naming_nothing_lists_what_there_is(workdir, tmp_path):
+    """`wavesweep download models:/fashion-cnn-dwt@champio` said "Registered model alias champio not
+    found." and `--weights models:/nosuch@champion` "Registered Model with name=nosuch not found",
+    naming neither the aliases nor the models there are. Both name the bad part and the choices."""
+    client = MlflowClient()
+    src = tmp_path / "model"
+    src.mkdir()
+    for name in ("fashion-cnn-dwt", "other"):
+        client.create_registered_model(name)
+        client.create_model_version(name, str(src))
+    client.set_registered_model_alias("fashion-cnn-dwt", "champion", "1")
+    cases = {
+        "models:/fashion-cnn-dwt@champio": "unknown alias of fashion-cnn-dwt 'champio'; valid: champion; did you mean champion?",
+        "models:/fashion-cnn-dwt-x@champion": "unknown registered model 'fashion-cnn-dwt-x'; valid: fashion-cnn-dwt, other; did you mean fashion-cnn-dwt?",
+        "models:/nosuch/1": "unknown registered model 'nosuch'; valid: fashion-cnn-dwt, other",
+    }  # fmt: skip
+    for uri, needle in cases.items():
+        for call in (lambda: model_registry.download(uri, tmp_path / "dl"), lambda: model_registry.weights_from_uri(uri, tmp_path / "cache")):
+            with pytest.raises(ValueError) as err:
+                call()
+            msg = str(err.value)
+            assert needle in msg and uri in msg and "\n" not in msg, msg
+    assert not (tmp_path / "dl").exists()

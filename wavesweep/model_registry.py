@@ -19,6 +19,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from wavesweep.fileio import atomic_write
+from wavesweep.names import check_choice
 from wavesweep.redact import redact
 from wavesweep.store import store_exists, tracking_uri
 from wavesweep.tracking import client, format_value
@@ -176,6 +177,37 @@ def list_registered() -> list[dict[str, Any]]:
     return out
 
 
+def _not_found(uri: str, exc: MlflowException) -> str:
+    """Why MLflow could not fetch ``uri``: for a ``models:/`` URI whose model or alias does not
+    exist, the bad one and the choices (``names.check_choice``); else MLflow's first line."""
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not uri.startswith("models:/"):
+        return detail
+    head = uri[len("models:/") :].strip("/").split("/", 1)[0]
+    name, _, alias = head.rpartition("@") if "@" in head else (head, "", "")
+    c = client()
+    try:
+        try:
+            aliases = sorted(c.get_registered_model(name).aliases or {})
+        except MlflowException:
+            names, token = [], None
+            while True:  # page by page, as list_registered
+                page = c.search_registered_models(max_results=1000, page_token=token)
+                names += [rm.name for rm in page]
+                token = page.token
+                if not token:
+                    break
+            check_choice("registered model", name, sorted(names) or ["(none registered)"])
+        else:
+            if alias:
+                check_choice(f"alias of {name}", alias, aliases or ["(none set)"])
+    except ValueError as bad:
+        return str(bad)
+    except MlflowException:  # the store itself failed: MLflow's words
+        pass
+    return detail
+
+
 def download(uri: str, dst: Path, *, force: bool = False) -> Path:
     """Download a model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/...``) as files into ``dst``.
 
@@ -195,7 +227,7 @@ def download(uri: str, dst: Path, *, force: bool = False) -> Path:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         except MlflowException as exc:
-            raise ValueError(f"cannot download {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise ValueError(f"cannot download {uri}: {_not_found(uri, exc)}") from None
         files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
         targets = {f: dst / f.relative_to(tmp) for f in files}
         existing = [t for t in targets.values() if t.exists()]
@@ -229,7 +261,7 @@ def resolve_model_uri(uri: str) -> str:
                 raise ValueError(f"{uri}: registered model {name!r} has no versions")
             return f"models:/{name}/{max(int(v.version) for v in versions)}"
     except MlflowException as exc:
-        raise ValueError(f"{uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ValueError(f"{uri}: {_not_found(uri, exc)}") from None
     return uri
 
 
@@ -260,7 +292,10 @@ def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
     if path.exists():
         return path, resolved
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=tmp))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=tmp))
+        except MlflowException as exc:
+            raise ValueError(f"{resolved}: {_not_found(resolved, exc)}") from None
         files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
         candidates = sorted((p for p in files if p.suffix in _WEIGHT_SUFFIXES), key=lambda p: _WEIGHT_SUFFIXES.index(p.suffix))
         pyfunc = {}
