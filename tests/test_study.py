@@ -302,6 +302,18 @@ def test_a_wrong_data_root_stops_the_study_with_one_line_before_any_trial(workdi
         [e.experiment_id for e in MlflowClient().search_experiments()]) == []
 
 
+def test_the_study_runs_seed_param_is_the_specs_sampler_seed_by_its_spec_name(workdir):
+    """A small Fashion-MNIST study's run had the param sampler_seed=0 (the spec's sampler.seed)
+    while its trials' user attribute sampler_seed was 405366682 (that seed mixed with the launch's
+    salt), `--sampler-seed 0` means 'seed 0 as is', and under `mlflow run -e study` the same param
+    is the -P sampler_seed value MLflow logs ('' by default). The spec's seed is the param
+    `sampler.seed` now, its name in the spec and in `--set sampler.seed=N`."""
+    spec = study.load_spec(write_spec(workdir / "tiny.yaml", "", sampler={"name": "random", "seed": 3}))
+    params = spec.summary_params()
+    assert params["sampler.seed"] == 3 and params["sampler"] == "random"
+    assert "sampler_seed" not in params
+
+
 def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):
     """No spec text or lists in the study's user attributes; a changed spec on resume is noted.
     (No trial runs: the weights file is named, never read.)"""

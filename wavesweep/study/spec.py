@@ -343,7 +343,7 @@ class StudySpec:
         out: dict[str, Any] = {
             "study": self.name, "sampler": self.sampler, "pruner": self.pruner,
             "objectives": ",".join(f"{o.metric}:{o.direction}" for o in self.objectives),
-            "space": ",".join(p.name for p in self.space), "sampler_seed": self.seed, "replicates": self.replicates,
+            "space": ",".join(p.name for p in self.space), "sampler.seed": self.seed, "replicates": self.replicates,
         }  # fmt: skip
         out |= {f"fixed.{k}": v for k, v in self.fixed.items()}
         for p in self.space:
