@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from wavesweep.data import (
     stratified_order,
     take,
 )
+from wavesweep.config import TrialConfig
 from wavesweep.data_sources import read_idx, write_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -222,6 +224,8 @@ def test_missing_files_message_names_the_command_line_option(name, tmp_path):
     named = re.findall(r"--[a-z][a-z-]*", msg)
     assert named and set(named) <= options, (named, msg)
     assert not re.search(r"\b(pass|without) root\b", msg), msg
+    # a study reads the same message: its setting is the spec's data_root (a key the spec takes)
+    assert "--data-root (data_root in a study spec)" in msg and "data_root" in {f.name for f in fields(TrialConfig)}
     assert ("apt install dataset-fashion-mnist" in msg) == (name == "fashion-mnist")
 
 

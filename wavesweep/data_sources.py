@@ -377,7 +377,7 @@ def _load_idx_set(name: str, root: Path | None, image_size: int | None) -> Datas
     hit = _find_files(dirs, stems, gz=True)
     if hit is None:
         files = ", ".join(f"{f}[.gz]" for f in stems)
-        how = f"put {files} (torchvision's {s.cls_name}/raw files) in one of them, or pass their folder with --data-root"
+        how = f"put {files} (torchvision's {s.cls_name}/raw files) in one of them, or pass their folder with --data-root (data_root in a study spec)"
         if s.apt_package:
             how = f"install Debian's package (apt install {s.apt_package}), which is found without --data-root, or {how}"
         raise _missing(name, dirs, stems, True, how)
@@ -467,7 +467,7 @@ def _cifar10(root: Path | None, seed: int, image_size: int | None) -> DatasetBun
     hit = _find_files(dirs, stems, gz=False)
     if hit is None:
         how = (f"put the CIFAR-10 python version ({_CIFAR_DIR}/ with {', '.join(stems)}, e.g. extracted from "
-               "cifar-10-python.tar.gz) in one of them, or pass their folder with --data-root")
+               "cifar-10-python.tar.gz) in one of them, or pass their folder with --data-root (data_root in a study spec)")
         raise _missing("cifar10", dirs, stems, False, how)
     where, paths = hit
     splits = {}
