@@ -253,6 +253,53 @@ def test_sigterm_of_a_trial_leaves_no_running_run(workdir, tiny_weights, shared_
         assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
 
 
+def _hooked_env(workdir: Path, shared_cache: Path, hook: str) -> dict[str, str]:
+    """``spawn``'s environment with ``hook`` run at the start of every Python process (a
+    ``sitecustomize`` module on the path): a stand-in for what takes time in a real run."""
+    folder = workdir / "hook"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(hook)
+    env = subprocess_env(workdir, shared_cache) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"}
+    env["PYTHONPATH"] = f"{folder}{os.pathsep}{env['PYTHONPATH']}"
+    return env
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_while_the_process_exits_after_a_stop_does_not_kill_it(workdir, tiny_weights, shared_cache):
+    """A scheduler that sends SIGTERM twice, or a second Ctrl-C: the first closed the trial's runs
+    KILLED and printed its line, but once the command had handled it the default handlers were
+    back, and a second SIGTERM in the process's last moments (its exit took 0.5-1 s on this
+    machine; the hook below makes it 3 s) killed it by the signal: status -15, not exit 143.
+    After a stop, both signals are ignored until the process has exited."""
+    hook = (
+        "import atexit, os, time\n"
+        "def slow_exit():\n"
+        "    open('exiting', 'w').close()\n"
+        "    time.sleep(3)\n"
+        "atexit.register(slow_exit)\n"
+    )  # registered first, so it runs last of the process's exit handlers
+    argv = ["trial", "--model", "cnn", "--weights", tiny_weights, "--eval-limit", "40", "--timing-batches", "0",
+            "--recovery", "finetune", "--finetune-steps", "200", "-q"]  # fmt: skip
+    out = open(workdir / "trial.log", "w")  # noqa: SIM115 - closed with the process
+    p = subprocess.Popen([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=_hooked_env(workdir, shared_cache, hook),
+                         stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: sql_count(workdir / "mlflow.db", "SELECT count(*) FROM runs WHERE status = 'RUNNING'") >= 1, 240,
+                 "the trial's MLflow runs")  # fmt: skip
+        time.sleep(1.0)
+        p.send_signal(signal.SIGTERM)
+        wait_for(lambda: (workdir / "exiting").exists() or p.poll() is not None, 120, "the process to exit")
+        assert p.poll() is None, "the hook keeps the process in its exit for 3 s"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 143
+    finally:
+        p.kill()
+    log = (workdir / "trial.log").read_text()
+    assert log.strip().splitlines()[-1] == "wavesweep: interrupted (SIGTERM)" and "Traceback" not in log, log[-2000:]
+    runs = mlflow_runs(workdir)
+    assert runs and {(r.info.status, r.data.tags["error"]) for r in runs} == {("KILLED", "interrupted (SIGTERM)")}
+
+
 def kill_one_worker(workdir, launcher) -> None:
     """Once two trials run, kill -9 the launcher's one spawned worker (it dies without any cleanup)."""
     wait_for(lambda: len(running_with_run(workdir)) == 2, 300, "two running trials")
@@ -856,7 +903,8 @@ def test_a_stop_while_a_finished_trial_or_configuration_closes_leaves_no_running
 def test_a_stop_while_a_failed_trial_or_configuration_closes_leaves_no_running_run(workdir, monkeypatch, kind):
     """The FAILED close of a trial (or configuration) whose work raised ran with the stop handler
     live: a SIGTERM landing in it raised out of the close before it wrote, and the runs stayed
-    RUNNING. Signals are ignored while they close (as for a stop): FAILED, the error re-raised."""
+    RUNNING. Signals are held while they close: FAILED, and then the stop, which was ignored
+    (dropped: a study went on with its next trial) before, is raised with the error as its context."""
     from wavesweep import interrupt
 
     _stub_tracked_work(monkeypatch, fail_at=1 if kind == "trial" else 2)
@@ -867,11 +915,35 @@ def test_a_stop_while_a_failed_trial_or_configuration_closes_leaves_no_running_r
             _run_tracked(kind)
         except BaseException as exc:  # noqa: BLE001 - a stop cutting the close short fails the test, not pytest
             raised = exc
-    assert isinstance(raised, RuntimeError) and str(raised) == "disk on fire", repr(raised)
+    assert isinstance(raised, interrupt.Terminated), repr(raised)
+    assert isinstance(raised.__context__, RuntimeError) and str(raised.__context__) == "disk on fire", repr(raised.__context__)
     runs = mlflow_runs(workdir)
     parent = next(r for r in runs if r.data.tags.get("wavesweep.kind") == kind)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert parent.info.status == "FAILED" and "RuntimeError: disk on fire" in parent.data.tags["error"]
+
+
+def test_a_stop_while_a_failed_study_trial_closes_stops_the_study(workdir, tiny_weights, monkeypatch, capsys):
+    """A SIGTERM (Slurm's, `timeout`'s) landing while a failed trial closed its runs was ignored, and
+    dropped: the study went on with its next trials as if nothing had been asked (here they failed
+    too, until max_failures: exit 1). The stop is held while the runs close, then stops the study:
+    the trial's run FAILED with its error, the study run KILLED, exit 143, one line."""
+    from wavesweep import tracked_trial
+
+    def broken(cfg, **kw):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(tracked_trial, "run_trial", broken)
+    _sigterm_when_closing(monkeypatch, "FAILED")
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3)
+    assert run_cli("study", str(spec), "-q") == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "wavesweep: interrupted (SIGTERM)"
+    ts = trials(workdir)
+    assert [t.state for t in ts] == [TrialState.FAIL], [(t.number, t.state.name, t.user_attrs.get("error")) for t in ts]
+    runs = {r.data.tags.get("wavesweep.kind"): r for r in mlflow_runs(workdir) if r.data.tags.get("wavesweep.kind") in ("trial", "study")}
+    assert (runs["trial"].info.status, runs["trial"].data.tags["error"]) == ("FAILED", "RuntimeError: disk on fire")
+    assert (runs["study"].info.status, runs["study"].data.tags["error"]) == ("KILLED", "interrupted (SIGTERM)")
+    assert not [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
 
 
 @pytest.mark.parametrize("where", ["setup", "spec"])

@@ -539,7 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    """Run one command; returns its exit code. ``exiting``: the process exits with that code next
+    (the console entry point, :func:`run`): after a stop, SIGINT and SIGTERM are then ignored until it
+    has, so a second one cannot kill it by the signal halfway through its exit."""
     # The run `mlflow run` created for this process, read once here and passed down.
     launched_run_id = os.environ.get("MLFLOW_RUN_ID") or None
     try:
@@ -566,12 +569,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         with interrupt.stop_signals():  # SIGTERM (timeout, Slurm, docker stop) is handled like Ctrl-C
-            # train, results: no MLflow needed (a GPU box may not have it); ui: none in this process
-            if args.func not in (cmd_train, cmd_ui, cmd_results):
-                from wavesweep import tracking
+            try:
+                # train, results: no MLflow needed (a GPU box may not have it); ui: none in this process
+                if args.func not in (cmd_train, cmd_ui, cmd_results):
+                    from wavesweep import tracking
 
-                tracking.set_tracking_uri()  # once per process, for MLflow's own functions
-            return int(args.func(args) or 0)
+                    tracking.set_tracking_uri()  # once per process, for MLflow's own functions
+                return int(args.func(args) or 0)
+            except KeyboardInterrupt as exc:  # handled inside the block: a second signal repeats the stop, dropped
+                return _interrupted(exc, launched_run_id, exiting)
     except Exception as exc:
         environment = None if args.verbose else environment_error(exc)  # -v: the whole traceback
         if environment is not None:  # a full disk, an unreachable database: exit 1, one line
@@ -585,16 +591,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wavesweep: error: {msg}", file=sys.stderr)
         tag_launched_run(launched_run_id, msg)
         return 2
-    except KeyboardInterrupt as exc:  # exit 130 (SIGINT) or 143 (SIGTERM), one line, no traceback
-        reason = f"interrupted ({interrupt.caught(exc)})"
+    except KeyboardInterrupt as exc:  # a stop outside the block (as it was set up)
+        return _interrupted(exc, launched_run_id, exiting)
+
+
+def _interrupted(exc: KeyboardInterrupt, launched_run_id: str | None, exiting: bool) -> int:
+    """A stop: one line, the launched run KILLED, exit 130 (SIGINT) or 143 (SIGTERM), no traceback."""
+    reason = f"interrupted ({interrupt.caught(exc)})"
+    if exiting:
+        interrupt.ignore_until_exit()
+    with interrupt.ignored():
         print(f"wavesweep: {reason}", file=sys.stderr)
         tag_launched_run(launched_run_id, reason, status="KILLED")
-        return interrupt.exit_code(exc)
+    return interrupt.exit_code(exc)
 
 
 def run(argv: list[str] | None = None) -> None:
     """The console entry point (``wavesweep``, ``python -m wavesweep``, MLproject)."""
-    raise SystemExit(main(argv))
+    raise SystemExit(main(argv, exiting=True))
 
 
 if __name__ == "__main__":

@@ -38,13 +38,14 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
 
 
-_state: dict[str, Any] = {"depth": 0, "signum": None, "caught": False, "cleanup": 0, "block": 0}
+_state: dict[str, Any] = {"depth": 0, "signum": None, "caught": False, "cleanup": 0, "block": 0, "held": None, "final": False}
+_STOPS = (signal.SIGINT, signal.SIGTERM)
 RESEND_S = 2.0  # a stop that was swallowed (raised inside a GC callback) is raised again after this
 
 
 def caught(exc: BaseException) -> str:
     """Called by the ``except KeyboardInterrupt`` that cleans up: the stop arrived (no re-raise needed);
-    later signals are ignored so the cleanup can finish. Returns ``describe(exc)``."""
+    later signals repeat it and are dropped, so the cleanup can finish. Returns ``describe(exc)``."""
     _state["caught"] = True
     return describe(exc)
 
@@ -79,7 +80,10 @@ def stop_signals() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if _state["caught"] or _state["cleanup"]:
+        if _state["caught"]:
+            return  # the stop is being carried out: a repeat of it changes nothing
+        if _state["cleanup"]:  # a cleanup in another thread: raised when the main thread's next one ends
+            _hold(signum, frame)
             return
         if _state["signum"] is None:
             _state["signum"] = signum
@@ -104,20 +108,54 @@ def stop_signals() -> Iterator[None]:
     finally:
         _state["depth"] -= 1
         sys.unraisablehook = previous_hook
-        for s, h in old.items():
-            signal.signal(s, h)
+        _restore(old)
+
+
+def _hold(signum: int, frame: Any) -> None:
+    """The handler while :func:`ignored` holds signals: note the first, raise nothing."""
+    if _state["held"] is None:
+        _state["held"] = signum
+
+
+def _restore(old: dict[int, Any]) -> None:
+    """Put back the handlers a block replaced, unless the process is exiting after a stop
+    (:func:`ignore_until_exit`): then SIGINT and SIGTERM stay ignored."""
+    for s, h in old.items():
+        signal.signal(s, signal.SIG_IGN if _state["final"] else h)
 
 
 @contextlib.contextmanager
 def ignored() -> Iterator[None]:
-    """Ignore SIGINT and SIGTERM during the block (cleanup that must not be cut short)."""
+    """Hold SIGINT and SIGTERM during the block (cleanup that must not be cut short, such as closing
+    runs): a signal arriving meanwhile does not interrupt it, and is not lost either. When the
+    outermost such block ends, a held signal is raised there as the stop it is (``KeyboardInterrupt``
+    or ``Terminated`` inside :func:`stop_signals`), so a stop that lands while a failed or
+    early-stopped trial closes its runs stops the work once they are closed, instead of being
+    dropped while the study goes on. A signal that only repeats a stop already caught (a second
+    Ctrl-C, the terminal's Ctrl-C and the launcher's forwarded copy, a scheduler's second SIGTERM)
+    is dropped: that stop is being carried out."""
     _state["cleanup"] += 1
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    outermost = _state["cleanup"] == 1
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, _hold) for s in _STOPS} if main else {}
     try:
         yield
     finally:
         _state["cleanup"] -= 1
-        for s, h in old.items():
-            signal.signal(s, h)
+        _restore(old)
+        if main and outermost:
+            held, _state["held"] = _state["held"], None
+            if held is not None and not (_state["depth"] and _state["caught"]) and not _state["final"]:
+                signal.raise_signal(held)  # the handler now in place raises it (or, outside any block, acts as it would have)
+
+
+def ignore_until_exit() -> None:
+    """The process exits now that a stop was handled (the console command, a spawned worker): from
+    here SIGINT and SIGTERM are ignored, and the blocks that end meanwhile do not put their handlers
+    back, so a second signal cannot cut the last writes short or kill the process by the signal
+    halfway through its exit; it exits with 130 or 143 as the first stop said."""
+    _state["final"] = True
+    if threading.current_thread() is threading.main_thread():
+        for s in _STOPS:
+            signal.signal(s, signal.SIG_IGN)
+

@@ -415,6 +415,8 @@ def _close_on(exc: BaseException, client: MlflowClient, run_id: str, where: str)
     FAILED otherwise; best-effort, signals ignored meanwhile. The caller re-raises ``exc``."""
     status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
     error = f"{where}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        interrupt.caught(exc)  # the stop is handled from here: a repeat of it must not cut short what follows
     with interrupt.ignored():
         close_quietly(lambda: close_run(client, run_id, status, error=error, children=False), f"run {run_id}")
 

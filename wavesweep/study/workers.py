@@ -202,14 +202,24 @@ def _worker_main(launch: Launch, index: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.workers))
     try:
         with interrupt.stop_signals():
-            _stop_with_launcher()
-            _worker_loop(launch, index)
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the trial is closed (FAIL / KILLED)
-        interrupt.caught(exc)
-        raise SystemExit(interrupt.exit_code(exc)) from None
+            try:
+                _stop_with_launcher()
+                _worker_loop(launch, index)
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the trial is closed (FAIL / KILLED)
+                _worker_stopped(exc)
+    except KeyboardInterrupt as exc:
+        _worker_stopped(exc)
     except RuntimeError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
+
+
+def _worker_stopped(exc: KeyboardInterrupt) -> None:
+    """Exit 130 or 143; a repeat of the stop (the terminal's Ctrl-C and the launcher's forwarded
+    copy) is ignored until the worker has, not killing it by the signal on its way out."""
+    interrupt.caught(exc)
+    interrupt.ignore_until_exit()
+    raise SystemExit(interrupt.exit_code(exc)) from None
 
 
 class _Progress:
@@ -250,8 +260,8 @@ def _run_workers(launch: Launch, progress: _Progress) -> int:
     """This process is worker 0; ``launch.workers - 1`` more are spawned. Returns how many gave up.
 
     Ctrl-C reaches every process of the terminal's group; Ctrl-C or SIGTERM received here is
-    also forwarded once to the spawned workers (they ignore a second one), so each closes its
-    running trial (Optuna FAIL, MLflow KILLED) before exiting. A worker killed outright (kill -9)
+    also forwarded once to the spawned workers (a worker already stopping ignores the repeat), so
+    each closes its running trial (Optuna FAIL, MLflow KILLED) before exiting. A worker killed outright (kill -9)
     does not count as giving up: its trial is failed and re-queued by the heartbeat.
     """
     import torch
