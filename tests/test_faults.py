@@ -300,6 +300,28 @@ def test_a_second_sigterm_while_the_process_exits_after_a_stop_does_not_kill_it(
     assert runs and {(r.info.status, r.data.tags["error"]) for r in runs} == {("KILLED", "interrupted (SIGTERM)")}
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_a_spawned_worker_starts_is_one_line(workdir, tiny_weights, shared_cache):
+    """Ctrl-C (SIGINT to the terminal's process group) in the first seconds of `--workers 2`: the
+    spawned worker was still importing torch, MLflow and Optuna, before its handlers were in place,
+    and printed a KeyboardInterrupt traceback from inside an import. Workers now start with both
+    signals blocked and take the stop once their handlers are set: exit 130, one line, no traceback."""
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, fixed=SLOW_TRIAL, space=WIDE_SPACE)
+    p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch")
+    try:
+        wait_for(lambda: spawned_workers(p.pid), 240, "the spawned worker")
+        time.sleep(0.5)  # it runs Python (its imports take seconds), not yet wavesweep
+        for pid in (p.pid, *spawned_workers(p.pid)):  # what a terminal's Ctrl-C does (pytest's group is theirs too)
+            os.kill(pid, signal.SIGINT)
+        assert p.wait(timeout=240) == 130
+    finally:
+        p.kill()
+    log = (workdir / "launch.log").read_text()
+    assert "Traceback" not in log and log.strip().splitlines()[-1] == "wavesweep: interrupted (KeyboardInterrupt)", log[-3000:]
+    assert not [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
+    assert TrialState.RUNNING not in [t.state for t in trials(workdir)]
+
+
 def kill_one_worker(workdir, launcher) -> None:
     """Once two trials run, kill -9 the launcher's one spawned worker (it dies without any cleanup)."""
     wait_for(lambda: len(running_with_run(workdir)) == 2, 300, "two running trials")

@@ -159,3 +159,31 @@ def ignore_until_exit() -> None:
         for s in _STOPS:
             signal.signal(s, signal.SIG_IGN)
 
+
+@contextlib.contextmanager
+def blocked_in_children() -> Iterator[None]:
+    """Start processes during the block with SIGINT and SIGTERM blocked: they inherit the signal
+    mask, so a stop that reaches one while it starts (a spawned worker imports torch, MLflow and
+    Optuna for seconds before its handlers are in place) stays pending until it calls
+    :func:`unblock` inside its :func:`stop_signals`, instead of raising a KeyboardInterrupt traceback
+    out of an import. This thread's mask is restored at the end. Main thread, POSIX only."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # multiprocessing starts its resource tracker with the first process and unblocks SIGINT and
+    # SIGTERM in this thread once it has: started before the block, it leaves the block alone
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def unblock() -> None:
+    """Unblock SIGINT and SIGTERM in this thread (a process started by :func:`blocked_in_children`):
+    a stop that arrived while it started is delivered now, to the handlers in place."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)

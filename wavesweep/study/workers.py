@@ -203,6 +203,7 @@ def _worker_main(launch: Launch, index: int) -> None:
     try:
         with interrupt.stop_signals():
             try:
+                interrupt.unblock()  # started with SIGINT/SIGTERM blocked: a stop that came meanwhile is raised here
                 _stop_with_launcher()
                 _worker_loop(launch, index)
             except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the trial is closed (FAIL / KILLED)
@@ -268,13 +269,16 @@ def _run_workers(launch: Launch, progress: _Progress) -> int:
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads and DB handles
     procs = [ctx.Process(target=_worker_main, args=(launch, i), name=f"wavesweep-worker{i}") for i in range(1, launch.workers)]
-    for p in procs:
-        p.start()
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.workers))
     gave_up = 0
     try:
         with interrupt.stop_signals():
+            # A worker imports for seconds before its handlers are in place: it starts with the stop
+            # signals blocked and takes one that came meanwhile once they are (exit 130/143, one line).
+            with interrupt.blocked_in_children():
+                for p in procs:
+                    p.start()
             try:
                 _worker_loop(launch, 0, on_trial=progress)
             except RuntimeError as exc:
@@ -308,6 +312,7 @@ def _run_workers(launch: Launch, progress: _Progress) -> int:
 
 def _stop_workers(procs: list[Any], sig: int) -> None:
     """Send ``sig`` once to the spawned workers still alive and wait for them to close their trials."""
+    procs = [p for p in procs if p.pid is not None]  # a stop while they were started: some never were
     for p in procs:
         if p.is_alive():
             with contextlib.suppress(ProcessLookupError):
