@@ -1080,6 +1080,69 @@ def test_a_lost_worker_whose_run_finished_is_retracted_by_the_heartbeat(workdir)
     assert [t.params for t in waiting] == [t.params for t in st.trials[:2]]
 
 
+def _waiting_worker(workdir: Path, index: int, barrier, widen_s: float) -> None:
+    """A spawned worker of a launch whose total is reached: its loop fails the lost trial it finds
+    (``_worker_loop``'s own call), then returns. Optuna's read of the trial's state and its write of
+    FAIL are ``widen_s`` apart here, so that workers that look at once overlap as they can by chance."""
+    from optuna.storages import RDBStorage
+
+    from wavesweep.study import workers
+
+    check = RDBStorage.check_trial_is_updatable
+
+    def slow_check(self, trial_id, state):
+        check(self, trial_id, state)
+        time.sleep(widen_s)
+
+    RDBStorage.check_trial_is_updatable = slow_check
+    spec = study.load_spec(workdir / "tiny.yaml")
+    launch = workers.Launch(spec=spec, storage_url=f"sqlite:///{workdir / 'optuna.db'}", n_trials=1, timeout=None,
+                            parent_run_id="-", experiment=None, lock_path=workdir / ".tiny.slots.lock")  # fmt: skip
+    barrier.wait()
+    workers._worker_loop(launch, index)
+
+
+@pytest.mark.slow  # three spawned processes
+def test_a_lost_trial_found_by_several_workers_at_once_is_requeued_once(workdir, monkeypatch):
+    """Workers waiting for the last trials look for lost ones (no heartbeat) every loop. On SQLite
+    nothing made Optuna's "read RUNNING, write FAIL" atomic, and that call was made outside the
+    slot lock: three workers that found one lost trial at once each failed it and each re-queued it
+    (three WAITING copies, with the read and the write 2 s apart), so its configuration ran three
+    times, taking the slots of two others (a grid lost two points). Under the lock: re-queued once."""
+    import multiprocessing
+
+    from wavesweep.study.storage import create_study, open_storage
+
+    monkeypatch.setenv("WAVESWEEP_HEARTBEAT_S", "1")
+    monkeypatch.setenv("WAVESWEEP_GRACE_S", "1")
+    spec_path = write_spec(workdir / "tiny.yaml", "w.pt", n_trials=1)
+    spec = study.load_spec(spec_path)
+    url = f"sqlite:///{workdir / 'optuna.db'}"
+    storage = open_storage(url)
+    st = create_study(spec, url, storage)
+    done = st.ask()
+    for p in spec.space:
+        p.suggest(done)
+    st.tell(done, 0.5)  # the total (1) is reached: the workers only look for lost trials
+    lost = st.ask()
+    for p in spec.space:
+        p.suggest(lost)
+    storage.record_heartbeat(lost._trial_id)  # its worker was killed after this beat
+    time.sleep(1.5)  # past the grace period
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_waiting_worker, args=(workdir, i, barrier, 2.0)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    trials = st.get_trials()
+    assert trials[lost.number].state == TrialState.FAIL
+    retries = [t for t in trials if lost.number in t.system_attrs.get("retry_history", [])]
+    assert [(t.state, t.params) for t in retries] == [(TrialState.WAITING, trials[lost.number].params)]
+
+
 def test_optunas_failed_with_value_none_line_is_dropped_only_for_a_stop():
     """After a stop Optuna logs "Trial N failed with value None."; the CLI's one line says it."""
     import logging

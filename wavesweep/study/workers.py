@@ -129,14 +129,17 @@ def _worker_loop(launch: Launch, index: int, on_trial: Any = None) -> None:
         if launch.timeout is not None and time.time() - launch.t0 >= launch.timeout:
             log.info("worker %d: timeout reached", index)
             return
-        if heartbeat:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, MLflow FAILED, re-queued
         finished: list[optuna.trial.FrozenTrial] = []
         # The slot lock is held from "count the trials" until the new trial exists (the objective
         # releases it), so workers on this machine never start more than n_trials.
         with file_lock(launch.lock_path) as release:
+            if heartbeat:
+                # Under the lock, as every other call is: on SQLite nothing makes Optuna's "read the
+                # state, write FAIL" atomic, so workers that found one lost trial at once each failed
+                # it and each re-queued it, and its configuration ran once per worker.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, MLflow FAILED, re-queued
             if launch.n_trials is not None:
                 done, running = _counts(study)
                 if done >= launch.n_trials:
