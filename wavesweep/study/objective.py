@@ -200,15 +200,7 @@ def objective(
             _set_user_attrs(trial, replicate_record(metrics, configuration))
         tag_run("COMPLETE", values)
     except BaseException as exc:
-        stopped = isinstance(exc, KeyboardInterrupt)
-        error = f"interrupted while recording the trial ({interrupt.caught(exc)})" if stopped else f"{type(exc).__name__}: {exc}"
-        with interrupt.ignored() if stopped else contextlib.nullcontext():
-            with contextlib.suppress(Exception):
-                trial.set_user_attr("error", error[:2000])
-                if stopped:  # retried with these params next launch
-                    trial.set_user_attr("interrupted", True)
-            tracking.close_quietly(lambda: tracking.close_run(client, run_id, "KILLED" if stopped else "FAILED", error=error,
-                                                              tags={"optuna.state": "FAIL"}, finished_too=True), f"run {run_id}")  # fmt: skip
+        _fail_trial(trial, exc, "interrupted while recording the trial", client, [run_id], finished_too=True)
         raise
     return values[0] if len(values) == 1 else values
 
@@ -264,21 +256,31 @@ def repeat(
                                repeat_of_run_id=rid, tags={**tags, "optuna.state": "COMPLETE", "optuna.values": values},
                                on_run=on_run)  # fmt: skip
     except BaseException as exc:
-        stopped = isinstance(exc, KeyboardInterrupt)
-        error = f"interrupted ({interrupt.caught(exc)})" if stopped else f"{type(exc).__name__}: {exc}"
-        with interrupt.ignored() if stopped else contextlib.nullcontext():
-            with contextlib.suppress(Exception):
-                trial.set_user_attr("error", error[:2000])
-                if stopped:  # retried with these params next launch
-                    trial.set_user_attr("interrupted", True)
-            for run_id in run_ids:  # a run closed FINISHED beside a FAIL trial would say it completed
-                tracking.close_quietly(lambda run_id=run_id: tracking.close_run(
-                    client, run_id, "KILLED" if stopped else "FAILED", error=error, tags={"optuna.state": "FAIL"},
-                    children=False), f"run {run_id}")  # fmt: skip
+        _fail_trial(trial, exc, "interrupted", client, run_ids, children=False)
         raise
     log.info("trial %d repeats the configuration of trial %d (%s): not run again, its values %s reused", trial.number,
              original.number, ", ".join(f"{k}={v}" for k, v in original.params.items()), values)  # fmt: skip
     return values[0] if len(values) == 1 else values
+
+
+def _fail_trial(trial: optuna.Trial, exc: BaseException, stopped_as: str, client: Any, run_ids: list[str],
+                **close: Any) -> None:
+    """What a trial that fails on ``exc`` leaves (the caller re-raises it): the user attribute
+    ``error`` (``stopped_as (signal)`` for a stop, which also sets ``interrupted``: retried with
+    these params next launch) and ``run_ids`` closed KILLED for a stop, else FAILED, with that
+    error and ``optuna.state=FAIL`` (a run closed FINISHED beside a FAIL trial would say it
+    completed); ``close``: :func:`tracking.close_run`'s options. A stop is held meanwhile."""
+    stopped = isinstance(exc, KeyboardInterrupt)
+    error = f"{stopped_as} ({interrupt.caught(exc)})" if stopped else f"{type(exc).__name__}: {exc}"
+    with interrupt.ignored() if stopped else contextlib.nullcontext():
+        with contextlib.suppress(Exception):
+            trial.set_user_attr("error", error[:2000])
+            if stopped:
+                trial.set_user_attr("interrupted", True)
+        for run_id in run_ids:
+            tracking.close_quietly(lambda run_id=run_id: tracking.close_run(
+                client, run_id, "KILLED" if stopped else "FAILED", error=error, tags={"optuna.state": "FAIL"}, **close),
+                f"run {run_id}")  # fmt: skip
 
 
 def replicate_record(means: dict[str, float], configuration: ConfigurationOutcome) -> dict[str, Any]:
