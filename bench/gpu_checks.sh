@@ -19,7 +19,7 @@
 # Fashion-MNIST: trains the base model, then 45 trials) gets whatever the steps before it left,
 # and resumes from its progress file ($OUT/results-fashion-mnist-resnet18.progress.csv, brought
 # back to RESUME_FROM) when a later call runs it again. Estimates on an H100/H200: tests ~40 s,
-# eval ~40 s, trial ~30 s, recovery ~40 s, pruning ~40 s, train ~30 s, results 3-6 min.
+# eval ~40 s, trial ~30 s, recovery ~40 s, pruning ~40 s, train ~160 s (its 10-epoch recipe twice), results 3-6 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu}"
@@ -65,7 +65,7 @@ for s in "${STEPS[@]}"; do
       # TESTS_K="cuda or device_copy": the CUDA tests alone (the CPU ones run on every machine)
       step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_wavelets_torch.py tests/test_polyphase.py \
         tests/test_recovery.py tests/test_evaluate.py tests/test_pruning.py tests/test_data.py tests/test_trial.py \
-        tests/test_accounting.py -rs ${TESTS_K:+-k "$TESTS_K"} ;;
+        tests/test_accounting.py tests/test_train.py -rs ${TESTS_K:+-k "$TESTS_K"} ;;
     eval)  # issue 11: harness / bare model(x) loop >= 0.9x (digits, Fashion-MNIST, 224 px ResNet-18)
       step eval 75 $PY bench/bench_eval.py --device "$DEVICE" --skip-train ;;
     trial)  # issue 11: a default trial on CUDA, not-forward share <= 25 % (no MLflow on that machine)
@@ -75,8 +75,9 @@ for s in "${STEPS[@]}"; do
       step recovery 75 $PY bench/bench_recovery.py --device "$DEVICE" --bn-batches 50 --repeats 3 --workloads "${WORKLOADS:-}" ;;
     pruning)  # issue 11: dwt on resnet50 / vit_b_16 on CUDA vs torch's l1_unstructured (CPU figures: here)
       step pruning 90 $PY bench/bench_pruning.py --only-big --big-repeats 3 --big-devices "$DEVICE" ;;
-    train)  # issue 11: ResNet-18 Fashion-MNIST training throughput, amp/channels-last off vs auto, >= 3x the recipe before
-      step train 90 $PY bench/bench_train.py --data "$FMNIST" --repeats 2 ;;
+    train)  # issue 11: ResNet-18 Fashion-MNIST training throughput, amp/channels-last/graphs off vs auto, >= 3x the recipe
+      # before; then the 10-epoch recipe itself with and without CUDA graphs (seconds and test top-1)
+      step train 240 $PY bench/bench_train.py --data "$FMNIST" --repeats 2 --recipe ;;
     profile)  # where the time goes: torch.profiler tables of dwt pruning, a default trial, fine-tuning
       step profile 90 $PY bench/profile_cuda.py --device "$DEVICE" --rows 16 ;;
     results)  # issue 10: the results page with the product's target model (resumes an earlier call's)

@@ -53,6 +53,11 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 AMPS = ("auto", "bf16", "off")
 #: memory format of 4-D weights and inputs while training: auto = on for CUDA, off on CPU
 CHANNELS_LAST = ("auto", "on", "off")
+#: the training step as one CUDA graph: auto = on for AdamW on CUDA, else off (see train_model)
+CUDA_GRAPHS = ("auto", "on", "off")
+#: eager steps (real ones, on a side stream) before the training step is captured, as PyTorch's
+#: "whole-network capture" recipe does: lazy initialisation (optimizer state, cuDNN, cuBLAS) first
+GRAPH_WARMUP_STEPS = 3
 #: the running loss is read from the device (a host sync on CUDA) once per this many steps
 LOSS_READ_EVERY = 50
 
@@ -68,7 +73,12 @@ class TrainConfig:
     float32 and bit-identical to training before these settings existed (same weights, same
     cache keys); most CPUs have no native bf16 (set ``amp="bf16"`` explicitly on one that has).
     :meth:`resolved` turns them into what runs on a device; the trained model is always
-    returned in float32, contiguous format."""
+    returned in float32, contiguous format.
+
+    ``cuda_graphs`` (auto, on, off): each full-size training step (forward, loss, backward,
+    AdamW step) captured once as a CUDA graph and replayed, so the host launches one graph
+    instead of hundreds of kernels a step (see :func:`train_model`); ``auto`` is on for AdamW on
+    CUDA, off elsewhere (graphs are CUDA's; the SGD path keeps its float momentum)."""
 
     epochs: int = 10
     batch_size: int = 64
@@ -81,12 +91,16 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"
     channels_last: str = "auto"
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("amp", self.amp, AMPS)
         check_choice("channels_last", self.channels_last, CHANNELS_LAST)
+        check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS)
+        if self.cuda_graphs == "on" and self.optimizer != "adamw":
+            raise ValueError(f"cuda_graphs='on' needs optimizer 'adamw' (its capturable form), got optimizer {self.optimizer!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -103,7 +117,9 @@ class TrainConfig:
         run on ``device`` (``"auto"``: CUDA when available). ``auto`` resolves to bf16 only on a
         CUDA device with native bf16 (Ampere and later; emulated bf16 is slower than float32),
         and channels-last on any CUDA device; on CPU both resolve to off. Explicit values are
-        kept on every device (bf16 autocast also runs on CPU)."""
+        kept on every device (bf16 autocast also runs on CPU). ``cuda_graphs`` ``auto`` resolves
+        to on for AdamW on CUDA, else off (an explicit ``on`` is kept: training it on a CPU is a
+        ValueError in :func:`train_model`)."""
         on_cuda = _device_type(device) == "cuda"
         amp = self.amp
         if amp == "auto":
@@ -111,18 +127,21 @@ class TrainConfig:
         channels_last = self.channels_last
         if channels_last == "auto":
             channels_last = "on" if on_cuda else "off"
-        return dataclasses.replace(self, amp=amp, channels_last=channels_last)
+        graphs = self.cuda_graphs
+        if graphs == "auto":
+            graphs = "on" if on_cuda and self.optimizer == "adamw" else "off"
+        return dataclasses.replace(self, amp=amp, channels_last=channels_last, cuda_graphs=graphs)
 
     def digest(self, device: str | torch.device = "auto") -> str:
         """12 hex chars of sha256 over the config as sorted JSON: the cache key part.
 
-        ``amp`` and ``channels_last`` enter *resolved* for ``device`` (see :meth:`resolved`),
-        so a model trained with bf16 autocast never shares a key with a float32 one, and only
-        when they are not off: a float32, contiguous config (every default config on CPU)
-        hashes exactly as configs did before these fields existed, so cached base models and
-        their recorded checksums stay valid."""
+        ``amp``, ``channels_last`` and ``cuda_graphs`` enter *resolved* for ``device`` (see
+        :meth:`resolved`), so a model trained with bf16 autocast never shares a key with a float32
+        one, and only when they are not off: a float32, contiguous, eager config (every default
+        config on CPU) hashes exactly as configs did before these fields existed, so cached base
+        models and their recorded checksums stay valid."""
         d = asdict(self.resolved(device))
-        for key in ("amp", "channels_last"):
+        for key in ("amp", "channels_last", "cuda_graphs"):
             if d[key] == "off":
                 del d[key]
         blob = json.dumps(d, sort_keys=True).encode()
@@ -230,6 +249,103 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def _optimizer(params, config: TrainConfig, **adamw) -> torch.optim.Optimizer:
+    """``config``'s optimizer over ``params`` (``adamw``: extra AdamW arguments)."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **adamw)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                           nesterov=True)
+
+
+def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig, steps: int) -> Any:
+    """``config``'s learning-rate schedule over ``steps`` optimizer steps (None: constant)."""
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    return None
+
+
+def _capturable_adamw(params, config: TrainConfig, device: torch.device, **kwargs) -> torch.optim.Optimizer:
+    """AdamW whose learning rate and betas are tensors on ``device`` (a CUDA graph's replay reads
+    them there; :class:`_ScheduleFeed` writes each step's values into them) and whose step runs
+    without the host (``capturable``). ``kwargs`` (tests): ``capturable``/``foreach`` for the CPU,
+    where the capturable form does not run."""
+    kwargs = {"capturable": True, "foreach": True, **kwargs}
+    t = lambda v: torch.tensor(float(v), device=device)  # noqa: E731
+    return torch.optim.AdamW(params, lr=t(config.lr), betas=(t(0.9), t(0.999)), weight_decay=config.weight_decay,
+                             **kwargs)
+
+
+class _ScheduleFeed:
+    """``config``'s schedule for an optimizer whose ``lr`` and ``betas`` are tensors.
+
+    PyTorch's schedulers write floats into a param group (OneCycleLR's momentum cycling replaces
+    ``betas`` by a new tuple), which a captured step never sees. So the schedule runs on a shadow
+    AdamW of one CPU parameter that never has a gradient, with PyTorch's own scheduler, and each
+    step its ``lr`` and ``betas[0]`` are written into the real optimizer's tensors (``fill_``: no
+    host sync). The values are the scheduler's, step for step (test: against the scheduler on a
+    plain AdamW)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, config: TrainConfig, steps: int) -> None:
+        self.opt = opt
+        self.shadow = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=config.lr,
+                                        weight_decay=config.weight_decay)
+        self.sched = _scheduler(self.shadow, config, steps)
+        self._feed()
+
+    def _feed(self) -> None:
+        src = self.shadow.param_groups[0]
+        for group in self.opt.param_groups:
+            group["lr"].fill_(src["lr"])
+            group["betas"][0].fill_(src["betas"][0])
+
+    def step(self) -> None:
+        """After each optimizer step, as ``scheduler.step()`` would be called."""
+        if self.sched is not None:
+            self.shadow.step()  # no gradient: nothing changes, but the scheduler sees a step was taken
+            self.sched.step()
+            self._feed()
+
+
+class _GraphedStep:
+    """One training step (forward, loss, backward, optimizer step) captured as a CUDA graph,
+    replayed on each full-size batch copied into its static input (PyTorch's "whole-network
+    capture"). The parameters, gradients, optimizer state, BatchNorm buffers and the ``lr``/
+    ``betas`` tensors are the model's and optimizer's own, so eager steps may run in between (a
+    short last batch of an epoch: its gradients are zeroed in place, not dropped)."""
+
+    def __init__(self, graph, x, y, loss) -> None:
+        self.graph, self.x, self.y, self.loss = graph, x, y, loss
+
+    @classmethod
+    def capture(cls, x: torch.Tensor, y: torch.Tensor, forward_loss, opt: torch.optim.Optimizer) -> _GraphedStep | None:
+        """The step for batches shaped as ``(x, y)``, captured (not run: :meth:`replay` runs it);
+        None, with a warning, where the model or optimizer cannot be captured (an operation that
+        waits for the host in its forward pass, say): training then goes on eagerly."""
+        static_x, static_y = x.clone(), y.clone()
+        opt.zero_grad(set_to_none=True)  # the graph's backward makes its own gradients, then refills them
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(x.device), torch.cuda.graph(graph):
+                loss = forward_loss(static_x, static_y, cache_enabled=False)
+                loss.backward()
+                opt.step()
+        except Exception as exc:  # noqa: BLE001 - any capture failure: train eagerly, say so
+            log.warning("training step not captured as a CUDA graph (%s: %s); training goes on without graphs",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            opt.zero_grad(set_to_none=True)
+            return None
+        return cls(graph, static_x, static_y, loss)
+
+    def replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One training step on ``(x, y)``; its loss (the graph's output, valid until the next replay)."""
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        self.graph.replay()
+        return self.loss
+
+
 def train_model(
     model: nn.Module,
     bundle: DatasetBundle,
@@ -255,6 +371,8 @@ def train_model(
     check_num_classes(model, bundle.num_classes, dataset=bundle.name)
     dev = resolve_device(device)
     config = config.resolved(dev)
+    if config.cuda_graphs == "on" and dev.type != "cuda":
+        raise ValueError(f"cuda_graphs='on' needs a CUDA device; training runs on {dev} (use 'auto' or 'off')")
     channels_last = config.channels_last == "on"
     _seed_everything(config.seed)
     # In-memory images go to the device once; each batch is then gathered and normalised there
@@ -275,22 +393,33 @@ def train_model(
     model.to(dev).train()
     if channels_last:  # before the optimizer is built: it holds the parameters as they are now
         model.to(memory_format=torch.channels_last)
-    if config.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay, nesterov=True)
-    if config.schedule == "onecycle":
-        sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
-    elif config.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    else:
+    graphs = config.cuda_graphs == "on"
+    if graphs:  # lr and betas live on the device, where a replayed step reads them
+        opt: torch.optim.Optimizer = _capturable_adamw(model.parameters(), config, dev)
+        feed: _ScheduleFeed | None = _ScheduleFeed(opt, config, steps)
         sched = None
+    else:
+        opt = _optimizer(model.parameters(), config)
+        sched, feed = _scheduler(opt, config, steps), None
 
-    def autocast() -> contextlib.AbstractContextManager:
-        if config.amp == "bf16":
-            return torch.autocast(dev.type, dtype=torch.bfloat16)
+    def autocast(cache_enabled: bool = True) -> contextlib.AbstractContextManager:
+        if config.amp == "bf16":  # no weight cache while a graph is captured (PyTorch's rule)
+            return torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
         return contextlib.nullcontext()  # not autocast(enabled=False): exactly the float32 path
+
+    def forward_loss(x: torch.Tensor, y: torch.Tensor, cache_enabled: bool = True) -> torch.Tensor:
+        with autocast(cache_enabled):
+            return F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+
+    def eager_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = forward_loss(x, y)
+        if graph is not None:  # the graph's gradients stay where it reads them: zeroed, not dropped
+            torch._foreach_zero_([p.grad for p in model.parameters() if p.grad is not None])
+        else:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
 
     non_blocking = dev.type == "cuda"
     if dev.type == "cuda":  # the model's copy and channels-last conversion are not training time
@@ -302,6 +431,9 @@ def train_model(
     ema: torch.Tensor | None = None
     running = float("nan")
     step = 0
+    graph: _GraphedStep | None = None
+    graph_steps = 0
+    side = torch.cuda.Stream(dev) if graphs else None
     bar = tqdm(total=steps, desc=f"train {type(model).__name__} on {bundle.name}", disable=not progress)
     with one_value_per_channel("batch_size", config.batch_size, model):
         for epoch in range(config.epochs):
@@ -309,13 +441,29 @@ def train_model(
                 x, y = x.to(dev, non_blocking=non_blocking), torch.as_tensor(y).to(dev, non_blocking=non_blocking)
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                full = x.shape[0] == config.batch_size
+                if graph is not None and full:
+                    loss = graph.replay(x, y)
+                    graph_steps += 1
+                elif graphs and full and step >= GRAPH_WARMUP_STEPS:
+                    graph = _GraphedStep.capture(x, y, forward_loss, opt)
+                    if graph is None:  # could not be captured (logged): this run goes on eagerly
+                        graphs = False
+                        loss = eager_step(x, y)
+                    else:
+                        loss = graph.replay(x, y)
+                        graph_steps += 1
+                elif graphs and graph is None:  # the warm-up: real steps, on a side stream
+                    side.wait_stream(torch.cuda.current_stream(dev))
+                    with torch.cuda.stream(side):
+                        loss = eager_step(x, y)
+                    torch.cuda.current_stream(dev).wait_stream(side)
+                else:  # CPU, graphs off, or a short last batch of an epoch
+                    loss = eager_step(x, y)
                 if sched is not None:
                     sched.step()
+                if feed is not None:
+                    feed.step()
                 lv = loss.detach().float()
                 ema = lv.clone() if ema is None else ema.mul_(0.9).add_(lv, alpha=0.1)
                 step += 1
@@ -345,6 +493,7 @@ def train_model(
         "n_train": len(bundle.train),
         "dropped_per_epoch": int(drop_last),
         "n_test": result.n,
+        "graph_steps": graph_steps,
         "config": asdict(config),
     }
     log.info("trained %s on %s: top1 %.4f in %.1f s", type(model).__name__, bundle.name, result.top1, seconds)
