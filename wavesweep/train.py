@@ -53,8 +53,8 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 AMPS = ("auto", "bf16", "off")
 #: memory format of 4-D weights and inputs while training: auto = on for CUDA, off on CPU
 CHANNELS_LAST = ("auto", "on", "off")
-#: the training step as one CUDA graph: auto = on for AdamW on CUDA, else off (see train_model)
-CUDA_GRAPHS = ("auto", "on", "off")
+#: the training step as one CUDA graph (AdamW on CUDA only; see TrainConfig and train_model)
+CUDA_GRAPHS = ("off", "on")
 #: eager steps (real ones, on a side stream) before the training step is captured, as PyTorch's
 #: "whole-network capture" recipe does: lazy initialisation (optimizer state, cuDNN, cuBLAS) first
 GRAPH_WARMUP_STEPS = 3
@@ -75,10 +75,14 @@ class TrainConfig:
     :meth:`resolved` turns them into what runs on a device; the trained model is always
     returned in float32, contiguous format.
 
-    ``cuda_graphs`` (auto, on, off): each full-size training step (forward, loss, backward,
-    AdamW step) captured once as a CUDA graph and replayed, so the host launches one graph
-    instead of hundreds of kernels a step (see :func:`train_model`); ``auto`` is on for AdamW on
-    CUDA, off elsewhere (graphs are CUDA's; the SGD path keeps its float momentum)."""
+    ``cuda_graphs`` (off, on; off by default): each full-size training step (forward, loss,
+    backward, AdamW step) captured once as a CUDA graph and replayed, so the host launches one
+    graph instead of hundreds of kernels a step (see :func:`train_model`). CUDA and AdamW only.
+    A captured step reads its learning rate from a tensor the schedule fills, but AdamW's betas
+    are floats baked into the graph (PyTorch's tensor betas convert to a number, a host sync,
+    inside the step): so ``on`` holds beta1 at 0.9 where OneCycleLR would cycle it between 0.95
+    and 0.85. A different recipe, hence its own cache key. Not yet the default: it has not run on
+    a GPU in this form (the first form, with tensor betas, could not be captured on an H200)."""
 
     epochs: int = 10
     batch_size: int = 64
@@ -91,7 +95,7 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"
     channels_last: str = "auto"
-    cuda_graphs: str = "auto"
+    cuda_graphs: str = "off"
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -117,9 +121,8 @@ class TrainConfig:
         run on ``device`` (``"auto"``: CUDA when available). ``auto`` resolves to bf16 only on a
         CUDA device with native bf16 (Ampere and later; emulated bf16 is slower than float32),
         and channels-last on any CUDA device; on CPU both resolve to off. Explicit values are
-        kept on every device (bf16 autocast also runs on CPU). ``cuda_graphs`` ``auto`` resolves
-        to on for AdamW on CUDA, else off (an explicit ``on`` is kept: training it on a CPU is a
-        ValueError in :func:`train_model`)."""
+        kept on every device (bf16 autocast also runs on CPU). ``cuda_graphs`` is kept as it is
+        (``on`` anywhere but CUDA is a ValueError in :func:`train_model`)."""
         on_cuda = _device_type(device) == "cuda"
         amp = self.amp
         if amp == "auto":
@@ -127,10 +130,7 @@ class TrainConfig:
         channels_last = self.channels_last
         if channels_last == "auto":
             channels_last = "on" if on_cuda else "off"
-        graphs = self.cuda_graphs
-        if graphs == "auto":
-            graphs = "on" if on_cuda and self.optimizer == "adamw" else "off"
-        return dataclasses.replace(self, amp=amp, channels_last=channels_last, cuda_graphs=graphs)
+        return dataclasses.replace(self, amp=amp, channels_last=channels_last)
 
     def digest(self, device: str | torch.device = "auto") -> str:
         """12 hex chars of sha256 over the config as sorted JSON: the cache key part.
@@ -257,48 +257,49 @@ def _optimizer(params, config: TrainConfig, **adamw) -> torch.optim.Optimizer:
                            nesterov=True)
 
 
-def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig, steps: int) -> Any:
+def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig, steps: int, *, cycle_momentum: bool = True) -> Any:
     """``config``'s learning-rate schedule over ``steps`` optimizer steps (None: constant)."""
     if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps,
+                                                   cycle_momentum=cycle_momentum)
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     return None
 
 
 def _capturable_adamw(params, config: TrainConfig, device: torch.device, **kwargs) -> torch.optim.Optimizer:
-    """AdamW whose learning rate and betas are tensors on ``device`` (a CUDA graph's replay reads
-    them there; :class:`_ScheduleFeed` writes each step's values into them) and whose step runs
-    without the host (``capturable``). ``kwargs`` (tests): ``capturable``/``foreach`` for the CPU,
-    where the capturable form does not run."""
+    """AdamW whose learning rate is a tensor on ``device`` (a CUDA graph's replay reads it there;
+    :class:`_ScheduleFeed` writes each step's value into it) and whose step runs without the host
+    (``capturable``). Its betas stay floats: PyTorch's capturable step turns tensor betas into
+    numbers (``_foreach_lerp_``'s weight, ``_foreach_pow``'s base), which waits for the device and
+    breaks a capture. ``kwargs`` (tests): ``capturable``/``foreach`` for the CPU, where the
+    capturable form does not run."""
     kwargs = {"capturable": True, "foreach": True, **kwargs}
-    t = lambda v: torch.tensor(float(v), device=device)  # noqa: E731
-    return torch.optim.AdamW(params, lr=t(config.lr), betas=(t(0.9), t(0.999)), weight_decay=config.weight_decay,
-                             **kwargs)
+    return torch.optim.AdamW(params, lr=torch.tensor(float(config.lr), device=device),
+                             weight_decay=config.weight_decay, **kwargs)
 
 
 class _ScheduleFeed:
-    """``config``'s schedule for an optimizer whose ``lr`` and ``betas`` are tensors.
+    """``config``'s learning-rate schedule for an optimizer whose ``lr`` is a tensor.
 
-    PyTorch's schedulers write floats into a param group (OneCycleLR's momentum cycling replaces
-    ``betas`` by a new tuple), which a captured step never sees. So the schedule runs on a shadow
-    AdamW of one CPU parameter that never has a gradient, with PyTorch's own scheduler, and each
-    step its ``lr`` and ``betas[0]`` are written into the real optimizer's tensors (``fill_``: no
-    host sync). The values are the scheduler's, step for step (test: against the scheduler on a
-    plain AdamW)."""
+    PyTorch's schedulers write floats into a param group, which a captured step never sees. So
+    the schedule runs on a shadow AdamW of one CPU parameter that never has a gradient, with
+    PyTorch's own scheduler (OneCycleLR without its momentum cycling: see
+    :class:`TrainConfig`), and after each step its ``lr`` is written into the real optimizer's
+    tensor (``fill_``: no host sync). The values are the scheduler's, step for step (test:
+    against the scheduler on a plain AdamW)."""
 
     def __init__(self, opt: torch.optim.Optimizer, config: TrainConfig, steps: int) -> None:
         self.opt = opt
         self.shadow = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=config.lr,
                                         weight_decay=config.weight_decay)
-        self.sched = _scheduler(self.shadow, config, steps)
+        self.sched = _scheduler(self.shadow, config, steps, cycle_momentum=False)
         self._feed()
 
     def _feed(self) -> None:
-        src = self.shadow.param_groups[0]
+        lr = self.shadow.param_groups[0]["lr"]
         for group in self.opt.param_groups:
-            group["lr"].fill_(src["lr"])
-            group["betas"][0].fill_(src["betas"][0])
+            group["lr"].fill_(lr)
 
     def step(self) -> None:
         """After each optimizer step, as ``scheduler.step()`` would be called."""
@@ -319,10 +320,11 @@ class _GraphedStep:
         self.graph, self.x, self.y, self.loss = graph, x, y, loss
 
     @classmethod
-    def capture(cls, x: torch.Tensor, y: torch.Tensor, forward_loss, opt: torch.optim.Optimizer) -> _GraphedStep | None:
-        """The step for batches shaped as ``(x, y)``, captured (not run: :meth:`replay` runs it);
-        None, with a warning, where the model or optimizer cannot be captured (an operation that
-        waits for the host in its forward pass, say): training then goes on eagerly."""
+    def capture(cls, x: torch.Tensor, y: torch.Tensor, forward_loss, opt: torch.optim.Optimizer) -> _GraphedStep:
+        """The step for batches shaped as ``(x, y)``, captured (not run: :meth:`replay` runs it).
+        A model or optimizer that cannot be captured (an operation that waits for the host, say)
+        is a RuntimeError naming the first error: no eager fallback, since a failed capture can
+        leave the allocator feeding a private pool (seen on an H200: out of memory soon after)."""
         static_x, static_y = x.clone(), y.clone()
         opt.zero_grad(set_to_none=True)  # the graph's backward makes its own gradients, then refills them
         graph = torch.cuda.CUDAGraph()
@@ -331,11 +333,13 @@ class _GraphedStep:
                 loss = forward_loss(static_x, static_y, cache_enabled=False)
                 loss.backward()
                 opt.step()
-        except Exception as exc:  # noqa: BLE001 - any capture failure: train eagerly, say so
-            log.warning("training step not captured as a CUDA graph (%s: %s); training goes on without graphs",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            opt.zero_grad(set_to_none=True)
-            return None
+        except Exception as exc:  # noqa: BLE001 - any capture failure, named by its first cause
+            first = exc
+            while first.__context__ is not None and first.__context__ is not first:
+                first = first.__context__
+            text = (str(first).strip().splitlines() or [""])[0]
+            raise RuntimeError(f"cuda_graphs='on': the training step could not be captured as a CUDA graph "
+                               f"({type(first).__name__}: {text}); use cuda_graphs='off'") from exc
         return cls(graph, static_x, static_y, loss)
 
     def replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -372,7 +376,7 @@ def train_model(
     dev = resolve_device(device)
     config = config.resolved(dev)
     if config.cuda_graphs == "on" and dev.type != "cuda":
-        raise ValueError(f"cuda_graphs='on' needs a CUDA device; training runs on {dev} (use 'auto' or 'off')")
+        raise ValueError(f"cuda_graphs='on' needs a CUDA device; training runs on {dev} (use cuda_graphs='off')")
     channels_last = config.channels_last == "on"
     _seed_everything(config.seed)
     # In-memory images go to the device once; each batch is then gathered and normalised there
@@ -419,7 +423,7 @@ def train_model(
             opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return loss
+        return loss.detach()  # not its autograd graph: a capture must not meet this step's nodes
 
     non_blocking = dev.type == "cuda"
     if dev.type == "cuda":  # the model's copy and channels-last conversion are not training time
@@ -446,13 +450,10 @@ def train_model(
                     loss = graph.replay(x, y)
                     graph_steps += 1
                 elif graphs and full and step >= GRAPH_WARMUP_STEPS:
+                    loss = lv = None  # no earlier step's autograd nodes alive while capturing
                     graph = _GraphedStep.capture(x, y, forward_loss, opt)
-                    if graph is None:  # could not be captured (logged): this run goes on eagerly
-                        graphs = False
-                        loss = eager_step(x, y)
-                    else:
-                        loss = graph.replay(x, y)
-                        graph_steps += 1
+                    loss = graph.replay(x, y)
+                    graph_steps += 1
                 elif graphs and graph is None:  # the warm-up: real steps, on a side stream
                     side.wait_stream(torch.cuda.current_stream(dev))
                     with torch.cuda.stream(side):
