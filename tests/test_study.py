@@ -323,7 +323,9 @@ def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):
     spec = study.load_spec(path)
     s = create_study(spec, study.DEFAULT_STORAGE)
     assert_short_scalars(s.user_attrs)
-    assert s.user_attrs.keys() == {"objectives", "spec_sha256", "fixed_sha256", "space_sha256", "sampler_sha256"}
+    assert s.user_attrs.keys() == {"objectives", "spec_sha256", "fixed_sha256", "space_sha256", "sampler_sha256",
+                                   "fixed_parts", "space_parts", "sampler_parts"}
+    assert s.user_attrs["sampler_parts"] == 'name="random"'  # what a changed spec is compared with
     assert s.user_attrs["objectives"] == "top1:maximize, compression_ratio:maximize"
     assert s.user_attrs["spec_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert s.metric_names == spec.selection_metrics  # optuna-dashboard's objective names: val_top1, ...
@@ -339,10 +341,19 @@ def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):
         create_study(study.load_spec(write_spec(workdir / "other.yaml", "w.pt")), study.DEFAULT_STORAGE)
     # what the trials compute and how they are proposed may not change under one study name (the
     # space changed on a resume ran old and new points side by side, counted towards one total)
-    for overrides, what in (({"space.percentile": [30, 50]}, "search space"), ({"eval_limit": 60}, "fixed parameters"),
-                            ({"sampler": "tpe"}, "sampler"), ({"replicates": 2}, "fixed parameters")):  # fmt: skip
-        with pytest.raises(ValueError, match=f"ran its trials with other {what}"):
+    # (the message names what changed: a value, or a part recorded by its digest)
+    for overrides, what in (({"space.percentile": [30, 50]}, r"search space \(percentile: changed\)"),
+                            ({"eval_limit": 60}, r"fixed parameters \(base, fixed, replicates\) \(eval_limit: 40 -> 60\)"),
+                            ({"sampler": "tpe"}, r'sampler or sampler options \(name: "random" -> "tpe"\)'),
+                            ({"replicates": 2}, r"fixed parameters \(base, fixed, replicates\) \(replicates: 1 -> 2\)"),
+                            ({"base.weights": "other.pt"}, r'fixed parameters \(base, fixed, replicates\) \(weights: "w.pt" -> "other.pt"\)'),
+                            ({"fixed.level": 3, "fixed.mode": "zero"}, r'fixed parameters \(base, fixed, replicates\) \(level: 2 -> 3; mode: \(absent\) -> "zero"\)')):  # fmt: skip
+        with pytest.raises(ValueError, match=f"ran its trials with other {what}; mixing them"):
             create_study(study.load_spec(path, overrides=overrides), study.DEFAULT_STORAGE)
+    no_layout = write_spec(workdir / "no-layout.yaml", "w.pt", fixed={"timing_batches": 0, "level": 2},
+                           objectives={"top1": "maximize", "compression_ratio": "maximize"})
+    with pytest.raises(ValueError, match=r'\(layout: "filter" -> \(absent\)\); mixing them'):
+        create_study(study.load_spec(no_layout), study.DEFAULT_STORAGE)
     create_study(study.load_spec(path, overrides={"n_trials": 9, "timeout": 60}), study.DEFAULT_STORAGE)  # these may
 
 

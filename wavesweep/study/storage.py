@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import random
@@ -319,23 +320,87 @@ def load_study(spec: StudySpec, storage: Any, *, seed: int = 0, workers: int = 1
     return optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, seed, workers), pruner=make_pruner(spec))
 
 
-def _identity(spec: StudySpec) -> dict[str, tuple[str, str]]:
-    """``{user attribute: (what it covers, digest)}``: the fixed trial parameters (with the
-    replicates), the search space and the sampler, each a short digest of its canonical JSON."""
+def _identity(spec: StudySpec) -> dict[str, tuple[str, str, dict[str, str]]]:
+    """``{user attribute: (what it covers, digest, parts)}``: the fixed trial parameters (with the
+    replicates), the search space and the sampler, each a short digest of its canonical JSON, and
+    its parts (each fixed value, each searched parameter's definition, the sampler's name and
+    options) as canonical JSON each, so that a changed spec is told which of them changed
+    (:func:`encode_parts`)."""
     import dataclasses
     import hashlib
     import json
 
-    def digest(obj: Any) -> str:
-        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def canon(obj: Any) -> str:
+        return json.dumps(obj, sort_keys=True, default=str)
 
+    def digest(obj: Any) -> str:
+        return hashlib.sha256(canon(obj).encode()).hexdigest()[:16]
+
+    fixed = {**spec.fixed, "replicates": spec.replicates}
+    space = [dataclasses.asdict(p) for p in spec.space]
+    # a grid's seed orders its points, which trials refer to by index: it is part of the grid
+    sampler = {"name": spec.sampler, **spec.sampler_options, **({"seed": spec.seed} if spec.sampler == "grid" else {})}
     return {
-        "fixed_sha256": ("fixed parameters (base, fixed, replicates)", digest({**spec.fixed, "replicates": spec.replicates})),
-        "space_sha256": ("search space", digest([dataclasses.asdict(p) for p in spec.space])),
-        # a grid's seed orders its points, which trials refer to by index: it is part of the grid
-        "sampler_sha256": ("sampler or sampler options", digest({"name": spec.sampler, **spec.sampler_options,
-                                                                 **({"seed": spec.seed} if spec.sampler == "grid" else {})})),
+        "fixed_sha256": ("fixed parameters (base, fixed, replicates)", digest(fixed),
+                         {k: canon(v) for k, v in fixed.items()}),
+        "space_sha256": ("search space", digest(space), {p["name"]: canon(p) for p in space}),
+        "sampler_sha256": ("sampler or sampler options", digest(sampler), {k: canon(v) for k, v in sampler.items()}),
     }
+
+
+def _parts_attr(attr: str) -> str:
+    """The study user attribute that holds an identity attribute's parts (:func:`encode_parts`)."""
+    return attr.replace("_sha256", "_parts")
+
+
+#: study user attributes are short scalars (table cells in optuna-dashboard and `optuna studies`)
+PARTS_MAX_CHARS = 200
+#: a part's value is kept as it is up to this length, else as a digest ("#" and 6 hex digits)
+PART_VALUE_CHARS = 16
+
+
+def encode_parts(parts: dict[str, str]) -> str | None:
+    """``'layout="filter";level=2;weights=#1a2b3c'``: each part's canonical JSON when short, else
+    a digest of it; all digests when that is still longer than :data:`PARTS_MAX_CHARS`; None when
+    even that is (the mismatch message then names no part)."""
+    import hashlib
+
+    def dig(v: str) -> str:
+        return "#" + hashlib.sha256(v.encode()).hexdigest()[:6]
+
+    for limit in (PART_VALUE_CHARS, -1):
+        text = ";".join(f"{k}={v if len(v) <= limit and not set(v) & set(';=#') else dig(v)}"
+                        for k, v in sorted(parts.items()))
+        if len(text) <= PARTS_MAX_CHARS:
+            return text
+    return None
+
+
+def decode_parts(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split(";") if "=" in item)
+
+
+def changed_parts(have: str, want: dict[str, str]) -> str:
+    """``'level: 2 -> 3; layout: (absent) -> "kernel"; wavelet: changed'``: what differs between
+    the recorded parts (:func:`encode_parts`) and the spec's, by name. A part recorded as a digest
+    is compared by digest and said to have changed."""
+    import hashlib
+
+    old = decode_parts(have)
+    out = []
+    for k in sorted(set(old) | set(want)):
+        a, b = old.get(k), want.get(k)
+        if a is not None and b is not None:
+            if a.startswith("#"):
+                if a != "#" + hashlib.sha256(b.encode()).hexdigest()[:6]:
+                    out.append(f"{k}: changed")
+            elif a != b:
+                out.append(f"{k}: {a} -> {b if len(b) <= 40 else 'changed'}")
+        elif a is None:
+            out.append(f"{k}: added" if len(b) > 40 else f"{k}: (absent) -> {b}")
+        else:
+            out.append(f"{k}: removed" if a.startswith("#") else f"{k}: {a} -> (absent)")
+    return "; ".join(out)
 
 
 def create_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
@@ -375,16 +440,21 @@ def open_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseS
             f"study {spec.name!r} in {tracking.redact_url(storage_url)} selects on {', '.join(selected)}, the spec on "
             f"{', '.join(spec.selection_metrics)} (val_fraction changed?); give the spec another study: name"
         )
-    for attr, (what, digest) in _identity(spec).items():  # what the trials compute and how they are proposed
+    for attr, (what, digest, parts) in _identity(spec).items():  # what the trials compute and how they are proposed
         have = study.user_attrs.get(attr)
+        recorded = study.user_attrs.get(_parts_attr(attr))  # absent in studies recorded before parts were kept
         if have is None:  # a new study, or one recorded before this check
             study.set_user_attr(attr, digest)
         elif have != digest:
+            changed = changed_parts(recorded, parts) if isinstance(recorded, str) else ""
             raise ValueError(
-                f"study {spec.name!r} in {tracking.redact_url(storage_url)} ran its trials with other {what}; mixing "
-                f"them would compare trials that are not alike: give the changed spec another study: name "
-                f"(n_trials, timeout, storage, max_failures, pruner and description may change between launches)"
+                f"study {spec.name!r} in {tracking.redact_url(storage_url)} ran its trials with other {what}"
+                f"{f' ({changed})' if changed else ''}; mixing them would compare trials that are not alike: give the "
+                f"changed spec another study: name (n_trials, timeout, storage, max_failures, pruner and description "
+                f"may change between launches)"
             )
+        if recorded is None and (encoded := encode_parts(parts)) is not None:
+            study.set_user_attr(_parts_attr(attr), encoded)
     if spec.text and study.user_attrs.get("spec_sha256") != (digest := tracking.spec_sha256(spec.text)):
         if "spec_sha256" in study.user_attrs:
             # the checks above passed: only what may change between launches changed (n_trials, timeout, ...)
