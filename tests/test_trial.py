@@ -148,3 +148,49 @@ def test_a_model_its_targets_or_layout_cannot_take_is_refused_before_any_base_mo
     with pytest.raises(ValueError) as info:
         trial.run_trial(cfg)
     assert (bad or "has no target layers of kinds") in str(info.value)
+
+
+@pytest.mark.parametrize("stop", ["pruned", "failed"])
+def test_a_trial_stopped_early_stops_its_evaluation_workers(stop, tmp_path, monkeypatch):
+    """An image folder is decoded by persistent worker processes cached on the dataset. A trial that
+    a pruner stops (the reporter raises) or that fails after evaluating left them running (with
+    their prefetched batches) until a garbage collection found the dataset; a study's next trials
+    started their own beside them. Oracle: multiprocessing's own list of live children."""
+    import gc
+    import multiprocessing
+
+    from PIL import Image
+
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    torch.manual_seed(0)
+    kw = {"num_classes": 2, "in_channels": 3, "image_size": 224}
+    model = build_model("cnn", **kw).eval()
+    base = train.BaseModel(model, "cnn", "imagefolder", 0, "trained", tmp_path / "w.pt", "cd" * 32, kw)
+    cfg = TrialConfig(model="cnn", dataset="imagefolder", data_root=str(tmp_path), recovery="none", timing_batches=0,
+                      device="cpu", batch_size=2)  # fmt: skip
+
+    class Stop(Exception):
+        pass
+
+    def reporter(chunk):
+        raise Stop
+
+    if stop == "failed":  # after the base evaluation has started the workers
+        monkeypatch.setattr(trial.pruning, "prune_dwt", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    monkeypatch.setattr(trial.data, "default_num_workers", lambda: 2)
+    assert multiprocessing.active_children() == []
+    gc.disable()  # what is asserted is the trial's doing, not a collection's
+    try:
+        with pytest.raises(Stop):
+            trial.run_trial(cfg, base=base, reporter=reporter)
+        alive = multiprocessing.active_children()
+    finally:
+        gc.enable()
+        gc.collect()
+    assert alive == []

@@ -192,6 +192,19 @@ def run_trial(
     examples; it may raise (e.g. ``optuna.TrialPruned``) to stop the trial early. Every model is
     scored on both parts; the headline metrics are the test part's.
     """
+    opened: list[torch.utils.data.Dataset] = []
+    try:
+        return _run_trial(cfg, base, reporter, progress, opened)
+    finally:  # file datasets: stop the persistent evaluation workers, also when the trial stops early
+        for part in opened:  # (pruned by the reporter, or failed): else they live on until a garbage collection
+            data.close_loaders(part)
+
+
+def _run_trial(
+    cfg: TrialConfig, base: train.BaseModel | None, reporter: Reporter | None, progress: bool,
+    opened: list[torch.utils.data.Dataset],
+) -> TrialResult:
+    """:func:`run_trial`'s work; the evaluation sets it loads are appended to ``opened``."""
     phases = _Phases()
     device = evaluate.resolve_device(cfg.device)
     caught: list[str] = []
@@ -208,6 +221,7 @@ def run_trial(
         check_model_fits(cfg)
     with phases("load_data"):
         bundle, eval_all = load_eval_set(cfg)
+        opened.append(eval_all)
         val_set, eval_set = evalsplit.split_eval_set(eval_all, cfg.val_fraction, seed=cfg.seed)
     # before any other work: a recovery that needs training data must have it
     settings = cfg.recovery_settings()
@@ -314,9 +328,6 @@ def run_trial(
     }
     eval_info = {"n_eval": len(eval_set), "n_val": 0 if val_set is None else len(val_set), "n_test_split": len(bundle.test),
                  **{f"data_{k}": v for k, v in bundle.info.items()}}  # fmt: skip
-    for part in (eval_set, val_set, eval_all):  # file datasets: stop the persistent evaluation workers now
-        if part is not None:
-            data.close_loaders(part)
     notes = [r.note for r in reports.values() if r.note]
     all_warnings = list(dict.fromkeys([*base.warnings, *dwt.warnings, *caught, *notes]))
     return TrialResult(
