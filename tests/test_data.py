@@ -933,3 +933,24 @@ def test_a_tensor_dataset_with_labels_on_cuda_gives_its_targets_and_subsets():
     ds = TensorDataset(x.cuda(), y.cuda())
     assert dataset_targets(ds).tolist() == y.tolist()
     assert sorted(dataset_targets(eval_subset(ds, 6, seed=0)).tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_data_root_whose_user_is_unknown_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """``~user/...`` for a user this machine does not know (a typo for ``~/...``), as --data-root,
+    data_root in a spec or $WAVESWEEP_DATA, came out as pathlib's bare RuntimeError and a traceback
+    (exit 1); it is one line naming the value, exit 2, as the weights file's is."""
+    from wavesweep.cli import main
+
+    root = "~no_such_user_wavesweep/imagenet"
+    with pytest.raises(RuntimeError):  # the oracle: pathlib cannot expand it
+        Path(root).expanduser()
+    with pytest.raises(ValueError, match=r"^data root '~no_such_user_wavesweep/imagenet': cannot expand") as err:
+        load_dataset("imagenet", root=root)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("WAVESWEEP_DATA", root)
+    with pytest.raises(ValueError, match=r"^data root \(\$WAVESWEEP_DATA\) '~no_such_user_wavesweep/imagenet'"):
+        load_dataset("imagenet")
+    monkeypatch.delenv("WAVESWEEP_DATA")
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "--model", "cnn", "--dataset", "imagefolder", "--data-root", root, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"wavesweep: error: data root {root!r}: cannot expand '~no_such_user_wavesweep' (no such user or no home)\n"

@@ -152,8 +152,10 @@ def make_bundle(name: str, train: Dataset | None, test: Dataset, info: dict[str,
 
 def data_root() -> Path:
     """Default data root: env ``WAVESWEEP_DATA`` or ``~/.cache/wavesweep/data``."""
+    from wavesweep.models import expand_path  # an unknown ~user: a one-line ValueError, not a traceback
+
     env = os.environ.get("WAVESWEEP_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "wavesweep" / "data"
+    return expand_path(env or "~/.cache/wavesweep/data", what="data root ($WAVESWEEP_DATA)" if env else "data root")
 
 
 def load_dataset(
@@ -172,8 +174,10 @@ def load_dataset(
     ``image_size``: side length of the square images where configurable (imagefolder, imagenet).
     ``options``: passed to the builder (e.g. ``expected_classes`` for imagenet).
     """
+    from wavesweep.models import expand_path  # an unknown ~user: a one-line ValueError, not a traceback
+
     spec = DATASETS.get(name)
-    return spec.builder(None if root is None else Path(root).expanduser(), seed, image_size, **options)
+    return spec.builder(None if root is None else expand_path(root, what="data root"), seed, image_size, **options)
 
 
 def dataset_shape(name: str, *, root: str | os.PathLike | None = None,
