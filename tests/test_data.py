@@ -5,6 +5,7 @@ messages."""
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from dataclasses import fields
@@ -266,6 +267,32 @@ def test_imagenet_generated_folder_loads_with_eval_transform(tmp_path):
     assert dataset_targets(b.test).tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     sub = eval_subset(b.test, 4, seed=0)
     assert sorted(dataset_targets(sub).tolist()) == [0, 1, 2, 3]
+
+
+
+def test_images_beside_the_synset_folders_are_one_line_not_left_out(tmp_path):
+    """valprep.sh stopped part way leaves the images it had not moved beside the synset folders:
+    ImageFolder (the oracle) leaves them out, and a trial evaluated on the rest alone without a
+    word. They are one line naming the folder, their number and the first; files that are no images
+    there (the script itself, a label file, a macOS ``._`` file) are not."""
+    import shutil
+
+    from torchvision.datasets import ImageFolder
+
+    classes = ["n00000001", "n00000002", "n00000003"]
+    val = make_image_folder(tmp_path / "val", classes, per_class=4)
+    for name in ("valprep.sh", "LOC_val_solution.csv", "._img0_0.JPEG"):
+        (val / name).write_bytes(b"not an image")
+    assert len(load_dataset("imagenet", root=tmp_path, expected_classes=3).test) == 12
+    for c in classes[:2]:  # the last image of two classes not moved yet
+        shutil.move(val / c / sorted(os.listdir(val / c))[-1], val)
+    loose = sorted(f for f in os.listdir(val) if f.endswith((".JPEG", ".png")) and not f.startswith("."))
+    assert len(ImageFolder(str(val))) == 12 - len(loose) == 10  # what an ImageFolder reads
+    with pytest.raises(ValueError) as err:
+        load_dataset("imagenet", root=tmp_path, expected_classes=3)
+    msg = str(err.value)
+    assert msg.startswith(f"imagenet: {str(val)!r} holds {len(loose)} images beside its 3 class folders "
+                          f"(first {loose[0]!r}), in no class;") and "\n" not in msg
 
 
 # --------------------------------------------------------------------------- ImageNet val, flat

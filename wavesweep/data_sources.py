@@ -185,6 +185,14 @@ def _class_dirs(path: Path) -> list[str]:
     return class_dirs(path)
 
 
+def _loose_images(path: Path) -> list[str]:
+    """The names of the image files directly in ``path`` (not hidden), sorted."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    return sorted(e.name for e in os.scandir(path) if not e.name.startswith(".")
+                  and has_file_allowed_extension(e.name, IMG_EXTENSIONS) and e.is_file())
+
+
 _IMAGENET_LAYOUT = (
     "expected the ImageNet-1k validation set as an ImageFolder: a directory with 1000 "
     "class folders named by WordNet synset (n01440764/, n01443537/, ..., n15075141/), "
@@ -244,6 +252,11 @@ def _imagenet(
         if len(classes) != expected_classes or bad:
             what = f"{len(classes)} class folders" + (f", some not synset ids (e.g. {bad[0]!r})" if bad else "")
             raise ValueError(f"imagenet: malformed directory {str(path)!r}: found {what}; {_IMAGENET_LAYOUT}")
+        loose = _loose_images(path)  # an ImageFolder leaves them out: the evaluation would be on the rest alone
+        if loose:
+            raise ValueError(f"imagenet: {str(path)!r} holds {len(loose)} images beside its {len(classes)} class folders "
+                             f"(first {loose[0]!r}), in no class; expected every image in its synset folder "
+                             "(did valprep.sh stop part way?)")
         try:
             test = ImageFiles(str(path), transform=transform)
         except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder without images
