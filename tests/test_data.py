@@ -548,6 +548,30 @@ def test_a_malformed_flat_val_is_one_line_naming_the_file(fault, tmp_path):
     assert "\n" not in msg and msg.startswith("imagenet: ") and repr(str(flat[names])) in msg
 
 
+
+@pytest.mark.parametrize("kind", ["kaggle", "devkit"])
+def test_a_distribution_whose_val_was_sorted_into_synset_folders_names_that_folder(kind, tmp_path):
+    """valprep.sh run where the images were unpacked (Kaggle's ILSVRC/Data/CLS-LOC/val/,
+    image-net.org's ILSVRC2012_img_val/), the top of the download given: the error said only that
+    the label files were found but no images, though that folder holds all of them. It names the
+    folder of synset folders, which loads as the ImageFolder layout (oracle: torchvision's
+    ImageFolder over it)."""
+    from torchvision.datasets import ImageFolder
+
+    flat = make_flat_val(kind, tmp_path / kind)
+    class_tree(flat, flat["images"])
+    for name in flat["truth"]:
+        (flat["images"] / name).unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset("imagenet", root=flat["top"], expected_classes=4)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"imagenet: found the labels {str(flat['labels'])!r} but no images")
+    assert f"; {str(flat['images'])!r} holds 4 synset folders: for that ImageFolder layout pass it as the data root" in msg
+    b = load_dataset("imagenet", root=flat["images"], expected_classes=4)
+    oracle = ImageFolder(str(flat["images"]))
+    assert b.test.samples == oracle.samples and b.test.classes == oracle.classes == sorted(FLAT_SYNSETS)
+
+
 def test_the_flat_layout_needs_1000_classes_unless_told_otherwise(tmp_path):
     flat = make_flat_val("devkit", tmp_path)
     with pytest.raises(ValueError, match=r"meta.mat' has 4 leaf synsets \(num_children 0\); expected 1000"):

@@ -258,8 +258,13 @@ def flat_samples(root: Path, expected_classes: int) -> tuple[Path, FlatLabels, l
                                 f"looked for {KAGGLE_LABELS} (Kaggle) or {DEVKIT}/ (image-net.org's devkit) in {looked}")
     if found is None:
         looked = ", ".join(_q(d) for d in folders)
+        # the val folder sorted into synset folders where it was unpacked (valprep.sh run there)
+        tree = next(((d, n) for d in folders if d.is_dir() and (n := sum(
+            1 for e in os.scandir(d) if _SYNSET.match(e.name) and e.is_dir()))), None)
+        hint = (f"; {_q(tree[0])} holds {tree[1]} synset folders: for that ImageFolder layout pass it as the data "
+                "root (--data-root, data_root in a study spec)") if tree else ""
         raise FileNotFoundError(f"imagenet: found the labels {_q(labels.source)} but no images: looked for image "
-                                f"files directly in {looked}")
+                                f"files directly in {looked}{hint}")
     directory, images = found
     unlabelled = [name for stem, name in images.items() if stem not in labels.labels]
     if unlabelled:
