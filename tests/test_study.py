@@ -302,6 +302,34 @@ def test_a_wrong_data_root_stops_the_study_with_one_line_before_any_trial(workdi
         [e.experiment_id for e in MlflowClient().search_experiments()]) == []
 
 
+
+def test_evaluation_examples_the_validation_part_cannot_split_stop_the_study_with_one_line(workdir, capsys):
+    """An image folder whose val/ has a class of one image: a study (val_fraction 0.5 by default)
+    ran three trials that each failed on the split, left a FAILED study run and three FAILED trial
+    runs, and exited 1. The split is checked with the data, before anything is created (oracle:
+    scikit-learn's stratified split refuses a class of one example)."""
+    from PIL import Image
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", {"a": 2, "b": 2}), ("val", {"a": 3, "b": 1})):
+        for c, n in counts.items():
+            (workdir / "folder" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(workdir / "folder" / split / c / f"{i}.png")
+    with pytest.raises(ValueError):
+        train_test_split(np.arange(4), train_size=0.5, stratify=[0, 0, 0, 1], random_state=0)
+    base = {"model": "cnn", "dataset": "imagefolder", "eval_limit": 0, "seed": 0, "data_root": str(workdir / "folder")}
+    spec = write_spec(workdir / "tiny.yaml", "", base=base)
+    assert run_cli("study", str(spec), "-q") == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert err == ["wavesweep: error: val_fraction=0.5 cannot split 4 evaluation examples into stratified validation and "
+                   "test parts: class 1 has 1 example(s); raise eval_limit or set val_fraction=0"], err
+    assert not (workdir / "optuna.db").exists()
+    assert not (workdir / "mlflow.db").exists() or MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()]) == []
+
+
 def test_the_study_runs_seed_param_is_the_specs_sampler_seed_by_its_spec_name(workdir):
     """A small Fashion-MNIST study's run had the param sampler_seed=0 (the spec's sampler.seed)
     while its trials' user attribute sampler_seed was 405366682 (that seed mixed with the launch's

@@ -247,12 +247,18 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def _check_study_data(spec: Any) -> None:
     """Read the study's dataset once before anything is created: a wrong ``data_root`` (or missing
-    files) is one line here, as for ``wavesweep trial``, not every trial failing on it."""
-    if {p.name for p in spec.space} & {"dataset", "data_root"}:
+    files), or evaluation examples its ``val_fraction`` cannot split (a class with one example),
+    is one line here, as for ``wavesweep trial``, not every trial failing on it."""
+    searched = {p.name for p in spec.space}
+    if searched & {"dataset", "data_root"}:
         return  # which files a trial reads is up to the sampler
+    from wavesweep.evalsplit import split_eval_set
     from wavesweep.trial import load_eval_set
 
-    load_eval_set(TrialConfig.from_mapping(spec.fixed))
+    cfg = TrialConfig.from_mapping(spec.fixed)
+    _, eval_all = load_eval_set(cfg)
+    if not searched & {"eval_limit", "seed"}:  # else which examples are split is up to the sampler
+        split_eval_set(eval_all, cfg.val_fraction, seed=cfg.seed)
 
 
 def _warn_secrets(launched_run_id: str | None, storage: str | None) -> None:
