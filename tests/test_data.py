@@ -295,6 +295,31 @@ def test_images_beside_the_synset_folders_are_one_line_not_left_out(tmp_path):
                           f"(first {loose[0]!r}), in no class;") and "\n" not in msg
 
 
+
+def test_class_folders_without_images_are_counted_not_all_listed(tmp_path):
+    """ImageFolder's error names every class folder without an image (hundreds of synsets on one
+    line when valprep.sh stopped early); the line counts them and names the first. Oracle: the
+    empty folders as os.listdir sees them, and torchvision's ImageFolder refusing the tree."""
+    from torchvision.datasets import ImageFolder
+
+    classes = [f"n{i:08d}" for i in range(1, 7)]
+    val = make_image_folder(tmp_path / "val", classes, per_class=1)
+    for c in classes[1::2]:
+        for f in os.listdir(val / c):
+            os.remove(val / c / f)
+    (val / classes[1] / "._img.JPEG").write_bytes(b"AppleDouble")  # no image: the folder is still empty
+    empty = sorted(c for c in classes if not [f for f in os.listdir(val / c) if not f.startswith(".")])
+    assert empty == classes[1::2]
+    with pytest.raises(FileNotFoundError):
+        ImageFolder(str(val))
+    with pytest.raises(ValueError) as err:
+        load_dataset("imagenet", root=tmp_path, expected_classes=6)
+    msg = str(err.value)
+    assert msg.startswith(f"imagenet: cannot read {str(val)!r}: 3 of the 6 class folders in {str(val)!r} hold no "
+                          f"image (first {empty[0]!r}); expected") and "\n" not in msg
+    assert not any(c in msg for c in empty[1:])
+
+
 # --------------------------------------------------------------------------- ImageNet val, flat
 
 #: in ILSVRC2012_ID order (ID = position + 1), not sorted, as in the real devkit (ID 1 is n02119789)

@@ -53,6 +53,17 @@ class ImageFiles(ImageFolder):
 
         super().__init__(root, transform=transform, loader=read_image, is_valid_file=is_valid_file)
 
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: Any = None,
+                     is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        """ImageFolder's samples; class folders without an image are counted, with the first named
+        (ImageFolder's own error names every one of them: hundreds of names on one line)."""
+        samples = super().make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty=True)
+        empty = sorted(set(class_to_idx) - {c for c, i in class_to_idx.items() if i in {y for _, y in samples}})
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"{len(empty)} of the {len(class_to_idx)} class folders in {str(directory)!r} hold "
+                                    f"no image (first {empty[0]!r})")
+        return samples
+
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = class_dirs(directory)
         if not classes:
