@@ -172,6 +172,63 @@ def test_alias_resolves_before_the_cache(workdir, tmp_path):
     assert model_registry.weights_from_uri("models:/b/latest", cache)[1] == "models:/b/2"
 
 
+def _registered_weights(uri: str, tmp: Path) -> dict[str, torch.Tensor]:
+    """The oracle: the weights file of ``uri`` as MLflow itself downloads it."""
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+    return torch.load(next(folder.rglob("weights.pt")), weights_only=True)
+
+
+@pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
+def test_a_registered_model_made_again_is_not_served_the_deleted_ones_weights(workdir, tmp_path):
+    """A registered model deleted and made again numbers its versions from 1 anew: its
+    ``models:/NAME/1`` is other weights, and the cache must not serve the deleted version's."""
+    tracking.init_tracking()
+    c, cache = MlflowClient(), tmp_path / "cache"
+    assert str(_register_state_dict("b", _cnn_state(1), tmp_path)) == "1"
+    p1, _ = model_registry.weights_from_uri("models:/b/1", cache)
+    c.delete_registered_model("b")
+    assert str(_register_state_dict("b", _cnn_state(2), tmp_path)) == "1"  # MLflow numbers it 1 again
+    p2, u2 = model_registry.weights_from_uri("models:/b/1", cache)
+    expected = _registered_weights("models:/b/1", tmp_path / "oracle")
+    got = models.read_weights(p2)[0]
+    assert u2 == "models:/b/1" and p1 != p2
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not torch.equal(got["features.0.weight"], _cnn_state(1)["features.0.weight"])
+
+
+_SAME_NAME_CHILD = """
+import sys
+from pathlib import Path
+from tests.test_integrity import _cnn_state, _register_state_dict, _registered_weights
+from wavesweep import model_registry, models, tracking
+seed, tmp = int(sys.argv[1]), Path(sys.argv[2])
+tracking.set_tracking_uri()
+tracking.init_tracking()
+assert str(_register_state_dict("b", _cnn_state(seed), tmp)) == "1"
+path, _ = model_registry.weights_from_uri("models:/b/1", Path(sys.argv[3]))
+got, expected = models.read_weights(path)[0], _registered_weights("models:/b/1", tmp / "oracle")
+print(max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected))
+"""
+
+
+@pytest.mark.slow  # two child processes
+def test_two_projects_default_stores_do_not_share_cached_weights(tmp_path, shared_cache):
+    """Two working directories, each with MLflow's default store (``sqlite:///mlflow.db``, a
+    relative path) and one cache (``~/.cache/wavesweep``): each project's ``models:/b/1`` is its
+    own registered weights, not the other project's cached under the same URI."""
+    cache = tmp_path / "cache"
+    for seed in (1, 2):
+        project = tmp_path / f"project{seed}"
+        project.mkdir()
+        env = subprocess_env(project, shared_cache)
+        del env["MLFLOW_TRACKING_URI"]  # the default store of the working directory
+        out = subprocess.run([sys.executable, "-c", _SAME_NAME_CHILD, str(seed), str(project), str(cache)], cwd=project,
+                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert (project / "mlflow.db").is_file()
+        assert float(out.stdout.strip().splitlines()[-1]) == 0.0, f"project {seed} got other weights than its registry holds"
+
+
 # --------------------------------------------------------------------------- 12: non-finite weights
 
 

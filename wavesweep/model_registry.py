@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from wavesweep.fileio import atomic_write
 from wavesweep.names import check_choice
 from wavesweep.redact import redact
-from wavesweep.store import store_exists, tracking_uri
+from wavesweep.store import located, store_exists, tracking_uri
 from wavesweep.tracking import client, format_value
 
 REGISTERED_DIR = "registered-{method}"  # run-relative artifact folder of a registered model
@@ -265,6 +265,22 @@ def resolve_model_uri(uri: str) -> str:
     return uri
 
 
+def _version_identity(uri: str) -> str:
+    """What ``models:/NAME/VERSION[/path]`` is in the registry now: its source, run and creation
+    time; ``""`` for any other URI, or a version the registry does not have (its download fails)."""
+    if not uri.startswith("models:/"):
+        return ""
+    name, _, ref = uri[len("models:/") :].strip("/").partition("/")
+    version = ref.split("/", 1)[0]
+    if not version.isdigit():
+        return ""
+    try:
+        mv = client().get_model_version(name, version)
+    except MlflowException:
+        return ""
+    return f"{mv.source}|{mv.run_id}|{mv.creation_timestamp}"
+
+
 #: file name suffixes looked at in a downloaded model, in order of preference
 _WEIGHT_SUFFIXES = (".wsz", ".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -278,7 +294,8 @@ def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
     file, or a state dict read with ``torch.load(weights_only=True)``. Anything else, such as
     MLflow's pickle-format pytorch model, is refused with a one-line ValueError. NaN or infinite
     weights are refused too. Returns ``(state-dict file in cache, resolved uri)``; the file is
-    cached by the resolved uri.
+    cached by the store's location, the resolved uri and, for a model version, its source
+    and creation time.
     """
     import hashlib
 
@@ -287,7 +304,10 @@ def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
     from wavesweep import models
 
     resolved = resolve_model_uri(uri)
-    key = hashlib.sha256(f"{tracking_uri()}|{resolved}".encode()).hexdigest()[:24]
+    # The key names the store by where it is (the default ``sqlite:///mlflow.db`` is relative: two
+    # projects' stores would share one key) and a version by what it is: a registered model deleted
+    # and made again numbers its versions from 1 anew.
+    key = hashlib.sha256(f"{located(tracking_uri())}|{resolved}|{_version_identity(resolved)}".encode()).hexdigest()[:24]
     path = cache / "uri-weights" / f"{key}.pt"
     if path.exists():
         return path, resolved
