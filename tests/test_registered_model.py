@@ -380,3 +380,39 @@ def test_a_method_runs_id_registers_that_methods_model(trial_run, capsys):
     tags = client.get_model_version("mag", "1").tags
     assert tags["method"] == "magnitude" and tags["checkpoint"] == "magnitude.wsz"
     assert float(tags["top1"]) == mag_run.data.metrics["top1"]
+
+
+def test_a_run_registers_where_its_dataset_is_not(workdir, tmp_path, capsys):
+    """Registering rebuilds the model from the run's checkpoint; the data only gave the input
+    example. A trial on files at its data_root could not be registered once they were not there
+    (another machine, a moved folder): the one-line error said to pass --data-root, an option
+    `wavesweep register` does not have. Now the version is made, with an input example of the
+    model's input shape, and its model is the one the trial evaluated (oracle: predictions.csv)."""
+    import pandas as pd
+
+    from tests.test_data import make_idx_set
+    from wavesweep import cli
+    from wavesweep.tracked_trial import run_tracked_trial
+
+    data = tmp_path / "mnist"
+    make_idx_set(data, n_train=30, n_test=20)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    torch.save(models.build_model("cnn", num_classes=10, in_channels=1, image_size=28).state_dict(), weights)
+    cfg = TrialConfig.from_mapping({"model": "cnn", "dataset": "mnist", "data_root": str(data), "weights": str(weights),
+                                    "timing_batches": 0, "recovery": "none", "wavelet": "haar", "level": 2, "percentile": 60})  # fmt: skip
+    _result, run_id = run_tracked_trial(cfg)
+    moved = data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert cli.main(["register", run_id, "--name", "no-data-here"]) == 0, capsys.readouterr().err
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("no-data-here", "champion")
+    assert mv.run_id == run_id and mv.tags["method"] == "dwt"
+    info = mlflow.models.get_model_info("models:/no-data-here@champion")
+    assert json.loads(info.signature.inputs.to_json())[0]["tensor-spec"]["shape"] == [-1, 1, 28, 28]
+    net = mlflow.pyfunc.load_model("models:/no-data-here@champion").get_raw_model()
+    _, eval_set = load_eval_set(TrialConfig.from_mapping({**cfg.to_dict(), "data_root": str(moved)}))
+    x = torch.stack([eval_set[i][0] for i in range(len(eval_set))])
+    preds = pd.read_csv(client.download_artifacts(run_id, "predictions.csv", str(tmp_path)))
+    with torch.no_grad():
+        assert np.array_equal(net(x).argmax(1).numpy(), preds["dwt"].to_numpy())

@@ -125,6 +125,20 @@ def run_tracked_trial(
     return result, run.run_id
 
 
+def _input_example(cfg: TrialConfig, kwargs: dict[str, int]) -> Any:
+    """A registered model's input example: two of the trial's evaluation inputs, or, where its
+    dataset cannot be read here (another machine, files moved since), two zero inputs of the
+    model's input shape. The model itself comes from the run's checkpoint, not from the data."""
+    try:
+        _, eval_set = load_eval_set(cfg)
+    except (OSError, ValueError) as exc:
+        shape = (2, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
+        log.warning("input example: zeros of shape %s, since the trial's dataset %r cannot be read here (%s)",
+                    shape, cfg.dataset, str(exc).splitlines()[0].split(";")[0])  # fmt: skip
+        return torch.zeros(shape).numpy()
+    return torch.stack([eval_set[i][0] for i in range(min(2, len(eval_set)))]).numpy()
+
+
 def register_trial_model(run_id: str, *, name: str, alias: str | None = "champion", method: str | None = None) -> Any:
     """Register a trial's pruned model as an MLflow model version: an ordinary PyTorch module
     (state dict + architecture, see ``pruned_model``) that loads without wavesweep.
@@ -133,7 +147,8 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
     is a method run (a ``method`` that contradicts it is a ValueError).
 
     The model is rebuilt from the run's compressed checkpoint (the exact weights that were
-    evaluated), with two real evaluation inputs as its input example; the version is tagged with
+    evaluated), with two real evaluation inputs as its input example (zeros of their shape where
+    the dataset cannot be read here); the version is tagged with
     the trial's configuration and results and given ``alias``. The run must be FINISHED. A run's
     method already registered under ``name`` is that version again (``alias`` moved to it).
     """
@@ -183,8 +198,7 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
             where = f"runs:/{run.info.run_id}/{tracking.CHECKPOINT_DIR}/{method}.wsz"
             raise ValueError(str(exc).replace(str(ckpt), where)) from None
         model.eval()
-        _, eval_set = load_eval_set(cfg)
-        example = torch.stack([eval_set[i][0] for i in range(min(2, len(eval_set)))]).numpy()
+        example = _input_example(cfg, kwargs)
         architecture = {"model": cfg.model, **kwargs}
         return model_registry.register_model(model, architecture=architecture, input_example=example, checkpoint=ckpt,
                                              run_id=run.info.run_id, name=name, alias=alias, method=method, tags=tags)  # fmt: skip
