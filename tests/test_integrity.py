@@ -172,6 +172,35 @@ def test_alias_resolves_before_the_cache(workdir, tmp_path):
     assert model_registry.weights_from_uri("models:/b/latest", cache)[1] == "models:/b/2"
 
 
+@pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
+def test_a_missing_version_or_a_bare_name_lists_the_versions_and_aliases(workdir, tmp_path, capsys):
+    """``models:/b/7`` of a model with versions 1 and 2 said only "Model Version (name=b, version=7)
+    not found", and ``models:/b`` (no version, no alias) "Logged model with ID 'b' not found", though
+    b exists: neither named what there is. Oracle: the registry's own versions and aliases."""
+    tracking.init_tracking()
+    for seed in (1, 2):
+        _register_state_dict("b", _cnn_state(seed), tmp_path)
+    c = MlflowClient()
+    c.set_registered_model_alias("b", "champion", "2")
+    versions = ", ".join(sorted(str(mv.version) for mv in c.search_model_versions("name = 'b'")))
+    assert versions == "1, 2"
+    for call in (lambda u: model_registry.download(u, tmp_path / "dl"), lambda u: model_registry.weights_from_uri(u, tmp_path / "cache")):
+        with pytest.raises(ValueError) as ei:
+            call("models:/b/7")
+        assert str(ei.value).endswith(f"models:/b/7: unknown version of b '7'; valid: {versions}"), ei.value
+        with pytest.raises(ValueError) as ei:
+            call("models:/b")
+        msg = str(ei.value)
+        assert f"models:/b/VERSION (versions: {versions})" in msg and "models:/b@ALIAS (aliases: champion)" in msg, msg
+    capsys.readouterr()
+    code = cli.main(["trial", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()], "--weights", "models:/b/7"])
+    err = _one_line_error(capsys, code)
+    assert err == f"wavesweep: error: models:/b/7: unknown version of b '7'; valid: {versions}"
+    failed = c.search_runs([c.get_experiment_by_name("wavesweep").experiment_id], "tags.method = 'trial'")
+    assert [r.info.status for r in failed] == ["FAILED"] and f"valid: {versions}" in failed[0].data.tags["error"]
+    assert not (tmp_path / "dl").exists()
+
+
 def _registered_weights(uri: str, tmp: Path) -> dict[str, torch.Tensor]:
     """The oracle: the weights file of ``uri`` as MLflow itself downloads it."""
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))

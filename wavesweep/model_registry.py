@@ -178,13 +178,15 @@ def list_registered() -> list[dict[str, Any]]:
 
 
 def _not_found(uri: str, exc: MlflowException) -> str:
-    """Why MLflow could not fetch ``uri``: for a ``models:/`` URI whose model or alias does not
-    exist, the bad one and the choices (``names.check_choice``); else MLflow's first line."""
+    """Why MLflow could not fetch ``uri``: for a ``models:/`` URI whose model, alias or version does
+    not exist, the bad one and the choices (``names.check_choice``); for one that names neither a
+    version nor an alias, both lists; else MLflow's first line."""
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if not uri.startswith("models:/"):
         return detail
-    head = uri[len("models:/") :].strip("/").split("/", 1)[0]
+    head, _, ref = uri[len("models:/") :].strip("/").partition("/")
     name, _, alias = head.rpartition("@") if "@" in head else (head, "", "")
+    version = ref.split("/", 1)[0]
     c = client()
     try:
         try:
@@ -201,6 +203,13 @@ def _not_found(uri: str, exc: MlflowException) -> str:
         else:
             if alias:
                 check_choice(f"alias of {name}", alias, aliases or ["(none set)"])
+            elif version.lower() not in ("latest", "none", "staging", "production", "archived"):  # else MLflow's words
+                found = sorted(int(mv.version) for mv in c.search_model_versions(f"name = '{name}'"))
+                versions = [str(v) for v in found] or ["(none registered)"]
+                if not version:  # MLflow 3 reads models:/NAME as the id of a logged model
+                    return (f"no version or alias of {name} given: models:/{name}/VERSION (versions: {', '.join(versions)}) "
+                            f"or models:/{name}@ALIAS (aliases: {', '.join(aliases) or 'none set'})")  # fmt: skip
+                check_choice(f"version of {name}", version, versions)
     except ValueError as bad:
         return str(bad)
     except MlflowException:  # the store itself failed: MLflow's words
