@@ -155,7 +155,8 @@ def test_registered_model_serves_as_base_weights(trial_run, tmp_path):
     register_trial_model(run_id, name="as-base", alias="champion")
     path, resolved = model_registry.weights_from_uri("models:/as-base@champion", tmp_path)
     assert resolved == "models:/as-base/1"  # the alias pinned to its version
-    state = torch.load(path, weights_only=True)
+    state, meta = models.read_weights(path)  # a weights file as `--weights FILE` reads it
+    assert meta["checkpoint"]["user"]["trial"]["dataset"] == "digits"  # what the shipped checkpoint records
     dl = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/as-base@champion", dst_path=str(tmp_path / "dl")))
     saved = torch.load(next(dl.rglob("state_dict.pt")), weights_only=True)
     assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in state)
@@ -416,3 +417,32 @@ def test_a_run_registers_where_its_dataset_is_not(workdir, tmp_path, capsys):
     preds = pd.read_csv(client.download_artifacts(run_id, "predictions.csv", str(tmp_path)))
     with torch.no_grad():
         assert np.array_equal(net(x).argmax(1).numpy(), preds["dwt"].to_numpy())
+
+
+def test_a_registered_model_of_another_dataset_is_refused_as_base_weights(trial_run, tmp_path):
+    """A weights file wavesweep made for another dataset is refused (a digits cnn loads on any
+    1-channel 10-class set and would be recorded as that set's base model at chance accuracy),
+    but the same model given as ``models:/NAME@alias`` or as the run's ``checkpoints/dwt.wsz`` by
+    ``runs:/`` ran: the cache kept only its state dict, not what it records. Oracle: the version's
+    dataset tag and the run's params, read with the MLflow client."""
+    from tests.test_data import make_idx_set
+    from wavesweep.tracked_trial import register_trial_model, run_tracked_trial
+
+    cfg, run_id = trial_run
+    register_trial_model(run_id, name="digits-model", alias="champion")
+    client = MlflowClient()
+    trained_on = client.get_model_version("digits-model", "1").tags["dataset"]
+    assert trained_on == client.get_run(run_id).data.params["dataset"] == "digits"
+    data = tmp_path / "mnist"
+    make_idx_set(data, n_train=30, n_test=20)
+    for uri in ("models:/digits-model@champion", f"runs:/{run_id}/checkpoints/dwt.wsz"):
+        other = TrialConfig.from_mapping({**cfg.to_dict(), "dataset": "mnist", "data_root": str(data), "weights": uri})
+        with pytest.raises(ValueError) as ei:
+            run_tracked_trial(other)
+        pinned = "models:/digits-model/1" if uri.startswith("models:/") else uri
+        assert str(ei.value).startswith(f"{pinned} holds a model for dataset {trained_on!r}, not 'mnist'"), ei.value
+    failed = client.search_runs([client.get_run(run_id).info.experiment_id], "attributes.status = 'FAILED' and tags.method = 'trial'")
+    assert len(failed) == 2 and all("holds a model for dataset 'digits'" in r.data.tags["error"] for r in failed)
+    # the same model on its own dataset still serves as the base (positive control)
+    _result, ok = run_tracked_trial(TrialConfig.from_mapping({**cfg.to_dict(), "weights": "models:/digits-model@champion"}))
+    assert client.get_run(ok).data.params["base_uri"] == "models:/digits-model/1"

@@ -316,7 +316,8 @@ def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
     # The key names the store by where it is (the default ``sqlite:///mlflow.db`` is relative: two
     # projects' stores would share one key) and a version by what it is: a registered model deleted
     # and made again numbers its versions from 1 anew.
-    key = hashlib.sha256(f"{located(tracking_uri())}|{resolved}|{_version_identity(resolved)}".encode()).hexdigest()[:24]
+    # "meta": entries written before the weights kept their record (a plain state dict) are not reused
+    key = hashlib.sha256(f"meta|{located(tracking_uri())}|{resolved}|{_version_identity(resolved)}".encode()).hexdigest()[:24]
     path = cache / "uri-weights" / f"{key}.pt"
     if path.exists():
         return path, resolved
@@ -342,12 +343,20 @@ def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
             raise ValueError(f"{resolved}: several weights files ({names}); give the one to use, e.g. {resolved.rstrip('/')}/{best[0].relative_to(local)}")
         rel = best[0].name if local.is_file() else str(best[0].relative_to(local))
         try:
-            state, _meta = models.read_weights(best[0])
+            state, meta = models.read_weights(best[0])
             models.check_finite(state, source=f"{resolved} ({rel})")
+            if pyfunc.get("loader_module") == "pruned_model" and (shipped := sorted((local / pyfunc["data"]).glob("*.wsz"))):
+                from wavesweep import checkpoint  # what the checkpoint it was decoded from records: its trial, dataset
+
+                header = checkpoint.read_header(shipped[0])
+                meta = {"format": "wsz", "checkpoint": {k: header.get(k) for k in ("method", "config", "user")}}
         except ValueError as exc:  # name the artifact, not the temporary download folder
             where = f"{resolved} ({rel})"
             msg = str(exc).replace(f"weights file {str(best[0])!r}", where).replace(str(best[0]), where)
             raise ValueError(msg) from None
+    # What the weights record of their making (the dataset of the trial or training) stays with them,
+    # in wavesweep's {"state_dict", "meta"} form: the base model's checks read it as from a file.
+    kept = {k: v for k, v in meta.items() if k != "format"}
     with atomic_write(path) as fh:
-        torch.save(saved_copy(state), fh)
+        torch.save({"state_dict": saved_copy(state), "meta": json.dumps(kept)} if kept else saved_copy(state), fh)
     return path, resolved

@@ -30,10 +30,15 @@ def resolve_base(cfg: TrialConfig, *, progress: bool = False) -> train.BaseModel
     if weights and weights.startswith(URI_SCHEMES):
         path, uri = model_registry.weights_from_uri(weights, train.cache_dir())
         weights = str(path)
-    base = train.get_base_model(
-        cfg.model, cfg.dataset, seed=cfg.seed, data_root=cfg.data_root or None, weights=weights,
-        device=cfg.device, progress=progress,
-    )  # fmt: skip
+    try:
+        base = train.get_base_model(
+            cfg.model, cfg.dataset, seed=cfg.seed, data_root=cfg.data_root or None, weights=weights,
+            device=cfg.device, progress=progress,
+        )  # fmt: skip
+    except ValueError as exc:  # name the model URI given, not the file it is cached in
+        if not uri:
+            raise
+        raise ValueError(str(exc).replace(f"weights file {weights!r}", uri).replace(str(weights), uri)) from None
     if uri:
         base = dataclasses.replace(base, source="mlflow", uri=uri)
     return base
