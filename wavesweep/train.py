@@ -249,10 +249,10 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _optimizer(params, config: TrainConfig, **adamw) -> torch.optim.Optimizer:
-    """``config``'s optimizer over ``params`` (``adamw``: extra AdamW arguments)."""
+def _optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """``config``'s optimizer over ``params``."""
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **adamw)
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                            nesterov=True)
 
@@ -312,8 +312,8 @@ class _ScheduleFeed:
 class _GraphedStep:
     """One training step (forward, loss, backward, optimizer step) captured as a CUDA graph,
     replayed on each full-size batch copied into its static input (PyTorch's "whole-network
-    capture"). The parameters, gradients, optimizer state, BatchNorm buffers and the ``lr``/
-    ``betas`` tensors are the model's and optimizer's own, so eager steps may run in between (a
+    capture"). The parameters, gradients, optimizer state, BatchNorm buffers and the ``lr``
+    tensor are the model's and optimizer's own, so eager steps may run in between (a
     short last batch of an epoch: its gradients are zeroed in place, not dropped)."""
 
     def __init__(self, graph, x, y, loss) -> None:
