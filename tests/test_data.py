@@ -624,6 +624,29 @@ def test_imagefolder_class_mismatch_names_the_differing_folders(tmp_path):
     assert "\n" not in msg and "1 only in train/ (first 'dog')" in msg and "1 only in val/ (first 'dgo')" in msg
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_imagefolder_images_beside_the_class_folders_are_one_line_not_left_out(tmp_path, split):
+    """An image directly in train/ or val/ belongs to no class: torchvision's ImageFolder (the
+    oracle) leaves it out, so the split was the rest alone, without a word. One line naming the
+    folder, the number and the first; a file there that is no image is not one."""
+    import shutil
+
+    from torchvision.datasets import ImageFolder
+
+    for sp in ("train", "val"):
+        make_image_folder(tmp_path / sp, ["a", "b"], per_class=3)
+    (tmp_path / split / "notes.txt").write_text("not an image")
+    assert len(load_dataset("imagefolder", root=tmp_path, image_size=16).test) == 6
+    moved = sorted(os.listdir(tmp_path / split / "a"))[0]
+    shutil.move(tmp_path / split / "a" / moved, tmp_path / split)
+    assert len(ImageFolder(str(tmp_path / split))) == 5  # what an ImageFolder reads
+    with pytest.raises(ValueError) as err:
+        load_dataset("imagefolder", root=tmp_path, image_size=16)
+    msg = str(err.value)
+    assert msg.startswith(f"imagefolder: {str(tmp_path / split)!r} holds 1 images beside its 2 class folders "
+                          f"(first {moved!r}), in no class;") and "\n" not in msg
+
+
 def test_hidden_folders_are_not_classes_and_labels_match_torchvision(tmp_path):
     """A hidden folder (``.ipynb_checkpoints``, ``.cache``) beside the classes is no class: the
     labels equal torchvision's ImageFolder over the same tree without it (the oracle), where a

@@ -299,6 +299,10 @@ def _imagefolder(root: Path | None, seed: int, image_size: int | None) -> Datase
             f"imagefolder: class folders differ or are missing under {str(path)!r} "
             f"(train: {len(tr_classes)}, val: {len(va_classes)}{diff}); {_IMAGEFOLDER_LAYOUT}"
         )
+    for split in ("train", "val"):  # an ImageFolder leaves them out: the split would be the rest alone
+        if loose := _loose_images(path / split):
+            raise ValueError(f"imagefolder: {str(path / split)!r} holds {len(loose)} images beside its {len(tr_classes)} "
+                             f"class folders (first {loose[0]!r}), in no class; {_IMAGEFOLDER_LAYOUT}")
     eval_tf = _imagenet_eval_transform(size)
     train_tf = T.Compose([T.RandomHorizontalFlip(), eval_tf])
     try:
