@@ -27,6 +27,14 @@ both measured in the same run (median of ``--repeats`` after one warm-up; CPU).
   process (every trial after the first in a study worker): the unchanged file is read but not
   hashed again, its checksum remembered by file signature (``train.remembered_sha256``). Oracle:
   ``tests/test_train.py::test_a_base_model_file_loaded_again_in_the_process_is_not_hashed_again``.
+* metrics from logits (``evaluate.metrics_from_logits``): the target's top-5 rank from two
+  comparisons a row (the rows with ties or NaN by the full rule) and the per-label scores from
+  ``np.bincount``, against the form they replaced (seven comparisons over every row, and
+  scikit-learn's ``precision_recall_fscore_support``), on 2,048 x 1,000 logits (the 224 px
+  evaluation of ``bench_eval.py``, whose metrics took 5.9-7.4 ms a pass on the H200's host) and
+  10,000 x 10 (Fashion-MNIST's test split). Oracles: ``tests/test_evaluate.py::
+  test_target_rank_equals_its_definition_on_every_row``, ``::test_precision_recall_f1_is_sklearns_bit_for_bit``,
+  ``::test_metrics_agree_with_sklearn``.
 * exact McNemar (``stats.mcnemar_exact``): each binomial term from the one before, against a
   fresh ``math.comb`` per term, in exact integers both. Oracle:
   ``tests/test_stats.py::test_mcnemar_is_exact_at_imagenet_scale`` (``scipy.stats.binomtest``).
@@ -249,6 +257,43 @@ def bench_base_load(repeats: int) -> None:
           f"(saves {(overlapped - again) * 1e3:.0f} ms a trial after the first)")
 
 
+def _metrics_before(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """``metrics_from_logits`` as it was before (2026-11-27): the full rank rule on every row,
+    scikit-learn's per-label scores."""
+    import torch.nn.functional as F
+    from sklearn.metrics import precision_recall_fscore_support
+
+    n, c = logits.shape
+    preds = logits.argmax(dim=1)
+    correct = preds == targets
+    tl = logits.gather(1, targets[:, None])
+    nan, tl_nan = logits.isnan(), tl.isnan()
+    above = (logits > tl) | (nan & ~tl_nan)
+    equal = (logits == tl) | (nan & tl_nan)
+    rank = above.sum(1) + (equal & (torch.arange(c)[None] < targets[:, None])).sum(1)
+    y_true, y_pred = targets.numpy(), preds.numpy()
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=np.unique(y_true), average=None,
+                                                       zero_division=0)
+    return {"top1": correct.double().mean().item(), "top5": (rank < min(5, c)).double().mean().item(),
+            "loss": F.cross_entropy(logits, targets).item(), "f1_macro": float(f.mean()),
+            "recall_macro": float(r.mean()), "precision_macro": float(p.mean()),
+            "f1_weighted": float((f * support / support.sum()).sum())}
+
+
+def bench_metrics(repeats: int) -> None:
+    print("metrics from logits (top-1/5, loss, F1, recall, precision)")
+    g = torch.Generator().manual_seed(0)
+    for n, c in ((2048, 1000), (10_000, 10)):
+        y = torch.randint(0, c, (n,), generator=g)
+        logits = torch.randn(n, c, generator=g)
+        logits[torch.arange(n), y] += 2.0  # a model better than chance
+        new = evaluate.metrics_from_logits(logits, y).metrics()
+        assert new == _metrics_before(logits, y), "the two forms disagree"
+        old_s = median_s(lambda: _metrics_before(logits, y), repeats)
+        new_s = median_s(lambda: evaluate.metrics_from_logits(logits, y), repeats)
+        print(f"  {n:>6,} x {c:<5,} before {ms(old_s)}   now {ms(new_s)}   {old_s / new_s:.1f}x")
+
+
 def bench_mcnemar(repeats: int) -> None:
     """Exact McNemar p (``stats.mcnemar_exact``: each binomial term from the one before) against a
     fresh ``math.comb`` per term (the code it replaced), at one size both finish, then the new
@@ -283,6 +328,7 @@ def main() -> None:
     bench_model_stats(args.repeats)
     bench_upload(args.repeats)
     bench_base_load(args.repeats)
+    bench_metrics(args.repeats)
     bench_mcnemar(args.repeats)
 
 

@@ -366,3 +366,65 @@ def test_nan_logits_rank_as_argmax_and_topk_rank_them():
     assert np.array_equal(r.correct, (logits.argmax(1) == y).numpy()) and r.top5 >= r.top1
     collapsed = metrics_from_logits(torch.full((100, 10), float("nan")), torch.arange(100) % 10)
     assert (collapsed.top1, collapsed.top5) == (0.1, 0.5)  # argmax picks class 0; ranks are the class indices
+
+
+def test_precision_recall_f1_is_sklearns_bit_for_bit():
+    """The bincount form of the per-label scores equals scikit-learn's
+    ``precision_recall_fscore_support(..., average=None, zero_division=0)`` exactly (``==``):
+    absent classes, labels never predicted, predictions outside the label set, a single label."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from wavesweep.evaluate import precision_recall_f1
+
+    rng = np.random.default_rng(7)
+    cases = []
+    for n, c in [(300, 10), (50, 1000), (1000, 3), (7, 5), (1, 4)]:
+        y = rng.integers(0, c, size=n)
+        pred = np.where(rng.random(n) < 0.5, y, rng.integers(0, c, size=n))
+        cases.append((y, pred, c))
+    y = rng.integers(0, 4, size=200)
+    cases.append((y, np.full(200, 9), 12))  # every prediction outside the labels present
+    cases.append((np.full(30, 2), np.full(30, 2), 3))  # one label, all right
+    for y, pred, c in cases:
+        labels = np.unique(y)
+        mine = precision_recall_f1(y, pred, labels, c)
+        oracle = precision_recall_fscore_support(y, pred, labels=labels, average=None, zero_division=0)
+        for a, b in zip(mine, oracle):
+            assert a.shape == b.shape and np.array_equal(a, b), (a, b)
+
+
+def test_target_rank_equals_its_definition_on_every_row():
+    """The two-comparison rank (ties and NaN rows sent to the full rule) equals the full rule on
+    every row: no ties, ties everywhere, NaN logits and NaN targets, infinities, signed zeros."""
+    from wavesweep.evaluate import _target_rank, _target_rank_full
+
+    rng = np.random.default_rng(3)
+    n, c = 600, 16
+    cases = [rng.normal(size=(n, c)), rng.integers(0, 3, size=(n, c)).astype(float)]
+    mixed = rng.normal(size=(n, c))
+    mixed[rng.random((n, c)) < 0.05] = np.nan
+    mixed[rng.random((n, c)) < 0.05] = np.inf
+    mixed[rng.random((n, c)) < 0.05] = -np.inf
+    mixed[rng.random((n, c)) < 0.05] = 0.0
+    mixed[rng.random((n, c)) < 0.05] = -0.0
+    cases += [mixed, np.full((n, c), np.nan)]
+    y = torch.from_numpy(rng.integers(0, c, size=n))
+    for a in cases:
+        logits = torch.from_numpy(a.astype(np.float32))
+        fast = _target_rank(logits, y, logits.argmax(1))
+        assert torch.equal(fast, _target_rank_full(logits, y))
+    assert torch.equal(_target_rank_full(torch.full((1, 4), float("nan")), torch.tensor([2])), torch.tensor([2]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_metrics_scored_on_the_device_equal_the_hosts():
+    """``evaluate_many`` scores an accelerator's logits where they are: every metric equals the
+    host's scoring of the same logits (the loss to float tolerance), ties and NaN rows included."""
+    rng = np.random.default_rng(4)
+    logits = torch.from_numpy(rng.integers(0, 4, size=(2000, 100)).astype(np.float32))
+    logits[::7, 3] = float("nan")
+    y = torch.from_numpy(rng.integers(0, 100, size=2000))
+    host, dev = metrics_from_logits(logits, y), metrics_from_logits(logits.cuda(), y.cuda())
+    for k, v in host.metrics().items():
+        assert dev.metrics()[k] == (pytest.approx(v, rel=1e-6) if k == "loss" else v), k
+    assert all(np.array_equal(getattr(host, a), getattr(dev, a)) for a in ("correct", "preds", "targets"))

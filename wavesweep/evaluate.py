@@ -177,37 +177,31 @@ def _bytes_to_move(model: nn.Module, dev: torch.device) -> int:
     return sum(t.nbytes for t in (*model.parameters(), *model.buffers()) if t.device.type != dev.type)
 
 
-def predict_many(
+def _logits_many(
     models: dict[str, nn.Module],
     dataset: Dataset,
     *,
-    batch_size: int = 256,
-    device: str | torch.device = "auto",
-    progress: bool = False,
-    num_workers: int | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{name: (logits float32 CPU (N, C), targets int64 CPU (N,))}`` for every model, from
-    ONE pass over ``dataset``: each batch is loaded (decoded, normalised) once and fed to
-    every model, so a trial's base/magnitude/random models share the data cost. The
-    logits equal separate :func:`predict` calls exactly (same batches, same ops). Where the
-    models together would not fit in a quarter of the free GPU memory, the pass is made
-    once per model instead (each model goes back to its device afterwards). Models are
-    moved to ``device`` and put in eval mode; their train/eval flags are restored. The
-    targets tensor is shared by all entries. Every model gets the same input tensor, which may
-    be a view of the dataset's own storage: a model must not change its input in place (none
-    of the registered architectures does; a first ``ReLU(inplace=True)`` would)."""
+    batch_size: int,
+    device: str | torch.device,
+    progress: bool,
+    num_workers: int | None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``({name: logits float32 (N, C) on the device}, targets int64 CPU (N,))`` from one pass
+    (:func:`predict_many`, which copies the logits to the host; :func:`evaluate_many` scores them
+    where they are, so an accelerator's logits never cross to the host whole)."""
     if not models:
         raise ValueError("predict_many needs at least one model")
     _check_batch_size(batch_size)
     dev = resolve_device(device)
     if len(models) > 1 and not _fits_on(dev, sum(_bytes_to_move(m, dev) for m in models.values())):
-        out = {}
+        out, tg = {}, None
         for name, m in models.items():
             home = next(iter(m.parameters()), torch.empty(0)).device
-            out[name] = predict_many({name: m}, dataset, batch_size=batch_size, device=dev,
-                                     progress=progress, num_workers=num_workers)[name]
+            one, tg = _logits_many({name: m}, dataset, batch_size=batch_size, device=dev,
+                                   progress=progress, num_workers=num_workers)
+            out[name] = one[name]
             m.to(home)
-        return out
+        return out, tg
     was_training = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.to(dev)
@@ -230,13 +224,37 @@ def predict_many(
     tg = torch.cat(targets).to(torch.int64).cpu()
     out = {}
     for k in models:
-        lg = torch.cat(logits[k]).cpu()  # the one device->host copy
+        lg = torch.cat(logits[k])
         if lg.ndim != 2 or lg.shape[0] != tg.shape[0]:
             raise ValueError(f"model {k!r} gives outputs of shape {tuple(lg.shape)} for {tg.shape[0]} examples; "
                              "expected logits (examples, classes)")
         _check_classes(lg, tg)
-        out[k] = (lg, tg)
-    return out
+        out[k] = lg
+    return out, tg
+
+
+def predict_many(
+    models: dict[str, nn.Module],
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    num_workers: int | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (logits float32 CPU (N, C), targets int64 CPU (N,))}`` for every model, from
+    ONE pass over ``dataset``: each batch is loaded (decoded, normalised) once and fed to
+    every model, so a trial's base/magnitude/random models share the data cost. The
+    logits equal separate :func:`predict` calls exactly (same batches, same ops). Where the
+    models together would not fit in a quarter of the free GPU memory, the pass is made
+    once per model instead (each model goes back to its device afterwards). Models are
+    moved to ``device`` and put in eval mode; their train/eval flags are restored. The
+    targets tensor is shared by all entries. Every model gets the same input tensor, which may
+    be a view of the dataset's own storage: a model must not change its input in place (none
+    of the registered architectures does; a first ``ReLU(inplace=True)`` would)."""
+    logits, tg = _logits_many(models, dataset, batch_size=batch_size, device=device, progress=progress,
+                              num_workers=num_workers)
+    return {k: (lg.cpu(), tg) for k, lg in logits.items()}  # one device->host copy per model
 
 
 def predict(
@@ -286,8 +304,64 @@ class EvalResult:
         }
 
 
+def _target_rank(logits: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
+    """The target's rank (N,) among its row's logits under argmax's rule: classes above it, and
+    equal ones with a lower index, count; NaN ranks above every number (as in argmax and topk),
+    so a diverged model's NaN logits never put the target first.
+
+    Two comparisons a row where nothing ties with the target (``>`` and ``>=`` agree but for the
+    target itself); the rows where something does, or where a NaN is (argmax picks a row's NaN),
+    are ranked by the full rule: 2 passes over (N, C) instead of 7 (:func:`_target_rank_full`
+    is the oracle in the tests, on every row)."""
+    tl = logits.gather(1, targets[:, None])
+    gt = (logits > tl).sum(1)
+    ge = (logits >= tl).sum(1)
+    odd = (ge - gt != 1) | logits.gather(1, preds[:, None]).squeeze(1).isnan()
+    rows = odd.nonzero().squeeze(1)
+    if rows.numel():
+        gt = gt.index_put((rows,), _target_rank_full(logits[rows], targets[rows]))
+    return gt
+
+
+def _target_rank_full(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """:func:`_target_rank` by its definition, over every element of every row."""
+    c = logits.shape[1]
+    tl = logits.gather(1, targets[:, None])
+    nan, tl_nan = logits.isnan(), tl.isnan()
+    above = (logits > tl) | (nan & ~tl_nan)
+    equal = (logits == tl) | (nan & tl_nan)
+    return above.sum(1) + (equal & (torch.arange(c, device=logits.device)[None] < targets[:, None])).sum(1)
+
+
+def precision_recall_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: np.ndarray, n_classes: int):
+    """Per-label precision, recall, F1 and support over ``labels``: scikit-learn's
+    ``precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None,
+    zero_division=0)`` bit for bit (the same counts, the same float64 divisions: tp / predicted,
+    tp / true, 2 tp / (true + predicted), 0 where a denominator is 0; the test compares with ``==``),
+    from three ``np.bincount`` calls instead of its validation and multilabel confusion matrix
+    (1-2 ms a model, most of a small evaluation's metrics). Labels are ints in [0, n_classes)."""
+    correct = y_true == y_pred
+    tp = np.bincount(y_true[correct], minlength=n_classes)[labels]
+    pred_sum = np.bincount(y_pred, minlength=n_classes)[labels]
+    true_sum = np.bincount(y_true, minlength=n_classes)[labels]
+
+    def divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        den = den.copy()
+        zero = den == 0
+        den[zero] = 1
+        out = num / den
+        out[zero] = 0.0
+        return out
+
+    precision = divide(tp, pred_sum)
+    recall = divide(tp, true_sum)
+    f1 = divide(2.0 * tp.astype(np.float64), 1.0 * true_sum.astype(np.float64) + pred_sum.astype(np.float64))
+    return precision, recall, f1, true_sum
+
+
 def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> EvalResult:
-    """All metrics from logits (N, C) and integer targets (N,).
+    """All metrics from logits (N, C) and integer targets (N,), computed where the logits are
+    (on an accelerator only the per-example predictions and ranks come to the host, in one copy).
 
     top-5 is top-min(5, C). F1/recall/precision are scikit-learn's
     ``precision_recall_fscore_support`` with ``zero_division=0`` over the labels present
@@ -296,48 +370,43 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> EvalResu
     the label set depends only on the examples, so it is the same for every model
     evaluated on them. (For digits every class is present: identical to labels=range(C).)
     """
-    from sklearn.metrics import precision_recall_fscore_support
-
-    logits = torch.as_tensor(logits).detach().float().cpu()
-    targets = torch.as_tensor(targets).detach().to(torch.int64).cpu()
+    logits = torch.as_tensor(logits).detach()
+    targets = torch.as_tensor(targets).detach().to(torch.int64)
     if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
         raise ValueError(f"need logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
     n, c = logits.shape
     if n == 0:
         raise ValueError("cannot compute metrics on zero examples")
-    _check_classes(logits, targets)
+    y_true = targets.cpu()
+    _check_classes(logits, y_true)
+    logits = logits.float()
+    t = y_true.to(logits.device, non_blocking=True)
     k = min(5, c)
     preds = logits.argmax(dim=1)  # (N,): among equal logits the lowest class (torch's rule)
-    correct = preds == targets
-    # The target's rank under the same rule (classes above it, and equal ones with a lower index):
     # top-1 is rank 0 (= argmax), top-k rank < k, so an example right at top-1 is right at top-5
-    # even where logits tie (topk's order among equal values is unspecified). NaN ranks above every
-    # number, as in argmax and topk: a diverged model's NaN logits must not put the target first.
-    tl = logits.gather(1, targets[:, None])
-    nan, tl_nan = logits.isnan(), tl.isnan()
-    above = (logits > tl) | (nan & ~tl_nan)
-    equal = (logits == tl) | (nan & tl_nan)
-    rank = above.sum(1) + (equal & (torch.arange(c)[None] < targets[:, None])).sum(1)
-    top5 = (rank < k).double().mean().item()
-    loss = F.cross_entropy(logits, targets).item()
-    y_true, y_pred = targets.numpy(), preds.numpy()
+    # even where logits tie (topk's order among equal values is unspecified)
+    in_topk = _target_rank(logits, t, preds) < k
+    loss = F.cross_entropy(logits, t)
+    # one device->host copy: predictions (exact in float64), top-k flags, the loss
+    packed = torch.cat([preds.double(), in_topk.double(), loss.double().view(1)]).cpu()
+    y_pred = packed[:n].to(torch.int64).numpy()
+    y_true = y_true.numpy()
+    correct = y_pred == y_true
     labels = np.unique(y_true)
-    # one per-class call; macro = unweighted mean, weighted = support-weighted mean over
-    # ``labels`` (what sklearn's average="macro"/"weighted" compute), at half the cost
-    p, r, f, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average=None, zero_division=0
-    )
+    # macro = unweighted mean, weighted = support-weighted mean over ``labels`` (what sklearn's
+    # average="macro"/"weighted" compute)
+    p, r, f, support = precision_recall_f1(y_true, y_pred, labels, c)
     weights = support / support.sum()
     return EvalResult(
         n=n,
-        top1=correct.double().mean().item(),  # float64: the same number as the paired gap's
-        top5=top5,
-        loss=loss,
+        top1=float(correct.mean(dtype=np.float64)),  # float64: the same number as the paired gap's
+        top5=float(packed[n : 2 * n].numpy().mean(dtype=np.float64)),
+        loss=float(packed[2 * n]),
         f1_macro=float(f.mean()),
         recall_macro=float(r.mean()),
         precision_macro=float(p.mean()),
         f1_weighted=float((f * weights).sum()),
-        correct=correct.numpy().astype(bool),
+        correct=correct,
         preds=y_pred.astype(np.int64),
         targets=y_true.astype(np.int64),
     )
@@ -352,10 +421,10 @@ def evaluate(
     progress: bool = False,
     num_workers: int | None = None,
 ) -> EvalResult:
-    """:func:`predict` then :func:`metrics_from_logits` over the whole ``dataset``."""
-    logits, targets = predict(model, dataset, batch_size=batch_size, device=device, progress=progress,
-                              num_workers=num_workers)
-    return metrics_from_logits(logits, targets)
+    """:func:`predict` then :func:`metrics_from_logits` over the whole ``dataset`` (scored on the
+    device, as :func:`evaluate_many`)."""
+    return evaluate_many({"model": model}, dataset, batch_size=batch_size, device=device, progress=progress,
+                         num_workers=num_workers)["model"]
 
 
 def evaluate_many(
@@ -365,11 +434,14 @@ def evaluate_many(
     batch_size: int = 256,
     device: str | torch.device = "auto",
     progress: bool = False,
+    num_workers: int | None = None,
 ) -> dict[str, EvalResult]:
     """:func:`evaluate` of every model from one pass over ``dataset`` (:func:`predict_many`):
-    exactly what separate :func:`evaluate` calls give."""
-    out = predict_many(models, dataset, batch_size=batch_size, device=device, progress=progress)
-    return {name: metrics_from_logits(logits, targets) for name, (logits, targets) in out.items()}
+    exactly what separate :func:`evaluate` calls give. Each model's logits are scored where they
+    were computed (:func:`metrics_from_logits`): on an accelerator they do not cross to the host."""
+    logits, targets = _logits_many(models, dataset, batch_size=batch_size, device=device, progress=progress,
+                                   num_workers=num_workers)
+    return {name: metrics_from_logits(lg, targets) for name, lg in logits.items()}
 
 
 class Chunk(NamedTuple):
