@@ -417,7 +417,7 @@ def test_target_rank_equals_its_definition_on_every_row():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_metrics_scored_on_the_device_equal_the_hosts():
+def test_cuda_metrics_scored_on_the_device_equal_the_hosts():
     """``evaluate_many`` scores an accelerator's logits where they are: every metric equals the
     host's scoring of the same logits (the loss to float tolerance), ties and NaN rows included."""
     rng = np.random.default_rng(4)
