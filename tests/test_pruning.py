@@ -1019,3 +1019,60 @@ def test_dwt_a_layer_the_layout_cannot_take_is_named_and_nothing_is_written(back
         P.prune_dwt(net, wavelet="haar", level=1, percentile=50, layout="kernel", targets=("conv", "linear"),
                     inplace=True, backend=backend)  # fmt: skip
     _assert_same_state(before, _state(net))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_random_keys_drawn_ahead_give_the_same_masks(scope, backend):
+    """Keys drawn ahead on a thread (``RandomKeys``, as a trial does from its start) give the masks,
+    counts and weights ``prune_random`` gives drawing them itself (any tie-break draws from the
+    same generator after the keys), through ``prune_matched`` too. Oracle of the draws: the k
+    smallest of ``torch.rand(n, generator=...)`` per layer in order (one draw of the total in the
+    global scope)."""
+    from wavesweep.baselines import RandomKeys, _smallest
+
+    net = _tied_net()
+    targets = ("conv", "linear")
+    sizes = [m.weight.numel() for _, m in P.target_layers(net, targets)]
+    names = [n for n, _ in P.target_layers(net, targets)]
+    amounts = [0.37, 0.5] + ([{n: (i % 4) / 4 + 0.1 for i, n in enumerate(names)}] if scope == "layer" else [])
+    for seed in (0, 5):
+        for amount in amounts:
+            ref = P.prune_random(net, amount, seed=seed, scope=scope, targets=targets, backend=backend)
+            keys = RandomKeys(seed, sizes, joint=scope == "global")
+            got = P.prune_random(net, amount, seed=seed, scope=scope, targets=targets, backend=backend, keys=keys)
+            assert got.config == ref.config
+            assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref.layers]
+            for a, b in zip(got.layers, ref.layers):
+                assert np.array_equal(a.keep, b.keep), a.name
+            for (k, x), (_, y) in zip(got.model.state_dict().items(), ref.model.state_dict().items()):
+                assert torch.equal(x, y), k
+            if isinstance(amount, float):
+                g = torch.Generator().manual_seed(seed)
+                if scope == "global":
+                    keys = torch.rand(sum(sizes), generator=g).numpy()
+                    oracle = np.split(_smallest(keys, round(amount * keys.size), g), np.cumsum(sizes)[:-1])
+                else:
+                    oracle = [_smallest(torch.rand(n, generator=g).numpy(), round(amount * n), g) for n in sizes]
+                assert all(np.array_equal(~a.keep, o) for a, o in zip(got.layers, oracle))
+    # through prune_matched, as a trial calls it
+    dwt = P.prune_dwt(net, wavelet="haar", level=1, percentile=40, scope=scope, targets=targets)
+    ref = P.prune_matched(net, dwt, scope=scope, seed=3)["random"]
+    got = P.prune_matched(net, dwt, scope=scope, seed=3, keys=RandomKeys(3, sizes, joint=scope == "global"))["random"]
+    assert all(np.array_equal(a.keep, b.keep) for a, b in zip(got.layers, ref.layers))
+
+
+def test_random_keys_for_other_layers_or_another_seed_are_refused():
+    from wavesweep.baselines import RandomKeys
+
+    net = _tied_net()
+    sizes = [m.weight.numel() for _, m in P.target_layers(net, "conv")]
+    with pytest.raises(ValueError, match=r"random keys drawn for \d+ layers"):
+        P.prune_random(net, 0.5, targets=("conv", "linear"), keys=RandomKeys(0, sizes, joint=False))
+    with pytest.raises(ValueError, match=r"joint=True\) cannot prune"):
+        P.prune_random(net, 0.5, targets="conv", keys=RandomKeys(0, sizes, joint=True))
+    dwt = P.prune_dwt(net, wavelet="haar", level=1, percentile=40)
+    with pytest.raises(ValueError, match="random keys drawn for seed 1, not 0"):
+        P.prune_matched(net, dwt, seed=0, keys=RandomKeys(1, sizes, joint=False))
+    with pytest.raises(ValueError, match="either keys= or generator="):
+        P.prune_random(net, 0.5, targets="conv", keys=RandomKeys(0, sizes, joint=False), generator=torch.Generator())

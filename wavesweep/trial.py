@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from wavesweep import accounting, data, evaluate, evalsplit, pruning, recovery, schema, train
+from wavesweep import accounting, baselines, data, evaluate, evalsplit, pruning, recovery, schema, train
 from wavesweep.config import TrialConfig
 from wavesweep.fileio import atomic_write
 from wavesweep.models import build_model
+from wavesweep.prune_record import target_layers
 from wavesweep.stats import PairedComparison, paired_comparison
 from wavesweep.wavelets import LevelClampedWarning, StructuralZerosWarning
 
@@ -247,6 +248,12 @@ def _run_trial(
         # magnitude/random select there too (no NumPy round trip). Whether the base evaluation
         # came from its cache must not decide where pruning runs.
         base.model.to(device)
+        # random's keys depend on the seed and the target layers' sizes alone: drawn on a thread
+        # from here, beside the base evaluation and dwt's pruning (the same keys, the same masks)
+        random_keys = baselines.RandomKeys(
+            cfg.seed, [m.weight.numel() for _, m in target_layers(base.model, cfg.target_kinds)],
+            joint=cfg.scope == "global", pin=device.type == "cuda",
+        )
     with phases("eval_base"):
         fingerprint = data.data_fingerprint(bundle)
         base_eval = _base_eval_cached(base, cfg, eval_set, device, fingerprint)
@@ -292,7 +299,9 @@ def _run_trial(
         dwt_eval = chunk.result if val_set is None else None  # with a validation part: scored with the baselines below
 
     with phases("prune"), recording_warnings():
-        matched = pruning.prune_matched(base.model, dwt, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds)
+        matched = pruning.prune_matched(base.model, dwt, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds,
+                                        keys=random_keys)
+        del random_keys  # its buffer: the random model's scores are made
     prunes = {"dwt": dwt, **matched}
     recover(matched)
     with phases("eval"):
