@@ -1053,3 +1053,71 @@ def test_a_data_root_whose_user_is_unknown_is_one_line_naming_it(tmp_path, monke
     monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
     assert main(["train", "--model", "cnn", "--dataset", "imagefolder", "--data-root", root, "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"wavesweep: error: data root {root!r}: cannot expand '~no_such_user_wavesweep' (no such user or no home)\n"
+
+
+
+def _reference_image_folder(root: Path) -> list[tuple[str, int]]:
+    """The samples as ImageFiles found them before the scan of its own (torchvision's
+    make_dataset, hidden names left out by an is_valid_file on the path relative to the root)."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    top = os.path.abspath(root)
+
+    def is_valid_file(path: str) -> bool:
+        parts = os.path.relpath(os.path.abspath(path), top).split(os.sep)
+        return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(p.startswith(".") for p in parts)
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return ImageFolder.make_dataset(str(root), {c: i for i, c in enumerate(classes)}, None, is_valid_file)
+
+
+def _old_times(root: Path) -> None:
+    """Every folder under ``root`` (and it) last modified an hour ago: a scan of it is remembered."""
+    t = os.stat(root).st_mtime - 3600
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        os.utime(d, (t, t))
+
+
+def test_image_files_scan_is_torchvisions_make_dataset_and_remembered_while_folders_are_unchanged(tmp_path, monkeypatch):
+    """Oracle: torchvision's make_dataset with the old path-based is_valid_file, on a tree with
+    hidden files and folders, nested folders, other files, upper-case extensions and a linked
+    folder. Scanned again unchanged (old folder times), nothing is walked; an image added,
+    removed or renamed, in a class folder or a nested one, is seen; a tree modified just now is
+    not remembered (file times are coarse)."""
+    from wavesweep import image_files
+
+    root = make_image_folder(tmp_path / "train", ["n01", "n02", "n03"], per_class=3, size=(8, 8))
+    (root / "n01" / "._img0_0.JPEG").write_bytes(b"not an image")
+    (root / "n01" / ".ipynb_checkpoints").mkdir()
+    (root / "n01" / ".ipynb_checkpoints" / "copy.png").write_bytes(b"x")
+    (root / "n02" / "sub" / "deeper").mkdir(parents=True)
+    (root / "n02" / "sub" / "deeper" / "b.JPG").write_bytes(b"x")
+    (root / "n02" / "sub" / "a.jpeg").write_bytes(b"x")
+    (root / "n02" / "notes.txt").write_text("x")
+    (root / ".cache").mkdir()
+    (root / ".cache" / "z.png").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "linked.png").write_bytes(b"x")
+    (root / "n03" / "link").symlink_to(tmp_path / "elsewhere")
+    reference = _reference_image_folder(root)
+    assert image_files.ImageFiles(str(root)).samples == reference
+    assert len(reference) == 12 and not any("/." in p for p, _ in reference)
+
+    walks = []
+    real_walk = os.walk
+    monkeypatch.setattr(image_files.os, "walk", lambda *a, **k: walks.append(a[0]) or real_walk(*a, **k))
+    image_files.ImageFiles(str(root))  # modified just now: not remembered
+    assert walks
+    _old_times(root)
+    image_files.ImageFiles(str(root))  # scanned, remembered
+    walks.clear()
+    ds = image_files.ImageFiles(str(root))
+    assert walks == [] and ds.samples == reference and ds.targets == [y for _, y in reference]
+    for change in (lambda: (root / "n02" / "sub" / "deeper" / "new.png").write_bytes(b"x"),
+                   lambda: (root / "n01" / "img0_1.png").unlink(),
+                   lambda: (root / "n03" / "img2_0.JPEG").rename(root / "n03" / "renamed.JPEG")):
+        _old_times(root)
+        image_files.ImageFiles(str(root))  # remembered as it is now
+        change()
+        assert image_files.ImageFiles(str(root)).samples == _reference_image_folder(root)

@@ -17,11 +17,12 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from torchvision.datasets import ImageFolder, VisionDataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 
 def class_dirs(path: str | Path) -> list[str]:
@@ -41,24 +42,77 @@ def read_image(path: str) -> Any:
         raise ValueError(f"image {path!r} cannot be read ({type(exc).__name__}: {exc}); remove or replace it") from None
 
 
+#: a folder whose mtime is this close to a scan's start is not remembered: file timestamps are
+#: coarse (a kernel tick, ~4 ms), so a file added just after the scan could leave it unchanged
+_RACY_NS = 2_000_000_000
+#: (folder as given, its absolute path, its classes) -> (samples, {folder: mtime_ns}) of a scan
+_SCANS: dict[tuple[str, str, tuple[tuple[str, int], ...]], tuple[tuple[tuple[str, int], ...], dict[str, int]]] = {}
+
+
+def _mtimes_unchanged(mtimes: dict[str, int]) -> bool:
+    try:
+        return all(os.stat(d).st_mtime_ns == t for d, t in mtimes.items())
+    except OSError:  # a folder gone since
+        return False
+
+
+def scan_image_files(directory: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """``[(path, class index)]`` of the images under each class folder of ``directory``: exactly
+    what torchvision's ``make_dataset`` gives with ImageFolder's extensions and hidden names (any
+    hidden folder or file under ``directory``) left out, in its order (sorted folders, then sorted
+    names; links followed), with paths joined onto ``directory`` as given.
+
+    Cheaper than ``make_dataset`` with an ``is_valid_file`` (ImageNet's train split: 1.28 M files,
+    see ``bench/bench_speedups.py``): hidden folders are not entered, and a name is checked alone,
+    not its path made absolute and relative again. Remembered for the process (a study worker
+    scans once), keyed by the folder and its classes and valid while the modification time of every
+    folder it read is unchanged (an image added, removed or renamed in any of them changes its
+    folder's); a folder modified within :data:`_RACY_NS` of the scan is not trusted, so such a scan
+    is not remembered. An image replaced in place under the same name is not seen (as in
+    :func:`wavesweep.data.data_fingerprint`); its pixels are read when it is decoded.
+    """
+    directory = os.path.expanduser(directory)  # as make_dataset
+    key = (str(directory), os.path.abspath(directory), tuple(sorted(class_to_idx.items())))
+    hit = _SCANS.get(key)
+    if hit is not None and _mtimes_unchanged(hit[1]):
+        return list(hit[0])
+    start = time.time_ns()
+    exts = tuple(IMG_EXTENSIONS)
+    samples: list[tuple[str, int]] = []
+    mtimes: dict[str, int] = {}
+    for target_class in sorted(class_to_idx):
+        index = class_to_idx[target_class]
+        target_dir = os.path.join(directory, target_class)
+        if not os.path.isdir(target_dir):
+            continue
+        walked = []
+        for root, dirs, fnames in os.walk(target_dir, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # a hidden folder: nothing in it is an example
+            mtimes[root] = os.stat(root).st_mtime_ns
+            walked.append((root, fnames))
+        for root, fnames in sorted(walked):  # make_dataset's order: sorted(os.walk(...)), then sorted names
+            for fname in sorted(fnames):
+                if not fname.startswith(".") and fname.lower().endswith(exts):
+                    samples.append((os.path.join(root, fname), index))
+    if all(t < start - _RACY_NS for t in mtimes.values()):
+        _SCANS[key] = (tuple(samples), mtimes)
+    return samples
+
+
 class ImageFiles(ImageFolder):
-    """``ImageFolder`` with :func:`class_dirs` as its classes and :func:`read_image` as its loader."""
+    """``ImageFolder`` with :func:`class_dirs` as its classes, :func:`scan_image_files` as its
+    scan (hidden names left out) and :func:`read_image` as its loader."""
 
     def __init__(self, root: str, transform: Any = None) -> None:
-        top = os.path.abspath(root)
-
-        def is_valid_file(path: str) -> bool:  # ImageFolder's extensions, hidden names left out
-            parts = os.path.relpath(os.path.abspath(path), top).split(os.sep)
-            return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(p.startswith(".") for p in parts)
-
-        super().__init__(root, transform=transform, loader=read_image, is_valid_file=is_valid_file)
+        super().__init__(root, transform=transform, loader=read_image)
 
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: Any = None,
                      is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
-        """ImageFolder's samples; class folders without an image are counted, with the first named
+        """:func:`scan_image_files`; class folders without an image are counted, with the first named
         (ImageFolder's own error names every one of them: hundreds of names on one line)."""
-        samples = super().make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty=True)
-        empty = sorted(set(class_to_idx) - {c for c, i in class_to_idx.items() if i in {y for _, y in samples}})
+        samples = scan_image_files(directory, class_to_idx)
+        found = {y for _, y in samples}  # once: in the comprehension's condition it was a scan per class
+        empty = sorted(c for c, i in class_to_idx.items() if i not in found)
         if empty and not allow_empty:
             raise FileNotFoundError(f"{len(empty)} of the {len(class_to_idx)} class folders in {str(directory)!r} hold "
                                     f"no image (first {empty[0]!r})")
