@@ -1055,6 +1055,117 @@ def test_a_data_root_whose_user_is_unknown_is_one_line_naming_it(tmp_path, monke
     assert capsys.readouterr().err == f"wavesweep: error: data root {root!r}: cannot expand '~no_such_user_wavesweep' (no such user or no home)\n"
 
 
+# --------------------------------------------------------------------------- ImageNet's training split
+
+TRAIN_LAYOUTS = {  # layout -> (the val set's maker, where train/ goes under the top, the root passed)
+    "folder-top": ("folder", "train", "."),
+    "folder-val": ("folder", "train", "val"),  # --data-root the val folder itself: train/ one level up
+    "kaggle": ("kaggle", "ILSVRC/Data/CLS-LOC/train", "."),
+    "devkit": ("devkit", "train", "."),
+}
+
+
+def make_imagenet_tree(top: Path, layout: str, train_synsets: list[str] | None = FLAT_SYNSETS,
+                       per_class: int = 2) -> tuple[Path, Path | None]:
+    """A generated ImageNet under ``top`` in ``layout`` (:data:`TRAIN_LAYOUTS`): val with the 4
+    :data:`FLAT_SYNSETS`, and train/ with ``train_synsets`` (None: no train/). Returns (root, train/)."""
+    kind, train_at, root_at = TRAIN_LAYOUTS[layout]
+    if kind == "folder":
+        make_image_folder(top / "val", sorted(FLAT_SYNSETS), per_class=2, size=(20, 18))
+    else:
+        make_flat_val(kind, top)
+    train = None
+    if train_synsets is not None:
+        train = make_image_folder(top / train_at, train_synsets, per_class=per_class, size=(24, 20))
+    return (top / root_at).resolve() if root_at != "." else top, train
+
+
+@pytest.mark.parametrize("layout", sorted(TRAIN_LAYOUTS))
+def test_imagenet_finds_its_training_split_with_the_val_labels(tmp_path, layout):
+    """train/ where each layout keeps it is the bundle's train split; a synset has one label in
+    both splits (oracle: the synset folder each training image is in, and the val's own classes);
+    its transform is torchvision's training preset at the dataset's size, recorded in the info."""
+    from torchvision import transforms as T
+
+    root, train_dir = make_imagenet_tree(tmp_path, layout, train_synsets=FLAT_SYNSETS, per_class=3)
+    b = load_dataset("imagenet", root=root, expected_classes=4, image_size=16)
+    assert b.train is not None and len(b.train) == 12 and b.info["n_train"] == 12
+    assert b.info["train_root"] == str(train_dir) and "train_looked_for" not in b.info
+    assert b.info["train_transform"] == "random resized crop 16, horizontal flip, imagenet norm"
+    val_index = {c: i for i, c in enumerate(b.test.classes)}
+    assert b.test.classes == sorted(FLAT_SYNSETS)
+    for path, y in b.train.samples:
+        assert y == val_index[Path(path).parent.name]
+    tf = b.train.transform.transforms
+    assert [type(t) for t in tf] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    assert tf[0].size == (16, 16) and tf[0].scale == (0.08, 1.0)
+    assert tuple(tf[3].mean) == (0.485, 0.456, 0.406) and tuple(tf[3].std) == (0.229, 0.224, 0.225)
+    x, y = b.train[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == b.train.targets[0]
+
+
+def test_imagenet_without_train_folder_is_val_alone_and_says_where_train_was_looked_for(tmp_path):
+    root, _ = make_imagenet_tree(tmp_path, "folder-top", train_synsets=None)
+    b = load_dataset("imagenet", root=root, expected_classes=4)
+    assert b.train is None and b.info["n_train"] == 0 and len(b.test) == 8
+    assert b.info["train_looked_for"] == str(tmp_path / "train")
+
+
+@pytest.mark.parametrize("layout", ["folder-top", "kaggle"])
+def test_imagenet_train_with_other_synsets_is_one_line(tmp_path, layout):
+    """A train/ with a synset the val set lacks (or lacking one it has) is one line naming the
+    folder, the counts and the first synset on each side."""
+    root, train = make_imagenet_tree(tmp_path, layout, train_synsets=FLAT_SYNSETS[:3] + ["n09999999"])
+    with pytest.raises(ValueError) as err:
+        load_dataset("imagenet", root=root, expected_classes=4)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"imagenet: training folder {str(train)!r} holds 4 class folders, not the 4 synsets of the "
+                          "validation set ")
+    assert "1 only in train/ (first 'n09999999'); 1 only in the validation set (first 'n01443537')" in msg
+
+
+def test_imagenet_train_with_loose_images_or_an_empty_class_is_one_line(tmp_path):
+    root, train = make_imagenet_tree(tmp_path, "folder-top")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(train / "stray.JPEG")
+    with pytest.raises(ValueError) as err:
+        load_dataset("imagenet", root=root, expected_classes=4)
+    assert str(err.value).startswith(f"imagenet: training folder {str(train)!r} holds 1 images beside its 4 class "
+                                     "folders (first 'stray.JPEG'), in no class; ")
+    (train / "stray.JPEG").unlink()
+    for f in (train / "n01443537").iterdir():
+        f.unlink()
+    with pytest.raises(ValueError) as err:
+        load_dataset("imagenet", root=root, expected_classes=4)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"imagenet: cannot read training folder {str(train)!r}: 1 of the 4 class "
+                                              f"folders in {str(train)!r} hold no image (first 'n01443537'); ")
+
+
+def test_eval_fingerprint_ignores_the_training_split_data_fingerprint_does_not(tmp_path):
+    """The base evaluation's cache key (eval_fingerprint) is the val's alone: train/ added, or
+    relabelled (its images moved to another synset), keeps it; the base model's (data_fingerprint)
+    changes with either. Another val (one image more) changes both."""
+    from wavesweep.data import data_fingerprint, eval_fingerprint
+
+    def fps():
+        b = load_dataset("imagenet", root=tmp_path, expected_classes=4)
+        return eval_fingerprint(b), data_fingerprint(b)
+
+    make_imagenet_tree(tmp_path, "folder-top", train_synsets=None)
+    alone = fps()
+    train = make_image_folder(tmp_path / "train", FLAT_SYNSETS, per_class=2, size=(24, 20))
+    with_train = fps()
+    a, b = sorted(FLAT_SYNSETS)[:2]
+    moved = next((train / a).iterdir())
+    moved.rename(train / b / moved.name)  # the same files, one with another label
+    relabelled = fps()
+    assert alone[0] == with_train[0] == relabelled[0]
+    assert len({alone[1], with_train[1], relabelled[1]}) == 3
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "val" / a / "extra.JPEG")
+    other_val = fps()
+    assert other_val[0] != alone[0] and other_val[1] != relabelled[1]
+
 
 def _reference_image_folder(root: Path) -> list[tuple[str, int]]:
     """The samples as ImageFiles found them before the scan of its own (torchvision's

@@ -130,15 +130,29 @@ def _split_digest(ds: Dataset | None) -> str:
     raise TypeError(f"no fingerprint for a {type(ds).__name__} split")
 
 
-def data_fingerprint(bundle: DatasetBundle) -> str:
+def data_fingerprint(bundle: DatasetBundle, *, splits: Sequence[str] = ("train", "test")) -> str:
     """A digest of the data a model is trained and evaluated on (16 hex characters): the pixels
     and labels of in-memory splits with their normalisation; for image folders (and a flat ImageNet
     val), every file's path under its split's folder and its label, with the transform (a file replaced in place under the same
-    name is not seen). Part of the base-model cache key and the base evaluation's, so another
-    copy of a dataset with other labels, or other files, never reuses a model or its logits."""
+    name is not seen). Part of the base-model cache key (both splits: a model trained on other
+    data is another model), so another copy of a dataset with other labels, or other files,
+    never reuses a model. ``splits``: the splits digested (with the dataset's name and shape),
+    ``("train", "test")`` or ``("test",)`` (:func:`eval_fingerprint`)."""
+    if not splits or any(s not in ("train", "test") for s in splits):
+        raise ValueError(f"splits={tuple(splits)!r}; valid: ('train', 'test') or a part of it")
     parts = [bundle.name, str(bundle.num_classes), str(bundle.in_channels), str(bundle.image_size),
-             _split_digest(bundle.train), _split_digest(bundle.test)]  # fmt: skip
+             *(_split_digest(getattr(bundle, s)) for s in splits)]  # fmt: skip
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def eval_fingerprint(bundle: DatasetBundle) -> str:
+    """:func:`data_fingerprint` of the evaluation split alone: the base evaluation's cache key.
+    A given model's logits depend on the evaluation examples (files, labels, transform), never on
+    the training split, so adding, changing or removing ``train/`` keeps the cached logits, while
+    any change to the evaluation examples is another key (the model is in the key by checksum).
+    And it is cheap where the training split is huge: ImageNet's 1.28 M training paths are not
+    hashed on every trial (about 6.6 s measured; the 50,000 val paths take about 0.25 s)."""
+    return data_fingerprint(bundle, splits=("test",))
 
 
 def make_bundle(name: str, train: Dataset | None, test: Dataset, info: dict[str, Any], *,

@@ -208,8 +208,13 @@ _IMAGENET_LAYOUT = (
 def _imagenet(
     root: Path | None, seed: int, image_size: int | None, expected_classes: int = 1000
 ) -> DatasetBundle:
-    """ImageNet-1k val with the standard torchvision eval transform (resize 256, center crop
-    224, ImageNet normalisation), read from either layout:
+    """ImageNet-1k: val (the evaluation split) with the standard torchvision eval transform
+    (resize 256, center crop 224, ImageNet normalisation), and the training split where there is
+    one (for recovery): the synset folders of ``train/`` beside the val images' folder
+    (:func:`imagenet_train_dir`, checked by :func:`_imagenet_train`), with torchvision's training
+    preset (random resized crop, horizontal flip, the same normalisation); none there, the bundle
+    has no train split (``info["train_looked_for"]`` says where it was looked for). Val is read
+    from either layout:
 
     - an ImageFolder of synset folders (``root``, or ``root/val`` when ``root`` has none);
       classes are the sorted synset folders, the standard index order the pretrained weights use;
@@ -261,12 +266,75 @@ def _imagenet(
             test = ImageFiles(str(path), transform=transform)
         except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder without images
             raise ValueError(f"imagenet: cannot read {str(path)!r}: {err}; {_IMAGENET_LAYOUT}") from err
+    train, train_info = _imagenet_train(path, classes, size)
     return make_bundle(
-        "imagenet", None, test,
-        {"root": str(path), "n_train": 0, "n_test": len(test), "split_seed": None,
-         "transform": f"resize {int(round(size * 256 / 224))}, center crop {size}, imagenet norm", **info},
+        "imagenet", train, test,
+        {"root": str(path), "n_train": 0 if train is None else len(train), "n_test": len(test), "split_seed": None,
+         "transform": f"resize {int(round(size * 256 / 224))}, center crop {size}, imagenet norm", **info, **train_info},
         num_classes=len(classes), image_size=size,
     )
+
+
+def _imagenet_train_transform(image_size: int = 224):
+    """torchvision's ImageNet classification training preset at ``image_size``: random resized
+    crop (scale 0.08-1, ratio 3/4-4/3), horizontal flip, the eval transform's normalisation."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def imagenet_train_dir(val_dir: Path) -> Path:
+    """Where ImageNet's training split is looked for, given the folder of the validation images:
+    ``train/`` beside it. That is ``<top>/train`` for ``<top>/val`` (the ImageFolder, also when
+    the val folder itself is the data root), Kaggle's ``ILSVRC/Data/CLS-LOC/train`` beside its
+    ``.../CLS-LOC/val``, and ``<top>/train`` beside image-net.org's ``<top>/ILSVRC2012_img_val``
+    (its train tar extracted per class, the usual layout)."""
+    return Path(val_dir).parent / "train"
+
+
+_IMAGENET_TRAIN_LAYOUT = (
+    "expected ImageNet's training images as an ImageFolder: one folder per synset of the validation "
+    "set (the same synsets, so the same labels), each holding that class's training images, as the "
+    "train tar extracted per class (train/n01440764/n01440764_10026.JPEG)"
+)
+
+
+def _imagenet_train(val_dir: Path, classes: list[str], size: int) -> tuple[Any, dict[str, Any]]:
+    """``(train split or None, its info)``: the ImageFolder at :func:`imagenet_train_dir`, whose
+    class folders must be exactly ``classes`` (the validation set's synsets, sorted: class index =
+    position, so a synset has one label in both splits), with the training transform
+    (:func:`_imagenet_train_transform`). No such folder: None, and the info says where it was
+    looked for (recovery needs it). Another set of synsets, images beside the class folders, or a
+    class folder without images: one line naming the folder and what was expected."""
+    from wavesweep.image_files import ImageFiles
+
+    where = imagenet_train_dir(val_dir)
+    if not where.is_dir():
+        return None, {"train_looked_for": str(where)}
+    q = repr(str(where))
+    found = _class_dirs(where)
+    if found != list(classes):
+        only_tr = [c for c in found if c not in set(classes)]
+        only_va = [c for c in classes if c not in set(found)]
+        diff = "".join(f"; {len(o)} only in {s} (first {o[0]!r})"
+                       for s, o in (("train/", only_tr), ("the validation set", only_va)) if o)
+        raise ValueError(f"imagenet: training folder {q} holds {len(found)} class folders, not the {len(classes)} "
+                         f"synsets of the validation set {str(val_dir)!r}{diff}; {_IMAGENET_TRAIN_LAYOUT}")
+    if loose := _loose_images(where):  # an ImageFolder leaves them out: the split would be the rest alone
+        raise ValueError(f"imagenet: training folder {q} holds {len(loose)} images beside its {len(found)} class folders "
+                         f"(first {loose[0]!r}), in no class; {_IMAGENET_TRAIN_LAYOUT}")
+    try:
+        train = ImageFiles(str(where), transform=_imagenet_train_transform(size))
+    except (FileNotFoundError, RuntimeError) as err:  # a class folder without images
+        raise ValueError(f"imagenet: cannot read training folder {q}: {err}; {_IMAGENET_TRAIN_LAYOUT}") from err
+    return train, {"train_root": str(where), "train_transform": f"random resized crop {size}, horizontal flip, imagenet norm"}
 
 
 _IMAGEFOLDER_LAYOUT = (

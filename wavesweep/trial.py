@@ -146,8 +146,9 @@ def _base_eval_cached(
 
     The cache is a .npz of logits and targets; metrics are recomputed from it, so a cached
     result is exactly what a fresh evaluation would give for the same model and examples on the
-    same kind of device (``fingerprint``: :func:`~wavesweep.data.data_fingerprint` of the dataset,
-    so other files or labels under the same name are evaluated afresh).
+    same kind of device (``fingerprint``: :func:`~wavesweep.data.eval_fingerprint` of the dataset,
+    so other files or labels under the same name are evaluated afresh; the training split is not
+    in it, as it does not enter the logits).
     """
     key = hashlib.sha256(
         f"{base.checksum}|{cfg.dataset}|{fingerprint}|{cfg.eval_limit}|{cfg.seed}|{len(eval_set)}|{cfg.val_fraction}|{part}"
@@ -227,9 +228,11 @@ def _run_trial(
     # before any other work: a recovery that needs training data must have it
     settings = cfg.recovery_settings()
     if settings.recovery != "none" and bundle.train is None:
+        looked = bundle.info.get("train_looked_for")  # imagenet: where a train/ folder would be
+        where = f" (looked for a train/ folder of synset folders at {looked!r})" if looked else ""
         raise ValueError(
             f"recovery={cfg.recovery!r} needs the training split of dataset {cfg.dataset!r}, which is not "
-            f"available here (e.g. an ImageNet validation folder alone); use recovery=none"
+            f"available here (e.g. an ImageNet validation folder alone){where}; use recovery=none"
         )
     with phases("load_base"):
         if base is None:
@@ -255,7 +258,7 @@ def _run_trial(
             joint=cfg.scope == "global", pin=device.type == "cuda",
         )
     with phases("eval_base"):
-        fingerprint = data.data_fingerprint(bundle)
+        fingerprint = data.eval_fingerprint(bundle)  # the base's logits depend on the evaluation split alone
         base_eval = _base_eval_cached(base, cfg, eval_set, device, fingerprint)
         base_val_eval = None if val_set is None else _base_eval_cached(base, cfg, val_set, device, fingerprint, part="val")
 
