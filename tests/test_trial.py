@@ -195,3 +195,90 @@ def test_a_trial_stopped_early_stops_its_evaluation_workers(stop, tmp_path, monk
         gc.enable()
         gc.collect()
     assert alive == []
+
+
+# --------------------------------------------------------------------------- ImageNet with its training split
+
+
+@pytest.fixture
+def imagenet_with_train(tmp_path, monkeypatch):
+    """A generated ImageNet (4 synsets; val/ and train/ as ImageFolders of small images) loaded
+    with ``expected_classes=4`` wherever wavesweep loads it, and random ResNet-18 weights in a
+    local file (as the ImageNet tests of test_evaluate do). Returns (top folder, weights file)."""
+    import torchvision
+
+    from tests.test_data import make_imagenet_tree
+    from wavesweep import data
+
+    top = tmp_path / "imagenet"
+    make_imagenet_tree(top, "folder-top", per_class=4)
+    real = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset",
+                        lambda name, **kw: real(name, **({"expected_classes": 4} if name == "imagenet" else {}), **kw))
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18-random.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    return top, weights
+
+
+def _bn_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+
+@pytest.mark.slow  # ImageNet-shaped ResNet-18 (224 px), two trials: about 20 s on 2 CPU cores
+def test_imagenet_trial_recovers_batchnorm_on_its_training_split(imagenet_with_train, monkeypatch, tmp_path):
+    """recovery=bn on ImageNet re-estimates every BatchNorm layer of all three pruned models from
+    train/ (20 layers in ResNet-18, the batches asked for): their statistics are no longer the base
+    model's, which recovery=none leaves them (pruning touches conv weights only)."""
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
+    top, weights = imagenet_with_train
+    kw = dict(model="resnet18", dataset="imagenet", data_root=str(top), weights=str(weights), percentile=60.0,
+              recovery_batches=2, recovery_batch_size=4, timing_batches=0, device="cpu", batch_size=8)
+    base = train.get_base_model("resnet18", "imagenet", weights=weights)
+    before = _bn_stats(base.model)
+    r = trial.run_trial(TrialConfig(recovery="bn", **kw), base=base)
+    assert r.eval_info["data_train_root"] == str(top / "train") and r.eval_info["data_n_train"] == 16
+    for m, o in r.outcomes.items():
+        assert (o.recovery.recovery, o.recovery.bn_layers, o.recovery.bn_batches) == ("bn", 20, 2), m
+        assert o.prerec_eval is not None and o.eval.n == 8
+        after = _bn_stats(o.prune.model)
+        assert all(not torch.equal(after[k], before[k]) for k in before), m
+    r_none = trial.run_trial(TrialConfig(recovery="none", **kw), base=base)
+    for m, o in r_none.outcomes.items():
+        assert all(torch.equal(v, before[k]) for k, v in _bn_stats(o.prune.model).items()), m
+
+
+def test_imagenet_without_train_folder_recovery_error_says_where_it_was_looked_for(imagenet_with_train, tmp_path):
+    import shutil
+
+    top, weights = imagenet_with_train
+    shutil.rmtree(top / "train")
+    with pytest.raises(ValueError) as err:
+        trial.run_trial(TrialConfig(model="resnet18", dataset="imagenet", data_root=str(top / "val"), weights=str(weights),
+                                    recovery="bn", device="cpu"))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("recovery='bn' needs the training split of dataset 'imagenet'")
+    assert f"looked for a train/ folder of synset folders at {str(top / 'train')!r}); use recovery=none" in msg
+
+
+@pytest.mark.slow  # ImageNet-shaped ResNet-18 (224 px) and MLflow: about 35 s on 2 CPU cores
+def test_imagenet_trial_with_recovery_bn_runs_from_the_command_line(imagenet_with_train, workdir, capsys):
+    """``wavesweep trial --dataset imagenet ... --recovery bn`` end to end (tracked in MLflow) on a
+    generated tree with train/ and val/; the run records the recovery on the training split."""
+    import mlflow
+
+    from wavesweep import cli
+
+    top, weights = imagenet_with_train
+    rc = cli.main(["trial", "-q", "--model", "resnet18", "--dataset", "imagenet", "--data-root", str(top),
+                   "--weights", str(weights), "--recovery", "bn", "--recovery-batches", "2", "--recovery-batch-size", "4",
+                   "--timing-batches", "0", "--device", "cpu", "--batch-size", "8", "--experiment", "inet"])
+    assert rc == 0, capsys.readouterr().err
+    runs = mlflow.search_runs(experiment_names=["inet"], output_format="list")
+    trials = [r for r in runs if r.data.tags.get("wavesweep.kind") == "trial"]
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("method") in ("dwt", "magnitude", "random")]
+    assert sorted(r.data.tags["method"] for r in children) == ["dwt", "magnitude", "random"]
+    for r in children:
+        assert r.data.params["recovery"] == "bn" and r.data.params["dataset"] == "imagenet"
+        assert (r.data.metrics["recovery_bn_layers"], r.data.metrics["recovery_bn_batches"]) == (20.0, 2.0)
