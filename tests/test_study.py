@@ -153,6 +153,8 @@ def test_shipped_specs_are_valid(path):
         assert spec.sampler == "grid" and spec.total_trials == 8
         assert spec.grid_space() == {"percentile": [10, 23.6, 38.2, 50, 61.8, 78.6, 90, 100]}
         assert (spec.fixed["wavelet"], spec.fixed["level"], spec.fixed["layout"]) == ("bior4.4", 5, "kernel")
+    if spec.name.startswith("imagenet-resnet18"):  # the one-shot protocol and the same under recovery
+        assert spec.fixed["recovery"] == ("bn" if spec.name.endswith("-recovery") else "none")
     if spec.name.startswith("pareto"):
         assert len(spec.objectives) == 2 and spec.pruner == "none"
 
