@@ -38,8 +38,14 @@ both measured in the same run (median of ``--repeats`` after one warm-up; CPU).
 * exact McNemar (``stats.mcnemar_exact``): each binomial term from the one before, against a
   fresh ``math.comb`` per term, in exact integers both. Oracle:
   ``tests/test_stats.py::test_mcnemar_is_exact_at_imagenet_scale`` (``scipy.stats.binomtest``).
+* ImageNet's training split listed (``image_files.ImageFiles``): its own scan (hidden folders not
+  entered, a name checked alone) against torchvision's make_dataset with the old path-based
+  ``is_valid_file``, on a generated tree of 100 x 1,000 empty ``.JPEG`` files, scaled to 1.28 M;
+  the same folder listed again in the process (remembered while no folder changed); and the hash of
+  the split's paths the base evaluation's key no longer takes (``data.eval_fingerprint``). Oracle:
+  ``tests/test_data.py::test_image_files_scan_is_torchvisions_make_dataset_and_remembered_while_folders_are_unchanged``.
 
-    python bench/bench_speedups.py [--repeats 7] [--threads 2]
+    python bench/bench_speedups.py [--repeats 7] [--threads 2] [--only train_scan]
 
 Measured on the development machine (2 CPU cores shared with other work, load average 5.7,
 torch threads 2, ``--repeats 5``; its speed drifts by up to a third, so read the ratios):
@@ -67,6 +73,10 @@ torch threads 2, ``--repeats 5``; its speed drifts by up to a third, so read the
     exact McNemar p (the binomial tail in exact integers)  (2026-11-26, --repeats 3)
       3,000 vs 3,600 discordant   comb per term   829.2 ms   term from term     2.8 ms   296x
       24,000 vs 26,000 discordant   term from term   158.8 ms
+    ImageNet train listing, 100 x 1000 files (x12.8 = 1.28 M in brackets)  (2026-11-28, load average 5.1, --repeats 5)
+      old scan  1014.4 ms ( 13.0 s)   new scan   178.7 ms (  2.3 s)   5.7x
+      remembered (same folder, same process)     7.9 ms ( 0.10 s)
+      hash of the split's paths, no longer in the base evaluation's key   746.9 ms (  9.6 s a trial)
 """
 
 from __future__ import annotations
@@ -315,14 +325,75 @@ def bench_mcnemar(repeats: int) -> None:
     print(f"  {a:,} vs {b:,} discordant   term from term {ms(median_s(lambda: mcnemar_exact(a, b), repeats))}")
 
 
+def _old_image_files(root: str):
+    """``ImageFiles`` as it was before its own scan (2026-11-28): torchvision's make_dataset with an
+    ``is_valid_file`` that made each path absolute and relative to the root, and the empty-class
+    count rebuilding the set of labels once per class."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    from wavesweep.image_files import class_dirs, read_image
+
+    top = os.path.abspath(root)
+
+    def is_valid_file(path: str) -> bool:
+        parts = os.path.relpath(os.path.abspath(path), top).split(os.sep)
+        return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(p.startswith(".") for p in parts)
+
+    classes = class_dirs(root)
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    samples = ImageFolder.make_dataset(root, class_to_idx, None, is_valid_file)
+    empty = sorted(set(class_to_idx) - {c for c, i in class_to_idx.items() if i in {y for _, y in samples}})
+    assert not empty and read_image
+    return samples
+
+
+def bench_train_scan(repeats: int, classes: int = 100, per_class: int = 1000) -> None:
+    """Listing ImageNet's training split (``image_files.ImageFiles``) on a generated tree of
+    ``classes`` x ``per_class`` empty ``.JPEG`` files (the scan never opens them), scaled to
+    1.28 M: the old path-based scan, the new one (first time in a process), the same folder again
+    (remembered: one stat per folder), and the per-trial hash of the split's paths that the base
+    evaluation's key no longer takes (``data.eval_fingerprint``). Oracle:
+    ``tests/test_data.py::test_image_files_scan_is_torchvisions_make_dataset_and_remembered_while_folders_are_unchanged``."""
+    from wavesweep import image_files
+    from wavesweep.data import _split_digest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "train"
+        for c in range(classes):
+            d = root / f"n{c:08d}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                (d / f"n{c:08d}_{i}.JPEG").touch()
+        old_t = time.time() - 3600  # folders not modified just now: the scan may be remembered
+        for d in [root, *root.iterdir()]:
+            os.utime(d, (old_t, old_t))
+        n = classes * per_class
+        scale = 1_281_167 / n
+        assert _old_image_files(str(root)) == image_files.ImageFiles(str(root)).samples
+        old = median_s(lambda: _old_image_files(str(root)), repeats)
+        new = median_s(lambda: image_files.ImageFiles(str(root)), repeats, setup=image_files._SCANS.clear)
+        again = median_s(lambda: image_files.ImageFiles(str(root)), repeats)
+        ds = image_files.ImageFiles(str(root))
+        digest = median_s(lambda: _split_digest(ds), repeats)
+    print(f"ImageNet train listing, {classes} x {per_class} files (x{scale:.1f} = 1.28 M in brackets)")
+    print(f"  old scan {ms(old)} ({old * scale:5.1f} s)   new scan {ms(new)} ({new * scale:5.1f} s)   {old / new:.1f}x")
+    print(f"  remembered (same folder, same process) {ms(again)} ({again * scale:5.2f} s)")
+    print(f"  hash of the split's paths, no longer in the base evaluation's key {ms(digest)} ({digest * scale:5.1f} s a trial)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None, help="run one benchmark, e.g. train_scan (the bench_<name> functions)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its store-creation notes
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    if args.only:
+        globals()[f"bench_{args.only}"](args.repeats)
+        return
     bench_base_eval(args.repeats)
     bench_percentile(args.repeats)
     bench_model_stats(args.repeats)
@@ -330,6 +401,7 @@ def main() -> None:
     bench_base_load(args.repeats)
     bench_metrics(args.repeats)
     bench_mcnemar(args.repeats)
+    bench_train_scan(args.repeats)
 
 
 if __name__ == "__main__":
