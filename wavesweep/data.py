@@ -89,7 +89,7 @@ def register_dataset(
 class DatasetBundle:
     """One dataset, ready for training and evaluation.
 
-    ``train`` is None where the dataset has only an evaluation split (imagenet: val).
+    ``train`` is None where the dataset has only an evaluation split (imagenet: val without its train/).
     ``test`` is always the evaluation split. Items are ``(image float32 (C, H, W), label int)``.
     ``info`` holds loggable facts (root, split sizes, split seed, normalisation).
     """
@@ -151,7 +151,8 @@ def eval_fingerprint(bundle: DatasetBundle) -> str:
     the training split, so adding, changing or removing ``train/`` keeps the cached logits, while
     any change to the evaluation examples is another key (the model is in the key by checksum).
     And it is cheap where the training split is huge: ImageNet's 1.28 M training paths are not
-    hashed on every trial (about 6.6 s measured; the 50,000 val paths take about 0.25 s)."""
+    hashed on every trial (6.6-9.6 s measured, ``bench/bench_speedups.py``; the 50,000 val paths
+    about 0.3 s)."""
     return data_fingerprint(bundle, splits=("test",))
 
 
