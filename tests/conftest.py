@@ -68,3 +68,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def decoding_processes(tmp_path_factory, monkeypatch):
+    """Which processes decode image files: ``wavesweep.image_files.read_image`` (every image
+    folder's loader, patched before the dataset is loaded) leaves a mark per (process id, split)
+    in a folder, from any process, worker ones included (they are forked with the patch). Returns
+    ``seen()``: the set of ``(pid, "train" | "val")`` so far."""
+    from wavesweep import image_files
+
+    marks = tmp_path_factory.mktemp("decoding-pids")
+    real = image_files.read_image
+
+    def read_image(path: str):
+        split = "train" if f"{os.sep}train{os.sep}" in path else "val"
+        (marks / f"{os.getpid()}-{split}").touch()
+        return real(path)
+
+    monkeypatch.setattr(image_files, "read_image", read_image)
+
+    def seen() -> set[tuple[int, str]]:
+        return {(int(p.name.split("-")[0]), p.name.split("-")[1]) for p in marks.iterdir()}
+
+    return seen

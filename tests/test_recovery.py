@@ -856,6 +856,8 @@ def test_recovery_with_random_transforms_is_the_same_for_every_method(train_set,
     """A random training transform draws from torch's global generator: recovery seeds it (in a
     fork), so every method and every repeat sees the same transformed batches whatever the random
     state before, and that state is left as it was."""
+    from wavesweep.data import close_loaders
+
     flipped = _Flipped(train_set)
     seen: list[list[torch.Tensor]] = []
     real = recovery.training_batches
@@ -872,13 +874,16 @@ def test_recovery_with_random_transforms_is_the_same_for_every_method(train_set,
     results = [dwt, *pruning.prune_matched(base, dwt, targets=("conv", "linear")).values()]
     results.append(pruning.prune_matched(base, _dwt_result(base), targets=("conv", "linear"))["magnitude"])
     stats = []
-    for before, res in enumerate(results):
-        torch.manual_seed(100 + before)  # a different global random state each time
-        state = torch.random.get_rng_state()
-        seen.append([])
-        recovery.recover(res, flipped, settings)
-        assert torch.equal(torch.random.get_rng_state(), state)
-        stats.append({k: v for k, v in res.model.state_dict().items() if "running" in k})
+    try:
+        for before, res in enumerate(results):
+            torch.manual_seed(100 + before)  # a different global random state each time
+            state = torch.random.get_rng_state()
+            seen.append([])
+            recovery.recover(res, flipped, settings)
+            assert torch.equal(torch.random.get_rng_state(), state)
+            stats.append({k: v for k, v in res.model.state_dict().items() if "running" in k})
+    finally:  # its decoding workers, kept for the next recovery
+        close_loaders(flipped)
     assert len(seen[0]) == 4 + (3 if rec == "finetune" else 0)
     for other in seen[1:]:
         assert len(other) == len(seen[0]) and all(torch.equal(a, b) for a, b in zip(seen[0], other))
@@ -1003,3 +1008,152 @@ def test_finetune_on_the_cpu_of_a_record_made_on_cuda(train_set):
         sd_cpu, sd_cuda = out["cpu"][m].model.state_dict(), out["cuda"][m].model.state_dict()
         for k in sd_cpu:
             torch.testing.assert_close(sd_cuda[k].cpu(), sd_cpu[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+# --------------------------------------------------------------------------- file datasets, worker processes
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """An imagefolder root: train/ and val/, 3 classes of 40x36 JPEGs and PNGs (7 a class)."""
+    from tests.test_data import make_image_folder
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    for split in ("train", "val"):
+        make_image_folder(root / split, ["a", "b", "c"], per_class=7)
+    return root
+
+
+def _imagefolder_train(root):
+    """The training split (RandomHorizontalFlip, then the eval transform) at 16 px."""
+    from wavesweep.data import load_dataset
+
+    return load_dataset("imagefolder", root=root, image_size=16).train
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def test_file_batches_with_random_transforms_are_the_same_for_any_worker_count(image_folder):
+    """imagefolder's training flips drew from torch's global generator in the main process, and from
+    each worker's own (seeded by its worker id) in workers: batches depended on the worker count,
+    and two calls differed unless the caller reseeded. Seeded per position, they are one stream."""
+    from wavesweep.data import close_loaders
+
+    ds = _imagefolder_train(image_folder)
+    try:
+        runs = [list(recovery.training_batches(ds, batch_size=4, n=8, seed=3, num_workers=w)) for w in (0, 2, 0, 2, 1)]
+    finally:
+        close_loaders(ds)
+    assert len(runs[0]) == 8 and all(x.shape == (4, 3, 16, 16) for x, _ in runs[0])  # 21 = 5 * 4 + 1: full batches only
+    for other in runs[1:]:
+        assert _same(runs[0], other)
+    other_seed = list(recovery.training_batches(ds, batch_size=4, n=8, seed=4, num_workers=0))
+    assert not _same(runs[0], other_seed)
+
+
+def test_file_batches_are_the_examples_flipped_by_a_draw_seeded_per_position(image_folder):
+    """Oracle: the index stream drawn by hand, each image read with PIL and flipped where a
+    generator seeded with ``item_seed(seed, position)`` draws below 0.5 (RandomHorizontalFlip's
+    one draw), then the split's eval transform. Also a prefix: n batches are the first n of more."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from wavesweep.data import close_loaders, item_seed
+
+    ds = _imagefolder_train(image_folder)
+    flip_tf, eval_tf = ds.transform.transforms
+    seed, bs, n = 7, 5, 6
+    try:
+        got = list(recovery.training_batches(ds, batch_size=bs, n=n, seed=seed, num_workers=2))
+        prefix = list(recovery.training_batches(ds, batch_size=bs, n=n - 2, seed=seed, num_workers=2))
+    finally:
+        close_loaders(ds)
+    assert _same(prefix, got[: n - 2])
+    flips = 0
+    for b, ((x, y), idx) in enumerate(zip(got, _index_stream(len(ds), bs, seed, n))):
+        for j, i in enumerate(idx.tolist()):
+            path, label = ds.samples[i]
+            with open(path, "rb") as fh:
+                img = Image.open(fh).convert("RGB")
+            g = torch.Generator().manual_seed(item_seed(seed, b * bs + j))
+            flip = bool(torch.rand(1, generator=g) < flip_tf.p)
+            flips += flip
+            assert torch.equal(x[j], eval_tf(TF.hflip(img) if flip else img)), (b, j)
+            assert int(y[j]) == label
+    assert 0 < flips < n * bs  # both kinds of example were checked
+
+
+def test_file_batches_leave_the_callers_random_state_alone(image_folder):
+    import random
+
+    from wavesweep.data import close_loaders
+
+    ds = _imagefolder_train(image_folder)
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    try:
+        list(recovery.training_batches(ds, batch_size=4, n=3, seed=0, num_workers=0))
+    finally:
+        close_loaders(ds)
+    assert torch.equal(torch.random.get_rng_state(), states[0])
+    assert random.getstate() == states[1] and np.array_equal(np.random.get_state()[1], states[2])
+
+
+def rgb_bn_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 3),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("rec", ["bn", "finetune"])
+def test_recovery_on_an_imagefolder_is_the_same_with_0_and_2_workers(image_folder, rec, monkeypatch, decoding_processes):
+    """``recover`` decoded every training image in the main process (its loader had no workers);
+    now in ``data.default_num_workers()`` worker processes, with the same BatchNorm statistics (and
+    fine-tuned weights) for 0 and 2 of them, and for every method of a trial from one set of workers."""
+    import os
+
+    from wavesweep import data
+
+    settings = recovery.RecoverySettings(rec, batches=5, steps=3, batch_size=4, lr=1e-2)
+    out = {}
+    for workers in (0, 2):
+        monkeypatch.setattr(data, "default_num_workers", lambda w=workers: w)
+        ds = _imagefolder_train(image_folder)
+        base = rgb_bn_net()
+        dwt = _dwt_result(base)
+        results = {"dwt": dwt, **pruning.prune_matched(base, dwt, targets=("conv", "linear"))}
+        try:
+            for m, r in results.items():
+                recovery.recover(r, ds, settings)
+                out[workers, m] = r.model.state_dict()
+            loaders = ds.__dict__.get(data._LOADERS_ATTR, {})
+            assert len(loaders) == 1  # one loader, its workers kept, for the three methods
+        finally:
+            data.close_loaders(ds)
+    workers_seen = {pid for pid, split in decoding_processes() if split == "train" and pid != os.getpid()}
+    assert workers_seen, "no training image was decoded in a worker process"
+    for m in ("dwt", "magnitude", "random"):
+        a, b = out[0, m], out[2, m]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), m
+        assert not torch.equal(a["1.running_mean"], torch.zeros(8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_file_batches_for_cuda_are_pinned_and_the_same_as_for_cpu(image_folder):
+    from wavesweep.data import close_loaders
+
+    ds = _imagefolder_train(image_folder)
+    try:
+        cpu = list(recovery.training_batches(ds, batch_size=4, n=4, seed=1, num_workers=2))
+        cuda = list(recovery.training_batches(ds, batch_size=4, n=4, seed=1, num_workers=2, device="cuda"))
+    finally:
+        close_loaders(ds)
+    assert all(x.is_pinned() and x.device.type == "cpu" for x, _ in cuda)
+    assert _same(cpu, cuda)

@@ -709,3 +709,62 @@ def test_on_cuda_a_model_that_cannot_be_captured_is_one_clear_error():
                                            r"graph \(.+\); use cuda_graphs='off'$"):
         train_model(_SyncsInForward(), _graph_bundle(), cfg, device="cuda", progress=False)
     assert torch.ones(3, device="cuda").sum().item() == 3.0
+
+
+# --------------------------------------------------------------------------- file datasets, worker processes
+
+
+def _tiny_imagefolder(root: Path):
+    """imagefolder at 16 px: 3 classes of 5 training images (random flips), 1 val image each."""
+    from tests.test_data import make_image_folder
+
+    make_image_folder(root / "train", ["a", "b", "c"], per_class=5)
+    make_image_folder(root / "val", ["a", "b", "c"], per_class=1)
+    return load_dataset("imagefolder", root=root, image_size=16)
+
+
+def test_a_file_training_loader_gives_the_same_epochs_for_any_worker_count(tmp_path):
+    """``make_loader``'s workers drew imagefolder's flips from their own generators (seeded by
+    worker id): two epochs with 2 workers differed from the same epochs in the main process."""
+    from wavesweep.data import make_loader, shutdown_workers
+
+    train = _tiny_imagefolder(tmp_path).train
+    epochs = {}
+    for workers in (0, 2, 1):
+        loader = make_loader(train, batch_size=4, shuffle=True, seed=3, num_workers=workers)
+        try:
+            epochs[workers] = [[(x, y) for x, y in loader] for _ in range(2)]
+        finally:
+            shutdown_workers(loader)
+    a = epochs[0]
+    assert [len(e) for e in a] == [4, 4] and a[0][-1][0].shape == (3, 3, 16, 16)  # 15 = 3 * 4 + 3
+    for other in (epochs[2], epochs[1]):
+        assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for ea, eb in zip(a, other) for (xa, ya), (xb, yb) in zip(ea, eb))
+    assert sorted(torch.cat([y for _, y in a[0]]).tolist()) == sorted(train.targets)  # an epoch is a permutation
+    # the second epoch is a new order and new draws (position = epoch * 15 + k)
+    assert not all(torch.equal(x0, x1) for (x0, _), (x1, _) in zip(a[0], a[1]))
+
+
+def test_training_on_an_imagefolder_gives_the_same_weights_with_0_and_2_workers(tmp_path, monkeypatch, decoding_processes):
+    """Base training read a file dataset in the main process; now in ``data.default_num_workers()``
+    worker processes (stopped when training ends), with the same weights for 0 and 2 of them."""
+    import multiprocessing
+
+    from wavesweep import data
+
+    bundle = _tiny_imagefolder(tmp_path)
+    config = TrainConfig(epochs=2, batch_size=4, lr=1e-2)
+    weights = {}
+    for workers in (0, 2):
+        monkeypatch.setattr(data, "default_num_workers", lambda w=workers: w)
+        torch.manual_seed(0)
+        model = build_model("cnn", num_classes=3, in_channels=3, image_size=16)
+        train_model(model, bundle, config, device="cpu", progress=False)
+        weights[workers] = model.state_dict()
+    workers_seen = {pid for pid, split in decoding_processes() if split == "train" and pid != os.getpid()}
+    assert workers_seen, "no training image was decoded in a worker process"
+    # the training workers stopped with the training (the final evaluation's stay with bundle.test)
+    assert workers_seen.isdisjoint(p.pid for p in multiprocessing.active_children())
+    data.close_loaders(bundle.test)
+    a, b = weights[0], weights[2]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -282,3 +282,63 @@ def test_imagenet_trial_with_recovery_bn_runs_from_the_command_line(imagenet_wit
     for r in children:
         assert r.data.params["recovery"] == "bn" and r.data.params["dataset"] == "imagenet"
         assert (r.data.metrics["recovery_bn_layers"], r.data.metrics["recovery_bn_batches"]) == (20.0, 2.0)
+
+
+@pytest.mark.parametrize("stop", ["completed", "failed in recovery"])
+def test_a_trial_on_an_imagefolder_stops_its_recovery_workers(stop, tmp_path, monkeypatch, decoding_processes):
+    """Recovery decodes the training split in worker processes kept on it for the three methods
+    (before, in the main process): the trial stops them when it ends, and when it fails. Oracle:
+    the processes that decoded training images, against multiprocessing's own live children."""
+    import gc
+    import multiprocessing
+    import os
+
+    from PIL import Image
+
+    from wavesweep import recovery
+
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    torch.manual_seed(0)
+    kw = {"num_classes": 2, "in_channels": 3, "image_size": 224}
+    model = build_model("cnn", **kw).eval()
+    base = train.BaseModel(model, "cnn", "imagefolder", 0, "trained", tmp_path / "w.pt", "cd" * 32, kw)
+    cfg = TrialConfig(model="cnn", dataset="imagefolder", data_root=str(tmp_path), recovery="bn", recovery_batches=2,
+                      recovery_batch_size=2, timing_batches=0, device="cpu", batch_size=2)  # fmt: skip
+
+    class Stop(Exception):
+        pass
+
+    if stop != "completed":  # the magnitude model's re-estimation fails after reading a batch
+        real = recovery.reestimate_bn
+        calls = []
+
+        def failing(model, batches, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                next(iter(batches))
+                raise Stop
+            return real(model, batches, **kw)
+
+        monkeypatch.setattr(recovery, "reestimate_bn", failing)
+    monkeypatch.setattr(trial.data, "default_num_workers", lambda: 2)
+    gc.collect()  # workers an earlier test's loader left for the collector
+    gc.disable()  # what is asserted is the trial's doing, not a collection's
+    try:
+        if stop == "completed":
+            trial.run_trial(cfg, base=base)
+        else:
+            with pytest.raises(Stop):
+                trial.run_trial(cfg, base=base)
+        alive = {p.pid for p in multiprocessing.active_children()}
+    finally:
+        gc.enable()
+        gc.collect()
+    decoders = {pid for pid, split in decoding_processes() if split == "train"}
+    assert decoders and os.getpid() not in decoders  # recovery read its batches from worker processes
+    assert decoders.isdisjoint(alive)

@@ -8,7 +8,9 @@ Every source returns a :class:`DatasetBundle`; ``bundle.test`` is the evaluation
 The small sets (digits, MNIST family, CIFAR-10) are held in memory as
 :class:`TensorImages`: uint8 images plus their normalisation, applied per batch on
 whatever device the batch is on. The file sets (ImageNet, ImageFolder) decode images in
-DataLoader worker processes (:func:`eval_batches`).
+DataLoader worker processes: :func:`eval_batches` for evaluation, :func:`seeded_batches` (recovery)
+and :func:`make_loader` (training) for training batches, whose random transforms are seeded per
+example (:class:`SeededItems`) so that the batches do not depend on the worker count.
 
 The registry carries each dataset's shape (:class:`DatasetSpec`), so a model can be built
 for a dataset without reading it (:func:`dataset_shape`).
@@ -20,6 +22,7 @@ so any prefix of it is (close to) class-proportional.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -410,8 +413,9 @@ def make_loader(
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader yielding ``(x float32 (B, C, H, W), y int64 (B,))``, for training.
 
@@ -419,6 +423,13 @@ def make_loader(
     same order on every run; a new epoch of the same loader gives a new order).
     TensorImages/TensorDataset fast path: batches are sliced (and normalised) in one op
     instead of collating B items, so the loader costs next to nothing.
+
+    Any other dataset (image files) is decoded by ``num_workers`` worker processes (default
+    :func:`default_num_workers`; 0: in this process), pinned when ``pin_memory``, kept across
+    epochs (``persistent_workers``: :func:`shutdown_workers` stops them). Its random transforms
+    draw from generators seeded per example (:class:`SeededItems`, stream seed ``seed``, the
+    position ``epoch * len(dataset) + k`` of the k-th example of each epoch's order), so the
+    batches are the same whatever the worker count.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -426,16 +437,100 @@ def make_loader(
         sampler = _TensorBatches(len(dataset), batch_size, shuffle, seed, drop_last)
         # batch_size=None: each sampler element is one whole batch, passed to dataset[...]
         return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
-    generator = torch.Generator().manual_seed(seed)
+    workers = default_num_workers() if num_workers is None else int(num_workers)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=num_workers,
-        persistent_workers=False,
-        drop_last=drop_last,
+        SeededItems(dataset),
+        batch_sampler=_SeededEpochs(len(dataset), batch_size, shuffle, seed, drop_last),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        generator=torch.Generator(),  # its workers' seeds (unused) not drawn from the global generator
     )
+
+
+def item_seed(seed: int, position: int) -> int:
+    """The seed of the random draws of the example at ``position`` of the stream seeded ``seed``:
+    63 bits of the BLAKE2b digest of both (any integers, negative included; neighbouring seeds and
+    positions give unrelated seeds)."""
+    digest = hashlib.blake2b(f"{int(seed)}:{int(position)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededItems(Dataset):
+    """``dataset`` read by key ``(seed, position, index)``: ``dataset[index]`` with torch's CPU
+    generator, Python's ``random`` and NumPy's global generator seeded from
+    :func:`item_seed(seed, position) <item_seed>` while it is read, and put back as they were after.
+
+    Random transforms (a flip, a random crop) draw from those global generators; a DataLoader
+    worker has its own, seeded from its worker id. Seeded per example instead, an item is a pure
+    function of its key: the same in the main process or in any worker, for any number of workers.
+    (Only the CPU generator: torch.manual_seed would reseed the caller's CUDA generators too.)
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        import random
+
+        seed, position, index = key
+        s = item_seed(seed, position)
+        gen = torch.default_generator
+        saved = gen.get_state(), random.getstate(), np.random.get_state()
+        try:
+            gen.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % (1 << 32))
+            return self.dataset[index]
+        finally:
+            gen.set_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+class _SeededEpochs(Sampler):
+    """:func:`make_loader`'s batches of :class:`SeededItems` keys ``(seed, position, index)``,
+    epoch after epoch: the order as :class:`_TensorBatches` draws it (a permutation per epoch
+    from a generator seeded with ``seed`` when shuffled), position ``epoch * n + k`` for the k-th
+    example of an epoch."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.end = n - n % batch_size if drop_last else n
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        # counted when the epoch starts, not when iter() is called: a DataLoader calls it twice
+        # for its first epoch and reads the second
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = torch.randperm(self.n, generator=self.generator).tolist() if self.shuffle else range(self.n)
+        start = epoch * self.n
+        for i in range(0, self.end, self.batch_size):
+            yield [(self.seed, start + k, order[k]) for k in range(i, min(i + self.batch_size, self.end))]
+
+    def __len__(self) -> int:
+        return (self.end + self.batch_size - 1) // self.batch_size
+
+
+def shutdown_workers(loader: DataLoader) -> None:
+    """Stop the (persistent) worker processes of ``loader`` now, not when it is collected."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
+
+
+@contextlib.contextmanager
+def stopping_workers(loader: DataLoader) -> Iterator[DataLoader]:
+    """``with stopping_workers(loader):`` -- :func:`shutdown_workers` when the block ends, however."""
+    try:
+        yield loader
+    finally:
+        shutdown_workers(loader)
 
 
 def default_num_workers() -> int:
@@ -518,16 +613,66 @@ def eval_batches(
     yield from loader
 
 
+class _KeyBatches(Sampler):
+    """Batches of :class:`SeededItems` keys, set before each pass (see :func:`seeded_batches`)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def seeded_batches(
+    dataset: Dataset,
+    batches: Sequence[Sequence[int]],
+    *,
+    seed: int,
+    num_workers: int | None = None,
+    pin_memory: bool = False,
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """``(x, y)`` for each batch of indices into ``dataset`` (a file dataset or a Subset of one),
+    the example at position k of the whole sequence (counted over the batches, from 0) read as
+    :class:`SeededItems` key ``(seed, k, index)``: its random transforms are a pure function of
+    ``seed`` and k, whatever the worker count. Decoded by ``num_workers`` worker processes
+    (default :func:`default_num_workers`), pinned when ``pin_memory``.
+
+    As :func:`eval_batches`, the DataLoader is made once per (base dataset, workers, pinning)
+    with ``persistent_workers`` and cached on the base dataset (the seed travels in the keys), so
+    every method of a trial reads its recovery batches from the same worker processes;
+    :func:`close_loaders` shuts them down. Not reentrant: finish one pass before the next.
+    """
+    base, indices = _unwrap(dataset)
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    key = ("seeded", workers, bool(pin_memory))
+    loaders = base.__dict__.setdefault(_LOADERS_ATTR, _LoaderCache())
+    if key not in loaders:
+        sampler = _KeyBatches()
+        # its own generator: a DataLoader draws its workers' seeds (unused here) from the global one
+        # otherwise, at every pass, workers or not (the caller's random state would move)
+        loader = DataLoader(SeededItems(base), batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                            persistent_workers=workers > 0, generator=torch.Generator())  # fmt: skip
+        loaders[key] = (loader, sampler)
+    loader, sampler = loaders[key]
+    keys, position = [], 0
+    for batch in batches:
+        keys.append([(seed, position + j, int(i) if indices is None else indices[int(i)]) for j, i in enumerate(batch)])
+        position += len(batch)
+    sampler.batches = keys
+    yield from loader
+
+
 def close_loaders(dataset: Dataset) -> None:
-    """Shut down the worker processes of the loaders :func:`eval_batches` cached on ``dataset``,
-    and drop the device copy the evaluation cached on a TensorDataset."""
+    """Shut down the worker processes of the loaders :func:`eval_batches` and
+    :func:`seeded_batches` cached on ``dataset``, and drop the device copy the evaluation cached on
+    a TensorDataset."""
     base, _ = _unwrap(dataset)
     base.__dict__.pop(DEVICE_COPY_ATTR, None)  # a TensorDataset's cached device copy (evaluate)
     for loader, _ in base.__dict__.pop(_LOADERS_ATTR, {}).values():
-        it = getattr(loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        loader._iterator = None
+        shutdown_workers(loader)
 
 
 # The sources register themselves into DATASETS on import; importing them here (last, once

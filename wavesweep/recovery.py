@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from wavesweep.data import TensorImages
+from wavesweep.data import TensorImages, seeded_batches
 from wavesweep.failures import one_value_per_channel
 from wavesweep.pruning import PruneResult
 from wavesweep.prune_record import defer_host_copy
@@ -161,7 +161,7 @@ TRAIN_CHUNK_BYTES = 32 << 20
 
 
 def training_batches(
-    dataset: Dataset, *, batch_size: int, n: int, seed: int = 0, num_workers: int = 0,
+    dataset: Dataset, *, batch_size: int, n: int, seed: int = 0, num_workers: int | None = None,
     device: torch.device | str = "cpu",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``n`` batches ``(x, y)`` of a seeded stream over ``dataset``: a pure function
@@ -174,6 +174,14 @@ def training_batches(
     :class:`~wavesweep.data.TensorImages` is moved to ``device`` once and its batches are gathered
     and normalised there, up to :data:`TRAIN_CHUNK_BYTES` of them at a time (each batch a view
     of its chunk); other datasets yield CPU batches.
+
+    Any other dataset (image files) is decoded by ``num_workers`` worker processes (default
+    :func:`~wavesweep.data.default_num_workers`; 0: in this process), into pinned memory when
+    ``device`` is CUDA, by a loader kept on the dataset for the next call
+    (:func:`~wavesweep.data.seeded_batches`; :func:`~wavesweep.data.close_loaders` stops its
+    workers). Its random transforms draw from generators seeded with (``seed``, the example's
+    position in the stream), so the batches are the same for any number of workers, and the
+    first ``n`` batches are a prefix of the first ``n + 1``.
     """
     size = len(dataset)
     if size == 0:
@@ -210,8 +218,8 @@ def training_batches(
             yield x, torch.as_tensor(y)
         return
     order = [next(indices).tolist() for _ in range(n)]
-    loader = DataLoader(dataset, batch_sampler=order, num_workers=num_workers)
-    for x, y in loader:
+    pin = torch.device(device).type == "cuda"  # for the consumers' non-blocking copies to the device
+    for x, y in seeded_batches(dataset, order, seed=seed, num_workers=num_workers, pin_memory=pin):
         yield x, torch.as_tensor(y)
 
 
@@ -689,9 +697,10 @@ def recover(
     _sync(dev)
     t0 = time.perf_counter()
     bns = batchnorm_layers(result.model)
-    # Every method's recovery draws from the same random state: a training split's random
-    # transforms (imagefolder's flips) and a DataLoader's worker seeds come from torch's global
-    # generator, seeded here inside a fork (the caller's random state is left as it was).
+    # Every method's recovery sees the same batches: a training split's random transforms
+    # (imagefolder's flips) are seeded per example by training_batches (its seed and the example's
+    # position), whatever the worker count. The global generators are seeded too, inside a fork (the
+    # caller's random state is left as it was), for anything else that might draw from them.
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), one_value_per_channel("recovery_batch_size", settings.batch_size, result.model):
         if settings.recovery == "finetune":
             # Fine-tuning trains BatchNorm layers in train mode: their running statistics become an

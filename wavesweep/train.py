@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from wavesweep.data import DatasetBundle, TensorImages, data_fingerprint, dataset_shape, load_dataset, make_loader
+from wavesweep.data import (DatasetBundle, TensorImages, data_fingerprint, dataset_shape, load_dataset, make_loader,
+                            stopping_workers)
 from wavesweep.evaluate import evaluate, resolve_device
 from wavesweep.models import (
     MODELS,
@@ -391,8 +392,11 @@ def train_model(
         log.warning("training set of %d examples in batches of %d leaves a last batch of 1, which BatchNorm "
                     "cannot train on: that example is left out of each epoch",
                     n_train, config.batch_size)
+    # A file dataset is decoded by worker processes (data.default_num_workers), its random
+    # transforms seeded per example (config.seed, the example's position in the run): the same
+    # weights whatever the worker count.
     loader = make_loader(train_set, batch_size=config.batch_size, shuffle=True, seed=config.seed,
-                         drop_last=drop_last)
+                         drop_last=drop_last, pin_memory=dev.type == "cuda")
     steps = len(loader) * config.epochs
     model.to(dev).train()
     if channels_last:  # before the optimizer is built: it holds the parameters as they are now
@@ -439,7 +443,8 @@ def train_model(
     graph_steps = 0
     side = torch.cuda.Stream(dev) if graphs else None
     bar = tqdm(total=steps, desc=f"train {type(model).__name__} on {bundle.name}", disable=not progress)
-    with one_value_per_channel("batch_size", config.batch_size, model):
+    # a file dataset's decoding workers (kept across epochs) stop with the training, or its failure
+    with one_value_per_channel("batch_size", config.batch_size, model), stopping_workers(loader):
         for epoch in range(config.epochs):
             for x, y in loader:
                 x, y = x.to(dev, non_blocking=non_blocking), torch.as_tensor(y).to(dev, non_blocking=non_blocking)

@@ -197,7 +197,7 @@ def run_trial(
     opened: list[torch.utils.data.Dataset] = []
     try:
         return _run_trial(cfg, base, reporter, progress, opened)
-    finally:  # file datasets: stop the persistent evaluation workers, also when the trial stops early
+    finally:  # file datasets: stop the persistent evaluation and recovery workers, also when the trial stops early
         for part in opened:  # (pruned by the reporter, or failed): else they live on until a garbage collection
             data.close_loaders(part)
 
@@ -206,7 +206,7 @@ def _run_trial(
     cfg: TrialConfig, base: train.BaseModel | None, reporter: Reporter | None, progress: bool,
     opened: list[torch.utils.data.Dataset],
 ) -> TrialResult:
-    """:func:`run_trial`'s work; the evaluation sets it loads are appended to ``opened``."""
+    """:func:`run_trial`'s work; the evaluation sets and training split it loads are appended to ``opened``."""
     phases = _Phases()
     device = evaluate.resolve_device(cfg.device)
     caught: list[str] = []
@@ -224,6 +224,8 @@ def _run_trial(
     with phases("load_data"):
         bundle, eval_all = load_eval_set(cfg)
         opened.append(eval_all)
+        if bundle.train is not None:  # recovery's decoding workers (recovery.training_batches), kept
+            opened.append(bundle.train)  # for the three methods, stop with the trial too
         val_set, eval_set = evalsplit.split_eval_set(eval_all, cfg.val_fraction, seed=cfg.seed)
     # before any other work: a recovery that needs training data must have it
     settings = cfg.recovery_settings()
