@@ -16,9 +16,22 @@ Prints, for each device (CPU, and CUDA when present):
   the product's CPU default stays one pass per batch); on a GPU the batches of 64 are
   launch-bound, which the grouping is for. On an accelerator the trial's share is printed for
   the product's default and for one pass per batch.
+- BatchNorm re-estimation of ResNet-18 on an imagefolder of generated 224 px JPEGs (its training
+  transform: flip, resize 256, center crop 224), the batches decoded in the main process (the old
+  ``training_batches``) against the product's decoding workers, with their start-up and with them
+  kept (a trial's first method and its other two), and each without the model (decoding alone);
+  ``--file-batches``/``--file-batch-size`` (default 50 x 64, on CPU 8 x 16), ``--file-only``.
+  Measured on the 2-core CPU (shared, load average about 5; 8 batches of 16, 2 workers, median of
+  3): re-estimation 20.58 s in the main process against 13.43 s with workers started (1.53x) and
+  13.57 s with them kept (1.52x); decoding alone 7.28 s against 0.35 s / 0.25 s. Most of the old
+  path's cost here is the main process's small tensor ops (ToTensor, Normalize) contending for
+  torch's 2 threads on a loaded machine: the same decoding at 1 thread took 0.15 s (875 img/s,
+  workers 518 img/s: the batches cross between processes). On a many-core GPU host the workers
+  decode in parallel beside the forward passes; not measured here (no GPU in that session).
 No timed assertions: figures only, each beside its reference measured in the same run.
 
     python bench/bench_recovery.py [--steps 20] [--repeats 3] [--device cpu]
+    python bench/bench_recovery.py --file-only --device cpu [--file-batches 8 --file-batch-size 16]
     python bench/bench_recovery.py --share-only --bn-batches "" --workloads cnn:fashion-mnist:0,resnet18:fashion-mnist:0
 
 ``--workloads`` adds the share of other trials (recovery=bn, default batches): the re-estimation
@@ -252,6 +265,101 @@ def bench_finetune_speed(device: str, steps: int, repeats: int, model: str, layo
           f"dwt at {d / m:.2f}x of magnitude's speed (target >= 0.5x: {_verdict(d / m >= 0.5)})")  # fmt: skip
 
 
+def _main_process_batches(dataset, batch_size: int, n: int, seed: int):
+    """The old ``recovery.training_batches`` of a file dataset, as it was: the same index stream,
+    every image decoded in the main process (one DataLoader without workers per call), random
+    transforms drawn from the global generator (``recover`` seeded it)."""
+    from torch.utils.data import DataLoader
+
+    size = len(dataset)
+    bs = min(batch_size, size)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[list[int]] = []
+    while len(order) < n:
+        perm = torch.randperm(size, generator=gen)
+        order += [perm[i : i + bs].tolist() for i in range(0, size - bs + 1, bs)]
+    for x, y in DataLoader(dataset, batch_sampler=order[:n], num_workers=0):
+        yield x, torch.as_tensor(y)
+
+
+def bench_file_reestimation(device: str, repeats: int, batches: int, batch_size: int, images: int,
+                            workers: int | None) -> None:
+    """One BatchNorm re-estimation of ResNet-18 on an imagefolder of 224 px JPEGs (flip, resize
+    256, center crop 224): batches decoded in the main process (the old path) against the worker
+    path (``recovery.training_batches``: ``data.default_num_workers()`` workers unless
+    ``workers``, kept on the dataset), the latter with its workers' start-up (a trial's first
+    method) and with them already running (its second and third). Each also without the model
+    (decoding alone: what an accelerator, whose forward pass is short, waits on). Median of
+    ``repeats``, old and new alternately."""
+    import copy
+    import tempfile
+
+    from bench_eval import make_jpegs
+
+    from wavesweep import data
+    from wavesweep.models import build_model
+
+    dev = torch.device(device)
+    n_workers = data.default_num_workers() if workers is None else workers
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_jpegs(root / "train", images)
+        make_jpegs(root / "val", 4)
+        ds = load_dataset("imagefolder", root=root).train
+        torch.manual_seed(0)
+        model = build_model("resnet18", num_classes=4, in_channels=3, image_size=224).eval().to(dev)
+        kw = dict(batch_size=batch_size, n=batches, seed=0)
+
+        def old():
+            torch.manual_seed(0)  # as recover() seeded the flips
+            return _main_process_batches(ds, batch_size, batches, 0)
+
+        def new():
+            return recovery.training_batches(ds, num_workers=workers, device=dev, **kw)
+
+        def run(make, with_model: bool, cold: bool = False, threads: int | None = None) -> float:
+            if cold:
+                data.close_loaders(ds)
+            m = copy.deepcopy(model) if with_model else None
+            n_threads = torch.get_num_threads()
+            if threads is not None:
+                torch.set_num_threads(threads)
+            _sync(dev)
+            t0 = time.perf_counter()
+            if m is not None:
+                recovery.reestimate_bn(m, make(), device=dev)
+            else:
+                for x, _ in make():
+                    x.to(dev, non_blocking=True)
+            _sync(dev)
+            torch.set_num_threads(n_threads)
+            return time.perf_counter() - t0
+
+        try:
+            run(new, True)  # warm-up: allocator, lazy imports, page cache of the files
+            n_img = batches * batch_size
+            print(f"  BatchNorm re-estimation of ResNet-18 on {images} generated 224 px JPEGs (imagefolder's training "
+                  f"transform): {batches} batches of {batch_size}; {n_workers} decoding workers; median of {repeats}")  # fmt: skip
+            for with_model in (False, True):
+                t = {"main process (old)": [], "workers, started": [], "workers, kept": []}
+                if not with_model:  # what decoding itself costs there, without contention for torch's threads
+                    t["main process, 1 thread"] = []
+                for _ in range(repeats):
+                    t["main process (old)"].append(run(old, with_model))
+                    if not with_model:
+                        t["main process, 1 thread"].append(run(old, False, threads=1))
+                    t["workers, started"].append(run(new, with_model, cold=True))
+                    t["workers, kept"].append(run(new, with_model))
+                ref = statistics.median(t["main process (old)"])
+                label = "re-estimation" if with_model else "decoding alone"
+                for k, v in t.items():
+                    med = statistics.median(v)
+                    print(f"    {label:15s} {k:22s}: {med:6.2f} s [{min(v):.2f}-{max(v):.2f}], {n_img / med:6.1f} img/s, "
+                          f"{ref / med:.2f}x the main process")  # fmt: skip
+        finally:
+            data.close_loaders(ds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
@@ -262,6 +370,12 @@ def main() -> None:
     ap.add_argument("--workloads", default="", help="comma-separated MODEL:DATASET[:EVAL_LIMIT] trials whose "
                     "BatchNorm share to print beside the default's, e.g. cnn:fashion-mnist:0 (0 = whole split)")
     ap.add_argument("--skip-trial-share", action="store_true", help="only the fine-tuning speed figures")
+    ap.add_argument("--file-only", action="store_true", help="only the imagefolder re-estimation (main process "
+                    "against decoding workers)")
+    ap.add_argument("--file-batches", type=int, default=None, help="its batches (default 50; 8 on CPU)")
+    ap.add_argument("--file-batch-size", type=int, default=None, help="its batch size (default 64; 16 on CPU)")
+    ap.add_argument("--file-images", type=int, default=256, help="JPEGs in its generated training folder")
+    ap.add_argument("--file-workers", type=int, default=None, help="decoding workers (default: data.default_num_workers())")
     ap.add_argument("--grouped", default="4,16,50", help="batches per forward pass of grouped re-estimation "
                     "to time against one pass per batch ('' to skip)")
     args = ap.parse_args()
@@ -269,6 +383,11 @@ def main() -> None:
     for device in devices:
         name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
         print(f"{device} ({name}), torch {torch.__version__}")
+        cpu = device == "cpu"
+        bench_file_reestimation(device, args.repeats, args.file_batches or (8 if cpu else 50),
+                                args.file_batch_size or (16 if cpu else 64), args.file_images, args.file_workers)
+        if args.file_only:
+            continue
         if not args.skip_trial_share:
             bench_trial_share(device, args.repeats, [int(v) for v in args.bn_batches.split(",") if v])
             for spec in filter(None, args.workloads.split(",")):
