@@ -1232,3 +1232,20 @@ def test_image_files_scan_is_torchvisions_make_dataset_and_remembered_while_fold
         image_files.ImageFiles(str(root))  # remembered as it is now
         change()
         assert image_files.ImageFiles(str(root)).samples == _reference_image_folder(root)
+
+
+def test_a_file_training_splits_fingerprint_names_how_its_random_transforms_draw(tmp_path, monkeypatch):
+    """A base model trained on an image folder is keyed by how its random flips drew (per example
+    since the decoding workers): another scheme is another model, never reused. The evaluation
+    key and in-memory datasets (no random transforms) do not carry it."""
+    from wavesweep import data
+    from wavesweep.data import data_fingerprint, eval_fingerprint
+
+    for split in ("train", "val"):
+        make_image_folder(tmp_path / split, ["a", "b"], per_class=2)
+    folder = load_dataset("imagefolder", root=tmp_path, image_size=16)
+    digits = load_dataset("digits")
+    before = data_fingerprint(folder), eval_fingerprint(folder), data_fingerprint(digits)
+    monkeypatch.setattr(data, "FILE_TRAIN_RANDOMNESS", "main-process-generator")
+    after = data_fingerprint(folder), eval_fingerprint(folder), data_fingerprint(digits)
+    assert before[0] != after[0] and before[1:] == after[1:]

@@ -133,6 +133,13 @@ def _split_digest(ds: Dataset | None) -> str:
     raise TypeError(f"no fingerprint for a {type(ds).__name__} split")
 
 
+#: how a file split's random training transforms draw (:class:`SeededItems`: seeded per example,
+#: the same for any number of workers); part of a file training split's fingerprint, so a base model
+#: trained when they drew from the main process's generator (before 2026-11-27) is trained again,
+#: not reused as what the code trains now. In-memory splits have no random transforms: not in theirs.
+FILE_TRAIN_RANDOMNESS = "per-example-seeded"
+
+
 def data_fingerprint(bundle: DatasetBundle, *, splits: Sequence[str] = ("train", "test")) -> str:
     """A digest of the data a model is trained and evaluated on (16 hex characters): the pixels
     and labels of in-memory splits with their normalisation; for image folders (and a flat ImageNet
@@ -143,8 +150,10 @@ def data_fingerprint(bundle: DatasetBundle, *, splits: Sequence[str] = ("train",
     ``("train", "test")`` or ``("test",)`` (:func:`eval_fingerprint`)."""
     if not splits or any(s not in ("train", "test") for s in splits):
         raise ValueError(f"splits={tuple(splits)!r}; valid: ('train', 'test') or a part of it")
-    parts = [bundle.name, str(bundle.num_classes), str(bundle.in_channels), str(bundle.image_size),
-             *(_split_digest(getattr(bundle, s)) for s in splits)]  # fmt: skip
+    digests = {s: _split_digest(getattr(bundle, s)) for s in splits}
+    if digests.get("train", "").startswith("files:"):
+        digests["train"] += f":{FILE_TRAIN_RANDOMNESS}"
+    parts = [bundle.name, str(bundle.num_classes), str(bundle.in_channels), str(bundle.image_size), *digests.values()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
