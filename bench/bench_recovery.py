@@ -20,7 +20,8 @@ Prints, for each device (CPU, and CUDA when present):
   transform: flip, resize 256, center crop 224), the batches decoded in the main process (the old
   ``training_batches``) against the product's decoding workers, with their start-up and with them
   kept (a trial's first method and its other two), and each without the model (decoding alone);
-  ``--file-batches``/``--file-batch-size`` (default 50 x 64, on CPU 8 x 16), ``--file-only``.
+  run with ``--file`` (beside the rest) or ``--file-only``; ``--file-batches``/``--file-batch-size``
+  (default 50 x 64, on CPU 8 x 16). ``bash bench/gpu_checks.sh filedata`` runs it on a GPU.
   Measured on the 2-core CPU (shared, load average about 5; 8 batches of 16, 2 workers, median of
   3): re-estimation 20.58 s in the main process against 13.43 s with workers started (1.53x) and
   13.57 s with them kept (1.52x); decoding alone 7.28 s against 0.35 s / 0.25 s. Most of the old
@@ -370,6 +371,7 @@ def main() -> None:
     ap.add_argument("--workloads", default="", help="comma-separated MODEL:DATASET[:EVAL_LIMIT] trials whose "
                     "BatchNorm share to print beside the default's, e.g. cnn:fashion-mnist:0 (0 = whole split)")
     ap.add_argument("--skip-trial-share", action="store_true", help="only the fine-tuning speed figures")
+    ap.add_argument("--file", action="store_true", help="also the imagefolder re-estimation (--file-only: it alone)")
     ap.add_argument("--file-only", action="store_true", help="only the imagefolder re-estimation (main process "
                     "against decoding workers)")
     ap.add_argument("--file-batches", type=int, default=None, help="its batches (default 50; 8 on CPU)")
@@ -384,8 +386,9 @@ def main() -> None:
         name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
         print(f"{device} ({name}), torch {torch.__version__}")
         cpu = device == "cpu"
-        bench_file_reestimation(device, args.repeats, args.file_batches or (8 if cpu else 50),
-                                args.file_batch_size or (16 if cpu else 64), args.file_images, args.file_workers)
+        if args.file or args.file_only:
+            bench_file_reestimation(device, args.repeats, args.file_batches or (8 if cpu else 50),
+                                    args.file_batch_size or (16 if cpu else 64), args.file_images, args.file_workers)
         if args.file_only:
             continue
         if not args.skip_trial_share:

@@ -3,7 +3,7 @@
 # each step under its own time limit, every log in $OUT/steps.log (or bench/out/gpu when $OUT is unset).
 #
 #   bash bench/gpu_checks.sh [STEP ...]      # default: tests eval trial recovery pruning train
-#   steps: tests eval trial recovery pruning train profile results
+#   steps: tests eval trial recovery filedata pruning train profile results
 #
 # The GPU machine has torch but not PyWavelets (nor MLflow/Optuna, which none of these steps
 # need): prepare once per session, here, in the repository root (nothing of it is committed):
@@ -19,7 +19,7 @@
 # Fashion-MNIST: trains the base model, then 45 trials) gets whatever the steps before it left,
 # and resumes from its progress file ($OUT/results-fashion-mnist-resnet18.progress.csv, brought
 # back to RESUME_FROM) when a later call runs it again. Estimates on an H100/H200: tests ~40 s,
-# eval ~40 s, trial ~30 s, recovery ~40 s, pruning ~40 s, train ~160 s (its 10-epoch recipe twice), results 3-6 min.
+# eval ~40 s, trial ~30 s, recovery ~40 s, filedata ~60 s, pruning ~40 s, train ~160 s (its 10-epoch recipe twice), results 3-6 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu}"
@@ -73,6 +73,9 @@ for s in "${STEPS[@]}"; do
     recovery)  # issue 10: BatchNorm share of a default trial <= 10 %; dwt fine-tuning >= 0.5x magnitude
       # WORKLOADS=cnn:fashion-mnist:0 adds the share of a trial over the whole Fashion-MNIST test split
       step recovery 75 $PY bench/bench_recovery.py --device "$DEVICE" --bn-batches 50 --repeats 3 --workloads "${WORKLOADS:-}" ;;
+    filedata)  # issues 10/11: BatchNorm re-estimation on an imagefolder of 224 px JPEGs, 50 x 64, decoded in the
+      # main process (before) against the decoding workers (now)
+      step filedata 90 $PY bench/bench_recovery.py --file-only --device "$DEVICE" --repeats 2 ;;
     pruning)  # issue 11: dwt on resnet50 / vit_b_16 on CUDA vs torch's l1_unstructured (CPU figures: here)
       step pruning 90 $PY bench/bench_pruning.py --only-big --big-repeats 3 --big-devices "$DEVICE" ;;
     train)  # issue 11: ResNet-18 Fashion-MNIST training throughput, amp/channels-last/graphs off vs auto, >= 3x the recipe
@@ -85,7 +88,7 @@ for s in "${STEPS[@]}"; do
       [ -f "${RESUME_FROM:-}" ] && cp "$RESUME_FROM" "${page%.md}.progress.csv"
       step results 600 $PY -m wavesweep results --model resnet18 --dataset fashion-mnist --eval-limit 2000 \
         --device "$DEVICE" --out "$page" ;;
-    *) echo "unknown step '$s'; valid: tests eval trial recovery pruning train profile results" >&2; exit 2 ;;
+    *) echo "unknown step '$s'; valid: tests eval trial recovery filedata pruning train profile results" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/summary.txt"
