@@ -52,6 +52,9 @@ def test_mlflow_run_records_a_complete_recomputable_trial(workdir, shared_cache,
     children = {r.data.tags["method"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"dwt", "magnitude", "random"}
     assert all(c.info.status == "FINISHED" for c in children.values())
+    # the baselines name what they were matched to; random its draw's seed, magnitude none (it draws nothing)
+    assert {m: (c.data.params.get("matched_to"), c.data.params.get("prune_seed")) for m, c in children.items()} == {
+        "dwt": (None, None), "magnitude": ("dwt", None), "random": ("dwt", children["random"].data.params["seed"])}
 
     # params: full config + base identity + code version
     cfg = trial_config_of(parent)

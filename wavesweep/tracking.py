@@ -460,7 +460,9 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
         rid = run.child(method)
         params = {**cfg.to_dict(), **base_params, "method": method}
         if method != "dwt":
-            params |= {"matched_to": "dwt", "match_scope": cfg.scope, "prune_seed": out.prune.config.get("seed", cfg.seed)}
+            params |= {"matched_to": "dwt", "match_scope": cfg.scope}
+            if out.prune.config.get("seed") is not None:  # random's draw; magnitude draws nothing (no "None" param)
+                params["prune_seed"] = out.prune.config["seed"]
         log_batch(client, rid, params=params, metrics=[*((k, v, 0) for k, v in metrics[method].items()), *_layer_series(frames[method])])
         _log_table(client, rid, frames[method], "layers.json")
     log_batch(client, run.run_id, params=base_params, metrics=[*((k, v, 0) for k, v in metrics["parent"].items()), *_layer_series(frames["dwt"])],
