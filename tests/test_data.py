@@ -1234,6 +1234,39 @@ def test_image_files_scan_is_torchvisions_make_dataset_and_remembered_while_fold
         assert image_files.ImageFiles(str(root)).samples == _reference_image_folder(root)
 
 
+def test_image_files_scan_sees_another_folder_put_in_a_class_folders_place_with_the_same_mtime(tmp_path):
+    """Class folders swapped, or a linked class folder re-pointed, when the folders' mtimes are
+    equal (as an archive's extraction leaves them: _old_times gives them one time): the scan
+    remembered was of other folders, and gave every image its old label under a path that no
+    longer exists. Oracle: torchvision's make_dataset."""
+    from wavesweep import image_files
+
+    root = make_image_folder(tmp_path / "train", ["n01", "n02"], per_class=2, size=(8, 8))
+    (root / "n02" / "third.png").write_bytes((root / "n02" / "img1_1.png").read_bytes())
+    _old_times(root)
+    assert image_files.ImageFiles(str(root)).samples == _reference_image_folder(root)  # remembered
+    (root / "n01").rename(root / "tmp")
+    (root / "n02").rename(root / "n01")
+    (root / "tmp").rename(root / "n02")
+    swapped = image_files.ImageFiles(str(root)).samples
+    assert swapped == _reference_image_folder(root) and all(os.path.exists(f) for f, _ in swapped)
+
+    other = tmp_path / "other"
+    for name, n in (("a", 1), ("b", 3)):
+        make_image_folder(other / name, ["x"], per_class=n, size=(8, 8))
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "n01").symlink_to(other / "a" / "x")
+    _old_times(linked)
+    _old_times(other)
+    assert len(image_files.ImageFiles(str(linked)).samples) == 1  # remembered
+    (linked / "n01").unlink()
+    (linked / "n01").symlink_to(other / "b" / "x")
+    _old_times(linked)
+    assert image_files.ImageFiles(str(linked)).samples == _reference_image_folder(linked)
+    assert len(_reference_image_folder(linked)) == 3
+
+
 def test_a_file_training_splits_fingerprint_names_how_its_random_transforms_draw(tmp_path, monkeypatch):
     """A base model trained on an image folder is keyed by how its random flips drew (per example
     since the decoding workers): another scheme is another model, never reused. The evaluation

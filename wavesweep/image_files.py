@@ -45,13 +45,22 @@ def read_image(path: str) -> Any:
 #: a folder whose mtime is this close to a scan's start is not remembered: file timestamps are
 #: coarse (a kernel tick, ~4 ms), so a file added just after the scan could leave it unchanged
 _RACY_NS = 2_000_000_000
-#: (folder as given, its absolute path, its classes) -> (samples, {folder: mtime_ns}) of a scan
-_SCANS: dict[tuple[str, str, tuple[tuple[str, int], ...]], tuple[tuple[tuple[str, int], ...], dict[str, int]]] = {}
+#: (folder as given, its absolute path, its classes) -> (samples, {folder: its :func:`_folder_state`}) of a scan
+_SCANS: dict[tuple[str, str, tuple[tuple[str, int], ...]],
+             tuple[tuple[tuple[str, int], ...], dict[str, tuple[int, int, int]]]] = {}
 
 
-def _mtimes_unchanged(mtimes: dict[str, int]) -> bool:
+def _folder_state(path: str) -> tuple[int, int, int]:
+    """``(device, inode, mtime_ns)`` of the folder at ``path`` (links followed): the mtime alone
+    misses another folder put in its place (class folders swapped or a link re-pointed, when their
+    mtimes are equal, as an archive's extraction leaves them); the inode sees it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def _mtimes_unchanged(mtimes: dict[str, tuple[int, int, int]]) -> bool:
     try:
-        return all(os.stat(d).st_mtime_ns == t for d, t in mtimes.items())
+        return all(_folder_state(d) == t for d, t in mtimes.items())
     except OSError:  # a folder gone since
         return False
 
@@ -67,7 +76,8 @@ def scan_image_files(directory: str, class_to_idx: dict[str, int]) -> list[tuple
     not its path made absolute and relative again. Remembered for the process (a study worker
     scans once), keyed by the folder and its classes and valid while the modification time of every
     folder it read is unchanged (an image added, removed or renamed in any of them changes its
-    folder's); a folder modified within :data:`_RACY_NS` of the scan is not trusted, so such a scan
+    folder's) and each is still the same folder (its inode: class folders swapped, or a link
+    re-pointed, with equal mtimes); a folder modified within :data:`_RACY_NS` of the scan is not trusted, so such a scan
     is not remembered. An image replaced in place under the same name is not seen (as in
     :func:`wavesweep.data.data_fingerprint`); its pixels are read when it is decoded.
     """
@@ -79,7 +89,7 @@ def scan_image_files(directory: str, class_to_idx: dict[str, int]) -> list[tuple
     start = time.time_ns()
     exts = tuple(IMG_EXTENSIONS)
     samples: list[tuple[str, int]] = []
-    mtimes: dict[str, int] = {}
+    mtimes: dict[str, tuple[int, int, int]] = {}
     for target_class in sorted(class_to_idx):
         index = class_to_idx[target_class]
         target_dir = os.path.join(directory, target_class)
@@ -88,13 +98,13 @@ def scan_image_files(directory: str, class_to_idx: dict[str, int]) -> list[tuple
         walked = []
         for root, dirs, fnames in os.walk(target_dir, followlinks=True):
             dirs[:] = [d for d in dirs if not d.startswith(".")]  # a hidden folder: nothing in it is an example
-            mtimes[root] = os.stat(root).st_mtime_ns
+            mtimes[root] = _folder_state(root)
             walked.append((root, fnames))
         for root, fnames in sorted(walked):  # make_dataset's order: sorted(os.walk(...)), then sorted names
             for fname in sorted(fnames):
                 if not fname.startswith(".") and fname.lower().endswith(exts):
                     samples.append((os.path.join(root, fname), index))
-    if all(t < start - _RACY_NS for t in mtimes.values()):
+    if all(t[2] < start - _RACY_NS for t in mtimes.values()):
         _SCANS[key] = (tuple(samples), mtimes)
     return samples
 
