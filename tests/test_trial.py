@@ -261,6 +261,23 @@ def test_imagenet_without_train_folder_recovery_error_says_where_it_was_looked_f
     assert f"looked for a train/ folder of synset folders at {str(top / 'train')!r}); use recovery=none" in msg
 
 
+def test_imagenet_with_an_unusable_train_folder_recovery_error_says_why(imagenet_with_train):
+    """A train/ that is not ImageNet's training split (here: an image beside its synset folders, as
+    a train tar extracted part way leaves) is not used; a recovery that needs it stops with one line
+    saying why, before any model is loaded."""
+    from PIL import Image
+
+    top, weights = imagenet_with_train
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(top / "train" / "stray.JPEG")
+    with pytest.raises(ValueError) as err:
+        trial.run_trial(TrialConfig(model="resnet18", dataset="imagenet", data_root=str(top), weights=str(weights),
+                                    recovery="finetune", device="cpu"))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(
+        "recovery='finetune' needs the training split of dataset 'imagenet'; the one found is not used: imagenet: "
+        f"training folder {str(top / 'train')!r} holds 1 images beside its 4 class folders (first 'stray.JPEG')")
+
+
 @pytest.mark.slow  # ImageNet-shaped ResNet-18 (224 px) and MLflow: about 35 s on 2 CPU cores
 def test_imagenet_trial_with_recovery_bn_runs_from_the_command_line(imagenet_with_train, workdir, capsys):
     """``wavesweep trial --dataset imagenet ... --recovery bn`` end to end (tracked in MLflow) on a

@@ -311,13 +311,27 @@ def _imagenet_train(val_dir: Path, classes: list[str], size: int) -> tuple[Any, 
     class folders must be exactly ``classes`` (the validation set's synsets, sorted: class index =
     position, so a synset has one label in both splits), with the training transform
     (:func:`_imagenet_train_transform`). No such folder: None, and the info says where it was
-    looked for (recovery needs it). Another set of synsets, images beside the class folders, or a
-    class folder without images: one line naming the folder and what was expected."""
-    from wavesweep.image_files import ImageFiles
-
+    looked for (recovery needs it). A folder there that is not that split (another set of synsets,
+    images beside the class folders, a class folder without images: an unrelated ``train/`` beside
+    a val folder given alone, a train tar extracted part way) is not used either: the validation set
+    is evaluated as without it (``recovery=none`` works), with a warning, and the info keeps the one
+    line saying why (``train_unusable``), which a recovery that needs the split then stops with."""
     where = imagenet_train_dir(val_dir)
     if not where.is_dir():
         return None, {"train_looked_for": str(where)}
+    try:
+        train = _imagenet_train_folder(where, val_dir, classes, size)
+    except ValueError as err:
+        log.warning("%s: the training split is not used (recovery needs it)", err)
+        return None, {"train_looked_for": str(where), "train_unusable": str(err)}
+    return train, {"train_root": str(where), "train_transform": f"random resized crop {size}, horizontal flip, imagenet norm"}
+
+
+def _imagenet_train_folder(where: Path, val_dir: Path, classes: list[str], size: int) -> Any:
+    """The checks and the ImageFolder of :func:`_imagenet_train`: a one-line ValueError naming the
+    folder and what was expected."""
+    from wavesweep.image_files import ImageFiles
+
     q = repr(str(where))
     found = _class_dirs(where)
     if found != list(classes):
@@ -331,10 +345,9 @@ def _imagenet_train(val_dir: Path, classes: list[str], size: int) -> tuple[Any, 
         raise ValueError(f"imagenet: training folder {q} holds {len(loose)} images beside its {len(found)} class folders "
                          f"(first {loose[0]!r}), in no class; {_IMAGENET_TRAIN_LAYOUT}")
     try:
-        train = ImageFiles(str(where), transform=_imagenet_train_transform(size))
+        return ImageFiles(str(where), transform=_imagenet_train_transform(size))
     except (FileNotFoundError, RuntimeError) as err:  # a class folder without images
         raise ValueError(f"imagenet: cannot read training folder {q}: {err}; {_IMAGENET_TRAIN_LAYOUT}") from err
-    return train, {"train_root": str(where), "train_transform": f"random resized crop {size}, horizontal flip, imagenet norm"}
 
 
 _IMAGEFOLDER_LAYOUT = (

@@ -231,6 +231,9 @@ def _run_trial(
     settings = cfg.recovery_settings()
     if settings.recovery != "none" and bundle.train is None:
         looked = bundle.info.get("train_looked_for")  # imagenet: where a train/ folder would be
+        if unusable := bundle.info.get("train_unusable"):  # imagenet: a train/ there, but not that split
+            raise ValueError(f"recovery={cfg.recovery!r} needs the training split of dataset {cfg.dataset!r}; "
+                             f"the one found is not used: {unusable}")
         where = f" (looked for a train/ folder of synset folders at {looked!r})" if looked else ""
         raise ValueError(
             f"recovery={cfg.recovery!r} needs the training split of dataset {cfg.dataset!r}, which is not "
