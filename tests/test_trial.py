@@ -359,3 +359,26 @@ def test_a_trial_on_an_imagefolder_stops_its_recovery_workers(stop, tmp_path, mo
     decoders = {pid for pid, split in decoding_processes() if split == "train"}
     assert decoders and os.getpid() not in decoders  # recovery read its batches from worker processes
     assert decoders.isdisjoint(alive)
+
+
+def test_every_opened_dataset_is_closed_even_when_closing_one_raises(monkeypatch):
+    """run_trial stops the workers of every dataset it opened (evaluation set, training split), also
+    when stopping the first one raises: the training split's workers were left running then."""
+    a, b = object(), object()
+
+    def fake_run(cfg, base, reporter, progress, opened):
+        opened.extend([a, b])
+        return "result"
+
+    closed = []
+
+    def close(part):
+        closed.append(part)
+        if part is a:
+            raise OSError("worker pipe broken")
+
+    monkeypatch.setattr(trial, "_run_trial", fake_run)
+    monkeypatch.setattr(trial.data, "close_loaders", close)
+    with pytest.raises(OSError, match="worker pipe broken"):
+        trial.run_trial(TrialConfig())
+    assert len(closed) == 2 and {id(p) for p in closed} == {id(a), id(b)}  # both, whatever the order

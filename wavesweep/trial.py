@@ -12,7 +12,7 @@ import time
 import warnings
 import zipfile
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -198,8 +198,11 @@ def run_trial(
     try:
         return _run_trial(cfg, base, reporter, progress, opened)
     finally:  # file datasets: stop the persistent evaluation and recovery workers, also when the trial stops early
-        for part in opened:  # (pruned by the reporter, or failed): else they live on until a garbage collection
-            data.close_loaders(part)
+        # (pruned by the reporter, or failed): else they live on until a garbage collection. Every
+        # part is closed even when closing another raised (an ExitStack runs each callback)
+        with ExitStack() as closing:
+            for part in opened:
+                closing.callback(data.close_loaders, part)
 
 
 def _run_trial(
