@@ -76,6 +76,18 @@ def test_base_evaluation_cache_is_keyed_and_a_damaged_entry_recomputed(base_and_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_base_evaluation_is_scored_on_the_device_cached_or_not(base_and_set):
+    """On CUDA the base's metrics come from the same device scoring as the pruned models'
+    (evaluate_many): the fresh and the cached base evaluation both equal ``evaluate`` of the base
+    model, loss included, bit for bit."""
+    base, cfg, eval_set = base_and_set
+    device = torch.device("cuda")
+    direct = evaluate.evaluate(base.model, eval_set, batch_size=cfg.batch_size, device=device)
+    _same(trial._base_eval_cached(base, cfg, eval_set, device, FP), direct)  # computed
+    _same(trial._base_eval_cached(base, cfg, eval_set, device, FP), direct)  # read from the cache
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_trial_prunes_on_the_device_even_with_a_cached_base_evaluation(base_and_set, monkeypatch):
     """With the base evaluation read from its cache nothing else moves the base model, so the
     trial itself must: pruning runs on the device (torch transform, torch selection), never

@@ -158,7 +158,7 @@ def _base_eval_cached(
     if path.exists():
         try:
             with np.load(path) as z:
-                return evaluate.metrics_from_logits(torch.from_numpy(z["logits"]), torch.from_numpy(z["targets"]))
+                return evaluate.metrics_from_logits(torch.from_numpy(z["logits"]).to(device), torch.from_numpy(z["targets"]))
         # a damaged cache entry is recomputed, not trusted: a truncated .npz is no zip (BadZipFile), an
         # empty one no data (EOFError); neither is an OSError or ValueError
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
@@ -166,7 +166,9 @@ def _base_eval_cached(
     logits, targets = evaluate.predict(base.model, eval_set, batch_size=cfg.batch_size, device=device)
     with atomic_write(path) as fh:
         np.savez(fh, logits=logits.numpy(), targets=targets.numpy())
-    return evaluate.metrics_from_logits(logits, targets)
+    # scored on the trial's device, cached or not, as the pruned models are (evaluate_many): the
+    # same arithmetic for the base's loss as for theirs
+    return evaluate.metrics_from_logits(logits.to(device), targets)
 
 
 def check_model_fits(cfg: TrialConfig) -> None:
