@@ -773,6 +773,22 @@ def test_trial_recovery_without_training_split_fails_before_any_work(monkeypatch
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("rec", ["bn", "finetune"])
+def test_recovery_seeds_only_the_generators_it_restores(train_set, monkeypatch, rec):
+    """Recovery seeds torch's CPU generator (and its own CUDA device's), the ones its fork puts back,
+    never every CUDA device: torch.manual_seed did (before CUDA starts: queued for when it does), so a
+    multi-GPU host's other devices, or a CPU trial's later CUDA work, kept the recovery's seed. The
+    same numbers as before (the CPU generator gets the same seed)."""
+    settings = recovery.RecoverySettings(rec, batches=2, steps=3, batch_size=32, lr=1e-2)
+    ref = pruning.prune_magnitude(bn_net(), 0.5, targets=("conv", "linear"))
+    recovery.recover(ref, train_set, settings)
+    got = pruning.prune_magnitude(bn_net(), 0.5, targets=("conv", "linear"))  # bn_net seeds torch itself
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("seeded every CUDA device"))
+    recovery.recover(got, train_set, settings)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(got.model.state_dict()[k], v), k
+
+
 def test_finetune_starts_every_method_from_the_same_random_state(train_set):
     """Dropout is random: fine-tuning seeds torch's generator with the recovery seed (in a fork),
     so the result does not depend on the random state before it, and that state is left as it was."""

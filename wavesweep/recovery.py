@@ -587,7 +587,7 @@ def finetune(
     # fork, so the caller's random state is left as it was.
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(settings.seed)
+            _manual_seed(settings.seed, dev)
             for x, y in tqdm(batches, total=settings.steps, desc=f"finetune {result.method}", leave=False,
                              disable=not progress):  # fmt: skip
                 loss = F.cross_entropy(model(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
@@ -658,6 +658,17 @@ def _check_finite(result: PruneResult, losses: list[torch.Tensor], settings: Rec
 # --------------------------------------------------------------------------- one entry point
 
 
+def _manual_seed(seed: int, dev: torch.device) -> None:
+    """Seed torch's CPU generator and ``dev``'s (a CUDA device's), the ones a ``fork_rng(devices=[dev])``
+    saves and puts back. Not ``torch.manual_seed``: it seeds every CUDA device (and, before CUDA is
+    initialised, queues that for later), so on a multi-GPU host the caller's random state on the
+    other devices was left changed. The same draws on the trial's devices as ``torch.manual_seed``."""
+    torch.default_generator.manual_seed(seed)
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            torch.cuda.manual_seed(seed)
+
+
 def _sync(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (CUDA; elsewhere nothing is queued)."""
     if device.type == "cuda":
@@ -707,14 +718,14 @@ def recover(
             # exponential average of its last batches, under weights that were still changing. So
             # the re-estimation comes after it, on the final weights (before it, it would be
             # overwritten). Its own stream (seed + 1): not the re-estimation's batches.
-            torch.manual_seed(settings.seed + 1)
+            _manual_seed(settings.seed + 1, dev)
             batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.steps,
                                        seed=settings.seed + 1, device=device)  # fmt: skip
             report.finetune_steps, report.final_train_loss = finetune(
                 result, batches, settings, device=device, progress=progress
             )
         if bns:
-            torch.manual_seed(settings.seed)
+            _manual_seed(settings.seed, dev)
             batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.batches,
                                        seed=settings.seed, device=device)  # fmt: skip
             report.bn_layers, report.bn_batches = reestimate_bn(result.model, batches, device=device)
