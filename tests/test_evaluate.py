@@ -3,6 +3,8 @@ and the ImageNet path on a generated folder with random weights from a local fil
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -428,3 +430,17 @@ def test_cuda_metrics_scored_on_the_device_equal_the_hosts():
     for k, v in host.metrics().items():
         assert dev.metrics()[k] == (pytest.approx(v, rel=1e-6) if k == "loss" else v), k
     assert all(np.array_equal(getattr(host, a), getattr(dev, a)) for a in ("correct", "preds", "targets"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_chunks_score_on_the_device_as_evaluate_many(cnn, digits):
+    """evaluate_chunks scores its logits on the device, as evaluate_many does (a trial's dwt result
+    comes from the chunks, the baselines' from evaluate_many): the last chunk's result equals a
+    device scoring of the whole set's logits (the loss to float tolerance: the chunks batch the
+    examples otherwise)."""
+    model = copy.deepcopy(cnn)
+    last = list(evaluate_chunks(model, digits.test, n_chunks=4, device="cuda"))[-1].result
+    logits, targets = predict(model, digits.test, device="cuda")
+    direct = metrics_from_logits(logits.cuda(), targets)
+    assert last.metrics()["loss"] == pytest.approx(direct.metrics()["loss"], rel=1e-6)
+    assert np.array_equal(last.correct, direct.correct) and last.top1 == direct.top1 and last.top5 == direct.top5

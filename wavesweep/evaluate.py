@@ -486,14 +486,17 @@ def evaluate_chunks(
     seen_targets: list[torch.Tensor] = []
     for step, piece in enumerate(tqdm(pieces, desc="chunks", leave=False, disable=not progress)):
         piece = np.sort(piece)  # dataset order inside a chunk: sequential reads
-        lg, tg = predict(model, take(dataset, piece), batch_size=batch_size, device=device)
+        # the logits stay where they were computed and are scored there, as evaluate_many's are
+        logits, tg = _logits_many({"model": model}, take(dataset, piece), batch_size=batch_size, device=device,
+                                  progress=False, num_workers=None)
+        lg = logits["model"]
         seen_idx.append(piece)
         seen_logits.append(lg)
         seen_targets.append(tg)
         idx = np.concatenate(seen_idx)
         back = torch.from_numpy(np.argsort(idx, kind="stable"))  # back to dataset order
-        result = metrics_from_logits(torch.cat(seen_logits)[back], torch.cat(seen_targets)[back])
-        yield Chunk(step, result, len(piece), int((lg.argmax(1) == tg).sum()))
+        result = metrics_from_logits(torch.cat(seen_logits)[back.to(lg.device)], torch.cat(seen_targets)[back])
+        yield Chunk(step, result, len(piece), int((lg.argmax(1).cpu() == tg).sum()))
 
 
 # --------------------------------------------------------------------------- timing
