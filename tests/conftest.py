@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,44 @@ import pytest
 def shared_cache(tmp_path_factory) -> Path:
     """One base-model cache for the whole session, so a small base model is trained once."""
     return tmp_path_factory.mktemp("wavesweep-cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_schema_template(tmp_path_factory):
+    """MLflow builds a new SQLite store's schema by running its migrations (about 1 s in this
+    process, per store, and every test has its own store). In this process a new, empty SQLite
+    store is filled instead with a copy of one such schema, built once by MLflow's own
+    ``_initialize_tables`` in this session: the same tables, indexes and alembic revision.
+    Only an empty database is filled (anything else goes to MLflow's own code), and child
+    processes (every subprocess test) still build their stores as MLflow does."""
+    import sqlalchemy
+    from mlflow.store.db import utils as db_utils
+    from mlflow.store.model_registry import sqlalchemy_store as registry_store
+
+    real = db_utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow-schema") / "mlflow.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{template}")
+    try:
+        real(engine)
+    finally:
+        engine.dispose()
+
+    def initialize_tables(engine):
+        if engine.dialect.name != "sqlite":
+            return real(engine)
+        raw = engine.raw_connection()
+        try:
+            conn = raw.driver_connection
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                return real(engine)
+            with contextlib.closing(sqlite3.connect(template)) as src:
+                src.backup(conn)
+        finally:
+            raw.close()
+
+    db_utils._initialize_tables = registry_store._initialize_tables = initialize_tables  # the registry's own name for it
+    yield template
+    db_utils._initialize_tables = registry_store._initialize_tables = real
 
 
 @pytest.fixture
