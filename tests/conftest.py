@@ -28,7 +28,10 @@ def mlflow_schema_template(tmp_path_factory):
     from mlflow.store.db import utils as db_utils
     from mlflow.store.model_registry import sqlalchemy_store as registry_store
 
-    real = db_utils._initialize_tables
+    real = getattr(db_utils, "_initialize_tables", None)
+    if real is None or getattr(registry_store, "_initialize_tables", None) is not real:
+        yield None  # an MLflow whose private names differ: every store migrates as MLflow does (slower, the same)
+        return
     template = tmp_path_factory.mktemp("mlflow-schema") / "mlflow.db"
     engine = sqlalchemy.create_engine(f"sqlite:///{template}")
     try:

@@ -162,15 +162,9 @@ def test_a_model_its_targets_or_layout_cannot_take_is_refused_before_any_base_mo
     assert (bad or "has no target layers of kinds") in str(info.value)
 
 
-@pytest.mark.parametrize("stop", ["pruned", "failed"])
-def test_a_trial_stopped_early_stops_its_evaluation_workers(stop, tmp_path, monkeypatch):
-    """An image folder is decoded by persistent worker processes cached on the dataset. A trial that
-    a pruner stops (the reporter raises) or that fails after evaluating left them running (with
-    their prefetched batches) until a garbage collection found the dataset; a study's next trials
-    started their own beside them. Oracle: multiprocessing's own list of live children."""
-    import gc
-    import multiprocessing
-
+def _tiny_imagefolder_trial(tmp_path, monkeypatch, **cfg) -> tuple[train.BaseModel, TrialConfig]:
+    """An imagefolder of 2 classes x 3 small PNGs in train/ and val/ under ``tmp_path``, a random
+    cnn as its base model, and a CPU trial config on it (``cfg``: its recovery settings)."""
     from PIL import Image
 
     monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
@@ -184,8 +178,20 @@ def test_a_trial_stopped_early_stops_its_evaluation_workers(stop, tmp_path, monk
     kw = {"num_classes": 2, "in_channels": 3, "image_size": 224}
     model = build_model("cnn", **kw).eval()
     base = train.BaseModel(model, "cnn", "imagefolder", 0, "trained", tmp_path / "w.pt", "cd" * 32, kw)
-    cfg = TrialConfig(model="cnn", dataset="imagefolder", data_root=str(tmp_path), recovery="none", timing_batches=0,
-                      device="cpu", batch_size=2)  # fmt: skip
+    return base, TrialConfig(model="cnn", dataset="imagefolder", data_root=str(tmp_path), timing_batches=0,
+                             device="cpu", batch_size=2, **cfg)  # fmt: skip
+
+
+@pytest.mark.parametrize("stop", ["pruned", "failed"])
+def test_a_trial_stopped_early_stops_its_evaluation_workers(stop, tmp_path, monkeypatch):
+    """An image folder is decoded by persistent worker processes cached on the dataset. A trial that
+    a pruner stops (the reporter raises) or that fails after evaluating left them running (with
+    their prefetched batches) until a garbage collection found the dataset; a study's next trials
+    started their own beside them. Oracle: multiprocessing's own list of live children."""
+    import gc
+    import multiprocessing
+
+    base, cfg = _tiny_imagefolder_trial(tmp_path, monkeypatch, recovery="none")
 
     class Stop(Exception):
         pass
@@ -322,23 +328,9 @@ def test_a_trial_on_an_imagefolder_stops_its_recovery_workers(stop, tmp_path, mo
     import multiprocessing
     import os
 
-    from PIL import Image
-
     from wavesweep import recovery
 
-    monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (tmp_path / split / c).mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
-    torch.manual_seed(0)
-    kw = {"num_classes": 2, "in_channels": 3, "image_size": 224}
-    model = build_model("cnn", **kw).eval()
-    base = train.BaseModel(model, "cnn", "imagefolder", 0, "trained", tmp_path / "w.pt", "cd" * 32, kw)
-    cfg = TrialConfig(model="cnn", dataset="imagefolder", data_root=str(tmp_path), recovery="bn", recovery_batches=2,
-                      recovery_batch_size=2, timing_batches=0, device="cpu", batch_size=2)  # fmt: skip
+    base, cfg = _tiny_imagefolder_trial(tmp_path, monkeypatch, recovery="bn", recovery_batches=2, recovery_batch_size=2)
 
     class Stop(Exception):
         pass
