@@ -26,7 +26,7 @@ from tests.test_study import run_cli, tiny_weights, write_spec  # noqa: F401 - t
 from wavesweep import study
 from wavesweep.config import MAX_TIMING_BATCHES, TrialConfig
 
-SLOW_TRIAL = {"timing_batches": 0, "layout": "filter", "level": 2, "recovery": "finetune", "finetune_steps": 100}  # long enough that two workers overlap
+SLOW_TRIAL = {"timing_batches": 0, "layout": "filter", "level": 2, "recovery": "finetune", "finetune_steps": 200}  # long enough that two workers overlap
 WIDE_SPACE = {"percentile": {"low": 5.0, "high": 95.0}, "wavelet": ["haar", "db2"]}
 
 

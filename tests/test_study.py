@@ -504,8 +504,10 @@ def test_a_studys_method_runs_are_found_by_its_name(workdir, tiny_weights):
     """Comparing runs with `search_runs` as the README suggests (filter the method runs,
     `tags.method = 'dwt'`): a study's dwt, magnitude and random runs carried no tag naming the
     study or the trial (only their trial run did), so which study a dwt run belonged to took a
-    second lookup of its parent. They carry the trial's `optuna.study` and `optuna.trial_number` now."""
-    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2)
+    second lookup of its parent. They carry the trial's `optuna.study` and `optuna.trial_number` now.
+    A grid sampler: two distinct configurations (the random sampler, salted per launch, drew the
+    first one again in 1 of 8 runs, and a repeat runs no method runs of its own)."""
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, sampler={"name": "grid"})
     assert run_cli("study", str(spec), "-q") == 0
     client = MlflowClient()
     trials = mlflow_trial_runs()
