@@ -41,8 +41,11 @@ both measured in the same run (median of ``--repeats`` after one warm-up; CPU).
 * ImageNet's training split listed (``image_files.ImageFiles``): its own scan (hidden folders not
   entered, a name checked alone) against torchvision's make_dataset with the old path-based
   ``is_valid_file``, on a generated tree of 100 x 1,000 empty ``.JPEG`` files, scaled to 1.28 M;
-  the same folder listed again in the process (remembered while no folder changed); and the hash of
-  the split's paths the base evaluation's key no longer takes (``data.eval_fingerprint``). Oracle:
+  the same folder listed again in the process (remembered while no folder changed); and a file
+  split's fingerprint (paths, sizes, labels; the training split's is no longer in the base
+  evaluation's key, ``data.eval_fingerprint``) against its form before (paths by
+  ``Path.relative_to``, no sizes). Oracles:
+  ``tests/test_data.py::test_a_file_splits_fingerprint_sees_a_file_replaced_under_its_name`` and
   ``tests/test_data.py::test_image_files_scan_is_torchvisions_make_dataset_and_remembered_while_folders_are_unchanged``.
 
     python bench/bench_speedups.py [--repeats 7] [--threads 2] [--only train_scan]
@@ -77,11 +80,18 @@ torch threads 2, ``--repeats 5``; its speed drifts by up to a third, so read the
       old scan  1014.4 ms ( 13.0 s)   new scan   178.7 ms (  2.3 s)   5.7x
       remembered (same folder, same process)     7.9 ms ( 0.10 s)
       hash of the split's paths, no longer in the base evaluation's key   746.9 ms (  9.6 s a trial)
+    The same, 2026-11-27 (third session; load average 0.7, --repeats 5), file sizes now in the fingerprint:
+      old scan   602.7 ms (  7.7 s)   new scan   109.6 ms (  1.4 s)   5.5x
+      remembered (same folder, same process)     3.7 ms ( 0.05 s)
+      a file split's fingerprint (data._split_digest): paths, sizes and labels   251.1 ms; before, paths
+      (Path.relative_to) and labels   461.3 ms; the sizes' stats alone   233.7 ms
+      for ImageNet val's 50,000 files (in the base evaluation's key, every trial):  0.13 s (before  0.23 s)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import statistics
@@ -376,10 +386,17 @@ def bench_train_scan(repeats: int, classes: int = 100, per_class: int = 1000) ->
         again = median_s(lambda: image_files.ImageFiles(str(root)), repeats)
         ds = image_files.ImageFiles(str(root))
         digest = median_s(lambda: _split_digest(ds), repeats)
+        before = median_s(lambda: hashlib.sha256("\n".join(  # the form before 2026-11-27 (3rd session): no sizes
+            f"{Path(f).relative_to(root).as_posix()}\t{y}" for f, y in ds.samples).encode()).hexdigest(), repeats)
+        stats = median_s(lambda: [os.stat(f) for f, _ in ds.samples], repeats)
+    val = 50_000 / n
     print(f"ImageNet train listing, {classes} x {per_class} files (x{scale:.1f} = 1.28 M in brackets)")
     print(f"  old scan {ms(old)} ({old * scale:5.1f} s)   new scan {ms(new)} ({new * scale:5.1f} s)   {old / new:.1f}x")
     print(f"  remembered (same folder, same process) {ms(again)} ({again * scale:5.2f} s)")
-    print(f"  hash of the split's paths, no longer in the base evaluation's key {ms(digest)} ({digest * scale:5.1f} s a trial)")
+    print(f"  a file split's fingerprint (data._split_digest): paths, sizes and labels {ms(digest)}; before, paths "
+          f"(Path.relative_to) and labels {ms(before)}; the sizes' stats alone {ms(stats)}")
+    print(f"  for ImageNet val's 50,000 files (in the base evaluation's key, every trial): {digest * val:5.2f} s "
+          f"(before {before * val:5.2f} s); for the 1.28 M training files (not in it) {digest * scale:5.1f} s")
 
 
 def main() -> None:

@@ -1282,3 +1282,43 @@ def test_a_file_training_splits_fingerprint_names_how_its_random_transforms_draw
     monkeypatch.setattr(data, "FILE_TRAIN_RANDOMNESS", "main-process-generator")
     after = data_fingerprint(folder), eval_fingerprint(folder), data_fingerprint(digits)
     assert before[0] != after[0] and before[1:] == after[1:]
+
+
+def test_a_file_splits_fingerprint_sees_a_file_replaced_under_its_name(tmp_path):
+    """A file split's fingerprint holds each file's size: an image replaced under its name by
+    another (another size) is other data; a copy of the folder elsewhere, with other modification
+    times, is the same data; so is a file touched. Oracle: the sizes os.stat gives, and the
+    relative paths ``Path.relative_to`` gives (the digest slices them off the root as given)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from wavesweep.data import _relative_paths, data_fingerprint, eval_fingerprint
+
+    root = tmp_path / "one"
+    for split in ("train", "val"):
+        make_image_folder(root / split, ["a", "b"], per_class=2)
+
+    def fps(r):
+        b = load_dataset("imagefolder", root=r)
+        return eval_fingerprint(b), data_fingerprint(b)
+
+    before = fps(root)
+    copy = tmp_path / "two"
+    shutil.copytree(root, copy, copy_function=shutil.copyfile)  # other mtimes
+    os.utime(root / "val" / "a" / "img0_0.JPEG", (1, 1))
+    assert fps(copy) == before == fps(root)
+    replaced = root / "val" / "a" / "img0_0.JPEG"
+    size = replaced.stat().st_size
+    Image.fromarray(np.zeros((50, 60, 3), np.uint8)).save(replaced, format="JPEG")
+    assert replaced.stat().st_size != size
+    after = fps(root)
+    assert after[0] != before[0] and after[1] != before[1]
+    shutil.copyfile(copy / "val" / "a" / "img0_0.JPEG", replaced)  # the first image back
+    assert fps(root) == before
+
+    ds = load_dataset("imagefolder", root=str(root) + "/").test  # the root as given: a trailing slash
+    assert _relative_paths(ds) == [Path(f).relative_to(root / "val").as_posix() for f, _ in ds.samples]
+    assert ds.samples[0][0].startswith(f"{root}/val/")
+    odd = SimpleNamespace(root=f"{root}/./val/", samples=ds.samples)  # paths not under the root as given
+    assert not ds.samples[0][0].startswith(odd.root)
+    assert _relative_paths(odd) == [Path(f).relative_to(root / "val").as_posix() for f, _ in ds.samples]

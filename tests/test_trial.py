@@ -386,3 +386,24 @@ def test_every_opened_dataset_is_closed_even_when_closing_one_raises(monkeypatch
     with pytest.raises(OSError, match="worker pipe broken"):
         trial.run_trial(TrialConfig())
     assert len(closed) == 2 and {id(p) for p in closed} == {id(a), id(b)}  # both, whatever the order
+
+
+def test_a_val_image_replaced_under_its_name_is_evaluated_afresh_not_taken_from_the_cache(tmp_path, monkeypatch):
+    """The base evaluation's cache is keyed by the evaluation split's fingerprint. It held each
+    file's path and label but not its contents, so an image replaced under the same name (a
+    re-extracted or regenerated folder) gave the base the logits of the image that was there
+    before, while the pruned models were scored on the new one. Its size is in the key now.
+    Oracle: an uncached ``evaluate.predict`` of the base on the folder as it is."""
+    from PIL import Image
+
+    base, cfg = _tiny_imagefolder_trial(tmp_path, monkeypatch, recovery="none")
+    first = trial.run_trial(cfg, base=base)
+    target = tmp_path / "val" / "a" / "0.png"
+    Image.fromarray(np.full((30, 24, 3), 200, np.uint8)).save(target)  # another image (another size)
+    again = trial.run_trial(cfg, base=base)
+    ds = load_dataset("imagefolder", root=tmp_path).test
+    logits, targets = evaluate.predict(base.model, ds, batch_size=2, device="cpu")
+    want = evaluate.metrics_from_logits(logits, targets)
+    assert want.loss != first.base_eval.loss  # the replaced image changes the base's logits
+    assert again.base_eval.loss == pytest.approx(want.loss, rel=1e-6)
+    assert again.base_eval.preds.tolist() == want.preds.tolist()

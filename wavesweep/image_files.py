@@ -78,8 +78,8 @@ def scan_image_files(directory: str, class_to_idx: dict[str, int]) -> list[tuple
     folder it read is unchanged (an image added, removed or renamed in any of them changes its
     folder's) and each is still the same folder (its inode: class folders swapped, or a link
     re-pointed, with equal mtimes); a folder modified within :data:`_RACY_NS` of the scan is not trusted, so such a scan
-    is not remembered. An image replaced in place under the same name is not seen (as in
-    :func:`wavesweep.data.data_fingerprint`); its pixels are read when it is decoded.
+    is not remembered. An image replaced in place under the same name is the same sample here (its
+    pixels are read when it is decoded; :func:`wavesweep.data.data_fingerprint` sees its size).
     """
     directory = os.path.expanduser(directory)  # as make_dataset
     key = (str(directory), os.path.abspath(directory), tuple(sorted(class_to_idx.items())))
