@@ -21,6 +21,7 @@ without MLflow installed can run, e.g. a GPU box) and skips the `mlflow run` par
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,6 +51,8 @@ class ForwardClock:
         self.torch = torch
         self.seconds = 0.0
         self.calls = 0
+        self.by_phase: dict[str, float] = {}  # forward seconds inside each trial phase (PhaseClock)
+        self.phase = "(outside the timed phases)"
         self._depth = 0
         self._t0 = 0.0
         self._handles = []
@@ -68,7 +71,9 @@ class ForwardClock:
         self._depth -= 1
         if self._depth == 0:
             self._sync()
-            self.seconds += time.perf_counter() - self._t0
+            dt = time.perf_counter() - self._t0
+            self.seconds += dt
+            self.by_phase[self.phase] = self.by_phase.get(self.phase, 0.0) + dt
             self.calls += 1
 
     def __enter__(self):
@@ -82,11 +87,45 @@ class ForwardClock:
             h.remove()
 
 
+@contextlib.contextmanager
+def phase_clock(clock: ForwardClock):
+    """While open, the trial's phase timer (``trial._Phases``) tells ``clock`` which phase a
+    forward pass runs in, and on CUDA waits for the device at the start and end of every phase, so
+    work queued in one phase (pruning's kernels, copies) is timed in it, not in the next that
+    waits for the device. The syncs add a few each trial; without them the phases' split is a guess."""
+    from wavesweep import trial
+
+    real = trial._Phases.__call__
+
+    @contextlib.contextmanager
+    def timed(self, name):
+        outer = clock.phase
+        clock._sync()
+        clock.phase = name
+        try:
+            with real(self, name):
+                try:
+                    yield
+                finally:
+                    clock._sync()
+        finally:
+            clock.phase = outer
+
+    trial._Phases.__call__ = timed
+    try:
+        yield
+    finally:
+        trial._Phases.__call__ = real
+
+
 def _report(rep: int, total: float, phases: dict[str, float], clock: ForwardClock, overlapped: tuple[str, ...]) -> float:
-    """Print one in-process trial's phases and forward-pass time; returns its non-forward share."""
+    """Print one in-process trial's phases (the forward passes inside each, where
+    :func:`phase_clock` told the clock) and forward-pass time; returns its non-forward share."""
     print(f"\nin-process trial #{rep + 1}: {total:6.2f} s")
     for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):
-        print(f"  {k:<18} {v:7.3f} s{'  (in a thread, beside mlflow_logging)' if k in overlapped else ''}")
+        fwd = clock.by_phase.get(k)
+        inside = f"   forward {fwd:6.3f} s, other {v - fwd:6.3f} s" if fwd is not None else ""
+        print(f"  {k:<18} {v:7.3f} s{inside}{'  (in a thread, beside mlflow_logging)' if k in overlapped else ''}")
     sequential = sum(v for k, v in phases.items() if k not in overlapped)
     print(f"  {'(unaccounted)':<18} {total - sequential:7.3f} s  (outside the timed phases)")
     in_eval = sum(phases.get(k, 0.0) for k in EVAL_PHASES)
@@ -112,7 +151,7 @@ def untracked(args: argparse.Namespace) -> None:
     run_trial(cfg)  # warm: trains/caches the base model, first CUDA kernels
     shares = []
     for rep in range(args.repeats):
-        with ForwardClock() as clock:
+        with ForwardClock() as clock, phase_clock(clock):
             t0 = time.perf_counter()
             result = run_trial(cfg)
             total = time.perf_counter() - t0
@@ -152,7 +191,7 @@ def main() -> None:
         run_tracked_trial(cfg)  # warm: trains/caches the base model and the base evaluation
         shares, totals = [], []
         for rep in range(args.repeats):
-            with ForwardClock() as clock:
+            with ForwardClock() as clock, phase_clock(clock):
                 t0 = time.perf_counter()
                 result, _ = run_tracked_trial(cfg)
                 total = time.perf_counter() - t0
