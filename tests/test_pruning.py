@@ -1076,3 +1076,19 @@ def test_random_keys_for_other_layers_or_another_seed_are_refused():
         P.prune_matched(net, dwt, seed=0, keys=RandomKeys(1, sizes, joint=False))
     with pytest.raises(ValueError, match="either keys= or generator="):
         P.prune_random(net, 0.5, targets="conv", keys=RandomKeys(0, sizes, joint=False), generator=torch.Generator())
+
+
+def test_random_keys_serve_one_pruning():
+    """A second pruning with the same drawn keys would break its ties from the generator as the
+    first left it, not as ``prune_random(seed=...)`` does: on a net whose keys tie (``_tied_net``
+    prunes at amounts that need the tie-break), its masks could differ. So the keys are taken once."""
+    from wavesweep.baselines import RandomKeys
+
+    net = _tied_net()
+    sizes = [m.weight.numel() for _, m in P.target_layers(net, "conv")]
+    keys = RandomKeys(0, sizes, joint=False)
+    ref = P.prune_random(net, 0.5, seed=0, targets="conv")
+    got = P.prune_random(net, 0.5, targets="conv", keys=keys)
+    assert all(np.array_equal(a.keep, b.keep) for a, b in zip(got.layers, ref.layers))
+    with pytest.raises(RuntimeError, match="random keys of seed 0 were taken by a pruning already"):
+        P.prune_random(net, 0.5, targets="conv", keys=keys)

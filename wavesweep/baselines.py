@@ -339,6 +339,7 @@ class RandomKeys:
         self._buffer: torch.Tensor | None = None
         self._pin = pin
         self._error: BaseException | None = None
+        self._taken = False
         self._thread = threading.Thread(target=self._draw, name="wavesweep-random-keys", daemon=True)
         self._thread.start()
 
@@ -350,14 +351,21 @@ class RandomKeys:
 
     def take(self, sizes: list[int], joint: bool) -> torch.Tensor:
         """Every key in one flat buffer, once drawn (:attr:`generator` is then past them); a
-        ValueError when they were drawn for other layers or another scope."""
+        ValueError when they were drawn for other layers or another scope. Once: the tie-breaks of
+        the pruning that took them draw from :attr:`generator`, so a second pruning with the same
+        keys would break its ties from another state than ``prune_random(seed=...)`` (other masks
+        where keys tie); a second take is a RuntimeError."""
         self._thread.join()
         if self._error is not None:
             raise self._error
+        if self._taken:
+            raise RuntimeError(f"random keys of seed {self.seed} were taken by a pruning already; draw them "
+                               f"again (RandomKeys({self.seed}, ...)) for another")
         if [int(n) for n in sizes] != self.sizes or bool(joint) != self.joint:
             raise ValueError(f"random keys drawn for {len(self.sizes)} layers of {sum(self.sizes)} weights "
                              f"(joint={self.joint}) cannot prune {len(sizes)} layers of {sum(sizes)} (joint={joint})")
         assert self._buffer is not None
+        self._taken = True
         return self._buffer
 
 
