@@ -53,6 +53,7 @@ class ForwardClock:
         self.calls = 0
         self.by_phase: dict[str, float] = {}  # forward seconds inside each trial phase (PhaseClock)
         self.phase = "(outside the timed phases)"
+        self.keys_wait = 0.0  # seconds random pruning waited for its keys (phase_clock)
         self._depth = 0
         self._t0 = 0.0
         self._handles = []
@@ -93,9 +94,16 @@ def phase_clock(clock: ForwardClock):
     forward pass runs in, and on CUDA waits for the device at the start and end of every phase, so
     work queued in one phase (pruning's kernels, copies) is timed in it, not in the next that
     waits for the device. The syncs add a few each trial; without them the phases' split is a guess."""
-    from wavesweep import trial
+    from wavesweep import baselines, trial
 
     real = trial._Phases.__call__
+    real_take = baselines.RandomKeys.take
+
+    def take(self, *args, **kwargs):  # how long random pruning waits for its keys (drawn on a thread)
+        t0 = time.perf_counter()
+        self._thread.join()
+        clock.keys_wait += time.perf_counter() - t0
+        return real_take(self, *args, **kwargs)
 
     @contextlib.contextmanager
     def timed(self, name):
@@ -112,10 +120,12 @@ def phase_clock(clock: ForwardClock):
             clock.phase = outer
 
     trial._Phases.__call__ = timed
+    baselines.RandomKeys.take = take
     try:
         yield
     finally:
         trial._Phases.__call__ = real
+        baselines.RandomKeys.take = real_take
 
 
 def _report(rep: int, total: float, phases: dict[str, float], clock: ForwardClock, overlapped: tuple[str, ...]) -> float:
@@ -130,6 +140,7 @@ def _report(rep: int, total: float, phases: dict[str, float], clock: ForwardCloc
     print(f"  {'(unaccounted)':<18} {total - sequential:7.3f} s  (outside the timed phases)")
     in_eval = sum(phases.get(k, 0.0) for k in EVAL_PHASES)
     print(f"  forward passes     {clock.seconds:7.3f} s  ({clock.calls} model calls; the evaluation phases took {in_eval:.3f} s)")
+    print(f"  random's keys      {clock.keys_wait:7.3f} s  waited for in prune (drawn on a thread since the base model was loaded)")
     share = (total - clock.seconds) / total
     print(f"  not forward passes: {total - clock.seconds:.2f} s = {100 * share:.1f} % of in-process time "
           f"(target <= 25 %: {'PASS' if share <= 0.25 else 'FAIL'})")  # fmt: skip
