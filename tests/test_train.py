@@ -773,6 +773,42 @@ def test_on_cuda_a_model_that_cannot_be_captured_is_one_clear_error():
     assert torch.ones(3, device="cuda").sum().item() == 3.0
 
 
+def test_the_step_is_captured_thread_local_and_a_failed_capture_names_its_first_cause(monkeypatch):
+    """The capture runs in ``thread_local`` mode: in PyTorch's default ``global`` mode the pinning
+    thread of a file dataset's DataLoader (cudaHostAlloc, cudaEventQuery while the batch after is
+    pinned) breaks a capture from this thread, or not, by timing. A failure is one RuntimeError
+    naming the first error, not the one capture_end raises after it. (torch.cuda's graph faked, on CPU:
+    the body runs, then ends as an invalidated capture does.)"""
+    import contextlib
+
+    modes = []
+
+    class Invalidated:
+        def __init__(self, graph, **kwargs):
+            modes.append(kwargs.get("capture_error_mode", "global"))
+
+        def __enter__(self):
+            return None
+
+        def __exit__(self, *exc):
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def forward_loss(x, y, cache_enabled=True):
+        assert cache_enabled is False  # autocast's weight cache is not allowed under capture
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", Invalidated)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    net = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    with pytest.raises(RuntimeError, match=r"^cuda_graphs='on': the training step could not be captured as a CUDA graph "
+                                           r"\(RuntimeError: CUDA error: operation not permitted when stream is capturing\); "
+                                           r"use cuda_graphs='off'$"):
+        T._GraphedStep.capture(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), forward_loss, opt)
+    assert modes == ["thread_local"]
+
+
 # --------------------------------------------------------------------------- file datasets, worker processes
 
 

@@ -325,12 +325,19 @@ class _GraphedStep:
         """The step for batches shaped as ``(x, y)``, captured (not run: :meth:`replay` runs it).
         A model or optimizer that cannot be captured (an operation that waits for the host, say)
         is a RuntimeError naming the first error: no eager fallback, since a failed capture can
-        leave the allocator feeding a private pool (seen on an H200: out of memory soon after)."""
+        leave the allocator feeding a private pool (seen on an H200: out of memory soon after).
+
+        The capture is ``thread_local``: only this thread's calls are checked. In PyTorch's default
+        ``global`` mode a CUDA call from any other thread breaks it, and a file dataset's DataLoader
+        pins each prefetched batch in its own thread meanwhile (``cudaHostAlloc``, ``cudaEventQuery``;
+        ``torch.cuda.graph`` empties the pinned-memory cache just before capturing): the capture
+        would fail, or not, by the timing of that thread. That thread never touches the capture
+        stream, so nothing it does belongs in the graph."""
         static_x, static_y = x.clone(), y.clone()
         opt.zero_grad(set_to_none=True)  # the graph's backward makes its own gradients, then refills them
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.device(x.device), torch.cuda.graph(graph):
+            with torch.cuda.device(x.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 loss = forward_loss(static_x, static_y, cache_enabled=False)
                 loss.backward()
                 opt.step()
