@@ -146,3 +146,22 @@ def test_report_into_a_file_is_one_line(workdir, capsys):
     assert cli.main(["report", "done", "--storage", url, "--report-dir", "afile"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["wavesweep: error: report folder afile: afile is a file, not a folder (--report-dir)"], err
+
+
+def test_report_of_a_study_not_in_the_storage_names_the_ones_there(workdir, capsys):
+    """`wavesweep report NAME` where the storage holds other studies: one line naming the storage
+    and its studies, exit 2 (the lookup lives in the study package, the only one importing optuna)."""
+    import optuna
+
+    from wavesweep import cli
+
+    url = f"sqlite:///{workdir / 'optuna.db'}"
+    for name in ("alpha", "beta"):
+        optuna.create_study(study_name=name, storage=url)
+    capsys.readouterr()
+    assert cli.main(["report", "gamma", "--storage", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wavesweep: error: no study 'gamma' in ") and err[0].endswith(
+        "; studies there: alpha, beta"), err
+    with open(cli.__file__) as fh:
+        assert not [line for line in fh if line.strip().startswith(("import optuna", "from optuna"))]

@@ -276,9 +276,7 @@ def _warn_secrets(launched_run_id: str | None, storage: str | None) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``wavesweep report STUDY``: STUDY is a spec file or a study name in ``--storage``."""
-    import optuna
-
-    from wavesweep import study, tracking
+    from wavesweep import study
 
     if args.register_best:
         from wavesweep.names import check_model_name
@@ -290,12 +288,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         name, url = spec.name, args.storage or spec.storage or study.DEFAULT_STORAGE
     else:
         name, url = args.study, args.storage or study.DEFAULT_STORAGE
-    storage = study.open_storage(url, must_exist=True)
-    try:
-        found = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise ValueError(f"no study {name!r} in {located(url)}; studies there: {', '.join(names) or 'none'}") from None
+    found = study.load_named_study(name, url)
     _report_dir(args.report_dir, found.study_name)
     parent = found.user_attrs.get("mlflow_run_id")
     _print_summary(found, parent or "-", url)

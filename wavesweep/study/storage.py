@@ -158,6 +158,17 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
             return optuna.storages.RDBStorage(url, **kwargs)
 
 
+def load_named_study(name: str, url: str) -> optuna.Study:
+    """The study ``name`` in the existing storage at ``url`` (what ``wavesweep report`` reads); a
+    ValueError naming the storage and the studies it holds when there is no such study."""
+    storage = open_storage(url, must_exist=True)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise ValueError(f"no study {name!r} in {store.located(url)}; studies there: {', '.join(names) or 'none'}") from None
+
+
 def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
     """Does ``storage`` run Optuna heartbeats (RDB storages do; journal files do not)?
 
