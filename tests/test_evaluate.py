@@ -418,29 +418,63 @@ def test_target_rank_equals_its_definition_on_every_row():
     assert torch.equal(_target_rank_full(torch.full((1, 4), float("nan")), torch.tensor([2])), torch.tensor([2]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_metrics_scored_on_the_device_equal_the_hosts():
+def _device_or_skip(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return device
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_cuda_metrics_scored_on_the_device_equal_the_hosts(device):
     """``evaluate_many`` scores an accelerator's logits where they are: every metric equals the
-    host's scoring of the same logits (the loss to float tolerance), ties and NaN rows included."""
+    host's scoring of the same logits (the loss to float tolerance), ties and NaN rows included.
+    With a NaN logit in some rows the mean cross-entropy is NaN wherever it is computed (it was
+    compared with ``pytest.approx(nan)``, which no NaN equals: a correct implementation failed), so
+    the loss is compared on the same logits without the NaNs too, where it is a number. The CPU
+    case runs the same comparison host against host (the test's own logic, on any machine)."""
+    dev = _device_or_skip(device)
     rng = np.random.default_rng(4)
-    logits = torch.from_numpy(rng.integers(0, 4, size=(2000, 100)).astype(np.float32))
-    logits[::7, 3] = float("nan")
+    clean = torch.from_numpy(rng.integers(0, 4, size=(2000, 100)).astype(np.float32))
+    nan = clean.clone()
+    nan[::7, 3] = float("nan")
     y = torch.from_numpy(rng.integers(0, 100, size=2000))
-    host, dev = metrics_from_logits(logits, y), metrics_from_logits(logits.cuda(), y.cuda())
-    for k, v in host.metrics().items():
-        assert dev.metrics()[k] == (pytest.approx(v, rel=1e-6) if k == "loss" else v), k
-    assert all(np.array_equal(getattr(host, a), getattr(dev, a)) for a in ("correct", "preds", "targets"))
+    for logits in (nan, clean):
+        host, on_dev = metrics_from_logits(logits, y), metrics_from_logits(logits.to(dev), y.to(dev))
+        for k, v in host.metrics().items():
+            if k == "loss":
+                assert on_dev.loss == pytest.approx(v, rel=1e-6, nan_ok=True), k
+            else:
+                assert on_dev.metrics()[k] == v, k
+        assert all(np.array_equal(getattr(host, a), getattr(on_dev, a)) for a in ("correct", "preds", "targets"))
+    assert np.isnan(metrics_from_logits(nan, y).loss) and np.isfinite(metrics_from_logits(clean, y).loss)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_chunks_score_on_the_device_as_evaluate_many(cnn, digits):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_cuda_chunks_score_on_the_device_as_evaluate_many(cnn, digits, monkeypatch, device):
     """evaluate_chunks scores its logits on the device, as evaluate_many does (a trial's dwt result
-    comes from the chunks, the baselines' from evaluate_many): the last chunk's result equals a
-    device scoring of the whole set's logits (the loss to float tolerance: the chunks batch the
-    examples otherwise)."""
+    comes from the chunks, the baselines' from evaluate_many): every scoring of the chunks gets
+    logits on the device (the host's and the device's losses differ by rounding alone, so no loss
+    tolerance can tell where they were scored), and the last chunk's result equals a device scoring
+    of the whole set's logits, the loss to the tolerance of the CPU test of the chunks (the chunks
+    batch the examples otherwise: 90 a pass against 256 + 104, and a GPU may pick other kernels
+    for other batch sizes). TF32 off: cuDNN's default rounds conv inputs to 10 mantissa bits."""
+    import wavesweep.evaluate as E
+
+    dev = torch.device(_device_or_skip(device))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    scored_on: list[torch.device] = []
+    real = E.metrics_from_logits
+
+    def spy(logits, targets):
+        scored_on.append(logits.device)
+        return real(logits, targets)
+
+    monkeypatch.setattr(E, "metrics_from_logits", spy)
     model = copy.deepcopy(cnn)
-    last = list(evaluate_chunks(model, digits.test, n_chunks=4, device="cuda"))[-1].result
-    logits, targets = predict(model, digits.test, device="cuda")
-    direct = metrics_from_logits(logits.cuda(), targets)
-    assert last.metrics()["loss"] == pytest.approx(direct.metrics()["loss"], rel=1e-6)
+    last = list(evaluate_chunks(model, digits.test, n_chunks=4, device=dev))[-1].result
+    assert len(scored_on) == 4 and all(d.type == dev.type for d in scored_on), scored_on
+    logits, targets = predict(model, digits.test, device=dev)
+    direct = real(logits.to(dev), targets)
+    assert last.metrics() == pytest.approx(direct.metrics(), abs=1e-5)
     assert np.array_equal(last.correct, direct.correct) and last.top1 == direct.top1 and last.top5 == direct.top5
+
