@@ -19,6 +19,7 @@ from wavesweep.evaluate import (
     EvalResult,
     evaluate,
     evaluate_chunks,
+    evaluate_many,
     metrics_from_logits,
     predict,
     predict_many,
@@ -478,3 +479,37 @@ def test_cuda_chunks_score_on_the_device_as_evaluate_many(cnn, digits, monkeypat
     assert last.metrics() == pytest.approx(direct.metrics(), abs=1e-5)
     assert np.array_equal(last.correct, direct.correct) and last.top1 == direct.top1 and last.top5 == direct.top5
 
+
+def test_evaluate_many_waits_for_the_device_per_model_not_per_batch():
+    """The scoring is on the logits' device with no host sync per batch: counted on CPU tensors with
+    a dispatch mode recording the operators that wait for a CUDA device (a scalar read, ``nonzero``'s
+    size, ``is_nonzero`` of an ``if``), the same count for 2 batches as for 20 (on CUDA: the one
+    ``nonzero`` of the tie rows and the one copy of the results per model; the label checks read
+    host tensors)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    waits = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "masked_select", "_unique2"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if name in waits:
+                self.seen[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    ds = TensorDataset(torch.randn(1000, 1, 8, 8), torch.arange(1000) % 10)
+    models = _models(n=2)
+    counts = []
+    for bs in (500, 50):
+        with Count() as c:
+            evaluate_many(models, ds, batch_size=bs, device="cpu")
+        counts.append(c.seen)
+    assert counts[0] == counts[1], counts
+    assert counts[0]["nonzero"] == 2, counts[0]  # the tie rows' one, per model
