@@ -1092,3 +1092,31 @@ def test_random_keys_serve_one_pruning():
     assert all(np.array_equal(a.keep, b.keep) for a, b in zip(got.layers, ref.layers))
     with pytest.raises(RuntimeError, match="random keys of seed 0 were taken by a pruning already"):
         P.prune_random(net, 0.5, targets="conv", keys=keys)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_cuda_random_keys_drawn_into_pinned_memory_give_the_cpu_masks(scope, device):
+    """A CUDA trial draws random's keys on a thread into pinned memory (``RandomKeys(pin=True)``:
+    the allocation goes through PyTorch's caching host allocator from that thread, on the device
+    whose primary context exists) and copies them to the device without blocking: the masks,
+    counts and weights are those of ``prune_random(seed)`` on the CPU. No other test pins the keys
+    (the CPU cannot); the CPU case runs the same comparison unpinned."""
+    from wavesweep.baselines import RandomKeys
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    net = _tied_net()
+    targets = ("conv", "linear")
+    sizes = [m.weight.numel() for _, m in P.target_layers(net, targets)]
+    dwt = P.prune_dwt(net, wavelet="haar", level=1, percentile=40, scope=scope, targets=targets)
+    ref = P.prune_matched(net, dwt, scope=scope, seed=3, targets=targets)["random"]
+    on_dev = copy.deepcopy(net).to(device)
+    keys = RandomKeys(3, sizes, joint=scope == "global", pin=device == "cuda")
+    got = P.prune_matched(on_dev, dwt, scope=scope, seed=3, targets=targets, keys=keys)["random"]
+    assert keys._buffer.is_pinned() == (device == "cuda")
+    assert all(p.device.type == device for p in got.model.parameters())
+    assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref.layers]
+    assert all(np.array_equal(a.keep, b.keep) for a, b in zip(got.layers, ref.layers))
+    for (k, x), (_, y) in zip(got.model.state_dict().items(), ref.model.state_dict().items()):
+        assert torch.equal(x.cpu(), y), k
