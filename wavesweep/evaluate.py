@@ -361,7 +361,8 @@ def precision_recall_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: np.ndarr
 
 def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> EvalResult:
     """All metrics from logits (N, C) and integer targets (N,), computed where the logits are
-    (on an accelerator only the per-example predictions and ranks come to the host, in one copy).
+    (on an accelerator only the per-example predictions and ranks come to the host, in one copy;
+    finding the rows with ties or NaN, :func:`_target_rank`, waits for the device once more).
 
     top-5 is top-min(5, C). F1/recall/precision are scikit-learn's
     ``precision_recall_fscore_support`` with ``zero_division=0`` over the labels present
