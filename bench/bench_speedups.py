@@ -48,6 +48,12 @@ both measured in the same run (median of ``--repeats`` after one warm-up; CPU).
   ``tests/test_data.py::test_a_file_splits_fingerprint_sees_a_file_replaced_under_its_name`` and
   ``tests/test_data.py::test_image_files_scan_is_torchvisions_make_dataset_and_remembered_while_folders_are_unchanged``.
 
+* the finite check of the target weights (``prune_record.check_finite_targets``, each pruning
+  method's first step, three a trial): every layer's L1 norm in one ``torch._foreach_norm`` (a
+  multi-tensor kernel on a GPU), the exact check per layer only where a sum is not finite, against
+  a ``torch.isfinite`` per layer; ResNet-18's and ResNet-50's convs, with the operators each
+  dispatches on CPU. Oracle: ``tests/test_pruning.py::test_finite_check_equals_isfinite_per_layer``.
+
     python bench/bench_speedups.py [--repeats 7] [--threads 2] [--only train_scan]
 
 Measured on the development machine (2 CPU cores shared with other work, load average 5.7,
@@ -86,6 +92,9 @@ torch threads 2, ``--repeats 5``; its speed drifts by up to a third, so read the
       a file split's fingerprint (data._split_digest): paths, sizes and labels   251.1 ms; before, paths
       (Path.relative_to) and labels   461.3 ms; the sizes' stats alone   233.7 ms
       for ImageNet val's 50,000 files (in the base evaluation's key, every trial):  0.13 s (before  0.23 s)
+    finite check of the target weights (2026-11-27, third session; --repeats 7, a test suite running beside it)
+      resnet18 (20 convs)   isfinite per layer    23.1 ms (103 operators)   one foreach L1 norm     6.9 ms (28 operators)   3.4x
+      resnet50 (53 convs)   isfinite per layer    53.2 ms (268 operators)   one foreach L1 norm    14.0 ms (61 operators)   3.8x
 """
 
 from __future__ import annotations
@@ -399,6 +408,47 @@ def bench_train_scan(repeats: int, classes: int = 100, per_class: int = 1000) ->
           f"(before {before * val:5.2f} s); for the 1.28 M training files (not in it) {digest * scale:5.1f} s")
 
 
+def _isfinite_per_layer(layers) -> None:
+    """``prune_record.check_finite_targets`` before 2026-11-27 (third session): a
+    ``torch.isfinite(w).all()`` per layer (5 operators each), stacked, one sync."""
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(m.weight).all() for _, m in layers])
+        assert bool(finite.all())
+
+
+def bench_finite_check(repeats: int) -> None:
+    """The check that every target weight is finite, which each pruning method runs first (three
+    times a trial): one ``torch._foreach_norm`` of every layer's L1 norm against a
+    ``torch.isfinite`` per layer, on ResNet-18's and ResNet-50's convs, with the operators each
+    dispatches (what a GPU launches). Oracle: ``tests/test_pruning.py::test_finite_check_equals_isfinite_per_layer``."""
+    import torchvision
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from wavesweep.prune_record import check_finite_targets
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(fn) -> int:
+        Count.n = 0
+        with Count():
+            fn()
+        return Count.n
+
+    torch.manual_seed(0)
+    print("finite check of the target weights (each pruning method's first step)")
+    for name, net in (("resnet18", build_model("resnet18", **dataset_shape("digits"))), ("resnet50", torchvision.models.resnet50())):
+        layers = [(n, m) for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        old = median_s(lambda: _isfinite_per_layer(layers), repeats)
+        new = median_s(lambda: check_finite_targets(layers), repeats)
+        print(f"  {name} ({len(layers)} convs)   isfinite per layer {ms(old)} ({ops(lambda: _isfinite_per_layer(layers))} operators)   "
+              f"one foreach L1 norm {ms(new)} ({ops(lambda: check_finite_targets(layers))} operators)   {old / new:.1f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -418,6 +468,7 @@ def main() -> None:
     bench_base_load(args.repeats)
     bench_metrics(args.repeats)
     bench_mcnemar(args.repeats)
+    bench_finite_check(args.repeats)
     bench_train_scan(args.repeats)
 
 

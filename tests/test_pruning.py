@@ -1120,3 +1120,44 @@ def test_cuda_random_keys_drawn_into_pinned_memory_give_the_cpu_masks(scope, dev
     assert all(np.array_equal(a.keep, b.keep) for a, b in zip(got.layers, ref.layers))
     for (k, x), (_, y) in zip(got.model.state_dict().items(), ref.model.state_dict().items()):
         assert torch.equal(x.cpu(), y), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_finite_check_equals_isfinite_per_layer(dtype):
+    """``check_finite_targets`` first sums |w| per layer in one ``_foreach_norm``; it must say what
+    ``torch.isfinite(w).all()`` per layer says (the oracle) in every case: all finite; one NaN; one
+    +inf; +inf and -inf in one layer (their sum is NaN); finite weights whose sum of |w| overflows
+    (float16 past 65,504; 1e38-sized float32/float64 values past float32's range), which must
+    pass; and the error names the first bad layer, as before."""
+    from wavesweep.prune_record import check_finite_targets
+
+    big = {torch.float16: 60000.0, torch.float32: 3e38, torch.float64: 3e38}[dtype]
+
+    def net(*edits):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 3)).to(dtype)
+        with torch.no_grad():
+            for layer, index, value in edits:
+                m[layer].weight.view(-1)[index] = value
+        return [(str(i), m[i]) for i in range(3)]
+
+    cases = {
+        "finite": net(),
+        "nan": net((1, 5, float("nan"))),
+        "inf": net((2, 0, float("inf"))),
+        "inf-inf": net((1, 0, float("inf")), (1, 1, -float("inf"))),
+        "overflowing sum": net((0, 0, big), (0, 1, -big), (0, 2, big)),
+        "two bad": net((2, 1, float("nan")), (0, 3, -float("inf"))),
+    }
+    mixed = net((1, 2, float("nan")))  # layers in two dtypes: the norms are converted one by one
+    mixed[2][1].to(torch.float32 if dtype != torch.float32 else torch.float64)
+    cases["two dtypes"], cases["two dtypes, finite"] = mixed, [mixed[0], mixed[2]]
+    for case, layers in cases.items():
+        bad = [n for n, m in layers if not bool(torch.isfinite(m.weight).all())]
+        if not bad:
+            check_finite_targets(layers)  # no error
+            continue
+        with pytest.raises(ValueError, match=rf"target layer '{bad[0]}': weight has \d+ NaN or infinite"):
+            check_finite_targets(layers)
+    # the exact fallback ran there (the sums are compared in float32)
+    assert not bool(torch.isfinite(torch._foreach_norm([cases["overflowing sum"][0][1].weight.detach()], 1)[0].float()))
