@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from wavesweep import checkpoint, models, train
@@ -64,6 +65,11 @@ for _ in range(3):
 out["losses"] = losses
 out["params_changed"] = sum(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
 out["n_params"] = len(before)
+exported = mlflow.pytorch.load_model(uri)  # the pytorch flavour: the module exported with torch.export (pt2)
+with torch.no_grad():
+    out["pytorch_flavour_err_by_batch"] = {b: float(np.abs(exported(torch.from_numpy(x[:b])).numpy() - expected[:b]).max())
+                                           for b in (1, 3, len(x))}
+out["pytorch_flavour_is_module"] = isinstance(exported, torch.nn.Module)
 out["wavesweep_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "wavesweep")
 print(json.dumps(out))
 """
@@ -112,13 +118,18 @@ def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp
     client = MlflowClient()
     run = client.get_run(run_id)
 
-    # the download: no larger than the dense model plus its compressed checkpoint (+ a few kB of MLmodel,
+    # the download: the dense model twice (the state dict, and the exported program of the pytorch
+    # flavour, whose graph adds some kB) plus its compressed checkpoint (+ a few kB of MLmodel,
     # requirements, the two code files and the input example)
     dl = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/plain@champion", dst_path=str(tmp_path / "dl")))
     total = sum(p.stat().st_size for p in dl.rglob("*") if p.is_file())
     ckpt = next(dl.rglob("dwt.wsz"))
     dense = run.data.metrics["dense_bytes"]
-    assert total <= dense + ckpt.stat().st_size + 64_000, (total, dense, ckpt.stat().st_size)
+    pt2 = next(dl.rglob("model.pt2")).stat().st_size
+    assert dense < pt2 <= dense + 200_000, (pt2, dense)
+    assert total <= dense + pt2 + ckpt.stat().st_size + 64_000, (total, dense, pt2, ckpt.stat().st_size)
+    flavours = yaml.safe_load((dl / "MLmodel").read_text())["flavors"]
+    assert flavours["pytorch"]["model_data"] == "exported" and flavours["python_function"]["loader_module"] == "pruned_model"
     assert ckpt.stat().st_size - checkpoint.read_header(ckpt)["header_bytes"] == run.data.metrics["stored_bytes"]
 
     # the oracle: the evaluated weights, decoded from the trial's compressed checkpoint by wavesweep
@@ -144,6 +155,9 @@ def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp
     assert out["train_returns_self"] and out["eval_returns_self"]
     assert out["params_changed"] == out["n_params"] > 0  # fine-tuning updates every parameter
     assert out["losses"][-1] < out["losses"][0]
+    # mlflow.pytorch.load_model works too (DESIGN.md's promise): the same logits at any batch size
+    assert out["pytorch_flavour_is_module"]
+    assert all(err < 1e-5 for err in out["pytorch_flavour_err_by_batch"].values()), out["pytorch_flavour_err_by_batch"]
 
 
 def test_registered_model_serves_as_base_weights(trial_run, tmp_path):

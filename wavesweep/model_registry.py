@@ -25,6 +25,7 @@ from wavesweep.store import located, store_exists, tracking_uri
 from wavesweep.tracking import client, format_value
 
 REGISTERED_DIR = "registered-{method}"  # run-relative artifact folder of a registered model
+EXPORTED_DIR = "exported"  # the pytorch flavour's folder in a registered model: model.pt2 (torch.export)
 
 
 def register_model(
@@ -37,8 +38,10 @@ def register_model(
     The format (``pruned_model``): the state dict (tensors only, safe to load) with the
     ``architecture`` (``{"model", "num_classes", "in_channels", "image_size"}``) rebuilt by the
     shipped ``architectures.py``, plus the compressed ``checkpoint``, as an MLflow pyfunc with a
-    signature from ``input_example`` (any batch size). It loads without wavesweep, is as large as
-    the dense state dict plus the checkpoint, and trains like any module.
+    signature from ``input_example`` (any batch size), and MLflow's ``pytorch`` flavour beside it
+    (the module exported with ``torch.export``, ``pt2``: :func:`_add_pytorch_flavour`). It loads
+    without wavesweep, is as large as the dense weights twice plus the checkpoint, and the pyfunc's
+    module trains like any module.
 
     The source run is not reopened: the model is written with ``save_model`` and uploaded with
     ``log_artifacts``, so its status, end time, tags, params and metrics stay as they were. The
@@ -129,7 +132,30 @@ def _upload(model: Any, architecture: dict[str, Any], input_example: Any, checkp
             signature=infer_signature(input_example, output), input_example=input_example,
             pip_requirements=_pip_requirements(),
         )  # fmt: skip
+        _add_pytorch_flavour(model, input_example, folder)
         client().log_artifacts(run_id, str(folder), artifact_path)
+
+
+def _add_pytorch_flavour(model: Any, input_example: Any, folder: Path) -> None:
+    """Add MLflow's ``pytorch`` flavour to the saved model in ``folder``: the module exported with
+    ``torch.export`` (``pt2``, MLflow 3's pickle-free format), its batch axis free, so that
+    ``mlflow.pytorch.load_model(uri)`` gives an inference module of any batch size in a process
+    with torch alone (an exported module: ``.train()`` is not supported; the trainable module is
+    the pyfunc's ``get_raw_model()``). Written as ``mlflow.pytorch.save_model(...,
+    serialization_format="pt2")`` writes it (``model_data`` a folder holding ``model.pt2``), beside
+    the pyfunc flavour that stays wavesweep's own loader."""
+    import torch
+    from mlflow.models import Model
+    from torch.export import Dim
+
+    example = torch.as_tensor(input_example)
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
+    (folder / EXPORTED_DIR).mkdir()
+    torch.export.save(program, folder / EXPORTED_DIR / "model.pt2")
+    mlmodel = Model.load(str(folder / "MLmodel"))
+    mlmodel.add_flavor("pytorch", model_data=EXPORTED_DIR, pytorch_version=str(torch.__version__), code=None)
+    mlmodel.model_size_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    mlmodel.save(str(folder / "MLmodel"))
 
 
 def _pip_requirements() -> list[str]:

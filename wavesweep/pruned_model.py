@@ -9,6 +9,9 @@ loading needs torch, torchvision and MLflow, not wavesweep::
 
     net = mlflow.pyfunc.load_model("models:/NAME@champion").get_raw_model()  # an nn.Module
 
+(The model's ``pytorch`` flavour, the same module exported with ``torch.export``, is MLflow's own:
+``mlflow.pytorch.load_model`` reads it without this file.)
+
 Keep this file free of wavesweep imports (``model_registry.register_model`` ships it).
 """
 
