@@ -460,3 +460,27 @@ def test_a_registered_model_of_another_dataset_is_refused_as_base_weights(trial_
     # the same model on its own dataset still serves as the base (positive control)
     _result, ok = run_tracked_trial(TrialConfig.from_mapping({**cfg.to_dict(), "weights": "models:/digits-model@champion"}))
     assert client.get_run(ok).data.params["base_uri"] == "models:/digits-model/1"
+
+
+def test_a_run_with_one_evaluation_example_registers_with_a_free_batch_axis(workdir, shared_cache):
+    """The input example is min(2, len(eval set)) of the evaluation inputs: one for a trial run
+    with ``eval_limit=1``. torch.export specializes a size-1 axis, so exporting the pytorch
+    flavour with ``Dim("batch", min=1)`` raised 'Constraints violated (batch)!' and the run could
+    not be registered at all. Oracle: the pyfunc module's logits, at batch sizes 1 and 3."""
+    from wavesweep.tracked_trial import register_trial_model, run_tracked_trial
+
+    base = train.get_base_model("cnn", "digits", seed=0, cache_root=shared_cache, progress=False,
+                                train_config=train.TrainConfig(epochs=1, batch_size=64, lr=1e-2))  # fmt: skip
+    cfg = TrialConfig.from_mapping({"model": "cnn", "weights": str(base.path), "eval_limit": 1, "timing_batches": 0,
+                                    "recovery": "none", "wavelet": "haar", "level": 2, "percentile": 60})  # fmt: skip
+    _result, run_id = run_tracked_trial(cfg)
+    register_trial_model(run_id, name="one-example", alias="champion")
+    info = mlflow.models.get_model_info("models:/one-example@champion")
+    assert json.loads(info.signature.inputs.to_json())[0]["tensor-spec"]["shape"] == [-1, 1, 8, 8]
+    net = mlflow.pyfunc.load_model("models:/one-example@champion").get_raw_model()
+    exported = mlflow.pytorch.load_model("models:/one-example@champion")
+    torch.manual_seed(0)
+    for b in (1, 3):
+        x = torch.randn(b, 1, 8, 8)
+        with torch.no_grad():
+            assert torch.allclose(exported(x), net(x), atol=1e-5), b

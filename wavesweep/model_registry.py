@@ -149,6 +149,8 @@ def _add_pytorch_flavour(model: Any, input_example: Any, folder: Path) -> None:
     from torch.export import Dim
 
     example = torch.as_tensor(input_example)
+    if example.shape[0] < 2:  # torch.export specializes a size-1 axis: traced at batch 1 it is no Dim (a one-example eval set)
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
     (folder / EXPORTED_DIR).mkdir()
     torch.export.save(program, folder / EXPORTED_DIR / "model.pt2")
