@@ -4,7 +4,9 @@ Prints: process start + imports; in-process phases (MLflow setup, base-model loa
 evaluation, pruning, evaluation, timing, accounting, paired stats, checkpoint writing, MLflow
 logging); the time spent inside model forward passes, measured directly (global module hooks
 around every top-level ``model(x)`` call, so batching, metrics and data movement in the
-evaluation phases count as overhead, not as forward passes); the share of in-process time that
+evaluation phases count as overhead, not as forward passes), also per phase (on CUDA each phase
+waits for the device at its start and end, so queued work is timed where it was queued), and how
+long random pruning waited for its keys (drawn on a thread); the share of in-process time that
 is NOT forward passes (target <= 25 %); and the wall time of a whole
 `mlflow run . --env-manager local` of the default trial once the base model is cached (target
 <= 20 s), beside its floor measured in the same run: starting the mlflow CLI, starting a
@@ -51,7 +53,7 @@ class ForwardClock:
         self.torch = torch
         self.seconds = 0.0
         self.calls = 0
-        self.by_phase: dict[str, float] = {}  # forward seconds inside each trial phase (PhaseClock)
+        self.by_phase: dict[str, float] = {}  # forward seconds inside each trial phase (phase_clock)
         self.phase = "(outside the timed phases)"
         self.keys_wait = 0.0  # seconds random pruning waited for its keys (phase_clock)
         self._depth = 0
