@@ -28,7 +28,10 @@ the line after times the other choice of stacking layers
 of one shape into one transform: stacked on the CPU, one layer a call on a GPU, the opposite of
 each device's default, ``wavesweep.pruning.STACK_ON_CPU``). Same protocol (fresh copy outside the
 clock, one warm-up, median of ``--big-repeats``), the device synchronised before the clock
-stops. dwt settings: bior4.4, level 5, ``--big-layout`` (filter), periodization.
+stops. dwt settings: bior4.4, level 5, ``--big-layout`` (filter), periodization. Beside each
+time, the aten operators the method dispatched in one more, untimed run (views included; on a GPU
+each is a kernel launch or host work, what a launch-bound pruning waits on; PyWavelets' own work
+is not counted).
 
     python bench/bench_pruning.py --only-big [--big-repeats 3] [--big-layout filter] [--big-devices cuda]
 """
@@ -88,6 +91,25 @@ def timed_on(fn, base, repeats, dev: torch.device) -> float:
     return statistics.median(once() for _ in range(repeats))
 
 
+def ops_on(fn, base, dev: torch.device) -> int:
+    """The aten operators ``fn(model_copy)`` dispatches on ``dev`` (views included), counted in one
+    untimed run: on a GPU each is a launch or host work, which is what a launch-bound pruning waits on
+    (PyWavelets' work on the host is not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    m = copy.deepcopy(base).to(dev)
+    with Count():
+        fn(m)
+    return Count.n
+
+
 def big_models(args) -> None:
     """dwt (and magnitude, both selection paths) vs l1_unstructured on ResNet-50 (conv) and
     ViT-B/16 (linear), CPU and CUDA."""
@@ -100,7 +122,7 @@ def big_models(args) -> None:
           f"amount {a}, median of {r}; on CUDA prune_dwt's default (backend auto) is the torch one")
     if torch.cuda.is_available():
         print(f"CUDA device: {torch.cuda.get_device_name()}")
-    print(f"{'model (targets)':34s} {'device':6s} {'method':38s} {'seconds':>9s} {'vs l1':>7s}")
+    print(f"{'model (targets)':34s} {'device':6s} {'method':38s} {'seconds':>9s} {'vs l1':>7s} {'operators':>10s}")
     for name, targets in BIG_MODELS:
         torch.manual_seed(0)
         base = build_model(name, num_classes=1000, in_channels=3, image_size=224).eval()
@@ -144,7 +166,7 @@ def big_models(args) -> None:
                 for method, fn in methods:
                     t = timed_on(fn, base, r, dev)
                     t_l1 = t_l1 or t
-                    print(f"{label:34s} {dev.type:6s} {method:38s} {t:9.3f} {t_l1 / t:6.2f}x")
+                    print(f"{label:34s} {dev.type:6s} {method:38s} {t:9.3f} {t_l1 / t:6.2f}x {ops_on(fn, base, dev):10d}")
                     if dev.type == "cuda" and fn is ours_torch:  # backend auto's choice there
                         print(f"{'':34s} {'':6s} {'target on CUDA: dwt faster than l1':38s} {'':9s} "
                               f"{t_l1 / t:6.2f}x {'PASS' if t < t_l1 else 'FAIL'}")
