@@ -655,7 +655,7 @@ def _reqs(lines) -> dict[str, str]:
 
 
 def test_environments_match_pyproject_and_are_bounded():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+ (the package supports 3.10)")
 
     import yaml
 
@@ -679,8 +679,9 @@ def test_every_package_the_code_imports_is_a_declared_dependency():
     declares, not one that arrives through another's (scipy came only through scikit-learn)."""
     import ast
     import sys
-    import tomllib
     from importlib.metadata import packages_distributions
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+ (the package supports 3.10)")
 
     root = Path(__file__).resolve().parents[1]
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
