@@ -330,3 +330,23 @@ def test_the_pruned_column_is_the_budget_the_baselines_were_matched_to(monkeypat
         st = r.outcomes[m].stats
         assert fraction == pytest.approx(st.target_zero_weights / st.target_params, abs=1e-3), m
     assert fraction < 0.2  # not the 50 % of coefficient positions
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "docs/results-fashion-mnist.csv is the 2026-11-26 run's: the page was regenerated on 2026-11-27 (3fd7534) "
+    "without its CSV, and 21 of its 45 rows differ from it; regenerating both on a GPU turns this into a pass"))
+def test_the_committed_page_is_its_csv_rendered():
+    """"Every trial's numbers are written beside the page": the committed page's tables, verdicts,
+    summary and per-trial seconds are what its committed CSV renders (a page regenerated without
+    its CSV leaves numbers beside it that no row of the page has)."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    page = (docs / "results-fashion-mnist.md").read_text()
+    frame = pd.read_csv(docs / "results-fashion-mnist.csv", dtype={"levels": str})
+    facts = {"date": "d", "machine": "GPU", "seconds": 1.0, "base_load_seconds": 1.0, "base_checksum": "ab" * 32,
+             "base_top1": 0.9, "n_eval": 2000, "base_train_top1": None}  # fmt: skip
+    rendered = results.render(frame, facts, results.Grid(eval_limit=2000), "wavesweep results")
+    body = lambda text: text[text.index("\n## "):].splitlines()  # noqa: E731  (the header holds the run's facts)
+    differ = [(p, r) for p, r in zip(body(page), body(rendered)) if p != r]
+    assert len(body(page)) == len(body(rendered)) and not differ, differ[:3]
