@@ -332,13 +332,11 @@ def test_the_pruned_column_is_the_budget_the_baselines_were_matched_to(monkeypat
     assert fraction < 0.2  # not the 50 % of coefficient positions
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "docs/results-fashion-mnist.csv is the 2026-11-26 run's: the page was regenerated on 2026-11-27 (3fd7534) "
-    "without its CSV, and 21 of its 45 rows differ from it; regenerating both on a GPU turns this into a pass"))
 def test_the_committed_page_is_its_csv_rendered():
     """"Every trial's numbers are written beside the page": the committed page's tables, verdicts,
     summary and per-trial seconds are what its committed CSV renders (a page regenerated without
-    its CSV leaves numbers beside it that no row of the page has)."""
+    its CSV leaves numbers beside it that no row of the page has: the 2026-11-27 page was
+    committed beside the 2026-11-26 run's CSV, 21 of 45 rows apart)."""
     from pathlib import Path
 
     docs = Path(__file__).resolve().parents[1] / "docs"
