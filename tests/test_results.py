@@ -332,7 +332,8 @@ def test_the_pruned_column_is_the_budget_the_baselines_were_matched_to(monkeypat
     assert fraction < 0.2  # not the 50 % of coefficient positions
 
 
-def test_the_committed_page_is_its_csv_rendered():
+@pytest.mark.parametrize("page_name", ["results-fashion-mnist", "results-fashion-mnist-cnn-cpu"])
+def test_the_committed_page_is_its_csv_rendered(page_name):
     """"Every trial's numbers are written beside the page": the committed page's tables, verdicts,
     summary and per-trial seconds are what its committed CSV renders (a page regenerated without
     its CSV leaves numbers beside it that no row of the page has: the 2026-11-27 page was
@@ -340,8 +341,8 @@ def test_the_committed_page_is_its_csv_rendered():
     from pathlib import Path
 
     docs = Path(__file__).resolve().parents[1] / "docs"
-    page = (docs / "results-fashion-mnist.md").read_text()
-    frame = pd.read_csv(docs / "results-fashion-mnist.csv", dtype={"levels": str})
+    page = (docs / f"{page_name}.md").read_text()
+    frame = pd.read_csv(docs / f"{page_name}.csv", dtype={"levels": str})
     facts = {"date": "d", "machine": "GPU", "seconds": 1.0, "base_load_seconds": 1.0, "base_checksum": "ab" * 32,
              "base_top1": 0.9, "n_eval": 2000, "base_train_top1": None}  # fmt: skip
     rendered = results.render(frame, facts, results.Grid(eval_limit=2000), "wavesweep results")
