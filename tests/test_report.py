@@ -588,3 +588,32 @@ def test_no_legend_hides_a_point_or_a_bar(tmp_path, monkeypatch):
     assert "recovery finetune: CI contains 0 (not significant)" in [t.get_text() for t in figs[0].legends[0].get_texts()]
     assert {"requested", "effective", "clamped below request"} <= {t.get_text() for t in figs[1].legends[0].get_texts()}
     assert {"dwt_coeff_sparsity", "magnitude_weight_sparsity"} <= {t.get_text() for t in figs[2].legends[0].get_texts()}
+
+
+def test_trials_with_dwt_at_effective_level_0_are_reported_as_such(tmp_path, monkeypatch):
+    """A 3x3 kernel in the `kernel` layout with db2 has effective level 0: no transform, dwt is
+    magnitude pruning (gain 0 over magnitude by construction). Seen in a small digits study: the
+    best trial was such a one, and summary.md named it "db2, kernel" with a "significant" gain over
+    random and the level nowhere; gap_by_layout drew the kernel trials as ordinary dwt points at
+    gap 0. DESIGN.md: "it degenerates; report it, do not hide it"."""
+    frame = make_frame(6).assign(state="COMPLETE", recovery="none", layout=["kernel", "kernel", "filter", "filter", "kernel", "filter"],
+                                 level_effective_min=[0, 0, 3, 0, 0, 3], level_effective_max=[0, 0, 3, 3, 0, 3],
+                                 pruned_fraction=[0.4, 0.6, 0.5, 0.7, 0.8, 0.9])  # fmt: skip
+    frame.loc[[0, 1, 4], "gain_top1_vs_magnitude"] = 0.0
+    frame.loc[[0, 1, 4], ["dwt_vs_magnitude_ci_low", "dwt_vs_magnitude_ci_high"]] = 0.0
+    frame["value_0"] = [0.9, 0.1, 0.2, 0.3, 0.4, 0.5]  # trial 0, at level 0, is the best
+    figs = _capture(monkeypatch)
+    files = report.write_report(frame, tmp_path, study_name="s", objectives=[("top1", "maximize")], importances={})
+    summary = pd.read_csv(files["summary_csv"])
+    assert summary.loc[0, "trial"] == 0 and summary.loc[0, "level_effective_max"] == 0 and summary.loc[0, "level_effective_min"] == 0
+    md = files["summary_md"].read_text()
+    assert "3 of the 6 distinct complete trials (trials 0, 1, 4) ran dwt at effective level 0 in every target layer" in md
+    assert "1 more distinct complete trial ran some layers at effective level 0" in md
+    gap = next(f for f in figs if f.axes[0].get_title() == "dwt - magnitude top-1 gap")
+    marks = {c.get_label(): sorted(tuple(p) for p in c.get_offsets()) for c in gap.axes[0].collections if not c.get_label().startswith("_")}
+    assert marks[figures.LEVEL0_LABEL] == [(0.4, 0.0), (0.6, 0.0), (0.8, 0.0)]
+    assert all((0.4, 0.0) not in pts for label, pts in marks.items() if label != figures.LEVEL0_LABEL)
+    # none at level 0: no note
+    plain = frame.assign(level_effective_min=3, level_effective_max=3)
+    md = report.write_report(plain, tmp_path / "p", study_name="s", objectives=[("top1", "maximize")])["summary_md"].read_text()
+    assert "effective level 0" not in md

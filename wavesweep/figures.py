@@ -271,12 +271,17 @@ def wavelet_family(name: Any) -> str:
     return m.group(0) if m else str(name)
 
 
+#: a trial whose dwt ran at effective level 0 in every layer: the coefficients are the weights
+LEVEL0_LABEL = "dwt at effective level 0 in every layer (no transform: magnitude pruning)"
+
+
 def plot_gap(frame: pd.DataFrame, path: Path, *, facet: str | None = None, baseline: str = "magnitude") -> Path:
     """dwt top-1 minus the matched ``baseline``'s (same examples) against the pruned fraction, with
     each trial's 95 % paired bootstrap interval, or for a trial over replicate seeds the 95 %
     t-interval of its gain across them; hollow markers: the interval contains 0 (not
-    significant); crosses: no interval recorded. ``facet``: one panel per ``"wavelet_family"`` or
-    ``"layout"`` value."""
+    significant); crosses: no interval recorded; grey: a trial whose dwt ran at effective level 0
+    in every layer (``level_effective_max`` 0: no transform, its dwt is magnitude pruning).
+    ``facet``: one panel per ``"wavelet_family"`` or ``"layout"`` value."""
     done = complete(frame)
     gap = f"gain_top1_vs_{baseline}"
     ok = not done.empty and {gap, "pruned_fraction"} <= set(done)
@@ -302,6 +307,15 @@ def plot_gap(frame: pd.DataFrame, path: Path, *, facet: str | None = None, basel
             continue
         for rec in recs:
             r = _of_recovery(d, rec)
+            prefix = f"recovery {rec}: " if rec is not None and len(recs) > 1 else ""
+            if "level_effective_max" in r:  # no transform in any layer: not a wavelet's gap, drawn apart
+                flat = r[r["level_effective_max"] == 0]
+                r = r[r["level_effective_max"] != 0]
+                if len(flat):
+                    err = np.vstack([flat[gap] - flat["_lo"].fillna(flat[gap]), flat["_hi"].fillna(flat[gap]) - flat[gap]]).clip(min=0)
+                    ax.errorbar(flat["pruned_fraction"], flat[gap], yerr=err, fmt="none", ecolor="grey", alpha=0.6, capsize=2, lw=0.9)
+                    ax.scatter(flat["pruned_fraction"], flat[gap], marker=markers.get(rec, "o"), facecolors="none", edgecolors="grey",
+                               s=36, label=prefix + LEVEL0_LABEL)  # fmt: skip
             if r.empty:
                 continue
             has = r["_lo"].notna() & r["_hi"].notna()
@@ -309,7 +323,6 @@ def plot_gap(frame: pd.DataFrame, path: Path, *, facet: str | None = None, basel
             w = r[has]
             err = np.vstack([w[gap] - w["_lo"], w["_hi"] - w[gap]]).clip(min=0)
             ax.errorbar(w["pruned_fraction"], w[gap], yerr=err, fmt="none", ecolor="C0", alpha=0.6, capsize=2, lw=0.9)
-            prefix = f"recovery {rec}: " if rec is not None and len(recs) > 1 else ""
             for which, face, text in ((sig, "C0", "CI excludes 0"), (has & ~sig, "none", "CI contains 0 (not significant)")):
                 s = r[which]
                 if len(s):

@@ -33,6 +33,8 @@ SUMMARY_METRICS = (
       for k, end in (("gain_top1_vs_", ""), ("dwt_vs_", "_ci_low"), ("dwt_vs_", "_ci_high"), ("dwt_vs_", "_mcnemar_p"),
                      ("dwt_vs_", "_p_adj"), ("dwt_vs_", "_verdict"))),
 )  # fmt: skip
+#: a trial's effective DWT levels, lowest and highest over its target layers (0: no transform)
+LEVEL_COLUMNS = ("level_effective_min", "level_effective_max")
 #: a trial over replicate seeds: how many, and the 95 % t-interval over seeds of top-1 and the gains
 REPLICATE_METRICS = (
     "n_replicates", *(f"{k}_{e}" for k in ("top1", *(f"{m}_top1" for m in schema.BASELINES),
@@ -119,6 +121,7 @@ def summary_table(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) ->
     cols += [f"value_{i}" for i in range(len(objectives))]
     cols += [c for c in (*SUMMARY_PARAMS, "recovery") if c in rows]
     cols += [c for c in CONFIG_COLUMNS if c in rows and c not in cols and done[c].astype(str).nunique() > 1]
+    cols += [c for c in LEVEL_COLUMNS if c in rows]  # a requested level is not the level dwt ran at (0: none)
     cols += [c for c in SUMMARY_METRICS if c in rows]
     cols += [c for c in REPLICATE_METRICS if c in rows and rows[c].notna().any()]
     cols += [c for c in ("n_val", "n_eval", "mlflow_run_id") if c in rows]
@@ -223,6 +226,30 @@ def _adjustment_note(frame: pd.DataFrame) -> str:
             f"configuration among the complete trials.{why}{replicates}")  # fmt: skip
 
 
+def _level0_note(frame: pd.DataFrame) -> str | None:
+    """The distinct complete trials whose dwt ran at effective level 0 (no transform) in every
+    target layer, and how many more did in some layers; None when there are none."""
+    done = distinct(frame)
+    if "level_effective_max" not in done:
+        return None
+    low = done["level_effective_min"] if "level_effective_min" in done else done["level_effective_max"]
+    every, some = done[done["level_effective_max"] == 0], done[(low == 0) & (done["level_effective_max"] > 0)]
+    if every.empty and some.empty:
+        return None
+    text = ""
+    if len(every):
+        numbers = ", ".join(str(int(n)) for n in every["number"])
+        text = (f"**Effective level 0:** {len(every)} of the {len(done)} distinct complete trials (trial{'s' if len(every) != 1 else ''} "
+                f"{numbers}) ran dwt at effective level 0 in every target layer (the wavelet is longer than what the layout gives "
+                "it, e.g. 3x3 kernels in `kernel`): no transform, so their dwt prunes the weights themselves, which is magnitude "
+                "pruning (with `keep_approx`: no pruning), and its weights are as sparse as magnitude's; neither their gain over "
+                "magnitude nor their gain over random says anything about a wavelet. ")  # fmt: skip
+    if len(some):
+        text += (f"{len(some)} {'more ' if len(every) else ''}distinct complete trial{'s' if len(some) != 1 else ''} ran some "
+                 "layers at effective level 0 (`level_effective_min`).")  # fmt: skip
+    return text.strip()
+
+
 def _replicate_lines(table: pd.DataFrame) -> list[str]:
     """For each summary row of a trial run over replicate seeds: n, and every top-1 and gain as
     mean [95 % t-interval over the seeds]."""
@@ -302,6 +329,7 @@ def write_report(
         "",
         _selection_note(frame, objectives),
         "",
+        *((level0, "") if (level0 := _level0_note(frame)) else ()),
         "## Best configurations",
         "",
         to_markdown(with_intervals(table)) if len(table) else "_no complete trials_\n",
