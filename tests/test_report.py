@@ -617,3 +617,18 @@ def test_trials_with_dwt_at_effective_level_0_are_reported_as_such(tmp_path, mon
     plain = frame.assign(level_effective_min=3, level_effective_max=3)
     md = report.write_report(plain, tmp_path / "p", study_name="s", objectives=[("top1", "maximize")])["summary_md"].read_text()
     assert "effective level 0" not in md
+
+
+def test_dense_model_line_is_not_drawn_on_the_frame(tmp_path, monkeypatch):
+    """One trial at 19.35 MB of a 44.73 MB model (a one-trial digits study): the axis was widened
+    to the dense line plus 5 % of the trials' own span (0.1 MB of a 26 MB axis), so the dash-dot
+    line lay on the panel's right edge, hidden by the frame. It is at least 2 % of the axis inside."""
+    frame = make_frame(1).assign(state="COMPLETE", recovery="none", dense_bytes=44729800.0,
+                                 **{f"{m}stored_bytes": 19345304.0 for m in ("", "magnitude_", "random_")})  # fmt: skip
+    figs = _capture(monkeypatch)
+    assert_png(figures.plot_accuracy_vs_stored_mb(frame, tmp_path / "s.png"))
+    ax = next(a for a in figs[-1].axes if a.get_title())
+    (line,) = [l for l in ax.get_lines() if l.get_label() == "dense model"]
+    lo, hi = ax.get_xlim()
+    x = line.get_xdata()[0]
+    assert min(x - lo, hi - x) >= 0.02 * (hi - lo), (lo, x, hi)

@@ -251,8 +251,9 @@ def plot_accuracy_vs_stored_mb(frame: pd.DataFrame, path: Path) -> Path:
         if "dense_bytes" in frame and frame["dense_bytes"].notna().any():
             dense = float(frame["dense_bytes"].dropna().iloc[0]) / 1e6
             ax.axvline(dense, color="grey", ls="-.", lw=1, label="dense model")
-            lo, hi = ax.get_xlim()  # the line the legend lists is inside the panel, not past a zoomed-in axis
-            ax.set_xlim(min(lo, dense - 0.05 * span), max(hi, dense + 0.05 * span))
+            lo, hi = ax.get_xlim()  # the line the legend lists is inside the panel, not past a zoomed-in axis,
+            pad = 0.03 * (max(hi, dense) - min(lo, dense))  # nor on its frame (a margin of the axis it ends up on)
+            ax.set_xlim(min(lo, dense - pad), max(hi, dense + pad))
         ax.set_xlabel("stored megabytes (kept values + 1-bit position bitmap + unpruned tensors)")
         ax.set_title(f"recovery: {rec}" if rec is not None else "accuracy vs stored size")
     _figure_legend(fig, axes[0])
