@@ -632,3 +632,39 @@ def test_dense_model_line_is_not_drawn_on_the_frame(tmp_path, monkeypatch):
     lo, hi = ax.get_xlim()
     x = line.get_xdata()[0]
     assert min(x - lo, hi - x) >= 0.02 * (hi - lo), (lo, x, hi)
+
+
+def test_failed_trials_are_told_apart_retried_surplus_and_failed(tmp_path):
+    """"fail 3" said nothing of why: a trial interrupted (or whose worker died) and run again with
+    the same params, a surplus trial no worker needed, and a trial that failed on its own. The
+    frame links a failed trial to its retry (Optuna's ``failed_trial``, set by the retry callback
+    ``storage.retry`` uses) and the summary counts each kind."""
+    import optuna
+
+    from wavesweep.study import frame as study_frame
+    from wavesweep.study import storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    t = study.ask({"percentile": optuna.distributions.FloatDistribution(10, 90)})
+    t.set_user_attr("interrupted", True)
+    study.tell(t, state=optuna.trial.TrialState.FAIL)
+    storage.retry(study, study.trials[0])  # trial 1: the same params, waiting
+    t = study.ask()
+    assert t.number == 1 and t.params == study.trials[0].params
+    study.tell(t, 0.9)
+    for attr in ({"surplus": True}, {"error": "ValueError: bad"}):
+        t = study.ask()
+        for k, v in attr.items():
+            t.set_user_attr(k, v)
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+    frame = study_frame.trials_frame(study)
+    assert frame["retried_by"].tolist()[:1] == [1] and frame["retried_by"].iloc[1:].isna().all()
+    assert frame["surplus"].tolist() == [False, False, True, False]
+
+    rows = make_frame(4).assign(state=["FAIL", "COMPLETE", "FAIL", "FAIL"], retried_by=[1, np.nan, np.nan, np.nan],
+                                surplus=[False, False, True, False])  # fmt: skip
+    md = report.write_report(rows, tmp_path, study_name="s", objectives=[("top1", "maximize")], importances={})["summary_md"]
+    assert "Trials: 4 (complete 1; fail 3: 1 run again with the same params, 1 surplus, not needed, 1 failed)." in md.read_text()
+    plain = report.write_report(make_frame(4), tmp_path / "b", study_name="s", objectives=[("top1", "maximize")], importances={})
+    assert "Trials: 4 (complete 4)." in plain["summary_md"].read_text()  # no failures: as before

@@ -226,6 +226,26 @@ def _adjustment_note(frame: pd.DataFrame) -> str:
             f"configuration among the complete trials.{why}{replicates}")  # fmt: skip
 
 
+def _states_text(frame: pd.DataFrame, states: dict[str, int]) -> str:
+    """Each state's count; the failed ones split into those queued again with the same params
+    (``retried_by``: interrupted, a lost worker, a grid point), the surplus ones (not needed: the
+    study had its trials) and the rest (errors of the trial itself)."""
+    parts = []
+    for state, n in sorted(states.items()):
+        text = f"{state.lower()} {n}"
+        if state == "FAIL":
+            fail = frame[frame["state"] == "FAIL"]
+            surplus = fail["surplus"].fillna(False).astype(bool) if "surplus" in fail else pd.Series(False, index=fail.index)
+            retried = fail["retried_by"].notna() & ~surplus if "retried_by" in fail else pd.Series(False, index=fail.index)
+            if retried.any() or surplus.any():
+                split = [f"{int(retried.sum())} run again with the same params" if retried.any() else "",
+                         f"{int(surplus.sum())} surplus, not needed" if surplus.any() else "",
+                         f"{int((~retried & ~surplus).sum())} failed" if (~retried & ~surplus).any() else ""]
+                text += f": {', '.join(x for x in split if x)}"
+        parts.append(text)
+    return "; ".join(parts) if any(": " in x for x in parts) else ", ".join(parts) or "none"
+
+
 def _level0_note(frame: pd.DataFrame) -> str | None:
     """The distinct complete trials whose dwt ran at effective level 0 (no transform) in every
     target layer, and how many more did in some layers; None when there are none."""
@@ -320,7 +340,7 @@ def write_report(
     md = [
         f"# Study {study_name}",
         "",
-        f"Trials: {len(frame)} ({', '.join(f'{k.lower()} {v}' for k, v in sorted(states.items())) or 'none'}). "
+        f"Trials: {len(frame)} ({_states_text(frame, states)}). "
         + (f"Distinct configurations among the complete trials: {len(distinct(frame))} (the others repeat an earlier "
            "trial's configuration; each configuration is counted once below). " if len(distinct(frame)) < n_complete else "")
         + f"Objectives: {', '.join(f'{m} ({d})' for m, d in objectives)}.",

@@ -69,6 +69,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for t in sorted(trials, key=lambda t: t.number):
         if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs:
             ran.setdefault(_params_key(t), t.number)
+    # a FAIL trial queued again with its params (storage.retry: Optuna's retry callback) -> the retry
+    retried_by = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
     for t in trials:
         row: dict[str, Any] = {
             "number": t.number, "state": t.state.name,
@@ -87,6 +89,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         # recorded before repeats were recognised, run again with the params of an earlier trial
         first = ran.get(_params_key(t)) if t.state == TrialState.COMPLETE else None
         row["repeat_of"] = t.user_attrs.get("repeat_of", first if first is not None and first != t.number else np.nan)
+        row["retried_by"] = retried_by.get(t.number, np.nan)
         rows.append(row)
     frame = pd.DataFrame(rows)
     return frame.sort_values("number").reset_index(drop=True) if len(frame) else frame
