@@ -211,6 +211,34 @@ def test_grouped_reestimation_equals_one_pass_per_batch(train_set, channels_last
             torch.testing.assert_close(out[32 * i : 32 * (i + 1)], alone(inp[32 * i : 32 * (i + 1)]), rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_reestimation_of_a_float16_model_sums_in_float32():
+    """A float16 layer whose input has variance about 1,900 (any above 65,504 / 50 = 1,311 did):
+    its 50 per-batch variances were summed in float16, past its largest value, and the running
+    variance of a grouped re-estimation became inf where one pass per batch gives about 1,900.
+    Both are now the float64 average of the per-batch statistics to float16 tolerance."""
+    dtype = torch.float16
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    with torch.no_grad():
+        net[0].weight.mul_(60.0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 8, 8, generator=g) + 0.3, None) for _ in range(50)]
+    with torch.no_grad():  # the oracle: float64 per-batch mean and unbiased variance, averaged
+        ins = [copy.deepcopy(net[0]).double()(x.double()) for x, _ in batches]
+    mean = torch.stack([i.mean((0, 2, 3)) for i in ins]).mean(0)
+    var = torch.stack([i.var((0, 2, 3), unbiased=True) for i in ins]).mean(0)
+    assert var.max() > 65504 / 50
+    tol = 4e-3  # measured: at most 1.5e-3 (one pass per batch), 7e-4 (grouped)
+    for group in (1, 2, 50):
+        m = copy.deepcopy(net).to(dtype)
+        assert recovery.reestimate_bn(m, iter([(x.to(dtype), y) for x, y in batches]), group=group) == (1, 50)
+        bn = m[1]
+        assert bn.running_var.dtype == dtype and bool(torch.isfinite(bn.running_var).all()), group
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=tol, atol=0, msg=f"group {group}")
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=tol, atol=tol * float(mean.abs().max()),
+                                   msg=f"group {group}")
+
+
 def test_bn_group_default_and_bad_group(train_set):
     assert not recovery.groups_by_default("cpu") and recovery.groups_by_default(torch.device("cuda"))
     mib = 1 << 20

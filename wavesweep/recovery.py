@@ -268,7 +268,8 @@ def _grouped_bn_forward(m: nn.modules.batchnorm._BatchNorm, state: dict, sums: d
     :mod:`wavesweep.models`). Each batch's mean and unbiased variance (what PyTorch's running
     statistics take) are added up in ``sums[m][n]``, per group size; the repeated affine
     parameters are made once per group size; ``state["max_bytes"]`` keeps the largest input per
-    batch seen. Per call: the fold, the normalisation, two additions and the unfold."""
+    batch seen. The sums are kept in float32 at least (a float16 layer's statistics are averaged
+    there and stored in float16). Per call: the fold, the normalisation, two additions and the unfold."""
     per_n: dict[int, tuple] = {}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -282,8 +283,11 @@ def _grouped_bn_forward(m: nn.modules.batchnorm._BatchNorm, state: dict, sums: d
                 torch.zeros(n * c, dtype=m.running_mean.dtype, device=x.device),  # this call's batch means,
                 torch.ones(n * c, dtype=m.running_var.dtype, device=x.device),  # and unbiased variances
             )
-            sums[m][n] = [torch.zeros(n * c, dtype=m.running_mean.dtype, device=x.device),
-                          torch.zeros(n * c, dtype=m.running_var.dtype, device=x.device), 0]  # fmt: skip
+            # the sums in float32 at least: in a float16 layer's dtype, 50 batches of variance 1,311 or
+            # more summed past float16's largest value (65,504) and the running variance became inf
+            sum_dtype = torch.promote_types(m.running_var.dtype, torch.float32)
+            sums[m][n] = [torch.zeros(n * c, dtype=sum_dtype, device=x.device),
+                          torch.zeros(n * c, dtype=sum_dtype, device=x.device), 0]  # fmt: skip
         w, bias, rm, rv = per_n[n]
         folded = x.reshape(n, b, c, *sp).transpose(0, 1).reshape(b, n * c, *sp)
         # momentum 1: rm and rv become this call's statistics (1 * new + 0 * old, exactly)
