@@ -429,6 +429,36 @@ def test_finetune_keeps_zeros_bitwise_positive_zero(train_set, method):
     assert stats.zeroed_coeffs == res.n_zeroed
 
 
+@pytest.mark.parametrize("method", ["dwt", "magnitude", "random"])
+def test_finetune_leaves_a_frozen_target_layer_as_it_is_for_every_method(train_set, method):
+    """A frozen stem (its pruned weight and BatchNorm requires_grad False, as in transfer learning):
+    dwt fine-tuned the rest and left the stem's coefficients alone, while magnitude and random
+    stopped with "cannot register a hook on a tensor that doesn't require gradient". Now every
+    method leaves the stem bitwise as pruned and trains the other layers with their pruning held."""
+    base = bn_net()
+    base[0].weight.requires_grad_(False)
+    base[1].requires_grad_(False)
+    res = _prune(method, base)
+    stem = res.model[0].weight.detach().clone()
+    stem_coeffs = res.layers[0].coeffs.copy() if method == "dwt" else None
+    rest = {lp.key: res.model.get_parameter(lp.key).detach().clone() for lp in res.layers if lp.name != "0"}
+    settings = recovery.RecoverySettings("finetune", batches=2, steps=5, batch_size=32, lr=1e-2)
+    rep = recovery.recover(res, train_set, settings)
+    assert rep.finetune_steps == 5 and np.isfinite(rep.final_train_loss)
+    assert not res.model[0].weight.requires_grad
+    if method == "dwt":  # the same coefficients; the weight their inverse DWT again (the torch filter bank)
+        assert np.array_equal(res.layers[0].coeffs, stem_coeffs)
+        torch.testing.assert_close(res.model[0].weight.detach(), stem, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(res.model[0].weight, stem)
+        assert res.model[0].weight.reshape(-1)[torch.from_numpy(~res.layers[0].keep)].view(torch.int32).eq(0).all()
+    for lp in res.layers[1:]:
+        w = res.model.get_parameter(lp.key).detach()
+        assert not torch.equal(w, rest[lp.key]), f"{lp.key}: did not train"
+        if method != "dwt":
+            assert w.reshape(-1)[torch.from_numpy(~lp.keep)].view(torch.int32).eq(0).all(), lp.key  # bitwise +0.0
+
+
 def _dwt_result(model, layout="filter", wavelet="bior4.4", level=3, percentile=70.0):
     targets = ("conv",) if layout == "kernel" else ("conv", "linear")  # a Linear weight has no kernels
     return pruning.prune_dwt(model, wavelet=wavelet, level=level, percentile=percentile, layout=layout,

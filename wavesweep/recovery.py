@@ -20,7 +20,9 @@ the same step budget, optimizer and schedule.
   level) and only the kept coefficients ``c[m]`` train; the coefficient mask, coefficient
   sparsity and stored bytes do not change and the result's ``coeffs`` become the fine-tuned
   ones (so the compressed checkpoint stores them). Parameters that are not pruned (biases,
-  BatchNorm affine, the classifier) train the same way for all three methods. Fine-tuning
+  BatchNorm affine, the classifier) train the same way for all three methods; a frozen one
+  (``requires_grad`` False: a pruned weight or dwt's coefficients too) stays as it is for every
+  method. Fine-tuning
   trains the BatchNorm layers in train mode, as PyTorch does, which replaces their running
   statistics by an exponential average of its last batches under weights still changing; the
   re-estimation after it gives the final weights their cumulative statistics.
@@ -573,7 +575,9 @@ def finetune(
         else:
             keep = lp.tensor("keep", dev).reshape(m.weight.shape)
             masked.append((m.weight, keep))
-    hooks = [w.register_hook(lambda g, k=k: g * k) for w, k in masked]
+    # a frozen weight (requires_grad False) gets no gradient to mask and takes no step, as a frozen dwt
+    # layer's coefficients (a hook on it raised "cannot register a hook on a tensor that doesn't require gradient")
+    hooks = [w.register_hook(lambda g, k=k: g * k) for w, k in masked if w.requires_grad]
     trainable = [p for p in model.parameters() if p.requires_grad]
     # A half-precision parameter (float16, bfloat16) steps in a float32 copy of itself, its master,
     # written back in its own dtype after each step: in float16 AdamW's eps (1e-8) is 0, so every
