@@ -364,6 +364,18 @@ def test_model_without_batchnorm_skips_and_says_so(train_set):
     assert "no BatchNorm" in rep.note
 
 
+def test_model_whose_batchnorm_keeps_no_running_statistics_says_so(train_set):
+    """BatchNorm layers with track_running_stats=False have nothing to re-estimate; the note said the
+    model had no BatchNorm layers at all."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 6 * 6, 4)).eval()  # fmt: skip
+    res = pruning.prune_magnitude(net, 0.5)
+    rep = recovery.recover(res, train_set, recovery.RecoverySettings("bn", batches=3))
+    assert rep.bn_layers == 0 and rep.bn_batches == 0
+    assert rep.note == "Sequential has no BatchNorm layers that keep running statistics: BatchNorm re-estimation skipped"
+
+
 @pytest.mark.parametrize("rec", ["bn", "finetune"])
 def test_a_batch_of_one_where_batchnorm_needs_two_names_the_setting(train_set, rec):
     """bn_net's last BatchNorm follows a Linear: one value per channel in a batch of one. torch's

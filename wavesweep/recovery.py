@@ -737,8 +737,10 @@ def recover(
             batches = training_batches(train_set, batch_size=settings.batch_size, n=settings.batches,
                                        seed=settings.seed, device=device)  # fmt: skip
             report.bn_layers, report.bn_batches = reestimate_bn(result.model, batches, device=device)
-        else:
-            report.note = f"{type(result.model).__name__} has no BatchNorm layers: BatchNorm re-estimation skipped"
+        else:  # a BatchNorm layer without running statistics normalises by each batch's own: nothing to re-estimate
+            has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in result.model.modules())
+            what = "BatchNorm layers that keep running statistics" if has_bn else "BatchNorm layers"
+            report.note = f"{type(result.model).__name__} has no {what}: BatchNorm re-estimation skipped"
     _sync(dev)
     report.seconds = time.perf_counter() - t0
     return report
