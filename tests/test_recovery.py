@@ -297,6 +297,68 @@ def test_a_model_with_an_untracked_batchnorm_is_never_grouped(train_set, monkeyp
     assert torch.equal(model[4].running_var, ref[4].running_var)
 
 
+class _EvalOnlyBN(nn.BatchNorm2d):
+    """A BatchNorm layer whose train() keeps it in eval mode."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+class _FrozenBN(nn.BatchNorm2d):
+    """A BatchNorm layer that normalises by its stored statistics in any mode."""
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def _net_with(bn_class) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), bn_class(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():  # the base model's statistics
+        net[1].running_mean.copy_(torch.tensor([0.5, -0.3, 0.2, 0.1]))
+        net[1].running_var.copy_(torch.tensor([2.0, 3.0, 0.5, 1.5]))
+    return net
+
+
+@pytest.mark.parametrize("group", [None, 1, 3])
+def test_a_batchnorm_whose_train_keeps_it_in_eval_mode_is_re_estimated(train_set, monkeypatch, group):
+    """One pass per batch put each layer in train mode with its train(): a layer that stays in eval
+    mode normalised by its reset statistics and kept them (mean 0, variance 1, the base model's lost),
+    while the grouped passes re-estimated it. Now both give the hook computation's cumulative average."""
+    monkeypatch.setattr(recovery, "groups_by_default", lambda device: True)  # group None: as on an accelerator
+    batches = list(recovery.training_batches(train_set, batch_size=32, n=6, seed=8))
+    model = _net_with(_EvalOnlyBN)
+    probe = copy.deepcopy(model)
+    probe[1].training = True
+    seen = []
+    probe[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().double()))
+    with torch.no_grad():
+        for x, _ in batches:
+            probe(x)
+    assert recovery.reestimate_bn(model, iter(batches), group=group) == (2, 6)
+    bn = model[1]
+    assert int(bn.num_batches_tracked) == 6 and not bn.training
+    mean = torch.stack([x.mean((0, 2, 3)) for x in seen]).mean(0)
+    var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in seen]).mean(0)
+    torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batchnorm_that_normalises_by_its_stored_statistics_in_any_mode_is_an_error(train_set, monkeypatch):
+    """A frozen BatchNorm class (its forward uses the stored statistics in any mode) kept the reset
+    statistics (mean 0, variance 1) one pass per batch, silently, where the grouped passes (which
+    replace its forward) re-estimated it. Now one pass per batch stops with one line naming the layer,
+    and such a model is never grouped (an explicit group is a one-line error, as for an untracked layer)."""
+    batches = list(recovery.training_batches(train_set, batch_size=32, n=4, seed=8))
+    monkeypatch.setattr(recovery, "groups_by_default", lambda device: True)
+    for group in (None, 1):
+        with pytest.raises(ValueError, match=r"layer '1' \(_FrozenBN\) kept no statistics in train mode.*recovery=none") as err:
+            recovery.reestimate_bn(_net_with(_FrozenBN), iter(batches), group=group)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"cannot group batches \(group=2\).*'1' has its own forward \(_FrozenBN\)"):
+        recovery.reestimate_bn(_net_with(_FrozenBN), iter(batches), group=2)
+
+
 def test_a_batchnorm_called_twice_per_pass_averages_every_call(train_set):
     """PyTorch's momentum=None averages over calls, not forward passes: a layer used twice in a
     forward pass gets the mean over both calls of every batch, one pass per batch or grouped."""

@@ -254,11 +254,20 @@ def bn_group(largest_bn_input_bytes: int) -> int:
 def _ungroupable(model: nn.Module) -> str | None:
     """Why ``model``'s batches cannot be grouped, or None. A BatchNorm layer without running
     statistics normalises by the statistics of whatever batch it gets, even in eval mode: in a
-    grouped pass, of all the batches together."""
+    grouped pass, of all the batches together. A BatchNorm class with its own ``forward`` (a frozen
+    layer that always normalises by its stored statistics, say): a grouped pass replaces that
+    forward by PyTorch's train-mode normalisation, so it would re-estimate what one pass per batch
+    cannot."""
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats:
             return f"BatchNorm layer {name!r} keeps no running statistics (track_running_stats=False)"
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward not in _TORCH_BN_FORWARDS:
+            return f"BatchNorm layer {name!r} has its own forward ({type(m).__name__})"
     return None
+
+
+#: the ``forward`` of PyTorch's own BatchNorm classes (:func:`_ungroupable`)
+_TORCH_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 def _grouped_bn_forward(m: nn.modules.batchnorm._BatchNorm, state: dict, sums: dict):
@@ -339,8 +348,11 @@ def reestimate_bn(
     against forward hooks), in fewer, larger forward passes. None (default): one pass per batch
     on CPU; on an accelerator (:func:`groups_by_default`) the first batch goes through alone and
     :func:`bn_group` of its largest BatchNorm input sets the group of the others. A model with a
-    BatchNorm layer that keeps no running statistics is never grouped (``group > 1`` is an error
-    for it).
+    BatchNorm layer that keeps no running statistics, or whose class has its own ``forward``, is
+    never grouped (``group > 1`` is an error for it). Every layer is put in train mode by setting
+    its ``training`` flag (a layer whose ``train()`` keeps it in eval mode is re-estimated too); one
+    whose forward keeps no statistics in train mode (normalising by its stored ones in any mode) is a
+    one-line ValueError naming it.
     """
     bns = batchnorm_layers(model)
     if not bns:
@@ -363,7 +375,9 @@ def reestimate_bn(
     model.eval()
     for m in bns:
         m.reset_running_stats()
-        m.train()
+        # set, not m.train(): a layer whose train() keeps it in eval mode would normalise by the reset
+        # statistics and keep them (mean 0, variance 1); the grouped passes re-estimated it
+        m.training = True
     used = 0
     sums: dict = {m: {} for m in bns}  # grouped: per layer {group size: [sum of means, sum of variances, batches]}
     hooks = []
@@ -385,6 +399,16 @@ def reestimate_bn(
                 for x, _ in itertools.chain([first], stream):
                     model(x.to(dev, non_blocking=True))
                     used += 1
+                # a layer whose forward ignores the mode (always its stored statistics) was left with the
+                # reset ones, mean 0 and variance 1, in place of its own: a one-line error instead
+                names = {m: name for name, m in model.named_modules()}
+                if stale := [m for m in bns if calls[m] and int(m.num_batches_tracked) == 0]:
+                    m = stale[0]
+                    raise ValueError(
+                        f"BatchNorm re-estimation: layer {names[m]!r} ({type(m).__name__}) kept no statistics in train "
+                        f"mode (its forward normalises by its stored ones in any mode), so they cannot be re-estimated; "
+                        f"use recovery=none"
+                    )
             else:
                 state = {"n": 1, "max_bytes": 0}
                 for m in bns:
