@@ -401,9 +401,11 @@ def reestimate_bn(
                     used += 1
                 # a layer whose forward ignores the mode (always its stored statistics) was left with the
                 # reset ones, mean 0 and variance 1, in place of its own: a one-line error instead
-                names = {m: name for name, m in model.named_modules()}
-                if stale := [m for m in bns if calls[m] and int(m.num_batches_tracked) == 0]:
-                    m = stale[0]
+                # (one wait for the device for every layer's count, not one per layer)
+                called = [m for m in bns if calls[m]]
+                if called and bool((untouched := torch.stack([m.num_batches_tracked for m in called]).eq(0)).any()):
+                    m = called[int(untouched.nonzero()[0, 0])]
+                    names = {mod: name for name, mod in model.named_modules()}
                     raise ValueError(
                         f"BatchNorm re-estimation: layer {names[m]!r} ({type(m).__name__}) kept no statistics in train "
                         f"mode (its forward normalises by its stored ones in any mode), so they cannot be re-estimated; "
