@@ -146,6 +146,9 @@ def test_reports_survive_a_study_without_complete_trials(tmp_path):
             assert_png(p)
     assert pd.read_csv(files["summary_csv"]).empty
     assert "no complete trials" in files["summary_md"].read_text()
+    # no selection happened: not "no validation part: val_fraction 0" (a failed or pruned trial records no n_val)
+    assert "Selection: no complete trial, so none was selected." in files["summary_md"].read_text()
+    assert "val_fraction" not in files["summary_md"].read_text()
 
 
 def test_markdown_escapes_and_formats():

@@ -966,3 +966,23 @@ def test_a_resumed_study_records_its_trials_in_its_study_runs_experiment(workdir
     study_exp = client.get_run(parent).info.experiment_id
     assert client.get_experiment(study_exp).name == "first"
     assert [r.info.experiment_id for r in runs] == [study_exp, study_exp]
+
+
+def test_the_report_shows_the_fixed_settings_a_trial_ran_at(workdir, tiny_weights):
+    """A spec's fixed level, layout and mode were in no trial record, so the summary table left
+    them out and its reader had to open the spec: every configuration value not searched is a
+    trial user attribute now, in the frame and in the summary's columns."""
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights)
+    assert run_cli("study", str(spec), "-q") == 0
+    s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
+    written = yaml.safe_load(spec.read_text())
+    fixed = {**written["base"], **written["fixed"]}
+    frame = study.trials_frame(s)
+    for key in ("level", "layout", "mode", "model"):
+        want = fixed.get(key, getattr(TrialConfig(), key))
+        assert (frame[key].astype(str) == str(want)).all(), (key, frame[key].tolist(), want)
+    for t in s.trials:  # table cells in optuna-dashboard, as the other scalar records
+        assert_short_scalars({k: t.user_attrs[k] for k in ("level", "layout", "mode", "model", "eval_limit")})
+    summary = pd.read_csv(workdir / "reports" / "tiny" / "summary.csv")
+    assert {"level", "layout", "mode"} <= set(summary.columns)
+    assert (summary["level"] == fixed["level"]).all()

@@ -172,6 +172,8 @@ def _verdicts(table: pd.DataFrame) -> list[str]:
 
 def _selection_note(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> str:
     """Which examples chose the best trials and which ones the reported numbers are on."""
+    if complete(frame).empty:  # nothing to say of examples no trial was scored on (a failed trial records no n_val)
+        return "Selection: no complete trial, so none was selected."
     n_val = frame["n_val"].dropna() if "n_val" in frame else pd.Series(dtype=float)
     n_test = frame["n_eval"].dropna() if "n_eval" in frame else pd.Series(dtype=float)
     test = f"{int(n_test.iloc[0])} " if len(n_test) else ""

@@ -29,6 +29,7 @@ from wavesweep.study.spec import StudySpec
 from wavesweep.tracked_config import ConfigurationOutcome, run_tracked_configuration
 from wavesweep.tracked_trial import run_tracked_trial
 from wavesweep.trial import Reporter, TrialResult
+from wavesweep.trials_frame import CONFIG_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,10 @@ def objective(
         params = {p.name: p.suggest(trial) for p in spec.space}
         cfg = TrialConfig.from_mapping({**spec.fixed, **params})
         _name_objectives(trial.study, spec)
-        _set_user_attrs(trial, {k: getattr(cfg, k) for k in USER_ATTR_CONFIG})
+        # and the configuration's values that were not searched (the spec's base and fixed): the
+        # report shows the level, layout, mode... a trial ran at, searched or not
+        fixed = [k for k in CONFIG_COLUMNS if k not in params and k not in USER_ATTR_CONFIG]
+        _set_user_attrs(trial, {k: getattr(cfg, k) for k in (*USER_ATTR_CONFIG, *fixed)})
         client, experiment_id = tracking.init_tracking(experiment=experiment)
         original = earlier_complete(trial, params)
     except Exception as exc:
