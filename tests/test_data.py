@@ -865,6 +865,30 @@ def test_idx_set_gzipped_in_root_and_root_overrides(tmp_path, monkeypatch):
     assert not torch.equal(flat.test.images, from_env.test.images)
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_an_idx_file_replaced_with_its_size_and_mtime_is_read_again(tmp_path, gz):
+    """A labels file replaced, in the same process (a study worker between trials), by other labels
+    of the same size whose mtime was set back to the old one (cp -p, rsync -t, tar x of files with
+    equal mtimes) was taken from the decoded-file cache: the old labels were evaluated, under the old
+    fingerprint. Oracle: the labels parsed from the new file."""
+    import shutil
+
+    make_idx_set(tmp_path / "set", gz=gz)
+    labels = tmp_path / "set" / ("t10k-labels-idx1-ubyte" + (".gz" if gz else ""))
+    before = load_dataset("kmnist", root=tmp_path / "set")
+    fingerprint = D.eval_fingerprint(before)
+    st = labels.stat()
+    other = (read_idx(labels) + 1) % 10
+    replacement = write_idx(tmp_path / labels.name, other)
+    assert replacement.stat().st_size == st.st_size
+    shutil.copyfile(replacement, labels)  # same size, same path; the old mtime restored
+    os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (labels.stat().st_size, labels.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after = load_dataset("kmnist", root=tmp_path / "set")
+    assert np.array_equal(after.test.targets.numpy(), other.astype(np.int64))
+    assert D.eval_fingerprint(after) != fingerprint
+
+
 def test_idx_set_with_wrong_contents_names_the_file(tmp_path):
     make_idx_set(tmp_path, gz=False)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.full(20, 12, np.uint8))

@@ -103,15 +103,18 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _idx_tensor(path: str, mtime_ns: int, size: int) -> torch.Tensor:
+def _idx_tensor(path: str, stamp: tuple[int, int, int, int, int]) -> torch.Tensor:
     """Decoded IDX file, kept for repeated loads in one process (a study's trials); keyed by
-    mtime and size so a replaced file is read again. Callers must not modify it in place."""
+    the file's ``(device, inode, size, mtime, ctime)`` so a replaced file is read again, also one of
+    the same size whose mtime was set back to the old one (``cp -p``, ``rsync -t``, ``tar x`` of
+    files with equal mtimes: the labels files of the MNIST family are all 60,008 or 10,008 bytes),
+    which mtime and size alone took for the old file. Callers must not modify it in place."""
     return torch.from_numpy(read_idx(path))
 
 
 def _read_idx_cached(path: Path) -> torch.Tensor:
     st = path.stat()
-    return _idx_tensor(str(path), st.st_mtime_ns, st.st_size)
+    return _idx_tensor(str(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
 
