@@ -920,6 +920,30 @@ def test_cifar10_equals_old_pil_transform_path(tmp_path):
     assert b.train.targets.tolist() == train_labels
 
 
+@pytest.mark.parametrize(("data", "labels", "needle"), [
+    (np.full((12, 3072), 300, np.int64), [1] * 12, r"data holds int64 300..300, not pixel values \(integers 0..255\)"),
+    (np.full((12, 3072), 0.5), [1] * 12, r"data holds float64 0.5..0.5, not pixel values"),
+    (np.full((12, 3072), -1, np.int16), [1] * 12, r"data holds int16 -1..-1, not pixel values"),
+    (np.zeros((12, 3072), np.uint8), [1.7] * 12, r"labels are float64, not class indices \(integers\)"),
+])  # fmt: skip
+def test_a_cifar10_batch_whose_values_a_cast_would_change_is_one_line(tmp_path, data, labels, needle):
+    """Pixels other than integers 0..255, or labels other than integers, were cast: 300 became 44,
+    0.5 became 0, a label 1.7 became 1: a silently other dataset. Integer pixels 0..255 of any
+    integer dtype are the same pixels (oracle: the uint8 array)."""
+    make_cifar_batches(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    with open(batch, "wb") as f:
+        pickle.dump({"labels": labels, "data": data}, f, protocol=2)
+    with pytest.raises(ValueError, match=r"test_batch': not a CIFAR-10 python batch \(ValueError: " + needle) as err:
+        load_dataset("cifar10", root=tmp_path)
+    assert "\n" not in str(err.value)
+    pixels = np.random.default_rng(3).integers(0, 256, size=(12, 3072))  # int64, every value a pixel
+    with open(batch, "wb") as f:
+        pickle.dump({"labels": list(range(10)) + [0, 1], "data": pixels}, f, protocol=2)
+    b = load_dataset("cifar10", root=tmp_path)
+    assert np.array_equal(b.test.images.numpy().reshape(12, 3072), pixels.astype(np.uint8))
+
+
 def test_cifar10_refuses_a_pickle_with_code(tmp_path):
     import os
 

@@ -545,11 +545,18 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(images uint8 (N, 3, 32, 32), labels int64 (N,))`` of one CIFAR-10 python batch."""
+    """``(images uint8 (N, 3, 32, 32), labels int64 (N,))`` of one CIFAR-10 python batch. Pixels
+    must be integers 0..255 and labels integers (any integer dtype): a cast would wrap 300 to 44,
+    floor a float pixel 0.5 to 0 and a label 1.7 to 1, a silently other dataset."""
     try:
         d = _NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-        data = np.asarray(d["data"], dtype=np.uint8)
-        labels = np.asarray(d["labels"], dtype=np.int64)
+        data, labels = np.asarray(d["data"]), np.asarray(d["labels"])
+        if data.size and (data.dtype.kind not in "ui" or data.min() < 0 or data.max() > 255):
+            what = f"{data.min()}..{data.max()}" if data.dtype.kind in "uif" else "values"
+            raise ValueError(f"data holds {data.dtype} {what}, not pixel values (integers 0..255)")
+        if labels.size and labels.dtype.kind not in "ui":
+            raise ValueError(f"labels are {labels.dtype}, not class indices (integers)")
+        data, labels = data.astype(np.uint8), labels.astype(np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
         raise ValueError(f"{str(path)!r}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != data.shape[:1]:
