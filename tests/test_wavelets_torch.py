@@ -459,6 +459,52 @@ def test_dense_backend_as_an_accelerator_default(monkeypatch):
     assert _max_err(wt.reconstruct(torch.from_numpy(want), st), w) < 1e-5
 
 
+@pytest.fixture
+def fp32_precision_flags():
+    """torch's per-backend float32 precision flags (torch 2.9+), put back as they were after the test."""
+    b = torch.backends
+    if not hasattr(b.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9 has only the legacy allow_tf32 flags")
+    flags = [b, b.cudnn, b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn, b.mkldnn, b.mkldnn.matmul, b.mkldnn.conv, b.mkldnn.rnn]
+    saved = [f.fp32_precision for f in flags]
+    yield b
+    for f, value in zip(flags, saved):
+        f.fp32_precision = value
+
+
+def test_full_float32_products_under_the_new_tf32_api(fp32_precision_flags, monkeypatch):
+    """Since torch 2.9 TF32 is set per backend (``fp32_precision``), and the legacy ``allow_tf32``
+    flags raise a RuntimeError once that API was used: a caller's
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``, or cuDNN's conv and RNN given different
+    precisions. The dense products (an accelerator's default transform) and the conv backend's
+    convolutions turned TF32 off through the legacy flags, so on a GPU every dwt pruning and
+    fine-tuning step raised there; and after a ``set_float32_matmul_precision("medium")`` the
+    products left a state whose ``get_float32_matmul_precision()`` raises. Now: full float32
+    inside, the caller's settings as they were after. (The flags are host state: the CUDA branch
+    of the conv backend's guard runs here without a GPU.)"""
+    b = fp32_precision_flags
+    monkeypatch.setattr(filterbank, "_FORCE_BACKEND", "dense")
+    w = np.random.default_rng(13).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    want, st = wv.decompose(w, wavelet="bior4.4", level=3, layout="filter", mode="periodization")
+    assert wt.uses_dense(st, torch.device("cpu"))
+
+    torch.set_float32_matmul_precision("medium")
+    with dense._full_precision():
+        assert b.cuda.matmul.fp32_precision == "ieee"
+    assert torch.get_float32_matmul_precision() == "medium"
+    torch.set_float32_matmul_precision("highest")
+
+    b.cuda.matmul.fp32_precision = "tf32"
+    b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = "tf32", "ieee"
+    got = wt.decompose(torch.from_numpy(w), st)
+    assert _max_err(got, want) < 1e-5 and _max_err(wt.reconstruct(got, st), w) < 1e-5
+    with dense._full_precision():
+        assert b.cuda.matmul.fp32_precision == "ieee"
+    with filterbank._no_tf32(torch.device("cuda")):
+        assert b.cudnn.conv.fp32_precision == "ieee" and b.cudnn.rnn.fp32_precision == "ieee"
+    assert (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision) == ("tf32", "tf32", "ieee")
+
+
 def test_dense_matrix_cache_is_bounded_by_bytes_least_recently_used_first():
     """The cache keeps at most its byte budget (never less than the pair in use), evicts the least
     recently used pair first, and a pair it rebuilds equals the one it dropped."""

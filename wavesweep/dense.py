@@ -157,12 +157,19 @@ def _key(structure: wv.CoeffStructure) -> wv.CoeffStructure:
 
 @contextlib.contextmanager
 def _full_precision() -> Iterator[None]:
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """cuBLAS products in full float32 (no TF32). Where torch has the per-backend precision
+    (``torch.backends.cuda.matmul.fp32_precision``, torch 2.9+) through it, its previous value put
+    back as it was: there the legacy ``allow_tf32`` raises a RuntimeError ("mix of the legacy and
+    new APIs") once a caller has set the new one (``fp32_precision = "tf32"``), and writing it back
+    turned ``torch.set_float32_matmul_precision("medium")`` into a state whose getter raises."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    prev = getattr(matmul, name)
+    setattr(matmul, name, "ieee" if name == "fp32_precision" else False)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+        setattr(matmul, name, prev)
 
 
 def decompose(x: torch.Tensor, structure: wv.CoeffStructure, *, rows: bool = False) -> torch.Tensor:

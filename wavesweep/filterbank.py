@@ -406,12 +406,16 @@ def _no_tf32(device: torch.device):
     if device.type != "cuda":
         yield
         return
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    # torch 2.9+: the convolutions' own precision (the legacy flag raises a RuntimeError once a
+    # caller has given cuDNN's conv and RNN different precisions with the new API)
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    flags, name = (conv, "fp32_precision") if hasattr(conv, "fp32_precision") else (torch.backends.cudnn, "allow_tf32")
+    prev = getattr(flags, name)
+    setattr(flags, name, "ieee" if name == "fp32_precision" else False)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = prev
+        setattr(flags, name, prev)
 
 
 def dwt_level(x: torch.Tensor, nd: int, wavelet: str, mode: str) -> list[torch.Tensor]:
