@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -758,6 +759,30 @@ def test_finetune_dwt_same_steps_in_either_coefficient_order(train_set, monkeypa
         for a, b in zip(got["taps"].layers, got[other].layers):
             assert np.array_equal(a.keep, b.keep) and np.all(b.coeffs[~b.keep] == 0)
             np.testing.assert_allclose(b.coeffs, a.coeffs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["taps", None, "dense"])  # the orders flat, positions_major, rows
+def test_finetune_dwt_a_layer_without_outputs_in_every_coefficient_order(backend, monkeypatch):
+    """A Linear of 0 outputs (weight (0, 192): a real level, no coefficients) fine-tunes and comes
+    back with 0 coefficients in every order. In the rows order (the dense transform, an accelerator's
+    default) giving the coefficients back reshaped them to (0, -1), which 0 elements cannot infer:
+    finetune raised after its last step."""
+    from wavesweep import filterbank
+
+    monkeypatch.setattr(filterbank, "_FORCE_BACKEND", backend)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(192, 0), nn.Linear(0, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = pruning.prune_dwt(net, wavelet="haar", level=2, percentile=50, targets=("linear",), backend="torch")
+    assert [(lp.n_positions, lp.structure.level) for lp in res.layers] == [(0, 2), (0, 0)]
+    ww = recovery.WaveletWeight(torch.zeros(0, dtype=torch.bool), res.layers[0].structure)
+    assert ww.order == {"taps": "flat", None: "positions_major", "dense": "rows"}[backend]
+    assert ww.from_param(ww.to_param(torch.zeros(0))).shape == (0,)
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))) for _ in range(2)]
+    steps, _ = recovery.finetune(res, batches, recovery.RecoverySettings("finetune", batches=2, steps=2, batch_size=4))
+    assert steps == 2 and [lp.coeffs.shape for lp in res.layers] == [(0,), (0,)]
+    assert tuple(res.model[1].weight.shape) == (0, 192)
 
 
 def test_same_recovery_for_every_method(train_set, monkeypatch):

@@ -503,7 +503,9 @@ class WaveletWeight(nn.Module):
         from wavesweep import dense, wavelets_torch
 
         if self.order == "rows":
-            return dense.from_rows(flat.reshape(dense.rows_of(self.structure), -1), self.structure)
+            # explicit row length (never -1): a layer without rows (a Linear of 0 outputs) has 0 of them
+            rows = flat.reshape(dense.rows_of(self.structure), sum(dense.row_sizes(self.structure)))
+            return dense.from_rows(rows, self.structure)
         return wavelets_torch.from_positions_major(flat, self.structure) if self.positions_major else flat.clone()
 
     def forward(self, coeffs: torch.Tensor) -> torch.Tensor:
