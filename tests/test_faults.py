@@ -1362,6 +1362,23 @@ def test_runs_a_gone_process_left_running_are_closed_killed_by_the_next_trial(wo
     assert f"process {gone.pid} ended without closing this run" in client.get_run(dead_trial).data.tags["error"]
     assert tracking.close_runs_of_dead_processes(client, exp) == []  # nothing left to close
 
+    # `mlflow run` closes the run it launched FAILED once its entry point is killed: a method run
+    # that process was recording stays RUNNING below a closed trial run, which the search for
+    # RUNNING trial runs never finds. Closed KILLED, unless the trial's process is alive or the
+    # method run belongs to a study
+    launched = run("trial", gone_tag)
+    orphan = run("method", "", launched)
+    client.set_terminated(launched, "FAILED")
+    alive = run("trial", tracking.process_id())
+    alive_method = run("method", "", alive)
+    client.set_terminated(alive, "FAILED")
+    study_method = run("method", "", launched, **{"optuna.study": "s"})
+    assert tracking.close_runs_of_dead_processes(client, exp) == [orphan]
+    assert [client.get_run(r).info.status for r in (orphan, launched, alive_method, study_method)] == [
+        "KILLED", "FAILED", "RUNNING", "RUNNING"]
+    assert f"process {gone.pid} ended while recording this method run" in client.get_run(orphan).data.tags["error"]
+    assert tracking.close_runs_of_dead_processes(client, exp) == []
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the process check reads /proc")

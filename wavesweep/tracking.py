@@ -351,6 +351,23 @@ def close_runs_of_dead_processes(client: MlflowClient, experiment_id: str) -> li
                       error=f"process {pid} ended without closing this run (kill -9, out of memory, a crash); "
                             "closed by a later wavesweep command")  # fmt: skip
             closed.append(run.info.run_id)
+        # a method run whose trial run was closed by another hand while its process was recording
+        # the method runs (`mlflow run` closes the run it launched FAILED once its entry point is
+        # killed): no process will close it, and the search above looks for RUNNING trial runs
+        running = {r.info.run_id for r in found}
+        for run in found:
+            tags = run.data.tags
+            parent_id = tags.get(MLFLOW_PARENT_RUN_ID)
+            if tags.get("wavesweep.kind") != "method" or "optuna.study" in tags or not parent_id or parent_id in running:
+                continue
+            parent = client.get_run(parent_id)
+            if parent.info.status == "RUNNING" or not process_gone(parent.data.tags.get(PROCESS_TAG, ""), parent.info.start_time):
+                continue
+            pid = parent.data.tags[PROCESS_TAG].split("/")[3]
+            close_run(client, run.info.run_id, "KILLED", children=False,
+                      error=f"process {pid} ended while recording this method run, and its trial run was closed "
+                            f"{parent.info.status} without it; closed by a later wavesweep command")  # fmt: skip
+            closed.append(run.info.run_id)
     except (MlflowException, OSError) as exc:
         log.warning("could not close runs left RUNNING by processes that are gone: %s", exc)
     if closed:
