@@ -165,3 +165,21 @@ def test_report_of_a_study_not_in_the_storage_names_the_ones_there(workdir, caps
         "; studies there: alpha, beta"), err
     with open(cli.__file__) as fh:
         assert not [line for line in fh if line.strip().startswith(("import optuna", "from optuna"))]
+
+
+@pytest.mark.parametrize(("option", "value", "twice"), [
+    ("--fractions", "50,70,050", "'050'"), ("--recoveries", "none,bn,none", "'none'"),
+    ("--configs", "haar:filter,db2:kernel,haar:filter", "'haar:filter'"),
+])  # fmt: skip
+def test_a_results_value_given_twice_is_one_line_before_any_trial(workdir, capsys, monkeypatch, option, value, twice):
+    """`--fractions 50,50` (or a recovery or config twice) ran the same trials twice and counted
+    them twice in the page's summary ("dwt better than magnitude in 0 of 8 settings" for 2)."""
+    from wavesweep import cli, results
+
+    monkeypatch.setattr(results, "run_grid", lambda *a, **k: pytest.fail("the grid ran"))
+    args = ["results", "--model", "cnn", "--dataset", "digits", "--fractions", "50,70", "--recoveries", "none",
+            "--configs", "haar:filter", "--out", "page.md", option, value]  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wavesweep: error: {option}={value!r}: {twice} appears twice; give each value once"], err
+    assert not (workdir / "page.md").exists()

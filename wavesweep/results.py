@@ -333,15 +333,20 @@ def write_page(text: str, path: Path, frame: pd.DataFrame | None = None) -> Path
 
 
 def parse_list(text: str, kind: Callable = str, option: str = "list") -> tuple:
-    """Comma-separated values of ``option``; none, or one that ``kind`` refuses, is one line naming it."""
+    """Comma-separated values of ``option``; none, one that ``kind`` refuses, or one given twice is one line naming it."""
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
         raise ValueError(f"{option}={text!r} is empty: give at least one value, comma-separated")
     try:
-        return tuple(kind(x) for x in items)
+        values = tuple(kind(x) for x in items)
     except ValueError:
         bad = next(x for x in items if not _parses(kind, x))
         raise ValueError(f"{option}={text!r}: {bad!r} is not {'an integer' if kind is int else 'valid'}") from None
+    # a value given twice would run its trials twice and count them twice in the page's summary
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise ValueError(f"{option}={text!r}: {items[i]!r} appears twice; give each value once")
+    return values
 
 
 def _parses(kind: Callable, text: str) -> bool:
