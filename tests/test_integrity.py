@@ -315,9 +315,14 @@ BILLION_LAUGHS = "\n".join(
         (("study: x\nsampler: {name: nsga2, crossover_prob: yes}\n" + _SPEC_TAIL).encode(), ["crossover_prob=True", "number"]),
         (("study: x\nsampler: {name: random, n_startup_trials: 3}\n" + _SPEC_TAIL).encode(),
          ["bad.yaml:2", "unknown RandomSampler option 'n_startup_trials': it takes none here (name and seed aside)"]),
+        # a NaN step was "cannot convert float NaN to integer", naming neither the file, the key nor the value
+        (b"study: x\nspace:\n  percentile: {low: 10, high: 90, step: .nan}\nobjectives: {top1: maximize}\nn_trials: 2\n",
+         ["bad.yaml:3", "space.percentile.step", "step=nan must be a positive number"]),
+        (b"study: x\nspace:\n  finetune_lr: {low: 0.001, high: 0.01, step: .inf}\nobjectives: {top1: maximize}\nn_trials: 2\n",
+         ["bad.yaml:3", "space.finetune_lr.step", "step=inf must be a positive number"]),
     ],
     ids=["billion-laughs", "deep-flow", "deep-block", "latin-1", "grid-step", "grid-product", "startup-x", "bool", "int", "float",
-         "no-options"],
+         "no-options", "nan-step", "inf-step"],
 )
 def test_spec_resource_limits_are_one_line_errors(workdir, capsys, content, needles):
     import time

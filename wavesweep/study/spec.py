@@ -291,8 +291,8 @@ class StudySpec:
                 _check_trial_value(("space", p.name, end), {**self.fixed, p.name: v})
             if p.low > p.high:
                 raise SpecError(("space", p.name, "low"), f"low={p.low} is above high={p.high}")
-            if p.step is not None and (not isinstance(p.step, (int, float)) or isinstance(p.step, bool) or p.step <= 0
-                                       or (p.kind == "int" and not float(p.step).is_integer())):  # fmt: skip
+            if p.step is not None and (not isinstance(p.step, (int, float)) or isinstance(p.step, bool) or not math.isfinite(p.step)
+                                       or p.step <= 0 or (p.kind == "int" and not float(p.step).is_integer())):  # fmt: skip
                 raise SpecError(("space", p.name, "step"), f"step={p.step!r} must be a positive {'integer' if p.kind == 'int' else 'number'}")
             if p.log and p.low <= 0:
                 raise SpecError(("space", p.name, "log"), f"a log range needs low > 0, got low={p.low}")
