@@ -183,3 +183,15 @@ def test_a_results_value_given_twice_is_one_line_before_any_trial(workdir, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"wavesweep: error: {option}={value!r}: {twice} appears twice; give each value once"], err
     assert not (workdir / "page.md").exists()
+
+
+@pytest.mark.parametrize("port", ["-1", "0", "65536", "99999"])
+def test_a_port_out_of_range_is_one_line_before_the_server_starts(workdir, capsys, monkeypatch, port):
+    """`wavesweep ui --port 99999` started the server, which printed a 60-line OverflowError
+    traceback ("bind(): port must be 0-65535") and exited 1."""
+    from wavesweep import cli, mlflow_ui
+
+    monkeypatch.setattr(mlflow_ui, "started", lambda *a, **k: pytest.fail("the server was started"))
+    assert cli.main(["ui", "--port", port]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wavesweep: error: --port={port} is not a TCP port: give an integer in 1..65535"], err

@@ -160,6 +160,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_PORT = 65535
+
+
 def _short(tag: str | None) -> str | None:
     """A number tag to 4 significant digits for a listing (the tag keeps every digit)."""
     try:
@@ -174,6 +177,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from wavesweep import mlflow_ui, store
     from wavesweep.redact import redact
 
+    if not 1 <= args.port <= MAX_PORT:  # else the server's own OverflowError traceback, then exit 1
+        raise ValueError(f"--port={args.port} is not a TCP port: give an integer in 1..{MAX_PORT}")
     if mlflow_ui.port_taken(args.host, args.port):
         raise ValueError(f"port {args.port} on {args.host} is in use (another MLflow UI?): give another --port")
     if not store.store_exists():  # a new store: its schema and the wavesweep experiment (imports MLflow)
