@@ -195,3 +195,29 @@ def test_a_port_out_of_range_is_one_line_before_the_server_starts(workdir, capsy
     assert cli.main(["ui", "--port", port]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"wavesweep: error: --port={port} is not a TCP port: give an integer in 1..65535"], err
+
+
+_STUDY = "study: s\nbase: {{model: cnn, dataset: digits, eval_limit: 60{base}}}\nspace:\n  {space}\nobjectives: {{top1: maximize}}\nn_trials: 2\n"
+
+
+@pytest.mark.parametrize(("base", "space", "needle"), [
+    (", device: cuda", "percentile: [40, 60]", "device 'cuda' requested but CUDA is not available"),
+    ("", "device: [cpu, cuda]", "device 'cuda' requested but CUDA is not available"),
+    (", weights: nosuch.pt", "percentile: [40, 60]", "weights file 'nosuch.pt' does not exist"),
+])  # fmt: skip
+def test_a_study_this_machine_cannot_run_is_one_line_before_anything_is_created(workdir, capsys, monkeypatch, base, space, needle):
+    """A fixed `device: cuda` without CUDA, or a fixed weights file that is not there, was found by
+    each trial in turn: three FAILED trial runs, a FAILED study run, five lines and exit 1, where
+    `wavesweep trial` says it in one line before any run."""
+    import torch
+
+    from wavesweep import cli, study
+
+    if "cuda" in needle and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    (workdir / "s.yaml").write_text(_STUDY.format(base=base, space=space))
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("the study ran"))
+    assert cli.main(["study", "s.yaml", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wavesweep: error: ") and needle in err[0], err
+    assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()

@@ -527,8 +527,9 @@ def _weights_file(kind: str, folder: Path) -> Path:
         (["trial", "--keep-approx", "maybe"], ["keep_approx='maybe' is not a boolean"]),
         (["trial", "--no-keep-approx=1"], ["--no-keep-approx takes no value"]),
         (["study"], ["study: the following arguments are required: spec"]),
+        (["trial", "--model", "cnn", "--weights", "."], ["weights file '.' is a folder; give the weights file in it"]),  # was "does not exist"
     ],
-    ids=["wavelet-typo", "flag-typo", "nouser", "download-dotdot", "bool-value", "no-flag-value", "missing-arg"],
+    ids=["wavelet-typo", "flag-typo", "nouser", "download-dotdot", "bool-value", "no-flag-value", "missing-arg", "weights-folder"],
 )
 @pytest.mark.slow  # a fresh MLflow store per test: seconds, not milliseconds
 def test_bad_input_is_one_line_exit_2(workdir, capsys, argv, needles):

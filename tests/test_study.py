@@ -581,6 +581,7 @@ def test_two_workers_share_one_storage_exactly(workdir, tiny_weights):
 
 @pytest.mark.slow
 def test_failing_trials_are_recorded_as_failed_and_stop_the_launch(workdir, capsys):
+    (workdir / "missing.pt").write_bytes(b"")  # there (a missing file is refused before the launch), and empty: each trial fails on it
     spec = write_spec(workdir / "tiny.yaml", str(workdir / "missing.pt"), max_failures=2)
     assert run_cli("study", str(spec), "-q") == 1
     trials, runs = assert_agree()
@@ -955,6 +956,7 @@ def test_a_resumed_study_records_its_trials_in_its_study_runs_experiment(workdir
         raise RuntimeError("no model in this test")
 
     monkeypatch.setattr(tracked_trial, "run_trial", broken)
+    (workdir / "unused.pt").write_bytes(b"")  # a weights file that is not there is refused before the launch
     spec = write_spec(workdir / "tiny.yaml", str(workdir / "unused.pt"), max_failures=1)
     for experiment in ("first", "second"):
         monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)

@@ -253,14 +253,24 @@ def cmd_study(args: argparse.Namespace) -> int:
 def _check_study_data(spec: Any) -> None:
     """Read the study's dataset once before anything is created: a wrong ``data_root`` (or missing
     files), or evaluation examples its ``val_fraction`` cannot split (a class with one example),
-    is one line here, as for ``wavesweep trial``, not every trial failing on it."""
+    is one line here, as for ``wavesweep trial``, not every trial failing on it. So are a device
+    this machine does not have (``cuda`` without CUDA, fixed or among the searched choices) and a
+    fixed weights file that is not there."""
+    from wavesweep.models import weights_file
+    from wavesweep.tracked_trial import URI_SCHEMES
+
     searched = {p.name for p in spec.space}
+    cfg = TrialConfig.from_mapping(spec.fixed)
+    device = next((p for p in spec.space if p.name == "device"), None)
+    for d in device.choices if device is not None else (cfg.device,):
+        _check_device(str(d))
+    if "weights" not in searched and cfg.weights and not cfg.weights.startswith(URI_SCHEMES):
+        weights_file(cfg.weights)
     if searched & {"dataset", "data_root"}:
         return  # which files a trial reads is up to the sampler
     from wavesweep.evalsplit import split_eval_set
     from wavesweep.trial import load_eval_set
 
-    cfg = TrialConfig.from_mapping(spec.fixed)
     _, eval_all = load_eval_set(cfg)
     if not searched & {"eval_limit", "seed"}:  # else which examples are split is up to the sampler
         split_eval_set(eval_all, cfg.val_fraction, seed=cfg.seed)

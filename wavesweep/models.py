@@ -166,6 +166,17 @@ def expand_path(path: str | os.PathLike, *, what: str = "file") -> Path:
         raise ValueError(f"{what} {str(path)!r}: cannot expand {str(path).split('/')[0]!r} (no such user or no home)") from None
 
 
+def weights_file(path: str | os.PathLike) -> Path:
+    """``path`` expanded, when it is a file; else a one-line error saying what is there instead
+    (nothing: ``FileNotFoundError``; a folder: ``ValueError``)."""
+    path = expand_path(path, what="weights file")
+    if path.is_dir():
+        raise ValueError(f"weights file {str(path)!r} is a folder; give the weights file in it")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    return path
+
+
 #: file formats :func:`read_weights` accepts: none of them can run code when read
 SAFE_FORMATS = "a state dict (read with torch.load(weights_only=True)), a .safetensors file, or a wavesweep .wsz checkpoint"
 
@@ -179,9 +190,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     cache file; ``meta``: its JSON metadata). An empty, truncated, random or malicious file
     (a pickle that would run code) is a one-line ValueError naming the file.
     """
-    path = expand_path(path, what="weights file")
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    path = weights_file(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
     if not head:

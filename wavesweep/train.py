@@ -35,10 +35,10 @@ from wavesweep.models import (
     build_loaded,
     build_model,
     check_num_classes,
-    expand_path,
     load_pretrained_resnet18,
     read_weights,
     resnet18_imagenet_path,
+    weights_file,
 )
 from wavesweep.failures import one_value_per_channel
 from wavesweep.fileio import atomic_write, file_lock
@@ -563,9 +563,7 @@ def get_base_model(
         raise ValueError(f"weights {str(weights)!r} is an MLflow URI; load it with wavesweep.tracking")
 
     if weights is not None:
-        path = expand_path(weights, what="weights file")
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+        path = weights_file(weights)
         shape = dataset_shape(dataset_name, root=data_root, image_size=image_size)
         model, meta, checksum = _load_hashed(model_name, path, lambda meta: shape)  # NaN/inf refused there
         _check_trained_on(meta, dataset_name, path)
