@@ -221,3 +221,36 @@ def test_a_study_this_machine_cannot_run_is_one_line_before_anything_is_created(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("wavesweep: error: ") and needle in err[0], err
     assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["trial", "--model", "cnn", "--seed", "2147483647", "--replicates", "2"],
+     "seed=2147483647 with replicates=2: the last replicate's seed 2147483648 is above 2147483647; use seed <= 2147483646"),
+    (["train", "--model", "cnn", "--seed", "-1"], "--seed=-1 must be an integer in 0..2147483647"),
+    (["train", "--model", "cnn", "--seed", "4294967296"], "--seed=4294967296 must be an integer in 0..2147483647"),
+])  # fmt: skip
+def test_a_seed_out_of_range_is_one_line_naming_the_seed_given(workdir, capsys, monkeypatch, argv, line):
+    """`trial --seed 2147483647 --replicates 2` created a configuration run, closed it FAILED and said
+    "seed=2147483648 must be ..." (a seed nobody gave); `train --seed -1` said scikit-learn's
+    "The 'random_state' parameter of train_test_split must be ...", naming no option."""
+    from wavesweep import cli, train
+
+    monkeypatch.setattr(train, "get_base_model", lambda *a, **k: pytest.fail("a base model was loaded"))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wavesweep: error: {line}"], err
+    assert not (workdir / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(("seed", "key"), [("seed: 2147483646", "fixed.seed"), ("", "space.seed")])
+def test_a_study_whose_replicate_seeds_overflow_is_one_line(workdir, capsys, seed, key):
+    """A spec with seed 2147483646 (or a searched seed up to it) and replicates: 3 was accepted;
+    its trials then failed on "seed=2147483648 must be an integer in 0..2147483647"."""
+    from wavesweep import cli
+
+    space = "percentile: [40, 60]" if seed else "seed: {low: 2147483600, high: 2147483646}"
+    text = _STUDY.format(base=f", {seed}" if seed else "", space=space) + "replicates: 3\n"
+    (workdir / "s.yaml").write_text(text)
+    assert cli.main(["study", "s.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f": {key}: seed=2147483646 with replicates=3: the last replicate's seed 2147483648 is above 2147483647; use seed <= 2147483645" in err[0], err

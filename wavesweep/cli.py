@@ -39,11 +39,12 @@ def _trial_config(args: argparse.Namespace) -> TrialConfig:
 
 def cmd_trial(args: argparse.Namespace) -> int:
     from wavesweep import tracking
-    from wavesweep.replicates import check_replicates
+    from wavesweep.replicates import check_replicate_seeds, check_replicates
 
     try:
         cfg = _trial_config(args)
         n = check_replicates(args.replicates if args.replicates is not None else 1)
+        check_replicate_seeds(cfg.seed, n)
         _check_device(cfg.device)
     except USAGE_ERRORS as exc:
         if args.launched_run_id:  # `mlflow run` already created a run: mark it FAILED with the reason
@@ -114,7 +115,10 @@ def _print_trial(result: Any, run_id: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from wavesweep import train
+    from wavesweep.config import MAX_SEED
 
+    if not 0 <= args.seed <= MAX_SEED:  # else scikit-learn's "'random_state' parameter of train_test_split" line
+        raise ValueError(f"--seed={args.seed} must be an integer in 0..{MAX_SEED}")
     _check_device(args.device)
     base = train.get_base_model(args.model, args.dataset, seed=args.seed, data_root=args.data_root, device=args.device,
                                 progress=not args.quiet)  # fmt: skip

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wavesweep import schema
-from wavesweep.config import TrialConfig, coerce
+from wavesweep.config import MAX_SEED, TrialConfig, coerce
 
 MAX_REPLICATES = 100  # replicates are whole trials: a typo must not start a thousand of them
 SEEDED_SPLITS = ("digits",)  # datasets whose train/test split is drawn from the seed (data_sources._digits)
@@ -43,9 +43,19 @@ def check_replicates(value: Any, name: str = "replicates") -> int:
     return n
 
 
+def check_replicate_seeds(seed: int, n: int) -> None:
+    """The seeds ``seed .. seed + n - 1`` of ``n`` replicates are all valid trial seeds, else a
+    one-line ``ValueError`` naming the seed, the count and the highest seed that fits."""
+    if seed + n - 1 > MAX_SEED:
+        raise ValueError(f"seed={seed} with replicates={n}: the last replicate's seed {seed + n - 1} is above "
+                         f"{MAX_SEED}; use seed <= {MAX_SEED - n + 1}")  # fmt: skip
+
+
 def replicate_configs(cfg: TrialConfig, n: int) -> list[TrialConfig]:
     """The ``n`` replicate configurations of ``cfg``: the same values with seeds ``cfg.seed + i``."""
-    return [dataclasses.replace(cfg, seed=cfg.seed + i) for i in range(check_replicates(n))]
+    n = check_replicates(n)
+    check_replicate_seeds(cfg.seed, n)
+    return [dataclasses.replace(cfg, seed=cfg.seed + i) for i in range(n)]
 
 
 def config_id(cfg: TrialConfig) -> str:

@@ -42,9 +42,9 @@ import optuna
 import yaml
 
 from wavesweep import schema
-from wavesweep.config import TrialConfig
+from wavesweep.config import TrialConfig, coerce
 from wavesweep.names import check_name
-from wavesweep.replicates import MAX_REPLICATES
+from wavesweep.replicates import MAX_REPLICATES, check_replicate_seeds
 from wavesweep.study.options import check_options
 from wavesweep.study.spec_yaml import SpecError, key_lines, line_of, parse_yaml, unknown_choice
 from wavesweep.study.storage import PRUNERS, SAMPLERS, dry_run_sampler
@@ -216,6 +216,14 @@ class StudySpec:
         r = self.replicates
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_REPLICATES:
             raise SpecError(("replicates",), f"replicates must be an integer from 1 to {MAX_REPLICATES}, got {r!r}")
+        # each trial runs seeds seed .. seed + replicates - 1: the highest seed a trial can take must leave room
+        searched = next((p for p in self.space if p.name == "seed"), None)
+        seeds = (searched.choices if searched.kind == "categorical" else (searched.high,)) if searched else (self.fixed.get("seed", 0),)
+        top = max(coerce("seed", v, int) for v in seeds)
+        try:
+            check_replicate_seeds(top, r)
+        except ValueError as exc:
+            raise SpecError(("space", "seed") if searched else ("fixed", "seed"), str(exc)) from None
 
     def _check_targets(self) -> None:
         """Every model the study can run has layers of every ``targets`` it can run with: an
