@@ -254,3 +254,15 @@ def test_a_study_whose_replicate_seeds_overflow_is_one_line(workdir, capsys, see
     assert cli.main(["study", "s.yaml", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f": {key}: seed=2147483646 with replicates=3: the last replicate's seed 2147483648 is above 2147483647; use seed <= 2147483645" in err[0], err
+
+
+@pytest.mark.parametrize(("out", "shown"), [("", "."), (".", "."), ("/", "/"), ("..", "..")])
+def test_results_out_naming_no_file_is_one_line_naming_the_option(workdir, capsys, monkeypatch, out, shown):
+    """`--out ''` (an MLproject-style empty value) or `--out .` said "PosixPath('.') has an empty
+    name", naming neither the option nor what to give."""
+    from wavesweep import cli, results
+
+    monkeypatch.setattr(results, "run_grid", lambda *a, **k: pytest.fail("the grid ran"))
+    assert cli.main(["results", "--model", "cnn", "--dataset", "digits", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wavesweep: error: --out {shown}: {shown} is a folder; give the page's file name (e.g. {Path(out) / 'results.md'})"], err

@@ -92,6 +92,8 @@ def check_page_path(page: Path) -> Path:
     """``page`` when the page, its CSV and its progress file can be written there; else a one-line
     ``ValueError`` naming what is in the way (a folder by one of those names, a file where a folder
     must be). Checked before the grid runs: writing the page is its last step."""
+    if page.name in ("", "..") or page.is_dir():  # '', '.', '/', '..': no file name to write
+        raise ValueError(f"--out {page}: {page} is a folder; give the page's file name (e.g. {page / 'results.md'})")
     for p in (page, page.with_suffix(".csv"), progress_path(page)):
         if p.is_dir():
             raise ValueError(f"--out {page}: {p} is a folder; give the page's file name (e.g. {p / 'results.md'})")
