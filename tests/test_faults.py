@@ -1169,6 +1169,8 @@ def test_optunas_failed_with_value_none_line_is_dropped_only_for_a_stop():
     (["study", "SPEC", "--set", "seed=-1", "--dry-run"], "seed=-1 must be an integer in 0..2147483647"),
     (["study", "SPEC", "--workers", "0", "--dry-run"], "--workers=0 must be an integer >= 1"),
     (["study", "SPEC", "--workers", "-1", "--dry-run"], "--workers=-1 must be an integer >= 1"),
+    # a typo started a thousand worker processes, each importing torch: the machine stalled
+    (["study", "SPEC", "--workers", "1000", "--dry-run"], f"--workers=1000 is above the limit of {max(2, os.cpu_count() or 1)} here"),
 ])  # fmt: skip
 def test_bad_seed_and_workers_are_one_line(workdir, tiny_weights, capsys, argv, needle):
     spec = write_spec(workdir / "tiny.yaml", tiny_weights)

@@ -216,8 +216,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-trials={args.n_trials} must be >= 0 (0: the spec's n_trials)")
     if args.timeout is not None:
         study.check_timeout(args.timeout)
-    if args.workers < 1:
-        raise ValueError(f"--workers={args.workers} must be an integer >= 1 (worker processes on this machine)")
+    study.check_workers(args.workers)
     if args.sampler_seed is not None:
         study.check_sampler_seed(args.sampler_seed, args.workers)
     _report_dir(args.report_dir, spec.name)

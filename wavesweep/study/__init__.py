@@ -16,10 +16,10 @@ from wavesweep.study.frame import best_trial, build_report, study_metrics, study
 from wavesweep.study.plan import describe, enqueue_params
 from wavesweep.study.spec import SpecError, StudySpec, load_spec, parse_assignments, spec_from_mapping
 from wavesweep.study.storage import DEFAULT_STORAGE, check_storage_url, load_named_study, open_storage
-from wavesweep.study.workers import StudyOutcome, check_sampler_seed, check_timeout, run_study
+from wavesweep.study.workers import StudyOutcome, check_sampler_seed, check_timeout, check_workers, run_study
 
 __all__ = [
     "DEFAULT_STORAGE", "SpecError", "StudyOutcome", "StudySpec", "best_trial", "build_report", "check_storage_url",
-    "check_sampler_seed", "check_timeout", "describe", "enqueue_params", "load_named_study", "load_spec", "open_storage", "parse_assignments", "run_study",
+    "check_sampler_seed", "check_timeout", "check_workers", "describe", "enqueue_params", "load_named_study", "load_spec", "open_storage", "parse_assignments", "run_study",
     "spec_from_mapping", "study_metrics", "study_objectives", "trials_frame",
 ]  # fmt: skip

@@ -75,6 +75,24 @@ def launch_seed(spec_seed: int) -> int:
     return (spec_seed * 1_000_003 + secrets.randbits(30)) % (2**31 - 1)
 
 
+def max_workers() -> int:
+    """The most worker processes one launch may start here: this machine's CPU cores (at least 2).
+    Each is a process with its own torch, data and model (hundreds of MB) sharing those cores
+    (torch threads: cores // workers), so more only slow it down; a typo (``--workers 1000``)
+    must not start a thousand of them."""
+    return max(2, os.cpu_count() or 1)
+
+
+def check_workers(workers: Any) -> int:
+    """``workers`` as an integer in 1..max_workers(), else a one-line ``ValueError`` naming it."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers={workers!r} must be an integer >= 1 (worker processes on this machine)")
+    if workers > (top := max_workers()):
+        raise ValueError(f"--workers={workers} is above the limit of {top} here (worker processes on this machine, "
+                         f"at most one per CPU core: {os.cpu_count()})")  # fmt: skip
+    return workers
+
+
 def check_sampler_seed(seed: Any, workers: int = 1) -> int:
     """``seed`` when it is an integer whose workers' seeds (seed + i) are valid sampler seeds."""
     top = 2**31 - 1 - (workers - 1)
@@ -428,8 +446,7 @@ def run_study(
     ``sampler_seed``: this launch's sampler seed as given, not salted (worker i uses it + i): the
     same study launched afresh with the same seed, one worker, proposes the same configurations.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers={workers!r} must be an integer >= 1")
+    check_workers(workers)
     if sampler_seed is not None:
         check_sampler_seed(sampler_seed, workers)
     n_total = n_trials if n_trials else spec.total_trials
