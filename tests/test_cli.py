@@ -266,3 +266,28 @@ def test_results_out_naming_no_file_is_one_line_naming_the_option(workdir, capsy
     assert cli.main(["results", "--model", "cnn", "--dataset", "digits", "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"wavesweep: error: --out {shown}: {shown} is a folder; give the page's file name (e.g. {Path(out) / 'results.md'})"], err
+
+
+@pytest.mark.parametrize("value", ["50,150", "-5"])
+def test_a_results_fraction_outside_0_100_names_the_option(workdir, capsys, monkeypatch, value):
+    """`--fractions 150` said "percentile must be a number in [0, 100]": an option `results` does
+    not have. One line naming --fractions and the value, before any trial."""
+    from wavesweep import cli, results
+
+    monkeypatch.setattr(results, "run_grid", lambda *a, **k: pytest.fail("the grid ran"))
+    args = ["results", "--model", "cnn", "--dataset", "digits", "--fractions", value, "--out", "page.md"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    bad = value.split(",")[-1]
+    assert err == [f"wavesweep: error: --fractions={value!r}: {int(bad)} is not a pruned percentage in 0..100"], err
+
+
+def test_a_study_spec_that_is_a_folder_says_so(workdir, capsys):
+    """`wavesweep study /tmp` said the spec "does not exist"."""
+    from wavesweep import cli
+
+    (workdir / "specs").mkdir()
+    assert cli.main(["study", str(workdir / "specs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wavesweep: error: study spec {str(workdir / 'specs')!r} is a folder; give a spec file "
+                   "(e.g. sweeps/digits-resnet18.yaml)"], err

@@ -351,6 +351,15 @@ def parse_list(text: str, kind: Callable = str, option: str = "list") -> tuple:
     return values
 
 
+def check_fractions(fractions: tuple[int, ...], text: str) -> tuple[int, ...]:
+    """``--fractions`` (dwt percentiles) in 0..100, else one line naming the option and the value
+    (the trials' own check named only ``percentile``, an option ``results`` does not have)."""
+    for f in fractions:
+        if not 0 <= f <= 100:
+            raise ValueError(f"--fractions={text!r}: {f} is not a pruned percentage in 0..100")
+    return fractions
+
+
 def _parses(kind: Callable, text: str) -> bool:
     try:
         kind(text)

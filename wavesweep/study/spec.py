@@ -439,6 +439,8 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
     spec's text (stored with the study and its MLflow run) is then the resolved YAML.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"study spec {str(path)!r} is a folder; give a spec file (e.g. sweeps/digits-resnet18.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"study spec {str(path)!r} does not exist")
     raw = path.read_bytes()
