@@ -396,8 +396,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     from wavesweep import results
 
+    fractions = results.check_fractions(results.parse_list(args.fractions, int, "--fractions"), args.fractions)
     grid = results.Grid(
-        model=args.model, dataset=args.dataset, level=args.level, fractions=results.check_fractions(results.parse_list(args.fractions, int, "--fractions"), args.fractions),
+        model=args.model, dataset=args.dataset, level=args.level, fractions=fractions,
         recoveries=results.parse_list(args.recoveries, option="--recoveries"), configs=results.parse_configs(args.configs),
         eval_limit=args.eval_limit, seed=args.seed, device=args.device, data_root=args.data_root,
         recovery_batches=args.recovery_batches, finetune_steps=args.finetune_steps,
