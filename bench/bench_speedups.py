@@ -120,7 +120,7 @@ from wavesweep import accounting, evaluate, train, trial, tracking  # noqa: E402
 from wavesweep import pruning as P  # noqa: E402
 from wavesweep import wavelets as wv  # noqa: E402
 from wavesweep.config import TrialConfig  # noqa: E402
-from wavesweep.data import data_fingerprint, dataset_shape, eval_subset, load_dataset  # noqa: E402
+from wavesweep.data import data_fingerprint, dataset_shape, load_dataset  # noqa: E402
 from wavesweep.models import build_model  # noqa: E402
 
 
@@ -151,8 +151,7 @@ def bench_base_eval(repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"WAVESWEEP_CACHE": tmp}):
         base = train.BaseModel(model, "resnet18", "digits", 0, "trained", Path(tmp) / "w.pt", "ab" * 32, shape)
         cfg = TrialConfig(model="resnet18", dataset="digits", device="cpu")
-        bundle = load_dataset("digits")
-        eval_set = eval_subset(bundle.test, cfg.eval_limit or None, cfg.seed)
+        bundle, _, _, eval_set, selections = trial.eval_parts(cfg)
         fingerprint = data_fingerprint(bundle)
         dev = torch.device("cpu")
         entries = Path(tmp) / "base-evals"
@@ -165,7 +164,7 @@ def bench_base_eval(repeats: int) -> None:
             evaluate.metrics_from_logits(*evaluate.predict(model, eval_set, batch_size=cfg.batch_size, device=dev))
 
         def cached_call() -> None:
-            trial._base_eval_cached(base, cfg, eval_set, dev, fingerprint)
+            trial._base_eval_cached(base, cfg, eval_set, dev, fingerprint, selections["test"])
 
         uncached = median_s(cached_call, repeats, setup=clear)
         plain = median_s(bare, repeats)

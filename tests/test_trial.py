@@ -17,6 +17,8 @@ from wavesweep.data import eval_subset, load_dataset
 from wavesweep.models import build_model
 
 FP = "0123456789abcdef"  # a data fingerprint (data.data_fingerprint)
+SEL = "00112233aabbccdd"  # a selection digest (trial.eval_parts)
+SEL = "00112233aabbccdd"  # a selection digest (trial.eval_parts)
 
 
 @pytest.fixture
@@ -41,16 +43,45 @@ def test_cached_base_evaluation_equals_a_fresh_one(base_and_set, monkeypatch):
     base, cfg, eval_set = base_and_set
     device = torch.device("cpu")
     fresh = evaluate.metrics_from_logits(*evaluate.predict(base.model, eval_set, batch_size=cfg.batch_size, device=device))
-    first = trial._base_eval_cached(base, cfg, eval_set, device, FP)  # computes and writes the cache entry
+    first = trial._base_eval_cached(base, cfg, eval_set, device, FP, SEL)  # computes and writes the cache entry
     assert len(list((train.cache_dir() / "base-evals").glob("*.npz"))) == 1
 
     def no_predict(*a, **k):
         raise AssertionError("a cached base evaluation must not run the model")
 
     monkeypatch.setattr(evaluate, "predict", no_predict)
-    second = trial._base_eval_cached(base, cfg, eval_set, device, FP)  # read from the cache
+    second = trial._base_eval_cached(base, cfg, eval_set, device, FP, SEL)  # read from the cache
     _same(first, fresh)
     _same(second, fresh)
+
+
+@pytest.mark.parametrize("val_fraction", [0, 0.25])
+def test_another_selection_of_the_same_examples_is_evaluated_afresh(base_and_set, monkeypatch, val_fraction):
+    """The cache key names which examples were evaluated, not only the settings that chose them:
+    with the same settings but another selection (a changed ``stratified_order`` here, as another
+    version of the code or of scikit-learn's split could give) the base model's cached logits were
+    those of the old examples, scored against the pruned models' new ones (base targets != theirs)."""
+    from wavesweep import data
+
+    base, cfg, _ = base_and_set
+    cfg = dataclasses.replace(cfg, recovery="none", timing_batches=0, level=1, val_fraction=val_fraction)
+
+    def run_and_check() -> trial.TrialResult:
+        r = trial.run_trial(cfg, base=base)
+        _, _, val_set, test_set, _ = trial.eval_parts(cfg)
+        parts = [(r.base_eval, r.outcomes["dwt"].eval, test_set)]
+        if val_fraction:
+            parts.append((r.base_val_eval, r.outcomes["dwt"].val_eval, val_set))
+        for b, d, examples in parts:
+            np.testing.assert_array_equal(b.targets, d.targets)  # paired example by example
+            _same(b, evaluate.evaluate(base.model, examples, batch_size=cfg.batch_size, device="cpu"))
+        return r
+
+    first = run_and_check()
+    order = data.stratified_order
+    monkeypatch.setattr(data, "stratified_order", lambda t, seed=0: order(t, seed + 1))  # other examples
+    again = run_and_check()
+    assert not np.array_equal(again.base_eval.targets, first.base_eval.targets)  # the selection did change
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
@@ -59,18 +90,19 @@ def test_base_evaluation_cache_is_keyed_and_a_damaged_entry_recomputed(base_and_
     of that base model with a traceback (zipfile.BadZipFile, EOFError) until the file was deleted."""
     base, cfg, eval_set = base_and_set
     device = torch.device("cpu")
-    fresh = trial._base_eval_cached(base, cfg, eval_set, device, FP)
+    fresh = trial._base_eval_cached(base, cfg, eval_set, device, FP, SEL)
     other = dataclasses.replace(base, checksum="cd" * 32)  # other weights: their own entry
-    trial._base_eval_cached(other, cfg, eval_set, device, FP)
-    trial._base_eval_cached(base, cfg, eval_set, device, "fedcba9876543210")  # other data: its own
-    trial._base_eval_cached(base, dataclasses.replace(cfg, batch_size=7), eval_set, device, FP)  # other batching
+    trial._base_eval_cached(other, cfg, eval_set, device, FP, SEL)
+    trial._base_eval_cached(base, cfg, eval_set, device, "fedcba9876543210", SEL)  # other data: its own
+    trial._base_eval_cached(base, dataclasses.replace(cfg, batch_size=7), eval_set, device, FP, SEL)  # other batching
+    trial._base_eval_cached(base, cfg, eval_set, device, FP, "ffeeddccbbaa9988")  # other examples selected
     entries = sorted((train.cache_dir() / "base-evals").glob("*.npz"))
-    assert len(entries) == 4
+    assert len(entries) == 5
     for p in entries:
         whole = p.read_bytes()
         p.write_bytes({"garbage": b"not an npz", "truncated": whole[: len(whole) // 2], "empty": b""}[damage])
     with caplog.at_level(logging.WARNING, logger="wavesweep.trial"):
-        again = trial._base_eval_cached(base, cfg, eval_set, device, FP)
+        again = trial._base_eval_cached(base, cfg, eval_set, device, FP, SEL)
     assert "unreadable base-evaluation cache" in caplog.text
     _same(again, fresh)
 
@@ -83,8 +115,8 @@ def test_cuda_base_evaluation_is_scored_on_the_device_cached_or_not(base_and_set
     base, cfg, eval_set = base_and_set
     device = torch.device("cuda")
     direct = evaluate.evaluate(base.model, eval_set, batch_size=cfg.batch_size, device=device)
-    _same(trial._base_eval_cached(base, cfg, eval_set, device, FP), direct)  # computed
-    _same(trial._base_eval_cached(base, cfg, eval_set, device, FP), direct)  # read from the cache
+    _same(trial._base_eval_cached(base, cfg, eval_set, device, FP, SEL), direct)  # computed
+    _same(trial._base_eval_cached(base, cfg, eval_set, device, FP, SEL), direct)  # read from the cache
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -97,7 +129,7 @@ def test_a_cuda_trial_prunes_on_the_device_even_with_a_cached_base_evaluation(ba
 
     base, cfg, eval_set = base_and_set
     cfg = dataclasses.replace(cfg, device="cuda", recovery="none", timing_batches=0, level=1)
-    trial._base_eval_cached(base, cfg, eval_set, torch.device("cuda"), FP)  # the cache entry, then a CPU model again
+    trial._base_eval_cached(base, cfg, eval_set, torch.device("cuda"), FP, SEL)  # the cache entry, then a CPU model again
     base.model.cpu()
     monkeypatch.setattr(wv, "dwt_prune_array", lambda *a, **k: pytest.fail("PyWavelets pruning in a CUDA trial"))
     monkeypatch.setattr(baselines, "_smallest", lambda *a, **k: pytest.fail("numpy selection in a CUDA trial"))

@@ -392,12 +392,18 @@ def eval_subset(dataset: Dataset, limit: int | None, seed: int = 0) -> Dataset:
     """A deterministic, stratified subset of ``limit`` examples (the first ``limit`` of
     :func:`stratified_order`), kept in dataset order. ``limit`` None or 0, or ``limit`` >=
     ``len(dataset)``: the whole dataset. TensorImages/TensorDataset give the same kind."""
+    idx = eval_subset_positions(dataset, limit, seed)
+    return dataset if idx is None else take(dataset, idx)
+
+
+def eval_subset_positions(dataset: Dataset, limit: int | None, seed: int = 0) -> np.ndarray | None:
+    """The sorted positions in ``dataset`` that :func:`eval_subset` keeps; None for the whole
+    dataset (``limit`` None or 0, or ``limit`` >= ``len(dataset)``)."""
     if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 0):
         raise ValueError(f"eval limit must be a non-negative int or None, got {limit!r}")
     if not limit or limit >= len(dataset):
-        return dataset
-    idx = np.sort(stratified_order(dataset_targets(dataset), seed)[:limit])
-    return take(dataset, idx)
+        return None
+    return np.sort(stratified_order(dataset_targets(dataset), seed)[:limit])
 
 
 def take(dataset: Dataset, indices: np.ndarray) -> Dataset:

@@ -137,12 +137,38 @@ def load_eval_set(cfg: TrialConfig) -> tuple[data.DatasetBundle, torch.utils.dat
     return bundle, subset
 
 
+def eval_parts(cfg: TrialConfig) -> tuple[data.DatasetBundle, torch.utils.data.Dataset,
+                                            torch.utils.data.Dataset | None, torch.utils.data.Dataset, dict[str, str]]:
+    """``(bundle, examples, validation part or None, test part, selections)``: what
+    :func:`load_eval_set` and :func:`~wavesweep.evalsplit.split_eval_set` give, plus each part's
+    selection, a digest of the positions of its examples in the dataset's evaluation split (the
+    base evaluation's cache key: another subset or split of the same files, whether from other
+    settings or from another version of the code or of scikit-learn, is another entry)."""
+    bundle = data.load_dataset(cfg.dataset, root=cfg.data_root or None, seed=cfg.seed)
+    chosen = data.eval_subset_positions(bundle.test, cfg.eval_limit or None, seed=cfg.seed)
+    examples = bundle.test if chosen is None else data.take(bundle.test, chosen)
+    if chosen is None:
+        chosen = np.arange(len(bundle.test), dtype=np.int64)
+    if cfg.val_fraction == 0:  # no labels read: a dataset that does not expose them is not read twice
+        val_pos, test_pos = np.arange(0, dtype=np.int64), np.arange(len(examples), dtype=np.int64)
+        val_set, test_set = None, examples
+    else:
+        val_pos, test_pos = evalsplit.validation_indices(data.dataset_targets(examples), cfg.val_fraction, seed=cfg.seed)
+        val_set, test_set = data.take(examples, val_pos), data.take(examples, test_pos)
+
+    def digest(pos: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(chosen[pos], dtype="<i8").tobytes()).hexdigest()[:16]
+
+    return bundle, examples, val_set, test_set, {"test": digest(test_pos), "val": digest(val_pos)}
+
+
 def _base_eval_cached(
     base: train.BaseModel, cfg: TrialConfig, eval_set: torch.utils.data.Dataset, device: torch.device,
-    fingerprint: str, part: str = "test",
+    fingerprint: str, selection: str, part: str = "test",
 ) -> evaluate.EvalResult:
-    """Evaluate the unpruned base once per (weights checksum, data fingerprint, subset, device
-    type, batch size) and cache the logits.
+    """Evaluate the unpruned base once per (weights checksum, data fingerprint, selected
+    examples, device type, batch size) and cache the logits (``selection``: the part's digest
+    from :func:`eval_parts`).
 
     The cache is a .npz of logits and targets; metrics are recomputed from it, so a cached
     result is exactly what a fresh evaluation would give for the same model and examples on the
@@ -151,7 +177,7 @@ def _base_eval_cached(
     in it, as it does not enter the logits).
     """
     key = hashlib.sha256(
-        f"{base.checksum}|{cfg.dataset}|{fingerprint}|{cfg.eval_limit}|{cfg.seed}|{len(eval_set)}|{cfg.val_fraction}|{part}"
+        f"{base.checksum}|{cfg.dataset}|{fingerprint}|{selection}|{cfg.eval_limit}|{cfg.seed}|{len(eval_set)}|{cfg.val_fraction}|{part}"
         f"|{device.type}|{cfg.batch_size}".encode()
     ).hexdigest()[:24]
     path = train.cache_dir() / "base-evals" / f"{key}.npz"
@@ -227,11 +253,10 @@ def _run_trial(
     if base is None:  # before a base model is loaded, data included
         check_model_fits(cfg)
     with phases("load_data"):
-        bundle, eval_all = load_eval_set(cfg)
+        bundle, eval_all, val_set, eval_set, selections = eval_parts(cfg)
         opened.append(eval_all)
         if bundle.train is not None:  # recovery's decoding workers (recovery.training_batches), kept
             opened.append(bundle.train)  # for the three methods, stop with the trial too
-        val_set, eval_set = evalsplit.split_eval_set(eval_all, cfg.val_fraction, seed=cfg.seed)
     # before any other work: a recovery that needs training data must have it
     settings = cfg.recovery_settings()
     if settings.recovery != "none" and bundle.train is None:
@@ -269,8 +294,9 @@ def _run_trial(
         )
     with phases("eval_base"):
         fingerprint = data.eval_fingerprint(bundle)  # the base's logits depend on the evaluation split alone
-        base_eval = _base_eval_cached(base, cfg, eval_set, device, fingerprint)
-        base_val_eval = None if val_set is None else _base_eval_cached(base, cfg, val_set, device, fingerprint, part="val")
+        base_eval = _base_eval_cached(base, cfg, eval_set, device, fingerprint, selections["test"])
+        base_val_eval = (None if val_set is None
+                         else _base_eval_cached(base, cfg, val_set, device, fingerprint, selections["val"], part="val"))
 
     prerec: dict[str, evaluate.EvalResult] = {}
     reports: dict[str, recovery.RecoveryReport] = {}
