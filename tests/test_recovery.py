@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from wavesweep import accounting, checkpoint, pruning, recovery
+from wavesweep import accounting, checkpoint, data, pruning, recovery
 from wavesweep import wavelets as wv
 
 
@@ -448,6 +448,21 @@ def test_a_batch_of_one_where_batchnorm_needs_two_names_the_setting(train_set, r
         recovery.recover(res, train_set, recovery.RecoverySettings(rec, batches=2, steps=2, batch_size=1))
     assert "\n" not in str(err.value) and "use recovery_batch_size >= 2" in str(err.value)
     assert recovery.recover(res, train_set, recovery.RecoverySettings(rec, batches=2, steps=2, batch_size=2)).bn_layers == 3
+
+
+@pytest.mark.parametrize("rec", ["bn", "finetune"])
+def test_a_training_split_of_one_example_is_named_not_the_batch_size(train_set, rec):
+    """A training split of one example makes every batch one example, whatever
+    recovery_batch_size is: the line said "recovery_batch_size=8 ... use recovery_batch_size >= 2"."""
+    res = pruning.prune_magnitude(bn_net(), 0.5)
+    one = data.take(train_set, np.array([0]))
+    with pytest.raises(ValueError, match=r"^the training split holds 1 example: a BatchNorm layer of Sequential sees one "
+                                         r"value per channel in a training batch of 1 \(Expected .*\), whatever "
+                                         r"recovery_batch_size is; give it at least 2 training examples$") as err:
+        recovery.recover(res, one, recovery.RecoverySettings(rec, batches=2, steps=2, batch_size=8))
+    assert "\n" not in str(err.value)
+    two = data.take(train_set, np.array([0, 1]))
+    assert recovery.recover(res, two, recovery.RecoverySettings(rec, batches=2, steps=2, batch_size=8)).bn_layers == 3
 
 
 def test_recovery_without_training_split_is_one_line_error():

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ import torchvision
 from torch import nn
 
 import wavesweep.train as T
-from wavesweep.data import data_fingerprint, load_dataset
+from wavesweep.data import data_fingerprint, load_dataset, take
 from wavesweep.evaluate import evaluate
 from wavesweep.models import MODELS, RESNET18_IMAGENET_FILE, build_model
 from wavesweep.train import TrainConfig, default_train_config, get_base_model, train_model
@@ -619,6 +620,19 @@ def test_training_batches_of_one_under_batchnorm_is_one_line():
     with pytest.raises(ValueError, match=r"^batch_size=1: a BatchNorm layer of Sequential sees one value per channel "
                                          r"in a training batch of 1 \(Expected more .*\); use batch_size >= 2$") as err:
         train_model(_bn_net(), bundle, TrainConfig(epochs=1, batch_size=1), device="cpu", progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_a_training_split_of_one_example_under_batchnorm_names_the_split():
+    """One training example: every batch is that one, whatever batch_size says (the line told the
+    user to raise batch_size=64 to >= 2)."""
+    bundle = load_dataset("digits", seed=0)
+    one = dataclasses.replace(bundle, train=take(bundle.train, np.array([0])))
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"^the training split holds 1 example: a BatchNorm layer of Sequential sees one "
+                                         r"value per channel in a training batch of 1 \(Expected .*\), whatever "
+                                         r"batch_size is; give it at least 2 training examples$") as err:
+        train_model(_bn_net(), one, TrainConfig(epochs=1, batch_size=64), device="cpu", progress=False)
     assert "\n" not in str(err.value)
 
 

@@ -104,14 +104,22 @@ def _move(filename: Any, where: str, cache_where: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def one_value_per_channel(setting: str, batch_size: int, model: Any) -> Iterator[None]:
+def one_value_per_channel(setting: str, batch_size: int, model: Any, examples: int | None = None) -> Iterator[None]:
     """torch's "Expected more than 1 value per channel when training" (a BatchNorm layer over 1x1
-    maps, or after a Linear, in a training batch of one) as one line naming the setting to change."""
+    maps, or after a Linear, in a training batch of one) as one line naming the setting to change,
+    or, where the training split holds ``examples`` < 2 (every batch is the whole split, whatever
+    ``setting`` says), that split."""
     try:
         yield
     except ValueError as exc:
         if "more than 1 value per channel" not in str(exc):
             raise
+        if examples is not None and examples < 2:
+            raise ValueError(
+                f"the training split holds {examples} example: a BatchNorm layer of {type(model).__name__} sees one "
+                f"value per channel in a training batch of {examples} ({str(exc).splitlines()[0]}), whatever "
+                f"{setting} is; give it at least 2 training examples"
+            ) from None
         raise ValueError(
             f"{setting}={batch_size}: a BatchNorm layer of {type(model).__name__} sees one value per channel in a "
             f"training batch of {batch_size} ({str(exc).splitlines()[0]}); use {setting} >= 2"

@@ -748,7 +748,8 @@ def recover(
     # (imagefolder's flips) are seeded per example by training_batches (its seed and the example's
     # position), whatever the worker count. The global generators are seeded too, inside a fork (the
     # caller's random state is left as it was), for anything else that might draw from them.
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), one_value_per_channel("recovery_batch_size", settings.batch_size, result.model):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), one_value_per_channel(
+            "recovery_batch_size", settings.batch_size, result.model, examples=None if train_set is None else len(train_set)):
         if settings.recovery == "finetune":
             # Fine-tuning trains BatchNorm layers in train mode: their running statistics become an
             # exponential average of its last batches, under weights that were still changing. So

@@ -451,7 +451,7 @@ def train_model(
     side = torch.cuda.Stream(dev) if graphs else None
     bar = tqdm(total=steps, desc=f"train {type(model).__name__} on {bundle.name}", disable=not progress)
     # a file dataset's decoding workers (kept across epochs) stop with the training, or its failure
-    with one_value_per_channel("batch_size", config.batch_size, model), stopping_workers(loader):
+    with one_value_per_channel("batch_size", config.batch_size, model, examples=n_train), stopping_workers(loader):
         for epoch in range(config.epochs):
             for x, y in loader:
                 x, y = x.to(dev, non_blocking=non_blocking), torch.as_tensor(y).to(dev, non_blocking=non_blocking)
