@@ -291,3 +291,16 @@ def test_a_study_spec_that_is_a_folder_says_so(workdir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"wavesweep: error: study spec {str(workdir / 'specs')!r} is a folder; give a spec file "
                    "(e.g. sweeps/digits-resnet18.yaml)"], err
+
+
+@pytest.mark.parametrize("run_id", ["", "  "])
+def test_register_an_empty_run_id_is_one_line_naming_it(workdir, capsys, run_id):
+    """`wavesweep register '' --name m` said "no run  to register" (or, with a store, passed
+    MLflow's own message on): one line saying the run id is empty and what to give."""
+    from wavesweep import cli
+
+    assert cli.main(["register", run_id, "--name", "m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wavesweep: error: run_id {run_id!r} is empty: give the id of a trial run (or of one of its "
+                   "method runs), as the MLflow UI or `mlflow runs list` shows it"], err
+    assert not (workdir / "mlflow.db").exists()

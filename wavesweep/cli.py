@@ -131,6 +131,9 @@ def cmd_register(args: argparse.Namespace) -> int:
     from wavesweep import store
     from wavesweep.tracked_trial import register_trial_model
 
+    if not args.run_id.strip():
+        raise ValueError(f"run_id {args.run_id!r} is empty: give the id of a trial run (or of one of its method runs), "
+                         "as the MLflow UI or `mlflow runs list` shows it")
     if not store.store_exists():  # as `models` and `download`: reading a run must not create a store
         raise ValueError(f"no MLflow store at {located(store.tracking_uri())}: no run {args.run_id} to register "
                          "(run this where the trial ran, or set MLFLOW_TRACKING_URI)")
