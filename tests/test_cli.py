@@ -205,10 +205,12 @@ _STUDY = "study: s\nbase: {{model: cnn, dataset: digits, eval_limit: 60{base}}}\
     ("", "device: [cpu, cuda]", "device 'cuda' requested but CUDA is not available"),
     (", weights: nosuch.pt", "percentile: [40, 60]", "weights file 'nosuch.pt' does not exist"),
 ])  # fmt: skip
-def test_a_study_this_machine_cannot_run_is_one_line_before_anything_is_created(workdir, capsys, monkeypatch, base, space, needle):
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_study_this_machine_cannot_run_is_one_line_before_anything_is_created(workdir, capsys, monkeypatch, base, space, needle, dry_run):
     """A fixed `device: cuda` without CUDA, or a fixed weights file that is not there, was found by
     each trial in turn: three FAILED trial runs, a FAILED study run, five lines and exit 1, where
-    `wavesweep trial` says it in one line before any run."""
+    `wavesweep trial` says it in one line before any run. `--dry-run` printed the plan as if the
+    study could run."""
     import torch
 
     from wavesweep import cli, study
@@ -217,7 +219,7 @@ def test_a_study_this_machine_cannot_run_is_one_line_before_anything_is_created(
         pytest.skip("needs a machine without CUDA")
     (workdir / "s.yaml").write_text(_STUDY.format(base=base, space=space))
     monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("the study ran"))
-    assert cli.main(["study", "s.yaml", "-q"]) == 2
+    assert cli.main(["study", "s.yaml", "-q"] + ["--dry-run"] * dry_run) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("wavesweep: error: ") and needle in err[0], err
     assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()

@@ -227,7 +227,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     url = args.storage or spec.storage or study.DEFAULT_STORAGE
     study.check_storage_url(url)
     _warn_secrets(args.launched_run_id, args.storage)  # after the checks: a bad URL is one line, not a warning too
-    if args.dry_run:
+    if args.dry_run:  # the checks that read no files and create nothing: a device, a weights file
+        _check_study_machine(spec)
         print(study.describe(spec, url=url, n_trials=args.n_trials or None, timeout=args.timeout, workers=args.workers,
                              enqueued=enqueued), end="")  # fmt: skip
         return 0
@@ -262,6 +263,22 @@ def _check_study_data(spec: Any) -> None:
     is one line here, as for ``wavesweep trial``, not every trial failing on it. So are a device
     this machine does not have (``cuda`` without CUDA, fixed or among the searched choices) and a
     fixed weights file that is not there."""
+    _check_study_machine(spec)
+    searched = {p.name for p in spec.space}
+    cfg = TrialConfig.from_mapping(spec.fixed)
+    if searched & {"dataset", "data_root"}:
+        return  # which files a trial reads is up to the sampler
+    from wavesweep.evalsplit import split_eval_set
+    from wavesweep.trial import load_eval_set
+
+    _, eval_all = load_eval_set(cfg)
+    if not searched & {"eval_limit", "seed"}:  # else which examples are split is up to the sampler
+        split_eval_set(eval_all, cfg.val_fraction, seed=cfg.seed)
+
+
+def _check_study_machine(spec: Any) -> None:
+    """A device this machine does not have (``cuda`` without CUDA, fixed or among the searched
+    choices) and a fixed weights file that is not there: one line each (``--dry-run`` too)."""
     from wavesweep.models import weights_file
     from wavesweep.tracked_trial import URI_SCHEMES
 
@@ -272,14 +289,6 @@ def _check_study_data(spec: Any) -> None:
         _check_device(str(d))
     if "weights" not in searched and cfg.weights and not cfg.weights.startswith(URI_SCHEMES):
         weights_file(cfg.weights)
-    if searched & {"dataset", "data_root"}:
-        return  # which files a trial reads is up to the sampler
-    from wavesweep.evalsplit import split_eval_set
-    from wavesweep.trial import load_eval_set
-
-    _, eval_all = load_eval_set(cfg)
-    if not searched & {"eval_limit", "seed"}:  # else which examples are split is up to the sampler
-        split_eval_set(eval_all, cfg.val_fraction, seed=cfg.seed)
 
 
 def _warn_secrets(launched_run_id: str | None, storage: str | None) -> None:
@@ -524,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "random salt, so launchers on several machines differ); a study launched afresh with the same N "
                         "and one worker proposes the same configurations. Each trial records its sampler_seed; "
                         "'' = the default, as `mlflow run -e study` passes it")
-    s.add_argument("--dry-run", action="store_true", help="print the resolved spec and search space; run nothing, create nothing")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved spec and search space (after checking its device and weights file); read no data, run nothing, create nothing")
     s.add_argument("--requeue-running", action="store_true",
                    help="no launcher is running: fail the RUNNING trials (dead workers) and re-queue them with the same params "
                         "(for a journal-file storage, which has no heartbeats)")
