@@ -210,7 +210,8 @@ def test_a_study_this_machine_cannot_run_is_one_line_before_anything_is_created(
     """A fixed `device: cuda` without CUDA, or a fixed weights file that is not there, was found by
     each trial in turn: three FAILED trial runs, a FAILED study run, five lines and exit 1, where
     `wavesweep trial` says it in one line before any run. `--dry-run` printed the plan as if the
-    study could run."""
+    study could run: it still prints it (a spec may be previewed on one machine for another), and
+    lists what would stop a launch here."""
     import torch
 
     from wavesweep import cli, study
@@ -219,7 +220,16 @@ def test_a_study_this_machine_cannot_run_is_one_line_before_anything_is_created(
         pytest.skip("needs a machine without CUDA")
     (workdir / "s.yaml").write_text(_STUDY.format(base=base, space=space))
     monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("the study ran"))
-    assert cli.main(["study", "s.yaml", "-q"] + ["--dry-run"] * dry_run) == 2
+    if dry_run:
+        import yaml
+
+        assert cli.main(["study", "s.yaml", "-q", "--dry-run"]) == 0
+        out, err = capsys.readouterr()
+        stoppers = yaml.safe_load(out)["a launch here would stop"]
+        assert len(stoppers) == 1 and needle in stoppers[0] and not err, (stoppers, err)
+        assert sorted(p.name for p in workdir.iterdir()) == ["s.yaml"]
+        return
+    assert cli.main(["study", "s.yaml", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("wavesweep: error: ") and needle in err[0], err
     assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()

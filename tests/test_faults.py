@@ -204,6 +204,7 @@ def test_dry_run_prints_the_resolved_spec_and_creates_nothing(workdir, capsys):
     assert doc["fixed"]["eval_limit"] == 100 and doc["fixed"]["wavelet"] == "db2"
     assert doc["space"] == {"percentile": [20, 40, 60, 80]}  # wavelet pinned by --set: no longer searched
     assert doc["enqueued first"] == [{"percentile": 60}]
+    assert doc["a launch here would stop"] == ["weights file 'w.pt' does not exist"]  # not made here
     assert sorted(p.name for p in workdir.iterdir()) == ["tiny.yaml"]
 
 

@@ -7,10 +7,12 @@ one-line ``wavesweep: error: ...`` on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -227,10 +229,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     url = args.storage or spec.storage or study.DEFAULT_STORAGE
     study.check_storage_url(url)
     _warn_secrets(args.launched_run_id, args.storage)  # after the checks: a bad URL is one line, not a warning too
-    if args.dry_run:  # the checks that read no files and create nothing: a device, a weights file
-        _check_study_machine(spec)
+    if args.dry_run:
         print(study.describe(spec, url=url, n_trials=args.n_trials or None, timeout=args.timeout, workers=args.workers,
-                             enqueued=enqueued), end="")  # fmt: skip
+                             enqueued=enqueued, stoppers=_study_machine_stoppers(spec)), end="")  # fmt: skip
         return 0
     _check_study_data(spec)
     outcome = study.run_study(
@@ -278,17 +279,33 @@ def _check_study_data(spec: Any) -> None:
 
 def _check_study_machine(spec: Any) -> None:
     """A device this machine does not have (``cuda`` without CUDA, fixed or among the searched
-    choices) and a fixed weights file that is not there: one line each (``--dry-run`` too)."""
+    choices) and a fixed weights file that is not there: one line, the first of them."""
+    for check in _study_machine_checks(spec):
+        check()  # the first one that fails is the line
+
+
+def _study_machine_stoppers(spec: Any) -> list[str]:
+    """What :func:`_check_study_machine` would stop on, every one of them (``--dry-run`` lists them)."""
+    found = []
+    for check in _study_machine_checks(spec):
+        try:
+            check()
+        except (ValueError, FileNotFoundError) as exc:
+            found.append(str(exc))
+    return found
+
+
+def _study_machine_checks(spec: Any) -> list[Callable[[], Any]]:
     from wavesweep.models import weights_file
     from wavesweep.tracked_trial import URI_SCHEMES
 
     searched = {p.name for p in spec.space}
     cfg = TrialConfig.from_mapping(spec.fixed)
     device = next((p for p in spec.space if p.name == "device"), None)
-    for d in device.choices if device is not None else (cfg.device,):
-        _check_device(str(d))
+    checks = [functools.partial(_check_device, str(d)) for d in (device.choices if device is not None else (cfg.device,))]
     if "weights" not in searched and cfg.weights and not cfg.weights.startswith(URI_SCHEMES):
-        weights_file(cfg.weights)
+        checks.append(functools.partial(weights_file, cfg.weights))
+    return checks
 
 
 def _warn_secrets(launched_run_id: str | None, storage: str | None) -> None:
@@ -533,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "random salt, so launchers on several machines differ); a study launched afresh with the same N "
                         "and one worker proposes the same configurations. Each trial records its sampler_seed; "
                         "'' = the default, as `mlflow run -e study` passes it")
-    s.add_argument("--dry-run", action="store_true", help="print the resolved spec and search space (after checking its device and weights file); read no data, run nothing, create nothing")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved spec, its search space and what would stop a launch on this machine (a device, a weights file); run nothing, create nothing")
     s.add_argument("--requeue-running", action="store_true",
                    help="no launcher is running: fail the RUNNING trials (dead workers) and re-queue them with the same params "
                         "(for a journal-file storage, which has no heartbeats)")

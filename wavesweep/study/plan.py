@@ -52,8 +52,11 @@ def enqueue_params(spec: StudySpec, item: str) -> dict[str, Any]:
 
 
 def describe(spec: StudySpec, *, url: str, n_trials: int | None, timeout: float | None, workers: int,
-             enqueued: list[dict[str, Any]]) -> str:  # fmt: skip
-    """The resolved spec, its search space and what a launch would do, as YAML (``--dry-run``)."""
+             enqueued: list[dict[str, Any]], stoppers: list[str] | None = None) -> str:  # fmt: skip
+    """The resolved spec, its search space and what a launch would do, as YAML (``--dry-run``).
+    ``stoppers``: what would stop a launch on this machine before anything is created (a device it
+    lacks, a weights file not there), listed under "a launch here would stop"; a spec may be
+    previewed on one machine for another, so they are shown, not raised."""
     space = {}
     for p in spec.space:
         if p.kind == "categorical":
@@ -82,4 +85,6 @@ def describe(spec: StudySpec, *, url: str, n_trials: int | None, timeout: float 
         doc["grid points"] = spec.grid_size()
     if enqueued:
         doc["enqueued first"] = enqueued
+    if stoppers:
+        doc["a launch here would stop"] = list(stoppers)
     return "# dry run: nothing was created or run\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
