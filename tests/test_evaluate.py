@@ -513,3 +513,27 @@ def test_evaluate_many_waits_for_the_device_per_model_not_per_batch():
         counts.append(c.seen)
     assert counts[0] == counts[1], counts
     assert counts[0]["nonzero"] == 2, counts[0]  # the tie rows' one, per model
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_evaluated_and_timed_in_its_own_dtype(digits, dtype):
+    """A float16 or bfloat16 model (the README: given to ``trial.run_trial`` in Python, it computes
+    in its own dtype) failed its first evaluation on every registered dataset: the float32 batches
+    reached its float16 weights ("Input type (torch.FloatTensor) and weight type
+    (torch.HalfTensor) should be the same"), in predict, evaluate_many and time_inference alike.
+    Oracle: the model on each batch cast to its dtype, ``model(x.to(dtype))``."""
+    models = _models(n=2)
+    half = copy.deepcopy(models["cnn0"]).to(dtype).eval()
+    x, y = digits.test[:]
+    logits, targets = predict(half, digits.test, batch_size=64, device="cpu")
+    with torch.inference_mode():
+        expected = torch.cat([half(xb.to(dtype)).float() for xb in x.split(64)])
+    assert logits.dtype == torch.float32 and torch.equal(logits, expected) and torch.equal(targets, y)
+    # beside float32 models in one pass: each gets its own dtype, and the same numbers as alone
+    many = evaluate_many({"half": half, **models}, digits.test, batch_size=64, device="cpu")
+    for name, m in {"half": half, **models}.items():
+        assert many[name].metrics() == evaluate(m, digits.test, batch_size=64, device="cpu").metrics(), name
+    assert many["half"].metrics() == metrics_from_logits(expected, y).metrics()
+    assert all(p.dtype == dtype for p in half.parameters())
+    t = time_inference(half, digits.test, batch_size=64, n_warmup=1, n_batches=2, device="cpu")
+    assert t.batch_size == 64 and t.n_batches == 2 and t.median_ms > 0

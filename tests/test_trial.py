@@ -55,6 +55,24 @@ def test_cached_base_evaluation_equals_a_fresh_one(base_and_set, monkeypatch):
     _same(second, fresh)
 
 
+def test_a_float16_base_model_runs_a_trial_in_its_own_dtype(base_and_set):
+    """The README's float16 model given to ``run_trial`` in Python: the trial failed in the base
+    model's first evaluation (float32 batches into float16 weights). Oracle: each evaluation equals
+    the model in its own dtype on the batches cast to it, the base's here."""
+    base, cfg, _ = base_and_set
+    base = dataclasses.replace(base, model=base.model.half())
+    cfg = dataclasses.replace(cfg, recovery="none", timing_batches=1, level=1)
+    r = trial.run_trial(cfg, base=base)
+    _, _, _, test_set, _ = trial.eval_parts(cfg)
+    x, y = test_set[:]
+    with torch.inference_mode():
+        expected = evaluate.metrics_from_logits(base.model(x.half()).float(), y)
+    assert r.base_eval.metrics() == pytest.approx(expected.metrics(), abs=1e-6)
+    np.testing.assert_array_equal(r.base_eval.preds, expected.preds)
+    assert all(p.dtype == torch.float16 for o in r.outcomes.values() for p in o.prune.model.parameters())
+    assert r.outcomes["dwt"].timing is not None and set(r.metrics()["parent"]) >= {"top1", "magnitude_top1", "infer_median_ms"}
+
+
 @pytest.mark.parametrize("val_fraction", [0, 0.25])
 def test_another_selection_of_the_same_examples_is_evaluated_afresh(base_and_set, monkeypatch, val_fraction):
     """The cache key names which examples were evaluated, not only the settings that chose them:

@@ -172,6 +172,18 @@ def _check_classes(logits: torch.Tensor, targets: torch.Tensor) -> None:
         )
 
 
+def input_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype ``model`` computes in: its first floating parameter's (or buffer's);
+    None for a model with neither (its input is passed as it is). A float16 or bfloat16 model is
+    given the (float32) batches rounded to its dtype, as ``model.half()(x.half())``."""
+    return next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+
+
+def _as_input(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` in ``dtype`` when both are floating and differ, else ``x`` itself."""
+    return x if dtype is None or x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
+
+
 def _bytes_to_move(model: nn.Module, dev: torch.device) -> int:
     """Bytes of ``model``'s parameters and buffers not yet on ``dev``'s kind of device."""
     return sum(t.nbytes for t in (*model.parameters(), *model.buffers()) if t.device.type != dev.type)
@@ -206,6 +218,7 @@ def _logits_many(
     for m in models.values():
         m.to(dev)
         _set_mode(m, False)
+    dtypes = {k: input_dtype(m) for k, m in models.items()}  # a float16/bfloat16 model: its batches cast once
     logits: dict[str, list[torch.Tensor]] = {k: [] for k in models}
     targets: list[torch.Tensor] = []
     try:
@@ -213,8 +226,11 @@ def _logits_many(
             batches = input_batches(dataset, batch_size=batch_size, device=dev, num_workers=num_workers)
             n_batches = (len(dataset) + batch_size - 1) // batch_size
             for x, y in tqdm(batches, total=n_batches, desc="evaluate", leave=False, disable=not progress):
+                cast: dict[torch.dtype | None, torch.Tensor] = {}  # per dtype, shared by the models in it
                 for k, m in models.items():
-                    logits[k].append(m(x).float())  # stays on device: no sync per batch
+                    if dtypes[k] not in cast:
+                        cast[dtypes[k]] = _as_input(x, dtypes[k])
+                    logits[k].append(m(cast[dtypes[k]]).float())  # stays on device: no sync per batch
                 targets.append(y)
     finally:
         for k, m in models.items():
@@ -251,7 +267,8 @@ def predict_many(
     moved to ``device`` and put in eval mode; their train/eval flags are restored. The
     targets tensor is shared by all entries. Every model gets the same input tensor, which may
     be a view of the dataset's own storage: a model must not change its input in place (none
-    of the registered architectures does; a first ``ReLU(inplace=True)`` would)."""
+    of the registered architectures does; a first ``ReLU(inplace=True)`` would). A model in
+    another floating dtype (float16, bfloat16: :func:`input_dtype`) gets the batch cast to it."""
     logits, tg = _logits_many(models, dataset, batch_size=batch_size, device=device, progress=progress,
                               num_workers=num_workers)
     return {k: (lg.cpu(), tg) for k, lg in logits.items()}  # one device->host copy per model
@@ -543,7 +560,7 @@ def time_inference(
     synchronize when on CUDA. Inputs are the dataset's first full batches, moved to the
     device beforehand (at most 256 MiB of them, reused cyclically), so data loading is not
     timed and every model sees the same inputs (in-memory data: sliced from the dataset's
-    cached device copy). If the dataset is smaller than
+    cached device copy; cast to a float16/bfloat16 model's dtype). If the dataset is smaller than
     ``batch_size``, the batch is the whole dataset and that size is recorded."""
     if n_batches < 1 or n_warmup < 0:
         raise ValueError(f"need n_batches >= 1 and n_warmup >= 0, got {n_batches}, {n_warmup}")
@@ -562,6 +579,8 @@ def time_inference(
     was_training = model.training
     model.to(dev)
     _set_mode(model, False)
+    dtype = input_dtype(model)  # a float16/bfloat16 model: its inputs cast beforehand, not timed
+    pool = [_as_input(x, dtype) for x in pool]
     times: list[float] = []
     try:
         with torch.inference_mode():
