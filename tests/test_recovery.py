@@ -619,6 +619,33 @@ def test_finetune_dwt_of_a_half_precision_model_keeps_its_dtype(train_set, tmp_p
         torch.testing.assert_close(rebuilt.state_dict()[k], v, rtol=1e-2, atol=1e-3, msg=k)
 
 
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("rec", ["bn", "finetune"])
+@pytest.mark.parametrize("method", ["dwt", "magnitude"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_recovers_on_float32_batches_as_on_batches_in_its_dtype(train_set, monkeypatch, dtype, method, rec, group):
+    """The datasets give float32 batches: a float16/bfloat16 model (README: given to run_trial or
+    recover in Python, it computes in its own dtype) failed its first re-estimation or fine-tuning
+    pass with torch's "Input type (torch.FloatTensor) and weight type ... should be the same".
+    The oracle: the same recovery on the batches already rounded to the model's dtype, bit for bit."""
+    monkeypatch.setattr(recovery, "groups_by_default", lambda dev: True)  # the accelerator's grouped passes too
+    monkeypatch.setattr(recovery, "bn_group", lambda nbytes: group)
+    out = []
+    for data in (train_set, TensorDataset(train_set.tensors[0].to(dtype), train_set.tensors[1])):
+        res = _prune(method, bn_net().to(dtype))
+        settings = recovery.RecoverySettings(rec, batches=5, steps=3, batch_size=32, lr=1e-3)
+        rep = recovery.recover(res, data, settings)
+        out.append((res, rep))
+    (got, rep_got), (want, rep_want) = out
+    assert rep_got.bn_layers == rep_want.bn_layers == 3
+    np.testing.assert_equal(rep_got.final_train_loss, rep_want.final_train_loss)  # nan for bn alone
+    sd_got, sd_want = got.model.state_dict(), want.model.state_dict()
+    assert list(sd_got) == list(sd_want)
+    for k in sd_want:
+        assert sd_got[k].dtype == sd_want[k].dtype and torch.equal(sd_got[k], sd_want[k]), k
+    assert all(p.dtype == dtype for p in got.model.parameters())
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 @pytest.mark.parametrize("method", ["dwt", "magnitude", "random"])
 def test_finetune_of_a_float16_model_follows_the_float32_one(train_set, method, optimizer):

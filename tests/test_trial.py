@@ -55,13 +55,15 @@ def test_cached_base_evaluation_equals_a_fresh_one(base_and_set, monkeypatch):
     _same(second, fresh)
 
 
-def test_a_float16_base_model_runs_a_trial_in_its_own_dtype(base_and_set):
+@pytest.mark.parametrize("rec", ["none", "bn", "finetune"])
+def test_a_float16_base_model_runs_a_trial_in_its_own_dtype(base_and_set, rec):
     """The README's float16 model given to ``run_trial`` in Python: the trial failed in the base
-    model's first evaluation (float32 batches into float16 weights). Oracle: each evaluation equals
-    the model in its own dtype on the batches cast to it, the base's here."""
+    model's first evaluation (float32 batches into float16 weights), and then in its recovery's
+    first pass. Oracle: each evaluation equals the model in its own dtype on the batches cast to
+    it, the base's here."""
     base, cfg, _ = base_and_set
     base = dataclasses.replace(base, model=base.model.half())
-    cfg = dataclasses.replace(cfg, recovery="none", timing_batches=1, level=1)
+    cfg = dataclasses.replace(cfg, recovery=rec, recovery_batches=3, finetune_steps=3, timing_batches=1, level=1)
     r = trial.run_trial(cfg, base=base)
     _, _, _, test_set, _ = trial.eval_parts(cfg)
     x, y = test_set[:]

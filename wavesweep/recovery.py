@@ -54,6 +54,7 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from wavesweep.data import TensorImages, seeded_batches
+from wavesweep.evaluate import input_dtype
 from wavesweep.failures import one_value_per_channel
 from wavesweep.pruning import PruneResult
 from wavesweep.prune_record import defer_host_copy
@@ -316,11 +317,20 @@ def _grouped_bn_forward(m: nn.modules.batchnorm._BatchNorm, state: dict, sums: d
     return forward
 
 
-def _grouped(batches, group: int, device: torch.device) -> Iterator[list[torch.Tensor]]:
-    """Consecutive inputs of ``batches`` on ``device`` in lists of equal shape, each at most ``group`` long."""
+def _model_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """A batch's input on ``device``, in the model's floating ``dtype`` (:func:`~wavesweep.evaluate.input_dtype`:
+    a float16 or bfloat16 model gets its float32 batches rounded to its dtype, as in evaluation)."""
+    if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+        return x.to(device, dtype, non_blocking=True)
+    return x.to(device, non_blocking=True)
+
+
+def _grouped(batches, group: int, device: torch.device, dtype: torch.dtype | None = None) -> Iterator[list[torch.Tensor]]:
+    """Consecutive inputs of ``batches`` on ``device`` (in ``dtype``: :func:`_model_input`) in lists
+    of equal shape, each at most ``group`` long."""
     pending: list[torch.Tensor] = []
     for x, _ in batches:
-        x = x.to(device, non_blocking=True)
+        x = _model_input(x, device, dtype)
         if pending and (len(pending) == group or pending[0].shape != x.shape):
             yield pending
             pending = []
@@ -368,6 +378,7 @@ def reestimate_bn(
     first = next(stream, None)
     if first is None:
         raise ValueError("BatchNorm re-estimation got no batches")
+    dtype = input_dtype(model)  # a float16/bfloat16 model: its batches rounded to its dtype
     modes = [(m, m.training) for m in model.modules()]  # each module's own mode, put back after
     momenta = [m.momentum for m in bns]
     own_forward = {m: m.__dict__.get("forward") for m in bns}  # an instance-level forward, put back after
@@ -397,7 +408,7 @@ def reestimate_bn(
 
                 hooks = [m.register_forward_pre_hook(set_momentum) for m in bns]
                 for x, _ in itertools.chain([first], stream):
-                    model(x.to(dev, non_blocking=True))
+                    model(_model_input(x, dev, dtype))
                     used += 1
                 # a layer whose forward ignores the mode (always its stored statistics) was left with the
                 # reset ones, mean 0 and variance 1, in place of its own: a one-line error instead
@@ -423,11 +434,11 @@ def reestimate_bn(
                     used += len(xs)
 
                 if group is None:  # the first batch alone: its largest BatchNorm input sets the group
-                    run([first[0].to(dev, non_blocking=True)])
+                    run([_model_input(first[0], dev, dtype)])
                     group, rest = bn_group(state["max_bytes"]), stream
                 else:
                     rest = itertools.chain([first], stream)
-                for xs in _grouped(rest, group, dev):
+                for xs in _grouped(rest, group, dev, dtype):
                     run(xs)
     finally:
         for h in hooks:
@@ -578,6 +589,9 @@ def finetune(
     """
     model = result.model
     model.to(device)
+    # its float32 batches rounded to a float16/bfloat16 model's dtype, as in evaluation; read before
+    # dwt's layers are parametrised (their coefficients, float32, would be the first parameter)
+    dtype = input_dtype(model)
     modules = _modules_by_name(model)
     dev = torch.device(device)
     masked: list[tuple[nn.Parameter, torch.Tensor]] = []  # magnitude/random: (weight, bool keep)
@@ -626,7 +640,7 @@ def finetune(
             _manual_seed(settings.seed, dev)
             for x, y in tqdm(batches, total=settings.steps, desc=f"finetune {result.method}", leave=False,
                              disable=not progress):  # fmt: skip
-                loss = F.cross_entropy(model(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
+                loss = F.cross_entropy(model(_model_input(x, dev, dtype)), y.to(dev, non_blocking=True))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for p, m in masters:  # the gradient (masked by the hooks) to the master
