@@ -188,6 +188,21 @@ def test_a_damaged_cached_base_model_is_trained_again(monkeypatch, caplog, damag
     assert not list(a.path.parent.glob("*.tmp"))
 
 
+def test_a_diverged_training_is_one_error_and_nothing_is_cached(monkeypatch):
+    """A training whose lr makes the weights NaN (SGD at lr 1e6: every weight of the mlp's first
+    layer, 16384 of 16384) was written to the cache, refused on loading as a damaged cache file,
+    trained again into the same NaN weights, and the error named the cache file, not the lr: a
+    second whole training, and a NaN file left to repeat it on the next call."""
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=1e6, optimizer="sgd", schedule="constant")
+    trained = []
+    real_train = T.train_model
+    monkeypatch.setattr(T, "train_model", lambda *x, **k: trained.append(1) or real_train(*x, **k))
+    with pytest.raises(ValueError, match=r"training MLP on digits diverged: tensor '.+' holds NaN or infinite .+lr=1000000\.0; use a lower lr"):
+        get_base_model("mlp", "digits", seed=0, train_config=cfg, device="cpu", progress=False)
+    assert trained == [1]
+    assert not list((T.cache_dir() / "models").glob("*.pt"))
+
+
 _WORKER = """
 import json, sys, torch
 import wavesweep.train as T

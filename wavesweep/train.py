@@ -376,7 +376,8 @@ def train_model(
     and each 4-D input batch. Returns train_info (test_top1, test_loss, seconds, epochs,
     final train loss: an exponential moving average, device, the resolved config). The
     model ends in eval mode on CPU, float32, in contiguous memory format (checkpoints and
-    state dicts have the usual layout whatever ran).
+    state dicts have the usual layout whatever ran). Weights or buffers that end NaN or infinite
+    (a diverged training) are a ValueError naming the tensor and the lr.
     """
     if bundle.train is None:
         raise ValueError(f"dataset {bundle.name!r} has no train split; use pretrained weights or a checkpoint")
@@ -492,6 +493,13 @@ def train_model(
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     model.eval()
+    # A diverged training (lr too high) is not a base model: cached, it was refused on loading as a
+    # damaged file, trained again into the same NaN weights, and the error named the cache file.
+    bad = next((k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise ValueError(f"training {type(model).__name__} on {bundle.name} diverged: tensor {bad!r} holds NaN or infinite "
+                         f"values after {config.epochs} epoch(s) (train loss {running:.4g}) with lr={config.lr!r}; "
+                         "use a lower lr")  # fmt: skip
     result = evaluate(model, bundle.test, device=dev)
     model.cpu()
     if channels_last:  # the usual layout for state dicts and checkpoints
