@@ -291,6 +291,28 @@ def test_weights_trained_on_another_seeds_digits_split_are_said_to_overlap_the_t
     assert any("split of seed 0, but this run evaluates the split of seed 3" in w for w in result.warnings)
 
 
+def test_a_trials_checkpoint_given_as_weights_with_another_seed_is_said_to_overlap_the_test_split(tmp_path):
+    """A trial's compressed checkpoint (what a trial run logs, and what a model registered from it
+    is read as) records its trial: a digits trial of seed 0 pruned a base trained on seed 0's
+    split, so as weights for seed 3 most test examples are its training examples (290 of 360,
+    the test above). It said nothing, where the base model's own file is warned about."""
+    from wavesweep import checkpoint, pruning
+    from wavesweep.config import TrialConfig
+
+    torch.manual_seed(1)
+    mlp = build_model("mlp", num_classes=10, in_channels=1, image_size=8)
+    cases = [  # (trial's weights, its recovery, the seed given here, warned)
+        ("", "bn", 3, True), ("", "none", 0, False), ("base.pt", "bn", 3, False), ("base.pt", "finetune", 3, True)]
+    for i, (weights, recovery, seed, warned) in enumerate(cases):
+        trial = TrialConfig(model="mlp", dataset="digits", seed=0, weights=weights, recovery=recovery, targets="linear")
+        wsz = tmp_path / f"dwt{i}.wsz"  # the metadata of tracked_trial's checkpoints
+        checkpoint.save_compressed(pruning.prune_magnitude(mlp, 0.5, targets="linear"), wsz,
+                                   metadata={"trial": trial.to_dict(), "base_checksum": "0" * 64})  # fmt: skip
+        base = get_base_model("mlp", "digits", seed=seed, weights=wsz)
+        assert len(base.warnings) == warned, (weights, recovery, seed)
+        assert all("split of seed 0, but this run evaluates the split of seed 3" in w for w in base.warnings)
+
+
 def test_weights_wavesweep_made_for_another_dataset_are_a_usage_error(tmp_path):
     """A cnn made for digits loads into the cnn of fashion-mnist (1 channel, 10 classes, pooled to
     any image size): the trial ran on, recording a chance-accuracy base model as fashion-mnist's.

@@ -552,7 +552,8 @@ def get_base_model(
     - ``weights`` a file path: that checkpoint (a state dict, or wavesweep's
       ``{"state_dict", "meta"}`` file), loaded with ``weights_only=True`` into a model
       built for the dataset's shape; a mismatch is a ValueError naming it. A wavesweep base model
-      trained on another seed's split of the dataset (digits) is logged as a warning.
+      trained on another seed's split of the dataset (digits), or a trial's checkpoint whose model was, is
+      logged as a warning.
     - resnet18 + imagenet: the IMAGENET1K_V1 weights from the local torch hub cache.
     - otherwise: the cached trained model for (model, dataset, seed, config digest),
       trained once on ``device`` if absent (under a file lock, written atomically), and trained
@@ -662,10 +663,19 @@ def _other_split(meta: dict[str, Any], dataset_name: str, seed: int, path: Path)
     """A warning (logged, and returned for the trial's record) when a weights file that wavesweep
     trained on ``dataset_name`` records a train/test split seed other than ``seed`` (digits: the
     split is drawn from the seed): most of this seed's test examples were then the weights'
-    training examples (seeds 0 and 3: 290 of 360)."""
-    if meta.get("dataset_name") != dataset_name:
-        return None
-    split_seed = (meta.get("dataset_info") or {}).get("split_seed")
+    training examples (seeds 0 and 3: 290 of 360). A trial's compressed checkpoint (a ``.wsz`` file,
+    or a model registered from a trial) records its trial: on a seeded split, its base model was
+    trained on the trial seed's split when wavesweep trained it (no ``weights``), and a
+    ``finetune`` recovery trained it on that split's training examples."""
+    split_seed = None
+    if meta.get("dataset_name") == dataset_name:
+        split_seed = (meta.get("dataset_info") or {}).get("split_seed")
+    elif _trained_on(meta) == dataset_name and "dataset_name" not in meta:  # a trial's checkpoint
+        from wavesweep.replicates import SEEDED_SPLITS
+
+        trial = meta["checkpoint"]["user"]["trial"]
+        if dataset_name in SEEDED_SPLITS and (not trial.get("weights") or trial.get("recovery") == "finetune"):
+            split_seed = trial.get("seed")
     if split_seed is None or split_seed == seed:
         return None
     text = (f"weights {path} were trained on the {dataset_name} split of seed {split_seed}, but this run evaluates the "
