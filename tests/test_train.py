@@ -47,6 +47,40 @@ def test_train_config_validation_and_digest():
     assert TrainConfig().digest() == TrainConfig().digest() != TrainConfig(lr=1e-3).digest()
 
 
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_a_momentum_is_a_config_only_where_training_uses_it(schedule):
+    """``momentum`` is SGD's: with onecycle, PyTorch's OneCycleLR sets SGD's momentum to 0.95 and
+    cycles it down to 0.85 and back, so TrainConfig(optimizer="sgd", momentum=0.5) trained with
+    0.85..0.95 while train_info and the cache key recorded 0.5; with adamw nothing reads it, yet
+    it made another cache key for the same weights. Such a config is an error; where it is used,
+    the optimizer holds it at every step (oracle: the param group under torch's own scheduler)."""
+    cfg = TrainConfig(optimizer="sgd", schedule=schedule)  # the default momentum: accepted everywhere
+    assert TrainConfig(optimizer="adamw", schedule=schedule).momentum == cfg.momentum == 0.9
+    with pytest.raises(ValueError, match=r"momentum=0.5 is used by optimizer 'sgd' only, not 'adamw'; valid: optimizer='sgd', or momentum=0.9"):
+        TrainConfig(momentum=0.5, schedule=schedule)
+    p = [nn.Parameter(torch.zeros(3))]
+    if schedule == "onecycle":
+        opt = T._optimizer(p, cfg)
+        sched, used = T._scheduler(opt, cfg, 20), set()
+        for _ in range(20):
+            used.add(round(opt.param_groups[0]["momentum"], 6))
+            opt.step()
+            sched.step()
+        assert min(used) == 0.85 and max(used) == 0.95  # not the config's momentum, whatever it says
+        with pytest.raises(ValueError, match=r"momentum=0.5 is not used with schedule 'onecycle'.+valid: schedule 'cosine' or 'constant', or momentum=0.9"):
+            TrainConfig(optimizer="sgd", momentum=0.5, schedule=schedule)
+        return
+    cfg = TrainConfig(optimizer="sgd", momentum=0.5, schedule=schedule)
+    opt = T._optimizer(p, cfg)
+    sched = T._scheduler(opt, cfg, 20)
+    for _ in range(20):
+        assert opt.param_groups[0]["momentum"] == 0.5
+        opt.step()
+        if sched is not None:
+            sched.step()
+    assert cfg.digest() != TrainConfig(optimizer="sgd", schedule=schedule).digest()
+
+
 @pytest.mark.parametrize("name", MODELS.names())
 def test_default_config_for_every_model_on_digits(name):
     assert isinstance(default_train_config(name, "digits"), TrainConfig)

@@ -56,6 +56,8 @@ AMPS = ("auto", "bf16", "off")
 CHANNELS_LAST = ("auto", "on", "off")
 #: the training step as one CUDA graph (AdamW on CUDA only; see TrainConfig and train_model)
 CUDA_GRAPHS = ("off", "on")
+#: TrainConfig.momentum's default: the only value accepted where nothing reads it (adamw; sgd with onecycle)
+MOMENTUM = 0.9
 #: eager steps (real ones, on a side stream) before the training step is captured, as PyTorch's
 #: "whole-network capture" recipe does: lazy initialisation (optimizer state, cuDNN, cuBLAS) first
 GRAPH_WARMUP_STEPS = 3
@@ -91,7 +93,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     optimizer: str = "adamw"
     schedule: str = "onecycle"
-    momentum: float = 0.9  # sgd only
+    momentum: float = MOMENTUM  # sgd with schedule cosine or constant only (onecycle cycles it: 0.95 -> 0.85 -> 0.95)
     label_smoothing: float = 0.0
     seed: int = 0
     amp: str = "auto"
@@ -116,6 +118,14 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        # a momentum nothing reads would be recorded (train_info, the cache key) as if it had trained
+        if self.momentum != MOMENTUM and self.optimizer != "sgd":
+            raise ValueError(f"momentum={self.momentum!r} is used by optimizer 'sgd' only, not {self.optimizer!r}; "
+                             f"valid: optimizer='sgd', or momentum={MOMENTUM}")  # fmt: skip
+        if self.momentum != MOMENTUM and self.schedule == "onecycle":
+            raise ValueError(f"momentum={self.momentum!r} is not used with schedule 'onecycle', which cycles SGD's "
+                             f"momentum from 0.95 to 0.85 and back (OneCycleLR); valid: schedule 'cosine' or "
+                             f"'constant', or momentum={MOMENTUM}")  # fmt: skip
 
     def resolved(self, device: str | torch.device = "auto") -> TrainConfig:
         """This config with ``amp`` in (bf16, off) and ``channels_last`` in (on, off) as they
