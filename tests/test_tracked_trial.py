@@ -161,6 +161,28 @@ def test_same_config_and_seed_give_same_metrics(workdir):
         assert np.array_equal(a.outcomes[m].eval.preds, b.outcomes[m].eval.preds)
 
 
+def test_the_device_an_auto_trial_ran_on_is_recorded(workdir, tmp_path):
+    """``device=auto`` is what the params held: whether the trial ran on a GPU (where a trained base
+    model has another recipe: bf16 autocast, channels-last) or on the CPU, and so whose timings
+    its infer_* metrics are, was in no param, tag or config.yaml. ``resolved_device`` says it, on
+    the trial run, its method runs and in config.yaml (oracle: evaluate.resolve_device)."""
+    import yaml
+
+    from wavesweep import evaluate
+
+    cfg = TrialConfig.from_mapping({**TINY, "timing_batches": "0", "recovery": "none"})
+    assert cfg.device == "auto"
+    _, run_id = run_tracked_trial(cfg)
+    client = MlflowClient()
+    want = str(evaluate.resolve_device("auto"))
+    runs = [client.get_run(run_id), *client.search_runs([client.get_run(run_id).info.experiment_id],
+                                                        f"tags.mlflow.parentRunId = '{run_id}'")]  # fmt: skip
+    assert len(runs) == 4 and all(r.data.params["resolved_device"] == want for r in runs)
+    assert all(r.data.params["device"] == "auto" for r in runs)
+    saved = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text())
+    assert saved["base"]["resolved_device"] == want
+
+
 def test_validation_numbers_are_recomputable_from_the_logged_predictions(workdir, tmp_path):
     """A study selects on the validation part (val_top1, val_gain_top1_vs_magnitude: its objective
     and "best"); predictions.csv holds the test part only, so those numbers were not recomputable

@@ -471,6 +471,9 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
         **({"base_uri": base.uri} if getattr(base, "uri", "") else {}),
         **{f"base_{k}": v for k, v in base.build_kwargs.items()},
         "n_eval": result.eval_info["n_eval"],
+        # the device the trial ran on (the param device may be "auto"): on CUDA a trained base model
+        # has another recipe (bf16 autocast, channels-last), and the timings are that device's
+        **({"resolved_device": result.eval_info["device"]} if "device" in result.eval_info else {}),
     }  # fmt: skip
     frames = {m: o.stats.to_frame() for m, o in result.outcomes.items()}
     for method, out in result.outcomes.items():

@@ -375,6 +375,7 @@ def _run_trial(
         for m in prunes
     }
     eval_info = {"n_eval": len(eval_set), "n_val": 0 if val_set is None else len(val_set), "n_test_split": len(bundle.test),
+                 "device": str(device),  # what cfg.device ("auto") resolved to: the base's recipe and the timings depend on it
                  **{f"data_{k}": v for k, v in bundle.info.items()}}  # fmt: skip
     notes = [r.note for r in reports.values() if r.note]
     all_warnings = list(dict.fromkeys([*base.warnings, *dwt.warnings, *caught, *notes]))
