@@ -1152,6 +1152,28 @@ def test_imagenet_finds_its_training_split_with_the_val_labels(tmp_path, layout)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == b.train.targets[0]
 
 
+@pytest.mark.parametrize("layout", ["folder-val", "kaggle"])
+@pytest.mark.parametrize("rel", [".", ".."])
+def test_imagenet_finds_its_training_split_from_a_relative_data_root_of_dot_or_dot_dot(tmp_path, monkeypatch, layout, rel):
+    """``--data-root .`` in the val images' folder (or ``..`` in a folder below it): train/ was looked
+    for at ``Path('.').parent / 'train'``, i.e. inside the val folder, so the split beside it was not
+    found and a recovery stopped naming 'train'. Oracle: the same tree given by its absolute path."""
+    root, train_dir = make_imagenet_tree(tmp_path, layout, per_class=3)
+    want = load_dataset("imagenet", root=root, expected_classes=4, image_size=16)
+    assert want.train is not None and want.info["train_root"] == str(train_dir)
+    images = Path(want.info["root"])
+    cwd = images
+    if rel == "..":  # a folder below the val images' folder: a synset folder, or one made in a flat val
+        cwd = images / "n01440764" if layout == "folder-val" else images / "sub"
+        cwd.mkdir(exist_ok=True)
+    monkeypatch.chdir(cwd)
+    b = load_dataset("imagenet", root=rel, expected_classes=4, image_size=16)
+    assert "train_looked_for" not in b.info and b.train is not None
+    assert Path(b.info["train_root"]).resolve() == train_dir.resolve()
+    assert [(Path(f).relative_to(b.train.root), y) for f, y in b.train.samples] == \
+        [(Path(f).relative_to(want.train.root), y) for f, y in want.train.samples]
+
+
 def test_imagenet_without_train_folder_is_val_alone_and_says_where_train_was_looked_for(tmp_path):
     root, _ = make_imagenet_tree(tmp_path, "folder-top", train_synsets=None)
     b = load_dataset("imagenet", root=root, expected_classes=4)

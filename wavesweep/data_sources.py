@@ -298,8 +298,14 @@ def imagenet_train_dir(val_dir: Path) -> Path:
     ``train/`` beside it. That is ``<top>/train`` for ``<top>/val`` (the ImageFolder, also when
     the val folder itself is the data root), Kaggle's ``ILSVRC/Data/CLS-LOC/train`` beside its
     ``.../CLS-LOC/val``, and ``<top>/train`` beside image-net.org's ``<top>/ILSVRC2012_img_val``
-    (its train tar extracted per class, the usual layout)."""
-    return Path(val_dir).parent / "train"
+    (its train tar extracted per class, the usual layout). A folder given as ``.`` or ending in
+    ``..`` (``--data-root .`` in the val folder) is made absolute first (``..`` resolved as in
+    :func:`wavesweep.imagenet_val.label_dirs`): as written it has no parent (``Path('.').parent``
+    is ``.``), and ``train/`` was looked for inside the val folder."""
+    val_dir = Path(val_dir)
+    if val_dir.name in ("", ".."):
+        val_dir = Path(os.path.abspath(val_dir))
+    return val_dir.parent / "train"
 
 
 _IMAGENET_TRAIN_LAYOUT = (
