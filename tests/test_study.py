@@ -219,7 +219,30 @@ BAD_SPECS = [
      ["fixed.percentile", ":2", "percentile=True is not a number"]),
     ("study: x\nspace: {percentile: [true, 50]}\nobjectives: {top1: maximize}\nn_trials: 1\n",
      ["space.percentile", ":2", "percentile=True is not a number"]),
+    # an objective its trials never record: every trial ran in full, then failed on 'objective ... is None'
+    ("study: x\nfixed: {val_fraction: 0}\nspace: {percentile: [10]}\nobjectives:\n  val_top1: maximize\nn_trials: 1\n",
+     ["objectives.val_top1", ":5", "needs a validation part", "val_fraction=0"]),
+    ("study: x\nfixed: {recovery: none, val_fraction: 0}\nspace: {percentile: [10]}\nobjectives:\n  prerec_top1: maximize\n"
+     "n_trials: 1\n", ["objectives.prerec_top1", ":5", "not recorded by a trial with recovery='none'", "bn or finetune"]),
+    ("study: x\nfixed: {val_fraction: 0}\nspace:\n  recovery: [finetune, bn]\nobjectives:\n  recovery_train_loss: minimize\nn_trials: 1\n",
+     ["objectives.recovery_train_loss", ":6", "recovery='bn'", "recovery: finetune"]),
+    ("study: x\nfixed: {val_fraction: 0}\nspace: {percentile: [10]}\nobjectives:\n  dwt_vs_magnitude_gap: maximize\n"
+     "replicates: 2\nn_trials: 1\n", ["objectives.dwt_vs_magnitude_gap", ":5", "replicates=2", "gain_top1_vs_magnitude"]),
 ]
+
+
+@pytest.mark.parametrize("over", [
+    {"fixed": {"recovery": "bn", "val_fraction": 0}, "objectives": {"prerec_top1": "maximize"}},
+    {"fixed": {"recovery": "finetune", "val_fraction": 0}, "objectives": {"recovery_train_loss": "minimize"}},
+    {"fixed": {"val_fraction": 0}, "objectives": {"dwt_vs_magnitude_gap": "maximize"}},
+    {"objectives": {"val_top1": "maximize", "magnitude_val_top1": "maximize"}, "replicates": 2},
+])  # fmt: skip
+def test_an_objective_its_trials_record_is_accepted(over):
+    """The other side of the refusals above: what a trial with that recovery, validation part and
+    replicates records (schema.headline_names, checked against a real trial's metrics elsewhere)."""
+    d = {"space": {"percentile": [10, 20]}, "n_trials": 1, **over}
+    spec = study.spec_from_mapping(d)
+    assert [o.metric for o in spec.objectives] == list(over["objectives"])
 
 
 @pytest.mark.parametrize("text,needles", BAD_SPECS, ids=[f"bad{i}" for i in range(len(BAD_SPECS))])

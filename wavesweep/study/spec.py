@@ -14,8 +14,8 @@ Spec (YAML; every key optional except ``space``/``objectives`` as noted)::
       wavelet: [haar, bior1.3]
       level: {low: 1, high: 5}
       percentile: {low: 10, high: 90, step: 5}      # also: log: true
-    objectives: {top1: maximize}    # any of wavesweep.schema.headline_names(), in order; with a validation part
-                                    # the study optimises each one's validation score (schema.selection_name)
+    objectives: {top1: maximize}    # any of wavesweep.schema.headline_names() its trials record, in order; with a
+                                    # validation part the study optimises each one's validation score (schema.selection_name)
     sampler: tpe                    # or {name: tpe|random|grid|gp|nsga2, seed: 0, <sampler options>}
     pruner: none                    # or {name: median|wilcoxon, <pruner options>}
     n_trials: 20                    # total wanted in the study (COMPLETE + PRUNED); grid: default = grid size
@@ -224,6 +224,32 @@ class StudySpec:
             check_replicate_seeds(top, r)
         except ValueError as exc:
             raise SpecError(("space", "seed") if searched else ("fixed", "seed"), str(exc)) from None
+        self._check_recorded()
+
+    def _check_recorded(self) -> None:
+        """Every objective's value (its :attr:`selection_metrics` name) is one the study's trials
+        record, with every recovery they can run: ``val_top1`` without a validation part,
+        ``prerec_top1`` with ``recovery: none``, ``recovery_train_loss`` without fine-tuning, or a
+        paired statistic (``dwt_vs_*``) of a trial over replicates (its means leave them out) used
+        to be accepted, and then every trial ran in full and failed on 'objective ... is None'."""
+        searched = next((p for p in self.space if p.name == "recovery"), None)
+        recoveries = [*searched.choices] if searched else [self.fixed.get("recovery", TrialConfig().recovery)]
+        for o, name in zip(self.objectives, self.selection_metrics):
+            if self.replicates > 1 and name.startswith("dwt_vs_"):
+                raise SpecError(("objectives", o.metric), (
+                    f"a trial over replicates (replicates={self.replicates}) records no paired statistic over examples "
+                    f"({name}: a mean over seeds of p-values or interval ends is not a statistic); use e.g. "
+                    "gain_top1_vs_magnitude (its mean over the seeds) or replicates: 1"))
+            for rec in recoveries:
+                rec = TrialConfig.from_mapping({**self.fixed, "recovery": rec}).recovery
+                if name in schema.headline_names(rec, self.validation):
+                    continue
+                if not self.validation and name in schema.headline_names(rec, True):
+                    why = "needs a validation part, and this study has none (val_fraction=0); set val_fraction > 0 under fixed"
+                else:
+                    why = f"is not recorded by a trial with recovery={rec!r}"
+                    why += "; it needs recovery: finetune" if name.endswith("recovery_train_loss") else "; it needs recovery: bn or finetune"
+                raise SpecError(("objectives", o.metric), f"{name} {why}")
 
     def _check_targets(self) -> None:
         """Every model the study can run has layers of every ``targets`` it can run with: an
