@@ -894,6 +894,22 @@ def test_median_pruner_stops_hopeless_trials(workdir, tiny_weights):
     assert best.params["percentile"] in (10, 20)
 
 
+@pytest.mark.parametrize(("fixed", "label"), [({}, "best val_top1"), ({"val_fraction": 0}, "best top1")])
+def test_the_progress_bar_names_the_value_it_shows(fixed, label):
+    """The bar's best value is the trials' objective value: with a validation part their
+    val_top1 (it read 'best top1=0.5833' for a trial whose top1 was 0.7000)."""
+    from wavesweep.study.workers import _Progress
+
+    spec = study.spec_from_mapping({"space": {"percentile": [10, 20]}, "objectives": {"top1": "maximize"}, "n_trials": 2,
+                                    "fixed": fixed})  # fmt: skip
+    s = optuna.create_study(direction="maximize")
+    s.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5833))
+    bar = _Progress(spec, 2, enabled=False)
+    bar(s)
+    assert bar.bar.postfix.split(", ")[-1] == f"{label}=0.5833"
+    bar.close()
+
+
 def test_reporter_sends_cumulative_or_per_chunk_accuracy():
     """Median and the other pruners get the cumulative partial top-1; Wilcoxon, which pairs
     per-step scores, gets each chunk's own accuracy, straight from the chunk record."""

@@ -245,7 +245,8 @@ def _worker_stopped(exc: KeyboardInterrupt) -> None:
 
 
 class _Progress:
-    """tqdm bar over the study's counted trials, with the best value so far.
+    """tqdm bar over the study's counted trials, with the best value so far (named as the value is:
+    val_top1 when trials select on their validation part).
 
     It starts at the count already in the study (a resume), so its rate and ETA come from this
     launch's trials only.
@@ -265,7 +266,8 @@ class _Progress:
         complete = [t for t in done if t.state == TrialState.COMPLETE]
         if complete and len(self.spec.objectives) == 1:
             best = max if self.spec.directions[0] == "maximize" else min
-            post[f"best {self.spec.objectives[0].metric}"] = f"{best(t.value for t in complete):.4f}"
+            # the value is the selection metric (val_top1 with a validation part), not the objective's test score
+            post[f"best {self.spec.selection_metrics[0]}"] = f"{best(t.value for t in complete):.4f}"
         elif complete:
             post["pareto"] = len(study.best_trials)
         self.bar.set_postfix(post, refresh=False)
