@@ -234,6 +234,9 @@ BAD_SPECS = [
 @pytest.mark.parametrize("over", [
     {"fixed": {"recovery": "bn", "val_fraction": 0}, "objectives": {"prerec_top1": "maximize"}},
     {"fixed": {"recovery": "finetune", "val_fraction": 0}, "objectives": {"recovery_train_loss": "minimize"}},
+    # the last fine-tuning loss is on training batches: with a validation part (the default) it was refused
+    # as 'measured on the test part only'
+    {"fixed": {"recovery": "finetune"}, "objectives": {"recovery_train_loss": "minimize"}},
     {"fixed": {"val_fraction": 0}, "objectives": {"dwt_vs_magnitude_gap": "maximize"}},
     {"objectives": {"val_top1": "maximize", "magnitude_val_top1": "maximize"}, "replicates": 2},
 ])  # fmt: skip
@@ -243,6 +246,8 @@ def test_an_objective_its_trials_record_is_accepted(over):
     d = {"space": {"percentile": [10, 20]}, "n_trials": 1, **over}
     spec = study.spec_from_mapping(d)
     assert [o.metric for o in spec.objectives] == list(over["objectives"])
+    if "recovery_train_loss" in over["objectives"]:
+        assert spec.selection_metrics == ["recovery_train_loss"]  # the same with or without a validation part
 
 
 @pytest.mark.parametrize("text,needles", BAD_SPECS, ids=[f"bad{i}" for i in range(len(BAD_SPECS))])

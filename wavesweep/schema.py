@@ -71,8 +71,9 @@ def headline_names(recovery: str | None = None, validation: bool | None = None) 
     return names
 
 
-#: example-independent metrics: the same on validation and test (what the pruning did to the weights)
-_EXAMPLE_FREE = frozenset((*STATS, "pruned_fraction", *RECOVERY))
+#: example-independent metrics: the same on validation and test (what the pruning did to the weights,
+#: and recovery's counts and last fine-tuning loss, on training batches)
+_EXAMPLE_FREE = frozenset((*STATS, "pruned_fraction", *RECOVERY, *FINETUNE))
 
 
 def selection_name(name: str) -> str | None:
