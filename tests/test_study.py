@@ -915,6 +915,23 @@ def test_the_progress_bar_names_the_value_it_shows(fixed, label):
     bar.close()
 
 
+def test_the_progress_bar_counts_each_pareto_optimal_configuration_once():
+    """A trial that repeated a configuration (repeat_of) has its original's values, so Optuna's
+    best_trials holds both: the bar said pareto=5 beside a report of 4 Pareto-optimal rows."""
+    from wavesweep.study.workers import _Progress
+
+    spec = study.spec_from_mapping({"space": {"percentile": [10, 20]}, "n_trials": 3,
+                                    "objectives": {"top1": "maximize", "compression_ratio": "maximize"}})  # fmt: skip
+    s = optuna.create_study(directions=["maximize", "maximize"])
+    for values, attrs in (([0.9, 2.0], {}), ([0.5, 4.0], {}), ([0.5, 4.0], {"repeat_of": 1})):
+        s.add_trial(optuna.trial.create_trial(params={}, distributions={}, values=values, user_attrs=attrs))
+    assert len(s.best_trials) == 3
+    bar = _Progress(spec, 3, enabled=False)
+    bar(s)
+    assert bar.bar.postfix.split(", ")[-1] == "pareto=2"
+    bar.close()
+
+
 def test_reporter_sends_cumulative_or_per_chunk_accuracy():
     """Median and the other pruners get the cumulative partial top-1; Wilcoxon, which pairs
     per-step scores, gets each chunk's own accuracy, straight from the chunk record."""

@@ -268,8 +268,8 @@ class _Progress:
             best = max if self.spec.directions[0] == "maximize" else min
             # the value is the selection metric (val_top1 with a validation part), not the objective's test score
             post[f"best {self.spec.selection_metrics[0]}"] = f"{best(t.value for t in complete):.4f}"
-        elif complete:
-            post["pareto"] = len(study.best_trials)
+        elif complete:  # Pareto-optimal configurations: a repeat (repeat_of) is its original's, counted once
+            post["pareto"] = sum("repeat_of" not in t.user_attrs for t in study.best_trials)
         self.bar.set_postfix(post, refresh=False)
         if len(done) > self.bar.n:
             self.bar.update(len(done) - self.bar.n)  # update(), not n = ...: tqdm's rate needs the increments
