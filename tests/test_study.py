@@ -932,6 +932,28 @@ def test_the_progress_bar_counts_each_pareto_optimal_configuration_once():
     bar.close()
 
 
+def test_importances_count_each_configuration_once(tmp_path):
+    """A configuration proposed again (repeat_of) is one point of the importance analysis: 20
+    complete trials of 4 configurations were analysed as 20 (duplicated points) and the report
+    said 'Computed from 20 complete trials.' with no caution (it cautions below 20)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    dist = {"wavelet": CategoricalDistribution(("haar", "db2")), "percentile": FloatDistribution(10, 90)}
+    configs = [({"wavelet": "haar", "percentile": 20.0}, 0.9), ({"wavelet": "db2", "percentile": 80.0}, 0.2),
+               ({"wavelet": "haar", "percentile": 70.0}, 0.5), ({"wavelet": "db2", "percentile": 30.0}, 0.85)]  # fmt: skip
+    s = optuna.create_study(direction="maximize", study_name="dup")
+    for params, value in configs:
+        s.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=value))
+    for k in range(16):
+        params, value = configs[k % 2]
+        s.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=value, user_attrs={"repeat_of": k % 2}))
+    files = study.build_report(s, tmp_path)
+    md = files["summary_md"].read_text()
+    assert "**Caution:** importances computed from only 4 complete trials (< 20)" in md, md
+    once = study.frame.distinct_study(s)
+    assert [t.params for t in once.trials] == [p for p, _v in configs] and once.directions == s.directions
+
+
 def test_reporter_sends_cumulative_or_per_chunk_accuracy():
     """Median and the other pruners get the cumulative partial top-1; Wilcoxon, which pairs
     per-step scores, gets each chunk's own accuracy, straight from the chunk record."""

@@ -316,6 +316,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     objectives = [tuple(o) for o in objectives]
     n_complete = len(complete(frame))
+    n_distinct = len(distinct(frame))  # what importances are computed from (study.frame.distinct_study)
     files = {
         "accuracy_vs_pruned_fraction": figures.plot_accuracy_vs_pruned_fraction(frame, out_dir / "accuracy_vs_pruned_fraction.png"),
         "accuracy_vs_compression": figures.plot_accuracy_vs_compression(frame, out_dir / "accuracy_vs_compression.png"),
@@ -324,7 +325,7 @@ def write_report(
         "gap_by_wavelet_family": figures.plot_gap(frame, out_dir / "gap_by_wavelet_family.png", facet="wavelet_family"),
         "gap_by_layout": figures.plot_gap(frame, out_dir / "gap_by_layout.png", facet="layout"),
         "history": figures.plot_history(frame, objectives, out_dir / "optimization_history.png"),
-        "importances": figures.plot_importances(importances or {}, out_dir / "param_importances.png", n_complete=n_complete),
+        "importances": figures.plot_importances(importances or {}, out_dir / "param_importances.png", n_complete=n_distinct),
     }
     table = summary_table(frame, objectives)
     rows = best_rows(frame, objectives)  # the best on the first objective: the trial whose layers the study fetched
@@ -338,7 +339,7 @@ def write_report(
     trials = with_significance(frame).drop(columns=[c for c in ("layers",) if c in frame])
     files["trials_csv"] = _write_text(out_dir / "trials.csv", trials.to_csv(index=False))
     states = frame["state"].value_counts().to_dict() if "state" in frame else {}
-    caveat = importance_caveat(n_complete) if any(importances.values() if importances else []) else None
+    caveat = importance_caveat(n_distinct) if any(importances.values() if importances else []) else None
     md = [
         f"# Study {study_name}",
         "",
@@ -368,7 +369,7 @@ def write_report(
         "## Parameter importances",
         "",
         f"**Caution:** importances {caveat}." if caveat else
-        (f"Computed from {n_complete} complete trials." if importances else "Not computed."),
+        (f"Computed from {n_distinct} complete trials." if importances else "Not computed."),
         "",
         "## Plots",
         "",

@@ -102,9 +102,36 @@ def _params_key(t: optuna.trial.FrozenTrial) -> str:
     return json.dumps(t.params, sort_keys=True, default=str)
 
 
+def distinct_study(study: optuna.Study) -> optuna.Study:
+    """An in-memory copy of ``study`` with each configuration's COMPLETE trial once (the first that
+    ran it: a repeat, ``repeat_of`` or the same params in a study recorded before repeats were
+    recognised, is left out, as :func:`trials_frame` marks it): what parameter importances are
+    computed from. A configuration TPE proposed ten times is one point, not ten, and the importance
+    caveat counts configurations (20 complete trials of 4 configurations had no caveat)."""
+    seen: set[str] = set()
+    kept = []
+    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
+        if "repeat_of" not in t.user_attrs and (key := _params_key(t)) not in seen:
+            seen.add(key)
+            kept.append(t)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # no "A new study created in memory" line
+    try:
+        copy = optuna.create_study(study_name=study.study_name, directions=study.directions)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    if study.metric_names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            copy.set_metric_names(list(study.metric_names))
+    copy.add_trials(kept)
+    return copy
+
+
 def _importances(study: optuna.Study) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     names = study.metric_names or [m for m, _d in study_objectives(study)]
+    study = distinct_study(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
         return out
@@ -138,20 +165,20 @@ def write_interactive(study: optuna.Study, path: Path) -> Path | None:
 
     names = study.metric_names or [m for m, _d in study_objectives(study)] or ["value"]
     multi = len(study.directions) > 1
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    distinct = distinct_study(study).get_trials(deepcopy=False)
     figs: list[tuple[str, Any]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, name in enumerate(names):
             kw = {"target": _target(i), "target_name": name} if multi else {"target_name": name}  # axes name the objective
             figs.append((f"optimisation history: {name}", vis.plot_optimization_history(study, **kw)))
-            if len(complete) >= 2:
+            if len(distinct) >= 2:
                 try:
-                    fig = vis.plot_param_importances(study, **kw)
+                    fig = vis.plot_param_importances(distinct_study(study), **kw)  # each configuration once
                 except (ValueError, RuntimeError, ZeroDivisionError) as exc:
                     log.info("no importance figure for %s: %s", name, exc)
                 else:
-                    caveat = importance_caveat(len(complete))
+                    caveat = importance_caveat(len(distinct))
                     if caveat:
                         fig.update_layout(title=f"Hyperparameter importances for {name}<br><sub>CAUTION: {caveat}</sub>")
                     figs.append((f"parameter importances: {name}", fig))
