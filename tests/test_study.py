@@ -1071,3 +1071,28 @@ def test_the_report_shows_the_fixed_settings_a_trial_ran_at(workdir, tiny_weight
     summary = pd.read_csv(workdir / "reports" / "tiny" / "summary.csv")
     assert {"level", "layout", "mode"} <= set(summary.columns)
     assert (summary["level"] == fixed["level"]).all()
+
+
+@pytest.mark.parametrize(("rec", "passes"), [("none", 1), ("bn", 2)])
+def test_examples_evaluated_counts_every_scoring_pass_of_the_pruned_models(tmp_path, monkeypatch, rec, passes):
+    """A trial's ``examples_evaluated``: every example each pruned model was scored on. With a
+    recovery each model is scored on the test part twice (before and after it): the record said
+    3 * (test + validation) whatever the recovery, a third short under bn and finetune."""
+    import torch
+
+    from wavesweep import train, trial
+    from wavesweep.models import build_model
+    from wavesweep.study.objective import trial_record
+
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    kw = {"num_classes": 10, "in_channels": 1, "image_size": 8}
+    base = train.BaseModel(build_model("cnn", **kw).eval(), "cnn", "digits", 0, "trained", tmp_path / "w.pt", "ab" * 32, kw)
+    cfg = TrialConfig(model="cnn", dataset="digits", eval_limit=120, device="cpu", val_fraction=0.25, recovery=rec,
+                      recovery_batches=2, timing_batches=0, level=1)  # fmt: skip
+    r = trial.run_trial(cfg, base=base)
+    n_test, n_val = r.eval_info["n_eval"], r.eval_info["n_val"]
+    assert (n_test, n_val) == (90, 30)
+    scored = sum(len(o.eval.targets) + len(o.val_eval.targets) + (0 if o.prerec_eval is None else len(o.prerec_eval.targets))
+                 for o in r.outcomes.values())  # fmt: skip
+    assert trial_record(r.metrics()["parent"], r)["examples_evaluated"] == scored == 3 * (passes * n_test + n_val)

@@ -74,12 +74,19 @@ USER_ATTR_METRICS = (
 USER_ATTR_CONFIG = ("model", "dataset", "recovery", "seed")
 
 
+def examples_scored(result: TrialResult) -> int:
+    """The examples the trial's pruned models were scored on, counted once per model and pass:
+    each method's test part, its validation part, and, with a recovery, its test part before it
+    (the base model's evaluation is left out: it is cached across trials)."""
+    return sum(e.n for o in result.outcomes.values() for e in (o.eval, o.val_eval, o.prerec_eval) if e is not None)
+
+
 def trial_record(metrics: dict[str, float], result: TrialResult) -> dict[str, Any]:
     """The scalar user attributes of a COMPLETE study trial: the headline numbers (top-1 per
     method, gaps and intervals, compression, stored bytes), the effective DWT levels (min, max,
     how many layers were clamped below the request) and the class count (chance = 1/num_classes)."""
     record: dict[str, Any] = {k: float(metrics[k]) for k in USER_ATTR_METRICS if k in metrics}
-    record["examples_evaluated"] = 3 * int(metrics["n_eval"] + metrics.get("n_val", 0))
+    record["examples_evaluated"] = examples_scored(result)
     layers = result.outcomes["dwt"].stats.layers
     eff = [l.level_effective for l in layers if l.level_effective is not None]
     below = sum(l.level_effective is not None and l.level_requested is not None and l.level_effective < l.level_requested
@@ -301,6 +308,6 @@ def replicate_record(means: dict[str, float], configuration: ConfigurationOutcom
     n = int(agg["n_replicates"])
     for key in [k for k in record if k.endswith("top1") or k.startswith(("gain_", "val_gain_"))]:
         record |= {f"{key}_{s}": float(agg[f"{key}_{s}"]) for s in ("std", "ci_low", "ci_high") if f"{key}_{s}" in agg}
-    record["examples_evaluated"] = 3 * int(means["n_eval"] + means.get("n_val", 0)) * n
+    record["examples_evaluated"] = sum(examples_scored(r) for r in configuration.results)
     record |= {"n_replicates": n, "config_id": configuration.config_id, "replicate_run_ids": ",".join(configuration.run_ids)}
     return record
