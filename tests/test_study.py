@@ -169,6 +169,9 @@ BAD_SPECS = [
     ("study: x\nspace: {percentile: [10]}\nobjectives:\n  top1: maximize\n  compression_ratio: maximize\npruner: median\nn_trials: 1\n",
      ["pruner", ":6", "multi-objective"]),
     ("study: x\nspace: {percentile: [10]}\nobjectives:\n  top_1: maximize\nn_trials: 1\n", ["objectives.top_1", ":4", "top1"]),
+    # Wilcoxon pairs chunk k of every trial as the same examples: a searched seed gives each trial others
+    ("study: x\nspace:\n  percentile: [10]\n  seed: [0, 1]\nobjectives: {top1: maximize}\npruner: wilcoxon\nn_trials: 1\n",
+     ["pruner", ":6", "wilcoxon", "searched seed changes which examples", "pruner: median"]),
     ("study: x\nspace:\n  percentile: {low: 10, high: 90, stp: 5}\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space.percentile.stp", ":3"]),
     ("study: x\nspace: {percentile: [10, 20]}\nobjectives: {top1: maximize}\nsampler: grid\nn_trials: 5\n", ["n_trials", ":5", "grid"]),
     ("study: x\nspace: {percentile: [10]}\nspace: {level: [1]}\nobjectives: {top1: maximize}\nn_trials: 1\n", ["space", ":3", "duplicate"]),

@@ -109,6 +109,10 @@ class Objective:
     direction: str  # maximize | minimize
 
 
+#: trial settings that decide which examples each evaluation chunk holds (the subset, its split, its order)
+_CHUNK_EXAMPLES = ("dataset", "data_root", "eval_limit", "val_fraction", "seed")
+
+
 @dataclass(frozen=True)
 class StudySpec:
     """A validated study spec (see the module docstring for the YAML form).
@@ -189,6 +193,14 @@ class StudySpec:
             o = self.objectives[0]
             if (o.metric, o.direction) != (_PRUNABLE_OBJECTIVE, "maximize"):
                 raise SpecError(("pruner",), f"early stopping reports partial dwt top1, so it needs the objective top1: maximize (got {o.metric}: {o.direction})")
+            # Wilcoxon's test pairs step k of one trial with step k of another as the same instances:
+            # each chunk's examples must then be the same in every trial
+            moving = [p.name for p in self.space if p.name in _CHUNK_EXAMPLES]
+            if self.pruner == "wilcoxon" and moving:
+                raise SpecError(("pruner",), (
+                    f"pruner wilcoxon pairs each evaluation chunk's accuracy across trials as the same examples, "
+                    f"but the searched {', '.join(moving)} changes which examples a chunk holds; use pruner: median, "
+                    f"or fix {', '.join(moving)}"))
         check_options(("sampler",), SAMPLERS[self.sampler], self.sampler_options)
         try:
             dry_run_sampler(self)
