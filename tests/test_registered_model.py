@@ -484,3 +484,46 @@ def test_a_run_with_one_evaluation_example_registers_with_a_free_batch_axis(work
         x = torch.randn(b, 1, 8, 8)
         with torch.no_grad():
             assert torch.allclose(exported(x), net(x), atol=1e-5), b
+
+
+def test_an_alias_or_latest_uri_with_a_path_is_pinned_with_its_path(workdir, tmp_path):
+    """``resolve_model_uri`` dropped the path after an alias (``models:/NAME@alias/PATH`` became
+    ``models:/NAME/VERSION``, the whole model: a model with two weights files was refused as
+    "several weights files ... give the one to use", the one given), and pinned ``latest`` only
+    spelt so and without a path: ``models:/NAME/Latest`` (MLflow reads it as latest) and
+    ``models:/NAME/latest/PATH`` stayed unpinned, so the cache keyed by URI served version 1
+    after version 2 was registered. Oracle: the state dicts written, and MLflow's own download
+    of ``models:/NAME/2``."""
+    from tests.test_integrity import _cnn_state, _register_state_dict
+    from wavesweep import model_registry, tracking
+
+    tracking.init_tracking()
+    c, cache = MlflowClient(), tmp_path / "cache"
+    folder = tmp_path / "two"
+    for sub, seed in (("a", 1), ("b", 2)):
+        (folder / sub).mkdir(parents=True)
+        torch.save(_cnn_state(seed), folder / sub / "weights.pt")
+    run = c.create_run(c.get_experiment_by_name("wavesweep").experiment_id)
+    c.log_artifacts(run.info.run_id, str(folder), "model")
+    c.set_terminated(run.info.run_id)
+    c.create_registered_model("two")
+    c.create_model_version("two", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    c.set_registered_model_alias("two", "champion", "1")
+    for sub, seed in (("a", 1), ("b", 2)):
+        path, resolved = model_registry.weights_from_uri(f"models:/two@champion/{sub}/weights.pt", cache)
+        assert resolved == f"models:/two/1/{sub}/weights.pt"
+        state, _ = models.read_weights(path)
+        assert all(torch.equal(state[k], v) for k, v in _cnn_state(seed).items()), sub
+
+    _register_state_dict("b", _cnn_state(1), tmp_path)
+    uris = ("models:/b/latest", "models:/b/Latest", "models:/b/LATEST/weights.pt", "models:/b/latest/weights.pt")
+    for uri in uris:
+        model_registry.weights_from_uri(uri, cache)  # version 1, cached
+    _register_state_dict("b", _cnn_state(2), tmp_path)
+    v2 = torch.load(next(Path(mlflow.artifacts.download_artifacts("models:/b/2", dst_path=str(tmp_path / "v2"))).rglob("weights.pt")),
+                    weights_only=True)  # fmt: skip
+    for uri in uris:
+        path, resolved = model_registry.weights_from_uri(uri, cache)
+        assert resolved == "models:/b/2" + uri[len("models:/b/latest") :], (uri, resolved)
+        state, _ = models.read_weights(path)
+        assert all(torch.equal(state[k], v) for k, v in v2.items()), uri

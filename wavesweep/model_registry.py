@@ -277,8 +277,10 @@ def download(uri: str, dst: Path, *, force: bool = False) -> Path:
 
 
 def resolve_model_uri(uri: str) -> str:
-    """``uri`` pinned to what it means now: ``models:/NAME@alias`` and ``models:/NAME/latest`` become
-    ``models:/NAME/VERSION`` (read from the registry); version and ``runs:/`` URIs are returned as given.
+    """``uri`` pinned to what it means now: ``models:/NAME@alias`` and ``models:/NAME/latest`` (any
+    case, as MLflow reads it) become ``models:/NAME/VERSION`` (read from the registry), a path
+    after either kept (``models:/NAME@alias/PATH`` -> ``models:/NAME/VERSION/PATH``); version and
+    ``runs:/`` URIs are returned as given.
 
     An alias can move between two trials; pinning it first is what keeps a cache keyed by URI
     from serving the old version under the new alias."""
@@ -287,16 +289,18 @@ def resolve_model_uri(uri: str) -> str:
     rest = uri[len("models:/") :].strip("/")
     c = client()
     try:
-        if "@" in rest.split("/", 1)[0]:
-            name, alias = rest.split("/", 1)[0].rsplit("@", 1)
+        head, _, tail = rest.partition("/")
+        if "@" in head:
+            name, alias = head.rsplit("@", 1)
             mv = c.get_model_version_by_alias(name, alias)
-            return f"models:/{name}/{mv.version}"
-        name, _, ref = rest.partition("/")
-        if ref == "latest":
+            return f"models:/{name}/{mv.version}" + (f"/{tail}" if tail else "")
+        name = head
+        ref, _, path = tail.partition("/")
+        if ref.lower() == "latest":
             versions = c.get_registered_model(name).latest_versions or []
             if not versions:
                 raise ValueError(f"{uri}: registered model {name!r} has no versions")
-            return f"models:/{name}/{max(int(v.version) for v in versions)}"
+            return f"models:/{name}/{max(int(v.version) for v in versions)}" + (f"/{path}" if path else "")
     except MlflowException as exc:
         raise ValueError(f"{uri}: {_not_found(uri, exc)}") from None
     return uri
