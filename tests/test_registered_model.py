@@ -527,3 +527,73 @@ def test_an_alias_or_latest_uri_with_a_path_is_pinned_with_its_path(workdir, tmp
         assert resolved == "models:/b/2" + uri[len("models:/b/latest") :], (uri, resolved)
         state, _ = models.read_weights(path)
         assert all(torch.equal(state[k], v) for k, v in v2.items()), uri
+
+
+def test_a_download_that_cannot_finish_leaves_dst_as_it_was(workdir, tmp_path, capsys, monkeypatch):
+    """``download`` promises that a failed download leaves ``--dst`` as it was, but it moved the
+    files in one by one and stopped at the first that could not go: with a file ``b`` in ``--dst``
+    where the model has a folder ``b/``, ``a/weights.pt`` stayed behind beside the error
+    "[Errno 20] Not a directory"; a ``--dst`` that is a file gave a FileExistsError traceback; and
+    a move cut short (a full disk) left what was moved before it. Oracle: the folder's files."""
+    import errno
+    import shutil
+
+    from tests.test_integrity import _cnn_state, _one_line_error
+    from wavesweep import cli, model_registry, tracking
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the download's bars: not the error's lines
+    tracking.init_tracking()
+    c = MlflowClient()
+    folder = tmp_path / "two"
+    for sub, seed in (("a", 1), ("b", 2)):
+        (folder / sub).mkdir(parents=True)
+        torch.save(_cnn_state(seed), folder / sub / "weights.pt")
+    run = c.create_run(c.get_experiment_by_name("wavesweep").experiment_id)
+    c.log_artifacts(run.info.run_id, str(folder), "model")
+    c.set_terminated(run.info.run_id)
+    c.create_registered_model("two")
+    c.create_model_version("two", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+
+    def files(d: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    out = workdir / "out"
+    out.mkdir()
+    (out / "b").write_text("mine")
+    for force in ([], ["--force"]):
+        err = _one_line_error(capsys, cli.main(["download", "models:/two/1", "--dst", "out", *force]))
+        assert err == "wavesweep: error: out/b is a file where the download of models:/two/1 needs a folder: give another --dst or move it"
+        assert files(out) == {"b": b"mine"} and sorted(p.name for p in out.iterdir()) == ["b"]
+    (workdir / "afile").write_text("mine")
+    err = _one_line_error(capsys, cli.main(["download", "models:/two/1", "--dst", "afile/sub"]))
+    assert err.startswith("wavesweep: error: afile is a file where the download"), err
+    assert (workdir / "afile").read_text() == "mine"
+    (out / "b").unlink()
+    (out / "a").mkdir()
+    (out / "a" / "weights.pt").mkdir()
+    err = _one_line_error(capsys, cli.main(["download", "models:/two/1", "--dst", "out", "--force"]))
+    assert err.startswith("wavesweep: error: out/a/weights.pt is a folder where the download"), err
+    (out / "a" / "weights.pt").rmdir()
+
+    real, calls = shutil.move, []
+
+    def full_disk(src, target, *a, **k):
+        calls.append(target)
+        if len(calls) == 2:
+            Path(target).write_bytes(b"part")  # a copy cut short
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, target, *a, **k)
+
+    monkeypatch.setattr(shutil, "move", full_disk)
+    (out / "keep.txt").write_text("mine")
+    for dst in (out, workdir / "new" / "deeper"):
+        calls.clear()
+        before = files(out)
+        with pytest.raises(OSError, match="No space left"):
+            model_registry.download("models:/two/1", dst)
+        assert len(calls) == 2 and files(out) == before == {"keep.txt": b"mine"}
+        assert sorted(p.name for p in out.rglob("*")) == ["a", "keep.txt"]  # the folder that was there before
+        assert not (workdir / "new").exists()
+    monkeypatch.setattr(shutil, "move", real)
+    got = model_registry.download("models:/two/1", out)  # the positive control
+    assert got == out and files(out)["b/weights.pt"] == (folder / "b" / "weights.pt").read_bytes()

@@ -250,8 +250,11 @@ def download(uri: str, dst: Path, *, force: bool = False) -> Path:
 
     Reads only: no store, experiment or folder is created unless the download succeeds. Files
     that already exist in ``dst`` are not overwritten unless ``force`` (``ValueError`` naming the
-    first); the files are fetched into a temporary folder first, so a failed download leaves
-    ``dst`` as it was. Returns the downloaded file or folder inside ``dst``."""
+    first), and a file where the download needs a folder (or a folder where it puts a file) is
+    refused, ``force`` or not; the files are fetched into a temporary folder first, and the files
+    and folders moved into ``dst`` are taken away again if moving them fails, so a failed download
+    leaves ``dst`` as it was (but for files ``force`` overwrote). Returns the downloaded file or
+    folder inside ``dst``."""
     import shutil
 
     if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
@@ -267,12 +270,30 @@ def download(uri: str, dst: Path, *, force: bool = False) -> Path:
             raise ValueError(f"cannot download {uri}: {_not_found(uri, exc)}") from None
         files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
         targets = {f: dst / f.relative_to(tmp) for f in files}
+        # a file where the download needs a folder (dst, a folder above it or inside it), or a folder
+        # where it puts a file: refused before anything is moved, --force or not
+        blocked = sorted({p for t in targets.values() for p in (t, *t.parents) if (p.is_dir() if p == t else p.exists() and not p.is_dir())})
+        if blocked:
+            what, needs = ("a folder", "a file") if blocked[0].is_dir() else ("a file", "a folder")
+            raise ValueError(f"{blocked[0]} is {what} where the download of {uri} needs {needs}: give another --dst or move it")
         existing = [t for t in targets.values() if t.exists()]
         if existing and not force:
             raise ValueError(f"{existing[0]} exists ({len(existing)} file(s) would be overwritten); pass --force to overwrite")
-        for src, target in targets.items():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(src), str(target))
+        made = {p for t in targets.values() for p in t.parents if not p.exists()}  # the folders this download creates
+        moved: list[Path] = []
+        try:
+            for src, target in targets.items():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target not in existing:
+                    moved.append(target)  # before the move: a copy cut short leaves a part of it
+                shutil.move(str(src), str(target))
+        except BaseException:  # a full disk, a stop: the files and folders this download added are taken away again
+            for target in moved:
+                target.unlink(missing_ok=True)
+            for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # empty folders only: never anything of anyone else's
+            raise
         return dst / local.relative_to(tmp)
 
 
