@@ -349,3 +349,32 @@ def test_the_committed_page_is_its_csv_rendered(page_name):
     body = lambda text: text[text.index("\n## "):].splitlines()  # noqa: E731  (the header holds the run's facts)
     differ = [(p, r) for p, r in zip(body(page), body(rendered)) if p != r]
     assert len(body(page)) == len(body(rendered)) and not differ, differ[:3]
+
+
+def test_the_verdict_follows_from_the_printed_interval():
+    """The page's rule is "*better*/*worse*: the interval excludes 0; *equal*: it contains 0", read
+    off the printed interval: with the whole fashion-mnist test split (10,000 examples), dwt right
+    on 4 examples magnitude gets wrong and no others gives the bootstrap interval [+0.0001,
+    +0.0008], printed [+0.000, +0.001] beside *better*. Oracle: the rule applied to the printed
+    bounds, with the interval from stats.paired_comparison."""
+    import re
+
+    import numpy as np
+
+    from wavesweep.stats import paired_comparison
+
+    dwt, magnitude = np.zeros(10_000, bool), np.zeros(10_000, bool)
+    dwt[:4] = True
+    c = paired_comparison(dwt, magnitude, seed=0)
+    assert 0 < c.ci_low < 0.0005  # a bound that is not 0 but rounds to it at 3 decimals
+    frame = _frame().iloc[:1].assign(dwt_vs_magnitude_gap=c.gap, dwt_vs_magnitude_low=c.ci_low,
+                                     dwt_vs_magnitude_high=c.ci_high)  # fmt: skip
+    grid = results.Grid(model="cnn", configs=(("bior4.4", "filter"),), fractions=(80,), recoveries=("none",))
+    facts = {"date": "d", "machine": "CPU only (x86_64, 2 CPU cores)", "seconds": 60.0, "base_load_seconds": 1.0,
+             "base_checksum": "ab" * 32, "base_top1": 0.9, "n_eval": 10_000, "base_train_top1": 0.91}  # fmt: skip
+    text = results.render(frame, facts, grid, "wavesweep results")
+    (row,) = [line for line in text.splitlines() if line.startswith("| 80% |")]
+    low, high, said = re.search(r"\| \S+ \[(\S+), (\S+)\] \| (\w+) \|", row).groups()
+    rule = "better" if float(low) > 0 else "worse" if float(high) < 0 else "equal"
+    assert said == results.verdict(c.ci_low, c.ci_high) == rule == "better", row
+    assert "largest: +0.0004 at 80%" in text  # the summary's gap of a *better* row is not +0.000 either

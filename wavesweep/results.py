@@ -234,9 +234,20 @@ def _budget_note(frame: pd.DataFrame) -> str:
             f"asked for in {where}")
 
 
+def _fmt(x: float) -> str:
+    """``x`` to 3 decimals, or to as many more as it takes for a number that is not 0 not to read
+    as ±0.000: the verdict is the interval's sign, and a bound of +0.0001 (4 examples of 10,000)
+    printed as [+0.000, +0.001] beside *better*, which the page's rule calls *equal*."""
+    for decimals in range(3, 9):
+        text = f"{x:+.{decimals}f}"
+        if x == 0 or math.isnan(x) or float(text) != 0:
+            return text
+    return f"{x:+.1e}"
+
+
 def _fmt_gap(row: pd.Series, other: str) -> str:
     k = f"dwt_vs_{other}"
-    return f"{row[k + '_gap']:+.3f} [{row[k + '_low']:+.3f}, {row[k + '_high']:+.3f}]"
+    return f"{_fmt(row[k + '_gap'])} [{_fmt(row[k + '_low'])}, {_fmt(row[k + '_high'])}]"
 
 
 def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
@@ -309,12 +320,12 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         text = f"- `{lay}`: dwt better than magnitude in {len(b)} of {len(part)} settings"
         if len(b):
             best = b.loc[b["dwt_vs_magnitude_gap"].idxmax()]
-            text += (f" (largest: {best['dwt_vs_magnitude_gap']:+.3f} at {best['pruned_fraction']:.0%}, "
+            text += (f" (largest: {_fmt(best['dwt_vs_magnitude_gap'])} at {best['pruned_fraction']:.0%}, "
                      f"{best['wavelet']}, recovery {best['recovery']})")  # fmt: skip
         text += f", worse in {len(wr)}"
         if len(wr):
             worst = wr.loc[wr["dwt_vs_magnitude_gap"].idxmin()]
-            text += (f" (largest: {worst['dwt_vs_magnitude_gap']:+.3f} at {worst['pruned_fraction']:.0%}, "
+            text += (f" (largest: {_fmt(worst['dwt_vs_magnitude_gap'])} at {worst['pruned_fraction']:.0%}, "
                      f"{worst['wavelet']}, recovery {worst['recovery']})")  # fmt: skip
         text += ", equal within the interval elsewhere."
         lines.append(text)
