@@ -77,6 +77,9 @@ def test_an_empty_or_malformed_grid_is_one_line_before_any_work(workdir, capsys,
     ("pages", "--out pages: pages is a folder"),
     ("page.md", "--out page.md: page.progress.csv is a folder"),
     ("afile/page.md", "--out afile/page.md: afile is a file, not a folder"),
+    # the CSV beside the page is PAGE.csv: the page was written, then replaced by its CSV ("wrote page.csv")
+    ("page.csv", "--out page.csv: the trials' CSV is written to PAGE.csv, which would replace the page"),
+    ("new/", "--out new/: new/ names a folder"),  # was a page written to a file named 'new'
 ])  # fmt: skip
 def test_an_out_path_that_cannot_be_written_is_one_line_before_any_work(workdir, capsys, monkeypatch, out, needle):
     """The page is written after the whole grid has run: a folder named like the page (or its

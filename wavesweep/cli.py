@@ -434,7 +434,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     )  # fmt: skip
     grid.trials()  # validate every trial before any work
     _check_device(args.device)
-    results.check_page_path(Path(args.out))
+    results.check_page_path(args.out)
 
     def on_trial(i: int, n: int, cfg: TrialConfig) -> None:
         print(f"[{i + 1}/{n}] {cfg.wavelet} {cfg.layout} p{cfg.percentile:g} recovery={cfg.recovery}", flush=True)

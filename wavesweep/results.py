@@ -88,12 +88,19 @@ def progress_path(page: Path) -> Path:
     return page.with_suffix(".progress.csv")
 
 
-def check_page_path(page: Path) -> Path:
+def check_page_path(page: str | os.PathLike) -> Path:
     """``page`` when the page, its CSV and its progress file can be written there; else a one-line
     ``ValueError`` naming what is in the way (a folder by one of those names, a file where a folder
-    must be). Checked before the grid runs: writing the page is its last step."""
+    must be, a page named like its own CSV). Checked before the grid runs: writing the page is its
+    last step."""
+    text, page = os.fspath(page), Path(page)
     if page.name in ("", "..") or page.is_dir():  # '', '.', '/', '..': no file name to write
         raise ValueError(f"--out {page}: {page} is a folder; give the page's file name (e.g. {page / 'results.md'})")
+    if text.endswith(("/", os.sep)):  # 'pages/': a folder, though none is there yet (Path drops the slash)
+        raise ValueError(f"--out {text}: {text} names a folder; give the page's file name (e.g. {page / 'results.md'})")
+    if page.with_suffix(".csv") == page:  # the CSV beside the page would replace it: "wrote page.csv" held no page
+        raise ValueError(f"--out {page}: the trials' CSV is written to PAGE.csv, which would replace the page; "
+                         f"give the page another suffix (e.g. {page.with_suffix('.md')})")
     for p in (page, page.with_suffix(".csv"), progress_path(page)):
         if p.is_dir():
             raise ValueError(f"--out {page}: {p} is a folder; give the page's file name (e.g. {p / 'results.md'})")
