@@ -270,8 +270,9 @@ def test_an_interrupted_grid_resumes_with_the_same_numbers(workdir):
 
     other = results.Grid(**{**grid.__dict__, "seed": 1})
     seen = []
-    results.run_grid(other, progress=progress, on_resume=lambda k, n: seen.append(k),
-                     on_trial=lambda i, n, cfg: None)
+    with pytest.raises(ValueError, match="holds trials of other settings"):  # refused, not overwritten
+        results.run_grid(other, progress=progress, on_resume=lambda k, n: seen.append(k),
+                         on_trial=lambda i, n, cfg: None)
     assert seen == []  # rows of seed 0 are not rows of seed 1
 
 
@@ -381,3 +382,37 @@ def test_the_verdict_follows_from_the_printed_interval():
     rule = "better" if float(low) > 0 else "worse" if float(high) < 0 else "equal"
     assert said == results.verdict(c.ci_low, c.ci_high) == rule == "better", row
     assert "largest: +0.0004 at 80%" in text  # the summary's gap of a *better* row is not +0.000 either
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--seed", "1"], "(seed 0, not 1)"),
+    (["--eval-limit", "60"], "(eval_limit 120, not 60)"),
+    (["--fractions", "50"], "(trial haar:filter at 90 with recovery none, which this grid does not have)"),
+])  # fmt: skip
+def test_a_progress_file_of_other_settings_is_refused_and_kept(workdir, capsys, monkeypatch, argv, needle):
+    """A progress file of another command on the same page (another seed, evaluation subset or
+    grid) was passed over, and rewritten with this run's rows after its first trial: the other
+    run's finished trials were lost without a word (seen: 3 trials of --eval-limit 120 gone after
+    a run with --eval-limit 60). It is now one line naming the file and what differs, the file as
+    it was, no trial run."""
+    from types import SimpleNamespace
+
+    from wavesweep import cli, train
+
+    base = SimpleNamespace(checksum="ab" * 32, train_info={})
+    monkeypatch.setattr(train, "get_base_model", lambda *a, **k: base)
+    monkeypatch.setattr(results, "run_trial", lambda *a, **k: pytest.fail("a trial ran beside another run's progress"))
+    progress = results.progress_path(workdir / "page.md")
+    identity = {"model": "cnn", "dataset": "digits", "level": 5, "eval_limit": 120, "seed": 0, "recovery_batches": 50,
+                "finetune_steps": 100, "base_checksum": "ab" * 32, "device": "cpu"}  # fmt: skip
+    rows = [{"wavelet": "haar", "layout": "filter", "percentile": p, "recovery": "none", "dwt_top1": 0.5, **identity}
+            for p in (50.0, 90.0)]  # fmt: skip
+    pd.DataFrame(rows).to_csv(progress, index=False)
+    content = progress.read_bytes()
+    command = ["results", "--model", "cnn", "--dataset", "digits", "--configs", "haar:filter", "--fractions", "50,90",
+               "--recoveries", "none", "--eval-limit", "120", "--device", "cpu", "--out", str(workdir / "page.md")]
+    assert cli.main(command + argv) == 2
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("INFO")]
+    assert len(err) == 1 and err[0].startswith(f"wavesweep: error: progress file {progress} holds trials of other "
+                                               f"settings {needle}; move it away"), err  # fmt: skip
+    assert "--fresh" in err[0] and progress.read_bytes() == content

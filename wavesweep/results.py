@@ -119,7 +119,10 @@ def _identity(grid: Grid, checksum: str, device: str) -> dict:
 
 def load_progress(path: Path, grid: Grid, checksum: str, device: str) -> dict[tuple, dict]:
     """The rows of an earlier, interrupted run of the same grid on the same base model and device
-    type, by trial; rows of any other grid, base model or device type are not reused."""
+    type, by trial. A row of any other settings, base model or device type, or of a trial this
+    grid does not have, is a one-line ``ValueError`` naming the file: it was not reused, and the
+    file was then rewritten with this run's rows only, so the other run's finished trials were
+    lost without a word."""
     if not path.is_file():
         return {}
     try:
@@ -129,10 +132,17 @@ def load_progress(path: Path, grid: Grid, checksum: str, device: str) -> dict[tu
         raise ValueError(f"progress file {path} (the trials an earlier run finished) is not a readable CSV ({detail}); "
                          "move it away to keep it, or pass --fresh to rerun every trial") from None
     want = _identity(grid, checksum, device)
+    wanted = {_trial_key(c) for c in grid.trials()}
     done = {}
     for row in frame.to_dict("records"):
-        if all(row.get(k) == v for k, v in want.items()):
-            done[_trial_key_of(row)] = row
+        other = [f"{k} {row.get(k)!r}, not {v!r}" for k, v in want.items() if row.get(k) != v]
+        if not other and _trial_key_of(row) not in wanted:
+            w, lay, p, r = _trial_key_of(row)
+            other = [f"trial {w}:{lay} at {p:g} with recovery {r}, which this grid does not have"]
+        if other:
+            raise ValueError(f"progress file {path} holds trials of other settings ({other[0]}); move it away to keep "
+                             "them, or pass --fresh to rerun every trial")
+        done[_trial_key_of(row)] = row
     return done
 
 
