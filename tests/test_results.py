@@ -416,3 +416,17 @@ def test_a_progress_file_of_other_settings_is_refused_and_kept(workdir, capsys, 
     assert len(err) == 1 and err[0].startswith(f"wavesweep: error: progress file {progress} holds trials of other "
                                                f"settings {needle}; move it away"), err  # fmt: skip
     assert "--fresh" in err[0] and progress.read_bytes() == content
+
+
+def test_an_eval_limit_above_the_test_split_is_said_to_be_all_of_it():
+    """`--eval-limit 5000` on digits evaluates the whole 360-example test split (data.eval_subset
+    takes all of a split no larger than the limit), and the page said "360 test examples (a
+    stratified subset, seed 0)"."""
+    grid = results.Grid(model="cnn", dataset="digits", configs=(("bior4.4", "filter"), ("bior4.4", "kernel")),
+                        fractions=(80,), eval_limit=5000)  # fmt: skip
+    facts = {"date": "d", "machine": "CPU only (x86_64, 2 CPU cores)", "seconds": 60.0, "base_load_seconds": 1.0,
+             "base_checksum": "ab" * 32, "base_top1": 0.9, "n_eval": 360, "base_train_top1": 0.91}  # fmt: skip
+    assert "- Evaluation: 360 test examples (all); " in results.render(_frame(), facts, grid, "wavesweep results")
+    subset = results.Grid(**{**grid.__dict__, "eval_limit": 100})
+    text = results.render(_frame(), {**facts, "n_eval": 100}, subset, "wavesweep results")
+    assert "- Evaluation: 100 test examples (a stratified subset, seed 0); " in text

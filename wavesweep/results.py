@@ -269,6 +269,8 @@ def _fmt_gap(row: pd.Series, other: str) -> str:
 
 def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
     """The Markdown page."""
+    # an --eval-limit above the test split's size evaluates the whole split (data.eval_subset)
+    whole = not grid.eval_limit or facts["n_eval"] < grid.eval_limit
     lines = [
         f"# Results: {grid.model} on {grid.dataset}, dwt vs magnitude vs random at the same budget",
         "",
@@ -283,7 +285,7 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         f"top-1 {facts['base_top1']:.4f} on the {facts['n_eval']} evaluation examples used here"
         + (f" ({facts['base_train_top1']:.4f} on the whole test split after training)" if facts.get("base_train_top1") else "")
         + ".",
-        f"- Evaluation: {facts['n_eval']} test examples ({'all' if not grid.eval_limit else 'a stratified subset, seed ' + str(grid.seed)}); "
+        f"- Evaluation: {facts['n_eval']} test examples ({'all' if whole else 'a stratified subset, seed ' + str(grid.seed)}); "
         f"random-pruning seed {grid.seed}; DWT level {grid.level} requested (effective levels per trial below), "
         f"mode periodization, one threshold per layer; magnitude and random prune each layer at the fraction dwt zeroed there"
         + _budget_note(frame) + ".",
