@@ -385,8 +385,13 @@ def test_a_method_runs_id_registers_that_methods_model(trial_run, capsys):
     with pytest.raises(ValueError, match=f"run {kids['magnitude']} is the magnitude run of trial run {run_id}"):
         register_trial_model(kids["magnitude"], name="mag", method="dwt")
     assert client.search_registered_models() == []
+    capsys.readouterr()
     assert cli.main(["register", kids["dwt"], "--name", "dwt-model"]) == 0
     assert client.get_model_version("dwt-model", "1").tags["method"] == "dwt"
+    # the run the model came from, and the id given (it said "from run <the dwt method run>")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"registered dwt-model version 1 alias champion from trial run {run_id} (given {kids['dwt']})", out
+    assert client.get_model_version("dwt-model", "1").tags["source_run_id"] == run_id
 
     _result, both = run_tracked_trial(dataclasses.replace(cfg, save_baselines=True))
     mag_run = client.search_runs([client.get_run(both).info.experiment_id],

@@ -141,7 +141,10 @@ def cmd_register(args: argparse.Namespace) -> int:
                          "(run this where the trial ran, or set MLFLOW_TRACKING_URI)")
     mv = register_trial_model(args.run_id, name=args.name, alias=args.alias or None, method=args.method)
     alias = f" alias {args.alias}" if args.alias else ""
-    print(f"registered {mv.name} version {mv.version}{alias} from run {args.run_id}")
+    # the trial run the model comes from: a method run's trial, a configuration run's first replicate
+    source = (mv.tags or {}).get("source_run_id") or args.run_id
+    given = f" (given {args.run_id})" if source != args.run_id else ""
+    print(f"registered {mv.name} version {mv.version}{alias} from trial run {source}{given}")
     if args.alias:
         print(f"load it with: mlflow.pyfunc.load_model('models:/{mv.name}@{args.alias}').get_raw_model()  # an nn.Module")
     return 0
