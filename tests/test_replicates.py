@@ -320,7 +320,10 @@ def test_study_with_replicates_records_configurations_and_optimises_their_means(
             want = direct([r.data.metrics[key] for r in reps])
             assert t.user_attrs[key] == pytest.approx(want["mean"], abs=1e-12), key
             assert (t.user_attrs[f"{key}_ci_low"], t.user_attrs[f"{key}_ci_high"]) == pytest.approx((want["ci_low"], want["ci_high"]))
-        assert t.user_attrs["n_replicates"] == 2 and t.user_attrs["examples_evaluated"] == 3 * 40 * 2
+        # every scoring pass of the three pruned models of each replicate: test, validation, test before recovery
+        scored = sum(3 * (int(r.data.metrics["n_eval"]) * (1 + (r.data.params["recovery"] != "none")) + int(r.data.metrics["n_val"]))
+                     for r in reps)  # fmt: skip
+        assert t.user_attrs["n_replicates"] == 2 and t.user_attrs["examples_evaluated"] == scored == 3 * (2 * 20 + 20) * 2
         assert not any(k.startswith("dwt_vs_") for k in t.user_attrs)  # a mean of p-values is not a statistic
     md = (workdir / "reports" / "tiny" / "summary.md").read_text()
     assert "mean [95 % t-interval] over n = 2 replicate seeds" in md
