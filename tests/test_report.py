@@ -462,12 +462,12 @@ def test_importances_from_few_trials_say_so(tmp_path, monkeypatch):
     files = report.write_report(make_frame(12), tmp_path / "few", study_name="s", objectives=[("top1", "maximize")], importances=imp)
     md = files["summary_md"].read_text()
     n = int((make_frame(12)["state"] == "COMPLETE").sum())
-    assert f"**Caution:** importances computed from only {n} complete trials (< 20)" in md
+    assert f"**Caution:** importances computed from only {n} distinct complete configurations (< 20)" in md
     fig = next(f for f in figs if f._suptitle is not None and "CAUTION" in f._suptitle.get_text())
-    assert f"only {n} complete trials" in fig._suptitle.get_text()
+    assert f"only {n} distinct complete configurations" in fig._suptitle.get_text()
     files = report.write_report(make_frame(40), tmp_path / "many", study_name="s", objectives=[("top1", "maximize")], importances=imp)
     assert "Caution" not in files["summary_md"].read_text()
-    assert "Computed from 32 complete trials." in files["summary_md"].read_text()
+    assert "Computed from 32 distinct complete configurations." in files["summary_md"].read_text()
 
 
 @pytest.mark.slow  # renders every figure again, for a person to open; every file is checked above

@@ -8,6 +8,7 @@ session, so trials take a few seconds.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -511,7 +512,9 @@ def test_small_study_completes_and_both_systems_agree(workdir, tiny_weights, cap
     assert summary.loc[0, "val_top1"] == pytest.approx(s.best_value) and "top1" in summary
     assert len(pd.read_csv(out / "trials.csv")) == 3
     md = (out / "summary.md").read_text()
-    assert "| selection |" in md and "only 3 complete trials (< 20)" in md and "[interactive](study.html)" in md
+    # importances count each configuration once: the sampler may propose one again (a repeat)
+    n_configs = len({json.dumps(t.params, sort_keys=True) for t in s.get_trials(states=(TrialState.COMPLETE,))})
+    assert "| selection |" in md and f"only {n_configs} distinct complete configurations (< 20)" in md and "[interactive](study.html)" in md
     html = (out / "study.html").read_text()
     assert "plotly" in html.lower() and "optimisation history: val_top1" in html and "parameter importances: val_top1" in html
     assert "**validation** part" in md and "**test** part" in md
@@ -952,7 +955,7 @@ def test_importances_count_each_configuration_once(tmp_path):
         s.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=value, user_attrs={"repeat_of": k % 2}))
     files = study.build_report(s, tmp_path)
     md = files["summary_md"].read_text()
-    assert "**Caution:** importances computed from only 4 complete trials (< 20)" in md, md
+    assert "**Caution:** importances computed from only 4 distinct complete configurations (< 20)" in md, md
     once = study.frame.distinct_study(s)
     assert [t.params for t in once.trials] == [p for p, _v in configs] and once.directions == s.directions
 

@@ -369,7 +369,7 @@ def write_report(
         "## Parameter importances",
         "",
         f"**Caution:** importances {caveat}." if caveat else
-        (f"Computed from {n_distinct} complete trials." if importances else "Not computed."),
+        (f"Computed from {n_distinct} distinct complete configurations." if importances else "Not computed."),
         "",
         "## Plots",
         "",

@@ -97,9 +97,11 @@ def front_staircase(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
 MIN_TRIALS_FOR_IMPORTANCE = 20
 
 
-def importance_caveat(n_complete: int) -> str | None:
-    """The warning printed on the importance figure and in summary.md, or None when there are enough trials."""
-    if n_complete >= MIN_TRIALS_FOR_IMPORTANCE:
+def importance_caveat(n_configs: int) -> str | None:
+    """The warning printed on the importance figure and in summary.md, or None when there are
+    enough: ``n_configs`` is the number of distinct configurations among the complete trials (a
+    repeat is not another point; :func:`wavesweep.study.frame.distinct_study`)."""
+    if n_configs >= MIN_TRIALS_FOR_IMPORTANCE:
         return None
-    return (f"computed from only {n_complete} complete trials (< {MIN_TRIALS_FOR_IMPORTANCE}): "
+    return (f"computed from only {n_configs} distinct complete configurations (< {MIN_TRIALS_FOR_IMPORTANCE}): "
             "indicative at best; rankings change with more trials")  # fmt: skip
