@@ -504,15 +504,7 @@ def test_an_alias_or_latest_uri_with_a_path_is_pinned_with_its_path(workdir, tmp
 
     tracking.init_tracking()
     c, cache = MlflowClient(), tmp_path / "cache"
-    folder = tmp_path / "two"
-    for sub, seed in (("a", 1), ("b", 2)):
-        (folder / sub).mkdir(parents=True)
-        torch.save(_cnn_state(seed), folder / sub / "weights.pt")
-    run = c.create_run(c.get_experiment_by_name("wavesweep").experiment_id)
-    c.log_artifacts(run.info.run_id, str(folder), "model")
-    c.set_terminated(run.info.run_id)
-    c.create_registered_model("two")
-    c.create_model_version("two", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    _register_two_folders(c, tmp_path)
     c.set_registered_model_alias("two", "champion", "1")
     for sub, seed in (("a", 1), ("b", 2)):
         path, resolved = model_registry.weights_from_uri(f"models:/two@champion/{sub}/weights.pt", cache)
@@ -543,21 +535,13 @@ def test_a_download_that_cannot_finish_leaves_dst_as_it_was(workdir, tmp_path, c
     import errno
     import shutil
 
-    from tests.test_integrity import _cnn_state, _one_line_error
+    from tests.test_integrity import _one_line_error
     from wavesweep import cli, model_registry, tracking
 
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the download's bars: not the error's lines
     tracking.init_tracking()
     c = MlflowClient()
-    folder = tmp_path / "two"
-    for sub, seed in (("a", 1), ("b", 2)):
-        (folder / sub).mkdir(parents=True)
-        torch.save(_cnn_state(seed), folder / sub / "weights.pt")
-    run = c.create_run(c.get_experiment_by_name("wavesweep").experiment_id)
-    c.log_artifacts(run.info.run_id, str(folder), "model")
-    c.set_terminated(run.info.run_id)
-    c.create_registered_model("two")
-    c.create_model_version("two", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    _register_two_folders(c, tmp_path)
 
     def files(d: Path) -> dict[str, bytes]:
         return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
@@ -601,4 +585,21 @@ def test_a_download_that_cannot_finish_leaves_dst_as_it_was(workdir, tmp_path, c
         assert not (workdir / "new").exists()
     monkeypatch.setattr(shutil, "move", real)
     got = model_registry.download("models:/two/1", out)  # the positive control
-    assert got == out and files(out)["b/weights.pt"] == (folder / "b" / "weights.pt").read_bytes()
+    assert got == out and files(out)["b/weights.pt"] == (tmp_path / "two" / "b" / "weights.pt").read_bytes()
+
+
+def _register_two_folders(c: MlflowClient, tmp_path: Path):
+    """Version 1 of registered model ``two``: a run's ``model`` folder with ``a/weights.pt`` and
+    ``b/weights.pt`` (cnn state dicts of seeds 1 and 2). Returns the run."""
+    from tests.test_integrity import _cnn_state
+
+    folder = tmp_path / "two"
+    for sub, seed in (("a", 1), ("b", 2)):
+        (folder / sub).mkdir(parents=True)
+        torch.save(_cnn_state(seed), folder / sub / "weights.pt")
+    run = c.create_run(c.get_experiment_by_name("wavesweep").experiment_id)
+    c.log_artifacts(run.info.run_id, str(folder), "model")
+    c.set_terminated(run.info.run_id)
+    c.create_registered_model("two")
+    c.create_model_version("two", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    return run
