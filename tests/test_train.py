@@ -513,6 +513,50 @@ def test_schedule_feed_gives_the_schedulers_values_step_by_step(schedule):
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
 
 
+def test_a_graphed_steps_schedule_and_optimizer_resume_where_they_stopped(tmp_path):
+    """The graphed recipe's optimizer (a tensor lr, filled by :class:`_ScheduleFeed`) kept after 5
+    of 12 steps and restored into a new model, optimizer and feed (train_model's way,
+    ``_restore_training``, through the kept file) continues as the run never stopped: the same lr
+    each step and the same weights, bit for bit on CPU (the non-capturable step, as above); the
+    optimizer keeps its own lr tensor (a captured step reads that one), not the file's."""
+    cfg = TrainConfig(lr=3e-3, schedule="onecycle")
+    steps, stop = 12, 5
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(steps)]
+
+    def fresh():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        opt = T._capturable_adamw(net.parameters(), cfg, torch.device("cpu"), capturable=False, foreach=False)
+        return net, opt, T._ScheduleFeed(opt, cfg, steps)
+
+    def run(net, opt, feed, todo, lrs):
+        for x, y in todo:
+            lrs.append(opt.param_groups[0]["lr"].item())
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+            feed.step()
+
+    a, opt_a, feed_a = fresh()
+    lrs_a: list[float] = []
+    run(a, opt_a, feed_a, batches, lrs_a)
+
+    b, opt_b, feed_b = fresh()
+    lrs_b: list[float] = []
+    run(b, opt_b, feed_b, batches[:stop], lrs_b)
+    kept_at = tmp_path / "state.pt"
+    T._save_resume(kept_at, {"k": 1}, {"epoch": 1, "model": b.state_dict(), "optimizer": opt_b.state_dict(),
+                                       "schedule": feed_b.state_dict()})
+    c, opt_c, feed_c = fresh()
+    own_lr = opt_c.param_groups[0]["lr"]
+    T._restore_training(T._read_resume(kept_at, {"k": 1}), c, opt_c, None, feed_c)
+    assert opt_c.param_groups[0]["lr"] is own_lr
+    run(c, opt_c, feed_c, batches[stop:], lrs_b)
+    assert lrs_b == lrs_a and len(set(lrs_a)) > steps // 2
+    assert all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
 def _train_before_amp(model, bundle, config):
     """The training loop as it was before amp/channels-last (one loss.item() per step): the
     oracle for "float32 training on CPU is unchanged"."""
@@ -832,6 +876,40 @@ def test_cuda_graph_training_equals_eager_training(amp, monkeypatch):
     assert info_g["train_loss"] == pytest.approx(info_e["train_loss"], rel=1e-3 if amp == "off" else 2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_cuda_training_stopped_and_resumed_equals_one_never_stopped(graphs, tmp_path, monkeypatch):
+    """On CUDA (eager, and with graphs: the resumed run warms up and captures again), a training
+    stopped after epoch 1 and resumed equals one never stopped to the graph tests' tolerance, and
+    the learning rate a captured step reads stays a tensor on the device after the resume."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    bundle = _graph_bundle()
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=3e-3, schedule="cosine", amp="off", channels_last="auto", cuda_graphs=graphs)
+    plain = _graph_net()
+    info_p = train_model(plain, bundle, cfg, device="cuda", progress=False)
+    start = copy.deepcopy(_graph_net())
+    kept_at = tmp_path / "state.pt"
+    monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
+    _stop_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(copy.deepcopy(start), bundle, cfg, device="cuda", progress=False, resume=kept_at, resume_key="k")
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
+    lrs = []
+    real_feed = T._ScheduleFeed.load_state_dict
+    monkeypatch.setattr(T._ScheduleFeed, "load_state_dict",
+                        lambda self, st: (real_feed(self, st), lrs.extend(g["lr"] for g in self.opt.param_groups)))
+    resumed = copy.deepcopy(start)
+    info_r = train_model(resumed, bundle, cfg, device="cuda", progress=False, resume=kept_at, resume_key="k")
+    assert info_r["resumed_at_epoch"] == 1 and info_r["device"].startswith("cuda")
+    if graphs == "on":
+        assert lrs and all(isinstance(lr, torch.Tensor) and lr.device.type == "cuda" for lr in lrs)
+        assert info_r["graph_steps"] == info_p["graph_steps"] - T.GRAPH_WARMUP_STEPS  # captured again after a warm-up
+    for (k, a), b in zip(resumed.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, **_GRAPH_TOL["off"], msg=k)
+
+
 class _SyncsInForward(nn.Module):
     """A model whose forward pass waits for the host (``.item()``): it cannot be captured."""
 
@@ -951,3 +1029,216 @@ def test_training_on_an_imagefolder_gives_the_same_weights_with_0_and_2_workers(
     data.close_loaders(bundle.test)
     a, b = weights[0], weights[2]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- resuming a stopped training
+
+
+def _stop_after_first_save(monkeypatch):
+    """``train_model`` stops (as Ctrl-C stops it) right after it first keeps its state; returns the
+    epochs it kept."""
+    real, kept = T._save_resume, []
+
+    def save_then_stop(path, identity, state):
+        real(path, identity, state)
+        kept.append(state["epoch"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_save_resume", save_then_stop)
+    return kept
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name, config", [
+    ("mlp", FAST),  # AdamW, one-cycle
+    ("cnn", TrainConfig(epochs=3, batch_size=32, lr=1e-2, optimizer="sgd", schedule="cosine", momentum=0.8)),
+])
+def test_a_stopped_training_resumes_into_the_weights_of_one_never_stopped(name, config, tmp_path, monkeypatch):
+    """Oracle: the same training run without a stop. Stopped after its state was kept at the end of
+    epoch 1 and started again (from other initial weights: they must not matter), it gives the same
+    weights, loss and accuracy bit for bit; the optimizer, schedule, data order and random state
+    all come back."""
+    bundle = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    plain = build_model(name, num_classes=10, in_channels=1, image_size=8)
+    want = train_model(plain, bundle, config, device="cpu", progress=False)
+    assert want["resumed_at_epoch"] == 0
+
+    kept_at = tmp_path / "state.pt"
+    # kept at most every RESUME_EVERY_SECONDS: a training of a few seconds keeps nothing
+    torch.manual_seed(0)
+    once = build_model(name, num_classes=10, in_channels=1, image_size=8)
+    train_model(once, bundle, config, device="cpu", progress=False, resume=kept_at, resume_key="k")
+    assert not kept_at.exists() and _same_state(once, plain)
+
+    monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
+    kept = _stop_after_first_save(monkeypatch)
+    torch.manual_seed(0)
+    stopped = build_model(name, num_classes=10, in_channels=1, image_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(stopped, bundle, config, device="cpu", progress=False, resume=kept_at, resume_key="k")
+    assert kept == [1]
+    saved = torch.load(kept_at, weights_only=True)  # readable without running code
+    assert saved["epoch"] == 1 and saved["step"] == len(range(0, len(bundle.train), config.batch_size))
+    monkeypatch.undo()
+    monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
+    torch.manual_seed(123)
+    resumed = build_model(name, num_classes=10, in_channels=1, image_size=8)
+    got = train_model(resumed, bundle, config, device="cpu", progress=False, resume=kept_at, resume_key="k")
+    assert _same_state(resumed, plain)
+    assert got["resumed_at_epoch"] == 1
+    for key in ("test_top1", "test_loss", "train_loss", "epochs", "n_train", "config"):
+        assert got[key] == want[key], key
+    assert got["seconds"] > saved["seconds"] > 0
+    assert torch.load(kept_at, weights_only=True)["epoch"] == 2  # kept again after epoch 2; the caller removes it
+
+
+def test_a_stopped_training_on_image_files_resumes_into_the_same_weights(tmp_path, monkeypatch):
+    """A file dataset's loader (per-example draws for its random flips, positioned by epoch)
+    resumes at its epoch: stopped after epoch 1 with 2 decoding workers and resumed with none, the
+    weights equal a training never stopped."""
+    from wavesweep import data
+
+    bundle = _tiny_imagefolder(tmp_path)
+    config = TrainConfig(epochs=3, batch_size=4, lr=1e-2)
+    monkeypatch.setattr(data, "default_num_workers", lambda: 0)
+    torch.manual_seed(0)
+    plain = build_model("cnn", num_classes=3, in_channels=3, image_size=16)
+    train_model(plain, bundle, config, device="cpu", progress=False)
+
+    monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(data, "default_num_workers", lambda: 2)
+    _stop_after_first_save(monkeypatch)
+    torch.manual_seed(0)
+    stopped = build_model("cnn", num_classes=3, in_channels=3, image_size=16)
+    kept_at = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_model(stopped, bundle, config, device="cpu", progress=False, resume=kept_at, resume_key="k")
+    assert not _same_state(stopped, plain)
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "default_num_workers", lambda: 0)
+    resumed = build_model("cnn", num_classes=3, in_channels=3, image_size=16)
+    info = train_model(resumed, bundle, config, device="cpu", progress=False, resume=kept_at, resume_key="k")
+    assert info["resumed_at_epoch"] == 1 and _same_state(resumed, plain)
+    data.close_loaders(bundle.test)
+
+
+@pytest.mark.parametrize("other", ["key", "config", "unreadable"])
+def test_a_kept_state_of_another_training_is_set_aside(other, tmp_path, monkeypatch, caplog):
+    """A state kept for another cache entry or config, or a damaged file, is not resumed from: the
+    training starts afresh (the weights of one never stopped) and says why in one log line."""
+    import logging
+
+    bundle = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    plain = build_model("mlp", num_classes=10, in_channels=1, image_size=8)
+    train_model(plain, bundle, FAST, device="cpu", progress=False)
+    kept_at = tmp_path / "state.pt"
+    monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
+    _stop_after_first_save(monkeypatch)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(build_model("mlp", num_classes=10, in_channels=1, image_size=8), bundle,
+                    dataclasses.replace(FAST, lr=1e-3) if other == "config" else FAST,
+                    device="cpu", progress=False, resume=kept_at, resume_key="other" if other == "key" else "k")
+    if other == "unreadable":
+        kept_at.write_bytes(kept_at.read_bytes()[:1000])
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=10, in_channels=1, image_size=8)
+    with caplog.at_level(logging.WARNING, logger="wavesweep.train"):
+        info = train_model(model, bundle, FAST, device="cpu", progress=False, resume=kept_at, resume_key="k")
+    assert info["resumed_at_epoch"] == 0 and _same_state(model, plain)
+    lines = [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert {"key": "its key differ", "config": "its config differ", "unreadable": "cannot be read"}[other] in lines[0]
+    assert not kept_at.exists()
+
+
+def test_get_base_model_resumes_a_stopped_training_and_removes_the_kept_state(tmp_path, monkeypatch, caplog):
+    """The cache's training keeps its state beside the cache entry; a second request after a stop
+    resumes it (the cached weights equal those of a cache that was never stopped: another cache
+    root), and the kept state is removed once the model is cached."""
+    import logging
+
+    monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
+    _stop_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+    models = tmp_path / "cache" / "models"
+    kept = list(models.glob("*.resume.pt"))
+    assert len(kept) == 1
+    entry = kept[0].with_name(kept[0].name.replace(".resume.pt", ".pt"))
+    assert kept == [T.resume_path(entry)] and not entry.exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="wavesweep.train"):
+        a = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+    assert a.path == entry and a.train_info["resumed_at_epoch"] == 1
+    assert "resuming the training of MLP on digits after epoch 1 of 3" in caplog.text
+    assert not T.resume_path(entry).exists() and not list(models.glob("*.tmp"))
+    b = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False,
+                       cache_root=tmp_path / "never-stopped")
+    assert b.train_info["resumed_at_epoch"] == 0 and _same_state(a.model, b.model)
+    assert a.train_info["test_top1"] == b.train_info["test_top1"]
+
+
+def test_a_diverged_training_leaves_no_state_to_resume(tmp_path, monkeypatch):
+    """A training that diverges would diverge again from its kept state: the state goes with it."""
+    monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
+    with pytest.raises(ValueError, match="diverged"):
+        get_base_model("mlp", "digits", seed=0, train_config=dataclasses.replace(FAST, lr=1e6), device="cpu",
+                       progress=False)
+    assert not list((tmp_path / "cache" / "models").glob("*.pt"))
+
+
+@pytest.mark.slow  # two processes train, one stopped by a real SIGINT
+def test_wavesweep_train_stopped_by_ctrl_c_resumes_where_it_stopped(tmp_path):
+    """`wavesweep train` stopped by Ctrl-C (SIGINT to its process group, as a terminal sends it)
+    after its state was kept at the end of epoch 1: exit 130 with one line, no cache entry, the
+    state kept; run again, it says it resumes, and caches the weights of a training never stopped
+    (oracle: ``get_base_model`` in another cache, in this process)."""
+    import signal
+
+    env = {**os.environ, "WAVESWEEP_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(Path(T.__file__).parents[1])}
+    start = ("import sys, time, wavesweep.train as T\n"
+             "T.RESUME_EVERY_SECONDS = 0.0\n"
+             "real = T._save_resume\n"
+             "def kept_then_wait(*a, **k):\n"
+             "    real(*a, **k)\n"
+             "    print('KEPT', flush=True)\n"
+             "    time.sleep(120)\n"
+             "T._save_resume = kept_then_wait if sys.argv[1] == 'stop' else T._save_resume\n"
+             "from wavesweep.cli import run\n"
+             "run(['train', '--model', 'mlp', '--dataset', 'digits', '--device', 'cpu', '--quiet'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", start, "stop"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "KEPT", proc.stderr.read() if proc.poll() is not None else ""
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "wavesweep: interrupted" in err and "Traceback" not in err, err
+    models = tmp_path / "cache" / "models"
+    (kept,) = models.glob("*.resume.pt")
+    entry = kept.with_name(kept.name.replace(".resume.pt", ".pt"))
+    assert not entry.exists() and torch.load(kept, weights_only=True)["epoch"] == 1
+
+    again = subprocess.run([sys.executable, "-c", start, "go"], cwd=tmp_path, env=env, text=True,
+                           capture_output=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming the training of MLP on digits after epoch 1 of" in again.stderr
+    printed = json.loads(again.stdout)
+    assert printed["resumed_at_epoch"] == 1 and printed["path"] == str(entry) and not kept.exists()
+    oracle = get_base_model("mlp", "digits", seed=0, device="cpu", progress=False, cache_root=tmp_path / "never-stopped")
+    cached = torch.load(entry, weights_only=True)["state_dict"]
+    want = oracle.model.state_dict()
+    assert cached.keys() == want.keys() and all(torch.equal(cached[k], want[k]) for k in want)
+    assert printed["test_top1"] == oracle.train_info["test_top1"]

@@ -554,6 +554,28 @@ class _SeededEpochs(Sampler):
         return (self.end + self.batch_size - 1) // self.batch_size
 
 
+def loader_position(loader: DataLoader) -> dict[str, Any]:
+    """Where :func:`make_loader`'s ``loader`` stands between epochs: its shuffle generator's state
+    and (file datasets) the number of epochs it has started. :func:`set_loader_position` on a
+    loader made with the same arguments makes its next epoch the one this loader would give next
+    (the same order, the same per-example draws): how an interrupted training resumes."""
+    sampler = loader.batch_sampler if isinstance(loader.batch_sampler, _SeededEpochs) else loader.sampler
+    if not isinstance(sampler, (_TensorBatches, _SeededEpochs)):
+        raise TypeError(f"not a make_loader loader: its sampler is a {type(sampler).__name__}")
+    return {"generator": sampler.generator.get_state(), "epoch": getattr(sampler, "epoch", 0)}
+
+
+def set_loader_position(loader: DataLoader, position: dict[str, Any]) -> None:
+    """Put ``loader`` (from :func:`make_loader`, before its next epoch starts) at ``position``
+    (:func:`loader_position`)."""
+    sampler = loader.batch_sampler if isinstance(loader.batch_sampler, _SeededEpochs) else loader.sampler
+    if not isinstance(sampler, (_TensorBatches, _SeededEpochs)):
+        raise TypeError(f"not a make_loader loader: its sampler is a {type(sampler).__name__}")
+    sampler.generator.set_state(position["generator"])
+    if isinstance(sampler, _SeededEpochs):
+        sampler.epoch = int(position["epoch"])
+
+
 def shutdown_workers(loader: DataLoader) -> None:
     """Stop the (persistent) worker processes of ``loader`` now, not when it is collected."""
     it = getattr(loader, "_iterator", None)

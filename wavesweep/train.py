@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from wavesweep.data import (DatasetBundle, TensorImages, data_fingerprint, dataset_shape, load_dataset, make_loader,
-                            stopping_workers)
+from wavesweep.data import (DatasetBundle, TensorImages, data_fingerprint, dataset_shape, load_dataset, loader_position,
+                            make_loader, set_loader_position, stopping_workers)
 from wavesweep.evaluate import evaluate, resolve_device
 from wavesweep.models import (
     MODELS,
@@ -63,6 +63,9 @@ MOMENTUM = 0.9
 GRAPH_WARMUP_STEPS = 3
 #: the running loss is read from the device (a host sync on CUDA) once per this many steps
 LOSS_READ_EVERY = 50
+#: a training given a resume file saves its state there at the end of an epoch once this many
+#: seconds have passed since it started or last saved (ResNet-18 with AdamW: a 135 MB file)
+RESUME_EVERY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,17 @@ class _ScheduleFeed:
             self.sched.step()
             self._feed()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's position (its shadow optimizer's and scheduler's state)."""
+        return {"shadow": self.shadow.state_dict(), "sched": None if self.sched is None else self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Back to the position :meth:`state_dict` gave, and that step's ``lr`` into the optimizer."""
+        self.shadow.load_state_dict(state["shadow"])
+        if self.sched is not None:
+            self.sched.load_state_dict(state["sched"])
+        self._feed()
+
 
 class _GraphedStep:
     """One training step (forward, loss, backward, optimizer step) captured as a CUDA graph,
@@ -375,6 +389,8 @@ def train_model(
     *,
     device: str | torch.device = "auto",
     progress: bool = True,
+    resume: str | os.PathLike | None = None,
+    resume_key: str = "",
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``bundle.train`` and evaluate on ``bundle.test``.
 
@@ -388,6 +404,18 @@ def train_model(
     model ends in eval mode on CPU, float32, in contiguous memory format (checkpoints and
     state dicts have the usual layout whatever ran). Weights or buffers that end NaN or infinite
     (a diverged training) are a ValueError naming the tensor and the lr.
+
+    ``resume``: a file that keeps the training's state between epochs (weights, optimizer and
+    schedule state, the data order's generator, the random state, the running loss, the epochs
+    and seconds done), written atomically at the end of an epoch once
+    :data:`RESUME_EVERY_SECONDS` have passed since the last write. A training stopped (Ctrl-C,
+    SIGTERM, a lost machine) and started again with the same file, ``resume_key``, config,
+    device type and model resumes after the last saved epoch, into the same weights on CPU as
+    a training never stopped (test: bit for bit). A file of another key, config or device, or
+    one that cannot be read, is set aside with a log line and the training starts afresh. The
+    caller removes the file once the trained model is kept (:func:`get_base_model` does);
+    ``train_info["resumed_at_epoch"]`` says where it resumed (0: from the start) and
+    ``seconds`` counts the epochs done before the stop too.
     """
     if bundle.train is None:
         raise ValueError(f"dataset {bundle.name!r} has no train split; use pretrained weights or a checkpoint")
@@ -427,6 +455,20 @@ def train_model(
     else:
         opt = _optimizer(model.parameters(), config)
         sched, feed = _scheduler(opt, config, steps), None
+    kept_at = Path(resume) if resume is not None else None
+    identity = {"key": str(resume_key), "config": asdict(config), "device": dev.type,
+                "model": type(model).__name__, "steps": steps}
+    saved = _read_resume(kept_at, identity) if kept_at is not None else None
+    start_epoch, done_seconds = 0, 0.0
+    if saved is not None:
+        _restore_training(saved, model, opt, sched, feed)
+        set_loader_position(loader, saved["loader"])
+        torch.set_rng_state(saved["rng_cpu"])
+        if dev.type == "cuda" and saved.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng_cuda"], dev)
+        start_epoch, done_seconds = int(saved["epoch"]), float(saved["seconds"])
+        log.info("resuming the training of %s on %s after epoch %d of %d (state kept in %s)",
+                 type(model).__name__, bundle.name, start_epoch, config.epochs, kept_at)
 
     def autocast(cache_enabled: bool = True) -> contextlib.AbstractContextManager:
         if config.amp == "bf16":  # no weight cache while a graph is captured (PyTorch's rule)
@@ -459,11 +501,17 @@ def train_model(
     step = 0
     graph: _GraphedStep | None = None
     graph_steps = 0
+    if saved is not None:
+        step, graph_steps, running = int(saved["step"]), int(saved["graph_steps"]), float(saved["running"])
+        if saved["ema"] is not None:
+            ema = torch.tensor(saved["ema"], dtype=torch.float32, device=dev)
+    first_step = step  # a resumed training warms up before capturing again, as a new one does
     side = torch.cuda.Stream(dev) if graphs else None
-    bar = tqdm(total=steps, desc=f"train {type(model).__name__} on {bundle.name}", disable=not progress)
+    bar = tqdm(total=steps, initial=step, desc=f"train {type(model).__name__} on {bundle.name}", disable=not progress)
+    last_save = t0
     # a file dataset's decoding workers (kept across epochs) stop with the training, or its failure
     with one_value_per_channel("batch_size", config.batch_size, model, examples=n_train), stopping_workers(loader):
-        for epoch in range(config.epochs):
+        for epoch in range(start_epoch, config.epochs):
             for x, y in loader:
                 x, y = x.to(dev, non_blocking=non_blocking), torch.as_tensor(y).to(dev, non_blocking=non_blocking)
                 if channels_last and x.dim() == 4:
@@ -472,7 +520,7 @@ def train_model(
                 if graph is not None and full:
                     loss = graph.replay(x, y)
                     graph_steps += 1
-                elif graphs and full and step >= GRAPH_WARMUP_STEPS:
+                elif graphs and full and step - first_step >= GRAPH_WARMUP_STEPS:
                     loss = lv = None  # no earlier step's autograd nodes alive while capturing
                     graph = _GraphedStep.capture(x, y, forward_loss, opt)
                     loss = graph.replay(x, y)
@@ -498,10 +546,22 @@ def train_model(
             if ema is not None:
                 running = ema.item()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{running:.3f}", refresh=False)
+            now = time.perf_counter()
+            if kept_at is not None and epoch + 1 < config.epochs and now - last_save >= RESUME_EVERY_SECONDS:
+                _save_resume(kept_at, identity, {
+                    "epoch": epoch + 1, "step": step, "graph_steps": graph_steps, "running": running,
+                    "ema": None if ema is None else float(ema.item()), "seconds": done_seconds + now - t0,
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "schedule": (sched.state_dict() if sched is not None
+                                 else feed.state_dict() if feed is not None else None),
+                    "loader": loader_position(loader), "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                })
+                last_save = time.perf_counter()
     bar.close()
     if dev.type == "cuda":  # the clock stops when the GPU has finished, not when it was asked
         torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - t0
+    seconds = done_seconds + time.perf_counter() - t0
     model.eval()
     # A diverged training (lr too high) is not a base model: cached, it was refused on loading as a
     # damaged file, trained again into the same NaN weights, and the error named the cache file.
@@ -525,10 +585,70 @@ def train_model(
         "dropped_per_epoch": int(drop_last),
         "n_test": result.n,
         "graph_steps": graph_steps,
+        "resumed_at_epoch": start_epoch,
         "config": asdict(config),
     }
     log.info("trained %s on %s: top1 %.4f in %.1f s", type(model).__name__, bundle.name, result.top1, seconds)
     return info
+
+
+def _restore_training(saved: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                      feed: _ScheduleFeed | None) -> None:
+    """Weights, optimizer and schedule back to a kept state (:func:`_save_resume`'s). A graphed
+    step's optimizer keeps its own ``lr`` tensors, which the captured step reads on the device
+    (``load_state_dict`` would put the kept ones, on the CPU, in their place); the feed fills them."""
+    model.load_state_dict(saved["model"])
+    lrs = [group["lr"] for group in opt.param_groups]
+    opt.load_state_dict(saved["optimizer"])
+    if feed is not None:
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
+        feed.load_state_dict(saved["schedule"])
+    elif sched is not None:
+        sched.load_state_dict(saved["schedule"])
+
+
+def _save_resume(path: Path, identity: dict[str, Any], state: dict[str, Any]) -> None:
+    """Write a training's state (:func:`train_model`'s ``resume``) atomically: tensors on the CPU,
+    readable with ``weights_only=True``."""
+    def host(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.detach().cpu()
+        if isinstance(x, dict):
+            return {k: host(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(host(v) for v in x)
+        return x
+
+    with atomic_write(path) as fh:
+        torch.save({"identity": json.dumps(identity, sort_keys=True), **host(state)}, fh)
+    log.info("training state after epoch %d kept in %s", state["epoch"], path)
+
+
+def _read_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The state :func:`_save_resume` kept in ``path`` for a training of ``identity``; None (the
+    training starts afresh) where there is none, or it is of another training or unreadable:
+    such a file is removed, with a log line saying why."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        theirs = json.loads(saved["identity"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: a fresh start, not an error
+        why = f"it cannot be read ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+    else:
+        if theirs == json.loads(json.dumps(identity, sort_keys=True)):
+            return saved
+        differ = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
+        why = f"it is the state of another training (its {', '.join(differ)} differ)"
+    log.warning("training state %s is not used, %s: training from the start", path, why)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def resume_path(path: Path) -> Path:
+    """Where the training of the base model cached at ``path`` keeps its state until it is done."""
+    return path.with_name(path.stem + ".resume.pt")
 
 
 # --------------------------------------------------------------------------- cache
@@ -617,7 +737,13 @@ def get_base_model(
                          "image_size": bundle.image_size}
                 torch.manual_seed(seed)  # weight init
                 model = build_model(model_name, **shape)
-                info = train_model(model, bundle, config, device=device, progress=progress)
+                kept = resume_path(path)
+                try:
+                    info = train_model(model, bundle, config, device=device, progress=progress,
+                                       resume=kept, resume_key=path.name)
+                except ValueError:  # diverged (or refused): resuming would reach the same end
+                    kept.unlink(missing_ok=True)
+                    raise
                 meta = {"model_name": model_name, "dataset_name": dataset_name, "seed": seed,
                         "build_kwargs": shape, "train_info": info, "dataset_info": _jsonable(bundle.info),
                         "data_fingerprint": fingerprint}
@@ -625,6 +751,7 @@ def get_base_model(
                 # meta as a JSON string: loadable with weights_only=True
                 with atomic_write(path) as fh:
                     torch.save({"state_dict": state, "meta": json.dumps(meta)}, fh)
+                kept.unlink(missing_ok=True)  # the model is kept: its training state is not needed
                 log.info("cached base model %s", path)
             else:
                 log.info("using cached base model %s", path)
