@@ -96,6 +96,9 @@ def test_register_leaves_the_source_run_unchanged(trial_run):
     mv = register_trial_model(run_id, name="unchanged", alias="champion")
     after = client.get_run(run_id)
     assert mv.run_id == run_id and str(mv.version) == "1"
+    # the version says every setting that decided which weights were pruned (the run's params)
+    for key in ("wavelet", "level", "percentile", "layout", "mode", "scope", "keep_approx", "targets", "recovery", "seed"):
+        assert mv.tags[key] == before.data.params[key], key
     assert (after.info.status, after.info.end_time, after.info.start_time) == (before.info.status, before.info.end_time, before.info.start_time)
     assert before.info.status == "FINISHED" and before.info.end_time is not None
     assert after.data.tags == before.data.tags

@@ -186,6 +186,8 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
     tags = {
         "method": method, "wavelet": cfg.wavelet, "level": cfg.level, "percentile": cfg.percentile,
         "layout": cfg.layout, "mode": cfg.mode, "model": cfg.model, "dataset": cfg.dataset,
+        # what else decides which weights were pruned: two models that differ only there differ here
+        "scope": cfg.scope, "keep_approx": cfg.keep_approx, "targets": cfg.targets,
         "recovery": cfg.recovery, "seed": cfg.seed,  # a bn and a finetune model of one configuration differ here only
         "top1": metrics.get(f"{prefix}top1"), "compression_ratio": metrics.get(f"{prefix}compression_ratio"),
         "stored_bytes": metrics.get(f"{prefix}stored_bytes"), "source_run_id": run.info.run_id,
