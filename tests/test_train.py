@@ -1207,6 +1207,7 @@ def test_wavesweep_train_stopped_by_ctrl_c_resumes_where_it_stopped(tmp_path):
     env = {**os.environ, "WAVESWEEP_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(Path(T.__file__).parents[1])}
     start = ("import sys, time, wavesweep.train as T\n"
              "T.RESUME_EVERY_SECONDS = 0.0\n"
+             f"T._DEFAULTS[('mlp', 'digits')] = T.{FAST!r}\n"  # 3 epochs, not 30
              "real = T._save_resume\n"
              "def kept_then_wait(*a, **k):\n"
              "    real(*a, **k)\n"
@@ -1237,7 +1238,8 @@ def test_wavesweep_train_stopped_by_ctrl_c_resumes_where_it_stopped(tmp_path):
     assert "resuming the training of MLP on digits after epoch 1 of" in again.stderr
     printed = json.loads(again.stdout)
     assert printed["resumed_at_epoch"] == 1 and printed["path"] == str(entry) and not kept.exists()
-    oracle = get_base_model("mlp", "digits", seed=0, device="cpu", progress=False, cache_root=tmp_path / "never-stopped")
+    oracle = get_base_model("mlp", "digits", seed=0, device="cpu", progress=False, train_config=FAST,
+                            cache_root=tmp_path / "never-stopped")
     cached = torch.load(entry, weights_only=True)["state_dict"]
     want = oracle.model.state_dict()
     assert cached.keys() == want.keys() and all(torch.equal(cached[k], want[k]) for k in want)
