@@ -1196,6 +1196,54 @@ def test_a_diverged_training_leaves_no_state_to_resume(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache" / "models").glob("*.pt"))
 
 
+def test_a_state_that_does_not_fit_on_the_disk_does_not_end_the_training(tmp_path, monkeypatch, caplog):
+    """The kept state (AdamW: three times the model) may not fit where the model does. A full disk
+    stopped the training with an OSError at its first write, and the model that would have fitted
+    was not cached; now it is one warning, the training goes on (no more writes tried) and the cached
+    model is that of a cache never stopped."""
+    import contextlib
+    import errno
+    import logging
+
+    from wavesweep import fileio
+
+    class Full:
+        def __init__(self, fh):
+            self.fh, self.n = fh, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write(2) says it: no file named
+            return self.fh.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    tries = []
+
+    @contextlib.contextmanager
+    def full_for_states(path, mode="wb"):
+        with fileio.atomic_write(path, mode) as fh:
+            if str(path).endswith(".resume.pt"):
+                tries.append(path)
+                yield Full(fh)
+            else:
+                yield fh
+
+    monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(T, "atomic_write", full_for_states)
+    with caplog.at_level(logging.WARNING, logger="wavesweep.train"):
+        a = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+    assert len(tries) == 1 and a.train_info["resumed_at_epoch"] == 0
+    lines = [r.getMessage() for r in caplog.records if "not kept" in r.getMessage()]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "goes on" in lines[0], caplog.text
+    assert not T.resume_path(a.path).exists() and not list(a.path.parent.glob("*.tmp"))
+    b = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False,
+                       cache_root=tmp_path / "never-stopped")
+    assert _same_state(a.model, b.model) and a.train_info["test_top1"] == b.train_info["test_top1"]
+
+
 @pytest.mark.slow  # two processes train, one stopped by a real SIGINT
 def test_wavesweep_train_stopped_by_ctrl_c_resumes_where_it_stopped(tmp_path):
     """`wavesweep train` stopped by Ctrl-C (SIGINT to its process group, as a terminal sends it)

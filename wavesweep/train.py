@@ -408,7 +408,8 @@ def train_model(
     ``resume``: a file that keeps the training's state between epochs (weights, optimizer and
     schedule state, the data order's generator, the random state, the running loss, the epochs
     and seconds done), written atomically at the end of an epoch once
-    :data:`RESUME_EVERY_SECONDS` have passed since the last write. A training stopped (Ctrl-C,
+    :data:`RESUME_EVERY_SECONDS` have passed since the last write (a write that fails, a full
+    disk, is a log line: the training goes on without keeping its state). A training stopped (Ctrl-C,
     SIGTERM, a lost machine) and started again with the same file, ``resume_key``, config,
     device type and model resumes after the last saved epoch, into the same weights on CPU as
     a training never stopped (test: bit for bit). A file of another key, config or device, or
@@ -509,6 +510,7 @@ def train_model(
     side = torch.cuda.Stream(dev) if graphs else None
     bar = tqdm(total=steps, initial=step, desc=f"train {type(model).__name__} on {bundle.name}", disable=not progress)
     last_save = t0
+    keeping = kept_at is not None  # False once a write of the state failed
     # a file dataset's decoding workers (kept across epochs) stop with the training, or its failure
     with one_value_per_channel("batch_size", config.batch_size, model, examples=n_train), stopping_workers(loader):
         for epoch in range(start_epoch, config.epochs):
@@ -547,16 +549,21 @@ def train_model(
                 running = ema.item()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{running:.3f}", refresh=False)
             now = time.perf_counter()
-            if kept_at is not None and epoch + 1 < config.epochs and now - last_save >= RESUME_EVERY_SECONDS:
-                _save_resume(kept_at, identity, {
-                    "epoch": epoch + 1, "step": step, "graph_steps": graph_steps, "running": running,
-                    "ema": None if ema is None else float(ema.item()), "seconds": done_seconds + now - t0,
-                    "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "schedule": (sched.state_dict() if sched is not None
-                                 else feed.state_dict() if feed is not None else None),
-                    "loader": loader_position(loader), "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                })
+            if keeping and epoch + 1 < config.epochs and now - last_save >= RESUME_EVERY_SECONDS:
+                try:
+                    _save_resume(kept_at, identity, {
+                        "epoch": epoch + 1, "step": step, "graph_steps": graph_steps, "running": running,
+                        "ema": None if ema is None else float(ema.item()), "seconds": done_seconds + now - t0,
+                        "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "schedule": (sched.state_dict() if sched is not None
+                                     else feed.state_dict() if feed is not None else None),
+                        "loader": loader_position(loader), "rng_cpu": torch.get_rng_state(),
+                        "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                    })
+                except OSError as exc:  # a full disk: the state is a safeguard, not the training's result
+                    keeping = False  # each try would fill the disk again; a kept earlier state stays valid
+                    log.warning("training state after epoch %d not kept (%s: %s): the training goes on without "
+                                "keeping its state", epoch + 1, type(exc).__name__, exc)
                 last_save = time.perf_counter()
     bar.close()
     if dev.type == "cuda":  # the clock stops when the GPU has finished, not when it was asked
