@@ -1244,6 +1244,43 @@ def test_a_state_that_does_not_fit_on_the_disk_does_not_end_the_training(tmp_pat
     assert _same_state(a.model, b.model) and a.train_info["test_top1"] == b.train_info["test_top1"]
 
 
+def test_a_training_stopped_by_an_unreadable_image_keeps_its_state(tmp_path, monkeypatch):
+    """An image file that cannot be read (a ValueError naming it) stopped the training after epoch 1
+    was kept: the kept state was removed with it, as a diverged training's is, and with the file
+    back (the same data, the same cache entry) the training started again from epoch 0. Only a
+    diverged training removes it; this one resumes after epoch 1 into the weights of a cache never
+    stopped."""
+    from wavesweep import data
+
+    root = tmp_path / "images"
+    _tiny_imagefolder(root)
+    config = TrainConfig(epochs=3, batch_size=4, lr=1e-2)
+    monkeypatch.setattr(data, "default_num_workers", lambda: 0)
+    monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
+    victim = sorted((root / "train" / "a").iterdir())[0]
+    away = victim.with_name(victim.name + ".away")
+    real = T._save_resume
+
+    def save_then_hide(path, identity, state):
+        real(path, identity, state)
+        if state["epoch"] == 1:
+            victim.rename(away)  # gone for a moment (a network share, a sync tool)
+
+    monkeypatch.setattr(T, "_save_resume", save_then_hide)
+    get = lambda **kw: get_base_model("cnn", "imagefolder", data_root=root, image_size=16, seed=0,  # noqa: E731
+                                      train_config=config, device="cpu", progress=False, **kw)
+    with pytest.raises(ValueError, match="cannot be read"):
+        get()
+    (kept,) = (tmp_path / "cache" / "models").glob("*.resume.pt")
+    assert torch.load(kept, weights_only=True)["epoch"] == 1
+    away.rename(victim)
+    monkeypatch.setattr(T, "_save_resume", real)
+    a = get()
+    assert a.train_info["resumed_at_epoch"] == 1 and not kept.exists()
+    b = get(cache_root=tmp_path / "never-stopped")
+    assert b.path.name == a.path.name and _same_state(a.model, b.model)
+
+
 @pytest.mark.slow  # two processes train, one stopped by a real SIGINT
 def test_wavesweep_train_stopped_by_ctrl_c_resumes_where_it_stopped(tmp_path):
     """`wavesweep train` stopped by Ctrl-C (SIGINT to its process group, as a terminal sends it)

@@ -413,8 +413,9 @@ def train_model(
     SIGTERM, a lost machine) and started again with the same file, ``resume_key``, config,
     device type and model resumes after the last saved epoch, into the same weights on CPU as
     a training never stopped (test: bit for bit). A file of another key, config or device, or
-    one that cannot be read, is set aside with a log line and the training starts afresh. The
-    caller removes the file once the trained model is kept (:func:`get_base_model` does);
+    one that cannot be read, is set aside with a log line and the training starts afresh. A
+    training that diverges removes the file (resumed, it would diverge again); any other error
+    leaves it. The caller removes the file once the trained model is kept (:func:`get_base_model` does);
     ``train_info["resumed_at_epoch"]`` says where it resumed (0: from the start) and
     ``seconds`` counts the epochs done before the stop too.
     """
@@ -574,6 +575,8 @@ def train_model(
     # damaged file, trained again into the same NaN weights, and the error named the cache file.
     bad = next((k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:
+        if kept_at is not None:  # resumed, it would diverge again: not a state to resume from
+            kept_at.unlink(missing_ok=True)
         raise ValueError(f"training {type(model).__name__} on {bundle.name} diverged: tensor {bad!r} holds NaN or infinite "
                          f"values after {config.epochs} epoch(s) (train loss {running:.4g}) with lr={config.lr!r}; "
                          "use a lower lr")  # fmt: skip
@@ -745,12 +748,10 @@ def get_base_model(
                 torch.manual_seed(seed)  # weight init
                 model = build_model(model_name, **shape)
                 kept = resume_path(path)
-                try:
-                    info = train_model(model, bundle, config, device=device, progress=progress,
-                                       resume=kept, resume_key=path.name)
-                except ValueError:  # diverged (or refused): resuming would reach the same end
-                    kept.unlink(missing_ok=True)
-                    raise
+                # a diverged training removes the kept state itself; any other error (an image file
+                # that could not be read for a moment) leaves it to resume from
+                info = train_model(model, bundle, config, device=device, progress=progress,
+                                   resume=kept, resume_key=path.name)
                 meta = {"model_name": model_name, "dataset_name": dataset_name, "seed": seed,
                         "build_kwargs": shape, "train_info": info, "dataset_info": _jsonable(bundle.info),
                         "data_fingerprint": fingerprint}
