@@ -1187,6 +1187,26 @@ def test_get_base_model_resumes_a_stopped_training_and_removes_the_kept_state(tm
     assert a.train_info["test_top1"] == b.train_info["test_top1"]
 
 
+def test_a_write_of_the_state_killed_midway_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A process killed while it writes the kept state leaves atomic_write's temporary file (never
+    read: the kept state is the one renamed before); the next training of the entry, resuming,
+    removes it. It stayed in the cache, one per kill, up to 135 MB each (ResNet-18, AdamW)."""
+    monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
+    _stop_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+    monkeypatch.undo()
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
+    (kept,) = (tmp_path / "cache" / "models").glob("*.resume.pt")
+    half = kept.with_name(f".{kept.name}.k9x2ab7q.tmp")  # as tempfile.mkstemp names atomic_write's
+    half.write_bytes(kept.read_bytes()[:1000])
+    other = kept.with_name(".other-entry.resume.pt.k9x2ab7q.tmp")  # another entry's: not this lock's
+    other.write_bytes(b"x")
+    a = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+    assert a.train_info["resumed_at_epoch"] == 1
+    assert not half.exists() and not kept.exists() and other.exists()
+
+
 def test_a_diverged_training_leaves_no_state_to_resume(tmp_path, monkeypatch):
     """A training that diverges would diverge again from its kept state: the state goes with it."""
     monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -748,6 +749,10 @@ def get_base_model(
                 torch.manual_seed(seed)  # weight init
                 model = build_model(model_name, **shape)
                 kept = resume_path(path)
+                # a write of the state killed midway (SIGKILL, a lost machine) leaves its temporary
+                # file, never read (up to 135 MB); only this entry's training, under this lock, writes one
+                for left in path.parent.glob(f".{glob.escape(kept.name)}.*.tmp"):
+                    left.unlink(missing_ok=True)
                 # a diverged training removes the kept state itself; any other error (an image file
                 # that could not be read for a moment) leaves it to resume from
                 info = train_model(model, bundle, config, device=device, progress=progress,
