@@ -1185,6 +1185,10 @@ def test_get_base_model_resumes_a_stopped_training_and_removes_the_kept_state(tm
                        cache_root=tmp_path / "never-stopped")
     assert b.train_info["resumed_at_epoch"] == 0 and _same_state(a.model, b.model)
     assert a.train_info["test_top1"] == b.train_info["test_top1"]
+    # a process stopped after caching the model but before removing the state: the next request removes it
+    T.resume_path(entry).write_bytes(b"left by a process killed after it cached the model")
+    c = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+    assert c.checksum == a.checksum and not T.resume_path(entry).exists()
 
 
 def test_a_write_of_the_state_killed_midway_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -414,7 +414,7 @@ def train_model(
     SIGTERM, a lost machine) and started again with the same file, ``resume_key``, config,
     device type and model resumes after the last saved epoch, into the same weights on CPU as
     a training never stopped (test: bit for bit). A file of another key, config or device, or
-    one that cannot be read, is set aside with a log line and the training starts afresh. A
+    one that cannot be read, is removed with a log line and the training starts afresh. A
     training that diverges removes the file (resumed, it would diverge again); any other error
     leaves it. The caller removes the file once the trained model is kept (:func:`get_base_model` does);
     ``train_info["resumed_at_epoch"]`` says where it resumed (0: from the start) and
@@ -768,6 +768,8 @@ def get_base_model(
                 log.info("cached base model %s", path)
             else:
                 log.info("using cached base model %s", path)
+                # a process stopped between caching the model and removing its training's state
+                resume_path(path).unlink(missing_ok=True)
             signature = _file_signature(path)
         try:
             model, meta, checksum = _load_hashed(model_name, path, lambda meta: meta["build_kwargs"])
