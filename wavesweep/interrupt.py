@@ -158,6 +158,20 @@ def ignore_until_exit() -> None:
     if threading.current_thread() is threading.main_thread():
         for s in _STOPS:
             signal.signal(s, signal.SIG_IGN)
+    _forget_unhandled_interrupt()
+
+
+def _forget_unhandled_interrupt() -> None:
+    """CPython kills a ``python -m`` process (MLproject's commands) with SIGINT at its exit, status
+    -2 whatever code it exits with, when a KeyboardInterrupt went unhandled; and it records one as
+    unhandled whenever it comes out of code that ``exec()`` or ``eval()`` of a string ran, caught
+    later or not (a plain KeyboardInterrupt: Ctrl-C; SIGTERM's ``Terminated`` is not recorded).
+    Imports run such code all the time (every dataclass and namedtuple defines its methods so): a
+    Ctrl-C landing there was handled (one line, runs KILLED, 130) and then killed the process by
+    the signal, unless another such ``exec()`` ran before the exit, as each one clears the record
+    before it runs its code. This empty one does that. Called once the stop is handled and the
+    signals are ignored: no KeyboardInterrupt can come after it."""
+    exec("")  # noqa: S102 - an empty program: its only effect is that reset
 
 
 @contextlib.contextmanager
