@@ -400,3 +400,286 @@ def test_mlflow_run_replicates_adopts_the_launched_run_as_the_configuration_run(
     assert len(lines) == 1 and "replicates='0'" in lines[0], bad.stderr[-2000:]
     (failed,) = [r for v in _runs_by_kind(client, "bad").values() for r in v]
     assert failed.info.status == "FAILED" and "replicates='0'" in failed.data.tags["error"]
+
+
+# --------------------------------------------------------------------------- resuming a stopped configuration (slow)
+
+RESUME = ["--model", "cnn", "--eval-limit", "40", "--timing-batches", "0", "--wavelet", "haar", "--level", "2", "--recovery", "none"]
+
+
+def _resume_cfg(**changes) -> TrialConfig:
+    return TrialConfig(**{"model": "cnn", "eval_limit": 40, "timing_batches": 0, "wavelet": "haar", "level": 2, "recovery": "none", **changes})
+
+
+def _replicate_spy(monkeypatch):
+    """Spy on the replicates a configuration runs (their seeds); ``stops[seed]`` is raised in place of
+    running that seed (a cheap stop, before its trial run exists); ``inside[seed]`` is raised, or
+    for ``"SIGINT"`` sent as a real Ctrl-C, inside that seed's trial (its run exists, closed by it)."""
+    import os
+    import signal
+    import time
+
+    from wavesweep import tracked_config, tracked_trial
+
+    calls, stops, inside = [], {}, {}
+    real_tracked, real_trial = tracked_config.run_tracked_trial, tracked_trial.run_trial
+
+    def spy(cfg, **kwargs):
+        calls.append(cfg.seed)
+        if cfg.seed in stops:
+            raise stops.pop(cfg.seed)
+        return real_tracked(cfg, **kwargs)
+
+    def trial(cfg, *args, **kwargs):
+        stop = inside.pop(cfg.seed, None)
+        if stop == "SIGINT":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)
+            raise AssertionError("SIGINT did not stop the trial")
+        if stop is not None:
+            raise stop
+        return real_trial(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(tracked_config, "run_tracked_trial", spy)
+    monkeypatch.setattr(tracked_trial, "run_trial", trial)
+    return calls, stops, inside
+
+
+def _children(client, run_id: str) -> list:
+    """The runs nested below ``run_id`` as MLflow finds them (its UI nests by this tag)."""
+    exp = client.get_run(run_id).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{run_id}'")
+
+
+def _csv(client, run_id: str, folder) -> str:
+    return open(client.download_artifacts(run_id, "replicates.csv", str(folder))).read()
+
+
+@pytest.mark.slow
+def test_a_stopped_configuration_resumes_where_it_stopped(workdir, monkeypatch, capsys, tmp_path):
+    """An error in replicate 1 of 3, then a real Ctrl-C in replicate 2 of the next attempt: the
+    third attempt runs replicate 2 only, takes replicates 0 and 1 over (moved below it, tagged
+    where from), and its aggregates, replicates.csv and printed summary equal those of the same
+    configuration run without a stop, exactly; a FINISHED configuration is never resumed from."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from wavesweep import tracking
+    from wavesweep.study.objective import replicate_record
+    from wavesweep.tracked_config import ConfigurationOutcome, results_of_run, run_tracked_configuration
+
+    cfg = _resume_cfg()
+    oracle = run_tracked_configuration(cfg, 3, experiment="oracle")  # the same configuration, never stopped
+    client = MlflowClient()
+    calls, stops, inside = _replicate_spy(monkeypatch)
+
+    # attempt 1: an error in replicate 1
+    inside[1] = RuntimeError("disk on fire")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run_tracked_configuration(cfg, 3)
+    assert calls == [0, 1]
+    (c1,) = _runs_by_kind(client)["configuration"]
+    assert c1.info.status == "FAILED"
+    r0 = next(r for r in _children(client, c1.info.run_id) if r.data.tags["replicate"] == "0")
+
+    # attempt 2 (the CLI): replicate 0 reused, replicate 1 run, a real Ctrl-C in replicate 2
+    calls.clear()
+    inside[2] = "SIGINT"
+    assert cli.main(["trial", *RESUME, "--replicates", "3", "-q"]) == 130
+    out = capsys.readouterr().out
+    assert calls == [1, 2]  # replicate 0 is not run again
+    c2 = next(r for r in _runs_by_kind(client)["configuration"] if r.info.run_id != c1.info.run_id)
+    assert c2.info.status == "KILLED"
+    assert f"replicate 0 (seed 0): reused FINISHED run {r0.info.run_id} of interrupted configuration {c1.info.run_id}" in out
+    assert "replicate 0 of 3" not in out and "replicate 1 of 3 (seed 1):" in out
+    moved = client.get_run(r0.info.run_id)
+    assert moved.data.tags["mlflow.parentRunId"] == c2.info.run_id and moved.data.tags["resumed_from"] == c1.info.run_id
+    c1 = client.get_run(c1.info.run_id)
+    assert (c1.data.tags["resumed_by"], c1.data.tags["resumed_replicates"]) == (c2.info.run_id, "0")
+    r1 = next(r for r in _children(client, c2.info.run_id) if r.data.tags["replicate"] == "1" and r.info.status == "FINISHED")
+
+    # attempt 3 (the CLI): replicates 0 and 1 reused from attempt 2's configuration, replicate 2 run
+    calls.clear()
+    assert cli.main(["trial", *RESUME, "--replicates", "3", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [2]
+    runs = _runs_by_kind(client)
+    (c3,) = [r for r in runs["configuration"] if r.info.status == "FINISHED"]
+    for i, r in enumerate((r0, r1)):
+        line = f"replicate {i} (seed {i}): reused FINISHED run {r.info.run_id} of interrupted configuration {c2.info.run_id}"
+        assert line in out
+    assert "replicate 2 of 3 (seed 2):" in out and "replicate 0 of 3" not in out and "replicate 1 of 3" not in out
+    assert "\n".join(replicates.summary_lines(oracle.aggregates)) in out  # what an uninterrupted run prints
+    # the replicates are the configuration's children, each with its own method runs, nothing RUNNING
+    kids = sorted(_children(client, c3.info.run_id), key=lambda r: int(r.data.tags["replicate"]))
+    assert [(r.data.tags["replicate"], r.data.params["seed"], r.info.status) for r in kids] == [
+        ("0", "0", "FINISHED"), ("1", "1", "FINISHED"), ("2", "2", "FINISHED")]  # fmt: skip
+    assert [k.info.run_id for k in kids[:2]] == [r0.info.run_id, r1.info.run_id]
+    assert [k.data.tags.get("resumed_from") for k in kids] == [c2.info.run_id, c2.info.run_id, None]
+    for k in kids:
+        assert sorted(m.data.tags["method"] for m in _children(client, k.info.run_id)) == ["dwt", "magnitude", "random"]
+    c2 = client.get_run(c2.info.run_id)
+    assert (c2.info.status, c2.data.tags["resumed_by"], c2.data.tags["resumed_replicates"]) == ("KILLED", c3.info.run_id, "0,1")
+    assert c3.data.tags["reused_replicates"] == "0,1"
+    assert not [r for v in runs.values() for r in v if r.info.status == "RUNNING"]
+    # nothing recorded is lost: the failed and killed replicates stay below their configurations
+    assert sorted((r.data.tags["replicate"], r.info.status) for r in runs["trial"]) == [
+        ("0", "FINISHED"), ("1", "FAILED"), ("1", "FINISHED"), ("2", "FINISHED"), ("2", "KILLED")]  # fmt: skip
+    assert len(runs["method"]) == 3 * 3  # the FINISHED ones' (the stopped ones stopped before theirs)
+    # exactly the numbers of the uninterrupted configuration
+    got = {k: v for k, v in c3.data.metrics.items() if k in oracle.aggregates}
+    assert got == oracle.aggregates and set(oracle.aggregates) <= set(c3.data.metrics)
+    (o,) = _runs_by_kind(client, "oracle")["configuration"]
+    assert {k: v for k, v in o.data.metrics.items() if k in oracle.aggregates} == got
+    assert_aggregates_recomputed(c3, kids)
+    mine, theirs = _csv(client, c3.info.run_id, tmp_path / "a"), _csv(client, o.info.run_id, tmp_path / "b")
+    for rid, orid in zip([k.info.run_id for k in kids], oracle.run_ids):
+        mine = mine.replace(rid, orid)
+    assert mine == theirs  # the same text: columns, order, every number
+    table = pd.read_csv(tmp_path / "a" / "replicates.csv")
+    assert list(table["run_id"]) == [k.info.run_id for k in kids]
+    # a study's record of the configuration: the same from replicate runs read back as from the results
+    resumed = ConfigurationOutcome(run_id=c3.info.run_id, config_id=c3.data.tags["config_id"], results=[None] * 3,
+                                   run_ids=[k.info.run_id for k in kids], metrics=[results_of_run(k) for k in kids],
+                                   aggregates=oracle.aggregates)  # fmt: skip
+    assert resumed.metrics == oracle.metrics
+    want = replicate_record(replicates.means(oracle.aggregates), oracle)
+    got_record = replicate_record(replicates.means(oracle.aggregates), resumed, client)
+    assert got_record.pop("replicate_run_ids") == ",".join(k.info.run_id for k in kids)
+    want.pop("replicate_run_ids")
+    assert got_record == want and want["examples_evaluated"] == 3 * 3 * 40
+
+    # a FINISHED configuration is never resumed from: the next attempt runs replicate 0 again
+    calls.clear()
+    stops[0] = RuntimeError("stop before running")
+    with pytest.raises(RuntimeError, match="stop before running"):
+        run_tracked_configuration(cfg, 3)
+    assert calls == [0]
+    assert [r.info.run_id for r in _children(client, c3.info.run_id)] and all(
+        client.get_run(k.info.run_id).data.tags["mlflow.parentRunId"] == c3.info.run_id for k in kids)  # fmt: skip
+    assert tracking.run_status(client, c3.info.run_id) == "FINISHED"
+
+
+@pytest.mark.slow
+def test_only_the_same_configuration_resumes_and_what_is_moved_stays_found(workdir, monkeypatch):
+    """A replicate is reused only by the same configuration (another percentile, another base seed,
+    another code version: nothing), never from below a RUNNING configuration (a live process took
+    it), is still found after a stop between moving it and tagging the configuration it left, or
+    after a process killed once it moved it; and the run ``mlflow run`` created resumes as well."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from wavesweep import tracked_config, tracking
+    from wavesweep.tracked_config import run_tracked_configuration
+
+    client, exp = tracking.init_tracking()
+    calls, stops, inside = _replicate_spy(monkeypatch)
+    cfg = _resume_cfg()
+    inside[1] = RuntimeError("disk on fire")
+    with pytest.raises(RuntimeError):
+        run_tracked_configuration(cfg, 2)
+    (old,) = _runs_by_kind(client)["configuration"]
+    (r0,) = [r for r in _children(client, old.info.run_id) if r.info.status == "FINISHED"]
+
+    def first_run(c: TrialConfig) -> list[int]:
+        """The seeds the configuration ``c`` starts to run (stopped before the first one runs)."""
+        calls.clear()
+        stops[c.seed], stops[c.seed + 1] = RuntimeError("stop"), RuntimeError("stop")
+        with pytest.raises(RuntimeError, match="stop"):
+            run_tracked_configuration(c, 2)
+        stops.clear()
+        return list(calls)
+
+    assert first_run(_resume_cfg(percentile=70.0)) == [0]  # another configuration
+    assert first_run(_resume_cfg(seed=1)) == [1]  # the same config_id, other seeds: replicate 0 is seed 1
+    with monkeypatch.context() as m:
+        m.setattr(tracking, "code_version", lambda: "0.0.0+elsewhere")
+        assert first_run(cfg) == [0]  # other code: other numbers, maybe
+    # below a RUNNING configuration (another process moved it there and is running): left alone
+    live = client.create_run(exp, tags={"wavesweep.kind": "configuration", "config_id": old.data.tags["config_id"],
+                                        tracking.PROCESS_TAG: tracking.process_id()}).info.run_id  # fmt: skip
+    client.set_tag(r0.info.run_id, "mlflow.parentRunId", live)
+    assert first_run(cfg) == [0]
+    client.set_terminated(live, "FINISHED")  # and a FINISHED one is never resumed from
+    assert first_run(cfg) == [0]
+    client.set_tag(r0.info.run_id, "mlflow.parentRunId", old.info.run_id)
+    assert client.get_run(r0.info.run_id).data.tags["mlflow.parentRunId"] == old.info.run_id
+    # a Ctrl-C between moving the replicate and tagging the configuration it left
+    real = tracking.log_batch
+
+    def stop_on_the_old_tag(client_, run_id, **kwargs):
+        if "resumed_by" in (kwargs.get("tags") or {}):
+            raise KeyboardInterrupt
+        return real(client_, run_id, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(tracking, "log_batch", stop_on_the_old_tag)
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            run_tracked_configuration(cfg, 2)
+    assert calls == []
+    interrupted = client.get_run(client.get_run(r0.info.run_id).data.tags["mlflow.parentRunId"])
+    assert interrupted.info.run_id != old.info.run_id and interrupted.info.status == "KILLED"
+    assert client.get_run(r0.info.run_id).info.status == "FINISHED"
+    # a process killed (kill -9) once it moved the replicate: its configuration stays RUNNING until
+    # the next command closes it KILLED, and that command finds the replicate below it
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    gone_tag = tracking.process_id(gone.pid)
+    gone.kill()
+    gone.wait()
+    dead = client.create_run(exp, tags={"wavesweep.kind": "configuration", "config_id": old.data.tags["config_id"],
+                                        tracking.PROCESS_TAG: gone_tag}).info.run_id  # fmt: skip
+    client.set_tag(r0.info.run_id, "mlflow.parentRunId", dead)
+    # the run `mlflow run` created (adopted as the configuration run) resumes from it
+    launched = client.create_run(exp).info.run_id
+    calls.clear()
+    out = run_tracked_configuration(cfg, 2, adopt_run_id=launched)
+    assert calls == [1] and out.run_id == launched and out.reused == {0: dead}
+    assert out.results[0] is None and out.results[1] is not None
+    assert tracking.run_status(client, dead) == "KILLED"
+    kids = sorted(_children(client, launched), key=lambda r: int(r.data.tags["replicate"]))
+    assert [k.info.run_id for k in kids][:1] == [r0.info.run_id] and len(kids) == 2
+    assert kids[0].data.tags["resumed_from"] == dead and client.get_run(dead).data.tags["resumed_by"] == launched
+    assert out.metrics[0] == tracked_config.results_of_run(kids[0])
+    assert_aggregates_recomputed(client.get_run(launched), kids)
+    assert client.get_run(launched).data.tags["reused_replicates"] == "0"
+
+
+@pytest.mark.slow
+def test_a_study_trial_stopped_in_a_replicate_resumes_it_on_the_next_launch(workdir, tiny_weights, monkeypatch):
+    """Ctrl-C in replicate 1 of a study trial over 2 seeds: the next launch retries the trial, which
+    takes replicate 0 over from the stopped configuration (below the same study run) and runs
+    replicate 1 only; its values and record are those of its two replicate runs."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from wavesweep import study
+
+    calls, _, inside = _replicate_spy(monkeypatch)
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, replicates=2, n_trials=1, space={"percentile": [40]})
+    inside[1] = "SIGINT"
+    assert cli.main(["study", str(spec), "-q"]) == 130
+    assert calls == [0, 1]
+    calls.clear()
+    assert cli.main(["study", str(spec), "-q"]) == 0
+    assert calls == [1]  # replicate 0 is not run again
+    trials = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] and trials[0].user_attrs["interrupted"] is True
+    client = MlflowClient()
+    old, new = (client.get_run(t.user_attrs["mlflow_run_id"]) for t in trials)
+    assert old.info.status == "KILLED" and old.data.tags["resumed_by"] == new.info.run_id
+    assert old.data.tags["mlflow.parentRunId"] == new.data.tags["mlflow.parentRunId"]  # the study run
+    reps = sorted(_children(client, new.info.run_id), key=lambda r: int(r.data.tags["replicate"]))
+    assert [(r.data.params["seed"], r.info.status, r.data.tags.get("resumed_from")) for r in reps] == [
+        ("0", "FINISHED", old.info.run_id), ("1", "FINISHED", None)]  # fmt: skip
+    t = trials[1]
+    assert t.user_attrs["replicate_run_ids"] == ",".join(r.info.run_id for r in reps)
+    assert t.value == pytest.approx(np.mean([r.data.metrics["val_top1"] for r in reps]), abs=1e-12)  # selected on validation
+    assert_aggregates_recomputed(new, reps)
+    scored = sum(3 * (int(r.data.metrics["n_eval"]) * (1 + (r.data.params["recovery"] != "none")) + int(r.data.metrics["n_val"]))
+                 for r in reps)  # fmt: skip
+    assert t.user_attrs["examples_evaluated"] == scored and t.user_attrs["num_classes"] == 10
+    assert "level_effective_min" in t.user_attrs and "layers_below_requested_level" in t.user_attrs

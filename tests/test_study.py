@@ -1088,7 +1088,7 @@ def test_examples_evaluated_counts_every_scoring_pass_of_the_pruned_models(tmp_p
 
     from wavesweep import train, trial
     from wavesweep.models import build_model
-    from wavesweep.study.objective import trial_record
+    from wavesweep.study.objective import examples_scored_of, trial_record
 
     monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
@@ -1102,3 +1102,4 @@ def test_examples_evaluated_counts_every_scoring_pass_of_the_pruned_models(tmp_p
     scored = sum(len(o.eval.targets) + len(o.val_eval.targets) + (0 if o.prerec_eval is None else len(o.prerec_eval.targets))
                  for o in r.outcomes.values())  # fmt: skip
     assert trial_record(r.metrics()["parent"], r)["examples_evaluated"] == scored == 3 * (passes * n_test + n_val)
+    assert examples_scored_of(r.metrics()["parent"]) == scored  # a replicate reused: counted from its run's metrics

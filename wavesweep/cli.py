@@ -67,9 +67,13 @@ def cmd_trial(args: argparse.Namespace) -> int:
             _print_trial(result, run_id)
             print(flush=True)
 
+        def on_reused(i: int, run_id: str, from_run_id: str) -> None:  # a replicate an interrupted attempt finished
+            print(f"replicate {i} (seed {cfg.seed + i}): reused FINISHED run {run_id} of interrupted configuration {from_run_id}",
+                  flush=True)  # fmt: skip
+
         print(f"configuration: {replicates.seeds_note(cfg, n)}", flush=True)
         out = run_tracked_configuration(cfg, n, experiment=args.experiment, adopt_run_id=args.launched_run_id,
-                                        progress=not args.quiet, on_replicate=on_replicate)  # fmt: skip
+                                        progress=not args.quiet, on_replicate=on_replicate, on_reused=on_reused)  # fmt: skip
         print(f"configuration run {out.run_id} (config_id {out.config_id}; replicate runs are its children)")
         for line in replicates.summary_lines(out.aggregates):
             print(line)

@@ -20,6 +20,21 @@ The configuration run is created below ``parent_run_id`` (a study run), or is ``
 other; the first failure stops the configuration. Every run is closed on every exit: FAILED on
 an error, KILLED on Ctrl-C/SIGTERM or an early stop (tag ``early_stopped=true``), the error in
 the ``error`` tag of the configuration run and of the replicate that failed.
+
+A configuration resumes where it stopped (:func:`_claim`): a replicate that FINISHED below a
+KILLED or FAILED configuration run of the same configuration (config_id, seeds, every trial
+param, code version; below the same parent run) is moved below the new configuration run (its
+``mlflow.parentRunId`` tag, plus ``resumed_from=<old configuration run>``; the old one gets
+``resumed_by=<new run>`` and ``resumed_replicates``) and not run again; its numbers are read
+back from its run. A FINISHED configuration is never resumed from (that would be a cache), nor a
+RUNNING one (it may be alive). Moving is tags only, done before any replicate runs; a process
+that dies between two moves leaves each run below a stopped configuration (the old one, or its
+own once closed KILLED), where the next attempt finds it. Concurrency: only a replicate below a
+stopped configuration is taken, and a replicate taken is at once below a RUNNING one, so a later
+process leaves it alone; on one machine with a SQLite store, the search and the moves of
+concurrent processes are serialised (:func:`tracking.claim_lock`); on a tracking server two
+processes starting in the same instant may both take a replicate: its run keeps everything, the
+last move decides its parent, and the other configuration's ``replicates.csv`` still names it.
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from wavesweep import interrupt, replicates, tracking
+from wavesweep import interrupt, replicates, schema, tracking
 from wavesweep.config import TrialConfig
 from wavesweep.tracked_trial import run_tracked_trial
 from wavesweep.trial import Reporter, TrialResult
@@ -38,18 +53,26 @@ from wavesweep.trial import Reporter, TrialResult
 log = logging.getLogger(__name__)
 
 
+RESUMABLE = ("KILLED", "FAILED")  # a configuration run stopped or failed: its FINISHED replicates are reused
+
+
 @dataclass
 class ConfigurationOutcome:
     """The configuration run and its replicates (in order, replicate i has seed ``cfg.seed + i``).
 
-    ``results`` hold every replicate's numbers; their pruned models and records are released
+    ``results`` hold the numbers of every replicate run here (None for one reused from a stopped
+    configuration: ``reused``); their pruned models and records are released
     (:meth:`TrialResult.release`) once the replicate is recorded and ``on_replicate`` has seen it,
-    so a configuration holds one replicate's models at a time, not N (on a GPU: device memory)."""
+    so a configuration holds one replicate's models at a time, not N (on a GPU: device memory).
+    ``metrics`` hold every replicate's headline metrics (:func:`results_of`, or for a reused one
+    :func:`results_of_run`): what the aggregates and ``replicates.csv`` are computed from."""
 
     run_id: str
     config_id: str
-    results: list[TrialResult] = field(default_factory=list)
+    results: list[TrialResult | None] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)  # the replicate trial runs
+    metrics: list[dict[str, float]] = field(default_factory=list)  # each replicate's results_of
+    reused: dict[int, str] = field(default_factory=dict)  # replicate index -> the stopped configuration run it came from
     aggregates: dict[str, float] = field(default_factory=dict)  # replicates.aggregate of their headline metrics
 
 
@@ -80,9 +103,61 @@ def _log_params(client, run_id: str, cfg: TrialConfig, n: int) -> None:
 
 
 def results_of(result: TrialResult) -> dict[str, float]:
-    """A replicate's headline metrics as its trial run records them, less ``seconds_*`` (how long
-    phases took: not a result, and partly measured after the run was written)."""
-    return {k: v for k, v in result.metrics()["parent"].items() if not k.startswith("seconds_")}
+    """A replicate's headline metrics as its trial run records them (floats, as MLflow keeps every
+    metric), less ``seconds_*`` (how long phases took: not a result, and partly measured after the
+    run was written)."""
+    return {k: float(v) for k, v in result.metrics()["parent"].items() if not k.startswith("seconds_")}
+
+
+def results_of_run(run) -> dict[str, float]:
+    """:func:`results_of` as read back from a FINISHED trial run (a reused replicate): its headline
+    metrics (``schema.headline_names``: not the per-layer series, ``seconds_*`` or ``partial_top1``)."""
+    names = set(schema.headline_names())
+    return {k: tracking.metric_value(v) for k, v in run.data.metrics.items() if k in names}
+
+
+def _claim(client, exp_id: str, cfg: TrialConfig, n: int, cid: str, *, run_id: str,
+           parent_run_id: str | None) -> dict[int, tuple[object, str]]:  # fmt: skip
+    """The replicates this configuration resumes: ``{i: (trial run, stopped configuration run id)}``.
+
+    Replicate ``i`` is a trial run FINISHED below a configuration run of ``config_id`` ``cid``
+    that is KILLED or FAILED and has the same parent (``parent_run_id``, or none), tagged
+    ``replicate=i``, whose params are those replicate ``i`` would log (seed ``cfg.seed + i``, every
+    other TrialConfig value, ``code_version``); the newest if several. The search goes by trial
+    runs, not by the configuration's children alone: a run moved by an attempt that died before it
+    closed is below that attempt's configuration run (closed KILLED by the next command)."""
+    kind = "tags.`wavesweep.kind`"
+    stopped = {
+        r.info.run_id for r in tracking.search_all(client, exp_id, f"tags.config_id = '{cid}' and {kind} = 'configuration'")
+        if r.info.status in RESUMABLE and r.info.run_id != run_id and r.data.tags.get(tracking.MLFLOW_PARENT_RUN_ID) == parent_run_id
+    }  # fmt: skip
+    if not stopped:
+        return {}
+    want = [tracking.as_logged({**c.to_dict(), "code_version": tracking.code_version()}) for c in replicates.replicate_configs(cfg, n)]
+    found: dict[int, tuple[object, str]] = {}
+    query = f"tags.config_id = '{cid}' and {kind} = 'trial' and attributes.status = 'FINISHED'"
+    for run in tracking.search_all(client, exp_id, query):
+        old, i = run.data.tags.get(tracking.MLFLOW_PARENT_RUN_ID), run.data.tags.get("replicate", "")
+        if old not in stopped or not i.isdigit() or int(i) >= n:
+            continue
+        i = int(i)
+        if any(run.data.params.get(k) != v for k, v in want[i].items()):
+            continue
+        if i not in found or run.info.start_time > found[i][0].info.start_time:
+            found[i] = (run, old)
+    return dict(sorted(found.items()))
+
+
+def _move(client, run_id: str, claimed: dict[int, tuple[object, str]]) -> None:
+    """Move the ``claimed`` replicate runs below the configuration run ``run_id`` (tags only: each
+    keeps everything it recorded, its method runs stay below it) and tag where they came from."""
+    moved: dict[str, list[str]] = {}
+    for i, (run, old) in claimed.items():
+        tracking.log_batch(client, run.info.run_id, tags={tracking.MLFLOW_PARENT_RUN_ID: run_id, "resumed_from": old})
+        moved.setdefault(old, []).append(str(i))
+    for old, idx in moved.items():
+        tracking.log_batch(client, old, tags={"resumed_by": run_id, "resumed_replicates": ",".join(idx)})
+    tracking.log_batch(client, run_id, tags={"reused_replicates": ",".join(str(i) for i in claimed)})
 
 
 def aggregated(results: dict[str, float]) -> dict[str, float]:
@@ -92,9 +167,12 @@ def aggregated(results: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in results.items() if not k.startswith("dwt_vs_")}
 
 
-def _replicates_table(outcome: ConfigurationOutcome) -> str:
-    rows = [{"replicate": i, "seed": r.config.seed, "run_id": rid, **results_of(r)}
-            for i, (r, rid) in enumerate(zip(outcome.results, outcome.run_ids))]  # fmt: skip
+def _replicates_table(outcome: ConfigurationOutcome, seed: int) -> str:
+    """``replicates.csv``: one row per replicate (replicate i has seed ``seed + i``); the metric
+    columns in the order a replicate run here has them (a reused one's come from its run)."""
+    order = next((m for m, r in zip(outcome.metrics, outcome.results) if r is not None), {})
+    rows = [{"replicate": i, "seed": seed + i, "run_id": rid, **{k: m[k] for k in order if k in m}, **m}
+            for i, (rid, m) in enumerate(zip(outcome.run_ids, outcome.metrics))]  # fmt: skip
     return pd.DataFrame(rows).to_csv(index=False)
 
 
@@ -110,6 +188,7 @@ def run_tracked_configuration(
     progress: bool = False,
     on_run: Callable[[str], None] | None = None,
     on_replicate: Callable[[int, TrialResult, str], None] | None = None,
+    on_reused: Callable[[int, str, str], None] | None = None,
     early_stop: tuple[type[BaseException], ...] = (),
 ) -> ConfigurationOutcome:
     """Run ``cfg`` over ``n_replicates`` seeds (``cfg.seed + i``), each a tracked trial below one
@@ -117,9 +196,13 @@ def run_tracked_configuration(
 
     ``reporter`` (early stopping) sees the first replicate only: its partial accuracy is on the
     same examples and base model as every other trial's first replicate, so a pruner compares
-    like with like, and a stopped configuration runs no further replicates. ``tags`` go on the
-    configuration run and on every replicate run. ``on_run(run_id)`` is called as soon as the
-    configuration run exists; ``on_replicate(i, result, run_id)`` after each replicate.
+    like with like, and a stopped configuration runs no further replicates (a replicate 0 reused
+    from a stopped configuration is not run: ``reporter`` then sees nothing). ``tags`` go on the
+    configuration run and on every replicate run here (a reused one keeps the tags it was run
+    with). ``on_run(run_id)`` is called as soon as the configuration run exists;
+    ``on_replicate(i, result, run_id)`` after each replicate run here, ``on_reused(i, run_id,
+    from_run_id)`` in its place for a replicate resumed from the stopped configuration run
+    ``from_run_id`` (no TrialResult: its numbers are ``outcome.metrics[i]``).
     Exceptions close every run (see the module docstring) and are re-raised.
     """
     n = replicates.check_replicates(n_replicates)
@@ -139,8 +222,24 @@ def run_tracked_configuration(
         exp_name = client.get_experiment(exp_id).name
         note = replicates.seeds_note(cfg, n)
         (log.warning if replicates.split_caution(cfg) else log.info)("configuration %s (%s): %s", cid, _desc(cfg), note)
+        where = "resuming"
+        with tracking.claim_lock():  # the finished replicates of a stopped run of this configuration
+            claimed = _claim(client, exp_id, cfg, n, cid, run_id=run_id, parent_run_id=parent_run_id)
+            if claimed:
+                _move(client, run_id, claimed)
         for i, rcfg in enumerate(replicates.replicate_configs(cfg, n)):
             where = f"replicate {i} (seed {rcfg.seed})"
+            if i in claimed:
+                run, old = claimed[i]
+                log.info("configuration %s: replicate %d (seed %d) reused: FINISHED run %s of stopped configuration run %s",
+                         cid, i, rcfg.seed, run.info.run_id, old)  # fmt: skip
+                outcome.results.append(None)
+                outcome.run_ids.append(run.info.run_id)
+                outcome.metrics.append(results_of_run(run))
+                outcome.reused[i] = old
+                if on_reused is not None:
+                    on_reused(i, run.info.run_id, old)
+                continue
 
             def name_run(rid: str, i: int = i, rcfg: TrialConfig = rcfg) -> None:
                 tracking.log_batch(client, rid, tags={tracking.MLFLOW_RUN_NAME: f"trial {_desc(rcfg)} seed {rcfg.seed} (replicate {i})"})
@@ -152,13 +251,14 @@ def run_tracked_configuration(
             )  # fmt: skip
             outcome.results.append(result)
             outcome.run_ids.append(rid)
+            outcome.metrics.append(results_of(result))
             if on_replicate is not None:
                 on_replicate(i, result, rid)
             result.release()
         where = "aggregation"
-        outcome.aggregates = replicates.aggregate([aggregated(results_of(r)) for r in outcome.results])
+        outcome.aggregates = replicates.aggregate([aggregated(m) for m in outcome.metrics])
         tracking.log_batch(client, run_id, metrics=outcome.aggregates)
-        client.log_text(run_id, _replicates_table(outcome), "replicates.csv")
+        client.log_text(run_id, _replicates_table(outcome, cfg.seed), "replicates.csv")
         where = "closing"
         # A successful adopted run is left open: `mlflow run` closes the run it created. Inside the
         # try: a stop or an error while it closes closes it KILLED or FAILED below, not RUNNING.

@@ -139,6 +139,11 @@ def format_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
 
 
+def as_logged(params: dict[str, Any]) -> dict[str, str]:
+    """``params`` as :func:`log_batch` records them (and a run's ``data.params`` reads them back)."""
+    return {k: redact(format_value(v)) for k, v in params.items()}
+
+
 def log_batch(
     client: MlflowClient,
     run_id: str,
@@ -154,7 +159,7 @@ def log_batch(
     Every param and tag value is :func:`redact`-ed.
     """
     existing = client.get_run(run_id).data.params if params else {}
-    ps = [Param(k, redact(format_value(v))) for k, v in (params or {}).items() if k not in existing]
+    ps = [Param(k, v) for k, v in as_logged(params or {}).items() if k not in existing]
     ts = [RunTag(k, redact(format_value(v))) for k, v in (tags or {}).items()]
     now = int(time.time() * 1000)
     triples = [(k, v, 0) for k, v in metrics.items()] if isinstance(metrics, dict) else list(metrics or [])
@@ -509,6 +514,36 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
 
 
 # --------------------------------------------------------------------------- reading runs back
+
+_SQL_INFINITY = 1.7976931348623157e308  # MLflow's SQL store keeps +-inf as the largest finite double
+
+
+def search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
+    """Every run of ``experiment_id`` that ``filter_string`` matches (all pages of ``search_runs``)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def metric_value(v: float) -> float:
+    """A metric as it was logged: MLflow's SQL store reads back +-inf as +-1.797e308."""
+    return float(v) if abs(v) != _SQL_INFINITY else float("inf") if v > 0 else float("-inf")
+
+
+@contextlib.contextmanager
+def claim_lock():
+    """Serialise, among the processes of this machine that share a SQLite store, the search for and
+    the moving of runs that a new run takes over from a stopped one (a configuration resuming its
+    finished replicates): the second process finds them already moved. A tracking server has no
+    such lock (see ``tracked_config``)."""
+    db = sqlite_file(tracking_uri())
+    with file_lock(db.with_name(db.name + ".claim.lock")) if db else contextlib.nullcontext():
+        yield
+
 
 
 def get_trial_run(client: MlflowClient, run_id: str):

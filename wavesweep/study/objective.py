@@ -81,21 +81,45 @@ def examples_scored(result: TrialResult) -> int:
     return sum(e.n for o in result.outcomes.values() for e in (o.eval, o.val_eval, o.prerec_eval) if e is not None)
 
 
+def examples_scored_of(metrics: dict[str, float]) -> int:
+    """:func:`examples_scored` from a trial run's headline metrics (a replicate reused from a
+    stopped configuration has no TrialResult): per method ``n_eval`` (its test part), ``n_val``
+    when it has a validation part (``val_top1``), ``n_eval`` again when it was recovered
+    (``prerec_top1``: the same test part before recovery)."""
+    n_eval, n_val = metrics["n_eval"], metrics.get("n_val", 0.0)
+    prefixes = ("", *(f"{m}_" for m in schema.BASELINES))
+    return int(sum(n_eval + (n_val if f"{p}val_top1" in metrics else 0) + (n_eval if f"{p}prerec_top1" in metrics else 0)
+                   for p in prefixes))  # fmt: skip
+
+
 def trial_record(metrics: dict[str, float], result: TrialResult) -> dict[str, Any]:
     """The scalar user attributes of a COMPLETE study trial: the headline numbers (top-1 per
     method, gaps and intervals, compression, stored bytes), the effective DWT levels (min, max,
     how many layers were clamped below the request) and the class count (chance = 1/num_classes)."""
     record: dict[str, Any] = {k: float(metrics[k]) for k in USER_ATTR_METRICS if k in metrics}
     record["examples_evaluated"] = examples_scored(result)
-    layers = result.outcomes["dwt"].stats.layers
-    eff = [l.level_effective for l in layers if l.level_effective is not None]
-    below = sum(l.level_effective is not None and l.level_requested is not None and l.level_effective < l.level_requested
-                for l in layers)  # fmt: skip
-    if eff:
-        record |= {"level_effective_min": int(min(eff)), "level_effective_max": int(max(eff))}
-    record["layers_below_requested_level"] = int(below)
-    record["num_classes"] = int(result.base.build_kwargs["num_classes"])
-    return record
+    levels = [(l.level_requested, l.level_effective) for l in result.outcomes["dwt"].stats.layers]
+    return record | _levels_record(levels, result.base.build_kwargs["num_classes"])
+
+
+def _levels_record(levels: list[tuple[int | None, int | None]], num_classes: Any) -> dict[str, int]:
+    """The effective DWT levels (min, max, layers clamped below the request) of ``levels`` (each
+    dwt layer's requested and effective level) and the class count."""
+    eff = [e for _, e in levels if e is not None]
+    below = sum(e is not None and r is not None and e < r for r, e in levels)
+    record = {"level_effective_min": int(min(eff)), "level_effective_max": int(max(eff))} if eff else {}
+    return record | {"layers_below_requested_level": int(below), "num_classes": int(num_classes)}
+
+
+def recorded_trial_record(metrics: dict[str, float], client: Any, run_id: str) -> dict[str, Any]:
+    """:func:`trial_record` of a FINISHED trial run read back from MLflow (a replicate reused from
+    a stopped configuration): the levels from its ``layers_dwt.csv``, the class count from its
+    param ``base_num_classes``, ``examples_evaluated`` from its metrics (:func:`examples_scored_of`)."""
+    record: dict[str, Any] = {k: float(metrics[k]) for k in USER_ATTR_METRICS if k in metrics}
+    run = client.get_run(run_id)
+    record["examples_evaluated"] = examples_scored_of({k: tracking.metric_value(v) for k, v in run.data.metrics.items()})
+    layers = tracking.trial_layers(client, run_id) or {"level_requested": [], "level_effective": []}
+    return record | _levels_record(list(zip(layers["level_requested"], layers["level_effective"])), run.data.params["base_num_classes"])
 
 
 def _set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
@@ -173,7 +197,7 @@ def objective(
                 cfg, spec.replicates, parent_run_id=parent_run_id, experiment=experiment, reporter=report, tags=tags,
                 on_run=on_run, early_stop=(optuna.TrialPruned,),
             )  # fmt: skip
-            result, run_id = configuration.results[0], configuration.run_id
+            result, run_id = None, configuration.run_id
         else:
             result, run_id = run_tracked_trial(
                 cfg, parent_run_id=parent_run_id, experiment=experiment, reporter=report, tags=tags, on_run=on_run,
@@ -208,7 +232,7 @@ def objective(
         if configuration is None:
             _set_user_attrs(trial, trial_record(metrics, result))
         else:
-            _set_user_attrs(trial, replicate_record(metrics, configuration))
+            _set_user_attrs(trial, replicate_record(metrics, configuration, client))
         tag_run("COMPLETE", values)
     except BaseException as exc:
         _fail_trial(trial, exc, "interrupted while recording the trial", client, [run_id], finished_too=True)
@@ -294,20 +318,26 @@ def _fail_trial(trial: optuna.Trial, exc: BaseException, stopped_as: str, client
                 f"run {run_id}")  # fmt: skip
 
 
-def replicate_record(means: dict[str, float], configuration: ConfigurationOutcome) -> dict[str, Any]:
+def replicate_record(means: dict[str, float], configuration: ConfigurationOutcome, client: Any = None) -> dict[str, Any]:
     """The scalar user attributes of a COMPLETE trial run over replicates: :func:`trial_record` of
     the replicates' means, with, for every top-1 and gain in it, ``<name>_std``, ``<name>_ci_low`` and
     ``<name>_ci_high`` (the 95 % t-interval over seeds), plus ``n_replicates``, ``config_id`` and
-    ``replicate_run_ids`` (comma-separated, replicate 0 first).
+    ``replicate_run_ids`` (comma-separated, replicate 0 first). The levels and class count are
+    replicate 0's; a replicate reused from a stopped configuration (no TrialResult) is read back
+    from its run with ``client``, and its examples count as well (they were scored for this
+    configuration, by the attempt that stopped: its Optuna trial failed and counts none).
 
     The per-replicate paired statistics (``dwt_vs_*``: bootstrap interval over examples, McNemar p)
     are left out: a mean of p-values or of interval ends is not a statistic. They are on each
     replicate's run; across seeds, the gain's t-interval is the one to read."""
     agg = configuration.aggregates
-    record = trial_record({k: v for k, v in means.items() if not k.startswith("dwt_vs_")}, configuration.results[0])
+    kept = {k: v for k, v in means.items() if not k.startswith("dwt_vs_")}
+    first = configuration.results[0]
+    record = trial_record(kept, first) if first is not None else recorded_trial_record(kept, client, configuration.run_ids[0])
     n = int(agg["n_replicates"])
     for key in [k for k in record if k.endswith("top1") or k.startswith(("gain_", "val_gain_"))]:
         record |= {f"{key}_{s}": float(agg[f"{key}_{s}"]) for s in ("std", "ci_low", "ci_high") if f"{key}_{s}" in agg}
-    record["examples_evaluated"] = sum(examples_scored(r) for r in configuration.results)
+    record["examples_evaluated"] = sum(examples_scored(r) if r is not None else examples_scored_of(m)
+                                       for r, m in zip(configuration.results, configuration.metrics))  # fmt: skip
     record |= {"n_replicates": n, "config_id": configuration.config_id, "replicate_run_ids": ",".join(configuration.run_ids)}
     return record
