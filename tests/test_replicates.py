@@ -683,3 +683,35 @@ def test_a_study_trial_stopped_in_a_replicate_resumes_it_on_the_next_launch(work
                  for r in reps)  # fmt: skip
     assert t.user_attrs["examples_evaluated"] == scored and t.user_attrs["num_classes"] == 10
     assert "level_effective_min" in t.user_attrs and "layers_below_requested_level" in t.user_attrs
+
+
+def test_a_replicate_is_reused_only_for_the_same_weights_and_kind_of_device(tmp_path, monkeypatch):
+    """Beside the params, a reused replicate must have run on the same kind of device (a CUDA run's
+    numbers are not a CPU run's) and, for fixed weights, on the same weights: a weights file
+    rewritten since (its sha256, ``base_checksum``; oracle: hashlib), or a model alias moved to
+    another version (``base_uri``), reuses nothing; so do weights that cannot be read now."""
+    import hashlib
+
+    import torch
+
+    from wavesweep import model_registry
+    from wavesweep.tracked_config import _same_base
+
+    weights = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(3)}, weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    same = _same_base(_resume_cfg(weights=str(weights), device="cpu"))
+    assert same({"base_checksum": digest, "resolved_device": "cpu"})
+    assert same({"base_checksum": digest})  # a run from before resolved_device was recorded
+    assert not same({"base_checksum": digest, "resolved_device": "cuda:0"})
+    assert not same({"base_checksum": "0" * 64, "resolved_device": "cpu"})
+    torch.save({"w": torch.zeros(3)}, weights)  # rewritten since that run
+    assert not _same_base(_resume_cfg(weights=str(weights), device="cpu"))({"base_checksum": digest})
+    weights.unlink()
+    assert not _same_base(_resume_cfg(weights=str(weights), device="cpu"))({"base_checksum": digest})
+    # a registered model by alias: what the alias means now
+    monkeypatch.setattr(model_registry, "resolve_model_uri", lambda uri: "models:/base/3")
+    by_alias = _same_base(_resume_cfg(weights="models:/base@champion", device="cpu"))
+    assert by_alias({"base_uri": "models:/base/3"}) and not by_alias({"base_uri": "models:/base/2"})
+    # a base model wavesweep trained: named by the params (config and seed) alone
+    assert _same_base(_resume_cfg(device="cpu"))({"base_checksum": "anything", "resolved_device": "cpu"})

@@ -134,6 +134,7 @@ def _claim(client, exp_id: str, cfg: TrialConfig, n: int, cid: str, *, run_id: s
     if not stopped:
         return {}
     want = [tracking.as_logged({**c.to_dict(), "code_version": tracking.code_version()}) for c in replicates.replicate_configs(cfg, n)]
+    same_base = _same_base(cfg)
     found: dict[int, tuple[object, str]] = {}
     query = f"tags.config_id = '{cid}' and {kind} = 'trial' and attributes.status = 'FINISHED'"
     for run in tracking.search_all(client, exp_id, query):
@@ -141,11 +142,43 @@ def _claim(client, exp_id: str, cfg: TrialConfig, n: int, cid: str, *, run_id: s
         if old not in stopped or not i.isdigit() or int(i) >= n:
             continue
         i = int(i)
-        if any(run.data.params.get(k) != v for k, v in want[i].items()):
+        if any(run.data.params.get(k) != v for k, v in want[i].items()) or not same_base(run.data.params):
             continue
         if i not in found or run.info.start_time > found[i][0].info.start_time:
             found[i] = (run, old)
     return dict(sorted(found.items()))
+
+
+def _same_base(cfg: TrialConfig) -> Callable[[dict[str, str]], bool]:
+    """Whether a replicate run's params say it ran where and on what this configuration would now:
+    the same kind of device (``resolved_device``: a CUDA run's numbers are not a CPU run's), and
+    for fixed weights the same weights (a file's sha256, ``base_checksum``; a model URI pinned to
+    the same version, ``base_uri``: an alias may have moved since). A weights file or URI that
+    cannot be read now matches nothing (the trial will say why). A base model wavesweep trained is
+    named by its config and seed, which the params compare already."""
+    from wavesweep import evaluate
+
+    device = evaluate.resolve_device(cfg.device).type
+    key, want = None, None
+    if cfg.weights:
+        try:
+            if cfg.weights.startswith(("models:/", "runs:/")):
+                from wavesweep import model_registry
+
+                key, want = "base_uri", model_registry.resolve_model_uri(cfg.weights)
+            else:
+                from wavesweep import models, train
+
+                key, want = "base_checksum", train.remembered_sha256(models.weights_file(cfg.weights))
+        except Exception as exc:  # noqa: BLE001 - nothing is reused; the trial itself reports the error
+            log.info("no replicate is reused: the weights %r cannot be read now (%s)", cfg.weights, exc)
+            return lambda params: False
+
+    def same(params: dict[str, str]) -> bool:
+        ran_on = params.get("resolved_device")
+        return (ran_on is None or ran_on.split(":")[0] == device) and (key is None or params.get(key) == want)
+
+    return same
 
 
 def _move(client, run_id: str, claimed: dict[int, tuple[object, str]]) -> None:
