@@ -30,8 +30,8 @@ SLOW_TRIAL = {"timing_batches": 0, "layout": "filter", "level": 2, "recovery": "
 WIDE_SPACE = {"percentile": {"low": 5.0, "high": 95.0}, "wavelet": ["haar", "db2"]}
 
 
-def spawn(workdir: Path, shared_cache: Path, *argv: str, name: str) -> subprocess.Popen:
-    env = subprocess_env(workdir, shared_cache) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"}
+def spawn(workdir: Path, shared_cache: Path, *argv: str, name: str, concurrent: bool = False) -> subprocess.Popen:
+    env = subprocess_env(workdir, shared_cache, concurrent=concurrent) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"}
     out = open(workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -561,7 +561,7 @@ def test_a_launcher_starting_while_another_opens_the_study_run_shares_it(workdir
 @pytest.mark.slow
 def test_two_launchers_on_a_fresh_tpe_study_run_distinct_configurations(workdir, tiny_weights, shared_cache):
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, space=WIDE_SPACE, sampler={"name": "tpe", "seed": 0})
-    procs = [spawn(workdir, shared_cache, "study", str(spec), "-q", name=f"l{i}") for i in range(2)]
+    procs = [spawn(workdir, shared_cache, "study", str(spec), "-q", name=f"l{i}", concurrent=True) for i in range(2)]
     for i, p in enumerate(procs):
         assert p.wait(timeout=400) == 0, (workdir / f"l{i}.log").read_text()[-3000:]
     done = [t for t in trials(workdir) if t.state == TrialState.COMPLETE]
