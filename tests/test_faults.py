@@ -36,6 +36,17 @@ def spawn(workdir: Path, shared_cache: Path, *argv: str, name: str, concurrent: 
     return subprocess.Popen([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def exit_code(p: subprocess.Popen, timeout: float) -> int:
+    """``p.wait(timeout)``; a process past its time is killed before the test fails (a resume left
+    running went on for minutes after its test, on a machine already loaded)."""
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise
+
+
 def wait_for(predicate, timeout: float, what: str):
     end = time.time() + timeout
     while time.time() < end:
@@ -384,7 +395,7 @@ def test_killed_and_sigtermed_workers_then_one_resume_reaches_the_total(workdir,
     assert len(interrupted) == 1 and len(lost) == 1, {n: t.state for n, t in before.items()}
 
     resume = spawn(workdir, shared_cache, "study", str(spec), "-q", name="resume")
-    assert resume.wait(timeout=400) == 0, (workdir / "resume.log").read_text()[-3000:]
+    assert exit_code(resume, 400) == 0, (workdir / "resume.log").read_text()[-3000:]
     assert "storage has no heartbeat" not in (workdir / "resume.log").read_text()  # the old, wrong warning
     after = trials(workdir)
     states = [t.state for t in after]
@@ -434,7 +445,7 @@ def test_a_spawned_worker_stops_when_its_launcher_is_killed_alone(workdir, tiny_
     assert len(closed) == 1, {t.number: t.state for t in trials(workdir)}  # the worker's; the launcher's died RUNNING
     assert by_id[closed[0].user_attrs["mlflow_run_id"]].info.status == "KILLED"
     resume = spawn(workdir, shared_cache, "study", str(spec), "-q", name="resume")
-    assert resume.wait(timeout=400) == 0, (workdir / "resume.log").read_text()[-3000:]
+    assert exit_code(resume, 400) == 0, (workdir / "resume.log").read_text()[-3000:]
     states = [t.state for t in trials(workdir)]
     assert states.count(TrialState.COMPLETE) == 4 and TrialState.RUNNING not in states
     assert not [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
