@@ -344,7 +344,8 @@ class CtrlCInExec:
     done = False
 
     def find_spec(self, name, path=None, target=None):
-        if not CtrlCInExec.done and signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        handler = signal.getsignal(signal.SIGINT)  # wavesweep's: a Python function, not Python's own
+        if not CtrlCInExec.done and callable(handler) and handler is not signal.default_int_handler:
             CtrlCInExec.done = True
             exec("import os, signal, time\\nos.kill(os.getpid(), signal.SIGINT)\\ntime.sleep(30)", {})
         return None
@@ -363,7 +364,10 @@ def test_ctrl_c_inside_exec_of_a_string_exits_130_not_by_the_signal(workdir, sha
     kills a `-m` process with SIGINT for it, unless another such exec() came after (mostly one
     did: the launcher of `--workers 2` failed this way rarely, after its one line)."""
     env = _hooked_env(workdir, shared_cache, CTRL_C_IN_EXEC)
-    p = subprocess.run([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    # started as from a terminal, with SIGINT's default action (a process inherits an ignored SIGINT:
+    # then Python leaves it ignored and the hook's Ctrl-C did nothing)
+    p = subprocess.run([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=env, capture_output=True, text=True,
+                       timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     assert "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1] == "wavesweep: interrupted (KeyboardInterrupt)", p.stderr
     assert p.returncode == 130
 
