@@ -142,6 +142,29 @@ def test_get_base_model_trains_once_then_uses_the_cache(monkeypatch, tmp_path):
     assert not list(a.path.parent.glob("*.tmp"))
 
 
+def test_a_training_without_a_bar_says_it_started_and_logs_each_epoch(caplog):
+    """A study's trials train without a bar: its log says a base model is being trained, then one
+    line an epoch (the loss as the bar would show it, the seconds, what is left), not silence for
+    the minutes or hours of a first trial. With a bar, the bar is that progress: no epoch lines."""
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="wavesweep.train"):
+        a = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "no cached base model mlp on digits (seed 0): training it (3 epochs on cpu); cached for every later trial" in lines
+    epochs = [m for m in lines if re.match(r"training MLP on digits: epoch \d of 3 done", m)]
+    assert [m.split(": epoch ")[1][:9] for m in epochs] == ["1 of 3 do", "2 of 3 do", "3 of 3 do"]
+    assert "about" in epochs[0] and "left" in epochs[0] and "left" not in epochs[-1]
+    loss = float(re.search(r"train loss (\S+),", epochs[-1]).group(1))
+    assert loss == pytest.approx(a.train_info["train_loss"], abs=5e-5)  # the recorded one, as printed (4 places)
+    assert float(re.search(r", (\d+) s so far", epochs[-1]).group(1)) == pytest.approx(a.train_info["seconds"], abs=0.51)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="wavesweep.train"):
+        get_base_model("mlp", "digits", seed=1, train_config=FAST, device="cpu", progress=True)
+    assert not [r for r in caplog.records if " done, train loss " in r.getMessage()]
+
+
 def test_a_base_model_file_loaded_again_in_the_process_is_not_hashed_again(monkeypatch, tmp_path):
     """The second load of an unchanged file reads it but does not hash it again: same model, and
     the checksum is still the file's (oracle: hashlib over its bytes); a file replaced (as the

@@ -551,6 +551,11 @@ def train_model(
                 running = ema.item()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{running:.3f}", refresh=False)
             now = time.perf_counter()
+            if not progress:  # no bar (a study's trials): one line an epoch, so a long training is seen to advance
+                left = (now - t0) / (epoch + 1 - start_epoch) * (config.epochs - epoch - 1)
+                log.info("training %s on %s: epoch %d of %d done, train loss %.4f, %.0f s so far%s",
+                         type(model).__name__, bundle.name, epoch + 1, config.epochs, running, done_seconds + now - t0,
+                         f", about {left:.0f} s left" if epoch + 1 < config.epochs else "")  # fmt: skip
             if keeping and epoch + 1 < config.epochs and now - last_save >= RESUME_EVERY_SECONDS:
                 try:
                     _save_resume(kept_at, identity, {
@@ -755,6 +760,8 @@ def get_base_model(
                     left.unlink(missing_ok=True)
                 # a diverged training removes the kept state itself; any other error (an image file
                 # that could not be read for a moment) leaves it to resume from
+                log.info("no cached base model %s on %s (seed %d): training it (%d epochs on %s); cached for every later trial",
+                         model_name, dataset_name, seed, config.epochs, _device_type(device))  # fmt: skip
                 info = train_model(model, bundle, config, device=device, progress=progress,
                                    resume=kept, resume_key=path.name)
                 meta = {"model_name": model_name, "dataset_name": dataset_name, "seed": seed,
