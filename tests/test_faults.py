@@ -1499,3 +1499,125 @@ def test_a_live_process_whose_proc_entry_cannot_be_read_is_not_taken_for_gone(mo
         live.kill()
         live.wait()
     assert tracking.process_gone(tag)  # gone now: no such pid, readable or not
+
+
+# A stop landing in Optuna's own bookkeeping of a trial, outside wavesweep's objective (which
+# handles stops): each hook sends SIGINT to the process at one such point and waits there.
+CTRL_C_IN_OPTUNA = {
+    # study.ask() has created the trial (RUNNING) and returns it; the heartbeat thread is not started yet
+    "ask": '''
+import os, signal, time
+import optuna
+
+_ask = optuna.Study.ask
+def ask(self, *args, **kwargs):
+    trial = _ask(self, *args, **kwargs)
+    in_memory = type(self._storage).__name__ == "InMemoryStorage"  # the sampler's dry run before the study
+    if not os.environ.get("HOOK_DONE") and trial.number == 1 and not in_memory:
+        os.environ["HOOK_DONE"] = "1"
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(3)
+    return trial
+optuna.Study.ask = ask
+''',
+    # the trial's heartbeat thread has started, inside the `with` statement's __enter__ that starts it
+    "heartbeat": '''
+import os, signal, threading, time
+
+_start = threading.Thread.start
+def start(self):
+    _start(self)
+    target = getattr(self, "_target", None)
+    if not os.environ.get("HOOK_DONE") and getattr(target, "__qualname__", "") == "HeartbeatThread._record_heartbeat":
+        os.environ["HOOK_DONE"] = "1"
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(3)
+threading.Thread.start = start
+''',
+    # the objective returned; Optuna records the trial COMPLETE (tell)
+    "tell": '''
+import os, signal, time
+import optuna.study._tell
+
+_tell = optuna.study._tell._tell_with_warning
+def tell(*args, **kwargs):
+    if not os.environ.get("HOOK_DONE") and type(kwargs["study"]._storage).__name__ != "InMemoryStorage":
+        os.environ["HOOK_DONE"] = "1"
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(3)
+    return _tell(*args, **kwargs)
+optuna.study._tell._tell_with_warning = tell
+import optuna.study._optimize
+optuna.study._optimize._tell_with_warning = tell
+''',
+}
+
+
+@pytest.mark.slow  # three study launches
+@pytest.mark.parametrize("where", list(CTRL_C_IN_OPTUNA))
+def test_ctrl_c_in_optunas_bookkeeping_of_a_trial_stops_cleanly_and_leaves_no_trial_running(workdir, tiny_weights,
+                                                                                            shared_cache, where):  # fmt: skip
+    """A stop landing in Optuna's bookkeeping of a trial, before or after wavesweep's objective runs.
+    In study.ask(): the trial it had created stayed RUNNING with no heartbeat, so no launch ever took
+    it for lost, and a later launch near the end of the study waited for it forever. In the start of
+    its heartbeat thread: the `with` that starts it never ran its exit, the thread recorded
+    heartbeats for ever and the process, exiting (130, its one line printed), waited for it: it
+    hung. Stops are now held during that bookkeeping and taken inside the objective, where they are
+    handled (the trial FAIL, marked interrupted; its runs KILLED), or after Optuna has recorded it."""
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3, space=WIDE_SPACE)
+    env = _hooked_env(workdir, shared_cache, CTRL_C_IN_OPTUNA[where])
+    p = subprocess.Popen([sys.executable, "-m", "wavesweep", "study", str(spec), "-q"], cwd=workdir, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        out, err = p.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        pytest.fail(f"the stopped study did not exit: {err[-2000:]}")
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "wavesweep: interrupted (KeyboardInterrupt)", err[-3000:]
+    first = trials(workdir)
+    assert TrialState.RUNNING not in [t.state for t in first], [(t.number, t.state) for t in first]
+    assert not [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
+    # the relaunch finishes the study (nothing waits for a trial no one runs), counting each trial once
+    resume = subprocess.run([sys.executable, "-m", "wavesweep", "study", str(spec), "-q"], cwd=workdir,
+                            env=subprocess_env(workdir, shared_cache) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    after = trials(workdir)
+    assert sum(t.state == TrialState.COMPLETE for t in after) == 3 and TrialState.RUNNING not in [t.state for t in after]
+    finished = [r for r in mlflow_runs(workdir) if r.data.tags.get("wavesweep.kind") == "trial" and r.info.status == "FINISHED"]
+    assert len(finished) == 3
+
+
+def test_allowed_takes_stops_inside_a_held_block_and_holds_them_again_after():
+    """interrupt.allowed(): inside ignored() (signals held), a stop held until the block begins is
+    raised at its start; one during it is raised where it lands; after it, stops are held again and
+    raised when the ignored block ends; outside an ignored block it changes nothing."""
+    from wavesweep import interrupt
+
+    seen = []
+    with interrupt.stop_signals():
+        # held before the block: raised as it begins, before its first line
+        with pytest.raises(interrupt.Terminated), interrupt.ignored():
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append("held")
+            with interrupt.allowed():
+                seen.append("not reached")
+        assert seen == ["held"]
+    with interrupt.stop_signals():
+        # during the block: raised where it lands, and the handlers of the held block come back after
+        with pytest.raises(KeyboardInterrupt), interrupt.ignored():
+            with pytest.raises(KeyboardInterrupt), interrupt.allowed():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+                seen.append("not reached")
+            assert signal.getsignal(signal.SIGINT) is interrupt._hold
+            os.kill(os.getpid(), signal.SIGINT)
+            seen.append("after")
+        assert seen == ["held", "after"]
+    with interrupt.stop_signals():
+        handler = signal.getsignal(signal.SIGINT)
+        with interrupt.allowed():  # no held block: nothing changes
+            assert signal.getsignal(signal.SIGINT) is handler

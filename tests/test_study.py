@@ -438,6 +438,36 @@ def test_heartbeats_are_asked_of_the_opened_storage(workdir, monkeypatch):
     assert not has_heartbeat(study.open_storage(str(workdir / "s.journal")))
 
 
+def test_an_enqueued_configuration_stopped_before_its_params_were_suggested_is_queued_again(workdir):
+    """A stop held through study.ask() is taken as the objective begins, before any param is
+    suggested: an enqueued configuration (here a partial one) must be queued again with its fixed
+    params, which Optuna's own retry carries over; a sampled trial stopped there has nothing to repeat."""
+    from wavesweep.study.storage import requeue_failed
+
+    spec = study.load_spec(write_spec(workdir / "tiny.yaml", ""))
+    s = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    s.enqueue_trial({"percentile": 60})
+    stopped = s.ask()
+    frozen = s.get_trials(deepcopy=False)[stopped.number]
+    assert frozen.params == {} and frozen.system_attrs["fixed_params"] == {"percentile": 60}
+    stopped.set_user_attr("interrupted", True)
+    s.tell(stopped, state=TrialState.FAIL)
+    sampled = s.ask()  # nothing enqueued: sampled params, none suggested before the stop
+    sampled.set_user_attr("interrupted", True)
+    s.tell(sampled, state=TrialState.FAIL)
+    assert requeue_failed(s, spec) == [stopped.number]
+    again = s.ask()
+    assert s.get_trials(deepcopy=False)[again.number].system_attrs["retry_history"] == [stopped.number]
+    params = {p.name: p.suggest(again) for p in spec.space}
+    assert params["percentile"] == 60 and params["wavelet"] in ("haar", "db2")
+    # not interrupted (the objective's own error before it suggested): not queued again
+    s.enqueue_trial({"percentile": 20})
+    failed = s.ask()
+    failed.set_user_attr("error", "ValueError: bad")
+    s.tell(failed, state=TrialState.FAIL)
+    assert requeue_failed(s, spec) == []
+
+
 def test_enqueue_counts_only_configurations_the_study_lacks(workdir):
     from wavesweep.study.workers import enqueue
 

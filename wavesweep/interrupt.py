@@ -38,7 +38,8 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
 
 
-_state: dict[str, Any] = {"depth": 0, "signum": None, "caught": False, "cleanup": 0, "block": 0, "held": None, "final": False}
+_state: dict[str, Any] = {"depth": 0, "signum": None, "caught": False, "cleanup": 0, "block": 0, "held": None, "final": False,
+                          "unheld": None}
 _STOPS = (signal.SIGINT, signal.SIGTERM)
 RESEND_S = 2.0  # a stop that was swallowed (raised inside a GC callback) is raised again after this
 
@@ -138,15 +139,44 @@ def ignored() -> Iterator[None]:
     outermost = _state["cleanup"] == 1
     main = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, _hold) for s in _STOPS} if main else {}
+    if main and outermost:
+        _state["unheld"] = old  # the handlers :func:`allowed` puts back for its block
     try:
         yield
     finally:
         _state["cleanup"] -= 1
         _restore(old)
         if main and outermost:
+            _state["unheld"] = None
             held, _state["held"] = _state["held"], None
             if held is not None and not (_state["depth"] and _state["caught"]) and not _state["final"]:
                 signal.raise_signal(held)  # the handler now in place raises it (or, outside any block, acts as it would have)
+
+
+@contextlib.contextmanager
+def allowed() -> Iterator[None]:
+    """Take stops again during the block, inside an :func:`ignored` one: work that handles a stop
+    itself (a study's objective: its trial FAIL and marked interrupted, its runs KILLED) inside
+    bookkeeping that a stop must not cut (Optuna's, before and after the objective). A stop held
+    until the block begins is raised at its start; one during it is raised where it lands; from
+    its end stops are held again, until the ignored block ends. Outside an ignored block, or
+    outside the main thread: nothing changes."""
+    unheld = _state["unheld"]
+    if unheld is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    depth, held = _state["cleanup"], _state["held"]
+    _state.update(cleanup=0, held=None, unheld=None)
+    for s, h in unheld.items():
+        signal.signal(s, h)
+    try:
+        if held is not None and not (_state["depth"] and _state["caught"]) and not _state["final"]:
+            signal.raise_signal(held)  # the handler now in place raises it
+        yield
+    finally:
+        _state.update(cleanup=depth, unheld=unheld)
+        for s in _STOPS:
+            signal.signal(s, signal.SIG_IGN if _state["final"] else _hold)
 
 
 def ignore_until_exit() -> None:

@@ -230,6 +230,10 @@ def retriable(trial: optuna.trial.FrozenTrial, spec: StudySpec) -> bool:
         # the point is its grid_id, given before any param is suggested: a trial that failed before
         # (or while) suggesting them still took its point, and the retry (grid_id kept) runs it
         return "grid_id" in trial.system_attrs
+    if not trial.params and trial.system_attrs.get("fixed_params"):
+        # an enqueued configuration (whole or in part) stopped before its objective suggested any
+        # param: the retry keeps its fixed params (Optuna's retry copies the system attributes)
+        return bool(trial.user_attrs.get("interrupted"))
     if set(trial.params) != {p.name for p in spec.space}:
         return False  # failed before all params were suggested: nothing to repeat
     return bool(trial.user_attrs.get("interrupted")) or "error" not in trial.user_attrs

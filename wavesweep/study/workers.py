@@ -170,11 +170,22 @@ def _worker_loop(launch: Launch, index: int, on_trial: Any = None) -> None:
                     continue
 
             def func(trial: optuna.Trial, release: Any = release) -> Any:
-                trial.set_user_attr("sampler_seed", seed)  # recorded: which stream proposed this trial
-                return objective(trial, spec=launch.spec, n_trials=launch.n_trials, parent_run_id=launch.parent_run_id,
-                                 experiment=launch.experiment, release_slot=release)  # fmt: skip
+                try:
+                    with interrupt.allowed():  # a stop is taken here, where the objective handles it
+                        trial.set_user_attr("sampler_seed", seed)  # recorded: which stream proposed this trial
+                        return objective(trial, spec=launch.spec, n_trials=launch.n_trials, parent_run_id=launch.parent_run_id,
+                                         experiment=launch.experiment, release_slot=release)  # fmt: skip
+                except KeyboardInterrupt:  # also one held until the objective began: its trial is retried
+                    trial.set_user_attr("interrupted", True)
+                    raise
 
-            study.optimize(func, n_trials=1, catch=(Exception,), callbacks=[lambda _s, t: finished.append(t)])
+            # Stops are held during Optuna's bookkeeping of the trial and taken inside the objective
+            # (or after optimize returns). One landing in study.ask() left the trial it had created
+            # RUNNING with no heartbeat: never found lost, waited for by the study's later launches
+            # for ever. One landing as the trial's heartbeat thread started skipped the `with` exit
+            # that stops it: the thread ran for ever and the process, exiting, waited for it.
+            with interrupt.ignored():
+                study.optimize(func, n_trials=1, catch=(Exception,), callbacks=[lambda _s, t: finished.append(t)])
         last = finished[-1]
         if last.state == TrialState.FAIL and not last.user_attrs.get("surplus"):
             log.warning("trial %d failed: %s", last.number, last.user_attrs.get("error", "?"))
