@@ -1621,3 +1621,42 @@ def test_allowed_takes_stops_inside_a_held_block_and_holds_them_again_after():
         handler = signal.getsignal(signal.SIGINT)
         with interrupt.allowed():  # no held block: nothing changes
             assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_stop_that_cuts_a_database_read_short_still_closes_the_runs(workdir, monkeypatch):
+    """Ctrl-C landing while MLflow read a run (SQLite, a SELECT half read: found by a Ctrl-C fuzz
+    of studies) left that cursor, and its read lock, alive in the frames the stop had unwound, kept
+    by the exception being handled: closing the trial's runs KILLED waited 20 s for the lock, twice,
+    failed ("database is locked", with MLflow's traceback on stderr) and left them RUNNING. The
+    handled stop lets go of those frames' locals first."""
+    from sqlalchemy.orm import context as orm_context
+    from sqlalchemy.orm import loading
+
+    from wavesweep import tracked_trial, tracking
+
+    armed = {"calls": None}
+    real_instances, real_log_trial = loading.instances, tracking.log_trial
+
+    def instances(cursor, context):
+        if isinstance(armed["calls"], int):
+            armed["calls"] += 1
+            if armed["calls"] == 2:  # the eager load of a run's tags inside the read of the run: two cursors open
+                armed["calls"] = "fired"
+                raise KeyboardInterrupt
+        return real_instances(cursor, context)
+
+    def log_trial(*args, **kwargs):
+        armed["calls"] = 0
+        return real_log_trial(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "instances", instances)
+    monkeypatch.setattr(orm_context.loading, "instances", instances)
+    monkeypatch.setattr(tracking, "log_trial", log_trial)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        tracked_trial.run_tracked_trial(TrialConfig(model="cnn", eval_limit=40, timing_batches=0, recovery="none"),
+                                        experiment="edge")  # fmt: skip
+    assert armed["calls"] == "fired"
+    runs = mlflow_runs(workdir)
+    assert runs and {(r.data.tags["wavesweep.kind"], r.info.status) for r in runs} <= {("trial", "KILLED"), ("method", "KILLED")}
+    assert time.perf_counter() - t0 < 20 * 2, "the close waited for a lock"

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,6 +49,10 @@ def caught(exc: BaseException) -> str:
     """Called by the ``except KeyboardInterrupt`` that cleans up: the stop arrived (no re-raise needed);
     later signals repeat it and are dropped, so the cleanup can finish. Returns ``describe(exc)``."""
     _state["caught"] = True
+    # The frames the stop unwound keep their locals while it is handled: a database cursor it cut
+    # short (SQLite: a SELECT half read) holds its lock, and the cleanup's writes (runs closed
+    # KILLED) waited 20 s for it, twice, and failed, leaving the runs RUNNING. Their locals go now.
+    traceback.clear_frames(exc.__traceback__)
     return describe(exc)
 
 
