@@ -116,6 +116,32 @@ def test_tied_weights_are_one_clear_line_and_a_shared_module_is_one_layer():
     assert [lp.name for lp in res.layers] == ["0"] and res.model[0] is res.model[2]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_zero_weight_writes_the_bits_masked_fill_writes(dtype, channels_last):
+    """zero_weight's bitwise AND on the CPU: the same bits as ``masked_fill_(mask, 0)`` (+0.0 where
+    pruned, negative weights and -0.0 too; every kept weight untouched, -0.0 and infinities
+    included), in any memory format, on a Parameter that requires grad, with its version bumped
+    as an in-place write does."""
+    from wavesweep.prune_record import zero_weight
+
+    conv = nn.Conv2d(16, 32, 3).to(dtype)
+    with torch.no_grad():
+        conv.weight.view(-1)[:4] = torch.tensor([-0.0, float("-inf"), float("inf"), -1.0])
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+    rng = np.random.default_rng(0)
+    for prune in (rng.random(conv.weight.numel()) < 0.5, np.zeros(conv.weight.numel(), bool), np.ones(conv.weight.numel(), bool)):
+        want = conv.weight.detach().clone().masked_fill_(torch.from_numpy(prune).reshape(conv.weight.shape), 0)
+        got = copy.deepcopy(conv)
+        version = got.weight._version
+        zero_weight(got, prune)
+        assert got.weight._version > version and got.weight.requires_grad and got.weight.dtype == dtype
+        assert got.weight.stride() == conv.weight.stride()
+        bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+        assert torch.equal(got.weight.detach().view(bits), want.view(bits))
+
+
 # --------------------------------------------------------------------------- magnitude
 
 

@@ -252,3 +252,27 @@ def test_unknown_wavelet_error_is_one_line_with_every_discrete_name(bad, continu
         assert "\n" not in msg and msg.startswith(f"unknown wavelet {bad!r}")
         assert ("continuous wavelet" in msg) == continuous
         assert _names_in(msg) == set(pywt.wavelist(kind="discrete"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_zero_dropped_is_np_where_bit_for_bit(dtype):
+    """The branch-free zeroing of dropped coefficients writes exactly ``np.where(keep, c, 0)``'s
+    bits: +0.0 where dropped (also for negative values and -0.0), every kept value untouched
+    (-0.0, subnormals, infinities included); float16 takes ``np.where`` itself."""
+    rng = np.random.default_rng(3)
+    c = rng.standard_normal(10_001).astype(dtype)
+    c[:6] = [-0.0, 0.0, -np.inf, np.inf, np.finfo(dtype).tiny / 4, -np.finfo(dtype).tiny / 4]
+    for keep in (rng.random(c.size) < 0.5, np.ones(c.size, bool), np.zeros(c.size, bool)):
+        keep[:6] = [True, True, True, True, False, False] if keep.any() and not keep.all() else keep[:6]
+        want = np.where(keep, c, c.dtype.type(0))
+        got = wv.zero_dropped(c.copy(), keep)
+        assert got.dtype == want.dtype
+        assert np.array_equal(got.view(f"u{c.itemsize}"), want.view(f"u{c.itemsize}"))
+    assert np.signbit(wv.zero_dropped(np.array([-1.5, -0.0], dtype), np.array([False, False]))).sum() == 0
+    ints = (rng.random(c.size) < 0.5).astype(np.int8) * 2  # a keep that is not a bool mask: np.where's truth
+    assert np.array_equal(wv.zero_dropped(c.copy(), ints).view(f"u{c.itemsize}"),
+                          np.where(ints, c, c.dtype.type(0)).view(f"u{c.itemsize}"))
+    view = c[::2]  # not one contiguous run: np.where's new array, the input left alone
+    before = view.copy()
+    assert np.array_equal(wv.zero_dropped(view, np.zeros(view.size, bool)), np.zeros(view.size, dtype))
+    assert np.array_equal(view, before)
