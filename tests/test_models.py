@@ -207,3 +207,46 @@ def test_adopted_state_equals_a_plain_load_without_random_init(monkeypatch):
     model = M.build_loaded("x", lin, source="x", adopt=True)
     assert not model.scratch.is_meta and torch.equal(model.scratch, torch.ones(2))
     assert model.lin.weight.data_ptr() != lin["lin.weight"].data_ptr()  # the plain path: copied
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16, torch.complex64])
+def test_check_finite_equals_isfinite_per_tensor(dtype):
+    """``check_finite`` first sums |x| per tensor in one ``_foreach_norm``; it must say what
+    ``torch.isfinite(t).all()`` per tensor says (the oracle): all finite; one NaN; one +inf; +inf
+    and -inf in one tensor; finite values whose sum of |x| overflows (float16 past 65,504, float32
+    past its range), which must pass; several dtypes in one state dict; integer buffers ignored;
+    and the error names the first bad tensor with its count, as the tensor-by-tensor check did."""
+    from wavesweep.models import check_finite
+
+    big = {torch.float16: 60000.0, torch.bfloat16: 3e38, torch.float32: 3e38, torch.float64: 1e308, torch.complex64: 3e38}[dtype]
+
+    def state(*edits):
+        torch.manual_seed(0)
+        sd = {"a.weight": torch.randn(4, 3, 3, 3).to(dtype), "a.n": torch.tensor(7), "b.weight": torch.randn(10).to(dtype),
+              "c.bias": torch.randn(()).to(dtype), "d.empty": torch.empty(0, dtype=dtype)}
+        for key, index, value in edits:
+            sd[key].view(-1)[index] = value
+        return sd
+
+    nan, inf = float("nan"), float("inf")
+    cases = {
+        "finite": state(),
+        "nan": state(("b.weight", 5, nan)),
+        "inf": state(("c.bias", 0, inf)),
+        "inf-inf": state(("a.weight", 0, inf), ("a.weight", 1, -inf)),
+        "overflowing sum": state(("a.weight", 0, big), ("a.weight", 1, -big), ("a.weight", 2, big)),
+        "two bad": state(("b.weight", 1, nan), ("a.weight", 3, -inf)),
+        "two dtypes": {**state(("b.weight", 2, nan)), "e": torch.ones(3, dtype=torch.float64)},
+        "two dtypes, finite": {**state(), "e": torch.ones(3, dtype=torch.float64)},
+    }
+    for case, sd in cases.items():
+        bad = [(k, int((~torch.isfinite(t)).sum())) for k, t in sd.items() if t.is_floating_point() or t.is_complex()]
+        bad = [(k, n) for k, n in bad if n]
+        if not bad:
+            check_finite(sd, source="f")  # no error
+            continue
+        k, n = bad[0]
+        with pytest.raises(ValueError, match=rf"^f: tensor '{k}' has {n} NaN or infinite value\(s\) of {sd[k].numel()}; "):
+            check_finite(sd, source="f")
+    if dtype in (torch.float16, torch.float32):  # the exact fallback ran there: the sum of |x| is not finite
+        assert not bool(torch.isfinite(torch._foreach_norm([cases["overflowing sum"]["a.weight"]], 1)[0]))
