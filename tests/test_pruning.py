@@ -600,6 +600,28 @@ def test_magnitude_and_random_torch_backend_equal_numpy(method, scope):
             assert torch.equal(x, y) and torch.equal(torch.signbit(x), torch.signbit(y)), k
 
 
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_per_layer_counts_on_the_device_need_no_transfer_and_equal_the_masks(method, monkeypatch):
+    """In layer scope the torch path takes each layer's dropped count from its k (a mask holds
+    exactly k, ties included), with no copy of counts from the device (a host sync on a GPU): the
+    counts equal those of the masks themselves (the oracle: ``~keep`` counted) and the numpy path's,
+    at every amount, on weights with ties at the k-th value."""
+    from wavesweep import baselines
+
+    net = _tied_net()
+    kw = dict(scope="layer", targets=("conv", "linear"))
+    names = [n for n, _ in P.target_layers(net, kw["targets"])]
+    ref = {a: PRUNE[method](net, a, backend="numpy", **kw) for a in (0.0, 0.37, 1.0)}
+    monkeypatch.setattr(baselines, "numpy_batched", lambda *a: pytest.fail("counts copied from the device"))
+    for amount in [0.0, 0.37, 1.0, {n: (i % 4) / 4 + 0.1 for i, n in enumerate(names)}]:
+        got = PRUNE[method](net, amount, backend="torch", **kw)
+        for lp in got.layers:
+            assert lp.n_zeroed == int(np.count_nonzero(~lp.keep)), (amount, lp.name)
+        if not isinstance(amount, dict):
+            assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in ref[amount].layers]
+            assert [np.array_equal(a.keep, b.keep) for a, b in zip(got.layers, ref[amount].layers)] == [True] * len(names)
+
+
 def test_magnitude_torch_backend_on_half_precision_weights():
     net = _tied_net().to(torch.bfloat16)
     ref = P.prune_magnitude(net, 0.6, backend="numpy")

@@ -176,18 +176,24 @@ def _prune_by_scores(
     s = scores(layers, on_device)
     sizes = [int(x.numel() if on_device else x.size) for x in s]
     if on_device:
+        zeroed = None
         if global_amount is not None:
             dev = s[0].device
             masks = torch.split(_smallest_torch(torch.cat([x.to(dev) for x in s]), round(global_amount * sum(sizes)), generator), sizes)
         else:
-            masks = _smallest_torch_layers(s, [round(per_layer[n] * x.numel()) for x, n in zip(s, names)], generator)
+            ks = [round(per_layer[n] * x.numel()) for x, n in zip(s, names)]
+            masks = _smallest_torch_layers(s, ks, generator)
+            # a layer's mask holds exactly its k (clamped to [0, n]) dropped weights (_smallest's
+            # contract, ties included): the counts are known here, with no copy from the device
+            zeroed = [min(max(k, 0), n) for k, n in zip(ks, sizes)]
         with torch.no_grad():
             for (_, m), mask in zip(layers, masks):
                 w = m.weight
                 w.masked_fill_(mask.to(w.device).reshape(w.shape), 0)  # +0.0; no sync to skip empty masks
-        # the dropped counts in one transfer; the masks stay on the device until the checkpoint
-        # reads them (defer_host_copy below: one copy for every layer)
-        zeroed = numpy_batched([torch.stack([mask.sum().to(masks[0].device) for mask in masks])])[0].tolist()
+        if zeroed is None:
+            # one global selection: each layer's share of it in one transfer; the masks stay on the
+            # device until the checkpoint reads them (defer_host_copy below: one copy for every layer)
+            zeroed = numpy_batched([torch.stack([mask.sum().to(masks[0].device) for mask in masks])])[0].tolist()
     else:
         if global_amount is not None:
             prunes = np.split(_smallest(np.concatenate(s), round(global_amount * sum(sizes)), generator), np.cumsum(sizes)[:-1])
