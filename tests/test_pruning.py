@@ -622,6 +622,30 @@ def test_per_layer_counts_on_the_device_need_no_transfer_and_equal_the_masks(met
             assert [np.array_equal(a.keep, b.keep) for a, b in zip(got.layers, ref[amount].layers)] == [True] * len(names)
 
 
+def test_matched_pruning_checks_the_weights_finite_once_and_still_refuses_nan(monkeypatch):
+    """prune_matched prunes one model twice: its target weights are checked finite once (by
+    magnitude; on a GPU each check is a host sync), a NaN still stops it with the same error as
+    before, and the results equal magnitude and random run on their own (the oracle)."""
+    from wavesweep import baselines
+
+    net = _tied_net()
+    dwt = P.prune_dwt(net, wavelet="haar", level=1, percentile=60)
+    calls = []
+    real = baselines.check_finite_targets
+    monkeypatch.setattr(baselines, "check_finite_targets", lambda layers: calls.append(len(layers)) or real(layers))
+    got = P.prune_matched(net, dwt, seed=3)
+    assert calls == [len(P.target_layers(net))]
+    amount = P.matched_amount(dwt)
+    for m, want in (("magnitude", P.prune_magnitude(net, amount)), ("random", P.prune_random(net, amount, seed=3))):
+        assert [lp.n_zeroed for lp in got[m].layers] == [lp.n_zeroed for lp in want.layers]
+        assert all(np.array_equal(a.keep, b.keep) for a, b in zip(got[m].layers, want.layers)), m
+        assert all(torch.equal(x, y) for x, y in zip(got[m].model.state_dict().values(), want.model.state_dict().values())), m
+    with torch.no_grad():
+        net[1].weight.view(-1)[3] = float("nan")
+    with pytest.raises(ValueError, match=r"target layer '1': weight has 1 NaN or infinite value\(s\)"):
+        P.prune_matched(net, dwt)
+
+
 def test_magnitude_torch_backend_on_half_precision_weights():
     net = _tied_net().to(torch.bfloat16)
     ref = P.prune_magnitude(net, 0.6, backend="numpy")

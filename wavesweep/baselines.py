@@ -154,6 +154,7 @@ def _prune_by_scores(
     scores,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    finite_checked: bool = False,
 ) -> tuple[nn.Module, list[LayerPrune]]:
     """Zero the lowest-scoring weights. ``scores(list of (name, module), on_device) -> list of
     flat scores``: NumPy arrays, or with ``on_device`` torch tensors on the weights' device.
@@ -161,13 +162,15 @@ def _prune_by_scores(
     The numpy path selects on CPU (:func:`_smallest`); the torch path (``backend``, see
     :data:`BACKENDS`) selects on the weights' device (:func:`_smallest_torch`, the same masks)
     and leaves the masks there (:func:`~wavesweep.prune_record.defer_host_copy`: one transfer
-    for every layer when the checkpoint first reads them).
+    for every layer when the checkpoint first reads them). ``finite_checked``: ``model``'s target
+    weights were found finite just before (:func:`prune_matched`), not checked again (on a GPU a sync).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_choice("pruning backend", backend, BACKENDS)
     found = target_layers(model, targets)  # validate before copying the model
-    check_finite_targets(found)
+    if not finite_checked:
+        check_finite_targets(found)
     names = [n for n, _ in found]
     global_amount, per_layer = _amounts(amount, scope, names)
     work = work_model(model, inplace)
@@ -276,6 +279,12 @@ def prune_random(
     ``keys``: the same draws made ahead (:class:`RandomKeys`, which holds the seed and the
     generator; ``seed`` and ``generator`` are then not used): the same masks.
     """
+    return _prune_random(model, amount, seed=seed, generator=generator, scope=scope, targets=targets, inplace=inplace,
+                         backend=backend, keys=keys)
+
+
+def _prune_random(model, amount, *, seed, generator, scope, targets, inplace, backend, keys, finite_checked=False) -> PruneResult:
+    """:func:`prune_random`; ``finite_checked``: as :func:`_prune_by_scores`'s."""
     targets = normalise_targets(targets)
     if keys is not None:
         if generator is not None:
@@ -305,7 +314,7 @@ def prune_random(
             return list(torch.split(flat.to(devices.pop(), non_blocking=True), sizes))
         return [k.to(m.weight.device) for k, (_, m) in zip(torch.split(flat, sizes), layers)]
 
-    work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores, generator, backend)
+    work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores, generator, backend, finite_checked)
     config = dict(amount=_config_amount(amount), scope=scope, seed=seed_logged, targets=list(targets))
     return PruneResult("random", work, out, config, [])
 
@@ -423,8 +432,9 @@ def prune_matched(
     if targets is None:
         targets = dwt_result.config.get("targets", ("conv",))
     amount = matched_amount(dwt_result, scope)
-    return {
-        "magnitude": prune_magnitude(model, amount, scope=scope, targets=targets, inplace=False, backend=backend),
-        "random": prune_random(model, amount, seed=seed, scope=scope, targets=targets, inplace=inplace, backend=backend,
-                               keys=keys),
-    }
+    magnitude = prune_magnitude(model, amount, scope=scope, targets=targets, inplace=False, backend=backend)
+    # magnitude pruned a copy of ``model`` after finding its target weights finite: random's
+    # pruning of the same weights does not look again (on a GPU, one host sync fewer)
+    random = _prune_random(model, amount, seed=seed, generator=None, scope=scope, targets=targets, inplace=inplace,
+                           backend=backend, keys=keys, finite_checked=True)
+    return {"magnitude": magnitude, "random": random}
