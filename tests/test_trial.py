@@ -459,3 +459,30 @@ def test_a_val_image_replaced_under_its_name_is_evaluated_afresh_not_taken_from_
     assert want.loss != first.base_eval.loss  # the replaced image changes the base's logits
     assert again.base_eval.loss == pytest.approx(want.loss, rel=1e-6)
     assert again.base_eval.preds.tolist() == want.preds.tolist()
+
+
+def test_a_trial_checks_the_base_weights_finite_once_for_its_three_prunings(base_and_set, monkeypatch):
+    """dwt, magnitude and random prune the same base model: its target weights are checked for NaN
+    and infinities once (prune_dwt's check; on a GPU each check is a host sync), and the baselines
+    equal ``prune_matched`` run with its own check (the oracle); a base weight that is NaN still
+    stops the trial with the check's error."""
+    from wavesweep import baselines, pruning
+
+    base, cfg, _ = base_and_set
+    cfg = dataclasses.replace(cfg, recovery="none", timing_batches=0)
+    calls = []
+    for mod in (pruning, baselines):
+        real = mod.check_finite_targets
+        monkeypatch.setattr(mod, "check_finite_targets", lambda layers, real=real: calls.append(len(layers)) or real(layers))
+    r = trial.run_trial(cfg, base=base)
+    assert calls == [len(pruning.target_layers(base.model, cfg.target_kinds))]
+    want = pruning.prune_matched(base.model, r.outcomes["dwt"].prune, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds)
+    for m in ("magnitude", "random"):
+        got = r.outcomes[m].prune
+        assert [lp.n_zeroed for lp in got.layers] == [lp.n_zeroed for lp in want[m].layers]
+        assert all(np.array_equal(a.keep, b.keep) for a, b in zip(got.layers, want[m].layers)), m
+        assert all(torch.equal(x, y) for x, y in zip(got.model.state_dict().values(), want[m].model.state_dict().values())), m
+    with torch.no_grad():
+        pruning.target_layers(base.model)[0][1].weight.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"weight has 1 NaN or infinite value\(s\)"):
+        trial.run_trial(cfg, base=base)

@@ -242,6 +242,11 @@ def prune_magnitude(
     ``backend`` (:data:`BACKENDS`): where the weights are selected; every backend gives the same
     masks (tested), ``"auto"`` selects on the weights' own device.
     """
+    return _prune_magnitude(model, amount, scope=scope, targets=targets, inplace=inplace, backend=backend)
+
+
+def _prune_magnitude(model, amount, *, scope, targets, inplace, backend, finite_checked=False) -> PruneResult:
+    """:func:`prune_magnitude`; ``finite_checked``: as :func:`_prune_by_scores`'s."""
     targets = normalise_targets(targets)
 
     def scores(layers, on_device):
@@ -249,7 +254,7 @@ def prune_magnitude(
             return [_float(m.weight.detach().abs()).reshape(-1) for _, m in layers]
         return [weight_numpy(m.weight.detach().abs()).reshape(-1) for _, m in layers]
 
-    work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores, backend=backend)
+    work, out = _prune_by_scores(model, amount, scope, targets, inplace, scores, backend=backend, finite_checked=finite_checked)
     config = dict(amount=_config_amount(amount), scope=scope, seed=None, targets=list(targets))
     return PruneResult("magnitude", work, out, config, [])
 
@@ -418,6 +423,7 @@ def prune_matched(
     inplace: bool = False,
     backend: str = "auto",
     keys: RandomKeys | None = None,
+    finite_checked: bool = False,
 ) -> dict[str, PruneResult]:
     """Magnitude and random pruning of ``model`` at the budget of ``dwt_result``.
 
@@ -425,14 +431,18 @@ def prune_matched(
     ``targets`` defaults to the dwt result's targets. With ``inplace=True`` only the random
     model is ``model`` itself (the magnitude model is always a copy, so both start from the
     same weights). ``keys``: random's keys drawn ahead (:class:`RandomKeys`, for ``seed``: the
-    same masks). Returns ``{"magnitude": ..., "random": ...}``.
+    same masks). ``finite_checked``: the caller has just found these target layers' weights of
+    ``model`` finite and not changed them since (a trial: :func:`~wavesweep.pruning.prune_dwt` of
+    the same model); they are then not checked for NaN and infinities again (on a GPU, a host
+    sync). Otherwise they are checked once, for both. Returns ``{"magnitude": ..., "random": ...}``.
     """
     if keys is not None and keys.seed != seed:
         raise ValueError(f"random keys drawn for seed {keys.seed}, not {seed}")
     if targets is None:
         targets = dwt_result.config.get("targets", ("conv",))
     amount = matched_amount(dwt_result, scope)
-    magnitude = prune_magnitude(model, amount, scope=scope, targets=targets, inplace=False, backend=backend)
+    magnitude = _prune_magnitude(model, amount, scope=scope, targets=targets, inplace=False, backend=backend,
+                                 finite_checked=finite_checked)
     # magnitude pruned a copy of ``model`` after finding its target weights finite: random's
     # pruning of the same weights does not look again (on a GPU, one host sync fewer)
     random = _prune_random(model, amount, seed=seed, generator=None, scope=scope, targets=targets, inplace=inplace,

@@ -338,8 +338,10 @@ def _run_trial(
         dwt_eval = chunk.result if val_set is None else None  # with a validation part: scored with the baselines below
 
     with phases("prune"), recording_warnings():
+        # base.model's target weights: found finite by prune_dwt above, unchanged since (dwt's
+        # recovery and evaluation ran on its copy)
         matched = pruning.prune_matched(base.model, dwt, scope=cfg.scope, seed=cfg.seed, targets=cfg.target_kinds,
-                                        keys=random_keys)
+                                        keys=random_keys, finite_checked=True)
         del random_keys  # its buffer: the random model's scores are made
     prunes = {"dwt": dwt, **matched}
     recover(matched)
