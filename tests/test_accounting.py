@@ -523,3 +523,20 @@ def test_accelerator_path_fetches_once_and_changes_nothing(dtype, monkeypatch):
     assert got == want
     assert len(calls) == 3 and all(c > 0 for c in calls)  # one fetch per model, holding every count and norm
     assert all(isinstance(ls.zero_weights, int) for s in got for ls in s.layers)
+
+
+def test_fetch_groups_by_dtype_and_returns_every_value_in_place():
+    """``_fetch`` stacks the device values per dtype (counts, norms) and converts each stack once:
+    every value comes back at its own position, equal to its own ``.item()`` (the oracle; counts as
+    ints, exact up to 2**53), host values untouched, several dtypes interleaved."""
+    g = torch.Generator().manual_seed(0)
+    values = []
+    for i in range(30):
+        values += [torch.tensor(int(torch.randint(0, 2**40, (), generator=g))), torch.rand((), dtype=torch.float64, generator=g),
+                   7 * i, torch.rand((), generator=g).to(torch.bfloat16), 0.5 + i, torch.tensor(2**53 - i)]  # fmt: skip
+    got = A._fetch(values)
+    assert len(got) == len(values)
+    for v, h in zip(values, got):
+        want = v.item() if isinstance(v, torch.Tensor) else v
+        assert h == want and type(h) is type(want), (v, h)
+    assert A._fetch([]) == [] and A._fetch([3, 1.5]) == [3, 1.5]

@@ -168,8 +168,14 @@ def _fetch(values: list) -> list:
         if isinstance(v, torch.Tensor):
             by_dev.setdefault(v.device, []).append(i)
     for idx in by_dev.values():
-        host = torch.stack([values[i].to(torch.float64) for i in idx]).cpu().tolist()
-        for i, h in zip(idx, host):
+        # one stack per dtype (the counts', the norms'), each converted to float64 at once: a few
+        # operators (kernel launches on a GPU) for all of them, not one conversion per count
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i in idx:
+            by_dtype.setdefault(values[i].dtype, []).append(i)
+        parts = [torch.stack([values[i] for i in group]).to(torch.float64) for group in by_dtype.values()]
+        host = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().tolist()
+        for i, h in zip((i for group in by_dtype.values() for i in group), host):
             out[i] = int(h) if not values[i].dtype.is_floating_point else h
     return out
 
