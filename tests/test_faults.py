@@ -1660,3 +1660,87 @@ def test_a_stop_that_cuts_a_database_read_short_still_closes_the_runs(workdir, m
     runs = mlflow_runs(workdir)
     assert runs and {(r.data.tags["wavesweep.kind"], r.info.status) for r in runs} <= {("trial", "KILLED"), ("method", "KILLED")}
     assert time.perf_counter() - t0 < 20 * 2, "the close waited for a lock"
+
+
+STOP_WHILE_THE_STORE_IS_CREATED = '''
+import os, signal, time
+from alembic.ddl import impl as _impl
+
+_create = _impl.DefaultImpl.create_table
+def create_table(self, table, *args, **kwargs):
+    out = _create(self, table, *args, **kwargs)
+    # a table of one of MLflow's migrations created, its version not yet stamped
+    if table.name == "trace_info" and not os.environ.get("HOOK_DONE"):
+        os.environ["HOOK_DONE"] = "1"
+        os.kill(os.getpid(), signal.SIG%s)
+        time.sleep(2)
+    return out
+_impl.DefaultImpl.create_table = create_table
+'''
+
+
+@pytest.mark.slow  # a trial process, three that open the store
+def test_a_stop_or_a_kill_while_the_store_is_created_leaves_a_store_that_opens(workdir, shared_cache):
+    """MLflow creates a SQLite store table by table (its migrations commit one by one). A Ctrl-C in
+    the first seconds of the first command, between a migration's table and its version stamp
+    (found by a Ctrl-C fuzz), left a store no command could open: "database: table trace_info
+    already exists", for good. A stop now waits until the store is created; a store left so by a
+    kill -9 (nothing waits for that) is moved aside and created afresh."""
+    from wavesweep import tracking
+
+    trial = [sys.executable, "-m", "wavesweep", "trial", "--model", "cnn", "--eval-limit", "40", "--timing-batches", "0", "-q"]
+    opens = [sys.executable, "-c", "from wavesweep import tracking; tracking.init_tracking()"]  # what every command does first
+    plain = subprocess_env(workdir, shared_cache)
+    run = lambda argv, env: subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300,  # noqa: E731
+                                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    stopped = run(trial, _hooked_env(workdir, shared_cache, STOP_WHILE_THE_STORE_IS_CREATED % "INT"))
+    assert stopped.returncode == 130 and stopped.stderr.strip().splitlines()[-1] == "wavesweep: interrupted (KeyboardInterrupt)", stopped.stderr[-2000:]
+    again = run(opens, plain)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(e.name for e in MlflowClient().search_experiments()) == ["Default", "wavesweep"]
+
+    db = workdir / "mlflow.db"
+    db.unlink()
+    killed = run(opens, _hooked_env(workdir, shared_cache, STOP_WHILE_THE_STORE_IS_CREATED % "KILL"))
+    assert killed.returncode == -signal.SIGKILL
+    os.utime(db, (time.time() - tracking.CUT_SHORT_AFTER_S - 5,) * 2)
+    cut_short = db.read_bytes()
+    after = run(opens, plain)
+    assert after.returncode == 0, after.stderr[-2000:]
+    aside = sorted(workdir.glob("mlflow.db.cut-short-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == cut_short and f"Moved to {aside[0]}" in after.stderr
+    assert sorted(e.name for e in MlflowClient().search_experiments()) == ["Default", "wavesweep"]
+
+
+def test_only_a_store_without_any_experiment_or_run_left_alone_for_a_minute_is_set_aside(workdir):
+    """What _set_aside_if_cut_short moves: MLflow's tables with no experiment and no run, untouched
+    for CUT_SHORT_AFTER_S. Not a store holding anything, not one being created now, not an empty
+    file (MLflow creates its tables in it), not a database of something else."""
+    import sqlite3
+
+    from wavesweep import tracking
+
+    old = time.time() - tracking.CUT_SHORT_AFTER_S - 5
+    tracking.init_tracking()
+    db = workdir / "mlflow.db"
+    os.utime(db, (old, old))
+    assert tracking._set_aside_if_cut_short(db) is None and db.is_file()  # the Default and wavesweep experiments
+    con = sqlite3.connect(db)
+    with con:
+        con.execute("PRAGMA foreign_keys = OFF")
+        con.execute("DELETE FROM experiment_tags")
+        con.execute("DELETE FROM experiments")
+    con.close()
+    os.utime(db, None)
+    assert tracking._set_aside_if_cut_short(db) is None and db.is_file()  # touched just now: maybe being created
+    os.utime(db, (old, old))
+    aside = tracking._set_aside_if_cut_short(db)
+    assert aside is not None and aside.is_file() and not db.exists() and aside.parent == db.parent
+    for what in (b"", None):
+        if what is None:
+            sqlite3.connect(db).execute("CREATE TABLE notes (x)").connection.close()
+        else:
+            db.write_bytes(what)
+        os.utime(db, (old, old))
+        assert tracking._set_aside_if_cut_short(db) is None and db.is_file()
+        db.unlink()

@@ -80,10 +80,55 @@ def init_tracking(experiment: str | None = None, *, run_id: str | None = None) -
     db = sqlite_file(uri)
     lock = file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
     with lock:
-        client = MlflowClient(uri)
-        client.search_experiments(max_results=1)  # forces schema creation / migration, under the lock
+        if db is not None:
+            _set_aside_if_cut_short(db)
+        # A SQLite store's creation is not one transaction: MLflow's migrations commit table by
+        # table, and a stop between a table and its version stamp left a store that no command
+        # could open again ("table trace_info already exists"). A stop waits until it is created.
+        # (Not for a server's database: a Ctrl-C must not wait for a connection that hangs.)
+        with interrupt.ignored() if db is not None else contextlib.nullcontext():
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)  # forces schema creation / migration, under the lock
         exp_id = _ensure_experiment(client, experiment, run_id)
     return client, exp_id
+
+
+CUT_SHORT_AFTER_S = 60.0  # a store left empty this long ago is not one another process is creating now
+
+
+def _set_aside_if_cut_short(db: Path) -> Path | None:
+    """Move aside a SQLite store whose creation was cut short, so that it is created afresh;
+    returns where it went, or None when it is left as it is.
+
+    Cut short (a kill -9, a crash, a lost machine while MLflow created its tables: a stop waits
+    for them now) it holds some of MLflow's tables and nothing else, no experiment and no run,
+    and MLflow cannot finish it: every command failed with "table trace_info already exists"
+    until the file was deleted by hand. Only such a file, untouched for ``CUT_SHORT_AFTER_S``
+    (not one an MLflow process is creating), is moved, with its journal: nothing in it is lost."""
+    import sqlite3
+
+    try:
+        if not db.is_file() or time.time() - db.stat().st_mtime < CUT_SHORT_AFTER_S:
+            return None
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "experiments" not in tables:  # an empty file (MLflow creates it) or not MLflow's (MLflow says so)
+                return None
+            if any(con.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in ("experiments", "runs") if t in tables):
+                return None  # MLflow's default experiment is written once its tables are complete
+        finally:
+            con.close()
+    except (OSError, sqlite3.Error):
+        return None
+    aside = db.with_name(f"{db.name}.cut-short-{time.strftime('%Y%m%dT%H%M%S')}")
+    db.rename(aside)
+    for suffix in ("-journal", "-wal", "-shm"):
+        if (side := db.with_name(db.name + suffix)).exists():
+            side.rename(aside.with_name(aside.name + suffix))
+    log.warning("%s holds some of MLflow's tables and no experiment or run: its creation was cut short (a kill, a "
+                "crash). Moved to %s; the store is created afresh", db, aside)  # fmt: skip
+    return aside
 
 
 def _ensure_experiment(client: MlflowClient, name: str | None, run_id: str | None) -> str:
