@@ -1744,3 +1744,45 @@ def test_only_a_store_without_any_experiment_or_run_left_alone_for_a_minute_is_s
         os.utime(db, (old, old))
         assert tracking._set_aside_if_cut_short(db) is None and db.is_file()
         db.unlink()
+
+
+@pytest.mark.parametrize("kind", ["trial", "method", "configuration", "study", "repeat"])
+def test_a_stop_inside_create_run_closes_the_run_it_created(workdir, monkeypatch, kind):
+    """A stop landing inside MLflow's create_run, once the store had written the run (here: a real
+    SIGINT sent as it returns): the caller never learnt the run's id, and the run stayed RUNNING
+    for good (found by a Ctrl-C fuzz of studies: a repeated configuration's run). The stop is held
+    until the id is known, then closes the run KILLED and propagates."""
+    from wavesweep import interrupt, tracked_config, tracking
+
+    real = MlflowClient.create_run
+    wanted = {"trial": "trial", "method": "method", "configuration": "configuration", "study": None, "repeat": "repeat"}[kind]
+    fired = []
+
+    def create_run(self, experiment_id, *args, **kwargs):
+        run = real(self, experiment_id, *args, **kwargs)
+        if not fired and (kwargs.get("tags") or {}).get("wavesweep.kind") == wanted:
+            fired.append(run.info.run_id)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(2)  # the signal lands here, inside create_run
+        return run
+
+    monkeypatch.setattr(MlflowClient, "create_run", create_run)
+    client, exp_id = tracking.init_tracking()
+    cfg = TrialConfig(model="cnn", eval_limit=40, timing_batches=0, recovery="none")
+    with pytest.raises(KeyboardInterrupt), interrupt.stop_signals():
+        if kind == "trial":
+            tracking.TrialRun(client, exp_id, cfg)
+        elif kind == "method":
+            tracking.TrialRun(client, exp_id, cfg).child("dwt")
+        elif kind == "configuration":
+            tracked_config.run_tracked_configuration(cfg, 2)
+        elif kind == "study":
+            tracking.start_study_run(client, exp_id, study_name="s", storage="sqlite:///optuna.db", spec_file=None,
+                                     spec_text="", params={})  # fmt: skip
+        else:
+            tracking.record_repeat(client, exp_id, cfg, parent_run_id=real(client, exp_id).info.run_id, repeat_of_trial=0,
+                                   repeat_of_run_id="0" * 32)  # fmt: skip
+    assert fired
+    got = client.get_run(fired[0])
+    where = "while recording a repeated configuration" if kind == "repeat" else "while it was created"
+    assert (got.info.status, got.data.tags["error"]) == ("KILLED", f"{where}: KeyboardInterrupt: ")

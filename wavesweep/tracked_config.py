@@ -92,7 +92,9 @@ def _start_run(client, exp_id: str, cfg: TrialConfig, n: int, cid: str, *, paren
     else:
         if parent_run_id:
             all_tags[tracking.MLFLOW_PARENT_RUN_ID] = parent_run_id
-        run_id, owned = client.create_run(exp_id, run_name=all_tags[tracking.MLFLOW_RUN_NAME], tags=all_tags).info.run_id, True
+        run_id = tracking.create_run(client, exp_id, run_name=all_tags[tracking.MLFLOW_RUN_NAME], tags=all_tags,
+                                     where="while it was created")  # fmt: skip
+        owned = True
     return run_id, owned
 
 

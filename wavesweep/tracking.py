@@ -294,8 +294,7 @@ class TrialRun:
         else:
             if parent_run_id:
                 tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-            run = client.create_run(experiment_id, run_name=run_name(cfg, "trial"), tags=tags)
-            self.run_id = run.info.run_id
+            self.run_id = create_run(client, experiment_id, run_name=run_name(cfg, "trial"), tags=tags, where="while it was created")
             self.owned = True
         self.child_ids: dict[str, str] = {}
         try:
@@ -306,13 +305,10 @@ class TrialRun:
             raise
 
     def child(self, method: str) -> str:
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=run_name(self.cfg, method),
-            tags={**self.extra_tags, MLFLOW_PARENT_RUN_ID: self.run_id, "method": method, "wavesweep.kind": "method"},
-        )
-        self.child_ids[method] = run.info.run_id
-        return run.info.run_id
+        rid = create_run(self.client, self.experiment_id, run_name=run_name(self.cfg, method), where="while it was created",
+                         tags={**self.extra_tags, MLFLOW_PARENT_RUN_ID: self.run_id, "method": method, "wavesweep.kind": "method"})  # fmt: skip
+        self.child_ids[method] = rid
+        return rid
 
     def finish(self, status: str = "FINISHED", error: str | None = None, tags: dict[str, str] | None = None) -> None:
         """Close the parent and every child with ``status``; record ``error`` and ``tags`` on all of them.
@@ -475,6 +471,23 @@ def close_quietly(close: Callable[[], Any], what: str) -> None:
         close()
     except Exception as exc:  # noqa: BLE001 - logged; the exception being handled is re-raised by the caller
         log.error("could not close %s: %s: %s", what, type(exc).__name__, exc)
+
+
+def create_run(client: MlflowClient, experiment_id: str, *, run_name: str, tags: dict[str, str], where: str) -> str:
+    """``client.create_run``, its id returned, with a stop held until the id is known: a stop
+    (Ctrl-C, SIGTERM) landing inside ``create_run`` once the store had written the run left it
+    RUNNING for good, known to no one (found by a Ctrl-C fuzz of studies: a repeated
+    configuration's run). A stop held meanwhile is raised once the run exists, and closes it
+    KILLED (``where`` says what was being done) before it propagates."""
+    run_id = None
+    try:
+        with interrupt.ignored():
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    except BaseException as exc:
+        if run_id is not None:
+            _close_on(exc, client, run_id, where)
+        raise
+    return run_id
 
 
 def _close_on(exc: BaseException, client: MlflowClient, run_id: str, where: str) -> None:
@@ -700,7 +713,7 @@ def start_study_run(
         run_id = launched
         client.set_tag(run_id, MLFLOW_RUN_NAME, f"study {study_name}")
     elif run_id is None:
-        run_id = client.create_run(experiment_id, run_name=f"study {study_name}").info.run_id
+        run_id = create_run(client, experiment_id, run_name=f"study {study_name}", tags={}, where="while it was created")
     tags = {
         "wavesweep.kind": "study", "method": "study", "optuna.study": study_name,
         # where, absolute: `mlflow run` runs in the project directory, so a relative path says too little
@@ -737,11 +750,9 @@ def record_repeat(
     closed FINISHED at once, with no params, metrics or artifacts of its own (a search over
     metrics or params finds each configuration once). ``on_run(run_id)`` is called as soon as the
     run exists. Returns its run id."""
-    run = client.create_run(
-        experiment_id, run_name=f"repeat of trial {repeat_of_trial}: {run_name(cfg, 'trial')}",
-        tags={MLFLOW_PARENT_RUN_ID: parent_run_id, "method": "repeat", "wavesweep.kind": "repeat"},
-    )  # fmt: skip
-    rid = run.info.run_id
+    rid = create_run(client, experiment_id, run_name=f"repeat of trial {repeat_of_trial}: {run_name(cfg, 'trial')}",
+                     tags={MLFLOW_PARENT_RUN_ID: parent_run_id, "method": "repeat", "wavesweep.kind": "repeat"},
+                     where="while recording a repeated configuration")  # fmt: skip
     try:
         if on_run is not None:
             on_run(rid)
