@@ -85,7 +85,9 @@ def subprocess_env(workdir: Path, shared_cache: Path, *, concurrent: bool = Fals
     ``concurrent``: the child computes beside another one (two launchers, two trials at once): it
     gets one torch intra-op thread, as each worker of ``--workers 2`` on 2 cores does. With torch's
     default of a thread per core each, two children oversubscribe a 2-core machine and stall in
-    OpenMP barriers (two launchers' study: 26 s -> 12.5 s idle, 102 s -> 14 s under load)."""
+    OpenMP barriers (two launchers' study: 26 s -> 12.5 s idle, 102 s -> 14 s under load). Every
+    child inherits ``OMP_NUM_THREADS=1`` from this session anyway (``one_thread_per_process``)
+    unless the suite was started with its own ``OMP_NUM_THREADS``; ``concurrent`` then still holds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(
         WAVESWEEP_CACHE=str(shared_cache),
@@ -106,6 +108,30 @@ def study_trial_runs(client, study_name: str) -> list:
         max_results=50000, order_by=["attributes.start_time ASC"],
     )  # fmt: skip
     return list(runs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_process():
+    """One torch intra-op thread in this process and (``OMP_NUM_THREADS=1``, inherited) in every
+    child it starts: the tests' models and tensors are tiny, and on this shared 2-core machine a
+    second OpenMP thread stalls in a barrier whenever the other is descheduled. Measured back to
+    back under the machine's usual load (other sessions: load average 2-5): a small CNN forward
+    pass of 64 digits 140-200 ms with 2 threads, 3.3-5.5 ms with 1 (a training step 20-490 ms vs
+    7-13 ms); test_faults.py 645 s -> 449 s. An ``OMP_NUM_THREADS`` set by whoever runs the suite
+    is left as it is (a bigger machine may want more)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        os.environ.pop("OMP_NUM_THREADS", None)
 
 
 @pytest.fixture(scope="module")
