@@ -1580,6 +1580,8 @@ def test_ctrl_c_in_optunas_bookkeeping_of_a_trial_stops_cleanly_and_leaves_no_tr
     first = trials(workdir)
     assert TrialState.RUNNING not in [t.state for t in first], [(t.number, t.state) for t in first]
     assert not [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
+    if where == "heartbeat":  # what failed here was the exit (a hang); the other two are resumed
+        return
     # the relaunch finishes the study (nothing waits for a trial no one runs), counting each trial once
     resume = subprocess.run([sys.executable, "-m", "wavesweep", "study", str(spec), "-q"], cwd=workdir,
                             env=subprocess_env(workdir, shared_cache) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"},
