@@ -212,10 +212,11 @@ def objective(
         tag_run("PRUNED")
         raise
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
+        stopped = isinstance(exc, KeyboardInterrupt)  # Ctrl-C or SIGTERM: retried with these params next launch
+        if stopped:
             interrupt.caught(exc)  # handled here (the frames it cut short let go of their database cursors)
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
-        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: retried with these params next launch
+        if stopped:
             trial.set_user_attr("interrupted", True)
         tag_run("FAIL")
         raise
