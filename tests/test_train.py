@@ -7,9 +7,11 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -454,7 +456,7 @@ def test_digest_of_float32_configs_is_unchanged():
     amp off / channels-last off and hashes as before; bf16 or channels-last get new keys."""
     for cfg, old in _DIGESTS_BEFORE_AMP.items():
         assert cfg.digest("cpu") == old == _digest_before_amp(cfg)
-        assert dataclasses.replace(cfg, amp="off", channels_last="off").digest("cuda") == old
+        assert dataclasses.replace(cfg, amp="off", channels_last="off", cuda_graphs="off").digest("cuda") == old
         # a graphed step is another recipe (beta1 not cycled, capturable AdamW): another key
         assert dataclasses.replace(cfg, amp="off", channels_last="off", cuda_graphs="on").digest("cuda") != old
     for cfg in T._DEFAULTS.values():
@@ -482,13 +484,19 @@ def test_auto_resolves_per_device(monkeypatch, native_bf16):
     assert TrainConfig().digest("cuda") == cuda.digest("cpu") != TrainConfig().digest("cpu")
     assert TrainConfig(amp="bf16", channels_last="off").resolved("cpu").amp == "bf16"  # explicit stays
     assert TrainConfig(amp="off").resolved("cuda").amp == "off"
-    assert (cuda.cuda_graphs, cpu.cuda_graphs) == ("off", "off")  # not the default (see TrainConfig)
-    assert TrainConfig(cuda_graphs="on").resolved("cuda").cuda_graphs == "on"
-    assert TrainConfig(cuda_graphs="on").digest("cuda") != TrainConfig().digest("cuda")
+    # cuda_graphs auto: on for AdamW on CUDA, off on CPU and for SGD; explicit values kept
+    assert (cuda.cuda_graphs, cpu.cuda_graphs) == ("on", "off")
+    assert TrainConfig(optimizer="sgd").resolved("cuda").cuda_graphs == "off"
+    assert TrainConfig(cuda_graphs="off").resolved("cuda").cuda_graphs == "off"
+    assert TrainConfig(cuda_graphs="on").resolved("cuda") == cuda
+    assert TrainConfig(cuda_graphs="on").digest("cuda") == TrainConfig().digest("cuda")
+    # the eager recipe on CUDA (beta1 cycled by OneCycleLR) keeps a key of its own
+    assert TrainConfig(cuda_graphs="off").digest("cuda") != TrainConfig().digest("cuda")
+    assert TrainConfig(cuda_graphs="off").digest("cuda") == TrainConfig(cuda_graphs="off").resolved("cuda").digest("cpu")
 
 
 def test_cuda_graphs_validation():
-    with pytest.raises(ValueError, match=r"^unknown cuda_graphs 'yes'; valid: off, on$"):
+    with pytest.raises(ValueError, match=r"^unknown cuda_graphs 'yes'; valid: auto, off, on$"):
         TrainConfig(cuda_graphs="yes")
     with pytest.raises(ValueError, match=r"^cuda_graphs='on' needs optimizer 'adamw' \(its capturable form\), got optimizer 'sgd'$"):
         TrainConfig(cuda_graphs="on", optimizer="sgd")
@@ -897,6 +905,35 @@ def test_cuda_graph_training_equals_eager_training(amp, monkeypatch):
         torch.testing.assert_close(a, b, **_GRAPH_TOL[amp], msg=k)
     assert int(graphed[1].num_batches_tracked) == 14
     assert info_g["train_loss"] == pytest.approx(info_e["train_loss"], rel=1e-3 if amp == "off" else 2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["cnn", "mlp", "resnet18", "resnet50", "vit_b_16"])
+def test_cuda_default_training_of_every_registry_model_is_graphed(name):
+    """The default config on CUDA (cuda_graphs auto: on for AdamW) captures and replays the
+    training step of every model of the registry: 6 full batches of 16 and a short one give 3
+    warm-up steps, then 3 replays, the short batch eager between them. The trained weights are
+    finite, and no eager step after the capture meets the capture's autograd nodes (PyTorch's
+    AccumulateGrad stream warning: the captured loss kept its autograd graph alive)."""
+    from wavesweep.data import DatasetBundle, TensorImages
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 256, (104 + 32, 1, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 4, (104 + 32,), generator=g)
+    mk = lambda a, b: TensorImages(x[a:b], y[a:b], divisor=255.0, mean=(0.4,), std=(0.3,))  # noqa: E731
+    bundle = DatasetBundle(name="graph-set", train=mk(0, 104), test=mk(104, 136), num_classes=4, in_channels=1,
+                           image_size=32)
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=4, in_channels=1, image_size=32)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-3)
+    assert cfg.resolved("cuda").cuda_graphs == "on"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = train_model(model, bundle, cfg, device="cuda", progress=False)
+    assert info["config"]["cuda_graphs"] == "on" and info["graph_steps"] == 3
+    assert all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+    assert math.isfinite(info["test_loss"])
+    assert not [w for w in caught if "AccumulateGrad" in str(w.message)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
