@@ -297,7 +297,10 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
            "ResNet-18, is the same command with `--model resnet18` on a GPU."] if facts["machine"].startswith("CPU")
           and grid.model != "resnet18" else []),
         "- Gap = dwt top-1 minus the other method's, on the same examples, with its 95 % paired bootstrap interval. "
-        "*better*/*worse*: the interval excludes 0; *equal*: it contains 0.",
+        "*better*/*worse*: the interval excludes 0; *equal*: it contains 0. The interval is over the "
+        "evaluation examples, for this one base model: it does not hold the spread between base models, "
+        "which can be larger (another training of the ResNet-18 base model changed 15 of 45 verdicts, "
+        "4 from better to worse or back); compare methods over seeds with `wavesweep trial --replicates`.",
         "",
     ]
     for (w, lay), part in frame.groupby(["wavelet", "layout"], sort=False):
