@@ -432,22 +432,31 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     from wavesweep import results
 
+    if args.seeds is not None and args.seed is not None:  # which would the page be of?
+        raise ValueError(f"--seed {args.seed} with --seeds {args.seeds}: give one or the other (--seeds runs the "
+                         "whole grid once per seed listed, e.g. --seeds 0,1,2)")
+    seeds = results.parse_seeds(args.seeds) if args.seeds is not None else None
     fractions = results.check_fractions(results.parse_list(args.fractions, int, "--fractions"), args.fractions)
     grid = results.Grid(
         model=args.model, dataset=args.dataset, level=args.level, fractions=fractions,
         recoveries=results.parse_list(args.recoveries, option="--recoveries"), configs=results.parse_configs(args.configs),
-        eval_limit=args.eval_limit, seed=args.seed, device=args.device, data_root=args.data_root,
-        recovery_batches=args.recovery_batches, finetune_steps=args.finetune_steps,
+        eval_limit=args.eval_limit, seed=seeds[0] if seeds else args.seed or 0, device=args.device,
+        data_root=args.data_root, recovery_batches=args.recovery_batches, finetune_steps=args.finetune_steps,
     )  # fmt: skip
     grid.trials()  # validate every trial before any work
     _check_device(args.device)
     results.check_page_path(args.out)
+    where = [""]  # "seed S: " while a --seeds run is on seed S
+
+    def on_seed(seed: int) -> None:
+        where[0] = f"seed {seed}: "
+        print(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})", flush=True)
 
     def on_trial(i: int, n: int, cfg: TrialConfig) -> None:
-        print(f"[{i + 1}/{n}] {cfg.wavelet} {cfg.layout} p{cfg.percentile:g} recovery={cfg.recovery}", flush=True)
+        print(f"{where[0]}[{i + 1}/{n}] {cfg.wavelet} {cfg.layout} p{cfg.percentile:g} recovery={cfg.recovery}", flush=True)
 
     def on_resume(reused: int, total: int) -> None:
-        print(f"resuming: {reused} of {total} trials were done by an earlier run ({progress}; --fresh reruns them)")
+        print(f"{where[0]}resuming: {reused} of {total} trials were done by an earlier run ({progress}; --fresh reruns them)")
 
     def on_base(base, seconds: float) -> None:
         info = base.train_info
@@ -472,12 +481,19 @@ def cmd_results(args: argparse.Namespace) -> int:
         waiter.unlink(missing_ok=True)
         if args.fresh:
             progress.unlink(missing_ok=True)
-        frame, facts = results.run_grid(grid, on_trial=on_trial, progress=progress, on_resume=on_resume, on_base=on_base)
+        callbacks = {"on_trial": on_trial, "progress": progress, "on_resume": on_resume, "on_base": on_base}
         argv = [a for a in (sys.argv[sys.argv.index("results") + 1 :] if "results" in sys.argv else []) if a != "--fresh"]
-        path = results.write_page(results.render(frame, facts, grid, results.default_command(argv)), Path(args.out), frame)
+        if seeds is None:
+            frame, facts = results.run_grid(grid, **callbacks)
+            text, seconds = results.render(frame, facts, grid, results.default_command(argv)), facts["seconds"]
+        else:
+            frame, every = results.run_seeds(grid, seeds, on_seed=on_seed, **callbacks)
+            text, seconds = results.render_seeds(frame, every, grid, results.default_command(argv)), sum(
+                f["seconds"] for f in every)
+        path = results.write_page(text, Path(args.out), frame)
         if not _waiting(progress.parent, Path(args.out).name):  # else the next one resumes from it, not from nothing
             progress.unlink(missing_ok=True)
-    print(f"wrote {path} ({len(frame)} trials, {facts['seconds'] / 60:.1f} min)")
+    print(f"wrote {path} ({len(frame)} trials{f' of {len(seeds)} seeds' if seeds else ''}, {seconds / 60:.1f} min)")
     return 0
 
 
@@ -574,7 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--eval-limit", type=int, default=0, help="stratified evaluation subset (0 = the whole test split; default: %(default)s)")
     rs.add_argument("--recovery-batches", type=int, default=50, help=FIELD_HELP["recovery_batches"] + " (default: 50)")
     rs.add_argument("--finetune-steps", type=int, default=100, help=FIELD_HELP["finetune_steps"] + " (default: 100)")
-    rs.add_argument("--seed", type=int, default=0, help=FIELD_HELP["seed"] + " (default: 0)")
+    rs.add_argument("--seed", type=int, default=None, help=FIELD_HELP["seed"] + " (default: 0)")
+    rs.add_argument("--seeds", default=None, metavar="S,S,...",
+                    help="run the whole grid once per seed (at least 2; each with its own base model, as --seed S) and "
+                         "compare the methods over seeds, with a Student-t interval over them (default: one seed, --seed)")
     rs.add_argument("--device", default="auto", help=FIELD_HELP["device"] + " (default: auto)")
     rs.add_argument("--data-root", default="", help=FIELD_HELP["data_root"] + " (default: %(default)r)")
     rs.add_argument("--out", default="docs/results-fashion-mnist.md",

@@ -8,6 +8,7 @@ writes one Markdown file. Pure: nothing here prints.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -17,11 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from wavesweep import evaluate, train
-from wavesweep.config import TrialConfig
+from wavesweep import evaluate, replicates, train
+from wavesweep.config import MAX_SEED, TrialConfig
 from wavesweep.fileio import atomic_write, file_in_the_way
 from wavesweep.trial import run_trial
 
@@ -80,7 +82,8 @@ def win_counts(winners: pd.Series) -> str:
 
 #: columns of a progress file that say which grid and base model its rows belong to
 _GRID_KEY = ("model", "dataset", "level", "eval_limit", "seed", "recovery_batches", "finetune_steps")
-_TEXT_COLUMNS = {"wavelet": str, "layout": str, "recovery": str, "levels": str, "base_checksum": str, "device": str}
+_TEXT_COLUMNS = {"wavelet": str, "layout": str, "recovery": str, "levels": str, "base_checksum": str, "device": str,
+                 "seeds": str}
 
 
 def progress_path(page: Path) -> Path:
@@ -113,18 +116,35 @@ def _trial_key(cfg: TrialConfig) -> tuple:
     return (cfg.wavelet, cfg.layout, float(cfg.percentile), cfg.recovery)
 
 
-def _identity(grid: Grid, checksum: str, device: str) -> dict:
-    return {**{k: getattr(grid, k) for k in _GRID_KEY}, "base_checksum": checksum, "device": device}
+def seeds_text(seeds: Sequence[int]) -> str:
+    """``(0, 1, 2)`` -> ``"0,1,2"``: how ``--seeds`` is written, and how a progress file records it."""
+    return ",".join(str(s) for s in seeds)
 
 
-def load_progress(path: Path, grid: Grid, checksum: str, device: str) -> dict[tuple, dict]:
+def _identity(grid: Grid, checksum: str, device: str, seeds: Sequence[int] | None = None) -> dict:
+    ident = {**{k: getattr(grid, k) for k in _GRID_KEY}, "base_checksum": checksum, "device": device}
+    if seeds is not None:  # a row of a --seeds run says which list it belongs to (a --seed run's rows have no column)
+        ident["seeds"] = seeds_text(seeds)
+    return ident
+
+
+def _row_seeds(row: dict) -> str:
+    """The seeds list a progress row belongs to: its ``seeds`` column (a ``--seeds`` run), else its own seed."""
+    seeds = row.get("seeds")
+    return seeds if isinstance(seeds, str) else str(row.get("seed"))
+
+
+def load_progress(path: Path, grid: Grid, checksum: str, device: str,
+                  seeds: Sequence[int] | None = None) -> tuple[dict[tuple, dict], list[dict]]:
     """The rows of an earlier, interrupted run of the same grid on the same base model and device
-    type, by trial. A row of any other settings, base model or device type, or of a trial this
-    grid does not have, is a one-line ``ValueError`` naming the file: it was not reused, and the
-    file was then rewritten with this run's rows only, so the other run's finished trials were
-    lost without a word."""
+    type, by trial, and (with ``seeds``, the whole list of a ``--seeds`` run that ``grid.seed`` is
+    one of) the rows of the list's other seeds, kept as they are: their base models are checked
+    when their turn comes. A row of any other settings (another seeds list, or a ``--seed`` run's
+    row under ``--seeds`` and back), base model or device type, or of a trial this grid does not
+    have, is a one-line ``ValueError`` naming the file: it was not reused, and the file was then
+    rewritten with this run's rows only, so the other run's finished trials were lost without a word."""
     if not path.is_file():
-        return {}
+        return {}, []
     try:
         frame = pd.read_csv(path, dtype=_TEXT_COLUMNS)
     except ValueError as exc:  # pandas' ParserError and EmptyDataError, UnicodeDecodeError: all ValueErrors
@@ -132,18 +152,27 @@ def load_progress(path: Path, grid: Grid, checksum: str, device: str) -> dict[tu
         raise ValueError(f"progress file {path} (the trials an earlier run finished) is not a readable CSV ({detail}); "
                          "move it away to keep it, or pass --fresh to rerun every trial") from None
     want = _identity(grid, checksum, device)
+    want_seeds = seeds_text(seeds) if seeds is not None else str(grid.seed)
     wanted = {_trial_key(c) for c in grid.trials()}
-    done = {}
+    done, kept = {}, []
     for row in frame.to_dict("records"):
-        other = [f"{k} {row.get(k)!r}, not {v!r}" for k, v in want.items() if row.get(k) != v]
+        # another seed of this --seeds list: only the settings they share are compared now
+        later = seeds is not None and row.get("seed") != grid.seed and row.get("seed") in seeds
+        several = seeds is not None or isinstance(row.get("seeds"), str)  # a --seeds run, this one or the file's
+        other = [f"seeds {_row_seeds(row)!r}, not {want_seeds!r}"] if several and _row_seeds(row) != want_seeds else []
+        other = other or [f"{k} {row.get(k)!r}, not {v!r}" for k, v in want.items()
+                          if row.get(k) != v and not (later and k in ("seed", "base_checksum"))]  # fmt: skip
         if not other and _trial_key_of(row) not in wanted:
             w, lay, p, r = _trial_key_of(row)
             other = [f"trial {w}:{lay} at {p:g} with recovery {r}, which this grid does not have"]
         if other:
             raise ValueError(f"progress file {path} holds trials of other settings ({other[0]}); move it away to keep "
                              "them, or pass --fresh to rerun every trial")
-        done[_trial_key_of(row)] = row
-    return done
+        if later:
+            kept.append(row)
+        else:
+            done[_trial_key_of(row)] = row
+    return done, kept
 
 
 def run_grid(
@@ -153,6 +182,7 @@ def run_grid(
     progress: Path | None = None,
     on_resume: Callable[[int, int], None] | None = None,
     on_base: Callable[[train.BaseModel, float], None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Run every trial of ``grid``; one row per trial, plus facts about the run (base model, time).
 
@@ -160,7 +190,9 @@ def run_grid(
     already recorded there by an earlier run of the same grid (same base model, same device
     type) is taken from it instead of being run again: an interrupted grid resumes where it
     stopped. ``on_resume(reused, total)`` is called once when rows are reused; ``on_base(base,
-    seconds)`` once the base model is loaded or trained."""
+    seconds)`` once the base model is loaded or trained. ``seeds``: the whole list of a
+    :func:`run_seeds` run that ``grid.seed`` is one of; the progress file then keeps the rows of
+    its other seeds beside this one's."""
     cfgs = grid.trials()
     t0 = time.perf_counter()
     base = train.get_base_model(grid.model, grid.dataset, seed=grid.seed, data_root=grid.data_root or None,
@@ -169,8 +201,8 @@ def run_grid(
     if on_base is not None:
         on_base(base, train_seconds)
     dev = evaluate.resolve_device(grid.device)
-    identity = _identity(grid, base.checksum, dev.type)
-    done = load_progress(progress, grid, base.checksum, dev.type) if progress is not None else {}
+    identity = _identity(grid, base.checksum, dev.type, seeds)
+    done, kept = load_progress(progress, grid, base.checksum, dev.type, seeds) if progress is not None else ({}, [])
     wanted = {_trial_key(c) for c in cfgs}
     done = {k: v for k, v in done.items() if k in wanted}
     if done and on_resume is not None:
@@ -207,7 +239,7 @@ def run_grid(
         rows.append({**row, **identity})
         if progress is not None:
             with atomic_write(progress, "w") as fh:
-                pd.DataFrame(rows).to_csv(fh, index=False)
+                pd.DataFrame(kept + rows).to_csv(fh, index=False)
     frame = pd.DataFrame(rows).drop(columns=list(identity))
     resumed = [r for r in rows if _trial_key_of(r) in done]
     facts = {
@@ -224,6 +256,29 @@ def run_grid(
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     return frame, facts
+
+
+def run_seeds(
+    grid: Grid,
+    seeds: Sequence[int],
+    *,
+    on_seed: Callable[[int], None] | None = None,
+    **kwargs,
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Run ``grid`` once per seed of ``seeds``, each exactly as ``--seed s`` runs it (its own base
+    model, trained once and cached; its own split/subset, random pruning and recovery order), with
+    one progress file (``kwargs``: those of :func:`run_grid`) holding every seed's finished trials.
+    Returns every trial of every seed (a ``seed`` column first, then :func:`run_grid`'s columns),
+    and each seed's facts (with its ``seed``). ``on_seed(s)`` is called as each seed starts."""
+    frames, facts = [], []
+    for s in seeds:
+        if on_seed is not None:
+            on_seed(s)
+        frame, f = run_grid(dataclasses.replace(grid, seed=s), seeds=tuple(seeds), **kwargs)
+        frame.insert(0, "seed", s)
+        frames.append(frame)
+        facts.append({**f, "seed": s})
+    return pd.concat(frames, ignore_index=True), facts
 
 
 def _trial_key_of(row: dict) -> tuple:
@@ -357,6 +412,154 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
     return "\n".join(lines)
 
 
+_SETTING = ["wavelet", "layout", "percentile", "recovery"]
+
+
+def seed_verdicts(verdicts: Sequence[str]) -> str:
+    """How many seeds gave each verdict, in the order better, equal, worse, n/a, none left out
+    but those no seed gave: "2 better, 1 equal"."""
+    return ", ".join(f"{sum(v == k for v in verdicts)} {k}" for k in ("better", "equal", "worse", "n/a") if k in verdicts)
+
+
+def over_seeds(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting (config, fraction, recovery) of a several-seed ``frame`` (the CSV of
+    :func:`run_seeds`): ``n_seeds``; the mean over seeds of the pruned fraction and of each
+    method's top-1; each gap ``dwt_vs_X`` as its mean over seeds with the 95 % Student-t interval
+    over seeds (:func:`wavesweep.replicates.aggregate`; NaN bounds where a seed's gap is missing);
+    ``verdict`` from that interval; ``seed_verdicts``, the seeds' own paired verdicts counted."""
+    out = []
+    for key, part in frame.groupby(_SETTING, sort=False):
+        part = part.sort_values("seed")
+        row = dict(zip(_SETTING, key))
+        row |= {"n_seeds": len(part), "pruned_fraction": part["pruned_fraction"].mean(),
+                "levels": "/".join(sorted({v for lv in part["levels"] for v in str(lv).split("/")}, key=int))}
+        for m in ("dwt", "magnitude", "random"):
+            row[f"{m}_top1"] = part[f"{m}_top1"].mean()
+        for other in ("magnitude", "random"):
+            k = f"dwt_vs_{other}"
+            gaps = part[f"{k}_gap"].to_numpy(float)
+            agg = replicates.aggregate([{"gap": g} for g in gaps])
+            # gaps are multiples of 1/n_eval: a mean of ones that cancel is 0, not the sum's -2.3e-18 printed as such
+            row |= {f"{k}_gap": round(float(np.mean(gaps)), 12), f"{k}_low": agg.get("gap_ci_low", math.nan),
+                    f"{k}_high": agg.get("gap_ci_high", math.nan)}  # fmt: skip
+        row["verdict"] = verdict(row["dwt_vs_magnitude_low"], row["dwt_vs_magnitude_high"])
+        row["seed_verdicts"] = seed_verdicts(
+            [verdict(lo, hi) for lo, hi in zip(part["dwt_vs_magnitude_low"], part["dwt_vs_magnitude_high"])])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def render_seeds(frame: pd.DataFrame, facts: Sequence[dict], grid: Grid, command: str) -> str:
+    """The Markdown page of a several-seed run (:func:`run_seeds`): per setting, the mean top-1
+    over seeds, the mean gap with its Student-t interval over seeds and its verdict, and the
+    seeds' own paired verdicts counted."""
+    seeds = [f["seed"] for f in facts]
+    n = len(seeds)
+    table = over_seeds(frame)
+    n_eval = sorted({f["n_eval"] for f in facts})
+    whole = not grid.eval_limit or max(n_eval) < grid.eval_limit
+    resumed = sum(f.get("resumed", 0) for f in facts)
+    from scipy.stats import t as student_t
+
+    q = float(student_t.ppf(0.5 + replicates.CONFIDENCE / 2, n - 1))  # the quantile aggregate's interval uses
+    lines = [
+        f"# Results: {grid.model} on {grid.dataset}, dwt vs magnitude vs random at the same budget, over {n} seeds",
+        "",
+        f"Regenerate with `{command}`.",
+        "",
+        f"- Date: {facts[-1]['date']}; machine: {facts[-1]['machine']}; total time "
+        f"{sum(f['seconds'] for f in facts) / 60:.1f} min (base models' load or training "
+        f"{sum(f['base_load_seconds'] for f in facts):.0f} s in all)"
+        + (f"; {resumed} of {len(frame)} trials were carried over from an interrupted run of the same command, "
+           "counted with the seconds they took then" if resumed else "")
+        + ".",
+        f"- Seeds {', '.join(map(str, seeds))}: each is the whole grid as `--seed S` runs it, with its own base model "
+        f"({grid.model} trained by wavesweep with that seed and cached), evaluation subset, random pruning and "
+        "recovery-batch order. The base models, top-1 on the evaluation examples used with each:",
+        *[f"  - seed {f['seed']}: sha256 `{f['base_checksum'][:16]}…`, top-1 {f['base_top1']:.4f} on {f['n_eval']} examples"
+          + (f" ({f['base_train_top1']:.4f} on the whole test split after training)" if f.get("base_train_top1") else "")
+          for f in facts],
+        f"- Evaluation: {'/'.join(map(str, n_eval))} test examples per seed "
+        f"({'all' if whole else 'a stratified subset drawn with each seed'}); random-pruning seed: the run's seed; "
+        f"DWT level {grid.level} requested (effective levels per trial below), mode periodization, one threshold per "
+        "layer; magnitude and random prune each layer at the fraction dwt zeroed there" + _budget_note(frame) + ".",
+        f"- Recovery, identical for the three methods (the same training batches, order and steps): `none` = one-shot; "
+        f"`bn` = BatchNorm statistics re-estimated on {grid.recovery_batches} training batches; `finetune` = "
+        f"{grid.finetune_steps} AdamW steps (lr 1e-4, cosine) with every pruning held exactly (dwt trains its kept "
+        f"wavelet coefficients), then bn on the final weights.",
+        *([f"- Run on the CPU only (no GPU here), so with the small `{grid.model}` model; the product's target, "
+           "ResNet-18, is the same command with `--model resnet18` on a GPU."] if facts[-1]["machine"].startswith("CPU")
+          and grid.model != "resnet18" else []),
+        f"- `pruned`, dwt, magnitude, random: the mean over the {n} seeds (of the matched budget, of top-1).",
+        f"- Gap = the mean over seeds of dwt top-1 minus the other method's (each seed on its own examples), with its "
+        f"95 % Student-t interval over the seeds (mean ± t·sd/√{n}, t = {q:.2f} for {n - 1} degrees of freedom; sd: the "
+        "seeds' sample standard deviation): it holds the spread between base models, evaluation subsets and random "
+        "draws. *better*/*worse*: that interval excludes 0; *equal*: it contains 0; *n/a*: no interval (a seed's gap missing).",
+        "- Per-seed verdicts: how many seeds' own verdict (the 95 % paired bootstrap interval over that seed's "
+        "evaluation examples, for its one base model, as on a one-seed page) was better, equal or worse.",
+        "",
+    ]
+    for (w, lay), part in table.groupby(["wavelet", "layout"], sort=False):
+        levels = ", ".join(sorted(set(part["levels"])))
+        lines += [f"## {w}, layout `{lay}` (effective levels: {levels})", ""]
+        if levels == "0":
+            lines += ["Every layer's effective level is 0 (the kernels are too short for this wavelet): this layout "
+                      "*is* magnitude pruning here, so every dwt − magnitude gap is 0 by construction (after fine-tuning, up to "
+                      "the floating-point non-determinism of the device's training kernels).", ""]
+        lines += [
+            "| pruned | recovery | dwt | magnitude | random | dwt − magnitude [95 % t-CI over seeds] | verdict | "
+            "per-seed verdicts | dwt − random [95 % t-CI over seeds] |",
+            "|---:|---|---:|---:|---:|---|---|---|---|",
+        ]
+        for _, row in part.iterrows():
+            lines.append(
+                f"| {row['pruned_fraction']:.0%} | {row['recovery']} | {row['dwt_top1']:.4f} | {row['magnitude_top1']:.4f} | "
+                f"{row['random_top1']:.4f} | {_fmt_gap(row, 'magnitude')} | {row['verdict']} | {row['seed_verdicts']} | "
+                f"{_fmt_gap(row, 'random')} |"
+            )
+        lines.append("")
+    lines += ["## Summary", ""]
+    per_seed = frame.assign(
+        v=[verdict(lo, hi) for lo, hi in zip(frame["dwt_vs_magnitude_low"], frame["dwt_vs_magnitude_high"])])
+    lines += ["| recovery | dwt better | equal | dwt worse | mean gap dwt − magnitude | highest mean top-1 (settings; tie: shared) "
+              "| per-seed verdicts |", "|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    for rec, part in table.groupby("recovery", sort=False):
+        counts = part["verdict"].value_counts()
+        tops = part[["dwt_top1", "magnitude_top1", "random_top1"]]
+        unique_best = tops.eq(tops.max(axis=1), axis=0).sum(axis=1) == 1
+        winners = tops.idxmax(axis=1).str.replace("_top1", "").where(unique_best, "tie")
+        lines.append(
+            f"| {rec} | {counts.get('better', 0)} | {counts.get('equal', 0)} | {counts.get('worse', 0)} | "
+            f"{part['dwt_vs_magnitude_gap'].mean():+.4f} | {win_counts(winners)} | "
+            f"{seed_verdicts(list(per_seed.loc[per_seed['recovery'] == rec, 'v']))} |"
+        )
+    lines.append("")
+    for lay, part in table.groupby("layout", sort=False):
+        b = part[part.verdict == "better"]
+        wr = part[part.verdict == "worse"]
+        text = f"- `{lay}`: dwt better than magnitude over seeds in {len(b)} of {len(part)} settings"
+        if len(b):
+            best = b.loc[b["dwt_vs_magnitude_gap"].idxmax()]
+            text += (f" (largest mean gap: {_fmt(best['dwt_vs_magnitude_gap'])} at {best['pruned_fraction']:.0%}, "
+                     f"{best['wavelet']}, recovery {best['recovery']})")  # fmt: skip
+        text += f", worse in {len(wr)}"
+        if len(wr):
+            worst = wr.loc[wr["dwt_vs_magnitude_gap"].idxmin()]
+            text += (f" (largest mean gap: {_fmt(worst['dwt_vs_magnitude_gap'])} at {worst['pruned_fraction']:.0%}, "
+                     f"{worst['wavelet']}, recovery {worst['recovery']})")  # fmt: skip
+        text += ", equal within the interval elsewhere."
+        lines.append(text)
+    split = [c for c in table["seed_verdicts"] if "," in c]
+    flips = [c for c in split if "better" in c and "worse" in c]
+    lines.append(f"- The seeds' own verdicts differ in {len(split)} of {len(table)} settings "
+                 f"({len(flips)} of them better for one seed and worse for another).")
+    lines.append("")
+    for s, part in frame.groupby("seed", sort=False):
+        lines.append(f"Per-trial seconds, seed {s}: " + ", ".join(f"{x:.0f}" for x in part["seconds"]) + ".")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def write_page(text: str, path: Path, frame: pd.DataFrame | None = None) -> Path:
     """Write the page; with ``frame``, also every trial's numbers beside it (``<page>.csv``)."""
     with atomic_write(path, "w") as fh:
@@ -381,6 +584,28 @@ def parse_list(text: str, kind: Callable = str, option: str = "list") -> tuple:
     for i, v in enumerate(values):
         if v in values[:i]:
             raise ValueError(f"{option}={text!r}: {items[i]!r} appears twice; give each value once")
+    return values
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: at least 2 distinct seeds in 0..MAX_SEED, comma-separated; anything else is one
+    line naming the value and the valid form (one seed is ``--seed``: its page has no interval over seeds)."""
+    form = f"give at least 2 distinct seeds in 0..{MAX_SEED}, comma-separated (e.g. --seeds 0,1,2)"
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"--seeds={text!r} is empty: {form}")
+    bad = next((x for x in items if not _parses(int, x)), None)
+    if bad is not None:
+        raise ValueError(f"--seeds={text!r}: {bad!r} is not an integer; {form}")
+    values = tuple(int(x) for x in items)
+    for x, v in zip(items, values):
+        if not 0 <= v <= MAX_SEED:
+            raise ValueError(f"--seeds={text!r}: {x!r} is not a seed in 0..{MAX_SEED}; {form}")
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise ValueError(f"--seeds={text!r}: {items[i]!r} appears twice; {form}")
+    if len(values) < 2:
+        raise ValueError(f"--seeds={text!r} is one seed: {form}, or --seed {values[0]} for one seed")
     return values
 
 
