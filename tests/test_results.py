@@ -3,6 +3,7 @@ CSV of every trial beside the page (numbers recomputable from it)."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pandas as pd
@@ -430,3 +431,176 @@ def test_an_eval_limit_above_the_test_split_is_said_to_be_all_of_it():
     subset = results.Grid(**{**grid.__dict__, "eval_limit": 100})
     text = results.render(_frame(), {**facts, "n_eval": 100}, subset, "wavesweep results")
     assert "- Evaluation: 100 test examples (a stratified subset, seed 0); " in text
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--seeds", "3"], "--seeds='3' is one seed: give at least 2 distinct seeds in 0..2147483647, comma-separated "
+                       "(e.g. --seeds 0,1,2), or --seed 3 for one seed"),
+    (["--seeds", "0,1,0"], "--seeds='0,1,0': '0' appears twice; give at least 2 distinct seeds in 0..2147483647, "
+                           "comma-separated (e.g. --seeds 0,1,2)"),
+    (["--seeds", "0,-1"], "--seeds='0,-1': '-1' is not a seed in 0..2147483647; give at least 2 distinct seeds in "
+                          "0..2147483647, comma-separated (e.g. --seeds 0,1,2)"),
+    (["--seeds", "0,x"], "--seeds='0,x': 'x' is not an integer; give at least 2 distinct seeds in 0..2147483647, "
+                         "comma-separated (e.g. --seeds 0,1,2)"),
+    (["--seed", "0", "--seeds", "0,1"], "--seed 0 with --seeds 0,1: give one or the other (--seeds runs the whole "
+                                        "grid once per seed listed, e.g. --seeds 0,1,2)"),
+], ids=["one-seed", "repeated", "negative", "not-an-integer", "with-seed"])  # fmt: skip
+def test_bad_seeds_are_one_line_before_any_work(workdir, capsys, monkeypatch, argv, line):
+    """``--seeds`` is at least 2 distinct non-negative seeds, and not beside an explicit ``--seed``
+    (even the default's 0: which page would it be?): one line and exit 2, before a base model."""
+    from wavesweep import cli, train
+
+    monkeypatch.setattr(train, "get_base_model", lambda *a, **k: pytest.fail("work before --seeds was checked"))
+    assert cli.main(["results", "--model", "cnn", "--dataset", "digits", "--out", str(workdir / "p.md"), *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"wavesweep: error: {line}"]
+    assert not (workdir / "p.md").exists()
+
+
+def _seeds_frame() -> pd.DataFrame:
+    """Three seeds of four settings whose gaps over seeds are better, worse, equal and undefined (a NaN gap)."""
+    gaps = {"none": (0.02, 0.03, 0.025), "bn": (-0.05, -0.04, -0.06), "finetune": (0.05, -0.04, 0.0),
+            "x": (0.01, float("nan"), 0.02)}  # fmt: skip
+    seed_ci = {0.02: (0.01, 0.03), 0.03: (-0.01, 0.07), 0.025: (0.005, 0.045), -0.05: (-0.07, -0.03),
+               -0.04: (-0.06, -0.02), -0.06: (-0.08, -0.04), 0.05: (0.03, 0.07), 0.0: (-0.01, 0.01),
+               0.01: (-0.01, 0.03)}  # fmt: skip
+    rows = []
+    for seed in range(3):
+        for rec, gs in gaps.items():
+            gap = gs[seed]
+            lo, hi = seed_ci.get(gap, (float("nan"), float("nan")))
+            rows.append({
+                "seed": seed, "wavelet": "bior4.4", "layout": "filter", "percentile": 80.0, "recovery": rec,
+                "pruned_fraction": 0.8 + seed / 1000, "levels": "5", "seconds": 1.0 + seed, "base_top1": 0.9,
+                "n_eval": 100, "dwt_top1": 0.5 + (0 if gap != gap else gap) + seed / 100,
+                "magnitude_top1": 0.5 + seed / 100, "random_top1": 0.1 * (seed + 1),
+                "dwt_vs_magnitude_gap": gap, "dwt_vs_magnitude_low": lo, "dwt_vs_magnitude_high": hi,
+                "dwt_vs_random_gap": 0.4 + seed / 10, "dwt_vs_random_low": 0.3, "dwt_vs_random_high": 0.5,
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_the_page_over_seeds_is_the_t_interval_of_the_seeds_gaps():
+    """Per setting: mean top-1 over seeds, the mean gap and its 95 % Student-t interval over seeds,
+    the verdict from that interval (n/a where a seed's gap is missing) and the seeds' own verdicts
+    counted. Oracle: numpy and scipy on the frame's columns, and the page's rule applied to the
+    printed bounds."""
+    import re
+
+    import numpy as np
+    from scipy import stats
+
+    frame = _seeds_frame()
+    table = results.over_seeds(frame).set_index("recovery")
+    facts = [{"seed": s, "date": "d", "machine": "CPU only (x86_64, 2 CPU cores)", "seconds": 60.0,
+              "base_load_seconds": 1.0, "base_checksum": f"{s}a" * 32, "base_top1": 0.9 + s / 100, "n_eval": 100,
+              "base_train_top1": 0.91} for s in range(3)]  # fmt: skip
+    grid = results.Grid(model="cnn", configs=(("bior4.4", "filter"),), fractions=(80,))
+    text = results.render_seeds(frame, facts, grid, "wavesweep results --seeds 0,1,2")
+    for rec, part in frame.groupby("recovery"):
+        row = table.loc[rec]
+        for col in ("dwt_top1", "magnitude_top1", "random_top1", "pruned_fraction"):
+            assert row[col] == pytest.approx(np.mean(part[col]), abs=1e-12), (rec, col)
+        for other in ("magnitude", "random"):
+            gaps = part[f"dwt_vs_{other}_gap"].to_numpy()
+            half = stats.t.ppf(0.975, 2) * np.std(gaps, ddof=1) / np.sqrt(3)
+            oracle = (np.mean(gaps), np.mean(gaps) - half, np.mean(gaps) + half)
+            got = tuple(row[f"dwt_vs_{other}_{k}"] for k in ("gap", "low", "high"))
+            assert got == pytest.approx(oracle, abs=1e-12, nan_ok=True), (rec, other, got, oracle)
+        (line,) = [ln for ln in text.splitlines() if ln.startswith(f"| 80% | {rec} |")]
+        means = [f"{np.mean(part[f'{m}_top1']):.4f}" for m in ("dwt", "magnitude", "random")]
+        assert line.startswith(f"| 80% | {rec} | {' | '.join(means)} | "), line
+        low, high, said = re.search(r"\| \S+ \[(\S+), (\S+)\] \| (\S+) \|", line).groups()
+        rule = "n/a" if "nan" in low + high else "better" if float(low) > 0 else "worse" if float(high) < 0 else "equal"
+        assert said == row["verdict"] == rule, line
+    assert dict(table["verdict"]) == {"none": "better", "bn": "worse", "finetune": "equal", "x": "n/a"}
+    assert dict(table["seed_verdicts"]) == {"none": "2 better, 1 equal", "bn": "3 worse", "finetune": "1 better, 1 equal, 1 worse",
+                                            "x": "1 better, 1 equal, 1 n/a"}  # fmt: skip
+    assert "| none | 1 | 0 | 0 |" in text and "| bn | 0 | 0 | 1 |" in text
+    assert "differ in 3 of 4 settings (1 of them better for one seed and worse for another)" in text
+    for s in range(3):
+        assert f"seed {s}: sha256 `{(f'{s}a' * 32)[:16]}…`, top-1 {0.9 + s / 100:.4f} on 100 examples" in text
+        assert f"Per-trial seconds, seed {s}: {1 + s}, {1 + s}, {1 + s}, {1 + s}." in text
+
+
+_SEEDS_GRID = ["--model", "cnn", "--dataset", "digits", "--configs", "haar:filter", "--fractions", "50,90",
+               "--recoveries", "none", "--eval-limit", "60", "--device", "cpu"]  # fmt: skip
+
+
+@pytest.mark.slow  # trains the small base models of seeds 0 and 1 (about 20 s) and runs 8 small trials
+def test_each_seed_of_a_several_seed_run_is_that_seeds_own_run(workdir, capsys):
+    """``--seeds 0,1``'s CSV holds every trial of every seed, with a ``seed`` column; the rows of
+    seed s are those of ``--seed s`` (the oracle: the one-seed command, run apart), every number,
+    and the page's header names each seed's base model."""
+    from wavesweep import cli, train
+
+    assert cli.main(["results", *_SEEDS_GRID, "--seeds", "0,1", "--out", "multi.md"]) == 0
+    assert "wrote multi.md (4 trials of 2 seeds" in capsys.readouterr().out
+    multi = pd.read_csv(workdir / "multi.csv", dtype={"levels": str})
+    assert list(multi.columns[:2]) == ["seed", "wavelet"] and list(multi["seed"]) == [0, 0, 1, 1]
+    page = (workdir / "multi.md").read_text()
+    for s in (0, 1):
+        assert cli.main(["results", *_SEEDS_GRID, "--seed", str(s), "--out", f"s{s}.md"]) == 0
+        single = pd.read_csv(workdir / f"s{s}.csv", dtype={"levels": str})
+        mine = multi[multi["seed"] == s].drop(columns=["seed"]).reset_index(drop=True)
+        numbers = [c for c in single.columns if c != "seconds"]
+        assert list(mine.columns) == list(single.columns)
+        pd.testing.assert_frame_equal(mine[numbers], single[numbers], check_exact=True)
+        base = train.get_base_model("cnn", "digits", seed=s, device="cpu", progress=False)
+        assert f"seed {s}: sha256 `{base.checksum[:16]}…`, top-1 {single['base_top1'].iloc[0]:.4f} on 60 examples" in page
+    # the page's tables and summary are its CSV rendered (the header holds the run's facts)
+    facts = [{"seed": s, "date": "d", "machine": "m", "seconds": 1.0, "base_load_seconds": 1.0, "base_checksum": "ab" * 32,
+              "base_top1": 0.9, "n_eval": 60} for s in (0, 1)]  # fmt: skip
+    rendered = results.render_seeds(multi, facts, results.Grid(model="cnn", dataset="digits", eval_limit=60), "c")
+    assert page[page.index("\n## "):] == rendered[rendered.index("\n## "):]
+
+
+@pytest.mark.slow  # the base models of seeds 0 and 1 (cached by the test above when run with it) and 8 small trials
+def test_an_interrupted_several_seed_run_resumes_every_seed_and_refuses_another_seeds_list(workdir):
+    """One progress file holds the finished trials of every seed: a ``--seeds 0,1`` run stopped in
+    seed 1 resumes with seed 0's trials and seed 1's first one not rerun, and the same numbers as an
+    uninterrupted run. The file is refused, as it was, by another seeds list and by a one-seed
+    run, and a one-seed run's file by a ``--seeds`` run."""
+    grid = results.Grid(model="cnn", dataset="digits", configs=(("haar", "filter"),), fractions=(50, 90),
+                        recoveries=("none",), eval_limit=60, device="cpu")  # fmt: skip
+    whole, _ = results.run_seeds(grid, (0, 1))
+    progress = results.progress_path(workdir / "page.md")
+    ran = []
+
+    def stop_after_three(i, n, cfg):
+        if len(ran) == 3:
+            raise KeyboardInterrupt
+        ran.append((cfg.seed, cfg.percentile))
+
+    with pytest.raises(KeyboardInterrupt):
+        results.run_seeds(grid, (0, 1), on_trial=stop_after_three, progress=progress)
+    kept = pd.read_csv(progress, dtype={"seeds": str})
+    assert list(zip(kept["seed"], kept["percentile"])) == ran == [(0, 50.0), (0, 90.0), (1, 50.0)]
+    assert set(kept["seeds"]) == {"0,1"}
+    content = progress.read_bytes()
+
+    for seeds, needle in (((0, 2), "(seeds '0,1', not '0,2')"), ((1, 0), "(seeds '0,1', not '1,0')")):
+        with pytest.raises(ValueError, match=re.escape(f"holds trials of other settings {needle}")):
+            results.run_seeds(grid, seeds, progress=progress, on_trial=lambda *a: pytest.fail("a trial ran"))
+    with pytest.raises(ValueError, match=re.escape("holds trials of other settings (seeds '0,1', not '0')")):
+        results.run_grid(grid, progress=progress, on_trial=lambda *a: pytest.fail("a trial ran"))
+    assert progress.read_bytes() == content
+
+    resumed, ran_again = [], []
+    frame, facts = results.run_seeds(grid, (0, 1), progress=progress, on_resume=lambda k, n: resumed.append((k, n)),
+                                     on_trial=lambda i, n, cfg: ran_again.append((cfg.seed, cfg.percentile)))
+    assert resumed == [(2, 2), (1, 2)] and [f["resumed"] for f in facts] == [2, 1]
+    assert ran_again == [(1, 90.0)]
+    numbers = [c for c in whole.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(frame[numbers], whole[numbers], check_exact=True)
+    assert "3 of 4 trials were carried over" in results.render_seeds(frame, facts, grid, "wavesweep results")
+
+    def stop_at_the_second(i, n, cfg):
+        if i == 1:
+            raise KeyboardInterrupt
+
+    single = results.progress_path(workdir / "one.md")
+    with pytest.raises(KeyboardInterrupt):
+        results.run_grid(grid, progress=single, on_trial=stop_at_the_second)
+    assert len(pd.read_csv(single)) == 1 and "seeds" not in pd.read_csv(single).columns  # a one-seed file, as before
+    with pytest.raises(ValueError, match=re.escape("holds trials of other settings (seeds '0', not '0,1')")):
+        results.run_seeds(grid, (0, 1), progress=single, on_trial=lambda *a: pytest.fail("a trial ran"))
