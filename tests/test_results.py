@@ -513,8 +513,8 @@ def test_the_page_over_seeds_is_the_t_interval_of_the_seeds_gaps():
         rule = "n/a" if "nan" in low + high else "better" if float(low) > 0 else "worse" if float(high) < 0 else "equal"
         assert said == row["verdict"] == rule, line
     assert dict(table["verdict"]) == {"none": "better", "bn": "worse", "finetune": "equal", "x": "n/a"}
-    assert dict(table["seed_verdicts"]) == {"none": "2 better, 1 equal", "bn": "3 worse", "finetune": "1 better, 1 equal, 1 worse",
-                                            "x": "1 better, 1 equal, 1 n/a"}  # fmt: skip
+    assert dict(table["seed_verdicts"]) == {"none": "2 better, 1 equal", "bn": "3 worse",
+                                            "finetune": "1 better, 1 equal, 1 worse", "x": "1 better, 1 equal, 1 n/a"}
     assert "| none | 1 | 0 | 0 |" in text and "| bn | 0 | 0 | 1 |" in text
     assert "differ in 3 of 4 settings (1 of them better for one seed and worse for another)" in text
     for s in range(3):

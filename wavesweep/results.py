@@ -322,6 +322,24 @@ def _fmt_gap(row: pd.Series, other: str) -> str:
     return f"{_fmt(row[k + '_gap'])} [{_fmt(row[k + '_low'])}, {_fmt(row[k + '_high'])}]"
 
 
+_LEVEL_0 = ("Every layer's effective level is 0 (the kernels are too short for this wavelet): this layout "
+            "*is* magnitude pruning here, so every dwt − magnitude gap is 0 by construction (after fine-tuning, up to "
+            "the floating-point non-determinism of the device's training kernels).")
+
+
+def _recovery_and_machine(grid: Grid, machine: str) -> list[str]:
+    """The page's lines on recovery, and (a CPU run of a small model) on the product's target model."""
+    return [
+        f"- Recovery, identical for the three methods (the same training batches, order and steps): `none` = one-shot; "
+        f"`bn` = BatchNorm statistics re-estimated on {grid.recovery_batches} training batches; `finetune` = "
+        f"{grid.finetune_steps} AdamW steps (lr 1e-4, cosine) with every pruning held exactly (dwt trains its kept "
+        f"wavelet coefficients), then bn on the final weights.",
+        *([f"- Run on the CPU only (no GPU here), so with the small `{grid.model}` model; the product's target, "
+           "ResNet-18, is the same command with `--model resnet18` on a GPU."] if machine.startswith("CPU")
+          and grid.model != "resnet18" else []),
+    ]
+
+
 def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
     """The Markdown page."""
     # an --eval-limit above the test split's size evaluates the whole split (data.eval_subset)
@@ -344,13 +362,7 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         f"random-pruning seed {grid.seed}; DWT level {grid.level} requested (effective levels per trial below), "
         f"mode periodization, one threshold per layer; magnitude and random prune each layer at the fraction dwt zeroed there"
         + _budget_note(frame) + ".",
-        f"- Recovery, identical for the three methods (the same training batches, order and steps): `none` = one-shot; "
-        f"`bn` = BatchNorm statistics re-estimated on {grid.recovery_batches} training batches; `finetune` = "
-        f"{grid.finetune_steps} AdamW steps (lr 1e-4, cosine) with every pruning held exactly (dwt trains its kept "
-        f"wavelet coefficients), then bn on the final weights.",
-        *([f"- Run on the CPU only (no GPU here), so with the small `{grid.model}` model; the product's target, "
-           "ResNet-18, is the same command with `--model resnet18` on a GPU."] if facts["machine"].startswith("CPU")
-          and grid.model != "resnet18" else []),
+        *_recovery_and_machine(grid, facts["machine"]),
         "- Gap = dwt top-1 minus the other method's, on the same examples, with its 95 % paired bootstrap interval. "
         "*better*/*worse*: the interval excludes 0; *equal*: it contains 0. The interval is over the "
         "evaluation examples, for this one base model: it does not hold the spread between base models, "
@@ -362,9 +374,7 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         levels = ", ".join(sorted(set(part["levels"])))
         lines += [f"## {w}, layout `{lay}` (effective levels: {levels})", ""]
         if levels == "0":
-            lines += ["Every layer's effective level is 0 (the kernels are too short for this wavelet): this layout "
-                      "*is* magnitude pruning here, so every dwt − magnitude gap is 0 by construction (after fine-tuning, up to "
-                      "the floating-point non-determinism of the device's training kernels).", ""]
+            lines += [_LEVEL_0, ""]
         lines += [
             "| pruned | recovery | dwt | magnitude | random | dwt − magnitude [95 % CI] | verdict | dwt − random [95 % CI] |",
             "|---:|---|---:|---:|---:|---|---|---|",
@@ -483,13 +493,7 @@ def render_seeds(frame: pd.DataFrame, facts: Sequence[dict], grid: Grid, command
         f"({'all' if whole else 'a stratified subset drawn with each seed'}); random-pruning seed: the run's seed; "
         f"DWT level {grid.level} requested (effective levels per trial below), mode periodization, one threshold per "
         "layer; magnitude and random prune each layer at the fraction dwt zeroed there" + _budget_note(frame) + ".",
-        f"- Recovery, identical for the three methods (the same training batches, order and steps): `none` = one-shot; "
-        f"`bn` = BatchNorm statistics re-estimated on {grid.recovery_batches} training batches; `finetune` = "
-        f"{grid.finetune_steps} AdamW steps (lr 1e-4, cosine) with every pruning held exactly (dwt trains its kept "
-        f"wavelet coefficients), then bn on the final weights.",
-        *([f"- Run on the CPU only (no GPU here), so with the small `{grid.model}` model; the product's target, "
-           "ResNet-18, is the same command with `--model resnet18` on a GPU."] if facts[-1]["machine"].startswith("CPU")
-          and grid.model != "resnet18" else []),
+        *_recovery_and_machine(grid, facts[-1]["machine"]),
         f"- `pruned`, dwt, magnitude, random: the mean over the {n} seeds (of the matched budget, of top-1).",
         f"- Gap = the mean over seeds of dwt top-1 minus the other method's (each seed on its own examples), with its "
         f"95 % Student-t interval over the seeds (mean ± t·sd/√{n}, t = {q:.2f} for {n - 1} degrees of freedom; sd: the "
@@ -503,9 +507,7 @@ def render_seeds(frame: pd.DataFrame, facts: Sequence[dict], grid: Grid, command
         levels = ", ".join(sorted(set(part["levels"])))
         lines += [f"## {w}, layout `{lay}` (effective levels: {levels})", ""]
         if levels == "0":
-            lines += ["Every layer's effective level is 0 (the kernels are too short for this wavelet): this layout "
-                      "*is* magnitude pruning here, so every dwt − magnitude gap is 0 by construction (after fine-tuning, up to "
-                      "the floating-point non-determinism of the device's training kernels).", ""]
+            lines += [_LEVEL_0, ""]
         lines += [
             "| pruned | recovery | dwt | magnitude | random | dwt − magnitude [95 % t-CI over seeds] | verdict | "
             "per-seed verdicts | dwt − random [95 % t-CI over seeds] |",
