@@ -26,7 +26,10 @@ with ``backend="numpy"`` (PyWavelets: each weight goes to the host and back) and
 and the next line adds the record's copy to the host that a tracked trial's checkpoint makes;
 the line after times the other choice of stacking layers
 of one shape into one transform: stacked on the CPU, one layer a call on a GPU, the opposite of
-each device's default, ``wavesweep.pruning.STACK_ON_CPU``). Same protocol (fresh copy outside the
+each device's default, ``wavesweep.pruning.STACK_ON_CPU``); on the CPU one more line runs
+the paths an accelerator takes (dense products, the sort, stacking) there, whose operators
+are what a GPU launches (ResNet-50: 1985 before the gather reorders and the one-copy
+writes of 2026-11-27 evening, 1243 after; ViT-B/16: 775 and 544). Same protocol (fresh copy outside the
 clock, one warm-up, median of ``--big-repeats``), the device synchronised before the clock
 stops. dwt settings: bior4.4, level 5, ``--big-layout`` (filter), periodization. Beside each
 time, the aten operators the method dispatched in one more, untimed run (views included; on a GPU
@@ -148,6 +151,15 @@ def big_models(args) -> None:
             with mock.patch.object(P, "STACK_ON_CPU", on_cpu), mock.patch.object(P, "STACK_ELEMENTS", P.STACK_ELEMENTS if on_cpu else 1):
                 P.prune_dwt(m, percentile=100 * a, targets=targets, inplace=True, backend="torch", **dwt_kw)
 
+        def ours_torch_gpu_paths(m):  # on the CPU, the paths an accelerator takes: dense products, sort, stacking
+            from wavesweep import filterbank
+            from wavesweep import wavelets_torch as wt
+
+            real = wt._order_statistics
+            with mock.patch.object(P, "STACK_ON_CPU", True), mock.patch.object(filterbank, "_FORCE_BACKEND", "dense"), \
+                 mock.patch.object(wt, "_order_statistics", lambda a, k, by_sort: real(a, k, by_sort=True)):  # fmt: skip
+                P.prune_dwt(m, percentile=100 * a, targets=targets, inplace=True, backend="torch", **dwt_kw)
+
         def mag_numpy(m):
             P.prune_magnitude(m, a, targets=targets, inplace=True, backend="numpy")
 
@@ -157,6 +169,7 @@ def big_models(args) -> None:
         methods = [("torch l1_unstructured (per layer)", ref_l1), ("prune_dwt backend=numpy (PyWavelets)", ours_numpy),
                    ("prune_dwt backend=torch", ours_torch), ("  + its record to the host (checkpoint)", ours_torch_host),
                    ("  layers of one shape: other choice", ours_torch_other_stacking),
+                   ("  a GPU's paths (CPU only)", ours_torch_gpu_paths),
                    ("prune_magnitude backend=numpy", mag_numpy),
                    ("prune_magnitude backend=torch", mag_torch)]
         with warnings.catch_warnings():
@@ -164,6 +177,8 @@ def big_models(args) -> None:
             for dev in devices:
                 t_l1 = None
                 for method, fn in methods:
+                    if fn is ours_torch_gpu_paths and dev.type != "cpu":
+                        continue
                     t = timed_on(fn, base, r, dev)
                     t_l1 = t_l1 or t
                     print(f"{label:34s} {dev.type:6s} {method:38s} {t:9.3f} {t_l1 / t:6.2f}x {ops_on(fn, base, dev):10d}")

@@ -505,6 +505,57 @@ def test_full_float32_products_under_the_new_tf32_api(fp32_precision_flags, monk
     assert (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision) == ("tf32", "tf32", "ieee")
 
 
+@pytest.mark.parametrize(
+    "layout,wavelet,level,mode,shape",
+    [("filter", "bior4.4", 5, "periodization", (16, 32, 3, 3)), ("kernel", "haar", 2, "symmetric", (6, 4, 8, 7)),
+     ("filter", "db2", 2, "zero", (0, 24))],
+)
+def test_dense_stacked_transform_is_one_product_and_one_gather_equal_to_pywavelets(layout, wavelet, level, mode, shape, monkeypatch):
+    """Layers of one shape on the dense backend (an accelerator's default) go through one product
+    and one gather each way: decompose_stacked's rows are each layer's PyWavelets coefficients,
+    reconstruct_stacked inverts them, and the gather equals the band-by-band reorder bit for bit
+    (to_rows / from_rows too, a layer without rows included). Operators counted: one ``mm`` and
+    one ``index_select`` a way, no band split."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket).replace("aten.", ""))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(filterbank, "_FORCE_BACKEND", "dense")
+    rng = np.random.default_rng(14)
+    ws = [rng.standard_normal(shape) for _ in range(3)]
+    st = wt.structure_of(shape, wavelet=wavelet, level=level, layout=layout, mode=mode)
+    assert st.level == level and wt.uses_dense(st, torch.device("cpu"))
+    wt.decompose_stacked([torch.from_numpy(w) for w in ws], st)  # the matrices and index vectors, built once
+    with Count() as fwd:
+        rows = wt.decompose_stacked([torch.from_numpy(w) for w in ws], st)
+    assert rows.shape == (3, st.n_coeffs)
+    for w, r in zip(ws, rows):
+        assert _max_err(r, wv.decompose(w, wavelet=wavelet, level=level, layout=layout, mode=mode)[0]) < 1e-12
+    with Count() as inv:
+        back = wt.reconstruct_stacked(rows, st)
+    assert back.shape == (3, *shape) and _max_err(back, np.stack(ws)) < 1e-10  # two float64 products of 288-long rows
+    if st.n_coeffs:
+        assert fwd.ops.count("mm") == inv.ops.count("mm") == 1
+        assert fwd.ops.count("index_select") == inv.ops.count("index_select") == 1
+        assert "split_with_sizes" not in fwd.ops + inv.ops
+    # the gather is the band-by-band reorder, exactly, both ways and for one layer
+    layer_rows = torch.from_numpy(rng.standard_normal((3 * dense.rows_of(st), sum(dense.row_sizes(st)))))
+    stacked = dense.rows_to_stacked(layer_rows, st, 3)
+    by_band = torch.stack([dense._from_rows_by_band(part, st) for part in layer_rows.chunk(3)]) if st.n_coeffs else stacked
+    assert torch.equal(stacked, by_band)
+    assert torch.equal(dense.stacked_to_rows(stacked, st), layer_rows)
+    flat = stacked[0]
+    assert torch.equal(dense.to_rows(flat, st), dense._to_rows_by_band(flat, st))
+    assert torch.equal(dense.from_rows(dense.to_rows(flat, st), st), flat)
+
+
 def test_dense_matrix_cache_is_bounded_by_bytes_least_recently_used_first():
     """The cache keeps at most its byte budget (never less than the pair in use), evicts the least
     recently used pair first, and a pair it rebuilds equals the one it dropped."""

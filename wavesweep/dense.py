@@ -38,7 +38,8 @@ import torch
 
 from wavesweep import wavelets as wv
 
-__all__ = ["DENSE_MAX_ELEMENTS", "applies", "rows_of", "row_sizes", "to_rows", "from_rows", "decompose", "reconstruct"]
+__all__ = ["DENSE_MAX_ELEMENTS", "applies", "rows_of", "row_sizes", "to_rows", "from_rows", "rows_to_stacked",
+           "stacked_to_rows", "decompose", "reconstruct"]
 
 DENSE_MAX_ELEMENTS = 1 << 25
 
@@ -69,16 +70,43 @@ def applies(structure: wv.CoeffStructure) -> bool:
     return math.prod(sample) * sum(row_sizes(structure)) <= DENSE_MAX_ELEMENTS
 
 
-def to_rows(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
-    """Flat coefficients (or a mask over them) in :mod:`wavesweep.wavelets` order -> ``(B, n)``."""
+def _to_rows_by_band(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+    """:func:`to_rows` as one copy per band (no index vectors: what builds the matrices)."""
     rows = _geometry(structure)[0]
     # explicit row lengths (never -1): a layer without rows (a conv of 0 channels) has 0 of them
     return torch.cat([b.reshape(rows, n) for b, n in zip(torch.split(flat, structure.sizes), row_sizes(structure))], dim=1)
 
 
+def _from_rows_by_band(rows: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+    """:func:`from_rows` as one copy per band (no index vectors: what builds the matrices)."""
+    return torch.cat([part.reshape(-1) for part in torch.split(rows, row_sizes(structure), dim=1)])
+
+
+def to_rows(flat: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+    """Flat coefficients (or a mask over them) in :mod:`wavesweep.wavelets` order -> ``(B, n)``:
+    one gather (:func:`_orders`)."""
+    return stacked_to_rows(flat.reshape(1, structure.n_coeffs), structure)
+
+
 def from_rows(rows: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
     """Inverse of :func:`to_rows`: ``(B, n)`` -> the flat order of :mod:`wavesweep.wavelets`."""
-    return torch.cat([part.reshape(-1) for part in torch.split(rows, row_sizes(structure), dim=1)])
+    return rows_to_stacked(rows, structure, 1).reshape(-1)
+
+
+def rows_to_stacked(rows: torch.Tensor, structure: wv.CoeffStructure, layers: int) -> torch.Tensor:
+    """The rows of ``L`` weights of ``structure.shape`` (``(L * B, n)``, weight after weight, as
+    one product over all of them gives them) -> ``(L, structure.n_coeffs)``, row ``i`` weight
+    ``i``'s coefficients in the flat order of :mod:`wavesweep.wavelets`: one gather for all of
+    them, where the band-by-band reorder takes two copies a band and a concatenation."""
+    to_flat, _ = _orders(structure, rows.device, _index_dtype(structure))
+    return rows.reshape(layers, structure.n_coeffs).index_select(1, to_flat)
+
+
+def stacked_to_rows(coeffs: torch.Tensor, structure: wv.CoeffStructure) -> torch.Tensor:
+    """Inverse of :func:`rows_to_stacked`: ``(L, structure.n_coeffs)`` -> ``(L * B, n)``."""
+    _, back = _orders(structure, coeffs.device, _index_dtype(structure))
+    layers = coeffs.shape[0]
+    return coeffs.index_select(1, back).reshape(layers * rows_of(structure), sum(row_sizes(structure)))
 
 
 def _row_structure(structure: wv.CoeffStructure, rows: int) -> wv.CoeffStructure:
@@ -99,12 +127,14 @@ DENSE_CACHE_BYTES = 1 << 30
 
 
 class _MatrixCache:
-    """Least-recently-used ``(A, S)`` pairs, bounded by their bytes rather than their number (a
-    pair takes from a few KB to 2 x 128 MiB): a process that meets many architectures on a
-    small GPU keeps at most ``max_bytes`` of them, and always the pair in use."""
+    """Least-recently-used ``(A, S)`` pairs (or what ``build`` makes: pairs of tensors), bounded
+    by their bytes rather than their number (a pair takes from a few KB to 2 x 128 MiB): a
+    process that meets many architectures on a small GPU keeps at most ``max_bytes`` of them,
+    and always the pair in use."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, build=None) -> None:
         self.max_bytes = max_bytes
+        self._build = build if build is not None else _build_matrices
         self.nbytes = 0
         self._pairs: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
@@ -115,7 +145,7 @@ class _MatrixCache:
             if key in self._pairs:
                 self._pairs.move_to_end(key)
                 return self._pairs[key]
-        pair = _build_matrices(structure, device, dtype)
+        pair = self._build(structure, device, dtype)
         with self._lock:
             if key not in self._pairs:
                 self._pairs[key] = pair
@@ -141,13 +171,37 @@ def _build_matrices(structure: wv.CoeffStructure, device: torch.device, dtype: t
     with filterbank.forced_backend("taps" if device.type == "cpu" else "conv"), torch.no_grad():
         eye = torch.eye(max(n_sample, n), dtype=torch.float64, device=device)
         st_x = _row_structure(structure, n_sample)
-        analysis = to_rows(wt.decompose(eye[:n_sample, :n_sample].reshape(st_x.shape), st_x), st_x)  # (N, n)
+        analysis = _to_rows_by_band(wt.decompose(eye[:n_sample, :n_sample].reshape(st_x.shape), st_x), st_x)  # (N, n)
         st_c = _row_structure(structure, n)
-        synthesis = wt.reconstruct(from_rows(eye[:n, :n], st_c), st_c).reshape(n, n_sample)
+        synthesis = wt.reconstruct(_from_rows_by_band(eye[:n, :n], st_c), st_c).reshape(n, n_sample)
     return analysis.to(dtype).contiguous(), synthesis.to(dtype).contiguous()
 
 
 _matrices = _MatrixCache(DENSE_CACHE_BYTES)
+
+
+def _index_dtype(structure: wv.CoeffStructure) -> torch.dtype:
+    """int32 indices where a weight's coefficients are fewer than 2**31 (half the bytes), else int64."""
+    return torch.int32 if structure.n_coeffs < 2**31 else torch.int64
+
+
+def _build_orders(structure: wv.CoeffStructure, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(to_flat, back)`` for one weight of ``structure``: ``flat = rows.reshape(-1)[to_flat]``
+    and ``rows.reshape(-1) = flat[back]`` (a permutation and its inverse), in ``dtype`` on
+    ``device``: the band-by-band reorder of :func:`_from_rows_by_band` applied to the positions."""
+    b, sizes = rows_of(structure), row_sizes(structure)
+    positions = torch.arange(b * sum(sizes)).reshape(b, sum(sizes))
+    to_flat = _from_rows_by_band(positions, structure)
+    back = torch.empty_like(to_flat)
+    back[to_flat] = torch.arange(to_flat.numel())
+    return to_flat.to(device, dtype), back.to(device, dtype)
+
+
+#: bytes the cached index vectors may hold together: one pair per weight shape, as many
+#: entries as the weight has coefficients each (int32): ResNet-50's 20 conv shapes in the
+#: ``filter`` layout hold 94 MB
+ORDER_CACHE_BYTES = 1 << 28
+_orders = _MatrixCache(ORDER_CACHE_BYTES, build=_build_orders)
 
 
 def _key(structure: wv.CoeffStructure) -> wv.CoeffStructure:

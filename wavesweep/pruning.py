@@ -257,7 +257,9 @@ def _prune_dwt_torch(layers, *, wavelet, level, percentile, layout, mode, scope,
             percentile,
         )
     done: list[tuple | None] = [None] * len(layers)
-    dropped = []
+    # per group, on the device: each layer's kept count, then (only where the group has
+    # structural zeros) each layer's structural positions dropped; all in one transfer at the end
+    counted: list[torch.Tensor] = []
     n_struct: list[int] = []  # per group: positions zero whatever the weights
     for gi, (g, st) in enumerate(zip(groups, structs)):
         c = rows[gi] if rows[gi] is not None else coefficient_rows(gi)
@@ -267,22 +269,22 @@ def _prune_dwt_torch(layers, *, wavelet, level, percentile, layout, mode, scope,
         )
         del c
         n_struct.append(int(wv.structural_zeros(st).sum()))
+        counted.append(keep.sum(dim=1))
         if n_struct[-1]:  # the few layouts and wavelets that have them: the mask goes to the device
             struct = torch.from_numpy(wv.structural_zeros(st).copy()).to(keep.device, non_blocking=True)
-            struct_dropped = (struct & ~keep).sum(dim=1)
-        else:
-            struct_dropped = torch.zeros(keep.shape[0], dtype=torch.int64, device=keep.device)
-        dropped.append(torch.stack([(~keep).sum(dim=1), struct_dropped], dim=1).reshape(-1))
-        with torch.no_grad():
-            for j, i in enumerate(g):
-                name, m = layers[i]
-                m.weight.copy_(rec[j])
-                done[i] = (name, m, coeffs[j], keep[j], st)
-    # the dropped counts of every layer (all, and structural) in one transfer (one sync), not one per layer
-    counts = numpy_batched([torch.cat([d.to(dropped[0].device) for d in dropped])])[0].tolist()
-    order = [(i, n_struct[gi]) for gi, g in enumerate(groups) for i in g]
-    for k, (i, ns) in enumerate(order):
-        done[i] = done[i] + (counts[2 * k], ns, counts[2 * k + 1])
+            counted.append((struct & ~keep).sum(dim=1))
+        with torch.no_grad():  # every layer of the group written by one multi-tensor copy
+            torch._foreach_copy_([layers[i][1].weight for i in g], list(rec.unbind(0)))
+        for j, i in enumerate(g):
+            done[i] = (*layers[i], coeffs[j], keep[j], st)
+    # the counts of every layer in one transfer (one sync), not one per layer
+    counts = numpy_batched([torch.cat([t.to(counted[0].device) for t in counted])])[0].tolist()
+    at = 0
+    for g, st, ns in zip(groups, structs, n_struct):
+        kept, at = counts[at : at + len(g)], at + len(g)
+        struct_dropped, at = (counts[at : at + len(g)], at + len(g)) if ns else ([0] * len(g), at)
+        for j, i in enumerate(g):
+            done[i] = done[i] + (st.n_coeffs - kept[j], ns, struct_dropped[j])
     return done  # type: ignore[return-value]
 
 

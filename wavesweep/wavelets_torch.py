@@ -315,12 +315,13 @@ def percentile_threshold_rows(abs_coeffs: torch.Tensor, percentile: float) -> to
         gamma = virtual - k
         lo, hi = _order_statistics(a, k, by_sort=a.device.type != "cpu")
         diff = hi - lo
-        # the weight as a 0-dim tensor of a's dtype made by torch.full (a fill kernel on a GPU):
-        # torch.tensor(x, device=...) copies from the host and waits for the device (a sync per layer)
+        # the weight as a Python number: rounded to a's dtype inside the product (a float32 tensor
+        # times a Python float computes in float32 on CPU and CUDA alike), as numpy rounds a Python
+        # float (NEP 50); no tensor made for it (torch.tensor(x, device=...) would wait for the device)
         if gamma >= 0.5:
-            out = hi - diff * torch.full((), 1 - gamma, dtype=a.dtype, device=a.device)
+            out = hi - diff * (1 - gamma)
         else:
-            out = lo + diff * torch.full((), gamma, dtype=a.dtype, device=a.device)
+            out = lo + diff * gamma
     return torch.where(torch.isnan(a).any(dim=-1), torch.full_like(out, math.nan), out)
 
 
@@ -393,7 +394,12 @@ def decompose_stacked(ws: list[torch.Tensor], structure: wv.CoeffStructure) -> t
     if len(ws) == 1:
         return decompose(ws[0], structure).reshape(1, -1)
     big = _stacked_structure(structure, len(ws))
-    flat = decompose(torch.cat([w.reshape(structure.shape) for w in ws]), big)
+    x = torch.cat([w.reshape(structure.shape) for w in ws])
+    if big.level > 0 and uses_dense(big, x.device):  # one product and one gather for all of them
+        out_dtype = x.dtype
+        rows = dense.decompose(x.to(_compute_dtype(x.dtype)), big, rows=True)  # (L * B, n), weight after weight
+        return dense.rows_to_stacked(rows, structure, len(ws)).to(out_dtype)
+    flat = decompose(x, big)
     return torch.cat([band.reshape(len(ws), n) for band, n in zip(torch.split(flat, big.sizes), structure.sizes)], dim=1)
 
 
@@ -402,6 +408,10 @@ def reconstruct_stacked(rows: torch.Tensor, structure: wv.CoeffStructure) -> tor
     if rows.shape[0] == 1:
         return reconstruct(rows[0], structure).unsqueeze(0)
     big = _stacked_structure(structure, rows.shape[0])
+    if big.level > 0 and uses_dense(big, rows.device):  # one gather and one product for all of them
+        out_dtype = rows.dtype
+        c = dense.stacked_to_rows(rows.to(_compute_dtype(rows.dtype)), structure)
+        return dense.reconstruct(c, big, rows=True).reshape((rows.shape[0],) + tuple(structure.shape)).to(out_dtype)
     flat = torch.cat([part.reshape(-1) for part in torch.split(rows, structure.sizes, dim=1)])
     return reconstruct(flat, big).reshape((rows.shape[0],) + tuple(structure.shape))
 
@@ -428,8 +438,9 @@ def prune_coefficient_rows(
         else:
             thr = _threshold_tensor(threshold, mag)
         keep = mag >= thr
-        keep[:, :n_approx] = True
-        coeffs = coeffs.masked_fill(~keep, 0)
+        if n_approx:
+            keep[:, :n_approx] = True
+        coeffs = coeffs.where(keep, 0)  # masked_fill(~keep, 0) in one kernel
         return reconstruct_stacked(coeffs, structure), coeffs, keep
 
 
