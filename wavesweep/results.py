@@ -367,7 +367,7 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         "*better*/*worse*: the interval excludes 0; *equal*: it contains 0. The interval is over the "
         "evaluation examples, for this one base model: it does not hold the spread between base models, "
         "which can be larger (another training of the ResNet-18 base model changed 15 of 45 verdicts, "
-        "4 from better to worse or back); compare methods over seeds with `wavesweep trial --replicates`.",
+        "4 from better to worse or back); compare methods over seeds with `wavesweep results --seeds 0,1,2`.",
         "",
     ]
     for (w, lay), part in frame.groupby(["wavelet", "layout"], sort=False):
