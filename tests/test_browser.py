@@ -205,34 +205,66 @@ def readme_recipe() -> list[tuple[list[tuple[str, str]], str]]:
     return out
 
 
+def _poll(read, ok, timeout: float = 30, step: float = 0.1):
+    """``read()`` again every ``step`` s until ``ok(value)`` or ``timeout`` s have passed; the last
+    value either way (the caller asserts on it, so a page that never gets there still fails)."""
+    deadline = time.time() + timeout
+    value = read()
+    while not ok(value) and time.time() < deadline:
+        time.sleep(step)
+        value = read()
+    return value
+
+
 def _click_column(driver, section: str, name: str) -> None:
     """In the Columns picker, search ``name`` and click the entry named exactly ``name`` under the
-    picker's section ``section`` ("Tags (2)" is section Tags), as the README tells a user to."""
+    picker's section ``section`` ("Tags (2)" is section Tags), as the README tells a user to.
+
+    Each step waits for what it needs on the page (the picker open, the entry listed, the picker
+    closed), not for a fixed time: 2.4 s of fixed sleeps per column were 19 s of this module."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
+    search = "input[placeholder='Search columns']"
     driver.find_elements(By.CSS_SELECTOR, "[data-testid='column-selection-dropdown']")[0].click()
-    time.sleep(0.8)
-    box = driver.find_element(By.CSS_SELECTOR, "input[placeholder='Search columns']")
-    box.send_keys(name)
-    time.sleep(0.8)
-    tree = driver.find_element(By.CSS_SELECTOR, "[data-testid='column-selector-tree']")
-    current, listed, hit = None, [], None
-    for node in tree.find_elements(By.CSS_SELECTOR, ".du-bois-light-tree-treenode"):
-        title = node.find_element(By.CSS_SELECTOR, ".du-bois-light-tree-title").text.strip()
-        if not node.find_elements(By.CSS_SELECTOR, ".du-bois-light-tree-switcher-noop"):  # a section heading
-            current = re.sub(r"\s*\(\d+\)$", "", title)
-            continue
-        listed.append(f"{current} › {title}")
-        if current == section and title == name:
-            hit = node
-            break
-    assert hit is not None, f"{section} › {name} not in the Columns picker; it lists {listed}"
-    driver.execute_script("arguments[0].click()", hit.find_element(By.CSS_SELECTOR, ".du-bois-light-tree-node-content-wrapper"))
-    time.sleep(0.3)
+    boxes = _poll(lambda: driver.find_elements(By.CSS_SELECTOR, search), bool)
+    assert boxes, "the Columns picker did not open"
+    boxes[0].send_keys(name)
+
+    def find() -> tuple[object | None, list[str]]:
+        """``(the entry's node or None, every entry listed as "section › name")``, from the tree as
+        it is now (the search narrows it while it re-renders: a stale node means read it again)."""
+        try:
+            current, listed = None, []
+            tree = driver.find_element(By.CSS_SELECTOR, "[data-testid='column-selector-tree']")
+            for node in tree.find_elements(By.CSS_SELECTOR, ".du-bois-light-tree-treenode"):
+                title = node.find_element(By.CSS_SELECTOR, ".du-bois-light-tree-title").text.strip()
+                if not node.find_elements(By.CSS_SELECTOR, ".du-bois-light-tree-switcher-noop"):  # a section heading
+                    current = re.sub(r"\s*\(\d+\)$", "", title)
+                    continue
+                listed.append(f"{current} › {title}")
+                if current == section and title == name:
+                    return node.find_element(By.CSS_SELECTOR, ".du-bois-light-tree-node-content-wrapper"), listed
+            return None, listed
+        except StaleElementReferenceException:
+            return None, ["(the tree re-rendered while it was read)"]
+
+    def click_it() -> tuple[bool, list[str]]:
+        hit, listed = find()
+        if hit is None:
+            return False, listed
+        try:
+            driver.execute_script("arguments[0].click()", hit)
+        except StaleElementReferenceException:  # re-rendered between finding and clicking: find it again
+            return False, listed
+        return True, listed
+
+    clicked, listed = _poll(click_it, lambda r: r[0])
+    assert clicked, f"{section} › {name} not in the Columns picker; it lists {listed}"
     ActionChains(driver).send_keys(Keys.ESCAPE).perform()
-    time.sleep(0.5)
+    _poll(lambda: driver.find_elements(By.CSS_SELECTOR, search), lambda boxes: not boxes, timeout=5)  # closed
 
 
 def _header(driver) -> tuple[dict[str, str], set[str]]:
@@ -267,7 +299,11 @@ def test_study_runs_listed_with_method_and_wavelet(server, browser, filled_store
     for entries, shows in readme_recipe():  # the README's table, row by row, as written
         for section, name in entries:
             _click_column(browser, section, name)
-        cols, groups = _header(browser)
+        names = {name for _, name in entries}
+        if shows.startswith("no "):  # the table re-renders after a click: read it once it shows the change (or in 30 s)
+            cols, groups = _poll(lambda: _header(browser), lambda h: not names & set(h[0].values()))
+        else:
+            cols, groups = _poll(lambda: _header(browser), lambda h: names <= set(h[0].values()) and entries[0][0] in h[1])
         if shows.startswith("no "):  # "no Dataset, Source, Models columns"
             for section, name in entries:
                 assert name not in cols.values(), (name, cols)
