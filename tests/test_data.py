@@ -1061,6 +1061,51 @@ def test_eval_batches_one_persistent_loader_for_the_dataset_and_its_subsets(tmp_
     assert not hasattr(ds, "_wavesweep_eval_loaders")
 
 
+@pytest.mark.parametrize("fail", [False, True], ids=["full-pass", "worker-error"])
+def test_a_dropped_dataset_stops_its_loaders_workers_without_the_garbage_collector(tmp_path, fail):
+    """The loaders :func:`eval_batches` and :func:`seeded_batches` cache on a dataset hold it
+    weakly, and a pass that fails (a worker's error) stops its workers: a dataset dropped without
+    :func:`close_loaders` stops its worker processes at once. Before, dataset and loader made a
+    reference cycle, and the garbage collector finalised the loader's queues before stopping the
+    workers: torch then waited its 5 s join timeout per worker (a 4 s test of this file took 9 s)."""
+    import gc
+    import multiprocessing
+    import weakref
+
+    make_image_folder(tmp_path / "val", ["n00000001", "n00000002"], per_class=2, size=(40, 40))
+    if fail:
+        (tmp_path / "val" / "n00000002" / "zz.JPEG").write_bytes(b"garbage")
+    ds = load_dataset("imagenet", root=tmp_path / "val", expected_classes=2, image_size=32).test
+    before = set(multiprocessing.active_children())
+    was_enabled = gc.isenabled()
+    gc.disable()  # only reference counting frees the dataset here
+    try:
+        if fail:  # the error's traceback holds the dataset in a cycle: the workers stop at the error
+            with pytest.raises(ValueError, match="zz.JPEG"):
+                list(eval_batches(ds, batch_size=2, num_workers=2))
+            with pytest.raises(ValueError, match="zz.JPEG"):
+                list(D.seeded_batches(ds, [[0, 1], [2, 3], [4]], seed=0, num_workers=1))
+            assert [loader._iterator for loader, _ in ds._wavesweep_eval_loaders.values()] == [None, None]
+            assert set(multiprocessing.active_children()) == before  # no worker left running
+            return
+        assert len(list(eval_batches(ds, batch_size=2, num_workers=2))) == 2
+        assert len(list(D.seeded_batches(ds, [[0, 1], [2, 3]], seed=0, num_workers=1))) == 2
+        workers = [w for loader, _ in ds._wavesweep_eval_loaders.values() for w in loader._iterator._workers]
+        assert len(workers) == 3 and all(w.is_alive() for w in workers)
+        probe = D._Unowned(ds)
+        assert pickle.loads(pickle.dumps(probe))[3][1] == ds[3][1] == 1  # a spawned worker gets the dataset itself
+        gone = weakref.ref(ds)
+        del ds
+        assert gone() is None  # freed by reference counting: no cycle through its cached loaders
+        assert [w.is_alive() for w in workers] == [False] * 3
+        assert set(multiprocessing.active_children()) == before
+        with pytest.raises(RuntimeError, match="freed"):
+            len(probe)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def test_a_data_root_given_to_digits_is_said_to_be_unused(tmp_path, caplog):
     import logging
 

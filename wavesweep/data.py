@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -633,6 +634,52 @@ class _LoaderCache(dict):
         return (_LoaderCache, ())
 
 
+class _Unowned(Dataset):
+    """``base`` read through a weak reference: the DataLoader that :func:`eval_batches` and
+    :func:`seeded_batches` cache on ``base`` does not hold ``base`` alive, so the two make no
+    reference cycle. Dropped, the dataset is freed at once with its loaders, whose worker
+    processes torch then stops at once. In a cycle they were left to the garbage collector,
+    which finalises the loader's queues before the loader: torch's shutdown message was never
+    sent and it waited its 5 s join timeout per worker (2 workers: 10.6 s per dropped dataset).
+    A worker started by fork reads the same ``base``; pickled (spawn, forkserver) it is ``base``."""
+
+    def __init__(self, base: Dataset) -> None:
+        self._ref = weakref.ref(base)
+
+    def _base(self) -> Dataset:
+        base = self._ref()
+        if base is None:  # a pass runs over a dataset its caller holds: not reached
+            raise RuntimeError("the dataset of this loader was freed")
+        return base
+
+    def __len__(self) -> int:
+        return len(self._base())  # type: ignore[arg-type]
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._base()[index]
+
+    def __reduce__(self) -> tuple[Callable[[Dataset], Dataset], tuple[Dataset]]:
+        return (_identity, (self._base(),))
+
+
+def _one_pass(loader: DataLoader) -> Iterator[Any]:
+    """The batches of ``loader``'s (persistent-worker) pass. One that fails (a worker's error,
+    re-raised here) stops the workers before the error goes on: the error's traceback holds the
+    dataset in a reference cycle, and the garbage collector, which frees it, finalises the
+    loader's queues first (torch then waited 5 s per worker to stop them). The next pass starts
+    new workers."""
+    try:
+        yield from loader
+    except Exception:
+        shutdown_workers(loader)
+        raise
+
+
+def _identity(dataset: Dataset) -> Dataset:
+    """``dataset`` itself (what an :class:`_Unowned` unpickles to in a spawned worker)."""
+    return dataset
+
+
 def _unwrap(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
     """``(base dataset, indices into it)`` of a (nested) Subset; indices None for a plain dataset."""
     indices: list[int] | None = None
@@ -665,12 +712,12 @@ def eval_batches(
     loaders = base.__dict__.setdefault(_LOADERS_ATTR, _LoaderCache())
     if key not in loaders:
         sampler = _IndexBatches(len(base), batch_size)
-        loader = DataLoader(base, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                            persistent_workers=workers > 0)
+        loader = DataLoader(_Unowned(base), batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                            persistent_workers=workers > 0)  # fmt: skip
         loaders[key] = (loader, sampler)
     loader, sampler = loaders[key]
     sampler.indices = indices
-    yield from loader
+    yield from _one_pass(loader)
 
 
 class _KeyBatches(Sampler):
@@ -713,7 +760,7 @@ def seeded_batches(
         sampler = _KeyBatches()
         # its own generator: a DataLoader draws its workers' seeds (unused here) from the global one
         # otherwise, at every pass, workers or not (the caller's random state would move)
-        loader = DataLoader(SeededItems(base), batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+        loader = DataLoader(SeededItems(_Unowned(base)), batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                             persistent_workers=workers > 0, generator=torch.Generator())  # fmt: skip
         loaders[key] = (loader, sampler)
     loader, sampler = loaders[key]
@@ -722,7 +769,7 @@ def seeded_batches(
         keys.append([(seed, position + j, int(i) if indices is None else indices[int(i)]) for j, i in enumerate(batch)])
         position += len(batch)
     sampler.batches = keys
-    yield from loader
+    yield from _one_pass(loader)
 
 
 def close_loaders(dataset: Dataset) -> None:
