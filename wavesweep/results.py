@@ -340,6 +340,33 @@ def _recovery_and_machine(grid: Grid, machine: str) -> list[str]:
     ]
 
 
+def _winners(part: pd.DataFrame) -> str:
+    """:func:`win_counts` of the method with the highest top-1 in each row ("tie" where shared)."""
+    tops = part[["dwt_top1", "magnitude_top1", "random_top1"]]
+    unique_best = tops.eq(tops.max(axis=1), axis=0).sum(axis=1) == 1
+    return win_counts(tops.idxmax(axis=1).str.replace("_top1", "").where(unique_best, "tie"))
+
+
+def _layout_lines(table: pd.DataFrame, verdicts: str, *, over: str, largest: str) -> list[str]:
+    """Per layout, the summary's sentence: in how many settings dwt was better and worse than
+    magnitude (by the ``verdicts`` column), each with its largest gap."""
+    def at(rows: pd.DataFrame, gap: float | None) -> str:
+        if gap is None:
+            return ""
+        row = rows.loc[rows["dwt_vs_magnitude_gap"] == gap].iloc[0]
+        return (f" ({largest}: {_fmt(gap)} at {row['pruned_fraction']:.0%}, {row['wavelet']}, "
+                f"recovery {row['recovery']})")
+
+    lines = []
+    for lay, part in table.groupby("layout", sort=False):
+        better, worse = part[part[verdicts] == "better"], part[part[verdicts] == "worse"]
+        top = better["dwt_vs_magnitude_gap"].max() if len(better) else None
+        bottom = worse["dwt_vs_magnitude_gap"].min() if len(worse) else None
+        lines.append(f"- `{lay}`: dwt better than magnitude{over} in {len(better)} of {len(part)} settings"
+                     f"{at(better, top)}, worse in {len(worse)}{at(worse, bottom)}, equal within the interval elsewhere.")
+    return lines
+
+
 def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
     """The Markdown page."""
     # an --eval-limit above the test split's size evaluates the whole split (data.eval_subset)
@@ -393,29 +420,12 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
     lines += ["| recovery | dwt better | equal | dwt worse | mean gap dwt − magnitude | highest top-1 (settings; tie: shared) |", "|---|---:|---:|---:|---:|---|"]
     for rec, part in frame.groupby("recovery", sort=False):
         counts = part["v"].value_counts()
-        tops = part[["dwt_top1", "magnitude_top1", "random_top1"]]
-        unique_best = tops.eq(tops.max(axis=1), axis=0).sum(axis=1) == 1
-        winners = tops.idxmax(axis=1).str.replace("_top1", "").where(unique_best, "tie")
         lines.append(
             f"| {rec} | {counts.get('better', 0)} | {counts.get('equal', 0)} | {counts.get('worse', 0)} | "
-            f"{part['dwt_vs_magnitude_gap'].mean():+.4f} | {win_counts(winners)} |"
+            f"{part['dwt_vs_magnitude_gap'].mean():+.4f} | {_winners(part)} |"
         )
     lines.append("")
-    for lay, part in frame.groupby("layout", sort=False):
-        b = part[part.v == "better"]
-        wr = part[part.v == "worse"]
-        text = f"- `{lay}`: dwt better than magnitude in {len(b)} of {len(part)} settings"
-        if len(b):
-            best = b.loc[b["dwt_vs_magnitude_gap"].idxmax()]
-            text += (f" (largest: {_fmt(best['dwt_vs_magnitude_gap'])} at {best['pruned_fraction']:.0%}, "
-                     f"{best['wavelet']}, recovery {best['recovery']})")  # fmt: skip
-        text += f", worse in {len(wr)}"
-        if len(wr):
-            worst = wr.loc[wr["dwt_vs_magnitude_gap"].idxmin()]
-            text += (f" (largest: {_fmt(worst['dwt_vs_magnitude_gap'])} at {worst['pruned_fraction']:.0%}, "
-                     f"{worst['wavelet']}, recovery {worst['recovery']})")  # fmt: skip
-        text += ", equal within the interval elsewhere."
-        lines.append(text)
+    lines += _layout_lines(frame, "v", over="", largest="largest")
     lines.append("")
     lines.append("Per-trial seconds: " + ", ".join(f"{s:.0f}" for s in frame["seconds"]) + ".")
     lines.append("")
@@ -527,30 +537,13 @@ def render_seeds(frame: pd.DataFrame, facts: Sequence[dict], grid: Grid, command
               "| per-seed verdicts |", "|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
     for rec, part in table.groupby("recovery", sort=False):
         counts = part["verdict"].value_counts()
-        tops = part[["dwt_top1", "magnitude_top1", "random_top1"]]
-        unique_best = tops.eq(tops.max(axis=1), axis=0).sum(axis=1) == 1
-        winners = tops.idxmax(axis=1).str.replace("_top1", "").where(unique_best, "tie")
         lines.append(
             f"| {rec} | {counts.get('better', 0)} | {counts.get('equal', 0)} | {counts.get('worse', 0)} | "
-            f"{part['dwt_vs_magnitude_gap'].mean():+.4f} | {win_counts(winners)} | "
+            f"{part['dwt_vs_magnitude_gap'].mean():+.4f} | {_winners(part)} | "
             f"{seed_verdicts(list(per_seed.loc[per_seed['recovery'] == rec, 'v']))} |"
         )
     lines.append("")
-    for lay, part in table.groupby("layout", sort=False):
-        b = part[part.verdict == "better"]
-        wr = part[part.verdict == "worse"]
-        text = f"- `{lay}`: dwt better than magnitude over seeds in {len(b)} of {len(part)} settings"
-        if len(b):
-            best = b.loc[b["dwt_vs_magnitude_gap"].idxmax()]
-            text += (f" (largest mean gap: {_fmt(best['dwt_vs_magnitude_gap'])} at {best['pruned_fraction']:.0%}, "
-                     f"{best['wavelet']}, recovery {best['recovery']})")  # fmt: skip
-        text += f", worse in {len(wr)}"
-        if len(wr):
-            worst = wr.loc[wr["dwt_vs_magnitude_gap"].idxmin()]
-            text += (f" (largest mean gap: {_fmt(worst['dwt_vs_magnitude_gap'])} at {worst['pruned_fraction']:.0%}, "
-                     f"{worst['wavelet']}, recovery {worst['recovery']})")  # fmt: skip
-        text += ", equal within the interval elsewhere."
-        lines.append(text)
+    lines += _layout_lines(table, "verdict", over=" over seeds", largest="largest mean gap")
     split = [c for c in table["seed_verdicts"] if "," in c]
     flips = [c for c in split if "better" in c and "worse" in c]
     lines.append(f"- The seeds' own verdicts differ in {len(split)} of {len(table)} settings "
