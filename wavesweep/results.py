@@ -340,6 +340,12 @@ def _recovery_and_machine(grid: Grid, machine: str) -> list[str]:
     ]
 
 
+def _section_head(wavelet: str, layout: str, part: pd.DataFrame) -> list[str]:
+    """A (wavelet, layout) section's heading with its effective levels, and the level-0 note where every layer is at 0."""
+    levels = ", ".join(sorted(set(part["levels"])))
+    return [f"## {wavelet}, layout `{layout}` (effective levels: {levels})", "", *([_LEVEL_0, ""] if levels == "0" else [])]
+
+
 def _winners(part: pd.DataFrame) -> str:
     """:func:`win_counts` of the method with the highest top-1 in each row ("tie" where shared)."""
     tops = part[["dwt_top1", "magnitude_top1", "random_top1"]]
@@ -398,10 +404,7 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         "",
     ]
     for (w, lay), part in frame.groupby(["wavelet", "layout"], sort=False):
-        levels = ", ".join(sorted(set(part["levels"])))
-        lines += [f"## {w}, layout `{lay}` (effective levels: {levels})", ""]
-        if levels == "0":
-            lines += [_LEVEL_0, ""]
+        lines += _section_head(w, lay, part)
         lines += [
             "| pruned | recovery | dwt | magnitude | random | dwt − magnitude [95 % CI] | verdict | dwt − random [95 % CI] |",
             "|---:|---|---:|---:|---:|---|---|---|",
@@ -514,10 +517,7 @@ def render_seeds(frame: pd.DataFrame, facts: Sequence[dict], grid: Grid, command
         "",
     ]
     for (w, lay), part in table.groupby(["wavelet", "layout"], sort=False):
-        levels = ", ".join(sorted(set(part["levels"])))
-        lines += [f"## {w}, layout `{lay}` (effective levels: {levels})", ""]
-        if levels == "0":
-            lines += [_LEVEL_0, ""]
+        lines += _section_head(w, lay, part)
         lines += [
             "| pruned | recovery | dwt | magnitude | random | dwt − magnitude [95 % t-CI over seeds] | verdict | "
             "per-seed verdicts | dwt − random [95 % t-CI over seeds] |",
