@@ -10,6 +10,16 @@ from pathlib import Path
 import pytest
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; without xdist it is never called
+def pytest_xdist_auto_num_workers(config) -> int | None:
+    """``-n auto``: one worker per CPU this process may run on. xdist's own count is the physical
+    cores when psutil is installed, and a 2-vCPU machine that reports 1 core, 2 threads would run
+    the suite in one worker (serially). ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") or not hasattr(os, "sched_getaffinity"):
+        return None  # xdist's own rule
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     """One base-model cache for the whole session, so a small base model is trained once."""

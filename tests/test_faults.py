@@ -27,11 +27,29 @@ from wavesweep import study
 from wavesweep.config import MAX_TIMING_BATCHES, TrialConfig
 
 SLOW_TRIAL = {"timing_batches": 0, "layout": "filter", "level": 2, "recovery": "finetune", "finetune_steps": 200}  # long enough that two workers overlap
+# A trial held at its recovery while the file WAVESWEEP_TEST_HOLD exists (a sitecustomize hook:
+# ``held``): two workers' trials overlap for as long as a test needs, however loaded the machine,
+# and once the file is gone the trials and their retries run at full speed (a few fine-tuning steps).
+# SLOW_TRIAL's 200 steps, which these tests used before, cost every trial and retry about 20 s more
+# than 5 steps (one thread, 2-core machine): three tests took 207 s, now 128 s.
+HELD_TRIAL = {"timing_batches": 0, "layout": "filter", "level": 2, "recovery": "finetune", "finetune_steps": 5}
+HOLD_AT_RECOVERY = '''
+import os, time
+import wavesweep.recovery as _recovery
+
+_recover = _recovery.recover
+def recover(*args, **kwargs):
+    while os.path.exists(os.environ["WAVESWEEP_TEST_HOLD"]):  # a stop (SIGTERM, SIGINT) lands in this sleep
+        time.sleep(0.1)
+    return _recover(*args, **kwargs)
+_recovery.recover = recover
+'''
 WIDE_SPACE = {"percentile": {"low": 5.0, "high": 95.0}, "wavelet": ["haar", "db2"]}
 
 
-def spawn(workdir: Path, shared_cache: Path, *argv: str, name: str, concurrent: bool = False) -> subprocess.Popen:
-    env = subprocess_env(workdir, shared_cache, concurrent=concurrent) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"}
+def spawn(workdir: Path, shared_cache: Path, *argv: str, name: str, concurrent: bool = False,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = env or subprocess_env(workdir, shared_cache, concurrent=concurrent) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"}
     out = open(workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -276,6 +294,14 @@ def _hooked_env(workdir: Path, shared_cache: Path, hook: str) -> dict[str, str]:
     return env
 
 
+def held(workdir: Path, shared_cache: Path) -> tuple[dict[str, str], Path]:
+    """``spawn``'s environment in which every trial waits at its recovery (``HOLD_AT_RECOVERY``)
+    while the returned file exists; the file is created here, and a test deletes it to let go."""
+    hold = workdir / "hold"
+    hold.touch()
+    return _hooked_env(workdir, shared_cache, HOLD_AT_RECOVERY) | {"WAVESWEEP_TEST_HOLD": str(hold)}, hold
+
+
 @pytest.mark.slow
 def test_a_second_sigterm_while_the_process_exits_after_a_stop_does_not_kill_it(workdir, tiny_weights, shared_cache):
     """A scheduler that sends SIGTERM twice, or a second Ctrl-C: the first closed the trial's runs
@@ -382,10 +408,11 @@ def kill_one_worker(workdir, launcher) -> None:
 
 @pytest.mark.slow
 def test_killed_and_sigtermed_workers_then_one_resume_reaches_the_total(workdir, tiny_weights, shared_cache):
-    # two trials: both are running when the worker is killed and the launcher stopped, so the
-    # resume's whole total is the two retried (each a slow trial: more would only add time)
-    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, fixed=SLOW_TRIAL, space=WIDE_SPACE)
-    p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch")
+    # two trials: both are running (held) when the worker is killed and the launcher stopped, so the
+    # resume's whole total is the two retried
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, fixed=HELD_TRIAL, space=WIDE_SPACE)
+    env, hold = held(workdir, shared_cache)
+    p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch", env=env)
     try:
         kill_one_worker(workdir, p)
         time.sleep(0.5)
@@ -393,6 +420,7 @@ def test_killed_and_sigtermed_workers_then_one_resume_reaches_the_total(workdir,
         assert p.wait(timeout=180) == 143
     finally:
         p.kill()
+    hold.unlink()
     log = (workdir / "launch.log").read_text()
     assert "wavesweep: interrupted (SIGTERM)" in log and "Traceback" not in log, log[-3000:]
     before = {t.number: t for t in trials(workdir)}
@@ -433,8 +461,9 @@ def test_a_spawned_worker_stops_when_its_launcher_is_killed_alone(workdir, tiny_
     orphaned, taking trials for a launch that was gone. It now gets SIGTERM when its launcher
     dies, closes its trial KILLED (interrupted) and exits; a relaunch reaches the total (the two
     trials running when the launcher died, retried)."""
-    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, fixed=SLOW_TRIAL, space=WIDE_SPACE)
-    p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch")
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, fixed=HELD_TRIAL, space=WIDE_SPACE)
+    env, hold = held(workdir, shared_cache)  # the worker's trial is held: only the launcher's death ends it
+    p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch", env=env)
     child = None
     try:
         wait_for(lambda: len(running_with_run(workdir)) == 2, 300, "two running trials")
@@ -446,6 +475,7 @@ def test_a_spawned_worker_stops_when_its_launcher_is_killed_alone(workdir, tiny_
         p.kill()
         if child is not None and _alive(child):
             os.kill(child, signal.SIGKILL)
+    hold.unlink()
     assert "Traceback" not in (workdir / "launch.log").read_text()
     by_id = {r.info.run_id: r for r in mlflow_runs(workdir)}
     closed = [t for t in trials(workdir) if t.state == TrialState.FAIL and t.user_attrs.get("interrupted")]
@@ -463,10 +493,12 @@ def test_a_killed_worker_is_rerun_by_its_own_launcher(workdir, tiny_weights, sha
     """kill -9 of a worker while its launcher goes on: the launcher waits for the heartbeat grace
     period, re-runs the lost trial with the same params, and ends at the exact total (exit 0): two
     trials, the launcher's own and the lost one retried."""
-    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, fixed=SLOW_TRIAL, space=WIDE_SPACE)
-    p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch")
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=2, fixed=HELD_TRIAL, space=WIDE_SPACE)
+    env, hold = held(workdir, shared_cache)
+    p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch", env=env)
     try:
         kill_one_worker(workdir, p)
+        hold.unlink()  # the launcher's own trial goes on, then the lost one's retry
         assert p.wait(timeout=400) == 0, (workdir / "launch.log").read_text()[-3000:]
     finally:
         p.kill()
