@@ -343,7 +343,8 @@ def test_ctrl_c_while_a_spawned_worker_starts_is_one_line(workdir, tiny_weights,
     """Ctrl-C (SIGINT to the terminal's process group) in the first seconds of `--workers 2`: the
     spawned worker was still importing torch, MLflow and Optuna, before its handlers were in place,
     and printed a KeyboardInterrupt traceback from inside an import. Workers now start with both
-    signals blocked and take the stop once their handlers are set: exit 130, one line, no traceback."""
+    signals blocked and take the stop once their handlers are set: exit 130, one line, no traceback
+    (the launcher's line saying it waits for the worker comes before it)."""
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, fixed=SLOW_TRIAL, space=WIDE_SPACE)
     p = spawn(workdir, shared_cache, "study", str(spec), "-q", "--workers", "2", name="launch")
     try:
@@ -356,6 +357,8 @@ def test_ctrl_c_while_a_spawned_worker_starts_is_one_line(workdir, tiny_weights,
         p.kill()
     log = (workdir / "launch.log").read_text()
     assert "Traceback" not in log and log.strip().splitlines()[-1] == "wavesweep: interrupted (KeyboardInterrupt)", log[-3000:]
+    # while it waits, the launcher says for what (it stayed silent for seconds)
+    assert "KeyboardInterrupt: waiting for 1 spawned worker to stop" in log, log[-3000:]
     assert not [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
     assert TrialState.RUNNING not in [t.state for t in trials(workdir)]
 

@@ -411,6 +411,46 @@ def test_written_files_get_normal_modes(tmp_path, umask, mode):
     assert (tmp_path / "c.wsz").stat().st_mode & 0o777 == mode
 
 
+def test_a_write_killed_outright_leaves_a_file_the_next_write_removes(tmp_path):
+    """kill -9 during atomic_write left its hidden temporary file for good (a base model's: 45-100
+    MB in the cache, one per kill). A real process is killed mid-write; the next write of the same
+    file removes its leftover once it is ORPHAN_AGE_S old, and leaves a live process's, another
+    host's, another file's and a recent one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from wavesweep import fileio
+
+    target = tmp_path / "results.md"
+    code = ("import sys, time; from wavesweep.fileio import atomic_write\n"
+            "with atomic_write(sys.argv[1], 'w') as fh:\n    fh.write('half'); fh.flush(); print('writing', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    (killed,) = tmp_path.glob(".results.md.*.tmp")
+    assert f".{fileio._HOST}-{p.pid}." in killed.name
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    p.stdout.close()
+    host = fileio._HOST
+    live = tmp_path / f".results.md.{host}-{os.getpid()}.abc123.tmp"  # this process: alive
+    other_host = tmp_path / f".results.md.{host}x-{p.pid}.abc123.tmp"
+    other_file = tmp_path / f".other.md.{host}-{p.pid}.abc123.tmp"
+    recent = tmp_path / f".results.md.{host}-{p.pid}.recent1.tmp"  # the dead pid's, written just now
+    old = time.time() - fileio.ORPHAN_AGE_S - 5
+    for f in (live, other_host, other_file):
+        f.write_text("x")
+        os.utime(f, (old, old))
+    os.utime(killed, (old, old))
+    recent.write_text("x")
+    with fileio.atomic_write(target, "w") as fh:
+        fh.write("whole")
+    assert target.read_text() == "whole"
+    assert not killed.exists()
+    assert all(f.exists() for f in (live, other_host, other_file, recent))
+
+
 # --------------------------------------------------------------------------- 9: secrets
 
 

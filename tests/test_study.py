@@ -1133,3 +1133,27 @@ def test_examples_evaluated_counts_every_scoring_pass_of_the_pruned_models(tmp_p
                  for o in r.outcomes.values())  # fmt: skip
     assert trial_record(r.metrics()["parent"], r)["examples_evaluated"] == scored == 3 * (passes * n_test + n_val)
     assert examples_scored_of(r.metrics()["parent"]) == scored  # a replicate reused: counted from its run's metrics
+
+
+def test_stopping_spawned_workers_says_what_it_waits_for(caplog):
+    """A stop (Ctrl-C, SIGTERM) with spawned workers alive: the launcher signals each once and says
+    in one line that it waits for them (it was silent for up to 14 s); without a stop, or with no
+    worker alive, it says nothing. The workers are real processes: the signal must end them."""
+    import multiprocessing
+    import signal
+    import time
+
+    from wavesweep.study.workers import _stop_workers
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=time.sleep, args=(60,)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    never_started = ctx.Process(target=time.sleep, args=(60,))  # a stop while they were started
+    with caplog.at_level("WARNING", logger="wavesweep.study.workers"):
+        _stop_workers([*procs, never_started], signal.SIGTERM, why="SIGTERM")
+        assert [p.exitcode for p in procs] == [-signal.SIGTERM] * 2
+        _stop_workers(procs, signal.SIGTERM, why="SIGTERM")  # all gone: nothing to wait for
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["SIGTERM: waiting for 2 spawned workers to stop (a running trial is closed: Optuna FAIL, "
+                     "MLflow KILLED; the next launch retries it)"], lines

@@ -1,7 +1,8 @@
 """The one way wavesweep writes a file and takes a lock.
 
 ``atomic_write``: readers see either no file or the complete one (temporary file in the same
-folder, fsync, ``os.replace``; the temporary file is removed on any error).
+folder, fsync, ``os.replace``; the temporary file is removed on any error, and one left by a
+process killed outright is removed by a later write of the same file).
 ``file_lock``: an exclusive ``fcntl`` lock on a lock file, for the duration of a block (or until
 the ``release`` function it yields is called).
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -30,6 +33,45 @@ def _umask() -> int:
     return mask
 
 
+#: Who writes an :func:`atomic_write` temporary file, in its name: this host and process (its pid). A process
+#: killed outright (kill -9, out of memory) leaves its file behind (a base model's is 45-100 MB); a
+#: later write of the same file on the same host removes it once that process is gone.
+_HOST = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:64] or "host"
+#: An orphan must also be this old (seconds since its last write): a process of another PID
+#: namespace on this host (a container sharing the folder and the host name) is not seen alive.
+ORPHAN_AGE_S = 600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_orphans(path: Path) -> None:
+    """Remove the temporary files of earlier writes of ``path`` whose writer (a process of this
+    host, named in the file's name) is gone and which nothing has written to for
+    :data:`ORPHAN_AGE_S`. Files of other hosts, of live processes, and of other names stay."""
+    prefix = f".{path.name}.{_HOST}-"
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid, _, rest = name[len(prefix):].partition(".")
+        if not pid.isdigit() or not rest or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        orphan = path.parent / name
+        with contextlib.suppress(OSError):
+            if now - orphan.stat().st_mtime >= ORPHAN_AGE_S:
+                orphan.unlink()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing (``mode`` "wb" or "w"); on a clean exit
@@ -43,7 +85,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise ValueError(f"mode {mode!r} is not one of wb, w")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a written file gets the usual mode
         with os.fdopen(fd, mode) as fh:

@@ -324,9 +324,9 @@ def _run_workers(launch: Launch, progress: _Progress) -> int:
                     p.join(timeout=POLL_S / len(procs))
                 progress(study)
     except KeyboardInterrupt as exc:
-        interrupt.caught(exc)
+        what = interrupt.caught(exc)
         with interrupt.ignored():  # let the workers close their trials undisturbed
-            _stop_workers(procs, signal.SIGTERM if isinstance(exc, interrupt.Terminated) else signal.SIGINT)
+            _stop_workers(procs, signal.SIGTERM if isinstance(exc, interrupt.Terminated) else signal.SIGINT, why=what)
         raise
     except Exception:
         # Worker 0 (this process) failed outside a trial: its storage or tracking store gone, full or
@@ -344,13 +344,19 @@ def _run_workers(launch: Launch, progress: _Progress) -> int:
     return gave_up + sum(p.exitcode == 1 for p in procs)
 
 
-def _stop_workers(procs: list[Any], sig: int) -> None:
-    """Send ``sig`` once to the spawned workers still alive and wait for them to close their trials."""
+def _stop_workers(procs: list[Any], sig: int, why: str = "") -> None:
+    """Send ``sig`` once to the spawned workers still alive and wait for them to close their trials.
+    With ``why`` (a stop: Ctrl-C or SIGTERM), say so in one line while they do: closing a trial
+    (Optuna FAIL, MLflow KILLED) takes seconds, and the terminal would otherwise look hung."""
     procs = [p for p in procs if p.pid is not None]  # a stop while they were started: some never were
-    for p in procs:
-        if p.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, sig)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, sig)
+    if why and alive:
+        n = len(alive)
+        log.warning("%s: waiting for %d spawned worker%s to stop (a running trial is closed: Optuna FAIL, MLflow KILLED; "
+                    "the next launch retries it)", why, n, "s" if n > 1 else "")
     for p in procs:
         p.join(timeout=120)
         if p.is_alive():
