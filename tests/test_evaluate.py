@@ -537,3 +537,22 @@ def test_a_half_precision_model_is_evaluated_and_timed_in_its_own_dtype(digits, 
     assert all(p.dtype == dtype for p in half.parameters())
     t = time_inference(half, digits.test, batch_size=64, n_warmup=1, n_batches=2, device="cpu")
     assert t.batch_size == 64 and t.n_batches == 2 and t.median_ms > 0
+
+
+def test_a_float64_model_is_scored_in_float64(digits):
+    """A float64 model's logits were rounded to float32 before scoring: its loss was float32's,
+    and logits that differ below float32's spacing tied (top-1 then took the lower class). They
+    stay float64 now. Oracle: the model on float64 batches, and sklearn's log loss of their softmax."""
+    model = copy.deepcopy(_models(n=1)["cnn0"]).double().eval()
+    x, y = digits.test[:]
+    logits, targets = predict(model, digits.test, batch_size=64, device="cpu")
+    with torch.inference_mode():
+        expected = torch.cat([model(xb.double()) for xb in x.split(64)])
+    assert logits.dtype == torch.float64 and torch.equal(logits, expected) and torch.equal(targets, y)
+    r = evaluate(model, digits.test, batch_size=64, device="cpu")
+    oracle = _sklearn_oracle(expected.numpy(), y.numpy())
+    assert r.loss == pytest.approx(oracle["loss"], rel=1e-12, abs=0)
+    assert r.top1 == oracle["top1"] and r.top5 == oracle["top5"]
+    # ties below float32's spacing: float64 tells the two classes apart
+    close = torch.tensor([[1.0, 1.0 + 1e-12, 0.0]], dtype=torch.float64)
+    assert metrics_from_logits(close, torch.tensor([1])).top1 == 1.0

@@ -184,6 +184,12 @@ def _as_input(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return x if dtype is None or x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
 
 
+def _scoring_dtype(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as they are scored: float64 stays float64 (a float64 model's loss and its ties are
+    its own), anything else becomes float32 (float16/bfloat16 outputs, integer test doubles)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _bytes_to_move(model: nn.Module, dev: torch.device) -> int:
     """Bytes of ``model``'s parameters and buffers not yet on ``dev``'s kind of device."""
     return sum(t.nbytes for t in (*model.parameters(), *model.buffers()) if t.device.type != dev.type)
@@ -198,7 +204,8 @@ def _logits_many(
     progress: bool,
     num_workers: int | None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``({name: logits float32 (N, C) on the device}, targets int64 CPU (N,))`` from one pass
+    """``({name: logits float32, float64 for a float64 model, (N, C) on the device}, targets int64
+    CPU (N,))`` from one pass
     (:func:`predict_many`, which copies the logits to the host; :func:`evaluate_many` scores them
     where they are, so an accelerator's logits never cross to the host whole)."""
     if not models:
@@ -230,7 +237,7 @@ def _logits_many(
                 for k, m in models.items():
                     if dtypes[k] not in cast:
                         cast[dtypes[k]] = _as_input(x, dtypes[k])
-                    logits[k].append(m(cast[dtypes[k]]).float())  # stays on device: no sync per batch
+                    logits[k].append(_scoring_dtype(m(cast[dtypes[k]])))  # stays on device: no sync per batch
                 targets.append(y)
     finally:
         for k, m in models.items():
@@ -258,7 +265,7 @@ def predict_many(
     progress: bool = False,
     num_workers: int | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{name: (logits float32 CPU (N, C), targets int64 CPU (N,))}`` for every model, from
+    """``{name: (logits float32 (float64 for a float64 model) CPU (N, C), targets int64 CPU (N,))}`` for every model, from
     ONE pass over ``dataset``: each batch is loaded (decoded, normalised) once and fed to
     every model, so a trial's base/magnitude/random models share the data cost. The
     logits equal separate :func:`predict` calls exactly (same batches, same ops). Where the
@@ -283,7 +290,7 @@ def predict(
     progress: bool = False,
     num_workers: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits float32 CPU (N, C) and targets int64 CPU (N,) over ``dataset`` in its order,
+    """Logits float32 (float64 for a float64 model) CPU (N, C) and targets int64 CPU (N,) over ``dataset`` in its order,
     under ``torch.inference_mode``. The model is moved to ``device`` (``nn.Module.to`` is
     in place) and put in eval mode; its train/eval flag is restored afterwards. Data comes
     from :func:`input_batches` (in-memory data stays on the device between calls)."""
@@ -397,7 +404,7 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> EvalResu
         raise ValueError("cannot compute metrics on zero examples")
     y_true = targets.cpu()
     _check_classes(logits, y_true)
-    logits = logits.float()
+    logits = _scoring_dtype(logits)
     t = y_true.to(logits.device, non_blocking=True)
     k = min(5, c)
     preds = logits.argmax(dim=1)  # (N,): among equal logits the lowest class (torch's rule)
