@@ -715,3 +715,50 @@ def test_a_replicate_is_reused_only_for_the_same_weights_and_kind_of_device(tmp_
     assert by_alias({"base_uri": "models:/base/3"}) and not by_alias({"base_uri": "models:/base/2"})
     # a base model wavesweep trained: named by the params (config and seed) alone
     assert _same_base(_resume_cfg(device="cpu"))({"base_checksum": "anything", "resolved_device": "cpu"})
+
+
+@pytest.mark.slow  # two configurations of two small replicates each
+@pytest.mark.parametrize("val_fraction", [0.0, 0.5], ids=["test-part", "validation-part"])
+def test_a_reused_replicate_0_replays_its_chunks_to_the_reporter(workdir, monkeypatch, val_fraction):
+    """A study's pruner sees replicate 0's evaluation chunks. A replicate 0 reused from a stopped
+    configuration was not run, so the pruner saw nothing and could not stop the configuration.
+    Its chunks are now replayed from its recorded predictions. Oracle: the chunks its own run gave
+    the reporter, field by field (top-5 and the loss need logits, which a run does not keep)."""
+    import dataclasses
+    import math
+
+    from wavesweep import tracking
+    from wavesweep.tracked_config import run_tracked_configuration
+
+    tracking.init_tracking()
+    calls, _, inside = _replicate_spy(monkeypatch)
+    cfg = _resume_cfg(val_fraction=val_fraction)
+    ran, replayed = [], []
+    inside[1] = RuntimeError("disk on fire")
+    with pytest.raises(RuntimeError):
+        run_tracked_configuration(cfg, 2, reporter=ran.append)
+    assert calls == [0, 1] and len(ran) == 4
+    calls.clear()
+    out = run_tracked_configuration(cfg, 2, reporter=replayed.append)
+    assert calls == [1] and list(out.reused) == [0]  # replicate 0 not run again
+    assert [(c.step, c.n, c.correct) for c in replayed] == [(c.step, c.n, c.correct) for c in ran]
+    for a, b in zip(ran, replayed):
+        for k in ("n", "top1", "f1_macro", "recall_macro", "precision_macro", "f1_weighted"):
+            assert getattr(b.result, k) == getattr(a.result, k), k
+        assert math.isnan(b.result.top5) and math.isnan(b.result.loss)
+        for k in ("correct", "preds", "targets"):
+            assert np.array_equal(getattr(b.result, k), getattr(a.result, k)), k
+    # a pruner that stops at the first replayed chunk stops the configuration before replicate 1
+    import optuna
+
+    def stop(chunk):
+        raise optuna.TrialPruned(f"chunk {chunk.step}")
+
+    other = dataclasses.replace(cfg, percentile=cfg.percentile + 1)  # another configuration, stopped in replicate 1
+    inside[1] = RuntimeError("disk on fire")
+    with pytest.raises(RuntimeError):
+        run_tracked_configuration(other, 2)
+    calls.clear()
+    with pytest.raises(optuna.TrialPruned, match="chunk 0"):
+        run_tracked_configuration(other, 2, reporter=stop, early_stop=(optuna.TrialPruned,))
+    assert calls == []

@@ -478,6 +478,44 @@ class Chunk(NamedTuple):
     correct: int  # of them, top-1 correct
 
 
+def chunk_pieces(targets: np.ndarray, n_chunks: int, seed: int = 0) -> list[np.ndarray]:
+    """The examples (positions) of each of :func:`evaluate_chunks`'s chunks, in visiting order:
+    :func:`wavesweep.data.stratified_order` of ``targets`` (seeded by ``seed``) cut into
+    ``n_chunks`` nearly equal consecutive pieces (fewer when there are fewer examples)."""
+    if not isinstance(n_chunks, int) or n_chunks < 1:
+        raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
+    order = stratified_order(np.asarray(targets), seed)
+    if not len(order):
+        raise ValueError("cannot evaluate on an empty dataset")
+    return [p for p in np.array_split(order, min(n_chunks, len(order))) if len(p)]
+
+
+def replay_chunks(preds: np.ndarray, targets: np.ndarray, n_classes: int, *, n_chunks: int, seed: int = 0) -> Iterator[Chunk]:
+    """The :class:`Chunk` s :func:`evaluate_chunks` yielded for a model whose top-1 predictions over
+    the examples (in dataset order) were ``preds``: a finished run's recorded predictions, given
+    again to an early-stopping reporter without evaluating anything. Each chunk's step, size and
+    correct count are :func:`evaluate_chunks`'s exactly, and so are its cumulative result's top-1,
+    F1, recall, precision and per-example arrays (they depend on the predictions alone); top-5
+    and the loss need the logits, which a run does not keep: they are NaN."""
+    preds = np.asarray(preds, dtype=np.int64)
+    targets = np.asarray(targets, dtype=np.int64)
+    if preds.shape != targets.shape or preds.ndim != 1:
+        raise ValueError(f"need predictions and targets of one length, got shapes {preds.shape} and {targets.shape}")
+    seen = np.zeros(len(targets), dtype=bool)
+    for step, piece in enumerate(chunk_pieces(targets, n_chunks, seed)):
+        seen[piece] = True
+        idx = np.flatnonzero(seen)  # dataset order, as evaluate_chunks' cumulative result
+        y_true, y_pred = targets[idx], preds[idx]
+        correct = y_true == y_pred
+        p, r, f, support = precision_recall_f1(y_true, y_pred, np.unique(y_true), n_classes)
+        result = EvalResult(
+            n=len(idx), top1=float(correct.mean(dtype=np.float64)), top5=float("nan"), loss=float("nan"),
+            f1_macro=float(f.mean()), recall_macro=float(r.mean()), precision_macro=float(p.mean()),
+            f1_weighted=float((f * (support / support.sum())).sum()), correct=correct, preds=y_pred, targets=y_true,
+        )  # fmt: skip
+        yield Chunk(step, result, len(piece), int((preds[piece] == targets[piece]).sum()))
+
+
 def evaluate_chunks(
     model: nn.Module,
     dataset: Dataset,
@@ -499,13 +537,8 @@ def evaluate_chunks(
     dataset and equals :func:`evaluate` (up to float rounding of the loss from different
     batch composition).
     """
-    if not isinstance(n_chunks, int) or n_chunks < 1:
-        raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
     _check_batch_size(batch_size)
-    order = stratified_order(dataset_targets(dataset), seed)
-    if not len(order):
-        raise ValueError("cannot evaluate on an empty dataset")
-    pieces = [p for p in np.array_split(order, min(n_chunks, len(order))) if len(p)]
+    pieces = chunk_pieces(dataset_targets(dataset), n_chunks, seed)
     seen_idx: list[np.ndarray] = []
     seen_logits: list[torch.Tensor] = []
     seen_targets: list[torch.Tensor] = []

@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from wavesweep import interrupt, replicates, schema, tracking
+from wavesweep import evaluate, interrupt, replicates, schema, tracking
 from wavesweep.config import TrialConfig
 from wavesweep.tracked_trial import run_tracked_trial
-from wavesweep.trial import Reporter, TrialResult
+from wavesweep.trial import N_CHUNKS, Reporter, TrialResult
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,21 @@ def _move(client, run_id: str, claimed: dict[int, tuple[object, str]]) -> None:
     tracking.log_batch(client, run_id, tags={"reused_replicates": ",".join(str(i) for i in claimed)})
 
 
+def _replay(client, run, reporter: Reporter) -> None:
+    """Give ``reporter`` the evaluation chunks of a reused replicate 0 (``run``) from its recorded
+    predictions (:func:`evaluate.replay_chunks`): the numbers its own chunks gave it when it ran,
+    so a pruner sees this configuration as it would have uninterrupted (before, it saw nothing,
+    and the configuration could not be stopped early). A run without its predictions is not
+    replayed (a warning)."""
+    recorded = tracking.selection_predictions(client, run.info.run_id)
+    if recorded is None:
+        log.warning("replicate 0's run %s has no predictions to replay to the pruner: it sees none of its chunks", run.info.run_id)
+        return
+    preds, targets = recorded
+    for chunk in evaluate.replay_chunks(preds, targets, int(run.data.params["base_num_classes"]), n_chunks=N_CHUNKS):
+        reporter(chunk)
+
+
 def aggregated(results: dict[str, float]) -> dict[str, float]:
     """The results a configuration aggregates over its replicates: not the paired statistics over
     examples (``dwt_vs_*``: interval ends, McNemar p): a mean of p-values or of interval ends is not
@@ -232,7 +247,8 @@ def run_tracked_configuration(
     ``reporter`` (early stopping) sees the first replicate only: its partial accuracy is on the
     same examples and base model as every other trial's first replicate, so a pruner compares
     like with like, and a stopped configuration runs no further replicates (a replicate 0 reused
-    from a stopped configuration is not run: ``reporter`` then sees nothing). ``tags`` go on the
+    from a stopped configuration is not run: ``reporter`` sees its chunks replayed from its
+    recorded predictions, :func:`_replay`). ``tags`` go on the
     configuration run and on every replicate run here (a reused one keeps the tags it was run
     with). ``on_run(run_id)`` is called as soon as the configuration run exists;
     ``on_replicate(i, result, run_id)`` after each replicate run here, ``on_reused(i, run_id,
@@ -274,6 +290,8 @@ def run_tracked_configuration(
                 outcome.reused[i] = old
                 if on_reused is not None:
                     on_reused(i, run.info.run_id, old)
+                if i == 0 and reporter is not None:
+                    _replay(client, run, reporter)
                 continue
 
             def name_run(rid: str, i: int = i, rcfg: TrialConfig = rcfg) -> None:

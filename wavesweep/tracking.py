@@ -649,6 +649,20 @@ def trial_layers(client: MlflowClient, run_id: str) -> dict[str, list[Any]] | No
     }  # fmt: skip
 
 
+def selection_predictions(client: MlflowClient, run_id: str, method: str = "dwt") -> tuple[Any, Any] | None:
+    """``(predictions, targets)`` (int64 arrays, dataset order) of ``method`` over the examples a
+    trial run's early-stopping chunks scored: its validation part where it had one
+    (``predictions_val.csv``), else its test part (``predictions.csv``); None when the run has
+    neither file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        listed = {f.path for f in client.list_artifacts(run_id)}
+        name = next((n for n in ("predictions_val.csv", "predictions.csv") if n in listed), None)
+        if name is None:
+            return None
+        frame = pd.read_csv(client.download_artifacts(run_id, name, tmp))
+    return frame[method].to_numpy("int64"), frame["target"].to_numpy("int64")
+
+
 def trial_config_of(run) -> TrialConfig:
     """The trial's configuration from its params. ``mlflow run`` logs an empty MLproject default
     as the shell's quoted empty string (``''``), and the run keeps that value (a param is
