@@ -507,10 +507,15 @@ def _int_or_blank(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or '', got {text!r}") from None
 
 
+DESCRIPTION = ("Prune a trained network three ways at the same budget (dwt: wavelet coefficients; magnitude; random), "
+               "recover each the same way, and compare them on the same examples; MLflow records every run. "
+               "Commands: train, trial, study, results, report, register, download, models, ui.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wavesweep import __version__
 
-    p = Parser(prog="wavesweep", description=__doc__.splitlines()[0])
+    p = Parser(prog="wavesweep", description=DESCRIPTION)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"wavesweep {__version__}", help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
