@@ -64,6 +64,8 @@ def test_win_counts_name_every_label_tied_for_the_most():
     (["--fractions", "50,x"], "--fractions='50,x': 'x' is not an integer"),
     (["--recoveries", " , "], "--recoveries=' , ' is empty"),
     (["--configs", ""], "--configs='' is empty"),
+    (["--configs", "bior4.4:filter,kernel:db4"],
+     "--configs='bior4.4:filter,kernel:db4': 'kernel:db4' is LAYOUT:WAVELET; --configs takes WAVELET:LAYOUT, e.g. db4:kernel"),
 ])  # fmt: skip
 def test_an_empty_or_malformed_grid_is_one_line_before_any_work(workdir, capsys, monkeypatch, argv, needle):
     from wavesweep import cli, train

@@ -623,11 +623,15 @@ def _parses(kind: Callable, text: str) -> bool:
 
 def parse_configs(text: str) -> tuple[tuple[str, str], ...]:
     """``bior4.4:filter,db4:filter`` -> ``(("bior4.4", "filter"), ("db4", "filter"))``."""
+    from wavesweep import wavelets
+
     out = []
     for item in parse_list(text, option="--configs"):
         if ":" not in item:
             raise ValueError(f"config {item!r} is not WAVELET:LAYOUT (e.g. bior4.4:filter)")
         w, lay = item.split(":", 1)
+        if w in wavelets.LAYOUTS and lay not in wavelets.LAYOUTS:  # the two swapped: say so, not "unknown wavelet 'filter'"
+            raise ValueError(f"--configs={text!r}: {item!r} is LAYOUT:WAVELET; --configs takes WAVELET:LAYOUT, e.g. {lay}:{w}")
         out.append((w, lay))
     return tuple(out)
 
