@@ -1192,6 +1192,7 @@ def _waiting_worker(workdir: Path, index: int, barrier, widen_s: float) -> None:
 
 
 @pytest.mark.slow  # three spawned processes
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # the test asks a trial by hand
 def test_a_lost_trial_found_by_several_workers_at_once_is_requeued_once(workdir, monkeypatch):
     """Workers waiting for the last trials look for lost ones (no heartbeat) every loop. On SQLite
     nothing made Optuna's "read RUNNING, write FAIL" atomic, and that call was made outside the
