@@ -100,6 +100,7 @@ torch threads 2, ``--repeats 5``; its speed drifts by up to a third, so read the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import os
@@ -448,6 +449,53 @@ def bench_finite_check(repeats: int) -> None:
               f"one foreach L1 norm {ms(new)} ({ops(lambda: check_finite_targets(layers))} operators)   {old / new:.1f}x")
 
 
+def bench_channels_last(repeats: int) -> None:
+    """A CPU trial's conv models in channels-last format (``evaluate.compute_layout``) against
+    contiguous ones: one forward pass without gradients, in eval mode (evaluation, timing) and in
+    train mode (BatchNorm re-estimation), for the default trial's ResNet-18 on digits (8 px) and
+    the cnn on 28 px images (Fashion-MNIST's size), batches of 64 and 256 (random init; only the
+    memory format differs). Then the default trial itself (``trial.run_trial(TrialConfig())``:
+    ResNet-18 on digits, recovery bn), in-process, alternately contiguous and channels-last.
+    Oracle: ``tests/test_trial.py::test_a_channels_last_trial_gives_the_contiguous_trials_numbers``."""
+    import copy
+
+    print("conv models in channels-last format on the CPU (evaluate.compute_layout), one forward pass")
+    for name, size in (("resnet18", 8), ("cnn", 28)):
+        torch.manual_seed(0)
+        plain = build_model(name, num_classes=10, in_channels=1, image_size=size)
+        fast = copy.deepcopy(plain)
+        evaluate.compute_layout(fast, torch.device("cpu"))
+        for bs in (64, 256):
+            x = torch.randn(bs, 1, size, size)
+            for train_mode in (False, True):
+                plain.train(train_mode)
+                fast.train(train_mode)
+                with torch.no_grad():
+                    a = median_s(lambda: plain(x), repeats)
+                    b = median_s(lambda: fast(x), repeats)
+                print(f"  {name:8s} {size:2d} px, batch {bs:3d}, {'train' if train_mode else 'eval '} mode   "
+                      f"contiguous {ms(a)}   channels-last {ms(b)}   {a / b:.2f}x")
+    cfg = TrialConfig()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    top1 = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mock.patch.object(evaluate, "CPU_CHANNELS_LAST", False):  # the base model trained (or read) outside the clock
+            trial.run_trial(dataclasses.replace(cfg, timing_batches=0, recovery="none"), progress=False).release()
+        for _ in range(max(1, repeats // 3)):
+            for on in (False, True):
+                with mock.patch.object(evaluate, "CPU_CHANNELS_LAST", on):
+                    t0 = time.perf_counter()
+                    r = trial.run_trial(cfg, progress=False)
+                    times[on].append(time.perf_counter() - t0)
+                top1[on] = {m: round(o.eval.top1, 4) for m, o in r.outcomes.items()}
+                r.release()
+    a, b = statistics.median(times[False]), statistics.median(times[True])
+    print(f"  the default trial (ResNet-18 / digits, recovery bn), median of {len(times[True])}: "
+          f"contiguous {a:.2f} s   channels-last {b:.2f} s   {a / b:.2f}x")
+    print(f"  top-1 contiguous {top1[False]}; channels-last {top1[True]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -469,6 +517,7 @@ def main() -> None:
     bench_mcnemar(args.repeats)
     bench_finite_check(args.repeats)
     bench_train_scan(args.repeats)
+    bench_channels_last(args.repeats)
 
 
 if __name__ == "__main__":

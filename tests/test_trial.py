@@ -486,3 +486,50 @@ def test_a_trial_checks_the_base_weights_finite_once_for_its_three_prunings(base
         pruning.target_layers(base.model)[0][1].weight.view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match=r"weight has 1 NaN or infinite value\(s\)"):
         trial.run_trial(cfg, base=base)
+
+
+def test_compute_layout_makes_conv_models_channels_last_on_a_cpu_only(monkeypatch):
+    """On a CPU a conv model is put in channels-last format in place, values unchanged; a model
+    without a 4-D parameter, a CUDA device, or the switch off leave it as it is."""
+    torch.manual_seed(0)
+    cnn = build_model("cnn", num_classes=10, in_channels=1, image_size=8)
+    before = {k: v.clone() for k, v in cnn.state_dict().items()}
+    assert evaluate.compute_layout(cnn, torch.device("cpu")) == "channels_last"
+    convs = [p for p in cnn.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert all(not p.is_contiguous() for p in convs if p.shape[1] > 1)  # one input channel: both formats at once
+    assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())
+    mlp = build_model("mlp", num_classes=10, in_channels=1, image_size=8)
+    assert evaluate.compute_layout(mlp, torch.device("cpu")) == "contiguous"
+    other = build_model("cnn", num_classes=10, in_channels=1, image_size=8)
+    assert evaluate.compute_layout(other, torch.device("cuda")) == "contiguous"  # not moved, not changed
+    monkeypatch.setattr(evaluate, "CPU_CHANNELS_LAST", False)
+    assert evaluate.compute_layout(other, torch.device("cpu")) == "contiguous"
+    assert all(p.is_contiguous() for p in other.parameters())
+
+
+@pytest.mark.parametrize("rec", ["bn", "finetune"])
+def test_a_channels_last_trial_gives_the_contiguous_trials_numbers(base_and_set, monkeypatch, rec):
+    """The speed-up's oracle: a CPU trial in channels-last format (the default) against the same
+    trial with every model contiguous. The prunings are the same bit for bit (masks, kept
+    coefficients, stored bytes); every model's predictions are the same and its metrics equal to
+    float rounding (the convolutions add in another order); the base evaluation is cached per format."""
+    base, cfg, _ = base_and_set
+    cfg = dataclasses.replace(cfg, recovery=rec, recovery_batches=3, finetune_steps=3, timing_batches=1, level=2, wavelet="db2")
+    monkeypatch.setattr(evaluate, "CPU_CHANNELS_LAST", False)
+    want = trial.run_trial(cfg, base=base)
+    assert want.eval_info["memory_format"] == "contiguous"
+    monkeypatch.setattr(evaluate, "CPU_CHANNELS_LAST", True)
+    got = trial.run_trial(cfg, base=base)
+    assert got.eval_info["memory_format"] == "channels_last"
+    assert next(p for p in got.outcomes["dwt"].prune.model.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    assert len(list((train.cache_dir() / "base-evals").glob("*.npz"))) == 2  # one entry per format
+    np.testing.assert_array_equal(got.base_eval.preds, want.base_eval.preds)
+    for m in ("dwt", "magnitude", "random"):
+        a, b = got.outcomes[m], want.outcomes[m]
+        for x, y in zip(a.prune.layers, b.prune.layers):
+            assert np.array_equal(x.keep, y.keep), (m, x.name)
+        assert a.stats.stored_bytes == b.stats.stored_bytes and a.stats.zeroed_coeffs == b.stats.zeroed_coeffs
+        np.testing.assert_array_equal(a.eval.preds, b.eval.preds)
+        for k, v in b.eval.metrics().items():
+            assert a.eval.metrics()[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (m, k)

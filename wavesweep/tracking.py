@@ -537,6 +537,7 @@ def log_trial(run: TrialRun, result, *, checkpoint_files: dict[str, Path]) -> No
         # the device the trial ran on (the param device may be "auto"): on CUDA a trained base model
         # has another recipe (bf16 autocast, channels-last), and the timings are that device's
         **({"resolved_device": result.eval_info["device"]} if "device" in result.eval_info else {}),
+        **({"memory_format": result.eval_info["memory_format"]} if "memory_format" in result.eval_info else {}),
     }  # fmt: skip
     frames = {m: o.stats.to_frame() for m, o in result.outcomes.items()}
     for method, out in result.outcomes.items():

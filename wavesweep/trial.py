@@ -164,11 +164,11 @@ def eval_parts(cfg: TrialConfig) -> tuple[data.DatasetBundle, torch.utils.data.D
 
 def _base_eval_cached(
     base: train.BaseModel, cfg: TrialConfig, eval_set: torch.utils.data.Dataset, device: torch.device,
-    fingerprint: str, selection: str, part: str = "test",
+    fingerprint: str, selection: str, part: str = "test", layout: str = "contiguous",
 ) -> evaluate.EvalResult:
     """Evaluate the unpruned base once per (weights checksum, data fingerprint, selected
-    examples, device type, batch size) and cache the logits (``selection``: the part's digest
-    from :func:`eval_parts`).
+    examples, device type, batch size, memory format ``layout``: :func:`evaluate.compute_layout`)
+    and cache the logits (``selection``: the part's digest from :func:`eval_parts`).
 
     The cache is a .npz of logits and targets; metrics are recomputed from it, so a cached
     result is exactly what a fresh evaluation would give for the same model and examples on the
@@ -176,10 +176,10 @@ def _base_eval_cached(
     so other files or labels under the same name are evaluated afresh; the training split is not
     in it, as it does not enter the logits).
     """
-    key = hashlib.sha256(
+    key = hashlib.sha256((
         f"{base.checksum}|{cfg.dataset}|{fingerprint}|{selection}|{cfg.eval_limit}|{cfg.seed}|{len(eval_set)}|{cfg.val_fraction}|{part}"
-        f"|{device.type}|{cfg.batch_size}".encode()
-    ).hexdigest()[:24]
+        f"|{device.type}|{cfg.batch_size}" + ("" if layout == "contiguous" else f"|{layout}")
+    ).encode()).hexdigest()[:24]
     path = train.cache_dir() / "base-evals" / f"{key}.npz"
     if path.exists():
         try:
@@ -286,6 +286,7 @@ def _run_trial(
         # magnitude/random select there too (no NumPy round trip). Whether the base evaluation
         # came from its cache must not decide where pruning runs.
         base.model.to(device)
+        layout = evaluate.compute_layout(base.model, device)  # channels-last on a CPU: faster convolutions
         # random's keys depend on the seed and the target layers' sizes alone: drawn on a thread
         # from here, beside the base evaluation and dwt's pruning (the same keys, the same masks)
         random_keys = baselines.RandomKeys(
@@ -294,9 +295,9 @@ def _run_trial(
         )
     with phases("eval_base"):
         fingerprint = data.eval_fingerprint(bundle)  # the base's logits depend on the evaluation split alone
-        base_eval = _base_eval_cached(base, cfg, eval_set, device, fingerprint, selections["test"])
+        base_eval = _base_eval_cached(base, cfg, eval_set, device, fingerprint, selections["test"], layout=layout)
         base_val_eval = (None if val_set is None
-                         else _base_eval_cached(base, cfg, val_set, device, fingerprint, selections["val"], part="val"))
+                         else _base_eval_cached(base, cfg, val_set, device, fingerprint, selections["val"], part="val", layout=layout))
 
     prerec: dict[str, evaluate.EvalResult] = {}
     reports: dict[str, recovery.RecoveryReport] = {}
@@ -378,6 +379,7 @@ def _run_trial(
     }
     eval_info = {"n_eval": len(eval_set), "n_val": 0 if val_set is None else len(val_set), "n_test_split": len(bundle.test),
                  "device": str(device),  # what cfg.device ("auto") resolved to: the base's recipe and the timings depend on it
+                 "memory_format": layout,  # what the models computed in (evaluate.compute_layout)
                  **{f"data_{k}": v for k, v in bundle.info.items()}}  # fmt: skip
     notes = [r.note for r in reports.values() if r.note]
     all_warnings = list(dict.fromkeys([*base.warnings, *dwt.warnings, *caught, *notes]))
