@@ -220,7 +220,9 @@ def run_trial(
     model (an ``evaluate.Chunk``: step, cumulative result, the chunk's size and correct count) over
     the validation part when there is one (``val_fraction > 0``), else over the evaluation
     examples; it may raise (e.g. ``optuna.TrialPruned``) to stop the trial early. Every model is
-    scored on both parts; the headline metrics are the test part's.
+    scored on both parts; the headline metrics are the test part's. A ``base`` given here is
+    moved to the trial's device in place, and on a CPU a conv model is put in channels-last
+    memory format (:func:`evaluate.compute_layout`; its values unchanged).
     """
     opened: list[torch.utils.data.Dataset] = []
     try:
