@@ -3,6 +3,7 @@ CSV of every trial beside the page (numbers recomputable from it)."""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 
@@ -522,6 +523,30 @@ def test_the_page_over_seeds_is_the_t_interval_of_the_seeds_gaps():
     for s in range(3):
         assert f"seed {s}: sha256 `{(f'{s}a' * 32)[:16]}…`, top-1 {0.9 + s / 100:.4f} on 100 examples" in text
         assert f"Per-trial seconds, seed {s}: {1 + s}, {1 + s}, {1 + s}, {1 + s}." in text
+
+
+def test_seeds_gaps_that_cancel_read_as_plus_zero():
+    """Gaps of -1, -8 and +9 examples of 2000 over three seeds: their mean is 0 (numpy's float sum
+    is -2.9e-19); the CSV holds +0.0 and the page prints +0.000, not -0.000."""
+    import numpy as np
+
+    gaps = [-0.0005, -0.004, 0.0045]
+    assert np.mean(gaps) < 0  # the float error the page must not show
+    frame = pd.DataFrame([{
+        "seed": s, "wavelet": "bior4.4", "layout": "filter", "percentile": 70.0, "recovery": "none",
+        "pruned_fraction": 0.7, "levels": "5", "seconds": 1.0, "base_top1": 0.9, "n_eval": 2000,
+        "dwt_top1": 0.5 + g, "magnitude_top1": 0.5, "random_top1": 0.1, "dwt_vs_magnitude_gap": g,
+        "dwt_vs_magnitude_low": g - 0.01, "dwt_vs_magnitude_high": g + 0.01,
+        "dwt_vs_random_gap": 0.4, "dwt_vs_random_low": 0.3, "dwt_vs_random_high": 0.5,
+    } for s, g in enumerate(gaps)])  # fmt: skip
+    row = results.over_seeds(frame).iloc[0]
+    assert row["dwt_vs_magnitude_gap"] == 0 and math.copysign(1, row["dwt_vs_magnitude_gap"]) == 1
+    facts = [{"seed": s, "date": "d", "machine": "m", "seconds": 1.0, "base_load_seconds": 1.0, "base_checksum": "a" * 64,
+              "base_top1": 0.9, "n_eval": 2000, "base_train_top1": 0.9} for s in range(3)]  # fmt: skip
+    grid = results.Grid(model="cnn", configs=(("bior4.4", "filter"),), fractions=(70,))
+    (line,) = [ln for ln in results.render_seeds(frame, facts, grid, "cmd").splitlines() if ln.startswith("| 70% | none |")]
+    assert "| +0.000 [" in line and "-0.000" not in line, line
+    assert results._fmt(-0.0) == "+0.000"
 
 
 _SEEDS_GRID = ["--model", "cnn", "--dataset", "digits", "--configs", "haar:filter", "--fractions", "50,90",

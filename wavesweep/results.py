@@ -310,6 +310,7 @@ def _fmt(x: float) -> str:
     """``x`` to 3 decimals, or to as many more as it takes for a number that is not 0 not to read
     as ±0.000: the verdict is the interval's sign, and a bound of +0.0001 (4 examples of 10,000)
     printed as [+0.000, +0.001] beside *better*, which the page's rule calls *equal*."""
+    x = x + 0.0  # -0.0 (a mean of gaps that cancel) reads as +0.000, not -0.000
     for decimals in range(3, 9):
         text = f"{x:+.{decimals}f}"
         if x == 0 or math.isnan(x) or float(text) != 0:
@@ -462,8 +463,8 @@ def over_seeds(frame: pd.DataFrame) -> pd.DataFrame:
             k = f"dwt_vs_{other}"
             gaps = part[f"{k}_gap"].to_numpy(float)
             agg = replicates.aggregate([{"gap": g} for g in gaps])
-            # gaps are multiples of 1/n_eval: a mean of ones that cancel is 0, not the sum's -2.3e-18 printed as such
-            row |= {f"{k}_gap": round(float(np.mean(gaps)), 12), f"{k}_low": agg.get("gap_ci_low", math.nan),
+            # gaps are multiples of 1/n_eval: a mean of ones that cancel is 0 (+0.0), not the sum's -2.3e-18 printed as such
+            row |= {f"{k}_gap": round(float(np.mean(gaps)), 12) + 0.0, f"{k}_low": agg.get("gap_ci_low", math.nan),
                     f"{k}_high": agg.get("gap_ci_high", math.nan)}  # fmt: skip
         row["verdict"] = verdict(row["dwt_vs_magnitude_low"], row["dwt_vs_magnitude_high"])
         row["seed_verdicts"] = seed_verdicts(
