@@ -117,7 +117,7 @@ import torch
 
 # the checkout this file is in, before any installed wavesweep (another checkout's editable install)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from wavesweep import accounting, evaluate, train, trial, tracking  # noqa: E402
+from wavesweep import accounting, evaluate, train, trial  # noqa: E402
 from wavesweep import pruning as P  # noqa: E402
 from wavesweep import wavelets as wv  # noqa: E402
 from wavesweep.config import TrialConfig  # noqa: E402
@@ -215,7 +215,9 @@ def bench_model_stats(repeats: int) -> None:
 
 
 def bench_upload(repeats: int) -> None:
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # here, not at the top: a GPU machine without MLflow runs the others
+
+    from wavesweep import tracking
 
     torch.manual_seed(0)
     sd = build_model("resnet18", num_classes=1000).state_dict()
@@ -449,51 +451,70 @@ def bench_finite_check(repeats: int) -> None:
               f"one foreach L1 norm {ms(new)} ({ops(lambda: check_finite_targets(layers))} operators)   {old / new:.1f}x")
 
 
+#: ``--devices``: where ``bench_channels_last`` measures (empty: the CPU, and CUDA where there is a GPU)
+DEVICES = ""
+
+
 def bench_channels_last(repeats: int) -> None:
-    """A CPU trial's conv models in channels-last format (``evaluate.compute_layout``) against
-    contiguous ones: one forward pass without gradients, in eval mode (evaluation, timing) and in
-    train mode (BatchNorm re-estimation), for the default trial's ResNet-18 on digits (8 px) and
-    the cnn on 28 px images (Fashion-MNIST's size), batches of 64 and 256 (random init; only the
-    memory format differs). Then the default trial itself (``trial.run_trial(TrialConfig())``:
-    ResNet-18 on digits, recovery bn), in-process, alternately contiguous and channels-last.
-    Oracle: ``tests/test_trial.py::test_a_channels_last_trial_gives_the_contiguous_trials_numbers``."""
+    """A trial's conv models in channels-last format (``evaluate.compute_layout``) against
+    contiguous ones, on the CPU and on CUDA where there is a GPU: one forward pass without
+    gradients, in eval mode (evaluation, timing) and in train mode (BatchNorm re-estimation),
+    for the default trial's ResNet-18 on digits (8 px), the cnn on 28 px images (Fashion-MNIST's
+    size), batches of 64 and 256, and (CUDA only) ResNet-18 on 224 px images, batch 64 (random
+    init; only the memory format differs). Then the default trial itself
+    (``trial.run_trial(TrialConfig(device=...))``: ResNet-18 on digits, recovery bn), in-process,
+    alternately contiguous and channels-last (``evaluate.CPU_CHANNELS_LAST``, on by default;
+    ``evaluate.CUDA_CHANNELS_LAST``, off until this measures it on a GPU).
+    Oracle: ``tests/test_trial.py::test_a_channels_last_trial_gives_the_contiguous_trials_numbers``
+    and its CUDA case."""
     import copy
 
-    print("conv models in channels-last format on the CPU (evaluate.compute_layout), one forward pass")
-    for name, size in (("resnet18", 8), ("cnn", 28)):
-        torch.manual_seed(0)
-        plain = build_model(name, num_classes=10, in_channels=1, image_size=size)
-        fast = copy.deepcopy(plain)
-        evaluate.compute_layout(fast, torch.device("cpu"))
-        for bs in (64, 256):
-            x = torch.randn(bs, 1, size, size)
-            for train_mode in (False, True):
-                plain.train(train_mode)
-                fast.train(train_mode)
-                with torch.no_grad():
-                    a = median_s(lambda: plain(x), repeats)
-                    b = median_s(lambda: fast(x), repeats)
-                print(f"  {name:8s} {size:2d} px, batch {bs:3d}, {'train' if train_mode else 'eval '} mode   "
-                      f"contiguous {ms(a)}   channels-last {ms(b)}   {a / b:.2f}x")
-    cfg = TrialConfig()
-    times: dict[bool, list[float]] = {False: [], True: []}
-    top1 = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with mock.patch.object(evaluate, "CPU_CHANNELS_LAST", False):  # the base model trained (or read) outside the clock
-            trial.run_trial(dataclasses.replace(cfg, timing_batches=0, recovery="none"), progress=False).release()
-        for _ in range(max(1, repeats // 3)):
-            for on in (False, True):
-                with mock.patch.object(evaluate, "CPU_CHANNELS_LAST", on):
-                    t0 = time.perf_counter()
-                    r = trial.run_trial(cfg, progress=False)
-                    times[on].append(time.perf_counter() - t0)
-                top1[on] = {m: round(o.eval.top1, 4) for m, o in r.outcomes.items()}
-                r.release()
-    a, b = statistics.median(times[False]), statistics.median(times[True])
-    print(f"  the default trial (ResNet-18 / digits, recovery bn), median of {len(times[True])}: "
-          f"contiguous {a:.2f} s   channels-last {b:.2f} s   {a / b:.2f}x")
-    print(f"  top-1 contiguous {top1[False]}; channels-last {top1[True]}")
+    devices = [torch.device(d) for d in DEVICES.split(",")] if DEVICES else \
+        [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for dev in devices:
+        switch = "CUDA_CHANNELS_LAST" if dev.type == "cuda" else "CPU_CHANNELS_LAST"
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        name_of = torch.cuda.get_device_name() if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
+        print(f"conv models in channels-last format on {dev.type} ({name_of}; evaluate.compute_layout), one forward pass")
+        shapes = [("resnet18", 8, (64, 256)), ("cnn", 28, (64, 256))] + ([("resnet18", 224, (64,))] if dev.type == "cuda" else [])
+        for name, size, batches in shapes:
+            torch.manual_seed(0)
+            plain = build_model(name, num_classes=10, in_channels=1, image_size=size).to(dev)
+            fast = copy.deepcopy(plain).to(memory_format=torch.channels_last)  # what compute_layout does
+            for bs in batches:
+                x = torch.randn(bs, 1, size, size, device=dev)
+                for train_mode in (False, True):
+                    plain.train(train_mode)
+                    fast.train(train_mode)
+
+                    def run(model):
+                        model(x)
+                        sync()
+
+                    with torch.no_grad():
+                        a = median_s(lambda: run(plain), repeats)
+                        b = median_s(lambda: run(fast), repeats)
+                    print(f"  {name:8s} {size:3d} px, batch {bs:3d}, {'train' if train_mode else 'eval '} mode   "
+                          f"contiguous {ms(a)}   channels-last {ms(b)}   {a / b:.2f}x")
+        cfg = TrialConfig(device=dev.type)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        top1 = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mock.patch.object(evaluate, switch, False):  # the base model trained (or read) outside the clock
+                trial.run_trial(dataclasses.replace(cfg, timing_batches=0, recovery="none"), progress=False).release()
+            for _ in range(max(1, repeats // 3)):
+                for on in (False, True):
+                    with mock.patch.object(evaluate, switch, on):
+                        t0 = time.perf_counter()
+                        r = trial.run_trial(cfg, progress=False)
+                        times[on].append(time.perf_counter() - t0)
+                    top1[on] = {m: round(o.eval.top1, 4) for m, o in r.outcomes.items()}
+                    r.release()
+        a, b = statistics.median(times[False]), statistics.median(times[True])
+        print(f"  the default trial on {dev.type} (ResNet-18 / digits, recovery bn), median of {len(times[True])}: "
+              f"contiguous {a:.2f} s   channels-last {b:.2f} s   {a / b:.2f}x")
+        print(f"  top-1 contiguous {top1[False]}; channels-last {top1[True]}")
 
 
 def main() -> None:
@@ -501,7 +522,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="run one benchmark, e.g. train_scan (the bench_<name> functions)")
+    ap.add_argument("--devices", default="", help="comma-separated devices for channels_last (default: cpu, and cuda when present)")
     args = ap.parse_args()
+    global DEVICES
+    DEVICES = args.devices
     torch.set_num_threads(args.threads)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its store-creation notes
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")

@@ -3,7 +3,7 @@
 # each step under its own time limit, every log in $OUT/steps.log (or bench/out/gpu when $OUT is unset).
 #
 #   bash bench/gpu_checks.sh [STEP ...]      # default: tests eval trial recovery pruning train
-#   steps: tests eval trial recovery filedata pruning train profile results
+#   steps: tests eval trial recovery filedata layout pruning train profile results
 #
 # The GPU machine has torch but not PyWavelets (nor MLflow/Optuna, which none of these steps
 # need): prepare once per session, here, in the repository root (nothing of it is committed):
@@ -76,6 +76,8 @@ for s in "${STEPS[@]}"; do
     filedata)  # issues 10/11: BatchNorm re-estimation on an imagefolder of 224 px JPEGs, 50 x 64, decoded in the
       # main process (before) against the decoding workers (now)
       step filedata 90 $PY bench/bench_recovery.py --file-only --device "$DEVICE" --repeats 2 ;;
+    layout)  # channels-last on CUDA (evaluate.CUDA_CHANNELS_LAST, off until measured): forward passes and the default trial
+      step layout 90 $PY bench/bench_speedups.py --only channels_last --devices "$DEVICE" --repeats 5 ;;
     pruning)  # issue 11: dwt on resnet50 / vit_b_16 on CUDA vs torch's l1_unstructured (CPU figures: here)
       step pruning 90 $PY bench/bench_pruning.py --only-big --big-repeats 3 --big-devices "$DEVICE" ;;
     train)  # issue 11: ResNet-18 Fashion-MNIST training throughput, amp/channels-last/graphs off vs auto, >= 3x the recipe

@@ -502,10 +502,15 @@ def test_compute_layout_makes_conv_models_channels_last_on_a_cpu_only(monkeypatc
     mlp = build_model("mlp", num_classes=10, in_channels=1, image_size=8)
     assert evaluate.compute_layout(mlp, torch.device("cpu")) == "contiguous"
     other = build_model("cnn", num_classes=10, in_channels=1, image_size=8)
-    assert evaluate.compute_layout(other, torch.device("cuda")) == "contiguous"  # not moved, not changed
+    assert evaluate.compute_layout(other, torch.device("cuda")) == "contiguous"  # off by default there: not moved, not changed
+    assert evaluate.compute_layout(other, torch.device("meta")) == "contiguous"  # any other device: as it comes
     monkeypatch.setattr(evaluate, "CPU_CHANNELS_LAST", False)
     assert evaluate.compute_layout(other, torch.device("cpu")) == "contiguous"
     assert all(p.is_contiguous() for p in other.parameters())
+    monkeypatch.setattr(evaluate, "CUDA_CHANNELS_LAST", True)  # the switch of the device asked, not the CPU's
+    assert evaluate.compute_layout(other, torch.device("cpu")) == "contiguous"
+    assert evaluate.compute_layout(other, torch.device("cuda")) == "channels_last"  # values and device unchanged
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in other.parameters() if p.dim() == 4)
 
 
 @pytest.mark.parametrize("rec", ["bn", "finetune"])
@@ -514,12 +519,25 @@ def test_a_channels_last_trial_gives_the_contiguous_trials_numbers(base_and_set,
     trial with every model contiguous. The prunings are the same bit for bit (masks, kept
     coefficients, stored bytes); every model's predictions are the same and its metrics equal to
     float rounding (the convolutions add in another order); the base evaluation is cached per format."""
+    _channels_last_against_contiguous(base_and_set, monkeypatch, rec, "cpu", "CPU_CHANNELS_LAST")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rec", ["bn", "finetune"])
+def test_a_channels_last_cuda_trial_gives_the_contiguous_trials_numbers(base_and_set, monkeypatch, rec):
+    """The same oracle on a CUDA device, for ``evaluate.CUDA_CHANNELS_LAST`` (off by default until
+    a GPU run measures it)."""
+    _channels_last_against_contiguous(base_and_set, monkeypatch, rec, "cuda", "CUDA_CHANNELS_LAST")
+
+
+def _channels_last_against_contiguous(base_and_set, monkeypatch, rec: str, device: str, switch: str) -> None:
     base, cfg, _ = base_and_set
-    cfg = dataclasses.replace(cfg, recovery=rec, recovery_batches=3, finetune_steps=3, timing_batches=1, level=2, wavelet="db2")
-    monkeypatch.setattr(evaluate, "CPU_CHANNELS_LAST", False)
+    cfg = dataclasses.replace(cfg, recovery=rec, recovery_batches=3, finetune_steps=3, timing_batches=1, level=2,
+                              wavelet="db2", device=device)  # fmt: skip
+    monkeypatch.setattr(evaluate, switch, False)
     want = trial.run_trial(cfg, base=base)
     assert want.eval_info["memory_format"] == "contiguous"
-    monkeypatch.setattr(evaluate, "CPU_CHANNELS_LAST", True)
+    monkeypatch.setattr(evaluate, switch, True)
     got = trial.run_trial(cfg, base=base)
     assert got.eval_info["memory_format"] == "channels_last"
     assert next(p for p in got.outcomes["dwt"].prune.model.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)

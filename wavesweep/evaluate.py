@@ -35,15 +35,21 @@ _DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
 #: are the same; the logits differ from a contiguous model's by float
 #: rounding (about 1e-6). Off (False): every model as it comes.
 CPU_CHANNELS_LAST = True
+#: The same on a CUDA device: off until measured on a GPU (``bench/bench_speedups.py --only
+#: channels_last`` times it on every device it finds, ``bench/gpu_checks.sh layout`` on a GPU
+#: machine). A trial run with it on gives the contiguous trial's prunings and predictions
+#: (``tests/test_trial.py``, its CUDA case).
+CUDA_CHANNELS_LAST = False
 
 
 def compute_layout(model: nn.Module, device: torch.device) -> str:
     """Put ``model`` in the memory format a trial computes it in on ``device``, in place (its
     values unchanged), and return that format's name: ``"channels_last"`` for a model with a 4-D
-    parameter (a convolution) on a CPU while :data:`CPU_CHANNELS_LAST` is on, else
-    ``"contiguous"`` (the model as it is: CUDA models are left to their own format). Every copy
+    parameter (a convolution) on a CPU while :data:`CPU_CHANNELS_LAST` is on (on a CUDA device
+    while :data:`CUDA_CHANNELS_LAST` is), else ``"contiguous"`` (the model as it is). Every copy
     of the model (the pruned ones) inherits it, so the base and the three methods compute alike."""
-    if not (CPU_CHANNELS_LAST and device.type == "cpu" and any(p.dim() == 4 for p in model.parameters())):
+    on = {"cpu": CPU_CHANNELS_LAST, "cuda": CUDA_CHANNELS_LAST}.get(device.type, False)
+    if not (on and any(p.dim() == 4 for p in model.parameters())):
         return "contiguous"
     model.to(memory_format=torch.channels_last)
     return "channels_last"
