@@ -327,7 +327,10 @@ def reconstruct(flat: np.ndarray, structure: CoeffStructure) -> np.ndarray:
 
 
 def percentile_threshold(abs_coeffs: np.ndarray, percentile: float) -> float:
-    """``numpy.percentile(abs_coeffs, percentile)`` (method 'linear'), bit for bit; 0.0 if empty.
+    """``numpy.percentile(abs_coeffs, float(percentile))`` (method 'linear'), bit for bit; 0.0 if
+    empty. The percentile is taken as a Python number (:func:`validate_percentile`), so a NumPy
+    float64 scalar is weak here as a Python float is, where ``np.percentile`` would keep its
+    float64 (a float64 threshold for float32 coefficients).
 
     ``np.percentile`` partitions around four positions (min, max and the two neighbours of
     the virtual index), about 6x slower than one ``np.partition`` on a 2M-entry layer. Here:
