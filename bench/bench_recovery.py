@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))  # the checkout under test, installed or not
 
 import torch  # noqa: E402
 
-from wavesweep import pruning, recovery, train, trial  # noqa: E402
+from wavesweep import evaluate, pruning, recovery, train, trial  # noqa: E402
 from wavesweep.config import TrialConfig  # noqa: E402
 from wavesweep.data import load_dataset  # noqa: E402
 
@@ -240,6 +240,8 @@ def bench_grouped_bn(device: str, repeats: int, groups: list[int]) -> None:
 def bench_finetune_speed(device: str, steps: int, repeats: int, model: str, layout: str) -> None:
     dev = torch.device(device)
     base = train.get_base_model(model, "digits", seed=0, device=device, progress=False)
+    base.model.to(dev)
+    layout_name = evaluate.compute_layout(base.model, dev)  # the memory format a trial computes in there
     bundle = load_dataset("digits", seed=0)
     settings = recovery.RecoverySettings("finetune", steps=steps, batch_size=64)
     # on the device, as a trial's fine-tuning gets them (recovery.recover): from pageable host
@@ -260,7 +262,7 @@ def bench_finetune_speed(device: str, steps: int, repeats: int, model: str, layo
             _sync(dev)
             speeds[name].append(steps / (time.perf_counter() - t0))
     d, m = statistics.median(speeds["dwt"]), statistics.median(speeds["magnitude"])
-    print(f"  fine-tuning {model} on digits, {steps} steps of 64, AdamW, layout {layout}: "
+    print(f"  fine-tuning {model} on digits ({layout_name}), {steps} steps of 64, AdamW, layout {layout}: "
           f"dwt (wavelet domain) {d:.2f} steps/s [{min(speeds['dwt']):.2f}-{max(speeds['dwt']):.2f}], "
           f"magnitude (masked) {m:.2f} steps/s [{min(speeds['magnitude']):.2f}-{max(speeds['magnitude']):.2f}]: "
           f"dwt at {d / m:.2f}x of magnitude's speed (target >= 0.5x: {_verdict(d / m >= 0.5)})")  # fmt: skip

@@ -480,14 +480,19 @@ class WaveletWeight(nn.Module):
 
     ``dtype``: the weight's (None: the coefficients'). The coefficients keep the dtype the
     transform ran in (float32 for a float16 or bfloat16 weight), ``W`` is cast to the weight's,
-    so the layer computes in its model's dtype and keeps it after fine-tuning."""
+    so the layer computes in its model's dtype and keeps it after fine-tuning. ``stride``: the
+    weight's (None: the transform's own, contiguous): ``W`` is laid out as the weight was, so a
+    model in channels-last format (:func:`~wavesweep.evaluate.compute_layout`) keeps it in its dwt
+    layers, during fine-tuning and after, as its magnitude and random copies do in theirs."""
 
-    def __init__(self, keep: torch.Tensor, structure, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, keep: torch.Tensor, structure, dtype: torch.dtype | None = None,
+                 stride: tuple[int, ...] | None = None) -> None:  # fmt: skip
         from wavesweep import filterbank, wavelets_torch
 
         super().__init__()
         self.structure = structure
         self.dtype = dtype
+        self.stride = None if stride is None else tuple(stride)
         if wavelets_torch.uses_dense(structure, keep.device):
             self.order = "rows"
         elif structure.level > 0 and filterbank.synthesis_backend(keep.device) == "gemm":
@@ -529,7 +534,16 @@ class WaveletWeight(nn.Module):
             w = dense.reconstruct(coeffs, self.structure, keep=s, rows=True)
         else:
             w = wavelets_torch.reconstruct(coeffs, self.structure, keep=s, positions_major=self.positions_major)
-        return w.to(self.dtype or coeffs.dtype)
+        w = w.to(self.dtype or coeffs.dtype)
+        if self.stride is not None and w.stride() != self.stride:  # the weight's layout (one copy, differentiable)
+            w = torch.empty_strided(w.shape, self.stride, dtype=w.dtype, device=w.device).copy_(w)
+        return w
+
+
+def _dense_stride(w: torch.Tensor) -> tuple[int, ...] | None:
+    """``w``'s stride where ``w`` is dense in a memory format (contiguous, channels-last), else None."""
+    formats = [torch.contiguous_format] + {4: [torch.channels_last], 5: [torch.channels_last_3d]}.get(w.dim(), [])
+    return w.stride() if any(w.is_contiguous(memory_format=f) for f in formats) else None
 
 
 def _modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
@@ -605,7 +619,7 @@ def finetune(
             keep, coeffs = lp.tensor("keep", dev), lp.tensor("coeffs", dev)
             order = list(m._parameters)  # removing the parametrisation re-adds weight last: keep the order
             holders = [(mod, name, list(mod._parameters)) for mod, name in _holders(model, m.weight, m)]
-            ww = WaveletWeight(keep, lp.structure, dtype=m.weight.dtype)
+            ww = WaveletWeight(keep, lp.structure, dtype=m.weight.dtype, stride=_dense_stride(m.weight))
             parametrize.register_parametrization(m, "weight", ww, unsafe=True)
             orig = m.parametrizations.weight.original
             with torch.no_grad():
