@@ -240,6 +240,42 @@ def test_grouped_reestimation_of_a_float16_model_sums_in_float32():
                                    msg=f"group {group}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [None, 1, 10])
+def test_a_half_precision_models_statistics_are_averaged_in_float32(dtype, group):
+    """50 batches through a bfloat16/float16 model, one pass per batch (the CPU's default): PyTorch's
+    own update rounds the running average to the layer's dtype after every batch, and a bfloat16
+    running variance ended 3.5 % from the average of the batches' variances, 11x the 0.31 % of
+    that average rounded to bfloat16 (float16: 0.096 % against 0.045 %). The oracle: the float64
+    average of each batch's mean and unbiased variance (forward hooks), which every group size now
+    gives to within twice the rounding of the oracle itself."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [((torch.randn(64, 1, 8, 8, generator=g) * 2 + 0.5).to(dtype), None) for _ in range(50)]
+    model = copy.deepcopy(net).to(dtype)
+    seen: dict[int, list] = {0: [], 1: []}
+    oracle_net = copy.deepcopy(model)
+    bns = [oracle_net[1], oracle_net[4]]
+    hooks = [bn.register_forward_hook(lambda m, a, o, i=i: seen[i].append(
+        (a[0].double().mean((0, 2, 3)), a[0].double().var((0, 2, 3), unbiased=True)))) for i, bn in enumerate(bns)]  # fmt: skip
+    for bn in bns:
+        bn.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            oracle_net(x)
+    for h in hooks:
+        h.remove()
+    want = [(torch.stack([s[0] for s in seen[i]]).mean(0), torch.stack([s[1] for s in seen[i]]).mean(0)) for i in (0, 1)]
+    best = max(float(((v.to(dtype).double() - v).abs() / v).max()) for _, v in want)  # the oracle in the layer's dtype
+    assert recovery.reestimate_bn(model, iter(batches), group=group) == (2, 50)
+    for bn, (mean, var) in zip((model[1], model[4]), want):
+        assert bn.running_var.dtype == dtype and int(bn.num_batches_tracked) == 50
+        err_var = float(((bn.running_var.double() - var).abs() / var).max())
+        err_mean = float(((bn.running_mean.double() - mean).abs() / var.sqrt()).max())
+        assert err_var <= 2 * best and err_mean <= 2 * best, (group, err_var, err_mean, best)
+
+
 def test_bn_group_default_and_bad_group(train_set):
     assert not recovery.groups_by_default("cpu") and recovery.groups_by_default(torch.device("cuda"))
     mib = 1 << 20
