@@ -647,6 +647,28 @@ def test_command_line_spec_values_have_the_spec_files_bounds(workdir, capsys, ar
 
 def test_an_error_line_is_capped():
     assert len(failures.one_line(ValueError("x" * 100_000))) < failures.MAX_ERROR_CHARS + 50
+    assert len(failures.error_text(ValueError("x" * 100_000))) < failures.MAX_ERROR_CHARS + 70
+
+
+def test_the_error_recorded_for_a_worker_error_is_the_workers_own():
+    """``error_text`` (a run's ``error`` tag, a trial's ``error`` attribute): an error torch
+    re-raised from a DataLoader worker (its own ``ExceptionWrapper``, as a worker raises it) is the
+    worker's error, not "Caught ..." and the worker's traceback; any other message is kept whole
+    (several lines included), typed, credentials redacted."""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        raise ValueError("image 'a.png' cannot be read (OSError: image file is truncated); remove or replace it")
+    except ValueError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(ValueError) as caught:
+        wrapped.reraise()
+    assert "Traceback" in str(caught.value)  # what torch gives
+    want = "ValueError: image 'a.png' cannot be read (OSError: image file is truncated); remove or replace it"
+    assert failures.error_text(caught.value) == want
+    assert failures.error_text(RuntimeError("shape mismatch:\n  expected 3, got 4")) == "RuntimeError: shape mismatch:\n  expected 3, got 4"
+    assert failures.error_text(KeyError()) == "KeyError"
+    assert "hunter2" not in failures.error_text(ValueError("cannot reach postgresql://u:hunter2@db/x"))
 
 
 @pytest.mark.parametrize("argv", [["trial", "--report-dir", "x"], ["trial", "--dst", "x"], ["models", "--name", "x"]])

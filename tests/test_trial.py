@@ -234,6 +234,31 @@ def _tiny_imagefolder_trial(tmp_path, monkeypatch, **cfg) -> tuple[train.BaseMod
                              device="cpu", batch_size=2, **cfg)  # fmt: skip
 
 
+def test_an_unreadable_image_read_by_a_worker_is_one_line_in_the_runs_error_tag(tmp_path, monkeypatch, workdir, capsys):
+    """A truncated image in the evaluated split, decoded by a DataLoader worker: stderr had the
+    image's one line, but the FAILED run's ``error`` tag held torch's "Caught ValueError in
+    DataLoader worker process 0." and the worker's traceback. Both now say the same one line.
+    Oracle: the MLflow client's view of the run."""
+    from mlflow.tracking import MlflowClient
+
+    from wavesweep import cli
+
+    base, cfg = _tiny_imagefolder_trial(tmp_path, monkeypatch, recovery="none")
+    bad = tmp_path / "val" / "b" / "1.png"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    torch.save(base.model.state_dict(), base.path)
+    monkeypatch.setattr(trial.data, "default_num_workers", lambda: 2)
+    rc = cli.main(["trial", "-q", "--model", "cnn", "--dataset", "imagefolder", "--data-root", str(tmp_path),
+                   "--weights", str(base.path), "--timing-batches", "0", "--recovery", "none", "--device", "cpu",
+                   "--batch-size", "2", "--experiment", "bad-image"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and f"image {str(bad)!r} cannot be read (" in err[-1], err
+    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("bad-image").experiment_id])
+    tag = run.data.tags["error"]
+    assert run.info.status == "FAILED" and "\n" not in tag and "DataLoader worker" not in tag, tag
+    assert tag == "ValueError: " + err[-1].split("error: ", 1)[1], (tag, err[-1])
+
+
 @pytest.mark.parametrize("stop", ["pruned", "failed"])
 def test_a_trial_stopped_early_stops_its_evaluation_workers(stop, tmp_path, monkeypatch):
     """An image folder is decoded by persistent worker processes cached on the dataset. A trial that

@@ -70,6 +70,24 @@ def one_line(exc: BaseException) -> str:
     return redact(msg)
 
 
+def error_text(exc: BaseException) -> str:
+    """``"Type: message"``: what a run's ``error`` tag and a failed trial's ``error`` attribute
+    hold. The message as raised (capped at :data:`MAX_ERROR_CHARS`, credentials redacted), except
+    an error torch re-raised from a DataLoader worker, which is the worker's own error (its last
+    line, as :func:`one_line` prints it), not "Caught X in DataLoader worker 0" and the worker's
+    traceback."""
+    from wavesweep.redact import redact
+
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    if _WORKER.match(text.splitlines()[0]):
+        return f"{type(exc).__name__}: {one_line(exc)}"
+    if len(text) > MAX_ERROR_CHARS:
+        text = f"{text[:MAX_ERROR_CHARS]}... ({len(text) - MAX_ERROR_CHARS} more characters)"
+    return redact(f"{type(exc).__name__}: {text}")
+
+
 def environment_error(exc: BaseException) -> str | None:
     """A failure outside wavesweep that is fixed on the machine, not in the code: a full disk, a
     read-only file system, a database server that cannot be reached or refuses. Its one line, or None; the exception's

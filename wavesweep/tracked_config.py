@@ -47,6 +47,7 @@ import pandas as pd
 
 from wavesweep import evaluate, interrupt, replicates, schema, tracking
 from wavesweep.config import TrialConfig
+from wavesweep.failures import error_text
 from wavesweep.tracked_trial import run_tracked_trial
 from wavesweep.trial import N_CHUNKS, Reporter, TrialResult
 
@@ -331,7 +332,7 @@ def run_tracked_configuration(
             tracking.close_quietly(lambda: tracking.close_run(client, run_id, "KILLED", error=error), "the configuration's runs")
         raise
     except BaseException as exc:
-        error = f"{where}: {type(exc).__name__}: {exc}"
+        error = f"{where}: {error_text(exc)}"
         with interrupt.ignored():
             tracking.close_quietly(lambda: tracking.close_run(client, run_id, "FAILED", error=error), "the configuration's runs")
         raise

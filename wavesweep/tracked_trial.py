@@ -16,6 +16,7 @@ import torch
 
 from wavesweep import checkpoint, interrupt, model_registry, models, tracking, train
 from wavesweep.config import TrialConfig
+from wavesweep.failures import error_text
 from wavesweep.trial import Reporter, TrialResult, check_model_fits, load_eval_set, run_trial
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def run_tracked_trial(
             tracking.close_quietly(lambda: run.finish("KILLED", error=error), "the trial's runs")
         raise
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        error = error_text(exc)
         with interrupt.ignored():
             tracking.close_quietly(lambda: run.finish("FAILED", error=error), "the trial's runs")
         raise

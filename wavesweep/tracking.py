@@ -41,6 +41,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 import wavesweep
 from wavesweep import interrupt
 from wavesweep.config import TrialConfig
+from wavesweep.failures import error_text
 from wavesweep.fileio import file_lock
 from wavesweep.redact import redact
 from wavesweep.store import located, sqlite_file, tracking_uri
@@ -494,7 +495,7 @@ def _close_on(exc: BaseException, client: MlflowClient, run_id: str, where: str)
     """Close ``run_id`` (alone) for ``exc`` raised ``where`` it was being set up: KILLED for a stop,
     FAILED otherwise; best-effort, signals ignored meanwhile. The caller re-raises ``exc``."""
     status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-    error = f"{where}: {type(exc).__name__}: {exc}"
+    error = f"{where}: {error_text(exc)}"
     if isinstance(exc, KeyboardInterrupt):
         interrupt.caught(exc)  # the stop is handled from here: a repeat of it must not cut short what follows
     with interrupt.ignored():

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from wavesweep import interrupt, replicates, schema, tracking
 from wavesweep.config import TrialConfig
 from wavesweep.evaluate import Chunk
+from wavesweep.failures import error_text
 from wavesweep.study.spec import StudySpec
 from wavesweep.tracked_config import ConfigurationOutcome, run_tracked_configuration
 from wavesweep.tracked_trial import run_tracked_trial
@@ -169,7 +170,7 @@ def objective(
         original = earlier_complete(trial, params)
     except Exception as exc:
         with contextlib.suppress(Exception):
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+            trial.set_user_attr("error", error_text(exc))
         raise
     tags = {"optuna.trial_number": str(trial.number), "optuna.study": spec.name}
     if original is not None:
@@ -215,7 +216,7 @@ def objective(
         stopped = isinstance(exc, KeyboardInterrupt)  # Ctrl-C or SIGTERM: retried with these params next launch
         if stopped:
             interrupt.caught(exc)  # handled here (the frames it cut short let go of their database cursors)
-        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+        trial.set_user_attr("error", error_text(exc))
         if stopped:
             trial.set_user_attr("interrupted", True)
         tag_run("FAIL")
@@ -309,7 +310,7 @@ def _fail_trial(trial: optuna.Trial, exc: BaseException, stopped_as: str, client
     error and ``optuna.state=FAIL`` (a run closed FINISHED beside a FAIL trial would say it
     completed); ``close``: :func:`tracking.close_run`'s options. A stop is held meanwhile."""
     stopped = isinstance(exc, KeyboardInterrupt)
-    error = f"{stopped_as} ({interrupt.caught(exc)})" if stopped else f"{type(exc).__name__}: {exc}"
+    error = f"{stopped_as} ({interrupt.caught(exc)})" if stopped else error_text(exc)
     with interrupt.ignored() if stopped else contextlib.nullcontext():
         with contextlib.suppress(Exception):
             trial.set_user_attr("error", error[:2000])

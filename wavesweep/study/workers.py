@@ -38,7 +38,7 @@ import optuna
 from optuna.trial import TrialState
 
 from wavesweep import interrupt, tracking
-from wavesweep.failures import environment_error
+from wavesweep.failures import environment_error, error_text
 from wavesweep.fileio import file_lock
 from wavesweep.store import sqlite_file
 from wavesweep.study.frame import best_trial, study_metrics
@@ -580,7 +580,7 @@ def run_study(
         if not closed:
             with interrupt.ignored():
                 # the cause the CLI prints (Optuna wraps a full disk in "StorageInternalError: An exception ...")
-                error = environment_error(exc) or f"{type(exc).__name__}: {exc}"
+                error = environment_error(exc) or error_text(exc)
 
                 def close_failed() -> None:
                     try:
