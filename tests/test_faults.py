@@ -249,6 +249,8 @@ def test_dry_run_prints_the_resolved_spec_and_creates_nothing(workdir, capsys):
     (["--set", "sampler.name=nope"], "sampler (with --set sampler.name): unknown sampler 'nope'"),
     # the spec has no pruner key: no line of the file is named (it said tiny.yaml:1)
     (["--set", "pruner.name=nope"], "/tiny.yaml: pruner (with --set pruner.name): unknown pruner 'nope'"),
+    # pinning every searched parameter: the command line emptied the space, not the file (it named only the file's line)
+    (["--set", "percentile=30", "--set", "wavelet=haar"], "space (with --set percentile, wavelet): name at least one searched parameter"),
     (["--enqueue", "percentile=65"], "percentile=65 is not one of its choices [20, 40, 60, 80]"),
     (["--enqueue", "level=3"], "level: not a searched parameter"),
 ])  # fmt: skip

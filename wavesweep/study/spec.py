@@ -442,6 +442,8 @@ def apply_overrides(data: Any, sets: dict[str, Any], origins: dict[tuple[str, ..
             space = data.get("space")
             if isinstance(space, dict) and parts[0] in space:
                 data["space"] = {k: v for k, v in space.items() if k != parts[0]}
+                if origins is not None:  # an error about the space it left (none searched) names this --set
+                    origins[("space", parts[0])] = key
             parts = [section, parts[0]]
         if parts[0] not in TOP_KEYS:
             raise ValueError(f"--set {key}=...: " + unknown_choice("spec key", parts[0], TOP_KEYS))
