@@ -650,6 +650,34 @@ def test_an_error_line_is_capped():
     assert len(failures.error_text(ValueError("x" * 100_000))) < failures.MAX_ERROR_CHARS + 70
 
 
+@pytest.mark.parametrize("flag, value", [("--data-root", "fm"), ("--weights", "w.pt")])
+def test_a_relative_path_not_found_under_mlflow_run_says_it_was_taken_from_the_project(workdir, capsys, monkeypatch,
+                                                                                      flag, value):  # fmt: skip
+    """``mlflow run`` runs the command in the project directory: ``-P data_root=fm`` given from
+    another directory was looked for there and not found, and the line did not say where it had
+    looked from. Under ``mlflow run`` (a launched run, an MLproject here) stderr's line now does;
+    elsewhere the line is as it was."""
+    from mlflow.tracking import MlflowClient
+
+    argv = ["trial", "--model", "cnn", "--dataset", "fashion-mnist", flag, value, "--timing-batches", "0"]
+    if flag == "--weights":
+        argv[argv.index("fashion-mnist")] = "digits"
+    assert cli.main(argv) == 2
+    plain = capsys.readouterr().err.strip()
+    assert "mlflow run" not in plain and len(plain.splitlines()) == 1, plain
+    (workdir / "MLproject").write_text("name: p\n")
+    client = MlflowClient()
+    launched = client.create_run(client.create_experiment("launched")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched)
+    assert cli.main(argv) == 2
+    err = _one_line_error(capsys, 2)
+    want = (f"({flag[2:].replace('-', '_')}={value}: under `mlflow run` a relative path is taken from the project "
+            f"directory {workdir}; give an absolute path)")  # fmt: skip
+    assert err.startswith(plain) and err.endswith(want), err
+    run = client.get_run(launched)  # closed by the trial itself, with the error (stderr's line adds the hint)
+    assert run.info.status == "FAILED" and plain.split("error: ", 1)[1] in run.data.tags["error"]
+
+
 def test_the_error_recorded_for_a_worker_error_is_the_workers_own():
     """``error_text`` (a run's ``error`` tag, a trial's ``error`` attribute): an error torch
     re-raised from a DataLoader worker (its own ``ExceptionWrapper``, as a worker raises it) is the

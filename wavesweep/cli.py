@@ -665,12 +665,23 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         if not (isinstance(exc, USAGE_ERRORS) or is_mlflow_error(exc)):
             tag_launched_run(launched_run_id, f"{type(exc).__name__}: {one_line(exc)}")
             raise
-        msg = one_line(exc)
+        msg = one_line(exc) + _relative_path_hint(exc, args, launched_run_id)
         print(f"wavesweep: error: {msg}", file=sys.stderr)
         tag_launched_run(launched_run_id, msg)
         return 2
     except KeyboardInterrupt as exc:  # a stop outside the block (as it was set up)
         return _interrupted(exc, launched_run_id, exiting)
+
+
+def _relative_path_hint(exc: Exception, args: argparse.Namespace, launched_run_id: str | None) -> str:
+    """Where a file was not found under ``mlflow run`` and a path given was relative: that
+    ``mlflow run`` runs the command in the project directory, so ``-P data_root=data`` was taken
+    from there, not from where it was launched (the same value works with ``wavesweep trial``)."""
+    given = [f"{k}={v}" for k in ("data_root", "weights") if (v := getattr(args, k, None)) and not os.path.isabs(v)]
+    if not (launched_run_id and given and isinstance(exc, FileNotFoundError) and os.path.isfile("MLproject")):
+        return ""
+    return (f" ({', '.join(given)}: under `mlflow run` a relative path is taken from the project directory "
+            f"{os.getcwd()}; give an absolute path)")  # fmt: skip
 
 
 def _interrupted(exc: KeyboardInterrupt, launched_run_id: str | None, exiting: bool) -> int:
