@@ -665,6 +665,20 @@ def test_failed_trials_are_told_apart_retried_surplus_and_failed(tmp_path):
     assert frame["retried_by"].tolist()[:1] == [1] and frame["retried_by"].iloc[1:].isna().all()
     assert frame["surplus"].tolist() == [False, False, True, False]
 
+    # a retry interrupted in turn and retried again: 4 -> 5 -> 6. Optuna's callback names the chain's
+    # first trial (4) in failed_trial of both retries; the trial each replaced is its retry_history's last
+    for _ in range(2):
+        t = study.ask({"percentile": optuna.distributions.FloatDistribution(10, 90)})
+        t.set_user_attr("interrupted", True)
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+        storage.retry(study, study.trials[-1])
+    t = study.ask()
+    study.tell(t, 0.8)
+    assert [study.trials[n].system_attrs["failed_trial"] for n in (5, 6)] == [4, 4]  # what Optuna records
+    assert study.trials[6].system_attrs["retry_history"] == [4, 5]
+    chain = study_frame.trials_frame(study).set_index("number")["retried_by"]
+    assert (chain[4], chain[5]) == (5, 6) and np.isnan(chain[6])
+
     rows = make_frame(4).assign(state=["FAIL", "COMPLETE", "FAIL", "FAIL"], retried_by=[1, np.nan, np.nan, np.nan],
                                 surplus=[False, False, True, False])  # fmt: skip
     md = report.write_report(rows, tmp_path, study_name="s", objectives=[("top1", "maximize")], importances={})["summary_md"]

@@ -69,8 +69,12 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for t in sorted(trials, key=lambda t: t.number):
         if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs:
             ran.setdefault(_params_key(t), t.number)
-    # a FAIL trial queued again with its params (storage.retry: Optuna's retry callback) -> the retry
-    retried_by = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
+    # a FAIL trial queued again with its params (storage.retry: Optuna's retry callback) -> the retry.
+    # The trial it replaced is the last of its retry_history: failed_trial is the first of the chain
+    # (the callback copies the failed trial's system attributes over its own), so a retry interrupted
+    # in turn was counted as failed on its own and the first trial credited to the last retry
+    retried_by = {(t.system_attrs.get("retry_history") or [t.system_attrs["failed_trial"]])[-1]: t.number
+                  for t in trials if "failed_trial" in t.system_attrs}  # fmt: skip
     for t in trials:
         row: dict[str, Any] = {
             "number": t.number, "state": t.state.name,
