@@ -937,7 +937,7 @@ def test_a_stop_while_a_trial_run_records_its_parameters_closes_it(workdir, monk
         tracked_trial.run_tracked_trial(TrialConfig(model="cnn", eval_limit=40, timing_batches=0), experiment="edge")
     runs = mlflow_runs(workdir)
     assert [(r.data.tags["wavesweep.kind"], r.info.status) for r in runs] == [("trial", "KILLED")]
-    assert runs[0].data.tags["error"] == "while recording its parameters: KeyboardInterrupt: "
+    assert runs[0].data.tags["error"] == "while recording its parameters: KeyboardInterrupt"
 
 
 def _stub_tracked_work(monkeypatch, fail_at: int | None = None) -> None:
@@ -1829,4 +1829,4 @@ def test_a_stop_inside_create_run_closes_the_run_it_created(workdir, monkeypatch
     assert fired
     got = client.get_run(fired[0])
     where = "while recording a repeated configuration" if kind == "repeat" else "while it was created"
-    assert (got.info.status, got.data.tags["error"]) == ("KILLED", f"{where}: KeyboardInterrupt: ")
+    assert (got.info.status, got.data.tags["error"]) == ("KILLED", f"{where}: KeyboardInterrupt")

@@ -912,6 +912,32 @@ def _grid_seed_visiting_first(space: dict[str, list], first: set) -> int:
 
 
 @pytest.mark.slow
+def test_a_setting_a_later_launch_changes_is_tagged_on_the_study_run(workdir, caplog):
+    """A relaunch may change the pruner (or a sampler seed); MLflow params cannot change, so the
+    study run's param ``pruner`` kept the first launch's value beside a spec artifact that said
+    otherwise. The run now says what the latest launch ran with (tag ``latest_launch.pruner``),
+    set back when a launch returns to the first value, and nothing for launches that agree.
+    Oracle: the MLflow client's view of the reopened run."""
+    from wavesweep import tracking
+
+    client, exp = tracking.init_tracking()
+    first = {"study": "tiny", "sampler": "random", "pruner": "none", "sampler.seed": 3}
+    kw = dict(study_name="tiny", storage="sqlite:///optuna.db", spec_file=None, spec_text="")
+    run_id = tracking.start_study_run(client, exp, params=first, **kw)
+    assert not [k for k in client.get_run(run_id).data.tags if k.startswith("latest_launch.")]
+    seen = []
+    for pruner, seed in (("median", 3), ("median", 3), ("none", 4)):
+        caplog.clear()
+        again = tracking.start_study_run(client, exp, params=first | {"pruner": pruner, "sampler.seed": seed},
+                                         existing_run_id=run_id, **kw)  # fmt: skip
+        run = client.get_run(again)
+        assert again == run_id and run.data.params["pruner"] == "none" and run.data.params["sampler.seed"] == "3"
+        seen.append(({k: v for k, v in run.data.tags.items() if k.startswith("latest_launch.")},
+                     sum("its param" in r.getMessage() for r in caplog.records)))
+    assert seen == [({"latest_launch.pruner": "median"}, 1), ({"latest_launch.pruner": "median"}, 0),
+                    ({"latest_launch.pruner": "none", "latest_launch.sampler.seed": "4"}, 1)]  # back to the param: no warning
+
+
 def test_median_pruner_stops_hopeless_trials(workdir, tiny_weights):
     # Two sensible thresholds first (the pruner's startup trials), then three that destroy the model.
     space = {"percentile": [10, 20, 99.6, 99.8, 99.9]}

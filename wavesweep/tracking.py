@@ -737,6 +737,7 @@ def start_study_run(
         "study.spec_file": str(Path(spec_file).resolve()) if spec_file else "", "code_version": code_version(),
     }  # fmt: skip
     try:
+        tags |= _latest_launch_tags(client.get_run(run_id).data, params)
         log_batch(client, run_id, params=params, tags=tags)
         # The spec's text is an artifact (spec/NAME.yaml), not a tag: tags are table cells in the UI.
         if spec_text:
@@ -747,6 +748,25 @@ def start_study_run(
         _close_on(exc, client, run_id, "while opening the study run")
         raise
     return run_id
+
+
+#: tag prefix of a study run's settings that a later launch changed (``latest_launch.pruner``)
+LATEST_LAUNCH = "latest_launch."
+
+
+def _latest_launch_tags(data, params: dict[str, Any]) -> dict[str, str]:
+    """A reopened study run's params are its first launch's (MLflow params cannot change), but a
+    launch may change some settings (the pruner, a sampler seed): each one this launch runs with
+    differently, and each one an earlier launch tagged so, as tag ``latest_launch.NAME`` holding
+    this launch's value (logged once as a warning); nothing for a run whose params all agree."""
+    out = {}
+    for k, v in as_logged(params).items():
+        if (k in data.params and data.params[k] != v) or LATEST_LAUNCH + k in data.tags:
+            out[LATEST_LAUNCH + k] = v
+            if data.params.get(k) != v and data.tags.get(LATEST_LAUNCH + k) != v:
+                log.warning("study run: this launch runs with %s=%s; its param %s keeps the first launch's %s "
+                            "(tag %s%s holds the latest)", k, v, k, data.params.get(k), LATEST_LAUNCH, k)  # fmt: skip
+    return out
 
 
 def record_repeat(
