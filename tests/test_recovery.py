@@ -254,19 +254,7 @@ def test_a_half_precision_models_statistics_are_averaged_in_float32(dtype, group
     g = torch.Generator().manual_seed(0)
     batches = [((torch.randn(64, 1, 8, 8, generator=g) * 2 + 0.5).to(dtype), None) for _ in range(50)]
     model = copy.deepcopy(net).to(dtype)
-    seen: dict[int, list] = {0: [], 1: []}
-    oracle_net = copy.deepcopy(model)
-    bns = [oracle_net[1], oracle_net[4]]
-    hooks = [bn.register_forward_hook(lambda m, a, o, i=i: seen[i].append(
-        (a[0].double().mean((0, 2, 3)), a[0].double().var((0, 2, 3), unbiased=True)))) for i, bn in enumerate(bns)]  # fmt: skip
-    for bn in bns:
-        bn.train()
-    with torch.no_grad():
-        for x, _ in batches:
-            oracle_net(x)
-    for h in hooks:
-        h.remove()
-    want = [(torch.stack([s[0] for s in seen[i]]).mean(0), torch.stack([s[1] for s in seen[i]]).mean(0)) for i in (0, 1)]
+    want = _bn_oracle(model, batches)
     best = max(float(((v.to(dtype).double() - v).abs() / v).max()) for _, v in want)  # the oracle in the layer's dtype
     assert recovery.reestimate_bn(model, iter(batches), group=group) == (2, 50)
     for bn, (mean, var) in zip((model[1], model[4]), want):
