@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import nn
 import wavesweep.train as T
 from wavesweep.data import data_fingerprint, load_dataset, take
 from wavesweep.evaluate import evaluate
+from wavesweep.architectures import MLP
 from wavesweep.models import MODELS, RESNET18_IMAGENET_FILE, build_model
 from wavesweep.train import TrainConfig, default_train_config, get_base_model, train_model
 
@@ -47,6 +49,32 @@ def test_train_config_validation_and_digest():
     with pytest.raises(ValueError, match="epochs must be a positive int"):
         TrainConfig(epochs=0)
     assert TrainConfig().digest() == TrainConfig().digest() != TrainConfig(lr=1e-3).digest()
+
+
+@pytest.mark.parametrize("kwargs, line", [
+    (dict(epochs=True), "epochs must be an int, got True"),
+    (dict(batch_size=64.0), "batch_size must be an int, got 64.0"),
+    (dict(lr=float("inf")), "lr must be a finite number, got inf"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number, got nan"),
+    (dict(optimizer="sgd", schedule="cosine", momentum=float("nan")), "momentum must be a finite number, got nan"),
+    (dict(optimizer="sgd", schedule="constant", momentum=0.0), r"momentum must be in \(0, 1\) for optimizer 'sgd' \(Nesterov momentum\), got 0.0"),
+    (dict(optimizer="sgd", schedule="cosine", momentum=-0.5), r"momentum must be in \(0, 1\) .* got -0.5"),
+    (dict(label_smoothing="0.1"), "label_smoothing must be a finite number, got '0.1'"),
+])
+def test_a_config_training_could_not_run_is_refused_when_made(kwargs, line):
+    """Each was accepted, then failed only once training began, with torch's message about a
+    setting the user cannot set (SGD's Nesterov momentum of 0), or an lr blamed for a NaN momentum's
+    divergence, or recorded ``epochs: True`` in train_info."""
+    with pytest.raises(ValueError, match=line):
+        TrainConfig(**kwargs)
+
+
+def test_equal_configs_written_with_ints_or_floats_share_one_cache_key():
+    """``lr=1`` and ``lr=1.0`` train the same weights and compare equal; their JSON differed (1, 1.0),
+    so each trained a base model of its own."""
+    a, b = TrainConfig(lr=1, weight_decay=0, label_smoothing=0), TrainConfig(lr=1.0, weight_decay=0.0, label_smoothing=0.0)
+    assert a == b and a.digest() == b.digest() and isinstance(a.lr, float)
+    assert T.cache_path("mlp", "digits", 0, a) == T.cache_path("mlp", "digits", 0, b)
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
@@ -215,8 +243,21 @@ def test_a_base_model_file_loaded_again_in_the_process_is_not_hashed_again(monke
     assert g.checksum == hashlib.sha256(path.read_bytes()).hexdigest() != e.checksum
     assert torch.equal(g.model.fc.weight, cnn.fc.weight)
 
+    # rewritten in place with its modification time set back (cp -p, rsync -t, touch -d): same
+    # inode, size and mtime; only the change time tells it was written
+    st = os.stat(path)
+    with torch.no_grad():
+        cnn.fc.weight.mul_(3)
+    time.sleep(0.01)  # a change time the clock can tell apart
+    torch.save(cnn.state_dict(), path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(path).st_ino, os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    h = get_base_model("cnn", "digits", weights=path)
+    assert h.checksum == hashlib.sha256(path.read_bytes()).hexdigest() != g.checksum
+    assert torch.equal(h.model.fc.weight, cnn.fc.weight)
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "plain-state-dict", "another-seed"])
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "plain-state-dict", "another-seed", "another-config"])
 def test_a_damaged_cached_base_model_is_trained_again(monkeypatch, caplog, damage):
     """A cached base model that cannot be read is trained again, with a warning, into the same
     weights (CPU training is deterministic). It was a usage error (exit 2) on every later trial and
@@ -230,6 +271,11 @@ def test_a_damaged_cached_base_model_is_trained_again(monkeypatch, caplog, damag
         torch.save(a.model.state_dict(), a.path)
     elif damage == "another-seed":  # a whole, readable entry of another key copied over this one
         other = get_base_model("mlp", "digits", seed=1, train_config=FAST, device="cpu", progress=False)
+        a.path.write_bytes(other.path.read_bytes())
+    elif damage == "another-config":  # the same seed and data, trained with another lr (another key)
+        other = get_base_model("mlp", "digits", seed=0, train_config=dataclasses.replace(FAST, lr=1e-3), device="cpu",
+                               progress=False)
+        assert other.path != a.path
         a.path.write_bytes(other.path.read_bytes())
     else:
         a.path.write_bytes(whole[: len(whole) // 2] if damage == "truncated" else b"")
@@ -315,6 +361,20 @@ def test_checkpoint_weights_and_mismatch_errors(tmp_path):
         get_base_model("cnn", "digits", weights=tmp_path / "absent.pt")
     with pytest.raises(ValueError, match="MLflow URI"):
         get_base_model("cnn", "digits", weights="models:/base@champion")
+
+    # PyTorch's tutorial checkpoint ({"epoch", "model_state_dict", "optimizer_state_dict", "loss"}) holds one
+    general = tmp_path / "general.pt"
+    torch.save({"epoch": 3, "model_state_dict": cnn.state_dict(), "optimizer_state_dict": {}, "loss": 0.5}, general)
+    assert torch.equal(get_base_model("cnn", "digits", weights=general).model.fc.weight, cnn.fc.weight)
+    # what is not a state dict is named: the keys found, or the entry that is no tensor
+    torch.save({"epoch": 3, "weights": cnn.state_dict(), "loss": 0.5}, general)
+    with pytest.raises(ValueError, match=r"general.pt: not a state dict \(a mapping of parameter names to tensors\): "
+                                         r"it holds 'epoch', 'weights', 'loss', none of them a tensor; save the model's "
+                                         r"state_dict\(\) alone, or under the key 'state_dict', 'model' or 'model_state_dict'$"):
+        get_base_model("cnn", "digits", weights=general)
+    torch.save({**cnn.state_dict(), "step": 7}, general)
+    with pytest.raises(ValueError, match=r"entry 'step' is of type int; save"):
+        get_base_model("cnn", "digits", weights=general)
 
 
 def test_weights_trained_on_another_seeds_digits_split_are_said_to_overlap_the_test_split(tmp_path, caplog):
@@ -1187,7 +1247,7 @@ def test_a_stopped_training_on_image_files_resumes_into_the_same_weights(tmp_pat
     data.close_loaders(bundle.test)
 
 
-@pytest.mark.parametrize("other", ["key", "config", "unreadable"])
+@pytest.mark.parametrize("other", ["key", "config", "unreadable", "architecture"])
 def test_a_kept_state_of_another_training_is_set_aside(other, tmp_path, monkeypatch, caplog):
     """A state kept for another cache entry or config, or a damaged file, is not resumed from: the
     training starts afresh (the weights of one never stopped) and says why in one log line."""
@@ -1201,8 +1261,10 @@ def test_a_kept_state_of_another_training_is_set_aside(other, tmp_path, monkeypa
     monkeypatch.setattr(T, "RESUME_EVERY_SECONDS", 0.0)
     _stop_after_first_save(monkeypatch)
     torch.manual_seed(0)
+    # another MLP of the same class: a state of other shapes, which loading would refuse on every retry
+    stopped = MLP(10, 64, hidden=(16,)) if other == "architecture" else build_model("mlp", num_classes=10, in_channels=1, image_size=8)
     with pytest.raises(KeyboardInterrupt):
-        train_model(build_model("mlp", num_classes=10, in_channels=1, image_size=8), bundle,
+        train_model(stopped, bundle,
                     dataclasses.replace(FAST, lr=1e-3) if other == "config" else FAST,
                     device="cpu", progress=False, resume=kept_at, resume_key="other" if other == "key" else "k")
     if other == "unreadable":
@@ -1215,7 +1277,8 @@ def test_a_kept_state_of_another_training_is_set_aside(other, tmp_path, monkeypa
     assert info["resumed_at_epoch"] == 0 and _same_state(model, plain)
     lines = [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()]
     assert len(lines) == 1, caplog.text
-    assert {"key": "its key differ", "config": "its config differ", "unreadable": "cannot be read"}[other] in lines[0]
+    assert {"key": "it differs in: key)", "config": "it differs in: config)", "unreadable": "cannot be read",
+            "architecture": "it differs in: shapes)"}[other] in lines[0]
     assert not kept_at.exists()
 
 

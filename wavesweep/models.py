@@ -75,19 +75,32 @@ def check_num_classes(model: nn.Module, num_classes: int, *, dataset: str) -> No
 
 def unwrap_state_dict(obj: Any, *, source: str) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint: a plain state dict, or a dict holding one
-    under ``state_dict``/``model`` (wavesweep's cache files store ``{"state_dict", "meta"}``);
-    a ``module.`` prefix (DataParallel) is removed."""
+    under ``state_dict``/``model``/``model_state_dict`` (wavesweep's cache files store
+    ``{"state_dict", "meta"}``; PyTorch's tutorial checkpoint ``{"epoch", "model_state_dict",
+    "optimizer_state_dict", ...}``); a ``module.`` prefix (DataParallel) is removed."""
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
+        for key in ("state_dict", "model", "model_state_dict"):
             if key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
                 break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{source}: not a state dict (a mapping of parameter names to tensors)")
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: not a state dict (a mapping of parameter names to tensors), but a {type(obj).__name__}")
+    if bad := [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]:
+        # name what is there: a training checkpoint ({"epoch", "model_state_dict", ...}) is unwrapped by the user
+        holds = (f"entry {bad[0]!r} is of type {type(obj[bad[0]]).__name__}" if len(bad) < len(obj)
+                 else f"it holds {_listed(list(obj))}, none of them a tensor")
+        raise ValueError(f"{source}: not a state dict (a mapping of parameter names to tensors): {holds}; "
+                         "save the model's state_dict() alone, or under the key 'state_dict', 'model' or 'model_state_dict'")
     sd = dict(obj)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def _listed(keys: list, most: int = 6) -> str:
+    """``'a', 'b' and 3 more``: the first keys of a mapping, for an error line."""
+    shown = ", ".join(repr(k) for k in keys[:most])
+    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:

@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -72,7 +73,8 @@ RESUME_EVERY_SECONDS = 60.0
 @dataclass(frozen=True)
 class TrainConfig:
     """How a base model is trained. ``lr`` is the peak learning rate (onecycle) or the
-    initial one (cosine, constant). ``seed`` seeds weights init and data order; the
+    initial one (cosine, constant). ``optimizer``: ``adamw`` (PyTorch's AdamW) or ``sgd`` (SGD
+    with Nesterov momentum ``momentum``, in (0, 1)). ``seed`` seeds weights init and data order; the
     ``seed`` of :func:`get_base_model` replaces it (and also picks the data split).
 
     ``amp`` (auto, bf16, off) and ``channels_last`` (auto, on, off) are accelerator settings;
@@ -107,6 +109,16 @@ class TrainConfig:
     cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
+        # ints and bools first: True is an int to Python, and 1 and 1.0 must be one config (one cache key)
+        for name in ("epochs", "batch_size", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        for name in ("lr", "weight_decay", "momentum", "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))  # lr=1 and lr=1.0 train the same weights: one key
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("amp", self.amp, AMPS)
@@ -114,9 +126,9 @@ class TrainConfig:
         check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS)
         if self.cuda_graphs == "on" and self.optimizer != "adamw":
             raise ValueError(f"cuda_graphs='on' needs optimizer 'adamw' (its capturable form), got optimizer {self.optimizer!r}")
-        if not isinstance(self.epochs, int) or self.epochs < 1:
+        if self.epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
@@ -132,6 +144,8 @@ class TrainConfig:
             raise ValueError(f"momentum={self.momentum!r} is not used with schedule 'onecycle', which cycles SGD's "
                              f"momentum from 0.95 to 0.85 and back (OneCycleLR); valid: schedule 'cosine' or "
                              f"'constant', or momentum={MOMENTUM}")  # fmt: skip
+        if self.optimizer == "sgd" and not 0 < self.momentum < 1:  # Nesterov momentum (see _optimizer)
+            raise ValueError(f"momentum must be in (0, 1) for optimizer 'sgd' (Nesterov momentum), got {self.momentum!r}")
 
     def resolved(self, device: str | torch.device = "auto") -> TrainConfig:
         """This config with ``amp`` in (bf16, off) and ``channels_last`` in (on, off) as they
@@ -161,12 +175,19 @@ class TrainConfig:
         one, and only when they are not off: a float32, contiguous, eager config (every default
         config on CPU) hashes exactly as configs did before these fields existed, so cached base
         models and their recorded checksums stay valid."""
-        d = asdict(self.resolved(device))
-        for key in ("amp", "channels_last", "cuda_graphs"):
-            if d[key] == "off":
-                del d[key]
-        blob = json.dumps(d, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return config_digest(asdict(self.resolved(device)))
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """:meth:`TrainConfig.digest` of a resolved config as a dict (``asdict``, or the ``config`` a
+    cached model's ``train_info`` records: an accelerator setting it lacks, from before the
+    setting existed, was off)."""
+    d = dict(config)
+    for key in ("amp", "channels_last", "cuda_graphs"):
+        if d.get(key, "off") == "off":
+            d.pop(key, None)
+    blob = json.dumps(d, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def _device_type(device: str | torch.device) -> str:
@@ -468,8 +489,11 @@ def train_model(
         opt = _optimizer(model.parameters(), config)
         sched, feed = _scheduler(opt, config, steps), None
     kept_at = Path(resume) if resume is not None else None
+    # the model's class and its tensors' names and shapes: another architecture of the same class
+    # (an MLP of other widths) is another training, not a state to load
+    shapes = hashlib.sha256(json.dumps([(k, list(v.shape)) for k, v in model.state_dict().items()]).encode()).hexdigest()[:16]
     identity = {"key": str(resume_key), "config": asdict(config), "device": dev.type,
-                "model": type(model).__name__, "steps": steps}
+                "model": type(model).__name__, "shapes": shapes, "steps": steps}
     saved = _read_resume(kept_at, identity) if kept_at is not None else None
     start_epoch, done_seconds = 0, 0.0
     if saved is not None:
@@ -665,7 +689,7 @@ def _read_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
         if theirs == json.loads(json.dumps(identity, sort_keys=True)):
             return saved
         differ = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
-        why = f"it is the state of another training (its {', '.join(differ)} differ)"
+        why = f"it is the state of another training (it differs in: {', '.join(differ)})"
     log.warning("training state %s is not used, %s: training from the start", path, why)
     path.unlink(missing_ok=True)
     return None
@@ -793,6 +817,11 @@ def get_base_model(
             want = {"model_name": model_name, "dataset_name": dataset_name, "seed": seed, "data_fingerprint": fingerprint}
             if other := {k: meta[k] for k, v in want.items() if k in meta and meta[k] != v}:
                 raise ValueError(f"it holds a model of {other}, not of {({k: want[k] for k in other})}")
+            # nor is one of another training config (the key's digest): another lr's model copied over it
+            trained = (meta.get("train_info") or {}).get("config")
+            if isinstance(trained, dict) and config_digest(trained) != config.digest():
+                raise ValueError(f"it holds a model trained with config digest {config_digest(trained)}, "
+                                 f"not {config.digest()}")
             break
         except (ValueError, KeyError) as exc:  # KeyError: a readable file without wavesweep's metadata
             if damaged is not None:  # trained again just now and still unreadable: not the cache's fault
@@ -875,10 +904,11 @@ _CHECKSUMS_LOCK = threading.Lock()
 
 def _file_signature(path: Path) -> tuple:
     """What identifies a file's bytes here without reading them: its resolved path, device, inode,
-    size and modification time in ns. The cache is written by an atomic rename (a new inode), and
-    any write changes the modification time."""
+    size, and modification and status-change times in ns. The cache is written by an atomic rename
+    (a new inode); any write changes the modification time, and the change time, which (unlike the
+    modification time: ``touch -d``, ``cp -p``, ``rsync -t``) cannot be set back."""
     st = os.stat(path)
-    return (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def remembered_sha256(path: Path) -> str:
