@@ -532,6 +532,29 @@ def test_one_compression_ratio_is_not_drawn_zoomed_in_on_its_rounding(tmp_path, 
         assert ax.xaxis.get_offset_text().get_text() == "", (ax.get_title(), ax.xaxis.get_offset_text().get_text())
 
 
+def test_methods_of_equal_accuracy_are_drawn_side_by_side_not_on_top_of_each_other(tmp_path, monkeypatch):
+    """dwt and magnitude of the same top-1 at the same size (an effective-level-0 trial; often after
+    ``bn``): accuracy_vs_stored_mb offset them by a share of the trials' span alone, before the
+    dense model's line widened the axis; under a pixel apart there, magnitude's square hid dwt's
+    circle. Each figure's markers are at least half a marker apart on the axis as drawn."""
+    frame = make_frame(4).assign(state="COMPLETE", recovery=["none", "bn", "none", "bn"], dense_bytes=378560.0,
+                                 magnitude_top1=lambda f: f["top1"],
+                                 **{f"{m}stored_bytes": [205220.0, 205220.0, 131392.0, 131392.0] for m in ("", "magnitude_", "random_")})  # fmt: skip
+    figs = _capture(monkeypatch)
+    figures.plot_accuracy_vs_pruned_fraction(frame, tmp_path / "a.png")
+    figures.plot_accuracy_vs_stored_mb(frame, tmp_path / "b.png")
+    for fig in figs:
+        fig.canvas.draw()
+        for ax in (a for a in fig.axes if a.get_title()):
+            at = {}
+            for c in ax.containers:  # an errorbar per method, labelled with it
+                at[c.get_label()] = ax.transData.transform(c.lines[0].get_xydata())
+            assert {"dwt", "magnitude"} <= set(at), (ax.get_title(), list(at))
+            size_px = 6 * fig.dpi / 72  # the markers' size, 6 points
+            apart = np.hypot(*(at["dwt"] - at["magnitude"]).T)
+            assert (apart >= size_px / 2).all(), (ax.get_title(), apart, size_px)
+
+
 def test_dense_model_line_in_the_legend_is_drawn(tmp_path, monkeypatch):
     """accuracy_vs_stored_mb listed a 'dense model' line in its legend while the axis, zoomed in on
     the trials' stored sizes (0.13 to 0.21 MB of a 0.38 MB model), left it out of every panel."""

@@ -9,6 +9,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 from wavesweep import results
 
@@ -547,6 +548,38 @@ def test_seeds_gaps_that_cancel_read_as_plus_zero():
     (line,) = [ln for ln in results.render_seeds(frame, facts, grid, "cmd").splitlines() if ln.startswith("| 70% | none |")]
     assert "| +0.000 [" in line and "-0.000" not in line, line
     assert results._fmt(-0.0) == "+0.000"
+
+
+def test_seeds_methods_with_the_same_correct_answers_over_the_seeds_tie():
+    """dwt right on 1753, 1761, 1708 of 2000 examples over three seeds, magnitude on 1756, 1758,
+    1708: the same 5222 answers, but numpy's float means differ in their last bit (0.87033...33
+    and ...34). Both printed 0.8703 while the summary named magnitude the winner, not a tie."""
+    import numpy as np
+
+    dwt, mag = [1753, 1761, 1708], [1756, 1758, 1708]
+    assert np.mean(np.array(dwt) / 2000) != np.mean(np.array(mag) / 2000)  # the float error the page must not show
+    frame = pd.DataFrame([{
+        "seed": s, "wavelet": "bior4.4", "layout": "filter", "percentile": 70.0, "recovery": "bn",
+        "pruned_fraction": 0.7, "levels": "5", "seconds": 1.0, "base_top1": 0.9, "n_eval": 2000,
+        "dwt_top1": d / 2000, "magnitude_top1": m / 2000, "random_top1": 0.1, "dwt_vs_magnitude_gap": (d - m) / 2000,
+        "dwt_vs_magnitude_low": (d - m) / 2000 - 0.01, "dwt_vs_magnitude_high": (d - m) / 2000 + 0.01,
+        "dwt_vs_random_gap": 0.4, "dwt_vs_random_low": 0.3, "dwt_vs_random_high": 0.5,
+    } for s, (d, m) in enumerate(zip(dwt, mag))])  # fmt: skip
+    row = results.over_seeds(frame).iloc[0]
+    assert row["dwt_top1"] == row["magnitude_top1"] == pytest.approx(5222 / 6000, abs=1e-12)
+    facts = [{"seed": s, "date": "d", "machine": "m", "seconds": 1.0, "base_load_seconds": 1.0, "base_checksum": "a" * 64,
+              "base_top1": 0.9, "n_eval": 2000, "base_train_top1": 0.9} for s in range(3)]  # fmt: skip
+    grid = results.Grid(model="cnn", configs=(("bior4.4", "filter"),), fractions=(70,), recoveries=("bn",))
+    page = results.render_seeds(frame, facts, grid, "cmd")
+    (summary,) = [ln for ln in page.splitlines() if ln.startswith("| bn |")]
+    assert "| tie 1 |" in summary and "magnitude 1" not in summary and "dwt 1" not in summary, summary
+
+
+def test_the_machine_line_names_torchs_threads(monkeypatch):
+    """Two runs of one command on one CPU, with 1 and 2 torch threads, trained other base models
+    and gave other verdicts under the same line "CPU only (x86_64, 2 CPU cores)"."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert ", 3 torch threads)" in results._machine(torch.device("cpu"))
 
 
 _SEEDS_GRID = ["--model", "cnn", "--dataset", "digits", "--configs", "haar:filter", "--fractions", "50,90",

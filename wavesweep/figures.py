@@ -244,12 +244,16 @@ def plot_accuracy_vs_stored_mb(frame: pd.DataFrame, path: Path) -> Path:
         if d.empty:
             _empty(ax, "no complete trials")
             continue
-        span = max(float(d["stored_bytes"].max() - d["stored_bytes"].min()) / 1e6, 0.1 * float(d["stored_bytes"].max()) / 1e6)
-        _errorbars(ax, d, "stored_bytes", "top1", scale=1e-6, dodge=0.012 * span)
-        _at_least_span(ax, d["stored_bytes"] / 1e6, span)
+        mb = d["stored_bytes"] / 1e6
+        span = max(float(mb.max() - mb.min()), 0.1 * float(mb.max()))
+        dense = float(frame["dense_bytes"].dropna().iloc[0]) / 1e6 if "dense_bytes" in frame and frame["dense_bytes"].notna().any() else None
+        # the offsets are a share of the axis as drawn, the dense model's line included: of the
+        # trials' span alone they were under a pixel there, and magnitude's marker hid dwt's
+        shown = span if dense is None else max(span, max(float(mb.max()), dense) - min(float(mb.min()), dense))
+        _errorbars(ax, d, "stored_bytes", "top1", scale=1e-6, dodge=0.012 * shown)
+        _at_least_span(ax, mb, span)
         _reference_lines(ax, frame)
-        if "dense_bytes" in frame and frame["dense_bytes"].notna().any():
-            dense = float(frame["dense_bytes"].dropna().iloc[0]) / 1e6
+        if dense is not None:
             ax.axvline(dense, color="grey", ls="-.", lw=1, label="dense model")
             lo, hi = ax.get_xlim()  # the line the legend lists is inside the panel, not past a zoomed-in axis,
             pad = 0.03 * (max(hi, dense) - min(lo, dense))  # nor on its frame (a margin of the axis it ends up on)

@@ -286,7 +286,9 @@ def _trial_key_of(row: dict) -> tuple:
 
 
 def _machine(dev: torch.device) -> str:
-    cpu = f"{platform.machine()}, {os.cpu_count()} CPU cores"
+    # torch's threads: a CPU-trained base model's weights depend on them (the order of its sums),
+    # so two runs of one command on one machine can differ in their verdicts
+    cpu = f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
     if dev.type == "cuda":
         return f"{torch.cuda.get_device_name(dev)} (CUDA), {cpu}, torch {torch.__version__}"
     return f"CPU only ({cpu}), torch {torch.__version__}"
@@ -458,7 +460,9 @@ def over_seeds(frame: pd.DataFrame) -> pd.DataFrame:
         row |= {"n_seeds": len(part), "pruned_fraction": part["pruned_fraction"].mean(),
                 "levels": "/".join(sorted({v for lv in part["levels"] for v in str(lv).split("/")}, key=int))}
         for m in ("dwt", "magnitude", "random"):
-            row[f"{m}_top1"] = part[f"{m}_top1"].mean()
+            # a multiple of 1/(seeds x n_eval): two methods with the same correct answers in all split
+            # otherwise between the seeds are one mean (a tie), not two whose last bits differ
+            row[f"{m}_top1"] = round(float(part[f"{m}_top1"].mean()), 12)
         for other in ("magnitude", "random"):
             k = f"dwt_vs_{other}"
             gaps = part[f"{k}_gap"].to_numpy(float)
