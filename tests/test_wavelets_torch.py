@@ -667,6 +667,66 @@ def test_dwt_prune_tensors_refuses_what_cannot_stack():
         wt.dwt_prune_tensors([], layout="filter", **kw)
 
 
+def test_stacked_transforms_refuse_weights_and_rows_of_another_shape():
+    """With several weights, decompose_stacked reshaped any of as many elements (a (6, 6) weight
+    for a (4, 9) structure) and transformed it along the wrong rows; reconstruct_stacked's rows of
+    another width were torch's split_with_sizes error."""
+    st = wt.structure_of((4, 9), wavelet="haar", level=1, layout="filter", mode="periodization")
+    with pytest.raises(ValueError, match=r"weights stacked need the structure's shape \(4, 9\) and one dtype; got \(6, 6\)"):
+        wt.decompose_stacked([torch.ones(6, 6), torch.ones(6, 6)], st)
+    with pytest.raises(ValueError, match=r"got \(36,\) torch.float32 beside \(4, 9\)"):
+        wt.decompose_stacked([torch.ones(4, 9), torch.ones(36)], st)
+    with pytest.raises(ValueError, match=r"got \(4, 9\) torch.float64 beside \(4, 9\) torch.float32"):
+        wt.decompose_stacked([torch.ones(4, 9), torch.ones(4, 9, dtype=torch.float64)], st)
+    rows = wt.decompose_stacked([torch.ones(4, 9), torch.zeros(4, 9)], st)
+    with pytest.raises(ValueError, match=rf"expected coefficient rows \(L, {st.n_coeffs}\), got tensor of shape \(2, {st.n_coeffs + 1}\)"):
+        wt.reconstruct_stacked(torch.cat([rows, rows[:, :1]], dim=1), st)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_a_float64_threshold_is_compared_with_float32_coefficients_in_float64(kind):
+    """numpy compares float32 |c| with a float64 threshold in float64; torch's promotion rounded a
+    0-dim float64 threshold to float32 first (a 0-dim tensor has no say against a dimensioned
+    one), so a coefficient just below the threshold was kept. prune_dwt's global threshold over a
+    float32 and a float64 layer is such a threshold. Level 0: the coefficients are the weights."""
+    c = np.float32(0.75257474)
+    thr = float(c) + 2.0 ** -40  # above c in float64, c itself in float32
+    assert np.float32(thr) == c and float(c) < thr
+    w = np.array([[0.1, float(c), 0.9]], dtype=np.float32)
+    threshold = np.float64(thr) if kind == "numpy" else torch.tensor(thr, dtype=torch.float64)
+    _, _, keep_np, _ = wv.dwt_prune_array(w, wavelet="db4", level=0, layout="filter", threshold=np.float64(thr))
+    _, _, keep, _ = wt.dwt_prune_tensor(torch.from_numpy(w), wavelet="db4", level=0, layout="filter", threshold=threshold)
+    assert keep_np.tolist() == [False, False, True]
+    assert keep.tolist() == keep_np.tolist()
+    # a Python float is weak, as in numpy: compared in the coefficients' float32, where it is c
+    _, _, keep_weak, _ = wt.dwt_prune_tensor(torch.from_numpy(w), wavelet="db4", level=0, layout="filter", threshold=thr)
+    assert keep_weak.tolist() == wv.dwt_prune_array(w, wavelet="db4", level=0, layout="filter", threshold=thr)[2].tolist() == [False, True, True]
+
+
+def test_a_global_threshold_over_float32_and_float64_layers_gives_numpys_masks():
+    """prune_dwt(scope="global") over a float32 and a float64 layer: the torch backend kept the
+    float32 weight just below the float64 threshold that the numpy backend drops."""
+    from torch import nn
+
+    from wavesweep import pruning
+
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, bias=False), nn.Conv2d(1, 1, 3, bias=False).double())
+    m32 = np.float32(0.5)
+    m64 = float(m32) + 2.0 ** -40
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4, float(m32), 0.6, 0.7, 0.8, 0.9]).reshape(1, 1, 3, 3))
+        net[1].weight.copy_(torch.tensor([0.11, 0.21, 0.31, 0.41, m64, 0.61, 0.71, 0.81, 0.91], dtype=torch.float64).reshape(1, 1, 3, 3))
+    p = 100 * 9 / 17  # of the 18 magnitudes sorted, the threshold falls on m64 exactly
+    keeps = {}
+    for backend in ("numpy", "torch"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the 3x3 kernels' level clamped to 0
+            r = pruning.prune_dwt(net, wavelet="db4", level=1, percentile=p, layout="kernel", scope="global", backend=backend)
+        keeps[backend] = [np.asarray(lp.keep).astype(int).tolist() for lp in r.layers]
+    assert keeps["numpy"][0] == [0, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert keeps["torch"] == keeps["numpy"]
+
+
 @pytest.mark.parametrize("layout, shape", [("kernel", (0, 8, 3, 3)), ("filter", (0, 8, 3, 3)), ("kernel", (4, 0, 5, 5)),
                                            ("filter", (4, 0)), ("matrix", (0, 6))])  # fmt: skip
 def test_weights_without_elements_in_every_backend(backend, layout, shape):

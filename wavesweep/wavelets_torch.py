@@ -16,6 +16,10 @@ CUDA, ``taps`` on CPU) is :mod:`wavesweep.filterbank`; on CPU, :func:`reconstruc
 levels at once as strided batched GEMMs (:mod:`wavesweep.polyphase`, the ``gemm`` backend), with
 an optional keep mask fused in and the coefficients optionally stored positions-major
 (:func:`to_positions_major`): what fine-tuning runs every step.
+
+Autograd: first derivatives on every backend (what fine-tuning needs). The CPU defaults
+(``taps`` analysis, ``gemm`` synthesis) are ``once_differentiable``: a second derivative through
+them is an error; the ``conv`` and ``dense`` backends also give second derivatives.
 """
 
 from __future__ import annotations
@@ -329,16 +333,19 @@ def _threshold_tensor(threshold, like: torch.Tensor) -> torch.Tensor:
     """The threshold as the comparison operand numpy would use against ``like``'s dtype.
 
     A Python float is weak (compared in the coefficients' dtype, NEP 50); a numpy scalar or a
-    tensor keeps its own precision (compared in the promoted dtype).
+    tensor keeps its own precision (compared in the promoted dtype). The operand has at least one
+    dimension: torch's promotion gives a 0-dim tensor no say against a dimensioned one, so a 0-dim
+    float64 threshold was rounded to float32 coefficients' dtype before the comparison.
     """
     if isinstance(threshold, torch.Tensor):
-        return threshold.detach().to(device=like.device, dtype=torch.promote_types(threshold.dtype, like.dtype))
+        t = threshold.detach().to(device=like.device, dtype=torch.promote_types(threshold.dtype, like.dtype))
+        return t.reshape(1) if t.dim() == 0 else t
     dt = like.dtype
     if isinstance(threshold, np.generic):
         dt = torch.promote_types(torch.from_numpy(np.asarray(threshold)).dtype, like.dtype)
     # made on the host (a value beyond the dtype's range rounds to inf, as numpy's comparison
     # operand does; torch.full would raise), then copied without waiting for the device
-    return torch.tensor(float(threshold), dtype=dt).to(like.device, non_blocking=True)
+    return torch.tensor([float(threshold)], dtype=dt).to(like.device, non_blocking=True)
 
 
 def dwt_prune_tensor(
@@ -393,6 +400,10 @@ def decompose_stacked(ws: list[torch.Tensor], structure: wv.CoeffStructure) -> t
     consecutive blocks); a single weight is :func:`decompose` itself."""
     if len(ws) == 1:
         return decompose(ws[0], structure).reshape(1, -1)
+    for w in ws:  # each a weight of the structure's shape, all of one dtype: reshaped, another would be transformed along wrong rows
+        if tuple(w.shape) != tuple(structure.shape) or w.dtype != ws[0].dtype:
+            raise ValueError(f"weights stacked need the structure's shape {tuple(structure.shape)} and one dtype; "
+                             f"got {tuple(w.shape)} {w.dtype} beside {tuple(ws[0].shape)} {ws[0].dtype}")  # fmt: skip
     big = _stacked_structure(structure, len(ws))
     x = torch.cat([w.reshape(structure.shape) for w in ws])
     if big.level > 0 and uses_dense(big, x.device):  # one product and one gather for all of them
@@ -407,6 +418,8 @@ def reconstruct_stacked(rows: torch.Tensor, structure: wv.CoeffStructure) -> tor
     """Inverse of :func:`decompose_stacked`: ``(L, n)`` coefficient rows -> ``(L, *structure.shape)``."""
     if rows.shape[0] == 1:
         return reconstruct(rows[0], structure).unsqueeze(0)
+    if rows.dim() != 2 or rows.shape[1] != structure.n_coeffs:
+        raise ValueError(f"expected coefficient rows (L, {structure.n_coeffs}), got tensor of shape {tuple(rows.shape)}")
     big = _stacked_structure(structure, rows.shape[0])
     if big.level > 0 and uses_dense(big, rows.device):  # one gather and one product for all of them
         out_dtype = rows.dtype
