@@ -113,6 +113,32 @@ def test_register_leaves_the_source_run_unchanged(trial_run):
             else tags[key] == before.data.params[key], key
 
 
+def test_versions_of_models_that_recovered_otherwise_differ_in_their_tags(workdir, shared_cache):
+    """Two finetune trials of one configuration, fine-tuned at lr 1e-3 and 1e-2: their versions'
+    tags were equal but for top1 (finetune_lr, steps, optimizer, schedule, the recovery batches and
+    the base weights were not tags). Oracle: each source run's params."""
+    from wavesweep.tracked_trial import register_trial_model, run_tracked_trial
+
+    base = train.get_base_model("cnn", "digits", seed=0, cache_root=shared_cache, progress=False,
+                                train_config=train.TrainConfig(epochs=1, batch_size=64, lr=1e-2))  # fmt: skip
+    client = MlflowClient()
+    tags = []
+    for lr in (1e-3, 1e-2):
+        cfg = TrialConfig.from_mapping({"model": "cnn", "weights": str(base.path), "eval_limit": 60, "timing_batches": 0,
+                                        "recovery": "finetune", "finetune_steps": 2, "recovery_batches": 2,
+                                        "finetune_lr": lr, "percentile": 60})  # fmt: skip
+        _result, run_id = run_tracked_trial(cfg)
+        mv = register_trial_model(run_id, name="recovered")
+        tags.append(client.get_model_version("recovered", mv.version).tags)
+        params = client.get_run(run_id).data.params
+        keys = ("recovery_batches", "recovery_batch_size", "finetune_steps", "finetune_lr", "finetune_optimizer",
+                "finetune_schedule", "weights", "base_checksum")
+        for key in keys:
+            assert tags[-1][key] == params[key] or float(tags[-1][key]) == float(params[key]), key
+    differ = {k for k in tags[0] if tags[0][k] != tags[1].get(k)} - {"top1", "source_run_id", "compression_ratio", "stored_bytes"}
+    assert differ == {"finetune_lr"}, differ
+
+
 def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp_path):
     from wavesweep.tracked_trial import register_trial_model
 

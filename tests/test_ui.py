@@ -53,6 +53,7 @@ def test_command_line_and_environment_of_the_server(workdir, monkeypatch, capsys
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     assert env[mlflow_ui.BACKEND_STORE] == env[mlflow_ui.REGISTRY_STORE] == env["MLFLOW_TRACKING_URI"] == uri
     assert env[mlflow_ui.SERVE_ARTIFACTS] == "true" and env[mlflow_ui.ARTIFACT_ROOT] == "mlflow-artifacts:/"
+    assert env[mlflow_ui.ARTIFACTS_DESTINATION] == str(workdir / "mlartifacts")  # `mlflow server`'s ./mlartifacts
     assert env[mlflow_ui.IN_JOB_EXECUTOR] == "false" and len(env[mlflow_ui.BOOT_ID]) == 32
     err = capsys.readouterr().err
     assert "stopped (exit code 3) before answering" in err
@@ -67,6 +68,7 @@ def test_env_names_are_the_ones_mlflow_reads():
     assert constants.REGISTRY_STORE_URI_ENV_VAR == mlflow_ui.REGISTRY_STORE
     assert constants.ARTIFACT_ROOT_ENV_VAR == mlflow_ui.ARTIFACT_ROOT
     assert constants.SERVE_ARTIFACTS_ENV_VAR == mlflow_ui.SERVE_ARTIFACTS
+    assert constants.ARTIFACTS_DESTINATION_ENV_VAR == mlflow_ui.ARTIFACTS_DESTINATION
     assert ev._MLFLOW_SERVER_BOOT_ID.name == mlflow_ui.BOOT_ID
     assert ev._MLFLOW_IN_JOB_EXECUTOR.name == mlflow_ui.IN_JOB_EXECUTOR
     assert ev.MLFLOW_SERVER_ENABLE_JOB_EXECUTION.name == mlflow_ui.JOB_EXECUTION
@@ -142,6 +144,17 @@ def test_ui_answers_health_and_the_experiments_api(workdir, shared_cache):
         assert run["info"]["run_name"] == "one run"
         assert {"key": "top1", "value": 0.5} in [{k: m[k] for k in ("key", "value")} for m in run["data"]["metrics"]]
         assert b"<html" in urllib.request.urlopen(f"{url}/", timeout=30).read().lower()
+        # an experiment made through the server stores its artifacts through it (mlflow-artifacts:/,
+        # in ./mlartifacts): without a destination the upload was refused (503), the listing a 500
+        from mlflow import MlflowClient
+
+        client = MlflowClient(url)
+        made = client.create_experiment("made in the ui")
+        assert client.get_experiment(made).artifact_location == f"mlflow-artifacts:/{made}"
+        served = client.create_run(made).info.run_id
+        client.log_text(served, "hello", "note.txt")
+        assert [f.path for f in client.list_artifacts(served)] == ["note.txt"]
+        assert [p.read_text() for p in (workdir / "mlartifacts").rglob("note.txt")] == ["hello"]
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         rest, _ = proc.communicate(timeout=60)

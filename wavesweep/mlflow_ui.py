@@ -38,11 +38,13 @@ WORKERS = 1  # one person browsing runs; every worker is another ~4 s import of 
 # names in mlflow.server.constants / mlflow.environment_variables (checked by serve()).
 BACKEND_STORE, REGISTRY_STORE = "_MLFLOW_SERVER_FILE_STORE", "_MLFLOW_SERVER_REGISTRY_STORE"
 ARTIFACT_ROOT, SERVE_ARTIFACTS = "_MLFLOW_SERVER_ARTIFACT_ROOT", "_MLFLOW_SERVER_SERVE_ARTIFACTS"
+ARTIFACTS_DESTINATION = "_MLFLOW_SERVER_ARTIFACT_DESTINATION"  # where served artifacts are stored
 BOOT_ID, IN_JOB_EXECUTOR, SGI_NAME = "_MLFLOW_SERVER_BOOT_ID", "_MLFLOW_IN_JOB_EXECUTOR", "_MLFLOW_SGI_NAME"
 JOB_EXECUTION = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 # `mlflow ui`'s default with --serve-artifacts (on): experiments created in the UI store artifacts
 # through the server (./mlartifacts); wavesweep's experiments keep their own location (./mlruns).
 DEFAULT_ARTIFACT_ROOT = "mlflow-artifacts:/"
+DEFAULT_ARTIFACTS_DESTINATION = "mlartifacts"  # `mlflow server --artifacts-destination`'s default, ./mlartifacts
 
 
 def server_command(host: str, port: int) -> list[str]:
@@ -56,6 +58,10 @@ def server_env(uri: str, environ: dict[str, str] | None = None) -> dict[str, str
     env.update({
         "MLFLOW_TRACKING_URI": uri, BACKEND_STORE: uri, REGISTRY_STORE: uri,
         ARTIFACT_ROOT: env.get(ARTIFACT_ROOT) or DEFAULT_ARTIFACT_ROOT, SERVE_ARTIFACTS: "true",
+        # served artifacts need a destination (MLflow's own option, or ./mlartifacts where the
+        # command runs): without one an upload was refused (503) and the listing failed (500)
+        ARTIFACTS_DESTINATION: env.get(ARTIFACTS_DESTINATION) or env.get("MLFLOW_ARTIFACTS_DESTINATION")
+        or os.path.abspath(DEFAULT_ARTIFACTS_DESTINATION),
         # scorer code is never executed in the server process (MLflow's confinement checks these)
         BOOT_ID: uuid.uuid4().hex, IN_JOB_EXECUTOR: "false", SGI_NAME: "uvicorn",
         JOB_EXECUTION: "false",
@@ -140,6 +146,7 @@ def _check_names() -> None:
     expected = {
         "BACKEND_STORE_URI_ENV_VAR": BACKEND_STORE, "REGISTRY_STORE_URI_ENV_VAR": REGISTRY_STORE,
         "ARTIFACT_ROOT_ENV_VAR": ARTIFACT_ROOT, "SERVE_ARTIFACTS_ENV_VAR": SERVE_ARTIFACTS,
+        "ARTIFACTS_DESTINATION_ENV_VAR": ARTIFACTS_DESTINATION,
     }  # fmt: skip
     wrong = [k for k, v in expected.items() if getattr(constants, k, None) != v]
     wrong += [k for k, v in (("_MLFLOW_SERVER_BOOT_ID", BOOT_ID), ("_MLFLOW_IN_JOB_EXECUTOR", IN_JOB_EXECUTOR))

@@ -190,6 +190,13 @@ def register_trial_model(run_id: str, *, name: str, alias: str | None = "champio
         # what else decides which weights were pruned: two models that differ only there differ here
         "scope": cfg.scope, "keep_approx": cfg.keep_approx, "targets": cfg.targets,
         "recovery": cfg.recovery, "seed": cfg.seed,  # a bn and a finetune model of one configuration differ here only
+        # the base model pruned (the weights given, else wavesweep's own; its file's sha256 either way)
+        "weights": cfg.weights or None, "base_checksum": params.get("base_checksum"),
+        # and how they recovered: the settings the recovery read (finetune models of two lrs differ here)
+        **({"recovery_batches": cfg.recovery_batches, "recovery_batch_size": cfg.recovery_batch_size}
+           if cfg.recovery != "none" else {}),
+        **({k: getattr(cfg, k) for k in ("finetune_steps", "finetune_lr", "finetune_optimizer", "finetune_schedule")}
+           if cfg.recovery == "finetune" else {}),
         "top1": metrics.get(f"{prefix}top1"), "compression_ratio": metrics.get(f"{prefix}compression_ratio"),
         "stored_bytes": metrics.get(f"{prefix}stored_bytes"), "source_run_id": run.info.run_id,
         "checkpoint": f"{method}.wsz",
