@@ -17,7 +17,8 @@
 (3) File datasets: decoded images per second through the harness (ImageFolder + eval
     transform, ``predict`` with a trivial model, persistent workers) versus a bare
     ``DataLoader(ImageFolder(...))`` with the same transform, workers, batch size and persistent
-    workers, on a generated folder of 224 px JPEGs in a temporary directory.
+    workers, on a generated folder of 224 px JPEGs in a temporary directory. Target: harness
+    >= 80 % of the bare DataLoader.
 
     python3 bench/bench_eval.py [--device auto] [--repeats 3] [--skip-train] [--jpegs 320]
 """
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout und
 from wavesweep import data as D  # noqa: E402
 from wavesweep import data_sources  # noqa: E402
 from wavesweep.data import TensorImages, dataset_targets, eval_subset, load_dataset  # noqa: E402
-from wavesweep.evaluate import evaluate, predict, predict_many, resolve_device  # noqa: E402
+from wavesweep.evaluate import _logits_many, evaluate, metrics_from_logits, predict, predict_many, resolve_device  # noqa: E402
 from wavesweep.models import build_model  # noqa: E402
 from wavesweep.train import default_train_config, train_model  # noqa: E402
 
@@ -81,10 +82,11 @@ def timed(fn) -> tuple[float, float]:
 
 
 HARNESS_TARGET = 0.90  # harness / bare model(x), on CPU and CUDA
+DECODE_TARGET = 0.80  # ImageFolder through the harness / a bare DataLoader with the same workers
 
 
-def verdict(ratio: float) -> str:
-    return "PASS" if ratio >= HARNESS_TARGET else "FAIL"
+def verdict(ratio: float, target: float = HARNESS_TARGET) -> str:
+    return "PASS" if ratio >= target else "FAIL"
 
 
 def compare(label: str, model: nn.Module, ds, batch_size: int, dev: torch.device, repeats: int) -> None:
@@ -110,6 +112,10 @@ def compare(label: str, model: nn.Module, ds, batch_size: int, dev: torch.device
     # the ratio of two noisy timings on a shared machine.
     trivial = MeanLogits(int(dataset_targets(ds).max()) + 1, in_channels=x_all.shape[1])
     overhead = min(timed(lambda: predict(trivial, ds, batch_size=batch_size, device=dev))[0] for _ in range(repeats))
+    # evaluate's metrics, timed alone on the logits as evaluate scores them (on the device): the
+    # difference of the best evaluate and the best predict of separate runs is noise (it went negative)
+    logits, targets = _logits_many({"m": model}, ds, batch_size=batch_size, device=dev, progress=False, num_workers=None)
+    metrics_s = min(timed(lambda: metrics_from_logits(logits["m"], targets))[0] for _ in range(repeats))
     n = len(ds)
     for j, clock in ((0, "wall"), (1, "cpu ")):
         best = {k: min(r[j] for r in v) for k, v in runs.items()}
@@ -121,7 +127,7 @@ def compare(label: str, model: nn.Module, ds, batch_size: int, dev: torch.device
         if j == 1 and dev.type != "cpu":
             break  # CUDA: the wall clock is the figure (the host waits on the device)
         print(f"{head} {clock} bare {b:8.1f} ex/s | predict {p:8.1f} {p / b * 100:5.1f} % {verdict(p / b)} | "
-              f"evaluate {e:8.1f} {e / b * 100:5.1f} % {verdict(e / b)} (metrics {(best['ev'] - best['pred']) * 1000:6.1f} ms)"
+              f"evaluate {e:8.1f} {e / b * 100:5.1f} % {verdict(e / b)} (its metrics alone {metrics_s * 1000:6.1f} ms)"
               f" | 3 models: bare {b3:8.1f}, predict_many {m3:8.1f} {m3 / b3 * 100:5.1f} % {verdict(m3 / b3)}")
     print(" " * 51 + f" harness alone (trivial model): {overhead * 1000:.1f} ms per pass = "
           f"{overhead / best_bare * 100:.2f} % of the bare pass")
@@ -188,7 +194,8 @@ def bench_jpegs(n: int, batch_size: int, dev: torch.device, repeats: int) -> Non
         D.close_loaders(ds)
         b, h = n / min(tb), n / min(th)
         print(f"  {n} JPEGs 224 px, resize 256 + crop 224, bs {batch_size}, {workers} workers: "
-              f"bare DataLoader {b:7.1f} img/s | harness {h:7.1f} img/s {h / b * 100:5.1f} % {verdict(h / b)}")
+              f"bare DataLoader {b:7.1f} img/s | harness {h:7.1f} img/s {h / b * 100:5.1f} % {verdict(h / b, DECODE_TARGET)} "
+              f"(target >= {DECODE_TARGET:.0%})")
         print(f"  first pass (worker start-up): bare {n / t_bare0:7.1f} img/s, harness {n / t_h0:7.1f} img/s "
               "(each keeps its workers for the next pass)")
 

@@ -29,7 +29,7 @@ of one shape into one transform: stacked on the CPU, one layer a call on a GPU, 
 each device's default, ``wavesweep.pruning.STACK_ON_CPU``); on the CPU one more line runs
 the paths an accelerator takes (dense products, the sort, stacking) there, whose operators
 are what a GPU launches (ResNet-50: 1985 before the gather reorders and the one-copy
-writes of 2026-11-27 evening, 1243 after; ViT-B/16: 775 and 544). Same protocol (fresh copy outside the
+writes of 2026-11-27 evening, 1243 after, 1223 at eda63b4; ViT-B/16: 775 and 544). Same protocol (fresh copy outside the
 clock, one warm-up, median of ``--big-repeats``), the device synchronised before the clock
 stops. dwt settings: bior4.4, level 5, ``--big-layout`` (filter), periodization. Beside each
 time, the aten operators the method dispatched in one more, untimed run (views included; on a GPU

@@ -187,15 +187,20 @@ def _dispatched_ops(fn) -> int:
 def bench_grouped_bn(device: str, repeats: int, groups: list[int]) -> None:
     """The product's re-estimation with one forward pass per batch (``group=1``) against grouped
     passes (``group=n``; the accelerator default is ``recovery.bn_group``), on the default
-    trial's dwt model and 50 training batches; how far their statistics are apart; and the
-    operators each dispatches."""
+    trial's dwt model (its wavelet, level, percentile, layout and mode, in the memory format a
+    trial computes in on ``device``) and 50 training batches; how far their statistics are
+    apart; and the operators each dispatches."""
     import copy
 
     dev = torch.device(device)
-    base = train.get_base_model("resnet18", "digits", seed=0, device=device, progress=False)
+    cfg = TrialConfig()
+    base = train.get_base_model(cfg.model, cfg.dataset, seed=cfg.seed, device=device, progress=False)
+    base.model.to(dev)
+    evaluate.compute_layout(base.model, dev)  # channels-last on a CPU, as run_trial puts it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = pruning.prune_dwt(base.model, wavelet="bior4.4", level=5, percentile=70, layout="filter").model.to(dev)
+        model = pruning.prune_dwt(base.model, wavelet=cfg.wavelet, level=cfg.level, percentile=cfg.percentile,
+                                  layout=cfg.layout, mode=cfg.mode).model.to(dev)
     bundle = load_dataset("digits", seed=0)
     batches = list(recovery.training_batches(bundle.train, batch_size=64, n=50, seed=0, device=dev))
     passes: list[int] = []

@@ -49,16 +49,22 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit (cut to what DEADLINE
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -lt 10 ]; then echo "=== $name: skipped, ${left}s left" | tee -a "$OUT/summary.txt"; return; fi
   echo "=== $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" >"/tmp/step-$name.log" 2>&1
+  timeout -k 5 "$limit" "$@" >"/tmp/step-$name.log" 2>&1  # -k: a step that ignores SIGTERM is killed 5 s later
   local rc=$?
+  [ "$rc" -ne 0 ] && FAILED+=("$name (rc=$rc)")
   tail -n 40 "/tmp/step-$name.log"
   # one file for every step's log: a device call brings back at most 8 files
   { echo "=== $name (limit ${limit}s): $*"; cat "/tmp/step-$name.log"; } >>"$OUT/steps.log"
   echo "=== $name: rc=$rc after $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
 }
 
+VALID="tests eval trial recovery filedata layout pruning train profile results"
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(tests eval trial recovery pruning train)
+for s in "${STEPS[@]}"; do  # every step named is checked before any runs: a typo costs no device time
+  case " $VALID " in *" $s "*) ;; *) echo "unknown step '$s'; valid: $VALID" >&2; exit 2 ;; esac
+done
+FAILED=()
 for s in "${STEPS[@]}"; do
   case "$s" in
     tests)  # every CUDA test, and the files they live in (CPU tests of the same files run too)
@@ -82,7 +88,12 @@ for s in "${STEPS[@]}"; do
       step pruning 90 $PY bench/bench_pruning.py --only-big --big-repeats 3 --big-devices "$DEVICE" ;;
     train)  # issue 11: ResNet-18 Fashion-MNIST training throughput, amp/channels-last/graphs off vs auto, >= 3x the recipe
       # before; then the 10-epoch recipe itself with and without CUDA graphs (seconds and test top-1)
-      step train 240 $PY bench/bench_train.py --data "$FMNIST" --repeats 2 --recipe ;;
+      # DEVICE=cpu: the CPU rows alone (--no-cuda), without the recipe (hours on a CPU)
+      if [ "$DEVICE" = cpu ]; then
+        step train 240 $PY bench/bench_train.py --data "$FMNIST" --repeats 2 --no-cuda
+      else
+        step train 240 $PY bench/bench_train.py --data "$FMNIST" --repeats 2 --recipe
+      fi ;;
     profile)  # where the time goes: torch.profiler tables of dwt pruning, a default trial, fine-tuning
       step profile 90 $PY bench/profile_cuda.py --device "$DEVICE" --rows 16 ;;
     results)  # issue 10: the results page with the product's target model (resumes an earlier call's)
@@ -90,7 +101,10 @@ for s in "${STEPS[@]}"; do
       [ -f "${RESUME_FROM:-}" ] && cp "$RESUME_FROM" "${page%.md}.progress.csv"
       step results 600 $PY -m wavesweep results --model resnet18 --dataset fashion-mnist --eval-limit 2000 \
         --device "$DEVICE" --out "$page" ;;
-    *) echo "unknown step '$s'; valid: tests eval trial recovery filedata pruning train profile results" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/summary.txt"
+if [ ${#FAILED[@]} -gt 0 ]; then  # the exit status says so too, not only the summary's rc= lines
+  echo "failed steps: ${FAILED[*]}" >&2
+  exit 1
+fi
