@@ -20,6 +20,22 @@ def pytest_xdist_auto_num_workers(config) -> int | None:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config) -> None:
+    """``-n N`` without ``--dist``: xdist's work stealing (``worksteal``) rather than its ``load``,
+    which hands each worker a fixed half of the first tests: a worker that runs out takes queued
+    tests from the other. An explicit ``--dist`` is kept."""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no":
+        config.option.dist = "worksteal"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow tests (whole trials, studies, CLI processes: seconds to a minute each) first, each
+    group in file order: with work stealing (above) the long ones start early and the short ones
+    fill the end, instead of a one-minute test starting last beside an idle worker."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each group
+
+
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     """One base-model cache for the whole session, so a small base model is trained once."""
