@@ -75,6 +75,9 @@ def test_equal_configs_written_with_ints_or_floats_share_one_cache_key():
     a, b = TrainConfig(lr=1, weight_decay=0, label_smoothing=0), TrainConfig(lr=1.0, weight_decay=0.0, label_smoothing=0.0)
     assert a == b and a.digest() == b.digest() and isinstance(a.lr, float)
     assert T.cache_path("mlp", "digits", 0, a) == T.cache_path("mlp", "digits", 0, b)
+    # NumPy numbers (a seed read from a frame) are the same config as Python's, and hash as JSON does
+    c = TrainConfig(seed=np.int64(3), epochs=np.int32(10), lr=np.float64(3e-3))
+    assert c == TrainConfig(seed=3) and c.digest() == TrainConfig(seed=3).digest() and type(c.seed) is int
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])

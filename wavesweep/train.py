@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import threading
 import time
@@ -112,11 +113,12 @@ class TrainConfig:
         # ints and bools first: True is an int to Python, and 1 and 1.0 must be one config (one cache key)
         for name in ("epochs", "batch_size", "seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an int, got {value!r}")
+            object.__setattr__(self, name, int(value))  # a NumPy integer too: JSON (the cache key) takes ints
         for name in ("lr", "weight_decay", "momentum", "label_smoothing"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))  # lr=1 and lr=1.0 train the same weights: one key
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
