@@ -39,15 +39,14 @@ def show(name: str, fn, dev: torch.device, rows: int, setup=None) -> None:
     """``fn()`` once for warm-up, then under the profiler; with ``setup``, ``fn(setup())``, its
     argument made before each run and outside the profiler (a copy of the model to prune in place:
     copying ResNet-50 is not pruning's time)."""
-    run = fn
     make = (lambda: ()) if setup is None else (lambda: (setup(),))
-    run(*make())  # warm-up
+    fn(*make())  # warm-up
     args = make()
     _sync(dev)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
-        run(*args)
+        fn(*args)
         _sync(dev)
     del args
     print(f"\n===== {name}: {time.perf_counter() - t0:.3f} s under the profiler")
@@ -56,7 +55,7 @@ def show(name: str, fn, dev: torch.device, rows: int, setup=None) -> None:
     if dev.type == "cuda":
         print(ka.table(sort_by="self_cuda_time_total", row_limit=rows // 2, max_name_column_width=60))
         args = make()
-        syncs(lambda: run(*args), dev, rows)
+        syncs(lambda: fn(*args), dev, rows)
 
 
 def syncs(fn, dev: torch.device, rows: int) -> None:
