@@ -110,8 +110,14 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache: Path)
     return tmp_path
 
 
-def subprocess_env(workdir: Path, shared_cache: Path, *, concurrent: bool = False) -> dict[str, str]:
+def subprocess_env(workdir: Path, shared_cache: Path, *, concurrent: bool = False,
+                   fresh_store: bool = False) -> dict[str, str]:
     """Environment for a child process that should see the same stores as ``workdir``.
+    ``workdir``'s MLflow store is created here, in this process (from the schema template:
+    ``mlflow_schema_template``), unless it exists: a child that creates a SQLite store runs
+    MLflow's migrations, 1.5-3 s of a tiny trial's 10. ``fresh_store``: none is created here, as
+    where the child must create it itself (what the test is about: creation in a race, under a
+    stop or an error, a command that must not create one) or uses another store (a server).
     ``concurrent``: the child computes beside another one (two launchers, two trials at once): it
     gets one torch intra-op thread, as each worker of ``--workers 2`` on 2 cores does. With torch's
     default of a thread per core each, two children oversubscribe a 2-core machine and stall in
@@ -126,6 +132,12 @@ def subprocess_env(workdir: Path, shared_cache: Path, *, concurrent: bool = Fals
     )
     if concurrent:
         env["OMP_NUM_THREADS"] = "1"
+    if not fresh_store and not (workdir / "mlflow.db").exists():
+        try:
+            from mlflow import MlflowClient
+        except ImportError:  # a machine without MLflow (the GPU machine): the child has no store either
+            return env
+        MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments(max_results=1)  # creates it
     return env
 
 

@@ -48,8 +48,8 @@ WIDE_SPACE = {"percentile": {"low": 5.0, "high": 95.0}, "wavelet": ["haar", "db2
 
 
 def spawn(workdir: Path, shared_cache: Path, *argv: str, name: str, concurrent: bool = False,
-          env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = env or subprocess_env(workdir, shared_cache, concurrent=concurrent) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"}
+          env: dict[str, str] | None = None, fresh_store: bool = False) -> subprocess.Popen:
+    env = env or subprocess_env(workdir, shared_cache, concurrent=concurrent, fresh_store=fresh_store) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"}
     out = open(workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -285,13 +285,13 @@ def test_sigterm_of_a_trial_leaves_no_running_run(workdir, tiny_weights, shared_
         assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
 
 
-def _hooked_env(workdir: Path, shared_cache: Path, hook: str) -> dict[str, str]:
+def _hooked_env(workdir: Path, shared_cache: Path, hook: str, *, fresh_store: bool = False) -> dict[str, str]:
     """``spawn``'s environment with ``hook`` run at the start of every Python process (a
     ``sitecustomize`` module on the path): a stand-in for what takes time in a real run."""
     folder = workdir / "hook"
     folder.mkdir(exist_ok=True)
     (folder / "sitecustomize.py").write_text(hook)
-    env = subprocess_env(workdir, shared_cache) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"}
+    env = subprocess_env(workdir, shared_cache, fresh_store=fresh_store) | {"WAVESWEEP_HEARTBEAT_S": "1", "WAVESWEEP_GRACE_S": "4"}
     env["PYTHONPATH"] = f"{folder}{os.pathsep}{env['PYTHONPATH']}"
     return env
 
@@ -617,7 +617,8 @@ def test_a_launcher_starting_while_another_opens_the_study_run_shares_it(workdir
 @pytest.mark.slow
 def test_two_launchers_on_a_fresh_tpe_study_run_distinct_configurations(workdir, tiny_weights, shared_cache):
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=4, space=WIDE_SPACE, sampler={"name": "tpe", "seed": 0})
-    procs = [spawn(workdir, shared_cache, "study", str(spec), "-q", name=f"l{i}", concurrent=True) for i in range(2)]
+    procs = [spawn(workdir, shared_cache, "study", str(spec), "-q", name=f"l{i}", concurrent=True, fresh_store=True)
+             for i in range(2)]  # both create the MLflow store too, as two launchers in a new project do
     for i, p in enumerate(procs):
         assert p.wait(timeout=400) == 0, (workdir / f"l{i}.log").read_text()[-3000:]
     done = [t for t in trials(workdir) if t.state == TrialState.COMPLETE]
@@ -1734,10 +1735,10 @@ def test_a_stop_or_a_kill_while_the_store_is_created_leaves_a_store_that_opens(w
 
     trial = [sys.executable, "-m", "wavesweep", "trial", "--model", "cnn", "--eval-limit", "40", "--timing-batches", "0", "-q"]
     opens = [sys.executable, "-c", "from wavesweep import tracking; tracking.init_tracking()"]  # what every command does first
-    plain = subprocess_env(workdir, shared_cache)
+    plain = subprocess_env(workdir, shared_cache, fresh_store=True)
     run = lambda argv, env: subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300,  # noqa: E731
                                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
-    stopped = run(trial, _hooked_env(workdir, shared_cache, STOP_WHILE_THE_STORE_IS_CREATED % "INT"))
+    stopped = run(trial, _hooked_env(workdir, shared_cache, STOP_WHILE_THE_STORE_IS_CREATED % "INT", fresh_store=True))
     assert stopped.returncode == 130 and stopped.stderr.strip().splitlines()[-1] == "wavesweep: interrupted (KeyboardInterrupt)", stopped.stderr[-2000:]
     again = run(opens, plain)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -1745,7 +1746,7 @@ def test_a_stop_or_a_kill_while_the_store_is_created_leaves_a_store_that_opens(w
 
     db = workdir / "mlflow.db"
     db.unlink()
-    killed = run(opens, _hooked_env(workdir, shared_cache, STOP_WHILE_THE_STORE_IS_CREATED % "KILL"))
+    killed = run(opens, _hooked_env(workdir, shared_cache, STOP_WHILE_THE_STORE_IS_CREATED % "KILL", fresh_store=True))
     assert killed.returncode == -signal.SIGKILL
     os.utime(db, (time.time() - tracking.CUT_SHORT_AFTER_S - 5,) * 2)
     cut_short = db.read_bytes()

@@ -249,7 +249,7 @@ def test_two_projects_default_stores_do_not_share_cached_weights(tmp_path, share
     for seed in (1, 2):
         project = tmp_path / f"project{seed}"
         project.mkdir()
-        env = subprocess_env(project, shared_cache)
+        env = subprocess_env(project, shared_cache, fresh_store=True)
         del env["MLFLOW_TRACKING_URI"]  # the default store of the working directory
         out = subprocess.run([sys.executable, "-c", _SAME_NAME_CHILD, str(seed), str(project), str(cache)], cwd=project,
                              env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -618,7 +618,7 @@ def test_one_line_on_stderr_from_a_fresh_directory(workdir, shared_cache, make, 
     (a fresh store), no credentials warning before a storage error."""
     (workdir / "s.yaml").write_text("study: s\nspace: {percentile: [10]}\nobjectives: {top1: maximize}\nn_trials: 1\n")
     make(workdir)
-    env = subprocess_env(workdir, shared_cache)
+    env = subprocess_env(workdir, shared_cache, fresh_store=True)
     env.pop("MLFLOW_LOGGING_LEVEL", None)
     proc = subprocess.run([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip

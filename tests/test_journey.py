@@ -42,7 +42,7 @@ def _run(args, cwd, env, timeout=900):
 def test_trial_study_register_download_evaluate(tmp_path, shared_cache, monkeypatch):
     project = tmp_path / "project"
     project.mkdir()
-    env = subprocess_env(project, shared_cache)
+    env = subprocess_env(project, shared_cache, fresh_store=True)
     ws = [sys.executable, "-m", "wavesweep"]
 
     out = _run([*ws, "trial", "-q", "--model", "cnn", "--eval-limit", "150", "--timing-batches", "0"], project, env)

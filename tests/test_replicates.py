@@ -63,6 +63,10 @@ def test_replicate_seeds_and_config_id():
     assert "caution: digits's train/test split is drawn from the seed" in replicates.seeds_note(TrialConfig(weights="w.pt"), 2)
     assert "caution" not in replicates.seeds_note(TrialConfig(weights="w.pt", dataset="fashion-mnist"), 2)
     assert "own base model" in replicates.seeds_note(cfg, 2) and "7, 8" in replicates.seeds_note(cfg, 2)
+    # resnet18 on imagenet is torchvision's pretrained model whatever the seed (train.get_base_model)
+    pretrained = replicates.seeds_note(TrialConfig(model="resnet18", dataset="imagenet"), 2)
+    assert "the base model is torchvision's pretrained IMAGENET1K_V1 weights, the same for every seed" in pretrained
+    assert "own base model" not in pretrained and "caution" not in pretrained
 
 
 @pytest.mark.parametrize("value,ok", [(1, 1), ("3", 3), ("3.0", 3), (2.0, 2), (0, None), (-1, None), ("abc", None),
@@ -363,6 +367,14 @@ def test_report_uses_the_replicate_interval(tmp_path):
     assert f"| {top1:.4g} [{top1 - 0.05:.4g}, {top1 + 0.05:.4g}] |" in md and "top1_ci_low" not in md
     line = next(l for l in md.splitlines() if l.startswith(f"- trial {frame.loc[i, 'number']} (best top1") and "replicate" in l)
     assert "n = 3 replicate seeds" in line and "gain vs magnitude" in line and "interval excludes 0" in line
+    assert "(one base model" not in line  # cnn on digits, no weights: each seed trained its own
+    for model, dataset, weights, said in (("resnet18", "imagenet", None, "torchvision's pretrained IMAGENET1K_V1 weights"),
+                                          ("cnn", "digits", "w.pt", "the fixed weights 'w.pt'")):  # fmt: skip
+        frame.loc[i, ["model", "dataset", "weights"]] = [model, dataset, weights]
+        md = report.write_report(frame, tmp_path / model, study_name="r", objectives=[("top1", "maximize")],
+                                 importances={})["summary_md"].read_text()  # fmt: skip
+        line = next(l for l in md.splitlines() if l.startswith(f"- trial {frame.loc[i, 'number']} (best top1") and "replicate" in l)
+        assert f"n = 3 replicate seeds (one base model for every seed: {said}):" in line, line
 
 
 @pytest.mark.slow

@@ -708,3 +708,19 @@ def test_failed_trials_are_told_apart_retried_surplus_and_failed(tmp_path):
     assert "Trials: 4 (complete 1; fail 3: 1 run again with the same params, 1 surplus, not needed, 1 failed)." in md.read_text()
     plain = report.write_report(make_frame(4), tmp_path / "b", study_name="s", objectives=[("top1", "maximize")], importances={})
     assert "Trials: 4 (complete 4)." in plain["summary_md"].read_text()  # no failures: as before
+
+
+def test_an_adjusted_p_is_never_written_rounded_across_its_threshold():
+    """The verdict says significant for p_adj < 0.05; "adjusted p = 0.05: **significant**" (0.04996
+    to 3 digits) contradicted itself. More digits are written where 3 would cross 0.05."""
+    from wavesweep.report import _verdicts, p_text
+
+    assert p_text(0.04996) == "0.04996" and p_text(0.0499999999) == "0.0499999999"
+    assert p_text(0.05) == "0.05" and p_text(0.0500004) == "0.05" and p_text(0.0123456) == "0.0123" and p_text(0.51234) == "0.512"
+    assert p_text(float("nan")) == "n/a" and p_text(None) == "n/a"
+    for p in np.concatenate([np.linspace(0.0499, 0.0501, 2001), np.logspace(-6, 0, 500)]):
+        assert (float(p_text(float(p))) < 0.05) == (p < 0.05), p
+    row = {"trial": 3, "selection": "best top1 (maximize)", "gain_top1_vs_magnitude": 0.05, "dwt_vs_magnitude_ci_low": 0.01,
+           "dwt_vs_magnitude_ci_high": 0.09, "dwt_vs_magnitude_p_adj": 0.04996, "dwt_vs_magnitude_verdict": "significant"}  # fmt: skip
+    [line] = _verdicts(pd.DataFrame([row]))
+    assert "adjusted p = 0.04996: **significant**" in line, line

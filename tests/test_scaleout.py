@@ -99,7 +99,7 @@ def test_two_launchers_on_postgresql_and_a_tracking_server(workdir, tiny_weights
     n = 4
     spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=n, storage=optuna_url, sampler={"name": "tpe", "seed": 0},
                       space={"percentile": {"low": 5.0, "high": 95.0}, "wavelet": ["haar", "db2"]})  # fmt: skip
-    env = subprocess_env(workdir, shared_cache) | {"MLFLOW_TRACKING_URI": mlflow_server}
+    env = subprocess_env(workdir, shared_cache, fresh_store=True) | {"MLFLOW_TRACKING_URI": mlflow_server}
     launchers = []
     for i in range(2):
         log = open(workdir / f"launcher{i}.log", "w")  # noqa: SIM115 - closed with the process

@@ -1092,6 +1092,42 @@ def test_a_multi_objective_report_names_a_pareto_optimal_best_and_draws_its_laye
                        "magnitude_weight_sparsity": [0.5]}, f"trial {want}")]  # fmt: skip
 
 
+@pytest.mark.parametrize("directions", [["maximize"], ["maximize", "maximize"]], ids=["single", "multi"])
+def test_the_best_trial_is_never_an_unmarked_duplicate_the_report_counts_as_a_repeat(tmp_path, monkeypatch, directions):
+    """Two workers that drew one configuration at once (or a study recorded before repeats were
+    marked): the later trial, with the same params and no ``repeat_of``, is a repeat to the report.
+    When it scored higher (GPU nondeterminism, a timing objective) best_trial named it while the
+    report named the first, whose layers were then missing from the figures. Both now name the
+    first, by its own trial number (a failed trial before it shifts nothing)."""
+    import warnings
+
+    from wavesweep import figures
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        st = optuna.create_study(directions=directions)
+        st.set_metric_names(["top1", "compression_ratio"][: len(directions)])
+    st.set_user_attr("objectives", ", ".join(f"{m}:maximize" for m in ["top1", "compression_ratio"][: len(directions)]))
+    failed = st.ask()
+    failed.suggest_float("percentile", 0, 100)
+    st.tell(failed, state=TrialState.FAIL)
+    for percentile, values in ((80.0, (0.90, 3.0)), (80.0, (0.92, 3.0)), (40.0, (0.85, 2.0))):
+        t = st.ask()
+        t.suggest_float("percentile", 0, 100)  # the ask's draw, replaced by the configuration below
+        t.storage.set_trial_param(t._trial_id, "percentile", percentile, optuna.distributions.FloatDistribution(0, 100))
+        t.set_user_attr("metrics", {"layers": {"name": [f"conv{t.number}"], "dwt_coeff_sparsity": [0.5],
+                                               "dwt_weight_sparsity": [0.0], "magnitude_weight_sparsity": [0.5]}})  # fmt: skip
+        st.tell(t, values[: len(directions)])
+    assert [t.params["percentile"] for t in st.trials[1:]] == [80.0, 80.0, 40.0]
+    drawn = []
+    real = figures.plot_layer_sparsity
+    monkeypatch.setattr(figures, "plot_layer_sparsity", lambda layers, path, title: drawn.append(title) or real(layers, path, title=title))
+    study.build_report(st, tmp_path / "r")
+    summary = pd.read_csv(tmp_path / "r" / "summary.csv")
+    assert summary.loc[summary["selection"] == "best top1 (maximize)", "trial"].tolist() == [1]
+    assert study.best_trial(st).number == 1 and drawn == ["trial 1"]
+
+
 def test_a_resumed_study_records_its_trials_in_its_study_runs_experiment(workdir, monkeypatch):
     """A study resumed with another $MLFLOW_EXPERIMENT_NAME reopens its study run, which stays in
     its experiment: the new trials' runs go there too, nested under it, not into the other one."""

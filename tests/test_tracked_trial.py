@@ -240,7 +240,7 @@ def test_failure_marks_runs_failed_and_keeps_error(workdir, monkeypatch):
 
 
 def test_two_trials_at_once_on_a_fresh_directory(workdir, shared_cache):
-    env = subprocess_env(workdir, shared_cache, concurrent=True)
+    env = subprocess_env(workdir, shared_cache, concurrent=True, fresh_store=True)
     args = [sys.executable, "-m", "wavesweep", "trial", "-q"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     procs = [subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]  # fmt: skip

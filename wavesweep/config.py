@@ -12,6 +12,18 @@ from typing import Any
 from wavesweep.names import check_choice
 
 TARGET_KINDS = ("conv", "linear")
+
+#: (model, dataset) pairs whose base model is published weights, not trained by wavesweep
+#: (``train.get_base_model``): the same base model whatever the seed
+PRETRAINED_BASES = {("resnet18", "imagenet"): "torchvision's pretrained IMAGENET1K_V1 weights"}
+
+
+def fixed_base(model: str, dataset: str, weights: str | None = None) -> str | None:
+    """What the base model is when the seed does not change it: the weights file given, or the
+    published weights of a pretrained pair; None when each seed trains its own base model."""
+    if weights:
+        return f"the fixed weights {weights!r}"
+    return PRETRAINED_BASES.get((model, dataset))
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 
 

@@ -129,17 +129,14 @@ def _digits(root: Path | None, seed: int, image_size: int | None, test_fraction:
     standardised with the *train* split's scalar mean and std (no test statistics leak
     into training). Held as uint8 0..16, divisor 16.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from wavesweep import splits  # scikit-learn's arrays, kept on disk: no import of it in a later process
 
     DATASETS.get("digits").size(image_size)
     if root is not None:
         log.warning("digits is bundled with scikit-learn: data root %s is not used", root)
-    x, y = load_digits(return_X_y=True)  # x float64 (1797, 64), integer values 0..16
+    x, y = splits.load_digits()  # x float64 (1797, 64), integer values 0..16
     xf = x.astype(np.float32) / 16.0  # (1797, 64) in [0, 1]
-    idx_train, idx_test = train_test_split(
-        np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed
-    )
+    idx_train, idx_test = splits.train_test_split_indices(len(y), test_size=test_fraction, stratify=y, seed=seed)
     idx_train, idx_test = np.sort(idx_train), np.sort(idx_test)
     # The statistics exactly as before the uint8 storage (float32 numpy mean/std), so every
     # normalised value, and every recorded number, is unchanged.

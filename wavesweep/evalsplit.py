@@ -9,15 +9,14 @@ examples the same way. ``val_fraction=0`` keeps every evaluation example in the 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
-from wavesweep import data
+from wavesweep import data, splits
 
 
 def validation_indices(targets: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(validation, test)`` positions into ``targets``, each sorted: a stratified split
-    (scikit-learn's ``train_test_split``) with ``floor(fraction * N)`` validation examples.
+    (scikit-learn's ``train_test_split``, kept on disk by :mod:`wavesweep.splits`) with ``floor(fraction * N)`` validation examples.
     ``fraction=0``: no validation examples. Raises one-line ``ValueError`` when the examples
     cannot be split that way (a class with one example, fewer validation examples than classes)."""
     targets = np.asarray(targets)
@@ -31,7 +30,7 @@ def validation_indices(targets: np.ndarray, fraction: float, seed: int = 0) -> t
         raise ValueError(f"val_fraction={fraction} cannot split the evaluation examples: there are none "
                          "(the evaluation split is empty)")
     try:
-        val, test = train_test_split(positions, train_size=fraction, stratify=targets, random_state=seed)
+        val, test = splits.train_test_split_indices(n, train_size=fraction, stratify=targets, seed=seed)
     except ValueError:
         labels, counts = np.unique(targets, return_counts=True)
         why = (f"class {labels[counts.argmin()]} has {counts.min()} example(s)" if counts.min() < 2

@@ -7,7 +7,8 @@ Replicate ``i`` (``i = 0 .. n-1``) of a configuration is the same :class:`TrialC
 ``seed = cfg.seed + i``. The trial seed drives the data split (digits), the stratified
 evaluation subset, the base model's training (``train.get_base_model``: a new seed trains and
 caches a new base model), random pruning and the recovery batches' order. With a fixed base
-model (``weights`` set) the base model does not change: only those data and pruning seeds vary
+model (``weights`` set, or resnet18 on imagenet: torchvision's pretrained weights) the base model
+does not change: only those data and pruning seeds vary
 (on digits, whose split is drawn from the seed, fixed weights may have trained on another
 seed's test examples: :func:`seeds_note` says so).
 
@@ -27,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wavesweep import schema
-from wavesweep.config import MAX_SEED, TrialConfig, coerce
+from wavesweep.config import MAX_SEED, TrialConfig, coerce, fixed_base
 
 MAX_REPLICATES = 100  # replicates are whole trials: a typo must not start a thousand of them
 SEEDED_SPLITS = ("digits",)  # datasets whose train/test split is drawn from the seed (data_sources._digits)
@@ -73,8 +74,9 @@ def split_caution(cfg: TrialConfig) -> bool:
 def seeds_note(cfg: TrialConfig, n: int) -> str:
     """One sentence saying what the replicate seeds vary (for the log and the CLI)."""
     seeds = ", ".join(str(cfg.seed + i) for i in range(n))
-    if cfg.weights:
-        note = (f"{n} replicates, seeds {seeds}; the base model is the fixed weights {cfg.weights!r}, so only the "
+    fixed = fixed_base(cfg.model, cfg.dataset, cfg.weights)
+    if fixed:
+        note = (f"{n} replicates, seeds {seeds}; the base model is {fixed}, the same for every seed, so only the "
                 "data split/evaluation subset, random-pruning and recovery-order seeds vary")  # fmt: skip
         if split_caution(cfg):
             note += (f" (caution: {cfg.dataset}'s train/test split is drawn from the seed, so fixed weights trained on "

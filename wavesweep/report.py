@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from wavesweep import figures, schema
+from wavesweep.config import fixed_base
 from wavesweep.fileio import atomic_write
 from wavesweep.trials_frame import CONFIG_COLUMNS, SUMMARY_PARAMS, complete, distinct, importance_caveat, pareto_mask
 
@@ -153,6 +154,18 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
+def p_text(p: float | None, alpha: float = 0.05) -> str:
+    """``p`` to 3 significant digits, or more where 3 would round it across ``alpha`` (0.04996 is
+    not written "0.05" beside the word significant, nor 0.05 written below it)."""
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    for digits in range(3, 18):
+        text = f"{p:.{digits}g}"
+        if (float(text) < alpha) == (p < alpha):
+            return text
+    return repr(p)
+
+
 def _verdicts(table: pd.DataFrame) -> list[str]:
     """One sentence per summary row, saying whether its gain over each baseline is significant."""
     lines = []
@@ -163,7 +176,7 @@ def _verdicts(table: pd.DataFrame) -> list[str]:
             if gap is None or lo is None or pd.isna(gap) or pd.isna(lo):
                 continue
             padj = r.get(f"dwt_vs_{b}_p_adj")
-            parts.append(f"vs {b} {gap:+.4f} [95 % CI {lo:+.4f}, {hi:+.4f}], adjusted p = {padj:.3g}: "
+            parts.append(f"vs {b} {gap:+.4f} [95 % CI {lo:+.4f}, {hi:+.4f}], adjusted p = {p_text(padj)}: "
                          f"**{r.get(f'dwt_vs_{b}_verdict')}**")  # fmt: skip
         if parts:
             lines.append(f"- trial {r['trial']} ({r['selection']}): " + "; ".join(parts))
@@ -272,9 +285,24 @@ def _level0_note(frame: pd.DataFrame) -> str | None:
     return text.strip()
 
 
-def _replicate_lines(table: pd.DataFrame) -> list[str]:
+def _fixed_bases(frame: pd.DataFrame) -> dict[int, str]:
+    """Trial number -> what its base model is, for the trials whose base model no seed changes
+    (fixed weights, a pretrained pair: :func:`~wavesweep.config.fixed_base`)."""
+    if not {"number", "model", "dataset"} <= set(frame.columns):
+        return {}
+    out = {}
+    for r in frame.to_dict("records"):
+        weights = r.get("weights")
+        weights = weights if isinstance(weights, str) and weights else None
+        if isinstance(r["model"], str) and isinstance(r["dataset"], str) and (fixed := fixed_base(r["model"], r["dataset"], weights)):
+            out[int(r["number"])] = fixed
+    return out
+
+
+def _replicate_lines(table: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
     """For each summary row of a trial run over replicate seeds: n, and every top-1 and gain as
-    mean [95 % t-interval over the seeds]."""
+    mean [95 % t-interval over the seeds]; a base model that is the same for every seed is named."""
+    fixed_bases = _fixed_bases(frame)
     lines = []
     for r in table.to_dict("records"):
         n = r.get("n_replicates")
@@ -289,13 +317,14 @@ def _replicate_lines(table: pd.DataFrame) -> list[str]:
             note = "" if not sign else (": interval contains 0" if lo <= 0 <= hi else ": interval excludes 0")
             parts.append(f"{label} {v:{sign}.4f} [{lo:{sign}.4f}, {hi:{sign}.4f}]{note}")
         if parts:
-            lines.append(f"- trial {r['trial']} ({r['selection']}), mean [95 % t-interval] over n = {int(n)} replicate seeds: "
-                         + "; ".join(parts))  # fmt: skip
+            fixed = fixed_bases.get(int(r["trial"]))
+            lines.append(f"- trial {r['trial']} ({r['selection']}), mean [95 % t-interval] over n = {int(n)} replicate seeds"
+                         + (f" (one base model for every seed: {fixed})" if fixed else "") + ": " + "; ".join(parts))  # fmt: skip
     if lines:
         lines.insert(0, "\nTrials run over replicate seeds (`replicates` in the spec) report the mean of each number over "
                         "the seeds; the interval is the 95 % Student-t interval for that mean: how the numbers move with the "
-                        "seed (base-model training unless the weights are fixed, data split or evaluation subset, random "
-                        "pruning), not the paired interval over examples. "
+                        "seed (the base model's training where each seed trains its own, data split or evaluation subset, "
+                        "random pruning), not the paired interval over examples. "
                         "Each replicate's paired statistics are on its own MLflow run.\n")  # fmt: skip
     return lines
 
@@ -364,7 +393,7 @@ def write_report(
         "significant improvement.",
         "",
         *_verdicts(table),
-        *_replicate_lines(table),
+        *_replicate_lines(table, frame),
         "",
         "## Parameter importances",
         "",

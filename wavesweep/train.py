@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from wavesweep.config import PRETRAINED_BASES
 from wavesweep.data import (DatasetBundle, TensorImages, data_fingerprint, dataset_shape, load_dataset, loader_position,
                             make_loader, set_loader_position, stopping_workers)
 from wavesweep.evaluate import evaluate, resolve_device
@@ -761,7 +762,7 @@ def get_base_model(
         return BaseModel(model, model_name, dataset_name, seed, "checkpoint", path, checksum, shape,
                          meta.get("train_info", {}), warnings=(other,) if other else ())
 
-    if model_name == "resnet18" and dataset_name == "imagenet":
+    if (model_name, dataset_name) in PRETRAINED_BASES:  # resnet18 + imagenet, the one pretrained pair
         path = resnet18_imagenet_path(None)
         model = load_pretrained_resnet18(None)
         return BaseModel(model, model_name, dataset_name, seed, "pretrained", path, file_sha256(path),

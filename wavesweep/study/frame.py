@@ -48,12 +48,16 @@ def study_metrics(study: optuna.Study) -> dict[str, float]:
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The best COMPLETE trial on the first objective (multi-objective: among the Pareto front).
 
-    A trial that repeated an earlier trial's configuration (``repeat_of``) is never named: the
-    trial that ran it is, and its run holds the numbers and the model."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "repeat_of" not in t.user_attrs]
+    A trial that repeated an earlier trial's configuration is never named: the trial that ran it
+    is, and its run holds the numbers and the model. A repeat is what the report counts as one
+    (:func:`distinct_study`): ``repeat_of`` set, or the params of an earlier COMPLETE trial (two
+    workers that drew one configuration at once, a study recorded before repeats were marked),
+    so the trial named here is the one the report names."""
+    complete = _distinct_trials(study)
     if not complete:
         return None
-    pool = [t for t in study.best_trials if "repeat_of" not in t.user_attrs] if len(study.directions) > 1 else complete
+    # the copy numbers its trials 0, 1, ... in the order given: its trial i is complete[i]
+    pool = [complete[t.number] for t in distinct_study(study).best_trials] if len(study.directions) > 1 else complete
     sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
     return max(pool, key=lambda t: (sign * t.values[0], -t.number))
 
@@ -106,18 +110,25 @@ def _params_key(t: optuna.trial.FrozenTrial) -> str:
     return json.dumps(t.params, sort_keys=True, default=str)
 
 
-def distinct_study(study: optuna.Study) -> optuna.Study:
-    """An in-memory copy of ``study`` with each configuration's COMPLETE trial once (the first that
-    ran it: a repeat, ``repeat_of`` or the same params in a study recorded before repeats were
-    recognised, is left out, as :func:`trials_frame` marks it): what parameter importances are
-    computed from. A configuration TPE proposed ten times is one point, not ten, and the importance
-    caveat counts configurations (20 complete trials of 4 configurations had no caveat)."""
+def _distinct_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The COMPLETE trials of ``study`` less the repeats (``repeat_of``, or an earlier COMPLETE
+    trial's params), by trial number."""
     seen: set[str] = set()
     kept = []
     for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
         if "repeat_of" not in t.user_attrs and (key := _params_key(t)) not in seen:
             seen.add(key)
             kept.append(t)
+    return kept
+
+
+def distinct_study(study: optuna.Study) -> optuna.Study:
+    """An in-memory copy of ``study`` with each configuration's COMPLETE trial once (the first that
+    ran it: a repeat, ``repeat_of`` or the same params in a study recorded before repeats were
+    recognised, is left out, as :func:`trials_frame` marks it): what parameter importances are
+    computed from. A configuration TPE proposed ten times is one point, not ten, and the importance
+    caveat counts configurations (20 complete trials of 4 configurations had no caveat)."""
+    kept = _distinct_trials(study)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # no "A new study created in memory" line
     try:
