@@ -250,3 +250,53 @@ def test_check_finite_equals_isfinite_per_tensor(dtype):
             check_finite(sd, source="f")
     if dtype in (torch.float16, torch.float32):  # the exact fallback ran there: the sum of |x| is not finite
         assert not bool(torch.isfinite(torch._foreach_norm([cases["overflowing sum"]["a.weight"]], 1)[0]))
+
+
+def test_a_state_dict_without_num_batches_tracked_loads_as_pytorch_loads_it(tmp_path):
+    """State dicts saved before PyTorch 0.4.1 (torchvision's first ImageNet ResNet files) have no
+    BatchNorm ``num_batches_tracked``; BatchNorm fills it in, so torch's strict load takes them,
+    and wavesweep refused them as "another architecture". Oracle: torch's own strict load, which
+    refuses the same keys missing from a state dict that carries version-2 BatchNorm metadata."""
+    from wavesweep.models import build_model, load_pretrained_resnet18, load_state_checked
+
+    src = build_model("resnet18", num_classes=10, in_channels=1, image_size=28)
+    for m in src.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.num_batches_tracked.fill_(7)
+    full = src.state_dict()
+    old = {k: v for k, v in full.items() if not k.endswith("num_batches_tracked")}  # no metadata: as saved before 0.4.1
+    assert len(old) == len(full) - 20
+    ours, theirs = (build_model("resnet18", num_classes=10, in_channels=1, image_size=28) for _ in range(2))
+    theirs.load_state_dict(old, strict=True)
+    load_state_checked(ours, old, source="old.pt")
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    assert int(ours.bn1.num_batches_tracked) == 0 and torch.equal(ours.bn1.running_mean, src.bn1.running_mean)
+
+    versioned = type(full)((k, v) for k, v in full.items() if not k.endswith("num_batches_tracked"))
+    versioned._metadata = full._metadata  # BatchNorm version 2: the buffer was saved, so it is missing
+    with pytest.raises(RuntimeError, match="num_batches_tracked"):
+        theirs.load_state_dict(versioned, strict=True)
+    with pytest.raises(ValueError, match=r"20 missing keys \(first 'bn1.num_batches_tracked'\)"):
+        load_state_checked(ours, versioned, source="new.pt")
+
+    # the ImageNet loader reads such a file (the IMAGENET1K_V1 layout: 3 channels, 1000 classes, 224 px)
+    net = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18-old.pth"
+    torch.save({k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    loaded = load_pretrained_resnet18(path)
+    assert all(torch.equal(a, b) for (k, a), b in zip(loaded.state_dict().items(), net.state_dict().values())
+               if not k.endswith("num_batches_tracked"))  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [True, False, 10.0, "10", 0, -3, None])
+def test_build_model_refuses_what_is_no_positive_int_and_takes_numpy_ints(bad):
+    import numpy as np
+
+    from wavesweep.models import build_model
+
+    with pytest.raises(ValueError, match=re.escape(f"num_classes must be a positive int, got {bad!r}")):
+        build_model("cnn", num_classes=bad, in_channels=1, image_size=8)
+    net = build_model("cnn", num_classes=np.int64(7), in_channels=np.int32(1), image_size=np.int64(8))
+    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 7)

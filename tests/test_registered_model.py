@@ -4,6 +4,7 @@ where wavesweep cannot be imported; and registering leaves the source run as it 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,7 +159,7 @@ def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp
     assert dense < pt2 <= dense + 200_000, (pt2, dense)
     assert total <= dense + pt2 + ckpt.stat().st_size + 64_000, (total, dense, pt2, ckpt.stat().st_size)
     flavours = yaml.safe_load((dl / "MLmodel").read_text())["flavors"]
-    assert flavours["pytorch"]["model_data"] == "exported" and flavours["python_function"]["loader_module"] == "pruned_model"
+    assert flavours["pytorch"]["model_data"] == "exported" and flavours["python_function"]["loader_module"] == "wavesweep_pruned_model"
     assert ckpt.stat().st_size - checkpoint.read_header(ckpt)["header_bytes"] == run.data.metrics["stored_bytes"]
 
     # the oracle: the evaluated weights, decoded from the trial's compressed checkpoint by wavesweep
@@ -176,7 +177,7 @@ def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["is_module"] and out["type"] == "architectures.SmallCNN"
+    assert out["is_module"] and re.fullmatch(r"wavesweep_architectures_[0-9a-f]{16}\.SmallCNN", out["type"]), out["type"]
     assert out["wavesweep_modules"] == []
     assert out["training_after_load"] is False  # loaded in eval mode, as evaluated
     assert all(err < 1e-5 for err in out["max_err_by_batch"].values()), out["max_err_by_batch"]  # batch sizes 1, 3, 7
@@ -187,6 +188,54 @@ def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp
     # mlflow.pytorch.load_model works too (DESIGN.md's promise): the same logits at any batch size
     assert out["pytorch_flavour_is_module"]
     assert all(err < 1e-5 for err in out["pytorch_flavour_err_by_batch"].values()), out["pytorch_flavour_err_by_batch"]
+
+
+SIDE_BY_SIDE = """
+import json, sys
+import mlflow, torch
+a, b, user = sys.argv[1:4]
+sys.path.insert(0, user)
+import architectures, pruned_model  # the user's own modules of those names, imported first
+assert architectures.WHOSE == pruned_model.WHOSE == "the user's"
+x = torch.randn(5, 1, 8, 8)
+out = []
+for folder in (a, b, a):
+    net = mlflow.pyfunc.load_model(folder).get_raw_model()
+    with torch.no_grad():
+        out.append([getattr(net, "built_by", "A"), net(x).tolist()])
+print(json.dumps(out))
+"""
+
+
+def test_models_whose_shipped_code_differs_load_side_by_side_each_by_its_own(trial_run, tmp_path):
+    """MLflow puts a model's code/ first on sys.path but keeps a module already imported: a process
+    that had imported a module named ``architectures`` (its own, or another model's copy) built the
+    next model with that code, or failed ("module 'architectures' has no attribute 'build'"). Each
+    model is now built by its own code/architectures.py, read by path; the user's modules of those
+    names stay theirs. Oracle: a copy of the model whose shipped code marks what it builds."""
+    import shutil
+
+    from wavesweep.tracked_trial import register_trial_model
+
+    _cfg, run_id = trial_run
+    register_trial_model(run_id, name="side", alias="champion")
+    a = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/side@champion", dst_path=str(tmp_path / "a")))
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    with open(b / "code" / "architectures.py", "a") as fh:  # model B: code of another version, which marks its models
+        fh.write("\n_build_unmarked = build\n\ndef build(*args, **kwargs):\n    model = _build_unmarked(*args, **kwargs)\n"
+                 "    model.built_by = 'B'\n    return model\n")  # fmt: skip
+    user = tmp_path / "user"
+    user.mkdir()
+    for name in ("architectures", "pruned_model"):
+        (user / f"{name}.py").write_text("WHOSE = \"the user's\"\n")
+    env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-I", "-c", NO_WAVESWEEP + SIDE_BY_SIDE, str(a), str(b), str(user)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (by_a, logits_a), (by_b, logits_b), (by_a_again, logits_a_again) = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [by_a, by_b, by_a_again] == ["A", "B", "A"]
+    assert logits_a == logits_b == logits_a_again  # the same weights, whichever code built the module
 
 
 def test_registered_model_serves_as_base_weights(trial_run, tmp_path):

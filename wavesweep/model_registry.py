@@ -126,9 +126,12 @@ def _upload(model: Any, architecture: dict[str, Any], input_example: Any, checkp
         with torch.no_grad():
             output = model(torch.as_tensor(input_example)).numpy()
         folder = Path(tmp) / "model"
+        loader = Path(tmp) / "loader" / f"{pruned_model.LOADER_MODULE}.py"  # shipped under wavesweep's name
+        loader.parent.mkdir()
+        shutil.copyfile(pruned_model.__file__, loader)
         mlflow.pyfunc.save_model(
-            str(folder), loader_module="pruned_model", data_path=str(data),
-            code_paths=[pruned_model.__file__, architectures.__file__],
+            str(folder), loader_module=pruned_model.LOADER_MODULE, data_path=str(data),
+            code_paths=[str(loader), architectures.__file__],
             signature=infer_signature(input_example, output), input_example=input_example,
             pip_requirements=_pip_requirements(),
         )  # fmt: skip
@@ -384,9 +387,9 @@ def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
         pyfunc = {}
         if (local / "MLmodel").is_file():
             pyfunc = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
-        if pyfunc.get("loader_module") == "pruned_model":  # registered by wavesweep: its exact state dict
-            from wavesweep import pruned_model
+        from wavesweep import pruned_model
 
+        if pyfunc.get("loader_module") in pruned_model.LOADER_MODULES:  # registered by wavesweep: its exact state dict
             candidates = [local / pyfunc["data"] / pruned_model.STATE_DICT]
         if not candidates:
             raise ValueError(f"{resolved}: no weights file in it; wavesweep reads {models.SAFE_FORMATS}")
@@ -398,7 +401,7 @@ def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
         try:
             state, meta = models.read_weights(best[0])
             models.check_finite(state, source=f"{resolved} ({rel})")
-            if pyfunc.get("loader_module") == "pruned_model" and (shipped := sorted((local / pyfunc["data"]).glob("*.wsz"))):
+            if pyfunc.get("loader_module") in pruned_model.LOADER_MODULES and (shipped := sorted((local / pyfunc["data"]).glob("*.wsz"))):
                 from wavesweep import checkpoint  # what the checkpoint it was decoded from records: its trial, dataset
 
                 header = checkpoint.read_header(shipped[0])

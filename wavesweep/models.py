@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,10 +46,15 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size
     """A freshly initialised model ``name`` (see ``MODELS.names()``) for inputs
     (B, in_channels, image_size, image_size), giving logits (B, num_classes)."""
     builder = MODELS.get(name)
+    sizes = {}
     for what, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
-        if not isinstance(v, int) or v < 1:
+        try:  # an int or a NumPy integer, not a bool (True is no class count) or a float
+            sizes[what] = operator.index(v) if not isinstance(v, (bool, np.bool_)) else None
+        except TypeError:
+            sizes[what] = None
+        if sizes[what] is None or sizes[what] < 1:
             raise ValueError(f"{what} must be a positive int, got {v!r}")
-    return builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    return builder(**sizes)
 
 
 # --------------------------------------------------------------------------- loading
@@ -131,6 +138,21 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], *, source: str) -> None
                                  "base weights must be finite")  # fmt: skip
 
 
+def filled_by_batchnorm(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> set[str]:
+    """The keys a strict ``load_state_dict`` does not miss although ``state_dict`` lacks them:
+    ``num_batches_tracked`` of a BatchNorm layer that tracks running statistics, in a state dict
+    without PyTorch's version-2 BatchNorm metadata (saved before PyTorch 0.4.1, as torchvision's
+    first ImageNet files were, or a plain dict): BatchNorm fills it in itself (with 0)."""
+    meta = getattr(state_dict, "_metadata", None) or {}
+    out = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            version = meta.get(name, {}).get("version")
+            if version is None or version < 2:
+                out.add(f"{name}.num_batches_tracked" if name else "num_batches_tracked")
+    return out
+
+
 def load_state_checked(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str, assign: bool = False
 ) -> nn.Module:
@@ -141,7 +163,8 @@ def load_state_checked(
     model takes the state dict's tensors (``load_state_dict(assign=True)``)."""
     check_finite(state_dict, source=source)
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
+    filled = filled_by_batchnorm(model, state_dict)
+    missing = [k for k in own if k not in state_dict and k not in filled]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [
         (k, tuple(state_dict[k].shape), tuple(own[k].shape))
