@@ -1264,3 +1264,57 @@ def test_structural_zeros_are_the_same_positions_in_every_row(mode):
         assert abs(sum(pywt.Wavelet("sym3").dec_hi)) > 1e-12  # why the rows differed
         _, st = wv.decompose(np.ones((8, 27)), wavelet="sym3", level=2, layout="filter", mode=mode)
         assert wv.structural_zeros(st).sum() % 8 == 0 and wv.structural_zeros(st).any()
+
+
+# --------------------------------------------------------------------------- the Python API's bad input
+
+
+def test_api_arguments_the_cli_never_gives_are_refused_with_one_line():
+    """Calls of the Python API with values the CLI's TrialConfig never produces: each was taken
+    silently ("false" kept the approximation band, a level above 5 gave a structure that does not
+    round-trip) or failed inside NumPy/torch without naming the argument."""
+    net = small_net()
+    for bad in ("false", "no", 0, None):
+        with pytest.raises(ValueError, match=f"keep_approx must be true or false, got {bad!r}"):
+            P.prune_dwt(net, wavelet="haar", level=1, percentile=50, keep_approx=bad)
+    assert P.prune_dwt(net, wavelet="haar", level=1, percentile=50, keep_approx=np.bool_(True)).config["keep_approx"] is True
+    for fn in (lambda t: P.prune_dwt(net, wavelet="haar", level=1, percentile=50, targets=t),
+               lambda t: P.prune_magnitude(net, 0.5, targets=t), lambda t: P.prune_random(net, 0.5, targets=t)):  # fmt: skip
+        with pytest.raises(ValueError, match="targets must name at least one of: conv, linear; got None"):
+            fn(None)
+    for seed in (2**64, -(2**63) - 1, 2**70):
+        with pytest.raises(ValueError, match=rf"seed must be an int in -2\*\*63..2\*\*64-1 \(or pass generator=\), got {seed}"):
+            P.prune_random(net, 0.5, seed=seed)
+        with pytest.raises(ValueError, match=rf"seed must be an int in -2\*\*63..2\*\*64-1, got {seed}"):
+            baselines.RandomKeys(seed, [4], joint=False)
+    for seed in (2**64 - 1, -(2**63)):  # the ends of torch's range are seeds
+        assert torch.equal(torch.tensor(P.prune_random(net, 0.5, seed=seed).layers[0].keep),
+                           torch.tensor(P.prune_random(net, 0.5, generator=torch.Generator().manual_seed(seed)).layers[0].keep))  # fmt: skip
+    w = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    for thr in (float("nan"), np.float32("nan"), float("inf"), "0.1", np.array([0.1])):
+        with pytest.raises(ValueError, match="threshold must be a finite number"):
+            wv.dwt_prune_array(w, wavelet="haar", level=1, threshold=thr)
+    kept = wv.dwt_prune_array(w, wavelet="haar", level=1, threshold=np.array(0.5))[2]
+    assert 0 < kept.sum() < kept.size
+    for level in (99, 6, -3, 2.7, True):
+        for call in (lambda: wv.decompose(w, wavelet="haar", level=level, layout="filter"),
+                     lambda: wv.effective_level(w.shape, "haar", level, "filter"),
+                     lambda: wv.dwt_prune_array(w, wavelet="haar", level=level, percentile=50)):  # fmt: skip
+            with pytest.raises(ValueError, match=rf"level must be an int in 0..5, got {level!r}"):
+                call()
+    coeffs, st = wv.decompose(w, wavelet="haar", level=0, layout="filter")  # 0: the identity, as before
+    assert st.level == 0 and np.array_equal(coeffs, w.ravel())
+
+
+def test_matched_baselines_prune_the_layers_dwt_pruned_in_either_scope():
+    """prune_matched with targets that select other layers than dwt's: per layer it was refused,
+    globally dwt's fraction was spread over layers dwt never pruned (half of a Linear). Refused in
+    both scopes now."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    for scope in ("layer", "global"):
+        dwt = P.prune_dwt(net, wavelet="haar", level=1, percentile=50, targets="conv", scope=scope)
+        for targets in (("conv", "linear"), "linear"):
+            with pytest.raises(ValueError, match=r"select \d layer\(s\) of model .*dwt pruned 1 \(0\): the baselines prune the layers dwt pruned"):
+                baselines.prune_matched(net, dwt, scope=scope, targets=targets)
+        out = baselines.prune_matched(net, dwt, scope=scope, targets="conv")
+        assert [lp.name for lp in out["magnitude"].layers] == [lp.name for lp in out["random"].layers] == ["0"]

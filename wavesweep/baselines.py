@@ -14,6 +14,17 @@ import torch
 from torch import nn
 
 from wavesweep import wavelets as wv
+
+#: the seeds torch.Generator.manual_seed takes
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(seed: object, hint: str = "") -> int:
+    """``seed`` as an int, or a one-line ValueError: not an int (a bool is none), or outside the
+    range torch's generator takes (its own message, "Overflow when unpacking long long", named no seed)."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not SEED_RANGE[0] <= int(seed) <= SEED_RANGE[1]:
+        raise ValueError(f"seed must be an int in -2**63..2**64-1{hint}, got {seed!r}")
+    return int(seed)
 from wavesweep.names import check_choice
 from wavesweep.prune_record import (
     SCOPES,
@@ -297,9 +308,7 @@ def _prune_random(model, amount, *, seed, generator, scope, targets, inplace, ba
         # its generator: the tie-breaks draw from it after the keys (taken, so drawn, by then)
         generator, seed_logged = keys.generator, keys.seed
     elif generator is None:
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an int (or pass generator=), got {seed!r}")
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        generator = torch.Generator(device="cpu").manual_seed(check_seed(seed, " (or pass generator=)"))
         seed_logged: int | None = int(seed)
     else:
         if not isinstance(generator, torch.Generator):
@@ -352,8 +361,7 @@ class RandomKeys:
     tie-breaks draw from it after them, as without this)."""
 
     def __init__(self, seed: int, sizes: list[int], *, joint: bool, pin: bool = False) -> None:
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        check_seed(seed)
         self.seed, self.sizes, self.joint = int(seed), [int(n) for n in sizes], bool(joint)
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)  # the thread's until take()
         self._buffer: torch.Tensor | None = None
@@ -440,6 +448,12 @@ def prune_matched(
         raise ValueError(f"random keys drawn for seed {keys.seed}, not {seed}")
     if targets is None:
         targets = dwt_result.config.get("targets", ("conv",))
+    names = [name for name, _m in target_layers(model, normalise_targets(targets))]
+    pruned = [lp.name for lp in dwt_result.layers]
+    if names != pruned:  # the budget is dwt's over its layers: on other layers it matches nothing
+        raise ValueError(f"targets {targets!r} select {len(names)} layer(s) of model ({', '.join(names[:3])}"
+                         f"{', ...' if len(names) > 3 else ''}); dwt pruned {len(pruned)} ({', '.join(pruned[:3])}"
+                         f"{', ...' if len(pruned) > 3 else ''}): the baselines prune the layers dwt pruned")  # fmt: skip
     amount = matched_amount(dwt_result, scope)
     magnitude = _prune_magnitude(model, amount, scope=scope, targets=targets, inplace=False, backend=backend,
                                  finite_checked=finite_checked)

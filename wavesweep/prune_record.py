@@ -240,7 +240,10 @@ def normalise_targets(targets: Iterable[str] | str) -> tuple[str, ...]:
     """``targets`` as a non-empty tuple of kinds from :data:`TARGETS` (a single kind may be a string)."""
     if isinstance(targets, str):
         targets = (targets,)
-    targets = tuple(targets)
+    try:
+        targets = tuple(targets)
+    except TypeError:
+        raise ValueError(f"targets must name at least one of: {', '.join(TARGETS)}; got {targets!r}") from None
     if not targets:
         raise ValueError(f"targets must name at least one of: {', '.join(TARGETS)}")
     for t in targets:

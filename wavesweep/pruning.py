@@ -112,7 +112,7 @@ def prune_dwt(
     to exactly 0, the convolution and dense-matrix level backends leave a rounding residue
     (1e-8 in float32), which can then sit above a threshold of 0 (weights with repeated values,
     e.g. quantized ones, at percentiles where the threshold is 0). And in the modes that repeat
-    samples at the boundary (``periodic``, ``reflect``, ``antisymmetric`` on short rows) PyWavelets
+    samples at the boundary (``periodic``, ``reflect``, ``antisymmetric``, ``symmetric`` on short rows) PyWavelets
     can give two exactly equal coefficients where the torch backend's differ by an ulp: when such
     a pair straddles the threshold, one coefficient is kept by one backend and dropped by the
     other (seen: 1 position of 26 on a (2, 1, 3, 3) weight, ``flat`` layout; the weights then
@@ -124,6 +124,8 @@ def prune_dwt(
     wv.validate_dwt_args(wavelet=wavelet, level=level, layout=layout, mode=mode, percentile=percentile)
     check_choice("scope", scope, SCOPES)
     check_choice("dwt backend", backend, BACKENDS)
+    if not isinstance(keep_approx, (bool, np.bool_)):  # "false" is truthy: it kept the approximation band
+        raise ValueError(f"keep_approx must be true or false, got {keep_approx!r}")
     targets = normalise_targets(targets)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass
@@ -104,6 +105,16 @@ def validate_level(level: object) -> int:
     """Return ``level``, or raise ``ValueError`` unless it is an int in 1..MAX_LEVEL."""
     if not isinstance(level, (int, np.integer)) or isinstance(level, bool) or not 1 <= level <= MAX_LEVEL:
         raise ValueError(f"level must be an int in 1..{MAX_LEVEL}, got {level!r}")
+    return int(level)
+
+
+def _array_level(level: object) -> int:
+    """``level`` of the array functions (:func:`decompose`, :func:`effective_level`,
+    :func:`dwt_prune_array`): an int in 0..MAX_LEVEL (0: the identity transform); else a one-line
+    ``ValueError`` (a level above MAX_LEVEL gave a structure :meth:`CoeffStructure.from_json`
+    refuses; a negative or fractional one was taken silently)."""
+    if not isinstance(level, (int, np.integer)) or isinstance(level, bool) or not 0 <= level <= MAX_LEVEL:
+        raise ValueError(f"level must be an int in 0..{MAX_LEVEL}, got {level!r}")
     return int(level)
 
 
@@ -263,8 +274,9 @@ def effective_level(shape: tuple[int, ...], wavelet: str, level: int, layout: st
     kernel with ``bior4.4`` in the ``kernel`` layout. Does not warn; the pruning step does.
     """
     check_wavelet(wavelet)
+    level = _array_level(level)
     arr, axes = layout_array(np.empty(tuple(shape), dtype=np.uint8), layout)
-    return max(0, min(int(level), _max_level(arr.shape, axes, wavelet)))
+    return max(0, min(level, _max_level(arr.shape, axes, wavelet)))
 
 
 def _float_array(w: np.ndarray) -> np.ndarray:
@@ -284,9 +296,10 @@ def decompose(
     """
     check_wavelet(wavelet)
     check_choice("mode", mode, MODES)
+    level = _array_level(level)
     w = _float_array(np.asarray(w))
     arr, axes = layout_array(w, layout)
-    lev = max(0, min(int(level), _max_level(arr.shape, axes, wavelet)))
+    lev = max(0, min(level, _max_level(arr.shape, axes, wavelet)))
     if lev == 0:
         arrays = [arr]
     elif len(axes) == 1:
@@ -389,6 +402,11 @@ def dwt_prune_array(
     of the computation: float32 for float32 input), the thresholded flat coefficients
     (zeros where dropped), the keep mask over them, and the coefficient structure.
     """
+    if not isinstance(keep_approx, (bool, np.bool_)):
+        raise ValueError(f"keep_approx must be true or false, got {keep_approx!r}")
+    if threshold is not None and not (isinstance(threshold, (numbers.Real, np.ndarray)) and np.ndim(threshold) == 0
+                                      and np.isfinite(float(threshold))):  # fmt: skip
+        raise ValueError(f"threshold must be a finite number, got {threshold!r} (NaN would drop every coefficient)")
     coeffs, st = decompose(w, wavelet=wavelet, level=level, layout=layout, mode=mode)
     n_approx = st.n_approx if keep_approx else 0
     if threshold is None:
