@@ -3,6 +3,8 @@ bad values; the run layout of ``wavesweep trial --replicates`` (slow tests below
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -49,6 +51,21 @@ def test_aggregate_of_one_replicate_is_its_value_and_of_none_an_error():
     assert replicates.aggregate([{"top1": 0.5, "x": float("inf")}]) == {"n_replicates": 1.0, "top1_mean": 0.5}
     with pytest.raises(ValueError, match="at least one"):
         replicates.aggregate([])
+
+
+def test_aggregate_takes_numpy_numbers_and_refuses_a_confidence_outside_0_1():
+    """An np.float32 or np.int64 metric was left out of the aggregates (only Python int/float
+    counted); a bool or np.bool_ still is no number. A confidence of 95 (not 0.95) gave NaN bounds."""
+    rows = [{"top1": np.float32(0.5), "n": np.int64(3), "flag": np.bool_(True), "b": True},
+            {"top1": np.float32(0.75), "n": np.int64(5), "flag": np.bool_(False), "b": False}]  # fmt: skip
+    agg = replicates.aggregate(rows)
+    assert agg == replicates.aggregate([{"top1": 0.5, "n": 3}, {"top1": 0.75, "n": 5}])
+    assert agg["top1_mean"] == 0.625 and agg["n_mean"] == 4.0 and not any(k.startswith(("flag", "b_")) for k in agg)
+    for bad in (95, 0, 1.0, float("nan"), "0.95"):
+        with pytest.raises(ValueError, match=f"confidence must be a number in \\(0, 1\\), got {re.escape(repr(bad))}"):
+            replicates.aggregate(rows, confidence=bad)
+    lo, hi = scipy.stats.t.interval(0.9, df=1, loc=0.625, scale=scipy.stats.sem([0.5, 0.75]))
+    assert replicates.aggregate(rows, confidence=0.9)["top1_ci_low"] == pytest.approx(lo, rel=1e-12)
 
 
 def test_replicate_seeds_and_config_id():

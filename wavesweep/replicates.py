@@ -24,8 +24,11 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from wavesweep import schema
 from wavesweep.config import MAX_SEED, TrialConfig, coerce, fixed_base
@@ -86,7 +89,9 @@ def seeds_note(cfg: TrialConfig, n: int) -> str:
 
 
 def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    """``v`` as a finite float: an int or a real number, NumPy's too (an np.float32 metric was left
+    out of the aggregates); None for a bool, a string, a non-finite value or anything else."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         return None
     f = float(v)
     return f if math.isfinite(f) else None
@@ -101,7 +106,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]], confidence: float = CONFIDENCE)
     """
     if not rows:
         raise ValueError("aggregate needs at least one replicate")
-    import numpy as np
+    if not (isinstance(confidence, numbers.Real) and 0 < confidence < 1):
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
     from scipy.stats import t as student_t
 
     n = len(rows)
