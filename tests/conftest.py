@@ -48,8 +48,9 @@ def mlflow_schema_template(tmp_path_factory):
     process, per store, and every test has its own store). In this process a new, empty SQLite
     store is filled instead with a copy of one such schema, built once by MLflow's own
     ``_initialize_tables`` in this session: the same tables, indexes and alembic revision.
-    Only an empty database is filled (anything else goes to MLflow's own code), and child
-    processes (every subprocess test) still build their stores as MLflow does."""
+    Only an empty database is filled (anything else goes to MLflow's own code). A child process
+    builds its store as MLflow does, unless ``subprocess_env`` has made it here first (it does,
+    except for the tests about creating one: ``fresh_store``)."""
     try:
         import sqlalchemy
         from mlflow.store.db import utils as db_utils

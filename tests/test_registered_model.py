@@ -159,7 +159,11 @@ def test_registered_model_is_an_ordinary_module_without_wavesweep(trial_run, tmp
     assert dense < pt2 <= dense + 200_000, (pt2, dense)
     assert total <= dense + pt2 + ckpt.stat().st_size + 64_000, (total, dense, pt2, ckpt.stat().st_size)
     flavours = yaml.safe_load((dl / "MLmodel").read_text())["flavors"]
-    assert flavours["pytorch"]["model_data"] == "exported" and flavours["python_function"]["loader_module"] == "wavesweep_pruned_model"
+    from wavesweep import pruned_model
+
+    loader = flavours["python_function"]["loader_module"]  # this version's loader, named by its contents
+    assert flavours["pytorch"]["model_data"] == "exported" and loader == pruned_model.loader_module(Path(pruned_model.__file__).read_bytes())
+    assert (dl / "code" / f"{loader}.py").read_bytes() == Path(pruned_model.__file__).read_bytes()
     assert ckpt.stat().st_size - checkpoint.read_header(ckpt)["header_bytes"] == run.data.metrics["stored_bytes"]
 
     # the oracle: the evaluated weights, decoded from the trial's compressed checkpoint by wavesweep
@@ -202,7 +206,7 @@ out = []
 for folder in (a, b, a):
     net = mlflow.pyfunc.load_model(folder).get_raw_model()
     with torch.no_grad():
-        out.append([getattr(net, "built_by", "A"), net(x).tolist()])
+        out.append([getattr(net, "built_by", "A"), getattr(net, "loaded_by", "A"), net(x).tolist()])
 print(json.dumps(out))
 """
 
@@ -225,6 +229,16 @@ def test_models_whose_shipped_code_differs_load_side_by_side_each_by_its_own(tri
     with open(b / "code" / "architectures.py", "a") as fh:  # model B: code of another version, which marks its models
         fh.write("\n_build_unmarked = build\n\ndef build(*args, **kwargs):\n    model = _build_unmarked(*args, **kwargs)\n"
                  "    model.built_by = 'B'\n    return model\n")  # fmt: skip
+    from wavesweep import pruned_model
+
+    mlmodel = yaml.safe_load((b / "MLmodel").read_text())  # and a loader of another version, named by its contents
+    old = b / "code" / f"{mlmodel['flavors']['python_function']['loader_module']}.py"
+    source = old.read_bytes() + (b"\n_load_unmarked = _load_pyfunc\n\ndef _load_pyfunc(data_path):\n"
+                                 b"    model = _load_unmarked(data_path)\n    model.module.loaded_by = 'B'\n    return model\n")  # fmt: skip
+    old.unlink()
+    (b / "code" / f"{pruned_model.loader_module(source)}.py").write_bytes(source)
+    mlmodel["flavors"]["python_function"]["loader_module"] = pruned_model.loader_module(source)
+    (b / "MLmodel").write_text(yaml.safe_dump(mlmodel))
     user = tmp_path / "user"
     user.mkdir()
     for name in ("architectures", "pruned_model"):
@@ -233,9 +247,47 @@ def test_models_whose_shipped_code_differs_load_side_by_side_each_by_its_own(tri
     proc = subprocess.run([sys.executable, "-I", "-c", NO_WAVESWEEP + SIDE_BY_SIDE, str(a), str(b), str(user)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (by_a, logits_a), (by_b, logits_b), (by_a_again, logits_a_again) = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [by_a, by_b, by_a_again] == ["A", "B", "A"]
+    (by_a, la, logits_a), (by_b, lb, logits_b), (by_a_again, la2, logits_a_again) = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [by_a, by_b, by_a_again] == [la, lb, la2] == ["A", "B", "A"]
     assert logits_a == logits_b == logits_a_again  # the same weights, whichever code built the module
+
+
+def test_threads_loading_a_model_at_once_each_get_it_whole(trial_run, tmp_path):
+    """The shipped architectures.py is run by path; a thread that found its module in sys.modules
+    before another had finished running it got a module without ``build`` (3 of 5 runs failed with
+    8 threads and a short switch interval). The first runs it whole, the others wait for it."""
+    import threading
+
+    from wavesweep import pruned_model
+    from wavesweep.tracked_trial import register_trial_model
+
+    _cfg, run_id = trial_run
+    register_trial_model(run_id, name="threads", alias="champion")
+    dl = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/threads@champion", dst_path=str(tmp_path / "dl")))
+    code = dl / "code" / "architectures.py"
+    errors, shapes = [], []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: the window wide open
+    try:
+        for attempt in range(5):
+            code.write_text(code.read_text() + f"\n# attempt {attempt}\n")  # other contents: a module not yet run
+            start = threading.Barrier(8)
+
+            def load():
+                start.wait()
+                try:
+                    shapes.append(tuple(pruned_model._load_pyfunc(str(dl / "data" / "data")).predict(np.zeros((2, 1, 8, 8))).shape))
+                except Exception as exc:  # noqa: BLE001 - what a thread met is the finding
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+            threads = [threading.Thread(target=load) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and shapes == [(2, 10)] * 40, errors[:3]
 
 
 def test_registered_model_serves_as_base_weights(trial_run, tmp_path):

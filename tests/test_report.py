@@ -724,3 +724,9 @@ def test_an_adjusted_p_is_never_written_rounded_across_its_threshold():
            "dwt_vs_magnitude_ci_high": 0.09, "dwt_vs_magnitude_p_adj": 0.04996, "dwt_vs_magnitude_verdict": "significant"}  # fmt: skip
     [line] = _verdicts(pd.DataFrame([row]))
     assert "adjusted p = 0.04996: **significant**" in line, line
+    # the summary table beside it: its p columns too (4 digits, more where 4 would cross 0.05)
+    table = pd.DataFrame([{"top1": 0.123456, "n_eval": 10000.0, "dwt_vs_magnitude_mcnemar_p": 0.049996,
+                           "dwt_vs_magnitude_p_adj": 0.049996, "dwt_vs_random_p_adj": 0.0123456,
+                           "dwt_vs_random_mcnemar_p": float("nan"), "dwt_vs_magnitude_verdict": "significant"}])  # fmt: skip
+    cells = report.to_markdown(table).splitlines()[2].split(" | ")
+    assert cells == ["| 0.1235", "10000", "0.049996", "0.049996", "0.01235", "", "significant |"], cells

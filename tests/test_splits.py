@@ -76,6 +76,32 @@ def test_each_thing_that_decides_a_split_is_in_its_key(tmp_path, monkeypatch):
         splits.train_test_split_indices(100, stratify=labels[:99], seed=0, test_size=0.2)
 
 
+def test_labels_of_any_dtype_split_as_scikit_learn_splits_them(tmp_path, monkeypatch):
+    """The key holds each label's class index, not the labels' bytes: an object array's bytes are
+    addresses, so new labels at freed addresses got another array's split (26 of 30 wrong) and each
+    process wrote a new file. Object, string and float labels, and labels of mixed types that do not
+    order (scikit-learn's own error, nothing cached), against scikit-learn."""
+    monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        ids = rng.integers(0, 3, 60)
+        ids[:6] = [0, 0, 1, 1, 2, 2]
+        for labels in (np.array([10**9 + int(v) for v in ids], dtype=object), np.array([f"class-{v}" for v in ids]),
+                       ids * 0.5 - 3.0):  # fmt: skip
+            got = splits.train_test_split_indices(60, stratify=labels, seed=i, test_size=0.25)
+            for g, w in zip(got, _sklearn(60, labels, {"test_size": 0.25}, i)):
+                assert np.array_equal(g, w), (i, labels.dtype)
+        del labels
+    # one file per (seed, class of each example): the three label kinds of a seed share it
+    assert len(list((tmp_path / "splits").glob("*.npz"))) == 30
+    mixed = np.array([1, "a"] * 10, dtype=object)  # np.unique cannot order them: scikit-learn's own error
+    with pytest.raises(TypeError, match="not supported between instances of 'str' and 'int'"):
+        _sklearn(20, mixed, {"test_size": 0.5}, 0)
+    with pytest.raises(TypeError, match="not supported between instances of 'str' and 'int'"):
+        splits.train_test_split_indices(20, stratify=mixed, seed=0, test_size=0.5)
+    assert len(list((tmp_path / "splits").glob("*.npz"))) == 30
+
+
 def test_a_damaged_or_foreign_cache_file_is_computed_again(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("WAVESWEEP_CACHE", str(tmp_path))
     labels = np.tile(np.arange(3), 30)

@@ -126,11 +126,12 @@ def _upload(model: Any, architecture: dict[str, Any], input_example: Any, checkp
         with torch.no_grad():
             output = model(torch.as_tensor(input_example)).numpy()
         folder = Path(tmp) / "model"
-        loader = Path(tmp) / "loader" / f"{pruned_model.LOADER_MODULE}.py"  # shipped under wavesweep's name
+        source = Path(pruned_model.__file__).read_bytes()
+        loader = Path(tmp) / "loader" / f"{pruned_model.loader_module(source)}.py"  # shipped under a name of its contents
         loader.parent.mkdir()
-        shutil.copyfile(pruned_model.__file__, loader)
+        loader.write_bytes(source)
         mlflow.pyfunc.save_model(
-            str(folder), loader_module=pruned_model.LOADER_MODULE, data_path=str(data),
+            str(folder), loader_module=loader.stem, data_path=str(data),
             code_paths=[str(loader), architectures.__file__],
             signature=infer_signature(input_example, output), input_example=input_example,
             pip_requirements=_pip_requirements(),
@@ -389,7 +390,7 @@ def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
             pyfunc = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
         from wavesweep import pruned_model
 
-        if pyfunc.get("loader_module") in pruned_model.LOADER_MODULES:  # registered by wavesweep: its exact state dict
+        if pruned_model.is_wavesweep_loader(pyfunc.get("loader_module")):  # registered by wavesweep: its exact state dict
             candidates = [local / pyfunc["data"] / pruned_model.STATE_DICT]
         if not candidates:
             raise ValueError(f"{resolved}: no weights file in it; wavesweep reads {models.SAFE_FORMATS}")
@@ -401,7 +402,7 @@ def weights_from_uri(uri: str, cache: Path) -> tuple[Path, str]:
         try:
             state, meta = models.read_weights(best[0])
             models.check_finite(state, source=f"{resolved} ({rel})")
-            if pyfunc.get("loader_module") in pruned_model.LOADER_MODULES and (shipped := sorted((local / pyfunc["data"]).glob("*.wsz"))):
+            if pruned_model.is_wavesweep_loader(pyfunc.get("loader_module")) and (shipped := sorted((local / pyfunc["data"]).glob("*.wsz"))):
                 from wavesweep import checkpoint  # what the checkpoint it was decoded from records: its trial, dataset
 
                 header = checkpoint.read_header(shipped[0])

@@ -4,8 +4,8 @@ A registered model is an ordinary ``nn.Module`` saved as data, not as code: its 
 ``data/state_dict.pt`` (``torch.save`` of the state dict, read back with ``weights_only=True``:
 no pickle of objects), ``data/architecture.json`` (the architecture's name and build arguments)
 and the compressed checkpoint it was rebuilt from; ``code/`` holds this file (as
-``wavesweep_pruned_model.py``: :data:`LOADER_MODULE`) and ``architectures.py``. MLflow puts
-``code/`` on ``sys.path`` and calls ``_load_pyfunc``, so loading needs torch, torchvision and
+``wavesweep_pruned_model_<sha256>.py``: :func:`loader_module`) and ``architectures.py``. MLflow
+puts ``code/`` on ``sys.path`` and calls ``_load_pyfunc``, so loading needs torch, torchvision and
 MLflow, not wavesweep::
 
     net = mlflow.pyfunc.load_model("models:/NAME@champion").get_raw_model()  # an nn.Module
@@ -18,8 +18,9 @@ imported under a name of its contents (``wavesweep_architectures_<sha256>``), ne
 ``architectures``: MLflow puts a model's ``code/`` first on ``sys.path`` but keeps a module
 already imported, so a process that had imported a module of that name (its own
 ``architectures.py``, or the copy shipped with another model, of another wavesweep version)
-built the model with that code, or failed. The loader's own name is wavesweep's for the same
-reason (models registered before are loaded by their ``pruned_model``, as they were).
+built the model with that code, or failed. The loader is shipped under a name of its own
+contents too (a model's ``loader_module``), for the same reason: MLflow imports it by name
+(models registered before are loaded by their ``pruned_model``, as they were).
 
 Keep this file free of wavesweep imports (``model_registry.register_model`` ships it).
 """
@@ -30,6 +31,7 @@ import hashlib
 import importlib.util
 import json
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,10 +41,20 @@ import torch
 
 STATE_DICT = "state_dict.pt"
 ARCHITECTURE = "architecture.json"
-#: the name this file is shipped and imported under (a model's ``loader_module``)
-LOADER_MODULE = "wavesweep_pruned_model"
-#: every ``loader_module`` a wavesweep model was registered with (the first by earlier versions)
-LOADER_MODULES = ("pruned_model", LOADER_MODULE)
+#: what every ``loader_module`` of this file starts with (:func:`loader_module`)
+LOADER_PREFIX = "wavesweep_pruned_model_"
+_LOCK = threading.Lock()  # one thread runs a shipped architectures.py; the others wait for it whole
+
+
+def loader_module(source: bytes) -> str:
+    """The name this file, of contents ``source``, is shipped and imported under."""
+    return f"{LOADER_PREFIX}{hashlib.sha256(source).hexdigest()[:16]}"
+
+
+def is_wavesweep_loader(name: object) -> bool:
+    """Whether a model's ``loader_module`` is this file's, of any version (``pruned_model``: the
+    name it was registered under before)."""
+    return isinstance(name, str) and (name == "pruned_model" or name.startswith(LOADER_PREFIX))
 
 
 def _architectures(data_path: Path) -> ModuleType:
@@ -59,16 +71,17 @@ def _architectures(data_path: Path) -> ModuleType:
         return architectures
     source = shipped.read_bytes()
     name = f"wavesweep_architectures_{hashlib.sha256(source).hexdigest()[:16]}"
-    if name not in sys.modules:  # the same code twice is one module; other code, another
-        spec = importlib.util.spec_from_file_location(name, shipped)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before running it, as an import does (dataclasses look themselves up there)
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
+    with _LOCK:  # a module in sys.modules is one that has run to its end (as an import's lock ensures)
+        if name not in sys.modules:  # the same code twice is one module; other code, another
+            spec = importlib.util.spec_from_file_location(name, shipped)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # before running it, as an import does (dataclasses look themselves up there)
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        return sys.modules[name]
 
 
 def load_module(data_path: str | Path) -> torch.nn.Module:

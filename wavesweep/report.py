@@ -132,19 +132,24 @@ def summary_table(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) ->
 
 def to_markdown(table: pd.DataFrame, *, floatfmt: str = ".4g") -> str:
     """A GitHub-flavoured Markdown table (no dependency on ``tabulate``). A whole number (a count
-    such as ``n_eval``, a byte size) is written in full; other numbers with ``floatfmt``."""
+    such as ``n_eval``, a byte size) is written in full; other numbers with ``floatfmt``; a
+    p-value (a column ending in ``_p_adj`` or ``_p``) with :func:`p_text` at 4 digits, so that none
+    is rounded across 0.05 beside its verdict."""
 
-    def cell(v: Any) -> str:
+    def cell(v: Any, is_p: bool) -> str:
         if isinstance(v, float):
             if math.isnan(v):
                 return ""
+            if is_p:
+                return p_text(v, digits=4)
             # metrics come back as floats: ".4g" would write n_eval 10000 as 1e+04 and 12345 as 1.234e+04
             return str(int(v)) if v.is_integer() else format(v, floatfmt)
         return str(v).replace("|", "\\|")
 
+    is_p = [str(c).endswith(("_p_adj", "_p")) for c in table.columns]
     head = "| " + " | ".join(map(str, table.columns)) + " |"
     sep = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    body = ["| " + " | ".join(cell(v, p) for v, p in zip(row, is_p)) + " |" for row in table.itertuples(index=False)]
     return "\n".join([head, sep, *body]) + "\n"
 
 
@@ -154,12 +159,12 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
-def p_text(p: float | None, alpha: float = 0.05) -> str:
-    """``p`` to 3 significant digits, or more where 3 would round it across ``alpha`` (0.04996 is
-    not written "0.05" beside the word significant, nor 0.05 written below it)."""
+def p_text(p: float | None, alpha: float = 0.05, *, digits: int = 3) -> str:
+    """``p`` to ``digits`` significant digits, or more where those would round it across ``alpha``
+    (0.04996 is not written "0.05" beside the word significant, nor 0.05 written below it)."""
     if p is None or not math.isfinite(p):
         return "n/a"
-    for digits in range(3, 18):
+    for digits in range(digits, 18):
         text = f"{p:.{digits}g}"
         if (float(text) < alpha) == (p < alpha):
             return text

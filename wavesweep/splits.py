@@ -74,13 +74,15 @@ def train_test_split_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``train_test_split(np.arange(n), train_size=..., test_size=..., stratify=stratify,
     random_state=seed)``: its two int64 index arrays, in its order. scikit-learn's ValueError for
-    a split it cannot make is raised as it is (nothing is cached)."""
-    labels = np.ascontiguousarray(stratify)
+    a split it cannot make is raised as it is (nothing is cached).
+
+    The key holds the labels as scikit-learn splits on them: each label's class index among the
+    sorted distinct labels (``np.unique``'s inverse), not the labels' bytes (those of an object
+    array are addresses). Labels ``np.unique`` cannot order, or not one per example, are split
+    by scikit-learn without the cache."""
+    labels = np.asarray(stratify)
     if len(labels) != n:
         raise ValueError(f"stratify has {len(labels)} labels for {n} examples")
-    digest = hashlib.sha256(labels.tobytes()).hexdigest()
-    key = (f"train_test_split|n={int(n)}|train_size={_size_key(train_size)}|test_size={_size_key(test_size)}"
-           f"|seed={int(seed)}|stratify={labels.dtype.str}{labels.shape}:{digest}")  # fmt: skip
 
     def compute() -> dict[str, np.ndarray]:
         from sklearn.model_selection import train_test_split
@@ -89,7 +91,17 @@ def train_test_split_indices(
                                          stratify=labels, random_state=seed)  # fmt: skip
         return {"first": first, "second": second}
 
-    out = _cached("splits", key, compute)
+    try:
+        if labels.ndim != 1:
+            raise TypeError("not one label per example")
+        classes, inverse = np.unique(labels, return_inverse=True)
+    except TypeError:  # mixed types that do not order, labels of several columns
+        out = compute()
+    else:
+        digest = hashlib.sha256(np.ascontiguousarray(inverse, dtype="<i8").tobytes()).hexdigest()
+        key = (f"train_test_split|n={int(n)}|train_size={_size_key(train_size)}|test_size={_size_key(test_size)}"
+               f"|seed={int(seed)}|classes={len(classes)}|class_of_each={digest}")  # fmt: skip
+        out = _cached("splits", key, compute)
     return out["first"], out["second"]
 
 
