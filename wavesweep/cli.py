@@ -48,10 +48,9 @@ def cmd_trial(args: argparse.Namespace) -> int:
         n = check_replicates(args.replicates if args.replicates is not None else 1)
         check_replicate_seeds(cfg.seed, n)
         _check_device(cfg.device)
-    except USAGE_ERRORS as exc:
-        if args.launched_run_id:  # `mlflow run` already created a run: mark it FAILED with the reason
-            client, _ = tracking.init_tracking(run_id=args.launched_run_id)
-            tracking.close_run(client, args.launched_run_id, "FAILED", error=f"invalid parameters: {exc}", children=False)
+    except USAGE_ERRORS as exc:  # `mlflow run` already created a run: marked FAILED with the reason, never masking it
+        with interrupt.ignored():
+            tag_launched_run(args.launched_run_id, f"invalid parameters: {one_line(exc)}")
         raise
     if n == 1:
         from wavesweep.tracked_trial import run_tracked_trial
@@ -623,12 +622,16 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     has, so a second one cannot kill it by the signal halfway through its exit."""
     # The run `mlflow run` created for this process, read once here and passed down.
     launched_run_id = os.environ.get("MLFLOW_RUN_ID") or None
+    from wavesweep.redact import remember_url_credentials
+
+    remember_url_credentials(os.environ.get("MLFLOW_TRACKING_URI"))  # a password the URL pattern misses, hidden from here on
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
         msg = one_line(exc)
         print(f"wavesweep: error: {msg}", file=sys.stderr)
-        tag_launched_run(launched_run_id, f"invalid command line: {msg}")
+        with interrupt.ignored():
+            tag_launched_run(launched_run_id, f"invalid command line: {msg}")
         return 2
     args.launched_run_id = launched_run_id
     # MLflow configures its own loggers when it is imported (later, by the command), which would
@@ -641,8 +644,10 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
-    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL", "torch"):  # torch: its exit hooks' INFO lines
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:  # MLflow retries a database it cannot reach for ~100 s, 4 lines a try: one line says so
+        logging.getLogger("mlflow.store.db.utils").addFilter(_FirstRetryOnly())
     if args.func is not cmd_download:  # MLflow's download bars would break the one-line errors
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
@@ -660,17 +665,42 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         environment = None if args.verbose else environment_error(exc)  # -v: the whole traceback
         if environment is not None:  # a full disk, an unreachable database: exit 1, one line
             print(f"wavesweep: error: {environment}", file=sys.stderr)
-            tag_launched_run(launched_run_id, environment)
+            with interrupt.ignored():  # outside the stop block: a stop waits for the record, as in _interrupted
+                tag_launched_run(launched_run_id, environment)
             return 1
         if not (isinstance(exc, USAGE_ERRORS) or is_mlflow_error(exc)):
-            tag_launched_run(launched_run_id, f"{type(exc).__name__}: {one_line(exc)}")
+            with interrupt.ignored():
+                tag_launched_run(launched_run_id, f"{type(exc).__name__}: {one_line(exc)}")
             raise
         msg = one_line(exc) + _relative_path_hint(exc, args, launched_run_id)
         print(f"wavesweep: error: {msg}", file=sys.stderr)
-        tag_launched_run(launched_run_id, msg)
+        with interrupt.ignored():
+            tag_launched_run(launched_run_id, msg)
         return 2
     except KeyboardInterrupt as exc:  # a stop outside the block (as it was set up)
         return _interrupted(exc, launched_run_id, exiting)
+
+
+class _FirstRetryOnly(logging.Filter):
+    """MLflow's "SQLAlchemy engine could not be created ... retried in N seconds" (the exception's
+    lines, a try every 0.1 * (2**k - 1) s, ten tries: about 100 s): the first try's, as one line;
+    the others dropped. The error that ends it is the command's one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "could not be created" not in str(record.msg):
+            return True
+        if self.said:
+            return False
+        self.said = True
+        tries = getattr(sys.modules.get("mlflow.store.db.utils"), "MAX_RETRY_COUNT", 10)
+        wait = sum(0.1 * (2**k - 1) for k in range(1, tries))  # MLflow's sleeps between its tries
+        record.msg, record.args = (f"the MLflow store does not answer; MLflow tries again for about {wait:.0f} s (Ctrl-C stops): %s",
+                                   (one_line(record.args[0]) if record.args else "",))  # fmt: skip
+        return True
 
 
 def _relative_path_hint(exc: Exception, args: argparse.Namespace, launched_run_id: str | None) -> str:

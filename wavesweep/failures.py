@@ -65,9 +65,13 @@ def one_line(exc: BaseException) -> str:
     if _WORKER.match(msg):  # torch re-raises a worker's error as "Caught X in DataLoader worker ..." + its traceback
         last = text.splitlines()[-1].strip()
         msg = last.split(": ", 1)[1] if last.startswith(f"{type(exc).__name__}: ") else last
-    if len(msg) > MAX_ERROR_CHARS:
-        msg = f"{msg[:MAX_ERROR_CHARS]}... ({len(msg) - MAX_ERROR_CHARS} more characters)"
-    return redact(msg)
+    return _capped(redact(msg))  # redacted whole: a URL cut inside its password would no longer be found
+
+
+def _capped(text: str) -> str:
+    if len(text) > MAX_ERROR_CHARS:
+        return f"{text[:MAX_ERROR_CHARS]}... ({len(text) - MAX_ERROR_CHARS} more characters)"
+    return text
 
 
 def error_text(exc: BaseException) -> str:
@@ -83,9 +87,7 @@ def error_text(exc: BaseException) -> str:
         return type(exc).__name__
     if _WORKER.match(text.splitlines()[0]):
         return f"{type(exc).__name__}: {one_line(exc)}"
-    if len(text) > MAX_ERROR_CHARS:
-        text = f"{text[:MAX_ERROR_CHARS]}... ({len(text) - MAX_ERROR_CHARS} more characters)"
-    return redact(f"{type(exc).__name__}: {text}")
+    return _capped(redact(f"{type(exc).__name__}: {text}"))
 
 
 def environment_error(exc: BaseException) -> str | None:
@@ -102,6 +104,12 @@ def environment_error(exc: BaseException) -> str | None:
         if isinstance(err, OSError) and err.errno == errno.EROFS:  # a store (or the lock beside it) on a read-only mount
             where = f" {str(err.filename)!r}" if err.filename else ""
             return f"read-only file system: cannot write{where}: {_move(err.filename, 'on a writable file system', 'at a folder on a writable file system')}"
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM) and err.filename:  # a folder of another user
+            return (f"permission denied on {str(err.filename)!r}: give yourself access to it, or "
+                    f"{_move(err.filename, 'in a folder you may write', 'at a folder you may write')}")  # fmt: skip
+        if isinstance(err, FileExistsError) and err.filename and Path(os.fsdecode(err.filename)).is_file():  # a file, not a folder
+            return (f"{str(err.filename)!r} is a file where a folder is needed: move it away, or "
+                    f"{_move(err.filename, 'elsewhere')}")  # fmt: skip
         sa_exc = sys.modules.get("sqlalchemy.exc")
         if sa_exc is not None and isinstance(err, sa_exc.OperationalError):
             return f"database: {one_line(err.orig if err.orig is not None else err)}"

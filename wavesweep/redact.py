@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 
-__all__ = ["redact", "remember_password", "RedactingFilter"]
+__all__ = ["redact", "remember_password", "remember_url_credentials", "RedactingFilter"]
 
 _URL_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*):[^@\s'\"/]*@")
 # password=, sslpassword=, client_secret=, access_token=, ...
@@ -21,18 +21,42 @@ _KEY_CREDENTIALS = re.compile(r"(?P<head>\b\w*(?:password|passwd|pwd|token|secre
 _PASSWORDS: set[str] = set()
 
 
-def remember_password(password: str | None) -> None:
+def remember_password(password: str | None, probe: str = "x://u:{}@h") -> None:
     """Redact ``password`` (parsed from a URL wavesweep was given, e.g. by SQLAlchemy's ``make_url``)
-    from now on wherever it appears, when :func:`redact`'s URL pattern alone would leave it visible."""
+    from now on wherever it appears, when :func:`redact`'s patterns alone would leave it visible in
+    ``probe`` (where it stood: a URL's userinfo, or a query value)."""
     if not password:
         return
-    from urllib.parse import quote
+    from urllib.parse import quote, quote_plus
 
-    for form in {password, quote(password, safe="")}:
-        probe = f"x://u:{form}@h"
-        if form not in redact(probe):
-            continue  # the pattern already hides it: no plain-string match (which could hit ordinary words)
+    for form in {password, quote(password, safe=""), quote_plus(password)}:
+        if redact(probe.format(form)) == probe.format("***"):
+            continue  # the patterns already hide it whole: no plain-string match (which could hit ordinary words)
         _PASSWORDS.add(form)
+
+
+#: a URL's password as SQLAlchemy's ``make_url`` reads it: after ``user:``, up to the first ``@``
+_USERINFO_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^:/@]*:(?P<password>[^@]*)@")
+_SECRET_KEY = re.compile(r"(?:password|passwd|pwd|token|secret|api_key)$", re.IGNORECASE)
+
+
+def remember_url_credentials(url: object) -> None:
+    """Remember (:func:`remember_password`) the secrets of a URL wavesweep was given (a tracking
+    URI, a storage URL), parsed as a database driver reads them, before anything prints it: its
+    password, even one with a ``/``, quote or space that the URL pattern misses, and the values of
+    ``password=``-style query parameters, spaces and quotes included. A URL that does not parse
+    keeps its secrets hidden all the same."""
+    if not isinstance(url, str) or "://" not in url:
+        return
+    if (m := _USERINFO_PASSWORD.match(url)) is not None:
+        remember_password(m["password"])
+    _scheme, _, rest = url.partition("://")
+    if "?" in rest:
+        from urllib.parse import parse_qsl
+
+        for key, value in parse_qsl(rest.split("?", 1)[1], keep_blank_values=False):
+            if _SECRET_KEY.search(key):
+                remember_password(value, probe="x://h/d?" + key + "={}")
 
 
 def redact(text: str) -> str:

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from wavesweep import store, tracking
 from wavesweep.fileio import file_lock
-from wavesweep.redact import remember_password
+from wavesweep.redact import remember_password, remember_url_credentials
 from wavesweep.study.frame import encode_objectives, study_objectives
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ def check_storage_url(url: str) -> None:
     A journal file or SQLite database may be missing (it is created) but its folder must exist;
     an RDB URL needs a known database and its installed driver.
     """
+    remember_url_credentials(url)  # before anything shows it: a URL that does not parse keeps them hidden too
     shown = redact_url(url)
     if not isinstance(url, str) or not url.strip():
         raise ValueError(f"storage {url!r} is empty; give a database URL (sqlite:///optuna.db, postgresql://HOST/DB) or a .journal file")
