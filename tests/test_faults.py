@@ -341,6 +341,36 @@ def test_a_second_sigterm_while_the_process_exits_after_a_stop_does_not_kill_it(
 
 
 @pytest.mark.slow
+def test_a_sigterm_while_a_finished_trial_exits_does_not_change_its_exit(workdir, tiny_weights, shared_cache):
+    """A trial that finished (runs FINISHED, its table printed) and a SIGTERM in its exit handlers
+    (a scheduler's time limit landing then): the process died by the signal, status -15. Once the
+    command has returned, the signals are ignored: exit 0, the runs as they were."""
+    hook = (
+        "import atexit, os, time\n"
+        "def slow_exit():\n"
+        "    open('exiting', 'w').close()\n"
+        "    time.sleep(3)\n"
+        "atexit.register(slow_exit)\n"
+    )  # registered first, so it runs last of the process's exit handlers
+    argv = ["trial", "--model", "cnn", "--weights", tiny_weights, "--eval-limit", "40", "--timing-batches", "0",
+            "--recovery", "none", "-q"]  # fmt: skip
+    out = open(workdir / "trial.log", "w")  # noqa: SIM115 - closed with the process
+    p = subprocess.Popen([sys.executable, "-m", "wavesweep", *argv], cwd=workdir, env=_hooked_env(workdir, shared_cache, hook),
+                         stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: (workdir / "exiting").exists() or p.poll() is not None, 300, "the process to exit")
+        assert p.poll() is None, "the hook keeps the process in its exit for 3 s"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 0
+    finally:
+        p.kill()
+    log = (workdir / "trial.log").read_text()
+    assert "Traceback" not in log and "interrupted" not in log and "\ntrial run " in log, log[-2000:]
+    runs = mlflow_runs(workdir)
+    assert runs and {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.mark.slow
 def test_ctrl_c_while_a_spawned_worker_starts_is_one_line(workdir, tiny_weights, shared_cache):
     """Ctrl-C (SIGINT to the terminal's process group) in the first seconds of `--workers 2`: the
     spawned worker was still importing torch, MLflow and Optuna, before its handlers were in place,

@@ -726,8 +726,13 @@ def _interrupted(exc: KeyboardInterrupt, launched_run_id: str | None, exiting: b
 
 
 def run(argv: list[str] | None = None) -> None:
-    """The console entry point (``wavesweep``, ``python -m wavesweep``, MLproject)."""
-    raise SystemExit(main(argv, exiting=True))
+    """The console entry point (``wavesweep``, ``python -m wavesweep``, MLproject). Once the command
+    has returned, its runs are closed and its line printed: a SIGINT or SIGTERM in the process's last
+    moments (its exit handlers) is ignored, as after a stop, and the exit code is the command's (it
+    ended the process by the signal, status -15, or printed a traceback from an exit handler)."""
+    code = main(argv, exiting=True)
+    interrupt.ignore_until_exit()
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":
