@@ -304,6 +304,17 @@ def held(workdir: Path, shared_cache: Path) -> tuple[dict[str, str], Path]:
     return _hooked_env(workdir, shared_cache, HOLD_AT_RECOVERY) | {"WAVESWEEP_TEST_HOLD": str(hold)}, hold
 
 
+#: a sitecustomize hook whose exit handler, registered first so it runs last, writes ``exiting`` and
+#: keeps the process 3 s in its exit
+SLOW_EXIT = (
+    "import atexit, os, time\n"
+    "def slow_exit():\n"
+    "    open('exiting', 'w').close()\n"
+    "    time.sleep(3)\n"
+    "atexit.register(slow_exit)\n"
+)
+
+
 @pytest.mark.slow
 def test_a_second_sigterm_while_the_process_exits_after_a_stop_does_not_kill_it(workdir, tiny_weights, shared_cache):
     """A scheduler that sends SIGTERM twice, or a second Ctrl-C: the first closed the trial's runs
@@ -311,13 +322,7 @@ def test_a_second_sigterm_while_the_process_exits_after_a_stop_does_not_kill_it(
     back, and a second SIGTERM in the process's last moments (its exit took 0.5-1 s on this
     machine; the hook below makes it 3 s) killed it by the signal: status -15, not exit 143.
     After a stop, both signals are ignored until the process has exited."""
-    hook = (
-        "import atexit, os, time\n"
-        "def slow_exit():\n"
-        "    open('exiting', 'w').close()\n"
-        "    time.sleep(3)\n"
-        "atexit.register(slow_exit)\n"
-    )  # registered first, so it runs last of the process's exit handlers
+    hook = SLOW_EXIT  # the process stays 3 s in its exit handlers
     argv = ["trial", "--model", "cnn", "--weights", tiny_weights, "--eval-limit", "40", "--timing-batches", "0",
             "--recovery", "finetune", "--finetune-steps", "200", "-q"]  # fmt: skip
     out = open(workdir / "trial.log", "w")  # noqa: SIM115 - closed with the process
@@ -345,13 +350,7 @@ def test_a_sigterm_while_a_finished_trial_exits_does_not_change_its_exit(workdir
     """A trial that finished (runs FINISHED, its table printed) and a SIGTERM in its exit handlers
     (a scheduler's time limit landing then): the process died by the signal, status -15. Once the
     command has returned, the signals are ignored: exit 0, the runs as they were."""
-    hook = (
-        "import atexit, os, time\n"
-        "def slow_exit():\n"
-        "    open('exiting', 'w').close()\n"
-        "    time.sleep(3)\n"
-        "atexit.register(slow_exit)\n"
-    )  # registered first, so it runs last of the process's exit handlers
+    hook = SLOW_EXIT  # the process stays 3 s in its exit handlers
     argv = ["trial", "--model", "cnn", "--weights", tiny_weights, "--eval-limit", "40", "--timing-batches", "0",
             "--recovery", "none", "-q"]  # fmt: skip
     out = open(workdir / "trial.log", "w")  # noqa: SIM115 - closed with the process
