@@ -36,10 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout under test, installed or not
 EVAL_PHASES = ("eval_base", "eval", "timing")  # phases whose work is mostly forward passes
 OVERLAPPED: tuple[str, ...] = ()  # phases run in a thread beside others (none since the checkpoint is written before logging)
-TRIAL_IMPORTS = (
-    "import wavesweep.cli, wavesweep.tracked_trial, torchvision, sklearn.metrics, sklearn.datasets, "
-    "sklearn.model_selection, mlflow.store.tracking.sqlalchemy_store"
-)
+# what a trial process imports once its scikit-learn arrays are cached (wavesweep.splits): no
+# scikit-learn (tests/test_splits.py checks a trial process does not import it)
+TRIAL_IMPORTS = "import wavesweep.cli, wavesweep.tracked_trial, torchvision, mlflow.store.tracking.sqlalchemy_store"
 
 
 class ForwardClock:
@@ -215,7 +214,7 @@ def main() -> None:
 
         # The floor of a whole `mlflow run`, measured here (median of 3 each): starting the mlflow
         # CLI, and a process importing everything a trial process imports, some of it lazily:
-        # torchvision (the model), scikit-learn (data, metrics), MLflow's SQL store (first client call).
+        # torchvision (the model), MLflow's SQL store (first client call).
         t_cli = sorted(_wall([sys.executable, "-c", "import mlflow.cli"], env) for _ in range(3))[1]
         t_imports = sorted(_wall([sys.executable, "-c", TRIAL_IMPORTS], env) for _ in range(3))[1]
         print(f"\nprocess start + imports of the mlflow CLI:        {t_cli:6.2f} s (median of 3)")
