@@ -4,7 +4,9 @@ batch-stream seeds (mean ± spread), beside the one-shot score (recovery none) i
 
 The evidence behind ``recovery_batches``' default (50) and the cost side of
 ``bench_recovery.py``'s BatchNorm share: a batch count whose mean is within the seed spread of
-the largest count is saturated; fewer batches bias the statistics.
+the largest count is saturated; fewer batches bias the statistics. The counts here are fed to
+``reestimate_bn`` as given; a trial takes one pass over the training split at most
+(``recovery.epoch_batches``, printed: digits 22), so a count above it is what a trial never runs.
 
     python bench/bench_bn_batches.py [--model resnet18] [--dataset digits] [--eval-limit 2000]
 """
@@ -40,7 +42,8 @@ def main() -> None:
     bundle = load_dataset(args.dataset, seed=0)
     test = eval_subset(bundle.test, args.eval_limit, seed=0)
     t_start = time.perf_counter()
-    print(f"{args.model} on {args.dataset}: {len(bundle.train)} training examples, {len(test)} evaluated; "
+    print(f"{args.model} on {args.dataset}: {len(bundle.train)} training examples "
+          f"({recovery.epoch_batches(len(bundle.train), 64)} batches of 64 a pass: the most a trial takes), {len(test)} evaluated; "
           f"base top-1 {evaluate.evaluate(base.model, test, device='cpu').top1:.3f}; dwt bior4.4 level 5 filter layout; "
           f"cells: mean±spread over {args.seeds} batch-stream seeds")  # fmt: skip
     for pct in (float(v) for v in args.percentiles.split(",")):

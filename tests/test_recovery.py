@@ -444,6 +444,32 @@ def test_recover_bn_leaves_pruning_and_weights_alone(train_set):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("asked", [4, 50])
+def test_bn_recovery_takes_at_most_one_pass_over_the_training_split(train_set, asked):
+    """300 examples make 4 full batches of 64: asking 50 re-estimates on those 4 (each example once,
+    the 44 left over by the full batches aside), asking 4 on the same 4. Oracle: PyTorch's
+    ``torch.optim.swa_utils.update_bn`` (one pass over its loader, a cumulative average) on a
+    copy of the pruned model, fed the first pass of the re-estimation stream."""
+    res = pruning.prune_magnitude(bn_net(), 0.6)
+    oracle = copy.deepcopy(res.model)
+    for name, m in list(oracle.named_children()):
+        if isinstance(m, nn.Dropout):  # update_bn runs the whole model in train mode; re-estimation keeps dropout off
+            setattr(oracle, name, nn.Identity())
+    rep = recovery.recover(res, train_set, recovery.RecoverySettings("bn", batches=asked, batch_size=64))
+    assert recovery.epoch_batches(len(train_set), 64) == 4 and rep.bn_batches == 4
+    one_pass = list(recovery.training_batches(train_set, batch_size=64, n=4, seed=0))
+    assert len(torch.cat([y for _, y in one_pass])) == 256
+    torch.optim.swa_utils.update_bn(one_pass, oracle)
+    for ours, theirs in zip(recovery.batchnorm_layers(res.model), recovery.batchnorm_layers(oracle), strict=True):
+        assert int(ours.num_batches_tracked) == 4
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_batches_counts_the_full_batches_of_one_pass():
+    assert [recovery.epoch_batches(n, 64) for n in (0, 1, 63, 64, 127, 128, 1437)] == [0, 1, 1, 1, 1, 2, 22]
+
+
 def test_model_without_batchnorm_skips_and_says_so(train_set):
     res = pruning.prune_magnitude(plain_net(), 0.5)
     rep = recovery.recover(res, train_set, recovery.RecoverySettings("bn", batches=3))

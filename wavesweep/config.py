@@ -67,7 +67,7 @@ class TrialConfig:
     save_baselines: bool = False  # also log compressed checkpoints of the magnitude and random models
     # Recovery after pruning, identical for dwt, magnitude and random (wavesweep.recovery):
     recovery: str = "bn"  # none (one-shot), bn (re-estimate BatchNorm statistics), finetune (bn + masked fine-tuning)
-    recovery_batches: int = 50  # training batches for BatchNorm re-estimation
+    recovery_batches: int = 50  # training batches for BatchNorm re-estimation (one pass over the split at most)
     recovery_batch_size: int = 64  # examples per training batch (re-estimation and fine-tuning)
     finetune_steps: int = 100  # optimizer steps (recovery=finetune)
     finetune_lr: float = 1e-4  # (peak) learning rate of the fine-tuning optimizer
@@ -200,7 +200,7 @@ FIELD_HELP = {
     "recovery": "after pruning, the same for all methods: none (one-shot), bn (re-estimate BatchNorm "
     "statistics on training batches), finetune (fine-tuning with every pruning held exactly, dwt training its "
     "kept wavelet coefficients, then bn on the final weights)",
-    "recovery_batches": "training batches for BatchNorm re-estimation (>= 1)",
+    "recovery_batches": "training batches for BatchNorm re-estimation (>= 1; at most one pass over the training split)",
     "recovery_batch_size": "examples per training batch during recovery (>= 1)",
     "finetune_steps": "optimizer steps of fine-tuning, recovery=finetune (>= 1)",
     "finetune_lr": "(peak) learning rate of fine-tuning, in (0, 1000]",
