@@ -250,6 +250,7 @@ def test_an_interrupted_grid_resumes_with_the_same_numbers(workdir):
                         device="cpu")  # fmt: skip
     whole, whole_facts = results.run_grid(grid)
     assert whole_facts["resumed"] == 0 and len(whole) == 4
+    assert whole_facts["bn_batches"] == 2 and "re-estimated on 2 training batches;" in results.render(whole, whole_facts, grid, "c")
 
     progress = results.progress_path(workdir / "page.md")
     ran = []
@@ -358,6 +359,15 @@ def test_the_committed_page_is_its_csv_rendered(page_name):
     body = lambda text: text[text.index("\n## "):].splitlines()  # noqa: E731  (the header holds the run's facts)
     differ = [(p, r) for p, r in zip(body(page), body(rendered)) if p != r]
     assert len(body(page)) == len(body(rendered)) and not differ, differ[:3]
+
+
+def test_the_page_names_the_batches_re_estimation_ran_when_a_pass_is_fewer_than_asked():
+    """digits' training split makes 22 batches of 64: a grid asking 50 re-estimates on 22 (one
+    pass, recovery.epoch_batches), and the page says so instead of "50 training batches"."""
+    facts = {"machine": "GPU", "bn_batches": 22}
+    lines = "\n".join(results._recovery_and_machine(results.Grid(recovery_batches=50), facts))
+    assert "re-estimated on 22 training batches (one pass over the training split; 50 asked);" in lines
+    assert "re-estimated on 50 training batches;" in "\n".join(results._recovery_and_machine(results.Grid(), {"machine": "GPU"}))
 
 
 def test_the_verdict_follows_from_the_printed_interval():

@@ -208,6 +208,7 @@ def run_grid(
     if done and on_resume is not None:
         on_resume(len(done), len(cfgs))
     rows = []
+    bn_run = None  # the BatchNorm re-estimation batches a trial ran (None: every trial carried over, or none recovered)
     for i, cfg in enumerate(cfgs):
         if _trial_key(cfg) in done:
             rows.append(done[_trial_key(cfg)])
@@ -216,6 +217,8 @@ def run_grid(
             on_trial(i, len(cfgs), cfg)
         t = time.perf_counter()
         r = run_trial(cfg, base=base)
+        if cfg.recovery != "none":  # one pass over the training split at most (recovery.epoch_batches)
+            bn_run = r.outcomes["dwt"].recovery.bn_batches or bn_run
         row = {
             "wavelet": cfg.wavelet,
             "layout": cfg.layout,
@@ -253,6 +256,7 @@ def run_grid(
         "resumed": len(resumed),
         "base_load_seconds": train_seconds,
         "machine": _machine(dev),
+        "bn_batches": bn_run,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     return frame, facts
@@ -330,11 +334,15 @@ _LEVEL_0 = ("Every layer's effective level is 0 (the kernels are too short for t
             "the floating-point non-determinism of the device's training kernels).")
 
 
-def _recovery_and_machine(grid: Grid, machine: str) -> list[str]:
+def _recovery_and_machine(grid: Grid, facts: dict) -> list[str]:
     """The page's lines on recovery, and (a CPU run of a small model) on the product's target model."""
+    machine = facts["machine"]
+    n = facts.get("bn_batches") or grid.recovery_batches  # a training split smaller than the batches asked: one pass
+    batches = f"{n} training batches" + (f" (one pass over the training split; {grid.recovery_batches} asked)"
+                                         if n < grid.recovery_batches else "")
     return [
         f"- Recovery, identical for the three methods (the same training batches, order and steps): `none` = one-shot; "
-        f"`bn` = BatchNorm statistics re-estimated on {grid.recovery_batches} training batches; `finetune` = "
+        f"`bn` = BatchNorm statistics re-estimated on {batches}; `finetune` = "
         f"{grid.finetune_steps} AdamW steps (lr 1e-4, cosine) with every pruning held exactly (dwt trains its kept "
         f"wavelet coefficients), then bn on the final weights.",
         *([f"- Run on the CPU only (no GPU here), so with the small `{grid.model}` model; the product's target, "
@@ -398,7 +406,7 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         f"random-pruning seed {grid.seed}; DWT level {grid.level} requested (effective levels per trial below), "
         f"mode periodization, one threshold per layer; magnitude and random prune each layer at the fraction dwt zeroed there"
         + _budget_note(frame) + ".",
-        *_recovery_and_machine(grid, facts["machine"]),
+        *_recovery_and_machine(grid, facts),
         "- Gap = dwt top-1 minus the other method's, on the same examples, with its 95 % paired bootstrap interval. "
         "*better*/*worse*: the interval excludes 0; *equal*: it contains 0. The interval is over the "
         "evaluation examples, for this one base model: it does not hold the spread between base models, "
@@ -511,7 +519,7 @@ def render_seeds(frame: pd.DataFrame, facts: Sequence[dict], grid: Grid, command
         f"({'all' if whole else 'a stratified subset drawn with each seed'}); random-pruning seed: the run's seed; "
         f"DWT level {grid.level} requested (effective levels per trial below), mode periodization, one threshold per "
         "layer; magnitude and random prune each layer at the fraction dwt zeroed there" + _budget_note(frame) + ".",
-        *_recovery_and_machine(grid, facts[-1]["machine"]),
+        *_recovery_and_machine(grid, facts[-1]),
         f"- `pruned`, dwt, magnitude, random: the mean over the {n} seeds (of the matched budget, of top-1).",
         f"- Gap = the mean over seeds of dwt top-1 minus the other method's (each seed on its own examples), with its "
         f"95 % Student-t interval over the seeds (mean ± t·sd/√{n}, t = {q:.2f} for {n - 1} degrees of freedom; sd: the "
