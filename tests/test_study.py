@@ -376,6 +376,58 @@ def test_the_study_runs_seed_param_is_the_specs_sampler_seed_by_its_spec_name(wo
     assert "sampler_seed" not in params
 
 
+def test_a_relaunch_whose_trials_run_the_same_values_is_the_same_study(workdir):
+    """The study's identity is of the values its trials run with: ``percentile: 10.0`` for ``10``,
+    an int range's ``step: 1`` given or not, a fixed value equal to the TrialConfig default
+    (``scope: layer``) given or not, and ``10`` for ``10.0`` in a list, all resume the study (they
+    were refused as "changed"); a value that does change what the trials run is still refused."""
+    from wavesweep.study.storage import create_study
+
+    space = {"percentile": {"low": 10, "high": 90, "step": 5}, "level": {"low": 1, "high": 3}, "wavelet": ["haar", "db2"]}
+    path = write_spec(workdir / "tiny.yaml", "w.pt", space=space, fixed={"timing_batches": 0, "layout": "filter"})
+    create_study(study.load_spec(path), study.DEFAULT_STORAGE)
+    same = [
+        {"space.percentile": {"low": 10.0, "high": 90.0, "step": 5.0}},
+        {"space.level": {"low": 1, "high": 3, "step": 1}},
+        {"fixed.scope": "layer", "fixed.keep_approx": "false"},
+        {"eval_limit": 40.0},
+    ]
+    for overrides in same:
+        create_study(study.load_spec(path, overrides=overrides), study.DEFAULT_STORAGE)
+    for overrides, what in (({"space.percentile": {"low": 10, "high": 90, "step": 10}}, r"search space \(percentile: changed\)"),
+                            ({"fixed.scope": "global"}, r'fixed parameters \(base, fixed, replicates\) \(scope: "layer" \(default\) -> "global"\)')):  # fmt: skip
+        with pytest.raises(ValueError, match=f"ran its trials with other {what}; mixing them"):
+            create_study(study.load_spec(path, overrides=overrides), study.DEFAULT_STORAGE)
+    lists = write_spec(workdir / "lists.yaml", "w.pt", study="lists")
+    create_study(study.load_spec(lists), study.DEFAULT_STORAGE)
+    create_study(study.load_spec(lists, overrides={"space.percentile": [20.0, 40.0, 60.0, 80.0]}), study.DEFAULT_STORAGE)
+
+
+def test_a_study_recorded_with_the_spec_as_written_resumes_and_is_told_what_changed(workdir):
+    """Studies recorded before the identity was of the values run hold digests of the spec as
+    written: the same spec resumes them (and from then on they take the values run), a changed
+    one is refused naming its part, compared with the recorded parts in their own form."""
+    from wavesweep.study import storage
+
+    path = write_spec(workdir / "tiny.yaml", "w.pt", fixed={"timing_batches": 0, "layout": "filter", "level": 2})
+    spec = study.load_spec(path)
+    s = storage.create_study(spec, study.DEFAULT_STORAGE)
+    for attr, (_, digest, parts) in storage._identity(spec, as_written=True).items():  # as an older version recorded it
+        s.set_user_attr(attr, digest)
+        s.set_user_attr(storage._parts_attr(attr), storage.encode_parts(parts))
+    s._storage.set_study_user_attr(s._study_id, "identity_form", None)
+    s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
+    assert s.user_attrs["fixed_parts"].count("layout=") == 1 and s.user_attrs["identity_form"] is None
+    with pytest.raises(ValueError, match=r"\(level: 2 -> 3\); mixing them"):
+        storage.create_study(study.load_spec(path, overrides={"fixed.level": 3}), study.DEFAULT_STORAGE)
+    resumed = storage.create_study(spec, study.DEFAULT_STORAGE)
+    assert resumed.user_attrs["identity_form"] == "resolved"
+    assert resumed.user_attrs["fixed_sha256"] == storage._identity(spec)["fixed_sha256"][1]
+    assert "layout=" not in resumed.user_attrs["fixed_parts"]  # the default, left out of the values run
+    no_layout = study.load_spec(write_spec(workdir / "no-layout.yaml", "w.pt", fixed={"timing_batches": 0, "level": 2}))
+    storage.create_study(no_layout, study.DEFAULT_STORAGE)  # layout filter is the default: the same study now
+
+
 def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):
     """No spec text or lists in the study's user attributes; a changed spec on resume is noted.
     (No trial runs: the weights file is named, never read.)"""
@@ -386,7 +438,7 @@ def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):
     s = create_study(spec, study.DEFAULT_STORAGE)
     assert_short_scalars(s.user_attrs)
     assert s.user_attrs.keys() == {"objectives", "spec_sha256", "fixed_sha256", "space_sha256", "sampler_sha256",
-                                   "fixed_parts", "space_parts", "sampler_parts"}
+                                   "fixed_parts", "space_parts", "sampler_parts", "identity_form"}
     assert s.user_attrs["sampler_parts"] == 'name="random"'  # what a changed spec is compared with
     assert s.user_attrs["objectives"] == "top1:maximize, compression_ratio:maximize"
     assert s.user_attrs["spec_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -409,13 +461,15 @@ def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):
                             ({"sampler": "tpe"}, r'sampler or sampler options \(name: "random" -> "tpe"\)'),
                             ({"replicates": 2}, r"fixed parameters \(base, fixed, replicates\) \(replicates: 1 -> 2\)"),
                             ({"base.weights": "other.pt"}, r'fixed parameters \(base, fixed, replicates\) \(weights: "w.pt" -> "other.pt"\)'),
-                            ({"fixed.level": 3, "fixed.mode": "zero"}, r'fixed parameters \(base, fixed, replicates\) \(level: 2 -> 3; mode: \(absent\) -> "zero"\)')):  # fmt: skip
+                            ({"fixed.level": 3, "fixed.mode": "zero"}, r'fixed parameters \(base, fixed, replicates\) \(level: 2 -> 3 \(default\); mode: "periodization" \(default\) -> "zero"\)')):  # fmt: skip
         with pytest.raises(ValueError, match=f"ran its trials with other {what}; mixing them"):
             create_study(study.load_spec(path, overrides=overrides), study.DEFAULT_STORAGE)
-    no_layout = write_spec(workdir / "no-layout.yaml", "w.pt", fixed={"timing_batches": 0, "level": 2},
-                           objectives={"top1": "maximize", "compression_ratio": "maximize"})
-    with pytest.raises(ValueError, match=r'\(layout: "filter" -> \(absent\)\); mixing them'):
-        create_study(study.load_spec(no_layout), study.DEFAULT_STORAGE)
+    no_mode = write_spec(workdir / "no-mode.yaml", "w.pt", fixed={"timing_batches": 0, "layout": "filter", "level": 2},
+                         objectives={"top1": "maximize", "compression_ratio": "maximize"})
+    zero_study = create_study(study.load_spec(path, overrides={"fixed.mode": "zero"}), study.DEFAULT_STORAGE.replace("optuna.db", "z.db"))
+    assert zero_study.user_attrs["fixed_parts"].count("mode=") == 1
+    with pytest.raises(ValueError, match=r'\(mode: "zero" -> "periodization" \(default\)\); mixing them'):
+        create_study(study.load_spec(no_mode), study.DEFAULT_STORAGE.replace("optuna.db", "z.db"))
     create_study(study.load_spec(path, overrides={"n_trials": 9, "timeout": 60}), study.DEFAULT_STORAGE)  # these may
 
 

@@ -336,15 +336,30 @@ def load_study(spec: StudySpec, storage: Any, *, seed: int = 0, workers: int = 1
     return optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, seed, workers), pruner=make_pruner(spec))
 
 
-def _identity(spec: StudySpec) -> dict[str, tuple[str, str, dict[str, str]]]:
+#: study user attribute saying the identity digests are of the values the trials run with
+#: (:func:`_identity`); absent in studies recorded before: theirs are of the spec as written
+IDENTITY_FORM_ATTR = "identity_form"
+IDENTITY_FORM = "resolved"
+
+
+def _identity(spec: StudySpec, *, as_written: bool = False) -> dict[str, tuple[str, str, dict[str, str]]]:
     """``{user attribute: (what it covers, digest, parts)}``: the fixed trial parameters (with the
     replicates), the search space and the sampler, each a short digest of its canonical JSON, and
     its parts (each fixed value, each searched parameter's definition, the sampler's name and
     options) as canonical JSON each, so that a changed spec is told which of them changed
-    (:func:`encode_parts`)."""
+    (:func:`encode_parts`).
+
+    The values are those the trials run with: each fixed value and categorical choice as the
+    TrialConfig field takes it (``percentile: 10`` and ``10.0`` are one value), a fixed value equal
+    to the field's default left out (``scope: layer`` given or not is one spec), a range's ends and
+    step in its kind (an int range's step 1 whether given or not). ``as_written``: the digests of
+    studies recorded before (``spec.fixed`` and the ranges as the YAML gave them), still accepted
+    for them (:func:`open_study`)."""
     import dataclasses
     import hashlib
     import json
+
+    from wavesweep.config import TrialConfig
 
     def canon(obj: Any) -> str:
         return json.dumps(obj, sort_keys=True, default=str)
@@ -352,8 +367,23 @@ def _identity(spec: StudySpec) -> dict[str, tuple[str, str, dict[str, str]]]:
     def digest(obj: Any) -> str:
         return hashlib.sha256(canon(obj).encode()).hexdigest()[:16]
 
-    fixed = {**spec.fixed, "replicates": spec.replicates}
-    space = [dataclasses.asdict(p) for p in spec.space]
+    if as_written:
+        fixed = {**spec.fixed, "replicates": spec.replicates}
+        space = [dataclasses.asdict(p) for p in spec.space]
+    else:
+        run, default = TrialConfig.from_mapping(dict(spec.fixed)), TrialConfig()
+        fixed = {k: getattr(run, k) for k in spec.fixed if getattr(run, k) != getattr(default, k)}
+        fixed["replicates"] = spec.replicates
+        space = []
+        for p in spec.space:
+            d = dataclasses.asdict(p)
+            if p.kind == "categorical":
+                d["choices"] = [getattr(TrialConfig.from_mapping({**spec.fixed, p.name: v}), p.name) for v in p.choices]
+            else:
+                num = int if p.kind == "int" else float
+                d |= {"low": num(p.low), "high": num(p.high),
+                      "step": int(p.step or 1) if p.kind == "int" else (None if p.step is None else float(p.step))}
+            space.append(d)
     # a grid's seed orders its points, which trials refer to by index: it is part of the grid
     sampler = {"name": spec.sampler, **spec.sampler_options, **({"seed": spec.seed} if spec.sampler == "grid" else {})}
     return {
@@ -362,6 +392,16 @@ def _identity(spec: StudySpec) -> dict[str, tuple[str, str, dict[str, str]]]:
         "space_sha256": ("search space", digest(space), {p["name"]: canon(p) for p in space}),
         "sampler_sha256": ("sampler or sampler options", digest(sampler), {k: canon(v) for k, v in sampler.items()}),
     }
+
+
+def _default_parts() -> dict[str, str]:
+    """Every TrialConfig field's default as :func:`_identity` writes a part."""
+    import dataclasses
+    import json
+
+    from wavesweep.config import TrialConfig
+
+    return {f.name: json.dumps(getattr(TrialConfig(), f.name), sort_keys=True, default=str) for f in dataclasses.fields(TrialConfig)}
 
 
 def _parts_attr(attr: str) -> str:
@@ -396,16 +436,20 @@ def decode_parts(text: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in text.split(";") if "=" in item)
 
 
-def changed_parts(have: str, want: dict[str, str]) -> str:
+def changed_parts(have: str, want: dict[str, str], defaults: dict[str, str] | None = None) -> str:
     """``'level: 2 -> 3; layout: (absent) -> "kernel"; wavelet: changed'``: what differs between
     the recorded parts (:func:`encode_parts`) and the spec's, by name. A part recorded as a digest
-    is compared by digest and said to have changed."""
+    is compared by digest and said to have changed. ``defaults``: the value a part left out stands
+    for (a fixed value equal to the TrialConfig default), written as ``3 (default)``."""
     import hashlib
 
     old = decode_parts(have)
     out = []
+    defaults = defaults or {}
     for k in sorted(set(old) | set(want)):
         a, b = old.get(k), want.get(k)
+        if k in defaults:  # left out as the default: say which value that is
+            a, b = (f"{defaults[k]} (default)" if v is None else v for v in (a, b))
         if a is not None and b is not None:
             if a.startswith("#"):
                 if a != "#" + hashlib.sha256(b.encode()).hexdigest()[:6]:
@@ -456,13 +500,23 @@ def open_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseS
             f"study {spec.name!r} in {tracking.redact_url(storage_url)} selects on {', '.join(selected)}, the spec on "
             f"{', '.join(spec.selection_metrics)} (val_fraction changed?); give the spec another study: name"
         )
+    resolved = study.user_attrs.get(IDENTITY_FORM_ATTR) == IDENTITY_FORM
+    written = _identity(spec, as_written=True)
     for attr, (what, digest, parts) in _identity(spec).items():  # what the trials compute and how they are proposed
         have = study.user_attrs.get(attr)
         recorded = study.user_attrs.get(_parts_attr(attr))  # absent in studies recorded before parts were kept
-        if have is None:  # a new study, or one recorded before this check
+        if have is None or (have != digest and not resolved and have == written[attr][1]):
+            # a new study, one recorded before this check, or one whose digests are of the spec as
+            # written (recorded before IDENTITY_FORM): from now on its digests are of the values run
             study.set_user_attr(attr, digest)
+            recorded = None  # its parts too
         elif have != digest:
-            changed = changed_parts(recorded, parts) if isinstance(recorded, str) else ""
+            defaults = None
+            if not resolved:  # the recorded parts are of the spec as written: compare like with like
+                parts = written[attr][2]
+            elif attr == "fixed_sha256":  # a fixed value left out is the TrialConfig default
+                defaults = _default_parts()
+            changed = changed_parts(recorded, parts, defaults) if isinstance(recorded, str) else ""
             raise ValueError(
                 f"study {spec.name!r} in {tracking.redact_url(storage_url)} ran its trials with other {what}"
                 f"{f' ({changed})' if changed else ''}; mixing them would compare trials that are not alike: give the "
@@ -471,6 +525,8 @@ def open_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseS
             )
         if recorded is None and (encoded := encode_parts(parts)) is not None:
             study.set_user_attr(_parts_attr(attr), encoded)
+    if not resolved:
+        study.set_user_attr(IDENTITY_FORM_ATTR, IDENTITY_FORM)
     if spec.text and study.user_attrs.get("spec_sha256") != (digest := tracking.spec_sha256(spec.text)):
         if "spec_sha256" in study.user_attrs:
             # the checks above passed: only what may change between launches changed (n_trials, timeout, ...)
