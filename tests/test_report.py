@@ -327,9 +327,33 @@ def test_accuracy_vs_compression_one_panel_and_front_per_recovery(tmp_path, monk
         want = mine[brute_pareto(mine[["compression_ratio", "top1"]].to_numpy(), ["maximize", "maximize"])]
         dwt = next(c for c in ax.collections if c.get_label() == "dwt")
         np.testing.assert_array_equal(dwt.get_offsets(), mine[["compression_ratio", "top1"]].to_numpy())
-        front = next(l for l in ax.get_lines() if l.get_label() == "dwt Pareto front (attained)")
+        front = next(l for l in ax.get_lines() if l.get_label() == "dwt front of the points drawn (test top-1, compression)")
         assert set(map(tuple, want[["compression_ratio", "top1"]].to_numpy())) <= set(map(tuple, front.get_xydata()))
         assert [t.get_text() for t in ax.texts] == [f"#{n}" for n in want["number"]]
+
+
+def test_the_studys_own_pareto_front_is_ringed_where_it_differs_from_the_drawn_points_front(tmp_path, monkeypatch):
+    """A study selecting on val_top1 has its own Pareto front; the figure's line is the front of
+    the test top-1 points it draws. Trial 2, on the drawn front but dominated on the validation
+    scores, was labelled like a front trial with nothing to tell the two apart: the study's front
+    (summary.md's "pareto front" rows) is now ringed and named in the legend."""
+    frame = make_frame(4).assign(state="COMPLETE", recovery="none", compression_ratio=[2.0, 3.0, 4.0, 5.0],
+                                 top1=[0.9, 0.8, 0.7, 0.6], value_0=[0.9, 0.8, 0.5, 0.6],
+                                 value_1=[2.0, 3.0, 4.0, 5.0])  # fmt: skip
+    objectives = [("val_top1", "maximize"), ("compression_ratio", "maximize")]
+    rows = report.best_rows(frame, objectives)
+    want = sorted(rows.loc[rows["selection"] == "pareto front", "number"])
+    assert want == [0, 1, 3] and report._front_numbers(frame, objectives) == want
+    assert report._front_numbers(frame, objectives[:1]) == []
+    figs = _capture(monkeypatch)
+    assert_png(figures.plot_accuracy_vs_compression(frame, tmp_path / "c.png", study_front=want,
+                                                   objectives=["val_top1", "compression_ratio"]))  # fmt: skip
+    (ax,) = [ax for ax in figs[-1].axes if ax.get_title()]
+    ring = next(c for c in ax.collections if c.get_label() == "the study's Pareto front (val_top1, compression_ratio)")
+    np.testing.assert_array_equal(ring.get_offsets(), frame.loc[want, ["compression_ratio", "top1"]].to_numpy())
+    assert [t.get_text() for t in ax.texts] == ["#0", "#1", "#2", "#3"]  # the drawn points' own front: all four
+    legend = [t.get_text() for t in figs[-1].legends[0].get_texts()]
+    assert "the study's Pareto front (val_top1, compression_ratio)" in legend
 
 
 def test_front_trials_at_one_point_share_one_label(tmp_path, monkeypatch):

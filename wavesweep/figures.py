@@ -388,9 +388,16 @@ def _label_groups(front: pd.DataFrame, span: Sequence[float], near: float = 0.02
     return [(x, y, sorted(numbers)) for x, y, numbers in groups]
 
 
-def plot_accuracy_vs_compression(frame: pd.DataFrame, path: Path) -> Path:
+def plot_accuracy_vs_compression(
+    frame: pd.DataFrame, path: Path, study_front: Sequence[int] = (), objectives: Sequence[str] = ()
+) -> Path:
     """Top-1 against compression ratio for each method, one panel per recovery setting, each with
-    the dwt Pareto front (max both) of its own trials."""
+    the dwt front (max both) of its own points as drawn: test top-1 against compression ratio.
+
+    That front is of the scores drawn, not the study's: a multi-objective study's Pareto front
+    is over its objectives (e.g. ``val_top1``, selected on the validation part), and can hold
+    other trials. ``study_front``: the trial numbers of the study's front (summary.md's "pareto
+    front" rows), ringed on the dwt points; ``objectives``: its metric names, for the legend."""
     done = complete(frame)
     recoveries = _recoveries(frame)
     fig, axes = plt.subplots(1, len(recoveries), figsize=(7 * len(recoveries), 4.5), squeeze=False, sharey=True)
@@ -412,11 +419,15 @@ def plot_accuracy_vs_compression(frame: pd.DataFrame, path: Path) -> Path:
         front = front.sort_values("compression_ratio")
         if len(front):
             sx, sy = front_staircase(dwt["compression_ratio"].to_numpy(), dwt["top1"].to_numpy())
-            ax.plot(sx, sy, color="black", lw=1.2, label="dwt Pareto front (attained)")
+            ax.plot(sx, sy, color="black", lw=1.2, label="dwt front of the points drawn (test top-1, compression)")
             # trials at one point, or within 2 % of the axes of one another (a configuration sampled
             # twice, near ties), share one label instead of labels drawn over each other
             for x, y, numbers in _label_groups(front, span=[float(np.ptp(dwt[c])) for c in ("compression_ratio", "top1")]):
                 ax.annotate(", ".join(f"#{n}" for n in numbers), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ringed = dwt[dwt["number"].isin(list(study_front))]
+        if len(ringed):
+            ax.scatter(ringed["compression_ratio"], ringed["top1"], marker="o", s=150, facecolors="none",
+                       edgecolors="black", linewidths=1.0, label=f"the study's Pareto front ({', '.join(objectives) or 'its objectives'})")
         ax.set_xlabel("compression ratio (dense bytes / stored bytes)")
     _figure_legend(fig, axes[0])
     axes[0, 0].set_ylabel("top-1 accuracy")

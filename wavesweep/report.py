@@ -75,6 +75,13 @@ def best_rows(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> pd.
     return pd.concat(out, ignore_index=True)
 
 
+def _front_numbers(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> list[int]:
+    """The trial numbers of a multi-objective study's Pareto front (:func:`best_rows`' "pareto
+    front" rows, as summary.md lists them); none for a single objective."""
+    rows = best_rows(frame, objectives) if len(objectives) > 1 else pd.DataFrame()
+    return [] if rows.empty else [int(n) for n in rows.loc[rows["selection"] == "pareto front", "number"]]
+
+
 def with_significance(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` plus, per baseline, ``dwt_vs_<b>_p_adj`` and ``dwt_vs_<b>_verdict``.
 
@@ -353,7 +360,9 @@ def write_report(
     n_distinct = len(distinct(frame))  # what importances are computed from (study.frame.distinct_study)
     files = {
         "accuracy_vs_pruned_fraction": figures.plot_accuracy_vs_pruned_fraction(frame, out_dir / "accuracy_vs_pruned_fraction.png"),
-        "accuracy_vs_compression": figures.plot_accuracy_vs_compression(frame, out_dir / "accuracy_vs_compression.png"),
+        "accuracy_vs_compression": figures.plot_accuracy_vs_compression(
+            frame, out_dir / "accuracy_vs_compression.png", study_front=_front_numbers(frame, objectives),
+            objectives=[m for m, _d in objectives]),
         "accuracy_vs_stored_mb": figures.plot_accuracy_vs_stored_mb(frame, out_dir / "accuracy_vs_stored_mb.png"),
         "gap_vs_pruned_fraction": figures.plot_gap(frame, out_dir / "gap_vs_pruned_fraction.png"),
         "gap_by_wavelet_family": figures.plot_gap(frame, out_dir / "gap_by_wavelet_family.png", facet="wavelet_family"),
