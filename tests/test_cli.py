@@ -235,6 +235,64 @@ def test_a_study_this_machine_cannot_run_is_one_line_before_anything_is_created(
     assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("space", ["percentile: [40, 60]", "model: [cnn, resnet18]"])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_study_of_the_pretrained_base_without_its_weights_file_is_one_line(workdir, capsys, monkeypatch, space, dry_run):
+    """resnet18 on imagenet without `weights` is torchvision's IMAGENET1K_V1 file, never
+    downloaded: missing from the torch hub cache, the study was created and each trial failed on
+    it (FAILED runs, exit 1), and `--dry-run` listed nothing that would stop it."""
+    from wavesweep import cli, study
+
+    monkeypatch.setenv("TORCH_HOME", str(workdir / "empty-torch-home"))
+    base = "model: resnet18, " if space.startswith("percentile") else ""
+    (workdir / "s.yaml").write_text(f"study: s\nbase: {{{base}dataset: imagenet, eval_limit: 60}}\nspace:\n  {space}\n"
+                                    "objectives: {top1: maximize}\nn_trials: 2\nfixed: {recovery: none}\n")
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("the study ran"))
+    needle = "ResNet-18 IMAGENET1K_V1 weights not found at"
+    if dry_run:
+        import yaml
+
+        assert cli.main(["study", "s.yaml", "-q", "--dry-run"]) == 0
+        stoppers = yaml.safe_load(capsys.readouterr().out)["a launch here would stop"]
+        assert len(stoppers) == 1 and needle in stoppers[0], stoppers
+    else:
+        assert cli.main(["study", "s.yaml", "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("wavesweep: error: ") and needle in err[0], err
+    assert sorted(p.name for p in workdir.iterdir()) == ["s.yaml"]
+
+
+@pytest.mark.parametrize(("recovery", "stops"), [("fixed: {recovery: bn}", True), ("  recovery: [none, finetune]", True),
+                                                 ("fixed: {recovery: none}", False)])  # fmt: skip
+def test_a_study_whose_recovery_needs_a_training_split_the_data_lacks_is_one_line(workdir, capsys, monkeypatch, recovery, stops):
+    """An ImageNet validation folder alone has no training split: a study recovering with bn or
+    finetune (fixed, or among the searched choices) failed every such trial on it; it is one line
+    before anything is created. recovery none runs."""
+    from wavesweep import cli, study, trial
+    from wavesweep.data import DatasetBundle
+
+    import torch
+
+    test = torch.utils.data.TensorDataset(torch.zeros(40, 3, 2, 2), torch.arange(40) % 4)
+    val_alone = DatasetBundle("imagenet", None, test, 1000, 3, 224, {"train_looked_for": "/data/imagenet/train"})
+    monkeypatch.setattr(trial, "load_eval_set", lambda cfg: (val_alone, val_alone.test))
+    monkeypatch.setattr(cli, "_check_study_machine", lambda spec: None)  # no pretrained weights file here
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: (_ for _ in ()).throw(SystemExit(0)))
+    space = "  percentile: [40, 60]\n" + (recovery + "\n" if recovery.startswith("  ") else "")
+    fixed = "" if recovery.startswith("  ") else recovery + "\n"
+    (workdir / "s.yaml").write_text(f"study: s\nbase: {{model: resnet18, dataset: imagenet}}\nspace:\n{space}"
+                                    f"objectives: {{top1: maximize}}\nn_trials: 2\n{fixed}")
+    if not stops:
+        with pytest.raises(SystemExit):  # reached the study: nothing stopped it
+            cli.main(["study", "s.yaml", "-q"])
+        return
+    assert cli.main(["study", "s.yaml", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the training split of dataset 'imagenet', which is not available here" in err[0], err
+    assert "looked for a train/ folder of synset folders at '/data/imagenet/train'" in err[0]
+    assert sorted(p.name for p in workdir.iterdir()) == ["s.yaml"]
+
+
 @pytest.mark.parametrize(("argv", "line"), [
     (["trial", "--model", "cnn", "--seed", "2147483647", "--replicates", "2"],
      "seed=2147483647 with replicates=2: the last replicate's seed 2147483648 is above 2147483647; use seed <= 2147483646"),

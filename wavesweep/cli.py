@@ -21,7 +21,7 @@ from wavesweep import interrupt
 from wavesweep.store import located  # a store URL as printed
 from wavesweep.failures import USAGE_ERRORS, environment_error, is_mlflow_error, one_line, tag_launched_run
 from wavesweep.cli_args import Parser, UsageError, add_trial_options
-from wavesweep.config import FIELD_HELP, TrialConfig
+from wavesweep.config import FIELD_HELP, PRETRAINED_BASES, TrialConfig
 
 
 def _check_device(device: str) -> None:
@@ -276,16 +276,20 @@ def _check_study_data(spec: Any) -> None:
     if searched & {"dataset", "data_root"}:
         return  # which files a trial reads is up to the sampler
     from wavesweep.evalsplit import split_eval_set
-    from wavesweep.trial import load_eval_set
+    from wavesweep.trial import check_training_split, load_eval_set
 
-    _, eval_all = load_eval_set(cfg)
+    bundle, eval_all = load_eval_set(cfg)
     if not searched & {"eval_limit", "seed"}:  # else which examples are split is up to the sampler
         split_eval_set(eval_all, cfg.val_fraction, seed=cfg.seed)
+    recovery = next((p for p in spec.space if p.name == "recovery"), None)
+    for rec in (recovery.choices if recovery is not None else (cfg.recovery,)):  # every trial with it would fail
+        check_training_split(str(rec), bundle)
 
 
 def _check_study_machine(spec: Any) -> None:
     """A device this machine does not have (``cuda`` without CUDA, fixed or among the searched
-    choices) and a fixed weights file that is not there: one line, the first of them."""
+    choices), a fixed weights file that is not there, and the published weights of a pretrained
+    base (resnet18 on imagenet) missing from the torch hub cache: one line, the first of them."""
     for check in _study_machine_checks(spec):
         check()  # the first one that fails is the line
 
@@ -302,7 +306,7 @@ def _study_machine_stoppers(spec: Any) -> list[str]:
 
 
 def _study_machine_checks(spec: Any) -> list[Callable[[], Any]]:
-    from wavesweep.models import weights_file
+    from wavesweep.models import pretrained_resnet18_file, weights_file
     from wavesweep.tracked_trial import URI_SCHEMES
 
     searched = {p.name for p in spec.space}
@@ -311,6 +315,11 @@ def _study_machine_checks(spec: Any) -> list[Callable[[], Any]]:
     checks = [functools.partial(_check_device, str(d)) for d in (device.choices if device is not None else (cfg.device,))]
     if "weights" not in searched and cfg.weights and not cfg.weights.startswith(URI_SCHEMES):
         checks.append(functools.partial(weights_file, cfg.weights))
+    if "weights" not in searched and not cfg.weights:
+        listed = {p.name: tuple(p.choices) for p in spec.space if p.kind == "categorical"}
+        pairs = {(m, d) for m in listed.get("model", (cfg.model,)) for d in listed.get("dataset", (cfg.dataset,))}
+        if pairs & set(PRETRAINED_BASES):  # resnet18 on imagenet: torchvision's weights, never downloaded
+            checks.append(pretrained_resnet18_file)
     return checks
 
 

@@ -302,9 +302,9 @@ def resnet18_imagenet_path(path: str | os.PathLike | None = None) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_IMAGENET_FILE
 
 
-def load_pretrained_resnet18(path: str | os.PathLike | None = None) -> nn.Module:
-    """torchvision ResNet-18 with IMAGENET1K_V1 weights from ``path`` or the local torch hub
-    cache, never downloaded. Returned in eval mode on CPU."""
+def pretrained_resnet18_file(path: str | os.PathLike | None = None) -> Path:
+    """The IMAGENET1K_V1 weights file :func:`load_pretrained_resnet18` reads (``path``, else the
+    torch hub cache); FileNotFoundError saying where to put it when it is not there."""
     file = resnet18_imagenet_path(path)
     if not file.is_file():
         cache = resnet18_imagenet_path(None)
@@ -313,6 +313,13 @@ def load_pretrained_resnet18(path: str | os.PathLike | None = None) -> nn.Module
             f"downloads at run time. Put {RESNET18_IMAGENET_FILE} (from {RESNET18_IMAGENET_URL}) "
             f"at {str(cache)!r} (the torch hub cache; set TORCH_HOME to move it) or pass its path with --weights"
         )
+    return file
+
+
+def load_pretrained_resnet18(path: str | os.PathLike | None = None) -> nn.Module:
+    """torchvision ResNet-18 with IMAGENET1K_V1 weights from ``path`` or the local torch hub
+    cache, never downloaded. Returned in eval mode on CPU."""
+    file = pretrained_resnet18_file(path)
     model = build_loaded("resnet18", load_weights_file(file), source=str(file), num_classes=1000, in_channels=3, image_size=224)
     log.info("loaded ResNet-18 ImageNet weights from %s", file)
     return model.eval()

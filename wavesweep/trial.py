@@ -197,6 +197,23 @@ def _base_eval_cached(
     return evaluate.metrics_from_logits(logits.to(device), targets)
 
 
+def check_training_split(recovery: str, bundle: data.DatasetBundle) -> None:
+    """A one-line ValueError when ``recovery`` needs the training split and ``bundle`` has none
+    (an ImageNet validation folder alone), saying where it was looked for or why the one found is
+    not used."""
+    if recovery == "none" or bundle.train is not None:
+        return
+    what = f"the training split of dataset {bundle.name!r}"
+    looked = bundle.info.get("train_looked_for")  # imagenet: where a train/ folder would be
+    if unusable := bundle.info.get("train_unusable"):  # imagenet: a train/ there, but not that split
+        raise ValueError(f"recovery={recovery!r} needs {what}; the one found is not used: {unusable}")
+    where = f" (looked for a train/ folder of synset folders at {looked!r})" if looked else ""
+    raise ValueError(
+        f"recovery={recovery!r} needs {what}, which is not available here (e.g. an ImageNet validation "
+        f"folder alone){where}; use recovery=none"
+    )
+
+
 def check_model_fits(cfg: TrialConfig) -> None:
     """Raise ValueError when ``cfg.model`` has no layers of ``cfg.targets``' kinds or ``cfg.layout``
     cannot take one's weight (a Linear in ``kernel``): checked on the shapes of a model built on
@@ -261,16 +278,7 @@ def _run_trial(
             opened.append(bundle.train)  # for the three methods, stop with the trial too
     # before any other work: a recovery that needs training data must have it
     settings = cfg.recovery_settings()
-    if settings.recovery != "none" and bundle.train is None:
-        looked = bundle.info.get("train_looked_for")  # imagenet: where a train/ folder would be
-        if unusable := bundle.info.get("train_unusable"):  # imagenet: a train/ there, but not that split
-            raise ValueError(f"recovery={cfg.recovery!r} needs the training split of dataset {cfg.dataset!r}; "
-                             f"the one found is not used: {unusable}")
-        where = f" (looked for a train/ folder of synset folders at {looked!r})" if looked else ""
-        raise ValueError(
-            f"recovery={cfg.recovery!r} needs the training split of dataset {cfg.dataset!r}, which is not "
-            f"available here (e.g. an ImageNet validation folder alone){where}; use recovery=none"
-        )
+    check_training_split(cfg.recovery, bundle)
     with phases("load_base"):
         if base is None:
             base = train.get_base_model(
