@@ -381,9 +381,12 @@ def test_report_uses_the_replicate_interval(tmp_path):
     summary = pd.read_csv(files["summary_csv"])
     assert summary.loc[0, "n_replicates"] == 3 and summary.loc[0, "top1_ci_low"] == pytest.approx(top1 - 0.05)
     md = files["summary_md"].read_text()
-    assert f"| {top1:.4g} [{top1 - 0.05:.4g}, {top1 + 0.05:.4g}] |" in md and "top1_ci_low" not in md
+    assert top1 + 0.05 > 1 and summary.loc[0, "top1_ci_high"] == pytest.approx(top1 + 0.05)  # summary.csv: unclipped
+    # summary.md: a top-1 interval clipped to [0, 1], as the figures draw it (it said 1.03)
+    assert f"| {top1:.4g} [{top1 - 0.05:.4g}, 1] |" in md and "top1_ci_low" not in md
     line = next(l for l in md.splitlines() if l.startswith(f"- trial {frame.loc[i, 'number']} (best top1") and "replicate" in l)
     assert "n = 3 replicate seeds" in line and "gain vs magnitude" in line and "interval excludes 0" in line
+    assert f"dwt top-1 {top1:.4f} [{top1 - 0.05:.4f}, 1.0000]" in line and "clipped to [0, 1]" in md
     assert "(one base model" not in line  # cnn on digits, no weights: each seed trained its own
     for model, dataset, weights, said in (("resnet18", "imagenet", None, "torchvision's pretrained IMAGENET1K_V1 weights"),
                                           ("cnn", "digits", "w.pt", "the fixed weights 'w.pt'")):  # fmt: skip

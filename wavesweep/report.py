@@ -214,15 +214,22 @@ def _selection_note(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) 
             "(no validation part: `val_fraction` 0), so the best trial's scores are optimistic.")
 
 
+def _accuracy_bounds(key: str, lo: float, hi: float) -> tuple[float, float]:
+    """A top-1 t-interval clipped to [0, 1], as the figures draw it (with few seeds it can leave
+    the range an accuracy has: -0.18 for a random top-1 of 0.14 over 3 seeds); gains as they are."""
+    return (lo, hi) if key.startswith("gain") else (max(lo, 0.0), min(hi, 1.0))
+
+
 def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
-    """For Markdown: each number with a replicate interval as ``mean [low, high]`` in one cell, the
-    interval's own columns dropped (summary.csv keeps them as numbers)."""
+    """For Markdown: each number with a replicate interval as ``mean [low, high]`` in one cell (a
+    top-1's clipped to [0, 1]: :func:`_accuracy_bounds`), the interval's own columns dropped
+    (summary.csv keeps them as numbers, unclipped)."""
     out = table.copy()
     for key in dict.fromkeys(c[: -len("_ci_low")] for c in table if c.endswith("_ci_low") and c in REPLICATE_METRICS):
         lo, hi = f"{key}_ci_low", f"{key}_ci_high"
         if key not in out or hi not in out:
             continue
-        cell = lambda r: r[key] if pd.isna(r[lo]) else f"{r[key]:.4g} [{r[lo]:.4g}, {r[hi]:.4g}]"  # noqa: E731
+        cell = lambda r: r[key] if pd.isna(r[lo]) else "{:.4g} [{:.4g}, {:.4g}]".format(r[key], *_accuracy_bounds(key, r[lo], r[hi]))  # noqa: E731
         out[key] = out.apply(cell, axis=1).astype(object)
         out = out.drop(columns=[lo, hi])
     return out
@@ -327,6 +334,7 @@ def _replicate_lines(table: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
             if v is None or lo is None or hi is None or pd.isna(v) or pd.isna(lo):
                 continue
             note = "" if not sign else (": interval contains 0" if lo <= 0 <= hi else ": interval excludes 0")
+            lo, hi = _accuracy_bounds(key, lo, hi)
             parts.append(f"{label} {v:{sign}.4f} [{lo:{sign}.4f}, {hi:{sign}.4f}]{note}")
         if parts:
             fixed = fixed_bases.get(int(r["trial"]))
@@ -336,7 +344,8 @@ def _replicate_lines(table: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
         lines.insert(0, "\nTrials run over replicate seeds (`replicates` in the spec) report the mean of each number over "
                         "the seeds; the interval is the 95 % Student-t interval for that mean: how the numbers move with the "
                         "seed (the base model's training where each seed trains its own, data split or evaluation subset, "
-                        "random pruning), not the paired interval over examples. "
+                        "random pruning), not the paired interval over examples; a top-1's interval is clipped to [0, 1] "
+                        "as in the figures (summary.csv keeps it unclipped). "
                         "Each replicate's paired statistics are on its own MLflow run.\n")  # fmt: skip
     return lines
 
