@@ -401,6 +401,12 @@ def test_a_relaunch_whose_trials_run_the_same_values_is_the_same_study(workdir):
     lists = write_spec(workdir / "lists.yaml", "w.pt", study="lists")
     create_study(study.load_spec(lists), study.DEFAULT_STORAGE)
     create_study(study.load_spec(lists, overrides={"space.percentile": [20.0, 40.0, 60.0, 80.0]}), study.DEFAULT_STORAGE)
+    # a categorical's choices are suggested as written and compared by == on a resume: "true" is not
+    # true to Optuna, which refused every new trial of such a relaunch ("dynamic value space")
+    bools = write_spec(workdir / "bools.yaml", "w.pt", study="bools", space={"save_baselines": ["true", "false"], "percentile": [20, 40]})
+    create_study(study.load_spec(bools), study.DEFAULT_STORAGE)
+    with pytest.raises(ValueError, match=r"search space \(save_baselines: changed\); mixing them"):
+        create_study(study.load_spec(bools, overrides={"space.save_baselines": [True, False]}), study.DEFAULT_STORAGE)
 
 
 def test_a_study_recorded_with_the_spec_as_written_resumes_and_is_told_what_changed(workdir):
@@ -426,6 +432,31 @@ def test_a_study_recorded_with_the_spec_as_written_resumes_and_is_told_what_chan
     assert "layout=" not in resumed.user_attrs["fixed_parts"]  # the default, left out of the values run
     no_layout = study.load_spec(write_spec(workdir / "no-layout.yaml", "w.pt", fixed={"timing_batches": 0, "level": 2}))
     storage.create_study(no_layout, study.DEFAULT_STORAGE)  # layout filter is the default: the same study now
+
+
+def test_a_refused_relaunch_of_a_study_recorded_as_written_changes_none_of_its_attributes(workdir):
+    """Its attributes were rewritten in the values-run form one by one until the first refused
+    one: the fixed parts dropped their defaults while the study still said "as written", and the
+    next refusal named parts that had not changed (dataset, layout) beside the one that had."""
+    from wavesweep.study import storage
+
+    path = write_spec(workdir / "tiny.yaml", "w.pt", fixed={"timing_batches": 0, "layout": "filter", "level": 2})
+    spec = study.load_spec(path)
+    s = storage.create_study(spec, study.DEFAULT_STORAGE)
+    for attr, (_, digest, parts) in storage._identity(spec, as_written=True).items():
+        s.set_user_attr(attr, digest)
+        s.set_user_attr(storage._parts_attr(attr), storage.encode_parts(parts))
+    s._storage.set_study_user_attr(s._study_id, "identity_form", None)
+    before = dict(optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).user_attrs)
+    with pytest.raises(ValueError, match=r"search space \(percentile: changed\)"):
+        storage.create_study(study.load_spec(path, overrides={"space.percentile": [30, 50]}), study.DEFAULT_STORAGE)
+    assert optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).user_attrs == before
+    with pytest.raises(ValueError, match=r"fixed parameters \(base, fixed, replicates\) \(level: 2 -> 3\); mixing"):
+        storage.create_study(study.load_spec(path, overrides={"fixed.level": 3}), study.DEFAULT_STORAGE)
+    # parts rewritten by a launch stopped between two writes: the message reads them in their own form
+    s.set_user_attr("fixed_parts", storage.encode_parts(storage._identity(spec)["fixed_sha256"][2]))
+    with pytest.raises(ValueError, match=r"\(level: 2 -> 3 \(default\)\); mixing"):
+        storage.create_study(study.load_spec(path, overrides={"fixed.level": 3}), study.DEFAULT_STORAGE)
 
 
 def test_study_user_attrs_are_short_scalars_and_name_the_spec(workdir, caplog):

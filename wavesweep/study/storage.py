@@ -349,10 +349,11 @@ def _identity(spec: StudySpec, *, as_written: bool = False) -> dict[str, tuple[s
     options) as canonical JSON each, so that a changed spec is told which of them changed
     (:func:`encode_parts`).
 
-    The values are those the trials run with: each fixed value and categorical choice as the
-    TrialConfig field takes it (``percentile: 10`` and ``10.0`` are one value), a fixed value equal
-    to the field's default left out (``scope: layer`` given or not is one spec), a range's ends and
-    step in its kind (an int range's step 1 whether given or not). ``as_written``: the digests of
+    The values are those the trials run with: each fixed value as the TrialConfig field takes it
+    (``percentile: 10`` and ``10.0`` are one value), a fixed value equal to the field's default
+    left out (``scope: layer`` given or not is one spec), a range's ends and step in its kind (an
+    int range's step 1 whether given or not), a categorical's numbers as numbers (Optuna suggests
+    the choices as written and compares them by ``==`` on a resume: ``"true"`` is not ``true``). ``as_written``: the digests of
     studies recorded before (``spec.fixed`` and the ranges as the YAML gave them), still accepted
     for them (:func:`open_study`)."""
     import dataclasses
@@ -378,7 +379,9 @@ def _identity(spec: StudySpec, *, as_written: bool = False) -> dict[str, tuple[s
         for p in spec.space:
             d = dataclasses.asdict(p)
             if p.kind == "categorical":
-                d["choices"] = [getattr(TrialConfig.from_mapping({**spec.fixed, p.name: v}), p.name) for v in p.choices]
+                # as Optuna compares them on a resume (its distribution's choices by ==): 10 and 10.0
+                # are one choice, "true" and true are not (Optuna refuses the other as a new value space)
+                d["choices"] = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in p.choices]
             else:
                 num = int if p.kind == "int" else float
                 d |= {"low": num(p.low), "high": num(p.high),
@@ -502,28 +505,33 @@ def open_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseS
         )
     resolved = study.user_attrs.get(IDENTITY_FORM_ATTR) == IDENTITY_FORM
     written = _identity(spec, as_written=True)
+    keep = []  # every attribute is checked before any is written: a refused launch changes nothing
     for attr, (what, digest, parts) in _identity(spec).items():  # what the trials compute and how they are proposed
         have = study.user_attrs.get(attr)
         recorded = study.user_attrs.get(_parts_attr(attr))  # absent in studies recorded before parts were kept
-        if have is None or (have != digest and not resolved and have == written[attr][1]):
-            # a new study, one recorded before this check, or one whose digests are of the spec as
-            # written (recorded before IDENTITY_FORM): from now on its digests are of the values run
+        # a new study, one recorded before this check, or one whose digests are of the spec as written
+        # (recorded before IDENTITY_FORM; from now on its digests are of the values run)
+        if have is None or have == digest or (not resolved and have == written[attr][1]):
+            keep.append((attr, digest, parts, have != digest, recorded))
+            continue
+        changed = ""
+        if isinstance(recorded, str):
+            # parts recorded in either form (a study recorded before IDENTITY_FORM: as written, or
+            # partly rewritten by a launch stopped between two writes): the reading with fewer changes
+            found = [changed_parts(recorded, parts, _default_parts() if attr == "fixed_sha256" else None)]
+            if not resolved:
+                found.append(changed_parts(recorded, written[attr][2]))
+            changed = min((c for c in found if c), key=len, default="")
+        raise ValueError(
+            f"study {spec.name!r} in {tracking.redact_url(storage_url)} ran its trials with other {what}"
+            f"{f' ({changed})' if changed else ''}; mixing them would compare trials that are not alike: give the "
+            f"changed spec another study: name (n_trials, timeout, storage, max_failures, pruner and description "
+            f"may change between launches)"
+        )
+    for attr, digest, parts, rewrite, recorded in keep:
+        if rewrite:
             study.set_user_attr(attr, digest)
-            recorded = None  # its parts too
-        elif have != digest:
-            defaults = None
-            if not resolved:  # the recorded parts are of the spec as written: compare like with like
-                parts = written[attr][2]
-            elif attr == "fixed_sha256":  # a fixed value left out is the TrialConfig default
-                defaults = _default_parts()
-            changed = changed_parts(recorded, parts, defaults) if isinstance(recorded, str) else ""
-            raise ValueError(
-                f"study {spec.name!r} in {tracking.redact_url(storage_url)} ran its trials with other {what}"
-                f"{f' ({changed})' if changed else ''}; mixing them would compare trials that are not alike: give the "
-                f"changed spec another study: name (n_trials, timeout, storage, max_failures, pruner and description "
-                f"may change between launches)"
-            )
-        if recorded is None and (encoded := encode_parts(parts)) is not None:
+        if (rewrite or recorded is None) and (encoded := encode_parts(parts)) is not None:
             study.set_user_attr(_parts_attr(attr), encoded)
     if not resolved:
         study.set_user_attr(IDENTITY_FORM_ATTR, IDENTITY_FORM)
