@@ -273,6 +273,10 @@ def test_an_interrupted_grid_resumes_with_the_same_numbers(workdir):
     pd.testing.assert_frame_equal(frame[numbers], whole[numbers], check_dtype=False, check_exact=True)
     assert facts["seconds"] >= frame["seconds"].sum()
     assert "2 of 4 trials were carried over" in results.render(frame, facts, grid, "wavesweep results")
+    # every trial carried over: the batches re-estimation ran come from the rows (they fell back to
+    # the grid's recovery_batches, which is not what ran where a pass over the split is shorter)
+    _, again = results.run_grid(grid, progress=progress)
+    assert again["resumed"] == 4 and again["bn_batches"] == 2
 
     other = results.Grid(**{**grid.__dict__, "seed": 1})
     seen = []

@@ -208,7 +208,6 @@ def run_grid(
     if done and on_resume is not None:
         on_resume(len(done), len(cfgs))
     rows = []
-    bn_run = None  # the BatchNorm re-estimation batches a trial ran (None: every trial carried over, or none recovered)
     for i, cfg in enumerate(cfgs):
         if _trial_key(cfg) in done:
             rows.append(done[_trial_key(cfg)])
@@ -217,8 +216,6 @@ def run_grid(
             on_trial(i, len(cfgs), cfg)
         t = time.perf_counter()
         r = run_trial(cfg, base=base)
-        if cfg.recovery != "none":  # one pass over the training split at most (recovery.epoch_batches)
-            bn_run = r.outcomes["dwt"].recovery.bn_batches or bn_run
         row = {
             "wavelet": cfg.wavelet,
             "layout": cfg.layout,
@@ -230,6 +227,8 @@ def run_grid(
             "seconds": time.perf_counter() - t,
             "base_top1": r.base_eval.top1,
             "n_eval": r.eval_info["n_eval"],
+            # the BatchNorm re-estimation batches it ran: recovery_batches, or one pass over a smaller training split
+            "bn_batches": r.outcomes["dwt"].recovery.bn_batches,
         }
         for m, out in r.outcomes.items():
             row[f"{m}_top1"] = out.eval.top1
@@ -256,10 +255,18 @@ def run_grid(
         "resumed": len(resumed),
         "base_load_seconds": train_seconds,
         "machine": _machine(dev),
-        "bn_batches": bn_run,
+        "bn_batches": _bn_batches(rows),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     return frame, facts
+
+
+def _bn_batches(rows: list[dict]) -> int | None:
+    """The batches BatchNorm re-estimation ran in the recovered trials of ``rows`` (carried-over
+    rows included); None where none recovered, or every row is from a progress file written
+    before rows recorded it."""
+    ran = [int(r["bn_batches"]) for r in rows if r["recovery"] != "none" and pd.notna(r.get("bn_batches"))]
+    return max(ran) if ran else None
 
 
 def run_seeds(
