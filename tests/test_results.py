@@ -371,7 +371,24 @@ def test_the_page_names_the_batches_re_estimation_ran_when_a_pass_is_fewer_than_
     facts = {"machine": "GPU", "bn_batches": 22}
     lines = "\n".join(results._recovery_and_machine(results.Grid(recovery_batches=50), facts))
     assert "re-estimated on 22 training batches (one pass over the training split; 50 asked);" in lines
-    assert "re-estimated on 50 training batches;" in "\n".join(results._recovery_and_machine(results.Grid(), {"machine": "GPU"}))
+    # no trial recovered (a page of recovery none alone): what bn would run, not 50 where a pass is 22
+    unknown = "\n".join(results._recovery_and_machine(results.Grid(), {"machine": "GPU"}))
+    assert "re-estimated on up to 50 training batches (one pass over the training split at most);" in unknown
+
+
+def test_an_eval_limit_of_the_whole_split_is_called_all_not_a_subset():
+    """digits has 360 test examples: --eval-limit 360 evaluates all of them (data.eval_subset takes
+    the whole split), and the page called them "a stratified subset"."""
+    grid = results.Grid(eval_limit=360)
+    assert results._whole_split(grid, [{"n_eval": 360, "n_test_split": 360}])
+    assert results._whole_split(results.Grid(eval_limit=1000), [{"n_eval": 360, "n_test_split": 360}])
+    assert not results._whole_split(results.Grid(eval_limit=200), [{"n_eval": 200, "n_test_split": 360}])
+    assert results._whole_split(results.Grid(eval_limit=0), [{"n_eval": 360}])
+    # facts of an earlier version (no split size): a limit above what was evaluated
+    assert results._whole_split(results.Grid(eval_limit=1000), [{"n_eval": 360}])
+    assert not results._whole_split(results.Grid(eval_limit=360), [{"n_eval": 360}])
+    seeds = [{"n_eval": 360, "n_test_split": 360}, {"n_eval": 200, "n_test_split": 360}]
+    assert not results._whole_split(results.Grid(eval_limit=360), seeds)
 
 
 def test_the_verdict_follows_from_the_printed_interval():
@@ -462,7 +479,14 @@ def test_an_eval_limit_above_the_test_split_is_said_to_be_all_of_it():
                          "comma-separated (e.g. --seeds 0,1,2)"),
     (["--seed", "0", "--seeds", "0,1"], "--seed 0 with --seeds 0,1: give one or the other (--seeds runs the whole "
                                         "grid once per seed listed, e.g. --seeds 0,1,2)"),
-], ids=["one-seed", "repeated", "negative", "not-an-integer", "with-seed"])  # fmt: skip
+    # int() takes these; they ran seeds 10 and 2, 3 and 1, and 0 and 1 (the empty item dropped)
+    (["--seeds", "1_0,2"], "--seeds='1_0,2': '1_0' is not an integer; give at least 2 distinct seeds in 0..2147483647, "
+                           "comma-separated (e.g. --seeds 0,1,2)"),
+    (["--seeds", "\u0663,1"], "--seeds='\u0663,1': '\u0663' is not an integer; give at least 2 distinct seeds in "
+                               "0..2147483647, comma-separated (e.g. --seeds 0,1,2)"),
+    (["--seeds", "0,,1"], "--seeds='0,,1': '' is not an integer; give at least 2 distinct seeds in 0..2147483647, "
+                          "comma-separated (e.g. --seeds 0,1,2)"),
+], ids=["one-seed", "repeated", "negative", "not-an-integer", "with-seed", "underscore", "other-digits", "empty-item"])  # fmt: skip
 def test_bad_seeds_are_one_line_before_any_work(workdir, capsys, monkeypatch, argv, line):
     """``--seeds`` is at least 2 distinct non-negative seeds, and not beside an explicit ``--seed``
     (even the default's 0: which page would it be?): one line and exit 2, before a base model."""

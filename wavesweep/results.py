@@ -13,6 +13,7 @@ import datetime as _dt
 import math
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,11 @@ def check_page_path(page: str | os.PathLike) -> Path:
     if (blocker := file_in_the_way(page.parent)) is not None:
         raise ValueError(f"--out {page}: {blocker} is a file, not a folder")
     return page
+
+
+#: what a carried-over trial shares with this run's (load_progress refuses any other row): a grid
+#: that holds an interrupted one's trials (e.g. more fractions) takes them from its progress file
+CARRIED = "the same trials: settings, base model and device type"
 
 
 def _trial_key(cfg: TrialConfig) -> tuple:
@@ -227,6 +233,7 @@ def run_grid(
             "seconds": time.perf_counter() - t,
             "base_top1": r.base_eval.top1,
             "n_eval": r.eval_info["n_eval"],
+            "n_test_split": r.eval_info["n_test_split"],
             # the BatchNorm re-estimation batches it ran: recovery_batches, or one pass over a smaller training split
             "bn_batches": r.outcomes["dwt"].recovery.bn_batches,
         }
@@ -250,6 +257,7 @@ def run_grid(
         "base_train_seconds": base.train_info.get("seconds"),
         "base_checksum": base.checksum,
         "n_eval": int(frame["n_eval"].iloc[-1]),
+        "n_test_split": _last_known(rows, "n_test_split"),
         # an interrupted run's trials count with the seconds they took then
         "seconds": time.perf_counter() - t0 + sum(float(r["seconds"]) for r in resumed),
         "resumed": len(resumed),
@@ -259,6 +267,12 @@ def run_grid(
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     return frame, facts
+
+
+def _last_known(rows: list[dict], key: str) -> int | None:
+    """The last row's ``key`` that is known (rows of an earlier version's progress file lack it)."""
+    known = [int(r[key]) for r in rows if pd.notna(r.get(key))]
+    return known[-1] if known else None
 
 
 def _bn_batches(rows: list[dict]) -> int | None:
@@ -341,12 +355,28 @@ _LEVEL_0 = ("Every layer's effective level is 0 (the kernels are too short for t
             "the floating-point non-determinism of the device's training kernels).")
 
 
+def _whole_split(grid: Grid, facts: Sequence[dict]) -> bool:
+    """Whether the page's trials evaluated every test example: no ``--eval-limit``, or one at least
+    the test split's size (``data.eval_subset`` then takes the whole split; a limit equal to the
+    size was called "a stratified subset"). Facts without the split's size (pages of an earlier
+    version): a limit above what was evaluated."""
+    sizes = [f.get("n_test_split") for f in facts]
+    if not grid.eval_limit:
+        return True
+    if all(isinstance(n, (int, float)) and n == n for n in sizes):
+        return all(f["n_eval"] >= n for f, n in zip(facts, sizes))
+    return max(f["n_eval"] for f in facts) < grid.eval_limit
+
+
 def _recovery_and_machine(grid: Grid, facts: dict) -> list[str]:
     """The page's lines on recovery, and (a CPU run of a small model) on the product's target model."""
     machine = facts["machine"]
-    n = facts.get("bn_batches") or grid.recovery_batches  # a training split smaller than the batches asked: one pass
-    batches = f"{n} training batches" + (f" (one pass over the training split; {grid.recovery_batches} asked)"
-                                         if n < grid.recovery_batches else "")
+    n = facts.get("bn_batches")  # what the recovered trials ran: one pass over a smaller training split at most
+    if not n:  # no trial here recovered (or rows from before they recorded it): what bn would run
+        batches = f"up to {grid.recovery_batches} training batches (one pass over the training split at most)"
+    else:
+        batches = f"{n} training batches" + (f" (one pass over the training split; {grid.recovery_batches} asked)"
+                                             if n < grid.recovery_batches else "")
     return [
         f"- Recovery, identical for the three methods (the same training batches, order and steps): `none` = one-shot; "
         f"`bn` = BatchNorm statistics re-estimated on {batches}; `finetune` = "
@@ -393,8 +423,7 @@ def _layout_lines(table: pd.DataFrame, verdicts: str, *, over: str, largest: str
 
 def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
     """The Markdown page."""
-    # an --eval-limit above the test split's size evaluates the whole split (data.eval_subset)
-    whole = not grid.eval_limit or facts["n_eval"] < grid.eval_limit
+    whole = _whole_split(grid, [facts])
     lines = [
         f"# Results: {grid.model} on {grid.dataset}, dwt vs magnitude vs random at the same budget",
         "",
@@ -402,8 +431,8 @@ def render(frame: pd.DataFrame, facts: dict, grid: Grid, command: str) -> str:
         "",
         f"- Date: {facts['date']}; machine: {facts['machine']}; total time {facts['seconds'] / 60:.1f} min "
         f"(base model load or training {facts['base_load_seconds']:.0f} s)"
-        + (f"; {facts['resumed']} of {len(frame)} trials were carried over from an interrupted run of the same "
-           "command, counted with the seconds they took then" if facts.get("resumed") else "")
+        + (f"; {facts['resumed']} of {len(frame)} trials were carried over from the progress file of an interrupted "
+           f"run ({CARRIED}), counted with the seconds they took then" if facts.get("resumed") else "")
         + ".",
         f"- Base model: {grid.model} trained by wavesweep (seed {grid.seed}; sha256 `{facts['base_checksum'][:16]}…`), "
         f"top-1 {facts['base_top1']:.4f} on the {facts['n_eval']} evaluation examples used here"
@@ -500,7 +529,7 @@ def render_seeds(frame: pd.DataFrame, facts: Sequence[dict], grid: Grid, command
     n = len(seeds)
     table = over_seeds(frame)
     n_eval = sorted({f["n_eval"] for f in facts})
-    whole = not grid.eval_limit or max(n_eval) < grid.eval_limit
+    whole = _whole_split(grid, facts)
     resumed = sum(f.get("resumed", 0) for f in facts)
     from scipy.stats import t as student_t
 
@@ -513,8 +542,8 @@ def render_seeds(frame: pd.DataFrame, facts: Sequence[dict], grid: Grid, command
         f"- Date: {facts[-1]['date']}; machine: {facts[-1]['machine']}; total time "
         f"{sum(f['seconds'] for f in facts) / 60:.1f} min (base models' load or training "
         f"{sum(f['base_load_seconds'] for f in facts):.0f} s in all)"
-        + (f"; {resumed} of {len(frame)} trials were carried over from an interrupted run of the same command, "
-           "counted with the seconds they took then" if resumed else "")
+        + (f"; {resumed} of {len(frame)} trials were carried over from the progress file of an interrupted run "
+           f"({CARRIED}), counted with the seconds they took then" if resumed else "")
         + ".",
         f"- Seeds {', '.join(map(str, seeds))}: each is the whole grid as `--seed S` runs it, with its own base model "
         f"({grid.model} trained by wavesweep with that seed and cached), evaluation subset, random pruning and "
@@ -606,10 +635,12 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     """``--seeds``: at least 2 distinct seeds in 0..MAX_SEED, comma-separated; anything else is one
     line naming the value and the valid form (one seed is ``--seed``: its page has no interval over seeds)."""
     form = f"give at least 2 distinct seeds in 0..{MAX_SEED}, comma-separated (e.g. --seeds 0,1,2)"
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
+    items = [x.strip() for x in text.split(",")]
+    if not any(items):
         raise ValueError(f"--seeds={text!r} is empty: {form}")
-    bad = next((x for x in items if not _parses(int, x)), None)
+    # ASCII digits only: int() also takes '1_0' (10) and other scripts' digits ('٣', 3), and an empty
+    # item ('0,,1') was dropped without a word
+    bad = next((x for x in items if not re.fullmatch(r"[+-]?[0-9]+", x)), None)
     if bad is not None:
         raise ValueError(f"--seeds={text!r}: {bad!r} is not an integer; {form}")
     values = tuple(int(x) for x in items)
