@@ -1042,8 +1042,38 @@ def test_median_pruner_stops_hopeless_trials(workdir, tiny_weights):
             assert runs[n].info.status == "KILLED" and runs[n].data.tags["early_stopped"] == "true"
             assert t.user_attrs["examples_evaluated"] < trials[0].user_attrs["examples_evaluated"]
             assert t.intermediate_values  # partial accuracy was reported
+        # what the pruner was given is the run's partial_top1, step by step (README)
+        history = {m.step: m.value for m in MlflowClient().get_metric_history(runs[n].info.run_id, "partial_top1")}
+        assert history == pytest.approx(t.intermediate_values), n
     best = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).best_trial
     assert best.params["percentile"] in (10, 20)
+
+
+def test_wilcoxon_is_given_each_chunks_own_top1_recorded_as_chunk_top1_and_not_mixed_with_median(workdir, tiny_weights):
+    """Wilcoxon pairs each chunk's own accuracy across trials: the run recorded only the cumulative
+    partial_top1, so what the pruner saw was nowhere in MLflow; it is chunk_top1 now. A relaunch
+    under median (given the cumulative top-1) would mix the two kinds of values in one study's
+    comparisons: refused in one line, the study unchanged; pruner none may run on."""
+    from wavesweep.study.storage import create_study
+
+    spec = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=1, space={"percentile": [10, 20]},
+                      pruner={"name": "wilcoxon", "n_startup_steps": 0})  # fmt: skip
+    assert run_cli("study", str(spec), "-q") == 0
+    trials, runs = assert_agree()
+    (t,) = trials.values()
+    client = MlflowClient()
+    chunk = {m.step: m.value for m in client.get_metric_history(runs[t.number].info.run_id, "chunk_top1")}
+    partial = {m.step: m.value for m in client.get_metric_history(runs[t.number].info.run_id, "partial_top1")}
+    assert len(chunk) == len(t.intermediate_values) > 1 and chunk == pytest.approx(t.intermediate_values)
+    assert partial.keys() == chunk.keys() and partial[0] == pytest.approx(chunk[0])  # cumulative: the first chunk alone
+    s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
+    assert s.user_attrs["intermediate_values"] == "each chunk's own top-1"
+    before = dict(s.user_attrs)
+    with pytest.raises(ValueError, match=r"gave its pruner the each chunk's own top-1 of each evaluation chunk; pruner "
+                                         r"'median' is given the cumulative top-1"):
+        create_study(study.load_spec(spec, overrides={"pruner": "median"}), study.DEFAULT_STORAGE)
+    assert optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).user_attrs == before
+    create_study(study.load_spec(spec, overrides={"pruner": "none"}), study.DEFAULT_STORAGE)
 
 
 @pytest.mark.parametrize(("fixed", "label"), [({}, "best val_top1"), ({"val_fraction": 0}, "best top1")])

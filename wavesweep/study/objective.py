@@ -188,7 +188,10 @@ def objective(
             return
         tags: dict[str, Any] = {"optuna.state": state} | ({"optuna.values": values} if values is not None else {})
         with contextlib.suppress(Exception):  # bookkeeping must not turn a result into a failure
-            tracking.log_batch(client, run_ids[0], metrics=[("partial_top1", c.result.top1, c.step) for c in chunks], tags=tags)
+            # what the pruner was given: the cumulative partial top-1, or (wilcoxon) each chunk's own top-1
+            per_chunk = [("chunk_top1", c.correct / c.n, c.step) for c in chunks] if spec.pruner == "wilcoxon" else []
+            tracking.log_batch(client, run_ids[0], tags=tags,
+                               metrics=[("partial_top1", c.result.top1, c.step) for c in chunks] + per_chunk)
 
     report = reporter(trial, spec.pruner, chunks) if spec.pruner != "none" else None
     configuration: ConfigurationOutcome | None = None

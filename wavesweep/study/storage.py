@@ -43,6 +43,12 @@ PRUNERS: dict[str, type | None] = {
     "median": optuna.pruners.MedianPruner,
     "wilcoxon": optuna.pruners.WilcoxonPruner,
 }
+#: what each pruner is given at each evaluation chunk (study.objective.reporter): the cumulative
+#: partial top-1, or (wilcoxon, which pairs the same examples across trials step by step) the
+#: chunk's own accuracy. A study keeps one kind (user attribute ``intermediate_values``): a pruner
+#: comparing one trial's values with another's of the other kind compares unlike numbers.
+INTERMEDIATE = {"median": "cumulative top-1", "wilcoxon": "each chunk's own top-1"}
+INTERMEDIATE_ATTR = "intermediate_values"
 # Optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback; RetryFailedTrialCallback is the old name.
 RetryCallback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 _DRIVER_HINT = {
@@ -528,6 +534,13 @@ def open_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseS
             f"changed spec another study: name (n_trials, timeout, storage, max_failures, pruner and description "
             f"may change between launches)"
         )
+    kind, had = INTERMEDIATE.get(spec.pruner), study.user_attrs.get(INTERMEDIATE_ATTR)
+    if kind is not None and had is not None and kind != had:
+        raise ValueError(
+            f"study {spec.name!r} in {tracking.redact_url(storage_url)} gave its pruner the {had} of each evaluation "
+            f"chunk; pruner {spec.pruner!r} is given the {kind}, and would compare its trials' values with the others': "
+            f"keep a pruner of the same kind (or none), or give the spec another study: name"
+        )
     for attr, digest, parts, rewrite, recorded in keep:
         if rewrite:
             study.set_user_attr(attr, digest)
@@ -535,6 +548,8 @@ def open_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseS
             study.set_user_attr(_parts_attr(attr), encoded)
     if not resolved:
         study.set_user_attr(IDENTITY_FORM_ATTR, IDENTITY_FORM)
+    if kind is not None and had is None:
+        study.set_user_attr(INTERMEDIATE_ATTR, kind)
     if spec.text and study.user_attrs.get("spec_sha256") != (digest := tracking.spec_sha256(spec.text)):
         if "spec_sha256" in study.user_attrs:
             # the checks above passed: only what may change between launches changed (n_trials, timeout, ...)
