@@ -1069,7 +1069,7 @@ def test_wilcoxon_is_given_each_chunks_own_top1_recorded_as_chunk_top1_and_not_m
     s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
     assert s.user_attrs["intermediate_values"] == "each chunk's own top-1"
     before = dict(s.user_attrs)
-    with pytest.raises(ValueError, match=r"gave its pruner the each chunk's own top-1 of each evaluation chunk; pruner "
+    with pytest.raises(ValueError, match=r"gave its pruner each chunk's own top-1 at each evaluation chunk; pruner "
                                          r"'median' is given the cumulative top-1"):
         create_study(study.load_spec(spec, overrides={"pruner": "median"}), study.DEFAULT_STORAGE)
     assert optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE).user_attrs == before
