@@ -1067,7 +1067,7 @@ def test_wilcoxon_is_given_each_chunks_own_top1_recorded_as_chunk_top1_and_not_m
     assert len(chunk) == len(t.intermediate_values) > 1 and chunk == pytest.approx(t.intermediate_values)
     assert partial.keys() == chunk.keys() and partial[0] == pytest.approx(chunk[0])  # cumulative: the first chunk alone
     s = optuna.load_study(study_name="tiny", storage=study.DEFAULT_STORAGE)
-    assert s.user_attrs["intermediate_values"] == "each chunk's own top-1"
+    assert s.user_attrs["intermediate_values"] == "per_chunk"
     before = dict(s.user_attrs)
     with pytest.raises(ValueError, match=r"gave its pruner each chunk's own top-1 at each evaluation chunk; pruner "
                                          r"'median' is given the cumulative top-1"):

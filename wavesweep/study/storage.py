@@ -47,7 +47,8 @@ PRUNERS: dict[str, type | None] = {
 #: partial top-1, or (wilcoxon, which pairs the same examples across trials step by step) the
 #: chunk's own accuracy. A study keeps one kind (user attribute ``intermediate_values``): a pruner
 #: comparing one trial's values with another's of the other kind compares unlike numbers.
-INTERMEDIATE = {"median": "the cumulative top-1", "wilcoxon": "each chunk's own top-1"}
+INTERMEDIATE = {"median": "cumulative", "wilcoxon": "per_chunk"}
+INTERMEDIATE_WORDS = {"cumulative": "the cumulative top-1", "per_chunk": "each chunk's own top-1"}
 INTERMEDIATE_ATTR = "intermediate_values"
 # Optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback; RetryFailedTrialCallback is the old name.
 RetryCallback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
@@ -537,8 +538,9 @@ def open_study(spec: StudySpec, storage_url: str, storage: optuna.storages.BaseS
     kind, had = INTERMEDIATE.get(spec.pruner), study.user_attrs.get(INTERMEDIATE_ATTR)
     if kind is not None and had is not None and kind != had:
         raise ValueError(
-            f"study {spec.name!r} in {tracking.redact_url(storage_url)} gave its pruner {had} at each evaluation "
-            f"chunk; pruner {spec.pruner!r} is given {kind}, and would compare its trials' values with the others': "
+            f"study {spec.name!r} in {tracking.redact_url(storage_url)} gave its pruner {INTERMEDIATE_WORDS.get(had, had)} "
+            f"at each evaluation chunk; pruner {spec.pruner!r} is given {INTERMEDIATE_WORDS[kind]}, and would compare its "
+            f"trials' values with the others': "
             f"keep a pruner of the same kind (or none), or give the spec another study: name"
         )
     for attr, digest, parts, rewrite, recorded in keep:
