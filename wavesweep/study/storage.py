@@ -360,9 +360,9 @@ def _identity(spec: StudySpec, *, as_written: bool = False) -> dict[str, tuple[s
     (``percentile: 10`` and ``10.0`` are one value), a fixed value equal to the field's default
     left out (``scope: layer`` given or not is one spec), a range's ends and step in its kind (an
     int range's step 1 whether given or not), a categorical's numbers as numbers (Optuna suggests
-    the choices as written and compares them by ``==`` on a resume: ``"true"`` is not ``true``). ``as_written``: the digests of
-    studies recorded before (``spec.fixed`` and the ranges as the YAML gave them), still accepted
-    for them (:func:`open_study`)."""
+    the choices as written and compares them by ``==`` on a resume: ``"true"`` is not ``true``).
+    ``as_written``: the digests of studies recorded before (``spec.fixed`` and the ranges as the
+    YAML gave them), still accepted for them (:func:`open_study`)."""
     import dataclasses
     import hashlib
     import json
