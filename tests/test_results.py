@@ -277,6 +277,13 @@ def test_an_interrupted_grid_resumes_with_the_same_numbers(workdir):
     # the grid's recovery_batches, which is not what ran where a pass over the split is shorter)
     _, again = results.run_grid(grid, progress=progress)
     assert again["resumed"] == 4 and again["bn_batches"] == 2
+    # a progress file written before rows kept those batches: its recovered trials run again
+    pd.read_csv(progress).drop(columns="bn_batches").to_csv(progress, index=False)
+    rerun = []
+    old, old_facts = results.run_grid(grid, progress=progress, on_trial=lambda i, n, cfg: rerun.append(cfg.recovery))
+    assert rerun == ["finetune", "finetune"] and old_facts["resumed"] == 2 and old_facts["bn_batches"] == 2
+    same = [c for c in numbers if c != "bn_batches"]  # the carried rows of recovery none lack it too
+    pd.testing.assert_frame_equal(old[same], whole[same], check_dtype=False, check_exact=True)
 
     other = results.Grid(**{**grid.__dict__, "seed": 1})
     seen = []

@@ -174,6 +174,10 @@ def load_progress(path: Path, grid: Grid, checksum: str, device: str,
         if other:
             raise ValueError(f"progress file {path} holds trials of other settings ({other[0]}); move it away to keep "
                              "them, or pass --fresh to rerun every trial")
+        if row.get("recovery") != "none" and pd.isna(row.get("bn_batches")):
+            # written before rows kept the batches BatchNorm re-estimation ran (which was then
+            # recovery_batches, cycling over a training split shorter than that): run it again
+            continue
         if later:
             kept.append(row)
         else:
