@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -625,6 +626,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: options that take a comma-separated list of numbers (``wavesweep results``)
+_LIST_OPTIONS = ("--seeds", "--fractions")
+
+
+def _attached_list_values(argv: list[str]) -> list[str]:
+    """``--seeds -1,2`` as ``--seeds=-1,2``: argparse takes a value that starts with a dash and is not
+    one negative number for an option, and says only "expected one argument"; attached, the value
+    reaches the option's own check, which names it and the valid values."""
+    out: list[str] = []
+    for tok in argv:
+        if out and out[-1] in _LIST_OPTIONS and re.fullmatch(r"-[0-9][0-9,.\s+-]*", tok):
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     """Run one command; returns its exit code. ``exiting``: the process exits with that code next
     (the console entry point, :func:`run`): after a stop, SIGINT and SIGTERM are then ignored until it
@@ -635,7 +653,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
 
     remember_url_credentials(os.environ.get("MLFLOW_TRACKING_URI"))  # a password the URL pattern misses, hidden from here on
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_attached_list_values(sys.argv[1:] if argv is None else list(argv)))
     except UsageError as exc:
         msg = one_line(exc)
         print(f"wavesweep: error: {msg}", file=sys.stderr)
