@@ -312,3 +312,42 @@ def test_finetune_trial_checkpoint_is_the_finetuned_model(workdir, tmp_path):
                 assert np.array_equal(v.numpy(), ref[k].numpy()), k
     # the budget is what pruning set: fine-tuning moved no zero
     assert pm["magnitude_weight_sparsity_target"] == pytest.approx(pm["coeff_sparsity"], abs=2e-3)
+
+
+def test_code_version_names_the_source_that_ran_with_git_or_without(tmp_path):
+    """``code_version`` holds a digest of the package's source files: a copy without ``.git`` (which
+    had the bare version) and an edit not committed (which had the commit alone) read as other code,
+    so a replicate recorded by other code is not reused as this code's."""
+    import hashlib
+    import re
+    import shutil
+
+    from wavesweep import tracking
+
+    def digest(package: Path) -> str:  # sha256 over (relative path, bytes) of every .py file, sorted by path
+        h = hashlib.sha256()
+        for rel in sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")):
+            h.update(rel.encode() + b"\0" + (package / rel).read_bytes() + b"\0")
+        return h.hexdigest()[:12]
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "wavesweep", copy / "wavesweep", ignore=shutil.ignore_patterns("__pycache__"))
+
+    def version_of_copy() -> str:
+        env = {**subprocess_env(tmp_path, tmp_path / "cache", fresh_store=True), "PYTHONPATH": str(copy)}
+        out = subprocess.run([sys.executable, "-c", "from wavesweep import tracking; print(tracking.code_version())"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    first = version_of_copy()
+    assert first == f"0.1.0+src.{digest(copy / 'wavesweep')}"  # no git here: the version and the digest
+    with open(copy / "wavesweep" / "stats.py", "a") as fh:
+        fh.write("# an edit\n")
+    second = version_of_copy()
+    assert second != first and second == f"0.1.0+src.{digest(copy / 'wavesweep')}"
+
+    here = tracking.code_version()  # this checkout: its commit too, where it is one
+    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    commit = f"{sha.stdout.strip()}." if sha.returncode == 0 else ""
+    assert re.fullmatch(rf"0\.1\.0\+{re.escape(commit)}src\.{digest(ROOT / 'wavesweep')}", here), here

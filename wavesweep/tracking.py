@@ -165,16 +165,30 @@ def _kind_tagged(client: MlflowClient, exp: Any) -> str:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """wavesweep version plus the git commit of the source tree when it is a checkout (once per process)."""
+    """wavesweep's version, the git commit of the source tree when it is a checkout, and a digest of
+    the package's source files (:func:`source_digest`), once per process: ``0.1.0+<commit>.src.<digest>``,
+    or ``0.1.0+src.<digest>`` without git. The commit alone missed edits not committed, and a
+    copy without ``.git`` (``git archive``, a wheel) had only the version: a replicate recorded by
+    other code was then reused as if the same code had run."""
+    package = Path(wavesweep.__file__).resolve().parent
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(wavesweep.__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5, check=True,
+            cwd=package, capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         sha = ""
-    return f"{wavesweep.__version__}+{sha}" if sha else wavesweep.__version__
+    return f"{wavesweep.__version__}+{sha + '.' if sha else ''}src.{source_digest(package)}"
+
+
+def source_digest(package: Path) -> str:
+    """The first 12 hex digits of the sha256 over the package's ``.py`` files: each file's path
+    relative to ``package`` (POSIX form, sorted) and its bytes. What ran, whatever the checkout says."""
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py"), key=lambda f: f.relative_to(package).as_posix()):
+        rel = path.relative_to(package).as_posix()
+        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- logging helpers
