@@ -553,6 +553,11 @@ def test_a_stopped_configuration_resumes_where_it_stopped(workdir, monkeypatch, 
     c2 = client.get_run(c2.info.run_id)
     assert (c2.info.status, c2.data.tags["resumed_by"], c2.data.tags["resumed_replicates"]) == ("KILLED", c3.info.run_id, "0,1")
     assert c3.data.tags["reused_replicates"] == "0,1"
+    # registering the stopped configuration names the one that took its replicates over
+    with pytest.raises(ValueError, match=f"^configuration run {c2.info.run_id} \\(KILLED\\) has no replicate 0 below it: its "
+                                         f"replicates were taken over by configuration run {c3.info.run_id}; register that one$"):
+        tracking.get_trial_run(client, c2.info.run_id)
+    assert tracking.get_trial_run(client, c3.info.run_id).info.run_id == r0.info.run_id
     assert not [r for v in runs.values() for r in v if r.info.status == "RUNNING"]
     # nothing recorded is lost: the failed and killed replicates stay below their configurations
     assert sorted((r.data.tags["replicate"], r.info.status) for r in runs["trial"]) == [

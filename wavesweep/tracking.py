@@ -633,8 +633,13 @@ def get_trial_run(client: MlflowClient, run_id: str):
     if run.data.tags.get("wavesweep.kind") == "method":
         run = client.get_run(run.data.tags[MLFLOW_PARENT_RUN_ID])
     if run.data.tags.get("wavesweep.kind") == "configuration":
-        first = client.search_runs([run.info.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and tags.replicate = '0'")
-        run = first[0] if first else run
+        first = client.search_runs([run.info.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run.info.run_id}' and tags.replicate = '0'")
+        if not first:  # a stopped configuration whose finished replicates a resumed one took over
+            moved = run.data.tags.get("resumed_by")
+            raise ValueError(f"configuration run {run.info.run_id} ({run.info.status}) has no replicate 0 below it"
+                             + (f": its replicates were taken over by configuration run {moved}; register that one"
+                                if moved else "; register one of its replicate runs"))  # fmt: skip
+        run = first[0]
     kind = run.data.tags.get("wavesweep.kind")
     if kind is None and run.info.status != "FINISHED":  # `mlflow run` made it; wavesweep stopped before tagging it
         error = run.data.tags.get("error")
