@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1502,6 +1503,30 @@ def test_runs_a_gone_process_left_running_are_closed_killed_by_the_next_trial(wo
         "KILLED", "FAILED", "RUNNING", "RUNNING"]
     assert f"process {gone.pid} ended while recording this method run" in client.get_run(orphan).data.tags["error"]
     assert tracking.close_runs_of_dead_processes(client, exp) == []
+
+
+def test_a_run_mlflow_run_created_that_its_entry_point_never_tagged_is_named_not_closed(workdir, caplog):
+    """`mlflow run` killed with kill -9 while its entry point's Python starts leaves the run it
+    created RUNNING with MLflow's tags alone: nothing says whose it is, so a later trial names it
+    (after UNCLAIMED_AFTER_S: a conda environment built first takes minutes) and leaves it."""
+    import logging
+
+    from wavesweep import tracking
+
+    client, exp = tracking.init_tracking()
+    now_ms = int(time.time() * 1000)
+    project = {"mlflow.project.entryPoint": "main", "mlflow.source.type": "PROJECT"}
+    old = client.create_run(exp, tags=project, start_time=now_ms - (tracking.UNCLAIMED_AFTER_S + 60) * 1000).info.run_id
+    recent = client.create_run(exp, tags=project, start_time=now_ms - 60 * 1000).info.run_id
+    claimed = client.create_run(exp, tags={**project, "wavesweep.kind": "trial", tracking.PROCESS_TAG: tracking.process_id()},
+                                start_time=now_ms - (tracking.UNCLAIMED_AFTER_S + 60) * 1000).info.run_id  # fmt: skip
+    plain = client.create_run(exp, start_time=now_ms - (tracking.UNCLAIMED_AFTER_S + 60) * 1000).info.run_id  # not `mlflow run`'s
+    with caplog.at_level(logging.WARNING, logger="wavesweep.tracking"):
+        assert tracking.close_runs_of_dead_processes(client, exp) == []
+    named = [r.getMessage() for r in caplog.records if "without their entry point starting" in r.getMessage()]
+    assert len(named) == 1 and named[0].startswith("1 run(s) `mlflow run` created have been RUNNING for over 30 minutes")
+    assert old in named[0] and not {recent, claimed, plain} & set(re.findall(r"[0-9a-f]{32}", named[0]))
+    assert {client.get_run(r).info.status for r in (old, recent, claimed, plain)} == {"RUNNING"}
 
 
 @pytest.mark.slow

@@ -391,6 +391,12 @@ def _boot_time() -> float:
         return float("-inf")
 
 
+#: seconds after which a run `mlflow run` created, still without its entry point's tags, is named
+#: by the next trial (the entry point tags it within seconds of starting; a conda environment
+#: built first can take minutes)
+UNCLAIMED_AFTER_S = 1800
+
+
 def close_runs_of_dead_processes(client: MlflowClient, experiment_id: str) -> list[str]:
     """Close KILLED the trial and configuration runs of ``experiment_id`` left RUNNING by a process
     of this machine that is gone without closing them (``kill -9``, the OOM killer, a crash of the
@@ -429,6 +435,17 @@ def close_runs_of_dead_processes(client: MlflowClient, experiment_id: str) -> li
                       error=f"process {pid} ended while recording this method run, and its trial run was closed "
                             f"{parent.info.status} without it; closed by a later wavesweep command")  # fmt: skip
             closed.append(run.info.run_id)
+        # a run `mlflow run` created whose entry point never tagged it: `mlflow run` killed with
+        # kill -9 while its entry point's Python started. Nothing says whose it is, so it is not closed
+        now_ms = time.time() * 1000
+        unclaimed = [r.info.run_id for r in found if "mlflow.project.entryPoint" in r.data.tags
+                     and "wavesweep.kind" not in r.data.tags and PROCESS_TAG not in r.data.tags
+                     and now_ms - (r.info.start_time or now_ms) > UNCLAIMED_AFTER_S * 1000]  # fmt: skip
+        if unclaimed:
+            log.warning("%d run(s) `mlflow run` created have been RUNNING for over %d minutes without their entry point "
+                        "starting (an `mlflow run` killed with kill -9?): %s; if none is alive, close each with "
+                        "MlflowClient().set_terminated(RUN_ID, 'KILLED')", len(unclaimed), UNCLAIMED_AFTER_S // 60,
+                        ", ".join(unclaimed))  # fmt: skip
     except (MlflowException, OSError) as exc:
         log.warning("could not close runs left RUNNING by processes that are gone: %s", exc)
     if closed:
