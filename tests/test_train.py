@@ -199,21 +199,35 @@ def test_a_training_without_a_bar_says_it_started_and_logs_each_epoch(caplog):
 
 
 def test_a_base_model_file_loaded_again_in_the_process_is_not_hashed_again(monkeypatch, tmp_path):
-    """The second load of an unchanged file reads it but does not hash it again: same model, and
-    the checksum is still the file's (oracle: hashlib over its bytes); a file replaced (as the
-    cache writes it: atomically) or rewritten in place is hashed again."""
+    """A later load of an unchanged file does not hash it again, and from the third on does not
+    read it either (the second keeps a copy; the first keeps none, so a single trial pays no copy):
+    the same model each time, each load its own copy (what a trial does to its base reaches no
+    later load), and the checksum is still the file's (oracle: hashlib over its bytes); a file
+    replaced (as the cache writes it: atomically) or rewritten in place is read and hashed again."""
     a = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
     state_a = {k: v.clone() for k, v in a.model.state_dict().items()}
     real_read, real_sha = T.read_weights, T.file_sha256
     reads = []
     monkeypatch.setattr(T, "read_weights", lambda p: reads.append(p) or real_read(p))
     monkeypatch.setattr(T, "file_sha256", lambda *x, **k: pytest.fail("hashed again"))
-    b = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
-    assert reads == [a.path]  # read: the model comes from the file every time
-    assert b.checksum == a.checksum == hashlib.sha256(a.path.read_bytes()).hexdigest()
-    assert b.build_kwargs == a.build_kwargs and b.train_info == a.train_info and not b.model.training
-    sb = b.model.state_dict()
-    assert sb.keys() == state_a.keys() and all(torch.equal(sb[k], state_a[k]) for k in sb)
+    T._LOADED.clear()  # as in a new process
+    loads = []
+    for _ in range(4):
+        b = get_base_model("mlp", "digits", seed=0, train_config=FAST, device="cpu", progress=False)
+        assert b.checksum == a.checksum == hashlib.sha256(a.path.read_bytes()).hexdigest()
+        assert b.build_kwargs == a.build_kwargs and b.train_info == a.train_info and not b.model.training
+        sb = b.model.state_dict()
+        assert sb.keys() == state_a.keys() and all(torch.equal(sb[k], state_a[k]) for k in sb)
+        # what a trial may do to its base: change its weights, its mode, its record
+        with torch.no_grad():
+            for v in b.model.parameters():
+                v.mul_(-1)
+        b.model.train()
+        b.train_info["changed"] = True
+        loads.append(b)
+    assert reads == [a.path] * 2  # the first and second loads read it; the third and fourth copy the kept model
+    ptrs = [{t.data_ptr() for t in b.model.parameters()} for b in loads]
+    assert all(not (ptrs[i] & ptrs[j]) for i in range(4) for j in range(i))  # no two loads share a tensor
 
     # the file replaced atomically with other weights (a new inode): read and hashed again
     monkeypatch.setattr(T, "read_weights", real_read)

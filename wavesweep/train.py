@@ -9,6 +9,7 @@ see a half-written file. MLflow model URIs are resolved by ``wavesweep.tracking`
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import glob
 import hashlib
@@ -890,11 +891,35 @@ def _load_hashed(model_name: str, path: Path, shape_of) -> tuple[nn.Module, dict
     (:func:`~wavesweep.models.read_weights`), the model built from ``shape_of(meta)`` holding the
     read state (no random init). The checksum is hashed in a thread meanwhile (hashlib releases
     the GIL), and only once per process while the file is unchanged (:func:`remembered_sha256`)."""
+    sig = _file_signature(path)
+    with _LOADED_LOCK:
+        again = (model_name, sig) in _LOADED
+        kept = _LOADED.get((model_name, sig))
+    if kept is not None and shape_of(kept[1]) == kept[3]:
+        model, meta, checksum, _ = kept
+        return copy.deepcopy(model), copy.deepcopy(meta), checksum
     with ThreadPoolExecutor(1, thread_name_prefix="wavesweep-sha256") as pool:
         checksum = pool.submit(remembered_sha256, path)
         state, meta = read_weights(path)
-        model = build_loaded(model_name, state, source=str(path), adopt=True, **shape_of(meta))  # state: read just now, ours
-        return model.eval(), meta, checksum.result()
+        shape = shape_of(meta)
+        model = build_loaded(model_name, state, source=str(path), adopt=True, **shape).eval()  # state: read just now, ours
+        checksum = checksum.result()
+    if _file_signature(path) == sig:  # not rewritten while it was read
+        with _LOADED_LOCK:
+            _LOADED.clear()  # one model at a time: a study's trials load one base
+            # the second load of a file keeps a copy for the next ones (the first does not: a
+            # process that loads its base once, a single trial, pays no copy)
+            _LOADED[(model_name, sig)] = (copy.deepcopy(model), copy.deepcopy(meta), checksum, shape) if again else None
+    return model, meta, checksum
+
+
+#: the last weights file :func:`_load_hashed` read, by (model name, file signature): None after its
+#: first read, then ``(model, meta, sha256, build kwargs)``, never handed out (each later load gets
+#: a deep copy). Every trial of a study (a worker runs its trials in one process) loads the same
+#: base model: reading and checking the file again each time was most of a cached load (ResNet-18,
+#: digits: ``bench/bench_speedups.py --only base_load``).
+_LOADED: dict[tuple, tuple[nn.Module, dict[str, Any], str, dict[str, Any]] | None] = {}
+_LOADED_LOCK = threading.Lock()
 
 
 #: sha256 of the files this process has hashed, by file signature (:func:`_file_signature`).
