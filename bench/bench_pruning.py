@@ -136,8 +136,8 @@ def big_models(args) -> None:
             for _, mod in P.target_layers(m, targets):
                 tprune.l1_unstructured(mod, "weight", amount=a)
 
-        def ours_numpy(m):
-            P.prune_dwt(m, percentile=100 * a, targets=targets, inplace=True, **dwt_kw)
+        def ours_numpy(m):  # PyWavelets wherever the model is (backend auto takes torch on a GPU)
+            P.prune_dwt(m, percentile=100 * a, targets=targets, inplace=True, backend="numpy", **dwt_kw)
 
         def ours_torch(m):  # the whole model through prune_dwt's torch backend, on m's device
             P.prune_dwt(m, percentile=100 * a, targets=targets, inplace=True, backend="torch", **dwt_kw)

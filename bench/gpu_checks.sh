@@ -67,8 +67,10 @@ done
 FAILED=()
 for s in "${STEPS[@]}"; do
   case "$s" in
-    tests)  # every CUDA test, and the files they live in (CPU tests of the same files run too)
-      # TESTS_K="cuda or device_copy": the CUDA tests alone (the CPU ones run on every machine)
+    tests)  # every CUDA test of the files the GPU paths live in
+      # TESTS_K="cuda or device_copy" (the default): the CUDA tests alone (the CPU ones run on every
+      # machine, some need MLflow, which the GPU machine lacks); TESTS_K= (empty) runs every test of the files
+      TESTS_K="${TESTS_K-cuda or device_copy}"
       step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_wavelets_torch.py tests/test_polyphase.py \
         tests/test_recovery.py tests/test_evaluate.py tests/test_pruning.py tests/test_data.py tests/test_trial.py \
         tests/test_accounting.py tests/test_train.py -rs ${TESTS_K:+-k "$TESTS_K"} ;;
