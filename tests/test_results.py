@@ -497,8 +497,11 @@ def test_an_eval_limit_above_the_test_split_is_said_to_be_all_of_it():
     (["--seeds", "-1,2"], "--seeds='-1,2': '-1' is not a seed in 0..2147483647; give at least 2 distinct seeds in "
                           "0..2147483647, comma-separated (e.g. --seeds 0,1,2)"),
     (["--fractions", "-10,50"], "--fractions='-10,50': -10 is not a pruned percentage in 0..100"),
+    (["--seeds", "-1,two"], "--seeds='-1,two': 'two' is not an integer; give at least 2 distinct seeds in 0..2147483647, "
+                            "comma-separated (e.g. --seeds 0,1,2)"),
+    (["--fraction", "-10,50"], "--fractions='-10,50': -10 is not a pruned percentage in 0..100"),  # argparse's abbreviation
 ], ids=["one-seed", "repeated", "negative", "not-an-integer", "with-seed", "underscore", "other-digits", "empty-item",
-        "negative-first", "negative-fraction-first"])  # fmt: skip
+        "negative-first", "negative-fraction-first", "negative-first-not-a-number", "abbreviated"])  # fmt: skip
 def test_bad_seeds_are_one_line_before_any_work(workdir, capsys, monkeypatch, argv, line):
     """``--seeds`` is at least 2 distinct non-negative seeds, and not beside an explicit ``--seed``
     (even the default's 0: which page would it be?): one line and exit 2, before a base model."""

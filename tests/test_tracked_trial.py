@@ -327,11 +327,14 @@ def test_code_version_names_the_source_that_ran_with_git_or_without(tmp_path):
     def digest(package: Path) -> str:  # sha256 over (relative path, bytes) of every .py file, sorted by path
         h = hashlib.sha256()
         for rel in sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")):
-            h.update(rel.encode() + b"\0" + (package / rel).read_bytes() + b"\0")
+            if not rel.startswith(".") and "/." not in rel:  # an editor's lock file is no source
+                h.update(rel.encode() + b"\0" + (package / rel).read_bytes() + b"\0")
         return h.hexdigest()[:12]
 
     copy = tmp_path / "copy"
     shutil.copytree(ROOT / "wavesweep", copy / "wavesweep", ignore=shutil.ignore_patterns("__pycache__"))
+    # Emacs's lock file for a module being edited: a dangling link named .#NAME.py (reading it failed every trial)
+    (copy / "wavesweep" / ".#stats.py").symlink_to("user@host.12345:1700000000")
 
     def version_of_copy() -> str:
         env = {**subprocess_env(tmp_path, tmp_path / "cache", fresh_store=True), "PYTHONPATH": str(copy)}
@@ -346,6 +349,15 @@ def test_code_version_names_the_source_that_ran_with_git_or_without(tmp_path):
         fh.write("# an edit\n")
     second = version_of_copy()
     assert second != first and second == f"0.1.0+src.{digest(copy / 'wavesweep')}"
+
+    # the source as the process imported it: an edit saved after the import is not what runs
+    env = {**subprocess_env(tmp_path, tmp_path / "cache", fresh_store=True), "PYTHONPATH": str(copy)}
+    script = ("import pathlib, wavesweep; from wavesweep import tracking; "
+              "f = pathlib.Path(wavesweep.__file__).parent / 'stats.py'; f.write_text(f.read_text() + '# later\\n'); "
+              "print(tracking.code_version())")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == second, out.stderr
+    assert version_of_copy() != second  # the next process imports the edit
 
     here = tracking.code_version()  # this checkout: its commit too, where it is one
     sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)

@@ -616,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--fresh", action="store_true",
                     help="rerun every trial (default: resume an interrupted run from OUT's .progress.csv)")
     rs.set_defaults(func=cmd_results)
+    p.results_options = [o for a in rs._actions for o in a.option_strings]  # for _attached_list_values
 
     rp = sub.add_parser("report", help="plots and summary tables of a study")
     rp.add_argument("study", help="study spec path or study name")
@@ -626,18 +627,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: options that take a comma-separated list of numbers (``wavesweep results``)
+#: options of ``wavesweep results`` that take a comma-separated list of numbers
 _LIST_OPTIONS = ("--seeds", "--fractions")
 
 
-def _attached_list_values(argv: list[str]) -> list[str]:
-    """``--seeds -1,2`` as ``--seeds=-1,2``: argparse takes a value that starts with a dash and is not
-    one negative number for an option, and says only "expected one argument"; attached, the value
-    reaches the option's own check, which names it and the valid values."""
-    out: list[str] = []
-    for tok in argv:
-        if out and out[-1] in _LIST_OPTIONS and re.fullmatch(r"-[0-9][0-9,.\s+-]*", tok):
-            out[-1] = f"{out[-1]}={tok}"
+def _attached_list_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``results --seeds -1,2`` as ``--seeds=-1,2``: argparse takes a value that starts with a dash
+    and is not one negative number for an option, and says only "expected one argument"; attached,
+    the value reaches the option's own check, which names it and the valid values. The option may
+    be abbreviated as argparse allows (``--fraction``); a value that is one of the command's own
+    options (``-h``) or starts with ``--`` is left to argparse."""
+    if "results" not in argv:
+        return argv
+    start = argv.index("results") + 1
+    options = parser.results_options  # type: ignore[attr-defined]
+
+    def resolved(tok: str) -> str | None:
+        if tok in options:
+            return tok
+        match = [o for o in options if tok.startswith("--") and o.startswith(tok)]
+        return match[0] if len(match) == 1 else None
+
+    out = argv[:start]
+    for tok in argv[start:]:
+        prev = out[-1] if len(out) > start else ""
+        if (resolved(prev) in _LIST_OPTIONS and tok.startswith("-") and not tok.startswith("--")
+                and tok not in options):  # fmt: skip
+            out[-1] = f"{prev}={tok}"
         else:
             out.append(tok)
     return out
@@ -653,7 +669,8 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
 
     remember_url_credentials(os.environ.get("MLFLOW_TRACKING_URI"))  # a password the URL pattern misses, hidden from here on
     try:
-        args = build_parser().parse_args(_attached_list_values(sys.argv[1:] if argv is None else list(argv)))
+        parser = build_parser()
+        args = parser.parse_args(_attached_list_values(sys.argv[1:] if argv is None else list(argv), parser))
     except UsageError as exc:
         msg = one_line(exc)
         print(f"wavesweep: error: {msg}", file=sys.stderr)

@@ -166,8 +166,9 @@ def _kind_tagged(client: MlflowClient, exp: Any) -> str:
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """wavesweep's version, the git commit of the source tree when it is a checkout, and a digest of
-    the package's source files (:func:`source_digest`), once per process: ``0.1.0+<commit>.src.<digest>``,
-    or ``0.1.0+src.<digest>`` without git. The commit alone missed edits not committed, and a
+    the package's source files as they were when this process first imported wavesweep
+    (``wavesweep.SOURCE_DIGEST``), once per process: ``0.1.0+<commit>.src.<digest>``, or
+    ``0.1.0+src.<digest>`` without git. The commit alone missed edits not committed, and a
     copy without ``.git`` (``git archive``, a wheel) had only the version: a replicate recorded by
     other code was then reused as if the same code had run."""
     package = Path(wavesweep.__file__).resolve().parent
@@ -178,17 +179,7 @@ def code_version() -> str:
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         sha = ""
-    return f"{wavesweep.__version__}+{sha + '.' if sha else ''}src.{source_digest(package)}"
-
-
-def source_digest(package: Path) -> str:
-    """The first 12 hex digits of the sha256 over the package's ``.py`` files: each file's path
-    relative to ``package`` (POSIX form, sorted) and its bytes. What ran, whatever the checkout says."""
-    h = hashlib.sha256()
-    for path in sorted(package.rglob("*.py"), key=lambda f: f.relative_to(package).as_posix()):
-        rel = path.relative_to(package).as_posix()
-        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
+    return f"{wavesweep.__version__}+{sha + '.' if sha else ''}src.{wavesweep.SOURCE_DIGEST}"
 
 
 # --------------------------------------------------------------------------- logging helpers
