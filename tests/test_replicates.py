@@ -553,10 +553,19 @@ def test_a_stopped_configuration_resumes_where_it_stopped(workdir, monkeypatch, 
     c2 = client.get_run(c2.info.run_id)
     assert (c2.info.status, c2.data.tags["resumed_by"], c2.data.tags["resumed_replicates"]) == ("KILLED", c3.info.run_id, "0,1")
     assert c3.data.tags["reused_replicates"] == "0,1"
-    # registering the stopped configuration names the one that took its replicates over
-    with pytest.raises(ValueError, match=f"^configuration run {c2.info.run_id} \\(KILLED\\) has no replicate 0 below it: its "
-                                         f"replicates were taken over by configuration run {c3.info.run_id}; register that one$"):
-        tracking.get_trial_run(client, c2.info.run_id)
+    # registering a stopped configuration names the one that took its replicates over at last
+    # (attempt 1's went to attempt 2's, which was stopped in turn and taken over by attempt 3's)
+    for stopped, status in ((c1, "FAILED"), (c2, "KILLED")):  # attempt 1 failed, attempt 2 was stopped
+        with pytest.raises(ValueError, match=f"^configuration run {stopped.info.run_id} \\({status}\\) has no replicate 0 "
+                                             f"below it: its replicates were taken over by configuration run "
+                                             f"{c3.info.run_id} \\(FINISHED\\); register that one$"):  # fmt: skip
+            tracking.get_trial_run(client, stopped.info.run_id)
+    early = client.create_run(c3.info.experiment_id, tags={"wavesweep.kind": "configuration"}).info.run_id
+    client.set_terminated(early, "KILLED")
+    with pytest.raises(ValueError, match=f"^configuration run {early} \\(KILLED\\) has no replicate 0 below it: it "
+                                         "stopped before its first replicate began$"):
+        tracking.get_trial_run(client, early)
+    client.delete_run(early)
     assert tracking.get_trial_run(client, c3.info.run_id).info.run_id == r0.info.run_id
     assert not [r for v in runs.values() for r in v if r.info.status == "RUNNING"]
     # nothing recorded is lost: the failed and killed replicates stay below their configurations

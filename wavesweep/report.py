@@ -134,7 +134,7 @@ def summary_table(frame: pd.DataFrame, objectives: Sequence[tuple[str, str]]) ->
     cols += [c for c in REPLICATE_METRICS if c in rows and rows[c].notna().any()]
     cols += [c for c in ("n_val", "n_eval", "mlflow_run_id") if c in rows]
     table = rows[cols].rename(columns={"number": "trial", **{f"value_{i}": f"objective {m}" for i, (m, _d) in enumerate(objectives)}})
-    for c in ("trial", *LEVEL_COLUMNS, "n_val", "n_eval"):
+    for c in ("trial", *LEVEL_COLUMNS, "n_val", "n_eval", "n_replicates"):
         # counts stay whole numbers in summary.csv: a column with a missing value (a trial of the
         # frame that failed) came back as floats, written 1.0 where a study without one wrote 1
         if c in table and pd.api.types.is_float_dtype(table[c]) and table[c].dropna().map(float.is_integer).all():

@@ -643,10 +643,7 @@ def get_trial_run(client: MlflowClient, run_id: str):
     if run.data.tags.get("wavesweep.kind") == "configuration":
         first = client.search_runs([run.info.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run.info.run_id}' and tags.replicate = '0'")
         if not first:  # a stopped configuration whose finished replicates a resumed one took over
-            moved = run.data.tags.get("resumed_by")
-            raise ValueError(f"configuration run {run.info.run_id} ({run.info.status}) has no replicate 0 below it"
-                             + (f": its replicates were taken over by configuration run {moved}; register that one"
-                                if moved else "; register one of its replicate runs"))  # fmt: skip
+            raise ValueError(_without_replicate_0(client, run))
         run = first[0]
     kind = run.data.tags.get("wavesweep.kind")
     if kind is None and run.info.status != "FINISHED":  # `mlflow run` made it; wavesweep stopped before tagging it
@@ -656,6 +653,26 @@ def get_trial_run(client: MlflowClient, run_id: str):
     if kind != "trial":
         raise ValueError(f"run {run_id} is not a wavesweep trial run (tag wavesweep.kind={kind!r})")
     return run
+
+
+def _without_replicate_0(client: MlflowClient, run: Any) -> str:
+    """The line for a configuration run with no replicate 0 below it: where its replicates went (the
+    last of the configurations that took them over, one resumed after another), or that it stopped
+    before its first replicate began."""
+    head = f"configuration run {run.info.run_id} ({run.info.status}) has no replicate 0 below it"
+    moved, seen = run.data.tags.get("resumed_by"), {run.info.run_id}
+    last = None
+    while moved and moved not in seen and len(seen) < 100:  # each resumed one may be stopped and resumed in turn
+        seen.add(moved)
+        try:
+            last = client.get_run(moved)
+        except MlflowException:
+            break
+        moved = last.data.tags.get("resumed_by")
+    if last is not None:
+        return f"{head}: its replicates were taken over by configuration run {last.info.run_id} ({last.info.status}); register that one"
+    kids = client.search_runs([run.info.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run.info.run_id}'", max_results=1)
+    return head + ("; register one of its replicate runs" if kids else ": it stopped before its first replicate began")
 
 
 def trial_layers(client: MlflowClient, run_id: str) -> dict[str, list[Any]] | None:
