@@ -759,7 +759,7 @@ def test_an_adjusted_p_is_never_written_rounded_across_its_threshold():
 def test_summary_csv_writes_counts_as_whole_numbers_beside_a_failed_trial(tmp_path):
     """A study with a failed trial (no effective levels, no n_eval) read its count columns back as
     floats, and summary.csv wrote ``level_effective_min`` 1.0 where a study without one wrote 1."""
-    frame = make_frame().assign(level_effective_min=1, level_effective_max=3)
+    frame = make_frame().assign(level_effective_min=1, level_effective_max=3, n_replicates=3.0)  # as aggregate() logs it
     frame.loc[len(frame)] = {"number": len(frame), "state": "FAIL", "mlflow_run_id": "failed"}  # NaN elsewhere
     assert frame["level_effective_min"].dtype == float and frame["n_eval"].dtype == float
     files = report.write_report(frame, tmp_path, study_name="demo", objectives=[("top1", "maximize")], importances={})
@@ -767,5 +767,6 @@ def test_summary_csv_writes_counts_as_whole_numbers_beside_a_failed_trial(tmp_pa
     head, row = text[0].split(","), text[1].split(",")
     values = dict(zip(head, row))
     best = int(report.summary_table(frame, [("top1", "maximize")]).loc[0, "trial"])
-    assert [values[c] for c in ("trial", "level_effective_min", "level_effective_max", "n_eval")] == [str(best), "1", "3", "360"]
+    assert [values[c] for c in ("trial", "level_effective_min", "level_effective_max", "n_eval", "n_replicates")] == [
+        str(best), "1", "3", "360", "3"]
     assert "| 1 | 3 |" in files["summary_md"].read_text()
