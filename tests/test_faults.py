@@ -1399,6 +1399,89 @@ def test_a_grid_point_that_failed_before_its_params_were_suggested_is_run(workdi
     assert [t.state for t in ts].count(TrialState.COMPLETE) == 2
 
 
+@pytest.mark.slow  # a 4-point grid study
+def test_a_grid_point_another_launcher_was_stopped_on_is_run_by_the_one_that_runs_on(workdir, tiny_weights, monkeypatch):
+    """Two launchers on one grid, one stopped (Ctrl-C, SIGTERM) while the other runs on: the stopped
+    one's trial is FAIL (interrupted), which Optuna's grid counts as visited. The launcher that ran
+    on queued only its own failed points: the study ended "complete" with that point never run, and
+    a relaunch found nothing missing. It is queued again by the launcher that runs on."""
+    from wavesweep.study import objective
+    from wavesweep.study.spec import load_spec
+    from wavesweep.study.storage import load_study, open_storage
+
+    spec_path = write_spec(workdir / "tiny.yaml", tiny_weights, sampler={"name": "grid", "seed": 0},
+                           space={"percentile": [20, 40], "wavelet": ["haar", "db2"]}, n_trials=4)  # fmt: skip
+    real = objective.run_tracked_trial
+    stopped = []
+
+    def other_launcher_stopped(cfg, **kw):
+        if not stopped:  # as this launch's first trial runs, another launcher takes a point and is stopped on it
+            other = load_study(load_spec(spec_path), open_storage(f"sqlite:///{workdir / 'optuna.db'}"), seed=7, workers=1)
+            t = other.ask()
+            t.set_user_attr("interrupted", True)
+            other.tell(t, state=TrialState.FAIL)
+            stopped.append(t.number)
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(objective, "run_tracked_trial", other_launcher_stopped)
+    assert run_cli("study", str(spec_path), "-q") == 0
+    ts = trials(workdir)
+    done = sorted((t.params["wavelet"], t.params["percentile"]) for t in ts if t.state == TrialState.COMPLETE)
+    assert stopped and done == sorted((w, p) for w in ("haar", "db2") for p in (20, 40))  # every point, once
+    assert not [t for t in ts if t.state == TrialState.COMPLETE and t.user_attrs.get("repeat_of") is not None]
+    (lost,) = [t for t in ts if t.state == TrialState.FAIL]
+    assert lost.number == stopped[0]
+    assert any(lost.number in t.system_attrs.get("retry_history", []) for t in ts if t.state == TrialState.COMPLETE)
+
+
+@pytest.mark.slow  # a study stopped in its first trial
+def test_a_launcher_stopped_while_another_runs_trials_leaves_the_study_run_open(workdir, tiny_weights, monkeypatch, caplog):
+    """A launcher stopped by Ctrl-C closed the study run KILLED while another launcher was still
+    running trials under it (README: the study run is left open for the last launcher). It stays
+    open now, saying so; with no other launcher running it is closed KILLED as before."""
+    import logging
+
+    from wavesweep.study import objective
+    from wavesweep.study.spec import load_spec
+    from wavesweep.study.storage import load_study, open_storage
+
+    spec_path = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3)
+    storage = open_storage(f"sqlite:///{workdir / 'optuna.db'}")
+
+    def stop(cfg, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(objective, "run_tracked_trial", stop)
+    other = {}
+
+    def study_run_status() -> str:
+        (run,) = MlflowClient().search_runs(
+            [e.experiment_id for e in MlflowClient().search_experiments()], "tags.`wavesweep.kind` = 'study'")
+        return run.info.status
+
+    from wavesweep import tracking
+
+    real_start = tracking.start_study_run
+
+    def start_then_other_launcher(*a, **kw):  # the study exists now: another launcher starts a trial, alive
+        run_id = real_start(*a, **kw)
+        o = load_study(load_spec(spec_path), storage, seed=9, workers=1)
+        t = o.ask()
+        storage.record_heartbeat(t._trial_id)
+        other["trial"], other["study"] = t, o
+        return run_id
+
+    monkeypatch.setattr(tracking, "start_study_run", start_then_other_launcher)
+    with caplog.at_level(logging.WARNING):
+        assert run_cli("study", str(spec_path), "-q") == 130
+    assert study_run_status() == "RUNNING"
+    assert any("1 trial(s) of other launchers are still running" in r.getMessage() for r in caplog.records)
+    other["study"].tell(other["trial"], state=TrialState.FAIL)  # the other launcher is stopped too, later
+    monkeypatch.setattr(tracking, "start_study_run", real_start)
+    assert run_cli("study", str(spec_path), "-q") == 130  # alone now: closed KILLED
+    assert study_run_status() == "KILLED"
+
+
 def test_enqueue_is_refused_for_a_grid_study(workdir, capsys):
     spec = write_spec(workdir / "tiny.yaml", "w.pt", sampler={"name": "grid", "seed": 0})
     assert run_cli("study", str(spec), "--dry-run", "--enqueue", "wavelet=haar,percentile=40") == 2

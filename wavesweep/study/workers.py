@@ -158,6 +158,10 @@ def _worker_loop(launch: Launch, index: int, on_trial: Any = None) -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, MLflow FAILED, re-queued
+            # another worker's or launcher's trial stopped by Ctrl-C or SIGTERM while this one runs on:
+            # queued again here (a failed grid point at once: Optuna's grid counts it as visited and
+            # would end the study with it never run; a relaunch then found nothing missing)
+            _requeue_others(study, launch)
             if launch.n_trials is not None:
                 done, running = _counts(study)
                 if done >= launch.n_trials:
@@ -204,6 +208,19 @@ def _worker_loop(launch: Launch, index: int, on_trial: Any = None) -> None:
             failures = 0
         if on_trial is not None:
             on_trial(study)
+
+
+def _requeue_others(study: optuna.Study, launch: Launch) -> None:
+    """Queue again the retriable FAIL trials no trial retries yet (``storage.requeue_failed``): every
+    failed grid point, and the interrupted trials of any sampler, at most as many as the launch still
+    misses. Called under the slot lock, as the launch's own re-queue is."""
+    limit = None
+    if launch.spec.sampler != "grid" and launch.n_trials is not None:
+        done, running = _counts(study)
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        limit = max(0, launch.n_trials - done - running - waiting)
+    if (k := requeue_failed(study, launch.spec, limit=limit)):
+        log.info("re-queued trial(s) %s that failed or were stopped in another process, with their params", k)
 
 
 def _stop_with_launcher() -> None:
@@ -421,6 +438,23 @@ def _recorded_study_run(study: optuna.Study, created: bool) -> str | None:
     return study.user_attrs.get("mlflow_run_id")
 
 
+def _others_running(study: optuna.Study, storage: Any) -> int:
+    """How many trials other launchers are running now, once this launch has stopped its own
+    (they are FAIL by then): RUNNING trials whose heartbeat is alive (a dead launcher's are failed
+    first). 0 in a storage without heartbeats (a journal file), where a dead worker's trial cannot be
+    told from a live one; 0 if the storage cannot be read (the study run is then closed)."""
+    try:
+        if not has_heartbeat(storage):
+            return 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    except Exception as exc:  # noqa: BLE001 - closing the study run must not fail on it
+        log.debug("could not count the running trials: %s", exc)
+        return 0
+
+
 def check_timeout(timeout: Any) -> float | None:
     if timeout is None:
         return None
@@ -570,8 +604,16 @@ def run_study(
         if not closed:
             with interrupt.ignored():
                 error = f"interrupted ({interrupt.caught(exc)})"
-                tracking.close_quietly(lambda: tracking.close_run(client, parent, "KILLED", error=error, metrics=study_metrics(study),
-                                                                  children=False), f"study run {parent}")  # fmt: skip
+                others = _others_running(study, opened)
+                if others:  # another launcher's trials run on: the last launcher to finish closes the study run
+                    log.warning("study %s: %d trial(s) of other launchers are still running; its MLflow run %s stays "
+                                "open for them", spec.name, others, parent)  # fmt: skip
+                    tracking.close_quietly(lambda: tracking.log_batch(client, parent, metrics=study_metrics(study)),
+                                           f"study run {parent}")  # fmt: skip
+                else:
+                    tracking.close_quietly(lambda: tracking.close_run(client, parent, "KILLED", error=error,
+                                                                      metrics=study_metrics(study), children=False),
+                                           f"study run {parent}")  # fmt: skip
         raise
     except Exception as exc:
         # An error after the study run was opened (the Optuna storage full, read-only or gone, an
