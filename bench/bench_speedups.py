@@ -81,6 +81,9 @@ torch threads 2, ``--repeats 5``; its speed drifts by up to a third, so read the
       first load    87.6 ms   again    79.7 ms   1.10x (saves 8 ms a trial after the first)
     The hash runs beside the read and build, so not hashing again saves only what the hash takes
     from the read on two cores: 5-11 ms in these runs, more when the hash is the longer of the two.
+    the same load again, a copy of the model kept from the second (2026-11-28, load average 0.3)
+      read again    79.9 ms   second load (read, keep a copy)    72.6 ms   third and later (a copy
+      of the kept one)    19.2 ms   4.16x (saves 61 ms a trial from the third on)
     exact McNemar p (the binomial tail in exact integers)  (2026-11-26, --repeats 3)
       3,000 vs 3,600 discordant   comb per term   829.2 ms   term from term     2.8 ms   296x
       24,000 vs 26,000 discordant   term from term   158.8 ms
