@@ -890,7 +890,9 @@ def _load_hashed(model_name: str, path: Path, shape_of) -> tuple[nn.Module, dict
     """``(model in eval mode, meta, sha256)`` of a weights file: read without running code from it
     (:func:`~wavesweep.models.read_weights`), the model built from ``shape_of(meta)`` holding the
     read state (no random init). The checksum is hashed in a thread meanwhile (hashlib releases
-    the GIL), and only once per process while the file is unchanged (:func:`remembered_sha256`)."""
+    the GIL), and only once per process while the file is unchanged (:func:`remembered_sha256`).
+    From the third load of an unchanged file in a process the file is not read either: each gets a
+    deep copy of the model kept from the second (:data:`_LOADED`)."""
     sig = _file_signature(path)
     with _LOADED_LOCK:
         again = (model_name, sig) in _LOADED
