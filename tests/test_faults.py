@@ -1266,6 +1266,35 @@ def test_a_lost_trial_found_by_several_workers_at_once_is_requeued_once(workdir,
     assert [(t.state, t.params) for t in retries] == [(TrialState.WAITING, trials[lost.number].params)]
 
 
+@pytest.mark.slow  # a 3-trial study
+def test_a_failed_trial_queued_twice_by_two_machines_runs_once(workdir, tiny_weights):
+    """Launchers on machines that share no slot lock (PostgreSQL) may each re-queue the same failed
+    trial at one moment: two WAITING copies. The second ran it again (a repeat, counted, so a grid
+    lost a point). It is now surplus (FAIL, not counted, not retried) and the study runs the
+    configuration once and samples the rest."""
+    from wavesweep.study.storage import create_study, open_storage, retry
+
+    spec_path = write_spec(workdir / "tiny.yaml", tiny_weights, n_trials=3)
+    spec = study.load_spec(spec_path)
+    url = f"sqlite:///{workdir / 'optuna.db'}"
+    st = create_study(spec, url, open_storage(url))
+    stopped = st.ask()
+    for p in spec.space:
+        p.suggest(stopped)
+    stopped.set_user_attr("interrupted", True)
+    st.tell(stopped, state=TrialState.FAIL)
+    frozen = st.get_trials()[stopped.number]
+    retry(st, frozen)  # one machine's launcher
+    retry(st, frozen)  # another's, at the same moment
+    assert run_cli("study", str(spec_path), "-q") == 0
+    ts = trials(workdir)
+    copies = [t for t in ts if stopped.number in t.system_attrs.get("retry_history", [])]
+    assert [(t.state, bool(t.user_attrs.get("surplus"))) for t in copies] == [(TrialState.COMPLETE, False), (TrialState.FAIL, True)]
+    assert copies[0].params == frozen.params
+    done = [t for t in ts if t.state == TrialState.COMPLETE]
+    assert len(done) == 3 and not [t for t in done if t.user_attrs.get("repeat_of") is not None]
+
+
 def test_optunas_failed_with_value_none_line_is_dropped_only_for_a_stop():
     """After a stop Optuna logs "Trial N failed with value None."; the CLI's one line says it."""
     import logging

@@ -38,7 +38,24 @@ COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # trials that count towards 
 
 
 class Surplus(Exception):
-    """This trial would exceed n_trials (another machine's worker got there first)."""
+    """This trial would exceed n_trials (another machine's worker got there first), or retries a
+    failed trial an earlier trial already retries."""
+
+
+def _earlier_retry_of_the_same(trial: optuna.Trial) -> tuple[int, int] | None:
+    """``(earlier trial, failed trial)`` when ``trial`` is a retry (Optuna's ``retry_history``) of a
+    failed trial that a trial of a lower number retries too, else None. Launchers on machines that
+    share no slot lock (a PostgreSQL storage) may each queue the same failed trial at one moment;
+    the second copy ran it again, and in a grid its count took another point's place."""
+    trials = trial.study.get_trials(deepcopy=False)
+    own = next((t for t in trials if t.number == trial.number), None)
+    history = own.system_attrs.get("retry_history") if own is not None else None
+    if not history:
+        return None
+    for t in trials:
+        if t.number < trial.number and not t.user_attrs.get("surplus") and (t.system_attrs.get("retry_history") or [None])[-1] == history[-1]:
+            return t.number, history[-1]
+    return None
 
 
 def reporter(trial: optuna.Trial, pruner: str, seen: list[Chunk]) -> Reporter:
@@ -158,6 +175,9 @@ def objective(
         if sum(t.number < trial.number for t in alive) >= n_trials:
             trial.set_user_attr("surplus", True)
             raise Surplus(f"trial {trial.number} not needed: the study already has {n_trials} trials")
+    if (twin := _earlier_retry_of_the_same(trial)) is not None:
+        trial.set_user_attr("surplus", True)
+        raise Surplus(f"trial {trial.number} not needed: trial {twin[0]} already retries trial {twin[1]}")
     try:  # before the trial's run exists: an error here still says why (the log read "failed: ?")
         params = {p.name: p.suggest(trial) for p in spec.space}
         cfg = TrialConfig.from_mapping({**spec.fixed, **params})
